@@ -1,0 +1,407 @@
+//! `payguard bench engine`: durable deductions per second through the engine,
+//! beside raw rusqlite doing the same writes in the same run.
+//!
+//! The baseline is the ceiling: the same schema, pragmas (WAL, synchronous=FULL)
+//! and prepared statements, doing exactly the money path's writes (balance update,
+//! ledger insert, order status update) in 1000-row transactions from one thread,
+//! with no HTTP, no channels and none of the engine's checks. The engine runs the
+//! full deduct (order read, conditional updates, replay detection) behind lanes,
+//! single flight and group commit, driven by `--concurrency` concurrent callers.
+//! A second engine run offers half the measured peak as an open-loop load and
+//! reports latency from each request's scheduled start (no coordinated omission).
+
+use hdrhistogram::Histogram;
+use payguard::domain::{OrderId, RequestId};
+use payguard::store::sqlite::{migrate, open_connection, SqliteConfig, SqliteStore};
+use payguard::store::{Op, Output};
+use payguard::{Engine, EngineConfig};
+use rusqlite::params;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Rows per transaction in the raw baseline (the issue's definition of the ceiling).
+const RAW_TXN_ROWS: usize = 1000;
+/// Accounts the orders are spread over.
+const ACCOUNTS: usize = 1000;
+/// Longest the half-load run may take.
+const HALF_LOAD_SECS_MAX: f64 = 10.0;
+
+#[derive(clap::Args, Debug)]
+pub struct EngineBenchArgs {
+    /// Small sizes for a smoke run (CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Deductions per run [default: 100000, --quick: 3000].
+    #[arg(long)]
+    pub orders: Option<usize>,
+    /// Concurrent callers driving the engine.
+    #[arg(long, default_value_t = 2048)]
+    pub concurrency: usize,
+    /// Lanes of the engine.
+    #[arg(long, default_value_t = 16)]
+    pub lanes: usize,
+    /// Engine batch_max values to compare (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 256])]
+    pub batch_max: Vec<usize>,
+    /// Microseconds a lane waits to fill a batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_wait_us: u64,
+    /// Most ops the SQLite writer commits per transaction.
+    #[arg(long, default_value_t = 1024)]
+    pub writer_batch_max: usize,
+    /// Folder for the temporary databases (must be a real disk for fsync to count).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct RunResult {
+    name: String,
+    ops: usize,
+    secs: f64,
+    ops_per_sec: f64,
+    ratio_to_raw: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+    mean_batch: Option<f64>,
+    audit_ok: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    orders: usize,
+    concurrency: usize,
+    lanes: usize,
+    cores: usize,
+    runs: Vec<RunResult>,
+    half_load: Option<RunResult>,
+    best_engine_ratio: f64,
+}
+
+fn setup(path: &Path, orders: usize) -> anyhow::Result<()> {
+    let mut conn = open_connection(path)?;
+    migrate(&mut conn)?;
+    let tx = conn.transaction()?;
+    {
+        let mut acct = tx.prepare(
+            "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+             VALUES (?1, 'CNY', ?2, ?2, 0, 0)",
+        )?;
+        for a in 0..ACCOUNTS {
+            acct.execute(params![format!("acct-{a}"), 1_000_000_000_000_i64])?;
+        }
+        let mut order = tx.prepare(
+            "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 'PREPARE', 0, 0, 0)",
+        )?;
+        for i in 0..orders {
+            order.execute(params![
+                order_id(i),
+                format!("acct-{}", i % ACCOUNTS),
+                100 + (i % 900) as i64
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn order_id(i: usize) -> String {
+    format!("OD20261126B{i:08}")
+}
+
+fn raw(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
+    let mut conn = open_connection(path)?;
+    // The order's account and amount, as the raw path needs them; read before timing.
+    let jobs: Vec<(String, String, i64)> = (0..orders)
+        .map(|i| {
+            (
+                order_id(i),
+                format!("acct-{}", i % ACCOUNTS),
+                100 + (i % 900) as i64,
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in jobs.chunks(RAW_TXN_ROWS) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (oid, acct, amount) in chunk {
+            let balance: i64 = tx
+                .prepare_cached(
+                    "UPDATE accounts SET balance = balance - ?1, updated_at = ?2
+                     WHERE id = ?3 AND balance >= ?1 RETURNING balance",
+                )?
+                .query_row(params![amount, 1, acct], |r| r.get(0))?;
+            let entry: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+                     VALUES (?1, ?2, 'debit', ?3, ?4, ?5) RETURNING id",
+                )?
+                .query_row(params![oid, acct, amount, balance, 1], |r| r.get(0))?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2
+                     WHERE id = ?3 AND status = 'PREPARE'",
+                )?
+                .execute(params![entry, 1, oid])?;
+            anyhow::ensure!(changed == 1, "raw baseline: order {oid} not in PREPARE");
+        }
+        tx.commit()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
+    Ok(RunResult {
+        name: format!("raw rusqlite, {RAW_TXN_ROWS}-row txns (ceiling)"),
+        ops: orders,
+        secs,
+        ops_per_sec: orders as f64 / secs,
+        ratio_to_raw: 1.0,
+        p50_ms: None,
+        p99_ms: None,
+        max_ms: None,
+        mean_batch: None,
+        audit_ok,
+    })
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn start_engine(path: &Path, args: &EngineBenchArgs, batch_max: usize) -> anyhow::Result<Engine> {
+    let mut cfg = SqliteConfig::new(path);
+    cfg.writer_batch_ops_max = args.writer_batch_max;
+    let store = SqliteStore::open(cfg)?;
+    Ok(Engine::start(
+        Arc::new(store),
+        EngineConfig {
+            lanes: args.lanes,
+            batch_max,
+            batch_wait_us: args.batch_wait_us,
+            lane_queue_depth_max: args.concurrency.max(1024),
+            order_cache_entries_max: 0,
+            instance_id: "bench".into(),
+        },
+    ))
+}
+
+fn deduct_op(i: usize) -> Op {
+    Op::Deduct {
+        order_id: OrderId::parse(&order_id(i)).expect("valid id"),
+    }
+}
+
+fn check(out: Result<Output, payguard::EngineError>) -> anyhow::Result<()> {
+    match out {
+        Ok(Output::Movement {
+            replayed: false, ..
+        }) => Ok(()),
+        other => anyhow::bail!("bench deduct did not commit: {other:?}"),
+    }
+}
+
+async fn closed_loop(
+    engine: Arc<Engine>,
+    orders: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let engine = engine.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            let req = RequestId::parse("bench").expect("valid id");
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= orders {
+                    break;
+                }
+                let t0 = Instant::now();
+                check(engine.submit(deduct_op(i), req.clone()).await)?;
+                h.record(t0.elapsed().as_micros() as u64)?;
+            }
+            Ok::<_, anyhow::Error>(h)
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    Ok((started.elapsed().as_secs_f64(), all))
+}
+
+async fn open_loop(
+    engine: Arc<Engine>,
+    orders: usize,
+    rate: f64,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = tokio::time::Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let wall = Instant::now();
+    for i in 0..orders {
+        let scheduled = started + interval * i as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let engine = engine.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let res = engine
+                .submit(deduct_op(i), RequestId::parse("bench").expect("valid id"))
+                .await;
+            let lat = tokio::time::Instant::now().duration_since(scheduled);
+            let _ = tx.send((res, lat));
+        });
+    }
+    drop(tx);
+    let mut h = Histogram::<u64>::new(3)?;
+    while let Some((res, lat)) = rx.recv().await {
+        check(res)?;
+        h.record(lat.as_micros() as u64)?;
+    }
+    Ok((wall.elapsed().as_secs_f64(), h))
+}
+
+pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
+    let orders = args
+        .orders
+        .unwrap_or(if args.quick { 3_000 } else { 100_000 });
+    anyhow::ensure!(orders > 0, "--orders must be at least 1");
+    anyhow::ensure!(!args.batch_max.is_empty(), "--batch-max needs a value");
+    let base = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Engine::start spawns its lanes on the current runtime.
+    let _rt_guard = rt.enter();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("bench engine: {orders} deductions per run, {cores} cores, databases in {}", base.path().display());
+
+    let raw_path = base.path().join("raw.db");
+    setup(&raw_path, orders)?;
+    let raw = raw(&raw_path, orders)?;
+    eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
+
+    let mut runs = vec![raw.clone()];
+    let mut best: Option<RunResult> = None;
+    for &bm in &args.batch_max {
+        let path = base.path().join(format!("engine-{bm}.db"));
+        setup(&path, orders)?;
+        let engine = Arc::new(start_engine(&path, &args, bm)?);
+        let (secs, h) = rt.block_on(closed_loop(engine.clone(), orders, args.concurrency))?;
+        let stats = engine.stats();
+        let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
+        let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
+        let audit_ok = rt.block_on(engine.audit())?.ok;
+        rt.block_on(engine.shutdown())?;
+        let r = RunResult {
+            name: format!("engine, batch_max={bm}, {} callers", args.concurrency),
+            ops: orders,
+            secs,
+            ops_per_sec: orders as f64 / secs,
+            ratio_to_raw: (orders as f64 / secs) / raw.ops_per_sec,
+            p50_ms: Some(ms(&h, 0.5)),
+            p99_ms: Some(ms(&h, 0.99)),
+            max_ms: Some(h.max() as f64 / 1000.0),
+            mean_batch: Some(batched as f64 / batches as f64),
+            audit_ok,
+        };
+        eprintln!("  {}: {:.0} ops/s", r.name, r.ops_per_sec);
+        if best.as_ref().is_none_or(|b| r.ops_per_sec > b.ops_per_sec) {
+            best = Some(r.clone());
+        }
+        runs.push(r);
+    }
+    let best = best.expect("at least one engine run");
+    let best_bm = args.batch_max[runs[1..]
+        .iter()
+        .position(|r| r.name == best.name)
+        .unwrap_or(0)];
+
+    let rate = best.ops_per_sec / 2.0;
+    let half_orders = orders.min((rate * HALF_LOAD_SECS_MAX) as usize).max(1);
+    let path = base.path().join("engine-half.db");
+    setup(&path, half_orders)?;
+    let engine = Arc::new(start_engine(&path, &args, best_bm)?);
+    let (secs, h) = rt.block_on(open_loop(engine.clone(), half_orders, rate))?;
+    let audit_ok = rt.block_on(engine.audit())?.ok;
+    rt.block_on(engine.shutdown())?;
+    let half = RunResult {
+        name: format!("engine at half peak ({rate:.0} ops/s offered), batch_max={best_bm}"),
+        ops: half_orders,
+        secs,
+        ops_per_sec: half_orders as f64 / secs,
+        ratio_to_raw: (half_orders as f64 / secs) / raw.ops_per_sec,
+        p50_ms: Some(ms(&h, 0.5)),
+        p99_ms: Some(ms(&h, 0.99)),
+        max_ms: Some(h.max() as f64 / 1000.0),
+        mean_batch: None,
+        audit_ok,
+    };
+    let report = Report {
+        orders,
+        concurrency: args.concurrency,
+        lanes: args.lanes,
+        cores,
+        best_engine_ratio: best.ratio_to_raw,
+        runs,
+        half_load: Some(half),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    let all_ok = report.runs.iter().all(|r| r.audit_ok)
+        && report.half_load.as_ref().is_none_or(|r| r.audit_ok);
+    if !all_ok {
+        eprintln!("bench engine: an audit failed after a run; the numbers are not valid");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "engine bench: {} deductions per run, {} lanes, {} cores, SQLite WAL synchronous=FULL",
+        r.orders, r.lanes, r.cores
+    );
+    println!();
+    println!("| run | ops/s | × raw | p50 ms | p99 ms | max ms | mean batch | audit |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for run in r.runs.iter().chain(r.half_load.iter()) {
+        println!(
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
+            run.name,
+            run.ops_per_sec,
+            run.ratio_to_raw,
+            opt(run.p50_ms, 2),
+            opt(run.p99_ms, 2),
+            opt(run.max_ms, 2),
+            opt(run.mean_batch, 1),
+            if run.audit_ok { "ok" } else { "FAILED" }
+        );
+    }
+    println!();
+    println!(
+        "best engine run: {:.2} × raw rusqlite (target ≥ 0.80)",
+        r.best_engine_ratio
+    );
+}

@@ -1,0 +1,142 @@
+//! The log formats of `shared/spec/LOGS.md`, which `payguard forensics` reads back.
+//!
+//! `json`: one object a line, `{"ts":…,"level":"INFO","event":"order_cache_set","oid":…}`.
+//! `text`: `2026-11-26T02:16:43.882Z [INFO] order_cache_set: oid=…, status=PREPARE, req=…`.
+//! The event name comes from the `event` field; lines without one (library logs)
+//! use `log` and carry their message as `msg`. Output goes through a non-blocking
+//! writer that is *not* lossy: under pressure it slows the logger rather than drop
+//! evidence a forensic reconstruction may need.
+
+use std::fmt::Write as _;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    /// API.md's default: JSON when stdout is not a terminal.
+    pub fn default_for_stdout() -> Self {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        }
+    }
+}
+
+/// Installs the global subscriber; keep the guard alive until exit so the last
+/// lines are flushed.
+pub fn init(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
+    let filter = EnvFilter::try_from_env("PAYGUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .event_format(PayguardFormat { format })
+        .init();
+    guard
+}
+
+pub struct PayguardFormat {
+    pub format: LogFormat,
+}
+
+#[derive(Default)]
+struct Fields {
+    event: Option<String>,
+    message: Option<String>,
+    rest: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "event" => self.event = Some(value.to_owned()),
+            "message" => self.message = Some(value.to_owned()),
+            name => self.rest.push((name, value.into())),
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.rest.push((field.name(), value.into()));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.rest.push((field.name(), value.into()));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.rest.push((field.name(), value.into()));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // Durations: microsecond precision is plenty and keeps lines short.
+        let rounded = (value * 1000.0).round() / 1000.0;
+        self.rest.push((field.name(), rounded.into()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let s = format!("{value:?}");
+        match field.name() {
+            "event" => self.event = Some(s),
+            "message" => self.message = Some(s),
+            name => self.rest.push((name, s.into())),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for PayguardFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let level = event.metadata().level().as_str();
+        let name = f.event.take().unwrap_or_else(|| "log".to_owned());
+        if let Some(msg) = f.message.take() {
+            f.rest.push(("msg", msg.into()));
+        }
+        let mut line = String::with_capacity(160);
+        match self.format {
+            LogFormat::Json => {
+                let mut obj = serde_json::Map::with_capacity(f.rest.len() + 3);
+                obj.insert("ts".into(), ts.into());
+                obj.insert("level".into(), level.into());
+                obj.insert("event".into(), name.into());
+                for (k, v) in f.rest {
+                    obj.insert(k.into(), v);
+                }
+                line.push_str(&serde_json::Value::Object(obj).to_string());
+            }
+            LogFormat::Text => {
+                let _ = write!(line, "{ts} [{level}] {name}:");
+                for (i, (k, v)) in f.rest.iter().enumerate() {
+                    let sep = if i == 0 { " " } else { ", " };
+                    match v {
+                        serde_json::Value::String(s) => {
+                            let _ = write!(line, "{sep}{k}={s}");
+                        }
+                        other => {
+                            let _ = write!(line, "{sep}{k}={other}");
+                        }
+                    }
+                }
+            }
+        }
+        writeln!(writer, "{line}")
+    }
+}

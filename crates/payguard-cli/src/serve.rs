@@ -1,0 +1,181 @@
+//! `payguard serve`: opens the store, starts the engine, serves until SIGINT or
+//! SIGTERM, then drains (see `payguard_server::serve`).
+
+use crate::logging::{self, LogFormat};
+use anyhow::{bail, Context};
+use payguard::store::sqlite::{SqliteConfig, SqliteStore};
+use payguard::{Engine, EngineConfig};
+use payguard_server::{AppState, ServiceInfo};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on. Without API keys (not built yet) only loopback is allowed.
+    #[arg(long, env = "PAYGUARD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Database URL: `sqlite://PATH` (a plain path works too).
+    #[arg(long, env = "PAYGUARD_DB", default_value = "sqlite://./payguard.db")]
+    pub db: String,
+    /// This instance's id in logs and /healthz [default: HOSTNAME-PID].
+    #[arg(long, env = "PAYGUARD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Log format [default: json when stdout is not a terminal, else text].
+    #[arg(long, env = "PAYGUARD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// The engine's limits, shared by `serve` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Number of lanes (order ids are hashed onto them; one owner task each).
+    #[arg(long, env = "PAYGUARD_LANES", default_value_t = 16)]
+    pub lanes: usize,
+    /// Most distinct operations a lane commits in one batch.
+    #[arg(long, env = "PAYGUARD_BATCH_MAX", default_value_t = 256)]
+    pub batch_max: usize,
+    /// How long a lane waits to fill a batch when none is in flight (microseconds).
+    #[arg(long, env = "PAYGUARD_BATCH_WAIT_US", default_value_t = 100)]
+    pub batch_wait_us: u64,
+    /// Requests that may wait in one lane; past it requests get 503 at once.
+    #[arg(long, env = "PAYGUARD_LANE_QUEUE_DEPTH_MAX", default_value_t = 4096)]
+    pub lane_queue_depth_max: usize,
+    /// Most operations the SQLite writer commits in one transaction.
+    #[arg(long, env = "PAYGUARD_WRITER_BATCH_MAX", default_value_t = 1024)]
+    pub writer_batch_max: usize,
+    /// Orders kept in the read cache (0 disables it).
+    #[arg(long, env = "PAYGUARD_ORDER_CACHE_ENTRIES_MAX", default_value_t = payguard::cache::ORDER_CACHE_ENTRIES_MAX)]
+    pub order_cache_entries_max: usize,
+}
+
+impl EngineArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, v) in [
+            ("--lanes", self.lanes),
+            ("--batch-max", self.batch_max),
+            ("--lane-queue-depth-max", self.lane_queue_depth_max),
+            ("--writer-batch-max", self.writer_batch_max),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.batch_wait_us > 1_000_000 {
+            bail!("--batch-wait-us is capped at 1000000 (1 s); a longer wait only adds latency");
+        }
+        Ok(())
+    }
+
+    pub fn engine_config(&self, instance_id: String) -> EngineConfig {
+        EngineConfig {
+            lanes: self.lanes,
+            batch_max: self.batch_max,
+            batch_wait_us: self.batch_wait_us,
+            lane_queue_depth_max: self.lane_queue_depth_max,
+            order_cache_entries_max: self.order_cache_entries_max,
+            instance_id,
+        }
+    }
+}
+
+/// `sqlite://PATH`, `sqlite:PATH` or a plain path.
+pub fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        bail!("PostgreSQL is not supported by this build yet; use sqlite://PATH");
+    }
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    if path.is_empty() {
+        bail!("--db {url:?} names no file");
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    args.engine.validate()?;
+    if !args.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {} without API keys: payguard has no authentication yet, \
+             so it only binds loopback (127.0.0.1 or ::1)",
+            args.listen
+        );
+    }
+    let path = sqlite_path(&args.db)?;
+    let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
+    let _log_guard = logging::init(args.log_format.unwrap_or_else(LogFormat::default_for_stdout));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut cfg = SqliteConfig::new(&path);
+        cfg.writer_batch_ops_max = args.engine.writer_batch_max;
+        let store = SqliteStore::open(cfg)
+            .with_context(|| format!("opening SQLite database {}", path.display()))?;
+        let engine = Arc::new(Engine::start(
+            Arc::new(store),
+            args.engine.engine_config(instance.clone()),
+        ));
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(
+            event = "server_started",
+            listen = %local,
+            db = %path.display(),
+            store = "sqlite",
+            guard = "full",
+            inst = instance.as_str()
+        );
+        let state = AppState {
+            engine,
+            info: Arc::new(ServiceInfo {
+                instance: instance.clone(),
+                guard: "full",
+                lock: "local",
+            }),
+        };
+        payguard_server::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!(event = "server_stopped", inst = instance.as_str());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!(event = "shutdown_requested", "draining in-flight requests");
+}

@@ -1,0 +1,121 @@
+//! The one error type of the HTTP boundary, and the exhaustive mapping of engine
+//! and store errors onto API.md's statuses and codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use payguard::store::Rejection;
+use payguard::{EngineError, StoreError};
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// A failure that should never happen. The detail is logged; the client is told
+    /// only to quote the request id.
+    pub fn internal(detail: &dyn std::fmt::Display) -> Self {
+        tracing::error!(event = "internal_error", detail = %detail);
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; quote the X-Request-Id when reporting it",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Closed => {
+                tracing::warn!(event = "store_unavailable", detail = %e);
+                ApiError::unavailable("the store is unavailable; nothing was changed, retry later")
+            }
+            StoreError::Schema(_) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use StatusCode as S;
+        match e {
+            EngineError::Rejected(r) => match r {
+                Rejection::AccountExists => ApiError::new(
+                    S::CONFLICT,
+                    "account_exists",
+                    "an account with this id exists with another opening balance or currency",
+                ),
+                Rejection::AccountNotFound => {
+                    ApiError::new(S::NOT_FOUND, "account_not_found", "no such account")
+                }
+                Rejection::OrderExists => ApiError::new(
+                    S::CONFLICT,
+                    "order_exists",
+                    "an order with this id exists with another account or amount",
+                ),
+                Rejection::OrderNotFound => {
+                    ApiError::new(S::NOT_FOUND, "order_not_found", "no such order")
+                }
+                Rejection::InsufficientFunds => ApiError::new(
+                    S::PAYMENT_REQUIRED,
+                    "insufficient_funds",
+                    "the account's balance does not cover the order; the order is FAILED",
+                ),
+                Rejection::OrderNotPaid => ApiError::new(
+                    S::CONFLICT,
+                    "order_not_paid",
+                    "only a PAID or PARTIALLY_REFUNDED order can be refunded",
+                ),
+                Rejection::RefundExists => ApiError::new(
+                    S::CONFLICT,
+                    "refund_exists",
+                    "this refund id was already used with another order or amount",
+                ),
+                Rejection::RefundExceedsPaid => ApiError::new(
+                    S::CONFLICT,
+                    "refund_exceeds_paid",
+                    "the refunds of this order would exceed its amount",
+                ),
+                Rejection::Refused(detail) => ApiError::internal(&detail),
+            },
+            EngineError::Overloaded => ApiError::unavailable(
+                "too many requests queued for this order's lane; nothing was changed, retry later",
+            ),
+            EngineError::ShuttingDown => {
+                ApiError::unavailable("the server is shutting down; nothing was changed")
+            }
+            EngineError::Store(s) => s.into(),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Request plumbing: request ids, JSON bodies with API.md's error statuses.
+
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use payguard::domain::RequestId;
+use serde::de::DeserializeOwned;
+
+/// Largest request body accepted (API.md: 64 KiB); larger gets 413 `body_too_large`.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Takes the caller's `X-Request-Id` when it is a valid id, else makes one, and
+/// puts it on the request (for handlers and logs) and on the response.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| RequestId::parse(s).ok())
+        .unwrap_or_else(|| {
+            RequestId::parse(&uuid::Uuid::new_v4().simple().to_string())
+                .expect("a simple uuid is a valid id")
+        });
+    req.extensions_mut().insert(id.clone());
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[..essence.len() - 5].contains('/')
+            && essence.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// The body as bytes, or 413 when it is over [`BODY_BYTES_MAX`].
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request bodies are limited to {BODY_BYTES_MAX} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("could not read the request body: {e}"),
+            )
+        }
+    })
+}
+
+/// Parses a JSON body: 415 without a JSON content type, 400 for malformed JSON,
+/// 422 for well-formed JSON of the wrong shape (types, unknown or missing fields).
+pub fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("malformed JSON: {e}"),
+        ),
+    })
+}
+
+/// Like [`json_body`], but an empty body (or only whitespace) stands for `{}`.
+pub fn optional_json_body<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json_body(headers, body)
+    }
+}

@@ -1,0 +1,15 @@
+//! The vocabulary of payguard: money, identifiers, and the records the API shows.
+//!
+//! Everything here is validated once, at construction, so the rest of the code can
+//! take a [`Money`] or an [`OrderId`] as proof that the value is in range.
+
+mod ids;
+mod model;
+mod money;
+
+pub use ids::{AccountId, Currency, IdError, OrderId, RefundId, RequestId, ID_BYTES_MAX};
+pub use model::{
+    format_ts_ms, Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind,
+    Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
+};
+pub use money::{Money, MoneyError, MONEY_MINOR_MAX};

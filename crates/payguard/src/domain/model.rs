@@ -1,0 +1,265 @@
+//! The records of the API (accounts, orders, ledger entries) and the audit report.
+//!
+//! Their `Serialize` forms are the JSON of `shared/spec/API.md`; changing a field
+//! name here is a versioned API change. Timestamps are kept as milliseconds since
+//! the Unix epoch and rendered as RFC 3339 with milliseconds, UTC.
+
+use super::{AccountId, Currency, Money, OrderId, RefundId};
+use serde::{Serialize, Serializer};
+
+/// Renders a millisecond timestamp as `2026-11-26T02:16:43.882Z`.
+pub fn format_ts_ms(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => String::from("1970-01-01T00:00:00.000Z"),
+    }
+}
+
+fn ser_ts<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_ts_ms(*ms))
+}
+
+fn ser_entry_id<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+fn ser_opt_entry_id<S: Serializer>(id: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+/// Where an order is in its life. Transitions (enforced by the database too):
+/// `PREPARE → PAID | FAILED`; `PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    Prepare,
+    Paid,
+    Failed,
+    PartiallyRefunded,
+    Refunded,
+}
+
+impl OrderStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Prepare => "PREPARE",
+            OrderStatus::Paid => "PAID",
+            OrderStatus::Failed => "FAILED",
+            OrderStatus::PartiallyRefunded => "PARTIALLY_REFUNDED",
+            OrderStatus::Refunded => "REFUNDED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "PREPARE" => OrderStatus::Prepare,
+            "PAID" => OrderStatus::Paid,
+            "FAILED" => OrderStatus::Failed,
+            "PARTIALLY_REFUNDED" => OrderStatus::PartiallyRefunded,
+            "REFUNDED" => OrderStatus::Refunded,
+            _ => return None,
+        })
+    }
+
+    /// Whether the order's money has been taken (it may have been given back since).
+    pub const fn is_paid(self) -> bool {
+        matches!(
+            self,
+            OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded
+        )
+    }
+
+    /// The transition table of API.md; the store's trigger enforces the same.
+    pub const fn can_become(self, next: OrderStatus) -> bool {
+        use OrderStatus::*;
+        matches!(
+            (self, next),
+            (Prepare, Paid)
+                | (Prepare, Failed)
+                | (Paid, PartiallyRefunded)
+                | (Paid, Refunded)
+                | (PartiallyRefunded, PartiallyRefunded)
+                | (PartiallyRefunded, Refunded)
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    Debit,
+    Refund,
+    Reversal,
+}
+
+impl EntryKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Debit => "debit",
+            EntryKind::Refund => "refund",
+            EntryKind::Reversal => "reversal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "debit" => EntryKind::Debit,
+            "refund" => EntryKind::Refund,
+            "reversal" => EntryKind::Reversal,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub balance: Money,
+    pub currency: Currency,
+    /// The balance the account was opened with; compared when a create is repeated.
+    #[serde(skip)]
+    pub opening_balance: Money,
+    #[serde(serialize_with = "ser_ts")]
+    pub created_at: i64,
+    #[serde(serialize_with = "ser_ts")]
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Order {
+    pub id: OrderId,
+    pub account_id: AccountId,
+    pub amount: Money,
+    pub status: OrderStatus,
+    pub refunded: Money,
+    #[serde(serialize_with = "ser_opt_entry_id")]
+    pub debit_entry_id: Option<i64>,
+    pub failure_reason: Option<String>,
+    #[serde(serialize_with = "ser_ts")]
+    pub created_at: i64,
+    #[serde(serialize_with = "ser_ts")]
+    pub updated_at: i64,
+}
+
+/// One line of the ledger. Entries are never updated or deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    #[serde(serialize_with = "ser_entry_id")]
+    pub id: i64,
+    pub order_id: OrderId,
+    pub account_id: AccountId,
+    pub kind: EntryKind,
+    pub amount: Money,
+    pub balance_after: Money,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_id: Option<RefundId>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_entry_id"
+    )]
+    pub reverses: Option<i64>,
+    #[serde(serialize_with = "ser_ts")]
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DuplicateDebit {
+    pub order_id: String,
+    pub count: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OverRefund {
+    pub order_id: String,
+    pub amount: i64,
+    pub refunded: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BalanceMismatch {
+    pub account_id: String,
+    pub expected: i64,
+    pub actual: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PaidMismatch {
+    pub order_id: String,
+    pub status: String,
+    pub debits: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Resolved {
+    pub order_id: String,
+    pub reversed: i64,
+}
+
+/// The invariant check of `GET /v1/audit` and `payguard audit`.
+///
+/// Raw integers and strings rather than domain types: the audit must be able to
+/// describe a database that breaks every rule, including ids and amounts that our
+/// types would refuse to hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub accounts_checked: i64,
+    pub orders_checked: i64,
+    pub entries_checked: i64,
+    pub duplicate_debits: Vec<DuplicateDebit>,
+    pub over_refunded: Vec<OverRefund>,
+    pub balance_mismatches: Vec<BalanceMismatch>,
+    pub paid_without_entry: Vec<PaidMismatch>,
+    pub entry_without_paid: Vec<PaidMismatch>,
+    pub resolved: Vec<Resolved>,
+}
+
+impl AuditReport {
+    /// Recomputes `ok` from the findings; `resolved` duplicates are not violations.
+    pub fn finish(mut self) -> Self {
+        self.ok = self.duplicate_debits.is_empty()
+            && self.over_refunded.is_empty()
+            && self.balance_mismatches.is_empty()
+            && self.paid_without_entry.is_empty()
+            && self.entry_without_paid.is_empty();
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_follow_the_api() {
+        use OrderStatus::*;
+        let all = [Prepare, Paid, Failed, PartiallyRefunded, Refunded];
+        let allowed: Vec<_> = all
+            .iter()
+            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a.can_become(*b))
+            .collect();
+        assert_eq!(
+            allowed,
+            vec![
+                (Prepare, Paid),
+                (Prepare, Failed),
+                (Paid, PartiallyRefunded),
+                (Paid, Refunded),
+                (PartiallyRefunded, PartiallyRefunded),
+                (PartiallyRefunded, Refunded)
+            ]
+        );
+        for s in all {
+            assert_eq!(OrderStatus::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn timestamps_render_with_millis_utc() {
+        assert_eq!(format_ts_ms(1_764_123_403_882), "2025-11-26T02:16:43.882Z");
+    }
+}

@@ -1,0 +1,422 @@
+//! The engine: every write goes through a lane, and every lane through the store.
+//!
+//! ```text
+//! request ─► Engine::submit ─► lane_for(order id) ─► lane owner task ─► Store::apply
+//!                                  (bounded queue)     (single flight,     (one txn per
+//!                                                       group commit)       batch)
+//! ```
+//!
+//! * Order ids are hashed onto `lanes` lanes; each has exactly one owner task, so
+//!   all work on one order runs in arrival order, never two at once.
+//! * A duplicate of an op already waiting or in flight shares its result instead
+//!   of running again (single flight); the first caller sees `replayed: false`,
+//!   the others `replayed: true` with the same entry.
+//! * A lane commits what has queued up as one batch (group commit, bounded by
+//!   `batch_max` and `batch_wait_us`); one rejected op never aborts its batch.
+//! * Lane queues are bounded: when full, a request fails fast with
+//!   [`EngineError::Overloaded`] (HTTP 503) and nothing moves.
+//!
+//! None of this is what prevents a double charge — the store's constraints are —
+//! but it keeps duplicates from ever reaching the store at the same time, and it
+//! turns many small transactions into few large ones.
+
+pub mod lane;
+pub mod router;
+
+use crate::cache::OrderCache;
+use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
+use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
+use lane::{LaneCore, LaneReply};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use router::lane_for;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Number of lanes (owner tasks).
+    pub lanes: usize,
+    /// Most distinct ops a lane puts in one batch.
+    pub batch_max: usize,
+    /// How long a lane waits for more work before committing a batch that is not
+    /// full, when no batch is already in flight (then it commits at once after).
+    pub batch_wait_us: u64,
+    /// Requests that may queue in one lane before new ones get 503.
+    pub lane_queue_depth_max: usize,
+    /// Orders kept in the read cache (0: no cache).
+    pub order_cache_entries_max: usize,
+    /// This instance's id, the `inst` of every log event.
+    pub instance_id: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            lanes: 16,
+            batch_max: 256,
+            batch_wait_us: 100,
+            lane_queue_depth_max: 4096,
+            order_cache_entries_max: crate::cache::ORDER_CACHE_ENTRIES_MAX,
+            instance_id: String::from("payguard"),
+        }
+    }
+}
+
+/// Why a request did not get a result. Every variant means nothing moved, except
+/// `Rejected`, which is the store's definite answer (and also moved nothing).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("lane queue is full")]
+    Overloaded,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Counters since start; read by `/metrics`, benchmarks and tests.
+#[derive(Default, Debug)]
+pub struct EngineStats {
+    pub committed: AtomicU64,
+    pub replayed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub store_failures: AtomicU64,
+    pub collisions: AtomicU64,
+    pub joined: AtomicU64,
+    pub batches: AtomicU64,
+    pub batched_ops: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+struct Cmd {
+    op: Op,
+    req: RequestId,
+    reply: oneshot::Sender<LaneReply>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    cache: OrderCache,
+    stats: EngineStats,
+    cfg: EngineConfig,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    /// One bounded queue per lane; emptied by `shutdown`, which closes the lanes.
+    lanes: RwLock<Vec<mpsc::Sender<Cmd>>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the lane owner tasks on the current tokio runtime.
+    pub fn start(store: Arc<dyn Store>, cfg: EngineConfig) -> Self {
+        assert!(cfg.lanes > 0, "lanes must be > 0");
+        assert!(cfg.batch_max > 0, "batch_max must be > 0");
+        assert!(cfg.lane_queue_depth_max > 0, "lane_queue_depth_max must be > 0");
+        let shared = Arc::new(Shared {
+            store,
+            cache: OrderCache::new(cfg.order_cache_entries_max),
+            stats: EngineStats::default(),
+            cfg: cfg.clone(),
+        });
+        let mut senders = Vec::with_capacity(cfg.lanes);
+        let mut tasks = Vec::with_capacity(cfg.lanes);
+        for _ in 0..cfg.lanes {
+            let (tx, rx) = mpsc::channel(cfg.lane_queue_depth_max);
+            senders.push(tx);
+            tasks.push(tokio::spawn(run_lane(rx, shared.clone())));
+        }
+        Engine {
+            shared,
+            lanes: RwLock::new(senders),
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.cfg
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Runs `op` exactly once per distinct request, logging the events of LOGS.md
+    /// for money movements.
+    pub async fn submit(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+        let started = Instant::now();
+        let family = op.family();
+        let inst = self.shared.cfg.instance_id.as_str();
+        let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
+        let moves_money = family != "create";
+        if moves_money {
+            tracing::info!(event = event_name(family, "start"), oid, req = req.as_str(), inst);
+        }
+        let result = self.dispatch(op.clone(), req.clone()).await;
+        let stats = &self.shared.stats;
+        match &result {
+            Ok(out) if out.is_replay() => {
+                stats.replayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {
+                stats.committed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(EngineError::Rejected(_)) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(EngineError::Overloaded) => {
+                stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(EngineError::ShuttingDown | EngineError::Store(_)) => {
+                stats.store_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if moves_money {
+            let req = req.as_str();
+            let outcome = match &result {
+                Ok(Output::Movement {
+                    entry,
+                    replayed: false,
+                    ..
+                }) => {
+                    tracing::info!(
+                        event = event_name(family, "commit"),
+                        oid,
+                        entry = entry.id,
+                        amount = entry.amount.minor(),
+                        balance_after = entry.balance_after.minor(),
+                        req,
+                        inst
+                    );
+                    "committed"
+                }
+                Ok(Output::Movement {
+                    entry,
+                    replayed: true,
+                    ..
+                }) => {
+                    tracing::info!(event = event_name(family, "replay"), oid, entry = entry.id, req, inst);
+                    "replayed"
+                }
+                Ok(_) => "committed",
+                Err(EngineError::Rejected(r)) => {
+                    tracing::info!(event = event_name(family, "rejected"), oid, reason = r.reason(), req, inst);
+                    r.reason()
+                }
+                Err(EngineError::Overloaded) => {
+                    tracing::warn!(event = event_name(family, "rejected"), oid, reason = "overloaded", req, inst);
+                    "unavailable"
+                }
+                Err(EngineError::ShuttingDown) => {
+                    tracing::warn!(event = event_name(family, "rejected"), oid, reason = "shutting_down", req, inst);
+                    "unavailable"
+                }
+                Err(EngineError::Store(e)) => {
+                    tracing::error!(event = event_name(family, "rejected"), oid, reason = "store_unavailable", detail = %e, req, inst);
+                    "unavailable"
+                }
+            };
+            let dur_ms = started.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(event = event_name(family, "end"), oid, outcome, dur_ms, req, inst);
+        }
+        result
+    }
+
+    async fn dispatch(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let lanes = self.lanes.read().map_err(|_| EngineError::ShuttingDown)?;
+            if lanes.is_empty() {
+                return Err(EngineError::ShuttingDown);
+            }
+            let lane = lane_for(op.route_key(), lanes.len());
+            lanes[lane]
+                .try_send(Cmd { op, req, reply })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
+                })?;
+        }
+        // Once queued, the request waits for its outcome: the lane answers every
+        // command it accepted, even while shutting down.
+        let reply = rx.await.map_err(|_| {
+            EngineError::Store(StoreError::Unavailable("lane stopped without answering".into()))
+        })?;
+        Ok(reply??)
+    }
+
+    /// The order as last committed: from the cache if this instance wrote it since
+    /// start, else from the store.
+    pub async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        if let Some(order) = self.shared.cache.get(&id) {
+            return Ok(Some(order));
+        }
+        self.shared.store.order(id).await
+    }
+
+    pub fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
+        self.shared.store.account(id)
+    }
+
+    pub fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>> {
+        self.shared.store.entries(order_id)
+    }
+
+    pub fn audit(&self) -> StoreFuture<AuditReport> {
+        self.shared.store.audit()
+    }
+
+    /// Stops taking requests, lets every lane finish (commit or fail) all it
+    /// accepted, then closes the store. Safe to call more than once.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        if let Ok(mut lanes) = self.lanes.write() {
+            lanes.clear();
+        }
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(event = "lane_panicked", detail = %e);
+            }
+        }
+        self.shared.store.close().await
+    }
+}
+
+fn event_name(family: &'static str, step: &'static str) -> &'static str {
+    match (family, step) {
+        ("deduct", "start") => "deduct_start",
+        ("deduct", "commit") => "deduct_commit",
+        ("deduct", "replay") => "deduct_replay",
+        ("deduct", "rejected") => "deduct_rejected",
+        ("deduct", "end") => "deduct_end",
+        ("refund", "start") => "refund_start",
+        ("refund", "commit") => "refund_commit",
+        ("refund", "replay") => "refund_replay",
+        ("refund", "rejected") => "refund_rejected",
+        ("refund", "end") => "refund_end",
+        _ => "engine",
+    }
+}
+
+/// The lane owner: the only code that touches this lane's [`LaneCore`].
+async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
+    let cfg = &shared.cfg;
+    let batch_wait = Duration::from_micros(cfg.batch_wait_us);
+    let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
+    let mut inflight: Option<StoreFuture<Vec<crate::store::OpResult>>> = None;
+    let mut open = true;
+    // When a non-full batch may go out at the latest.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if inflight.is_none() && core.pending_len() > 0 {
+            let now = tokio::time::Instant::now();
+            let due = *deadline.get_or_insert(now + batch_wait);
+            if !open || core.pending_len() >= cfg.batch_max || now >= due {
+                if let Some(ops) = core.take_batch(cfg.batch_max) {
+                    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .stats
+                        .batched_ops
+                        .fetch_add(ops.len() as u64, Ordering::Relaxed);
+                    inflight = Some(shared.store.apply(ops));
+                }
+                deadline = None;
+            }
+        }
+        if !open && inflight.is_none() && core.pending_len() == 0 {
+            debug_assert!(core.is_idle(), "a closed lane must end idle");
+            return;
+        }
+        let can_take = open && core.pending_len() < cfg.batch_max;
+        let wait_for = deadline.filter(|_| inflight.is_none());
+        tokio::select! {
+            biased;
+            results = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
+                inflight = None;
+                for delivery in core.complete(results) {
+                    deliver(&shared, delivery);
+                }
+            }
+            cmd = rx.recv(), if can_take => match cmd {
+                Some(cmd) => {
+                    admit(&shared, &mut core, cmd);
+                    // Take whatever else is already queued without another wake-up.
+                    while core.pending_len() < cfg.batch_max {
+                        match rx.try_recv() {
+                            Ok(cmd) => admit(&shared, &mut core, cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(wait_for.unwrap_or_else(tokio::time::Instant::now)), if wait_for.is_some() => {}
+        }
+    }
+}
+
+fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {
+    let oid = cmd.op.order_id().cloned();
+    let req = cmd.req.clone();
+    let admission = core.submit(cmd.op, cmd.req, cmd.reply);
+    if admission.joined {
+        shared.stats.joined.fetch_add(1, Ordering::Relaxed);
+    }
+    if let (Some(other), Some(oid)) = (admission.other_req, oid) {
+        shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            event = "concurrent_inflight",
+            oid = oid.as_str(),
+            req = req.as_str(),
+            other_req = other.as_str(),
+            inst = shared.cfg.instance_id.as_str()
+        );
+    }
+}
+
+fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>) {
+    if let Ok(Ok(out)) = &delivery.reply {
+        if let (Some(order), Some(first)) = (out.order(), delivery.waiters.first()) {
+            shared.cache.committed(order);
+            tracing::info!(
+                event = "order_cache_set",
+                oid = order.id.as_str(),
+                status = order.status.as_str(),
+                req = first.req.as_str(),
+                inst = shared.cfg.instance_id.as_str()
+            );
+        }
+    }
+    let mut waiters = delivery.waiters.into_iter();
+    if let Some(first) = waiters.next() {
+        // The receiver may have gone (client disconnected); the result stands anyway.
+        let _ = first.reply.send(delivery.reply.clone());
+    }
+    for w in waiters {
+        let replay = match &delivery.reply {
+            Ok(Ok(out)) => Ok(Ok(out.as_replay())),
+            other => other.clone(),
+        };
+        let _ = w.reply.send(replay);
+    }
+}

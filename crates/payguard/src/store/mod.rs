@@ -1,0 +1,199 @@
+//! The store: the one place money moves, and the real guarantee of exactly once.
+//!
+//! The engine hands the store batches of [`Op`]s; the store applies a batch in one
+//! transaction and answers one [`OpResult`] per op, in order. A rejected op (not
+//! enough money, a refund over the amount) is an answer, not a failure: it never
+//! aborts the rest of its batch. A [`StoreError`] means the whole batch did not
+//! commit and nothing it described moved, so the caller may retry.
+//!
+//! The schema enforces the promise by itself (see `sqlite_schema.sql`): a unique
+//! debit per order, a unique refund id, refunds never above the amount, balances
+//! never negative, status changes only along the allowed transitions, an
+//! append-only ledger. A double charge is refused by the database even if every
+//! layer above it were wrong.
+
+pub mod sqlite;
+
+use crate::domain::{
+    Account, AccountId, AuditReport, Currency, Entry, Money, Order, OrderId, RefundId,
+};
+use std::future::Future;
+use std::pin::Pin;
+
+/// One change the engine asks the store to make.
+///
+/// Two equal ops are the same request: the lane lets the second share the first's
+/// result (single flight). That is why the whole body, not just the id, is part of
+/// the equality: a refund id re-used with another amount must not share a result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    CreateAccount {
+        id: AccountId,
+        balance: Money,
+        currency: Currency,
+    },
+    CreateOrder {
+        id: OrderId,
+        account_id: AccountId,
+        amount: Money,
+    },
+    Deduct {
+        order_id: OrderId,
+    },
+    Refund {
+        order_id: OrderId,
+        refund_id: RefundId,
+        amount: Money,
+    },
+}
+
+impl Op {
+    /// The key that routes this op to a lane: all work on one order lands in one lane.
+    pub fn route_key(&self) -> &str {
+        match self {
+            Op::CreateAccount { id, .. } => id.as_str(),
+            Op::CreateOrder { id, .. } => id.as_str(),
+            Op::Deduct { order_id } | Op::Refund { order_id, .. } => order_id.as_str(),
+        }
+    }
+
+    /// The order this op concerns, if any (for the race sentinel and the cache).
+    pub fn order_id(&self) -> Option<&OrderId> {
+        match self {
+            Op::CreateAccount { .. } => None,
+            Op::CreateOrder { id, .. } => Some(id),
+            Op::Deduct { order_id } | Op::Refund { order_id, .. } => Some(order_id),
+        }
+    }
+
+    /// `deduct` or `refund` for money movements (the log event prefix), else `create`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Op::Deduct { .. } => "deduct",
+            Op::Refund { .. } => "refund",
+            Op::CreateAccount { .. } | Op::CreateOrder { .. } => "create",
+        }
+    }
+}
+
+/// What a successful op produced. `created`/`replayed` tell the first execution
+/// from a repeat that changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Account { account: Account, created: bool },
+    Order { order: Order, created: bool },
+    Movement {
+        order: Order,
+        entry: Entry,
+        replayed: bool,
+    },
+}
+
+impl Output {
+    /// The order after this op, for the read cache.
+    pub fn order(&self) -> Option<&Order> {
+        match self {
+            Output::Account { .. } => None,
+            Output::Order { order, .. } | Output::Movement { order, .. } => Some(order),
+        }
+    }
+
+    /// The same result as seen by a duplicate that did not execute it.
+    pub fn as_replay(&self) -> Output {
+        match self.clone() {
+            Output::Account { account, .. } => Output::Account {
+                account,
+                created: false,
+            },
+            Output::Order { order, .. } => Output::Order {
+                order,
+                created: false,
+            },
+            Output::Movement { order, entry, .. } => Output::Movement {
+                order,
+                entry,
+                replayed: true,
+            },
+        }
+    }
+
+    pub fn is_replay(&self) -> bool {
+        match self {
+            Output::Account { created, .. } | Output::Order { created, .. } => !created,
+            Output::Movement { replayed, .. } => *replayed,
+        }
+    }
+}
+
+/// Why an op was refused. Every variant moved nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("account already exists with another opening balance or currency")]
+    AccountExists,
+    #[error("account not found")]
+    AccountNotFound,
+    #[error("order already exists with another account or amount")]
+    OrderExists,
+    #[error("order not found")]
+    OrderNotFound,
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("order is not paid")]
+    OrderNotPaid,
+    #[error("refund id already used with another order or amount")]
+    RefundExists,
+    #[error("refund would exceed the amount paid")]
+    RefundExceedsPaid,
+    /// A database constraint refused the change. Only reachable if a layer above
+    /// the database was wrong or the database was edited by hand; the change was
+    /// rolled back to its savepoint.
+    #[error("the database refused the change: {0}")]
+    Refused(String),
+}
+
+impl Rejection {
+    /// The `reason` of a `*_rejected` log event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::AccountExists => "account_exists",
+            Rejection::AccountNotFound => "account_not_found",
+            Rejection::OrderExists => "order_exists",
+            Rejection::OrderNotFound => "order_not_found",
+            Rejection::InsufficientFunds => "insufficient_funds",
+            Rejection::OrderNotPaid => "order_not_paid",
+            Rejection::RefundExists => "refund_exists",
+            Rejection::RefundExceedsPaid => "refund_exceeds_paid",
+            Rejection::Refused(_) => "refused_by_database",
+        }
+    }
+}
+
+pub type OpResult = Result<Output, Rejection>;
+
+/// The store could not do the whole batch: nothing in it was committed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store is shut down")]
+    Closed,
+    #[error("database is not a payguard database or has the wrong schema: {0}")]
+    Schema(String),
+}
+
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// What the engine and the HTTP layer need from a database.
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, as `/healthz` reports it.
+    fn kind(&self) -> &'static str;
+    /// Applies `ops` in one transaction; one result per op, in order.
+    fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>>;
+    fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
+    fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
+    /// The order's entries in commit order; `None` when the order does not exist.
+    fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>>;
+    fn audit(&self) -> StoreFuture<AuditReport>;
+    /// Finishes queued work and releases the database. Later calls fail with `Closed`.
+    fn close(&self) -> StoreFuture<()>;
+}

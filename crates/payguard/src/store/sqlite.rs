@@ -1,0 +1,900 @@
+//! The SQLite store: the embedded default, durable on one machine.
+//!
+//! SQLite has exactly one writer at a time, so instead of letting lane
+//! transactions fight over its lock, one writer thread owns the only write
+//! connection. Lanes send it their batches over a bounded queue; the writer drains
+//! whatever has queued up (up to [`SqliteConfig::writer_batch_ops_max`] ops) and
+//! commits it as one transaction: group commit, one fsync for many requests.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a commit that was answered survives
+//! power loss. Reads use a small pool of read-only connections, which WAL lets run
+//! beside the writer.
+//!
+//! Each op first runs without a savepoint (the fast path). If any op trips a
+//! constraint (only possible when something above the database is wrong), the
+//! transaction is rolled back and the batch replayed with one savepoint per op, so
+//! the refused op is undone alone and the rest of the batch still commits.
+
+use super::{Op, OpResult, Output, Rejection, Store, StoreError, StoreFuture};
+use crate::domain::{
+    Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
+    Money, Order, OrderId, OrderStatus, OverRefund, PaidMismatch, RefundId, Resolved,
+};
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Lane batches that may wait for the writer before senders are made to wait.
+pub const WRITER_QUEUE_JOBS_MAX: usize = 1024;
+/// Read-only connections for GETs and the audit.
+pub const READ_POOL_CONNECTIONS_MAX: u32 = 4;
+/// How long a connection waits for SQLite's lock (another process, a checkpoint).
+pub const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// How long a GET waits for a free read connection.
+pub const READ_POOL_WAIT_MS: u64 = 5_000;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+
+#[derive(Clone, Debug)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
+    /// Most ops the writer commits in one transaction (lane batches are merged).
+    pub writer_batch_ops_max: usize,
+}
+
+impl SqliteConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteConfig {
+            path: path.into(),
+            writer_batch_ops_max: 1024,
+        }
+    }
+}
+
+struct Job {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+}
+
+/// Cheap to clone; all clones share the writer and the read pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` once closed. Invariant: only the writer thread ever writes the file.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reads: r2d2::Pool<SqliteConnectionManager>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Opens a read-write connection with payguard's pragmas. Public so that tests and
+/// the benchmark can drive the same SQL as the writer without the engine.
+pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(bad_column(
+            0,
+            format!("could not switch {} to WAL (got {mode})", path.display()),
+        ));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    Ok(conn)
+}
+
+/// Creates or upgrades the schema; refuses a database marked naive.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    let has_meta: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'payguard_meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    if has_meta {
+        let kind: Option<String> = tx
+            .query_row(
+                "SELECT value FROM payguard_meta WHERE key = 'schema_kind'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+        if kind.as_deref() != Some("guarded") {
+            return Err(StoreError::Schema(format!(
+                "schema_kind is {kind:?}; only a 'guarded' database can hold real money \
+                 (a naive one lacks the constraints that prevent double charges)"
+            )));
+        }
+    } else if version != 0 {
+        return Err(StoreError::Schema(format!(
+            "user_version {version} but no payguard_meta table: not a payguard database"
+        )));
+    } else {
+        let tables: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
+        if tables != 0 {
+            return Err(StoreError::Schema(
+                "the file already holds tables that are not payguard's".into(),
+            ));
+        }
+    }
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Schema(format!(
+            "database schema v{version} is newer than this payguard (v{known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql).map_err(unavailable)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(unavailable)?;
+    }
+    tx.commit().map_err(unavailable)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, migrates it and starts the writer.
+    pub fn open(cfg: SqliteConfig) -> Result<Self, StoreError> {
+        assert!(cfg.writer_batch_ops_max > 0, "writer_batch_ops_max must be > 0");
+        let mut conn = open_connection(&cfg.path).map_err(unavailable)?;
+        migrate(&mut conn)?;
+
+        let manager = SqliteConnectionManager::file(&cfg.path).with_init(|c| {
+            c.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+            c.execute_batch("PRAGMA query_only = ON;")?;
+            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+            Ok(())
+        });
+        let reads = r2d2::Pool::builder()
+            .max_size(READ_POOL_CONNECTIONS_MAX)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_millis(READ_POOL_WAIT_MS))
+            .build(manager)
+            .map_err(unavailable)?;
+
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE_JOBS_MAX);
+        let batch_max = cfg.writer_batch_ops_max;
+        let writer = std::thread::Builder::new()
+            .name("payguard-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, batch_max))
+            .map_err(unavailable)?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                jobs: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(writer)),
+                reads,
+            }),
+        })
+    }
+
+    fn read<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let pool = self.inner.reads.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get().map_err(unavailable)?;
+                f(&mut conn).map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].ops.len();
+        while n < batch_ops_max {
+            match rx.try_recv() {
+                Ok(job) => {
+                    n += job.ops.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let lens: Vec<usize> = jobs.iter().map(|j| j.ops.len()).collect();
+        let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+        let now = chrono::Utc::now().timestamp_millis();
+        match apply_ops(&mut conn, &ops, now) {
+            Ok(results) => {
+                debug_assert_eq!(results.len(), ops.len());
+                let mut results = results.into_iter();
+                for (job, len) in jobs.into_iter().zip(lens) {
+                    let mine: Vec<OpResult> = results.by_ref().take(len).collect();
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Why one op could not run.
+enum Fault {
+    /// A constraint or trigger refused the change: only this op is affected.
+    Constraint(String),
+    /// The database itself failed (I/O, lock timeout, corrupt row): the batch fails.
+    Store(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Fault {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::ConstraintViolation) => Fault::Constraint(e.to_string()),
+            _ => Fault::Store(e),
+        }
+    }
+}
+
+/// Applies `ops` in one `BEGIN IMMEDIATE` transaction, one result per op.
+///
+/// Public so that tests can race two connections on one file with no lane or lock
+/// above them, and see the constraints alone keep every order to one debit.
+pub fn apply_ops(
+    conn: &mut Connection,
+    ops: &[Op],
+    now_ms: i64,
+) -> Result<Vec<OpResult>, StoreError> {
+    match run_batch(conn, ops, now_ms, false) {
+        Ok(results) => Ok(results),
+        Err(Fault::Constraint(msg)) => {
+            tracing::warn!(event = "store_constraint", detail = %msg, "replaying batch with a savepoint per op");
+            match run_batch(conn, ops, now_ms, true) {
+                Ok(results) => Ok(results),
+                Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
+                Err(Fault::Store(e)) => Err(unavailable(e)),
+            }
+        }
+        Err(Fault::Store(e)) => Err(unavailable(e)),
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    ops: &[Op],
+    now: i64,
+    careful: bool,
+) -> Result<Vec<OpResult>, Fault> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(Fault::Store)?;
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        if !careful {
+            out.push(exec_op(&tx, op, now)?);
+            continue;
+        }
+        tx.execute_batch("SAVEPOINT op").map_err(Fault::Store)?;
+        match exec_op(&tx, op, now) {
+            Ok(r) => {
+                tx.execute_batch("RELEASE op").map_err(Fault::Store)?;
+                out.push(r);
+            }
+            Err(Fault::Constraint(msg)) => {
+                tx.execute_batch("ROLLBACK TO op; RELEASE op")
+                    .map_err(Fault::Store)?;
+                tracing::error!(event = "store_refused", op = ?op, detail = %msg, "the database refused a change");
+                out.push(Err(Rejection::Refused(msg)));
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    tx.commit().map_err(Fault::Store)?;
+    Ok(out)
+}
+
+const ORDER_COLS: &str = "id, account_id, amount, status, refunded, debit_entry_id, failure_reason, created_at, updated_at";
+const ENTRY_COLS: &str =
+    "id, order_id, account_id, kind, amount, balance_after, refund_id, reverses, created_at";
+const ACCOUNT_COLS: &str = "id, balance, currency, opening_balance, created_at, updated_at";
+
+fn bad_column(idx: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        idx,
+        rusqlite::types::Type::Text,
+        Box::<dyn std::error::Error + Send + Sync>::from(what),
+    )
+}
+
+fn col_id<T>(
+    row: &Row<'_>,
+    idx: usize,
+    parse: fn(&str) -> Result<T, crate::domain::IdError>,
+) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    parse(&s).map_err(|e| bad_column(idx, e.to_string()))
+}
+
+fn money(row: &Row<'_>, idx: usize) -> rusqlite::Result<Money> {
+    Ok(Money::from_stored(row.get(idx)?))
+}
+
+fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
+    let currency: String = row.get(2)?;
+    Ok(Account {
+        id: col_id(row, 0, AccountId::parse)?,
+        balance: money(row, 1)?,
+        currency: Currency::parse(&currency).map_err(|e| bad_column(2, e.to_string()))?,
+        opening_balance: money(row, 3)?,
+        created_at: row.get(4)?,
+        updated_at: row.get(5)?,
+    })
+}
+
+fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
+    let status: String = row.get(3)?;
+    Ok(Order {
+        id: col_id(row, 0, OrderId::parse)?,
+        account_id: col_id(row, 1, AccountId::parse)?,
+        amount: money(row, 2)?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| bad_column(3, format!("unknown status {status:?}")))?,
+        refunded: money(row, 4)?,
+        debit_entry_id: row.get(5)?,
+        failure_reason: row.get(6)?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+    })
+}
+
+fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
+    let kind: String = row.get(3)?;
+    let refund_id: Option<String> = row.get(6)?;
+    Ok(Entry {
+        id: row.get(0)?,
+        order_id: col_id(row, 1, OrderId::parse)?,
+        account_id: col_id(row, 2, AccountId::parse)?,
+        kind: EntryKind::parse(&kind)
+            .ok_or_else(|| bad_column(3, format!("unknown entry kind {kind:?}")))?,
+        amount: money(row, 4)?,
+        balance_after: money(row, 5)?,
+        refund_id: refund_id
+            .map(|s| RefundId::parse(&s).map_err(|e| bad_column(6, e.to_string())))
+            .transpose()?,
+        reverses: row.get(7)?,
+        created_at: row.get(8)?,
+    })
+}
+
+fn load_account(conn: &Connection, id: &str) -> rusqlite::Result<Option<Account>> {
+    conn.prepare_cached(&format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ?1"))?
+        .query_row([id], account_from_row)
+        .optional()
+}
+
+fn load_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
+    conn.prepare_cached(&format!("SELECT {ORDER_COLS} FROM orders WHERE id = ?1"))?
+        .query_row([id], order_from_row)
+        .optional()
+}
+
+fn load_entry(conn: &Connection, id: i64) -> rusqlite::Result<Option<Entry>> {
+    conn.prepare_cached(&format!("SELECT {ENTRY_COLS} FROM entries WHERE id = ?1"))?
+        .query_row([id], entry_from_row)
+        .optional()
+}
+
+fn load_refund(conn: &Connection, refund_id: &str) -> rusqlite::Result<Option<Entry>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE refund_id = ?1"
+    ))?
+    .query_row([refund_id], entry_from_row)
+    .optional()
+}
+
+/// A row that must exist because this transaction just saw or wrote it.
+fn must<T>(v: Option<T>, what: &str) -> Result<T, Fault> {
+    v.ok_or_else(|| {
+        Fault::Store(bad_column(
+            0,
+            format!("{what} vanished inside its own transaction"),
+        ))
+    })
+}
+
+fn exec_op(conn: &Connection, op: &Op, now: i64) -> Result<OpResult, Fault> {
+    match op {
+        Op::CreateAccount {
+            id,
+            balance,
+            currency,
+        } => create_account(conn, id, *balance, *currency, now),
+        Op::CreateOrder {
+            id,
+            account_id,
+            amount,
+        } => create_order(conn, id, account_id, *amount, now),
+        Op::Deduct { order_id } => deduct(conn, order_id, now),
+        Op::Refund {
+            order_id,
+            refund_id,
+            amount,
+        } => refund(conn, order_id, refund_id, *amount, now),
+    }
+}
+
+fn create_account(
+    conn: &Connection,
+    id: &AccountId,
+    balance: Money,
+    currency: Currency,
+    now: i64,
+) -> Result<OpResult, Fault> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?3, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![id.as_str(), currency.as_str(), balance.minor(), now])?;
+    if inserted == 1 {
+        return Ok(Ok(Output::Account {
+            account: Account {
+                id: id.clone(),
+                balance,
+                currency,
+                opening_balance: balance,
+                created_at: now,
+                updated_at: now,
+            },
+            created: true,
+        }));
+    }
+    let existing = must(load_account(conn, id.as_str())?, "account")?;
+    if existing.opening_balance == balance && existing.currency == currency {
+        Ok(Ok(Output::Account {
+            account: existing,
+            created: false,
+        }))
+    } else {
+        Ok(Err(Rejection::AccountExists))
+    }
+}
+
+fn create_order(
+    conn: &Connection,
+    id: &OrderId,
+    account_id: &AccountId,
+    amount: Money,
+    now: i64,
+) -> Result<OpResult, Fault> {
+    if let Some(existing) = load_order(conn, id.as_str())? {
+        return Ok(
+            if existing.account_id == *account_id && existing.amount == amount {
+                Ok(Output::Order {
+                    order: existing,
+                    created: false,
+                })
+            } else {
+                Err(Rejection::OrderExists)
+            },
+        );
+    }
+    let account_exists: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
+        .query_row([account_id.as_str()], |r| r.get(0))?;
+    if !account_exists {
+        return Ok(Err(Rejection::AccountNotFound));
+    }
+    conn.prepare_cached(
+        "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 'PREPARE', 0, ?4, ?4)",
+    )?
+    .execute(params![id.as_str(), account_id.as_str(), amount.minor(), now])?;
+    Ok(Ok(Output::Order {
+        order: Order {
+            id: id.clone(),
+            account_id: account_id.clone(),
+            amount,
+            status: OrderStatus::Prepare,
+            refunded: Money::ZERO,
+            debit_entry_id: None,
+            failure_reason: None,
+            created_at: now,
+            updated_at: now,
+        },
+        created: true,
+    }))
+}
+
+/// The conditional update that makes a state change happen once: it names the
+/// state it expects, and any other row count means the world was not as read.
+fn expect_one(changed: usize, what: &str) -> Result<(), Fault> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(Fault::Constraint(format!(
+            "{what}: expected to change 1 row, changed {changed}"
+        )))
+    }
+}
+
+fn deduct(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
+    let Some(order) = load_order(conn, order_id.as_str())? else {
+        return Ok(Err(Rejection::OrderNotFound));
+    };
+    match order.status {
+        OrderStatus::Prepare => {}
+        OrderStatus::Failed => return Ok(Err(Rejection::InsufficientFunds)),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
+            let entry_id = must(order.debit_entry_id, "debit link of a paid order")?;
+            let entry = must(load_entry(conn, entry_id)?, "debit entry")?;
+            return Ok(Ok(Output::Movement {
+                order,
+                entry,
+                replayed: true,
+            }));
+        }
+    }
+    let balance_after: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance - ?1, updated_at = ?2
+             WHERE id = ?3 AND balance >= ?1 RETURNING balance",
+        )?
+        .query_row(
+            params![order.amount.minor(), now, order.account_id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(balance_after) = balance_after else {
+        let changed = conn
+            .prepare_cached(
+                "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1
+                 WHERE id = ?2 AND status = 'PREPARE'",
+            )?
+            .execute(params![now, order_id.as_str()])?;
+        expect_one(changed, "PREPARE -> FAILED")?;
+        return Ok(Err(Rejection::InsufficientFunds));
+    };
+    let entry_id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES (?1, ?2, 'debit', ?3, ?4, ?5) RETURNING id",
+        )?
+        .query_row(
+            params![
+                order_id.as_str(),
+                order.account_id.as_str(),
+                order.amount.minor(),
+                balance_after,
+                now
+            ],
+            |r| r.get(0),
+        )?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2
+             WHERE id = ?3 AND status = 'PREPARE'",
+        )?
+        .execute(params![entry_id, now, order_id.as_str()])?;
+    expect_one(changed, "PREPARE -> PAID")?;
+    let entry = Entry {
+        id: entry_id,
+        order_id: order.id.clone(),
+        account_id: order.account_id.clone(),
+        kind: EntryKind::Debit,
+        amount: order.amount,
+        balance_after: Money::from_stored(balance_after),
+        refund_id: None,
+        reverses: None,
+        created_at: now,
+    };
+    let order = Order {
+        status: OrderStatus::Paid,
+        debit_entry_id: Some(entry_id),
+        updated_at: now,
+        ..order
+    };
+    Ok(Ok(Output::Movement {
+        order,
+        entry,
+        replayed: false,
+    }))
+}
+
+fn refund(
+    conn: &Connection,
+    order_id: &OrderId,
+    refund_id: &RefundId,
+    amount: Money,
+    now: i64,
+) -> Result<OpResult, Fault> {
+    let Some(order) = load_order(conn, order_id.as_str())? else {
+        return Ok(Err(Rejection::OrderNotFound));
+    };
+    if let Some(existing) = load_refund(conn, refund_id.as_str())? {
+        return Ok(
+            if existing.order_id == *order_id && existing.amount == amount {
+                Ok(Output::Movement {
+                    order,
+                    entry: existing,
+                    replayed: true,
+                })
+            } else {
+                Err(Rejection::RefundExists)
+            },
+        );
+    }
+    match order.status {
+        OrderStatus::Prepare | OrderStatus::Failed => return Ok(Err(Rejection::OrderNotPaid)),
+        OrderStatus::Refunded => return Ok(Err(Rejection::RefundExceedsPaid)),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded => {}
+    }
+    let refunded = match order.refunded.checked_add(amount) {
+        Some(r) if r <= order.amount => r,
+        _ => return Ok(Err(Rejection::RefundExceedsPaid)),
+    };
+    let status = if refunded == order.amount {
+        OrderStatus::Refunded
+    } else {
+        OrderStatus::PartiallyRefunded
+    };
+    let balance_after: i64 = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance + ?1, updated_at = ?2 WHERE id = ?3 RETURNING balance",
+        )?
+        .query_row(
+            params![amount.minor(), now, order.account_id.as_str()],
+            |r| r.get(0),
+        )?;
+    let entry_id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at)
+             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6) RETURNING id",
+        )?
+        .query_row(
+            params![
+                order_id.as_str(),
+                order.account_id.as_str(),
+                amount.minor(),
+                balance_after,
+                refund_id.as_str(),
+                now
+            ],
+            |r| r.get(0),
+        )?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE orders SET refunded = ?1, status = ?2, updated_at = ?3
+             WHERE id = ?4 AND refunded = ?5 AND status IN ('PAID', 'PARTIALLY_REFUNDED')",
+        )?
+        .execute(params![
+            refunded.minor(),
+            status.as_str(),
+            now,
+            order_id.as_str(),
+            order.refunded.minor()
+        ])?;
+    expect_one(changed, "refund status change")?;
+    let entry = Entry {
+        id: entry_id,
+        order_id: order.id.clone(),
+        account_id: order.account_id.clone(),
+        kind: EntryKind::Refund,
+        amount,
+        balance_after: Money::from_stored(balance_after),
+        refund_id: Some(refund_id.clone()),
+        reverses: None,
+        created_at: now,
+    };
+    let order = Order {
+        status,
+        refunded,
+        updated_at: now,
+        ..order
+    };
+    Ok(Ok(Output::Movement {
+        order,
+        entry,
+        replayed: false,
+    }))
+}
+
+/// The invariant checks of API.md's `GET /v1/audit`, in one read transaction so
+/// every figure comes from the same snapshot. Written against the columns every
+/// payguard schema has (guarded or naive), so it can judge either.
+pub fn audit_connection(conn: &mut Connection) -> rusqlite::Result<AuditReport> {
+    let tx = conn.transaction()?;
+    let mut report = AuditReport {
+        accounts_checked: tx.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))?,
+        orders_checked: tx.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?,
+        entries_checked: tx.query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))?,
+        ..AuditReport::default()
+    };
+    {
+        let mut stmt = tx.prepare(
+            "SELECT d.order_id, d.debits,
+                    (SELECT COUNT(*) FROM entries r WHERE r.kind = 'reversal' AND r.order_id = d.order_id)
+             FROM (SELECT order_id, COUNT(*) AS debits FROM entries WHERE kind = 'debit'
+                   GROUP BY order_id HAVING COUNT(*) > 1) d
+             ORDER BY d.order_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (order_id, debits, reversed) = row?;
+            if debits - reversed > 1 {
+                report.duplicate_debits.push(DuplicateDebit {
+                    order_id,
+                    count: debits - reversed,
+                });
+            } else {
+                report.resolved.push(Resolved { order_id, reversed });
+            }
+        }
+    }
+    {
+        let mut stmt = tx.prepare(
+            "SELECT o.id, o.amount, MAX(o.refunded, COALESCE(SUM(e.amount), 0)) AS refunded
+             FROM orders o LEFT JOIN entries e ON e.order_id = o.id AND e.kind = 'refund'
+             GROUP BY o.id HAVING MAX(o.refunded, COALESCE(SUM(e.amount), 0)) > o.amount
+             ORDER BY o.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(OverRefund {
+                order_id: r.get(0)?,
+                amount: r.get(1)?,
+                refunded: r.get(2)?,
+            })
+        })?;
+        for row in rows {
+            report.over_refunded.push(row?);
+        }
+    }
+    {
+        let mut stmt = tx.prepare(
+            "SELECT a.id,
+                    a.opening_balance
+                      - COALESCE(SUM(CASE WHEN e.kind = 'debit' THEN e.amount END), 0)
+                      + COALESCE(SUM(CASE WHEN e.kind IN ('refund', 'reversal') THEN e.amount END), 0)
+                      AS expected,
+                    a.balance
+             FROM accounts a LEFT JOIN entries e ON e.account_id = a.id
+             GROUP BY a.id HAVING expected <> a.balance OR a.balance < 0
+             ORDER BY a.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BalanceMismatch {
+                account_id: r.get(0)?,
+                expected: r.get(1)?,
+                actual: r.get(2)?,
+            })
+        })?;
+        for row in rows {
+            report.balance_mismatches.push(row?);
+        }
+    }
+    {
+        let mut stmt = tx.prepare(
+            "SELECT o.id, o.status,
+                    (SELECT COUNT(*) FROM entries e WHERE e.order_id = o.id AND e.kind = 'debit') AS debits
+             FROM orders o
+             WHERE (o.status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')) <> (debits > 0)
+             ORDER BY o.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PaidMismatch {
+                order_id: r.get(0)?,
+                status: r.get(1)?,
+                debits: r.get(2)?,
+            })
+        })?;
+        for row in rows {
+            let m = row?;
+            if m.debits == 0 {
+                report.paid_without_entry.push(m);
+            } else {
+                report.entry_without_paid.push(m);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(report.finish())
+}
+
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>> {
+        let sender = self.inner.jobs.lock().map(|g| g.clone()).unwrap_or(None);
+        Box::pin(async move {
+            let sender = sender.ok_or(StoreError::Closed)?;
+            let (reply, rx) = oneshot::channel();
+            sender
+                .send(Job { ops, reply })
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            // The writer answers every job it takes; a dropped reply means it died.
+            rx.await
+                .map_err(|_| unavailable("the SQLite writer stopped"))?
+        })
+    }
+
+    fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
+        self.read(move |c| load_account(c, id.as_str()))
+    }
+
+    fn order(&self, id: OrderId) -> StoreFuture<Option<Order>> {
+        self.read(move |c| load_order(c, id.as_str()))
+    }
+
+    fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>> {
+        self.read(move |c| {
+            let tx = c.transaction()?;
+            let exists: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM orders WHERE id = ?1)")?
+                .query_row([order_id.as_str()], |r| r.get(0))?;
+            if !exists {
+                return Ok(None);
+            }
+            let entries = tx
+                .prepare_cached(&format!(
+                    "SELECT {ENTRY_COLS} FROM entries WHERE order_id = ?1 ORDER BY id"
+                ))?
+                .query_map([order_id.as_str()], entry_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(entries))
+        })
+    }
+
+    fn audit(&self) -> StoreFuture<AuditReport> {
+        self.read(audit_connection)
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        // Dropping the last sender lets the writer finish the queued jobs and exit.
+        let sender = self.inner.jobs.lock().map(|mut g| g.take()).unwrap_or(None);
+        drop(sender);
+        let writer = self.inner.writer.lock().map(|mut g| g.take()).unwrap_or(None);
+        Box::pin(async move {
+            if let Some(handle) = writer {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(unavailable)?
+                    .map_err(|_| unavailable("the SQLite writer panicked"))?;
+            }
+            Ok(())
+        })
+    }
+}
