@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "payguard", version, about = "Move money exactly once per order, and prove it")]
+#[command(
+    name = "payguard",
+    version,
+    about = "Move money exactly once per order, and prove it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

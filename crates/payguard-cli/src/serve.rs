@@ -117,7 +117,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let path = sqlite_path(&args.db)?;
     let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
-    let _log_guard = logging::init(args.log_format.unwrap_or_else(LogFormat::default_for_stdout));
+    let _log_guard = logging::init(
+        args.log_format
+            .unwrap_or_else(LogFormat::default_for_stdout),
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,10 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use payguard::domain::{
-    AccountId, Currency, IdError, Money, MoneyError, OrderId, RefundId, RequestId,
+    AccountId, Currency, Entry, IdError, Money, MoneyError, Order, OrderId, RefundId, RequestId,
 };
 use payguard::store::{Op, Output};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub fn router(state: AppState) -> Router {
@@ -102,7 +102,9 @@ async fn create_account(
             Json(account),
         )
             .into_response()),
-        other => Err(ApiError::internal(&format!("create account answered {other:?}"))),
+        other => Err(ApiError::internal(&format!(
+            "create account answered {other:?}"
+        ))),
     }
 }
 
@@ -151,7 +153,9 @@ async fn create_order(
             Json(order),
         )
             .into_response()),
-        other => Err(ApiError::internal(&format!("create order answered {other:?}"))),
+        other => Err(ApiError::internal(&format!(
+            "create order answered {other:?}"
+        ))),
     }
 }
 
@@ -170,13 +174,26 @@ async fn get_order(
     }
 }
 
+/// The answer of deduct and refund, fields in API.md's order.
+#[derive(Serialize)]
+struct MovementBody {
+    order: Order,
+    entry: Entry,
+    replayed: bool,
+}
+
 fn movement(out: Output) -> Result<Response, ApiError> {
     match out {
         Output::Movement {
             order,
             entry,
             replayed,
-        } => Ok(Json(json!({"order": order, "entry": entry, "replayed": replayed})).into_response()),
+        } => Ok(Json(MovementBody {
+            order,
+            entry,
+            replayed,
+        })
+        .into_response()),
         other => Err(ApiError::internal(&format!("movement answered {other:?}"))),
     }
 }

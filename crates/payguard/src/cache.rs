@@ -43,6 +43,14 @@ impl OrderCache {
         let _ = self.orders.put_sync(order.id.clone(), order.clone());
     }
 
+    /// Drops an order whose new state the lane does not know (a rejection may have
+    /// changed it, e.g. `PREPARE → FAILED`), so the next read goes to the store.
+    pub fn forget(&self, id: &OrderId) {
+        if self.enabled {
+            self.orders.remove_sync(id);
+        }
+    }
+
     pub fn get(&self, id: &OrderId) -> Option<Order> {
         if !self.enabled {
             return None;

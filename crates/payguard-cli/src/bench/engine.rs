@@ -288,7 +288,10 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     // Engine::start spawns its lanes on the current runtime.
     let _rt_guard = rt.enter();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!("bench engine: {orders} deductions per run, {cores} cores, databases in {}", base.path().display());
+    eprintln!(
+        "bench engine: {orders} deductions per run, {cores} cores, databases in {}",
+        base.path().display()
+    );
 
     let raw_path = base.path().join("raw.db");
     setup(&raw_path, orders)?;

@@ -96,7 +96,10 @@ mod tests {
             Err(MoneyError::TooLarge(MONEY_MINOR_MAX + 1))
         );
         assert_eq!(Money::amount(1).unwrap().minor(), 1);
-        assert_eq!(Money::amount(MONEY_MINOR_MAX).unwrap().minor(), MONEY_MINOR_MAX);
+        assert_eq!(
+            Money::amount(MONEY_MINOR_MAX).unwrap().minor(),
+            MONEY_MINOR_MAX
+        );
         assert_eq!(Money::balance(0).unwrap(), Money::ZERO);
         assert_eq!(Money::balance(-1), Err(MoneyError::Negative(-1)));
     }

@@ -83,8 +83,9 @@ impl<W> LaneCore<W> {
 
     /// Admits a request for `op`.
     pub fn submit(&mut self, op: Op, req: RequestId, reply: W) -> Admission {
-        let other_req = op.order_id().and_then(|order| {
-            match self.busy_orders.get_mut(order) {
+        let other_req = op
+            .order_id()
+            .and_then(|order| match self.busy_orders.get_mut(order) {
                 Some((first, count)) => {
                     *count += 1;
                     Some(first.clone())
@@ -93,8 +94,7 @@ impl<W> LaneCore<W> {
                     self.busy_orders.insert(order.clone(), (req.clone(), 1));
                     None
                 }
-            }
-        });
+            });
         let waiter = Waiter { req, reply };
         // Join an equal op in flight first: its result is the one that stands.
         if let Some(&i) = self.inflight_index.get(&op) {
@@ -250,7 +250,10 @@ mod tests {
         );
         let batch = core.take_batch(1).unwrap();
         assert_eq!(batch, vec![deduct("o1")]);
-        assert!(core.take_batch(10).is_none(), "one batch in flight at a time");
+        assert!(
+            core.take_batch(10).is_none(),
+            "one batch in flight at a time"
+        );
         // A duplicate arriving while its op is in flight joins it.
         assert!(core.submit(deduct("o1"), req("r4"), 4).joined);
         let d = core.complete(Ok(vec![Err(Rejection::OrderNotFound)]));

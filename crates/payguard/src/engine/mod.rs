@@ -124,7 +124,10 @@ impl Engine {
     pub fn start(store: Arc<dyn Store>, cfg: EngineConfig) -> Self {
         assert!(cfg.lanes > 0, "lanes must be > 0");
         assert!(cfg.batch_max > 0, "batch_max must be > 0");
-        assert!(cfg.lane_queue_depth_max > 0, "lane_queue_depth_max must be > 0");
+        assert!(
+            cfg.lane_queue_depth_max > 0,
+            "lane_queue_depth_max must be > 0"
+        );
         let shared = Arc::new(Shared {
             store,
             cache: OrderCache::new(cfg.order_cache_entries_max),
@@ -166,7 +169,12 @@ impl Engine {
         let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
         let moves_money = family != "create";
         if moves_money {
-            tracing::info!(event = event_name(family, "start"), oid, req = req.as_str(), inst);
+            tracing::info!(
+                event = event_name(family, "start"),
+                oid,
+                req = req.as_str(),
+                inst
+            );
         }
         let result = self.dispatch(op.clone(), req.clone()).await;
         let stats = &self.shared.stats;
@@ -211,20 +219,44 @@ impl Engine {
                     replayed: true,
                     ..
                 }) => {
-                    tracing::info!(event = event_name(family, "replay"), oid, entry = entry.id, req, inst);
+                    tracing::info!(
+                        event = event_name(family, "replay"),
+                        oid,
+                        entry = entry.id,
+                        req,
+                        inst
+                    );
                     "replayed"
                 }
                 Ok(_) => "committed",
                 Err(EngineError::Rejected(r)) => {
-                    tracing::info!(event = event_name(family, "rejected"), oid, reason = r.reason(), req, inst);
+                    tracing::info!(
+                        event = event_name(family, "rejected"),
+                        oid,
+                        reason = r.reason(),
+                        req,
+                        inst
+                    );
                     r.reason()
                 }
                 Err(EngineError::Overloaded) => {
-                    tracing::warn!(event = event_name(family, "rejected"), oid, reason = "overloaded", req, inst);
+                    tracing::warn!(
+                        event = event_name(family, "rejected"),
+                        oid,
+                        reason = "overloaded",
+                        req,
+                        inst
+                    );
                     "unavailable"
                 }
                 Err(EngineError::ShuttingDown) => {
-                    tracing::warn!(event = event_name(family, "rejected"), oid, reason = "shutting_down", req, inst);
+                    tracing::warn!(
+                        event = event_name(family, "rejected"),
+                        oid,
+                        reason = "shutting_down",
+                        req,
+                        inst
+                    );
                     "unavailable"
                 }
                 Err(EngineError::Store(e)) => {
@@ -233,7 +265,14 @@ impl Engine {
                 }
             };
             let dur_ms = started.elapsed().as_secs_f64() * 1e3;
-            tracing::info!(event = event_name(family, "end"), oid, outcome, dur_ms, req, inst);
+            tracing::info!(
+                event = event_name(family, "end"),
+                oid,
+                outcome,
+                dur_ms,
+                req,
+                inst
+            );
         }
         result
     }
@@ -256,7 +295,9 @@ impl Engine {
         // Once queued, the request waits for its outcome: the lane answers every
         // command it accepted, even while shutting down.
         let reply = rx.await.map_err(|_| {
-            EngineError::Store(StoreError::Unavailable("lane stopped without answering".into()))
+            EngineError::Store(StoreError::Unavailable(
+                "lane stopped without answering".into(),
+            ))
         })?;
         Ok(reply??)
     }
@@ -395,8 +436,9 @@ fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: 
 }
 
 fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>) {
-    if let Ok(Ok(out)) = &delivery.reply {
-        if let (Some(order), Some(first)) = (out.order(), delivery.waiters.first()) {
+    match (&delivery.reply, delivery.waiters.first()) {
+        (Ok(Ok(out)), Some(first)) if out.order().is_some() => {
+            let order = out.order().expect("checked by the guard");
             shared.cache.committed(order);
             tracing::info!(
                 event = "order_cache_set",
@@ -405,6 +447,11 @@ fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>
                 req = first.req.as_str(),
                 inst = shared.cfg.instance_id.as_str()
             );
+        }
+        _ => {
+            if let Some(oid) = delivery.op.order_id() {
+                shared.cache.forget(oid);
+            }
         }
     }
     let mut waiters = delivery.waiters.into_iter();

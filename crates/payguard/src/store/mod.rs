@@ -80,8 +80,14 @@ impl Op {
 /// from a repeat that changed nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    Account { account: Account, created: bool },
-    Order { order: Order, created: bool },
+    Account {
+        account: Account,
+        created: bool,
+    },
+    Order {
+        order: Order,
+        created: bool,
+    },
     Movement {
         order: Order,
         entry: Entry,

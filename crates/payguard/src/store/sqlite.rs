@@ -83,8 +83,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
-    let mode: String =
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(bad_column(
             0,
@@ -161,7 +160,10 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 impl SqliteStore {
     /// Opens (creating if needed) the database, migrates it and starts the writer.
     pub fn open(cfg: SqliteConfig) -> Result<Self, StoreError> {
-        assert!(cfg.writer_batch_ops_max > 0, "writer_batch_ops_max must be > 0");
+        assert!(
+            cfg.writer_batch_ops_max > 0,
+            "writer_batch_ops_max must be > 0"
+        );
         let mut conn = open_connection(&cfg.path).map_err(unavailable)?;
         migrate(&mut conn)?;
 
@@ -392,9 +394,11 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
 }
 
 fn load_account(conn: &Connection, id: &str) -> rusqlite::Result<Option<Account>> {
-    conn.prepare_cached(&format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ?1"))?
-        .query_row([id], account_from_row)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ?1"
+    ))?
+    .query_row([id], account_from_row)
+    .optional()
 }
 
 fn load_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
@@ -460,7 +464,12 @@ fn create_account(
             "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?3, ?4, ?4) ON CONFLICT (id) DO NOTHING",
         )?
-        .execute(params![id.as_str(), currency.as_str(), balance.minor(), now])?;
+        .execute(params![
+            id.as_str(),
+            currency.as_str(),
+            balance.minor(),
+            now
+        ])?;
     if inserted == 1 {
         return Ok(Ok(Output::Account {
             account: Account {
@@ -514,7 +523,12 @@ fn create_order(
         "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
          VALUES (?1, ?2, ?3, 'PREPARE', 0, ?4, ?4)",
     )?
-    .execute(params![id.as_str(), account_id.as_str(), amount.minor(), now])?;
+    .execute(params![
+        id.as_str(),
+        account_id.as_str(),
+        amount.minor(),
+        now
+    ])?;
     Ok(Ok(Output::Order {
         order: Order {
             id: id.clone(),
@@ -886,7 +900,12 @@ impl Store for SqliteStore {
         // Dropping the last sender lets the writer finish the queued jobs and exit.
         let sender = self.inner.jobs.lock().map(|mut g| g.take()).unwrap_or(None);
         drop(sender);
-        let writer = self.inner.writer.lock().map(|mut g| g.take()).unwrap_or(None);
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .map(|mut g| g.take())
+            .unwrap_or(None);
         Box::pin(async move {
             if let Some(handle) = writer {
                 tokio::task::spawn_blocking(move || handle.join())

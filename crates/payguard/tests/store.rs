@@ -1,0 +1,312 @@
+//! The database is the guarantee: these tests talk to the SQLite store with no
+//! lane, lock or cache above it, and show that the schema alone refuses a second
+//! charge.
+
+use payguard::domain::{AccountId, Currency, Money, OrderId, RefundId};
+use payguard::store::sqlite::{apply_ops, migrate, open_connection, SqliteConfig, SqliteStore};
+use payguard::store::{Op, Output, Rejection, StoreError};
+use rusqlite::Connection;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+fn fresh(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("store.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate(&mut conn).unwrap();
+    let ops = vec![
+        Op::CreateAccount {
+            id: AccountId::parse("acct").unwrap(),
+            balance: Money::balance(10_000).unwrap(),
+            currency: Currency::CNY,
+        },
+        Op::CreateOrder {
+            id: OrderId::parse("o1").unwrap(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(1_185).unwrap(),
+        },
+        Op::CreateOrder {
+            id: OrderId::parse("o2").unwrap(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(20_000).unwrap(),
+        },
+        Op::CreateOrder {
+            id: OrderId::parse("o3").unwrap(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(5).unwrap(),
+        },
+    ];
+    for r in apply_ops(&mut conn, &ops, 1).unwrap() {
+        r.unwrap();
+    }
+    path
+}
+
+fn deduct(o: &str) -> Op {
+    Op::Deduct {
+        order_id: OrderId::parse(o).unwrap(),
+    }
+}
+
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// Two connections, two threads, one order, released at the same instant, no
+/// lane or lock: still one debit.
+#[test]
+fn racing_connections_without_lanes_charge_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    for round in 0..20 {
+        let oid = format!("race-{round}");
+        {
+            let mut c = open_connection(&path).unwrap();
+            apply_ops(
+                &mut c,
+                &[Op::CreateOrder {
+                    id: OrderId::parse(&oid).unwrap(),
+                    account_id: AccountId::parse("acct").unwrap(),
+                    amount: Money::amount(1).unwrap(),
+                }],
+                1,
+            )
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        }
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                let barrier = barrier.clone();
+                let oid = oid.clone();
+                std::thread::spawn(move || {
+                    let mut c = open_connection(&path).unwrap();
+                    barrier.wait();
+                    apply_ops(&mut c, &[deduct(&oid)], 2).unwrap().remove(0)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let fresh_charges = results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Ok(Output::Movement {
+                        replayed: false,
+                        ..
+                    })
+                )
+            })
+            .count();
+        let replays = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Output::Movement { replayed: true, .. })))
+            .count();
+        assert_eq!(
+            (fresh_charges, replays),
+            (1, 1),
+            "round {round}: {results:?}"
+        );
+        let conn = open_connection(&path).unwrap();
+        assert_eq!(
+            count(
+                &conn,
+                &format!(
+                    "SELECT COUNT(*) FROM entries WHERE order_id = '{oid}' AND kind = 'debit'"
+                )
+            ),
+            1
+        );
+    }
+    let mut conn = open_connection(&path).unwrap();
+    assert!(
+        payguard::store::sqlite::audit_connection(&mut conn)
+            .unwrap()
+            .ok
+    );
+}
+
+/// What the incident's code did, by hand, against our schema: every step is refused.
+#[test]
+fn the_schema_refuses_the_incidents_second_debit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let mut conn = open_connection(&path).unwrap();
+    apply_ops(&mut conn, &[deduct("o1")], 2)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+
+    let refused = |sql: &str| {
+        let err = conn.execute_batch(sql).expect_err(sql);
+        assert!(
+            err.to_string().contains("payguard")
+                || err.to_string().contains("constraint")
+                || err.to_string().contains("UNIQUE"),
+            "{sql}: {err}"
+        );
+    };
+    // A second debit row for a paid order (the unique index and the PREPARE trigger).
+    refused("INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES ('o1', 'acct', 'debit', 1185, 0, 3)");
+    // Marking a paid order paid again, or back to PREPARE.
+    refused("UPDATE orders SET status = 'PAID' WHERE id = 'o1'");
+    refused("UPDATE orders SET status = 'PREPARE', debit_entry_id = NULL WHERE id = 'o1'");
+    // Paying a PREPARE order without a debit.
+    refused("UPDATE orders SET status = 'PAID' WHERE id = 'o3'");
+    // Overdrawing the account.
+    refused("UPDATE accounts SET balance = -1 WHERE id = 'acct'");
+    // Refunding more than the amount.
+    refused("INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at) VALUES ('o1', 'acct', 'refund', 1186, 10000, 'rf-x', 3)");
+    refused("UPDATE orders SET refunded = 1186, status = 'PARTIALLY_REFUNDED' WHERE id = 'o1'");
+    // Rewriting or deleting history.
+    refused("UPDATE entries SET amount = 1 WHERE order_id = 'o1'");
+    refused("DELETE FROM entries WHERE order_id = 'o1'");
+    // Changing what an order charges.
+    refused("UPDATE orders SET amount = 1 WHERE id = 'o1'");
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM entries WHERE order_id = 'o1'"),
+        1
+    );
+}
+
+/// A rejected op never aborts its batch, and an op the database refuses is undone
+/// alone (savepoint) while the rest of the batch commits.
+#[test]
+fn one_bad_op_never_aborts_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let mut conn = open_connection(&path).unwrap();
+    // A hand edit puts a rogue debit under o3 while leaving it PREPARE (the kind of
+    // state only a broken layer could make); the engine's deduct of o3 then trips
+    // the unique index mid-op.
+    conn.execute_batch(
+        "DROP TRIGGER entries_debit_needs_prepare;
+         INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+         VALUES ('o3', 'acct', 'debit', 5, 9995, 1);",
+    )
+    .unwrap();
+    let ops = vec![
+        deduct("o1"),
+        deduct("o2"), // 20_000 > balance: insufficient funds
+        deduct("o3"), // refused by the unique debit index
+        Op::Refund {
+            order_id: OrderId::parse("o1").unwrap(),
+            refund_id: RefundId::parse("rf-1").unwrap(),
+            amount: Money::amount(185).unwrap(),
+        },
+    ];
+    let results = apply_ops(&mut conn, &ops, 5).unwrap();
+    assert!(
+        matches!(
+            results[0],
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ),
+        "{results:?}"
+    );
+    assert_eq!(results[1], Err(Rejection::InsufficientFunds));
+    assert!(
+        matches!(results[2], Err(Rejection::Refused(_))),
+        "{results:?}"
+    );
+    assert!(
+        matches!(
+            results[3],
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ),
+        "{results:?}"
+    );
+    assert_eq!(
+        count(&conn, "SELECT balance FROM accounts WHERE id = 'acct'"),
+        10_000 - 1_185 + 185,
+        "the hand-made debit never moved the balance, and the refused deduct was undone"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM orders WHERE id = 'o2' AND status = 'FAILED'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM orders WHERE id = 'o3' AND status = 'PREPARE'"
+        ),
+        1,
+        "the refused op was rolled back to its savepoint"
+    );
+}
+
+#[test]
+fn a_naive_or_foreign_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let naive = dir.path().join("naive.db");
+    {
+        let conn = Connection::open(&naive).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE payguard_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO payguard_meta VALUES ('schema_kind', 'naive');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    match SqliteStore::open(SqliteConfig::new(&naive)) {
+        Err(StoreError::Schema(msg)) => assert!(msg.contains("naive"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a naive database was opened in guarded mode"),
+    }
+    let foreign = dir.path().join("foreign.db");
+    Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE stuff (x)")
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(SqliteConfig::new(&foreign)),
+        Err(StoreError::Schema(_))
+    ));
+}
+
+#[test]
+fn reopening_keeps_the_data_and_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        use payguard::Store;
+        let r = store.apply(vec![deduct("o1")]).await.unwrap();
+        assert!(matches!(
+            r[0],
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ));
+        store.close().await.unwrap();
+        assert_eq!(
+            store.apply(vec![deduct("o1")]).await,
+            Err(StoreError::Closed)
+        );
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        let r = store.apply(vec![deduct("o1")]).await.unwrap();
+        assert!(matches!(r[0], Ok(Output::Movement { replayed: true, .. })));
+        let order = store
+            .order(OrderId::parse("o1").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(order.debit_entry_id, Some(1));
+        store.close().await.unwrap();
+    });
+}
