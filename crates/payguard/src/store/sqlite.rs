@@ -557,87 +557,111 @@ fn expect_one(changed: usize, what: &str) -> Result<(), Fault> {
     }
 }
 
+/// Charges an order once. The fast path is three statements, the same writes the
+/// raw-SQL baseline makes: the debit entry is inserted straight from the order and
+/// account rows (`INSERT … SELECT`, which matches only a PREPARE order on an account
+/// that can pay), then the balance and the status are changed conditionally. When
+/// the insert matches nothing, the slow path reads the order to say why: unknown,
+/// already paid (a replay), FAILED, or not enough money (then it becomes FAILED).
 fn deduct(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
-    let Some(order) = load_order(conn, order_id.as_str())? else {
-        return Ok(Err(Rejection::OrderNotFound));
+    let debit: Option<(i64, String, i64, i64)> = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             SELECT o.id, o.account_id, 'debit', o.amount, a.balance - o.amount, ?2
+             FROM orders o JOIN accounts a ON a.id = o.account_id
+             WHERE o.id = ?1 AND o.status = 'PREPARE' AND a.balance >= o.amount
+             RETURNING id, account_id, amount, balance_after",
+        )?
+        .query_row(params![order_id.as_str(), now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((entry_id, account_id, amount, balance_after)) = debit else {
+        return deduct_refused(conn, order_id, now);
     };
-    match order.status {
-        OrderStatus::Prepare => {}
-        OrderStatus::Failed => return Ok(Err(Rejection::InsufficientFunds)),
-        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
-            let entry_id = must(order.debit_entry_id, "debit link of a paid order")?;
-            let entry = must(load_entry(conn, entry_id)?, "debit entry")?;
-            return Ok(Ok(Output::Movement {
-                order,
-                entry,
-                replayed: true,
-            }));
-        }
-    }
-    let balance_after: Option<i64> = conn
+    let new_balance: Option<i64> = conn
         .prepare_cached(
             "UPDATE accounts SET balance = balance - ?1, updated_at = ?2
              WHERE id = ?3 AND balance >= ?1 RETURNING balance",
         )?
-        .query_row(
-            params![order.amount.minor(), now, order.account_id.as_str()],
-            |r| r.get(0),
-        )
+        .query_row(params![amount, now, account_id], |r| r.get(0))
         .optional()?;
-    let Some(balance_after) = balance_after else {
-        let changed = conn
-            .prepare_cached(
-                "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1
-                 WHERE id = ?2 AND status = 'PREPARE'",
-            )?
-            .execute(params![now, order_id.as_str()])?;
-        expect_one(changed, "PREPARE -> FAILED")?;
-        return Ok(Err(Rejection::InsufficientFunds));
-    };
-    let entry_id: i64 = conn
-        .prepare_cached(
-            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
-             VALUES (?1, ?2, 'debit', ?3, ?4, ?5) RETURNING id",
-        )?
-        .query_row(
-            params![
-                order_id.as_str(),
-                order.account_id.as_str(),
-                order.amount.minor(),
-                balance_after,
-                now
-            ],
-            |r| r.get(0),
-        )?;
-    let changed = conn
+    // Pair assertion: the balance written is the one the entry recorded.
+    if new_balance != Some(balance_after) {
+        return Err(Fault::Constraint(format!(
+            "balance after debit is {new_balance:?}, the entry says {balance_after}"
+        )));
+    }
+    let created_at: Option<i64> = conn
         .prepare_cached(
             "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2
-             WHERE id = ?3 AND status = 'PREPARE'",
+             WHERE id = ?3 AND status = 'PREPARE' RETURNING created_at",
         )?
-        .execute(params![entry_id, now, order_id.as_str()])?;
-    expect_one(changed, "PREPARE -> PAID")?;
+        .query_row(params![entry_id, now, order_id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(created_at) = created_at else {
+        return Err(Fault::Constraint("PREPARE -> PAID changed no row".into()));
+    };
+    let account_id =
+        AccountId::parse(&account_id).map_err(|e| Fault::Store(bad_column(1, e.to_string())))?;
+    let amount = Money::from_stored(amount);
     let entry = Entry {
         id: entry_id,
-        order_id: order.id.clone(),
-        account_id: order.account_id.clone(),
+        order_id: order_id.clone(),
+        account_id: account_id.clone(),
         kind: EntryKind::Debit,
-        amount: order.amount,
+        amount,
         balance_after: Money::from_stored(balance_after),
         refund_id: None,
         reverses: None,
         created_at: now,
     };
     let order = Order {
+        id: order_id.clone(),
+        account_id,
+        amount,
         status: OrderStatus::Paid,
+        refunded: Money::ZERO,
         debit_entry_id: Some(entry_id),
+        failure_reason: None,
+        created_at,
         updated_at: now,
-        ..order
     };
     Ok(Ok(Output::Movement {
         order,
         entry,
         replayed: false,
     }))
+}
+
+/// Why the debit insert matched nothing.
+fn deduct_refused(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
+    let Some(order) = load_order(conn, order_id.as_str())? else {
+        return Ok(Err(Rejection::OrderNotFound));
+    };
+    match order.status {
+        OrderStatus::Failed => Ok(Err(Rejection::InsufficientFunds)),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
+            let entry_id = must(order.debit_entry_id, "debit link of a paid order")?;
+            let entry = must(load_entry(conn, entry_id)?, "debit entry")?;
+            Ok(Ok(Output::Movement {
+                order,
+                entry,
+                replayed: true,
+            }))
+        }
+        OrderStatus::Prepare => {
+            // PREPARE and still not matched: the account cannot pay.
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1
+                     WHERE id = ?2 AND status = 'PREPARE'",
+                )?
+                .execute(params![now, order_id.as_str()])?;
+            expect_one(changed, "PREPARE -> FAILED")?;
+            Ok(Err(Rejection::InsufficientFunds))
+        }
+    }
 }
 
 fn refund(
