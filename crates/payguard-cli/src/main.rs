@@ -2,9 +2,12 @@
 //! Flags follow `shared/spec/CLI.md`; every flag also reads `PAYGUARD_<FLAG>`.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bench;
+mod demo;
 mod logging;
 mod serve;
+mod storm;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,6 +27,12 @@ struct Cli {
 enum Command {
     /// Run the HTTP service (shared/spec/API.md).
     Serve(serve::ServeArgs),
+    /// The incident and its fix side by side: naive vs full, same storm, no setup.
+    Demo(demo::DemoArgs),
+    /// Load + duplicate storm + audit against running services; exit 1 on any violation.
+    Storm(storm::StormArgs),
+    /// Invariant checks straight on a database; --fix-plan / --apply pay back duplicates.
+    Audit(audit::AuditArgs),
     /// Measured comparisons; prints ratios against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -32,6 +41,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Storm(args) => storm::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -3,7 +3,8 @@
 
 use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
-use payguard::store::sqlite::{SqliteConfig, SqliteStore};
+use payguard::engine::Guard;
+use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig};
 use payguard_server::{AppState, ServiceInfo};
 use std::net::SocketAddr;
@@ -25,9 +26,53 @@ pub struct ServeArgs {
     /// Log format [default: json when stdout is not a terminal, else text].
     #[arg(long, env = "PAYGUARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// How money movements are protected: `full` (payguard), `seed` (the write-up's
+    /// fix: per-order lock + one locked transaction per request), or `naive` (the
+    /// incident itself; double charges; needs --i-know-this-double-charges).
+    #[arg(long, env = "PAYGUARD_GUARD", value_enum, default_value_t = GuardArg::Full)]
+    pub guard: GuardArg,
+    /// Required by `--guard naive`, which reproduces the incident and double charges.
+    #[arg(long, env = "PAYGUARD_I_KNOW_THIS_DOUBLE_CHARGES")]
+    pub i_know_this_double_charges: bool,
+    /// `naive` only: the pause between the in-memory check and the debit (ms),
+    /// standing for the incident's slow calls.
+    #[arg(long, env = "PAYGUARD_NAIVE_GAP_MS", default_value_t = DEFAULT_NAIVE_GAP_MS)]
+    pub naive_gap_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
+
+/// A few milliseconds, like the incident's slow calls between check and act.
+pub const DEFAULT_NAIVE_GAP_MS: u64 = 5;
+/// Longest accepted naive gap; longer only makes the demo slow.
+pub const NAIVE_GAP_MS_MAX: u64 = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuardArg {
+    Full,
+    Seed,
+    Naive,
+}
+
+impl GuardArg {
+    pub fn guard(self, naive_gap_ms: u64) -> Guard {
+        match self {
+            GuardArg::Full => Guard::Full,
+            GuardArg::Seed => Guard::Seed,
+            GuardArg::Naive => Guard::Naive {
+                gap_ms: naive_gap_ms,
+            },
+        }
+    }
+}
+
+pub const NAIVE_WARNING: &str = "\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  payguard --guard naive REPRODUCES THE INCIDENT: IT DOUBLE CHARGES.          !!
+!!  It checks an in-memory cache, pauses, then debits with no condition, no    !!
+!!  lane, no lock, on a database without the money constraints. Use it only to !!
+!!  watch the checks fail. Never point it at real money.                      !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!";
 
 /// The engine's limits, shared by `serve` and `bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -70,8 +115,9 @@ impl EngineArgs {
         Ok(())
     }
 
-    pub fn engine_config(&self, instance_id: String) -> EngineConfig {
+    pub fn engine_config(&self, guard: Guard, instance_id: String) -> EngineConfig {
         EngineConfig {
+            guard,
             lanes: self.lanes,
             batch_max: self.batch_max,
             batch_wait_us: self.batch_wait_us,
@@ -116,6 +162,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let path = sqlite_path(&args.db)?;
+    if args.guard == GuardArg::Naive {
+        eprintln!("{NAIVE_WARNING}");
+        if !args.i_know_this_double_charges {
+            bail!("--guard naive refuses to start without --i-know-this-double-charges");
+        }
+        if args.naive_gap_ms > NAIVE_GAP_MS_MAX {
+            bail!("--naive-gap-ms is capped at {NAIVE_GAP_MS_MAX}");
+        }
+    }
+    let guard = args.guard.guard(args.naive_gap_ms);
     let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
     let _log_guard = logging::init(
         args.log_format
@@ -129,11 +185,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let mut cfg = SqliteConfig::new(&path);
         cfg.writer_batch_ops_max = args.engine.writer_batch_max;
+        cfg.schema = match guard {
+            Guard::Naive { .. } => SchemaKind::Naive,
+            Guard::Full | Guard::Seed => SchemaKind::Guarded,
+        };
         let store = SqliteStore::open(cfg)
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
         let engine = Arc::new(Engine::start(
             Arc::new(store),
-            args.engine.engine_config(instance.clone()),
+            args.engine.engine_config(guard, instance.clone()),
         ));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -144,14 +204,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             listen = %local,
             db = %path.display(),
             store = "sqlite",
-            guard = "full",
+            guard = guard.name(),
             inst = instance.as_str()
         );
         let state = AppState {
             engine,
             info: Arc::new(ServiceInfo {
                 instance: instance.clone(),
-                guard: "full",
+                guard: guard.name(),
                 lock: "local",
             }),
         };

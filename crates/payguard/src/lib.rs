@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod domain;
 pub mod engine;
+pub mod lock;
 pub mod store;
 
 pub use domain::{

@@ -183,6 +183,7 @@ fn start_engine(path: &Path, args: &EngineBenchArgs, batch_max: usize) -> anyhow
     Ok(Engine::start(
         Arc::new(store),
         EngineConfig {
+            guard: payguard::engine::Guard::Full,
             lanes: args.lanes,
             batch_max,
             batch_wait_us: args.batch_wait_us,

@@ -25,6 +25,7 @@ pub mod router;
 
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
+use crate::lock::LocalLocks;
 use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +36,33 @@ use tokio::task::JoinHandle;
 
 pub use router::lane_for;
 
+/// How a money movement is protected (`payguard serve --guard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// payguard: lanes, single flight, group commit, database constraints.
+    Full,
+    /// The write-up's fix as written: a per-order lock (`lock:order:{id}`, 30 s TTL)
+    /// and one transaction per request that re-reads the order under the write
+    /// lock. Correct; one request at a time, no batching; the speed baseline.
+    Seed,
+    /// The incident, reproduced on a naive database: check in memory, pause, act.
+    /// It double charges.
+    Naive { gap_ms: u64 },
+}
+
+impl Guard {
+    pub fn name(self) -> &'static str {
+        match self {
+            Guard::Full => "full",
+            Guard::Seed => "seed",
+            Guard::Naive { .. } => "naive",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
+    pub guard: Guard,
     /// Number of lanes (owner tasks).
     pub lanes: usize,
     /// Most distinct ops a lane puts in one batch.
@@ -55,6 +81,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            guard: Guard::Full,
             lanes: 16,
             batch_max: 256,
             batch_wait_us: 100,
@@ -110,13 +137,20 @@ struct Shared {
     cache: OrderCache,
     stats: EngineStats,
     cfg: EngineConfig,
+    inst: Arc<str>,
 }
 
 pub struct Engine {
     shared: Arc<Shared>,
-    /// One bounded queue per lane; emptied by `shutdown`, which closes the lanes.
+    /// One bounded queue per lane (`full` only); emptied by `shutdown`, which closes the lanes.
     lanes: RwLock<Vec<mpsc::Sender<Cmd>>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// False once `shutdown` began: new requests get 503.
+    open: std::sync::atomic::AtomicBool,
+    /// `seed`'s per-order locks.
+    locks: LocalLocks,
+    /// Race sentinel outside lanes (`seed`, `naive`): order → (first request, count).
+    inflight: scc::HashMap<OrderId, (RequestId, usize)>,
 }
 
 impl Engine {
@@ -133,10 +167,16 @@ impl Engine {
             cache: OrderCache::new(cfg.order_cache_entries_max),
             stats: EngineStats::default(),
             cfg: cfg.clone(),
+            inst: Arc::from(cfg.instance_id.as_str()),
         });
-        let mut senders = Vec::with_capacity(cfg.lanes);
-        let mut tasks = Vec::with_capacity(cfg.lanes);
-        for _ in 0..cfg.lanes {
+        let lanes = if cfg.guard == Guard::Full {
+            cfg.lanes
+        } else {
+            0
+        };
+        let mut senders = Vec::with_capacity(lanes);
+        let mut tasks = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
             let (tx, rx) = mpsc::channel(cfg.lane_queue_depth_max);
             senders.push(tx);
             tasks.push(tokio::spawn(run_lane(rx, shared.clone())));
@@ -145,6 +185,9 @@ impl Engine {
             shared,
             lanes: RwLock::new(senders),
             tasks: std::sync::Mutex::new(tasks),
+            open: std::sync::atomic::AtomicBool::new(true),
+            locks: LocalLocks::default(),
+            inflight: scc::HashMap::new(),
         }
     }
 
@@ -176,7 +219,15 @@ impl Engine {
                 inst
             );
         }
-        let result = self.dispatch(op.clone(), req.clone()).await;
+        let result = if !self.open.load(Ordering::Acquire) {
+            Err(EngineError::ShuttingDown)
+        } else {
+            match self.shared.cfg.guard {
+                Guard::Full => self.dispatch(op.clone(), req.clone()).await,
+                Guard::Seed => self.seed(op.clone(), req.clone()).await,
+                Guard::Naive { gap_ms } => self.naive(op.clone(), req.clone(), gap_ms).await,
+            }
+        };
         let stats = &self.shared.stats;
         match &result {
             Ok(out) if out.is_replay() => {
@@ -302,6 +353,88 @@ impl Engine {
         Ok(reply??)
     }
 
+    /// `--guard seed`: per-order lock, then one transaction for this request alone.
+    async fn seed(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+        let inst = &*self.shared.inst;
+        let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
+        let key = match &op {
+            Op::CreateAccount { id, .. } => format!("lock:account:{id}"),
+            other => format!("lock:order:{}", other.route_key()),
+        };
+        let _sentinel = self.enter(&op, &req);
+        let lease = self
+            .locks
+            .acquire(&key, Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX))
+            .await
+            .map_err(|e| {
+                tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+                EngineError::Overloaded
+            })?;
+        tracing::info!(
+            event = "lock_acquired",
+            oid,
+            token = lease.token,
+            req = req.as_str(),
+            inst
+        );
+        let result = self.shared.store.apply_isolated(op.clone()).await;
+        if let Ok(Ok(out)) = &result {
+            if let Some(order) = out.order() {
+                self.shared.cache.committed(order);
+            }
+        } else if let Some(order_id) = op.order_id() {
+            self.shared.cache.forget(order_id);
+        }
+        self.locks.release(&lease);
+        tracing::info!(
+            event = "lock_released",
+            oid,
+            token = lease.token,
+            req = req.as_str(),
+            inst
+        );
+        Ok(result??)
+    }
+
+    /// `--guard naive`: no lane, no lock, no condition; see [`Store::apply_naive`].
+    async fn naive(&self, op: Op, req: RequestId, gap_ms: u64) -> Result<Output, EngineError> {
+        let _sentinel = self.enter(&op, &req);
+        let ctx = crate::store::NaiveCtx {
+            gap: Duration::from_millis(gap_ms),
+            req,
+            inst: self.shared.inst.clone(),
+        };
+        Ok(self.shared.store.apply_naive(op, ctx).await??)
+    }
+
+    /// The race sentinel outside lanes: records `req` as in flight for its order
+    /// and logs `concurrent_inflight` if another request already is.
+    fn enter(&self, op: &Op, req: &RequestId) -> Option<SentinelGuard<'_>> {
+        let order = op.order_id()?.clone();
+        let mut other = None;
+        self.inflight
+            .entry_sync(order.clone())
+            .and_modify(|(first, n)| {
+                other = Some(first.clone());
+                *n += 1;
+            })
+            .or_insert_with(|| (req.clone(), 1));
+        if let Some(other) = other {
+            self.shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                event = "concurrent_inflight",
+                oid = order.as_str(),
+                req = req.as_str(),
+                other_req = other.as_str(),
+                inst = &*self.shared.inst
+            );
+        }
+        Some(SentinelGuard {
+            map: &self.inflight,
+            order,
+        })
+    }
+
     /// The order as last committed: from the cache if this instance wrote it since
     /// start, else from the store.
     pub async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -326,6 +459,7 @@ impl Engine {
     /// Stops taking requests, lets every lane finish (commit or fail) all it
     /// accepted, then closes the store. Safe to call more than once.
     pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.open.store(false, Ordering::Release);
         if let Ok(mut lanes) = self.lanes.write() {
             lanes.clear();
         }
@@ -340,6 +474,21 @@ impl Engine {
             }
         }
         self.shared.store.close().await
+    }
+}
+
+/// Leaves the sentinel's record when the request ends, however it ends.
+struct SentinelGuard<'a> {
+    map: &'a scc::HashMap<OrderId, (RequestId, usize)>,
+    order: OrderId,
+}
+
+impl Drop for SentinelGuard<'_> {
+    fn drop(&mut self) {
+        self.map.remove_if_sync(&self.order, |(_, n)| {
+            *n -= 1;
+            *n == 0
+        });
     }
 }
 

@@ -187,6 +187,15 @@ pub enum StoreError {
     Schema(String),
 }
 
+/// What the naive path needs to log like the incident's service did.
+#[derive(Clone, Debug)]
+pub struct NaiveCtx {
+    /// The pause between check and act, standing for the incident's slow calls.
+    pub gap: std::time::Duration,
+    pub req: crate::domain::RequestId,
+    pub inst: std::sync::Arc<str>,
+}
+
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// What the engine and the HTTP layer need from a database.
@@ -195,6 +204,14 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Applies `ops` in one transaction; one result per op, in order.
     fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>>;
+    /// Applies one op in its own transaction that takes the database's write or
+    /// row lock before re-reading the order (`--guard seed`: the write-up's fix).
+    fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult>;
+    /// The incident's code path (`--guard naive`): load the order into a shared
+    /// cache, check its status in memory, pause `ctx.gap`, then debit, write the
+    /// entry and set the status as separate statements with no condition. Only a
+    /// database created naive accepts it. It double charges; that is its purpose.
+    fn apply_naive(&self, op: Op, ctx: NaiveCtx) -> StoreFuture<OpResult>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
     /// The order's entries in commit order; `None` when the order does not exist.

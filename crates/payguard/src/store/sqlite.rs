@@ -15,7 +15,7 @@
 //! transaction is rolled back and the batch replayed with one savepoint per op, so
 //! the refused op is undone alone and the rest of the batch still commits.
 
-use super::{Op, OpResult, Output, Rejection, Store, StoreError, StoreFuture};
+use super::{NaiveCtx, Op, OpResult, Output, Rejection, Store, StoreError, StoreFuture};
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
     Money, Order, OrderId, OrderStatus, OverRefund, PaidMismatch, RefundId, Resolved,
@@ -38,13 +38,43 @@ pub const READ_POOL_WAIT_MS: u64 = 5_000;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
+/// Read-write connections for per-request transactions (`seed`) and the naive path.
+pub const WRITE_POOL_CONNECTIONS_MAX: u32 = 8;
+
 const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
+const NAIVE_MIGRATIONS: &[&str] = &[include_str!("sqlite_naive_schema.sql")];
+
+/// Which schema a database file holds, recorded in `payguard_meta.schema_kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaKind {
+    /// Every money rule enforced by the database: the only kind for real money.
+    Guarded,
+    /// The incident's database without those rules, for `--guard naive` only.
+    Naive,
+}
+
+impl SchemaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaKind::Guarded => "guarded",
+            SchemaKind::Naive => "naive",
+        }
+    }
+
+    fn migrations(self) -> &'static [&'static str] {
+        match self {
+            SchemaKind::Guarded => MIGRATIONS,
+            SchemaKind::Naive => NAIVE_MIGRATIONS,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct SqliteConfig {
     pub path: PathBuf,
     /// Most ops the writer commits in one transaction (lane batches are merged).
     pub writer_batch_ops_max: usize,
+    pub schema: SchemaKind,
 }
 
 impl SqliteConfig {
@@ -52,6 +82,7 @@ impl SqliteConfig {
         SqliteConfig {
             path: path.into(),
             writer_batch_ops_max: 1024,
+            schema: SchemaKind::Guarded,
         }
     }
 }
@@ -68,10 +99,16 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    /// `None` once closed. Invariant: only the writer thread ever writes the file.
+    /// `None` once closed. Batches (`--guard full`) are written by the writer thread only.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     reads: r2d2::Pool<SqliteConnectionManager>,
+    /// Per-request transactions (`seed`) and the naive path; SQLite's own lock
+    /// serialises them against each other and the writer.
+    writes: r2d2::Pool<SqliteConnectionManager>,
+    schema: SchemaKind,
+    /// The incident's shared order cache, used only by the naive path.
+    naive_cache: scc::HashMap<OrderId, Order>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -95,8 +132,13 @@ pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates or upgrades the schema; refuses a database marked naive.
+/// Creates or upgrades the guarded schema; refuses a database marked naive.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_kind(conn, SchemaKind::Guarded)
+}
+
+/// Creates or upgrades a schema of `kind`; refuses a database of another kind.
+pub fn migrate_kind(conn: &mut Connection, want: SchemaKind) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(unavailable)?;
@@ -119,11 +161,17 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             )
             .optional()
             .map_err(unavailable)?;
-        if kind.as_deref() != Some("guarded") {
-            return Err(StoreError::Schema(format!(
-                "schema_kind is {kind:?}; only a 'guarded' database can hold real money \
-                 (a naive one lacks the constraints that prevent double charges)"
-            )));
+        if kind.as_deref() != Some(want.as_str()) {
+            return Err(StoreError::Schema(match want {
+                SchemaKind::Guarded => format!(
+                    "schema_kind is {kind:?}; only a 'guarded' database can hold real money \
+                     (a naive one lacks the constraints that prevent double charges)"
+                ),
+                SchemaKind::Naive => format!(
+                    "schema_kind is {kind:?}; --guard naive only runs on a database it created \
+                     itself, never on one that holds real money"
+                ),
+            }));
         }
     } else if version != 0 {
         return Err(StoreError::Schema(format!(
@@ -143,13 +191,14 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             ));
         }
     }
-    let known = MIGRATIONS.len() as i64;
+    let migrations = want.migrations();
+    let known = migrations.len() as i64;
     if version > known {
         return Err(StoreError::Schema(format!(
             "database schema v{version} is newer than this payguard (v{known})"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, sql) in migrations.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql).map_err(unavailable)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)
             .map_err(unavailable)?;
@@ -165,7 +214,7 @@ impl SqliteStore {
             "writer_batch_ops_max must be > 0"
         );
         let mut conn = open_connection(&cfg.path).map_err(unavailable)?;
-        migrate(&mut conn)?;
+        migrate_kind(&mut conn, cfg.schema)?;
 
         let manager = SqliteConnectionManager::file(&cfg.path).with_init(|c| {
             c.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
@@ -179,6 +228,18 @@ impl SqliteStore {
             .connection_timeout(Duration::from_millis(READ_POOL_WAIT_MS))
             .build(manager)
             .map_err(unavailable)?;
+        let write_manager = SqliteConnectionManager::file(&cfg.path).with_init(|c| {
+            c.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+            c.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+            Ok(())
+        });
+        let writes = r2d2::Pool::builder()
+            .max_size(WRITE_POOL_CONNECTIONS_MAX)
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_millis(READ_POOL_WAIT_MS))
+            .build(write_manager)
+            .map_err(unavailable)?;
 
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_JOBS_MAX);
         let batch_max = cfg.writer_batch_ops_max;
@@ -191,6 +252,9 @@ impl SqliteStore {
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 reads,
+                writes,
+                schema: cfg.schema,
+                naive_cache: scc::HashMap::new(),
             }),
         })
     }
@@ -205,6 +269,24 @@ impl SqliteStore {
             tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get().map_err(unavailable)?;
                 f(&mut conn).map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+}
+
+impl SqliteStore {
+    fn write<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = inner.writes.get().map_err(unavailable)?;
+                f(&mut conn, &inner)
             })
             .await
             .map_err(unavailable)?
@@ -920,6 +1002,50 @@ impl Store for SqliteStore {
         self.read(audit_connection)
     }
 
+    fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult> {
+        self.write(move |conn, inner| {
+            if inner.schema != SchemaKind::Guarded {
+                return Err(StoreError::Schema(
+                    "a naive database only runs --guard naive".into(),
+                ));
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            match run_batch(conn, std::slice::from_ref(&op), now, true) {
+                Ok(mut results) => Ok(results.remove(0)),
+                Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
+                Err(Fault::Store(e)) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn apply_naive(&self, op: Op, ctx: NaiveCtx) -> StoreFuture<OpResult> {
+        self.write(move |conn, inner| {
+            if inner.schema != SchemaKind::Naive {
+                return Err(StoreError::Schema(
+                    "--guard naive refuses a guarded database: it would corrupt real money".into(),
+                ));
+            }
+            let result = match &op {
+                Op::Deduct { order_id } => naive_deduct(conn, &inner.naive_cache, order_id, &ctx),
+                Op::Refund {
+                    order_id,
+                    refund_id,
+                    amount,
+                } => naive_refund(conn, &inner.naive_cache, order_id, refund_id, *amount, &ctx),
+                // Creating records is not what the incident got wrong.
+                Op::CreateAccount { .. } | Op::CreateOrder { .. } => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    return match run_batch(conn, std::slice::from_ref(&op), now, true) {
+                        Ok(mut results) => Ok(results.remove(0)),
+                        Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
+                        Err(Fault::Store(e)) => Err(unavailable(e)),
+                    };
+                }
+            };
+            result.map_err(unavailable)
+        })
+    }
+
     fn close(&self) -> StoreFuture<()> {
         // Dropping the last sender lets the writer finish the queued jobs and exit.
         let sender = self.inner.jobs.lock().map(|mut g| g.take()).unwrap_or(None);
@@ -940,4 +1066,222 @@ impl Store for SqliteStore {
             Ok(())
         })
     }
+}
+
+/// The incident's `orderCache[orderID] = order`: load, cache, log.
+fn naive_load(
+    conn: &Connection,
+    cache: &scc::HashMap<OrderId, Order>,
+    order_id: &OrderId,
+    ctx: &NaiveCtx,
+) -> rusqlite::Result<Option<Order>> {
+    let Some(order) = load_order(conn, order_id.as_str())? else {
+        return Ok(None);
+    };
+    cache.upsert_sync(order.id.clone(), order.clone());
+    tracing::info!(
+        event = "order_cache_set",
+        oid = order_id.as_str(),
+        status = order.status.as_str(),
+        req = ctx.req.as_str(),
+        inst = &*ctx.inst
+    );
+    // The check reads the cache, not the database: the incident's mistake.
+    Ok(cache.read_sync(order_id, |_, o| o.clone()).or(Some(order)))
+}
+
+fn naive_deduct(
+    conn: &Connection,
+    cache: &scc::HashMap<OrderId, Order>,
+    order_id: &OrderId,
+    ctx: &NaiveCtx,
+) -> rusqlite::Result<OpResult> {
+    let Some(order) = naive_load(conn, cache, order_id, ctx)? else {
+        return Ok(Err(Rejection::OrderNotFound));
+    };
+    match order.status {
+        OrderStatus::Prepare => {}
+        OrderStatus::Failed => return Ok(Err(Rejection::InsufficientFunds)),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
+            let entry = order
+                .debit_entry_id
+                .map(|id| load_entry(conn, id))
+                .transpose()?
+                .flatten();
+            return Ok(match entry {
+                Some(entry) => Ok(Output::Movement {
+                    order,
+                    entry,
+                    replayed: true,
+                }),
+                None => Err(Rejection::Refused("paid order without its debit".into())),
+            });
+        }
+    }
+    // The slow calls between check and act.
+    std::thread::sleep(ctx.gap);
+    let now = chrono::Utc::now().timestamp_millis();
+    let balance: i64 = conn
+        .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
+        .query_row([order.account_id.as_str()], |r| r.get(0))?;
+    if balance < order.amount.minor() {
+        conn.prepare_cached(
+            "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1 WHERE id = ?2",
+        )?
+        .execute(params![now, order_id.as_str()])?;
+        cache.remove_sync(order_id);
+        return Ok(Err(Rejection::InsufficientFunds));
+    }
+    // Each step its own statement, none conditional on the state it assumes.
+    let balance_after: i64 = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance - ?1, updated_at = ?2 WHERE id = ?3 RETURNING balance",
+        )?
+        .query_row(
+            params![order.amount.minor(), now, order.account_id.as_str()],
+            |r| r.get(0),
+        )?;
+    let entry_id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES (?1, ?2, 'debit', ?3, ?4, ?5) RETURNING id",
+        )?
+        .query_row(
+            params![
+                order_id.as_str(),
+                order.account_id.as_str(),
+                order.amount.minor(),
+                balance_after,
+                now
+            ],
+            |r| r.get(0),
+        )?;
+    conn.prepare_cached(
+        "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2 WHERE id = ?3",
+    )?
+    .execute(params![entry_id, now, order_id.as_str()])?;
+    let debits: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM entries WHERE order_id = ?1 AND kind = 'debit'")?
+        .query_row([order_id.as_str()], |r| r.get(0))?;
+    if debits > 1 {
+        tracing::error!(
+            event = "duplicate_deduct",
+            oid = order_id.as_str(),
+            amount = order.amount.minor(),
+            entries = debits,
+            req = ctx.req.as_str(),
+            inst = &*ctx.inst
+        );
+    }
+    let order = Order {
+        status: OrderStatus::Paid,
+        debit_entry_id: Some(entry_id),
+        updated_at: now,
+        ..order
+    };
+    cache.upsert_sync(order.id.clone(), order.clone());
+    Ok(Ok(Output::Movement {
+        entry: Entry {
+            id: entry_id,
+            order_id: order.id.clone(),
+            account_id: order.account_id.clone(),
+            kind: EntryKind::Debit,
+            amount: order.amount,
+            balance_after: Money::from_stored(balance_after),
+            refund_id: None,
+            reverses: None,
+            created_at: now,
+        },
+        order,
+        replayed: false,
+    }))
+}
+
+fn naive_refund(
+    conn: &Connection,
+    cache: &scc::HashMap<OrderId, Order>,
+    order_id: &OrderId,
+    refund_id: &RefundId,
+    amount: Money,
+    ctx: &NaiveCtx,
+) -> rusqlite::Result<OpResult> {
+    let Some(order) = naive_load(conn, cache, order_id, ctx)? else {
+        return Ok(Err(Rejection::OrderNotFound));
+    };
+    if let Some(existing) = load_refund(conn, refund_id.as_str())? {
+        return Ok(
+            if existing.order_id == *order_id && existing.amount == amount {
+                Ok(Output::Movement {
+                    order,
+                    entry: existing,
+                    replayed: true,
+                })
+            } else {
+                Err(Rejection::RefundExists)
+            },
+        );
+    }
+    if !order.status.is_paid() {
+        return Ok(Err(Rejection::OrderNotPaid));
+    }
+    // Checked against the cached order, then acted on after the pause.
+    let Some(refunded) = order
+        .refunded
+        .checked_add(amount)
+        .filter(|r| *r <= order.amount)
+    else {
+        return Ok(Err(Rejection::RefundExceedsPaid));
+    };
+    std::thread::sleep(ctx.gap);
+    let now = chrono::Utc::now().timestamp_millis();
+    let status = if refunded == order.amount {
+        OrderStatus::Refunded
+    } else {
+        OrderStatus::PartiallyRefunded
+    };
+    let balance_after: i64 = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance + ?1, updated_at = ?2 WHERE id = ?3 RETURNING balance",
+        )?
+        .query_row(params![amount.minor(), now, order.account_id.as_str()], |r| r.get(0))?;
+    let entry_id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at)
+             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6) RETURNING id",
+        )?
+        .query_row(
+            params![order_id.as_str(), order.account_id.as_str(), amount.minor(), balance_after, refund_id.as_str(), now],
+            |r| r.get(0),
+        )?;
+    conn.prepare_cached(
+        "UPDATE orders SET refunded = ?1, status = ?2, updated_at = ?3 WHERE id = ?4",
+    )?
+    .execute(params![
+        refunded.minor(),
+        status.as_str(),
+        now,
+        order_id.as_str()
+    ])?;
+    let order = Order {
+        status,
+        refunded,
+        updated_at: now,
+        ..order
+    };
+    cache.upsert_sync(order.id.clone(), order.clone());
+    Ok(Ok(Output::Movement {
+        entry: Entry {
+            id: entry_id,
+            order_id: order.id.clone(),
+            account_id: order.account_id.clone(),
+            kind: EntryKind::Refund,
+            amount,
+            balance_after: Money::from_stored(balance_after),
+            refund_id: Some(refund_id.clone()),
+            reverses: None,
+            created_at: now,
+        },
+        order,
+        replayed: false,
+    }))
 }

@@ -1,0 +1,377 @@
+//! The storm's load: the plan (accounts, orders, amounts; all from `--seed`),
+//! then the waves of colliding duplicates, each request recorded.
+
+use super::{StormArgs, REQUEST_TIMEOUT_MS};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Barrier;
+
+/// Orders per account, on average.
+const ORDERS_PER_ACCOUNT: usize = 4;
+/// Order amounts are drawn from this range (minor units).
+const AMOUNT_MIN: i64 = 100;
+const AMOUNT_MAX: i64 = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct PlannedAccount {
+    pub id: String,
+    pub opening: i64,
+    pub poor: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedOrder {
+    pub id: String,
+    pub account: usize,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    CreateAccount,
+    CreateOrder,
+    Deduct,
+    Refund,
+}
+
+impl OpKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::CreateAccount => "create_account",
+            OpKind::CreateOrder => "create_order",
+            OpKind::Deduct => "deduct",
+            OpKind::Refund => "refund",
+        }
+    }
+}
+
+/// One request and what came back. `status` 0: no answer (timeout, reset).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub kind: OpKind,
+    pub order: Option<usize>,
+    pub refund_id: Option<String>,
+    pub amount: i64,
+    pub target: usize,
+    pub started_ms: f64,
+    pub latency_us: u64,
+    pub status: u16,
+    pub entry_id: Option<String>,
+    pub replayed: Option<bool>,
+    pub code: Option<String>,
+}
+
+pub struct Run {
+    pub tag: String,
+    pub accounts: Vec<PlannedAccount>,
+    pub orders: Vec<PlannedOrder>,
+    pub records: Vec<Record>,
+    /// Seconds spent in the deduct and refund waves (setup excluded).
+    pub storm_secs: f64,
+    /// Seconds spent in the deduct waves alone.
+    pub deduct_secs: f64,
+    /// True when `--duration` stopped the run before every wave went out.
+    pub cut_short: bool,
+    pub waves: usize,
+}
+
+pub struct Http {
+    pub client: reqwest::Client,
+    pub targets: Vec<String>,
+    pub api_key: Option<String>,
+}
+
+impl Http {
+    pub fn new(args: &StormArgs) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency.max(16))
+            .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+            .build()?;
+        Ok(Http {
+            client,
+            targets: args
+                .target
+                .iter()
+                .map(|t| t.trim_end_matches('/').to_owned())
+                .collect(),
+            api_key: args.api_key.clone(),
+        })
+    }
+
+    /// One request; `(0, Null)` when no answer came back.
+    pub async fn call(
+        &self,
+        target: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}{}", self.targets[target % self.targets.len()], path);
+        let mut req = self.client.request(method, url);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+                (status, body)
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+}
+
+fn plan(args: &StormArgs, tag: &str) -> (Vec<PlannedAccount>, Vec<PlannedOrder>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let n_accounts = args.orders.div_ceil(ORDERS_PER_ACCOUNT).max(1);
+    let orders: Vec<PlannedOrder> = (0..args.orders)
+        .map(|i| PlannedOrder {
+            id: format!("{tag}-o{i}"),
+            account: i % n_accounts,
+            amount: rng.random_range(AMOUNT_MIN..=AMOUNT_MAX),
+        })
+        .collect();
+    let mut need = vec![0_i64; n_accounts];
+    for o in &orders {
+        need[o.account] += o.amount;
+    }
+    let accounts = need
+        .iter()
+        .enumerate()
+        .map(|(i, need)| {
+            let poor = rng.random::<f64>() < args.poor_ratio;
+            PlannedAccount {
+                id: format!("{tag}-a{i}"),
+                opening: if poor { need / 2 } else { need + 1_000 },
+                poor,
+            }
+        })
+        .collect();
+    (accounts, orders)
+}
+
+struct Recorder {
+    records: Mutex<Vec<Record>>,
+    started: Instant,
+    progress: indicatif::ProgressBar,
+}
+
+impl Recorder {
+    fn push(&self, r: Record) {
+        self.progress.inc(1);
+        if let Ok(mut v) = self.records.lock() {
+            v.push(r);
+        }
+    }
+}
+
+/// Fires `reqs` all at once behind one barrier, each from its own task.
+async fn wave(http: &Arc<Http>, rec: &Arc<Recorder>, reqs: Vec<(Record, String, Option<Value>)>) {
+    let barrier = Arc::new(Barrier::new(reqs.len()));
+    let mut set = tokio::task::JoinSet::new();
+    for (mut record, path, body) in reqs {
+        let http = http.clone();
+        let rec = rec.clone();
+        let barrier = barrier.clone();
+        set.spawn(async move {
+            barrier.wait().await;
+            let t0 = Instant::now();
+            record.started_ms = t0.duration_since(rec.started).as_secs_f64() * 1e3;
+            let (status, body) = http
+                .call(record.target, reqwest::Method::POST, &path, body.as_ref())
+                .await;
+            record.latency_us = t0.elapsed().as_micros() as u64;
+            record.status = status;
+            record.entry_id = body["entry"]["id"].as_str().map(str::to_owned);
+            record.replayed = body["replayed"].as_bool();
+            record.code = body["error"]["code"].as_str().map(str::to_owned);
+            rec.push(record);
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Record {
+    Record {
+        kind,
+        order,
+        refund_id: None,
+        amount,
+        target,
+        started_ms: 0.0,
+        latency_us: 0,
+        status: 0,
+        entry_id: None,
+        replayed: None,
+        code: None,
+    }
+}
+
+pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
+    let tag = args
+        .run_tag
+        .clone()
+        .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
+    let (accounts, orders) = plan(args, &tag);
+    let http = Arc::new(Http::new(args)?);
+    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
+    let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
+    let progress =
+        if args.json || args.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let pb = indicatif::ProgressBar::new(total);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} storm {msg:10} [{bar:40}] {pos}/{len} requests {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            pb
+        };
+    let rec = Arc::new(Recorder {
+        records: Mutex::new(Vec::with_capacity(total as usize)),
+        started: Instant::now(),
+        progress,
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+
+    // Setup: accounts, then orders, `concurrency` at a time (these do not collide).
+    rec.progress.set_message("setup");
+    let per_wave = args.concurrency.max(1);
+    for chunk in accounts.chunks(per_wave) {
+        let reqs = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                (
+                    record(OpKind::CreateAccount, None, a.opening, i),
+                    "/v1/accounts".to_owned(),
+                    Some(json!({"id": a.id, "balance": a.opening})),
+                )
+            })
+            .collect();
+        wave(&http, &rec, reqs).await;
+    }
+    for chunk in orders.chunks(per_wave).enumerate() {
+        let (c, chunk) = chunk;
+        let reqs = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let idx = c * per_wave + i;
+                (
+                    record(OpKind::CreateOrder, Some(idx), o.amount, i),
+                    "/v1/orders".to_owned(),
+                    Some(json!({"id": o.id, "account_id": accounts[o.account].id, "amount": o.amount})),
+                )
+            })
+            .collect();
+        wave(&http, &rec, reqs).await;
+    }
+
+    // The storm: every deduct `dup` times at once, each copy to another target.
+    rec.progress.set_message("deduct");
+    let storm_started = Instant::now();
+    let wave_orders = (args.concurrency / args.dup).max(1);
+    let mut cut_short = false;
+    let mut waves = 0;
+    for (w, chunk) in orders.chunks(wave_orders).enumerate() {
+        if Instant::now() >= deadline {
+            cut_short = true;
+            break;
+        }
+        let mut reqs = Vec::with_capacity(chunk.len() * args.dup);
+        for (i, o) in chunk.iter().enumerate() {
+            let idx = w * wave_orders + i;
+            for d in 0..args.dup {
+                reqs.push((
+                    record(OpKind::Deduct, Some(idx), o.amount, idx + d),
+                    format!("/v1/orders/{}/deduct", o.id),
+                    None,
+                ));
+            }
+        }
+        wave(&http, &rec, reqs).await;
+        waves += 1;
+    }
+    let deduct_secs = storm_started.elapsed().as_secs_f64();
+
+    // Refunds of some paid orders: the first duplicated, a second that fills the
+    // amount, and a third that would cross it, all in one wave.
+    rec.progress.set_message("refund");
+    let paid: Vec<usize> = {
+        let records = rec.records.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut paid: Vec<usize> = records
+            .iter()
+            .filter(|r| r.kind == OpKind::Deduct && r.status == 200)
+            .filter_map(|r| r.order)
+            .collect();
+        paid.sort_unstable();
+        paid.dedup();
+        paid
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed_f00d);
+    let chosen: Vec<usize> = paid
+        .into_iter()
+        .filter(|_| rng.random::<f64>() < args.refund_ratio)
+        .collect();
+    let per_refund_wave = (args.concurrency / (args.dup + 2)).max(1);
+    for chunk in chosen.chunks(per_refund_wave) {
+        if Instant::now() >= deadline {
+            cut_short = true;
+            break;
+        }
+        let mut reqs = Vec::new();
+        for &idx in chunk {
+            let o = &orders[idx];
+            let first = (o.amount / 2).max(1);
+            let second = o.amount - first;
+            let mut parts = vec![("a", first, args.dup)];
+            if second > 0 {
+                parts.push(("b", second, 1));
+            }
+            parts.push(("c", 1, 1));
+            for (suffix, amount, copies) in parts {
+                let refund_id = format!("{}-rf{suffix}", o.id);
+                for d in 0..copies {
+                    let mut r = record(OpKind::Refund, Some(idx), amount, idx + d);
+                    r.refund_id = Some(refund_id.clone());
+                    reqs.push((
+                        r,
+                        format!("/v1/orders/{}/refunds", o.id),
+                        Some(json!({"id": refund_id, "amount": amount})),
+                    ));
+                }
+            }
+        }
+        wave(&http, &rec, reqs).await;
+        waves += 1;
+    }
+    let storm_secs = storm_started.elapsed().as_secs_f64();
+    rec.progress.finish_and_clear();
+    let records = std::mem::take(
+        &mut *rec
+            .records
+            .lock()
+            .map_err(|_| anyhow::anyhow!("recorder poisoned"))?,
+    );
+    Ok(Run {
+        tag,
+        accounts,
+        orders,
+        records,
+        storm_secs,
+        deduct_secs,
+        cut_short,
+        waves,
+    })
+}
