@@ -113,14 +113,16 @@ where
         let mut line = String::with_capacity(160);
         match self.format {
             LogFormat::Json => {
-                let mut obj = serde_json::Map::with_capacity(f.rest.len() + 3);
-                obj.insert("ts".into(), ts.into());
-                obj.insert("level".into(), level.into());
-                obj.insert("event".into(), name.into());
-                for (k, v) in f.rest {
-                    obj.insert(k.into(), v);
+                // Written by hand so the keys keep LOGS.md's order: ts, level, event, fields.
+                let _ = write!(
+                    line,
+                    "{{\"ts\":\"{ts}\",\"level\":\"{level}\",\"event\":{}",
+                    serde_json::Value::String(name)
+                );
+                for (k, v) in &f.rest {
+                    let _ = write!(line, ",{}:{v}", serde_json::Value::String((*k).to_owned()));
                 }
-                line.push_str(&serde_json::Value::Object(obj).to_string());
+                line.push('}');
             }
             LogFormat::Text => {
                 let _ = write!(line, "{ts} [{level}] {name}:");

@@ -2,12 +2,7 @@
 //! Flags follow `shared/spec/CLI.md`; every flag also reads `PAYGUARD_<FLAG>`.
 #![forbid(unsafe_code)]
 
-mod audit;
-mod bench;
-mod demo;
-mod logging;
-mod serve;
-mod storm;
+use payguard_cli::{audit, bench, demo, serve, storm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

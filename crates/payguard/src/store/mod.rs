@@ -207,10 +207,11 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one op in its own transaction that takes the database's write or
     /// row lock before re-reading the order (`--guard seed`: the write-up's fix).
     fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult>;
-    /// The incident's code path (`--guard naive`): load the order into a shared
-    /// cache, check its status in memory, pause `ctx.gap`, then debit, write the
-    /// entry and set the status as separate statements with no condition. Only a
-    /// database created naive accepts it. It double charges; that is its purpose.
+    /// The incident's code path (`--guard naive`): for a deduct, load the order
+    /// into a shared cache, check its status in memory, pause `ctx.gap`, then
+    /// debit, write the entry and set the status as separate statements with no
+    /// condition. Other ops take the ordinary transactional path. Only a database
+    /// created naive accepts it. It double charges; that is its purpose.
     fn apply_naive(&self, op: Op, ctx: NaiveCtx) -> StoreFuture<OpResult>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;

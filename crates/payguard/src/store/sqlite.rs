@@ -1027,13 +1027,12 @@ impl Store for SqliteStore {
             }
             let result = match &op {
                 Op::Deduct { order_id } => naive_deduct(conn, &inner.naive_cache, order_id, &ctx),
-                Op::Refund {
-                    order_id,
-                    refund_id,
-                    amount,
-                } => naive_refund(conn, &inner.naive_cache, order_id, refund_id, *amount, &ctx),
-                // Creating records is not what the incident got wrong.
-                Op::CreateAccount { .. } | Op::CreateOrder { .. } => {
+                // The incident is the deduction. Creates and refunds take the ordinary
+                // transactional path (which checks state inside BEGIN IMMEDIATE even
+                // without the schema's constraints), so what an audit of a naive
+                // database finds is the incident's damage alone, and `payguard audit
+                // --apply` can repair all of it.
+                Op::CreateAccount { .. } | Op::CreateOrder { .. } | Op::Refund { .. } => {
                     let now = chrono::Utc::now().timestamp_millis();
                     return match run_batch(conn, std::slice::from_ref(&op), now, true) {
                         Ok(mut results) => Ok(results.remove(0)),
@@ -1125,8 +1124,11 @@ fn naive_deduct(
         .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
         .query_row([order.account_id.as_str()], |r| r.get(0))?;
     if balance < order.amount.minor() {
+        // Rejecting is not what the incident got wrong: this one write is
+        // conditional, so a duplicate that was paid meanwhile is not marked FAILED.
         conn.prepare_cached(
-            "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1 WHERE id = ?2",
+            "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1
+             WHERE id = ?2 AND status = 'PREPARE'",
         )?
         .execute(params![now, order_id.as_str()])?;
         cache.remove_sync(order_id);
@@ -1189,95 +1191,6 @@ fn naive_deduct(
             amount: order.amount,
             balance_after: Money::from_stored(balance_after),
             refund_id: None,
-            reverses: None,
-            created_at: now,
-        },
-        order,
-        replayed: false,
-    }))
-}
-
-fn naive_refund(
-    conn: &Connection,
-    cache: &scc::HashMap<OrderId, Order>,
-    order_id: &OrderId,
-    refund_id: &RefundId,
-    amount: Money,
-    ctx: &NaiveCtx,
-) -> rusqlite::Result<OpResult> {
-    let Some(order) = naive_load(conn, cache, order_id, ctx)? else {
-        return Ok(Err(Rejection::OrderNotFound));
-    };
-    if let Some(existing) = load_refund(conn, refund_id.as_str())? {
-        return Ok(
-            if existing.order_id == *order_id && existing.amount == amount {
-                Ok(Output::Movement {
-                    order,
-                    entry: existing,
-                    replayed: true,
-                })
-            } else {
-                Err(Rejection::RefundExists)
-            },
-        );
-    }
-    if !order.status.is_paid() {
-        return Ok(Err(Rejection::OrderNotPaid));
-    }
-    // Checked against the cached order, then acted on after the pause.
-    let Some(refunded) = order
-        .refunded
-        .checked_add(amount)
-        .filter(|r| *r <= order.amount)
-    else {
-        return Ok(Err(Rejection::RefundExceedsPaid));
-    };
-    std::thread::sleep(ctx.gap);
-    let now = chrono::Utc::now().timestamp_millis();
-    let status = if refunded == order.amount {
-        OrderStatus::Refunded
-    } else {
-        OrderStatus::PartiallyRefunded
-    };
-    let balance_after: i64 = conn
-        .prepare_cached(
-            "UPDATE accounts SET balance = balance + ?1, updated_at = ?2 WHERE id = ?3 RETURNING balance",
-        )?
-        .query_row(params![amount.minor(), now, order.account_id.as_str()], |r| r.get(0))?;
-    let entry_id: i64 = conn
-        .prepare_cached(
-            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at)
-             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6) RETURNING id",
-        )?
-        .query_row(
-            params![order_id.as_str(), order.account_id.as_str(), amount.minor(), balance_after, refund_id.as_str(), now],
-            |r| r.get(0),
-        )?;
-    conn.prepare_cached(
-        "UPDATE orders SET refunded = ?1, status = ?2, updated_at = ?3 WHERE id = ?4",
-    )?
-    .execute(params![
-        refunded.minor(),
-        status.as_str(),
-        now,
-        order_id.as_str()
-    ])?;
-    let order = Order {
-        status,
-        refunded,
-        updated_at: now,
-        ..order
-    };
-    cache.upsert_sync(order.id.clone(), order.clone());
-    Ok(Ok(Output::Movement {
-        entry: Entry {
-            id: entry_id,
-            order_id: order.id.clone(),
-            account_id: order.account_id.clone(),
-            kind: EntryKind::Refund,
-            amount,
-            balance_after: Money::from_stored(balance_after),
-            refund_id: Some(refund_id.clone()),
             reverses: None,
             created_at: now,
         },
