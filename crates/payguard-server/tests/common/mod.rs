@@ -26,7 +26,20 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(EngineConfig::default()).await
 }
 
-pub async fn spawn_app_with(mut cfg: EngineConfig) -> TestApp {
+pub async fn spawn_app_with(cfg: EngineConfig) -> TestApp {
+    spawn_app_full(
+        cfg,
+        payguard_server::ApiKeys::default(),
+        payguard_server::Limits::default(),
+    )
+    .await
+}
+
+pub async fn spawn_app_full(
+    mut cfg: EngineConfig,
+    keys: payguard_server::ApiKeys,
+    limits: payguard_server::Limits,
+) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let db_path = dir.path().join("payguard.db");
     let store = SqliteStore::open(SqliteConfig::new(&db_path)).expect("open store");
@@ -37,14 +50,16 @@ pub async fn spawn_app_with(mut cfg: EngineConfig) -> TestApp {
         .expect("bind port 0");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let state = AppState {
-        engine: engine.clone(),
-        info: Arc::new(ServiceInfo {
+    let mut state = AppState::new(
+        engine.clone(),
+        ServiceInfo {
             instance: "test-1".into(),
             guard: "full",
             lock: "local",
-        }),
-    };
+        },
+    );
+    state.keys = keys;
+    state.limits = limits;
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {
         let _ = rx.await;
     }));

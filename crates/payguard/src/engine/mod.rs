@@ -100,6 +100,9 @@ pub enum EngineError {
     Rejected(#[from] Rejection),
     #[error("lane queue is full")]
     Overloaded,
+    /// The request's deadline passed before its change reached the store.
+    #[error("timed out before reaching the store")]
+    TimedOut,
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -130,6 +133,9 @@ struct Cmd {
     op: Op,
     req: RequestId,
     reply: oneshot::Sender<LaneReply>,
+    /// Past this, the lane answers `TimedOut` instead of admitting the command:
+    /// a timeout may only fire before a change reaches the store.
+    deadline: Option<Instant>,
 }
 
 struct Shared {
@@ -206,6 +212,19 @@ impl Engine {
     /// Runs `op` exactly once per distinct request, logging the events of LOGS.md
     /// for money movements.
     pub async fn submit(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+        self.submit_by(op, req, None).await
+    }
+
+    /// Like [`Engine::submit`], but gives up with [`EngineError::TimedOut`] if the
+    /// op has not been handed to the store by `deadline`. Once it has, the request
+    /// waits for the outcome, however long: an answer after the change is the only
+    /// honest one.
+    pub async fn submit_by(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let started = Instant::now();
         let family = op.family();
         let inst = self.shared.cfg.instance_id.as_str();
@@ -223,8 +242,8 @@ impl Engine {
             Err(EngineError::ShuttingDown)
         } else {
             match self.shared.cfg.guard {
-                Guard::Full => self.dispatch(op.clone(), req.clone()).await,
-                Guard::Seed => self.seed(op.clone(), req.clone()).await,
+                Guard::Full => self.dispatch(op.clone(), req.clone(), deadline).await,
+                Guard::Seed => self.seed(op.clone(), req.clone(), deadline).await,
                 Guard::Naive { gap_ms } => self.naive(op.clone(), req.clone(), gap_ms).await,
             }
         };
@@ -242,7 +261,7 @@ impl Engine {
             Err(EngineError::Overloaded) => {
                 stats.overloaded.fetch_add(1, Ordering::Relaxed);
             }
-            Err(EngineError::ShuttingDown | EngineError::Store(_)) => {
+            Err(EngineError::ShuttingDown | EngineError::Store(_) | EngineError::TimedOut) => {
                 stats.store_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -290,21 +309,20 @@ impl Engine {
                     );
                     r.reason()
                 }
-                Err(EngineError::Overloaded) => {
+                Err(
+                    e @ (EngineError::Overloaded
+                    | EngineError::ShuttingDown
+                    | EngineError::TimedOut),
+                ) => {
+                    let reason = match e {
+                        EngineError::Overloaded => "overloaded",
+                        EngineError::TimedOut => "timed_out",
+                        _ => "shutting_down",
+                    };
                     tracing::warn!(
                         event = event_name(family, "rejected"),
                         oid,
-                        reason = "overloaded",
-                        req,
-                        inst
-                    );
-                    "unavailable"
-                }
-                Err(EngineError::ShuttingDown) => {
-                    tracing::warn!(
-                        event = event_name(family, "rejected"),
-                        oid,
-                        reason = "shutting_down",
+                        reason,
                         req,
                         inst
                     );
@@ -328,7 +346,12 @@ impl Engine {
         result
     }
 
-    async fn dispatch(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+    async fn dispatch(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let (reply, rx) = oneshot::channel();
         {
             let lanes = self.lanes.read().map_err(|_| EngineError::ShuttingDown)?;
@@ -337,7 +360,12 @@ impl Engine {
             }
             let lane = lane_for(op.route_key(), lanes.len());
             lanes[lane]
-                .try_send(Cmd { op, req, reply })
+                .try_send(Cmd {
+                    op,
+                    req,
+                    reply,
+                    deadline,
+                })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
                     mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
@@ -354,7 +382,12 @@ impl Engine {
     }
 
     /// `--guard seed`: per-order lock, then one transaction for this request alone.
-    async fn seed(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+    async fn seed(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let inst = &*self.shared.inst;
         let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
         let key = match &op {
@@ -362,14 +395,18 @@ impl Engine {
             other => format!("lock:order:{}", other.route_key()),
         };
         let _sentinel = self.enter(&op, &req);
-        let lease = self
-            .locks
-            .acquire(&key, Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX))
-            .await
-            .map_err(|e| {
-                tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+        let lock_wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
+        let wait = deadline.map_or(lock_wait, |d| {
+            d.saturating_duration_since(Instant::now()).min(lock_wait)
+        });
+        let lease = self.locks.acquire(&key, wait).await.map_err(|e| {
+            tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                EngineError::TimedOut
+            } else {
                 EngineError::Overloaded
-            })?;
+            }
+        })?;
         tracing::info!(
             event = "lock_acquired",
             oid,
@@ -566,6 +603,13 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
 }
 
 fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {
+    if cmd.deadline.is_some_and(|d| Instant::now() >= d) {
+        // Nothing of it reached the store: the caller may retry safely.
+        let _ = cmd.reply.send(Err(StoreError::Unavailable(
+            "timed out in the lane queue".into(),
+        )));
+        return;
+    }
     let oid = cmd.op.order_id().cloned();
     let req = cmd.req.clone();
     let admission = core.submit(cmd.op, cmd.req, cmd.reply);
