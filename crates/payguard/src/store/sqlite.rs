@@ -691,35 +691,39 @@ fn write_idem(
     Ok(())
 }
 
+/// A stored Idempotency-Key row, as `idem_claim_on` reads it.
+struct IdemRow {
+    fingerprint: String,
+    state: String,
+    lease_until: Option<i64>,
+    status: Option<u16>,
+    body: Option<Vec<u8>>,
+    expires_at: i64,
+}
+
 fn idem_claim_on(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<ClaimOutcome> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let existing: Option<(
-        String,
-        String,
-        Option<i64>,
-        Option<u16>,
-        Option<Vec<u8>>,
-        i64,
-    )> = tx
+    let existing = tx
         .prepare_cached(
             "SELECT fingerprint, state, lease_until, status, body, expires_at
              FROM idempotency WHERE scope = ?1 AND key = ?2",
         )?
         .query_row(params![c.scope, c.key], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
+            Ok(IdemRow {
+                fingerprint: r.get(0)?,
+                state: r.get(1)?,
+                lease_until: r.get(2)?,
+                status: r.get(3)?,
+                body: r.get(4)?,
+                expires_at: r.get(5)?,
+            })
         })
         .optional()?;
     let outcome = match existing {
-        Some((fp, state, lease, status, body, expires)) if expires >= c.now_ms => {
-            let same_request = fp == c.fingerprint;
-            match (state.as_str(), status, body) {
+        Some(row) if row.expires_at >= c.now_ms => {
+            let same_request = row.fingerprint == c.fingerprint;
+            let lease = row.lease_until;
+            match (row.state.as_str(), row.status, row.body) {
                 ("done", Some(status), Some(body)) => Some(ClaimOutcome::Done {
                     same_request,
                     status,
