@@ -11,6 +11,7 @@ pub mod auth;
 mod error;
 pub mod idempotency;
 pub mod limits;
+pub mod metrics;
 mod render;
 mod request;
 mod routes;
@@ -42,12 +43,14 @@ pub struct AppState {
     /// Empty: no authentication (loopback only, checked by the binary).
     pub keys: ApiKeys,
     pub limits: Limits,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
     /// The zero-setup state: no keys, default limits.
     pub fn new(engine: Arc<Engine>, info: ServiceInfo) -> Self {
         AppState {
+            metrics: metrics::Metrics::new(&engine),
             engine,
             info: Arc::new(info),
             keys: ApiKeys::default(),

@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}/entries", get(entries))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::metrics::render))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
             crate::limits::enforce,
         ))
         .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }

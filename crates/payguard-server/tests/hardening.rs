@@ -347,3 +347,46 @@ async fn header_limit_and_bad_idempotency_keys_are_refused() {
     assert_eq!(app.dump(), before);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_need_no_key_and_count_what_happened() {
+    let app = keyed_app().await;
+    setup(&app, KEY_A).await;
+    for _ in 0..3 {
+        assert_eq!(
+            app.send(post(&app, "/v1/orders/o1/deduct", KEY_A))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        app.send(post(&app, "/v1/orders/nope/deduct", KEY_A))
+            .await
+            .status,
+        404
+    );
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("openmetrics"));
+    let text = r.text().await.unwrap();
+    for needle in [
+        r#"payguard_http_requests_total{route="/v1/orders/{id}/deduct",method="POST",status="200"} 3"#,
+        r#"payguard_http_requests_total{route="/v1/orders/{id}/deduct",method="POST",status="404"} 1"#,
+        r#"payguard_http_request_duration_seconds_count{route="/v1/orders/{id}/deduct",method="POST"} 4"#,
+        "payguard_ops_replayed_total 2",
+        "payguard_ops_rejected_total 1",
+        "payguard_inflight_collisions_total",
+        r#"payguard_lane_queue_depth{lane="0"} 0"#,
+        "payguard_lane_batch_size_bucket",
+        "payguard_store_commit_seconds_count",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // Account + two orders + the first deduct committed.
+    assert!(text.contains("payguard_ops_committed_total 4"), "{text}");
+    app.stop().await;
+}

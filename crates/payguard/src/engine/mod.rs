@@ -28,7 +28,9 @@ use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, Requ
 use crate::lock::LocalLocks;
 use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -109,23 +111,62 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-/// Counters since start; read by `/metrics`, benchmarks and tests.
-#[derive(Default, Debug)]
+/// Bucket bounds of the lane batch-size histogram (ops per batch).
+const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+/// Bucket bounds of the store commit latency histogram (seconds).
+const COMMIT_SECONDS_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Counters and histograms since start: `/metrics` registers them, benchmarks and
+/// tests read them. Each is lock-free (prometheus-client atomics).
+#[derive(Debug)]
 pub struct EngineStats {
-    pub committed: AtomicU64,
-    pub replayed: AtomicU64,
-    pub rejected: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub store_failures: AtomicU64,
-    pub collisions: AtomicU64,
-    pub joined: AtomicU64,
-    pub batches: AtomicU64,
-    pub batched_ops: AtomicU64,
+    /// Ops that changed something (first executions).
+    pub committed: Counter,
+    /// Ops answered with an earlier result (duplicates, replays).
+    pub replayed: Counter,
+    /// Ops refused with a definite answer (402, 404, 409).
+    pub rejected: Counter,
+    /// Requests refused because a lane queue was full.
+    pub overloaded: Counter,
+    /// Requests that failed with nothing moved (store down, timeout, shutdown).
+    pub store_failures: Counter,
+    /// Race sentinel: a request for an order already in flight.
+    pub collisions: Counter,
+    /// Single flight: a duplicate that shared an in-flight op's result.
+    pub joined: Counter,
+    pub batches: Counter,
+    pub batched_ops: Counter,
+    /// Ops per lane batch.
+    pub batch_sizes: Histogram,
+    /// Time from handing a batch to the store to its commit (or failure).
+    pub commit_seconds: Histogram,
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        EngineStats {
+            committed: Counter::default(),
+            replayed: Counter::default(),
+            rejected: Counter::default(),
+            overloaded: Counter::default(),
+            store_failures: Counter::default(),
+            collisions: Counter::default(),
+            joined: Counter::default(),
+            batches: Counter::default(),
+            batched_ops: Counter::default(),
+            batch_sizes: Histogram::new(BATCH_SIZE_BUCKETS),
+            commit_seconds: Histogram::new(COMMIT_SECONDS_BUCKETS),
+        }
+    }
 }
 
 impl EngineStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -205,6 +246,19 @@ impl Engine {
         &self.shared.stats
     }
 
+    /// Requests waiting in each lane's queue (`full` only).
+    pub fn lane_depths(&self) -> Vec<usize> {
+        self.lanes
+            .read()
+            .map(|lanes| {
+                lanes
+                    .iter()
+                    .map(|l| l.max_capacity() - l.capacity())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
     }
@@ -250,19 +304,19 @@ impl Engine {
         let stats = &self.shared.stats;
         match &result {
             Ok(out) if out.is_replay() => {
-                stats.replayed.fetch_add(1, Ordering::Relaxed);
+                stats.replayed.inc();
             }
             Ok(_) => {
-                stats.committed.fetch_add(1, Ordering::Relaxed);
+                stats.committed.inc();
             }
             Err(EngineError::Rejected(_)) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                stats.rejected.inc();
             }
             Err(EngineError::Overloaded) => {
-                stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                stats.overloaded.inc();
             }
             Err(EngineError::ShuttingDown | EngineError::Store(_) | EngineError::TimedOut) => {
-                stats.store_failures.fetch_add(1, Ordering::Relaxed);
+                stats.store_failures.inc();
             }
         }
         if moves_money {
@@ -457,7 +511,7 @@ impl Engine {
             })
             .or_insert_with(|| (req.clone(), 1));
         if let Some(other) = other {
-            self.shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.collisions.inc();
             tracing::warn!(
                 event = "concurrent_inflight",
                 oid = order.as_str(),
@@ -552,6 +606,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
     let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
     let mut inflight: Option<StoreFuture<Vec<crate::store::OpResult>>> = None;
     let mut open = true;
+    let mut inflight_since = Instant::now();
     // When a non-full batch may go out at the latest.
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -560,11 +615,10 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             let due = *deadline.get_or_insert(now + batch_wait);
             if !open || core.pending_len() >= cfg.batch_max || now >= due {
                 if let Some(ops) = core.take_batch(cfg.batch_max) {
-                    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .stats
-                        .batched_ops
-                        .fetch_add(ops.len() as u64, Ordering::Relaxed);
+                    shared.stats.batches.inc();
+                    shared.stats.batched_ops.inc_by(ops.len() as u64);
+                    shared.stats.batch_sizes.observe(ops.len() as f64);
+                    inflight_since = Instant::now();
                     inflight = Some(shared.store.apply(ops));
                 }
                 deadline = None;
@@ -580,6 +634,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             biased;
             results = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
                 inflight = None;
+                shared.stats.commit_seconds.observe(inflight_since.elapsed().as_secs_f64());
                 for delivery in core.complete(results) {
                     deliver(&shared, delivery);
                 }
@@ -614,10 +669,10 @@ fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: 
     let req = cmd.req.clone();
     let admission = core.submit(cmd.op, cmd.req, cmd.reply);
     if admission.joined {
-        shared.stats.joined.fetch_add(1, Ordering::Relaxed);
+        shared.stats.joined.inc();
     }
     if let (Some(other), Some(oid)) = (admission.other_req, oid) {
-        shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+        shared.stats.collisions.inc();
         tracing::warn!(
             event = "concurrent_inflight",
             oid = oid.as_str(),
