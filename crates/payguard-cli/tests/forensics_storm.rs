@@ -20,7 +20,7 @@ struct Server {
 fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
     let log = dir.join(format!("{name}.log"));
     let db = dir.join(format!("{name}.db"));
-    let child = Command::new(env!("CARGO_BIN_EXE_payguard"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payguard"))
         .args([
             "serve",
             "--listen",
@@ -48,7 +48,11 @@ fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
                 return Server { child, url };
             }
         }
-        assert!(started.elapsed() < START_WAIT, "{name} did not start");
+        if started.elapsed() >= START_WAIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not start");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
