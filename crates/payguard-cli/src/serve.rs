@@ -57,6 +57,24 @@ pub struct ServeArgs {
     /// Open connections at most; more wait in the listen backlog.
     #[arg(long, env = "PAYGUARD_CONNECTIONS_MAX", default_value_t = payguard_server::limits::CONNECTIONS_MAX)]
     pub connections_max: usize,
+    /// Redis for cross-instance per-order locks with fencing tokens
+    /// (`redis://host:port`); without it the lock is local to this process.
+    #[arg(long, env = "PAYGUARD_REDIS")]
+    pub redis: Option<String>,
+    /// TTL of a Redis order lock (ms); a holder paused past it is fenced out.
+    #[arg(long, env = "PAYGUARD_LOCK_TTL_MS", default_value_t = payguard::lock::LOCK_TTL_MS)]
+    pub lock_ttl_ms: u64,
+    /// Prefix of payguard's Redis keys (several deployments can share one Redis).
+    #[arg(long, env = "PAYGUARD_REDIS_PREFIX", default_value = "payguard")]
+    pub redis_prefix: String,
+    /// Fault injection for tests: pause after taking a batch's locks (ms).
+    #[arg(
+        long,
+        env = "PAYGUARD_FAILPOINT_PAUSE_AFTER_LOCK_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub failpoint_pause_after_lock_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -166,6 +184,7 @@ impl EngineArgs {
             lane_queue_depth_max: self.lane_queue_depth_max,
             order_cache_entries_max: self.order_cache_entries_max,
             instance_id,
+            failpoint_pause_after_lock_ms: 0,
         }
     }
 }
@@ -273,10 +292,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         let store = SqliteStore::open(cfg)
             .with_context(|| format!("opening SQLite database {}", path.display()))?;
-        let engine = Arc::new(Engine::start(
-            Arc::new(store),
-            args.engine.engine_config(guard, instance.clone()),
-        ));
+        let store: Arc<dyn payguard::Store> = Arc::new(store);
+        let mut engine_cfg = args.engine.engine_config(guard, instance.clone());
+        engine_cfg.failpoint_pause_after_lock_ms = args.failpoint_pause_after_lock_ms;
+        let redis = match &args.redis {
+            None => None,
+            Some(url) => Some(Arc::new(
+                payguard::lock::redis::RedisLocks::connect(
+                    url,
+                    &args.redis_prefix,
+                    &instance,
+                    std::time::Duration::from_millis(args.lock_ttl_ms),
+                    store.clone(),
+                )
+                .await
+                .with_context(|| format!("connecting to Redis at {url}"))?,
+            )),
+        };
+        let lock_kind = if redis.is_some() { "redis" } else { "local" };
+        let engine = Arc::new(Engine::start_with_locks(store, engine_cfg, redis));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -300,7 +334,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             ServiceInfo {
                 instance: instance.clone(),
                 guard: guard.name(),
-                lock: "local",
+                lock: lock_kind,
             },
         );
         state.keys = keys;

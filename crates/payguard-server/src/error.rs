@@ -102,6 +102,15 @@ impl From<&Rejection> for ApiError {
                 "the refunds of this order would exceed its amount",
             ),
             Rejection::Refused(detail) => ApiError::internal(detail),
+            Rejection::StaleFencingToken => ApiError::new(
+                S::CONFLICT,
+                "stale_fencing_token",
+                "this instance's lock on the order expired before it wrote, and another \
+                 holder took over; nothing moved — retry to get the order's outcome",
+            ),
+            Rejection::LockBusy => ApiError::unavailable(
+                "the order's lock is held by another instance; nothing moved, retry",
+            ),
         }
     }
 }

@@ -161,9 +161,9 @@ pub async fn run(
     };
     let result = state.engine.submit_by(wrapped, req, deadline).await;
     let released = match &result {
-        // A definite answer was stored (or, for a refusal, dropped) in the op's
-        // own transaction.
-        Ok(_) | Err(payguard::EngineError::Rejected(_)) => true,
+        // A definite answer was stored in the op's own transaction.
+        Ok(_) => true,
+        Err(payguard::EngineError::Rejected(r)) if r.is_definite() => true,
         // Nothing moved: free the key so the caller can retry with it.
         Err(_) => store
             .idem_release(keyed.scope.to_owned(), keyed.key.clone())

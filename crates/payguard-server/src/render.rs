@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use payguard::domain::{Entry, Order};
-use payguard::store::{OpResult, Output, Rejection};
+use payguard::store::{OpResult, Output};
 use payguard::EngineError;
 use serde::Serialize;
 
@@ -77,7 +77,7 @@ pub fn storable(result: &OpResult) -> Option<(u16, Vec<u8>)> {
             let (s, b) = output_bytes(out);
             Some((s.as_u16(), b))
         }
-        Err(Rejection::Refused(_)) => None,
+        Err(r) if !r.is_definite() => None,
         Err(r) => {
             let e = ApiError::from(r);
             Some((e.status.as_u16(), e.body_bytes()))

@@ -190,6 +190,7 @@ fn start_engine(path: &Path, args: &EngineBenchArgs, batch_max: usize) -> anyhow
             lane_queue_depth_max: args.concurrency.max(1024),
             order_cache_entries_max: 0,
             instance_id: "bench".into(),
+            failpoint_pause_after_lock_ms: 0,
         },
     ))
 }

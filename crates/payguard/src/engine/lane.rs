@@ -160,6 +160,14 @@ impl<W> LaneCore<W> {
         Some(self.inflight.iter().map(|s| s.op.clone()).collect())
     }
 
+    /// The request that executes each op of the batch in flight (its first waiter).
+    pub fn inflight_reqs(&self) -> Vec<RequestId> {
+        self.inflight
+            .iter()
+            .map(|s| s.waiters[0].req.clone())
+            .collect()
+    }
+
     /// Pairs the store's answer for the batch in flight with its waiters.
     ///
     /// A store answer of the wrong length is a broken store: every waiter then gets

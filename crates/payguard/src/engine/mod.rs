@@ -25,6 +25,7 @@ pub mod router;
 
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
+use crate::lock::redis::{RedisLockError, RedisLocks};
 use crate::lock::LocalLocks;
 use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
@@ -78,6 +79,9 @@ pub struct EngineConfig {
     pub order_cache_entries_max: usize,
     /// This instance's id, the `inst` of every log event.
     pub instance_id: String,
+    /// Fault injection for tests: sleep this long after taking a batch's locks
+    /// and before writing (a GC pause, a SIGSTOP). 0 in production.
+    pub failpoint_pause_after_lock_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             lane_queue_depth_max: 4096,
             order_cache_entries_max: crate::cache::ORDER_CACHE_ENTRIES_MAX,
             instance_id: String::from("payguard"),
+            failpoint_pause_after_lock_ms: 0,
         }
     }
 }
@@ -181,6 +186,8 @@ struct Cmd {
 
 struct Shared {
     store: Arc<dyn Store>,
+    /// Cross-instance per-order locks with fencing tokens (`--redis`).
+    redis: Option<Arc<RedisLocks>>,
     cache: OrderCache,
     stats: EngineStats,
     cfg: EngineConfig,
@@ -203,6 +210,16 @@ pub struct Engine {
 impl Engine {
     /// Starts the lane owner tasks on the current tokio runtime.
     pub fn start(store: Arc<dyn Store>, cfg: EngineConfig) -> Self {
+        Self::start_with_locks(store, cfg, None)
+    }
+
+    /// Like [`Engine::start`], with Redis locks: each batch takes the lock of
+    /// every order in it and writes with the fencing tokens.
+    pub fn start_with_locks(
+        store: Arc<dyn Store>,
+        cfg: EngineConfig,
+        redis: Option<Arc<RedisLocks>>,
+    ) -> Self {
         assert!(cfg.lanes > 0, "lanes must be > 0");
         assert!(cfg.batch_max > 0, "batch_max must be > 0");
         assert!(
@@ -211,6 +228,7 @@ impl Engine {
         );
         let shared = Arc::new(Shared {
             store,
+            redis,
             cache: OrderCache::new(cfg.order_cache_entries_max),
             stats: EngineStats::default(),
             cfg: cfg.clone(),
@@ -453,22 +471,83 @@ impl Engine {
         let wait = deadline.map_or(lock_wait, |d| {
             d.saturating_duration_since(Instant::now()).min(lock_wait)
         });
-        let lease = self.locks.acquire(&key, wait).await.map_err(|e| {
-            tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                EngineError::TimedOut
-            } else {
-                EngineError::Overloaded
+        let timed_out = || deadline.is_some_and(|d| Instant::now() >= d);
+        // The write-up's per-order lock: Redis (fenced) when configured, else local.
+        let result = match &self.shared.redis {
+            Some(redis) => {
+                let lease = match redis.acquire(op.route_key(), wait).await {
+                    Ok(lease) => Some(lease),
+                    Err(RedisLockError::Busy { .. }) => {
+                        tracing::warn!(event = "lock_busy", oid, req = req.as_str(), inst);
+                        return Err(if timed_out() {
+                            EngineError::TimedOut
+                        } else {
+                            EngineError::Overloaded
+                        });
+                    }
+                    Err(e) => {
+                        // The lock is an optimisation; the database still decides.
+                        tracing::warn!(event = "lock_unavailable", oid, detail = %e, req = req.as_str(), inst);
+                        None
+                    }
+                };
+                let fenced = match &lease {
+                    Some(l) => {
+                        tracing::info!(
+                            event = "lock_acquired",
+                            oid,
+                            token = l.token,
+                            req = req.as_str(),
+                            inst
+                        );
+                        Op::Fenced {
+                            inner: Box::new(op.clone()),
+                            token: l.token,
+                        }
+                    }
+                    None => op.clone(),
+                };
+                let result = self.shared.store.apply_isolated(fenced).await;
+                if let Some(l) = &lease {
+                    let _ = redis.release(l).await;
+                    tracing::info!(
+                        event = "lock_released",
+                        oid,
+                        token = l.token,
+                        req = req.as_str(),
+                        inst
+                    );
+                }
+                result
             }
-        })?;
-        tracing::info!(
-            event = "lock_acquired",
-            oid,
-            token = lease.token,
-            req = req.as_str(),
-            inst
-        );
-        let result = self.shared.store.apply_isolated(op.clone()).await;
+            None => {
+                let lease = self.locks.acquire(&key, wait).await.map_err(|e| {
+                    tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+                    if timed_out() {
+                        EngineError::TimedOut
+                    } else {
+                        EngineError::Overloaded
+                    }
+                })?;
+                tracing::info!(
+                    event = "lock_acquired",
+                    oid,
+                    token = lease.token,
+                    req = req.as_str(),
+                    inst
+                );
+                let result = self.shared.store.apply_isolated(op.clone()).await;
+                self.locks.release(&lease);
+                tracing::info!(
+                    event = "lock_released",
+                    oid,
+                    token = lease.token,
+                    req = req.as_str(),
+                    inst
+                );
+                result
+            }
+        };
         if let Ok(Ok(out)) = &result {
             if let Some(order) = out.order() {
                 self.shared.cache.committed(order);
@@ -476,14 +555,6 @@ impl Engine {
         } else if let Some(order_id) = op.order_id() {
             self.shared.cache.forget(order_id);
         }
-        self.locks.release(&lease);
-        tracing::info!(
-            event = "lock_released",
-            oid,
-            token = lease.token,
-            req = req.as_str(),
-            inst
-        );
         Ok(result??)
     }
 
@@ -619,7 +690,15 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
                     shared.stats.batched_ops.inc_by(ops.len() as u64);
                     shared.stats.batch_sizes.observe(ops.len() as f64);
                     inflight_since = Instant::now();
-                    inflight = Some(shared.store.apply(ops));
+                    inflight = Some(match &shared.redis {
+                        None => shared.store.apply(ops),
+                        Some(locks) => Box::pin(fenced_apply(
+                            shared.clone(),
+                            locks.clone(),
+                            ops,
+                            core.inflight_reqs(),
+                        )),
+                    });
                 }
                 deadline = None;
             }
@@ -655,6 +734,122 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             _ = tokio::time::sleep_until(wait_for.unwrap_or_else(tokio::time::Instant::now)), if wait_for.is_some() => {}
         }
     }
+}
+
+/// Applies a batch under the Redis lock of every order in it, each op carrying
+/// its order's fencing token. An order whose lock stays held elsewhere past the
+/// wait limit gets `LockBusy` (503); if Redis cannot be reached, the batch is
+/// written without tokens: the database's constraints still charge once.
+async fn fenced_apply(
+    shared: Arc<Shared>,
+    locks: Arc<RedisLocks>,
+    ops: Vec<Op>,
+    reqs: Vec<RequestId>,
+) -> Result<Vec<crate::store::OpResult>, StoreError> {
+    let inst = &*shared.inst;
+    let mut orders: Vec<(OrderId, RequestId)> = Vec::new();
+    for (op, req) in ops.iter().zip(&reqs) {
+        if let Some(o) = op.order_id() {
+            if !orders.iter().any(|(seen, _)| seen == o) {
+                orders.push((o.clone(), req.clone()));
+            }
+        }
+    }
+    let wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
+    let grants =
+        futures::future::join_all(orders.iter().map(|(o, _)| locks.acquire(o.as_str(), wait)))
+            .await;
+    let mut tokens = std::collections::HashMap::new();
+    let mut leases = Vec::new();
+    let mut busy = std::collections::HashSet::new();
+    for ((order, req), grant) in orders.iter().zip(grants) {
+        match grant {
+            Ok(lease) => {
+                tracing::info!(
+                    event = "lock_acquired",
+                    oid = order.as_str(),
+                    token = lease.token,
+                    req = req.as_str(),
+                    inst
+                );
+                tokens.insert(order.clone(), lease.token);
+                leases.push((order.clone(), req.clone(), lease));
+            }
+            Err(RedisLockError::Busy { .. }) => {
+                tracing::warn!(
+                    event = "lock_busy",
+                    oid = order.as_str(),
+                    req = req.as_str(),
+                    inst
+                );
+                busy.insert(order.clone());
+            }
+            Err(e) => {
+                tracing::warn!(event = "lock_unavailable", oid = order.as_str(), detail = %e, req = req.as_str(), inst);
+            }
+        }
+    }
+    if shared.cfg.failpoint_pause_after_lock_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(
+            shared.cfg.failpoint_pause_after_lock_ms,
+        ))
+        .await;
+    }
+    let mut positions = Vec::with_capacity(ops.len());
+    let mut to_apply = Vec::with_capacity(ops.len());
+    for (i, op) in ops.into_iter().enumerate() {
+        let order = op.order_id().cloned();
+        if order.as_ref().is_some_and(|o| busy.contains(o)) {
+            continue;
+        }
+        positions.push(i);
+        to_apply.push(match order.and_then(|o| tokens.get(&o).copied()) {
+            Some(token) => Op::Fenced {
+                inner: Box::new(op),
+                token,
+            },
+            None => op,
+        });
+    }
+    let total = reqs.len();
+    let applied = if to_apply.is_empty() {
+        Ok(Vec::new())
+    } else {
+        shared.store.apply(to_apply).await
+    };
+    for (order, req, lease) in &leases {
+        match locks.release(lease).await {
+            Ok(true) => {
+                tracing::info!(
+                    event = "lock_released",
+                    oid = order.as_str(),
+                    token = lease.token,
+                    req = req.as_str(),
+                    inst
+                )
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    event = "lock_released",
+                    oid = order.as_str(),
+                    token = lease.token,
+                    lost = true,
+                    req = req.as_str(),
+                    inst
+                )
+            }
+            Err(e) => {
+                tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
+            }
+        }
+    }
+    let applied = applied?;
+    let mut out: Vec<crate::store::OpResult> =
+        (0..total).map(|_| Err(Rejection::LockBusy)).collect();
+    for (pos, result) in positions.into_iter().zip(applied) {
+        out[pos] = result;
+    }
+    Ok(out)
 }
 
 fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {

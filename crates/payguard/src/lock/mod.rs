@@ -11,8 +11,10 @@
 //! the write-up's `lock:order:{id}` with a 30 s TTL, taken with set-if-absent and
 //! released with compare-and-delete, exactly as the Redis version will be.
 
+pub mod redis;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,7 +30,7 @@ const LOCK_RETRY_US_MAX: u64 = 5_000;
 pub struct Lease {
     pub key: String,
     /// Strictly increasing across all grants of this table.
-    pub token: u64,
+    pub token: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,8 +42,8 @@ pub enum LockError {
 pub struct LocalLocks {
     /// key → (token of the holder, when its lease ends). Invariant: an entry whose
     /// lease has ended is free and may be taken over by a new grant.
-    held: Mutex<HashMap<String, (u64, Instant)>>,
-    next_token: AtomicU64,
+    held: Mutex<HashMap<String, (i64, Instant)>>,
+    next_token: AtomicI64,
     ttl: Duration,
 }
 
@@ -55,7 +57,7 @@ impl LocalLocks {
     pub fn new(ttl: Duration) -> Self {
         LocalLocks {
             held: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(1),
+            next_token: AtomicI64::new(1),
             ttl,
         }
     }

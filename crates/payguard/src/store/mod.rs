@@ -52,6 +52,12 @@ pub enum Op {
         inner: Box<Op>,
         idem: IdemWrite,
     },
+    /// `inner`, written under a lock whose fencing token is `token`: the store
+    /// refuses it if the order was already written with a higher token.
+    Fenced {
+        inner: Box<Op>,
+        token: i64,
+    },
 }
 
 /// Renders an op's result as the exact HTTP response (status, body bytes) to
@@ -128,7 +134,7 @@ impl Op {
     /// The key that routes this op to a lane: all work on one order lands in one lane.
     pub fn route_key(&self) -> &str {
         match self {
-            Op::Idempotent { inner, .. } => inner.route_key(),
+            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.route_key(),
             Op::CreateAccount { id, .. } => id.as_str(),
             Op::CreateOrder { id, .. } => id.as_str(),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => order_id.as_str(),
@@ -138,7 +144,7 @@ impl Op {
     /// The order this op concerns, if any (for the race sentinel and the cache).
     pub fn order_id(&self) -> Option<&OrderId> {
         match self {
-            Op::Idempotent { inner, .. } => inner.order_id(),
+            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.order_id(),
             Op::CreateAccount { .. } => None,
             Op::CreateOrder { id, .. } => Some(id),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => Some(order_id),
@@ -148,7 +154,7 @@ impl Op {
     /// `deduct` or `refund` for money movements (the log event prefix), else `create`.
     pub fn family(&self) -> &'static str {
         match self {
-            Op::Idempotent { inner, .. } => inner.family(),
+            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.family(),
             Op::Deduct { .. } => "deduct",
             Op::Refund { .. } => "refund",
             Op::CreateAccount { .. } | Op::CreateOrder { .. } => "create",
@@ -235,6 +241,13 @@ pub enum Rejection {
     /// rolled back to its savepoint.
     #[error("the database refused the change: {0}")]
     Refused(String),
+    /// The op's lock token is older than one that already wrote the order: its
+    /// lock expired while it waited and another holder took over.
+    #[error("stale fencing token: the lock was lost before the write")]
+    StaleFencingToken,
+    /// Another instance held the order's lock for longer than the wait limit.
+    #[error("the order's lock is held elsewhere; retry")]
+    LockBusy,
 }
 
 impl Rejection {
@@ -250,7 +263,19 @@ impl Rejection {
             Rejection::RefundExists => "refund_exists",
             Rejection::RefundExceedsPaid => "refund_exceeds_paid",
             Rejection::Refused(_) => "refused_by_database",
+            Rejection::StaleFencingToken => "stale_fencing_token",
+            Rejection::LockBusy => "lock_busy",
         }
+    }
+
+    /// A definite answer about the order, safe to store and replay. The others
+    /// (a refusal by the database, a lost or busy lock) moved nothing and a retry
+    /// may well succeed.
+    pub fn is_definite(&self) -> bool {
+        !matches!(
+            self,
+            Rejection::Refused(_) | Rejection::StaleFencingToken | Rejection::LockBusy
+        )
     }
 }
 
@@ -304,6 +329,8 @@ pub trait Store: Send + Sync + 'static {
     fn idem_release(&self, scope: String, key: String) -> StoreFuture<()>;
     /// Deletes stored responses that expired before `now_ms`; returns how many.
     fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64>;
+    /// A new fencing epoch from a sequence that only grows (see `lock::redis`).
+    fn next_fence_epoch(&self) -> StoreFuture<i64>;
     /// Finishes queued work and releases the database. Later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<()>;
 }

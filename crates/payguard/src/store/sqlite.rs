@@ -47,10 +47,12 @@ pub const WRITE_POOL_CONNECTIONS_MAX: u32 = 8;
 const MIGRATIONS: &[&str] = &[
     include_str!("sqlite_schema.sql"),
     include_str!("sqlite_v2_idempotency.sql"),
+    include_str!("sqlite_v3_fencing.sql"),
 ];
 const NAIVE_MIGRATIONS: &[&str] = &[
     include_str!("sqlite_naive_schema.sql"),
     include_str!("sqlite_v2_idempotency.sql"),
+    include_str!("sqlite_v3_fencing.sql"),
 ];
 
 /// Which schema a database file holds, recorded in `payguard_meta.schema_kind`.
@@ -538,6 +540,24 @@ fn exec_op(conn: &Connection, op: &Op, now: i64) -> Result<OpResult, Fault> {
             let result = exec_op(conn, inner, now)?;
             write_idem(conn, idem, &result, now)?;
             Ok(result)
+        }
+        Op::Fenced { inner, token } => {
+            if let Some(order_id) = inner.order_id() {
+                // Advance the order's fence, or refuse a token lower than one that
+                // already wrote it: the lock holder it belongs to lost the lock.
+                let changed = conn
+                    .prepare_cached("UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1")?
+                    .execute(params![token, order_id.as_str()])?;
+                if changed == 0 && load_order(conn, order_id.as_str())?.is_some() {
+                    tracing::warn!(
+                        event = "stale_fencing_token",
+                        oid = order_id.as_str(),
+                        token
+                    );
+                    return Ok(Err(Rejection::StaleFencingToken));
+                }
+            }
+            exec_op(conn, inner, now)
         }
         Op::CreateAccount {
             id,
@@ -1201,6 +1221,18 @@ impl Store for SqliteStore {
             conn.execute("DELETE FROM idempotency WHERE expires_at < ?1", [now_ms])
                 .map(|n| n as u64)
                 .map_err(unavailable)
+        })
+    }
+
+    fn next_fence_epoch(&self) -> StoreFuture<i64> {
+        self.write(move |conn, _| {
+            let now = chrono::Utc::now().timestamp_millis();
+            conn.query_row(
+                "INSERT INTO fence_epochs (created_at) VALUES (?1) RETURNING id",
+                [now],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)
         })
     }
 

@@ -1,0 +1,226 @@
+//! Cross-instance per-order locks in Redis, with fencing tokens.
+//!
+//! `lock:order:{id}` is taken with `SET NX PX` and released with a compare-and-
+//! delete script, and the same acquire script `INCR`s a fencing counter, so every
+//! grant gets a number no earlier grant had. The store keeps, per order, the
+//! highest token that wrote it and refuses lower ones: a holder that paused past
+//! its TTL (GC, SIGSTOP) and lost the lock to another instance cannot write.
+//!
+//! A Redis flush or restart resets `INCR`. Tokens are therefore `(epoch, n)`
+//! packed as `epoch << 32 | n`, with the epoch taken from a database sequence
+//! (which only grows) whenever the acquire script finds the epoch key missing: the
+//! first token after a reset is `(new epoch, 1)`, above every token before it, so
+//! a reset never wedges an order.
+//!
+//! The lock is an optimisation. If Redis cannot be reached, the engine writes
+//! without a token and the database's constraints still make every order charge
+//! at most once; a request then either succeeds correctly or fails with 503.
+
+use super::Lease;
+use crate::store::Store;
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Bits of a token that hold the per-epoch counter.
+const COUNTER_BITS: u32 = 32;
+/// How long one Redis command may take before the lock counts as unavailable.
+pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
+
+const ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local n = redis.call('INCR', KEYS[2])
+  local e = redis.call('GET', KEYS[3])
+  return {n, e or false}
+end
+return false
+"#;
+
+/// Sets the epoch only upward; returns the epoch now in force.
+const RAISE_EPOCH: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return cur
+"#;
+
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedisLockError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("lock {key} is held elsewhere (waited {waited_ms} ms)")]
+    Busy { key: String, waited_ms: u64 },
+    #[error("could not take a new fencing epoch from the store: {0}")]
+    Epoch(String),
+}
+
+pub struct RedisLocks {
+    conn: ConnectionManager,
+    /// Prefix of every key, so several deployments (or tests) share one Redis.
+    prefix: String,
+    owner: String,
+    ttl: Duration,
+    store: Arc<dyn Store>,
+    acquire: redis::Script,
+    raise_epoch: redis::Script,
+    release: redis::Script,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RedisLockError {
+    RedisLockError::Unavailable(e.to_string())
+}
+
+impl RedisLocks {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        owner: &str,
+        ttl: Duration,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, RedisLockError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS)))
+            .set_response_timeout(Some(Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS)))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS * 4),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| RedisLockError::Unavailable(format!("connecting to {url} timed out")))?
+        .map_err(unavailable)?;
+        Ok(RedisLocks {
+            conn,
+            prefix: prefix.to_owned(),
+            owner: owner.to_owned(),
+            ttl,
+            store,
+            acquire: redis::Script::new(ACQUIRE),
+            raise_epoch: redis::Script::new(RAISE_EPOCH),
+            release: redis::Script::new(RELEASE),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// One attempt at `lock:order:{order}`; `None` when another holder has it.
+    pub async fn try_acquire(&self, order: &str) -> Result<Option<Lease>, RedisLockError> {
+        let key = self.key(&format!("lock:order:{order}"));
+        let mut conn = self.conn.clone();
+        let owner = format!("{}:{}", self.owner, uuid_like());
+        let got: Option<(i64, Option<i64>)> = self
+            .acquire
+            .key(&key)
+            .key(self.key("fence:counter"))
+            .key(self.key("fence:epoch"))
+            .arg(&owner)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some((n, epoch)) = got else {
+            return Ok(None);
+        };
+        let epoch = match epoch {
+            Some(e) if n < (1 << COUNTER_BITS) => e,
+            // The epoch key is gone (flush, restart) or the counter ran out: take a
+            // new epoch from the database, which only grows.
+            _ => self.new_epoch().await?,
+        };
+        let token = (epoch << COUNTER_BITS) | (n & ((1 << COUNTER_BITS) - 1));
+        Ok(Some(Lease {
+            key: format!("{key}\u{0}{owner}"),
+            token,
+        }))
+    }
+
+    async fn new_epoch(&self) -> Result<i64, RedisLockError> {
+        let fresh = self
+            .store
+            .next_fence_epoch()
+            .await
+            .map_err(|e| RedisLockError::Epoch(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let epoch: i64 = self
+            .raise_epoch
+            .key(self.key("fence:epoch"))
+            .arg(fresh)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if epoch >= fresh {
+            // The counter belongs to the old epoch: start it again under the new one.
+            let _: () = redis::cmd("SET")
+                .arg(self.key("fence:counter"))
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        tracing::warn!(
+            event = "fence_epoch",
+            epoch,
+            "fencing counter was reset; new epoch"
+        );
+        Ok(epoch.max(fresh))
+    }
+
+    /// Waits up to `wait` for the lock, backing off between attempts.
+    pub async fn acquire(&self, order: &str, wait: Duration) -> Result<Lease, RedisLockError> {
+        let started = Instant::now();
+        let mut backoff_us = 200;
+        loop {
+            if let Some(lease) = self.try_acquire(order).await? {
+                return Ok(lease);
+            }
+            if started.elapsed() >= wait {
+                return Err(RedisLockError::Busy {
+                    key: order.to_owned(),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_micros(backoff_us)).await;
+            backoff_us = (backoff_us * 2).min(10_000);
+        }
+    }
+
+    /// Compare-and-delete: frees the lock only if this lease still holds it.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, RedisLockError> {
+        let (key, owner) = lease
+            .key
+            .split_once('\u{0}')
+            .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .release
+            .key(key)
+            .arg(owner)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+}
+
+/// A value unique to this grant (process start, pid, counter), for compare-and-delete.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

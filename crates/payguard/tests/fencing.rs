@@ -1,0 +1,290 @@
+//! Fencing tokens across instances, against a real Redis.
+//!
+//! Needs `PAYGUARD_TEST_REDIS_URL` (the shared Redis, used with a unique key
+//! prefix) and `redis-server` on PATH (tests that flush or stop Redis start their
+//! own on a free port). Without them each test prints why and skips.
+
+use payguard::domain::{AccountId, Currency, Money, OrderId, RefundId, RequestId};
+use payguard::engine::{Engine, EngineConfig};
+use payguard::lock::redis::RedisLocks;
+use payguard::store::sqlite::{SqliteConfig, SqliteStore};
+use payguard::store::{Op, Output, Rejection};
+use payguard::{EngineError, Store};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn redis_url() -> Option<String> {
+    match std::env::var("PAYGUARD_TEST_REDIS_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            eprintln!("skipped: PAYGUARD_TEST_REDIS_URL is not set");
+            None
+        }
+    }
+}
+
+fn prefix() -> String {
+    format!(
+        "test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+async fn instance(
+    db: &Path,
+    url: &str,
+    prefix: &str,
+    name: &str,
+    ttl_ms: u64,
+    pause_ms: u64,
+) -> Engine {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(db)).unwrap());
+    let locks = RedisLocks::connect(
+        url,
+        prefix,
+        name,
+        Duration::from_millis(ttl_ms),
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    Engine::start_with_locks(
+        store,
+        EngineConfig {
+            instance_id: name.into(),
+            failpoint_pause_after_lock_ms: pause_ms,
+            batch_wait_us: 0,
+            ..EngineConfig::default()
+        },
+        Some(Arc::new(locks)),
+    )
+}
+
+fn req(r: &str) -> RequestId {
+    RequestId::parse(r).unwrap()
+}
+
+async fn setup(e: &Engine) {
+    e.submit(
+        Op::CreateAccount {
+            id: AccountId::parse("acct").unwrap(),
+            balance: Money::balance(10_000).unwrap(),
+            currency: Currency::CNY,
+        },
+        req("setup-a"),
+    )
+    .await
+    .unwrap();
+    e.submit(
+        Op::CreateOrder {
+            id: OrderId::parse("o1").unwrap(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(1_185).unwrap(),
+        },
+        req("setup-o"),
+    )
+    .await
+    .unwrap();
+}
+
+fn deduct() -> Op {
+    Op::Deduct {
+        order_id: OrderId::parse("o1").unwrap(),
+    }
+}
+
+fn debits(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM entries WHERE order_id = 'o1' AND kind = 'debit'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// Instance A takes the lock, then stalls past its TTL (an injected pause, like a
+/// GC pause or SIGSTOP); instance B takes the lock with a higher token and
+/// charges. When A wakes, the store refuses its write as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_paused_past_its_ttl_is_fenced_out() {
+    let Some(url) = redis_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let p = prefix();
+    let a = Arc::new(instance(&db, &url, &p, "inst-a", 300, 900).await);
+    let b = instance(&db, &url, &p, "inst-b", 300, 0).await;
+    setup(&b).await;
+
+    let a2 = a.clone();
+    let stalled = tokio::spawn(async move { a2.submit(deduct(), req("req-a")).await });
+    tokio::time::sleep(Duration::from_millis(450)).await; // A holds a lapsed lock
+    let charged = b.submit(deduct(), req("req-b")).await.unwrap();
+    assert!(
+        matches!(
+            charged,
+            Output::Movement {
+                replayed: false,
+                ..
+            }
+        ),
+        "B charges while A is stalled: {charged:?}"
+    );
+    let a_result = stalled.await.unwrap();
+    assert_eq!(
+        a_result,
+        Err(EngineError::Rejected(Rejection::StaleFencingToken)),
+        "A's stale write must be refused by its fencing token"
+    );
+    assert_eq!(Rejection::StaleFencingToken.reason(), "stale_fencing_token");
+    assert_eq!(debits(&db), 1);
+    // A retry on A now sees the charge as a replay.
+    let again = a.submit(deduct(), req("req-a2")).await.unwrap();
+    assert!(matches!(again, Output::Movement { replayed: true, .. }));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            eprintln!("skipped: redis-server is not on PATH");
+            return None;
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(PrivateRedis {
+                    child,
+                    url: format!("redis://127.0.0.1:{port}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn flushall(&self) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A flush resets Redis's INCR; the new epoch from the database keeps every
+/// later token above the ones the store has seen, so orders are not wedged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_flush_starts_a_new_epoch_and_wedges_nothing() {
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("flush.db");
+    let e = instance(&db, &redis.url, "pg", "inst-f", 30_000, 0).await;
+    setup(&e).await;
+    e.submit(deduct(), req("d1")).await.unwrap();
+    let fence_before: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT fence FROM orders WHERE id = 'o1'", [], |r| r.get(0))
+        .unwrap();
+    assert!(fence_before > 0, "the deduct was written with a token");
+    redis.flushall();
+    let refund = e
+        .submit(
+            Op::Refund {
+                order_id: OrderId::parse("o1").unwrap(),
+                refund_id: RefundId::parse("rf1").unwrap(),
+                amount: Money::amount(100).unwrap(),
+            },
+            req("r1"),
+        )
+        .await;
+    assert!(
+        matches!(
+            refund,
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ),
+        "after a flush the order must still be writable: {refund:?}"
+    );
+    let fence_after: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT fence FROM orders WHERE id = 'o1'", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        fence_after > fence_before,
+        "{fence_after} <= {fence_before}"
+    );
+    e.shutdown().await.unwrap();
+}
+
+/// With Redis gone, the lock is skipped and the database still charges once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_requests_still_charge_exactly_once() {
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("down.db");
+    let e = Arc::new(instance(&db, &redis.url, "pg", "inst-d", 30_000, 0).await);
+    setup(&e).await;
+    drop(redis); // kills the server
+    let calls = (0..20).map(|i| {
+        let e = e.clone();
+        tokio::spawn(async move { e.submit(deduct(), req(&format!("r{i}"))).await })
+    });
+    let mut fresh = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(Output::Movement { replayed, .. }) => fresh += usize::from(!replayed),
+            Err(EngineError::Store(_) | EngineError::Overloaded) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(debits(&db), 1);
+    e.shutdown().await.unwrap();
+}
