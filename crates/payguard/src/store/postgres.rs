@@ -508,10 +508,8 @@ async fn run_pass(
         results.push(plan.decide(op, now)?);
     }
     let ids = write_batch(tx, &plan, now).await?;
-    for r in &mut results {
-        if let Ok(out) = r {
-            patch_ids(out, &ids)?;
-        }
+    for out in results.iter_mut().flatten() {
+        patch_ids(out, &ids)?;
     }
     Ok(results)
 }
