@@ -254,6 +254,13 @@ async fn one_bad_op_never_aborts_its_batch() {
     );
     assert!(fresh_charge(&results[3]), "{results:?}");
     assert_eq!(
+        s.stats()
+            .careful_batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the unique index fired, and the batch was replayed op by op"
+    );
+    assert_eq!(
         count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
         10_000 - 1_185 + 185,
         "the hand-made debit never moved the balance, and the refused deduct was undone"
@@ -476,6 +483,13 @@ async fn a_batch_charges_one_account_in_batch_order() {
         .unwrap();
     assert_eq!(entries, vec![entry(4), entry(9), entry(10)], "commit order");
     assert!(s.audit().await.unwrap().ok);
+    // All of it on the fast path: the status rounds and balances were what the
+    // schema accepts, so no constraint fired and no savepoint replay was needed.
+    let fallbacks = s
+        .stats()
+        .careful_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(fallbacks, 0);
     s.close().await.unwrap();
     db.drop_db().await.unwrap();
 }

@@ -41,6 +41,7 @@ use crate::domain::{
 };
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
@@ -106,8 +107,19 @@ pub struct PgStore {
     inner: Arc<Inner>,
 }
 
+/// What the store had to do beyond the fast path, since start (for tests and
+/// metrics: on a healthy system both stay at or near zero).
+#[derive(Debug, Default)]
+pub struct PgStats {
+    /// Batches re-run with a savepoint per op because a constraint fired.
+    pub careful_batches: AtomicU64,
+    /// Batch attempts repeated after a deadlock or serialisation failure.
+    pub retries: AtomicU64,
+}
+
 struct Inner {
     pool: Pool,
+    stats: PgStats,
     /// Every call holds a read guard while it uses the pool; `close` takes the write
     /// guard (so it waits for calls in flight), sets the flag and closes the pool.
     /// Invariant: once the flag is true, no call gets a connection.
@@ -208,9 +220,14 @@ impl PgStore {
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
+                stats: PgStats::default(),
                 closed: Arc::new(tokio::sync::RwLock::new(false)),
             }),
         })
+    }
+
+    pub fn stats(&self) -> &PgStats {
+        &self.inner.stats
     }
 
     /// Convenience for `--db postgres://…`.
@@ -326,6 +343,16 @@ pub async fn apply_ops(
     now: i64,
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
+    apply_counted(client, ops, now, isolated, &PgStats::default()).await
+}
+
+async fn apply_counted(
+    client: &mut deadpool_postgres::ClientWrapper,
+    ops: &[Op],
+    now: i64,
+    isolated: bool,
+    stats: &PgStats,
+) -> Result<Vec<OpResult>, StoreError> {
     let mut careful = isolated;
     let mut attempt = 1;
     loop {
@@ -337,6 +364,7 @@ pub async fn apply_ops(
             Err(Fault::Constraint(msg)) if !careful => {
                 tracing::warn!(event = "store_constraint", detail = %msg, "replaying batch with a savepoint per op");
                 careful = true;
+                stats.careful_batches.fetch_add(1, Ordering::Relaxed);
             }
             Err(Fault::Retry(msg)) if attempt < BATCH_ATTEMPTS_MAX => {
                 tracing::warn!(event = "store_retry", attempt, detail = %msg, "retrying batch");
@@ -349,6 +377,7 @@ pub async fn apply_ops(
                 ))
                 .await;
                 attempt += 1;
+                stats.retries.fetch_add(1, Ordering::Relaxed);
             }
             Err(f) => return Err(f.into_store_error()),
         }
@@ -1272,7 +1301,7 @@ impl Store for PgStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, mut client) = inner.enter().await?;
-            apply_ops(&mut client, &ops, now_ms(), false).await
+            apply_counted(&mut client, &ops, now_ms(), false, &inner.stats).await
         })
     }
 
@@ -1282,8 +1311,14 @@ impl Store for PgStore {
             let (_open, mut client) = inner.enter().await?;
             // One transaction whose first statement locks the order row
             // (`SELECT … FOR UPDATE`), then re-checks its status before writing.
-            let mut results =
-                apply_ops(&mut client, std::slice::from_ref(&op), now_ms(), true).await?;
+            let mut results = apply_counted(
+                &mut client,
+                std::slice::from_ref(&op),
+                now_ms(),
+                true,
+                &inner.stats,
+            )
+            .await?;
             results
                 .pop()
                 .ok_or_else(|| StoreError::Unavailable("no result for the op".into()))
