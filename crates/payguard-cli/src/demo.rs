@@ -64,14 +64,14 @@ impl LocalServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState {
+        let state = AppState::new(
             engine,
-            info: Arc::new(ServiceInfo {
+            ServiceInfo {
                 instance: instance.to_owned(),
                 guard: guard.name(),
                 lock: "local",
-            }),
-        };
+            },
+        );
         let task = tokio::spawn(payguard_server::serve(listener, state, async move {
             let _ = rx.await;
         }));

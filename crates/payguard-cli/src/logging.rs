@@ -142,3 +142,101 @@ where
         writeln!(writer, "{line}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(format: LogFormat) -> String {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .event_format(PayguardFormat { format })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                event = "order_cache_set",
+                oid = "OD20240517A1122",
+                status = "PREPARE",
+                req = "r1",
+                inst = "pay-1"
+            );
+            tracing::warn!(
+                event = "duplicate_deduct",
+                oid = "OD20240517A1122",
+                amount = 1_185_000_i64,
+                entries = 2_i64,
+                req = "r2",
+                inst = "pay-2"
+            );
+            tracing::info!(
+                event = "deduct_end",
+                oid = "o",
+                outcome = "committed",
+                dur_ms = 1.23456_f64,
+                req = "r3",
+                inst = "pay-1"
+            );
+        });
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Strips the timestamp, which is the only part that changes between runs.
+    fn without_ts(line: &str) -> String {
+        match line.find("Z") {
+            Some(i) if line.starts_with("20") => line[i + 1..].to_owned(),
+            _ => line.to_owned(),
+        }
+    }
+
+    #[test]
+    fn text_lines_match_logs_md() {
+        let out = capture(LogFormat::Text);
+        let lines: Vec<String> = out.lines().map(without_ts).collect();
+        assert_eq!(
+            lines,
+            vec![
+                " [INFO] order_cache_set: oid=OD20240517A1122, status=PREPARE, req=r1, inst=pay-1",
+                " [WARN] duplicate_deduct: oid=OD20240517A1122, amount=1185000, entries=2, req=r2, inst=pay-2",
+                " [INFO] deduct_end: oid=o, outcome=committed, dur_ms=1.235, req=r3, inst=pay-1",
+            ]
+        );
+        let ts = &out[..24];
+        assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
+    }
+
+    #[test]
+    fn json_lines_match_logs_md_in_key_order() {
+        let out = capture(LogFormat::Json);
+        let first = out.lines().next().unwrap();
+        assert!(first.starts_with("{\"ts\":\"20"), "{first}");
+        let rest = &first[first.find("\"level\"").unwrap()..];
+        assert_eq!(
+            rest,
+            "\"level\":\"INFO\",\"event\":\"order_cache_set\",\"oid\":\"OD20240517A1122\",\"status\":\"PREPARE\",\"req\":\"r1\",\"inst\":\"pay-1\"}"
+        );
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        }
+        let dup: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(dup["amount"], 1_185_000);
+        assert_eq!(dup["level"], "WARN");
+    }
+}

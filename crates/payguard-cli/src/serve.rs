@@ -7,7 +7,7 @@ use payguard::engine::Guard;
 use payguard::store::postgres::PgStore;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig, Store};
-use payguard_server::{AppState, ServiceInfo};
+use payguard_server::{ApiKeys, AppState, ServiceInfo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,8 +40,50 @@ pub struct ServeArgs {
     /// standing for the incident's slow calls.
     #[arg(long, env = "PAYGUARD_NAIVE_GAP_MS", default_value_t = DEFAULT_NAIVE_GAP_MS)]
     pub naive_gap_ms: u64,
+    /// File of API keys, one a line (`#` comments). Also `PAYGUARD_API_KEYS`
+    /// (comma separated). Without keys the server binds loopback only, unauthenticated.
+    #[arg(long, env = "PAYGUARD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// How long Idempotency-Key responses are kept: `24h`, `30m`, `90s` or seconds.
+    #[arg(long, env = "PAYGUARD_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration_ms)]
+    pub idempotency_ttl: i64,
+    /// Largest request body (bytes); larger gets 413 `body_too_large`.
+    #[arg(long, env = "PAYGUARD_BODY_BYTES_MAX", default_value_t = payguard_server::limits::BODY_BYTES_MAX)]
+    pub body_bytes_max: usize,
+    /// Largest total of request header names and values (bytes); larger gets 431.
+    #[arg(long, env = "PAYGUARD_HEADER_BYTES_MAX", default_value_t = payguard_server::limits::HEADER_BYTES_MAX)]
+    pub header_bytes_max: usize,
+    /// Request timeout (ms): reads are cut off, writes only before reaching the store (503).
+    #[arg(long, env = "PAYGUARD_REQUEST_TIMEOUT_MS", default_value_t = payguard_server::limits::REQUEST_TIMEOUT_MS)]
+    pub request_timeout_ms: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    #[arg(long, env = "PAYGUARD_CONNECTIONS_MAX", default_value_t = payguard_server::limits::CONNECTIONS_MAX)]
+    pub connections_max: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// `24h`, `30m`, `90s`, `1500ms` or a plain number of seconds, in milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (num, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000)
+    } else {
+        (s, 1_000)
+    };
+    let n: i64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m, 90s or 1500ms"))?;
+    n.checked_mul(unit_ms)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("{s:?} must be a positive duration"))
 }
 
 /// A few milliseconds, like the incident's slow calls between check and act.
@@ -193,6 +235,21 @@ pub fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+fn load_keys(args: &ServeArgs) -> anyhow::Result<ApiKeys> {
+    let mut keys: Vec<String> = std::env::var("PAYGUARD_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if let Some(path) = &args.api_keys_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --api-keys-file {}", path.display()))?;
+        keys.extend(payguard_server::auth::key_file_lines(&text).map(str::to_owned));
+    }
+    Ok(ApiKeys::new(keys)?)
+}
+
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -204,13 +261,38 @@ pub fn default_instance_id() -> String {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     args.engine.validate()?;
-    if !args.listen.ip().is_loopback() {
+    let keys = load_keys(&args)?;
+    if keys.is_empty() && !args.listen.ip().is_loopback() {
         bail!(
-            "refusing to listen on {} without API keys: payguard has no authentication yet, \
-             so it only binds loopback (127.0.0.1 or ::1)",
+            "refusing to listen on {} without API keys: with none configured payguard serves \
+             without authentication, so it only binds loopback (127.0.0.1 or ::1); set \
+             PAYGUARD_API_KEYS or --api-keys-file",
             args.listen
         );
     }
+    anyhow::ensure!(
+        args.body_bytes_max >= 1024,
+        "--body-bytes-max must be at least 1024"
+    );
+    anyhow::ensure!(
+        args.header_bytes_max >= 1024,
+        "--header-bytes-max must be at least 1024"
+    );
+    anyhow::ensure!(
+        args.request_timeout_ms >= 1,
+        "--request-timeout-ms must be at least 1"
+    );
+    anyhow::ensure!(
+        args.connections_max >= 1,
+        "--connections-max must be at least 1"
+    );
+    let limits = payguard_server::Limits {
+        body_bytes_max: args.body_bytes_max,
+        header_bytes_max: args.header_bytes_max,
+        request_timeout_ms: args.request_timeout_ms,
+        connections_max: args.connections_max,
+        idempotency_ttl_ms: args.idempotency_ttl,
+    };
     let db = DbUrl::parse(&args.db)?;
     if args.guard == GuardArg::Naive {
         if let DbUrl::Postgres(_) = db {
@@ -266,6 +348,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let local = listener.local_addr()?;
+        if keys.is_empty() {
+            tracing::warn!(
+                event = "auth_disabled",
+                "no API keys configured: serving without authentication on loopback only"
+            );
+        }
         tracing::info!(
             event = "server_started",
             listen = %local,
@@ -274,14 +362,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             guard = guard.name(),
             inst = instance.as_str()
         );
-        let state = AppState {
+        let mut state = AppState::new(
             engine,
-            info: Arc::new(ServiceInfo {
+            ServiceInfo {
                 instance: instance.clone(),
                 guard: guard.name(),
                 lock: "local",
-            }),
-        };
+            },
+        );
+        state.keys = keys;
+        state.limits = limits;
         payguard_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!(event = "server_stopped", inst = instance.as_str());
         Ok::<_, anyhow::Error>(())

@@ -3,7 +3,6 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use payguard::store::Rejection;
 use payguard::{EngineError, StoreError};
 use serde_json::json;
@@ -46,11 +45,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        crate::render::json_response(self.status, self.body_bytes())
     }
 }
 
@@ -66,56 +61,73 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<&Rejection> for ApiError {
+    fn from(r: &Rejection) -> Self {
+        use StatusCode as S;
+        match r {
+            Rejection::AccountExists => ApiError::new(
+                S::CONFLICT,
+                "account_exists",
+                "an account with this id exists with another opening balance or currency",
+            ),
+            Rejection::AccountNotFound => {
+                ApiError::new(S::NOT_FOUND, "account_not_found", "no such account")
+            }
+            Rejection::OrderExists => ApiError::new(
+                S::CONFLICT,
+                "order_exists",
+                "an order with this id exists with another account or amount",
+            ),
+            Rejection::OrderNotFound => {
+                ApiError::new(S::NOT_FOUND, "order_not_found", "no such order")
+            }
+            Rejection::InsufficientFunds => ApiError::new(
+                S::PAYMENT_REQUIRED,
+                "insufficient_funds",
+                "the account's balance does not cover the order; the order is FAILED",
+            ),
+            Rejection::OrderNotPaid => ApiError::new(
+                S::CONFLICT,
+                "order_not_paid",
+                "only a PAID or PARTIALLY_REFUNDED order can be refunded",
+            ),
+            Rejection::RefundExists => ApiError::new(
+                S::CONFLICT,
+                "refund_exists",
+                "this refund id was already used with another order or amount",
+            ),
+            Rejection::RefundExceedsPaid => ApiError::new(
+                S::CONFLICT,
+                "refund_exceeds_paid",
+                "the refunds of this order would exceed its amount",
+            ),
+            Rejection::Refused(detail) => ApiError::internal(detail),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        use StatusCode as S;
         match e {
-            EngineError::Rejected(r) => match r {
-                Rejection::AccountExists => ApiError::new(
-                    S::CONFLICT,
-                    "account_exists",
-                    "an account with this id exists with another opening balance or currency",
-                ),
-                Rejection::AccountNotFound => {
-                    ApiError::new(S::NOT_FOUND, "account_not_found", "no such account")
-                }
-                Rejection::OrderExists => ApiError::new(
-                    S::CONFLICT,
-                    "order_exists",
-                    "an order with this id exists with another account or amount",
-                ),
-                Rejection::OrderNotFound => {
-                    ApiError::new(S::NOT_FOUND, "order_not_found", "no such order")
-                }
-                Rejection::InsufficientFunds => ApiError::new(
-                    S::PAYMENT_REQUIRED,
-                    "insufficient_funds",
-                    "the account's balance does not cover the order; the order is FAILED",
-                ),
-                Rejection::OrderNotPaid => ApiError::new(
-                    S::CONFLICT,
-                    "order_not_paid",
-                    "only a PAID or PARTIALLY_REFUNDED order can be refunded",
-                ),
-                Rejection::RefundExists => ApiError::new(
-                    S::CONFLICT,
-                    "refund_exists",
-                    "this refund id was already used with another order or amount",
-                ),
-                Rejection::RefundExceedsPaid => ApiError::new(
-                    S::CONFLICT,
-                    "refund_exceeds_paid",
-                    "the refunds of this order would exceed its amount",
-                ),
-                Rejection::Refused(detail) => ApiError::internal(&detail),
-            },
+            EngineError::Rejected(r) => ApiError::from(&r),
             EngineError::Overloaded => ApiError::unavailable(
                 "too many requests queued for this order's lane; nothing was changed, retry later",
+            ),
+            EngineError::TimedOut => ApiError::unavailable(
+                "the request timed out before it reached the store; nothing was changed, retry",
             ),
             EngineError::ShuttingDown => {
                 ApiError::unavailable("the server is shutting down; nothing was changed")
             }
             EngineError::Store(s) => s.into(),
         }
+    }
+}
+
+impl ApiError {
+    /// The JSON body bytes of this error, as sent and as stored for replays.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({"error": {"code": self.code, "message": self.message}}))
+            .unwrap_or_default()
     }
 }

@@ -7,12 +7,19 @@
 //! API.md; internal details go to the log with the request id, never to the client.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod error;
+pub mod idempotency;
+pub mod limits;
+pub mod metrics;
+mod render;
 mod request;
 mod routes;
 
+pub use auth::ApiKeys;
 pub use error::ApiError;
-pub use request::{BODY_BYTES_MAX, REQUEST_ID_HEADER};
+pub use limits::Limits;
+pub use request::REQUEST_ID_HEADER;
 
 use axum::Router;
 use payguard::Engine;
@@ -33,7 +40,27 @@ pub struct ServiceInfo {
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub info: Arc<ServiceInfo>,
+    /// Empty: no authentication (loopback only, checked by the binary).
+    pub keys: ApiKeys,
+    pub limits: Limits,
+    pub metrics: Arc<metrics::Metrics>,
 }
+
+impl AppState {
+    /// The zero-setup state: no keys, default limits.
+    pub fn new(engine: Arc<Engine>, info: ServiceInfo) -> Self {
+        AppState {
+            metrics: metrics::Metrics::new(&engine),
+            engine,
+            info: Arc::new(info),
+            keys: ApiKeys::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// How often expired Idempotency-Key records are pruned.
+pub const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 60_000;
 
 /// The whole API as an axum router.
 pub fn router(state: AppState) -> Router {
@@ -50,12 +77,33 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let engine = state.engine.clone();
+    let listener = limits::LimitedListener::new(listener, state.limits.connections_max);
+    let pruner = tokio::spawn(prune_idempotency(engine.clone()));
     let app = router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
+    pruner.abort();
     let closed = engine.shutdown().await;
     served?;
     closed?;
     Ok(())
+}
+
+/// Deletes expired Idempotency-Key records in the background.
+async fn prune_idempotency(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        IDEMPOTENCY_PRUNE_INTERVAL_MS,
+    ));
+    loop {
+        tick.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        match engine.store().idem_prune(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(event = "idempotency_pruned", records = n),
+            Err(e) => tracing::warn!(event = "idempotency_prune_failed", detail = %e),
+        }
+    }
 }

@@ -10,8 +10,6 @@ use axum::response::Response;
 use payguard::domain::RequestId;
 use serde::de::DeserializeOwned;
 
-/// Largest request body accepted (API.md: 64 KiB); larger gets 413 `body_too_large`.
-pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Takes the caller's `X-Request-Id` when it is a valid id, else makes one, and
@@ -48,14 +46,14 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.to_ascii_lowercase().ends_with("+json"))
 }
 
-/// The body as bytes, or 413 when it is over [`BODY_BYTES_MAX`].
+/// The body as bytes, or 413 when it is over `Limits::body_bytes_max`.
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("request bodies are limited to {BODY_BYTES_MAX} bytes"),
+                "the request body is over the server's limit (64 KiB by default)",
             )
         } else {
             ApiError::new(

@@ -1,22 +1,25 @@
 //! The routes of API.md. Handlers validate at the edge (ids, money, shapes), hand
-//! one [`Op`] to the engine, and map its answer; they hold no state of their own.
+//! one [`Op`] to the engine (under an Idempotency-Key when one is sent), and
+//! render its answer; they hold no state of their own.
 
+use crate::auth::{require_key, Principal};
 use crate::error::ApiError;
-use crate::request::{body_bytes, json_body, optional_json_body, request_id, BODY_BYTES_MAX};
-use crate::AppState;
+use crate::request::{body_bytes, json_body, optional_json_body, request_id};
+use crate::{idempotency, render, AppState};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use payguard::domain::{
-    AccountId, Currency, Entry, IdError, Money, MoneyError, Order, OrderId, RefundId, RequestId,
+    AccountId, Currency, IdError, Money, MoneyError, OrderId, RefundId, RequestId,
 };
-use payguard::store::{Op, Output};
-use serde::{Deserialize, Serialize};
+use payguard::store::Op;
+use serde::Deserialize;
 use serde_json::json;
+use std::time::{Duration, Instant};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -29,9 +32,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}/entries", get(entries))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::metrics::render))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(
+            state.keys.clone(),
+            require_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.limits.clone(),
+            crate::limits::enforce,
+        ))
+        .layer(DefaultBodyLimit::max(state.limits.body_bytes_max))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -64,8 +80,42 @@ fn path_id<T>(
     parse(&raw).map_err(id_err)
 }
 
-async fn run(state: &AppState, op: Op, req: RequestId) -> Result<Output, ApiError> {
-    Ok(state.engine.submit(op, req).await?)
+/// What every money-moving POST carries besides its op.
+struct Post {
+    req: RequestId,
+    principal: Principal,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Post {
+    /// Runs `op`: under its Idempotency-Key if it has one, with the request
+    /// timeout as the deadline for reaching the store.
+    async fn run(self, state: &AppState, op: Op) -> Response {
+        let deadline =
+            Some(Instant::now() + Duration::from_millis(state.limits.request_timeout_ms));
+        let key = match idempotency::key_from(&self.headers) {
+            Ok(k) => k,
+            Err(e) => return e.into_response(),
+        };
+        match key {
+            None => render::respond(state.engine.submit_by(op, self.req, deadline).await),
+            Some(key) => {
+                let keyed = idempotency::Keyed {
+                    scope: &self.principal.0,
+                    fingerprint: idempotency::fingerprint(
+                        self.method.as_str(),
+                        self.uri.path(),
+                        &self.body,
+                    ),
+                    key,
+                };
+                idempotency::run(state, self.req, keyed, op, deadline).await
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -80,32 +130,32 @@ struct CreateAccountBody {
 async fn create_account(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: CreateAccountBody = json_body(&headers, &body_bytes(body)?)?;
+    let body = body_bytes(body)?;
+    let parsed: CreateAccountBody = json_body(&headers, &body)?;
     let op = Op::CreateAccount {
-        id: AccountId::parse(&body.id).map_err(id_err)?,
-        balance: Money::balance(body.balance).map_err(|e| money_err("balance", e))?,
-        currency: match body.currency {
+        id: AccountId::parse(&parsed.id).map_err(id_err)?,
+        balance: Money::balance(parsed.balance).map_err(|e| money_err("balance", e))?,
+        currency: match parsed.currency {
             Some(c) => Currency::parse(&c).map_err(id_err)?,
             None => Currency::CNY,
         },
     };
-    match run(&state, op, req).await? {
-        Output::Account { account, created } => Ok((
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            Json(account),
-        )
-            .into_response()),
-        other => Err(ApiError::internal(&format!(
-            "create account answered {other:?}"
-        ))),
+    Ok(Post {
+        req,
+        principal,
+        method,
+        uri,
+        headers,
+        body,
     }
+    .run(&state, op)
+    .await)
 }
 
 async fn get_account(
@@ -134,29 +184,29 @@ struct CreateOrderBody {
 async fn create_order(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: CreateOrderBody = json_body(&headers, &body_bytes(body)?)?;
+    let body = body_bytes(body)?;
+    let parsed: CreateOrderBody = json_body(&headers, &body)?;
     let op = Op::CreateOrder {
-        id: OrderId::parse(&body.id).map_err(id_err)?,
-        account_id: AccountId::parse(&body.account_id).map_err(id_err)?,
-        amount: Money::amount(body.amount).map_err(|e| money_err("amount", e))?,
+        id: OrderId::parse(&parsed.id).map_err(id_err)?,
+        account_id: AccountId::parse(&parsed.account_id).map_err(id_err)?,
+        amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
     };
-    match run(&state, op, req).await? {
-        Output::Order { order, created } => Ok((
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            Json(order),
-        )
-            .into_response()),
-        other => Err(ApiError::internal(&format!(
-            "create order answered {other:?}"
-        ))),
+    Ok(Post {
+        req,
+        principal,
+        method,
+        uri,
+        headers,
+        body,
     }
+    .run(&state, op)
+    .await)
 }
 
 async fn get_order(
@@ -174,46 +224,36 @@ async fn get_order(
     }
 }
 
-/// The answer of deduct and refund, fields in API.md's order.
-#[derive(Serialize)]
-struct MovementBody {
-    order: Order,
-    entry: Entry,
-    replayed: bool,
-}
-
-fn movement(out: Output) -> Result<Response, ApiError> {
-    match out {
-        Output::Movement {
-            order,
-            entry,
-            replayed,
-        } => Ok(Json(MovementBody {
-            order,
-            entry,
-            replayed,
-        })
-        .into_response()),
-        other => Err(ApiError::internal(&format!("movement answered {other:?}"))),
-    }
-}
-
 /// `deduct` takes no parameters; `{}` is accepted so clients that always send a
 /// JSON object work, and anything in it is an unknown field (422).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DeductBody {}
 
+#[allow(clippy::too_many_arguments)]
 async fn deduct(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
+    method: Method,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let DeductBody {} = optional_json_body(&headers, &body_bytes(body)?)?;
-    movement(run(&state, Op::Deduct { order_id }, req).await?)
+    let body = body_bytes(body)?;
+    let DeductBody {} = optional_json_body(&headers, &body)?;
+    Ok(Post {
+        req,
+        principal,
+        method,
+        uri,
+        headers,
+        body,
+    }
+    .run(&state, Op::Deduct { order_id })
+    .await)
 }
 
 #[derive(Deserialize)]
@@ -223,21 +263,35 @@ struct RefundBody {
     amount: i64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn refund(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
+    Extension(principal): Extension<Principal>,
+    method: Method,
+    uri: Uri,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let body: RefundBody = json_body(&headers, &body_bytes(body)?)?;
+    let body = body_bytes(body)?;
+    let parsed: RefundBody = json_body(&headers, &body)?;
     let op = Op::Refund {
         order_id,
-        refund_id: RefundId::parse(&body.id).map_err(id_err)?,
-        amount: Money::amount(body.amount).map_err(|e| money_err("amount", e))?,
+        refund_id: RefundId::parse(&parsed.id).map_err(id_err)?,
+        amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
     };
-    movement(run(&state, op, req).await?)
+    Ok(Post {
+        req,
+        principal,
+        method,
+        uri,
+        headers,
+        body,
+    }
+    .run(&state, op)
+    .await)
 }
 
 async fn entries(

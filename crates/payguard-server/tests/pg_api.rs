@@ -57,14 +57,14 @@ async fn spawn(db: &ScratchDb, name: &str, guard: Guard) -> Instance {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let state = AppState {
-        engine: engine.clone(),
-        info: Arc::new(ServiceInfo {
+    let state = AppState::new(
+        engine.clone(),
+        ServiceInfo {
             instance: name.into(),
             guard: guard.name(),
             lock: "local",
-        }),
-    };
+        },
+    );
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {
         let _ = rx.await;
     }));
@@ -262,6 +262,69 @@ async fn seed_guard_on_postgres_charges_once() {
     assert_eq!(refunds.iter().filter(|(s, _)| *s == 409).count(), 8);
     let (_, audit) = a.get("/v1/audit").await;
     assert_eq!(audit["ok"], json!(true), "{audit:?}");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await.unwrap();
+}
+
+/// One Idempotency-Key sent 20 times at once, half to each instance: the deduct
+/// runs once, and every answer is the first response's bytes (the key's record
+/// lives in the shared database, written in the money transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_on_two_instances_executes_once() {
+    let Some(db) = scratch("one_idempotency_key_on_two_instances_executes_once").await else {
+        return;
+    };
+    let a = spawn(&db, "pg-a", Guard::Full).await;
+    let b = spawn(&db, "pg-b", Guard::Full).await;
+    a.post("/v1/accounts", json!({"id": "acct", "balance": 1_000}))
+        .await;
+    a.post(
+        "/v1/orders",
+        json!({"id": "o1", "account_id": "acct", "amount": 100}),
+    )
+    .await;
+    let calls = (0..20).map(|i| {
+        let inst = if i % 2 == 0 { &a } else { &b };
+        async move {
+            let r = inst
+                .client
+                .post(format!("{}/v1/orders/o1/deduct", inst.base))
+                .header("idempotency-key", "deduct-o1")
+                .send()
+                .await
+                .unwrap();
+            let replayed = r.headers().get("idempotent-replayed").is_some();
+            (r.status().as_u16(), replayed, r.bytes().await.unwrap())
+        }
+    });
+    let results = join_all(calls).await;
+    let firsts: Vec<_> = results
+        .iter()
+        .filter(|(_, replayed, _)| !replayed)
+        .collect();
+    assert_eq!(firsts.len(), 1, "exactly one original: {results:?}");
+    for (status, _, bytes) in &results {
+        assert_eq!(*status, 200);
+        assert_eq!(
+            bytes, &firsts[0].2,
+            "every replay is the first response's bytes"
+        );
+    }
+    let (_, account) = b.get("/v1/accounts/acct").await;
+    assert_eq!(account["balance"], json!(900));
+    let stored = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT COUNT(*) FROM idempotency WHERE key = 'deduct-o1' AND state = 'done'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(stored, 1);
     a.stop().await;
     b.stop().await;
     db.drop_db().await.unwrap();

@@ -369,14 +369,19 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
         .unwrap();
     assert_eq!(o.debit_entry_id, Some(1));
     let c = db.connect().await.unwrap();
-    assert_eq!(
-        count(
-            &c,
-            "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'"
-        )
-        .await,
-        1
-    );
+    let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
+    assert_eq!(count(&c, version).await, 2, "v1 schema + v2 idempotency");
+    // A v1 database (as the first PostgreSQL build left it) is upgraded in place.
+    s.close().await.unwrap();
+    c.batch_execute(
+        "DROP TABLE idempotency; UPDATE payguard_meta SET value = '1' WHERE key = 'schema_version'",
+    )
+    .await
+    .unwrap();
+    let s = store(&db).await;
+    assert_eq!(count(&c, version).await, 2);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
     assert_eq!(
         s.apply_naive(
             deduct("o1"),

@@ -2,6 +2,7 @@
 //! in the same run, because absolute times on shared machines drift.
 
 mod engine;
+mod guards;
 
 use std::process::ExitCode;
 
@@ -15,10 +16,13 @@ pub struct BenchArgs {
 pub enum Suite {
     /// Durable deductions/s of the engine vs raw rusqlite doing the same writes.
     Engine(engine::EngineBenchArgs),
+    /// Storm throughput and latency of `seed` vs `full` through HTTP, one run.
+    Guards(guards::GuardsBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.suite {
         Suite::Engine(a) => engine::run(a),
+        Suite::Guards(a) => guards::run(a),
     }
 }

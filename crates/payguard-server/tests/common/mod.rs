@@ -26,9 +26,33 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(EngineConfig::default()).await
 }
 
-pub async fn spawn_app_with(mut cfg: EngineConfig) -> TestApp {
+pub async fn spawn_app_with(cfg: EngineConfig) -> TestApp {
+    spawn_app_full(
+        cfg,
+        payguard_server::ApiKeys::default(),
+        payguard_server::Limits::default(),
+    )
+    .await
+}
+
+pub async fn spawn_app_full(
+    cfg: EngineConfig,
+    keys: payguard_server::ApiKeys,
+    limits: payguard_server::Limits,
+) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let db_path = dir.path().join("payguard.db");
+    spawn_app_on(dir, db_path, cfg, keys, limits).await
+}
+
+/// A second server on an existing database (another instance, or a restart).
+pub async fn spawn_app_on(
+    dir: tempfile::TempDir,
+    db_path: PathBuf,
+    mut cfg: EngineConfig,
+    keys: payguard_server::ApiKeys,
+    limits: payguard_server::Limits,
+) -> TestApp {
     let store = SqliteStore::open(SqliteConfig::new(&db_path)).expect("open store");
     cfg.instance_id = "test-1".into();
     let engine = Arc::new(Engine::start(Arc::new(store), cfg));
@@ -37,14 +61,16 @@ pub async fn spawn_app_with(mut cfg: EngineConfig) -> TestApp {
         .expect("bind port 0");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let state = AppState {
-        engine: engine.clone(),
-        info: Arc::new(ServiceInfo {
+    let mut state = AppState::new(
+        engine.clone(),
+        ServiceInfo {
             instance: "test-1".into(),
             guard: "full",
             lock: "local",
-        }),
-    };
+        },
+    );
+    state.keys = keys;
+    state.limits = limits;
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {
         let _ = rx.await;
     }));
@@ -169,6 +195,18 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.unwrap().unwrap();
         }
+    }
+
+    /// Stops the server but keeps its database directory for another instance.
+    pub async fn stop_keep_dir(mut self) -> (tempfile::TempDir, PathBuf) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, self.db_path.clone())
     }
 
     pub fn trigger_shutdown(&mut self) {

@@ -28,7 +28,9 @@ use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, Requ
 use crate::lock::LocalLocks;
 use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -100,29 +102,71 @@ pub enum EngineError {
     Rejected(#[from] Rejection),
     #[error("lane queue is full")]
     Overloaded,
+    /// The request's deadline passed before its change reached the store.
+    #[error("timed out before reaching the store")]
+    TimedOut,
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Counters since start; read by `/metrics`, benchmarks and tests.
-#[derive(Default, Debug)]
+/// Bucket bounds of the lane batch-size histogram (ops per batch).
+const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+/// Bucket bounds of the store commit latency histogram (seconds).
+const COMMIT_SECONDS_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Counters and histograms since start: `/metrics` registers them, benchmarks and
+/// tests read them. Each is lock-free (prometheus-client atomics).
+#[derive(Debug)]
 pub struct EngineStats {
-    pub committed: AtomicU64,
-    pub replayed: AtomicU64,
-    pub rejected: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub store_failures: AtomicU64,
-    pub collisions: AtomicU64,
-    pub joined: AtomicU64,
-    pub batches: AtomicU64,
-    pub batched_ops: AtomicU64,
+    /// Ops that changed something (first executions).
+    pub committed: Counter,
+    /// Ops answered with an earlier result (duplicates, replays).
+    pub replayed: Counter,
+    /// Ops refused with a definite answer (402, 404, 409).
+    pub rejected: Counter,
+    /// Requests refused because a lane queue was full.
+    pub overloaded: Counter,
+    /// Requests that failed with nothing moved (store down, timeout, shutdown).
+    pub store_failures: Counter,
+    /// Race sentinel: a request for an order already in flight.
+    pub collisions: Counter,
+    /// Single flight: a duplicate that shared an in-flight op's result.
+    pub joined: Counter,
+    pub batches: Counter,
+    pub batched_ops: Counter,
+    /// Ops per lane batch.
+    pub batch_sizes: Histogram,
+    /// Time from handing a batch to the store to its commit (or failure).
+    pub commit_seconds: Histogram,
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        EngineStats {
+            committed: Counter::default(),
+            replayed: Counter::default(),
+            rejected: Counter::default(),
+            overloaded: Counter::default(),
+            store_failures: Counter::default(),
+            collisions: Counter::default(),
+            joined: Counter::default(),
+            batches: Counter::default(),
+            batched_ops: Counter::default(),
+            batch_sizes: Histogram::new(BATCH_SIZE_BUCKETS),
+            commit_seconds: Histogram::new(COMMIT_SECONDS_BUCKETS),
+        }
+    }
 }
 
 impl EngineStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -130,6 +174,9 @@ struct Cmd {
     op: Op,
     req: RequestId,
     reply: oneshot::Sender<LaneReply>,
+    /// Past this, the lane answers `TimedOut` instead of admitting the command:
+    /// a timeout may only fire before a change reaches the store.
+    deadline: Option<Instant>,
 }
 
 struct Shared {
@@ -199,6 +246,19 @@ impl Engine {
         &self.shared.stats
     }
 
+    /// Requests waiting in each lane's queue (`full` only).
+    pub fn lane_depths(&self) -> Vec<usize> {
+        self.lanes
+            .read()
+            .map(|lanes| {
+                lanes
+                    .iter()
+                    .map(|l| l.max_capacity() - l.capacity())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
     }
@@ -206,6 +266,19 @@ impl Engine {
     /// Runs `op` exactly once per distinct request, logging the events of LOGS.md
     /// for money movements.
     pub async fn submit(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+        self.submit_by(op, req, None).await
+    }
+
+    /// Like [`Engine::submit`], but gives up with [`EngineError::TimedOut`] if the
+    /// op has not been handed to the store by `deadline`. Once it has, the request
+    /// waits for the outcome, however long: an answer after the change is the only
+    /// honest one.
+    pub async fn submit_by(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let started = Instant::now();
         let family = op.family();
         let inst = self.shared.cfg.instance_id.as_str();
@@ -223,27 +296,27 @@ impl Engine {
             Err(EngineError::ShuttingDown)
         } else {
             match self.shared.cfg.guard {
-                Guard::Full => self.dispatch(op.clone(), req.clone()).await,
-                Guard::Seed => self.seed(op.clone(), req.clone()).await,
+                Guard::Full => self.dispatch(op.clone(), req.clone(), deadline).await,
+                Guard::Seed => self.seed(op.clone(), req.clone(), deadline).await,
                 Guard::Naive { gap_ms } => self.naive(op.clone(), req.clone(), gap_ms).await,
             }
         };
         let stats = &self.shared.stats;
         match &result {
             Ok(out) if out.is_replay() => {
-                stats.replayed.fetch_add(1, Ordering::Relaxed);
+                stats.replayed.inc();
             }
             Ok(_) => {
-                stats.committed.fetch_add(1, Ordering::Relaxed);
+                stats.committed.inc();
             }
             Err(EngineError::Rejected(_)) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                stats.rejected.inc();
             }
             Err(EngineError::Overloaded) => {
-                stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                stats.overloaded.inc();
             }
-            Err(EngineError::ShuttingDown | EngineError::Store(_)) => {
-                stats.store_failures.fetch_add(1, Ordering::Relaxed);
+            Err(EngineError::ShuttingDown | EngineError::Store(_) | EngineError::TimedOut) => {
+                stats.store_failures.inc();
             }
         }
         if moves_money {
@@ -290,21 +363,20 @@ impl Engine {
                     );
                     r.reason()
                 }
-                Err(EngineError::Overloaded) => {
+                Err(
+                    e @ (EngineError::Overloaded
+                    | EngineError::ShuttingDown
+                    | EngineError::TimedOut),
+                ) => {
+                    let reason = match e {
+                        EngineError::Overloaded => "overloaded",
+                        EngineError::TimedOut => "timed_out",
+                        _ => "shutting_down",
+                    };
                     tracing::warn!(
                         event = event_name(family, "rejected"),
                         oid,
-                        reason = "overloaded",
-                        req,
-                        inst
-                    );
-                    "unavailable"
-                }
-                Err(EngineError::ShuttingDown) => {
-                    tracing::warn!(
-                        event = event_name(family, "rejected"),
-                        oid,
-                        reason = "shutting_down",
+                        reason,
                         req,
                         inst
                     );
@@ -328,7 +400,12 @@ impl Engine {
         result
     }
 
-    async fn dispatch(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+    async fn dispatch(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let (reply, rx) = oneshot::channel();
         {
             let lanes = self.lanes.read().map_err(|_| EngineError::ShuttingDown)?;
@@ -337,7 +414,12 @@ impl Engine {
             }
             let lane = lane_for(op.route_key(), lanes.len());
             lanes[lane]
-                .try_send(Cmd { op, req, reply })
+                .try_send(Cmd {
+                    op,
+                    req,
+                    reply,
+                    deadline,
+                })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
                     mpsc::error::TrySendError::Closed(_) => EngineError::ShuttingDown,
@@ -354,7 +436,12 @@ impl Engine {
     }
 
     /// `--guard seed`: per-order lock, then one transaction for this request alone.
-    async fn seed(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
+    async fn seed(
+        &self,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+    ) -> Result<Output, EngineError> {
         let inst = &*self.shared.inst;
         let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
         let key = match &op {
@@ -362,14 +449,18 @@ impl Engine {
             other => format!("lock:order:{}", other.route_key()),
         };
         let _sentinel = self.enter(&op, &req);
-        let lease = self
-            .locks
-            .acquire(&key, Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX))
-            .await
-            .map_err(|e| {
-                tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+        let lock_wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
+        let wait = deadline.map_or(lock_wait, |d| {
+            d.saturating_duration_since(Instant::now()).min(lock_wait)
+        });
+        let lease = self.locks.acquire(&key, wait).await.map_err(|e| {
+            tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                EngineError::TimedOut
+            } else {
                 EngineError::Overloaded
-            })?;
+            }
+        })?;
         tracing::info!(
             event = "lock_acquired",
             oid,
@@ -420,7 +511,7 @@ impl Engine {
             })
             .or_insert_with(|| (req.clone(), 1));
         if let Some(other) = other {
-            self.shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.collisions.inc();
             tracing::warn!(
                 event = "concurrent_inflight",
                 oid = order.as_str(),
@@ -515,6 +606,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
     let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
     let mut inflight: Option<StoreFuture<Vec<crate::store::OpResult>>> = None;
     let mut open = true;
+    let mut inflight_since = Instant::now();
     // When a non-full batch may go out at the latest.
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -523,11 +615,10 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             let due = *deadline.get_or_insert(now + batch_wait);
             if !open || core.pending_len() >= cfg.batch_max || now >= due {
                 if let Some(ops) = core.take_batch(cfg.batch_max) {
-                    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .stats
-                        .batched_ops
-                        .fetch_add(ops.len() as u64, Ordering::Relaxed);
+                    shared.stats.batches.inc();
+                    shared.stats.batched_ops.inc_by(ops.len() as u64);
+                    shared.stats.batch_sizes.observe(ops.len() as f64);
+                    inflight_since = Instant::now();
                     inflight = Some(shared.store.apply(ops));
                 }
                 deadline = None;
@@ -543,6 +634,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             biased;
             results = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
                 inflight = None;
+                shared.stats.commit_seconds.observe(inflight_since.elapsed().as_secs_f64());
                 for delivery in core.complete(results) {
                     deliver(&shared, delivery);
                 }
@@ -566,14 +658,21 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
 }
 
 fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {
+    if cmd.deadline.is_some_and(|d| Instant::now() >= d) {
+        // Nothing of it reached the store: the caller may retry safely.
+        let _ = cmd.reply.send(Err(StoreError::Unavailable(
+            "timed out in the lane queue".into(),
+        )));
+        return;
+    }
     let oid = cmd.op.order_id().cloned();
     let req = cmd.req.clone();
     let admission = core.submit(cmd.op, cmd.req, cmd.reply);
     if admission.joined {
-        shared.stats.joined.fetch_add(1, Ordering::Relaxed);
+        shared.stats.joined.inc();
     }
     if let (Some(other), Some(oid)) = (admission.other_req, oid) {
-        shared.stats.collisions.fetch_add(1, Ordering::Relaxed);
+        shared.stats.collisions.inc();
         tracing::warn!(
             event = "concurrent_inflight",
             oid = oid.as_str(),

@@ -47,12 +47,90 @@ pub enum Op {
         refund_id: RefundId,
         amount: Money,
     },
+    /// `inner`, with its HTTP response stored under an Idempotency-Key in the same
+    /// transaction, so a crash can never leave a charge without its stored
+    /// response or the reverse.
+    Idempotent {
+        inner: Box<Op>,
+        idem: IdemWrite,
+    },
+}
+
+/// Renders an op's result as the exact HTTP response (status, body bytes) to
+/// store, or `None` for results that must not be stored (they did nothing and
+/// may be retried). Supplied by the HTTP layer; the store only calls it.
+pub type Render = std::sync::Arc<dyn Fn(&OpResult) -> Option<(u16, Vec<u8>)> + Send + Sync>;
+
+/// Where an idempotent op's response goes. Equal (for single flight) when scope,
+/// key and fingerprint are; the renderer is not part of the identity.
+#[derive(Clone)]
+pub struct IdemWrite {
+    /// Hex SHA-256 of the caller's API key (or `anonymous`).
+    pub scope: String,
+    pub key: String,
+    /// Hex SHA-256 of method, path and canonical body.
+    pub fingerprint: String,
+    /// How long the stored response is kept (ms).
+    pub ttl_ms: i64,
+    pub render: Render,
+}
+
+impl PartialEq for IdemWrite {
+    fn eq(&self, other: &Self) -> bool {
+        self.scope == other.scope && self.key == other.key && self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for IdemWrite {}
+
+impl std::hash::Hash for IdemWrite {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scope.hash(state);
+        self.key.hash(state);
+        self.fingerprint.hash(state);
+    }
+}
+
+impl std::fmt::Debug for IdemWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdemWrite")
+            .field("scope", &self.scope)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request to reserve an Idempotency-Key before running its op.
+#[derive(Clone, Debug)]
+pub struct IdemClaim {
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: String,
+    pub now_ms: i64,
+    /// How long an in-flight reservation holds if its instance dies.
+    pub lease_ms: i64,
+    pub ttl_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key is ours: run the op (with [`Op::Idempotent`]).
+    Claimed,
+    /// The first request finished: replay its response (when `same_request`).
+    Done {
+        same_request: bool,
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// The first request is still running (its lease holds).
+    InFlight { same_request: bool },
 }
 
 impl Op {
     /// The key that routes this op to a lane: all work on one order lands in one lane.
     pub fn route_key(&self) -> &str {
         match self {
+            Op::Idempotent { inner, .. } => inner.route_key(),
             Op::CreateAccount { id, .. } => id.as_str(),
             Op::CreateOrder { id, .. } => id.as_str(),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => order_id.as_str(),
@@ -62,6 +140,7 @@ impl Op {
     /// The order this op concerns, if any (for the race sentinel and the cache).
     pub fn order_id(&self) -> Option<&OrderId> {
         match self {
+            Op::Idempotent { inner, .. } => inner.order_id(),
             Op::CreateAccount { .. } => None,
             Op::CreateOrder { id, .. } => Some(id),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => Some(order_id),
@@ -71,6 +150,7 @@ impl Op {
     /// `deduct` or `refund` for money movements (the log event prefix), else `create`.
     pub fn family(&self) -> &'static str {
         match self {
+            Op::Idempotent { inner, .. } => inner.family(),
             Op::Deduct { .. } => "deduct",
             Op::Refund { .. } => "refund",
             Op::CreateAccount { .. } | Op::CreateOrder { .. } => "create",
@@ -220,6 +300,12 @@ pub trait Store: Send + Sync + 'static {
     /// The order's entries in commit order; `None` when the order does not exist.
     fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>>;
     fn audit(&self) -> StoreFuture<AuditReport>;
+    /// Reserves an Idempotency-Key, or reports what holds it.
+    fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome>;
+    /// Frees an in-flight reservation whose op did nothing (503, 500).
+    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()>;
+    /// Deletes stored responses that expired before `now_ms`; returns how many.
+    fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64>;
     /// Finishes queued work and releases the database. Later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<()>;
 }

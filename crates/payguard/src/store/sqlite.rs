@@ -15,7 +15,10 @@
 //! transaction is rolled back and the batch replayed with one savepoint per op, so
 //! the refused op is undone alone and the rest of the batch still commits.
 
-use super::{NaiveCtx, Op, OpResult, Output, Rejection, Store, StoreError, StoreFuture};
+use super::{
+    ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection, Store,
+    StoreError, StoreFuture,
+};
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
     Money, Order, OrderId, OrderStatus, OverRefund, PaidMismatch, RefundId, Resolved,
@@ -41,8 +44,14 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// Read-write connections for per-request transactions (`seed`) and the naive path.
 pub const WRITE_POOL_CONNECTIONS_MAX: u32 = 8;
 
-const MIGRATIONS: &[&str] = &[include_str!("sqlite_schema.sql")];
-const NAIVE_MIGRATIONS: &[&str] = &[include_str!("sqlite_naive_schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sqlite_schema.sql"),
+    include_str!("sqlite_v2_idempotency.sql"),
+];
+const NAIVE_MIGRATIONS: &[&str] = &[
+    include_str!("sqlite_naive_schema.sql"),
+    include_str!("sqlite_v2_idempotency.sql"),
+];
 
 /// Which schema a database file holds, recorded in `payguard_meta.schema_kind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,6 +337,16 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
     }
 }
 
+/// One op in its own `BEGIN IMMEDIATE` transaction, with a savepoint around it.
+fn run_one(conn: &mut Connection, op: &Op) -> Result<OpResult, StoreError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    match run_batch(conn, std::slice::from_ref(op), now, true) {
+        Ok(mut results) => Ok(results.remove(0)),
+        Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
+        Err(Fault::Store(e)) => Err(unavailable(e)),
+    }
+}
+
 /// Why one op could not run.
 enum Fault {
     /// A constraint or trigger refused the change: only this op is affected.
@@ -515,6 +534,11 @@ fn must<T>(v: Option<T>, what: &str) -> Result<T, Fault> {
 
 fn exec_op(conn: &Connection, op: &Op, now: i64) -> Result<OpResult, Fault> {
     match op {
+        Op::Idempotent { inner, idem } => {
+            let result = exec_op(conn, inner, now)?;
+            write_idem(conn, idem, &result, now)?;
+            Ok(result)
+        }
         Op::CreateAccount {
             id,
             balance,
@@ -625,6 +649,113 @@ fn create_order(
         },
         created: true,
     }))
+}
+
+/// Completes (or drops) the Idempotency-Key reservation of an op, inside the
+/// op's own transaction.
+fn write_idem(
+    conn: &Connection,
+    idem: &IdemWrite,
+    result: &OpResult,
+    now: i64,
+) -> Result<(), Fault> {
+    match (idem.render)(result) {
+        Some((status, body)) => {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE idempotency SET state = 'done', status = ?1, body = ?2, lease_until = NULL,
+                            expires_at = ?3
+                     WHERE scope = ?4 AND key = ?5 AND fingerprint = ?6 AND state = 'in_flight'",
+                )?
+                .execute(params![
+                    status,
+                    body,
+                    now.saturating_add(idem.ttl_ms),
+                    idem.scope,
+                    idem.key,
+                    idem.fingerprint
+                ])?;
+            if changed != 1 {
+                // Our lease lapsed and another request took the key over; the op
+                // itself is exactly once regardless, and that request stores its own.
+                tracing::warn!(event = "idempotency_lease_lost", key = %idem.key);
+            }
+        }
+        None => {
+            conn.prepare_cached(
+                "DELETE FROM idempotency WHERE scope = ?1 AND key = ?2 AND state = 'in_flight'",
+            )?
+            .execute(params![idem.scope, idem.key])?;
+        }
+    }
+    Ok(())
+}
+
+/// A stored Idempotency-Key row, as `idem_claim_on` reads it.
+struct IdemRow {
+    fingerprint: String,
+    state: String,
+    lease_until: Option<i64>,
+    status: Option<u16>,
+    body: Option<Vec<u8>>,
+    expires_at: i64,
+}
+
+fn idem_claim_on(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<ClaimOutcome> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let existing = tx
+        .prepare_cached(
+            "SELECT fingerprint, state, lease_until, status, body, expires_at
+             FROM idempotency WHERE scope = ?1 AND key = ?2",
+        )?
+        .query_row(params![c.scope, c.key], |r| {
+            Ok(IdemRow {
+                fingerprint: r.get(0)?,
+                state: r.get(1)?,
+                lease_until: r.get(2)?,
+                status: r.get(3)?,
+                body: r.get(4)?,
+                expires_at: r.get(5)?,
+            })
+        })
+        .optional()?;
+    let outcome = match existing {
+        Some(row) if row.expires_at >= c.now_ms => {
+            let same_request = row.fingerprint == c.fingerprint;
+            let lease = row.lease_until;
+            match (row.state.as_str(), row.status, row.body) {
+                ("done", Some(status), Some(body)) => Some(ClaimOutcome::Done {
+                    same_request,
+                    status,
+                    body,
+                }),
+                _ if lease.is_some_and(|l| l >= c.now_ms) => {
+                    Some(ClaimOutcome::InFlight { same_request })
+                }
+                // An in-flight claim whose lease lapsed: its instance died.
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        return Ok(outcome);
+    }
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO idempotency
+             (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
+         VALUES (?1, ?2, ?3, 'in_flight', ?4, NULL, NULL, ?5, ?6)",
+    )?
+    .execute(params![
+        c.scope,
+        c.key,
+        c.fingerprint,
+        c.now_ms.saturating_add(c.lease_ms),
+        c.now_ms,
+        c.now_ms.saturating_add(c.ttl_ms)
+    ])?;
+    tx.commit()?;
+    Ok(ClaimOutcome::Claimed)
 }
 
 /// The conditional update that makes a state change happen once: it names the
@@ -1009,12 +1140,7 @@ impl Store for SqliteStore {
                     "a naive database only runs --guard naive".into(),
                 ));
             }
-            let now = chrono::Utc::now().timestamp_millis();
-            match run_batch(conn, std::slice::from_ref(&op), now, true) {
-                Ok(mut results) => Ok(results.remove(0)),
-                Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
-                Err(Fault::Store(e)) => Err(unavailable(e)),
-            }
+            run_one(conn, &op)
         })
     }
 
@@ -1025,23 +1151,56 @@ impl Store for SqliteStore {
                     "--guard naive refuses a guarded database: it would corrupt real money".into(),
                 ));
             }
-            let result = match &op {
-                Op::Deduct { order_id } => naive_deduct(conn, &inner.naive_cache, order_id, &ctx),
-                // The incident is the deduction. Creates and refunds take the ordinary
-                // transactional path (which checks state inside BEGIN IMMEDIATE even
-                // without the schema's constraints), so what an audit of a naive
-                // database finds is the incident's damage alone, and `payguard audit
-                // --apply` can repair all of it.
-                Op::CreateAccount { .. } | Op::CreateOrder { .. } | Op::Refund { .. } => {
-                    let now = chrono::Utc::now().timestamp_millis();
-                    return match run_batch(conn, std::slice::from_ref(&op), now, true) {
-                        Ok(mut results) => Ok(results.remove(0)),
-                        Err(Fault::Constraint(msg)) => Err(StoreError::Unavailable(msg)),
-                        Err(Fault::Store(e)) => Err(unavailable(e)),
-                    };
-                }
+            // The deduct at the heart of `op`, if it is one (maybe under an Idempotency-Key).
+            let (deduct, idem) = match &op {
+                Op::Deduct { order_id } => (Some(order_id), None),
+                Op::Idempotent { inner: boxed, idem } => match &**boxed {
+                    Op::Deduct { order_id } => (Some(order_id), Some(idem)),
+                    _ => (None, None),
+                },
+                _ => (None, None),
             };
-            result.map_err(unavailable)
+            if let Some(order_id) = deduct {
+                let r =
+                    naive_deduct(conn, &inner.naive_cache, order_id, &ctx).map_err(unavailable)?;
+                if let Some(idem) = idem {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    write_idem(conn, idem, &r, now).map_err(|f| match f {
+                        Fault::Store(e) => unavailable(e),
+                        Fault::Constraint(m) => StoreError::Unavailable(m),
+                    })?;
+                }
+                return Ok(r);
+            }
+            // The incident is the deduction. Creates and refunds take the ordinary
+            // transactional path (which checks state inside BEGIN IMMEDIATE even
+            // without the schema's constraints), so what an audit of a naive
+            // database finds is the incident's damage alone, and `payguard audit
+            // --apply` can repair all of it.
+            run_one(conn, &op)
+        })
+    }
+
+    fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
+        self.write(move |conn, _| idem_claim_on(conn, &claim).map_err(unavailable))
+    }
+
+    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "DELETE FROM idempotency WHERE scope = ?1 AND key = ?2 AND state = 'in_flight'",
+            )
+            .and_then(|mut s| s.execute(params![scope, key]))
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+    }
+
+    fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64> {
+        self.write(move |conn, _| {
+            conn.execute("DELETE FROM idempotency WHERE expires_at < ?1", [now_ms])
+                .map(|n| n as u64)
+                .map_err(unavailable)
         })
     }
 

@@ -1,0 +1,181 @@
+//! `/metrics`: Prometheus (OpenMetrics text) for people who run payguard.
+//!
+//! * `payguard_http_requests_total{route,method,status}` and
+//!   `payguard_http_request_duration_seconds{route,method}`: every request, by the
+//!   route's template (`/v1/orders/{id}/deduct`), never by raw path, so ids cannot
+//!   blow up the label set;
+//! * the engine's counters: ops committed / replayed / rejected / unavailable,
+//!   in-flight collisions (the race sentinel) and single-flight joins;
+//! * `payguard_lane_queue_depth{lane}`, `payguard_lane_batch_size` and
+//!   `payguard_store_commit_seconds` histograms.
+//!
+//! One registry per server (no globals), so tests can run many in one process.
+
+use crate::AppState;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Bucket bounds of the request latency histogram (seconds).
+const HTTP_SECONDS_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabels {
+    lane: u32,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    lane_depth: Family<LaneLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(engine: &payguard::Engine) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("payguard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(HTTP_SECONDS_BUCKETS)
+        });
+        let lane_depth = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route template, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "lane_queue_depth",
+            "Requests waiting in each lane's queue",
+            lane_depth.clone(),
+        );
+        let s = engine.stats();
+        registry.register(
+            "ops_committed",
+            "Operations that changed something (first executions)",
+            s.committed.clone(),
+        );
+        registry.register(
+            "ops_replayed",
+            "Operations answered with an earlier result (duplicates)",
+            s.replayed.clone(),
+        );
+        registry.register(
+            "ops_rejected",
+            "Operations refused with a definite answer (402/404/409)",
+            s.rejected.clone(),
+        );
+        registry.register(
+            "ops_overloaded",
+            "Requests refused because a lane queue was full (503)",
+            s.overloaded.clone(),
+        );
+        registry.register(
+            "ops_unavailable",
+            "Requests that failed with nothing moved: store down, timeout, shutdown (503)",
+            s.store_failures.clone(),
+        );
+        registry.register(
+            "inflight_collisions",
+            "Race sentinel: a request for an order already in flight",
+            s.collisions.clone(),
+        );
+        registry.register(
+            "single_flight_joined",
+            "Duplicates that shared an in-flight operation's result",
+            s.joined.clone(),
+        );
+        registry.register(
+            "lane_batch_size",
+            "Operations per lane batch (group commit)",
+            s.batch_sizes.clone(),
+        );
+        registry.register(
+            "store_commit_seconds",
+            "Time from handing a batch to the store to its commit",
+            s.commit_seconds.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            lane_depth,
+        })
+    }
+}
+
+/// Counts and times every request.
+pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .latency
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            method: method.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+pub async fn render(State(state): State<AppState>) -> Response {
+    let metrics = &state.metrics;
+    for (lane, depth) in state.engine.lane_depths().into_iter().enumerate() {
+        metrics
+            .lane_depth
+            .get_or_create(&LaneLabels { lane: lane as u32 })
+            .set(depth as i64);
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &metrics.registry) {
+        return crate::ApiError::internal(&e).into_response();
+    }
+    let mut resp = out.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
