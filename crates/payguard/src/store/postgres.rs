@@ -21,7 +21,14 @@
 //!    account (PostgreSQL updates a row once per statement, so balances are
 //!    aggregated first), and the orders' status changes (one statement per
 //!    "round", see [`segments`]), each conditional on the state that was read;
-//! 4. commits.
+//! 4. writes the Idempotency-Key records of the batch's idempotent ops (the
+//!    rendered response of each committed result, or the release of its claim),
+//!    again set-based, so a stored response never exists without its movement;
+//! 5. commits.
+//!
+//! Round trips per batch, whatever its size: BEGIN, 2–3 reads, then one statement
+//! per kind of write present (new accounts, new orders, entries, balances, order
+//! status rounds, idempotency records), COMMIT: 7 for a batch of fresh deducts.
 //!
 //! A rejection is an answer and never aborts the batch. If a constraint fires
 //! anyway (only possible when something above the database is wrong, or another
@@ -33,6 +40,11 @@
 //!
 //! Limits: a bounded connection pool ([`POOL_CONNECTIONS_MAX`]) with a wait
 //! timeout, and a server-side `statement_timeout` on every connection.
+//! [`PgStore::stats`] counts savepoint replays and retries.
+//!
+//! Migrations are a list (`MIGRATIONS`); `payguard_meta` holds `schema_kind`
+//! ('guarded') and `schema_version`. A database marked otherwise, holding foreign
+//! tables, or newer than this build is refused, like the SQLite store does.
 
 use super::{
     ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection, Store,
