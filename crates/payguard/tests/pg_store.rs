@@ -669,3 +669,39 @@ async fn audit_reports_a_corrupted_balance() {
     s.close().await.unwrap();
     db.drop_db().await.unwrap();
 }
+
+/// A batch that cannot get its row locks within `statement_timeout` fails as
+/// `Unavailable` (HTTP 503) in bounded time, and moves nothing; once the lock is
+/// gone the same op goes through.
+#[tokio::test]
+async fn a_lock_held_too_long_is_unavailable_not_a_hang() {
+    let Some(db) = scratch("a_lock_held_too_long_is_unavailable_not_a_hang").await else {
+        return;
+    };
+    let mut cfg = PgConfig::new(db.config.clone());
+    cfg.statement_timeout_ms = 300;
+    let s = PgStore::connect(cfg).await.unwrap();
+    seed(&s).await;
+    let mut c = db.connect().await.unwrap();
+    let holder = c.transaction().await.unwrap();
+    holder
+        .batch_execute("SELECT 1 FROM orders WHERE id = 'o1' FOR UPDATE")
+        .await
+        .unwrap();
+    let bounded = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.apply(vec![deduct("o1")]),
+    );
+    match bounded.await.expect("the store must give up by itself") {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("57014"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
+        10_000
+    );
+    assert!(fresh_charge(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}

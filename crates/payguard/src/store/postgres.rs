@@ -168,6 +168,21 @@ fn pg_unavailable(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(pg_message(&e))
 }
 
+/// A pool failure with the driver's cause spelled out (deadpool's own message
+/// for a backend error is only "error occurred while creating a new object").
+fn pool_unavailable(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Unavailable(format!(
+            "cannot open a PostgreSQL connection: {}",
+            pg_message(&e)
+        )),
+        deadpool_postgres::PoolError::Timeout(t) => StoreError::Unavailable(format!(
+            "no PostgreSQL connection free within the pool's {t:?} timeout"
+        )),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
 /// Why one pass over a batch could not finish.
 #[derive(Debug)]
 enum Fault {
@@ -210,11 +225,17 @@ impl PgStore {
             "pool_connections_max must be > 0"
         );
         let mut pg = cfg.pg.clone();
-        pg.options(format!(
+        // Appended to any `options` of the URL, so ours win for these two settings.
+        let limits = format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             cfg.statement_timeout_ms,
             cfg.statement_timeout_ms.saturating_mul(2)
-        ));
+        );
+        let options = match cfg.pg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {limits}"),
+            _ => limits,
+        };
+        pg.options(options);
         pg.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
         pg.application_name("payguard");
         let manager = Manager::from_config(
@@ -232,7 +253,7 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        let mut client = pool.get().await.map_err(unavailable)?;
+        let mut client = pool.get().await.map_err(pool_unavailable)?;
         migrate(&mut client).await?;
         drop(client);
         Ok(PgStore {
@@ -262,7 +283,7 @@ impl Inner {
         if *guard {
             return Err(StoreError::Closed);
         }
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = self.pool.get().await.map_err(pool_unavailable)?;
         Ok((guard, client))
     }
 }
