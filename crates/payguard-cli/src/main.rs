@@ -28,6 +28,9 @@ enum Command {
     Storm(storm::StormArgs),
     /// Invariant checks straight on a database; --fix-plan / --apply pay back duplicates.
     Audit(audit::AuditArgs),
+    /// Rebuild races from log fragments of many hosts (shared/spec/LOGS.md);
+    /// exit 0 with no incident, 1 with incidents.
+    Forensics(payguard_forensics::ForensicsArgs),
     /// Measured comparisons; prints ratios against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -40,6 +43,10 @@ fn main() -> ExitCode {
         Command::Storm(args) => storm::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Forensics(args) => {
+            let mut out = std::io::stdout().lock();
+            payguard_forensics::run(&args, &mut out).map(|code| ExitCode::from(code as u8))
+        }
     };
     match result {
         Ok(code) => code,

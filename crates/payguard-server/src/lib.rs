@@ -12,6 +12,7 @@ mod error;
 pub mod idempotency;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 mod render;
 mod request;
 mod routes;

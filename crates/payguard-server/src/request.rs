@@ -75,6 +75,13 @@ pub fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Resu
             "send the body as Content-Type: application/json",
         ));
     }
+    // serde would read a struct from a JSON array too (`["alice", 5]`); the API
+    // takes objects only, so an array is the wrong shape (422), like any other.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::invalid(
+            "the body must be a JSON object, not an array",
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
         serde_json::error::Category::Syntax

@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(crate::metrics::render))
+        .route("/openapi.json", get(crate::openapi::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -118,16 +119,29 @@ impl Post {
     }
 }
 
-#[derive(Deserialize)]
+/// Opens an account with an opening balance.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateAccountBody {
+pub(crate) struct CreateAccountBody {
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", example = "alice")]
     id: String,
+    /// Opening balance in minor units.
+    #[schema(minimum = 0, maximum = 9007199254740991_i64, example = 5000000)]
     balance: i64,
+    /// ISO 4217-style code; default CNY.
     #[serde(default)]
+    #[schema(pattern = "^[A-Z]{3}$", example = "CNY")]
     currency: Option<String>,
 }
 
-async fn create_account(
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = CreateAccountBody,
+    params(crate::openapi::IdempotencyKey),
+    responses(
+        (status = 201, description = "Created", body = payguard::domain::Account),
+        (status = 200, description = "The same body again: the account as it is now", body = payguard::domain::Account),
+        (status = 409, description = "`account_exists`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
+pub(crate) async fn create_account(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
@@ -158,7 +172,9 @@ async fn create_account(
     .await)
 }
 
-async fn get_account(
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
+    responses((status = 200, description = "The account", body = payguard::domain::Account), crate::openapi::GetErrors))]
+pub(crate) async fn get_account(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
@@ -173,15 +189,27 @@ async fn get_account(
     }
 }
 
-#[derive(Deserialize)]
+/// Creates an order in status PREPARE.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateOrderBody {
+pub(crate) struct CreateOrderBody {
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", example = "OD20240517A1122")]
     id: String,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", example = "alice")]
     account_id: String,
+    /// Amount in minor units.
+    #[schema(minimum = 1, maximum = 9007199254740991_i64, example = 1185000)]
     amount: i64,
 }
 
-async fn create_order(
+#[utoipa::path(post, path = "/v1/orders", tag = "orders", request_body = CreateOrderBody,
+    params(crate::openapi::IdempotencyKey),
+    responses(
+        (status = 201, description = "Created in PREPARE", body = payguard::domain::Order),
+        (status = 200, description = "The same body again", body = payguard::domain::Order),
+        (status = 409, description = "`order_exists`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
+pub(crate) async fn create_order(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
@@ -209,7 +237,9 @@ async fn create_order(
     .await)
 }
 
-async fn get_order(
+#[utoipa::path(get, path = "/v1/orders/{id}", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
+    responses((status = 200, description = "The order", body = payguard::domain::Order), crate::openapi::GetErrors))]
+pub(crate) async fn get_order(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
@@ -226,12 +256,19 @@ async fn get_order(
 
 /// `deduct` takes no parameters; `{}` is accepted so clients that always send a
 /// JSON object work, and anything in it is an unknown field (422).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DeductBody {}
+pub(crate) struct DeductBody {}
 
+#[utoipa::path(post, path = "/v1/orders/{id}/deduct", tag = "orders", request_body(content = Option<DeductBody>, description = "No body, or `{}`"),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "Charged exactly once; duplicates get `replayed: true` and the same entry", body = crate::openapi::MovementDoc),
+        (status = 402, description = "`insufficient_funds`: the order is FAILED, and stays so", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`idempotency_key_in_use`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
 #[allow(clippy::too_many_arguments)]
-async fn deduct(
+pub(crate) async fn deduct(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
@@ -243,7 +280,8 @@ async fn deduct(
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
     let body = body_bytes(body)?;
-    let DeductBody {} = optional_json_body(&headers, &body)?;
+    // `null` is the JSON for "no body" too (the OpenAPI body is optional).
+    let _: Option<DeductBody> = optional_json_body::<Option<DeductBody>>(&headers, &body)?;
     Ok(Post {
         req,
         principal,
@@ -256,15 +294,25 @@ async fn deduct(
     .await)
 }
 
-#[derive(Deserialize)]
+/// Gives back part or all of a paid order's amount.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefundBody {
+pub(crate) struct RefundBody {
+    /// The refund's id: it moves money at most once, forever.
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$", example = "rf-1")]
     id: String,
+    #[schema(minimum = 1, maximum = 9007199254740991_i64, example = 500)]
     amount: i64,
 }
 
+#[utoipa::path(post, path = "/v1/orders/{id}/refunds", tag = "orders", request_body = RefundBody,
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "Refunded once per refund id", body = crate::openapi::MovementDoc),
+        (status = 409, description = "`refund_exists`, `refund_exceeds_paid`, `order_not_paid`, `idempotency_key_in_use`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
 #[allow(clippy::too_many_arguments)]
-async fn refund(
+pub(crate) async fn refund(
     State(state): State<AppState>,
     Extension(req): Extension<RequestId>,
     Extension(principal): Extension<Principal>,
@@ -294,7 +342,9 @@ async fn refund(
     .await)
 }
 
-async fn entries(
+#[utoipa::path(get, path = "/v1/orders/{id}/entries", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
+    responses((status = 200, description = "The order's ledger entries in commit order", body = crate::openapi::EntriesDoc), crate::openapi::GetErrors))]
+pub(crate) async fn entries(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
@@ -309,11 +359,15 @@ async fn entries(
     }
 }
 
-async fn audit(State(state): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/v1/audit", tag = "operations",
+    responses((status = 200, description = "Invariant checks over the whole database", body = payguard::domain::AuditReport), crate::openapi::GetErrors))]
+pub(crate) async fn audit(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(Json(state.engine.audit().await?).into_response())
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Alive", body = crate::openapi::HealthDoc)))]
+pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     Json(json!({
         "status": "ok",
         "store": state.engine.store().kind(),

@@ -493,6 +493,22 @@ async fn bad_input_gets_documented_4xx_and_changes_nothing() {
         (
             "POST",
             "/v1/accounts",
+            Some(json_ct),
+            "[\"n1\", 10, null]".into(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/orders/prep/deduct",
+            Some(json_ct),
+            "[]".into(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/accounts",
             Some("text/plain"),
             "{\"id\":\"n1\",\"balance\":10}".into(),
             415,

@@ -26,8 +26,11 @@ impl OrderCache {
     /// A cache of at most `entries_max` orders; `0` disables it (every read goes to
     /// the store, as it must when other instances write the same database).
     pub fn new(entries_max: usize) -> Self {
+        // Buckets are sized for the bound up front: a bucket-local LRU with too few
+        // buckets evicts long before the cache is full (see BENCHMARKS.md, cache).
+        let max = entries_max.max(64);
         OrderCache {
-            orders: HashCache::with_capacity(0, entries_max.max(64)),
+            orders: HashCache::with_capacity(max, max),
             enabled: entries_max > 0,
         }
     }
@@ -37,9 +40,14 @@ impl OrderCache {
         if !self.enabled {
             return;
         }
-        self.orders.remove_sync(&order.id);
-        // A full bucket evicts its least recently used entry; an Err means a
-        // concurrent insert of the same key, which the single-owner rule excludes.
+        // In place when cached (one bucket lock, and no moment where a reader
+        // misses); otherwise inserted, a full bucket evicting its least recently
+        // used entry. An Err from put_sync means a concurrent insert of the same
+        // key, which the single-owner rule excludes.
+        if let Some(mut entry) = self.orders.get_sync(&order.id) {
+            entry.put(order.clone());
+            return;
+        }
         let _ = self.orders.put_sync(order.id.clone(), order.clone());
     }
 

@@ -18,11 +18,25 @@ pub enum Suite {
     Engine(engine::EngineBenchArgs),
     /// Storm throughput and latency of `seed` vs `full` through HTTP, one run.
     Guards(guards::GuardsBenchArgs),
+    /// Concurrent maps under the write-up's workloads; ratios to Mutex<HashMap>.
+    Cache(payguard_bench_suites::CacheArgs),
+    /// Hash functions and reductions for lane routing.
+    Routing(payguard_bench_suites::RoutingArgs),
+    /// Channels into one lane owner; ratios to tokio mpsc.
+    Queue(payguard_bench_suites::QueueArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.suite {
         Suite::Engine(a) => engine::run(a),
         Suite::Guards(a) => guards::run(a),
+        Suite::Cache(a) => suite(payguard_bench_suites::run_cache(&a)),
+        Suite::Routing(a) => suite(payguard_bench_suites::run_routing(&a)),
+        Suite::Queue(a) => suite(payguard_bench_suites::run_queue(&a)),
     }
+}
+
+/// A bad flag value is bad usage (exit 2, via main); the suites print their own tables.
+fn suite(result: anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    result.map(|()| ExitCode::SUCCESS)
 }

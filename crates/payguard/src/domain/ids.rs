@@ -45,8 +45,9 @@ fn check(what: &'static str, s: &str) -> Result<(), IdError> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
         #[serde(transparent)]
+        #[schema(value_type = String, pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
         pub struct $name(Arc<str>);
 
         impl $name {
@@ -96,7 +97,8 @@ id_type!(
 );
 
 /// ISO 4217-style currency code: 3 upper-case ASCII letters.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, utoipa::ToSchema)]
+#[schema(value_type = String, pattern = "^[A-Z]{3}$", example = "CNY")]
 pub struct Currency([u8; 3]);
 
 impl Currency {

@@ -32,7 +32,7 @@ fn ser_opt_entry_id<S: Serializer>(id: &Option<i64>, s: S) -> Result<S::Ok, S::E
 
 /// Where an order is in its life. Transitions (enforced by the database too):
 /// `PREPARE → PAID | FAILED`; `PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OrderStatus {
     Prepare,
@@ -87,7 +87,7 @@ impl OrderStatus {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     Debit,
@@ -114,7 +114,7 @@ impl EntryKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: AccountId,
     pub balance: Money,
@@ -123,12 +123,14 @@ pub struct Account {
     #[serde(skip)]
     pub opening_balance: Money,
     #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Order {
     pub id: OrderId,
     pub account_id: AccountId,
@@ -136,18 +138,22 @@ pub struct Order {
     pub status: OrderStatus,
     pub refunded: Money,
     #[serde(serialize_with = "ser_opt_entry_id")]
+    #[schema(value_type = Option<String>)]
     pub debit_entry_id: Option<i64>,
     pub failure_reason: Option<String>,
     #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: i64,
 }
 
 /// One line of the ledger. Entries are never updated or deleted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Entry {
     #[serde(serialize_with = "ser_entry_id")]
+    #[schema(value_type = String)]
     pub id: i64,
     pub order_id: OrderId,
     pub account_id: AccountId,
@@ -160,39 +166,41 @@ pub struct Entry {
         skip_serializing_if = "Option::is_none",
         serialize_with = "ser_opt_entry_id"
     )]
+    #[schema(value_type = Option<String>)]
     pub reverses: Option<i64>,
     #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DuplicateDebit {
     pub order_id: String,
     pub count: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OverRefund {
     pub order_id: String,
     pub amount: i64,
     pub refunded: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BalanceMismatch {
     pub account_id: String,
     pub expected: i64,
     pub actual: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PaidMismatch {
     pub order_id: String,
     pub status: String,
     pub debits: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Resolved {
     pub order_id: String,
     pub reversed: i64,
@@ -203,7 +211,7 @@ pub struct Resolved {
 /// Raw integers and strings rather than domain types: the audit must be able to
 /// describe a database that breaks every rule, including ids and amounts that our
 /// types would refuse to hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditReport {
     pub ok: bool,
     pub accounts_checked: i64,

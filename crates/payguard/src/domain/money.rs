@@ -12,8 +12,11 @@ use std::fmt;
 pub const MONEY_MINOR_MAX: i64 = (1_i64 << 53) - 1;
 
 /// A sum of money in minor units of the account's currency.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = i64, example = 1185000)]
 pub struct Money(i64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,189 @@
+//! payguard-forensics: race reconstruction from payment logs.
+//!
+//! Reads logs of many hosts in many formats (LOGS.md), merges them by time per order, and finds
+//! duplicate effects (an order debited more than once: an incident) and race windows (two
+//! requests for one order in flight at once). It exists so that a double charge can be proved
+//! from logs alone, after the fact, without the engine: this crate never imports it.
+//!
+//! Pipeline: [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
+//! [`engine`] resolves times and merges events per order, retiring finished orders →
+//! [`analyze`] reconstructs each order → [`report`], [`trace`] and [`html`] write the findings.
+#![forbid(unsafe_code)]
+
+pub mod analyze;
+pub mod args;
+pub mod clock;
+pub mod engine;
+pub mod error;
+pub mod html;
+pub mod input;
+pub mod limits;
+pub mod parse;
+pub mod report;
+pub mod trace;
+
+use std::io::Write;
+
+pub use args::{ForensicsArgs, Skew};
+pub use error::ForensicsError;
+
+use crate::clock::{days_from_civil, parse_bound};
+use crate::engine::{read_round, Config, Engine};
+use crate::input::{list_inputs, Source};
+use crate::parse::LineParser;
+
+/// Runs forensics and writes the report (or JSON) to `out`; returns the exit status:
+/// 0 no incident, 1 incidents found, 2 bad usage or input that could not be read at all
+/// (with a message on stderr saying which and why).
+pub fn run(args: &ForensicsArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
+    match run_inner(args, out) {
+        Ok(code) => Ok(code),
+        Err(Fail::Usage(errs)) => {
+            for e in errs {
+                eprintln!("payguard forensics: {e}");
+            }
+            Ok(2)
+        }
+        Err(Fail::Other(e)) => Err(e),
+    }
+}
+
+enum Fail {
+    Usage(Vec<ForensicsError>),
+    Other(anyhow::Error),
+}
+
+impl From<ForensicsError> for Fail {
+    fn from(e: ForensicsError) -> Self {
+        match e {
+            ForensicsError::Output { .. } => Fail::Other(e.into()),
+            _ => Fail::Usage(vec![e]),
+        }
+    }
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail::Other(e.into())
+    }
+}
+
+fn bound(
+    flag: &'static str,
+    v: &Option<String>,
+    args: &ForensicsArgs,
+) -> Result<Option<i64>, ForensicsError> {
+    match v {
+        None => Ok(None),
+        Some(s) => parse_bound(s, args.tz)
+            .map(Some)
+            .ok_or_else(|| ForensicsError::BadFlag {
+                flag,
+                value: s.clone(),
+                reason: "expected RFC 3339, \"YYYY-MM-DD HH:MM:SS\" or YYYY-MM-DD".into(),
+            }),
+    }
+}
+
+fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
+    use chrono::Datelike;
+    let cfg = Config {
+        tz: args.tz,
+        date_day: args
+            .date
+            .map(|d| days_from_civil(d.year() as i64, d.month() as i64, d.day() as i64)),
+        since_us: bound("--since", &args.since, args)?,
+        until_us: bound("--until", &args.until, args)?,
+        order: args.order.clone(),
+        skew_ms: args.skew.iter().map(|s| (s.host.clone(), s.ms)).collect(),
+        timelines: args.trace_out.is_some() || args.html.is_some(),
+    };
+    let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
+    if files.len() > limits::FILES_MAX {
+        return Err(ForensicsError::TooMany {
+            what: "input files",
+            limit: limits::FILES_MAX,
+        }
+        .into());
+    }
+    if files
+        .iter()
+        .filter(|f| matches!(f.origin, input::Origin::Stdin))
+        .count()
+        > 1
+    {
+        return Err(ForensicsError::BadFlag {
+            flag: "PATH",
+            value: "-".into(),
+            reason: "standard input can be read once".into(),
+        }
+        .into());
+    }
+    let mut sources: Vec<Source> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Source::new(i as u16, f))
+        .collect();
+    let parser = LineParser::new(args.order.as_deref());
+    let mut engine = Engine::new(cfg, files);
+
+    let (mut t_ingest, mut t_read, mut rounds) =
+        (std::time::Duration::ZERO, std::time::Duration::ZERO, 0u64);
+    // Two stages overlap: while one thread merges round k (the engine has one owner), the pool
+    // reads and parses round k+1, choosing files by the watermarks of round k-1.
+    let (mut pieces, mut overlong, mut more) =
+        read_round(&mut sources, &parser, &engine.watermarks());
+    while more {
+        let marks = engine.watermarks();
+        let cur = std::mem::take(&mut pieces);
+        let cur_over = std::mem::take(&mut overlong);
+        let ((ti, ()), (tr, next)) = rayon::join(
+            || {
+                let t = std::time::Instant::now();
+                engine.ingest(cur, &cur_over);
+                (t.elapsed(), ())
+            },
+            || {
+                let t = std::time::Instant::now();
+                let r = read_round(&mut sources, &parser, &marks);
+                (t.elapsed(), r)
+            },
+        );
+        t_ingest += ti;
+        t_read += tr;
+        rounds += 1;
+        (pieces, overlong, more) = next;
+    }
+    engine.ingest(pieces, &overlong);
+    engine.finish();
+    if std::env::var_os("PAYGUARD_FORENSICS_TIMING").is_some() {
+        eprintln!("timing: rounds {rounds}, ingest {t_ingest:?}, read+parse {t_read:?}");
+    }
+
+    let input_errors: Vec<(String, String)> = sources
+        .iter()
+        .filter_map(|s| {
+            s.error
+                .as_ref()
+                .map(|e| (engine.files[s.file as usize].name.clone(), e.clone()))
+        })
+        .collect();
+    for (f, e) in &input_errors {
+        eprintln!("payguard forensics: {f}: {e} (lines read before the damage were analysed)");
+    }
+    let rep = report::build(&engine, args.tz, input_errors);
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &rep).map_err(|e| Fail::Other(e.into()))?;
+        writeln!(out)?;
+    } else {
+        report::write_text(&rep, out)?;
+    }
+    if let Some(p) = &args.trace_out {
+        trace::write(p, &engine, args.tz)?;
+    }
+    if let Some(p) = &args.html {
+        html::write(p, &engine, &rep, args.tz)?;
+    }
+    out.flush()?;
+    Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
+}

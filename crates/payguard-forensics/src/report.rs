@@ -1,0 +1,393 @@
+//! The findings as data (the `--json` shape of LOGS.md) and as a report a person reads.
+//!
+//! Why: one [`Report`] value feeds both outputs, so the text and the JSON can never disagree.
+//! Money stays in integer minor units (fen) and is only formatted as yuan for display.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::analyze::{worse, EvidenceRec, IncidentRec, RaceRec};
+use crate::clock::{format_rfc3339, TzOffset};
+use crate::engine::Engine;
+use crate::limits::INCIDENTS_LISTED_MAX;
+use crate::parse::{Side, SkipReason};
+
+/// One line that supports an incident.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evidence {
+    pub file: String,
+    pub line: u64,
+    pub ts: String,
+    pub event: String,
+}
+
+/// An order debited (or refunded) more than once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Incident {
+    pub order_id: String,
+    /// `duplicate_effect` (debits) or `duplicate_refund`.
+    pub kind: String,
+    pub effects: u32,
+    /// Fen.
+    pub amount_lost: i64,
+    pub race_window_ms: Option<f64>,
+    pub first_entry: String,
+    pub second_entry: String,
+    pub hosts: Vec<String>,
+    pub evidence: Vec<Evidence>,
+}
+
+/// Requests of one order in flight at once that moved money at most once.
+#[derive(Debug, Clone, Serialize)]
+pub struct RaceWindow {
+    pub order_id: String,
+    pub width_ms: f64,
+    pub requests: u32,
+    pub hosts: Vec<String>,
+    pub moved_money: u32,
+    pub side: String,
+    pub first_entry: String,
+    pub second_entry: String,
+}
+
+/// Sums over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub orders_affected: u64,
+    /// Every incident, listed or not.
+    pub incidents: u64,
+    /// Debits beyond the first, over all incidents.
+    pub duplicate_effects: u64,
+    pub amount_lost: i64,
+    /// Healthy race windows (the `race_windows` list, including any past the listing limit).
+    pub race_windows: u64,
+    /// Race windows inside incident orders (not in `race_windows`).
+    pub race_windows_in_incidents: u64,
+}
+
+/// A file that could only be read in part.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputError {
+    pub file: String,
+    pub error: String,
+}
+
+/// Everything forensics found. The first fields are exactly LOGS.md's `--json` example.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub files: usize,
+    pub lines_read: u64,
+    pub lines_parsed: u64,
+    pub lines_skipped: u64,
+    pub orders_seen: u64,
+    pub incidents: Vec<Incident>,
+    pub race_windows: Vec<RaceWindow>,
+    pub skipped: BTreeMap<&'static str, u64>,
+    pub totals: Totals,
+    pub events: u64,
+    pub events_filtered: u64,
+    pub race_windows_listed: usize,
+    pub input_errors: Vec<InputError>,
+    pub notes: Vec<String>,
+    pub peak_open_orders: u64,
+    /// Orders retired with one debit whose id came back later (joined, not counted twice).
+    pub orders_rejoined: u64,
+}
+
+fn ms(us: i64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn hosts(e: &Engine, ids: &[u16]) -> Vec<String> {
+    let mut v: Vec<String> = ids
+        .iter()
+        .map(|&h| {
+            e.hosts
+                .get(h as usize)
+                .cloned()
+                .unwrap_or_else(|| "?".into())
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn evidence(e: &Engine, ev: &[EvidenceRec], tz: TzOffset) -> Vec<Evidence> {
+    ev.iter()
+        .map(|x| Evidence {
+            file: e
+                .files
+                .get(x.file as usize)
+                .map_or_else(|| "?".into(), |f| f.name.clone()),
+            line: x.line as u64,
+            ts: format_rfc3339(x.ts, tz),
+            event: x.kind.name().into(),
+        })
+        .collect()
+}
+
+fn incident(e: &Engine, i: &IncidentRec, tz: TzOffset) -> Incident {
+    Incident {
+        order_id: i.order_id.clone(),
+        kind: match i.side {
+            Side::Deduct => "duplicate_effect".into(),
+            Side::Refund => "duplicate_refund".into(),
+        },
+        effects: i.effects,
+        amount_lost: i.amount_lost,
+        race_window_ms: i.race_window_us.map(ms),
+        first_entry: format_rfc3339(i.first_entry_us, tz),
+        second_entry: format_rfc3339(i.second_entry_us, tz),
+        hosts: hosts(e, &i.hosts),
+        evidence: evidence(e, &i.evidence, tz),
+    }
+}
+
+fn race(e: &Engine, r: &RaceRec, tz: TzOffset) -> RaceWindow {
+    RaceWindow {
+        order_id: r.order_id.clone(),
+        width_ms: ms(r.width_us),
+        requests: r.requests,
+        hosts: hosts(e, &r.hosts),
+        moved_money: r.moved_money,
+        side: match r.side {
+            Side::Deduct => "deduct".into(),
+            Side::Refund => "refund".into(),
+        },
+        first_entry: format_rfc3339(r.first_entry_us, tz),
+        second_entry: format_rfc3339(r.second_entry_us, tz),
+    }
+}
+
+/// Builds the report from a finished engine; incidents worst first.
+pub fn build(e: &Engine, tz: TzOffset, input_errors: Vec<(String, String)>) -> Report {
+    let mut inc: Vec<&IncidentRec> = e.results.incidents.iter().collect();
+    inc.sort_by(|a, b| worse(a, b));
+    inc.truncate(INCIDENTS_LISTED_MAX);
+    let mut races: Vec<&RaceRec> = e.results.races.iter().collect();
+    races.sort_by(|a, b| {
+        a.first_entry_us
+            .cmp(&b.first_entry_us)
+            .then(a.order_id.cmp(&b.order_id))
+    });
+    let skipped: BTreeMap<&'static str, u64> = SkipReason::ALL
+        .iter()
+        .map(|r| (r.key(), e.counts.skipped[r.index()]))
+        .collect();
+    let t = e.results.incident_totals;
+    let mut notes = e.notes.clone();
+    if t.incidents as usize > inc.len() {
+        notes.push(format!(
+            "{} incidents found; the worst {} are listed",
+            t.incidents,
+            inc.len()
+        ));
+    }
+    if e.results.races_total as usize > e.results.races.len() {
+        notes.push(format!(
+            "{} race windows found; the first {} are listed",
+            e.results.races_total,
+            e.results.races.len()
+        ));
+    }
+    if e.results.timelines_dropped > 0 {
+        notes.push(format!(
+            "{} orders left out of --trace-out/--html (limit reached)",
+            e.results.timelines_dropped
+        ));
+    }
+    let lines_skipped: u64 = e.counts.skipped.iter().sum();
+    // Every line is parsed or skipped, exactly once.
+    debug_assert_eq!(e.counts.lines_read, e.counts.lines_parsed + lines_skipped);
+    Report {
+        files: e.files.len(),
+        lines_read: e.counts.lines_read,
+        lines_parsed: e.counts.lines_parsed,
+        lines_skipped,
+        orders_seen: e.counts.orders_seen,
+        incidents: inc.iter().map(|i| incident(e, i, tz)).collect(),
+        race_windows: races.iter().map(|r| race(e, r, tz)).collect(),
+        skipped,
+        totals: Totals {
+            orders_affected: t.orders_affected,
+            incidents: t.incidents,
+            duplicate_effects: t.duplicate_effects,
+            amount_lost: t.amount_lost,
+            race_windows: e.results.races_total,
+            race_windows_in_incidents: e.results.races_in_incidents,
+        },
+        events: e.counts.events,
+        events_filtered: e.counts.events_filtered,
+        race_windows_listed: e.results.races.len(),
+        input_errors: input_errors
+            .into_iter()
+            .map(|(file, error)| InputError { file, error })
+            .collect(),
+        notes,
+        peak_open_orders: e.counts.peak_open_orders,
+        orders_rejoined: e.counts.orders_rejoined,
+    }
+}
+
+/// 1185000 fen → "¥11,850.00".
+pub fn yuan(fen: i64) -> String {
+    let neg = fen < 0;
+    let abs = fen.unsigned_abs();
+    let (y, f) = (abs / 100, abs % 100);
+    let digits = y.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{}¥{grouped}.{f:02}", if neg { "-" } else { "" })
+}
+
+fn window(w: Option<f64>) -> String {
+    match w {
+        Some(w) => format!("race window {w:.1} ms"),
+        None => "no overlap".into(),
+    }
+}
+
+/// Rows of incidents shown one by one in the text report.
+const TEXT_INCIDENTS_MAX: usize = 200;
+/// Incidents whose evidence lines are printed.
+const TEXT_EVIDENCE_INCIDENTS_MAX: usize = 5;
+/// Widest race windows printed.
+const TEXT_RACES_MAX: usize = 10;
+
+/// Writes the report a person reads.
+pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "payguard forensics: {} files, {} lines read, {} parsed, {} skipped, {} order events, {} orders seen",
+        r.files, r.lines_read, r.lines_parsed, r.lines_skipped, r.events, r.orders_seen
+    )?;
+    writeln!(out)?;
+    if r.incidents.is_empty() {
+        writeln!(out, "INCIDENTS: none (no order was debited more than once)")?;
+    } else {
+        writeln!(out, "INCIDENTS: {} (worst first)", r.totals.incidents)?;
+        for (n, i) in r.incidents.iter().take(TEXT_INCIDENTS_MAX).enumerate() {
+            writeln!(
+                out,
+                "  {:>3}. {}  {}  {} effects  lost {} ({} fen)  {}  entries {} / {}  hosts {}",
+                n + 1,
+                i.order_id,
+                i.kind,
+                i.effects,
+                yuan(i.amount_lost),
+                i.amount_lost,
+                window(i.race_window_ms),
+                i.first_entry,
+                i.second_entry,
+                i.hosts.join(",")
+            )?;
+        }
+        if r.incidents.len() > TEXT_INCIDENTS_MAX {
+            writeln!(
+                out,
+                "  … {} more (use --json)",
+                r.incidents.len() - TEXT_INCIDENTS_MAX
+            )?;
+        }
+        writeln!(out)?;
+        for i in r.incidents.iter().take(TEXT_EVIDENCE_INCIDENTS_MAX) {
+            writeln!(out, "  evidence for {}:", i.order_id)?;
+            for e in &i.evidence {
+                writeln!(out, "    {}:{}  {}  {}", e.file, e.line, e.ts, e.event)?;
+            }
+        }
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "RACE WINDOWS (requests in flight at once that moved money at most once): {}",
+        r.totals.race_windows
+    )?;
+    if !r.race_windows.is_empty() {
+        let mut widest: Vec<&RaceWindow> = r.race_windows.iter().collect();
+        widest.sort_by(|a, b| b.width_ms.total_cmp(&a.width_ms));
+        let widths: Vec<f64> = {
+            let mut w: Vec<f64> = r.race_windows.iter().map(|x| x.width_ms).collect();
+            w.sort_by(f64::total_cmp);
+            w
+        };
+        let median = widths[widths.len() / 2];
+        writeln!(
+            out,
+            "  width: median {median:.1} ms, max {:.1} ms; moved money once: {}, never: {}",
+            widths[widths.len() - 1],
+            r.race_windows.iter().filter(|x| x.moved_money == 1).count(),
+            r.race_windows.iter().filter(|x| x.moved_money == 0).count()
+        )?;
+        for w in widest.iter().take(TEXT_RACES_MAX) {
+            writeln!(
+                out,
+                "    {}  {:.1} ms  {} requests  moved money {}  hosts {}  at {}",
+                w.order_id,
+                w.width_ms,
+                w.requests,
+                w.moved_money,
+                w.hosts.join(","),
+                w.first_entry
+            )?;
+        }
+    }
+    if r.totals.race_windows_in_incidents > 0 {
+        writeln!(
+            out,
+            "  plus {} race windows inside incidents (shown above)",
+            r.totals.race_windows_in_incidents
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "TOTALS: orders affected {}, duplicate effects {}, amount lost {} ({} fen), race windows {}",
+        r.totals.orders_affected,
+        r.totals.duplicate_effects,
+        yuan(r.totals.amount_lost),
+        r.totals.amount_lost,
+        r.totals.race_windows
+    )?;
+    let sk: Vec<String> = r.skipped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    writeln!(out, "SKIPPED LINES: {}", sk.join(", "))?;
+    if r.events_filtered > 0 {
+        writeln!(
+            out,
+            "FILTERED (--since/--until): {} events",
+            r.events_filtered
+        )?;
+    }
+    for e in &r.input_errors {
+        writeln!(
+            out,
+            "DAMAGED INPUT: {}: {} (lines before the damage were analysed)",
+            e.file, e.error
+        )?;
+    }
+    for n in &r.notes {
+        writeln!(out, "NOTE: {n}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::yuan;
+
+    #[test]
+    fn money_in_yuan() {
+        assert_eq!(yuan(1_185_000), "¥11,850.00");
+        assert_eq!(yuan(5), "¥0.05");
+        assert_eq!(yuan(123_456_789), "¥1,234,567.89");
+        assert_eq!(yuan(-100), "-¥1.00");
+    }
+}
