@@ -17,6 +17,8 @@ struct Server {
     url: String,
 }
 
+// The child is handed back inside `Server` and reaped by `stop`.
+#[allow(clippy::zombie_processes)]
 fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
     let log = dir.join(format!("{name}.log"));
     let db = dir.join(format!("{name}.db"));
