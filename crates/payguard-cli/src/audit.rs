@@ -7,8 +7,12 @@
 //! however often it runs. The first debit of an order stands; each later one is
 //! reversed. Reversals count in API.md's balance formula, and reversed duplicates
 //! move from `duplicate_debits` to `resolved`.
+//!
+//! On PostgreSQL (`--db postgres://…`) it runs the same checks through the
+//! store's audit queries. There is nothing to pay back there: only `--guard
+//! naive` can make a duplicate, and it runs on SQLite only.
 
-use crate::serve::sqlite_path;
+use crate::serve::{sqlite_path, DbUrl};
 use payguard::domain::AuditReport;
 use payguard::store::sqlite::audit_connection;
 use rusqlite::{params, Connection, TransactionBehavior};
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct AuditArgs {
-    /// The database to audit (`sqlite://PATH`).
+    /// The database to audit (`sqlite://PATH` or `postgres://…`).
     #[arg(long, env = "PAYGUARD_DB", default_value = "sqlite://./payguard.db")]
     pub db: String,
     /// Print JSON.
@@ -52,9 +56,22 @@ fn open(url: &str) -> anyhow::Result<Connection> {
 }
 
 /// Audits the database at `url` (used by `storm --db` too).
-pub fn audit_url(url: &str) -> anyhow::Result<AuditReport> {
-    let mut conn = open(url)?;
-    Ok(audit_connection(&mut conn)?)
+pub async fn audit_url(url: &str) -> anyhow::Result<AuditReport> {
+    match DbUrl::parse(url)? {
+        DbUrl::Sqlite(_) => {
+            let mut conn = open(url)?;
+            Ok(audit_connection(&mut conn)?)
+        }
+        DbUrl::Postgres(_) => audit_postgres(url).await,
+    }
+}
+
+/// The audit straight on a PostgreSQL database: no migration, no pool, read only.
+async fn audit_postgres(url: &str) -> anyhow::Result<AuditReport> {
+    use payguard::store::postgres::{audit_client, connect_raw, PgConfig};
+    let cfg = PgConfig::from_url(url)?;
+    let mut client = connect_raw(&cfg.pg).await?;
+    Ok(audit_client(&mut client).await?)
 }
 
 /// Every debit after an order's first that has no reversal yet.
@@ -109,6 +126,17 @@ struct Output<'a> {
 }
 
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    if let DbUrl::Postgres(_) = DbUrl::parse(&args.db)? {
+        anyhow::ensure!(
+            !args.fix_plan && !args.apply,
+            "--fix-plan and --apply pay back duplicates, which only a naive SQLite database can hold"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let report = rt.block_on(audit_postgres(&args.db))?;
+        return report_and_exit(&args, &report, None, None);
+    }
     let mut conn = open(&args.db)?;
     let applied = if args.apply {
         Some(apply(&mut conn)?)
@@ -121,17 +149,26 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let report = audit_connection(&mut conn)?;
+    report_and_exit(&args, &report, plan.as_deref(), applied.as_deref())
+}
+
+fn report_and_exit(
+    args: &AuditArgs,
+    report: &AuditReport,
+    plan: Option<&[Reversal]>,
+    applied: Option<&[Reversal]>,
+) -> anyhow::Result<ExitCode> {
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&Output {
-                audit: &report,
-                fix_plan: plan.as_deref(),
-                applied: applied.as_deref(),
+                audit: report,
+                fix_plan: plan,
+                applied,
             })?
         );
     } else {
-        print_text(&report, plan.as_deref(), applied.as_deref());
+        print_text(report, plan, applied);
     }
     Ok(if report.ok {
         ExitCode::SUCCESS

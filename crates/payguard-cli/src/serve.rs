@@ -4,8 +4,9 @@
 use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
 use payguard::engine::Guard;
+use payguard::store::postgres::PgStore;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
-use payguard::{Engine, EngineConfig};
+use payguard::{Engine, EngineConfig, Store};
 use payguard_server::{ApiKeys, AppState, ServiceInfo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,8 @@ pub struct ServeArgs {
     /// Address to listen on. Without API keys (not built yet) only loopback is allowed.
     #[arg(long, env = "PAYGUARD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Database URL: `sqlite://PATH` (a plain path works too).
+    /// Database URL: `sqlite://PATH` (a plain path works too) or
+    /// `postgres://USER@HOST[:PORT]/DB` (PostgreSQL, shared by several instances).
     #[arg(long, env = "PAYGUARD_DB", default_value = "sqlite://./payguard.db")]
     pub db: String,
     /// This instance's id in logs and /healthz [default: HOSTNAME-PID].
@@ -189,10 +191,58 @@ impl EngineArgs {
     }
 }
 
+/// The database `--db` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbUrl {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL, passed to the driver as is.
+    Postgres(String),
+}
+
+impl DbUrl {
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        if is_postgres(url) {
+            Ok(DbUrl::Postgres(url.to_owned()))
+        } else {
+            sqlite_path(url).map(DbUrl::Sqlite)
+        }
+    }
+
+    /// For logs: the path, or the URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            DbUrl::Sqlite(p) => p.display().to_string(),
+            DbUrl::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// `sqlite://PATH`, `sqlite:PATH` or a plain path.
 pub fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        bail!("PostgreSQL is not supported by this build yet; use sqlite://PATH");
+    if is_postgres(url) {
+        bail!(
+            "{} is a PostgreSQL URL; this needs sqlite://PATH",
+            redact_password(url)
+        );
     }
     let path = url
         .strip_prefix("sqlite://")
@@ -262,8 +312,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         connections_max: args.connections_max,
         idempotency_ttl_ms: args.idempotency_ttl,
     };
-    let path = sqlite_path(&args.db)?;
+    let db = DbUrl::parse(&args.db)?;
     if args.guard == GuardArg::Naive {
+        if let DbUrl::Postgres(_) = db {
+            // The naive schema exists only for SQLite: the naive mode is the
+            // one-command local demo, never something to point at a shared database.
+            bail!("--guard naive runs on SQLite only");
+        }
         eprintln!("{NAIVE_WARNING}");
         if !args.i_know_this_double_charges {
             bail!("--guard naive refuses to start without --i-know-this-double-charges");
@@ -284,15 +339,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let mut cfg = SqliteConfig::new(&path);
-        cfg.writer_batch_ops_max = args.engine.writer_batch_max;
-        cfg.schema = match guard {
-            Guard::Naive { .. } => SchemaKind::Naive,
-            Guard::Full | Guard::Seed => SchemaKind::Guarded,
+        let store: Arc<dyn Store> = match &db {
+            DbUrl::Sqlite(path) => {
+                let mut cfg = SqliteConfig::new(path);
+                cfg.writer_batch_ops_max = args.engine.writer_batch_max;
+                cfg.schema = match guard {
+                    Guard::Naive { .. } => SchemaKind::Naive,
+                    Guard::Full | Guard::Seed => SchemaKind::Guarded,
+                };
+                Arc::new(
+                    SqliteStore::open(cfg)
+                        .with_context(|| format!("opening SQLite database {}", path.display()))?,
+                )
+            }
+            DbUrl::Postgres(url) => Arc::new(
+                PgStore::connect_url(url)
+                    .await
+                    .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
+            ),
         };
-        let store = SqliteStore::open(cfg)
-            .with_context(|| format!("opening SQLite database {}", path.display()))?;
-        let store: Arc<dyn payguard::Store> = Arc::new(store);
+        let store_kind = store.kind();
         let mut engine_cfg = args.engine.engine_config(guard, instance.clone());
         engine_cfg.failpoint_pause_after_lock_ms = args.failpoint_pause_after_lock_ms;
         let redis = match &args.redis {
@@ -324,8 +390,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(
             event = "server_started",
             listen = %local,
-            db = %path.display(),
-            store = "sqlite",
+            db = %db.display(),
+            store = store_kind,
             guard = guard.name(),
             inst = instance.as_str()
         );
@@ -365,4 +431,31 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!(event = "shutdown_requested", "draining in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_urls_pick_the_store_and_hide_passwords() {
+        assert_eq!(
+            DbUrl::parse("sqlite://./x.db").unwrap(),
+            DbUrl::Sqlite(PathBuf::from("./x.db"))
+        );
+        assert_eq!(
+            DbUrl::parse("x.db").unwrap(),
+            DbUrl::Sqlite(PathBuf::from("x.db"))
+        );
+        assert_eq!(
+            DbUrl::parse("postgres://postgres@127.0.0.1/mydb").unwrap(),
+            DbUrl::Postgres("postgres://postgres@127.0.0.1/mydb".into())
+        );
+        assert_eq!(
+            redact_password("postgresql://u:s3cret@h:5432/db"),
+            "postgresql://u:***@h:5432/db"
+        );
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert!(sqlite_path("postgres://u@h/db").is_err());
+    }
 }

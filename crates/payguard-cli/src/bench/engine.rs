@@ -9,6 +9,12 @@
 //! single flight and group commit, driven by `--concurrency` concurrent callers.
 //! A second engine run offers half the measured peak as an open-loop load and
 //! reports latency from each request's scheduled start (no coordinated omission).
+//!
+//! With `--db postgres://…` the same engine runs over the PostgreSQL store (each
+//! run in a scratch database on that server), and the baseline is `pgbench -N`
+//! on the same server in the same run (see [`pg`]).
+
+mod pg;
 
 use hdrhistogram::Histogram;
 use payguard::domain::{OrderId, RequestId};
@@ -59,6 +65,13 @@ pub struct EngineBenchArgs {
     /// Folder for the temporary databases (must be a real disk for fsync to count).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Run against PostgreSQL instead (`postgres://USER@HOST/DB`: each run gets a
+    /// scratch database on that server, dropped afterwards).
+    #[arg(long)]
+    pub db: Option<String>,
+    /// PostgreSQL only: seconds of the `pgbench -N` baseline [default: 30, --quick: 5].
+    #[arg(long)]
+    pub pgbench_secs: Option<u64>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -275,6 +288,14 @@ async fn open_loop(
 }
 
 pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = args.db.as_deref() {
+        match crate::serve::DbUrl::parse(url)? {
+            crate::serve::DbUrl::Postgres(url) => return pg::run(&args, &url),
+            crate::serve::DbUrl::Sqlite(_) => {
+                anyhow::bail!("--db is for PostgreSQL; the SQLite runs use --dir")
+            }
+        }
+    }
     let orders = args
         .orders
         .unwrap_or(if args.quick { 3_000 } else { 100_000 });

@@ -368,7 +368,7 @@ pub async fn check(args: &StormArgs, run: Run) -> anyhow::Result<Report> {
     }
     let mut db_audit_ok = None;
     if let Some(url) = &args.db {
-        let report = crate::audit::audit_url(url)?;
+        let report = crate::audit::audit_url(url).await?;
         db_audit_ok = Some(report.ok);
         if !report.ok {
             violations.push(Violation {

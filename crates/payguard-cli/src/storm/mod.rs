@@ -65,7 +65,7 @@ pub struct StormArgs {
     /// against one database never collide.
     #[arg(long, env = "PAYGUARD_RUN_TAG")]
     pub run_tag: Option<String>,
-    /// Also audit this database directly (`sqlite://PATH`).
+    /// Also audit this database directly (`sqlite://PATH` or `postgres://…`).
     #[arg(long, env = "PAYGUARD_DB")]
     pub db: Option<String>,
     /// Print the report as JSON.

@@ -6,12 +6,14 @@
 //! aborts the rest of its batch. A [`StoreError`] means the whole batch did not
 //! commit and nothing it described moved, so the caller may retry.
 //!
-//! The schema enforces the promise by itself (see `sqlite_schema.sql`): a unique
+//! The schema enforces the promise by itself (see `sqlite_schema.sql` and
+//! `postgres_schema.sql`, which hold the same rules): a unique
 //! debit per order, a unique refund id, refunds never above the amount, balances
 //! never negative, status changes only along the allowed transitions, an
 //! append-only ledger. A double charge is refused by the database even if every
 //! layer above it were wrong.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::domain::{

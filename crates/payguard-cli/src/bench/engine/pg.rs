@@ -1,0 +1,281 @@
+//! `payguard bench engine --db postgres://…`: the engine over the PostgreSQL store,
+//! beside `pgbench -N` on the same server in the same run.
+//!
+//! Why pgbench: it is PostgreSQL's own yardstick for short write transactions, and
+//! `-N` (one account update, one select, one history insert per transaction) is
+//! close to one un-batched deduct. It runs with `--pgbench-clients` connections
+//! (default: the engine's lanes, because the engine never has more than one
+//! transaction per lane in flight, so that is the concurrency the database sees).
+//! Each engine run gets its own scratch database with the same accounts and
+//! orders as the SQLite runs, and is audited afterwards.
+
+use super::{closed_loop, ms, RunResult, ACCOUNTS};
+use payguard::store::postgres::{PgConfig, PgStore, ScratchDb};
+use payguard::{Engine, EngineConfig, Store};
+use serde::Serialize;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// pgbench's scale factor (100 000 accounts per unit).
+const PGBENCH_SCALE: u32 = 10;
+/// pgbench's worker threads (`-j`); the machine this was written on has 2 cores.
+const PGBENCH_THREADS: usize = 2;
+
+#[derive(Serialize, Debug)]
+struct PgReport {
+    orders: usize,
+    concurrency: usize,
+    lanes: usize,
+    cores: usize,
+    pgbench_clients: usize,
+    pgbench_secs: u64,
+    runs: Vec<RunResult>,
+    best_engine_ratio: f64,
+}
+
+pub(super) fn run(args: &super::EngineBenchArgs, url: &str) -> anyhow::Result<ExitCode> {
+    let orders = args
+        .orders
+        .unwrap_or(if args.quick { 3_000 } else { 100_000 });
+    anyhow::ensure!(orders > 0, "--orders must be at least 1");
+    anyhow::ensure!(!args.batch_max.is_empty(), "--batch-max needs a value");
+    let pgbench_secs = args.pgbench_secs.unwrap_or(if args.quick { 5 } else { 30 });
+    let clients = args.lanes.max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async {
+        eprintln!(
+            "bench engine (PostgreSQL): {orders} deductions per run, {cores} cores, \
+             pgbench -N -c {clients} -j {PGBENCH_THREADS} -T {pgbench_secs}"
+        );
+        let raw = pgbench(url, clients, pgbench_secs).await?;
+        eprintln!("  pgbench: {:.0} tps", raw.ops_per_sec);
+        let mut runs = vec![raw.clone()];
+        for &bm in &args.batch_max {
+            let mut r = engine_run(url, args, orders, bm).await?;
+            r.ratio_to_raw = r.ops_per_sec / raw.ops_per_sec;
+            eprintln!("  {}: {:.0} ops/s", r.name, r.ops_per_sec);
+            runs.push(r);
+        }
+        let best = runs[1..]
+            .iter()
+            .map(|r| r.ratio_to_raw)
+            .fold(0.0_f64, f64::max);
+        Ok::<_, anyhow::Error>(PgReport {
+            orders,
+            concurrency: args.concurrency,
+            lanes: args.lanes,
+            cores,
+            pgbench_clients: clients,
+            pgbench_secs,
+            runs,
+            best_engine_ratio: best,
+        })
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    if !report.runs.iter().all(|r| r.audit_ok) {
+        eprintln!("bench engine: an audit failed after a run; the numbers are not valid");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pgbench -i` then `pgbench -N` in a scratch database; TPS without connection time.
+async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<RunResult> {
+    let db = ScratchDb::create(url, "pg_bench").await?;
+    let mut conn_args: Vec<String> = Vec::new();
+    if let Some(host) = db.config.get_hosts().first() {
+        match host {
+            payguard::store::postgres::tokio_postgres::config::Host::Tcp(h) => {
+                conn_args.extend(["-h".into(), h.clone()]);
+            }
+            payguard::store::postgres::tokio_postgres::config::Host::Unix(p) => {
+                conn_args.extend(["-h".into(), p.display().to_string()]);
+            }
+        }
+    }
+    if let Some(port) = db.config.get_ports().first() {
+        conn_args.extend(["-p".into(), port.to_string()]);
+    }
+    if let Some(user) = db.config.get_user() {
+        conn_args.extend(["-U".into(), user.to_owned()]);
+    }
+    let password = db
+        .config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let pgbench = |extra: Vec<String>| {
+        let mut cmd = tokio::process::Command::new("pgbench");
+        cmd.args(&conn_args).args(extra).arg(&db.name);
+        if let Some(p) = &password {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.kill_on_drop(true);
+        cmd
+    };
+    let init = pgbench(vec![
+        "-i".into(),
+        "-q".into(),
+        "-s".into(),
+        PGBENCH_SCALE.to_string(),
+    ])
+    .output()
+    .await?;
+    anyhow::ensure!(
+        init.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let out = pgbench(vec![
+        "-N".into(),
+        "-c".into(),
+        clients.to_string(),
+        "-j".into(),
+        PGBENCH_THREADS.to_string(),
+        "-T".into(),
+        secs.to_string(),
+    ])
+    .output()
+    .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps = stdout
+        .lines()
+        .filter(|l| l.starts_with("tps = "))
+        .find_map(|l| {
+            l["tps = ".len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench output:\n{stdout}"))?;
+    let txns = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("number of transactions actually processed: ")?
+                .split('/')
+                .next()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or(0);
+    db.drop_db().await?;
+    Ok(RunResult {
+        name: format!("pgbench -N -c {clients} -j {PGBENCH_THREADS} -T {secs} (baseline)"),
+        ops: txns,
+        secs: secs as f64,
+        ops_per_sec: tps,
+        ratio_to_raw: 1.0,
+        p50_ms: None,
+        p99_ms: None,
+        max_ms: None,
+        mean_batch: None,
+        audit_ok: true,
+    })
+}
+
+async fn engine_run(
+    url: &str,
+    args: &super::EngineBenchArgs,
+    orders: usize,
+    batch_max: usize,
+) -> anyhow::Result<RunResult> {
+    let db = ScratchDb::create(url, "pg_bench").await?;
+    let store = PgStore::connect(PgConfig::new(db.config.clone())).await?;
+    let client = db.connect().await?;
+    client
+        .execute(
+            "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+             SELECT 'acct-' || a, 'CNY', 1000000000000, 1000000000000, 0, 0
+             FROM generate_series(0, $1::bigint - 1) a",
+            &[&(ACCOUNTS as i64)],
+        )
+        .await?;
+    // The same ids, accounts and amounts as the SQLite runs' `setup`.
+    client
+        .execute(
+            "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+             SELECT 'OD20261126B' || lpad(i::text, 8, '0'), 'acct-' || (i % $2::bigint),
+                    100 + (i % 900), 'PREPARE', 0, 0, 0
+             FROM generate_series(0, $1::bigint - 1) i",
+            &[&(orders as i64), &(ACCOUNTS as i64)],
+        )
+        .await?;
+    client.batch_execute("ANALYZE").await?;
+    let engine = Arc::new(Engine::start(
+        Arc::new(store.clone()),
+        EngineConfig {
+            guard: payguard::engine::Guard::Full,
+            lanes: args.lanes,
+            batch_max,
+            batch_wait_us: args.batch_wait_us,
+            lane_queue_depth_max: args.concurrency.max(1024),
+            order_cache_entries_max: 0,
+            instance_id: "bench".into(),
+            failpoint_pause_after_lock_ms: 0,
+        },
+    ));
+    let (secs, h) = closed_loop(engine.clone(), orders, args.concurrency).await?;
+    let stats = engine.stats();
+    let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
+    let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
+    let audit = store.audit().await?;
+    engine.shutdown().await?;
+    drop(client);
+    db.drop_db().await?;
+    Ok(RunResult {
+        name: format!(
+            "engine on PostgreSQL, batch_max={batch_max}, {} callers",
+            args.concurrency
+        ),
+        ops: orders,
+        secs,
+        ops_per_sec: orders as f64 / secs,
+        ratio_to_raw: 0.0,
+        p50_ms: Some(ms(&h, 0.5)),
+        p99_ms: Some(ms(&h, 0.99)),
+        max_ms: Some(h.max() as f64 / 1000.0),
+        mean_batch: Some(batched as f64 / batches as f64),
+        audit_ok: audit.ok && audit.entries_checked == orders as i64,
+    })
+}
+
+fn print_table(r: &PgReport) {
+    println!(
+        "engine bench on PostgreSQL: {} deductions per run, {} lanes, {} callers, {} cores",
+        r.orders, r.lanes, r.concurrency, r.cores
+    );
+    println!();
+    println!("| run | ops/s | × pgbench | p50 ms | p99 ms | max ms | mean batch | audit |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for run in &r.runs {
+        println!(
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
+            run.name,
+            run.ops_per_sec,
+            run.ratio_to_raw,
+            super::opt(run.p50_ms, 2),
+            super::opt(run.p99_ms, 2),
+            super::opt(run.max_ms, 2),
+            super::opt(run.mean_batch, 1),
+            if run.audit_ok { "ok" } else { "FAILED" }
+        );
+    }
+    println!();
+    println!(
+        "best engine run: {:.2} × pgbench -N (a pgbench transaction is one un-batched debit)",
+        r.best_engine_ratio
+    );
+}

@@ -1,0 +1,713 @@
+//! The database is the guarantee, on PostgreSQL too: these tests talk to the
+//! PostgreSQL store with no lane, lock or cache above it (two stores stand for two
+//! instances of payguard), and show that the schema alone refuses a second charge.
+//!
+//! They need a server: `PAYGUARD_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres`.
+//! Without it each test prints why and passes without running. Each test works in
+//! its own fresh database (`CREATE DATABASE pg_test_…`) and drops it at the end.
+
+use payguard::domain::{AccountId, Currency, Money, OrderId, OrderStatus, RefundId};
+use payguard::store::postgres::{tokio_postgres, PgConfig, PgStore, ScratchDb};
+use payguard::store::{Op, OpResult, Output, Rejection, Store, StoreError};
+use std::sync::Arc;
+
+const URL_ENV: &str = "PAYGUARD_TEST_POSTGRES_URL";
+
+/// A fresh database, or `None` (after saying why) when no server is configured.
+async fn scratch(test: &str) -> Option<ScratchDb> {
+    match std::env::var(URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(
+            ScratchDb::create(&url, "pg_test")
+                .await
+                .expect("create a scratch database"),
+        ),
+        _ => {
+            eprintln!("SKIP {test}: set {URL_ENV} (e.g. postgres://postgres@127.0.0.1:5432/postgres) to run it");
+            None
+        }
+    }
+}
+
+async fn store(db: &ScratchDb) -> PgStore {
+    PgStore::connect(PgConfig::new(db.config.clone()))
+        .await
+        .expect("connect and migrate")
+}
+
+fn acct(id: &str, balance: i64) -> Op {
+    Op::CreateAccount {
+        id: AccountId::parse(id).unwrap(),
+        balance: Money::balance(balance).unwrap(),
+        currency: Currency::CNY,
+    }
+}
+
+fn order(id: &str, account: &str, amount: i64) -> Op {
+    Op::CreateOrder {
+        id: OrderId::parse(id).unwrap(),
+        account_id: AccountId::parse(account).unwrap(),
+        amount: Money::amount(amount).unwrap(),
+    }
+}
+
+fn deduct(o: &str) -> Op {
+    Op::Deduct {
+        order_id: OrderId::parse(o).unwrap(),
+    }
+}
+
+fn refund(o: &str, rid: &str, amount: i64) -> Op {
+    Op::Refund {
+        order_id: OrderId::parse(o).unwrap(),
+        refund_id: RefundId::parse(rid).unwrap(),
+        amount: Money::amount(amount).unwrap(),
+    }
+}
+
+/// The SQLite tests' starting point: `acct` with 10 000, o1 1 185, o2 20 000, o3 5.
+async fn seed(s: &PgStore) {
+    let ops = vec![
+        acct("acct", 10_000),
+        order("o1", "acct", 1_185),
+        order("o2", "acct", 20_000),
+        order("o3", "acct", 5),
+    ];
+    for r in s.apply(ops).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+fn fresh_charge(r: &OpResult) -> bool {
+    matches!(
+        r,
+        Ok(Output::Movement {
+            replayed: false,
+            ..
+        })
+    )
+}
+
+fn replay(r: &OpResult) -> bool {
+    matches!(r, Ok(Output::Movement { replayed: true, .. }))
+}
+
+/// Two stores (two instances, two pools), one order, released at the same instant,
+/// no lane or lock: still one debit. Then the same with 8 racers per order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_instances_without_lanes_charge_once() {
+    let Some(db) = scratch("racing_instances_without_lanes_charge_once").await else {
+        return;
+    };
+    let a = store(&db).await;
+    let b = store(&db).await;
+    seed(&a).await;
+    for round in 0..20 {
+        let oid = format!("race-{round}");
+        a.apply(vec![order(&oid, "acct", 1)]).await.unwrap()[0]
+            .clone()
+            .unwrap();
+        let racers = if round % 2 == 0 { 2 } else { 8 };
+        let barrier = Arc::new(tokio::sync::Barrier::new(racers));
+        let tasks: Vec<_> = (0..racers)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let barrier = barrier.clone();
+                let oid = oid.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.apply(vec![deduct(&oid)]).await.unwrap().remove(0)
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let fresh = results.iter().filter(|r| fresh_charge(r)).count();
+        let replays = results.iter().filter(|r| replay(r)).count();
+        assert_eq!(
+            (fresh, replays),
+            (1, racers - 1),
+            "round {round}: {results:?}"
+        );
+        let entry_ids: std::collections::BTreeSet<i64> = results
+            .iter()
+            .map(|r| match r {
+                Ok(Output::Movement { entry, .. }) => entry.id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(entry_ids.len(), 1, "every racer sees the same entry");
+    }
+    let c = db.connect().await.unwrap();
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM entries WHERE kind = 'debit' AND order_id LIKE 'race-%'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
+        10_000 - 20
+    );
+    assert!(a.audit().await.unwrap().ok);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// What the incident's code did, by hand, against our schema: every step is refused.
+#[tokio::test]
+async fn the_schema_refuses_the_incidents_second_debit() {
+    let Some(db) = scratch("the_schema_refuses_the_incidents_second_debit").await else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    assert!(fresh_charge(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    let c = db.connect().await.unwrap();
+    for sql in [
+        // A second debit row for a paid order (the unique index and the PREPARE trigger).
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES ('o1', 'acct', 'debit', 1185, 0, 3)",
+        // Marking a paid order paid again, or back to PREPARE.
+        "UPDATE orders SET status = 'PAID' WHERE id = 'o1'",
+        "UPDATE orders SET status = 'PREPARE', debit_entry_id = NULL WHERE id = 'o1'",
+        // Paying a PREPARE order without a debit.
+        "UPDATE orders SET status = 'PAID' WHERE id = 'o3'",
+        // Overdrawing the account.
+        "UPDATE accounts SET balance = -1 WHERE id = 'acct'",
+        // Refunding more than the amount, at once or in two rows of one statement.
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at) VALUES ('o1', 'acct', 'refund', 1186, 10000, 'rf-x', 3)",
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at) VALUES ('o1', 'acct', 'refund', 600, 9000, 'rf-y', 3), ('o1', 'acct', 'refund', 600, 9600, 'rf-z', 3)",
+        "UPDATE orders SET refunded = 1186, status = 'PARTIALLY_REFUNDED' WHERE id = 'o1'",
+        // The same refund id twice.
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at) VALUES ('o1', 'acct', 'refund', 1, 9000, 'rf-d', 3), ('o1', 'acct', 'refund', 1, 9001, 'rf-d', 3)",
+        // Rewriting or deleting history.
+        "UPDATE entries SET amount = 1 WHERE order_id = 'o1'",
+        "DELETE FROM entries WHERE order_id = 'o1'",
+        "TRUNCATE entries CASCADE",
+        // Changing what an order charges, or which debit paid it.
+        "UPDATE orders SET amount = 1 WHERE id = 'o1'",
+        "UPDATE orders SET account_id = 'acct' || '' , debit_entry_id = debit_entry_id + 1000 WHERE id = 'o1'",
+        // Two reversals of one entry.
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, reverses, created_at) SELECT 'o1', 'acct', 'reversal', 1185, 10000, id, 3 FROM entries, generate_series(1, 2) WHERE order_id = 'o1'",
+    ] {
+        let err = c.batch_execute(sql).await.expect_err(sql);
+        let db_err = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert!(
+            db_err.code().code().starts_with("23"),
+            "{sql}: not an integrity error: {db_err}"
+        );
+    }
+    assert_eq!(
+        count(&c, "SELECT COUNT(*) FROM entries WHERE order_id = 'o1'").await,
+        1
+    );
+    assert_eq!(
+        count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
+        10_000 - 1_185
+    );
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// A rejected op never aborts its batch, and an op the database refuses is undone
+/// alone (savepoint) while the rest of the batch commits.
+#[tokio::test]
+async fn one_bad_op_never_aborts_its_batch() {
+    let Some(db) = scratch("one_bad_op_never_aborts_its_batch").await else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    let c = db.connect().await.unwrap();
+    // A hand edit puts a rogue debit under o3 while leaving it PREPARE (the kind of
+    // state only a broken layer could make); the engine's deduct of o3 then trips
+    // the unique index mid-batch.
+    c.batch_execute(
+        "DROP TRIGGER entries_debit_needs_prepare ON entries;
+         INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+         VALUES ('o3', 'acct', 'debit', 5, 9995, 1);",
+    )
+    .await
+    .unwrap();
+    let results = s
+        .apply(vec![
+            deduct("o1"),
+            deduct("o2"), // 20_000 > balance: insufficient funds
+            deduct("o3"), // refused by the unique debit index
+            refund("o1", "rf-1", 185),
+        ])
+        .await
+        .unwrap();
+    assert!(fresh_charge(&results[0]), "{results:?}");
+    assert_eq!(results[1], Err(Rejection::InsufficientFunds));
+    assert!(
+        matches!(results[2], Err(Rejection::Refused(_))),
+        "{results:?}"
+    );
+    assert!(fresh_charge(&results[3]), "{results:?}");
+    assert_eq!(
+        s.stats()
+            .careful_batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the unique index fired, and the batch was replayed op by op"
+    );
+    assert_eq!(
+        count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
+        10_000 - 1_185 + 185,
+        "the hand-made debit never moved the balance, and the refused deduct was undone"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM orders WHERE id = 'o2' AND status = 'FAILED'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COUNT(*) FROM orders WHERE id = 'o3' AND status = 'PREPARE'"
+        )
+        .await,
+        1,
+        "the refused op was rolled back to its savepoint"
+    );
+    // FAILED is terminal and every later call answers the same.
+    assert_eq!(
+        s.apply(vec![deduct("o2")]).await.unwrap()[0],
+        Err(Rejection::InsufficientFunds)
+    );
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_naive_or_foreign_database_is_refused() {
+    let Some(naive) = scratch("a_naive_or_foreign_database_is_refused").await else {
+        return;
+    };
+    naive
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE payguard_meta (key text PRIMARY KEY, value text NOT NULL);
+             INSERT INTO payguard_meta VALUES ('schema_kind', 'naive'), ('schema_version', '1');",
+        )
+        .await
+        .unwrap();
+    match PgStore::connect(PgConfig::new(naive.config.clone())).await {
+        Err(StoreError::Schema(msg)) => assert!(msg.contains("naive"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a naive database was opened in guarded mode"),
+    }
+    naive.drop_db().await.unwrap();
+
+    let foreign = scratch("a_naive_or_foreign_database_is_refused")
+        .await
+        .unwrap();
+    foreign
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE stuff (x int)")
+        .await
+        .unwrap();
+    assert!(matches!(
+        PgStore::connect(PgConfig::new(foreign.config.clone())).await,
+        Err(StoreError::Schema(_))
+    ));
+    foreign.drop_db().await.unwrap();
+
+    // A guarded database from a newer payguard is refused too, not downgraded.
+    let newer = scratch("a_naive_or_foreign_database_is_refused")
+        .await
+        .unwrap();
+    store(&newer).await.close().await.unwrap();
+    newer
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute("UPDATE payguard_meta SET value = '99' WHERE key = 'schema_version'")
+        .await
+        .unwrap();
+    match PgStore::connect(PgConfig::new(newer.config.clone())).await {
+        Err(StoreError::Schema(msg)) => assert!(msg.contains("newer"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer schema was opened"),
+    }
+    newer.drop_db().await.unwrap();
+}
+
+/// Reconnecting keeps the data and does not migrate twice; a closed store says so.
+#[tokio::test]
+async fn reconnecting_keeps_the_data_and_the_schema() {
+    let Some(db) = scratch("reconnecting_keeps_the_data_and_the_schema").await else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    assert!(fresh_charge(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    s.close().await.unwrap();
+    assert_eq!(s.apply(vec![deduct("o1")]).await, Err(StoreError::Closed));
+    let s = store(&db).await;
+    assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    let o = s
+        .order(OrderId::parse("o1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o.debit_entry_id, Some(1));
+    let c = db.connect().await.unwrap();
+    let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
+    assert_eq!(
+        count(&c, version).await,
+        3,
+        "v1 schema + v2 idempotency + v3 fencing"
+    );
+    // A v1 database (as the first PostgreSQL build left it) is upgraded in place.
+    s.close().await.unwrap();
+    c.batch_execute(
+        "DROP TABLE idempotency; ALTER TABLE orders DROP COLUMN fence; DROP SEQUENCE fence_epochs;
+         UPDATE payguard_meta SET value = '1' WHERE key = 'schema_version'",
+    )
+    .await
+    .unwrap();
+    let s = store(&db).await;
+    assert_eq!(count(&c, version).await, 3);
+    assert_eq!(count(&c, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert_eq!(count(&c, "SELECT MAX(fence) FROM orders").await, 0);
+    assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    assert_eq!(
+        s.apply_naive(
+            deduct("o1"),
+            payguard::store::NaiveCtx {
+                gap: std::time::Duration::ZERO,
+                req: payguard::domain::RequestId::parse("r").unwrap(),
+                inst: Arc::from("t"),
+            }
+        )
+        .await,
+        Err(StoreError::Schema(
+            "--guard naive runs on SQLite only".into()
+        ))
+    );
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// Several orders on ONE account in one batch are charged in batch order: 250
+/// pays two orders of 100, the third fails. Duplicates inside one batch replay the
+/// first's entry. A deduct and refunds of one order in one batch (two status
+/// rounds) land as one consistent state.
+#[tokio::test]
+async fn a_batch_charges_one_account_in_batch_order() {
+    let Some(db) = scratch("a_batch_charges_one_account_in_batch_order").await else {
+        return;
+    };
+    let s = store(&db).await;
+    let results = s
+        .apply(vec![
+            acct("shared", 250),
+            order("a", "shared", 100),
+            order("b", "shared", 100),
+            order("c", "shared", 100),
+            deduct("a"),
+            deduct("b"),
+            deduct("a"), // duplicate in the same batch: a replay
+            deduct("c"), // only 50 left
+            deduct("c"), // FAILED is terminal
+            refund("a", "ra-1", 30),
+            refund("a", "ra-2", 70),
+            refund("a", "ra-2", 70), // duplicate refund: a replay
+            refund("a", "ra-3", 1),  // over the amount
+            order("a", "shared", 100),
+        ])
+        .await
+        .unwrap();
+    let entry = |i: usize| match &results[i] {
+        Ok(Output::Movement { entry, .. }) => entry.clone(),
+        other => panic!("op {i}: {other:?}"),
+    };
+    assert!(
+        fresh_charge(&results[4]) && fresh_charge(&results[5]),
+        "{results:?}"
+    );
+    assert!(replay(&results[6]), "{results:?}");
+    assert_eq!(entry(4), entry(6), "the replay returns the first entry");
+    assert_eq!(entry(4).balance_after.minor(), 150);
+    assert_eq!(entry(5).balance_after.minor(), 50);
+    assert_eq!(results[7], Err(Rejection::InsufficientFunds));
+    assert_eq!(results[8], Err(Rejection::InsufficientFunds));
+    assert!(fresh_charge(&results[9]) && fresh_charge(&results[10]));
+    assert!(replay(&results[11]));
+    assert_eq!(entry(10), entry(11));
+    assert_eq!(entry(10).balance_after.minor(), 150);
+    assert_eq!(results[12], Err(Rejection::RefundExceedsPaid));
+    match &results[13] {
+        Ok(Output::Order { order, created }) => {
+            assert!(!created);
+            assert_eq!(order.status, OrderStatus::Refunded);
+            assert_eq!(order.debit_entry_id, Some(entry(4).id));
+        }
+        other => panic!("{other:?}"),
+    }
+    // What was returned is what was stored.
+    let a = s
+        .order(OrderId::parse("a").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    match &results[10] {
+        Ok(Output::Movement { order, .. }) => assert_eq!(order, &a),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.status, OrderStatus::Refunded);
+    assert_eq!(a.refunded.minor(), 100);
+    let c = s
+        .order(OrderId::parse("c").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.status, OrderStatus::Failed);
+    assert_eq!(c.failure_reason.as_deref(), Some("insufficient_funds"));
+    let account = s
+        .account(AccountId::parse("shared").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(account.balance.minor(), 150);
+    let entries = s
+        .entries(OrderId::parse("a").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entries, vec![entry(4), entry(9), entry(10)], "commit order");
+    assert!(s.audit().await.unwrap().ok);
+    // All of it on the fast path: the status rounds and balances were what the
+    // schema accepts, so no constraint fired and no savepoint replay was needed.
+    let fallbacks = s
+        .stats()
+        .careful_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(fallbacks, 0);
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// The PostgreSQL store answers exactly what the SQLite store answers for the
+/// same ops (entry ids, statuses, balances, rejections; timestamps are both `now`).
+#[tokio::test]
+async fn the_same_ops_give_the_same_answers_as_sqlite() {
+    let Some(db) = scratch("the_same_ops_give_the_same_answers_as_sqlite").await else {
+        return;
+    };
+    let pg = store(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let mut conn = payguard::store::sqlite::open_connection(&path).unwrap();
+    payguard::store::sqlite::migrate(&mut conn).unwrap();
+    let batches = vec![
+        vec![
+            acct("x", 1_000),
+            acct("y", 10),
+            acct("x", 1_000),
+            acct("x", 5),
+        ],
+        vec![
+            order("p", "x", 300),
+            order("q", "x", 800),
+            order("r", "nobody", 1),
+            order("s", "y", 10),
+            order("p", "x", 301),
+        ],
+        vec![
+            deduct("p"),
+            deduct("q"),
+            deduct("s"),
+            deduct("zz"),
+            deduct("p"),
+        ],
+        vec![
+            refund("p", "rp-1", 100),
+            refund("q", "rq-1", 1),
+            refund("p", "rp-1", 100),
+            refund("p", "rp-1", 99),
+            refund("s", "rp-1", 1),
+            refund("p", "rp-2", 200),
+            refund("p", "rp-3", 1),
+            refund("zz", "rp-9", 1),
+        ],
+        vec![
+            acct("x", 1_000),
+            order("p", "x", 300),
+            deduct("p"),
+            refund("p", "rp-2", 200),
+        ],
+    ];
+    for (i, ops) in batches.into_iter().enumerate() {
+        let now = 1_000 + i as i64;
+        let from_sqlite = payguard::store::sqlite::apply_ops(&mut conn, &ops, now).unwrap();
+        let mut client = pg_client(&db).await;
+        let from_pg = payguard::store::postgres::apply_ops(&mut client, &ops, now, false)
+            .await
+            .unwrap();
+        assert_eq!(from_pg, from_sqlite, "batch {i}: {ops:?}");
+    }
+    let sqlite_audit = payguard::store::sqlite::audit_connection(&mut conn).unwrap();
+    assert_eq!(pg.audit().await.unwrap(), sqlite_audit);
+    pg.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// A connection to the scratch database wrapped like the pool's, for calling
+/// `apply_ops` with a chosen `now`.
+async fn pg_client(db: &ScratchDb) -> deadpool_postgres::ClientWrapper {
+    let (client, conn) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    deadpool_postgres::ClientWrapper::new(client, task)
+}
+
+/// Many different refunds of one order, from several tasks and two stores at once,
+/// through `apply` with no lane: their sum never exceeds the amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_refunds_never_exceed_the_amount() {
+    let Some(db) = scratch("racing_refunds_never_exceed_the_amount").await else {
+        return;
+    };
+    let a = store(&db).await;
+    let b = store(&db).await;
+    seed(&a).await;
+    assert!(fresh_charge(&a.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                // 50 refunds of 100 against 1 185: at most 11 can succeed.
+                s.apply(vec![refund("o1", &format!("rf-{i}"), 100)])
+                    .await
+                    .unwrap()
+                    .remove(0)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Output::Movement {
+                replayed: false, ..
+            }) => ok += 1,
+            Err(Rejection::RefundExceedsPaid) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok, 11);
+    let c = db.connect().await.unwrap();
+    assert_eq!(
+        count(
+            &c,
+            "SELECT COALESCE(SUM(amount), 0)::bigint FROM entries WHERE order_id = 'o1' AND kind = 'refund'"
+        )
+        .await,
+        1_100
+    );
+    assert_eq!(
+        count(&c, "SELECT refunded FROM orders WHERE id = 'o1'").await,
+        1_100
+    );
+    assert!(a.audit().await.unwrap().ok);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// The audit is clean after real traffic, then reports a hand-corrupted balance.
+#[tokio::test]
+async fn audit_reports_a_corrupted_balance() {
+    let Some(db) = scratch("audit_reports_a_corrupted_balance").await else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    s.apply(vec![deduct("o1"), deduct("o3"), refund("o1", "r", 85)])
+        .await
+        .unwrap();
+    let report = s.audit().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(
+        (
+            report.accounts_checked,
+            report.orders_checked,
+            report.entries_checked
+        ),
+        (1, 3, 3)
+    );
+    let c = db.connect().await.unwrap();
+    c.batch_execute("UPDATE accounts SET balance = balance + 7 WHERE id = 'acct'")
+        .await
+        .unwrap();
+    let report = s.audit().await.unwrap();
+    assert!(!report.ok);
+    let expected = 10_000 - 1_185 - 5 + 85;
+    assert_eq!(
+        report.balance_mismatches,
+        vec![payguard::domain::BalanceMismatch {
+            account_id: "acct".into(),
+            expected,
+            actual: expected + 7,
+        }]
+    );
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// A batch that cannot get its row locks within `statement_timeout` fails as
+/// `Unavailable` (HTTP 503) in bounded time, and moves nothing; once the lock is
+/// gone the same op goes through.
+#[tokio::test]
+async fn a_lock_held_too_long_is_unavailable_not_a_hang() {
+    let Some(db) = scratch("a_lock_held_too_long_is_unavailable_not_a_hang").await else {
+        return;
+    };
+    let mut cfg = PgConfig::new(db.config.clone());
+    cfg.statement_timeout_ms = 300;
+    let s = PgStore::connect(cfg).await.unwrap();
+    seed(&s).await;
+    let mut c = db.connect().await.unwrap();
+    let holder = c.transaction().await.unwrap();
+    holder
+        .batch_execute("SELECT 1 FROM orders WHERE id = 'o1' FOR UPDATE")
+        .await
+        .unwrap();
+    let bounded = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.apply(vec![deduct("o1")]),
+    );
+    match bounded.await.expect("the store must give up by itself") {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("57014"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        count(&c, "SELECT balance FROM accounts WHERE id = 'acct'").await,
+        10_000
+    );
+    assert!(fresh_charge(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
