@@ -78,6 +78,15 @@ impl Metrics {
             "Requests waiting in each lane's queue",
             lane_depth.clone(),
         );
+        registry.register(
+            "instance",
+            "This instance's id, guard and store",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("instance", engine.config().instance_id.clone()),
+                ("guard", engine.config().guard.name().to_owned()),
+                ("store", engine.store().kind().to_owned()),
+            ]),
+        );
         let s = engine.stats();
         registry.register(
             "ops_committed",

@@ -383,6 +383,7 @@ async fn metrics_need_no_key_and_count_what_happened() {
         r#"payguard_lane_queue_depth{lane="0"} 0"#,
         "payguard_lane_batch_size_bucket",
         "payguard_store_commit_seconds_count",
+        r#"payguard_instance_info{instance="test-1",guard="full",store="sqlite"} 1"#,
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
