@@ -62,6 +62,10 @@ pub struct EngineBenchArgs {
     /// Most ops the SQLite writer commits per transaction.
     #[arg(long, default_value_t = 1024)]
     pub writer_batch_max: usize,
+    /// Async worker threads [default: cores − 1, at least 1: the SQLite writer
+    /// thread needs a core of its own].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Folder for the temporary databases (must be a real disk for fsync to count).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -177,6 +181,35 @@ fn raw(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
         secs,
         ops_per_sec: orders as f64 / secs,
         ratio_to_raw: 1.0,
+        p50_ms: None,
+        p99_ms: None,
+        max_ms: None,
+        mean_batch: None,
+        audit_ok,
+    })
+}
+
+/// The store's own deduct (order read, conditional writes, results built) driven
+/// directly in 1000-op transactions: no lanes, channels or tasks. It splits the
+/// gap between raw SQL and the engine into "the money path's SQL" and "the engine".
+fn store_direct(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
+    let mut conn = open_connection(path)?;
+    let ops: Vec<Op> = (0..orders).map(deduct_op).collect();
+    let started = Instant::now();
+    for chunk in ops.chunks(RAW_TXN_ROWS) {
+        let now = chrono::Utc::now().timestamp_millis();
+        for r in payguard::store::sqlite::apply_ops(&mut conn, chunk, now)? {
+            check(r.map_err(payguard::EngineError::from))?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
+    Ok(RunResult {
+        name: format!("store only: the engine's deduct SQL, {RAW_TXN_ROWS}-op txns, no lanes"),
+        ops: orders,
+        secs,
+        ops_per_sec: orders as f64 / secs,
+        ratio_to_raw: 0.0,
         p50_ms: None,
         p99_ms: None,
         max_ms: None,
@@ -306,6 +339,10 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         None => tempfile::tempdir()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            args.worker_threads
+                .unwrap_or_else(crate::serve::default_worker_threads),
+        )
         .enable_all()
         .build()?;
     // Engine::start spawns its lanes on the current runtime.
@@ -321,7 +358,13 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let raw = raw(&raw_path, orders)?;
     eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
 
-    let mut runs = vec![raw.clone()];
+    let direct_path = base.path().join("direct.db");
+    setup(&direct_path, orders)?;
+    let mut direct = store_direct(&direct_path, orders)?;
+    direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
+    eprintln!("  store only: {:.0} ops/s", direct.ops_per_sec);
+
+    let mut runs = vec![raw.clone(), direct];
     let mut best: Option<RunResult> = None;
     for &bm in &args.batch_max {
         let path = base.path().join(format!("engine-{bm}.db"));
@@ -352,7 +395,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         runs.push(r);
     }
     let best = best.expect("at least one engine run");
-    let best_bm = args.batch_max[runs[1..]
+    let best_bm = args.batch_max[runs[2..]
         .iter()
         .position(|r| r.name == best.name)
         .unwrap_or(0)];

@@ -3,6 +3,7 @@
 
 mod engine;
 mod guards;
+mod http;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,8 @@ pub enum Suite {
     Engine(engine::EngineBenchArgs),
     /// Storm throughput and latency of `seed` vs `full` through HTTP, one run.
     Guards(guards::GuardsBenchArgs),
+    /// HTTP cost: the same load on a plain axum handler and on payguard's deduct.
+    Http(http::HttpBenchArgs),
     /// Concurrent maps under the write-up's workloads; ratios to Mutex<HashMap>.
     Cache(payguard_bench_suites::CacheArgs),
     /// Hash functions and reductions for lane routing.
@@ -30,6 +33,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.suite {
         Suite::Engine(a) => engine::run(a),
         Suite::Guards(a) => guards::run(a),
+        Suite::Http(a) => http::run(a),
         Suite::Cache(a) => suite(payguard_bench_suites::run_cache(&a)),
         Suite::Routing(a) => suite(payguard_bench_suites::run_routing(&a)),
         Suite::Queue(a) => suite(payguard_bench_suites::run_queue(&a)),

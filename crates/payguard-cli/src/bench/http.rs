@@ -1,0 +1,226 @@
+//! `payguard bench http`: what the HTTP layer costs.
+//!
+//! The same closed-loop load (C concurrent keep-alive clients, N POSTs) is sent,
+//! in one run, to (1) a plain axum handler that returns a constant JSON body,
+//! the floor of any HTTP service here, and (2) payguard's deduct, each request a
+//! durable charge of a fresh order on SQLite. The ratio says how much of
+//! payguard's cost is HTTP and how much is the money path.
+
+use crate::demo::LocalServer;
+use hdrhistogram::Histogram;
+use payguard::engine::Guard;
+use serde::Serialize;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct HttpBenchArgs {
+    /// Small sizes for a smoke run.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Write a self-contained HTML page with the comparison.
+    #[arg(long)]
+    pub html: Option<std::path::PathBuf>,
+    /// Requests per target [default: 20000, --quick: 500].
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+#[derive(Serialize, Clone)]
+struct Side {
+    target: &'static str,
+    requests: usize,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    errors: usize,
+}
+
+async fn drive(
+    client: &reqwest::Client,
+    urls: Arc<Vec<String>>,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Histogram<u64>, usize)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, urls, next, errors) =
+            (client.clone(), urls.clone(), next.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram bounds");
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= urls.len() {
+                    break;
+                }
+                let t0 = Instant::now();
+                match client.post(&urls[i]).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _ = h.record(t0.elapsed().as_micros() as u64);
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        all.add(t.await?)?;
+    }
+    Ok((
+        started.elapsed().as_secs_f64(),
+        all,
+        errors.load(Ordering::Relaxed),
+    ))
+}
+
+fn side(target: &'static str, n: usize, secs: f64, h: &Histogram<u64>, errors: usize) -> Side {
+    Side {
+        target,
+        requests: n,
+        rps: n as f64 / secs,
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+        max_ms: h.max() as f64 / 1e3,
+        errors,
+    }
+}
+
+pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
+    let n = args
+        .requests
+        .unwrap_or(if args.quick { 500 } else { 20_000 });
+    anyhow::ensure!(
+        n > 0 && args.concurrency > 0,
+        "--requests and --concurrency must be > 0"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let sides = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency)
+            .build()?;
+        // (1) The floor: a plain axum handler returning a constant.
+        let app = axum::Router::new().route(
+            "/constant",
+            axum::routing::post(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let plain = format!("http://{}/constant", listener.local_addr()?);
+        let plain_server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let urls = Arc::new(vec![plain; n]);
+        let (secs, h, errors) = drive(&client, urls, args.concurrency).await?;
+        let floor = side("plain axum handler (constant)", n, secs, &h, errors);
+        plain_server.abort();
+
+        // (2) payguard: one fresh order per request, each a durable charge.
+        let server =
+            LocalServer::start(&dir.path().join("http.db"), Guard::Full, "bench-http").await?;
+        let setup = client
+            .post(format!("{}/v1/accounts", server.url))
+            .json(&serde_json::json!({"id": "bench", "balance": 9_000_000_000_000_i64}))
+            .send()
+            .await?;
+        anyhow::ensure!(setup.status().is_success(), "account setup failed");
+        let create: Vec<String> = (0..n).map(|i| format!("h{i}")).collect();
+        let create_url = format!("{}/v1/orders", server.url);
+        // Orders are created through the API too (not timed).
+        for chunk in create.chunks(256) {
+            let futs = chunk.iter().map(|id| {
+                client
+                    .post(&create_url)
+                    .json(&serde_json::json!({"id": id, "account_id": "bench", "amount": 100}))
+                    .send()
+            });
+            for r in futures::future::join_all(futs).await {
+                anyhow::ensure!(r?.status().is_success(), "order setup failed");
+            }
+        }
+        let urls = Arc::new(
+            create
+                .iter()
+                .map(|id| format!("{}/v1/orders/{id}/deduct", server.url))
+                .collect::<Vec<_>>(),
+        );
+        let (secs, h, errors) = drive(&client, urls, args.concurrency).await?;
+        let pay = side("payguard deduct (durable, SQLite)", n, secs, &h, errors);
+        server.stop().await?;
+        Ok::<_, anyhow::Error>(vec![floor, pay])
+    })?;
+    let ratio = sides[1].rps / sides[0].rps.max(1e-9);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio})
+            )?
+        );
+    } else {
+        println!(
+            "http bench: {n} POSTs per target, {} keep-alive clients, one run",
+            args.concurrency
+        );
+        println!();
+        println!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for s in &sides {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+                s.target, s.rps, s.p50_ms, s.p99_ms, s.max_ms, s.errors
+            );
+        }
+        println!();
+        println!("payguard / plain handler: {ratio:.2}×");
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, html(&sides, ratio))?;
+    }
+    Ok(if sides.iter().all(|s| s.errors == 0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A self-contained page: one bar chart (inline SVG) of requests/s.
+fn html(sides: &[Side], ratio: f64) -> String {
+    let max = sides.iter().map(|s| s.rps).fold(1.0, f64::max);
+    let mut bars = String::new();
+    for (i, s) in sides.iter().enumerate() {
+        let w = s.rps / max * 500.0;
+        let y = 20 + i * 40;
+        bars.push_str(&format!(
+            "<rect x=\"240\" y=\"{y}\" width=\"{w:.1}\" height=\"26\" fill=\"#4a7bd0\"/>\
+             <text x=\"4\" y=\"{}\">{}</text><text x=\"{:.1}\" y=\"{}\">{:.0}/s, p99 {:.2} ms</text>",
+            y + 18,
+            s.target,
+            250.0 + w,
+            y + 18,
+            s.rps,
+            s.p99_ms
+        ));
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>payguard bench http</title>\
+         <style>body{{font:14px system-ui,sans-serif;margin:2em}}text{{font-size:12px}}</style></head><body>\
+         <h1>payguard bench http</h1><p>payguard / plain handler: {ratio:.2}×</p>\
+         <svg width=\"900\" height=\"{}\">{bars}</svg></body></html>",
+        30 + sides.len() * 40
+    )
+}
