@@ -2,71 +2,13 @@
 //! the double charges the database audit finds, and a full-mode storm's log none
 //! (but many race windows: duplicates that collided and were answered once).
 
+mod common;
+
+use common::start;
 use payguard_cli::storm::{storm, StormArgs};
 use std::collections::BTreeSet;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// How long a child server may take to start.
-const START_WAIT: Duration = Duration::from_secs(20);
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-// The child is handed back inside `Server` and reaped by `stop`.
-#[allow(clippy::zombie_processes)]
-fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
-    let log = dir.join(format!("{name}.log"));
-    let db = dir.join(format!("{name}.db"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payguard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--instance-id",
-            name,
-        ])
-        .arg("--db")
-        .arg(&db)
-        .args(extra)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    loop {
-        let file = std::fs::File::open(&log).unwrap();
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.unwrap();
-            if line.contains("\"server_started\"") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let url = format!("http://{}", v["listen"].as_str().unwrap());
-                return Server { child, url };
-            }
-        }
-        if started.elapsed() >= START_WAIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name} did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stop(mut s: Server) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(s.child.id().to_string())
-        .status();
-    let status = s.child.wait().unwrap();
-    assert!(status.success(), "server exited with {status}");
-}
+use std::process::Command;
 
 fn storm_args(url: &str, db: &Path) -> StormArgs {
     StormArgs {
@@ -101,9 +43,11 @@ fn forensics(log: &Path) -> (i32, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn naive_storm_logs_show_exactly_the_audited_double_charges() {
     let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("naive-1.db");
     let server = start(
         dir.path(),
         "naive-1",
+        db.to_str().unwrap(),
         &[
             "--guard",
             "naive",
@@ -112,9 +56,8 @@ async fn naive_storm_logs_show_exactly_the_audited_double_charges() {
             "5",
         ],
     );
-    let db = dir.path().join("naive-1.db");
     let report = storm(&storm_args(&server.url, &db)).await.unwrap();
-    stop(server);
+    server.stop();
     assert!(report.double_charged_orders > 0, "{}", report.to_text());
 
     let mut conn = rusqlite::Connection::open(&db).unwrap();
@@ -152,10 +95,10 @@ async fn naive_storm_logs_show_exactly_the_audited_double_charges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_storm_logs_show_race_windows_and_no_incident() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), "full-1", &[]);
     let db = dir.path().join("full-1.db");
+    let server = start(dir.path(), "full-1", db.to_str().unwrap(), &[]);
     let report = storm(&storm_args(&server.url, &db)).await.unwrap();
-    stop(server);
+    server.stop();
     assert!(report.ok, "{}", report.to_text());
     let (code, f) = forensics(&dir.path().join("full-1.log"));
     assert_eq!(code, 0);

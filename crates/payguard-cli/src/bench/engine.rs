@@ -175,18 +175,14 @@ fn raw(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
     }
     let secs = started.elapsed().as_secs_f64();
     let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
-    Ok(RunResult {
-        name: format!("raw rusqlite, {RAW_TXN_ROWS}-row txns (ceiling)"),
-        ops: orders,
+    let mut run = RunResult::throughput(
+        format!("raw rusqlite, {RAW_TXN_ROWS}-row txns (ceiling)"),
+        orders,
         secs,
-        ops_per_sec: orders as f64 / secs,
-        ratio_to_raw: 1.0,
-        p50_ms: None,
-        p99_ms: None,
-        max_ms: None,
-        mean_batch: None,
         audit_ok,
-    })
+    );
+    run.ratio_to_raw = 1.0;
+    Ok(run)
 }
 
 /// The store's own deduct (order read, conditional writes, results built) driven
@@ -204,18 +200,44 @@ fn store_direct(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
     }
     let secs = started.elapsed().as_secs_f64();
     let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
-    Ok(RunResult {
-        name: format!("store only: the engine's deduct SQL, {RAW_TXN_ROWS}-op txns, no lanes"),
-        ops: orders,
+    Ok(RunResult::throughput(
+        format!("store only: the engine's deduct SQL, {RAW_TXN_ROWS}-op txns, no lanes"),
+        orders,
         secs,
-        ops_per_sec: orders as f64 / secs,
-        ratio_to_raw: 0.0,
-        p50_ms: None,
-        p99_ms: None,
-        max_ms: None,
-        mean_batch: None,
         audit_ok,
-    })
+    ))
+}
+
+impl RunResult {
+    /// A run measured by throughput alone (no per-request latency).
+    fn throughput(name: String, ops: usize, secs: f64, audit_ok: bool) -> Self {
+        RunResult {
+            name,
+            ops,
+            secs,
+            ops_per_sec: ops as f64 / secs,
+            ratio_to_raw: 0.0,
+            p50_ms: None,
+            p99_ms: None,
+            max_ms: None,
+            mean_batch: None,
+            audit_ok,
+        }
+    }
+}
+
+/// The engine configuration every engine run of this suite uses.
+pub(super) fn bench_engine_config(args: &EngineBenchArgs, batch_max: usize) -> EngineConfig {
+    EngineConfig {
+        guard: payguard::engine::Guard::Full,
+        lanes: args.lanes,
+        batch_max,
+        batch_wait_us: args.batch_wait_us,
+        lane_queue_depth_max: args.concurrency.max(1024),
+        order_cache_entries_max: 0,
+        instance_id: "bench".into(),
+        failpoint_pause_after_lock_ms: 0,
+    }
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -228,16 +250,7 @@ fn start_engine(path: &Path, args: &EngineBenchArgs, batch_max: usize) -> anyhow
     let store = SqliteStore::open(cfg)?;
     Ok(Engine::start(
         Arc::new(store),
-        EngineConfig {
-            guard: payguard::engine::Guard::Full,
-            lanes: args.lanes,
-            batch_max,
-            batch_wait_us: args.batch_wait_us,
-            lane_queue_depth_max: args.concurrency.max(1024),
-            order_cache_entries_max: 0,
-            instance_id: "bench".into(),
-            failpoint_pause_after_lock_ms: 0,
-        },
+        bench_engine_config(args, batch_max),
     ))
 }
 

@@ -11,7 +11,7 @@
 
 use super::{closed_loop, ms, RunResult, ACCOUNTS};
 use payguard::store::postgres::{PgConfig, PgStore, ScratchDb};
-use payguard::{Engine, EngineConfig, Store};
+use payguard::{Engine, Store};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -216,16 +216,7 @@ async fn engine_run(
     client.batch_execute("ANALYZE").await?;
     let engine = Arc::new(Engine::start(
         Arc::new(store.clone()),
-        EngineConfig {
-            guard: payguard::engine::Guard::Full,
-            lanes: args.lanes,
-            batch_max,
-            batch_wait_us: args.batch_wait_us,
-            lane_queue_depth_max: args.concurrency.max(1024),
-            order_cache_entries_max: 0,
-            instance_id: "bench".into(),
-            failpoint_pause_after_lock_ms: 0,
-        },
+        super::bench_engine_config(args, batch_max),
     ));
     let (secs, h) = closed_loop(engine.clone(), orders, args.concurrency).await?;
     let stats = engine.stats();
