@@ -113,6 +113,7 @@ async fn side(
         json: true,
         html: None,
         no_progress: true,
+        history: None,
     };
     let report = storm::storm(&storm_args).await;
     server.stop().await?;

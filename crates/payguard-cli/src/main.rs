@@ -26,6 +26,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Load + duplicate storm + audit against running services; exit 1 on any violation.
     Storm(storm::StormArgs),
+    /// Check a `storm --history` file: each order charged at most once, ok means
+    /// once, balances within what the history allows; exit 1 on any violation.
+    CheckHistory(storm::CheckHistoryArgs),
     /// Invariant checks straight on a database; --fix-plan / --apply pay back duplicates.
     Audit(audit::AuditArgs),
     /// Rebuild races from log fragments of many hosts (shared/spec/LOGS.md);
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Storm(args) => storm::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::CheckHistory(args) => storm::check_history(args),
         Command::Bench(args) => bench::run(args),
         Command::Forensics(args) => {
             let mut out = std::io::stdout().lock();

@@ -26,6 +26,7 @@ fn storm_args(url: &str, db: &Path) -> StormArgs {
         json: true,
         html: None,
         no_progress: true,
+        history: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn args(url: &str, db: &Path, orders: usize, dup: usize, seed: u64) -> StormArgs
         json: true,
         html: None,
         no_progress: true,
+        history: None,
     }
 }
 
@@ -198,5 +199,41 @@ fn naive_refuses_to_start_without_the_flag_and_full_refuses_a_naive_db() {
         assert_eq!(out.status.code(), Some(2), "{guard}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("naive"), "{guard}: {stderr}");
+    }
+}
+
+/// The history checker: first seen failing on the naive design, then clean on full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_history_checker_fails_on_naive_and_holds_on_full() {
+    use payguard_cli::storm::history;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, guard) in [("naive", Guard::Naive { gap_ms: 5 }), ("full", Guard::Full)] {
+        let db = dir.path().join(format!("{name}.db"));
+        let server = LocalServer::start(&db, guard, name).await.unwrap();
+        let mut a = args(&server.url, &db, 30, 8, 5);
+        let file = dir.path().join(format!("{name}.history.jsonl"));
+        a.history = Some(file.clone());
+        a.poor_ratio = 0.2;
+        let report = storm(&a).await.unwrap();
+        server.stop().await.unwrap();
+        let lines = history::read(&file).unwrap();
+        assert!(
+            lines.len() > 30 * 8 * 2,
+            "{name}: the history records every request"
+        );
+        let violations = history::check(&lines).unwrap();
+        let kinds: std::collections::BTreeSet<&str> = violations.iter().map(|v| v.kind).collect();
+        match name {
+            "naive" => {
+                assert!(report.double_charged_orders > 0);
+                assert!(kinds.contains("charged_more_than_once"), "{kinds:?}");
+                assert!(kinds.contains("replays_disagree"), "{kinds:?}");
+                assert!(kinds.contains("balance_outside_history"), "{kinds:?}");
+            }
+            _ => {
+                assert!(report.ok, "{}", report.to_text());
+                assert!(violations.is_empty(), "{violations:?}");
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ fn storm_args(targets: Vec<String>, db: &str, orders: usize, seed: u64) -> Storm
         json: true,
         html: None,
         no_progress: true,
+        history: None,
     }
 }
 

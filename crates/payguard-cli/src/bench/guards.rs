@@ -77,6 +77,7 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
                 json: true,
                 html: None,
                 no_progress: true,
+                history: None,
             })
             .await;
             server.stop().await?;

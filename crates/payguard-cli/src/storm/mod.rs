@@ -11,10 +11,11 @@
 //! Exit status 1 when any violation is found.
 
 mod check;
+pub mod history;
 mod html;
 mod load;
 
-pub use check::{yuan, Report};
+pub use check::{yuan, Report, Violation};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,10 @@ pub struct StormArgs {
     /// Write a self-contained HTML report (latency histograms, throughput over time).
     #[arg(long, env = "PAYGUARD_HTML")]
     pub html: Option<PathBuf>,
+    /// Record every operation (invoke / ok / fail / unknown) and the final state
+    /// as JSON lines, for `payguard check-history`.
+    #[arg(long, env = "PAYGUARD_HISTORY")]
+    pub history: Option<PathBuf>,
     /// No progress bar (it is also hidden with --json or when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -110,6 +115,9 @@ impl StormArgs {
 pub async fn storm(args: &StormArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let run = load::run(args).await?;
+    if let Some(path) = &args.history {
+        history::write(path, &load::Http::new(args)?, &run).await?;
+    }
     check::check(args, run).await
 }
 
@@ -129,6 +137,50 @@ pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
         print!("{}", report.to_text());
     }
     Ok(if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckHistoryArgs {
+    /// A history written by `payguard storm --history FILE`.
+    pub file: PathBuf,
+    /// Print the violations as JSON.
+    #[arg(long, env = "PAYGUARD_JSON")]
+    pub json: bool,
+}
+
+/// `payguard check-history FILE`: exit 1 when the history breaks an invariant.
+pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
+    let lines = history::read(&args.file)?;
+    let violations = history::check(&lines)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&violations)?);
+    } else if violations.is_empty() {
+        println!(
+            "history {}: {} lines, every invariant holds",
+            args.file.display(),
+            lines.len()
+        );
+    } else {
+        println!(
+            "history {}: {} VIOLATIONS",
+            args.file.display(),
+            violations.len()
+        );
+        for v in violations.iter().take(50) {
+            println!(
+                "  {} {}{}: {}",
+                v.kind,
+                v.order_id.as_deref().unwrap_or(""),
+                v.account_id.as_deref().unwrap_or(""),
+                v.detail
+            );
+        }
+    }
+    Ok(if violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
