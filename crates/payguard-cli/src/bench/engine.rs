@@ -44,6 +44,9 @@ pub struct EngineBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Write a self-contained HTML page (inline SVG bars of ops/s and p99).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
     /// Deductions per run [default: 100000, --quick: 3000].
     #[arg(long)]
     pub orders: Option<usize>,
@@ -447,6 +450,9 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&report);
     }
+    if let Some(path) = &args.html {
+        std::fs::write(path, html(&report))?;
+    }
     let all_ok = report.runs.iter().all(|r| r.audit_ok)
         && report.half_load.as_ref().is_none_or(|r| r.audit_ok);
     if !all_ok {
@@ -486,4 +492,43 @@ fn print_table(r: &Report) {
         "best engine run: {:.2} × raw rusqlite (target ≥ 0.80)",
         r.best_engine_ratio
     );
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A self-contained page: one bar a run (ops/s, with × raw and p99 as labels).
+fn html(r: &Report) -> String {
+    let runs: Vec<&RunResult> = r.runs.iter().chain(r.half_load.iter()).collect();
+    let max = runs.iter().map(|x| x.ops_per_sec).fold(1.0, f64::max);
+    let mut bars = String::new();
+    for (i, run) in runs.iter().enumerate() {
+        let w = run.ops_per_sec / max * 420.0;
+        let y = 10 + i * 34;
+        bars.push_str(&format!(
+            "<text x=\"4\" y=\"{}\">{}</text><rect x=\"470\" y=\"{y}\" width=\"{w:.1}\" height=\"24\" fill=\"#4a7bd0\"/>\
+             <text x=\"{:.1}\" y=\"{}\">{:.0}/s · {:.2} × raw{}</text>",
+            y + 16,
+            esc(&run.name),
+            476.0 + w,
+            y + 16,
+            run.ops_per_sec,
+            run.ratio_to_raw,
+            run.p99_ms.map_or(String::new(), |p| format!(" · p99 {p:.1} ms")),
+        ));
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>payguard bench engine</title>\
+         <style>body{{font:14px system-ui,sans-serif;margin:2em}}text{{font-size:12px}}</style></head><body>\
+         <h1>payguard bench engine</h1><p>{} deductions per run, {} lanes, {} cores, SQLite WAL synchronous=FULL; \
+         best engine run {:.2} × raw rusqlite.</p><svg width=\"1150\" height=\"{}\">{bars}</svg></body></html>",
+        r.orders,
+        r.lanes,
+        r.cores,
+        r.best_engine_ratio,
+        20 + runs.len() * 34
+    )
 }
