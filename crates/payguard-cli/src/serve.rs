@@ -269,15 +269,6 @@ fn load_keys(args: &ServeArgs) -> anyhow::Result<ApiKeys> {
     Ok(ApiKeys::new(keys)?)
 }
 
-/// Async worker threads for a SQLite server: one core is left to the SQLite
-/// writer thread, which every write funnels through (measured in BENCHMARKS.md).
-pub fn default_worker_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .saturating_sub(1)
-        .max(1)
-}
-
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

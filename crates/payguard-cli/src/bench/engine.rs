@@ -229,6 +229,15 @@ impl RunResult {
     }
 }
 
+/// Async worker threads for the engine runs: one core is left to the SQLite
+/// writer thread, which every write funnels through.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
 /// The engine configuration every engine run of this suite uses.
 pub(super) fn bench_engine_config(args: &EngineBenchArgs, batch_max: usize) -> EngineConfig {
     EngineConfig {
@@ -355,10 +364,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         None => tempfile::tempdir()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            args.worker_threads
-                .unwrap_or_else(crate::serve::default_worker_threads),
-        )
+        .worker_threads(args.worker_threads.unwrap_or_else(default_worker_threads))
         .enable_all()
         .build()?;
     // Engine::start spawns its lanes on the current runtime.
