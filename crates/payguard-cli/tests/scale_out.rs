@@ -71,8 +71,8 @@ async fn three_instances_on_postgres_and_redis_charge_once() {
 
 /// Instance A takes an order's lock, then stalls past the lock's TTL (injected
 /// pause); instance B takes the lock with a higher token and charges. A's write is
-/// refused with `stale_fencing_token`, in its response and its log, and the order
-/// is charged once.
+/// refused with `stale_fencing_token`, in its response (a 503: nothing moved, retry)
+/// and its log, and the order is charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_lock_holder_is_refused_with_stale_fencing_token() {
     let (Some(base), Some(redis)) = (pg_base(), redis_url()) else {
@@ -136,8 +136,15 @@ async fn a_stalled_lock_holder_is_refused_with_stale_fencing_token() {
     assert_eq!(b_body["replayed"], json!(false), "B charged");
 
     let (status, body) = stalled.await.unwrap();
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "stale_fencing_token");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("stale_fencing_token:"),
+        "{body}"
+    );
     let entries: serde_json::Value = http
         .get(format!("{}/v1/orders/OD20240517A1122/entries", b.url))
         .send()

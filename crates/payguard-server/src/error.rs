@@ -102,11 +102,12 @@ impl From<&Rejection> for ApiError {
                 "the refunds of this order would exceed its amount",
             ),
             Rejection::Refused(detail) => ApiError::internal(detail),
-            Rejection::StaleFencingToken => ApiError::new(
-                S::CONFLICT,
-                "stale_fencing_token",
-                "this instance's lock on the order expired before it wrote, and another \
-                 holder took over; nothing moved — retry to get the order's outcome",
+            // Nothing moved and a retry gets the order's real outcome, so this is
+            // a 503 (API.md: "the request did nothing and may be retried"); the
+            // message names the reason, as the log does.
+            Rejection::StaleFencingToken => ApiError::unavailable(
+                "stale_fencing_token: this instance's lock on the order expired before it \
+                 wrote and another holder took over; nothing moved, retry",
             ),
             Rejection::LockBusy => ApiError::unavailable(
                 "the order's lock is held by another instance; nothing moved, retry",

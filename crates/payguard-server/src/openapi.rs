@@ -88,7 +88,8 @@ pub enum PostErrors {
     /// `internal`: never expected; quote the X-Request-Id
     #[response(status = 500)]
     Internal(ErrorBody),
-    /// `unavailable`: store down, queue full, or timed out before any change; nothing moved
+    /// `unavailable`: store down, queue full, timed out before any change, or a lock lost
+    /// to another instance (message `stale_fencing_token: …`); nothing moved
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

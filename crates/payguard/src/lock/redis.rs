@@ -27,20 +27,24 @@ const COUNTER_BITS: u32 = 32;
 /// How long one Redis command may take before the lock counts as unavailable.
 pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
 
+/// The counter and the epoch live in one hash (`fence`), so a flush, a restart or
+/// an eviction loses both together: a counter can never restart under an epoch
+/// that already handed out higher numbers.
 const ACQUIRE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local n = redis.call('INCR', KEYS[2])
-  local e = redis.call('GET', KEYS[3])
+  local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+  local e = redis.call('HGET', KEYS[2], 'epoch')
   return {n, e or false}
 end
 return false
 "#;
 
-/// Sets the epoch only upward; returns the epoch now in force.
+/// Sets the epoch only upward, never touching the counter (resetting it would
+/// race with grants already made under the new epoch); returns the epoch in force.
 const RAISE_EPOCH: &str = r#"
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if tonumber(ARGV[1]) > cur then
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
   return tonumber(ARGV[1])
 end
 return cur
@@ -123,8 +127,7 @@ impl RedisLocks {
         let got: Option<(i64, Option<i64>)> = self
             .acquire
             .key(&key)
-            .key(self.key("fence:counter"))
-            .key(self.key("fence:epoch"))
+            .key(self.key("fence"))
             .arg(&owner)
             .arg(self.ttl.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -133,11 +136,18 @@ impl RedisLocks {
         let Some((n, epoch)) = got else {
             return Ok(None);
         };
+        if n >= (1 << COUNTER_BITS) {
+            // 2^32 grants since the last reset: refuse rather than wrap the token.
+            return Err(RedisLockError::Unavailable(format!(
+                "fencing counter {n} is past 2^{COUNTER_BITS}; delete the {} key to start a new epoch",
+                self.key("fence")
+            )));
+        }
         let epoch = match epoch {
-            Some(e) if n < (1 << COUNTER_BITS) => e,
-            // The epoch key is gone (flush, restart) or the counter ran out: take a
-            // new epoch from the database, which only grows.
-            _ => self.new_epoch().await?,
+            Some(e) => e,
+            // The fence hash is gone (flush, restart, eviction): take a new epoch
+            // from the database, which only grows.
+            None => self.new_epoch().await?,
         };
         let token = (epoch << COUNTER_BITS) | (n & ((1 << COUNTER_BITS) - 1));
         Ok(Some(Lease {
@@ -155,25 +165,17 @@ impl RedisLocks {
         let mut conn = self.conn.clone();
         let epoch: i64 = self
             .raise_epoch
-            .key(self.key("fence:epoch"))
+            .key(self.key("fence"))
             .arg(fresh)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if epoch >= fresh {
-            // The counter belongs to the old epoch: start it again under the new one.
-            let _: () = redis::cmd("SET")
-                .arg(self.key("fence:counter"))
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
         tracing::warn!(
             event = "fence_epoch",
             epoch,
-            "fencing counter was reset; new epoch"
+            "the fencing counter was reset (flush or restart); new epoch"
         );
+        // Another instance may have raised it further meanwhile: use the higher.
         Ok(epoch.max(fresh))
     }
 
