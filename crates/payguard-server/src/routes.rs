@@ -7,12 +7,12 @@ use crate::error::ApiError;
 use crate::request::{body_bytes, json_body, optional_json_body, request_id};
 use crate::{idempotency, render, AppState};
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use payguard::domain::{
     AccountId, Currency, IdError, Money, MoneyError, OrderId, RefundId, RequestId,
 };
@@ -81,14 +81,46 @@ fn path_id<T>(
     parse(&raw).map_err(id_err)
 }
 
-/// What every money-moving POST carries besides its op.
-struct Post {
+/// What every money-moving POST carries besides its op: who and what asked
+/// (for the Idempotency-Key fingerprint) and the body, read within its limit.
+pub(crate) struct Post {
     req: RequestId,
     principal: Principal,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Post {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let (method, uri, headers) = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let req_id = parts.extensions.get::<RequestId>().cloned();
+        let principal = parts.extensions.get::<Principal>().cloned();
+        let (Some(req_id), Some(principal)) = (req_id, principal) else {
+            return Err(ApiError::internal(
+                &"request id or principal middleware missing",
+            ));
+        };
+        let body = body_bytes(
+            Bytes::from_request(axum::extract::Request::from_parts(parts, body), state).await,
+        )?;
+        Ok(Post {
+            req: req_id,
+            principal,
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
 }
 
 impl Post {
@@ -143,15 +175,9 @@ pub(crate) struct CreateAccountBody {
         crate::openapi::PostErrors))]
 pub(crate) async fn create_account(
     State(state): State<AppState>,
-    Extension(req): Extension<RequestId>,
-    Extension(principal): Extension<Principal>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
-    let parsed: CreateAccountBody = json_body(&headers, &body)?;
+    let parsed: CreateAccountBody = json_body(&post.headers, &post.body)?;
     let op = Op::CreateAccount {
         id: AccountId::parse(&parsed.id).map_err(id_err)?,
         balance: Money::balance(parsed.balance).map_err(|e| money_err("balance", e))?,
@@ -160,16 +186,7 @@ pub(crate) async fn create_account(
             None => Currency::CNY,
         },
     };
-    Ok(Post {
-        req,
-        principal,
-        method,
-        uri,
-        headers,
-        body,
-    }
-    .run(&state, op)
-    .await)
+    Ok(post.run(&state, op).await)
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
@@ -211,30 +228,15 @@ pub(crate) struct CreateOrderBody {
         crate::openapi::PostErrors))]
 pub(crate) async fn create_order(
     State(state): State<AppState>,
-    Extension(req): Extension<RequestId>,
-    Extension(principal): Extension<Principal>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
-    let parsed: CreateOrderBody = json_body(&headers, &body)?;
+    let parsed: CreateOrderBody = json_body(&post.headers, &post.body)?;
     let op = Op::CreateOrder {
         id: OrderId::parse(&parsed.id).map_err(id_err)?,
         account_id: AccountId::parse(&parsed.account_id).map_err(id_err)?,
         amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
     };
-    Ok(Post {
-        req,
-        principal,
-        method,
-        uri,
-        headers,
-        body,
-    }
-    .run(&state, op)
-    .await)
+    Ok(post.run(&state, op).await)
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
@@ -267,31 +269,16 @@ pub(crate) struct DeductBody {}
         (status = 402, description = "`insufficient_funds`: the order is FAILED, and stays so", body = crate::openapi::ErrorBody),
         (status = 409, description = "`idempotency_key_in_use`", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn deduct(
     State(state): State<AppState>,
-    Extension(req): Extension<RequestId>,
-    Extension(principal): Extension<Principal>,
-    method: Method,
-    uri: Uri,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    post: Post,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let body = body_bytes(body)?;
     // `null` is the JSON for "no body" too (the OpenAPI body is optional).
-    let _: Option<DeductBody> = optional_json_body::<Option<DeductBody>>(&headers, &body)?;
-    Ok(Post {
-        req,
-        principal,
-        method,
-        uri,
-        headers,
-        body,
-    }
-    .run(&state, Op::Deduct { order_id })
-    .await)
+    let _: Option<DeductBody> =
+        optional_json_body::<Option<DeductBody>>(&post.headers, &post.body)?;
+    Ok(post.run(&state, Op::Deduct { order_id }).await)
 }
 
 /// Gives back part or all of a paid order's amount.
@@ -311,35 +298,19 @@ pub(crate) struct RefundBody {
         (status = 200, description = "Refunded once per refund id", body = crate::openapi::MovementDoc),
         (status = 409, description = "`refund_exists`, `refund_exceeds_paid`, `order_not_paid`, `idempotency_key_in_use`", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn refund(
     State(state): State<AppState>,
-    Extension(req): Extension<RequestId>,
-    Extension(principal): Extension<Principal>,
-    method: Method,
-    uri: Uri,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    post: Post,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let body = body_bytes(body)?;
-    let parsed: RefundBody = json_body(&headers, &body)?;
+    let parsed: RefundBody = json_body(&post.headers, &post.body)?;
     let op = Op::Refund {
         order_id,
         refund_id: RefundId::parse(&parsed.id).map_err(id_err)?,
         amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
     };
-    Ok(Post {
-        req,
-        principal,
-        method,
-        uri,
-        headers,
-        body,
-    }
-    .run(&state, op)
-    .await)
+    Ok(post.run(&state, op).await)
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}/entries", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
