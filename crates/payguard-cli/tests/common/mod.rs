@@ -20,8 +20,21 @@ pub struct Server {
 // The child is handed back inside `Server` and reaped by `stop`.
 #[allow(clippy::zombie_processes)]
 pub fn start(dir: &Path, name: &str, db: &str, extra: &[&str]) -> Server {
+    start_with_env(dir, name, db, extra, &[])
+}
+
+/// Like [`start`], with extra environment variables (failpoints).
+#[allow(clippy::zombie_processes)]
+pub fn start_with_env(
+    dir: &Path,
+    name: &str,
+    db: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Server {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_payguard"))
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--listen",
@@ -62,6 +75,17 @@ pub fn start(dir: &Path, name: &str, db: &str, extra: &[&str]) -> Server {
 }
 
 impl Server {
+    /// `kill -9`: no drain, no goodbye. Returns once the process is gone.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to end by itself; returns its exit code.
+    pub fn wait_exit(mut self) -> Option<i32> {
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
     /// SIGTERM, then waits for the drain; the exit must be clean.
     pub fn stop(mut self) {
         let _ = Command::new("kill")

@@ -305,7 +305,16 @@ impl SqliteStore {
     }
 }
 
+/// Fault injection (reliability tests only): `PAYGUARD_FAILPOINT=exit_after_commit`
+/// makes the writer end the process right after its first commit that moved money,
+/// before any caller hears of it: the crash the Idempotency-Key and replays must survive.
+pub const FAILPOINT_ENV: &str = "PAYGUARD_FAILPOINT";
+
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max: usize) {
+    let exit_after_commit = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "exit_after_commit");
+    if exit_after_commit {
+        tracing::warn!(event = "failpoint_armed", failpoint = "exit_after_commit");
+    }
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].ops.len();
@@ -324,6 +333,20 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
         match apply_ops(&mut conn, &ops, now) {
             Ok(results) => {
                 debug_assert_eq!(results.len(), ops.len());
+                if exit_after_commit
+                    && results.iter().any(|r| {
+                        matches!(
+                            r,
+                            Ok(Output::Movement {
+                                replayed: false,
+                                ..
+                            })
+                        )
+                    })
+                {
+                    // Committed and durable; nobody has been answered. 86: see FAILPOINT_ENV.
+                    std::process::exit(86);
+                }
                 let mut results = results.into_iter();
                 for (job, len) in jobs.into_iter().zip(lens) {
                     let mine: Vec<OpResult> = results.by_ref().take(len).collect();
