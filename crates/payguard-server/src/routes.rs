@@ -348,3 +348,60 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     }))
     .into_response()
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Request parsing must never panic and never accept what is not a JSON
+    //! object of the right shape, whatever bytes arrive.
+    use super::*;
+    use crate::request::{json_body, optional_json_body};
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(ct: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(ct) {
+            h.insert(axum::http::header::CONTENT_TYPE, v);
+        }
+        h
+    }
+
+    fn status(e: &ApiError) -> u16 {
+        e.status.as_u16()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), ct in "[ -~]{0,40}") {
+            let h = headers(&ct);
+            let b = Bytes::from(body);
+            for r in [
+                json_body::<CreateAccountBody>(&h, &b).err(),
+                json_body::<CreateOrderBody>(&h, &b).err(),
+                json_body::<RefundBody>(&h, &b).err(),
+                optional_json_body::<Option<DeductBody>>(&h, &b).err(),
+            ].into_iter().flatten() {
+                prop_assert!(matches!(status(&r), 400 | 415 | 422), "{}", status(&r));
+            }
+        }
+
+        #[test]
+        fn json_of_the_wrong_shape_is_422(v in proptest::arbitrary::any::<i64>(), s in "[a-z]{0,8}", arr in proptest::collection::vec(any::<i32>(), 0..4)) {
+            let h = headers("application/json");
+            for body in [
+                serde_json::json!(v).to_string(),
+                serde_json::json!(s).to_string(),
+                serde_json::json!(arr).to_string(),
+                serde_json::json!({"id": s, "balance": v, "extra": 1}).to_string(),
+                serde_json::json!({"id": v, "balance": s}).to_string(),
+            ] {
+                let b = Bytes::from(body.clone());
+                let r = json_body::<CreateAccountBody>(&h, &b);
+                prop_assert!(r.is_err(), "{body} was accepted");
+                prop_assert_eq!(status(&r.err().unwrap()), 422, "{}", body);
+            }
+        }
+    }
+}
