@@ -361,6 +361,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let store_kind = store.kind();
         let mut engine_cfg = args.engine.engine_config(guard, instance.clone());
         engine_cfg.failpoint_pause_after_lock_ms = args.failpoint_pause_after_lock_ms;
+        if matches!(db, DbUrl::Postgres(_)) && engine_cfg.order_cache_entries_max > 0 {
+            // Other instances write the same orders: a per-instance read cache would
+            // serve their changes late. Reads go to PostgreSQL instead.
+            engine_cfg.order_cache_entries_max = 0;
+            tracing::info!(
+                event = "order_cache_disabled",
+                reason = "shared PostgreSQL store"
+            );
+        }
         let redis = match &args.redis {
             None => None,
             Some(url) => Some(Arc::new(
