@@ -41,6 +41,25 @@ pub const READ_POOL_WAIT_MS: u64 = 5_000;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
+/// Threads that run r2d2's background work (connection creation and reaping) for
+/// every SQLite pool of the process. r2d2 otherwise starts three per pool and keeps
+/// them after the pool is dropped, so a process that opens many stores (tests,
+/// benchmarks, the demo) would pile up idle threads.
+const POOL_SERVICE_THREADS: usize = 2;
+
+fn pool_service_threads() -> std::sync::Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    static SHARED: std::sync::OnceLock<std::sync::Arc<scheduled_thread_pool::ScheduledThreadPool>> =
+        std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            std::sync::Arc::new(scheduled_thread_pool::ScheduledThreadPool::with_name(
+                "payguard-pool-{}",
+                POOL_SERVICE_THREADS,
+            ))
+        })
+        .clone()
+}
+
 /// Read-write connections for per-request transactions (`seed`) and the naive path.
 pub const WRITE_POOL_CONNECTIONS_MAX: u32 = 8;
 
@@ -234,6 +253,7 @@ impl SqliteStore {
             Ok(())
         });
         let reads = r2d2::Pool::builder()
+            .thread_pool(pool_service_threads())
             .max_size(READ_POOL_CONNECTIONS_MAX)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_millis(READ_POOL_WAIT_MS))
@@ -246,6 +266,7 @@ impl SqliteStore {
             Ok(())
         });
         let writes = r2d2::Pool::builder()
+            .thread_pool(pool_service_threads())
             .max_size(WRITE_POOL_CONNECTIONS_MAX)
             .min_idle(Some(0))
             .connection_timeout(Duration::from_millis(READ_POOL_WAIT_MS))
