@@ -52,10 +52,12 @@ fn pool_service_threads() -> std::sync::Arc<scheduled_thread_pool::ScheduledThre
         std::sync::OnceLock::new();
     SHARED
         .get_or_init(|| {
-            std::sync::Arc::new(scheduled_thread_pool::ScheduledThreadPool::with_name(
-                "payguard-pool-{}",
-                POOL_SERVICE_THREADS,
-            ))
+            std::sync::Arc::new(
+                scheduled_thread_pool::ScheduledThreadPool::builder()
+                    .num_threads(POOL_SERVICE_THREADS)
+                    .thread_name_pattern("payguard-pool-{}")
+                    .build(),
+            )
         })
         .clone()
 }
