@@ -8,6 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
 
+/// Times a setup request (a create) is sent before the storm gives up on it.
+const SETUP_ATTEMPTS_MAX: usize = 5;
+/// Back-off step between setup attempts (ms), times the attempt number.
+const SETUP_RETRY_MS: u64 = 100;
 /// Orders per account, on average.
 const ORDERS_PER_ACCOUNT: usize = 4;
 /// Order amounts are drawn from this range (minor units).
@@ -173,10 +177,14 @@ impl Recorder {
 }
 
 /// Fires `reqs` all at once behind one barrier, each from its own task.
-async fn wave(http: &Arc<Http>, rec: &Arc<Recorder>, reqs: Vec<(Record, String, Option<Value>)>) {
+async fn wave(
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    reqs: Vec<(Record, String, Option<Value>)>,
+) -> Vec<(usize, u16)> {
     let barrier = Arc::new(Barrier::new(reqs.len()));
     let mut set = tokio::task::JoinSet::new();
-    for (mut record, path, body) in reqs {
+    for (i, (mut record, path, body)) in reqs.into_iter().enumerate() {
         let http = http.clone();
         let rec = rec.clone();
         let barrier = barrier.clone();
@@ -193,9 +201,47 @@ async fn wave(http: &Arc<Http>, rec: &Arc<Recorder>, reqs: Vec<(Record, String, 
             record.replayed = body["replayed"].as_bool();
             record.code = body["error"]["code"].as_str().map(str::to_owned);
             rec.push(record);
+            (i, status)
         });
     }
-    while set.join_next().await.is_some() {}
+    let mut statuses = Vec::new();
+    while let Some(done) = set.join_next().await {
+        if let Ok(s) = done {
+            statuses.push(s);
+        }
+    }
+    statuses
+}
+
+/// Setup requests (creates) are idempotent: one that got no answer or a 503 is
+/// sent again, as a real client would, so a fault during setup does not turn
+/// every later deduct of that order into a 404.
+async fn setup_wave(
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    reqs: Vec<(Record, String, Option<Value>)>,
+) {
+    let mut pending = reqs;
+    for attempt in 0..SETUP_ATTEMPTS_MAX {
+        if pending.is_empty() {
+            return;
+        }
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(SETUP_RETRY_MS * attempt as u64)).await;
+        }
+        let statuses = wave(http, rec, pending.clone()).await;
+        let retry: std::collections::HashSet<usize> = statuses
+            .into_iter()
+            .filter(|(_, s)| matches!(s, 0 | 503))
+            .map(|(i, _)| i)
+            .collect();
+        pending = pending
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| retry.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+    }
 }
 
 fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Record {
@@ -259,7 +305,7 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        wave(&http, &rec, reqs).await;
+        setup_wave(&http, &rec, reqs).await;
     }
     for chunk in orders.chunks(per_wave).enumerate() {
         let (c, chunk) = chunk;
@@ -275,7 +321,7 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        wave(&http, &rec, reqs).await;
+        setup_wave(&http, &rec, reqs).await;
     }
 
     // The storm: every deduct `dup` times at once, each copy to another target.
