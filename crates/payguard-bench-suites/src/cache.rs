@@ -28,7 +28,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -50,15 +49,8 @@ pub struct CacheArgs {
     /// Tiny sizes (20k ops, 1000 keys, threads 1,2, one rep): a smoke run.
     #[arg(long)]
     pub quick: bool,
-    /// Print JSON on stdout instead of the markdown tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write a self-contained HTML report with SVG charts to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<PathBuf>,
-    /// Also write the JSON results to FILE (stdout keeps the markdown).
-    #[arg(long, value_name = "FILE")]
-    pub json_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: crate::report::OutputArgs,
     /// Operations per cell, split across the threads [default: 1000000; quick: 20000].
     #[arg(long)]
     pub ops: Option<u64>,
@@ -614,13 +606,7 @@ pub fn cache_document(r: &CacheResults) -> Document {
 pub fn run_cache(args: &CacheArgs) -> anyhow::Result<()> {
     let plan = args.plan()?;
     let res = measure_cache(&plan);
-    emit(
-        &cache_document(&res),
-        &res,
-        args.json,
-        args.html.as_deref(),
-        args.json_out.as_deref(),
-    )
+    emit(&cache_document(&res), &res, &args.output)
 }
 
 #[cfg(test)]

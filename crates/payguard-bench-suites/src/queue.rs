@@ -14,7 +14,6 @@ use crate::machine::Machine;
 use crate::report::{emit, Chart, Document, Section, Series, Table};
 use anyhow::{ensure, Context};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub const MESSAGES_MAX: u64 = 100_000_000;
@@ -78,15 +77,8 @@ pub struct QueueArgs {
     /// Tiny sizes (20k messages, one rep): a smoke run.
     #[arg(long)]
     pub quick: bool,
-    /// Print JSON on stdout instead of the markdown tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write a self-contained HTML report with SVG charts to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<PathBuf>,
-    /// Also write the JSON results to FILE (stdout keeps the markdown).
-    #[arg(long, value_name = "FILE")]
-    pub json_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: crate::report::OutputArgs,
     /// Messages per run, split across the producers [default: 1000000; quick: 20000].
     #[arg(long)]
     pub messages: Option<u64>,
@@ -621,13 +613,7 @@ pub fn queue_document(r: &QueueResults) -> Document {
 pub fn run_queue(args: &QueueArgs) -> anyhow::Result<()> {
     let plan = args.plan()?;
     let res = measure_queue(&plan)?;
-    emit(
-        &queue_document(&res),
-        &res,
-        args.json,
-        args.html.as_deref(),
-        args.json_out.as_deref(),
-    )
+    emit(&queue_document(&res), &res, &args.output)
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 use anyhow::Context;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// A plain table; cells are preformatted strings.
 #[derive(Debug, Clone, Default)]
@@ -239,15 +238,24 @@ impl Document {
     }
 }
 
-/// Prints the markdown (or, with `json`, the JSON of `data`) to stdout, writes the
-/// HTML page when `html` is given and the JSON to `json_out` when given.
-pub fn emit(
-    doc: &Document,
-    data: &impl Serialize,
-    json: bool,
-    html: Option<&Path>,
-    json_out: Option<&Path>,
-) -> anyhow::Result<()> {
+/// The output flags every suite takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OutputArgs {
+    /// Print JSON on stdout instead of the markdown tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write a self-contained HTML report with SVG charts to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<std::path::PathBuf>,
+    /// Also write the JSON results to FILE (stdout keeps the markdown).
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<std::path::PathBuf>,
+}
+
+/// Prints the markdown (or, with `--json`, the JSON of `data`) to stdout, writes the
+/// HTML page with `--html` and the JSON with `--json-out`.
+pub fn emit(doc: &Document, data: &impl Serialize, out: &OutputArgs) -> anyhow::Result<()> {
+    let (json, html, json_out) = (out.json, out.html.as_deref(), out.json_out.as_deref());
     let text = serde_json::to_string_pretty(data).context("serializing results")?;
     if let Some(path) = json_out {
         std::fs::write(path, &text)

@@ -16,7 +16,6 @@ use crate::report::{emit, Chart, Document, Section, Series, Table};
 use crate::stats;
 use serde::Serialize;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// Most lanes a distribution is computed for.
@@ -39,15 +38,8 @@ pub struct RoutingArgs {
     /// Tiny sizes (10k ids; 16 and 64 lanes): a smoke run in well under 10 s.
     #[arg(long)]
     pub quick: bool,
-    /// Print JSON on stdout instead of the markdown tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write a self-contained HTML report with SVG charts to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<PathBuf>,
-    /// Also write the JSON results to FILE (stdout keeps the markdown).
-    #[arg(long, value_name = "FILE")]
-    pub json_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: crate::report::OutputArgs,
     /// Id-set sizes [default: 100000,1000000; quick: 10000].
     #[arg(long, value_delimiter = ',')]
     pub ids: Option<Vec<u64>>,
@@ -773,13 +765,7 @@ pub fn ids_for_expected_max(max: f64, lanes: u64) -> u64 {
 pub fn run_routing(args: &RoutingArgs) -> anyhow::Result<()> {
     let plan = args.plan()?;
     let res = measure_routing(&plan);
-    emit(
-        &routing_document(&res),
-        &res,
-        args.json,
-        args.html.as_deref(),
-        args.json_out.as_deref(),
-    )
+    emit(&routing_document(&res), &res, &args.output)
 }
 
 #[cfg(test)]
