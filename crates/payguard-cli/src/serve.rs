@@ -333,6 +333,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.log_format
             .unwrap_or_else(LogFormat::default_for_stdout),
     );
+    // Reliability tests arm failpoints with FAILPOINTS (test builds only).
+    let _failpoints = payguard::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,11 +1,15 @@
-//! Crashes, with nothing acknowledged lost and nothing charged twice (SQLite).
+//! Crashes, with nothing acknowledged lost and nothing charged twice: `kill -9`
+//! at random moments and exits at failpoints (mid-batch, after commit), on SQLite
+//! and on PostgreSQL (those need PAYGUARD_TEST_POSTGRES_URL, else they skip).
 
 mod common;
 
-use common::{start, start_with_env};
+use common::{pg_base, pg_url, start, start_with_env, Server};
+use payguard::store::postgres::ScratchDb;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 async fn post(
@@ -33,7 +37,7 @@ async fn crash_after_commit_before_reply_then_the_retry_replays() {
         "c1",
         db,
         &[],
-        &[("PAYGUARD_FAILPOINT", "exit_after_commit")],
+        &[("FAILPOINTS", "store.after_commit=return(exit)")],
     );
     let r = post(
         &http,
@@ -103,27 +107,47 @@ async fn crash_after_commit_before_reply_then_the_retry_replays() {
     s.stop();
 }
 
-/// `kill -9` at random moments under duplicate load, restart, repeat; then retry
-/// every request that got no answer. Every acknowledged charge is in the ledger,
-/// no order has two debits, and the audit is clean. Rounds: PAYGUARD_CRASH_ROUNDS
-/// (default 12 for CI; the documented soak runs 60).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_under_load_loses_no_acknowledged_charge() {
-    let rounds: usize = std::env::var("PAYGUARD_CRASH_ROUNDS")
+/// How a round's server dies.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// `kill -9` 1 ms to this many ms into the round's load.
+    Kill9 { within_ms: u64 },
+    /// The server is armed with `FAILPOINTS=<this>` and ends itself (exit 86)
+    /// where it says; killed after the round if it never got there.
+    Failpoint(&'static str),
+}
+
+/// What the rounds left behind.
+struct Rounds {
+    acked: usize,
+    unanswered: usize,
+    charged: usize,
+    exits_at_failpoint: usize,
+}
+
+fn crash_rounds_from_env(default: usize) -> usize {
+    std::env::var("PAYGUARD_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(default)
+}
+
+/// Rounds of duplicate load (30 orders × 2 concurrent deducts) on one database,
+/// each ended by `crash`, each followed by a restart; then every request that got
+/// no answer is retried. Every acknowledged charge must be in the ledger with the
+/// acknowledged entry id, no order may have two debits, every retry settles as
+/// charged once, and the audit is clean.
+async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u64) -> Rounds {
     const ORDERS_PER_ROUND: usize = 30;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("kill.db");
-    let db = db.to_str().unwrap();
+    const ROUND_WAIT: Duration = Duration::from_secs(10);
     let http = reqwest::Client::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // order id -> entry ids acknowledged for it
     let mut acked: HashMap<String, Vec<String>> = HashMap::new();
     let mut unanswered: Vec<String> = Vec::new();
+    let mut exits_at_failpoint = 0;
     {
-        let s = start(dir.path(), "setup", db, &[]);
+        let s = start(dir, "setup", db, &[]);
         let r = post(
             &http,
             format!("{}/v1/accounts", s.url),
@@ -135,17 +159,26 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
         s.stop();
     }
     for round in 0..rounds {
-        let s = start(dir.path(), &format!("r{round}"), db, &[]);
-        for i in 0..ORDERS_PER_ROUND {
-            let r = post(
-                &http,
-                format!("{}/v1/orders", s.url),
-                Some(json!({"id": format!("k{round}-{i}"), "account_id": "a", "amount": 100 + i})),
-            )
-            .await
-            .unwrap();
-            assert!(r.status().is_success());
+        let name = format!("r{round}");
+        // Orders are created on a clean server, so the crash lands on deducts only.
+        {
+            let s = start(dir, &format!("{name}-orders"), db, &[]);
+            for i in 0..ORDERS_PER_ROUND {
+                let r = post(
+                    &http,
+                    format!("{}/v1/orders", s.url),
+                    Some(json!({"id": format!("k{round}-{i}"), "account_id": "a", "amount": 100 + i})),
+                )
+                .await
+                .unwrap();
+                assert!(r.status().is_success());
+            }
+            s.stop();
         }
+        let s: Server = match crash {
+            Crash::Kill9 { .. } => start(dir, &name, db, &[]),
+            Crash::Failpoint(fp) => start_with_env(dir, &name, db, &[], &[("FAILPOINTS", fp)]),
+        };
         let mut calls = Vec::new();
         for i in 0..ORDERS_PER_ROUND {
             for _dup in 0..2 {
@@ -155,9 +188,9 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
                     format!("k{round}-{i}"),
                 );
                 calls.push(tokio::spawn(async move {
-                    let r = http.post(url).send().await;
+                    let r = tokio::time::timeout(ROUND_WAIT, http.post(url).send()).await;
                     let entry = match r {
-                        Ok(r) if r.status() == 200 => r
+                        Ok(Ok(r)) if r.status() == 200 => r
                             .json::<serde_json::Value>()
                             .await
                             .ok()
@@ -168,8 +201,30 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
                 }));
             }
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(1..25))).await;
-        s.kill9();
+        match crash {
+            Crash::Kill9 { within_ms } => {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1..within_ms))).await;
+                s.kill9();
+            }
+            Crash::Failpoint(_) => {
+                let mut outcomes = Vec::new();
+                for c in calls.drain(..) {
+                    outcomes.push(c.await.unwrap());
+                }
+                match s.try_exit() {
+                    Ok(Some(code)) => {
+                        assert_eq!(code, 86, "{name} ended, but not at the failpoint");
+                        exits_at_failpoint += 1;
+                    }
+                    Ok(None) => panic!("{name}: exit code unknown"),
+                    Err(s) => s.kill9(),
+                }
+                calls = outcomes
+                    .into_iter()
+                    .map(|o| tokio::spawn(async move { o }))
+                    .collect();
+            }
+        }
         for c in calls {
             let (oid, entry) = c.await.unwrap();
             match entry {
@@ -178,7 +233,7 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
             }
         }
     }
-    let s = start(dir.path(), "final", db, &[]);
+    let s = start(dir, "final", db, &[]);
     // Retry what got no answer: each must now settle as charged once.
     for oid in &unanswered {
         let r = post(&http, format!("{}/v1/orders/{oid}/deduct", s.url), None)
@@ -217,6 +272,7 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
                     "{oid}: acknowledged {ids:?}, ledger {debits:?}"
                 );
             }
+            assert_eq!(debits.len(), 1, "{oid} is not charged after its retry");
             charged += debits.len();
         }
     }
@@ -229,12 +285,202 @@ async fn kill_9_under_load_loses_no_acknowledged_charge() {
         .await
         .unwrap();
     assert_eq!(audit["ok"], json!(true), "{audit}");
-    assert!(
-        !acked.is_empty() && !unanswered.is_empty(),
-        "the kills must land mid-load: {} acked, {} unanswered",
-        acked.len(),
-        unanswered.len()
-    );
-    eprintln!("{rounds} kill -9 rounds: {} orders acknowledged, {} requests unanswered then retried, {charged} charged", acked.len(), unanswered.len());
     s.stop();
+    Rounds {
+        acked: acked.len(),
+        unanswered: unanswered.len(),
+        charged,
+        exits_at_failpoint,
+    }
+}
+
+/// `kill -9` at random moments under duplicate load, restart, repeat. Rounds:
+/// PAYGUARD_CRASH_ROUNDS (default 12 for CI; the documented soak runs 60).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_under_load_loses_no_acknowledged_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kill.db");
+    let rounds = crash_rounds_from_env(12);
+    let r = crash_rounds(
+        dir.path(),
+        db.to_str().unwrap(),
+        rounds,
+        Crash::Kill9 { within_ms: 25 },
+        9,
+    )
+    .await;
+    assert!(
+        r.acked > 0 && r.unanswered > 0,
+        "the kills must land mid-load: {} acked, {} unanswered",
+        r.acked,
+        r.unanswered
+    );
+    eprintln!("SQLite: {rounds} kill -9 rounds: {} orders acknowledged, {} requests unanswered then retried, {} charged", r.acked, r.unanswered, r.charged);
+}
+
+/// The same on PostgreSQL: the instance dies, the database keeps what it committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_on_postgres_loses_no_acknowledged_charge() {
+    let Some(base) = pg_base() else { return };
+    let scratch = ScratchDb::create(&base, "pg_test_kill9").await.unwrap();
+    let db = pg_url(&base, &scratch.name);
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = crash_rounds_from_env(12);
+    let r = crash_rounds(dir.path(), &db, rounds, Crash::Kill9 { within_ms: 150 }, 19).await;
+    assert!(
+        r.acked > 0 && r.unanswered > 0,
+        "the kills must land mid-load: {} acked, {} unanswered",
+        r.acked,
+        r.unanswered
+    );
+    eprintln!("PostgreSQL: {rounds} kill -9 rounds: {} orders acknowledged, {} requests unanswered then retried, {} charged", r.acked, r.unanswered, r.charged);
+    scratch.drop_db().await.unwrap();
+}
+
+/// The process ends inside a group commit, half of its ops executed, nothing
+/// committed: none of that batch may survive (the audit would see a debit without
+/// its balance change), none of it was acknowledged, and the retries charge once.
+async fn mid_batch_exit(db: &str, dir: &Path) {
+    let rounds = crash_rounds_from_env(4);
+    let r = crash_rounds(
+        dir,
+        db,
+        rounds,
+        Crash::Failpoint("store.mid_batch=return(exit)"),
+        29,
+    )
+    .await;
+    assert!(
+        r.exits_at_failpoint > 0,
+        "no round reached a batch of two or more ops"
+    );
+    assert!(r.unanswered > 0);
+    eprintln!("{db}: {rounds} rounds, {} ended at store.mid_batch: {} orders acknowledged, {} unanswered then retried, {} charged", r.exits_at_failpoint, r.acked, r.unanswered, r.charged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_mid_batch_on_sqlite_commits_none_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("mid.db");
+    mid_batch_exit(db.to_str().unwrap(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_mid_batch_on_postgres_commits_none_of_it() {
+    let Some(base) = pg_base() else { return };
+    let scratch = ScratchDb::create(&base, "pg_test_midbatch").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    mid_batch_exit(&pg_url(&base, &scratch.name), dir.path()).await;
+    scratch.drop_db().await.unwrap();
+}
+
+/// A batch fails half-way (the database errors before COMMIT): every request in
+/// it is answered 503, and 503 means nothing moved (the order is still PREPARE);
+/// the retry then charges once.
+async fn mid_batch_error(db: &str, dir: &Path) {
+    const WAVES_MAX: usize = 5;
+    const WAVE: usize = 40;
+    let http = reqwest::Client::new();
+    let s = start_with_env(
+        dir,
+        "midbatch-error",
+        db,
+        &[],
+        &[("FAILPOINTS", "store.mid_batch=1*return(error)")],
+    );
+    let r = post(
+        &http,
+        format!("{}/v1/accounts", s.url),
+        Some(json!({"id": "a", "balance": 1_000_000})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut failed: Vec<String> = Vec::new();
+    let mut paid = 0;
+    for wave in 0..WAVES_MAX {
+        for i in 0..WAVE {
+            let r = post(
+                &http,
+                format!("{}/v1/orders", s.url),
+                Some(json!({"id": format!("e{wave}-{i}"), "account_id": "a", "amount": 10})),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        let calls: Vec<_> = (0..WAVE)
+            .map(|i| {
+                let (http, url, oid) = (
+                    http.clone(),
+                    format!("{}/v1/orders/e{wave}-{i}/deduct", s.url),
+                    format!("e{wave}-{i}"),
+                );
+                tokio::spawn(async move { (oid, http.post(url).send().await.unwrap().status()) })
+            })
+            .collect();
+        for c in calls {
+            let (oid, status) = c.await.unwrap();
+            match status.as_u16() {
+                200 => paid += 1,
+                503 => failed.push(oid),
+                other => panic!("{oid}: unexpected {other}"),
+            }
+        }
+        if !failed.is_empty() {
+            break;
+        }
+    }
+    assert!(!failed.is_empty(), "the failpoint never failed a batch");
+    for oid in &failed {
+        let order: serde_json::Value = http
+            .get(format!("{}/v1/orders/{oid}", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            order["status"], "PREPARE",
+            "{oid} got 503 but moved: {order}"
+        );
+        let r = post(&http, format!("{}/v1/orders/{oid}/deduct", s.url), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "retry of {oid}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["replayed"],
+            json!(false),
+            "the retry is the first charge"
+        );
+    }
+    let audit: serde_json::Value = http
+        .get(format!("{}/v1/audit", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["ok"], json!(true), "{audit}");
+    eprintln!("{db}: one batch failed mid-way: {} requests got 503 with nothing moved and then charged once on retry; {paid} paid directly", failed.len());
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_failing_mid_way_on_sqlite_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("miderr.db");
+    mid_batch_error(db.to_str().unwrap(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_failing_mid_way_on_postgres_moves_nothing() {
+    let Some(base) = pg_base() else { return };
+    let scratch = ScratchDb::create(&base, "pg_test_miderr").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    mid_batch_error(&pg_url(&base, &scratch.name), dir.path()).await;
+    scratch.drop_db().await.unwrap();
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pg_base, pg_url, redis_url, start, unique_prefix, PrivateRedis};
+use common::{pg_base, pg_url, redis_url, start, start_with_env, unique_prefix, PrivateRedis};
 use payguard::store::postgres::ScratchDb;
 use payguard_cli::storm::{storm, StormArgs};
 use serde_json::json;
@@ -218,5 +218,241 @@ async fn redis_flushed_and_restarted_mid_storm_changes_nothing() {
     assert_eq!(report.server_errors_500, 0);
     assert_eq!(report.double_charged_orders, 0);
     assert_eq!(report.db_audit_ok, Some(true));
+    scratch.drop_db().await.unwrap();
+}
+
+/// Creates account `acct` (10 000) and order `oid` (1185) through `url`.
+async fn account_and_order(http: &reqwest::Client, url: &str, oid: &str) {
+    let r = http
+        .post(format!("{url}/v1/accounts"))
+        .json(&json!({"id": "acct", "balance": 10_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(format!("{url}/v1/orders"))
+        .json(&json!({"id": oid, "account_id": "acct", "amount": 1185}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+async fn deduct(
+    http: &reqwest::Client,
+    url: &str,
+    oid: &str,
+    req: &str,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .post(format!("{url}/v1/orders/{oid}/deduct"))
+        .header("x-request-id", req)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The debit entries of `oid`, read through `url`.
+async fn debits(http: &reqwest::Client, url: &str, oid: &str) -> Vec<serde_json::Value> {
+    let body: serde_json::Value = http
+        .get(format!("{url}/v1/orders/{oid}/entries"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "debit")
+        .cloned()
+        .collect()
+}
+
+/// A real SIGSTOP on three instances: A takes the order's lock and, while it is
+/// about to write (a 300 ms pause, well inside the 1 s TTL, so A alone would write
+/// in time), the whole process is frozen with SIGSTOP for 2.5 s. Its lock lapses;
+/// B and C race duplicates, one charges with a higher token, the other replays.
+/// Resumed with SIGCONT, A's write is refused with `stale_fencing_token` (503 and
+/// its log), and the order is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigstopped_lock_holder_on_three_instances_is_refused() {
+    let (Some(base), Some(redis)) = (pg_base(), redis_url()) else {
+        return;
+    };
+    const OID: &str = "OD20240517S0001";
+    let scratch = ScratchDb::create(&base, "pg_test_sigstop").await.unwrap();
+    let db = pg_url(&base, &scratch.name);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("sigstop");
+    let args = [
+        "--redis",
+        redis.as_str(),
+        "--redis-prefix",
+        prefix.as_str(),
+        "--lock-ttl-ms",
+        "1000",
+    ];
+    let a = start_with_env(
+        dir.path(),
+        "pay-a",
+        &db,
+        &args,
+        &[("FAILPOINTS", "engine.after_lock=1*return(pause:300)")],
+    );
+    let b = start(dir.path(), "pay-b", &db, &args);
+    let c = start(dir.path(), "pay-c", &db, &args);
+    let http = reqwest::Client::new();
+    account_and_order(&http, &b.url, OID).await;
+
+    let (client, a_url) = (http.clone(), a.url.clone());
+    let stalled = tokio::spawn(async move { deduct(&client, &a_url, OID, "req-a").await });
+    a.wait_for_log(
+        &["\"failpoint_hit\"", "engine.after_lock"],
+        Duration::from_secs(10),
+    );
+    a.signal("STOP");
+    let stopped_at = std::time::Instant::now();
+    // B and C race duplicates while A is frozen; they wait for A's lock to lapse.
+    let (rb, rc) = tokio::join!(
+        deduct(&http, &b.url, OID, "req-b"),
+        deduct(&http, &c.url, OID, "req-c")
+    );
+    let frozen_for = Duration::from_millis(2500).saturating_sub(stopped_at.elapsed());
+    tokio::time::sleep(frozen_for).await;
+    a.signal("CONT");
+    let (status, body) = stalled.await.unwrap();
+
+    assert_eq!((rb.0, rc.0), (200, 200), "{rb:?} {rc:?}");
+    let fresh: Vec<_> = [&rb.1, &rc.1]
+        .into_iter()
+        .filter(|b| b["replayed"] == json!(false))
+        .collect();
+    assert_eq!(
+        fresh.len(),
+        1,
+        "exactly one of B and C charged: {rb:?} {rc:?}"
+    );
+    assert_eq!(rb.1["entry"]["id"], rc.1["entry"]["id"], "one entry");
+    assert_eq!(status, 503, "A, resumed, must be refused: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("stale_fencing_token:"),
+        "{body}"
+    );
+    let d = debits(&http, &c.url, OID).await;
+    assert_eq!(d.len(), 1, "charged once: {d:?}");
+    let a_log = a.log.clone();
+    for s in [a, b, c] {
+        s.stop();
+    }
+    let log = std::fs::read_to_string(a_log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"event\":\"deduct_rejected\"")
+                && l.contains("\"reason\":\"stale_fencing_token\"")
+                && l.contains("\"req\":\"req-a\"")),
+        "A's log must say deduct_rejected reason=stale_fencing_token:\n{log}"
+    );
+    scratch.drop_db().await.unwrap();
+}
+
+/// A lock holder dies between taking the lock and writing (failpoint
+/// `engine.after_lock=return(exit)`): its order is stranded only until the lock's
+/// TTL, then another instance charges it once, with a higher fencing token, and
+/// the client's retry of the lost request replays that charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_holder_that_dies_strands_its_order_only_until_the_ttl() {
+    let (Some(base), Some(redis)) = (pg_base(), redis_url()) else {
+        return;
+    };
+    const OID: &str = "OD20240517X0001";
+    const TTL_MS: u64 = 1500;
+    let scratch = ScratchDb::create(&base, "pg_test_lockdeath").await.unwrap();
+    let db = pg_url(&base, &scratch.name);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("lockdeath");
+    let ttl = TTL_MS.to_string();
+    let args = [
+        "--redis",
+        redis.as_str(),
+        "--redis-prefix",
+        prefix.as_str(),
+        "--lock-ttl-ms",
+        ttl.as_str(),
+    ];
+    let a = start_with_env(
+        dir.path(),
+        "pay-a",
+        &db,
+        &args,
+        &[("FAILPOINTS", "engine.after_lock=return(exit)")],
+    );
+    let b = start(dir.path(), "pay-b", &db, &args);
+    let http = reqwest::Client::new();
+    account_and_order(&http, &b.url, OID).await;
+
+    let lost = http
+        .post(format!("{}/v1/orders/{OID}/deduct", a.url))
+        .send()
+        .await;
+    assert!(lost.is_err(), "A died before answering: {lost:?}");
+    assert_eq!(a.wait_exit(), Some(86), "A ended at the failpoint");
+    // A's log died with it (like kill -9); Redis shows the lock it left behind.
+    let mut redis_conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}:lock:order:{OID}");
+    let holder: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis_conn)
+        .await
+        .unwrap();
+    assert!(
+        holder.as_deref().is_some_and(|h| h.starts_with("pay-a:")),
+        "the dead holder's lock must still be there: {holder:?}"
+    );
+    let fence_before: i64 = redis::cmd("HGET")
+        .arg(format!("{prefix}:fence"))
+        .arg("n")
+        .query_async(&mut redis_conn)
+        .await
+        .unwrap();
+    assert!(
+        debits(&http, &b.url, OID).await.is_empty(),
+        "A wrote nothing"
+    );
+
+    let asked = std::time::Instant::now();
+    let (status, body) = deduct(&http, &b.url, OID, "req-b").await;
+    let waited = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["replayed"], json!(false), "B charged");
+    assert!(
+        waited >= Duration::from_millis(TTL_MS / 2),
+        "B must have waited for A's lock to lapse, took {waited:?}"
+    );
+    let b_granted = b.wait_for_log(&["\"lock_acquired\"", OID, "req-b"], Duration::from_secs(1));
+    let b_token = serde_json::from_str::<serde_json::Value>(&b_granted).unwrap()["token"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        b_token & 0xffff_ffff > fence_before & 0xffff_ffff,
+        "B's grant {b_granted} must come after the dead holder's (counter {fence_before})"
+    );
+    let (status, retry) = deduct(&http, &b.url, OID, "req-a-retry").await;
+    assert_eq!(status, 200);
+    assert_eq!(retry["replayed"], json!(true));
+    assert_eq!(retry["entry"]["id"], body["entry"]["id"]);
+    assert_eq!(debits(&http, &b.url, OID).await.len(), 1, "charged once");
+    b.stop();
     scratch.drop_db().await.unwrap();
 }

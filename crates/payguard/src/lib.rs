@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod domain;
 pub mod engine;
+pub mod failpoint;
 pub mod lock;
 pub mod store;
 

@@ -86,6 +86,44 @@ impl Server {
         self.child.wait().ok().and_then(|s| s.code())
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits until the log has a line containing every one of `needles`.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            assert!(
+                started.elapsed() < within,
+                "no log line with {needles:?} within {within:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits up to 2 s for the process to end by itself: `Ok(exit code)`, or the
+    /// server back when it is still running.
+    pub fn try_exit(mut self) -> Result<Option<i32>, Server> {
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(self)
+    }
+
     /// SIGTERM, then waits for the drain; the exit must be clean.
     pub fn stop(mut self) {
         let _ = Command::new("kill")

@@ -795,6 +795,12 @@ async fn fenced_apply(
         ))
         .await;
     }
+    // Locks held, nothing written (`exit` here strands the orders until the TTL).
+    let injected = if leases.is_empty() {
+        None
+    } else {
+        crate::failpoint::hit(crate::failpoint::AFTER_LOCK).await
+    };
     let mut positions = Vec::with_capacity(ops.len());
     let mut to_apply = Vec::with_capacity(ops.len());
     for (i, op) in ops.into_iter().enumerate() {
@@ -812,7 +818,11 @@ async fn fenced_apply(
         });
     }
     let total = reqs.len();
-    let applied = if to_apply.is_empty() {
+    let applied = if injected == Some(crate::failpoint::Action::Error) {
+        Err(StoreError::Unavailable(
+            "failpoint engine.after_lock".into(),
+        ))
+    } else if to_apply.is_empty() {
         Ok(Vec::new())
     } else {
         shared.store.apply(to_apply).await

@@ -283,6 +283,20 @@ impl Rejection {
 
 pub type OpResult = Result<Output, Rejection>;
 
+/// Whether a committed batch moved money (a fresh debit or refund, not a replay):
+/// where the after-commit failpoint fires.
+pub(crate) fn moved_money(results: &[OpResult]) -> bool {
+    results.iter().any(|r| {
+        matches!(
+            r,
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        )
+    })
+}
+
 /// The store could not do the whole batch: nothing in it was committed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

@@ -47,13 +47,14 @@
 //! tables, or newer than this build is refused, like the SQLite store does.
 
 use super::{
-    ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection, Store,
-    StoreError, StoreFuture,
+    moved_money, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection,
+    Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
     Money, Order, OrderId, OrderStatus, OverRefund, PaidMismatch, RefundId, Resolved,
 };
+use crate::failpoint::{self, Action};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -461,7 +462,19 @@ async fn run_batch(
     } else {
         run_pass(&tx, ops, now).await?
     };
+    // A batch of two or more has done its writes and not committed: a crash here
+    // must leave none of it, and none of it was acknowledged.
+    if ops.len() >= 2 && failpoint::hit(failpoint::MID_BATCH).await == Some(Action::Error) {
+        return Err(Fault::Store("failpoint store.mid_batch".into()));
+    }
     tx.commit().await?;
+    if moved_money(&results) {
+        if let Some(Action::Error) = failpoint::hit(failpoint::AFTER_COMMIT).await {
+            return Err(Fault::Store(
+                "failpoint store.after_commit: committed, reply lost".into(),
+            ));
+        }
+    }
     Ok(results)
 }
 

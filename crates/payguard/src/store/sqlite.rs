@@ -16,13 +16,14 @@
 //! the refused op is undone alone and the rest of the batch still commits.
 
 use super::{
-    ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection, Store,
-    StoreError, StoreFuture,
+    moved_money, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection,
+    Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
     Money, Order, OrderId, OrderStatus, OverRefund, PaidMismatch, RefundId, Resolved,
 };
+use crate::failpoint::{self, Action};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -328,16 +329,7 @@ impl SqliteStore {
     }
 }
 
-/// Fault injection (reliability tests only): `PAYGUARD_FAILPOINT=exit_after_commit`
-/// makes the writer end the process right after its first commit that moved money,
-/// before any caller hears of it: the crash the Idempotency-Key and replays must survive.
-pub const FAILPOINT_ENV: &str = "PAYGUARD_FAILPOINT";
-
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max: usize) {
-    let exit_after_commit = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "exit_after_commit");
-    if exit_after_commit {
-        tracing::warn!(event = "failpoint_armed", failpoint = "exit_after_commit");
-    }
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].ops.len();
@@ -353,23 +345,19 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
         let lens: Vec<usize> = jobs.iter().map(|j| j.ops.len()).collect();
         let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
         let now = chrono::Utc::now().timestamp_millis();
-        match apply_ops(&mut conn, &ops, now) {
+        let mut outcome = apply_ops(&mut conn, &ops, now);
+        if outcome.as_ref().is_ok_and(|r| moved_money(r))
+            && failpoint::hit_blocking(failpoint::AFTER_COMMIT) == Some(Action::Error)
+        {
+            // Committed and durable, and every caller hears "unavailable": the
+            // lost-acknowledgement case a retry must resolve as a replay.
+            outcome = Err(StoreError::Unavailable(
+                "failpoint store.after_commit: committed, reply lost".into(),
+            ));
+        }
+        match outcome {
             Ok(results) => {
                 debug_assert_eq!(results.len(), ops.len());
-                if exit_after_commit
-                    && results.iter().any(|r| {
-                        matches!(
-                            r,
-                            Ok(Output::Movement {
-                                replayed: false,
-                                ..
-                            })
-                        )
-                    })
-                {
-                    // Committed and durable; nobody has been answered. 86: see FAILPOINT_ENV.
-                    std::process::exit(86);
-                }
                 let mut results = results.into_iter();
                 for (job, len) in jobs.into_iter().zip(lens) {
                     let mine: Vec<OpResult> = results.by_ref().take(len).collect();
@@ -445,7 +433,19 @@ fn run_batch(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(Fault::Store)?;
     let mut out = Vec::with_capacity(ops.len());
-    for op in ops {
+    // Half-way through a batch of two or more (see `failpoint::MID_BATCH`).
+    let midpoint = if ops.len() >= 2 {
+        ops.len() / 2
+    } else {
+        usize::MAX
+    };
+    for (i, op) in ops.iter().enumerate() {
+        if i == midpoint && failpoint::hit_blocking(failpoint::MID_BATCH) == Some(Action::Error) {
+            return Err(Fault::Store(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("failpoint store.mid_batch".into()),
+            )));
+        }
         if !careful {
             out.push(exec_op(&tx, op, now)?);
             continue;
