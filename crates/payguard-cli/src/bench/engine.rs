@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 /// Rows per transaction in the raw baseline (the issue's definition of the ceiling).
 const RAW_TXN_ROWS: usize = 1000;
-/// Accounts the orders are spread over.
+/// Accounts the SQLite runs' orders are spread over (order i pays from account
+/// i mod accounts), unless `--accounts` says otherwise.
 const ACCOUNTS: usize = 1000;
 /// Longest the half-load run may take.
 const HALF_LOAD_SECS_MAX: f64 = 10.0;
@@ -47,6 +48,12 @@ pub struct EngineBenchArgs {
     /// Write a self-contained HTML page (inline SVG bars of ops/s and p99).
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// Accounts the orders are spread over, order i on account i mod N [default:
+    /// 1000 on SQLite (one writer: no row contention either way); on PostgreSQL
+    /// pgbench's own account count at its scale, 1 000 000, so the engine and
+    /// `pgbench -N` see the same (absent) row contention].
+    #[arg(long)]
+    pub accounts: Option<usize>,
     /// Deductions per run [default: 100000, --quick: 3000].
     #[arg(long)]
     pub orders: Option<usize>,
@@ -114,7 +121,7 @@ struct Report {
     best_engine_ratio: f64,
 }
 
-fn setup(path: &Path, orders: usize) -> anyhow::Result<()> {
+fn setup(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<()> {
     let mut conn = open_connection(path)?;
     migrate(&mut conn)?;
     let tx = conn.transaction()?;
@@ -123,7 +130,7 @@ fn setup(path: &Path, orders: usize) -> anyhow::Result<()> {
             "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
              VALUES (?1, 'CNY', ?2, ?2, 0, 0)",
         )?;
-        for a in 0..ACCOUNTS {
+        for a in 0..accounts.min(orders) {
             acct.execute(params![format!("acct-{a}"), 1_000_000_000_000_i64])?;
         }
         let mut order = tx.prepare(
@@ -133,7 +140,7 @@ fn setup(path: &Path, orders: usize) -> anyhow::Result<()> {
         for i in 0..orders {
             order.execute(params![
                 order_id(i),
-                format!("acct-{}", i % ACCOUNTS),
+                format!("acct-{}", i % accounts),
                 100 + (i % 900) as i64
             ])?;
         }
@@ -146,14 +153,14 @@ fn order_id(i: usize) -> String {
     format!("OD20261126B{i:08}")
 }
 
-fn raw(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
+fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult> {
     let mut conn = open_connection(path)?;
     // The order's account and amount, as the raw path needs them; read before timing.
     let jobs: Vec<(String, String, i64)> = (0..orders)
         .map(|i| {
             (
                 order_id(i),
-                format!("acct-{}", i % ACCOUNTS),
+                format!("acct-{}", i % accounts),
                 100 + (i % 900) as i64,
             )
         })
@@ -370,6 +377,8 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(if args.quick { 3_000 } else { 100_000 });
     anyhow::ensure!(orders > 0, "--orders must be at least 1");
     anyhow::ensure!(!args.batch_max.is_empty(), "--batch-max needs a value");
+    let accounts = args.accounts.unwrap_or(ACCOUNTS);
+    anyhow::ensure!(accounts > 0, "--accounts must be at least 1");
     let base = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
@@ -387,12 +396,12 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     );
 
     let raw_path = base.path().join("raw.db");
-    setup(&raw_path, orders)?;
-    let raw = raw(&raw_path, orders)?;
+    setup(&raw_path, orders, accounts)?;
+    let raw = raw(&raw_path, orders, accounts)?;
     eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
 
     let direct_path = base.path().join("direct.db");
-    setup(&direct_path, orders)?;
+    setup(&direct_path, orders, accounts)?;
     let mut direct = store_direct(&direct_path, orders)?;
     direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
     eprintln!("  store only: {:.0} ops/s", direct.ops_per_sec);
@@ -401,7 +410,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let mut best: Option<RunResult> = None;
     for &bm in &args.batch_max {
         let path = base.path().join(format!("engine-{bm}.db"));
-        setup(&path, orders)?;
+        setup(&path, orders, accounts)?;
         let engine = Arc::new(start_engine(&path, &args, bm)?);
         let (secs, h) = rt.block_on(closed_loop(engine.clone(), orders, args.concurrency))?;
         let stats = engine.stats();
@@ -440,7 +449,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(orders.min(5_000))
         .clamp(1, orders);
     let path = base.path().join("engine-seed.db");
-    setup(&path, seed_orders)?;
+    setup(&path, seed_orders, accounts)?;
     let seed_engine = {
         let mut cfg = SqliteConfig::new(&path);
         cfg.writer_batch_ops_max = args.writer_batch_max;
@@ -474,7 +483,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let rate = best.ops_per_sec / 2.0;
     let half_orders = orders.min((rate * HALF_LOAD_SECS_MAX) as usize).max(1);
     let path = base.path().join("engine-half.db");
-    setup(&path, half_orders)?;
+    setup(&path, half_orders, accounts)?;
     let engine = Arc::new(start_engine(&path, &args, best_bm)?);
     let (secs, h) = rt.block_on(open_loop(engine.clone(), half_orders, rate))?;
     let audit_ok = rt.block_on(engine.audit())?.ok;

@@ -836,51 +836,62 @@ fn expect_one(changed: usize, what: &str) -> Result<(), Fault> {
     }
 }
 
-/// Charges an order once. The fast path is three statements, the same writes the
-/// raw-SQL baseline makes: the debit entry is inserted straight from the order and
-/// account rows (`INSERT … SELECT`, which matches only a PREPARE order on an account
-/// that can pay), then the balance and the status are changed conditionally. When
-/// the insert matches nothing, the slow path reads the order to say why: unknown,
-/// already paid (a replay), FAILED, or not enough money (then it becomes FAILED).
+/// Charges an order once. The fast path reads the PREPARE order with its account's
+/// balance (one join), then makes the same three writes as the raw-SQL baseline:
+/// the ledger insert, the balance (a compare-and-set on the balance read) and the
+/// status (`WHERE status = 'PREPARE'`), each checked to change exactly one row.
+/// None of them uses `RETURNING`: SQLite builds an ephemeral table for every
+/// execution of a statement with `RETURNING` (measured with callgrind: about a
+/// fifth of this path's instructions), and the entry id is `last_insert_rowid()`.
+/// When no PREPARE order matches, or its account cannot pay, the slow path reads
+/// the order to say why: unknown, already paid (a replay), FAILED, or not enough
+/// money (then it becomes FAILED).
 fn deduct(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
-    let debit: Option<(i64, String, i64, i64)> = conn
+    let prepared: Option<(String, i64, i64, i64)> = conn
         .prepare_cached(
-            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
-             SELECT o.id, o.account_id, 'debit', o.amount, a.balance - o.amount, ?2
+            "SELECT o.account_id, o.amount, o.created_at, a.balance
              FROM orders o JOIN accounts a ON a.id = o.account_id
-             WHERE o.id = ?1 AND o.status = 'PREPARE' AND a.balance >= o.amount
-             RETURNING id, account_id, amount, balance_after",
+             WHERE o.id = ?1 AND o.status = 'PREPARE'",
         )?
-        .query_row(params![order_id.as_str(), now], |r| {
+        .query_row(params![order_id.as_str()], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    let Some((entry_id, account_id, amount, balance_after)) = debit else {
+    let Some((account_id, amount, created_at, balance)) = prepared else {
         return deduct_refused(conn, order_id, now);
     };
-    let new_balance: Option<i64> = conn
+    let Some(balance_after) = balance.checked_sub(amount).filter(|b| *b >= 0) else {
+        return deduct_refused(conn, order_id, now);
+    };
+    let inserted = conn
         .prepare_cached(
-            "UPDATE accounts SET balance = balance - ?1, updated_at = ?2
-             WHERE id = ?3 AND balance >= ?1 RETURNING balance",
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES (?1, ?2, 'debit', ?3, ?4, ?5)",
         )?
-        .query_row(params![amount, now, account_id], |r| r.get(0))
-        .optional()?;
-    // Pair assertion: the balance written is the one the entry recorded.
-    if new_balance != Some(balance_after) {
-        return Err(Fault::Constraint(format!(
-            "balance after debit is {new_balance:?}, the entry says {balance_after}"
-        )));
-    }
-    let created_at: Option<i64> = conn
+        .execute(params![
+            order_id.as_str(),
+            account_id,
+            amount,
+            balance_after,
+            now
+        ])?;
+    expect_one(inserted, "debit entry")?;
+    let entry_id = conn.last_insert_rowid();
+    // Pair assertion: the balance written is the one the entry recorded, from the
+    // balance that was read.
+    let changed = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
+        )?
+        .execute(params![balance_after, now, account_id, balance])?;
+    expect_one(changed, "balance after debit")?;
+    let changed = conn
         .prepare_cached(
             "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2
-             WHERE id = ?3 AND status = 'PREPARE' RETURNING created_at",
+             WHERE id = ?3 AND status = 'PREPARE'",
         )?
-        .query_row(params![entry_id, now, order_id.as_str()], |r| r.get(0))
-        .optional()?;
-    let Some(created_at) = created_at else {
-        return Err(Fault::Constraint("PREPARE -> PAID changed no row".into()));
-    };
+        .execute(params![entry_id, now, order_id.as_str()])?;
+    expect_one(changed, "PREPARE -> PAID")?;
     let account_id =
         AccountId::parse(&account_id).map_err(|e| Fault::Store(bad_column(1, e.to_string())))?;
     let amount = Money::from_stored(amount);
@@ -913,7 +924,7 @@ fn deduct(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, F
     }))
 }
 
-/// Why the debit insert matched nothing.
+/// Why no PREPARE order could be charged.
 fn deduct_refused(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
     let Some(order) = load_order(conn, order_id.as_str())? else {
         return Ok(Err(Rejection::OrderNotFound));
