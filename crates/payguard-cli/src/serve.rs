@@ -4,7 +4,7 @@
 use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
 use payguard::engine::Guard;
-use payguard::store::postgres::PgStore;
+use payguard::store::postgres::{PgConfig, PgStore};
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig, Store};
 use payguard_server::{ApiKeys, AppState, ServiceInfo};
@@ -69,14 +69,11 @@ pub struct ServeArgs {
     /// Prefix of payguard's Redis keys (several deployments can share one Redis).
     #[arg(long, env = "PAYGUARD_REDIS_PREFIX", default_value = "payguard")]
     pub redis_prefix: String,
-    /// Fault injection for tests: pause after taking a batch's locks (ms).
-    #[arg(
-        long,
-        env = "PAYGUARD_FAILPOINT_PAUSE_AFTER_LOCK_MS",
-        default_value_t = 0,
-        hide = true
-    )]
-    pub failpoint_pause_after_lock_ms: u64,
+    /// PostgreSQL: client-side deadline of one batch (ms). A connection the
+    /// network swallowed never answers; past this the connection is dropped and
+    /// an unanswered COMMIT's fate is looked up before anyone is answered.
+    #[arg(long, env = "PAYGUARD_PG_BATCH_DEADLINE_MS", default_value_t = payguard::store::postgres::BATCH_DEADLINE_MS)]
+    pub pg_batch_deadline_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -355,14 +352,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 )
             }
             DbUrl::Postgres(url) => Arc::new(
-                PgStore::connect_url(url)
-                    .await
-                    .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
+                PgStore::connect(PgConfig {
+                    batch_deadline_ms: args.pg_batch_deadline_ms,
+                    ..PgConfig::from_url(url)?
+                })
+                .await
+                .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
             ),
         };
         let store_kind = store.kind();
         let mut engine_cfg = args.engine.engine_config(guard, instance.clone());
-        engine_cfg.failpoint_pause_after_lock_ms = args.failpoint_pause_after_lock_ms;
         if matches!(db, DbUrl::Postgres(_)) && engine_cfg.order_cache_entries_max > 0 {
             // Other instances write the same orders: a per-instance read cache would
             // serve their changes late. Reads go to PostgreSQL instead.

@@ -1,21 +1,93 @@
-//! PostgreSQL connections reset mid-storm, through a TCP fault proxy between
-//! payguard and the database: requests in the gap get 503 or succeed, nothing is
-//! charged twice, nothing acknowledged is lost. Needs PAYGUARD_TEST_POSTGRES_URL.
+//! Network faults between payguard and PostgreSQL, through a TCP fault proxy:
+//! connections reset, latency, a blackhole (partition that heals), half-open
+//! connections (answers lost). Under each, mid-storm: nothing is charged twice,
+//! nothing acknowledged is lost, and the recorded history holds every 503 to
+//! "nothing moved". Needs PAYGUARD_TEST_POSTGRES_URL.
 
 mod common;
 
 use common::{pg_base, start};
 use payguard::store::postgres::ScratchDb;
-use payguard_cli::storm::{storm, StormArgs};
+use payguard_cli::storm::{history, storm, StormArgs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
-/// A loopback TCP proxy whose live connections can all be cut at once.
+/// What the proxy does to the bytes it carries, switched at any moment for every
+/// connection, open or new (tc netem does not work on these machines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Forward as they come.
+    Pass,
+    /// Hold every chunk this long before forwarding it (each direction).
+    Latency(Duration),
+    /// Forward nothing and hold everything, in both directions, until the mode
+    /// changes: a network partition. TCP would retransmit what it holds, so when
+    /// it heals the held bytes arrive late, as they would (a COMMIT included).
+    Blackhole,
+    /// Half-open at the worst moment: a connection that carries a COMMIT from
+    /// now on loses every answer (read and dropped), for good. The database
+    /// commits; the client never hears it did.
+    HalfOpenAtCommit,
+}
+
+/// A loopback TCP proxy between payguard and PostgreSQL whose connections can be
+/// cut at once, delayed, blackholed or made half-open.
 struct FaultProxy {
     port: u16,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    mode: tokio::sync::watch::Sender<Mode>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// Bytes of one read.
+const PROXY_CHUNK: usize = 16 * 1024;
+
+/// Copies `from` to `to` under the proxy's mode; `to_client` is the direction
+/// half-open drops.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: tokio::sync::watch::Receiver<Mode>,
+    to_client: bool,
+    answers_lost: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; PROXY_CHUNK];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        loop {
+            let now = *mode.borrow_and_update();
+            match now {
+                Mode::Pass => break,
+                Mode::Latency(d) => {
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                Mode::HalfOpenAtCommit => {
+                    if !to_client && buf[..n].windows(6).any(|w| w == b"COMMIT") {
+                        answers_lost.store(true, Ordering::SeqCst);
+                    }
+                    break;
+                }
+                Mode::Blackhole => {
+                    if mode.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if to_client && answers_lost.load(Ordering::SeqCst) {
+            continue; // dropped on the floor
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl FaultProxy {
@@ -23,13 +95,21 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (mode, watch) = tokio::sync::watch::channel(Mode::Pass);
         let live = conns.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let watch = watch.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        let lost = Arc::new(AtomicBool::new(false));
+                        tokio::join!(
+                            pump(cr, sw, watch.clone(), false, lost.clone()),
+                            pump(sr, cw, watch, true, lost)
+                        );
                     }
                 });
                 live.lock().unwrap().push(task.abort_handle());
@@ -38,8 +118,13 @@ impl FaultProxy {
         FaultProxy {
             port,
             conns,
+            mode,
             accept,
         }
+    }
+
+    fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
     }
 
     /// Cuts every connection open now (both sockets are dropped).
@@ -60,10 +145,10 @@ impl Drop for FaultProxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_connections_reset_mid_storm_change_nothing() {
-    let Some(base) = pg_base() else { return };
-    let scratch = ScratchDb::create(&base, "pg_test_reset").await.unwrap();
+/// A scratch database, a proxy in front of its server, the URL through the proxy
+/// and the direct one (for the checkers).
+async fn proxied(base: &str, tag: &str) -> (ScratchDb, FaultProxy, String, String) {
+    let scratch = ScratchDb::create(base, tag).await.unwrap();
     let (server_part, _) = base.rsplit_once('/').unwrap();
     let host_port = server_part.rsplit_once('@').map_or(server_part, |(_, h)| h);
     let host_port = host_port
@@ -79,11 +164,18 @@ async fn postgres_connections_reset_mid_storm_change_nothing() {
         "postgres://{user}@127.0.0.1:{}/{}",
         proxy.port, scratch.name
     );
-    let direct = common::pg_url(&base, &scratch.name);
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), "pay-r", &via_proxy, &[]);
-    let args = StormArgs {
-        target: vec![server.url.clone()],
+    let direct = common::pg_url(base, &scratch.name);
+    (scratch, proxy, via_proxy, direct)
+}
+
+fn storm_args(
+    target: String,
+    db: String,
+    seed: u64,
+    history: Option<std::path::PathBuf>,
+) -> StormArgs {
+    StormArgs {
+        target: vec![target],
         api_key: None,
         orders: 150,
         dup: 4,
@@ -91,30 +183,214 @@ async fn postgres_connections_reset_mid_storm_change_nothing() {
         duration: 120,
         refund_ratio: 0.2,
         poor_ratio: 0.1,
-        seed: 21,
-        run_tag: Some("rst".into()),
-        db: Some(direct),
+        seed,
+        run_tag: Some(format!("pf{seed}")),
+        db: Some(db),
         json: true,
         html: None,
         no_progress: true,
-        history: None,
-    };
-    let storming = tokio::spawn(async move { storm(&args).await });
-    let mut cut = 0;
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        cut += proxy.reset_all();
+        history,
     }
+}
+
+/// Runs a storm through the proxy while `fault` plays, then checks the online
+/// report and the recorded history (where a 503 must mean nothing moved).
+async fn storm_through_fault<F, Fut>(
+    tag: &str,
+    seed: u64,
+    extra: &[&str],
+    fault: F,
+) -> (String, usize)
+where
+    F: FnOnce(Arc<FaultProxy>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let base = pg_base().expect("checked by the caller");
+    let (scratch, proxy, via_proxy, direct) = proxied(&base, tag).await;
+    let proxy = Arc::new(proxy);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), tag, &via_proxy, extra);
+    let file = dir.path().join("history.jsonl");
+    let args = storm_args(server.url.clone(), direct, seed, Some(file.clone()));
+    let storming = tokio::spawn(async move { storm(&args).await });
+    fault(proxy.clone()).await;
+    proxy.set(Mode::Pass);
     let report = storming.await.unwrap().unwrap();
+    let log_path = server.log.clone();
     server.stop();
-    assert!(cut > 0, "no connection was cut");
     assert!(report.ok, "{}", report.to_text());
     assert_eq!(report.double_charged_orders, 0);
-    assert_eq!(report.server_errors_500, 0);
     assert_eq!(report.db_audit_ok, Some(true));
+    let lines = history::read(&file).unwrap();
+    let violations = history::check(&lines).unwrap();
+    assert!(violations.is_empty(), "history violations: {violations:?}");
+    let log = std::fs::read_to_string(log_path).unwrap();
     eprintln!(
-        "cut {cut} connections: {} requests, {} answered 503, 0 violations",
-        report.requests, report.unavailable_503
+        "{tag}: {} requests, {} answered 503, {} answered 500, {} unanswered; history clean",
+        report.requests, report.unavailable_503, report.server_errors_500, report.no_answer
+    );
+    drop(proxy);
+    scratch.drop_db().await.unwrap();
+    (log, report.unavailable_503)
+}
+
+/// Every proxied connection cut 6 times, 120 ms apart, during setup and the
+/// duplicate storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_connections_reset_mid_storm_change_nothing() {
+    if pg_base().is_none() {
+        return;
+    }
+    let cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = cut.clone();
+    storm_through_fault("pg_test_reset", 21, &[], |proxy| async move {
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            counted.fetch_add(proxy.reset_all(), Ordering::Relaxed);
+        }
+    })
+    .await;
+    assert!(
+        cut.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no connection was cut"
+    );
+}
+
+/// For 400 ms mid-storm every connection that sends a COMMIT loses all answers
+/// from then on (half-open at the worst moment): the transactions commit and
+/// payguard never hears it. Each unanswered COMMIT must be looked up
+/// (`txid_status`) and answered with the truth, never a 503 for a batch that
+/// committed; the history checker holds every 503 to "nothing moved".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_postgres_connections_never_turn_a_commit_into_a_503() {
+    if pg_base().is_none() {
+        return;
+    }
+    let (log, _) = storm_through_fault(
+        "pg_test_halfopen",
+        31,
+        &["--pg-batch-deadline-ms", "700"],
+        |proxy| async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            proxy.set(Mode::HalfOpenAtCommit);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        },
+    )
+    .await;
+    let resolved: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("\"store_commit_resolved\"")
+                || l.contains("\"store_commit_unanswered\"")
+                || l.contains("store_outcome_unknown")
+        })
+        .collect();
+    assert!(
+        resolved.iter().any(|l| l.contains("\"committed\":true")),
+        "no unanswered COMMIT was found committed: the fault missed the commits\n{}",
+        resolved.join("\n")
+    );
+}
+
+/// PostgreSQL blackholed for 2.5 s mid-storm (bytes held, then delivered late,
+/// as TCP would after a partition heals): batches give up at their deadline,
+/// unanswered COMMITs are resolved once the database is reachable again (a late
+/// COMMIT cannot land after the answer: its backend is ended first), and the
+/// lanes are free again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_blackhole_mid_storm_moves_nothing_it_denies() {
+    if pg_base().is_none() {
+        return;
+    }
+    let (log, unavailable) = storm_through_fault(
+        "pg_test_blackhole",
+        32,
+        &["--pg-batch-deadline-ms", "700"],
+        |proxy| async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            proxy.set(Mode::Blackhole);
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        },
+    )
+    .await;
+    let past_deadline = log.lines().filter(|l| l.contains("batch deadline")).count();
+    eprintln!(
+        "{past_deadline} batches gave up at their deadline, {unavailable} requests answered 503"
+    );
+    assert!(
+        past_deadline > 0,
+        "the blackhole must have held some batch past its deadline"
+    );
+}
+
+/// 40 ms added to every chunk each way for the whole storm: slower, same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_latency_changes_nothing_but_time() {
+    if pg_base().is_none() {
+        return;
+    }
+    storm_through_fault("pg_test_latency", 33, &[], |proxy| async move {
+        proxy.set(Mode::Latency(Duration::from_millis(40)));
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+    })
+    .await;
+}
+
+/// One deduct whose COMMIT lands and whose answer is lost: the request must not
+/// get a 503 (which promises nothing moved) for money that moved. payguard looks
+/// the transaction up and answers 200 with the charge. (With the lookup switched
+/// off this request gets a 503 while the order is PAID: that is how this test
+/// was seen failing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unanswered_commit_is_looked_up_not_reported_as_503() {
+    let Some(base) = pg_base() else { return };
+    let (scratch, proxy, via_proxy, _) = proxied(&base, "pg_test_lostack").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        "pay-lostack",
+        &via_proxy,
+        &["--pg-batch-deadline-ms", "700"],
+    );
+    let http = reqwest::Client::new();
+    for (path, body) in [
+        (
+            "accounts",
+            serde_json::json!({"id": "acct", "balance": 5000}),
+        ),
+        (
+            "orders",
+            serde_json::json!({"id": "OD1", "account_id": "acct", "amount": 1185}),
+        ),
+    ] {
+        let r = http
+            .post(format!("{}/v1/{path}", server.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    proxy.set(Mode::HalfOpenAtCommit);
+    let url = format!("{}/v1/orders/OD1/deduct", server.url);
+    let pending = tokio::spawn(async move { http.post(url).send().await.unwrap() });
+    // Long enough for the COMMIT to go out and its answer to be lost; the lookup
+    // and the re-run that follow (after the 700 ms deadline) see a healthy network.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Mode::Pass);
+    let r = pending.await.unwrap();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    server.stop();
+    assert_eq!(
+        status, 200,
+        "the charge committed; the answer must say so: {body}"
+    );
+    assert_eq!(body["order"]["status"], "PAID");
+    assert!(
+        log.contains("\"store_commit_resolved\"") && log.contains("\"committed\":true"),
+        "the COMMIT's answer must have been lost and looked up:\n{log}"
     );
     drop(proxy);
     scratch.drop_db().await.unwrap();

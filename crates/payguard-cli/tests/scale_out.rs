@@ -90,9 +90,13 @@ async fn a_stalled_lock_holder_is_refused_with_stale_fencing_token() {
         "--lock-ttl-ms",
         "300",
     ];
-    let mut a_args = common.to_vec();
-    a_args.extend(["--failpoint-pause-after-lock-ms", "1500"]);
-    let a = start(dir.path(), "pay-a", &db, &a_args);
+    let a = start_with_env(
+        dir.path(),
+        "pay-a",
+        &db,
+        &common,
+        &[("FAILPOINTS", "engine.after_lock=return(pause:1500)")],
+    );
     let b = start(dir.path(), "pay-b", &db, &common);
     let http = reqwest::Client::new();
     let r = http

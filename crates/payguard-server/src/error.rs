@@ -57,6 +57,14 @@ impl From<StoreError> for ApiError {
                 ApiError::unavailable("the store is unavailable; nothing was changed, retry later")
             }
             StoreError::Schema(_) => ApiError::internal(&e),
+            StoreError::Unknown(_) => {
+                tracing::error!(event = "store_outcome_unknown", detail = %e);
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the database did not confirm whether this committed; retry the same request to read back its outcome",
+                )
+            }
         }
     }
 }

@@ -306,6 +306,12 @@ pub enum StoreError {
     Closed,
     #[error("database is not a payguard database or has the wrong schema: {0}")]
     Schema(String),
+    /// The batch may or may not have committed, and the store could not learn
+    /// which (PostgreSQL: an unanswered COMMIT whose fate could not be looked up).
+    /// Never a 503, which promises that nothing moved: the same request, retried,
+    /// reads back the truth (a replay, or a first charge).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 /// What the naive path needs to log like the incident's service did.

@@ -39,7 +39,22 @@
 //! [`StoreError::Unavailable`] (HTTP 503): nothing in it moved.
 //!
 //! Limits: a bounded connection pool ([`POOL_CONNECTIONS_MAX`]) with a wait
-//! timeout, and a server-side `statement_timeout` on every connection.
+//! timeout, a server-side `statement_timeout` on every connection, and a
+//! client-side deadline on every batch ([`PgConfig::batch_deadline_ms`]): a
+//! connection the network has swallowed (blackhole, half-open) never answers, and
+//! no server-side timeout can tell the client so.
+//!
+//! Ambiguous commits. A batch whose COMMIT was sent but not answered (the
+//! connection broke, or the deadline passed) may or may not have committed, and
+//! a 503 promises that nothing moved. So the store never guesses: every batch
+//! learns its transaction id (`txid_current()`, pipelined with its first read),
+//! and after an unanswered COMMIT a fresh connection asks `txid_status`, ending
+//! the old backend (`pg_terminate_backend`) if it is still in progress so that
+//! the answer cannot change later (a late COMMIT from a healed partition cannot
+//! land after the store answered). Committed or aborted, the batch then simply
+//! runs again: its ops are idempotent (a committed deduct reads back as its
+//! replay, with its entry). Only if the fate cannot be learned does the caller
+//! get [`StoreError::Unknown`] (HTTP 500), never a 503.
 //! [`PgStore::stats`] counts savepoint replays and retries.
 //!
 //! Migrations are a list (`MIGRATIONS`); `payguard_meta` holds `schema_kind`
@@ -75,6 +90,12 @@ pub const POOL_WAIT_MS: u64 = 5_000;
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Server-side limit on every statement, lock waits included.
 pub const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// Client-side deadline of one batch, default: twice the statement timeout.
+pub const BATCH_DEADLINE_MS: u64 = 2 * STATEMENT_TIMEOUT_MS;
+/// How long learning an unanswered COMMIT's fate may take.
+pub const RESOLVE_DEADLINE_MS: u64 = 5_000;
+/// Times one batch is run again after unanswered COMMITs before giving up.
+pub const AMBIGUOUS_RERUNS_MAX: u32 = 2;
 /// Attempts of one batch when PostgreSQL reports a deadlock or serialisation failure.
 pub const BATCH_ATTEMPTS_MAX: u32 = 5;
 /// Base of the (linear, jittered) pause between those attempts.
@@ -100,6 +121,8 @@ pub struct PgConfig {
     pub pool_connections_max: usize,
     pub pool_wait_ms: u64,
     pub statement_timeout_ms: u64,
+    /// Client-side deadline of one batch ([`BATCH_DEADLINE_MS`]).
+    pub batch_deadline_ms: u64,
 }
 
 impl PgConfig {
@@ -117,6 +140,7 @@ impl PgConfig {
             pool_connections_max: POOL_CONNECTIONS_MAX,
             pool_wait_ms: POOL_WAIT_MS,
             statement_timeout_ms: STATEMENT_TIMEOUT_MS,
+            batch_deadline_ms: BATCH_DEADLINE_MS,
         }
     }
 }
@@ -135,9 +159,14 @@ pub struct PgStats {
     pub careful_batches: AtomicU64,
     /// Batch attempts repeated after a deadlock or serialisation failure.
     pub retries: AtomicU64,
+    /// COMMITs sent and not answered, whose fate was then looked up.
+    pub ambiguous_commits: AtomicU64,
+    /// Of those, how many had committed.
+    pub ambiguous_committed: AtomicU64,
 }
 
 struct Inner {
+    batch_deadline: Duration,
     pool: Pool,
     stats: PgStats,
     /// Every call holds a read guard while it uses the pool; `close` takes the write
@@ -195,6 +224,9 @@ enum Fault {
     Retry(String),
     /// The database failed (connection, timeout, corrupt row): the batch fails.
     Store(String),
+    /// COMMIT of transaction `xid` was sent and no answer came back: it may have
+    /// committed. Only [`apply_pooled`] may answer it, by looking the fate up.
+    Ambiguous { xid: i64, detail: String },
 }
 
 impl From<tokio_postgres::Error> for Fault {
@@ -214,6 +246,9 @@ impl Fault {
     fn into_store_error(self) -> StoreError {
         match self {
             Fault::Constraint(m) | Fault::Retry(m) | Fault::Store(m) => StoreError::Unavailable(m),
+            Fault::Ambiguous { xid, detail } => StoreError::Unknown(format!(
+                "COMMIT of transaction {xid} was not answered ({detail}); its fate was not looked up"
+            )),
         }
     }
 }
@@ -261,6 +296,7 @@ impl PgStore {
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
+                batch_deadline: Duration::from_millis(cfg.batch_deadline_ms.max(1)),
                 stats: PgStats::default(),
                 closed: Arc::new(tokio::sync::RwLock::new(false)),
             }),
@@ -384,7 +420,139 @@ pub async fn apply_ops(
     now: i64,
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
-    apply_counted(client, ops, now, isolated, &PgStats::default()).await
+    apply_counted(client, ops, now, isolated, &PgStats::default(), &mut None)
+        .await
+        .map_err(Fault::into_store_error)
+}
+
+/// A batch on a pooled connection, under the batch deadline, with unanswered
+/// COMMITs resolved (see the module docs): the only way the store runs ops.
+async fn apply_pooled(
+    inner: &Inner,
+    ops: &[Op],
+    isolated: bool,
+) -> Result<Vec<OpResult>, StoreError> {
+    let mut reruns = 0;
+    let mut committed_before = false;
+    let after_commit = |e: StoreError| {
+        StoreError::Unknown(format!(
+            "an earlier attempt committed, and reading its result back failed: {e}"
+        ))
+    };
+    loop {
+        let (_open, mut client) = inner.enter().await?;
+        // The xid whose COMMIT is on the wire, while it is.
+        let mut sent = None;
+        let attempt = tokio::time::timeout(
+            inner.batch_deadline,
+            apply_counted(
+                &mut client,
+                ops,
+                now_ms(),
+                isolated,
+                &inner.stats,
+                &mut sent,
+            ),
+        )
+        .await;
+        let (xid, detail) = match attempt {
+            Ok(Ok(results)) => return Ok(results),
+            Ok(Err(Fault::Ambiguous { xid, detail })) => (xid, detail),
+            Ok(Err(f)) => {
+                let e = f.into_store_error();
+                return Err(if committed_before { after_commit(e) } else { e });
+            }
+            Err(_) => {
+                let detail = format!(
+                    "no answer within the {:?} batch deadline",
+                    inner.batch_deadline
+                );
+                // The connection is lost to us: never hand it back to the pool.
+                drop(Object::take(client));
+                match sent {
+                    Some(xid) => (xid, detail),
+                    None => {
+                        // COMMIT was never sent: the server rolls back when the
+                        // connection goes, and nothing of this attempt can commit.
+                        let e = StoreError::Unavailable(format!("{detail}; nothing was committed"));
+                        return Err(if committed_before { after_commit(e) } else { e });
+                    }
+                }
+            }
+        };
+        inner
+            .stats
+            .ambiguous_commits
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(event = "store_commit_unanswered", xid, detail = %detail, "looking up the transaction's fate");
+        let fate = tokio::time::timeout(
+            Duration::from_millis(RESOLVE_DEADLINE_MS),
+            commit_fate(inner, xid),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {RESOLVE_DEADLINE_MS} ms"
+            )))
+        });
+        match fate {
+            Ok(committed) => {
+                tracing::warn!(event = "store_commit_resolved", xid, committed, "running the batch again (it replays if it committed)");
+                if committed {
+                    committed_before = true;
+                    inner.stats.ambiguous_committed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                return Err(StoreError::Unknown(format!(
+                    "COMMIT of transaction {xid} was not answered ({detail}) and its fate could not be learned ({e})"
+                )))
+            }
+        }
+        reruns += 1;
+        if reruns > AMBIGUOUS_RERUNS_MAX {
+            let e = StoreError::Unavailable(format!(
+                "{reruns} COMMITs in a row went unanswered ({detail}); none of them committed"
+            ));
+            return Err(if committed_before { after_commit(e) } else { e });
+        }
+    }
+}
+
+/// Whether transaction `xid` committed. A transaction still in progress (its
+/// COMMIT may yet arrive from a connection the network is holding) has its
+/// backend ended first, so the answer is final.
+async fn commit_fate(inner: &Inner, xid: i64) -> Result<bool, StoreError> {
+    /// Pause between looks while a terminated backend finishes.
+    const FATE_POLL_MS: u64 = 10;
+    let client = inner.pool.get().await.map_err(pool_unavailable)?;
+    loop {
+        let status: Option<String> = client
+            .query_one("SELECT txid_status($1)::text", &[&xid])
+            .await
+            .map_err(pg_unavailable)?
+            .get(0);
+        match status.as_deref() {
+            Some("committed") => return Ok(true),
+            Some("aborted") => return Ok(false),
+            Some("in progress") => {
+                client
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE backend_xid = ($1::bigint % 4294967296)::text::xid",
+                        &[&xid],
+                    )
+                    .await
+                    .map_err(pg_unavailable)?;
+                tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await;
+            }
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "txid_status({xid}) is {other:?}"
+                )))
+            }
+        }
+    }
 }
 
 async fn apply_counted(
@@ -393,11 +561,12 @@ async fn apply_counted(
     now: i64,
     isolated: bool,
     stats: &PgStats,
-) -> Result<Vec<OpResult>, StoreError> {
+    sent: &mut Option<i64>,
+) -> Result<Vec<OpResult>, Fault> {
     let mut careful = isolated;
     let mut attempt = 1;
     loop {
-        match run_batch(client, ops, now, careful).await {
+        match run_batch(client, ops, now, careful, sent).await {
             Ok(results) => {
                 debug_assert_eq!(results.len(), ops.len());
                 return Ok(results);
@@ -420,9 +589,15 @@ async fn apply_counted(
                 attempt += 1;
                 stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            Err(f) => return Err(f.into_store_error()),
+            Err(f) => return Err(f),
         }
     }
+}
+
+/// This transaction's id, to look its fate up if its COMMIT goes unanswered.
+async fn txid(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, Fault> {
+    let stmt = tx.prepare_cached("SELECT txid_current()").await?;
+    Ok(tx.query_one(&stmt, &[]).await?.try_get(0)?)
 }
 
 async fn run_batch(
@@ -430,9 +605,11 @@ async fn run_batch(
     ops: &[Op],
     now: i64,
     careful: bool,
+    sent: &mut Option<i64>,
 ) -> Result<Vec<OpResult>, Fault> {
     let mut tx = client.transaction().await?;
-    let results = if careful {
+    let (xid, results) = if careful {
+        let xid = txid(&tx).await?;
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let mut tries = 0;
@@ -458,16 +635,31 @@ async fn run_batch(
                 }
             }
         }
-        out
+        (xid, out)
     } else {
-        run_pass(&tx, ops, now).await?
+        // Pipelined: both go out before either answer is awaited.
+        futures::try_join!(txid(&tx), run_pass(&tx, ops, now))?
     };
     // A batch of two or more has done its writes and not committed: a crash here
     // must leave none of it, and none of it was acknowledged.
     if ops.len() >= 2 && failpoint::hit(failpoint::MID_BATCH).await == Some(Action::Error) {
         return Err(Fault::Store("failpoint store.mid_batch".into()));
     }
-    tx.commit().await?;
+    *sent = Some(xid);
+    match tx.commit().await {
+        Ok(()) => *sent = None,
+        // The server answered: it rolled back.
+        Err(e) if e.code().is_some() => {
+            *sent = None;
+            return Err(e.into());
+        }
+        Err(e) => {
+            return Err(Fault::Ambiguous {
+                xid,
+                detail: pg_message(&e),
+            })
+        }
+    }
     if moved_money(&results) {
         if let Some(Action::Error) = failpoint::hit(failpoint::AFTER_COMMIT).await {
             return Err(Fault::Store(
@@ -1562,26 +1754,15 @@ impl Store for PgStore {
 
     fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>> {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            let (_open, mut client) = inner.enter().await?;
-            apply_counted(&mut client, &ops, now_ms(), false, &inner.stats).await
-        })
+        Box::pin(async move { apply_pooled(&inner, &ops, false).await })
     }
 
     fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let (_open, mut client) = inner.enter().await?;
             // One transaction whose first statement locks the order row
             // (`SELECT … FOR UPDATE`), then re-checks its status before writing.
-            let mut results = apply_counted(
-                &mut client,
-                std::slice::from_ref(&op),
-                now_ms(),
-                true,
-                &inner.stats,
-            )
-            .await?;
+            let mut results = apply_pooled(&inner, std::slice::from_ref(&op), true).await?;
             results
                 .pop()
                 .ok_or_else(|| StoreError::Unavailable("no result for the op".into()))
