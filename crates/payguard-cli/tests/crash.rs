@@ -334,6 +334,30 @@ async fn kill_9_on_postgres_loses_no_acknowledged_charge() {
         r.unanswered
     );
     eprintln!("PostgreSQL: {rounds} kill -9 rounds: {} orders acknowledged, {} requests unanswered then retried, {} charged", r.acked, r.unanswered, r.charged);
+    // Nothing of the killed instances lingers on the server: every connection
+    // they held is closed, so no pool slot or row lock outlives its process.
+    const SETTLE_SECS: u64 = 10;
+    let watcher = scratch.connect().await.unwrap();
+    let settle = std::time::Instant::now();
+    loop {
+        let left: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&scratch.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(SETTLE_SECS),
+            "{left} connections of killed instances still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(watcher);
     scratch.drop_db().await.unwrap();
 }
 
