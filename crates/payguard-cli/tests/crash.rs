@@ -138,6 +138,18 @@ fn crash_rounds_from_env(default: usize) -> usize {
 /// acknowledged entry id, no order may have two debits, every retry settles as
 /// charged once, and the audit is clean.
 async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u64) -> Rounds {
+    crash_rounds_on(dir, db, rounds, crash, seed, &[]).await
+}
+
+/// [`crash_rounds`] with extra `serve` flags on every server (`--guard naive`).
+async fn crash_rounds_on(
+    dir: &Path,
+    db: &str,
+    rounds: usize,
+    crash: Crash,
+    seed: u64,
+    extra: &[&str],
+) -> Rounds {
     const ORDERS_PER_ROUND: usize = 30;
     const ROUND_WAIT: Duration = Duration::from_secs(10);
     let http = reqwest::Client::new();
@@ -147,7 +159,7 @@ async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u
     let mut unanswered: Vec<String> = Vec::new();
     let mut exits_at_failpoint = 0;
     {
-        let s = start(dir, "setup", db, &[]);
+        let s = start(dir, "setup", db, extra);
         let r = post(
             &http,
             format!("{}/v1/accounts", s.url),
@@ -162,7 +174,7 @@ async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u
         let name = format!("r{round}");
         // Orders are created on a clean server, so the crash lands on deducts only.
         {
-            let s = start(dir, &format!("{name}-orders"), db, &[]);
+            let s = start(dir, &format!("{name}-orders"), db, extra);
             for i in 0..ORDERS_PER_ROUND {
                 let r = post(
                     &http,
@@ -176,8 +188,8 @@ async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u
             s.stop();
         }
         let s: Server = match crash {
-            Crash::Kill9 { .. } => start(dir, &name, db, &[]),
-            Crash::Failpoint(fp) => start_with_env(dir, &name, db, &[], &[("FAILPOINTS", fp)]),
+            Crash::Kill9 { .. } => start(dir, &name, db, extra),
+            Crash::Failpoint(fp) => start_with_env(dir, &name, db, extra, &[("FAILPOINTS", fp)]),
         };
         let mut calls = Vec::new();
         for i in 0..ORDERS_PER_ROUND {
@@ -233,7 +245,7 @@ async fn crash_rounds(dir: &Path, db: &str, rounds: usize, crash: Crash, seed: u
             }
         }
     }
-    let s = start(dir, "final", db, &[]);
+    let s = start(dir, "final", db, extra);
     // Retry what got no answer: each must now settle as charged once.
     for oid in &unanswered {
         let r = post(&http, format!("{}/v1/orders/{oid}/deduct", s.url), None)
@@ -507,4 +519,44 @@ async fn a_batch_failing_mid_way_on_postgres_moves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     mid_batch_error(&pg_url(&base, &scratch.name), dir.path()).await;
     scratch.drop_db().await.unwrap();
+}
+
+/// The crash checker, run on the incident's design (`--guard naive`, duplicates
+/// racing through a check-then-act): it must catch the double charges, or it
+/// would prove nothing on payguard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_crash_checker_catches_the_naive_design() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("naive.db");
+    let db = db.to_str().unwrap().to_owned();
+    let caught = std::panic::AssertUnwindSafe(crash_rounds_on(
+        dir.path(),
+        &db,
+        2,
+        Crash::Kill9 { within_ms: 200 },
+        39,
+        &[
+            "--guard",
+            "naive",
+            "--i-know-this-double-charges",
+            "--naive-gap-ms",
+            "5",
+        ],
+    ))
+    .catch_unwind()
+    .await;
+    let message = match caught {
+        Ok(_) => panic!("the crash checker passed the naive design"),
+        Err(e) => e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    };
+    assert!(
+        message.contains("charged") || message.contains("audit"),
+        "it failed, but not on money: {message}"
+    );
+    eprintln!("naive design caught: {message}");
 }
