@@ -659,11 +659,13 @@ impl LineParser {
             return Parsed::Skip(SkipReason::Blank);
         };
         let line = &line[start..];
+        // With `--order`, a line that does not hold the order's bytes is not its event, unless
+        // the id is written with escapes (`"O\u0031"`, `oid="O\1"`): those are decoded first.
         let relevant = (self.oid.find(line).is_some() || self.order_id.find(line).is_some())
             && self
                 .want_finder
                 .as_ref()
-                .is_none_or(|w| w.find(line).is_some());
+                .is_none_or(|w| w.find(line).is_some() || memchr::memchr(b'\\', line).is_some());
         let want = self.want.as_deref();
         match line[0] {
             b'{' => {
@@ -957,5 +959,25 @@ mod tests {
             p.parse(b"02:16:43.882 [INFO] deduct_start: oid=O22"),
             Parsed::Other
         );
+    }
+
+    /// Found by the `log_line` fuzz target: `--order O1` hid the events of O1 whose id was
+    /// written with escapes, because the prefilter looked for the bytes `O1` in the raw line.
+    #[test]
+    fn order_filter_keeps_escaped_ids() {
+        let p = LineParser::new(Some("O1"));
+        let json =
+            br#"{"ts":"2026-11-26T02:16:44.109Z","event":"duplicate_deduct","oid":"O\u0031"}"#;
+        match p.parse(json) {
+            Parsed::Event(e) => assert_eq!(e.oid, "O1"),
+            other => panic!("{other:?}"),
+        }
+        let logfmt = br#"ts=2026-11-26T02:16:44.109Z event=deduct_start oid="O\1""#;
+        assert!(matches!(p.parse(logfmt), Parsed::Event(e) if e.oid == "O1"));
+        // Other orders' escaped ids are still filtered out, after decoding.
+        assert!(matches!(
+            p.parse(br#"{"ts":"2026-11-26T02:16:44.109Z","event":"deduct_start","oid":"O\u0032"}"#),
+            Parsed::Time(_)
+        ));
     }
 }

@@ -9,6 +9,8 @@
 
 pub mod auth;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idempotency;
 pub mod limits;
 pub mod metrics;

@@ -2,8 +2,8 @@
 //!
 //! * `payguard_http_requests_total{route,method,status}` and
 //!   `payguard_http_request_duration_seconds{route,method}`: every request, by the
-//!   route's template (`/v1/orders/{id}/deduct`), never by raw path, so ids cannot
-//!   blow up the label set;
+//!   route's template (`/v1/orders/{id}/deduct`), never by raw path, and by RFC 9110
+//!   method or `other`, so neither ids nor invented methods can blow up the label set;
 //! * the engine's counters: ops committed / replayed / rejected / unavailable,
 //!   in-flight collisions (the race sentinel) and single-flight joins;
 //! * `payguard_lane_queue_depth{lane}`, `payguard_lane_batch_size` and
@@ -142,13 +142,30 @@ impl Metrics {
     }
 }
 
+/// A method as a label: RFC 9110's methods by name, any other token a client invents as
+/// `other`, so the label set stays bounded whatever arrives (and before any key is checked).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "PATCH" => "PATCH",
+        _ => "other",
+    }
+}
+
 /// Counts and times every request.
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let started = Instant::now();
     let resp = next.run(req).await;
     metrics

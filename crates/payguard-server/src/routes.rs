@@ -177,16 +177,23 @@ pub(crate) async fn create_account(
     State(state): State<AppState>,
     post: Post,
 ) -> Result<Response, ApiError> {
-    let parsed: CreateAccountBody = json_body(&post.headers, &post.body)?;
-    let op = Op::CreateAccount {
+    let op = create_account_op(&post.headers, &post.body)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/accounts` body: 415, 400 or 422 when it is not a JSON
+/// object of the right shape with a valid id, balance and currency. Handlers and
+/// the fuzz targets ([`crate::fuzzing`]) call exactly this.
+pub fn create_account_op(headers: &HeaderMap, body: &Bytes) -> Result<Op, ApiError> {
+    let parsed: CreateAccountBody = json_body(headers, body)?;
+    Ok(Op::CreateAccount {
         id: AccountId::parse(&parsed.id).map_err(id_err)?,
         balance: Money::balance(parsed.balance).map_err(|e| money_err("balance", e))?,
         currency: match parsed.currency {
             Some(c) => Currency::parse(&c).map_err(id_err)?,
             None => Currency::CNY,
         },
-    };
-    Ok(post.run(&state, op).await)
+    })
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
@@ -230,13 +237,18 @@ pub(crate) async fn create_order(
     State(state): State<AppState>,
     post: Post,
 ) -> Result<Response, ApiError> {
-    let parsed: CreateOrderBody = json_body(&post.headers, &post.body)?;
-    let op = Op::CreateOrder {
+    let op = create_order_op(&post.headers, &post.body)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/orders` body (415, 400 or 422 otherwise).
+pub fn create_order_op(headers: &HeaderMap, body: &Bytes) -> Result<Op, ApiError> {
+    let parsed: CreateOrderBody = json_body(headers, body)?;
+    Ok(Op::CreateOrder {
         id: OrderId::parse(&parsed.id).map_err(id_err)?,
         account_id: AccountId::parse(&parsed.account_id).map_err(id_err)?,
         amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
-    };
-    Ok(post.run(&state, op).await)
+    })
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),
@@ -275,10 +287,16 @@ pub(crate) async fn deduct(
     post: Post,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
+    let op = deduct_op(order_id, &post.headers, &post.body)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/orders/{id}/deduct` body: none, `{}` or `null` (415,
+/// 400 or 422 otherwise).
+pub fn deduct_op(order_id: OrderId, headers: &HeaderMap, body: &Bytes) -> Result<Op, ApiError> {
     // `null` is the JSON for "no body" too (the OpenAPI body is optional).
-    let _: Option<DeductBody> =
-        optional_json_body::<Option<DeductBody>>(&post.headers, &post.body)?;
-    Ok(post.run(&state, Op::Deduct { order_id }).await)
+    let _: Option<DeductBody> = optional_json_body::<Option<DeductBody>>(headers, body)?;
+    Ok(Op::Deduct { order_id })
 }
 
 /// Gives back part or all of a paid order's amount.
@@ -304,13 +322,18 @@ pub(crate) async fn refund(
     post: Post,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let parsed: RefundBody = json_body(&post.headers, &post.body)?;
-    let op = Op::Refund {
+    let op = refund_op(order_id, &post.headers, &post.body)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/orders/{id}/refunds` body (415, 400 or 422 otherwise).
+pub fn refund_op(order_id: OrderId, headers: &HeaderMap, body: &Bytes) -> Result<Op, ApiError> {
+    let parsed: RefundBody = json_body(headers, body)?;
+    Ok(Op::Refund {
         order_id,
         refund_id: RefundId::parse(&parsed.id).map_err(id_err)?,
         amount: Money::amount(parsed.amount).map_err(|e| money_err("amount", e))?,
-    };
-    Ok(post.run(&state, op).await)
+    })
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}/entries", tag = "orders", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$")),

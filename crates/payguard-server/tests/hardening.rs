@@ -348,6 +348,39 @@ async fn header_limit_and_bad_idempotency_keys_are_refused() {
     app.stop().await;
 }
 
+/// Found by the `router` fuzz target: every method a client invented became a label of its
+/// own, so requests without a key could grow the metrics (memory, and `/metrics` past 4 MiB)
+/// without bound. Methods outside RFC 9110's are now counted as `other`.
+#[tokio::test]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let app = keyed_app().await;
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("FUZZ{i}").as_bytes()).unwrap();
+        let r = app
+            .send(app.client.request(method, app.url("/v1/accounts")))
+            .await;
+        assert!(matches!(r.status, 401 | 405), "{}", r.status);
+    }
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("FUZZ"), "{text}");
+    assert!(
+        text.contains(
+            r#"payguard_http_requests_total{route="/v1/accounts",method="other",status="#
+        ),
+        "{text}"
+    );
+    assert!(text.len() < 64 * 1024, "{} bytes", text.len());
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_need_no_key_and_count_what_happened() {
     let app = keyed_app().await;

@@ -1,0 +1,351 @@
+//! Request bodies: arbitrary bytes and a content type through the body parsers the handlers
+//! use (`payguard_server::fuzzing`), for each POST that takes a body.
+//!
+//! Why: a body is the one part of a request a client controls byte for byte, and the parsers
+//! decide what reaches the engine. The checks here hold whatever arrives:
+//! - no panic;
+//! - a refusal is a client error of API.md: 415 `unsupported_media_type` exactly when the
+//!   content type is not JSON (and the body is needed), 400 `invalid_json` only for bytes that
+//!   are not well-formed JSON, 422 `invalid_request` otherwise; its body is
+//!   `{"error":{"code","message"}}`;
+//! - an acceptance came from a JSON object (or, for deduct, nothing, `{}` or `null`) with a
+//!   JSON content type, its ids are 1–64 characters of `[A-Za-z0-9_.:-]`, its amounts lie in
+//!   `1..=2^53-1` (balances in `0..=2^53-1`), and every field equals what the JSON said.
+//!
+//! The input format keeps corpus files readable: the first byte picks the request (`byte % 4`:
+//! `D`educt, `A`ccount, `R`efund, `O`rder), the rest of the first line is the content type
+//! (empty: `application/json`; `-`: none; otherwise sent as written), and the bytes after the
+//! first newline are the body. `Aapplication/json\n{"id":"alice","balance":5}` is one.
+
+use crate::show;
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use payguard::domain::{Money, OrderId, ID_BYTES_MAX, MONEY_MINOR_MAX};
+use payguard::store::Op;
+use payguard_server::fuzzing::{create_account_op, create_order_op, deduct_op, refund_op};
+use payguard_server::ApiError;
+use serde_json::Value;
+
+/// The order id in the path of deduct and refund requests (the path is the router's business).
+pub const PATH_ORDER_ID: &str = "fz-order";
+
+/// Which POST the body is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Deduct,
+    CreateAccount,
+    Refund,
+    CreateOrder,
+}
+
+/// One decoded fuzz input.
+#[derive(Debug)]
+pub struct Input<'a> {
+    pub kind: Kind,
+    /// `None`: no Content-Type header.
+    pub content_type: Option<&'a [u8]>,
+    pub body: &'a [u8],
+}
+
+/// Decodes a fuzz input; `None` for the empty input.
+pub fn decode(data: &[u8]) -> Option<Input<'_>> {
+    let (&first, rest) = data.split_first()?;
+    let kind = match first % 4 {
+        0 => Kind::Deduct,
+        1 => Kind::CreateAccount,
+        2 => Kind::Refund,
+        _ => Kind::CreateOrder,
+    };
+    let (line, body) = match rest.iter().position(|&b| b == b'\n') {
+        Some(nl) => (&rest[..nl], &rest[nl + 1..]),
+        None => (rest, &[][..]),
+    };
+    let content_type = match line {
+        b"" => Some(&b"application/json"[..]),
+        b"-" => None,
+        ct => Some(ct),
+    };
+    Some(Input {
+        kind,
+        content_type,
+        body,
+    })
+}
+
+/// Runs one fuzz input through the parser of its request and checks the result.
+pub fn check(data: &[u8]) {
+    let Some(input) = decode(data) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    // A value no HTTP parser would deliver is sent as no header at all.
+    let sent_ct = input
+        .content_type
+        .and_then(|ct| HeaderValue::from_bytes(ct).ok());
+    if let Some(v) = &sent_ct {
+        headers.insert(header::CONTENT_TYPE, v.clone());
+    }
+    let body = Bytes::copy_from_slice(input.body);
+    let path_order = OrderId::parse(PATH_ORDER_ID).expect("a valid id");
+    let result = match input.kind {
+        Kind::CreateAccount => create_account_op(&headers, &body),
+        Kind::CreateOrder => create_order_op(&headers, &body),
+        Kind::Deduct => deduct_op(path_order, &headers, &body),
+        Kind::Refund => refund_op(path_order, &headers, &body),
+    };
+    let ct_is_json = sent_ct
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json_content_type);
+    let ctx = || {
+        format!(
+            "{:?} content-type {:?} body {}",
+            input.kind,
+            sent_ct,
+            show(input.body)
+        )
+    };
+    match result {
+        Ok(op) => accepted(&input, ct_is_json, &op, &ctx),
+        Err(e) => refused(&input, ct_is_json, &e, &ctx),
+    }
+}
+
+/// API.md's JSON media types, written independently of the server's check: `application/json`
+/// or any `type/subtype+json`, parameters after `;` ignored, case-insensitive.
+fn is_json_content_type(ct: &str) -> bool {
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_suffix("+json")
+            .is_some_and(|t| t.contains('/'))
+}
+
+fn blank(b: &[u8]) -> bool {
+    b.iter().all(u8::is_ascii_whitespace)
+}
+
+/// The id rule of API.md, written independently of `payguard::domain::ids`.
+fn valid_id(s: &str) -> bool {
+    (1..=ID_BYTES_MAX).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+}
+
+fn money_in(m: Money, min: i64) -> bool {
+    (min..=MONEY_MINOR_MAX).contains(&m.minor())
+}
+
+fn accepted(input: &Input<'_>, ct_is_json: bool, op: &Op, ctx: &dyn Fn() -> String) {
+    if input.kind == Kind::Deduct && blank(input.body) {
+        assert_eq!(
+            op,
+            &Op::Deduct {
+                order_id: OrderId::parse(PATH_ORDER_ID).unwrap()
+            },
+            "{}",
+            ctx()
+        );
+        return;
+    }
+    assert!(
+        ct_is_json,
+        "accepted without a JSON content type: {}",
+        ctx()
+    );
+    let v: Value = serde_json::from_slice(input.body)
+        .unwrap_or_else(|e| panic!("accepted a body serde_json cannot read ({e}): {}", ctx()));
+    let field = |k: &str| v.get(k).unwrap_or(&Value::Null);
+    let only_keys = |keys: &[&str]| {
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("accepted a body that is not an object: {}", ctx()));
+        for k in obj.keys() {
+            assert!(
+                keys.contains(&k.as_str()),
+                "accepted unknown field {k:?}: {}",
+                ctx()
+            );
+        }
+    };
+    match op {
+        Op::Deduct { order_id } => {
+            assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
+            assert!(
+                v.is_null() || v.as_object().is_some_and(|o| o.is_empty()),
+                "deduct accepted a body that is neither {{}} nor null: {}",
+                ctx()
+            );
+        }
+        Op::CreateAccount {
+            id,
+            balance,
+            currency,
+        } => {
+            assert_eq!(input.kind, Kind::CreateAccount, "{}", ctx());
+            only_keys(&["id", "balance", "currency"]);
+            assert!(
+                valid_id(id.as_str()),
+                "invalid account id {id:?}: {}",
+                ctx()
+            );
+            assert_eq!(field("id").as_str(), Some(id.as_str()), "{}", ctx());
+            assert!(money_in(*balance, 0), "balance {balance:?}: {}", ctx());
+            assert_eq!(
+                field("balance").as_i64(),
+                Some(balance.minor()),
+                "{}",
+                ctx()
+            );
+            let c = currency.as_str();
+            assert!(
+                c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()),
+                "currency {c:?}: {}",
+                ctx()
+            );
+            match field("currency") {
+                Value::Null => assert_eq!(c, "CNY", "{}", ctx()),
+                other => assert_eq!(other.as_str(), Some(c), "{}", ctx()),
+            }
+        }
+        Op::CreateOrder {
+            id,
+            account_id,
+            amount,
+        } => {
+            assert_eq!(input.kind, Kind::CreateOrder, "{}", ctx());
+            only_keys(&["id", "account_id", "amount"]);
+            assert!(valid_id(id.as_str()), "invalid order id {id:?}: {}", ctx());
+            assert!(
+                valid_id(account_id.as_str()),
+                "invalid account id: {}",
+                ctx()
+            );
+            assert_eq!(field("id").as_str(), Some(id.as_str()), "{}", ctx());
+            assert_eq!(
+                field("account_id").as_str(),
+                Some(account_id.as_str()),
+                "{}",
+                ctx()
+            );
+            assert!(money_in(*amount, 1), "amount {amount:?}: {}", ctx());
+            assert_eq!(field("amount").as_i64(), Some(amount.minor()), "{}", ctx());
+        }
+        Op::Refund {
+            order_id,
+            refund_id,
+            amount,
+        } => {
+            assert_eq!(input.kind, Kind::Refund, "{}", ctx());
+            only_keys(&["id", "amount"]);
+            assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
+            assert!(valid_id(refund_id.as_str()), "invalid refund id: {}", ctx());
+            assert_eq!(field("id").as_str(), Some(refund_id.as_str()), "{}", ctx());
+            assert!(money_in(*amount, 1), "amount {amount:?}: {}", ctx());
+            assert_eq!(field("amount").as_i64(), Some(amount.minor()), "{}", ctx());
+        }
+        other => panic!("a body parser returned {other:?}: {}", ctx()),
+    }
+}
+
+fn refused(input: &Input<'_>, ct_is_json: bool, e: &ApiError, ctx: &dyn Fn() -> String) {
+    let expected_code = match e.status {
+        StatusCode::BAD_REQUEST => "invalid_json",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        s => panic!("refused with {s} ({}): {}", e.code, ctx()),
+    };
+    assert_eq!(e.code, expected_code, "{}", ctx());
+    assert!(!e.message.is_empty(), "{}", ctx());
+    let rendered: Value = serde_json::from_slice(&e.body_bytes())
+        .unwrap_or_else(|err| panic!("error body is not JSON ({err}): {}", ctx()));
+    assert_eq!(
+        rendered["error"]["code"].as_str(),
+        Some(e.code),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        rendered["error"]["message"].as_str(),
+        Some(e.message.as_str()),
+        "{}",
+        ctx()
+    );
+    let body_needed = !(input.kind == Kind::Deduct && blank(input.body));
+    assert_eq!(
+        e.status == StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        body_needed && !ct_is_json,
+        "415 exactly when a needed body has no JSON content type: {}",
+        ctx()
+    );
+    if e.status == StatusCode::BAD_REQUEST {
+        assert!(
+            serde_json::from_slice::<Value>(input.body).is_err(),
+            "400 invalid_json for well-formed JSON: {}",
+            ctx()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_readable_format() {
+        let i = decode(b"Aapplication/json\n{}").unwrap();
+        assert_eq!(i.kind, Kind::CreateAccount);
+        assert_eq!(i.content_type, Some(&b"application/json"[..]));
+        assert_eq!(i.body, b"{}");
+        let i = decode(b"R\n{}").unwrap();
+        assert_eq!(
+            (i.kind, i.content_type),
+            (Kind::Refund, Some(&b"application/json"[..]))
+        );
+        let i = decode(b"D-\n").unwrap();
+        assert_eq!(
+            (i.kind, i.content_type, i.body),
+            (Kind::Deduct, None, &b""[..])
+        );
+        assert_eq!(decode(b"O").unwrap().kind, Kind::CreateOrder);
+        assert!(decode(b"").is_none());
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_content_type("application/json"));
+        assert!(is_json_content_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_content_type("application/problem+json"));
+        assert!(!is_json_content_type("+json"));
+        assert!(!is_json_content_type("text/plain"));
+    }
+
+    #[test]
+    fn valid_and_invalid_bodies_pass_the_checks() {
+        check(
+            br#"A
+{"id":"alice","balance":5000000}"#,
+        );
+        check(
+            br#"O
+{"id":"OD1","account_id":"alice","amount":1185000}"#,
+        );
+        check(
+            br#"R
+{"id":"rf-1","amount":50}"#,
+        );
+        check(b"D-\n");
+        check(b"D\nnull");
+        check(b"Atext/plain\n{}");
+        check(b"A\n{\"id\":");
+        check(
+            br#"A
+{"id":"a b","balance":-1}"#,
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! The request-body parsers, reachable from outside the crate for the fuzz
+//! targets (`fuzz/`) and their corpus replay test (`payguard-fuzz-checks`).
+//!
+//! Why: the handlers turn a body into an [`Op`](payguard::store::Op) through
+//! these functions and nothing else, so fuzzing them fuzzes exactly what a
+//! request meets. Nothing here is API: it is hidden from the docs and may change
+//! with the targets. No behaviour lives here, only re-exports.
+
+pub use crate::routes::{create_account_op, create_order_op, deduct_op, refund_op};
