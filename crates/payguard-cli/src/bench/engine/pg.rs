@@ -14,8 +14,8 @@
 //! orders, which different lanes' transactions then wait on).
 
 use super::{closed_loop, ms, RunResult};
-use payguard::store::postgres::{PgConfig, PgStore, ScratchDb};
 use payguard::engine::Guard;
+use payguard::store::postgres::{PgConfig, PgStore, ScratchDb};
 use payguard::{Engine, Store};
 use serde::Serialize;
 use std::process::ExitCode;
