@@ -2,8 +2,10 @@
 //! and the checker catches each broken variant (so it is not a no-op).
 //!
 //! `PAYGUARD_SIM_SEEDS=N` sets how many seeds the main test runs (default
-//! [`CI_SEEDS`]); `PAYGUARD_SIM_SEED=S` replays one seed of every test, printing
-//! what it saw. Every failure prints its seed and the command that replays it.
+//! `CI_SEEDS`), `PAYGUARD_SIM_FIRST_SEED=F` where they start (default 0), so a
+//! soak can go past the seeds CI runs; `PAYGUARD_SIM_SEED=S` replays one seed of
+//! every test, printing its trace. Every failure prints its seed and the command
+//! that replays it.
 
 use payguard_sim::config::CI_SEEDS;
 use payguard_sim::{
@@ -38,7 +40,8 @@ fn describe(o: &Outcome, test: &str) -> String {
     s
 }
 
-/// One seed when `PAYGUARD_SIM_SEED` is set, else `default` seeds from 0.
+/// One seed when `PAYGUARD_SIM_SEED` is set, else `default` seeds from
+/// `PAYGUARD_SIM_FIRST_SEED` (0).
 fn seeds_or_replay(
     test: &str,
     protocol: Protocol,
@@ -59,7 +62,8 @@ fn seeds_or_replay(
             ..SeedsReport::default()
         };
     }
-    let r = run_seeds(protocol, 0, default, stop_at);
+    let first = env_u64("PAYGUARD_SIM_FIRST_SEED").unwrap_or(0);
+    let r = run_seeds(protocol, first, default, stop_at);
     eprintln!(
         "{test}: {} seeds in {:.1} s ({} simulated ms per seed), {} failing; totals {:?}",
         r.runs,
@@ -202,5 +206,64 @@ fn fencing_without_the_unique_debit_double_charges_when_the_lock_is_unavailable(
             ..Protocol::PAYGUARD
         },
         ViolationKind::DoubleCharge,
+    );
+}
+
+/// A gap in today's protocol that the model shows step by step (no network, no
+/// seed): `RAISE_EPOCH` carrying an epoch taken before a flush, arriving after
+/// it, re-creates the fence hash with that older epoch. Every later grant then
+/// packs a token below one already written, so the order's live holders are all
+/// refused with `stale_fencing_token` until the next flush. Money still moves
+/// once (the fence refuses, the unique debit holds); the order is wedged. The
+/// random seeds report this as `LiveHolderStaleToken` if they reach it. When the
+/// scripts are fixed (e.g. `RAISE_EPOCH` refusing a hash re-created since the
+/// caller's `ACQUIRE`), this test's last assertion flips and should be inverted.
+#[test]
+fn known_gap_a_raise_delayed_across_a_flush_regresses_the_epoch() {
+    use payguard::lock::token;
+    use payguard_sim::redis::RedisState;
+    use payguard_sim::wire::{RedisReq, RedisResp};
+
+    let mut redis = RedisState::default();
+    let acquire = |r: &mut RedisState, order: &str, owner: &str| match r.exec(
+        &RedisReq::Acquire {
+            key: format!("lock:order:{order}"),
+            owner: owner.into(),
+            ttl_ms: 1_000,
+        },
+        0,
+    ) {
+        RedisResp::Acquired(Some(got)) => got,
+        other => panic!("{other:?}"),
+    };
+    let raise =
+        |r: &mut RedisState, fresh: i64| match r.exec(&RedisReq::RaiseEpoch { fresh }, 0) {
+            RedisResp::Epoch(e) => e,
+            other => panic!("{other:?}"),
+        };
+    // After a flush, Y and X both find no epoch; Y's nextval comes first (5), X's second (6).
+    assert_eq!(acquire(&mut redis, "B", "Y"), (1, None));
+    assert_eq!(acquire(&mut redis, "C", "X"), (2, None));
+    let x_epoch = token::epoch_in_force(raise(&mut redis, 6), 6);
+    // W takes order A under epoch 6 and writes it: A's fence is (6, 3).
+    let (n, epoch) = acquire(&mut redis, "A", "W");
+    let fence_a = token::pack(epoch.expect("raised by X"), n);
+    assert_eq!(token::unpack(fence_a), (x_epoch, 3));
+    let _ = redis.exec(
+        &RedisReq::Release {
+            key: "lock:order:A".into(),
+            owner: "W".into(),
+        },
+        0,
+    );
+    // Redis is flushed; then Y's delayed RAISE_EPOCH(5) lands.
+    redis.flush();
+    assert_eq!(raise(&mut redis, 5), 5);
+    // V, the live holder of A, gets (5, 1): below A's fence, refused forever.
+    let (n, epoch) = acquire(&mut redis, "A", "V");
+    let v = token::pack(epoch.expect("re-created by Y"), n);
+    assert!(
+        v < fence_a,
+        "the scripts no longer regress the epoch: invert this test"
     );
 }
