@@ -50,6 +50,9 @@ pub const ORDER_AMOUNT_MIN: i64 = 100;
 pub const ORDER_AMOUNT_MAX: i64 = 5_000;
 /// One account in this many opens with half of what its orders need (so 402s happen).
 pub const TIGHT_ACCOUNT_ONE_IN: u32 = 3;
+/// The others open with this many times what their orders need: enough for a
+/// double charge, so only the protocol (not a lack of funds) can stop one.
+pub const OPENING_TIMES_OWED: std::ops::RangeInclusive<i64> = 2..=3;
 
 /// The lock's TTL (production: 30 000 ms).
 pub const LOCK_TTL_MS: u64 = 40;
@@ -72,6 +75,8 @@ pub const STALL_MS_MAX: u64 = LOCK_TTL_MS * 3;
 
 /// Deducts are first sent within this window from the start.
 pub const SEND_WINDOW_MS: u64 = 80;
+/// The copies of one deduct leave within this many ms of each other ("at once").
+pub const DUPLICATE_SPREAD_MS: u64 = 2;
 /// A client waits this long for an answer before counting it unknown and trying
 /// the next instance. Shorter than an instance's worst case (lock wait + stall +
 /// calls), on purpose: a client giving up while its request is still being worked

@@ -59,6 +59,33 @@ enum Action {
     Fast(String, String),
 }
 
+/// The kinds of fault a seed draws from, each entry equally likely. `FLUSHALL` is
+/// listed twice: losing the fence hash is what the epoch logic exists for.
+#[derive(Debug, Clone, Copy)]
+enum FaultKind {
+    RedisFlush,
+    RedisRestart,
+    InstanceCrash,
+    DbRestart,
+    /// An instance cut off from this host.
+    Partition(&'static str),
+    /// Every message between an instance and this host slowed down.
+    SlowLink(&'static str),
+}
+
+const FAULT_KINDS: [FaultKind; 10] = [
+    FaultKind::RedisFlush,
+    FaultKind::RedisFlush,
+    FaultKind::RedisRestart,
+    FaultKind::InstanceCrash,
+    FaultKind::DbRestart,
+    FaultKind::Partition(REDIS_HOST),
+    FaultKind::Partition(DB_HOST),
+    FaultKind::Partition(CLIENT_HOST),
+    FaultKind::SlowLink(REDIS_HOST),
+    FaultKind::SlowLink(DB_HOST),
+];
+
 fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
     let mut out = Vec::new();
     for _ in 0..rng.random_range(0..=FAULTS_MAX) {
@@ -69,21 +96,19 @@ fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
             out.push((at, Action::Crash(host.clone())));
             out.push((until, Action::Bounce(host)));
         };
-        match rng.random_range(0..10) {
-            0 | 1 => out.push((at, Action::Flush)),
-            2 => down(REDIS_HOST.to_owned()),
-            3 => down(inst),
-            4 => down(DB_HOST.to_owned()),
-            k @ 5..=7 => {
-                let other = [REDIS_HOST, DB_HOST, CLIENT_HOST][k - 5].to_owned();
-                out.push((at, Action::Partition(inst.clone(), other.clone())));
-                out.push((until, Action::Repair(inst, other)));
+        match FAULT_KINDS[rng.random_range(0..FAULT_KINDS.len())] {
+            FaultKind::RedisFlush => out.push((at, Action::Flush)),
+            FaultKind::RedisRestart => down(REDIS_HOST.to_owned()),
+            FaultKind::InstanceCrash => down(inst),
+            FaultKind::DbRestart => down(DB_HOST.to_owned()),
+            FaultKind::Partition(other) => {
+                out.push((at, Action::Partition(inst.clone(), other.to_owned())));
+                out.push((until, Action::Repair(inst, other.to_owned())));
             }
-            k => {
-                let other = [REDIS_HOST, DB_HOST][k - 8].to_owned();
+            FaultKind::SlowLink(other) => {
                 let ms = rng.random_range(1..=SLOW_LINK_MS_MAX);
-                out.push((at, Action::Slow(inst.clone(), other.clone(), ms)));
-                out.push((until, Action::Fast(inst, other)));
+                out.push((at, Action::Slow(inst.clone(), other.to_owned(), ms)));
+                out.push((until, Action::Fast(inst, other.to_owned())));
             }
         }
     }
@@ -102,7 +127,7 @@ fn draw_scenario(rng: &mut SmallRng, db: &mut DbState) -> Vec<Send> {
             owed / 2
         } else {
             // Enough for a double charge too, so only the protocol can stop one.
-            owed * rng.random_range(2..=3)
+            owed * rng.random_range(OPENING_TIMES_OWED)
         };
         db.accounts.insert(
             format!("acct{a}"),
@@ -128,7 +153,7 @@ fn draw_scenario(rng: &mut SmallRng, db: &mut DbState) -> Vec<Send> {
         for d in 0..DUPLICATES {
             plan.push(Send {
                 order: order.clone(),
-                at_ms: base + rng.random_range(0..=2),
+                at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
             });
         }
