@@ -20,6 +20,10 @@ pub struct Protocol {
     /// deduct's own transaction. Off, an instance reads the order, then debits
     /// unconditionally (the incident's check-then-act), relying on lock + fence.
     pub db_unique_debit: bool,
+    /// A proposed fix, not in production: `RAISE_EPOCH` refuses when the fence
+    /// hash is not the incarnation the caller's `ACQUIRE` saw (a flush re-created
+    /// it), so an epoch taken before a flush cannot be raised after it.
+    pub raise_epoch_checks_incarnation: bool,
 }
 
 impl Protocol {
@@ -28,6 +32,7 @@ impl Protocol {
         fencing: true,
         reset_counter_on_new_epoch: false,
         db_unique_debit: true,
+        raise_epoch_checks_incarnation: false,
     };
 }
 

@@ -109,13 +109,13 @@ impl Instance {
         let Ok(RedisResp::Acquired(got)) = got else {
             return Err(LockError::Unavailable);
         };
-        let Some((n, epoch)) = got else {
+        let Some((n, epoch, incarnation)) = got else {
             return Ok(None);
         };
         let n = token::check_counter(n).map_err(|_| LockError::Unavailable)?;
         let epoch = match epoch {
             Some(e) => e,
-            None => self.new_epoch().await?,
+            None => self.new_epoch(incarnation).await?,
         };
         let tok = token::pack(epoch, n);
         let now = now_ms();
@@ -138,12 +138,19 @@ impl Instance {
     }
 
     /// `RedisLocks::new_epoch`: a fresh epoch from the database, raised in Redis.
-    async fn new_epoch(&self) -> Result<i64, LockError> {
+    async fn new_epoch(&self, incarnation: Option<String>) -> Result<i64, LockError> {
         self.oracle.borrow_mut().stats.new_epochs += 1;
         let Ok(DbResp::Epoch(fresh)) = self.db(DbReq::NextFenceEpoch).await else {
             return Err(LockError::Epoch);
         };
-        let Ok(RedisResp::Epoch(raised)) = self.redis(RedisReq::RaiseEpoch { fresh }).await else {
+        let raise = match incarnation {
+            Some(incarnation) if self.protocol.raise_epoch_checks_incarnation => {
+                RedisReq::RaiseEpochIfSame { fresh, incarnation }
+            }
+            _ => RedisReq::RaiseEpoch { fresh },
+        };
+        // With the proposed fix, `Refused` (the hash was re-created since) lands here too.
+        let Ok(RedisResp::Epoch(raised)) = self.redis(raise).await else {
             return Err(LockError::Unavailable);
         };
         self.oracle.borrow_mut().note(now_ms(), || {

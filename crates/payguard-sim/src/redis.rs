@@ -20,6 +20,10 @@ pub struct RedisState {
     fence_n: Option<i64>,
     /// The `fence` hash's `epoch` field.
     fence_epoch: Option<i64>,
+    /// For the proposed fix only: set by the `ACQUIRE` whose `HINCRBY` created the
+    /// counter (to its owner, unique per grant), so each life of the hash has its
+    /// own name. payguard's scripts have no such field; nothing else reads it.
+    fence_incarnation: Option<String>,
 }
 
 impl RedisState {
@@ -33,6 +37,16 @@ impl RedisState {
         matches!(self.locks.get(key), Some((o, until)) if o == owner && *until > now)
     }
 
+    fn raise_epoch(&mut self, fresh: i64) -> RedisResp {
+        let cur = self.fence_epoch.unwrap_or(0);
+        if fresh > cur {
+            self.fence_epoch = Some(fresh);
+            RedisResp::Epoch(fresh)
+        } else {
+            RedisResp::Epoch(cur)
+        }
+    }
+
     /// Runs one script at `now`.
     pub fn exec(&mut self, req: &RedisReq, now: u64) -> RedisResp {
         match req {
@@ -44,15 +58,17 @@ impl RedisState {
                     .insert(key.clone(), (owner.clone(), now + ttl_ms));
                 let n = self.fence_n.unwrap_or(0) + 1;
                 self.fence_n = Some(n);
-                RedisResp::Acquired(Some((n, self.fence_epoch)))
+                if n == 1 {
+                    self.fence_incarnation = Some(owner.clone());
+                }
+                RedisResp::Acquired(Some((n, self.fence_epoch, self.fence_incarnation.clone())))
             }
-            RedisReq::RaiseEpoch { fresh } => {
-                let cur = self.fence_epoch.unwrap_or(0);
-                if *fresh > cur {
-                    self.fence_epoch = Some(*fresh);
-                    RedisResp::Epoch(*fresh)
+            RedisReq::RaiseEpoch { fresh } => self.raise_epoch(*fresh),
+            RedisReq::RaiseEpochIfSame { fresh, incarnation } => {
+                if self.fence_incarnation.as_ref() == Some(incarnation) {
+                    self.raise_epoch(*fresh)
                 } else {
-                    RedisResp::Epoch(cur)
+                    RedisResp::Refused
                 }
             }
             RedisReq::ResetCounter => {
@@ -101,7 +117,7 @@ mod tests {
         let mut r = RedisState::default();
         assert!(matches!(
             acquire(&mut r, "k", "a", 0),
-            RedisResp::Acquired(Some((1, None)))
+            RedisResp::Acquired(Some((1, None, _)))
         ));
         assert!(matches!(
             acquire(&mut r, "k", "b", 9),
@@ -109,7 +125,7 @@ mod tests {
         ));
         assert!(matches!(
             acquire(&mut r, "k", "b", 10),
-            RedisResp::Acquired(Some((2, None)))
+            RedisResp::Acquired(Some((2, None, _)))
         ));
         assert!(matches!(
             r.exec(
@@ -139,7 +155,7 @@ mod tests {
         r.flush();
         assert!(matches!(
             acquire(&mut r, "k", "b", 1),
-            RedisResp::Acquired(Some((1, None)))
+            RedisResp::Acquired(Some((1, None, _)))
         ));
     }
 }

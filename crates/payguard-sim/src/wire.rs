@@ -41,6 +41,10 @@ pub enum RedisReq {
     },
     /// `RAISE_EPOCH`: set `fence.epoch` only upward; answers the epoch in force.
     RaiseEpoch { fresh: i64 },
+    /// A proposed fix (not in production): `RAISE_EPOCH` that first checks the
+    /// hash is the incarnation the caller's `ACQUIRE` saw, refusing if a flush
+    /// has re-created it since.
+    RaiseEpochIfSame { fresh: i64, incarnation: String },
     /// The old bug's `SET counter 1` after a new epoch.
     ResetCounter,
     /// `RELEASE`: compare-and-delete.
@@ -49,9 +53,12 @@ pub enum RedisReq {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RedisResp {
-    /// `(n, epoch)` when the lock was granted, `None` when it is held.
-    Acquired(Option<(i64, Option<i64>)>),
+    /// `(n, epoch, incarnation)` when the lock was granted, `None` when it is
+    /// held. The incarnation is only read by the proposed fix.
+    Acquired(Option<(i64, Option<i64>, Option<String>)>),
     Epoch(i64),
+    /// `RaiseEpochIfSame` found another incarnation of the hash.
+    Refused,
     Done,
     Released(bool),
 }
