@@ -4,11 +4,13 @@
 //! They are scaled down from production (a 30 s lock TTL, 500 ms Redis timeout) so
 //! that one seed is a few hundred simulated milliseconds and thousands of seeds
 //! fit in a CI run; what matters is their order: a stall is longer than the TTL,
-//! a client waits longer than an instance's whole lock-and-write sequence.
+//! a Redis call's timeout shorter than a slow link, and a client may give up on an
+//! instance that is still working (so its retry overlaps the original).
 
 /// Which safety mechanisms the simulated protocol runs with. The default is
-/// payguard's protocol; each `false`/`true` away from it re-creates a broken
-/// design, so a test can show the checker catching it.
+/// payguard's protocol; flipping one of the first three re-creates a broken
+/// design, so a test can show the checker catching it; the last is a proposed
+/// change under evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protocol {
     /// The database refuses a write whose token is lower than the order's fence.
