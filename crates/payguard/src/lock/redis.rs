@@ -16,14 +16,13 @@
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
 
+use super::token;
 use super::Lease;
 use crate::store::Store;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Bits of a token that hold the per-epoch counter.
-const COUNTER_BITS: u32 = 32;
 /// How long one Redis command may take before the lock counts as unavailable.
 pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
 
@@ -136,23 +135,22 @@ impl RedisLocks {
         let Some((n, epoch)) = got else {
             return Ok(None);
         };
-        if n >= (1 << COUNTER_BITS) {
-            // 2^32 grants since the last reset: refuse rather than wrap the token.
-            return Err(RedisLockError::Unavailable(format!(
-                "fencing counter {n} is past 2^{COUNTER_BITS}; delete the {} key to start a new epoch",
+        // 2^32 grants since the last reset: refuse rather than wrap the token.
+        let n = token::check_counter(n).map_err(|e| {
+            RedisLockError::Unavailable(format!(
+                "{e}; delete the {} key to start a new epoch",
                 self.key("fence")
-            )));
-        }
+            ))
+        })?;
         let epoch = match epoch {
             Some(e) => e,
             // The fence hash is gone (flush, restart, eviction): take a new epoch
             // from the database, which only grows.
             None => self.new_epoch().await?,
         };
-        let token = (epoch << COUNTER_BITS) | (n & ((1 << COUNTER_BITS) - 1));
         Ok(Some(Lease {
             key: format!("{key}\u{0}{owner}"),
-            token,
+            token: token::pack(epoch, n),
         }))
     }
 
@@ -176,7 +174,7 @@ impl RedisLocks {
             "the fencing counter was reset (flush or restart); new epoch"
         );
         // Another instance may have raised it further meanwhile: use the higher.
-        Ok(epoch.max(fresh))
+        Ok(token::epoch_in_force(epoch, fresh))
     }
 
     /// Waits up to `wait` for the lock, backing off between attempts.

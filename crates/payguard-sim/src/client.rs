@@ -1,0 +1,74 @@
+//! The clients: every order's deduct sent several times at nearly the same
+//! instant, each copy to a different instance, retried on 503 or silence.
+//!
+//! Why: the incident was duplicates racing; a client that retries after a timeout
+//! is the other source of duplicates, and the one that makes "unknown" outcomes.
+//! What each client was told is recorded in the oracle, to be held against the
+//! database at the end: a 200 must be in the ledger exactly once, a 402 must not.
+
+use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
+use crate::oracle::Oracle;
+use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallIds, INSTANCE_PORT};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// One deduct to send.
+#[derive(Debug, Clone)]
+pub struct Send {
+    pub order: String,
+    /// Simulated ms after the start.
+    pub at_ms: u64,
+    /// The instance of the first attempt; retries go to the next ones.
+    pub first_instance: usize,
+}
+
+async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
+    tokio::time::sleep(Duration::from_millis(s.at_ms)).await;
+    let timeout = Duration::from_millis(CLIENT_TIMEOUT_MS);
+    for attempt in 0..CLIENT_ATTEMPTS_MAX {
+        let host = instance_host((s.first_instance + attempt) % INSTANCES);
+        let req = ApiReq {
+            order: s.order.clone(),
+        };
+        let answer = call(&ids, &host, INSTANCE_PORT, req, timeout).await;
+        oracle.borrow_mut().note(now_ms(), || {
+            format!(
+                "client: {} via {host} (attempt {attempt}): {answer:?}",
+                s.order
+            )
+        });
+        match answer {
+            Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
+                let mut o = oracle.borrow_mut();
+                o.stats.acks += 1;
+                o.acks.push((s.order, entry));
+                return;
+            }
+            Ok(ApiResp::InsufficientFunds) => {
+                let mut o = oracle.borrow_mut();
+                o.stats.declined += 1;
+                o.declined.push(s.order);
+                return;
+            }
+            Ok(ApiResp::NoSuchOrder) => panic!("order {} was created before any deduct", s.order),
+            Ok(ApiResp::LockBusy | ApiResp::StaleFencingToken | ApiResp::Unknown) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_MS)).await;
+            }
+        }
+    }
+    oracle.borrow_mut().stats.unanswered += 1;
+}
+
+/// The client host: all sends concurrently; done when every one has settled.
+pub async fn run(plan: Vec<Send>, oracle: Rc<RefCell<Oracle>>) -> turmoil::Result {
+    let ids = Rc::new(CallIds::default());
+    let tasks: Vec<_> = plan
+        .into_iter()
+        .map(|s| tokio::task::spawn_local(send(s, ids.clone(), oracle.clone())))
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}

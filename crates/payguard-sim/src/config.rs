@@ -1,0 +1,124 @@
+//! The protocol switches and every limit of the simulation, in one place.
+//!
+//! Times are simulated milliseconds (turmoil ticks one millisecond at a time).
+//! They are scaled down from production (a 30 s lock TTL, 500 ms Redis timeout) so
+//! that one seed is a few hundred simulated milliseconds and thousands of seeds
+//! fit in a CI run; what matters is their order: a stall is longer than the TTL,
+//! a Redis call's timeout shorter than a slow link, and a client may give up on an
+//! instance that is still working (so its retry overlaps the original).
+
+/// Which safety mechanisms the simulated protocol runs with. The default is
+/// payguard's protocol; flipping one of the first three re-creates a broken
+/// design, so a test can show the checker catching it; the last is a proposed
+/// change under evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocol {
+    /// The database refuses a write whose token is lower than the order's fence.
+    pub fencing: bool,
+    /// The old bug (fixed in e03f2f7): after raising the epoch, set the counter
+    /// back to 1, racing with grants already made under the new epoch.
+    pub reset_counter_on_new_epoch: bool,
+    /// The database allows one debit per order and checks the status inside the
+    /// deduct's own transaction. Off, an instance reads the order, then debits
+    /// unconditionally (the incident's check-then-act), relying on lock + fence.
+    pub db_unique_debit: bool,
+    /// A proposed fix, not in production: `RAISE_EPOCH` refuses when the fence
+    /// hash is not the incarnation the caller's `ACQUIRE` saw (a flush re-created
+    /// it), so an epoch taken before a flush cannot be raised after it.
+    pub raise_epoch_checks_incarnation: bool,
+}
+
+impl Protocol {
+    /// payguard as it is.
+    pub const PAYGUARD: Protocol = Protocol {
+        fencing: true,
+        reset_counter_on_new_epoch: false,
+        db_unique_debit: true,
+        raise_epoch_checks_incarnation: false,
+    };
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Self::PAYGUARD
+    }
+}
+
+/// payguard instances in the simulation.
+pub const INSTANCES: usize = 3;
+/// Accounts opened per seed.
+pub const ACCOUNTS: usize = 3;
+/// Orders per seed, spread over the accounts.
+pub const ORDERS: usize = 6;
+/// Each order's deduct is sent this many times, each copy to a different instance.
+pub const DUPLICATES: usize = 3;
+/// Order amounts, minor units: drawn from this range.
+pub const ORDER_AMOUNT_MIN: i64 = 100;
+pub const ORDER_AMOUNT_MAX: i64 = 5_000;
+/// One account in this many opens with half of what its orders need (so 402s happen).
+pub const TIGHT_ACCOUNT_ONE_IN: u32 = 3;
+/// The others open with this many times what their orders need: enough for a
+/// double charge, so only the protocol (not a lack of funds) can stop one.
+pub const OPENING_TIMES_OWED: std::ops::RangeInclusive<i64> = 2..=3;
+
+/// The lock's TTL (production: 30 000 ms).
+pub const LOCK_TTL_MS: u64 = 40;
+/// How long a request waits for a held lock before answering 503 (production: 5 000 ms).
+pub const LOCK_WAIT_MS_MAX: u64 = 150;
+/// Back-off between attempts on a held lock: from this, doubling (as `RedisLocks::acquire`).
+pub const LOCK_RETRY_US_MIN: u64 = 200;
+/// ... up to this.
+pub const LOCK_RETRY_US_MAX: u64 = 10_000;
+/// How long one Redis command may take before the lock counts as unavailable.
+pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 10;
+/// How long one database call may take before the instance answers "unknown".
+pub const DB_CALL_TIMEOUT_MS: u64 = 30;
+
+/// Percent of lock grants after which the holder stalls (GC pause, SIGSTOP).
+pub const STALL_PERCENT: u32 = 20;
+/// A stall lasts between these (always longer than [`LOCK_TTL_MS`]).
+pub const STALL_MS_MIN: u64 = LOCK_TTL_MS + 10;
+pub const STALL_MS_MAX: u64 = LOCK_TTL_MS * 3;
+
+/// Deducts are first sent within this window from the start.
+pub const SEND_WINDOW_MS: u64 = 80;
+/// The copies of one deduct leave within this many ms of each other ("at once").
+pub const DUPLICATE_SPREAD_MS: u64 = 2;
+/// A client waits this long for an answer before counting it unknown and trying
+/// the next instance. Shorter than an instance's worst case (lock wait + stall +
+/// calls), on purpose: a client giving up while its request is still being worked
+/// on is how retries overlap the original in real life.
+pub const CLIENT_TIMEOUT_MS: u64 = 200;
+/// Attempts per deduct (503 or no answer is retried on the next instance).
+pub const CLIENT_ATTEMPTS_MAX: usize = 3;
+/// Pause between a client's attempts.
+pub const CLIENT_RETRY_MS: u64 = 15;
+
+/// Faults are injected within this window from the start.
+pub const FAULT_WINDOW_MS: u64 = 180;
+/// At most this many faults per seed.
+pub const FAULTS_MAX: usize = 5;
+/// A crashed host, or a partition, lasts up to this long.
+pub const FAULT_DURATION_MS_MAX: u64 = 80;
+/// The highest per-seed network latency.
+pub const LATENCY_MS_MAX: u64 = 8;
+/// Network latency per seed: the maximum is drawn from these.
+pub const LATENCY_MS_MAX_CHOICES: [u64; 3] = [1, 3, LATENCY_MS_MAX];
+/// A slow-link fault delays every message on it by up to this (longer than a
+/// Redis command's timeout, so some calls time out while they are applied).
+pub const SLOW_LINK_MS_MAX: u64 = 40;
+/// Message loss per seed (turmoil's random link failure rate): drawn from these.
+pub const FAIL_RATE_CHOICES: [f64; 3] = [0.0, 0.01, 0.05];
+/// After the clients are done, the last fault healed and the last deduct in an
+/// instance ended, run this much longer before the final check: a call that timed
+/// out may still be on a slow link, and reach the database after its caller gave up.
+pub const DRAIN_QUIET_MS: u64 = SLOW_LINK_MS_MAX + 4 * LATENCY_MS_MAX + 10;
+/// A seed that has not finished by then is itself a failure (a hang).
+pub const SIM_DURATION_MS_MAX: u64 = 20_000;
+/// Largest datagram the simulated wire protocol sends.
+pub const DATAGRAM_BYTES_MAX: usize = 4_096;
+
+/// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.
+pub const CI_SEEDS: u64 = 2_000;
+/// Worker threads for a batch of seeds (each seed is one single-threaded simulation).
+pub const SEED_THREADS_MAX: usize = 2;

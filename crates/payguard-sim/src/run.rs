@@ -1,0 +1,433 @@
+//! One seed from start to verdict, and batches of seeds.
+//!
+//! Why here: the seed is the whole test case. It decides the scenario (accounts,
+//! orders, when each duplicate is sent and where), the network (latency, loss),
+//! the faults and when they strike (Redis `FLUSHALL`, Redis restart, instance
+//! crash + restart, database restart, partitions between any instance and Redis,
+//! the database or the clients, slow links to Redis or the database), and it
+//! seeds turmoil and every host's RNG. A
+//! failing seed is therefore a complete, replayable bug report.
+
+use crate::client::{self, Send};
+use crate::config::*;
+use crate::db::{self, Account, DbState, Order};
+use crate::instance::{self, Instance};
+use crate::oracle::{Oracle, Stats, Violation, ViolationKind};
+use crate::redis::{self, RedisState};
+use crate::wire::{instance_host, CLIENT_HOST, DB_HOST, REDIS_HOST};
+use crate::Protocol;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The verdict on one seed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub seed: u64,
+    pub violations: Vec<Violation>,
+    pub stats: Stats,
+    /// Simulated time the seed took.
+    pub sim_ms: u64,
+    /// Everything observable at the end, for comparing two replays.
+    pub fingerprint: String,
+    /// What happened, when asked for ([`run_seed_traced`]).
+    pub trace: Vec<String>,
+}
+
+impl Outcome {
+    pub fn has(&self, kind: ViolationKind) -> bool {
+        self.violations.iter().any(|v| v.kind == kind)
+    }
+}
+
+/// A fault, as the seed schedules it.
+#[derive(Debug, Clone)]
+enum Action {
+    Flush,
+    Crash(String),
+    Bounce(String),
+    Partition(String, String),
+    Repair(String, String),
+    /// Every message between the two takes this long (a GC'd peer, a congested link).
+    Slow(String, String, u64),
+    /// Back to the seed's latency.
+    Fast(String, String),
+}
+
+/// The kinds of fault a seed draws from, each entry equally likely. `FLUSHALL` is
+/// listed twice: losing the fence hash is what the epoch logic exists for.
+#[derive(Debug, Clone, Copy)]
+enum FaultKind {
+    RedisFlush,
+    RedisRestart,
+    InstanceCrash,
+    DbRestart,
+    /// An instance cut off from this host.
+    Partition(&'static str),
+    /// Every message between an instance and this host slowed down.
+    SlowLink(&'static str),
+}
+
+const FAULT_KINDS: [FaultKind; 10] = [
+    FaultKind::RedisFlush,
+    FaultKind::RedisFlush,
+    FaultKind::RedisRestart,
+    FaultKind::InstanceCrash,
+    FaultKind::DbRestart,
+    FaultKind::Partition(REDIS_HOST),
+    FaultKind::Partition(DB_HOST),
+    FaultKind::Partition(CLIENT_HOST),
+    FaultKind::SlowLink(REDIS_HOST),
+    FaultKind::SlowLink(DB_HOST),
+];
+
+fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
+    let mut out = Vec::new();
+    for _ in 0..rng.random_range(0..=FAULTS_MAX) {
+        let at = rng.random_range(0..FAULT_WINDOW_MS);
+        let until = at + rng.random_range(1..=FAULT_DURATION_MS_MAX);
+        let inst = instance_host(rng.random_range(0..INSTANCES));
+        let mut down = |host: String| {
+            out.push((at, Action::Crash(host.clone())));
+            out.push((until, Action::Bounce(host)));
+        };
+        match FAULT_KINDS[rng.random_range(0..FAULT_KINDS.len())] {
+            FaultKind::RedisFlush => out.push((at, Action::Flush)),
+            FaultKind::RedisRestart => down(REDIS_HOST.to_owned()),
+            FaultKind::InstanceCrash => down(inst),
+            FaultKind::DbRestart => down(DB_HOST.to_owned()),
+            FaultKind::Partition(other) => {
+                out.push((at, Action::Partition(inst.clone(), other.to_owned())));
+                out.push((until, Action::Repair(inst, other.to_owned())));
+            }
+            FaultKind::SlowLink(other) => {
+                let ms = rng.random_range(1..=SLOW_LINK_MS_MAX);
+                out.push((at, Action::Slow(inst.clone(), other.to_owned(), ms)));
+                out.push((until, Action::Fast(inst, other.to_owned())));
+            }
+        }
+    }
+    // Stable: two actions at the same ms keep the order they were drawn in.
+    out.sort_by_key(|(at, _)| *at);
+    out
+}
+
+fn draw_scenario(rng: &mut SmallRng, db: &mut DbState) -> Vec<Send> {
+    let amounts: Vec<i64> = (0..ORDERS)
+        .map(|_| rng.random_range(ORDER_AMOUNT_MIN..=ORDER_AMOUNT_MAX))
+        .collect();
+    for a in 0..ACCOUNTS {
+        let owed: i64 = amounts.iter().skip(a).step_by(ACCOUNTS).sum();
+        let opening = if rng.random_ratio(1, TIGHT_ACCOUNT_ONE_IN) {
+            owed / 2
+        } else {
+            // Enough for a double charge too, so only the protocol can stop one.
+            owed * rng.random_range(OPENING_TIMES_OWED)
+        };
+        db.accounts.insert(
+            format!("acct{a}"),
+            Account {
+                opening,
+                balance: opening,
+            },
+        );
+    }
+    let mut plan = Vec::new();
+    for (k, amount) in amounts.into_iter().enumerate() {
+        let order = format!("order{k}");
+        db.orders.insert(
+            order.clone(),
+            Order {
+                account: format!("acct{}", k % ACCOUNTS),
+                amount,
+                fence: 0,
+                paid_entry: None,
+            },
+        );
+        let base = rng.random_range(0..SEND_WINDOW_MS);
+        for d in 0..DUPLICATES {
+            plan.push(Send {
+                order: order.clone(),
+                at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
+                first_instance: (k + d) % INSTANCES,
+            });
+        }
+    }
+    plan
+}
+
+/// The money invariants, held against the database at the end.
+fn check_final(db: &DbState, oracle: &mut Oracle) {
+    let mut per_order: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for d in &db.debits {
+        per_order.entry(d.order.as_str()).or_default().push(d.entry);
+    }
+    for (order, entries) in &per_order {
+        oracle.check(ViolationKind::DoubleCharge, entries.len() <= 1, || {
+            format!(
+                "order {order} has {} debits: entries {entries:?}",
+                entries.len()
+            )
+        });
+    }
+    for (order, entry) in oracle.acks.clone() {
+        let entries = per_order.get(order.as_str()).cloned().unwrap_or_default();
+        oracle.check(
+            ViolationKind::AcknowledgedChargeMissing,
+            entries == [entry],
+            || {
+                format!(
+                    "order {order}: a client was told entry {entry}, the ledger has {entries:?}"
+                )
+            },
+        );
+    }
+    for order in oracle.declined.clone() {
+        let entries = per_order.get(order.as_str()).cloned().unwrap_or_default();
+        oracle.check(
+            ViolationKind::DeclinedButCharged,
+            entries.is_empty(),
+            || format!("order {order}: a client was told 402, the ledger has {entries:?}"),
+        );
+    }
+    for (id, account) in &db.accounts {
+        let debited: i64 = db
+            .debits
+            .iter()
+            .filter(|d| &d.account == id)
+            .map(|d| d.amount)
+            .sum();
+        oracle.check(
+            ViolationKind::BalanceDrift,
+            account.opening.checked_sub(debited) == Some(account.balance),
+            || {
+                format!(
+                    "account {id}: opening {} - debits {debited} != balance {}",
+                    account.opening, account.balance
+                )
+            },
+        );
+        oracle.check(ViolationKind::NegativeBalance, account.balance >= 0, || {
+            format!("account {id}: balance {}", account.balance)
+        });
+    }
+}
+
+/// Runs one seed of `protocol` and checks it.
+pub fn run_seed(seed: u64, protocol: Protocol) -> Outcome {
+    run_seed_traced(seed, protocol, false)
+}
+
+/// [`run_seed`], keeping a line per event (grants, database answers, faults,
+/// client answers) when `trace` is set: what a replay prints.
+pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let oracle = Rc::new(RefCell::new(Oracle::default()));
+    oracle.borrow_mut().trace = trace.then(Vec::new);
+    let redis_state = Rc::new(RefCell::new(RedisState::default()));
+    let db_state = Rc::new(RefCell::new(DbState::new(protocol, oracle.clone())));
+    let plan = draw_scenario(&mut rng, &mut db_state.borrow_mut());
+    let latency_ms = LATENCY_MS_MAX_CHOICES[rng.random_range(0..LATENCY_MS_MAX_CHOICES.len())];
+    let fail_rate = FAIL_RATE_CHOICES[rng.random_range(0..FAIL_RATE_CHOICES.len())];
+    let mut faults: VecDeque<(u64, Action)> = draw_faults(&mut rng).into();
+    let last_fault_ms = faults.back().map_or(0, |(at, _)| *at);
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(rng.random())
+        .enable_random_order()
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_millis(SIM_DURATION_MS_MAX))
+        .min_message_latency(Duration::ZERO)
+        .max_message_latency(Duration::from_millis(latency_ms))
+        .fail_rate(fail_rate)
+        .build();
+    {
+        let state = redis_state.clone();
+        sim.host(REDIS_HOST, move || redis::serve(state.clone()));
+    }
+    {
+        let state = db_state.clone();
+        sim.host(DB_HOST, move || db::serve(state.clone()));
+    }
+    for i in 0..INSTANCES {
+        let inst = Rc::new(Instance::new(
+            i,
+            protocol,
+            SmallRng::seed_from_u64(rng.random()),
+            redis_state.clone(),
+            oracle.clone(),
+        ));
+        sim.host(instance_host(i), move || instance::serve(inst.clone()));
+    }
+    sim.client(CLIENT_HOST, client::run(plan, oracle.clone()));
+
+    let mut clients_done_ms: Option<u64> = None;
+    let mut busy_ms = 0;
+    loop {
+        let now = sim.elapsed().as_millis() as u64;
+        while faults.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, action) = faults.pop_front().expect("checked");
+            let mut o = oracle.borrow_mut();
+            o.stats.faults += 1;
+            o.note(now, || format!("fault: {action:?}"));
+            drop(o);
+            match action {
+                Action::Flush => redis_state.borrow_mut().flush(),
+                Action::Crash(h) => sim.crash(h),
+                Action::Bounce(h) => sim.bounce(h),
+                Action::Partition(a, b) => sim.partition(a, b),
+                Action::Repair(a, b) => sim.repair(a, b),
+                Action::Slow(a, b, ms) => sim.set_link_latency(a, b, Duration::from_millis(ms)),
+                Action::Fast(a, b) => {
+                    sim.set_link_latency(a.clone(), b.clone(), Duration::ZERO);
+                    sim.set_link_max_message_latency(a, b, Duration::from_millis(latency_ms));
+                }
+            }
+        }
+        if let Some(done) = clients_done_ms {
+            // Settled: every fault healed, nothing in flight for a while (a stalled
+            // holder that outlived its client still writes before the check).
+            let quiet = oracle.borrow().in_flight == 0;
+            if !quiet {
+                busy_ms = now;
+            }
+            if faults.is_empty() && now >= done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS {
+                break;
+            }
+        }
+        match sim.step() {
+            Ok(true) => {
+                clients_done_ms.get_or_insert(now);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                oracle
+                    .borrow_mut()
+                    .check(ViolationKind::SimulationError, false, || e.to_string());
+                break;
+            }
+        }
+    }
+    let sim_ms = sim.elapsed().as_millis() as u64;
+    drop(sim);
+
+    let db = db_state.borrow();
+    let mut oracle = oracle.borrow_mut();
+    check_final(&db, &mut oracle);
+    let balances: Vec<i64> = db.accounts.values().map(|a| a.balance).collect();
+    let debits: Vec<(u64, &str)> = db
+        .debits
+        .iter()
+        .map(|d| (d.entry, d.order.as_str()))
+        .collect();
+    let fingerprint = format!(
+        "{sim_ms} {:?} {:?} {debits:?} {balances:?} {} {:?}",
+        oracle.stats, oracle.violations, db.fence_epoch_seq, oracle.acks
+    );
+    Outcome {
+        seed,
+        violations: oracle.violations.clone(),
+        stats: oracle.stats.clone(),
+        sim_ms,
+        fingerprint,
+        trace: oracle.trace.take().unwrap_or_default(),
+    }
+}
+
+/// What a batch of seeds found.
+#[derive(Debug, Default)]
+pub struct SeedsReport {
+    /// Seeds run to the end.
+    pub runs: u64,
+    /// Failing seeds, lowest first.
+    pub failures: Vec<Outcome>,
+    pub wall: Duration,
+    /// Simulated time over all seeds run.
+    pub sim_ms: u64,
+    /// Sums over all seeds run.
+    pub totals: Stats,
+}
+
+/// Runs seeds `first..first + count` on up to [`SEED_THREADS_MAX`] threads. With
+/// `stop_at` set, stops claiming new seeds once a seed shows a violation of that
+/// kind; seeds are claimed in order, so the lowest such seed is still found and
+/// the answer does not depend on thread timing.
+pub fn run_seeds(
+    protocol: Protocol,
+    first: u64,
+    count: u64,
+    stop_at: Option<ViolationKind>,
+) -> SeedsReport {
+    let started = Instant::now();
+    let next = AtomicU64::new(first);
+    let stop = AtomicBool::new(false);
+    let report = Mutex::new(SeedsReport::default());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(SEED_THREADS_MAX);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let seed = next.fetch_add(1, Ordering::SeqCst);
+                if seed >= first + count {
+                    return;
+                }
+                let outcome =
+                    std::panic::catch_unwind(|| run_seed(seed, protocol)).unwrap_or_else(|panic| {
+                        Outcome {
+                            seed,
+                            violations: vec![Violation {
+                                kind: ViolationKind::SimulationError,
+                                detail: format!("panicked: {panic:?}"),
+                            }],
+                            stats: Stats::default(),
+                            sim_ms: 0,
+                            fingerprint: String::new(),
+                            trace: Vec::new(),
+                        }
+                    });
+                if stop_at.is_some_and(|k| outcome.has(k)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+                r.runs += 1;
+                r.sim_ms += outcome.sim_ms;
+                add_stats(&mut r.totals, &outcome.stats);
+                if !outcome.violations.is_empty() {
+                    r.failures.push(outcome);
+                }
+            });
+        }
+    });
+    let mut r = report.into_inner().unwrap_or_else(|e| e.into_inner());
+    r.failures.sort_by_key(|o| o.seed);
+    if let Some(kind) = stop_at {
+        // Seeds past the first hit may or may not have run, depending on timing.
+        if let Some(hit) = r.failures.iter().find(|o| o.has(kind)).map(|o| o.seed) {
+            r.failures.retain(|o| o.seed <= hit);
+        }
+    }
+    r.wall = started.elapsed();
+    r
+}
+
+fn add_stats(t: &mut Stats, s: &Stats) {
+    t.grants += s.grants;
+    t.grants_after_expiry += s.grants_after_expiry;
+    t.new_epochs += s.new_epochs;
+    t.stalls += s.stalls;
+    t.stale_refused += s.stale_refused;
+    t.unfenced_writes += s.unfenced_writes;
+    t.acks += s.acks;
+    t.declined += s.declined;
+    t.unanswered += s.unanswered;
+    t.faults += s.faults;
+}
