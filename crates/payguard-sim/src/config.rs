@@ -8,9 +8,8 @@
 //! instance that is still working (so its retry overlaps the original).
 
 /// Which safety mechanisms the simulated protocol runs with. The default is
-/// payguard's protocol; flipping one of the first three re-creates a broken
-/// design, so a test can show the checker catching it; the last is a proposed
-/// change under evaluation.
+/// payguard's protocol; flipping any one re-creates a broken design (or an old
+/// payguard), so a test can show the checker catching it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protocol {
     /// The database refuses a write whose token is lower than the order's fence.
@@ -22,9 +21,11 @@ pub struct Protocol {
     /// deduct's own transaction. Off, an instance reads the order, then debits
     /// unconditionally (the incident's check-then-act), relying on lock + fence.
     pub db_unique_debit: bool,
-    /// A proposed fix, not in production: `RAISE_EPOCH` refuses when the fence
-    /// hash is not the incarnation the caller's `ACQUIRE` saw (a flush re-created
-    /// it), so an epoch taken before a flush cannot be raised after it.
+    /// `RAISE_EPOCH` refuses when the fence hash is not the incarnation the
+    /// caller's `ACQUIRE` saw (a flush re-created it), so an epoch taken before a
+    /// flush cannot be raised after it; the refused holder gives the lock back
+    /// and acquires again. Off is payguard before this simulation found the gap
+    /// (seed 2424: a raise delayed across a flush wedged an order).
     pub raise_epoch_checks_incarnation: bool,
 }
 
@@ -34,7 +35,7 @@ impl Protocol {
         fencing: true,
         reset_counter_on_new_epoch: false,
         db_unique_debit: true,
-        raise_epoch_checks_incarnation: false,
+        raise_epoch_checks_incarnation: true,
     };
 }
 

@@ -115,7 +115,20 @@ impl Instance {
         let n = token::check_counter(n).map_err(|_| LockError::Unavailable)?;
         let epoch = match epoch {
             Some(e) => e,
-            None => self.new_epoch(incarnation).await?,
+            None => match self.new_epoch(incarnation).await? {
+                Some(e) => e,
+                None => {
+                    // `RedisLocks::try_acquire`: the hash was re-created since
+                    // this grant; give the lock back, the caller acquires again.
+                    let _ = self
+                        .redis(RedisReq::Release {
+                            key: key.clone(),
+                            owner: owner.clone(),
+                        })
+                        .await;
+                    return Ok(None);
+                }
+            },
         };
         let tok = token::pack(epoch, n);
         let now = now_ms();
@@ -138,7 +151,7 @@ impl Instance {
     }
 
     /// `RedisLocks::new_epoch`: a fresh epoch from the database, raised in Redis.
-    async fn new_epoch(&self, incarnation: Option<String>) -> Result<i64, LockError> {
+    async fn new_epoch(&self, incarnation: Option<String>) -> Result<Option<i64>, LockError> {
         self.oracle.borrow_mut().stats.new_epochs += 1;
         let Ok(DbResp::Epoch(fresh)) = self.db(DbReq::NextFenceEpoch).await else {
             return Err(LockError::Epoch);
@@ -149,9 +162,11 @@ impl Instance {
             }
             _ => RedisReq::RaiseEpoch { fresh },
         };
-        // With the proposed fix, `Refused` (the hash was re-created since) lands here too.
-        let Ok(RedisResp::Epoch(raised)) = self.redis(raise).await else {
-            return Err(LockError::Unavailable);
+        let raised = match self.redis(raise).await {
+            Ok(RedisResp::Epoch(raised)) => raised,
+            // The hash was re-created since this grant's ACQUIRE.
+            Ok(RedisResp::Refused) => return Ok(None),
+            _ => return Err(LockError::Unavailable),
         };
         self.oracle.borrow_mut().note(now_ms(), || {
             format!(
@@ -168,7 +183,7 @@ impl Instance {
                 return Err(LockError::Unavailable);
             }
         }
-        Ok(token::epoch_in_force(raised, fresh))
+        Ok(Some(token::epoch_in_force(raised, fresh)))
     }
 
     /// `RedisLocks::acquire`: waits up to the limit, backing off between attempts.

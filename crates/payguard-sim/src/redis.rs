@@ -20,7 +20,7 @@ pub struct RedisState {
     fence_n: Option<i64>,
     /// The `fence` hash's `epoch` field.
     fence_epoch: Option<i64>,
-    /// For the proposed fix only: set by the `ACQUIRE` whose `HINCRBY` created the
+    /// For the incarnation check: set by the `ACQUIRE` whose `HINCRBY` created the
     /// counter (to its owner, unique per grant), so each life of the hash has its
     /// own name. payguard's scripts have no such field; nothing else reads it.
     fence_incarnation: Option<String>,

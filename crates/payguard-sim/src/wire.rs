@@ -41,7 +41,7 @@ pub enum RedisReq {
     },
     /// `RAISE_EPOCH`: set `fence.epoch` only upward; answers the epoch in force.
     RaiseEpoch { fresh: i64 },
-    /// A proposed fix (not in production): `RAISE_EPOCH` that first checks the
+    /// payguard's `RAISE_EPOCH` (since the simulation found the gap): first checks the
     /// hash is the incarnation the caller's `ACQUIRE` saw, refusing if a flush
     /// has re-created it since.
     RaiseEpochIfSame { fresh: i64, incarnation: String },
@@ -54,7 +54,7 @@ pub enum RedisReq {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RedisResp {
     /// `(n, epoch, incarnation)` when the lock was granted, `None` when it is
-    /// held. The incarnation is only read by the proposed fix.
+    /// held. The incarnation is read by the incarnation check.
     Acquired(Option<(i64, Option<i64>, Option<String>)>),
     Epoch(i64),
     /// `RaiseEpochIfSame` found another incarnation of the hash.

@@ -31,11 +31,6 @@ fn replay_command(seed: u64, test: &str) -> String {
 }
 
 fn describe(o: &Outcome, test: &str) -> String {
-    let ignored = if test.starts_with("proposed") {
-        " --ignored"
-    } else {
-        ""
-    };
     let mut s = format!(
         "seed {} ({} simulated ms, {:?}):\n",
         o.seed, o.sim_ms, o.stats
@@ -43,10 +38,7 @@ fn describe(o: &Outcome, test: &str) -> String {
     for v in &o.violations {
         s.push_str(&format!("  {:?}: {}\n", v.kind, v.detail));
     }
-    s.push_str(&format!(
-        "  replay: {}{ignored}\n",
-        replay_command(o.seed, test)
-    ));
+    s.push_str(&format!("  replay: {}\n", replay_command(o.seed, test)));
     s
 }
 
@@ -90,17 +82,32 @@ fn payguard_protocol_holds_for_every_seed() {
     holds_for_every_seed("payguard_protocol_holds_for_every_seed", Protocol::PAYGUARD);
 }
 
-/// The proposed fix for the gap pinned below (not in production), on demand:
-/// `cargo test -p payguard-sim --test sim proposed -- --ignored`.
+/// The seeds on which the simulation found a live holder refused forever (an
+/// epoch raise delayed across a flush, before `RAISE_EPOCH` checked the hash's
+/// incarnation): clean on payguard now, and still caught with the check off.
+const WEDGED_ORDER_SEEDS: [u64; 3] = [2424, 36337, 37437];
+
 #[test]
-#[ignore = "a proposed protocol change, run on demand"]
-fn proposed_incarnation_check_holds_for_every_seed() {
-    holds_for_every_seed(
-        "proposed_incarnation_check_holds_for_every_seed",
-        Protocol {
-            raise_epoch_checks_incarnation: true,
-            ..Protocol::PAYGUARD
-        },
+fn the_seeds_that_wedged_an_order_hold_now() {
+    for seed in WEDGED_ORDER_SEEDS {
+        let o = run_seed(seed, Protocol::PAYGUARD);
+        assert!(
+            o.violations.is_empty(),
+            "{}",
+            describe(&o, "the_seeds_that_wedged_an_order_hold_now")
+        );
+    }
+    let old = Protocol {
+        raise_epoch_checks_incarnation: false,
+        ..Protocol::PAYGUARD
+    };
+    let caught = WEDGED_ORDER_SEEDS
+        .iter()
+        .filter(|&&seed| run_seed(seed, old).has(ViolationKind::LiveHolderStaleToken))
+        .count();
+    assert!(
+        caught > 0,
+        "without the incarnation check none of {WEDGED_ORDER_SEEDS:?} wedges an order: the checker lost the gap"
     );
 }
 
@@ -241,17 +248,15 @@ fn fencing_without_the_unique_debit_double_charges_when_the_lock_is_unavailable(
     );
 }
 
-/// A gap in today's protocol that the model shows step by step (no network, no
-/// seed): `RAISE_EPOCH` carrying an epoch taken before a flush, arriving after
-/// it, re-creates the fence hash with that older epoch. Every later grant then
-/// packs a token below one already written, so the order's live holders are all
-/// refused with `stale_fencing_token` until the next flush. Money still moves
-/// once (the fence refuses, the unique debit holds); the order is wedged. The
-/// random seeds report this as `LiveHolderStaleToken` if they reach it. When the
-/// scripts are fixed (e.g. `RAISE_EPOCH` refusing a hash re-created since the
-/// caller's `ACQUIRE`), this test's last assertion flips and should be inverted.
+/// The gap the simulation found (seed 2424), step by step with no network and
+/// no seed, in the scripts as they were: `RAISE_EPOCH` carrying an epoch taken
+/// before a flush, arriving after it, re-creates the fence hash with that older
+/// epoch. Every later grant then packs a token below one already written, so the
+/// order's live holders are all refused with `stale_fencing_token` until the next
+/// flush. Money still moves once (the fence refuses, the unique debit holds); the
+/// order is wedged. payguard's `RAISE_EPOCH` now checks the incarnation (next test).
 #[test]
-fn known_gap_a_raise_delayed_across_a_flush_regresses_the_epoch() {
+fn without_the_incarnation_check_a_raise_delayed_across_a_flush_regresses_the_epoch() {
     use payguard::lock::token;
     use payguard_sim::redis::RedisState;
     use payguard_sim::wire::{RedisReq, RedisResp};
@@ -295,13 +300,13 @@ fn known_gap_a_raise_delayed_across_a_flush_regresses_the_epoch() {
     let v = token::pack(epoch.expect("re-created by Y"), n);
     assert!(
         v < fence_a,
-        "the scripts no longer regress the epoch: invert this test"
+        "the unchecked raise no longer regresses the epoch"
     );
 }
 
-/// The same interleaving against the proposed fix: the delayed raise is refused.
+/// The same interleaving against payguard's scripts: the delayed raise is refused.
 #[test]
-fn the_proposed_incarnation_check_refuses_a_raise_delayed_across_a_flush() {
+fn the_incarnation_check_refuses_a_raise_delayed_across_a_flush() {
     use payguard_sim::redis::RedisState;
     use payguard_sim::wire::{RedisReq, RedisResp};
 

@@ -12,6 +12,15 @@
 //! first token after a reset is `(new epoch, 1)`, above every token before it, so
 //! a reset never wedges an order.
 //!
+//! Raising the epoch is a second call, so it can be delayed across another flush
+//! and land on a hash re-created since. Unchecked, that raise would put an old
+//! epoch back under the new counter, below tokens already written, and every
+//! later holder of such an order would be refused (found by the deterministic
+//! simulation, `crates/payguard-sim`, seed 2424). So the hash remembers its
+//! incarnation (the owner of its first grant), the acquire script returns it,
+//! and the raise applies only to the same incarnation; a refused raise gives the
+//! lock back and the acquire starts over on the new incarnation.
+//!
 //! The lock is an optimisation. If Redis cannot be reached, the engine writes
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
@@ -32,15 +41,23 @@ pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
 const ACQUIRE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+  if n == 1 then
+    redis.call('HSET', KEYS[2], 'inc', ARGV[1])
+  end
   local e = redis.call('HGET', KEYS[2], 'epoch')
-  return {n, e or false}
+  local inc = redis.call('HGET', KEYS[2], 'inc')
+  return {n, e or false, inc or false}
 end
 return false
 "#;
 
 /// Sets the epoch only upward, never touching the counter (resetting it would
-/// race with grants already made under the new epoch); returns the epoch in force.
+/// race with grants already made under the new epoch); returns the epoch in force,
+/// or nothing when the hash is not the incarnation the caller's grant saw.
 const RAISE_EPOCH: &str = r#"
+if (redis.call('HGET', KEYS[1], 'inc') or '') ~= ARGV[2] then
+  return false
+end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if tonumber(ARGV[1]) > cur then
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
@@ -123,7 +140,7 @@ impl RedisLocks {
         let key = self.key(&format!("lock:order:{order}"));
         let mut conn = self.conn.clone();
         let owner = format!("{}:{}", self.owner, uuid_like());
-        let got: Option<(i64, Option<i64>)> = self
+        let got: Option<(i64, Option<i64>, Option<String>)> = self
             .acquire
             .key(&key)
             .key(self.key("fence"))
@@ -132,7 +149,7 @@ impl RedisLocks {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let Some((n, epoch)) = got else {
+        let Some((n, epoch, incarnation)) = got else {
             return Ok(None);
         };
         // 2^32 grants since the last reset: refuse rather than wrap the token.
@@ -142,39 +159,63 @@ impl RedisLocks {
                 self.key("fence")
             ))
         })?;
+        let lease_key = format!("{key}\u{0}{owner}");
         let epoch = match epoch {
             Some(e) => e,
             // The fence hash is gone (flush, restart, eviction): take a new epoch
             // from the database, which only grows.
-            None => self.new_epoch().await?,
+            None => match self.new_epoch(incarnation.as_deref().unwrap_or("")).await? {
+                Some(e) => e,
+                None => {
+                    // Re-created again since this grant: give the lock back and
+                    // let the caller's retry start on the new incarnation.
+                    let lease = Lease {
+                        key: lease_key,
+                        token: 0,
+                    };
+                    self.release(&lease).await?;
+                    return Ok(None);
+                }
+            },
         };
         Ok(Some(Lease {
-            key: format!("{key}\u{0}{owner}"),
+            key: lease_key,
             token: token::pack(epoch, n),
         }))
     }
 
-    async fn new_epoch(&self) -> Result<i64, RedisLockError> {
+    /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
+    /// has been re-created since (the raise would regress the new incarnation).
+    async fn new_epoch(&self, incarnation: &str) -> Result<Option<i64>, RedisLockError> {
         let fresh = self
             .store
             .next_fence_epoch()
             .await
             .map_err(|e| RedisLockError::Epoch(e.to_string()))?;
         let mut conn = self.conn.clone();
-        let epoch: i64 = self
+        let epoch: Option<i64> = self
             .raise_epoch
             .key(self.key("fence"))
             .arg(fresh)
+            .arg(incarnation)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        let Some(epoch) = epoch else {
+            tracing::warn!(
+                event = "fence_epoch_refused",
+                fresh,
+                "the fence hash was re-created since this grant; acquiring again"
+            );
+            return Ok(None);
+        };
         tracing::warn!(
             event = "fence_epoch",
             epoch,
             "the fencing counter was reset (flush or restart); new epoch"
         );
         // Another instance may have raised it further meanwhile: use the higher.
-        Ok(token::epoch_in_force(epoch, fresh))
+        Ok(Some(token::epoch_in_force(epoch, fresh)))
     }
 
     /// Waits up to `wait` for the lock, backing off between attempts.
