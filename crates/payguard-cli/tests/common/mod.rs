@@ -1,6 +1,8 @@
 //! Helpers for tests that run real `payguard serve` processes.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -95,7 +95,7 @@ pub const BATCH_DEADLINE_MS: u64 = 2 * STATEMENT_TIMEOUT_MS;
 /// How long learning an unanswered COMMIT's fate may take.
 pub const RESOLVE_DEADLINE_MS: u64 = 5_000;
 /// Times one batch is run again after unanswered COMMITs before giving up.
-pub const AMBIGUOUS_RERUNS_MAX: u32 = 2;
+pub const AMBIGUOUS_RERUNS_MAX: u32 = 3;
 /// Attempts of one batch when PostgreSQL reports a deadlock or serialisation failure.
 pub const BATCH_ATTEMPTS_MAX: u32 = 5;
 /// Base of the (linear, jittered) pause between those attempts.
@@ -433,12 +433,10 @@ async fn apply_pooled(
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
     let mut reruns = 0;
+    // Once an earlier attempt is known to have committed, no error may be
+    // reported as "nothing moved": the batch is re-run (it replays) until it reads
+    // its result back, or the caller gets `Unknown`.
     let mut committed_before = false;
-    let after_commit = |e: StoreError| {
-        StoreError::Unknown(format!(
-            "an earlier attempt committed, and reading its result back failed: {e}"
-        ))
-    };
     loop {
         let (_open, mut client) = inner.enter().await?;
         // The xid whose COMMIT is on the wire, while it is.
@@ -455,12 +453,20 @@ async fn apply_pooled(
             ),
         )
         .await;
-        let (xid, detail) = match attempt {
+        // Why the batch runs again, for the error if it gives up.
+        let why: String = match attempt {
             Ok(Ok(results)) => return Ok(results),
-            Ok(Err(Fault::Ambiguous { xid, detail })) => (xid, detail),
+            Ok(Err(Fault::Ambiguous { xid, detail })) => {
+                drop(Object::take(client));
+                resolve(inner, xid, &detail, &mut committed_before).await?;
+                detail
+            }
             Ok(Err(f)) => {
                 let e = f.into_store_error();
-                return Err(if committed_before { after_commit(e) } else { e });
+                if !committed_before {
+                    return Err(e);
+                }
+                e.to_string()
             }
             Err(_) => {
                 let detail = format!(
@@ -470,88 +476,124 @@ async fn apply_pooled(
                 // The connection is lost to us: never hand it back to the pool.
                 drop(Object::take(client));
                 match sent {
-                    Some(xid) => (xid, detail),
-                    None => {
-                        // COMMIT was never sent: the server rolls back when the
-                        // connection goes, and nothing of this attempt can commit.
-                        let e = StoreError::Unavailable(format!("{detail}; nothing was committed"));
-                        return Err(if committed_before { after_commit(e) } else { e });
+                    Some(xid) => {
+                        resolve(inner, xid, &detail, &mut committed_before).await?;
+                        detail
                     }
+                    // COMMIT was never sent: the server rolls back when the
+                    // connection goes, and nothing of this attempt can commit.
+                    None if !committed_before => {
+                        return Err(StoreError::Unavailable(format!(
+                            "{detail}; nothing was committed"
+                        )))
+                    }
+                    None => detail,
                 }
             }
         };
-        inner
-            .stats
-            .ambiguous_commits
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(event = "store_commit_unanswered", xid, detail = %detail, "looking up the transaction's fate");
-        let fate = tokio::time::timeout(
-            Duration::from_millis(RESOLVE_DEADLINE_MS),
-            commit_fate(inner, xid),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "no answer within {RESOLVE_DEADLINE_MS} ms"
-            )))
-        });
-        match fate {
-            Ok(committed) => {
-                tracing::warn!(event = "store_commit_resolved", xid, committed, "running the batch again (it replays if it committed)");
-                if committed {
-                    committed_before = true;
-                    inner.stats.ambiguous_committed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(e) => {
-                return Err(StoreError::Unknown(format!(
-                    "COMMIT of transaction {xid} was not answered ({detail}) and its fate could not be learned ({e})"
-                )))
-            }
-        }
         reruns += 1;
         if reruns > AMBIGUOUS_RERUNS_MAX {
-            let e = StoreError::Unavailable(format!(
-                "{reruns} COMMITs in a row went unanswered ({detail}); none of them committed"
-            ));
-            return Err(if committed_before { after_commit(e) } else { e });
+            return Err(if committed_before {
+                StoreError::Unknown(format!(
+                    "an earlier attempt committed, and reading its result back failed: {why}"
+                ))
+            } else {
+                StoreError::Unavailable(format!(
+                    "{reruns} COMMITs in a row went unanswered, none of them committed: {why}"
+                ))
+            });
         }
+        tokio::time::sleep(Duration::from_millis(RERUN_BACKOFF_MS * u64::from(reruns))).await;
     }
+}
+
+/// Pause before re-running a batch after an unanswered COMMIT, times the rerun.
+const RERUN_BACKOFF_MS: u64 = 50;
+
+/// Looks up an unanswered COMMIT's fate (bounded by [`RESOLVE_DEADLINE_MS`]),
+/// so the batch can run again; `Unknown` when the fate cannot be learned.
+async fn resolve(
+    inner: &Inner,
+    xid: i64,
+    detail: &str,
+    committed_before: &mut bool,
+) -> Result<(), StoreError> {
+    inner
+        .stats
+        .ambiguous_commits
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(event = "store_commit_unanswered", xid, detail = %detail, "looking up the transaction's fate");
+    let committed = tokio::time::timeout(
+        Duration::from_millis(RESOLVE_DEADLINE_MS),
+        commit_fate(inner, xid),
+    )
+    .await
+    .map_err(|_| {
+        StoreError::Unknown(format!(
+            "COMMIT of transaction {xid} was not answered ({detail}) and its fate could not be learned within {RESOLVE_DEADLINE_MS} ms"
+        ))
+    })?;
+    tracing::warn!(
+        event = "store_commit_resolved",
+        xid,
+        committed,
+        "running the batch again (it replays if it committed)"
+    );
+    if committed {
+        *committed_before = true;
+        inner
+            .stats
+            .ambiguous_committed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Whether transaction `xid` committed. A transaction still in progress (its
 /// COMMIT may yet arrive from a connection the network is holding) has its
-/// backend ended first, so the answer is final.
-async fn commit_fate(inner: &Inner, xid: i64) -> Result<bool, StoreError> {
-    /// Pause between looks while a terminated backend finishes.
+/// backend ended first, so the answer is final. Connection failures on the way
+/// are retried (the caller bounds the whole look-up).
+async fn commit_fate(inner: &Inner, xid: i64) -> bool {
+    /// Pause between looks while a terminated backend finishes, or after a failure.
     const FATE_POLL_MS: u64 = 10;
-    let client = inner.pool.get().await.map_err(pool_unavailable)?;
     loop {
-        let status: Option<String> = client
-            .query_one("SELECT txid_status($1)::text", &[&xid])
-            .await
-            .map_err(pg_unavailable)?
-            .get(0);
-        match status.as_deref() {
-            Some("committed") => return Ok(true),
-            Some("aborted") => return Ok(false),
-            Some("in progress") => {
-                client
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                         WHERE backend_xid = ($1::bigint % 4294967296)::text::xid",
-                        &[&xid],
-                    )
-                    .await
-                    .map_err(pg_unavailable)?;
-                tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await;
-            }
-            other => {
-                return Err(StoreError::Unavailable(format!(
-                    "txid_status({xid}) is {other:?}"
-                )))
+        match commit_fate_once(inner, xid).await {
+            Ok(Some(committed)) => return committed,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(event = "store_commit_lookup_failed", xid, detail = %e, "retrying");
             }
         }
+        tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await;
+    }
+}
+
+/// One look: `Some(committed)` when final, `None` while still in progress (its
+/// backend is then ended).
+async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Option<bool>, StoreError> {
+    let client = inner.pool.get().await.map_err(pool_unavailable)?;
+    let status: Option<String> = client
+        .query_one("SELECT txid_status($1)::text", &[&xid])
+        .await
+        .map_err(pg_unavailable)?
+        .get(0);
+    match status.as_deref() {
+        Some("committed") => Ok(Some(true)),
+        Some("aborted") => Ok(Some(false)),
+        Some("in progress") => {
+            client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE backend_xid = ($1::bigint % 4294967296)::text::xid",
+                    &[&xid],
+                )
+                .await
+                .map_err(pg_unavailable)?;
+            Ok(None)
+        }
+        other => Err(StoreError::Unavailable(format!(
+            "txid_status({xid}) is {other:?}"
+        ))),
     }
 }
 
