@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pg_base, pg_url, start, start_with_env, Server};
+use common::{debits, get_json, pg_base, pg_url, start, start_with_env, Server};
 use payguard::store::postgres::ScratchDb;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -86,23 +86,9 @@ async fn crash_after_commit_before_reply_then_the_retry_replays() {
         .unwrap();
     assert_eq!(plain["replayed"], json!(true));
     assert_eq!(plain["entry"]["id"], body["entry"]["id"]);
-    let account: serde_json::Value = http
-        .get(format!("{}/v1/accounts/a", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let account: serde_json::Value = get_json(&http, format!("{}/v1/accounts/a", s.url)).await;
     assert_eq!(account["balance"], 5000 - 1185);
-    let audit: serde_json::Value = http
-        .get(format!("{}/v1/audit", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: serde_json::Value = get_json(&http, format!("{}/v1/audit", s.url)).await;
     assert_eq!(audit["ok"], json!(true));
     s.stop();
 }
@@ -257,19 +243,9 @@ async fn crash_rounds_on(
     for round in 0..rounds {
         for i in 0..ORDERS_PER_ROUND {
             let oid = format!("k{round}-{i}");
-            let body: serde_json::Value = http
-                .get(format!("{}/v1/orders/{oid}/entries", s.url))
-                .send()
+            let debits: Vec<String> = debits(&http, &s.url, &oid)
                 .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let debits: Vec<String> = body["entries"]
-                .as_array()
-                .unwrap()
                 .iter()
-                .filter(|e| e["kind"] == "debit")
                 .map(|e| e["id"].as_str().unwrap().to_owned())
                 .collect();
             assert!(debits.len() <= 1, "{oid} charged {} times", debits.len());
@@ -288,14 +264,7 @@ async fn crash_rounds_on(
             charged += debits.len();
         }
     }
-    let audit: serde_json::Value = http
-        .get(format!("{}/v1/audit", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: serde_json::Value = get_json(&http, format!("{}/v1/audit", s.url)).await;
     assert_eq!(audit["ok"], json!(true), "{audit}");
     s.stop();
     Rounds {
@@ -469,14 +438,7 @@ async fn mid_batch_error(db: &str, dir: &Path) {
     }
     assert!(!failed.is_empty(), "the failpoint never failed a batch");
     for oid in &failed {
-        let order: serde_json::Value = http
-            .get(format!("{}/v1/orders/{oid}", s.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let order: serde_json::Value = get_json(&http, format!("{}/v1/orders/{oid}", s.url)).await;
         assert_eq!(
             order["status"], "PREPARE",
             "{oid} got 503 but moved: {order}"
@@ -492,14 +454,7 @@ async fn mid_batch_error(db: &str, dir: &Path) {
             "the retry is the first charge"
         );
     }
-    let audit: serde_json::Value = http
-        .get(format!("{}/v1/audit", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: serde_json::Value = get_json(&http, format!("{}/v1/audit", s.url)).await;
     assert_eq!(audit["ok"], json!(true), "{audit}");
     eprintln!("{db}: one batch failed mid-way: {} requests got 503 with nothing moved and then charged once on retry; {paid} paid directly", failed.len());
     s.stop();

@@ -5,7 +5,10 @@
 mod common;
 
 use common::proxy::{FaultProxy, Mode};
-use common::{pg_base, pg_url, redis_url, start, start_with_env, unique_prefix, PrivateRedis};
+use common::{
+    assert_refused_as_stale, debits, pg_base, pg_url, redis_url, start, start_with_env,
+    unique_prefix, PrivateRedis,
+};
 use payguard::store::postgres::ScratchDb;
 use payguard_cli::storm::{history, storm, StormArgs};
 use serde_json::json;
@@ -150,16 +153,8 @@ async fn a_stalled_lock_holder_is_refused_with_stale_fencing_token() {
             .starts_with("stale_fencing_token:"),
         "{body}"
     );
-    let entries: serde_json::Value = http
-        .get(format!("{}/v1/orders/OD20240517A1122/entries", b.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        entries["entries"].as_array().unwrap().len(),
+        debits(&http, &b.url, "OD20240517A1122").await.len(),
         1,
         "charged once"
     );
@@ -167,15 +162,7 @@ async fn a_stalled_lock_holder_is_refused_with_stale_fencing_token() {
     a.stop();
     b.stop();
     let log = std::fs::read_to_string(a_log).unwrap();
-    let refused = log.lines().any(|l| {
-        l.contains("\"event\":\"deduct_rejected\"")
-            && l.contains("\"reason\":\"stale_fencing_token\"")
-            && l.contains("\"req\":\"req-a\"")
-    });
-    assert!(
-        refused,
-        "A's log must say deduct_rejected reason=stale_fencing_token:\n{log}"
-    );
+    assert_refused_as_stale(&log, "req-a");
     scratch.drop_db().await.unwrap();
 }
 
@@ -259,25 +246,6 @@ async fn deduct(
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
-/// The debit entries of `oid`, read through `url`.
-async fn debits(http: &reqwest::Client, url: &str, oid: &str) -> Vec<serde_json::Value> {
-    let body: serde_json::Value = http
-        .get(format!("{url}/v1/orders/{oid}/entries"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "debit")
-        .cloned()
-        .collect()
-}
-
 /// A real SIGSTOP on three instances: A takes the order's lock and, while it is
 /// about to write (a 300 ms pause, well inside the 1 s TTL, so A alone would write
 /// in time), the whole process is frozen with SIGSTOP for 2.5 s. Its lock lapses;
@@ -358,13 +326,7 @@ async fn a_sigstopped_lock_holder_on_three_instances_is_refused() {
         s.stop();
     }
     let log = std::fs::read_to_string(a_log).unwrap();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("\"event\":\"deduct_rejected\"")
-                && l.contains("\"reason\":\"stale_fencing_token\"")
-                && l.contains("\"req\":\"req-a\"")),
-        "A's log must say deduct_rejected reason=stale_fencing_token:\n{log}"
-    );
+    assert_refused_as_stale(&log, "req-a");
     scratch.drop_db().await.unwrap();
 }
 

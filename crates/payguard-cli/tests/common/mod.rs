@@ -240,3 +240,32 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// GET `url`, and its JSON body.
+pub async fn get_json(http: &reqwest::Client, url: String) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The debit entries of order `oid`, read through the server at `base`.
+pub async fn debits(http: &reqwest::Client, base: &str, oid: &str) -> Vec<serde_json::Value> {
+    let body = get_json(http, format!("{base}/v1/orders/{oid}/entries")).await;
+    body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "debit")
+        .cloned()
+        .collect()
+}
+
+/// The log must say `deduct_rejected reason=stale_fencing_token` for request `req`.
+pub fn assert_refused_as_stale(log: &str, req: &str) {
+    let needle = format!("\"req\":\"{req}\"");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"event\":\"deduct_rejected\"")
+                && l.contains("\"reason\":\"stale_fencing_token\"")
+                && l.contains(&needle)),
+        "the log must say deduct_rejected reason=stale_fencing_token for {req}:\n{log}"
+    );
+}
