@@ -71,6 +71,17 @@ async fn audit_postgres(url: &str) -> anyhow::Result<AuditReport> {
     use payguard::store::postgres::{audit_client, connect_raw, PgConfig};
     let cfg = PgConfig::from_url(url)?;
     let mut client = connect_raw(&cfg.pg).await?;
+    // Say so plainly rather than fail on a missing table (SQLSTATE 42P01).
+    let is_payguard: bool = client
+        .query_one("SELECT to_regclass('payguard_meta') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        is_payguard,
+        "{} is not a payguard database (no payguard_meta table): nothing to audit; \
+         `payguard serve --db` creates the schema",
+        cfg.pg.get_dbname().unwrap_or("this database")
+    );
     Ok(audit_client(&mut client).await?)
 }
 

@@ -462,3 +462,19 @@ async fn redis_blackholed_and_reset_mid_storm_changes_nothing() {
     assert!(granted > 0, "no lock was ever granted through the proxy");
     scratch.drop_db().await.unwrap();
 }
+
+/// `payguard audit` pointed at a PostgreSQL database that payguard never used
+/// says so in words (exit 2), instead of a raw "relation does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_a_database_payguard_never_used_says_so() {
+    let Some(base) = pg_base() else { return };
+    let scratch = ScratchDb::create(&base, "pg_test_emptyaudit").await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payguard"))
+        .args(["audit", "--db", &pg_url(&base, &scratch.name)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a payguard database"), "{stderr}");
+    scratch.drop_db().await.unwrap();
+}
