@@ -468,7 +468,9 @@ async fn redis_blackholed_and_reset_mid_storm_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_of_a_database_payguard_never_used_says_so() {
     let Some(base) = pg_base() else { return };
-    let scratch = ScratchDb::create(&base, "pg_test_emptyaudit").await.unwrap();
+    let scratch = ScratchDb::create(&base, "pg_test_emptyaudit")
+        .await
+        .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_payguard"))
         .args(["audit", "--db", &pg_url(&base, &scratch.name)])
         .output()

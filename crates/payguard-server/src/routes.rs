@@ -169,7 +169,8 @@ pub(crate) struct CreateAccountBody {
 #[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = CreateAccountBody,
     params(crate::openapi::IdempotencyKey),
     responses(
-        (status = 201, description = "Created", body = payguard::domain::Account),
+        (status = 201, description = "Created", body = payguard::domain::Account,
+            links(("GetAccount" = (operation_id = "get_account", parameters(("id" = "$response.body#/id")))))),
         (status = 200, description = "The same body again: the account as it is now", body = payguard::domain::Account),
         (status = 409, description = "`account_exists`", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]
@@ -229,7 +230,12 @@ pub(crate) struct CreateOrderBody {
 #[utoipa::path(post, path = "/v1/orders", tag = "orders", request_body = CreateOrderBody,
     params(crate::openapi::IdempotencyKey),
     responses(
-        (status = 201, description = "Created in PREPARE", body = payguard::domain::Order),
+        (status = 201, description = "Created in PREPARE", body = payguard::domain::Order,
+            links(
+                ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/id")))),
+                ("Deduct" = (operation_id = "deduct", parameters(("id" = "$response.body#/id")))),
+                ("Entries" = (operation_id = "entries", parameters(("id" = "$response.body#/id")))),
+                ("GetAccount" = (operation_id = "get_account", parameters(("id" = "$response.body#/account_id")))))),
         (status = 200, description = "The same body again", body = payguard::domain::Order),
         (status = 409, description = "`order_exists`", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]
@@ -277,7 +283,12 @@ pub(crate) struct DeductBody {}
 #[utoipa::path(post, path = "/v1/orders/{id}/deduct", tag = "orders", request_body(content = Option<DeductBody>, description = "No body, or `{}`"),
     params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
     responses(
-        (status = 200, description = "Charged exactly once; duplicates get `replayed: true` and the same entry", body = crate::openapi::MovementDoc),
+        (status = 200, description = "Charged exactly once; duplicates get `replayed: true` and the same entry", body = crate::openapi::MovementDoc,
+            links(
+                ("DeductAgain" = (operation_id = "deduct", parameters(("id" = "$response.body#/order/id")))),
+                ("Refund" = (operation_id = "refund", parameters(("id" = "$response.body#/order/id")))),
+                ("Entries" = (operation_id = "entries", parameters(("id" = "$response.body#/order/id")))),
+                ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/order/id")))))),
         (status = 402, description = "`insufficient_funds`: the order is FAILED, and stays so", body = crate::openapi::ErrorBody),
         (status = 409, description = "`idempotency_key_in_use`", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]

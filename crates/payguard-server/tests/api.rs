@@ -787,3 +787,25 @@ async fn graceful_shutdown_answers_and_keeps_every_acknowledged_charge() {
     .unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// The OpenAPI document links creates to what follows them (schemathesis's
+/// stateful phase walks these), with the Link Object's fields in the spec's camel
+/// case (utoipa 5.5 writes `operation_id`; see `openapi::document`).
+#[tokio::test]
+async fn the_openapi_document_links_operations_in_spec_case() {
+    let app = spawn_app().await;
+    let r = app.get("/openapi.json").await;
+    assert_eq!(r.status, 200);
+    let links = &r.body["paths"]["/v1/orders"]["post"]["responses"]["201"]["links"];
+    assert_eq!(links["Deduct"]["operationId"], "deduct", "{links}");
+    assert_eq!(links["Deduct"]["parameters"]["id"], "$response.body#/id");
+    let text = r.body.to_string();
+    assert!(
+        !text.contains("\"operation_id\""),
+        "snake case left in the document"
+    );
+    let deduct_links =
+        &r.body["paths"]["/v1/orders/{id}/deduct"]["post"]["responses"]["200"]["links"];
+    assert_eq!(deduct_links["Refund"]["operationId"], "refund");
+    app.stop().await;
+}
