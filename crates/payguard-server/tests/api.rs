@@ -177,6 +177,35 @@ async fn overdraft_race_on_one_account_never_goes_negative() {
     app.stop().await;
 }
 
+/// The same overdraft race on the incident's design (`Guard::Naive` on the naive
+/// schema: check the balance in memory, pause, act): the checks above must catch
+/// it, or they would prove nothing on payguard.
+#[tokio::test]
+async fn the_overdraft_checks_catch_the_naive_design() {
+    let app = spawn_app_with(EngineConfig {
+        guard: payguard::engine::Guard::Naive { gap_ms: 5 },
+        ..EngineConfig::default()
+    })
+    .await;
+    app.account("shared", 1_000).await;
+    for i in 0..30 {
+        app.order(&format!("od-{i}"), "shared", 100).await;
+    }
+    let calls = (0..30).map(|i| app.post_empty_owned(format!("/v1/orders/od-{i}/deduct")));
+    let responses = join_all(calls).await;
+    let paid = responses.iter().filter(|r| r.status == 200).count();
+    let balance = app.balance("shared").await;
+    let audit_ok = app.get("/v1/audit").await.body["ok"] == json!(true);
+    assert!(
+        paid > 10 || balance != 1_000 - 100 * paid as i64 || balance < 0 || !audit_ok,
+        "the naive design passed the overdraft checks: {paid} paid, balance {balance}, audit ok {audit_ok}"
+    );
+    eprintln!(
+        "naive: {paid} of 30 paid on a balance of 1000, balance now {balance}, audit ok {audit_ok}"
+    );
+    app.stop().await;
+}
+
 trait PostOwned {
     fn post_empty_owned(&self, path: String) -> impl std::future::Future<Output = common::Resp>;
 }

@@ -53,7 +53,12 @@ pub async fn spawn_app_on(
     keys: payguard_server::ApiKeys,
     limits: payguard_server::Limits,
 ) -> TestApp {
-    let store = SqliteStore::open(SqliteConfig::new(&db_path)).expect("open store");
+    let mut store_cfg = SqliteConfig::new(&db_path);
+    if matches!(cfg.guard, payguard::engine::Guard::Naive { .. }) {
+        // The incident's database, without the money constraints.
+        store_cfg.schema = payguard::store::sqlite::SchemaKind::Naive;
+    }
+    let store = SqliteStore::open(store_cfg).expect("open store");
     cfg.instance_id = "test-1".into();
     let engine = Arc::new(Engine::start(Arc::new(store), cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
