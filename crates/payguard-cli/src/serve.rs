@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// an unanswered COMMIT's fate is looked up before anyone is answered.
     #[arg(long, env = "PAYGUARD_PG_BATCH_DEADLINE_MS", default_value_t = payguard::store::postgres::BATCH_DEADLINE_MS)]
     pub pg_batch_deadline_ms: u64,
+    /// PostgreSQL: most connections this instance opens. Instances × this must fit
+    /// the server's max_connections (the lanes' batches, reads and lock epochs share them).
+    #[arg(long, env = "PAYGUARD_PG_POOL_MAX", default_value_t = payguard::store::postgres::POOL_CONNECTIONS_MAX)]
+    pub pg_pool_max: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -302,6 +306,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.connections_max >= 1,
         "--connections-max must be at least 1"
     );
+    anyhow::ensure!(args.pg_pool_max >= 1, "--pg-pool-max must be at least 1");
     let limits = payguard_server::Limits {
         body_bytes_max: args.body_bytes_max,
         header_bytes_max: args.header_bytes_max,
@@ -354,6 +359,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             DbUrl::Postgres(url) => Arc::new(
                 PgStore::connect(PgConfig {
                     batch_deadline_ms: args.pg_batch_deadline_ms,
+                    pool_connections_max: args.pg_pool_max,
                     ..PgConfig::from_url(url)?
                 })
                 .await

@@ -29,9 +29,13 @@ async fn scratch(test: &str) -> Option<ScratchDb> {
 }
 
 async fn store(db: &ScratchDb) -> PgStore {
-    PgStore::connect(PgConfig::new(db.config.clone()))
-        .await
-        .expect("connect and migrate")
+    PgStore::connect(PgConfig {
+        // Many tests run at once on one server: small pools fit its max_connections.
+        pool_connections_max: 4,
+        ..PgConfig::new(db.config.clone())
+    })
+    .await
+    .expect("connect and migrate")
 }
 
 fn acct(id: &str, balance: i64) -> Op {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// PostgreSQL connections per test instance (`--pg-pool-max`).
+const TEST_PG_POOL_MAX: &str = "4";
 /// How long a child server may take to start.
 const START_WAIT: Duration = Duration::from_secs(30);
 
@@ -36,6 +38,9 @@ pub fn start_with_env(
 ) -> Server {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_payguard"))
+        // Tests run many instances at once against one PostgreSQL: keep each
+        // instance's pool small so they fit its max_connections together.
+        .env("PAYGUARD_PG_POOL_MAX", TEST_PG_POOL_MAX)
         .envs(env.iter().copied())
         .args([
             "serve",
@@ -134,6 +139,15 @@ impl Server {
             .status();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exited with {status}");
+    }
+}
+
+/// A test that fails part-way must not leave its servers running (holding ports,
+/// database connections and Redis locks for the tests after it).
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

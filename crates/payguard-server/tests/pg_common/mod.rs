@@ -48,9 +48,13 @@ pub async fn spawn_locked(
     redis: Option<&str>,
 ) -> Instance {
     let store: Arc<dyn payguard::Store> = Arc::new(
-        PgStore::connect(PgConfig::new(db.config.clone()))
-            .await
-            .expect("connect"),
+        PgStore::connect(PgConfig {
+            // Many tests run at once on one server: small pools fit its max_connections.
+            pool_connections_max: 4,
+            ..PgConfig::new(db.config.clone())
+        })
+        .await
+        .expect("connect"),
     );
     let locks = match redis {
         Some(url) => Some(Arc::new(
