@@ -248,7 +248,7 @@ async fn engine_run(
     let engine = Arc::new(Engine::start(Arc::new(store.clone()), cfg));
     let (secs, h) = closed_loop(engine.clone(), orders, concurrency).await?;
     let stats = engine.stats();
-    let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
+    let batches_run = payguard::engine::EngineStats::get(&stats.batches);
     let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
     let audit = store.audit().await?;
     engine.shutdown().await?;
@@ -268,7 +268,8 @@ async fn engine_run(
         p50_ms: Some(ms(&h, 0.5)),
         p99_ms: Some(ms(&h, 0.99)),
         max_ms: Some(h.max() as f64 / 1000.0),
-        mean_batch: Some(batched as f64 / batches as f64),
+        // The seed guard runs no batches.
+        mean_batch: (batches_run > 0).then(|| batched as f64 / batches_run as f64),
         audit_ok: audit.ok && audit.entries_checked == orders as i64,
     })
 }
