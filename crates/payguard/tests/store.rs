@@ -310,3 +310,108 @@ fn reopening_keeps_the_data_and_the_schema() {
         store.close().await.unwrap();
     });
 }
+
+/// `OpenEphemeral` instructions in `sql`'s program: SQLite builds one table per
+/// execution for each (RETURNING, and constant IN lists of three or more).
+fn ephemeral_tables(conn: &Connection, sql: &str) -> usize {
+    let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+    let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+    let ops: Vec<String> = stmt
+        .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(1))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    ops.iter().filter(|op| *op == "OpenEphemeral").count()
+}
+
+/// The deduct's writes build no ephemeral table once the schema is at v4 (the
+/// CHECKs' IN lists rewritten), and the rewritten CHECKs still refuse what the
+/// old ones refused.
+#[test]
+fn the_money_path_writes_build_no_ephemeral_tables_and_checks_still_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let conn = open_connection(&path).unwrap();
+    for sql in [
+        "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2 WHERE id = ?3 AND status = 'PREPARE'",
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES (?1, ?2, 'debit', ?3, ?4, ?5)",
+        "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
+        "SELECT o.account_id, o.amount, o.created_at, a.balance FROM orders o JOIN accounts a ON a.id = o.account_id WHERE o.id = ?1 AND o.status = 'PREPARE'",
+    ] {
+        assert_eq!(ephemeral_tables(&conn, sql), 0, "{sql}");
+    }
+    for bad in [
+        "UPDATE orders SET status = 'BOGUS' WHERE id = 'o1'",
+        "UPDATE orders SET status = 'PAID' WHERE id = 'o1'", // PAID without a debit link
+        "UPDATE orders SET refunded = 5 WHERE id = 'o1'",    // refunded while PREPARE
+        "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES ('o1', 'acct', 'gift', 1, 1, 1)",
+    ] {
+        let err = conn.execute(bad, []).unwrap_err();
+        assert!(
+            err.to_string().contains("CHECK") || err.to_string().contains("payguard"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+/// A database written by payguard at schema v3 (before the CHECK rewrite) opens,
+/// upgrades to v4 in place, keeps every row, and passes the audit.
+#[test]
+fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.db");
+    {
+        let conn = open_connection(&path).unwrap();
+        for sql in [
+            include_str!("../src/store/sqlite_schema.sql"),
+            include_str!("../src/store/sqlite_v2_idempotency.sql"),
+            include_str!("../src/store/sqlite_v3_fencing.sql"),
+        ] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 3;
+             INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+               VALUES ('acct', 'CNY', 5000, 3815, 1, 1);
+             INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+               VALUES ('o1', 'acct', 1185, 'PREPARE', 0, 1, 1);
+             INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+               VALUES ('o1', 'acct', 'debit', 1185, 3815, 1);
+             UPDATE orders SET status = 'PAID', debit_entry_id = 1 WHERE id = 'o1';",
+        )
+        .unwrap();
+        assert!(ephemeral_tables(&conn, "UPDATE orders SET status = 'PAID' WHERE id = ?1") > 0);
+    }
+    let mut conn = open_connection(&path).unwrap();
+    migrate(&mut conn).unwrap();
+    assert_eq!(count(&conn, "PRAGMA user_version"), 4);
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM entries"), 1);
+    assert_eq!(
+        count(&conn, "SELECT balance FROM accounts WHERE id = 'acct'"),
+        3815
+    );
+    assert_eq!(
+        ephemeral_tables(&conn, "UPDATE orders SET status = 'PAID' WHERE id = ?1"),
+        0
+    );
+    assert!(
+        payguard::store::sqlite::audit_connection(&mut conn)
+            .unwrap()
+            .ok
+    );
+    // The upgraded schema still refuses a second debit and an unknown status.
+    assert!(conn
+        .execute(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES ('o1', 'acct', 'debit', 1185, 2630, 2)",
+            [],
+        )
+        .is_err());
+    assert!(conn
+        .execute("UPDATE orders SET status = 'BOGUS' WHERE id = 'o1'", [])
+        .is_err());
+    drop(conn);
+    // A store opened on it again finds v4 and changes nothing.
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    drop(store);
+}
