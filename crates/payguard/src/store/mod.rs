@@ -283,18 +283,20 @@ impl Rejection {
 
 pub type OpResult = Result<Output, Rejection>;
 
-/// Whether a committed batch moved money (a fresh debit or refund, not a replay):
-/// where the after-commit failpoint fires.
-pub(crate) fn moved_money(results: &[OpResult]) -> bool {
-    results.iter().any(|r| {
-        matches!(
-            r,
-            Ok(Output::Movement {
-                replayed: false,
-                ..
-            })
-        )
-    })
+/// Whether the after-commit failpoint applies to a committed batch: it moved money
+/// (a fresh debit or refund, not a replay). Always false, without looking at the
+/// results, in builds without failpoints (the check sits on the commit path).
+pub(crate) fn after_commit_failpoint_applies(results: &[OpResult]) -> bool {
+    crate::failpoint::ENABLED
+        && results.iter().any(|r| {
+            matches!(
+                r,
+                Ok(Output::Movement {
+                    replayed: false,
+                    ..
+                })
+            )
+        })
 }
 
 /// The store could not do the whole batch: nothing in it was committed.

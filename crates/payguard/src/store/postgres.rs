@@ -62,8 +62,8 @@
 //! tables, or newer than this build is refused, like the SQLite store does.
 
 use super::{
-    moved_money, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection,
-    Store, StoreError, StoreFuture,
+    after_commit_failpoint_applies, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult,
+    Output, Rejection, Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
@@ -702,7 +702,7 @@ async fn run_batch(
             })
         }
     }
-    if moved_money(&results) {
+    if after_commit_failpoint_applies(&results) {
         if let Some(Action::Error) = failpoint::hit(failpoint::AFTER_COMMIT).await {
             return Err(Fault::Store(
                 "failpoint store.after_commit: committed, reply lost".into(),

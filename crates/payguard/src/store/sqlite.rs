@@ -16,8 +16,8 @@
 //! the refused op is undone alone and the rest of the batch still commits.
 
 use super::{
-    moved_money, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult, Output, Rejection,
-    Store, StoreError, StoreFuture,
+    after_commit_failpoint_applies, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult,
+    Output, Rejection, Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
@@ -448,7 +448,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
         let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
         let now = chrono::Utc::now().timestamp_millis();
         let mut outcome = apply_ops(&mut conn, &ops, now);
-        if outcome.as_ref().is_ok_and(|r| moved_money(r))
+        if outcome
+            .as_ref()
+            .is_ok_and(|r| after_commit_failpoint_applies(r))
             && failpoint::hit_blocking(failpoint::AFTER_COMMIT) == Some(Action::Error)
         {
             // Committed and durable, and every caller hears "unavailable": the
