@@ -73,6 +73,62 @@ async fn three_instances_on_postgres_and_redis_charge_once() {
     scratch.drop_db().await.unwrap();
 }
 
+/// Issue #12: three instances on PostgreSQL + Redis, a duplicate storm with no
+/// fault injected and every copy of an order sent to a different instance (as an
+/// outside client spreading retries over a load balancer would). Before the fix a
+/// batch held the locks it got while waiting for the rest, instances waited on
+/// each other in a cycle until the 5 s wait limit, and the storm saw 503s and
+/// 5-second stalls. A healthy service answers every request, none with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_answer_a_spread_duplicate_storm_without_503() {
+    let (Some(base), Some(redis)) = (pg_base(), redis_url()) else {
+        return;
+    };
+    let scratch = ScratchDb::create(&base, "pg_test_live").await.unwrap();
+    let db = pg_url(&base, &scratch.name);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("live");
+    let servers: Vec<_> = (1..=3)
+        .map(|i| {
+            start(
+                dir.path(),
+                &format!("live-{i}"),
+                &db,
+                &["--redis", &redis, "--redis-prefix", &prefix],
+            )
+        })
+        .collect();
+    let targets: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    for (dup, orders, seed) in [(8, 200, 81), (12, 120, 121)] {
+        let mut args = storm_args(targets.clone(), &db, orders, seed);
+        args.dup = dup;
+        args.concurrency = 64;
+        let report = storm(&args).await.unwrap();
+        assert!(report.ok, "--dup {dup}: {}", report.to_text());
+        assert_eq!(report.unavailable_503, 0, "--dup {dup}: {}", report.to_text());
+        assert_eq!(report.no_answer, 0, "--dup {dup}: {}", report.to_text());
+        assert!(!report.cut_short, "--dup {dup}: {}", report.to_text());
+        assert_eq!(report.double_charged_orders, 0);
+        assert_eq!(report.db_audit_ok, Some(true));
+    }
+    let logs: String = servers
+        .iter()
+        .map(|s| s.log.clone())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    for s in servers {
+        s.stop();
+    }
+    assert!(logs.contains("\"lock_acquired\""), "no instance took a Redis lock");
+    assert!(
+        !logs.contains("\"lock_busy\""),
+        "an order gave up waiting for a lock"
+    );
+    scratch.drop_db().await.unwrap();
+}
+
 /// Instance A takes an order's lock, then stalls past the lock's TTL (injected
 /// pause); instance B takes the lock with a higher token and charges. A's write is
 /// refused with `stale_fencing_token`, in its response (a 503: nothing moved, retry)

@@ -11,6 +11,13 @@
 //!   (group commit), and one order's work stays in FIFO order.
 //! * [`LaneCore::complete`] pairs the store's answers with every waiter.
 //!
+//! With cross-instance locks, a batch may leave behind the orders whose lock
+//! another instance holds ([`LaneCore::complete_partial`]). Those are *parked*:
+//! their waiters keep waiting, later requests for the same order queue behind
+//! them (so one order's work stays in FIFO order), and nothing of them is batched
+//! until the owner [`LaneCore::unpark`]s them (the holder released) or gives up
+//! on them ([`LaneCore::give_up`]).
+//!
 //! Keeping the logic free of async and channels is what lets `tests/lane_model.rs`
 //! drive it under many thread schedules with shuttle.
 
@@ -62,6 +69,10 @@ pub struct LaneCore<W> {
     /// requests for that order are in the lane. Invariant: the count equals the
     /// number of waiters (pending or in flight) whose op names that order.
     busy_orders: HashMap<OrderId, (RequestId, usize)>,
+    /// Orders left out of a batch because another instance holds their lock: their
+    /// ops in arrival order. Invariant: an order parked here has no op pending or
+    /// in flight.
+    parked: HashMap<OrderId, Vec<Slot<W>>>,
 }
 
 impl<W> Default for LaneCore<W> {
@@ -78,6 +89,7 @@ impl<W> LaneCore<W> {
             pending: Vec::new(),
             pending_index: HashMap::new(),
             busy_orders: HashMap::new(),
+            parked: HashMap::new(),
         }
     }
 
@@ -96,6 +108,24 @@ impl<W> LaneCore<W> {
                 }
             });
         let waiter = Waiter { req, reply };
+        // A parked order's ops wait behind it, joining an equal one.
+        if let Some(slots) = op.order_id().and_then(|o| self.parked.get_mut(o)) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.op == op) {
+                slot.waiters.push(waiter);
+                return Admission {
+                    joined: true,
+                    other_req,
+                };
+            }
+            slots.push(Slot {
+                op,
+                waiters: vec![waiter],
+            });
+            return Admission {
+                joined: false,
+                other_req,
+            };
+        }
         // Join an equal op in flight first: its result is the one that stands.
         if let Some(&i) = self.inflight_index.get(&op) {
             self.inflight[i].waiters.push(waiter);
@@ -131,10 +161,16 @@ impl<W> LaneCore<W> {
         !self.inflight.is_empty()
     }
 
-    /// True when nothing is waiting, in flight or tracked by the sentinel.
+    /// Orders parked until another instance releases their lock.
+    pub fn parked_len(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// True when nothing is waiting, parked, in flight or tracked by the sentinel.
     pub fn is_idle(&self) -> bool {
         self.inflight.is_empty()
             && self.pending.is_empty()
+            && self.parked.is_empty()
             && self.inflight_index.is_empty()
             && self.pending_index.is_empty()
             && self.busy_orders.is_empty()
@@ -149,10 +185,7 @@ impl<W> LaneCore<W> {
         let n = self.pending.len().min(batch_max.max(1));
         let rest = self.pending.split_off(n);
         self.inflight = std::mem::replace(&mut self.pending, rest);
-        self.pending_index.clear();
-        for (i, slot) in self.pending.iter().enumerate() {
-            self.pending_index.insert(slot.op.clone(), i);
-        }
+        self.reindex_pending();
         self.inflight_index.clear();
         for (i, slot) in self.inflight.iter().enumerate() {
             self.inflight_index.insert(slot.op.clone(), i);
@@ -199,6 +232,99 @@ impl<W> LaneCore<W> {
             });
         }
         out
+    }
+
+    /// Like [`LaneCore::complete`], for a batch that may have left orders out:
+    /// one answer per op, `None` for an op that did not run. Every op of such an
+    /// order is parked (with the ops of that order that arrived since), in order;
+    /// the answer lists the orders newly parked, once each. An answer of the wrong
+    /// length fails every op, as in `complete`.
+    pub fn complete_partial(
+        &mut self,
+        results: Vec<Option<LaneReply>>,
+    ) -> (Vec<Delivery<W>>, Vec<OrderId>) {
+        if results.len() != self.inflight.len() {
+            let e = StoreError::Unavailable(format!(
+                "store answered {} results for {} ops",
+                results.len(),
+                self.inflight.len()
+            ));
+            return (self.complete(Err(e)), Vec::new());
+        }
+        let slots = std::mem::take(&mut self.inflight);
+        self.inflight_index.clear();
+        let mut out = Vec::with_capacity(slots.len());
+        let mut newly_parked: Vec<OrderId> = Vec::new();
+        for (slot, result) in slots.into_iter().zip(results) {
+            match (result, slot.op.order_id().cloned()) {
+                (None, Some(order)) => {
+                    if !self.parked.contains_key(&order) {
+                        newly_parked.push(order.clone());
+                    }
+                    self.parked.entry(order).or_default().push(slot);
+                }
+                (result, _) => {
+                    let reply = result.unwrap_or(Ok(Err(crate::store::Rejection::LockBusy)));
+                    if let Some(order) = slot.op.order_id() {
+                        self.release_order(order, slot.waiters.len());
+                    }
+                    out.push(Delivery {
+                        op: slot.op,
+                        reply,
+                        waiters: slot.waiters,
+                    });
+                }
+            }
+        }
+        if !newly_parked.is_empty() {
+            // Ops of a parked order that queued meanwhile go behind it.
+            let pending = std::mem::take(&mut self.pending);
+            for slot in pending {
+                match slot.op.order_id().and_then(|o| self.parked.get_mut(o)) {
+                    Some(parked) => parked.push(slot),
+                    None => self.pending.push(slot),
+                }
+            }
+            self.reindex_pending();
+        }
+        (out, newly_parked)
+    }
+
+    /// The order's lock may be free again: its parked ops go back to the queue,
+    /// in order. False when it was not parked.
+    pub fn unpark(&mut self, order: &OrderId) -> bool {
+        let Some(slots) = self.parked.remove(order) else {
+            return false;
+        };
+        for slot in slots {
+            self.pending_index
+                .insert(slot.op.clone(), self.pending.len());
+            self.pending.push(slot);
+        }
+        true
+    }
+
+    /// Answers every parked op of `order` with `reply` and forgets them (nothing
+    /// of them reached the store).
+    pub fn give_up(&mut self, order: &OrderId, reply: LaneReply) -> Vec<Delivery<W>> {
+        let slots = self.parked.remove(order).unwrap_or_default();
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            self.release_order(order, slot.waiters.len());
+            out.push(Delivery {
+                op: slot.op,
+                reply: reply.clone(),
+                waiters: slot.waiters,
+            });
+        }
+        out
+    }
+
+    fn reindex_pending(&mut self) {
+        self.pending_index.clear();
+        for (i, slot) in self.pending.iter().enumerate() {
+            self.pending_index.insert(slot.op.clone(), i);
+        }
     }
 
     fn release_order(&mut self, order: &OrderId, n: usize) {
@@ -295,6 +421,56 @@ mod tests {
         })]));
         assert_eq!(d.len(), 2);
         assert!(d.iter().all(|d| d.reply.is_err()));
+        assert!(core.is_idle());
+    }
+
+    #[test]
+    fn a_busy_order_parks_with_what_came_after_it_and_returns_in_order() {
+        let mut core: LaneCore<u32> = LaneCore::new();
+        core.submit(deduct("a"), req("r1"), 1);
+        core.submit(deduct("b"), req("r2"), 2);
+        assert_eq!(core.take_batch(10).unwrap().len(), 2);
+        // While the batch is out: a refund of b, and a duplicate of b's deduct.
+        let refund = Op::Refund {
+            order_id: OrderId::parse("b").unwrap(),
+            refund_id: crate::domain::RefundId::parse("f1").unwrap(),
+            amount: Money::amount(5).unwrap(),
+        };
+        core.submit(refund.clone(), req("r3"), 3);
+        assert!(core.submit(deduct("b"), req("r4"), 4).joined);
+        // b's lock was held elsewhere: it did not run.
+        let (done, parked) = core.complete_partial(vec![Some(Ok(Err(Rejection::OrderNotFound))), None]);
+        assert_eq!(done.len(), 1);
+        assert_eq!(parked, vec![OrderId::parse("b").unwrap()]);
+        assert_eq!(core.pending_len(), 0, "b's refund waits behind b's deduct");
+        assert_eq!(core.parked_len(), 1);
+        assert!(core.take_batch(10).is_none(), "nothing of a parked order is batched");
+        // A duplicate arriving while parked joins the parked op.
+        assert!(core.submit(deduct("b"), req("r5"), 5).joined);
+        assert!(core.unpark(&OrderId::parse("b").unwrap()));
+        assert_eq!(core.take_batch(10).unwrap(), vec![deduct("b"), refund]);
+        let d = core.complete(Ok(vec![Err(Rejection::OrderNotFound), Err(Rejection::OrderNotFound)]));
+        let got: Vec<Vec<u32>> = d
+            .iter()
+            .map(|d| d.waiters.iter().map(|w| w.reply).collect())
+            .collect();
+        assert_eq!(got, vec![vec![2, 4, 5], vec![3]]);
+        assert!(core.is_idle());
+    }
+
+    #[test]
+    fn giving_up_on_a_parked_order_answers_all_its_waiters() {
+        let mut core: LaneCore<u32> = LaneCore::new();
+        core.submit(deduct("a"), req("r1"), 1);
+        core.take_batch(10).unwrap();
+        core.submit(deduct("a"), req("r2"), 2);
+        let (done, parked) = core.complete_partial(vec![None]);
+        assert!(done.is_empty());
+        assert_eq!(parked.len(), 1);
+        let d = core.give_up(&parked[0], Ok(Err(Rejection::LockBusy)));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].waiters.len(), 2);
+        assert!(matches!(d[0].reply, Ok(Err(Rejection::LockBusy))));
         assert!(core.is_idle());
     }
 }

@@ -25,7 +25,7 @@ pub mod router;
 
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
-use crate::lock::redis::{RedisLockError, RedisLocks};
+use crate::lock::redis::{Grant, RedisLockError, RedisLocks};
 use crate::lock::LocalLocks;
 use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
@@ -670,12 +670,31 @@ fn event_name(family: &'static str, step: &'static str) -> &'static str {
     }
 }
 
+/// A batch's answer as the lane sees it: `None` for an op that did not run
+/// because another instance holds its order's lock (`busy` says which orders and
+/// how long their holders' leases still run; `sent` is when the acquire that
+/// found them busy was sent).
+struct BatchDone {
+    results: Vec<Option<LaneReply>>,
+    busy: Vec<(OrderId, Duration)>,
+    sent: Instant,
+}
+
+type BatchFuture = futures::future::BoxFuture<'static, BatchDone>;
+/// Resolves to a parked order once its lock may be free.
+type WakeFuture = futures::future::BoxFuture<'static, OrderId>;
+
 /// The lane owner: the only code that touches this lane's [`LaneCore`].
 async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
+    use futures::StreamExt;
     let cfg = &shared.cfg;
     let batch_wait = Duration::from_micros(cfg.batch_wait_us);
     let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
-    let mut inflight: Option<StoreFuture<Vec<crate::store::OpResult>>> = None;
+    let mut inflight: Option<BatchFuture> = None;
+    // Parked orders: woken by their holder's release (or its lease's end), and
+    // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
+    let mut wakes: futures::stream::FuturesUnordered<WakeFuture> = Default::default();
+    let mut first_busy: std::collections::HashMap<OrderId, Instant> = Default::default();
     let mut open = true;
     let mut inflight_since = Instant::now();
     // When a non-full batch may go out at the latest.
@@ -690,20 +709,12 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
                     shared.stats.batched_ops.inc_by(ops.len() as u64);
                     shared.stats.batch_sizes.observe(ops.len() as f64);
                     inflight_since = Instant::now();
-                    inflight = Some(match &shared.redis {
-                        None => shared.store.apply(ops),
-                        Some(locks) => Box::pin(fenced_apply(
-                            shared.clone(),
-                            locks.clone(),
-                            ops,
-                            core.inflight_reqs(),
-                        )),
-                    });
+                    inflight = Some(start_batch(&shared, ops, core.inflight_reqs()));
                 }
                 deadline = None;
             }
         }
-        if !open && inflight.is_none() && core.pending_len() == 0 {
+        if !open && inflight.is_none() && core.pending_len() == 0 && core.parked_len() == 0 {
             debug_assert!(core.is_idle(), "a closed lane must end idle");
             return;
         }
@@ -711,12 +722,22 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
         let wait_for = deadline.filter(|_| inflight.is_none());
         tokio::select! {
             biased;
-            results = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
+            done = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
                 inflight = None;
                 shared.stats.commit_seconds.observe(inflight_since.elapsed().as_secs_f64());
-                for delivery in core.complete(results) {
+                let (deliveries, parked) = core.complete_partial(done.results);
+                for delivery in deliveries {
+                    if let Some(order) = delivery.op.order_id() {
+                        first_busy.remove(order);
+                    }
                     deliver(&shared, delivery);
                 }
+                for order in parked {
+                    park(&shared, &mut core, &mut wakes, &mut first_busy, order, &done.busy, done.sent);
+                }
+            }
+            Some(order) = wakes.next(), if !wakes.is_empty() => {
+                core.unpark(&order);
             }
             cmd = rx.recv(), if can_take => match cmd {
                 Some(cmd) => {
@@ -736,16 +757,81 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
     }
 }
 
-/// Applies a batch under the Redis lock of every order in it, each op carrying
-/// its order's fencing token. An order whose lock stays held elsewhere past the
-/// wait limit gets `LockBusy` (503); if Redis cannot be reached, the batch is
-/// written without tokens: the database's constraints still charge once.
+/// Hands a batch to the store: straight, or under the Redis locks of its orders.
+fn start_batch(shared: &Arc<Shared>, ops: Vec<Op>, reqs: Vec<RequestId>) -> BatchFuture {
+    match &shared.redis {
+        None => {
+            let n = ops.len();
+            let applying = shared.store.apply(ops);
+            Box::pin(async move {
+                BatchDone {
+                    results: match applying.await {
+                        Ok(r) => r.into_iter().map(|r| Some(Ok(r))).collect(),
+                        Err(e) => (0..n).map(|_| Some(Err(e.clone()))).collect(),
+                    },
+                    busy: Vec::new(),
+                    sent: Instant::now(),
+                }
+            })
+        }
+        Some(locks) => Box::pin(fenced_apply(shared.clone(), locks.clone(), ops, reqs)),
+    }
+}
+
+/// An order another instance holds waits for its release, or is answered 503
+/// once it has waited `LOCK_WAIT_MS_MAX` in all (nothing of it moved).
+fn park(
+    shared: &Arc<Shared>,
+    core: &mut LaneCore<oneshot::Sender<LaneReply>>,
+    wakes: &mut futures::stream::FuturesUnordered<WakeFuture>,
+    first_busy: &mut std::collections::HashMap<OrderId, Instant>,
+    order: OrderId,
+    busy: &[(OrderId, Duration)],
+    sent: Instant,
+) {
+    let since = *first_busy.entry(order.clone()).or_insert(sent);
+    let waited = since.elapsed();
+    let wait_max = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
+    let locks = match &shared.redis {
+        Some(locks) if waited < wait_max => locks.clone(),
+        _ => {
+            tracing::warn!(
+                event = "lock_busy",
+                oid = order.as_str(),
+                waited_ms = waited.as_millis() as u64,
+                inst = &*shared.inst
+            );
+            first_busy.remove(&order);
+            for delivery in core.give_up(&order, Ok(Err(Rejection::LockBusy))) {
+                deliver(shared, delivery);
+            }
+            return;
+        }
+    };
+    let left = busy
+        .iter()
+        .find(|(o, _)| *o == order)
+        .map_or(Duration::ZERO, |(_, left)| *left)
+        .min(wait_max - waited);
+    wakes.push(Box::pin(async move {
+        locks.released(order.as_str(), sent, left).await;
+        order
+    }));
+}
+
+/// Applies a batch under the Redis locks of its orders, each op carrying its
+/// order's fencing token. The locks are taken in one round trip that waits for
+/// none of them: an order held by another instance is left out of this batch
+/// (`None`) and the lane parks it until that holder releases it. Nothing here
+/// holds a lock while waiting for another, so instances cannot deadlock. If
+/// Redis cannot be reached, the batch is written without tokens: the database's
+/// constraints still charge once.
 async fn fenced_apply(
     shared: Arc<Shared>,
     locks: Arc<RedisLocks>,
     ops: Vec<Op>,
     reqs: Vec<RequestId>,
-) -> Result<Vec<crate::store::OpResult>, StoreError> {
+) -> BatchDone {
     let inst = &*shared.inst;
     let mut orders: Vec<(OrderId, RequestId)> = Vec::new();
     for (op, req) in ops.iter().zip(&reqs) {
@@ -755,40 +841,69 @@ async fn fenced_apply(
             }
         }
     }
-    let wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
-    let grants =
-        futures::future::join_all(orders.iter().map(|(o, _)| locks.acquire(o.as_str(), wait)))
-            .await;
+    let sent = Instant::now();
+    let names: Vec<&str> = orders.iter().map(|(o, _)| o.as_str()).collect();
+    let grants = if names.is_empty() {
+        Ok(Vec::new())
+    } else {
+        locks.try_acquire_many(&names).await
+    };
     let mut tokens = std::collections::HashMap::new();
     let mut leases = Vec::new();
-    let mut busy = std::collections::HashSet::new();
-    for ((order, req), grant) in orders.iter().zip(grants) {
-        match grant {
-            Ok(lease) => {
-                tracing::info!(
-                    event = "lock_acquired",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                );
-                tokens.insert(order.clone(), lease.token);
-                leases.push((order.clone(), req.clone(), lease));
+    let mut busy = Vec::new();
+    match grants {
+        Ok(grants) => {
+            for ((order, req), grant) in orders.iter().zip(grants) {
+                match grant {
+                    Grant::Held(lease) => {
+                        tracing::info!(
+                            event = "lock_acquired",
+                            oid = order.as_str(),
+                            token = lease.token,
+                            req = req.as_str(),
+                            inst
+                        );
+                        tokens.insert(order.clone(), lease.token);
+                        leases.push((order.clone(), req.clone(), lease));
+                    }
+                    Grant::Busy { left } => {
+                        tracing::info!(
+                            event = "lock_wait",
+                            oid = order.as_str(),
+                            holder_left_ms = left.as_millis() as u64,
+                            req = req.as_str(),
+                            inst
+                        );
+                        busy.push((order.clone(), left));
+                    }
+                }
             }
-            Err(RedisLockError::Busy { .. }) => {
-                tracing::warn!(
-                    event = "lock_busy",
-                    oid = order.as_str(),
-                    req = req.as_str(),
-                    inst
-                );
-                busy.insert(order.clone());
-            }
-            Err(e) => {
+        }
+        Err(e) => {
+            for (order, req) in &orders {
                 tracing::warn!(event = "lock_unavailable", oid = order.as_str(), detail = %e, req = req.as_str(), inst);
             }
         }
     }
+    let results = apply_held(&shared, &locks, ops, &tokens, &leases, &busy).await;
+    BatchDone {
+        results,
+        busy,
+        sent,
+    }
+}
+
+/// Writes the ops whose orders are not busy (fenced where a token was granted),
+/// then gives every lease back in one round trip.
+async fn apply_held(
+    shared: &Shared,
+    locks: &RedisLocks,
+    ops: Vec<Op>,
+    tokens: &std::collections::HashMap<OrderId, i64>,
+    leases: &[(OrderId, RequestId, crate::lock::Lease)],
+    busy: &[(OrderId, Duration)],
+) -> Vec<Option<LaneReply>> {
+    let inst = &*shared.inst;
     if shared.cfg.failpoint_pause_after_lock_ms > 0 {
         tokio::time::sleep(Duration::from_millis(
             shared.cfg.failpoint_pause_after_lock_ms,
@@ -801,11 +916,12 @@ async fn fenced_apply(
     } else {
         crate::failpoint::hit(crate::failpoint::AFTER_LOCK).await
     };
-    let mut positions = Vec::with_capacity(ops.len());
-    let mut to_apply = Vec::with_capacity(ops.len());
+    let total = ops.len();
+    let mut positions = Vec::with_capacity(total);
+    let mut to_apply = Vec::with_capacity(total);
     for (i, op) in ops.into_iter().enumerate() {
         let order = op.order_id().cloned();
-        if order.as_ref().is_some_and(|o| busy.contains(o)) {
+        if order.as_ref().is_some_and(|o| busy.iter().any(|(b, _)| b == o)) {
             continue;
         }
         positions.push(i);
@@ -817,7 +933,6 @@ async fn fenced_apply(
             None => op,
         });
     }
-    let total = reqs.len();
     let applied = if injected == Some(crate::failpoint::Action::Error) {
         Err(StoreError::Unavailable(
             "failpoint engine.after_lock".into(),
@@ -827,39 +942,55 @@ async fn fenced_apply(
     } else {
         shared.store.apply(to_apply).await
     };
-    for (order, req, lease) in &leases {
-        match locks.release(lease).await {
-            Ok(true) => {
-                tracing::info!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                )
-            }
-            Ok(false) => {
-                tracing::warn!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    lost = true,
-                    req = req.as_str(),
-                    inst
-                )
-            }
+    let held: Vec<crate::lock::Lease> = leases.iter().map(|(_, _, l)| l.clone()).collect();
+    let released = locks.release_many(&held).await;
+    for (i, (order, req, lease)) in leases.iter().enumerate() {
+        match &released {
+            Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
+                event = "lock_released",
+                oid = order.as_str(),
+                token = lease.token,
+                req = req.as_str(),
+                inst
+            ),
+            Ok(_) => tracing::warn!(
+                event = "lock_released",
+                oid = order.as_str(),
+                token = lease.token,
+                lost = true,
+                req = req.as_str(),
+                inst
+            ),
             Err(e) => {
                 tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
             }
         }
     }
-    let applied = applied?;
-    let mut out: Vec<crate::store::OpResult> =
-        (0..total).map(|_| Err(Rejection::LockBusy)).collect();
-    for (pos, result) in positions.into_iter().zip(applied) {
-        out[pos] = result;
+    // Ops of busy orders stay `None` (they did not run, whatever the store said).
+    let mut out: Vec<Option<LaneReply>> = (0..total).map(|_| None).collect();
+    match applied {
+        Ok(results) if results.len() == positions.len() => {
+            for (pos, result) in positions.into_iter().zip(results) {
+                out[pos] = Some(Ok(result));
+            }
+        }
+        Ok(results) => {
+            let e = StoreError::Unavailable(format!(
+                "store answered {} results for {} ops",
+                results.len(),
+                positions.len()
+            ));
+            for pos in positions {
+                out[pos] = Some(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for pos in positions {
+                out[pos] = Some(Err(e.clone()));
+            }
+        }
     }
-    Ok(out)
+    out
 }
 
 fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {

@@ -12,6 +12,7 @@
 //! released with compare-and-delete, exactly as the Redis version will be.
 
 pub mod redis;
+pub mod release;
 pub mod token;
 
 use std::collections::HashMap;

@@ -21,34 +21,66 @@
 //! and the raise applies only to the same incarnation; a refused raise gives the
 //! lock back and the acquire starts over on the new incarnation.
 //!
+//! A batch takes all its orders' locks in one round trip ([`RedisLocks::try_acquire_many`]):
+//! the script grants the free ones and reports the busy ones with their holder's
+//! remaining TTL, and marks that someone waits for them. Nobody ever holds a lock
+//! while waiting for another, so instances cannot wait on each other in a cycle
+//! (issue #12: `join_all` of waiting acquires did, and stalled 5 s). Busy orders
+//! wait for the holder's release, which publishes their id ([`super::release`]),
+//! then try again. Releases are one round trip too ([`RedisLocks::release_many`]).
+//!
 //! The lock is an optimisation. If Redis cannot be reached, the engine writes
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
 
+use super::release::{spawn_subscriber, ReleaseBoard};
 use super::token;
 use super::Lease;
 use crate::store::Store;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// How long one Redis command may take before the lock counts as unavailable.
 pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
+/// Longest a busy order waits for its holder's release notification before it
+/// tries again anyway (a lost notification costs at most this). A holder that
+/// died is waited for no longer than its lock's remaining TTL either.
+pub const RELEASE_WAIT_MS_MAX: u64 = 250;
+/// A waiter marker outlives the lock it waits on by this much, so the holder's
+/// release still finds it.
+const WAITER_MARK_GRACE_MS: u64 = 1_000;
+/// Acquires redone in a row when a Redis flush re-creates the fence hash between
+/// a grant and its epoch raise; past this the batch writes without tokens.
+pub const EPOCH_RACE_RETRIES_MAX: usize = 3;
 
-/// The counter and the epoch live in one hash (`fence`), so a flush, a restart or
-/// an eviction loses both together: a counter can never restart under an epoch
-/// that already handed out higher numbers.
-const ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
-  if n == 1 then
-    redis.call('HSET', KEYS[2], 'inc', ARGV[1])
+/// Takes every free lock of `KEYS` (after the fence hash, pairs of an order's
+/// lock key and its waiter marker) in one step. The counter and the epoch live in
+/// one hash (`fence`), so a flush, a restart or an eviction loses both together:
+/// a counter can never restart under an epoch that already handed out higher
+/// numbers. Answers `{epoch, incarnation, r1, r2, ...}`: `ri >= 1` is the grant
+/// counter of lock i; `ri <= 0` means it is held elsewhere for `-ri` more ms (its
+/// waiter marker is then set, so the holder's release publishes).
+const ACQUIRE_MANY: &str = r#"
+local out = {false, false}
+for i = 2, #KEYS, 2 do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+    if n == 1 then
+      redis.call('HSET', KEYS[1], 'inc', ARGV[1])
+    end
+    out[#out + 1] = n
+  else
+    local left = redis.call('PTTL', KEYS[i])
+    if left < 0 then left = 0 end
+    redis.call('SET', KEYS[i + 1], '1', 'PX', left + tonumber(ARGV[3]))
+    out[#out + 1] = -left
   end
-  local e = redis.call('HGET', KEYS[2], 'epoch')
-  local inc = redis.call('HGET', KEYS[2], 'inc')
-  return {n, e or false, inc or false}
 end
-return false
+out[1] = redis.call('HGET', KEYS[1], 'epoch') or false
+out[2] = redis.call('HGET', KEYS[1], 'inc') or false
+return out
 "#;
 
 /// Sets the epoch only upward, never touching the counter (resetting it would
@@ -66,11 +98,24 @@ end
 return cur
 "#;
 
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+/// Compare-and-delete of every `(lock, waiter marker)` pair of `KEYS` held by
+/// `ARGV[1]`; a freed lock that somebody waits for publishes its order id
+/// (`ARGV[2 + i]`) on channel `ARGV[2]`. Answers 1 per lock freed, 0 per lock
+/// no longer ours (its lease expired).
+const RELEASE_MANY: &str = r#"
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    if redis.call('DEL', KEYS[i + 1]) == 1 then
+      redis.call('PUBLISH', ARGV[2], ARGV[2 + (i + 1) / 2])
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-return 0
+return out
 "#;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +128,14 @@ pub enum RedisLockError {
     Epoch(String),
 }
 
+/// One order's answer from [`RedisLocks::try_acquire_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    Held(Lease),
+    /// Held elsewhere; its lease ends within `left` at the latest.
+    Busy { left: Duration },
+}
+
 pub struct RedisLocks {
     conn: ConnectionManager,
     /// Prefix of every key, so several deployments (or tests) share one Redis.
@@ -90,9 +143,12 @@ pub struct RedisLocks {
     owner: String,
     ttl: Duration,
     store: Arc<dyn Store>,
-    acquire: redis::Script,
+    acquire_many: redis::Script,
     raise_epoch: redis::Script,
-    release: redis::Script,
+    release_many: redis::Script,
+    releases: ReleaseBoard,
+    /// Dropping it stops the release subscriber.
+    _stop_subscriber: oneshot::Sender<()>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RedisLockError {
@@ -114,20 +170,25 @@ impl RedisLocks {
             .set_number_of_retries(1);
         let conn = tokio::time::timeout(
             Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS * 4),
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| RedisLockError::Unavailable(format!("connecting to {url} timed out")))?
         .map_err(unavailable)?;
+        let releases = ReleaseBoard::default();
+        let (stop, stopped) = oneshot::channel();
+        spawn_subscriber(client, format!("{prefix}:released"), &releases, stopped);
         Ok(RedisLocks {
             conn,
             prefix: prefix.to_owned(),
             owner: owner.to_owned(),
             ttl,
             store,
-            acquire: redis::Script::new(ACQUIRE),
+            acquire_many: redis::Script::new(ACQUIRE_MANY),
             raise_epoch: redis::Script::new(RAISE_EPOCH),
-            release: redis::Script::new(RELEASE),
+            release_many: redis::Script::new(RELEASE_MANY),
+            releases,
+            _stop_subscriber: stop,
         })
     }
 
@@ -135,53 +196,114 @@ impl RedisLocks {
         format!("{}:{name}", self.prefix)
     }
 
+    fn lock_key(&self, order: &str) -> String {
+        self.key(&format!("lock:order:{order}"))
+    }
+
     /// One attempt at `lock:order:{order}`; `None` when another holder has it.
     pub async fn try_acquire(&self, order: &str) -> Result<Option<Lease>, RedisLockError> {
-        let key = self.key(&format!("lock:order:{order}"));
-        let mut conn = self.conn.clone();
+        Ok(match self.try_acquire_many(&[order]).await?.pop() {
+            Some(Grant::Held(lease)) => Some(lease),
+            _ => None,
+        })
+    }
+
+    /// One attempt at the lock of every order in `orders` (distinct ids), in one
+    /// round trip: the free ones are granted, the busy ones reported, none waited
+    /// for. The answer has one [`Grant`] per order, in order.
+    pub async fn try_acquire_many(&self, orders: &[&str]) -> Result<Vec<Grant>, RedisLockError> {
+        for _ in 0..=EPOCH_RACE_RETRIES_MAX {
+            if let Some(grants) = self.acquire_round(orders).await? {
+                return Ok(grants);
+            }
+        }
+        Err(RedisLockError::Unavailable(format!(
+            "the fence hash was re-created {} times in a row during an acquire",
+            EPOCH_RACE_RETRIES_MAX + 1
+        )))
+    }
+
+    /// One ACQUIRE_MANY; `None` when the fence hash was re-created between the
+    /// grants and their epoch raise (everything granted is given back).
+    async fn acquire_round(&self, orders: &[&str]) -> Result<Option<Vec<Grant>>, RedisLockError> {
         let owner = format!("{}:{}", self.owner, uuid_like());
-        let got: Option<(i64, Option<i64>, Option<String>)> = self
-            .acquire
-            .key(&key)
-            .key(self.key("fence"))
+        let mut invocation = self.acquire_many.key(self.key("fence"));
+        let keys: Vec<String> = orders.iter().map(|o| self.lock_key(o)).collect();
+        for key in &keys {
+            invocation.key(key).key(format!("{key}:w"));
+        }
+        invocation
             .arg(&owner)
             .arg(self.ttl.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let Some((n, epoch, incarnation)) = got else {
-            return Ok(None);
+            .arg(WAITER_MARK_GRACE_MS);
+        let mut conn = self.conn.clone();
+        let (epoch, incarnation, answers): (Option<i64>, Option<String>, Vec<i64>) = {
+            let v: Vec<redis::Value> = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            parse_acquire(v).map_err(unavailable)?
+        };
+        if answers.len() != orders.len() {
+            return Err(RedisLockError::Unavailable(format!(
+                "acquire answered {} locks for {}",
+                answers.len(),
+                orders.len()
+            )));
+        }
+        let held: Vec<(&String, i64)> = keys
+            .iter()
+            .zip(&answers)
+            .filter(|(_, n)| **n >= 1)
+            .map(|(k, n)| (k, *n))
+            .collect();
+        let leases = |epoch: i64| -> Vec<Lease> {
+            held.iter()
+                .map(|(key, n)| Lease {
+                    key: format!("{key}\u{0}{owner}"),
+                    token: token::pack(epoch, *n),
+                })
+                .collect()
         };
         // 2^32 grants since the last reset: refuse rather than wrap the token.
-        let n = token::check_counter(n).map_err(|e| {
-            RedisLockError::Unavailable(format!(
-                "{e}; delete the {} key to start a new epoch",
+        if let Some(n) = answers.iter().find(|n| token::check_counter(**n).is_err()) {
+            self.release_many(&leases(0)).await?;
+            return Err(RedisLockError::Unavailable(format!(
+                "fencing counter {n} is past 2^{}; delete the {} key to start a new epoch",
+                token::COUNTER_BITS,
                 self.key("fence")
-            ))
-        })?;
-        let lease_key = format!("{key}\u{0}{owner}");
+            )));
+        }
         let epoch = match epoch {
             Some(e) => e,
+            None if held.is_empty() => 0,
             // The fence hash is gone (flush, restart, eviction): take a new epoch
             // from the database, which only grows.
-            None => match self.new_epoch(incarnation.as_deref().unwrap_or("")).await? {
-                Some(e) => e,
-                None => {
-                    // Re-created again since this grant: give the lock back and
-                    // let the caller's retry start on the new incarnation.
-                    let lease = Lease {
-                        key: lease_key,
-                        token: 0,
+            None => match self.new_epoch(incarnation.as_deref().unwrap_or("")).await {
+                Ok(Some(e)) => e,
+                other => {
+                    // Re-created again since these grants (or no epoch to be had):
+                    // give the locks back before answering.
+                    self.release_many(&leases(0)).await?;
+                    return match other {
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
                     };
-                    self.release(&lease).await?;
-                    return Ok(None);
                 }
             },
         };
-        Ok(Some(Lease {
-            key: lease_key,
-            token: token::pack(epoch, n),
-        }))
+        let mut granted = leases(epoch).into_iter();
+        Ok(Some(
+            answers
+                .iter()
+                .map(|n| match *n {
+                    n if n >= 1 => Grant::Held(granted.next().expect("one lease per grant")),
+                    left => Grant::Busy {
+                        left: Duration::from_millis(left.unsigned_abs()),
+                    },
+                })
+                .collect(),
+        ))
     }
 
     /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
@@ -218,41 +340,99 @@ impl RedisLocks {
         Ok(Some(token::epoch_in_force(epoch, fresh)))
     }
 
-    /// Waits up to `wait` for the lock, backing off between attempts.
+    /// Waits until `order`'s lock was released after `since` (when the acquire
+    /// that found it busy was sent), or for `left` (its holder's remaining lease)
+    /// capped at [`RELEASE_WAIT_MS_MAX`]. True when a release woke it.
+    pub async fn released(&self, order: &str, since: Instant, left: Duration) -> bool {
+        let at_most = left
+            .max(Duration::from_millis(1))
+            .min(Duration::from_millis(RELEASE_WAIT_MS_MAX));
+        self.releases.released(order, since, at_most).await
+    }
+
+    /// Waits up to `wait` for one lock, sleeping until its holder releases it
+    /// between attempts (never polling on a timer).
     pub async fn acquire(&self, order: &str, wait: Duration) -> Result<Lease, RedisLockError> {
         let started = Instant::now();
-        let mut backoff_us = 200;
         loop {
-            if let Some(lease) = self.try_acquire(order).await? {
-                return Ok(lease);
-            }
-            if started.elapsed() >= wait {
+            let since = Instant::now();
+            let left = match self.try_acquire_many(&[order]).await?.pop() {
+                Some(Grant::Held(lease)) => return Ok(lease),
+                Some(Grant::Busy { left }) => left,
+                None => return Err(unavailable("acquire answered no lock")),
+            };
+            let remaining = wait.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
                 return Err(RedisLockError::Busy {
                     key: order.to_owned(),
                     waited_ms: started.elapsed().as_millis() as u64,
                 });
             }
-            tokio::time::sleep(Duration::from_micros(backoff_us)).await;
-            backoff_us = (backoff_us * 2).min(10_000);
+            self.released(order, since, left.min(remaining)).await;
         }
     }
 
     /// Compare-and-delete: frees the lock only if this lease still holds it.
     pub async fn release(&self, lease: &Lease) -> Result<bool, RedisLockError> {
-        let (key, owner) = lease
-            .key
-            .split_once('\u{0}')
-            .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
+        Ok(self
+            .release_many(std::slice::from_ref(lease))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Compare-and-delete of every lease, in one round trip, waking the
+    /// instances waiting for them. One answer per lease: false when it had
+    /// expired (another holder may have it now).
+    pub async fn release_many(&self, leases: &[Lease]) -> Result<Vec<bool>, RedisLockError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lock_prefix = self.key("lock:order:");
+        let mut invocation = self.release_many.prepare_invoke();
+        let mut orders = Vec::with_capacity(leases.len());
+        let mut owner = None;
+        for lease in leases {
+            let (key, held_by) = lease
+                .key
+                .split_once('\u{0}')
+                .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
+            if owner.is_some_and(|o| o != held_by) {
+                return Err(RedisLockError::Unavailable(
+                    "release_many takes the leases of one acquire".into(),
+                ));
+            }
+            owner = Some(held_by);
+            invocation.key(key).key(format!("{key}:w"));
+            orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
+        }
+        invocation
+            .arg(owner.unwrap_or_default())
+            .arg(self.key("released"));
+        for order in orders {
+            invocation.arg(order);
+        }
         let mut conn = self.conn.clone();
-        let n: i64 = self
-            .release
-            .key(key)
-            .arg(owner)
+        let freed: Vec<i64> = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(n == 1)
+        Ok(freed.into_iter().map(|n| n == 1).collect())
     }
+}
+
+/// Splits ACQUIRE_MANY's answer: epoch, incarnation, one number per lock.
+fn parse_acquire(
+    v: Vec<redis::Value>,
+) -> Result<(Option<i64>, Option<String>, Vec<i64>), redis::ParsingError> {
+    let mut it = v.into_iter();
+    let epoch: Option<i64> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
+    let inc: Option<String> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
+    let answers = it
+        .map(redis::from_redis_value)
+        .collect::<Result<Vec<i64>, _>>()?;
+    Ok((epoch, inc, answers))
 }
 
 /// A value unique to this grant (process start, pid, counter), for compare-and-delete.
