@@ -4,6 +4,7 @@
 mod engine;
 mod guards;
 mod http;
+mod scale;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ pub enum Suite {
     Guards(guards::GuardsBenchArgs),
     /// HTTP cost: the same load on a plain axum handler and on payguard's deduct.
     Http(http::HttpBenchArgs),
+    /// 1 and N instances on one PostgreSQL, with and without the Redis lock.
+    Scale(scale::ScaleBenchArgs),
     /// Concurrent maps under the write-up's workloads; ratios to Mutex<HashMap>.
     Cache(payguard_bench_suites::CacheArgs),
     /// Hash functions and reductions for lane routing.
@@ -34,6 +37,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Suite::Engine(a) => engine::run(a),
         Suite::Guards(a) => guards::run(a),
         Suite::Http(a) => http::run(a),
+        Suite::Scale(a) => scale::run(a),
         Suite::Cache(a) => suite(payguard_bench_suites::run_cache(&a)),
         Suite::Routing(a) => suite(payguard_bench_suites::run_routing(&a)),
         Suite::Queue(a) => suite(payguard_bench_suites::run_queue(&a)),
