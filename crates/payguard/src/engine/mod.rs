@@ -893,17 +893,54 @@ async fn fenced_apply(
     }
 }
 
+/// Gives every lease of a batch back in one round trip, logging each.
+fn release_in_background(
+    inst: Arc<str>,
+    locks: Arc<RedisLocks>,
+    leases: Vec<(OrderId, RequestId, crate::lock::Lease)>,
+) {
+    if leases.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let inst = &*inst;
+        let held: Vec<crate::lock::Lease> = leases.iter().map(|(_, _, l)| l.clone()).collect();
+        let released = locks.release_many(&held).await;
+        for (i, (order, req, lease)) in leases.iter().enumerate() {
+            match &released {
+                Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
+                    event = "lock_released",
+                    oid = order.as_str(),
+                    token = lease.token,
+                    req = req.as_str(),
+                    inst
+                ),
+                Ok(_) => tracing::warn!(
+                    event = "lock_released",
+                    oid = order.as_str(),
+                    token = lease.token,
+                    lost = true,
+                    req = req.as_str(),
+                    inst
+                ),
+                Err(e) => {
+                    tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
+                }
+            }
+        }
+    });
+}
+
 /// Writes the ops whose orders are not busy (fenced where a token was granted),
-/// then gives every lease back in one round trip.
+/// then gives every lease back.
 async fn apply_held(
     shared: &Shared,
-    locks: &RedisLocks,
+    locks: &Arc<RedisLocks>,
     ops: Vec<Op>,
     tokens: &std::collections::HashMap<OrderId, i64>,
     leases: &[(OrderId, RequestId, crate::lock::Lease)],
     busy: &[(OrderId, Duration)],
 ) -> Vec<Option<LaneReply>> {
-    let inst = &*shared.inst;
     if shared.cfg.failpoint_pause_after_lock_ms > 0 {
         tokio::time::sleep(Duration::from_millis(
             shared.cfg.failpoint_pause_after_lock_ms,
@@ -942,30 +979,10 @@ async fn apply_held(
     } else {
         shared.store.apply(to_apply).await
     };
-    let held: Vec<crate::lock::Lease> = leases.iter().map(|(_, _, l)| l.clone()).collect();
-    let released = locks.release_many(&held).await;
-    for (i, (order, req, lease)) in leases.iter().enumerate() {
-        match &released {
-            Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
-                event = "lock_released",
-                oid = order.as_str(),
-                token = lease.token,
-                req = req.as_str(),
-                inst
-            ),
-            Ok(_) => tracing::warn!(
-                event = "lock_released",
-                oid = order.as_str(),
-                token = lease.token,
-                lost = true,
-                req = req.as_str(),
-                inst
-            ),
-            Err(e) => {
-                tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
-            }
-        }
-    }
+    // The answers go out without waiting for the release: it is one more round
+    // trip, and a later request for one of these orders that finds its lock still
+    // held waits for this very release's notification.
+    release_in_background(shared.inst.clone(), locks.clone(), leases.to_vec());
     // Ops of busy orders stay `None` (they did not run, whatever the store said).
     let mut out: Vec<Option<LaneReply>> = (0..total).map(|_| None).collect();
     match applied {
