@@ -62,8 +62,8 @@
 //! tables, or newer than this build is refused, like the SQLite store does.
 
 use super::{
-    after_commit_failpoint_applies, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult,
-    Output, Rejection, Store, StoreError, StoreFuture,
+    after_commit_failpoint_applies, ClaimOutcome, Command, IdemClaim, IdemWrite, NaiveCtx, Op,
+    OpResult, Output, Rejection, Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
@@ -416,7 +416,7 @@ fn now_ms() -> i64 {
 /// with no lane or lock above them.
 pub async fn apply_ops(
     client: &mut deadpool_postgres::ClientWrapper,
-    ops: &[Op],
+    ops: &[Command],
     now: i64,
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
@@ -429,7 +429,7 @@ pub async fn apply_ops(
 /// COMMITs resolved (see the module docs): the only way the store runs ops.
 async fn apply_pooled(
     inner: &Inner,
-    ops: &[Op],
+    ops: &[Command],
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
     let mut reruns = 0;
@@ -599,7 +599,7 @@ async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Option<bool>, Store
 
 async fn apply_counted(
     client: &mut deadpool_postgres::ClientWrapper,
-    ops: &[Op],
+    ops: &[Command],
     now: i64,
     isolated: bool,
     stats: &PgStats,
@@ -644,7 +644,7 @@ async fn txid(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, Fault> {
 
 async fn run_batch(
     client: &mut deadpool_postgres::ClientWrapper,
-    ops: &[Op],
+    ops: &[Command],
     now: i64,
     careful: bool,
     sent: &mut Option<i64>,
@@ -817,7 +817,7 @@ fn placeholder(index: usize) -> i64 {
 /// Runs one pass: read and lock, decide in Rust, write set-based.
 async fn run_pass(
     tx: &deadpool_postgres::Transaction<'_>,
-    ops: &[Op],
+    ops: &[Command],
     now: i64,
 ) -> Result<Vec<OpResult>, Fault> {
     let mut plan = Plan::default();
@@ -834,38 +834,19 @@ async fn run_pass(
     Ok(results)
 }
 
-/// The op under any Idempotency-Key wrappers.
-fn bare(mut op: &Op) -> &Op {
-    while let Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } = op {
-        op = inner;
-    }
-    op
-}
-
-/// The Idempotency-Key write of an op, under any fencing wrapper.
-fn idem_of(mut op: &Op) -> Option<&IdemWrite> {
-    loop {
-        match op {
-            Op::Idempotent { idem, .. } => return Some(idem),
-            Op::Fenced { inner, .. } => op = inner,
-            _ => return None,
-        }
-    }
-}
-
 /// Completes (or drops) the Idempotency-Key reservations of the batch's
 /// idempotent ops, in the batch's own transaction, with two set-based statements:
 /// the stored response is exactly the committed result (real entry ids included).
 async fn write_idempotency(
     tx: &deadpool_postgres::Transaction<'_>,
-    ops: &[Op],
+    ops: &[Command],
     results: &[OpResult],
     now: i64,
 ) -> Result<(), Fault> {
     let mut done: Vec<(&IdemWrite, i32, Vec<u8>)> = Vec::new();
     let mut dropped: Vec<&IdemWrite> = Vec::new();
     for (op, result) in ops.iter().zip(results) {
-        if let Some(idem) = idem_of(op) {
+        if let Some(idem) = &op.idempotency {
             match (idem.render)(result) {
                 Some((status, body)) => done.push((idem, i32::from(status), body)),
                 None => dropped.push(idem),
@@ -1004,7 +985,7 @@ async fn idem_claim_on(
 /// order (the global lock order), then the entries that replays return.
 async fn read_batch(
     tx: &deadpool_postgres::Transaction<'_>,
-    ops: &[Op],
+    ops: &[Command],
     plan: &mut Plan,
 ) -> Result<(), Fault> {
     let mut order_ids = BTreeSet::new();
@@ -1012,8 +993,7 @@ async fn read_batch(
     let mut refund_ids = BTreeSet::new();
     let mut deducts = BTreeSet::new();
     for op in ops {
-        match bare(op) {
-            Op::Idempotent { .. } | Op::Fenced { .. } => {}
+        match &op.op {
             Op::CreateAccount { id, .. } => {
                 account_ids.insert(id.as_str());
             }
@@ -1059,7 +1039,7 @@ async fn read_batch(
             );
         }
     }
-    if ops.iter().any(|op| matches!(op, Op::Fenced { .. })) && !plan.orders.is_empty() {
+    if ops.iter().any(|op| op.fence.is_some()) && !plan.orders.is_empty() {
         // The rows are locked already; this reads the fence each one keeps.
         let stmt = tx
             .prepare_cached("SELECT id, fence FROM orders WHERE id = ANY($1::text[])")
@@ -1120,22 +1100,18 @@ async fn read_batch(
 }
 
 impl Plan {
-    /// One op, exactly as the SQLite store decides it, against the batch's state.
-    fn decide(&mut self, op: &Op, now: i64) -> Result<OpResult, Fault> {
-        match op {
-            Op::Idempotent { inner, .. } => self.decide(inner, now),
-            Op::Fenced { inner, token } => {
-                if let Some(order) = inner.order_id() {
-                    let seen = self.fences.get(order).copied().unwrap_or(0);
-                    if self.orders.contains_key(order) && *token < seen {
-                        return Ok(Err(Rejection::StaleFencingToken));
-                    }
-                    if self.orders.contains_key(order) {
-                        self.fences.insert(order.clone(), (*token).max(seen));
-                    }
-                }
-                self.decide(inner, now)
+    /// One command, exactly as the SQLite store decides it, against the batch's state.
+    fn decide(&mut self, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
+        if let (Some(token), Some(order)) = (cmd.fence, cmd.order_id()) {
+            let seen = self.fences.get(order).copied().unwrap_or(0);
+            if self.orders.contains_key(order) && token < seen {
+                return Ok(Err(Rejection::StaleFencingToken));
             }
+            if self.orders.contains_key(order) {
+                self.fences.insert(order.clone(), token.max(seen));
+            }
+        }
+        match &cmd.op {
             Op::CreateAccount {
                 id,
                 balance,
@@ -1794,12 +1770,12 @@ impl Store for PgStore {
         "postgres"
     }
 
-    fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>> {
+    fn apply(&self, ops: Vec<Command>) -> StoreFuture<Vec<OpResult>> {
         let inner = self.inner.clone();
         Box::pin(async move { apply_pooled(&inner, &ops, false).await })
     }
 
-    fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult> {
+    fn apply_isolated(&self, op: Command) -> StoreFuture<OpResult> {
         let inner = self.inner.clone();
         Box::pin(async move {
             // One transaction whose first statement locks the order row
@@ -1815,7 +1791,7 @@ impl Store for PgStore {
     /// incident reproduced for the one-command local demo (`payguard demo`, on an
     /// embedded file); there is no reason to build a PostgreSQL database without
     /// the money constraints, and every reason not to point that mode at a shared one.
-    fn apply_naive(&self, _op: Op, _ctx: NaiveCtx) -> StoreFuture<OpResult> {
+    fn apply_naive(&self, _op: Command, _ctx: NaiveCtx) -> StoreFuture<OpResult> {
         Box::pin(async {
             Err(StoreError::Schema(
                 "--guard naive runs on SQLite only".into(),

@@ -16,8 +16,8 @@
 //! the refused op is undone alone and the rest of the batch still commits.
 
 use super::{
-    after_commit_failpoint_applies, ClaimOutcome, IdemClaim, IdemWrite, NaiveCtx, Op, OpResult,
-    Output, Rejection, Store, StoreError, StoreFuture,
+    after_commit_failpoint_applies, ClaimOutcome, Command, IdemClaim, IdemWrite, NaiveCtx, Op,
+    OpResult, Output, Rejection, Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
@@ -220,7 +220,7 @@ impl SqliteConfig {
 }
 
 struct Job {
-    ops: Vec<Op>,
+    ops: Vec<Command>,
     reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
 }
 
@@ -445,7 +445,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
             }
         }
         let lens: Vec<usize> = jobs.iter().map(|j| j.ops.len()).collect();
-        let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+        let ops: Vec<Command> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
         let now = chrono::Utc::now().timestamp_millis();
         let mut outcome = apply_ops(&mut conn, &ops, now);
         if outcome
@@ -478,7 +478,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max:
 }
 
 /// One op in its own `BEGIN IMMEDIATE` transaction, with a savepoint around it.
-fn run_one(conn: &mut Connection, op: &Op) -> Result<OpResult, StoreError> {
+fn run_one(conn: &mut Connection, op: &Command) -> Result<OpResult, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     match run_batch(conn, std::slice::from_ref(op), now, true) {
         Ok(mut results) => Ok(results.remove(0)),
@@ -510,7 +510,7 @@ impl From<rusqlite::Error> for Fault {
 /// above them, and see the constraints alone keep every order to one debit.
 pub fn apply_ops(
     conn: &mut Connection,
-    ops: &[Op],
+    ops: &[Command],
     now_ms: i64,
 ) -> Result<Vec<OpResult>, StoreError> {
     match run_batch(conn, ops, now_ms, false) {
@@ -529,7 +529,7 @@ pub fn apply_ops(
 
 fn run_batch(
     conn: &mut Connection,
-    ops: &[Op],
+    ops: &[Command],
     now: i64,
     careful: bool,
 ) -> Result<Vec<OpResult>, Fault> {
@@ -551,11 +551,11 @@ fn run_batch(
             )));
         }
         if !careful {
-            out.push(exec_op(&tx, op, now)?);
+            out.push(exec_command(&tx, op, now)?);
             continue;
         }
         tx.execute_batch("SAVEPOINT op").map_err(Fault::Store)?;
-        match exec_op(&tx, op, now) {
+        match exec_command(&tx, op, now) {
             Ok(r) => {
                 tx.execute_batch("RELEASE op").map_err(Fault::Store)?;
                 out.push(r);
@@ -684,31 +684,38 @@ fn must<T>(v: Option<T>, what: &str) -> Result<T, Fault> {
     })
 }
 
+fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
+    let result = match (cmd.fence, cmd.order_id()) {
+        (Some(token), Some(order_id)) if !advance_fence(conn, order_id, token)? => {
+            Err(Rejection::StaleFencingToken)
+        }
+        _ => exec_op(conn, &cmd.op, now)?,
+    };
+    if let Some(idem) = &cmd.idempotency {
+        write_idem(conn, idem, &result, now)?;
+    }
+    Ok(result)
+}
+
+/// Advances the order's fence to `token`, or refuses a token lower than one that
+/// already wrote it (false): the lock holder it belongs to lost the lock.
+fn advance_fence(conn: &Connection, order_id: &OrderId, token: i64) -> Result<bool, Fault> {
+    let changed = conn
+        .prepare_cached("UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1")?
+        .execute(params![token, order_id.as_str()])?;
+    if changed == 0 && load_order(conn, order_id.as_str())?.is_some() {
+        tracing::warn!(
+            event = "stale_fencing_token",
+            oid = order_id.as_str(),
+            token
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 fn exec_op(conn: &Connection, op: &Op, now: i64) -> Result<OpResult, Fault> {
     match op {
-        Op::Idempotent { inner, idem } => {
-            let result = exec_op(conn, inner, now)?;
-            write_idem(conn, idem, &result, now)?;
-            Ok(result)
-        }
-        Op::Fenced { inner, token } => {
-            if let Some(order_id) = inner.order_id() {
-                // Advance the order's fence, or refuse a token lower than one that
-                // already wrote it: the lock holder it belongs to lost the lock.
-                let changed = conn
-                    .prepare_cached("UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1")?
-                    .execute(params![token, order_id.as_str()])?;
-                if changed == 0 && load_order(conn, order_id.as_str())?.is_some() {
-                    tracing::warn!(
-                        event = "stale_fencing_token",
-                        oid = order_id.as_str(),
-                        token
-                    );
-                    return Ok(Err(Rejection::StaleFencingToken));
-                }
-            }
-            exec_op(conn, inner, now)
-        }
         Op::CreateAccount {
             id,
             balance,
@@ -1268,7 +1275,7 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>> {
+    fn apply(&self, ops: Vec<Command>) -> StoreFuture<Vec<OpResult>> {
         let sender = self.inner.jobs.lock().map(|g| g.clone()).unwrap_or(None);
         Box::pin(async move {
             let sender = sender.ok_or(StoreError::Closed)?;
@@ -1314,7 +1321,7 @@ impl Store for SqliteStore {
         self.read(audit_connection)
     }
 
-    fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult> {
+    fn apply_isolated(&self, op: Command) -> StoreFuture<OpResult> {
         self.write(move |conn, inner| {
             if inner.schema != SchemaKind::Guarded {
                 return Err(StoreError::Schema(
@@ -1325,26 +1332,23 @@ impl Store for SqliteStore {
         })
     }
 
-    fn apply_naive(&self, op: Op, ctx: NaiveCtx) -> StoreFuture<OpResult> {
+    fn apply_naive(&self, op: Command, ctx: NaiveCtx) -> StoreFuture<OpResult> {
         self.write(move |conn, inner| {
             if inner.schema != SchemaKind::Naive {
                 return Err(StoreError::Schema(
                     "--guard naive refuses a guarded database: it would corrupt real money".into(),
                 ));
             }
-            // The deduct at the heart of `op`, if it is one (maybe under an Idempotency-Key).
-            let (deduct, idem) = match &op {
-                Op::Deduct { order_id } => (Some(order_id), None),
-                Op::Idempotent { inner: boxed, idem } => match &**boxed {
-                    Op::Deduct { order_id } => (Some(order_id), Some(idem)),
-                    _ => (None, None),
-                },
-                _ => (None, None),
+            // The deduct, if it is one (maybe under an Idempotency-Key; the naive
+            // path takes no lock, so it has no fencing token to honour).
+            let deduct = match &op.op {
+                Op::Deduct { order_id } => Some(order_id),
+                _ => None,
             };
             if let Some(order_id) = deduct {
                 let r =
                     naive_deduct(conn, &inner.naive_cache, order_id, &ctx).map_err(unavailable)?;
-                if let Some(idem) = idem {
+                if let Some(idem) = &op.idempotency {
                     let now = chrono::Utc::now().timestamp_millis();
                     write_idem(conn, idem, &r, now).map_err(|f| match f {
                         Fault::Store(e) => unavailable(e),
