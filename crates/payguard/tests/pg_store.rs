@@ -396,21 +396,27 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     assert_eq!(count(&c, "SELECT COUNT(*) FROM idempotency").await, 0);
     assert_eq!(count(&c, "SELECT MAX(fence) FROM orders").await, 0);
     assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
-    assert_eq!(
-        s.apply_naive(
-            deduct("o1"),
-            payguard::store::NaiveCtx {
-                gap: std::time::Duration::ZERO,
-                req: payguard::domain::RequestId::parse("r").unwrap(),
-                inst: Arc::from("t"),
-            }
-        )
-        .await,
-        Err(StoreError::Schema(
-            "--guard naive runs on SQLite only".into()
-        ))
+    // The naive path exists only beside the SQLite store: an engine told to run
+    // it over PostgreSQL refuses every request, and nothing moves.
+    let engine = payguard::Engine::start(
+        Arc::new(s.clone()),
+        payguard::EngineConfig {
+            guard: payguard::engine::Guard::Naive { gap_ms: 0 },
+            ..payguard::EngineConfig::default()
+        },
     );
-    s.close().await.unwrap();
+    let req = payguard::domain::RequestId::parse("r").unwrap();
+    match engine.submit(deduct("o3"), req).await {
+        Err(payguard::EngineError::Store(StoreError::Schema(msg))) => {
+            assert!(msg.contains("SQLite only"), "{msg}")
+        }
+        other => panic!("the naive guard ran on PostgreSQL: {other:?}"),
+    }
+    assert_eq!(
+        count(&c, "SELECT COUNT(*) FROM entries WHERE order_id = 'o3'").await,
+        0
+    );
+    engine.shutdown().await.unwrap();
     db.drop_db().await.unwrap();
 }
 

@@ -369,9 +369,9 @@ fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
     {
         let conn = open_connection(&path).unwrap();
         for sql in [
-            include_str!("../src/store/sqlite_schema.sql"),
-            include_str!("../src/store/sqlite_v2_idempotency.sql"),
-            include_str!("../src/store/sqlite_v3_fencing.sql"),
+            include_str!("../src/store/sqlite/schema.sql"),
+            include_str!("../src/store/sqlite/v2_idempotency.sql"),
+            include_str!("../src/store/sqlite/v3_fencing.sql"),
         ] {
             conn.execute_batch(sql).unwrap();
         }
@@ -420,4 +420,18 @@ fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
     // A store opened on it again finds v4 and changes nothing.
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     drop(store);
+}
+
+/// The incident's path is only ever built over a naive file: a guarded store
+/// (real money) is refused when the naive path is made, not per request.
+#[test]
+fn the_naive_path_refuses_a_guarded_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    match payguard::store::sqlite::naive::NaiveSqlite::new(store) {
+        Err(StoreError::Schema(msg)) => assert!(msg.contains("guarded"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("the naive path accepted a guarded database"),
+    }
 }

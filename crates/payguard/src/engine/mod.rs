@@ -27,6 +27,7 @@ use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
 use crate::lock::redis::{Grant, RedisLockError, RedisLocks};
 use crate::lock::LocalLocks;
+use crate::store::sqlite::naive::{NaiveCtx, NaiveSqlite};
 use crate::store::{Command, Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
 use prometheus_client::metrics::counter::Counter;
@@ -189,6 +190,9 @@ struct Shared {
     store: Arc<dyn Store>,
     /// Cross-instance per-order locks with fencing tokens (`--redis`).
     redis: Option<Arc<RedisLocks>>,
+    /// The incident's code path (`--guard naive`): only on a naive SQLite file,
+    /// only when started with [`Engine::start_naive`].
+    naive: Option<NaiveSqlite>,
     cache: OrderCache,
     stats: EngineStats,
     cfg: EngineConfig,
@@ -221,6 +225,32 @@ impl Engine {
         cfg: EngineConfig,
         redis: Option<Arc<RedisLocks>>,
     ) -> Self {
+        Self::build(store, cfg, redis, None)
+    }
+
+    /// `--guard naive` (`cfg.guard` must say so): the incident reproduced on a
+    /// naive SQLite database, for the demo. Every other way to start the engine
+    /// answers a naive guard's requests with a schema error: the naive path exists
+    /// only beside the SQLite store.
+    pub fn start_naive(
+        naive: NaiveSqlite,
+        cfg: EngineConfig,
+        redis: Option<Arc<RedisLocks>>,
+    ) -> Self {
+        assert!(
+            matches!(cfg.guard, Guard::Naive { .. }),
+            "Engine::start_naive needs cfg.guard = Guard::Naive"
+        );
+        let store: Arc<dyn Store> = Arc::new(naive.store().clone());
+        Self::build(store, cfg, redis, Some(naive))
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        cfg: EngineConfig,
+        redis: Option<Arc<RedisLocks>>,
+        naive: Option<NaiveSqlite>,
+    ) -> Self {
         assert!(cfg.lanes > 0, "lanes must be > 0");
         assert!(cfg.batch_max > 0, "batch_max must be > 0");
         assert!(
@@ -230,6 +260,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             store,
             redis,
+            naive,
             cache: OrderCache::new(cfg.order_cache_entries_max),
             stats: EngineStats::default(),
             cfg: cfg.clone(),
@@ -562,15 +593,26 @@ impl Engine {
         Ok(result??)
     }
 
-    /// `--guard naive`: no lane, no lock, no condition; see [`Store::apply_naive`].
-    async fn naive(&self, cmd: Command, req: RequestId, gap_ms: u64) -> Result<Output, EngineError> {
+    /// `--guard naive`: no lane, no lock, no condition; see [`NaiveSqlite`].
+    async fn naive(
+        &self,
+        cmd: Command,
+        req: RequestId,
+        gap_ms: u64,
+    ) -> Result<Output, EngineError> {
         let _sentinel = self.enter(&cmd, &req);
-        let ctx = crate::store::NaiveCtx {
+        let Some(naive) = &self.shared.naive else {
+            return Err(EngineError::Store(StoreError::Schema(
+                "--guard naive runs on SQLite only, on a database it created (Engine::start_naive)"
+                    .into(),
+            )));
+        };
+        let ctx = NaiveCtx {
             gap: Duration::from_millis(gap_ms),
             req,
             inst: self.shared.inst.clone(),
         };
-        Ok(self.shared.store.apply_naive(cmd, ctx).await??)
+        Ok(naive.apply(cmd, ctx).await??)
     }
 
     /// The race sentinel outside lanes: records `req` as in flight for its order
@@ -962,7 +1004,10 @@ async fn apply_held(
     let mut to_apply = Vec::with_capacity(total);
     for (i, op) in ops.into_iter().enumerate() {
         let order = op.order_id().cloned();
-        if order.as_ref().is_some_and(|o| busy.iter().any(|(b, _)| b == o)) {
+        if order
+            .as_ref()
+            .is_some_and(|o| busy.iter().any(|(b, _)| b == o))
+        {
             continue;
         }
         positions.push(i);

@@ -7,8 +7,8 @@
 //! aborts the rest of its batch. A [`StoreError`] means the whole batch did not
 //! commit and nothing it described moved, so the caller may retry.
 //!
-//! The schema enforces the promise by itself (see `sqlite_schema.sql` and
-//! `postgres_schema.sql`, which hold the same rules): a unique
+//! The schema enforces the promise by itself (see `sqlite/schema.sql` and
+//! `postgres/schema.sql`, which hold the same rules): a unique
 //! debit per order, a unique refund id, refunds never above the amount, balances
 //! never negative, status changes only along the allowed transitions, an
 //! append-only ledger. A double charge is refused by the database even if every
@@ -368,15 +368,6 @@ pub enum StoreError {
     Unknown(String),
 }
 
-/// What the naive path needs to log like the incident's service did.
-#[derive(Clone, Debug)]
-pub struct NaiveCtx {
-    /// The pause between check and act, standing for the incident's slow calls.
-    pub gap: std::time::Duration,
-    pub req: crate::domain::RequestId,
-    pub inst: std::sync::Arc<str>,
-}
-
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// What the engine and the HTTP layer need from a database.
@@ -388,12 +379,6 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one command in its own transaction that takes the database's write
     /// or row lock before re-reading the order (`--guard seed`: the write-up's fix).
     fn apply_isolated(&self, cmd: Command) -> StoreFuture<OpResult>;
-    /// The incident's code path (`--guard naive`): for a deduct, load the order
-    /// into a shared cache, check its status in memory, pause `ctx.gap`, then
-    /// debit, write the entry and set the status as separate statements with no
-    /// condition. Other ops take the ordinary transactional path. Only a database
-    /// created naive accepts it. It double charges; that is its purpose.
-    fn apply_naive(&self, cmd: Command, ctx: NaiveCtx) -> StoreFuture<OpResult>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
     /// The order's entries in commit order; `None` when the order does not exist.

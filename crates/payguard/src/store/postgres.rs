@@ -62,8 +62,8 @@
 //! tables, or newer than this build is refused, like the SQLite store does.
 
 use super::{
-    after_commit_failpoint_applies, ClaimOutcome, Command, IdemClaim, IdemWrite, NaiveCtx, Op,
-    OpResult, Output, Rejection, Store, StoreError, StoreFuture,
+    after_commit_failpoint_applies, ClaimOutcome, Command, IdemClaim, IdemWrite, Op, OpResult,
+    Output, Rejection, Store, StoreError, StoreFuture,
 };
 use crate::domain::{
     Account, AccountId, AuditReport, BalanceMismatch, Currency, DuplicateDebit, Entry, EntryKind,
@@ -109,9 +109,9 @@ const MIGRATION_LOCK_KEY: i64 = 0x7061_7967_7561_7264; // "payguard"
 /// Schema versions in order; `payguard_meta.schema_version` counts those applied.
 /// A v2 (e.g. a `fence` column for fencing tokens) is appended here, never edited in.
 const MIGRATIONS: &[&str] = &[
-    include_str!("postgres_schema.sql"),
-    include_str!("postgres_v2_idempotency.sql"),
-    include_str!("postgres_v3_fencing.sql"),
+    include_str!("postgres/schema.sql"),
+    include_str!("postgres/v2_idempotency.sql"),
+    include_str!("postgres/v3_fencing.sql"),
 ];
 
 #[derive(Clone, Debug)]
@@ -1784,18 +1784,6 @@ impl Store for PgStore {
             results
                 .pop()
                 .ok_or_else(|| StoreError::Unavailable("no result for the op".into()))
-        })
-    }
-
-    /// Refused: the naive schema exists only for SQLite. `--guard naive` is the
-    /// incident reproduced for the one-command local demo (`payguard demo`, on an
-    /// embedded file); there is no reason to build a PostgreSQL database without
-    /// the money constraints, and every reason not to point that mode at a shared one.
-    fn apply_naive(&self, _op: Command, _ctx: NaiveCtx) -> StoreFuture<OpResult> {
-        Box::pin(async {
-            Err(StoreError::Schema(
-                "--guard naive runs on SQLite only".into(),
-            ))
         })
     }
 
