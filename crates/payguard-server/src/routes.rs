@@ -321,6 +321,13 @@ pub(crate) struct RefundBody {
     amount: i64,
 }
 
+/// Refunds part or all of a paid order.
+///
+/// Where API.md is silent (decided once, in the store's money rules, for both
+/// stores): a refund whose credit would overflow the account's signed 64-bit
+/// balance (impossible unless the balance was edited by hand, since refunds never
+/// exceed what was charged) is refused with 500 `internal`; nothing moves, no
+/// Idempotency-Key response is stored, and a later retry is answered afresh.
 #[utoipa::path(post, path = "/v1/orders/{id}/refunds", tag = "orders", request_body = RefundBody,
     params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
     responses(

@@ -15,6 +15,7 @@
 //! layer above it were wrong.
 
 pub mod postgres;
+pub mod rules;
 pub mod sqlite;
 
 use crate::domain::{
@@ -290,9 +291,10 @@ pub enum Rejection {
     RefundExists,
     #[error("refund would exceed the amount paid")]
     RefundExceedsPaid,
-    /// A database constraint refused the change. Only reachable if a layer above
-    /// the database was wrong or the database was edited by hand; the change was
-    /// rolled back to its savepoint.
+    /// A database constraint refused the change, or the money rules found the
+    /// stored state could not take it (a refund that would overflow a balance).
+    /// Only reachable if a layer above the database was wrong or the database was
+    /// edited by hand; nothing of the change was kept.
     #[error("the database refused the change: {0}")]
     Refused(String),
     /// The op's lock token is older than one that already wrote the order: its

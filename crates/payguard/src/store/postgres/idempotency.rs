@@ -3,6 +3,7 @@
 //! transaction.
 
 use super::error::{corrupt, Fault};
+use crate::store::rules::{self, ClaimDecision, IdemCompletion, IdemRecord};
 use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, OpResult};
 
 /// Completes (or drops) the Idempotency-Key reservations of the batch's
@@ -14,13 +15,17 @@ pub(super) async fn write_idempotency(
     results: &[OpResult],
     now: i64,
 ) -> Result<(), Fault> {
-    let mut done: Vec<(&IdemWrite, i32, Vec<u8>)> = Vec::new();
+    let mut done: Vec<(&IdemWrite, i32, Vec<u8>, i64)> = Vec::new();
     let mut dropped: Vec<&IdemWrite> = Vec::new();
     for (op, result) in ops.iter().zip(results) {
         if let Some(idem) = &op.idempotency {
-            match (idem.render)(result) {
-                Some((status, body)) => done.push((idem, i32::from(status), body)),
-                None => dropped.push(idem),
+            match rules::completion(idem, result, now) {
+                IdemCompletion::Store {
+                    status,
+                    body,
+                    expires_at,
+                } => done.push((idem, i32::from(status), body, expires_at)),
+                IdemCompletion::Release => dropped.push(idem),
             }
         }
     }
@@ -30,10 +35,7 @@ pub(super) async fn write_idempotency(
         let prints: Vec<&str> = done.iter().map(|d| d.0.fingerprint.as_str()).collect();
         let statuses: Vec<i32> = done.iter().map(|d| d.1).collect();
         let bodies: Vec<&[u8]> = done.iter().map(|d| d.2.as_slice()).collect();
-        let expires: Vec<i64> = done
-            .iter()
-            .map(|d| now.saturating_add(d.0.ttl_ms))
-            .collect();
+        let expires: Vec<i64> = done.iter().map(|d| d.3).collect();
         let stmt = tx
             .prepare_cached(
                 "UPDATE idempotency AS i SET state = 'done', status = t.st, body = t.b,
@@ -77,7 +79,8 @@ pub(super) async fn write_idempotency(
 /// Reserves an Idempotency-Key (see [`Store::idem_claim`]). A new key is inserted
 /// with `ON CONFLICT DO NOTHING`, which waits for a racing claimer's commit, so of
 /// two instances claiming one key at once exactly one gets `Claimed`; an existing
-/// key is read `FOR UPDATE` and taken over only when expired or its lease lapsed.
+/// key is read `FOR UPDATE` and taken over only when [`rules::claim`] says so
+/// (expired, or its lease lapsed).
 pub(super) async fn claim(
     client: &mut deadpool_postgres::ClientWrapper,
     c: &IdemClaim,
@@ -115,30 +118,23 @@ pub(super) async fn claim(
         .query_opt(&select, &[&c.scope, &c.key])
         .await?
         .ok_or_else(|| Fault::Retry("idempotency key vanished during its claim".into()))?;
-    let fingerprint: &str = row.try_get(0)?;
     let state: &str = row.try_get(1)?;
-    let lease: Option<i64> = row.try_get(2)?;
     let status: Option<i32> = row.try_get(3)?;
     let body: Option<Vec<u8>> = row.try_get(4)?;
-    let expires: i64 = row.try_get(5)?;
-    let same_request = fingerprint == c.fingerprint;
-    if expires >= c.now_ms {
-        match (state, status, body) {
-            ("done", Some(status), Some(body)) => {
-                let status = u16::try_from(status)
-                    .map_err(|_| corrupt(format!("stored status {status}")))?;
-                return Ok(ClaimOutcome::Done {
-                    same_request,
-                    status,
-                    body,
-                });
-            }
-            _ if lease.is_some_and(|l| l >= c.now_ms) => {
-                return Ok(ClaimOutcome::InFlight { same_request });
-            }
-            // An in-flight claim whose lease lapsed: its instance died.
-            _ => {}
-        }
+    let record = IdemRecord {
+        fingerprint: row.try_get(0)?,
+        done: match (state, status, body) {
+            ("done", Some(status), Some(body)) => Some((
+                u16::try_from(status).map_err(|_| corrupt(format!("stored status {status}")))?,
+                body,
+            )),
+            _ => None,
+        },
+        lease_until: row.try_get(2)?,
+        expires_at: row.try_get(5)?,
+    };
+    if let ClaimDecision::Answer(outcome) = rules::claim(Some(&record), c) {
+        return Ok(outcome);
     }
     let take_over = tx
         .prepare_cached(

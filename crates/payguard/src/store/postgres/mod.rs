@@ -12,10 +12,10 @@
 //!    refund and debit entries it needs to answer replays. Every transaction takes
 //!    order locks before account locks, each in id order, so lanes of one
 //!    instance and other instances never wait on each other in a cycle;
-//! 2. decides every op in Rust, in batch order, with exactly the SQLite store's
-//!    semantics (replays, rejections, insufficient funds → FAILED), on an
-//!    in-memory copy of those rows, so several orders on one account are charged
-//!    in batch order and an overdraft fails only the order that would cause it;
+//! 2. decides every command, in batch order, with the money rules
+//!    ([`crate::store::rules`], the same as SQLite's), on an in-memory copy of
+//!    those rows ([`plan`]), so several orders on one account are charged in
+//!    batch order and an overdraft fails only the order that would cause it;
 //! 3. writes all effects with a handful of set-based statements over `unnest`
 //!    arrays: new accounts, new orders, all ledger entries, one balance per
 //!    account (PostgreSQL updates a row once per statement, so balances are

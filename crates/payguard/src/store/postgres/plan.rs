@@ -1,10 +1,15 @@
-//! A batch's decisions, in memory, before any write.
+//! A batch's state in memory, and its decisions, before any write.
+//!
+//! A batch reads and locks its rows once; then each command is decided by the
+//! money rules against the state the commands before it left (so several orders
+//! on one account are charged in batch order, and an overdraft fails only the
+//! order that would cause it), and its effect recorded here. [`super::writes`]
+//! then writes the whole plan with a few set-based statements.
 
 use super::error::Fault;
-use crate::domain::{
-    Account, AccountId, Currency, Entry, EntryKind, Money, Order, OrderId, OrderStatus, RefundId,
-};
-use crate::store::{Command, Op, OpResult, Output, Rejection};
+use crate::domain::{Account, AccountId, Entry, EntryKind, Money, Order, OrderId, RefundId};
+use crate::store::rules::{self, Decision, Effect, Movement, Seen};
+use crate::store::{Command, Op, OpResult, Rejection};
 use std::collections::HashMap;
 
 /// An order as this batch sees it: its row before the batch (`base`, or the row
@@ -54,271 +59,136 @@ pub(super) fn placeholder(index: usize) -> i64 {
 }
 
 impl Plan {
-    /// One command, exactly as the SQLite store decides it, against the batch's state.
+    /// One command against the batch's state as it stands after the commands
+    /// before it: the rules decide ([`rules::decide`], the same as SQLite's), and
+    /// the plan records the effect in memory for [`super::writes`] to write.
     pub(super) fn decide(&mut self, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
-        if let (Some(token), Some(order)) = (cmd.fence, cmd.order_id()) {
-            let seen = self.fences.get(order).copied().unwrap_or(0);
-            if self.orders.contains_key(order) && token < seen {
-                return Ok(Err(Rejection::StaleFencingToken));
-            }
-            if self.orders.contains_key(order) {
-                self.fences.insert(order.clone(), token.max(seen));
-            }
+        let verdict =
+            rules::decide(cmd, &self.seen(cmd), now).map_err(|e| Fault::Store(e.to_string()))?;
+        if let (Some(token), Some(order)) = (verdict.fence, cmd.order_id()) {
+            self.fences.insert(order.clone(), token);
         }
+        match verdict.decision {
+            Decision::Reject(Rejection::StaleFencingToken) => {
+                tracing::warn!(
+                    event = "stale_fencing_token",
+                    oid = cmd.order_id().map(OrderId::as_str).unwrap_or(""),
+                    token = cmd.fence.unwrap_or(0)
+                );
+                Ok(Err(Rejection::StaleFencingToken))
+            }
+            Decision::Reject(r) => Ok(Err(r)),
+            Decision::Replay(out) => Ok(Ok(out)),
+            Decision::Apply(effect) => self.record(&effect, now),
+        }
+    }
+
+    /// What the rules need for `cmd`, from the batch's state (see [`Seen`]).
+    fn seen(&self, cmd: &Command) -> Seen<'_> {
+        let order = cmd
+            .order_id()
+            .and_then(|id| self.orders.get(id))
+            .map(OrderSlot::current);
+        let balance = order
+            .and_then(|o| self.accounts.get(&o.account_id))
+            .map(|a| a.current.balance);
+        let mut seen = Seen {
+            order,
+            fence: cmd
+                .order_id()
+                .and_then(|id| self.fences.get(id))
+                .copied()
+                .unwrap_or(0),
+            ..Seen::default()
+        };
         match &cmd.op {
-            Op::CreateAccount {
-                id,
-                balance,
-                currency,
-            } => Ok(self.create_account(id, *balance, *currency, now)),
-            Op::CreateOrder {
-                id,
-                account_id,
-                amount,
-            } => Ok(self.create_order(id, account_id, *amount, now)),
-            Op::Deduct { order_id } => self.deduct(order_id, now),
-            Op::Refund {
-                order_id,
-                refund_id,
-                amount,
-            } => self.refund(order_id, refund_id, *amount, now),
-        }
-    }
-
-    fn create_account(
-        &mut self,
-        id: &AccountId,
-        balance: Money,
-        currency: Currency,
-        now: i64,
-    ) -> OpResult {
-        if let Some(slot) = self.accounts.get(id) {
-            let existing = &slot.current;
-            return if existing.opening_balance == balance && existing.currency == currency {
-                Ok(Output::Account {
-                    account: existing.clone(),
-                    created: false,
-                })
-            } else {
-                Err(Rejection::AccountExists)
-            };
-        }
-        let account = Account {
-            id: id.clone(),
-            balance,
-            currency,
-            opening_balance: balance,
-            created_at: now,
-            updated_at: now,
-        };
-        self.accounts.insert(
-            id.clone(),
-            AccountSlot {
-                base_balance: balance,
-                current: account.clone(),
-                created: true,
-                changed: false,
-            },
-        );
-        self.new_accounts.push(id.clone());
-        Ok(Output::Account {
-            account,
-            created: true,
-        })
-    }
-
-    fn create_order(
-        &mut self,
-        id: &OrderId,
-        account_id: &AccountId,
-        amount: Money,
-        now: i64,
-    ) -> OpResult {
-        if let Some(slot) = self.orders.get(id) {
-            let existing = slot.current();
-            return if existing.account_id == *account_id && existing.amount == amount {
-                Ok(Output::Order {
-                    order: existing.clone(),
-                    created: false,
-                })
-            } else {
-                Err(Rejection::OrderExists)
-            };
-        }
-        if !self.accounts.contains_key(account_id) {
-            return Err(Rejection::AccountNotFound);
-        }
-        let order = Order {
-            id: id.clone(),
-            account_id: account_id.clone(),
-            amount,
-            status: OrderStatus::Prepare,
-            refunded: Money::ZERO,
-            debit_entry_id: None,
-            failure_reason: None,
-            created_at: now,
-            updated_at: now,
-        };
-        self.orders.insert(
-            id.clone(),
-            OrderSlot {
-                base: order.clone(),
-                created: true,
-                states: Vec::new(),
-            },
-        );
-        self.new_orders.push(id.clone());
-        Ok(Output::Order {
-            order,
-            created: true,
-        })
-    }
-
-    fn deduct(&mut self, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
-        let Some(slot) = self.orders.get_mut(order_id) else {
-            return Ok(Err(Rejection::OrderNotFound));
-        };
-        let order = slot.current().clone();
-        match order.status {
-            OrderStatus::Failed => return Ok(Err(Rejection::InsufficientFunds)),
-            OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
-                let entry_id = order
-                    .debit_entry_id
-                    .ok_or_else(|| Fault::Store(format!("paid order {order_id} has no debit")))?;
-                let entry = self.debits.get(&entry_id).cloned().ok_or_else(|| {
-                    Fault::Store(format!("debit entry {entry_id} of {order_id} not found"))
-                })?;
-                return Ok(Ok(Output::Movement {
-                    order,
-                    entry,
-                    replayed: true,
-                }));
+            Op::CreateAccount { id, .. } => {
+                seen.account = self.accounts.get(id).map(|a| &a.current)
             }
-            OrderStatus::Prepare => {}
+            Op::CreateOrder { account_id, .. } => {
+                seen.account_exists = self.accounts.contains_key(account_id)
+            }
+            Op::Deduct { .. } => {
+                seen.balance = balance;
+                seen.debit = order
+                    .and_then(|o| o.debit_entry_id)
+                    .and_then(|id| self.debits.get(&id));
+            }
+            Op::Refund { refund_id, .. } => {
+                seen.balance = balance;
+                seen.refund = self.refunds.get(refund_id);
+            }
         }
-        let account = self
-            .accounts
-            .get_mut(&order.account_id)
-            .ok_or_else(|| Fault::Store(format!("account of order {order_id} not found")))?;
-        let Some(balance_after) = account
-            .current
-            .balance
-            .checked_sub(order.amount)
-            .filter(|b| !b.is_negative())
-        else {
-            slot.states.push(Order {
-                status: OrderStatus::Failed,
-                failure_reason: Some("insufficient_funds".into()),
-                updated_at: now,
-                ..order
-            });
-            return Ok(Err(Rejection::InsufficientFunds));
-        };
-        account.current.balance = balance_after;
-        account.current.updated_at = now;
-        account.changed = true;
-        let id = placeholder(self.new_entries.len());
-        let entry = Entry {
-            id,
-            order_id: order_id.clone(),
-            account_id: order.account_id.clone(),
-            kind: EntryKind::Debit,
-            amount: order.amount,
-            balance_after,
-            refund_id: None,
-            reverses: None,
-            created_at: now,
-        };
-        self.new_entries.push(entry.clone());
-        self.debits.insert(id, entry.clone());
-        let order = Order {
-            status: OrderStatus::Paid,
-            debit_entry_id: Some(id),
-            updated_at: now,
-            ..order
-        };
-        slot.states.push(order.clone());
-        Ok(Ok(Output::Movement {
-            order,
-            entry,
-            replayed: false,
-        }))
+        seen
     }
 
-    fn refund(
-        &mut self,
-        order_id: &OrderId,
-        refund_id: &RefundId,
-        amount: Money,
-        now: i64,
-    ) -> Result<OpResult, Fault> {
-        let Some(slot) = self.orders.get_mut(order_id) else {
-            return Ok(Err(Rejection::OrderNotFound));
-        };
-        let order = slot.current().clone();
-        if let Some(existing) = self.refunds.get(refund_id) {
-            return Ok(
-                if existing.order_id == *order_id && existing.amount == amount {
-                    Ok(Output::Movement {
-                        order,
-                        entry: existing.clone(),
-                        replayed: true,
-                    })
-                } else {
-                    Err(Rejection::RefundExists)
-                },
-            );
+    /// Records `effect` in the batch's state (new rows, the order's next state,
+    /// the account's balance); returns the command's answer, whose new entry
+    /// carries a placeholder id until the batch is written.
+    fn record(&mut self, effect: &Effect, now: i64) -> Result<OpResult, Fault> {
+        let entry_id = placeholder(self.new_entries.len());
+        match effect {
+            Effect::OpenAccount(account) => {
+                self.accounts.insert(
+                    account.id.clone(),
+                    AccountSlot {
+                        base_balance: account.balance,
+                        current: account.clone(),
+                        created: true,
+                        changed: false,
+                    },
+                );
+                self.new_accounts.push(account.id.clone());
+            }
+            Effect::PlaceOrder(order) => {
+                self.orders.insert(
+                    order.id.clone(),
+                    OrderSlot {
+                        base: order.clone(),
+                        created: true,
+                        states: Vec::new(),
+                    },
+                );
+                self.new_orders.push(order.id.clone());
+            }
+            Effect::Decline(failed) => self.slot(&failed.id)?.states.push(failed.clone()),
+            Effect::Charge(m) | Effect::Refund(m) => self.record_movement(m, entry_id, now)?,
         }
-        match order.status {
-            OrderStatus::Prepare | OrderStatus::Failed => return Ok(Err(Rejection::OrderNotPaid)),
-            OrderStatus::Refunded => return Ok(Err(Rejection::RefundExceedsPaid)),
-            OrderStatus::Paid | OrderStatus::PartiallyRefunded => {}
-        }
-        let refunded = match order.refunded.checked_add(amount) {
-            Some(r) if r <= order.amount => r,
-            _ => return Ok(Err(Rejection::RefundExceedsPaid)),
-        };
-        let status = if refunded == order.amount {
-            OrderStatus::Refunded
-        } else {
-            OrderStatus::PartiallyRefunded
-        };
+        Ok(effect.answer(entry_id))
+    }
+
+    fn record_movement(&mut self, m: &Movement, entry_id: i64, now: i64) -> Result<(), Fault> {
+        let (order, entry) = m.settle(entry_id);
         let account = self
             .accounts
-            .get_mut(&order.account_id)
-            .ok_or_else(|| Fault::Store(format!("account of order {order_id} not found")))?;
-        let Some(balance_after) = account.current.balance.checked_add(amount) else {
-            return Ok(Err(Rejection::Refused(
-                "the refund would overflow the balance".into(),
+            .get_mut(&entry.account_id)
+            .ok_or_else(|| Fault::Store(format!("account of order {} not found", order.id)))?;
+        // Pair assertion: the movement was decided from this very balance.
+        if account.current.balance != m.balance_before {
+            return Err(Fault::Store(format!(
+                "balance of {} moved under the plan",
+                entry.account_id
             )));
-        };
-        account.current.balance = balance_after;
+        }
+        account.current.balance = entry.balance_after;
         account.current.updated_at = now;
         account.changed = true;
-        let entry = Entry {
-            id: placeholder(self.new_entries.len()),
-            order_id: order_id.clone(),
-            account_id: order.account_id.clone(),
-            kind: EntryKind::Refund,
-            amount,
-            balance_after,
-            refund_id: Some(refund_id.clone()),
-            reverses: None,
-            created_at: now,
-        };
-        self.new_entries.push(entry.clone());
-        self.refunds.insert(refund_id.clone(), entry.clone());
-        let order = Order {
-            status,
-            refunded,
-            updated_at: now,
-            ..order
-        };
-        slot.states.push(order.clone());
-        Ok(Ok(Output::Movement {
-            order,
-            entry,
-            replayed: false,
-        }))
+        match (&entry.kind, &entry.refund_id) {
+            (EntryKind::Refund, Some(rid)) => {
+                self.refunds.insert(rid.clone(), entry.clone());
+            }
+            _ => {
+                self.debits.insert(entry_id, entry.clone());
+            }
+        }
+        self.new_entries.push(entry);
+        self.slot(&order.id)?.states.push(order);
+        Ok(())
+    }
+
+    fn slot(&mut self, id: &OrderId) -> Result<&mut OrderSlot, Fault> {
+        self.orders
+            .get_mut(id)
+            .ok_or_else(|| Fault::Store(format!("order {id} decided but not read")))
     }
 }

@@ -1,370 +1,283 @@
 //! One command inside the writer's transaction: read, decide, write.
+//!
+//! The decision is [`rules::decide`]'s, the same as PostgreSQL's; this file only
+//! reads what the rules need and writes what they decided, in SQLite's dialect.
+//! Every write names the state it was decided from and must change exactly one
+//! row (a pair assertion), so a world that is not as read is a constraint fault
+//! (the batch is replayed with a savepoint per command) rather than a wrong write.
+//!
+//! The money path's statements build no ephemeral table: no `RETURNING` (SQLite
+//! builds one per execution of a statement with it; measured with callgrind,
+//! about a fifth of a deduct's instructions) and no constant `IN` list of three or
+//! more; a new entry's id is `last_insert_rowid()`.
 
-use super::error::{bad_column, expect_one, must, Fault};
+use super::error::{bad_column, expect_one, Fault};
 use super::idempotency::write_idem;
-use super::rows::{load_account, load_entry, load_order, load_refund};
-use crate::domain::{
-    Account, AccountId, Currency, Entry, EntryKind, Money, Order, OrderId, OrderStatus, RefundId,
-};
-use crate::store::{Command, Op, OpResult, Output, Rejection};
+#[cfg(doc)]
+use super::rows::ORDER_COLS;
+use super::rows::{load_account, load_entry, load_refund, order_from_row};
+use crate::domain::{Account, Entry, Money, Order, OrderId};
+use crate::store::rules::{self, Decision, Effect, Movement, Seen};
+use crate::store::{Command, Op, OpResult, Rejection};
 use rusqlite::{params, Connection, OptionalExtension};
 
+/// The rows one command's decision needs, owned (see [`Seen`]).
+#[derive(Default)]
+struct Read {
+    order: Option<Order>,
+    fence: i64,
+    account: Option<Account>,
+    account_exists: bool,
+    balance: Option<Money>,
+    debit: Option<Entry>,
+    refund: Option<Entry>,
+}
+
+impl Read {
+    fn seen(&self) -> Seen<'_> {
+        Seen {
+            order: self.order.as_ref(),
+            fence: self.fence,
+            account: self.account.as_ref(),
+            account_exists: self.account_exists,
+            balance: self.balance,
+            debit: self.debit.as_ref(),
+            refund: self.refund.as_ref(),
+        }
+    }
+}
+
 pub(super) fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
-    let result = match (cmd.fence, cmd.order_id()) {
-        (Some(token), Some(order_id)) if !advance_fence(conn, order_id, token)? => {
+    let read = read_for(conn, &cmd.op)?;
+    let verdict = rules::decide(cmd, &read.seen(), now)
+        .map_err(|e| Fault::Store(bad_column(0, e.to_string())))?;
+    if let (Some(token), Some(order_id)) = (verdict.fence, cmd.order_id()) {
+        write_fence(conn, order_id, token)?;
+    }
+    let answer = match verdict.decision {
+        Decision::Reject(Rejection::StaleFencingToken) => {
+            tracing::warn!(
+                event = "stale_fencing_token",
+                oid = cmd.order_id().map(OrderId::as_str).unwrap_or(""),
+                token = cmd.fence.unwrap_or(0)
+            );
             Err(Rejection::StaleFencingToken)
         }
-        _ => exec_op(conn, &cmd.op, now)?,
+        Decision::Reject(r) => Err(r),
+        Decision::Replay(out) => Ok(out),
+        Decision::Apply(effect) => write_effect(conn, &effect, now)?,
     };
     if let Some(idem) = &cmd.idempotency {
-        write_idem(conn, idem, &result, now)?;
+        write_idem(conn, idem, &answer, now)?;
     }
-    Ok(result)
+    Ok(answer)
 }
 
-/// Advances the order's fence to `token`, or refuses a token lower than one that
-/// already wrote it (false): the lock holder it belongs to lost the lock.
-fn advance_fence(conn: &Connection, order_id: &OrderId, token: i64) -> Result<bool, Fault> {
-    let changed = conn
-        .prepare_cached("UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1")?
-        .execute(params![token, order_id.as_str()])?;
-    if changed == 0 && load_order(conn, order_id.as_str())?.is_some() {
-        tracing::warn!(
-            event = "stale_fencing_token",
-            oid = order_id.as_str(),
-            token
-        );
-        return Ok(false);
-    }
-    Ok(true)
+/// The order an op names with its fence and its account's balance, in one join;
+/// the order's columns in [`ORDER_COLS`]' order, as [`order_from_row`] reads them.
+const ORDER_STATE_SQL: &str = "SELECT o.id, o.account_id, o.amount, o.status, o.refunded,
+        o.debit_entry_id, o.failure_reason, o.created_at, o.updated_at, o.fence, a.balance
+     FROM orders o LEFT JOIN accounts a ON a.id = o.account_id
+     WHERE o.id = ?1";
+
+fn load_order_state(
+    conn: &Connection,
+    id: &OrderId,
+) -> Result<Option<(Order, i64, Option<Money>)>, Fault> {
+    Ok(conn
+        .prepare_cached(ORDER_STATE_SQL)?
+        .query_row([id.as_str()], |r| {
+            let balance: Option<i64> = r.get(10)?;
+            Ok((
+                order_from_row(r)?,
+                r.get(9)?,
+                balance.map(Money::from_stored),
+            ))
+        })
+        .optional()?)
 }
 
-fn exec_op(conn: &Connection, op: &Op, now: i64) -> Result<OpResult, Fault> {
+/// Reads what the rules need to decide `op` (see [`Seen`] for which fields).
+fn read_for(conn: &Connection, op: &Op) -> Result<Read, Fault> {
+    let mut read = Read::default();
     match op {
-        Op::CreateAccount {
-            id,
-            balance,
-            currency,
-        } => create_account(conn, id, *balance, *currency, now),
-        Op::CreateOrder {
-            id,
-            account_id,
-            amount,
-        } => create_order(conn, id, account_id, *amount, now),
-        Op::Deduct { order_id } => deduct(conn, order_id, now),
+        Op::CreateAccount { id, .. } => read.account = load_account(conn, id.as_str())?,
+        Op::CreateOrder { id, account_id, .. } => {
+            read.set_order(load_order_state(conn, id)?);
+            if read.order.is_none() {
+                read.account_exists = conn
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
+                    .query_row([account_id.as_str()], |r| r.get(0))?;
+            }
+        }
+        Op::Deduct { order_id } => {
+            read.set_order(load_order_state(conn, order_id)?);
+            if let Some(id) = read.order.as_ref().and_then(|o| o.debit_entry_id) {
+                read.debit = load_entry(conn, id)?;
+            }
+        }
         Op::Refund {
             order_id,
             refund_id,
-            amount,
-        } => refund(conn, order_id, refund_id, *amount, now),
+            ..
+        } => {
+            read.set_order(load_order_state(conn, order_id)?);
+            if read.order.is_some() {
+                read.refund = load_refund(conn, refund_id.as_str())?;
+            }
+        }
+    }
+    Ok(read)
+}
+
+impl Read {
+    fn set_order(&mut self, found: Option<(Order, i64, Option<Money>)>) {
+        if let Some((order, fence, balance)) = found {
+            self.order = Some(order);
+            self.fence = fence;
+            self.balance = balance;
+        }
     }
 }
 
-fn create_account(
-    conn: &Connection,
-    id: &AccountId,
-    balance: Money,
-    currency: Currency,
-    now: i64,
-) -> Result<OpResult, Fault> {
-    let inserted = conn
+/// Keeps `token` as the order's fence (the rules checked it is not stale).
+fn write_fence(conn: &Connection, order_id: &OrderId, token: i64) -> Result<(), Fault> {
+    let changed = conn
+        .prepare_cached("UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1")?
+        .execute(params![token, order_id.as_str()])?;
+    expect_one(changed, "fence")
+}
+
+/// Makes the writes of `effect`; returns the command's answer.
+fn write_effect(conn: &Connection, effect: &Effect, now: i64) -> Result<OpResult, Fault> {
+    let entry_id = match effect {
+        Effect::OpenAccount(a) => {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?4)",
+                )?
+                .execute(params![
+                    a.id.as_str(),
+                    a.currency.as_str(),
+                    a.opening_balance.minor(),
+                    a.created_at
+                ])?;
+            expect_one(inserted, "new account")?;
+            0
+        }
+        Effect::PlaceOrder(o) => {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'PREPARE', 0, ?4, ?4)",
+                )?
+                .execute(params![
+                    o.id.as_str(),
+                    o.account_id.as_str(),
+                    o.amount.minor(),
+                    o.created_at
+                ])?;
+            expect_one(inserted, "new order")?;
+            0
+        }
+        Effect::Charge(m) => write_charge(conn, m, now)?,
+        Effect::Decline(failed) => {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE orders SET status = 'FAILED', failure_reason = ?1, updated_at = ?2
+                     WHERE id = ?3 AND status = 'PREPARE'",
+                )?
+                .execute(params![
+                    failed.failure_reason.as_deref(),
+                    now,
+                    failed.id.as_str()
+                ])?;
+            expect_one(changed, "PREPARE -> FAILED")?;
+            0
+        }
+        Effect::Refund(m) => write_refund(conn, m, now)?,
+    };
+    Ok(effect.answer(entry_id))
+}
+
+/// The balance from `m.balance_before` to the new entry's `balance_after`: a
+/// compare-and-set on the balance that was read.
+fn write_balance(conn: &Connection, m: &Movement, now: i64) -> Result<(), Fault> {
+    let changed = conn
         .prepare_cached(
-            "INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?3, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+            "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
         )?
         .execute(params![
-            id.as_str(),
-            currency.as_str(),
-            balance.minor(),
-            now
+            m.entry.balance_after.minor(),
+            now,
+            m.entry.account_id.as_str(),
+            m.balance_before.minor()
         ])?;
-    if inserted == 1 {
-        return Ok(Ok(Output::Account {
-            account: Account {
-                id: id.clone(),
-                balance,
-                currency,
-                opening_balance: balance,
-                created_at: now,
-                updated_at: now,
-            },
-            created: true,
-        }));
-    }
-    let existing = must(load_account(conn, id.as_str())?, "account")?;
-    if existing.opening_balance == balance && existing.currency == currency {
-        Ok(Ok(Output::Account {
-            account: existing,
-            created: false,
-        }))
-    } else {
-        Ok(Err(Rejection::AccountExists))
-    }
+    expect_one(changed, "balance")
 }
 
-fn create_order(
-    conn: &Connection,
-    id: &OrderId,
-    account_id: &AccountId,
-    amount: Money,
-    now: i64,
-) -> Result<OpResult, Fault> {
-    if let Some(existing) = load_order(conn, id.as_str())? {
-        return Ok(
-            if existing.account_id == *account_id && existing.amount == amount {
-                Ok(Output::Order {
-                    order: existing,
-                    created: false,
-                })
-            } else {
-                Err(Rejection::OrderExists)
-            },
-        );
-    }
-    let account_exists: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")?
-        .query_row([account_id.as_str()], |r| r.get(0))?;
-    if !account_exists {
-        return Ok(Err(Rejection::AccountNotFound));
-    }
-    conn.prepare_cached(
-        "INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 'PREPARE', 0, ?4, ?4)",
-    )?
-    .execute(params![
-        id.as_str(),
-        account_id.as_str(),
-        amount.minor(),
-        now
-    ])?;
-    Ok(Ok(Output::Order {
-        order: Order {
-            id: id.clone(),
-            account_id: account_id.clone(),
-            amount,
-            status: OrderStatus::Prepare,
-            refunded: Money::ZERO,
-            debit_entry_id: None,
-            failure_reason: None,
-            created_at: now,
-            updated_at: now,
-        },
-        created: true,
-    }))
-}
-
-/// Charges an order once. The fast path reads the PREPARE order with its account's
-/// balance (one join), then makes the same three writes as the raw-SQL baseline:
-/// the ledger insert, the balance (a compare-and-set on the balance read) and the
-/// status (`WHERE status = 'PREPARE'`), each checked to change exactly one row.
-/// None of them uses `RETURNING`: SQLite builds an ephemeral table for every
-/// execution of a statement with `RETURNING` (measured with callgrind: about a
-/// fifth of this path's instructions), and the entry id is `last_insert_rowid()`.
-/// When no PREPARE order matches, or its account cannot pay, the slow path reads
-/// the order to say why: unknown, already paid (a replay), FAILED, or not enough
-/// money (then it becomes FAILED).
-fn deduct(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
-    let prepared: Option<(String, i64, i64, i64)> = conn
-        .prepare_cached(
-            "SELECT o.account_id, o.amount, o.created_at, a.balance
-             FROM orders o JOIN accounts a ON a.id = o.account_id
-             WHERE o.id = ?1 AND o.status = 'PREPARE'",
-        )?
-        .query_row(params![order_id.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .optional()?;
-    let Some((account_id, amount, created_at, balance)) = prepared else {
-        return deduct_refused(conn, order_id, now);
-    };
-    let Some(balance_after) = balance.checked_sub(amount).filter(|b| *b >= 0) else {
-        return deduct_refused(conn, order_id, now);
-    };
+/// A charge: the debit entry, the balance, PREPARE → PAID. Returns the entry id.
+fn write_charge(conn: &Connection, m: &Movement, now: i64) -> Result<i64, Fault> {
+    let e = &m.entry;
     let inserted = conn
         .prepare_cached(
             "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
              VALUES (?1, ?2, 'debit', ?3, ?4, ?5)",
         )?
         .execute(params![
-            order_id.as_str(),
-            account_id,
-            amount,
-            balance_after,
-            now
+            e.order_id.as_str(),
+            e.account_id.as_str(),
+            e.amount.minor(),
+            e.balance_after.minor(),
+            e.created_at
         ])?;
     expect_one(inserted, "debit entry")?;
     let entry_id = conn.last_insert_rowid();
-    // Pair assertion: the balance written is the one the entry recorded, from the
-    // balance that was read.
-    let changed = conn
-        .prepare_cached(
-            "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
-        )?
-        .execute(params![balance_after, now, account_id, balance])?;
-    expect_one(changed, "balance after debit")?;
+    write_balance(conn, m, now)?;
     let changed = conn
         .prepare_cached(
             "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2
              WHERE id = ?3 AND status = 'PREPARE'",
         )?
-        .execute(params![entry_id, now, order_id.as_str()])?;
+        .execute(params![entry_id, now, e.order_id.as_str()])?;
     expect_one(changed, "PREPARE -> PAID")?;
-    let account_id =
-        AccountId::parse(&account_id).map_err(|e| Fault::Store(bad_column(1, e.to_string())))?;
-    let amount = Money::from_stored(amount);
-    let entry = Entry {
-        id: entry_id,
-        order_id: order_id.clone(),
-        account_id: account_id.clone(),
-        kind: EntryKind::Debit,
-        amount,
-        balance_after: Money::from_stored(balance_after),
-        refund_id: None,
-        reverses: None,
-        created_at: now,
-    };
-    let order = Order {
-        id: order_id.clone(),
-        account_id,
-        amount,
-        status: OrderStatus::Paid,
-        refunded: Money::ZERO,
-        debit_entry_id: Some(entry_id),
-        failure_reason: None,
-        created_at,
-        updated_at: now,
-    };
-    Ok(Ok(Output::Movement {
-        order,
-        entry,
-        replayed: false,
-    }))
+    Ok(entry_id)
 }
 
-/// Why no PREPARE order could be charged.
-fn deduct_refused(conn: &Connection, order_id: &OrderId, now: i64) -> Result<OpResult, Fault> {
-    let Some(order) = load_order(conn, order_id.as_str())? else {
-        return Ok(Err(Rejection::OrderNotFound));
-    };
-    match order.status {
-        OrderStatus::Failed => Ok(Err(Rejection::InsufficientFunds)),
-        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
-            let entry_id = must(order.debit_entry_id, "debit link of a paid order")?;
-            let entry = must(load_entry(conn, entry_id)?, "debit entry")?;
-            Ok(Ok(Output::Movement {
-                order,
-                entry,
-                replayed: true,
-            }))
-        }
-        OrderStatus::Prepare => {
-            // PREPARE and still not matched: the account cannot pay.
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE orders SET status = 'FAILED', failure_reason = 'insufficient_funds', updated_at = ?1
-                     WHERE id = ?2 AND status = 'PREPARE'",
-                )?
-                .execute(params![now, order_id.as_str()])?;
-            expect_one(changed, "PREPARE -> FAILED")?;
-            Ok(Err(Rejection::InsufficientFunds))
-        }
-    }
-}
-
-fn refund(
-    conn: &Connection,
-    order_id: &OrderId,
-    refund_id: &RefundId,
-    amount: Money,
-    now: i64,
-) -> Result<OpResult, Fault> {
-    let Some(order) = load_order(conn, order_id.as_str())? else {
-        return Ok(Err(Rejection::OrderNotFound));
-    };
-    if let Some(existing) = load_refund(conn, refund_id.as_str())? {
-        return Ok(
-            if existing.order_id == *order_id && existing.amount == amount {
-                Ok(Output::Movement {
-                    order,
-                    entry: existing,
-                    replayed: true,
-                })
-            } else {
-                Err(Rejection::RefundExists)
-            },
-        );
-    }
-    match order.status {
-        OrderStatus::Prepare | OrderStatus::Failed => return Ok(Err(Rejection::OrderNotPaid)),
-        OrderStatus::Refunded => return Ok(Err(Rejection::RefundExceedsPaid)),
-        OrderStatus::Paid | OrderStatus::PartiallyRefunded => {}
-    }
-    let refunded = match order.refunded.checked_add(amount) {
-        Some(r) if r <= order.amount => r,
-        _ => return Ok(Err(Rejection::RefundExceedsPaid)),
-    };
-    let status = if refunded == order.amount {
-        OrderStatus::Refunded
-    } else {
-        OrderStatus::PartiallyRefunded
-    };
-    let balance_after: i64 = conn
-        .prepare_cached(
-            "UPDATE accounts SET balance = balance + ?1, updated_at = ?2 WHERE id = ?3 RETURNING balance",
-        )?
-        .query_row(
-            params![amount.minor(), now, order.account_id.as_str()],
-            |r| r.get(0),
-        )?;
-    let entry_id: i64 = conn
+/// A refund: the refund entry, the balance, the order's refunded sum and status
+/// (from the ones that were read). Returns the entry id.
+fn write_refund(conn: &Connection, m: &Movement, now: i64) -> Result<i64, Fault> {
+    let e = &m.entry;
+    let inserted = conn
         .prepare_cached(
             "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at)
-             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6) RETURNING id",
+             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6)",
         )?
-        .query_row(
-            params![
-                order_id.as_str(),
-                order.account_id.as_str(),
-                amount.minor(),
-                balance_after,
-                refund_id.as_str(),
-                now
-            ],
-            |r| r.get(0),
-        )?;
+        .execute(params![
+            e.order_id.as_str(),
+            e.account_id.as_str(),
+            e.amount.minor(),
+            e.balance_after.minor(),
+            e.refund_id.as_ref().map(|r| r.as_str()),
+            e.created_at
+        ])?;
+    expect_one(inserted, "refund entry")?;
+    let entry_id = conn.last_insert_rowid();
+    write_balance(conn, m, now)?;
     let changed = conn
         .prepare_cached(
             "UPDATE orders SET refunded = ?1, status = ?2, updated_at = ?3
-             WHERE id = ?4 AND refunded = ?5 AND status IN ('PAID', 'PARTIALLY_REFUNDED')",
+             WHERE id = ?4 AND status = ?5 AND refunded = ?6",
         )?
         .execute(params![
-            refunded.minor(),
-            status.as_str(),
+            m.after.refunded.minor(),
+            m.after.status.as_str(),
             now,
-            order_id.as_str(),
-            order.refunded.minor()
+            m.after.id.as_str(),
+            m.before.status.as_str(),
+            m.before.refunded.minor()
         ])?;
     expect_one(changed, "refund status change")?;
-    let entry = Entry {
-        id: entry_id,
-        order_id: order.id.clone(),
-        account_id: order.account_id.clone(),
-        kind: EntryKind::Refund,
-        amount,
-        balance_after: Money::from_stored(balance_after),
-        refund_id: Some(refund_id.clone()),
-        reverses: None,
-        created_at: now,
-    };
-    let order = Order {
-        status,
-        refunded,
-        updated_at: now,
-        ..order
-    };
-    Ok(Ok(Output::Movement {
-        order,
-        entry,
-        replayed: false,
-    }))
+    Ok(entry_id)
 }

@@ -43,16 +43,6 @@ pub(super) fn bad_column(idx: usize, what: String) -> rusqlite::Error {
     )
 }
 
-/// A row that must exist because this transaction just saw or wrote it.
-pub(super) fn must<T>(v: Option<T>, what: &str) -> Result<T, Fault> {
-    v.ok_or_else(|| {
-        Fault::Store(bad_column(
-            0,
-            format!("{what} vanished inside its own transaction"),
-        ))
-    })
-}
-
 /// The conditional update that makes a state change happen once: it names the
 /// state it expects, and any other row count means the world was not as read.
 pub(super) fn expect_one(changed: usize, what: &str) -> Result<(), Fault> {

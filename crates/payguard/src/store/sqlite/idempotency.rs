@@ -2,19 +2,24 @@
 //! stored response written in the request's own transaction.
 
 use super::error::Fault;
+use crate::store::rules::{self, ClaimDecision, IdemCompletion, IdemRecord};
 use crate::store::{ClaimOutcome, IdemClaim, IdemWrite, OpResult};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-/// Completes (or drops) the Idempotency-Key reservation of an op, inside the
-/// op's own transaction.
+/// Completes (or drops) the Idempotency-Key reservation of a command with its
+/// answer, inside the command's own transaction (see [`rules::completion`]).
 pub(super) fn write_idem(
     conn: &Connection,
     idem: &IdemWrite,
-    result: &OpResult,
+    answer: &OpResult,
     now: i64,
 ) -> Result<(), Fault> {
-    match (idem.render)(result) {
-        Some((status, body)) => {
+    match rules::completion(idem, answer, now) {
+        IdemCompletion::Store {
+            status,
+            body,
+            expires_at,
+        } => {
             let changed = conn
                 .prepare_cached(
                     "UPDATE idempotency SET state = 'done', status = ?1, body = ?2, lease_until = NULL,
@@ -24,7 +29,7 @@ pub(super) fn write_idem(
                 .execute(params![
                     status,
                     body,
-                    now.saturating_add(idem.ttl_ms),
+                    expires_at,
                     idem.scope,
                     idem.key,
                     idem.fingerprint
@@ -35,27 +40,13 @@ pub(super) fn write_idem(
                 tracing::warn!(event = "idempotency_lease_lost", key = %idem.key);
             }
         }
-        None => {
-            conn.prepare_cached(
-                "DELETE FROM idempotency WHERE scope = ?1 AND key = ?2 AND state = 'in_flight'",
-            )?
-            .execute(params![idem.scope, idem.key])?;
-        }
+        IdemCompletion::Release => release(conn, &idem.scope, &idem.key)?,
     }
     Ok(())
 }
 
-/// A stored Idempotency-Key row, as `claim` reads it.
-struct IdemRow {
-    fingerprint: String,
-    state: String,
-    lease_until: Option<i64>,
-    status: Option<u16>,
-    body: Option<Vec<u8>>,
-    expires_at: i64,
-}
-
-/// Reserves an Idempotency-Key, or reports what holds it (see `Store::idem_claim`).
+/// Reserves an Idempotency-Key, or reports what holds it (see
+/// `Store::idem_claim` and [`rules::claim`]).
 pub(super) fn claim(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<ClaimOutcome> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let existing = tx
@@ -64,36 +55,21 @@ pub(super) fn claim(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<Cl
              FROM idempotency WHERE scope = ?1 AND key = ?2",
         )?
         .query_row(params![c.scope, c.key], |r| {
-            Ok(IdemRow {
+            let state: String = r.get(1)?;
+            let status: Option<u16> = r.get(3)?;
+            let body: Option<Vec<u8>> = r.get(4)?;
+            Ok(IdemRecord {
                 fingerprint: r.get(0)?,
-                state: r.get(1)?,
+                done: match (state.as_str(), status, body) {
+                    ("done", Some(status), Some(body)) => Some((status, body)),
+                    _ => None,
+                },
                 lease_until: r.get(2)?,
-                status: r.get(3)?,
-                body: r.get(4)?,
                 expires_at: r.get(5)?,
             })
         })
         .optional()?;
-    let outcome = match existing {
-        Some(row) if row.expires_at >= c.now_ms => {
-            let same_request = row.fingerprint == c.fingerprint;
-            let lease = row.lease_until;
-            match (row.state.as_str(), row.status, row.body) {
-                ("done", Some(status), Some(body)) => Some(ClaimOutcome::Done {
-                    same_request,
-                    status,
-                    body,
-                }),
-                _ if lease.is_some_and(|l| l >= c.now_ms) => {
-                    Some(ClaimOutcome::InFlight { same_request })
-                }
-                // An in-flight claim whose lease lapsed: its instance died.
-                _ => None,
-            }
-        }
-        _ => None,
-    };
-    if let Some(outcome) = outcome {
+    if let ClaimDecision::Answer(outcome) = rules::claim(existing.as_ref(), c) {
         return Ok(outcome);
     }
     tx.prepare_cached(

@@ -1,0 +1,248 @@
+//! The money rules, once: what a command does, given the state a store read.
+//!
+//! Why: payguard has two stores, and they used to decide twice, SQLite in its SQL
+//! and PostgreSQL in Rust "exactly as the SQLite store decides it". Two copies of
+//! a rule drift (they already had: a refund that would overflow a balance was
+//! refused on one and left to SQL arithmetic on the other). Here every decision
+//! is one pure function from the rows a store read (the order, its account's
+//! balance, the debit or refund entry a replay answers with, the order's fence,
+//! the Idempotency-Key record) and the command, to a [`Decision`]: reject, replay,
+//! or an [`Effect`], the writes to make. Each store only reads and writes, in its
+//! own dialect, and both answer exactly the same for the same state.
+//!
+//! What it guarantees: nothing here does I/O, reads a clock or keeps state, so a
+//! rule can be tested without a database and the same inputs always give the same
+//! decision. The database constraints remain the last guarantee underneath: an
+//! effect that contradicts them (a layer above the rules being wrong) is still
+//! refused by the schema, and the stores write every effect conditionally on the
+//! state it was decided from (a pair assertion).
+//!
+//! The rules, as API.md states them:
+//! * create account: the same opening balance and currency again is a replay of
+//!   the account as it is now; anything else for the id is `account_exists`;
+//! * create order: the same account and amount again is a replay; anything else
+//!   is `order_exists`; an unknown account is `account_not_found`;
+//! * deduct: charges the order's amount once (PREPARE → PAID, one debit entry);
+//!   not enough balance makes the order FAILED (terminal, answered
+//!   `insufficient_funds` forever); a paid order (even refunded since) replays its
+//!   debit with the order as it is now;
+//! * refund: a refund id moves money once (the same order and amount again
+//!   replays; anything else is `refund_exists`); only PAID or PARTIALLY_REFUNDED
+//!   orders (`order_not_paid`), never above the amount (`refund_exceeds_paid`);
+//!   a refund that would overflow the balance (only possible after a hand edit)
+//!   is refused and moves nothing;
+//! * fencing: a command under a lock token lower than one that already wrote its
+//!   order is stale and moves nothing; otherwise the order keeps the token;
+//! * Idempotency-Key: see [`idempotency`].
+
+pub mod idempotency;
+mod ledger;
+#[cfg(test)]
+mod tests;
+
+pub use idempotency::{claim, completion, ClaimDecision, IdemCompletion, IdemRecord};
+
+use crate::domain::{Account, AccountId, Entry, EntryKind, Money, Order, OrderId, RefundId};
+use crate::store::{Command, Op, OpResult, Output, Rejection};
+
+/// What a store read for one command, before deciding it. A store fills the
+/// fields its command needs (each field says for which) and leaves the others
+/// empty; the rules read nothing else.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen<'a> {
+    /// The order the op names (create order: the order with that id; deduct,
+    /// refund: the order to move), as it stands, if it exists.
+    pub order: Option<&'a Order>,
+    /// The highest fencing token that wrote that order (0: none). Needed only
+    /// when the command carries a token.
+    pub fence: i64,
+    /// Create account: the account with that id, if it exists.
+    pub account: Option<&'a Account>,
+    /// Create order: whether the account it names exists.
+    pub account_exists: bool,
+    /// Deduct, refund: the balance of the order's account.
+    pub balance: Option<Money>,
+    /// Deduct: the debit entry a paid order links (`order.debit_entry_id`).
+    pub debit: Option<&'a Entry>,
+    /// Refund: the entry already written under the refund id, if any.
+    pub refund: Option<&'a Entry>,
+}
+
+/// The decision on one command: the fence to keep, and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Raise the order's fence to this token (a fenced command on an existing
+    /// order whose token was not stale); written whatever the decision.
+    pub fence: Option<i64>,
+    pub decision: Decision,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Refused: nothing is written.
+    Reject(Rejection),
+    /// Already done: answer with what is stored; nothing is written.
+    Replay(Output),
+    /// Write this, then answer with [`Effect::answer`].
+    Apply(Effect),
+}
+
+/// The writes one command makes. A store makes each conditional on the state it
+/// was decided from (the order's status and refunded sum, the balance read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Insert this account (its balance is its opening balance).
+    OpenAccount(Account),
+    /// Insert this order, in PREPARE.
+    PlaceOrder(Order),
+    /// Insert the debit entry, move the balance down, and PREPARE → PAID with the
+    /// new entry as the order's debit.
+    Charge(Movement),
+    /// PREPARE → FAILED (`failure_reason` set): the balance cannot pay. Nothing
+    /// else is written, and the command answers `insufficient_funds`.
+    Decline(Order),
+    /// Insert the refund entry, move the balance back up, and raise the order's
+    /// refunded sum (PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED).
+    Refund(Movement),
+}
+
+/// One movement of money: a new ledger entry, a balance change, an order change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Movement {
+    /// The order as read: the order's write is conditional on its status and
+    /// refunded sum.
+    pub before: Order,
+    /// The order as the movement leaves it. A charge's `debit_entry_id` is the new
+    /// entry's, unknown until the ledger gives it: see [`Movement::settle`].
+    pub after: Order,
+    /// The ledger line to insert; the ledger gives it its id.
+    pub entry: NewEntry,
+    /// The balance as read: the balance's write is conditional on it, and
+    /// `entry.balance_after` is the new one.
+    pub balance_before: Money,
+}
+
+/// A ledger entry before the ledger has given it an id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEntry {
+    pub order_id: OrderId,
+    pub account_id: AccountId,
+    pub kind: EntryKind,
+    pub amount: Money,
+    pub balance_after: Money,
+    pub refund_id: Option<RefundId>,
+    pub created_at: i64,
+}
+
+impl NewEntry {
+    /// The entry once the ledger gave it `id`.
+    pub fn with_id(&self, id: i64) -> Entry {
+        Entry {
+            id,
+            order_id: self.order_id.clone(),
+            account_id: self.account_id.clone(),
+            kind: self.kind,
+            amount: self.amount,
+            balance_after: self.balance_after,
+            refund_id: self.refund_id.clone(),
+            reverses: None,
+            created_at: self.created_at,
+        }
+    }
+}
+
+impl Movement {
+    /// The order and the entry once the ledger gave the entry `entry_id` (a
+    /// charge links it as the order's debit).
+    pub fn settle(&self, entry_id: i64) -> (Order, Entry) {
+        let mut order = self.after.clone();
+        if self.entry.kind == EntryKind::Debit {
+            order.debit_entry_id = Some(entry_id);
+        }
+        (order, self.entry.with_id(entry_id))
+    }
+}
+
+impl Effect {
+    /// The ledger line this effect inserts, if any.
+    pub fn entry(&self) -> Option<&NewEntry> {
+        match self {
+            Effect::Charge(m) | Effect::Refund(m) => Some(&m.entry),
+            Effect::OpenAccount(_) | Effect::PlaceOrder(_) | Effect::Decline(_) => None,
+        }
+    }
+
+    /// What the command answers once the effect is written; `entry_id` is the id
+    /// the ledger gave [`Effect::entry`] (ignored by effects that insert none).
+    pub fn answer(&self, entry_id: i64) -> OpResult {
+        match self {
+            Effect::OpenAccount(account) => Ok(Output::Account {
+                account: account.clone(),
+                created: true,
+            }),
+            Effect::PlaceOrder(order) => Ok(Output::Order {
+                order: order.clone(),
+                created: true,
+            }),
+            Effect::Charge(m) | Effect::Refund(m) => {
+                let (order, entry) = m.settle(entry_id);
+                Ok(Output::Movement {
+                    order,
+                    entry,
+                    replayed: false,
+                })
+            }
+            Effect::Decline(_) => Err(Rejection::InsufficientFunds),
+        }
+    }
+}
+
+/// The state a store read contradicts itself (a paid order without its debit,
+/// an order whose account is missing): the database was edited by hand or is
+/// corrupt. Not an answer: the store fails the batch rather than guess.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("inconsistent stored state: {0}")]
+pub struct Inconsistent(pub String);
+
+/// Decides one command against the state a store read for it, at `now` (ms).
+pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Inconsistent> {
+    let fence = match (cmd.fence, seen.order) {
+        (Some(token), Some(_)) => match ledger::fence(seen.fence, token) {
+            Some(kept) => Some(kept),
+            None => {
+                return Ok(Verdict {
+                    fence: None,
+                    decision: Decision::Reject(Rejection::StaleFencingToken),
+                })
+            }
+        },
+        // Unfenced, or an order that does not exist (yet): nothing to fence.
+        _ => None,
+    };
+    let decision = match &cmd.op {
+        Op::CreateAccount {
+            id,
+            balance,
+            currency,
+        } => ledger::open_account(seen.account, id, *balance, *currency, now),
+        Op::CreateOrder {
+            id,
+            account_id,
+            amount,
+        } => ledger::place_order(
+            seen.order,
+            seen.account_exists,
+            id,
+            account_id,
+            *amount,
+            now,
+        ),
+        Op::Deduct { order_id } => ledger::deduct(order_id, seen, now)?,
+        Op::Refund {
+            order_id,
+            refund_id,
+            amount,
+        } => ledger::refund(order_id, refund_id, *amount, seen, now)?,
+    };
+    Ok(Verdict { fence, decision })
+}
