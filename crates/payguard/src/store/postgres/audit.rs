@@ -14,7 +14,7 @@ pub async fn audit_client(client: &mut tokio_postgres::Client) -> Result<AuditRe
     audit_inner(client).await.map_err(Fault::into_store_error)
 }
 
-pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<AuditReport, Fault> {
+async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<AuditReport, Fault> {
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -34,6 +34,19 @@ pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<A
         entries_checked: counts.try_get(2)?,
         ..AuditReport::default()
     };
+    duplicate_debits(&tx, &mut report).await?;
+    over_refunded(&tx, &mut report).await?;
+    balance_mismatches(&tx, &mut report).await?;
+    paid_mismatches(&tx, &mut report).await?;
+    tx.commit().await?;
+    Ok(report.finish())
+}
+
+/// Orders with more than one debit not reversed: duplicates, or resolved by `payguard audit --apply`.
+async fn duplicate_debits(
+    tx: &tokio_postgres::Transaction<'_>,
+    report: &mut AuditReport,
+) -> Result<(), Fault> {
     for row in tx
         .query(
             "SELECT d.order_id, d.debits,
@@ -57,6 +70,14 @@ pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<A
             report.resolved.push(Resolved { order_id, reversed });
         }
     }
+    Ok(())
+}
+
+/// Orders whose refunds (recorded or summed) exceed their amount.
+async fn over_refunded(
+    tx: &tokio_postgres::Transaction<'_>,
+    report: &mut AuditReport,
+) -> Result<(), Fault> {
     for row in tx
         .query(
             "SELECT id, amount, refunded FROM (
@@ -76,6 +97,14 @@ pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<A
             refunded: row.try_get(2)?,
         });
     }
+    Ok(())
+}
+
+/// Accounts whose balance is not opening − debits + refunds + reversals, or negative.
+async fn balance_mismatches(
+    tx: &tokio_postgres::Transaction<'_>,
+    report: &mut AuditReport,
+) -> Result<(), Fault> {
     for row in tx
         .query(
             "SELECT id, expected, balance FROM (
@@ -99,6 +128,14 @@ pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<A
             actual: row.try_get(2)?,
         });
     }
+    Ok(())
+}
+
+/// Orders paid without a debit, or with a debit and not paid.
+async fn paid_mismatches(
+    tx: &tokio_postgres::Transaction<'_>,
+    report: &mut AuditReport,
+) -> Result<(), Fault> {
     for row in tx
         .query(
             "SELECT id, status, debits FROM (
@@ -122,6 +159,5 @@ pub(super) async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<A
             report.entry_without_paid.push(m);
         }
     }
-    tx.commit().await?;
-    Ok(report.finish())
+    Ok(())
 }

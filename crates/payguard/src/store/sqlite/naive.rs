@@ -104,6 +104,7 @@ fn naive_load(
     Ok(cache.read_sync(order_id, |_, o| o.clone()).or(Some(order)))
 }
 
+/// The incident's deduct: check the cached order, pause, act.
 fn naive_deduct(
     conn: &Connection,
     cache: &scc::HashMap<OrderId, Order>,
@@ -134,6 +135,18 @@ fn naive_deduct(
     }
     // The slow calls between check and act.
     std::thread::sleep(ctx.gap);
+    naive_act(conn, cache, order, ctx)
+}
+
+/// The act, after the check and the pause: the balance, the entry and the status,
+/// each its own statement, none conditional on the state the check saw.
+fn naive_act(
+    conn: &Connection,
+    cache: &scc::HashMap<OrderId, Order>,
+    order: Order,
+    ctx: &NaiveCtx,
+) -> rusqlite::Result<OpResult> {
+    let order_id = &order.id.clone();
     let now = chrono::Utc::now().timestamp_millis();
     let balance: i64 = conn
         .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
