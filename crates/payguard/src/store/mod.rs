@@ -13,6 +13,11 @@
 //! never negative, status changes only along the allowed transitions, an
 //! append-only ledger. A double charge is refused by the database even if every
 //! layer above it were wrong.
+//!
+//! Above the constraints, what each command does is decided once, for both
+//! stores, by the pure money rules in [`rules`]; [`sqlite`] and [`postgres`] only
+//! read the state the rules need and write what they decided, each in its own
+//! dialect.
 
 pub mod postgres;
 pub mod rules;

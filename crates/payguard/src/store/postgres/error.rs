@@ -56,7 +56,7 @@ pub(super) enum Fault {
     /// The database failed (connection, timeout, corrupt row): the batch fails.
     Store(String),
     /// COMMIT of transaction `xid` was sent and no answer came back: it may have
-    /// committed. Only [`apply_pooled`] may answer it, by looking the fate up.
+    /// committed. Only [`super::commit::apply_pooled`] may answer it, by looking the fate up.
     Ambiguous { xid: i64, detail: String },
 }
 

@@ -1,7 +1,7 @@
 //! The PostgreSQL store: several payguard instances, one database.
 //!
 //! Why it exists: SQLite is one machine's file. With PostgreSQL, many instances can
-//! serve the same orders, and the schema (`postgres_schema.sql`) still refuses a
+//! serve the same orders, and the schema (`postgres/schema.sql`) still refuses a
 //! second debit, a refund over the amount, a negative balance or an illegal status
 //! change by itself, whatever the instances above it do.
 //!
@@ -20,7 +20,7 @@
 //!    arrays: new accounts, new orders, all ledger entries, one balance per
 //!    account (PostgreSQL updates a row once per statement, so balances are
 //!    aggregated first), and the orders' status changes (one statement per
-//!    "round", see [`segments`]), each conditional on the state that was read;
+//!    "round", see [`writes`]), each conditional on the state that was read;
 //! 4. writes the Idempotency-Key records of the batch's idempotent ops (the
 //!    rendered response of each committed result, or the release of its claim),
 //!    again set-based, so a stored response never exists without its movement;
@@ -33,7 +33,7 @@
 //! A rejection is an answer and never aborts the batch. If a constraint fires
 //! anyway (only possible when something above the database is wrong, or another
 //! instance created the same id at the same moment), the batch is re-run with one
-//! savepoint per op, so only that op is [`Rejection::Refused`]. Deadlocks and
+//! savepoint per op, so only that op is [`Refused`](crate::store::Rejection::Refused). Deadlocks and
 //! serialisation failures (SQLSTATE 40P01, 40001) are retried
 //! [`BATCH_ATTEMPTS_MAX`] times, then the batch fails with
 //! [`StoreError::Unavailable`] (HTTP 503): nothing in it moved.
@@ -57,9 +57,16 @@
 //! get [`StoreError::Unknown`] (HTTP 500), never a 503.
 //! [`PgStore::stats`] counts savepoint replays and retries.
 //!
-//! Migrations are a list (`MIGRATIONS`); `payguard_meta` holds `schema_kind`
+//! Migrations are a list ([`schema`]); `payguard_meta` holds `schema_kind`
 //! ('guarded') and `schema_version`. A database marked otherwise, holding foreign
 //! tables, or newer than this build is refused, like the SQLite store does.
+//!
+//! Files: [`connection`] (pool, close guard, raw connections), [`schema`]
+//! (migrations), [`batch`] (one batch: read, decide, write, commit; savepoint
+//! replay, retries), [`commit`] (unanswered COMMITs), [`reads`] (what a batch
+//! locks and reads), [`plan`] (its decisions in memory), [`writes`] (set-based
+//! writes), [`idempotency`], [`rows`], [`audit`], [`error`]; `scratch` (throwaway
+//! databases) only with the `test-support` feature.
 
 mod audit;
 mod batch;

@@ -14,6 +14,16 @@
 //! constraint (only possible when something above the database is wrong), the
 //! transaction is rolled back and the batch replayed with one savepoint per op, so
 //! the refused op is undone alone and the rest of the batch still commits.
+//!
+//! What each command does is decided by the money rules ([`crate::store::rules`],
+//! the same as PostgreSQL's); this store reads what they need and writes what
+//! they decided.
+//!
+//! Files: [`connection`] (pragmas, pools), [`schema`] (migrations), [`writer`]
+//! (the writer thread, one batch, savepoint replay), [`commands`] (one command:
+//! read, decide, write), [`rows`], [`idempotency`], [`audit`], [`error`], and
+//! [`naive`], the incident's code path for `--guard naive`, which only a naive
+//! file accepts.
 
 mod audit;
 mod commands;
