@@ -100,7 +100,12 @@ struct Instance {
 }
 
 impl Instance {
-    fn start(log: &Path, name: &str, db: &str, redis: Option<(&str, &str)>) -> anyhow::Result<Self> {
+    fn start(
+        log: &Path,
+        name: &str,
+        db: &str,
+        redis: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating this binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -210,7 +215,10 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
     for i in instances {
         i.stop();
     }
-    scratch.drop_db().await.context("dropping the scratch database")?;
+    scratch
+        .drop_db()
+        .await
+        .context("dropping the scratch database")?;
     report
 }
 

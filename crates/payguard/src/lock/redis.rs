@@ -133,7 +133,9 @@ pub enum RedisLockError {
 pub enum Grant {
     Held(Lease),
     /// Held elsewhere; its lease ends within `left` at the latest.
-    Busy { left: Duration },
+    Busy {
+        left: Duration,
+    },
 }
 
 pub struct RedisLocks {
@@ -422,10 +424,12 @@ impl RedisLocks {
     }
 }
 
+/// ACQUIRE_MANY's answer: the epoch in force, the fence hash's incarnation, one
+/// number per lock (a grant `>= 1`, else busy).
+type AcquireAnswer = (Option<i64>, Option<String>, Vec<i64>);
+
 /// Splits ACQUIRE_MANY's answer: epoch, incarnation, one number per lock.
-fn parse_acquire(
-    v: Vec<redis::Value>,
-) -> Result<(Option<i64>, Option<String>, Vec<i64>), redis::ParsingError> {
+fn parse_acquire(v: Vec<redis::Value>) -> Result<AcquireAnswer, redis::ParsingError> {
     let mut it = v.into_iter();
     let epoch: Option<i64> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
     let inc: Option<String> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
