@@ -52,7 +52,7 @@ impl OpKind {
     }
 }
 
-/// One request and what came back. `status` 0: no answer (timeout, reset).
+/// One request and what came back. `status` 0: no answer (`error` says why).
 #[derive(Debug, Clone)]
 pub struct Record {
     pub kind: OpKind,
@@ -66,6 +66,8 @@ pub struct Record {
     pub entry_id: Option<String>,
     pub replayed: Option<bool>,
     pub code: Option<String>,
+    /// Why no answer came back: `timeout`, `connect`, `reset` or `body`.
+    pub error: Option<&'static str>,
 }
 
 pub struct Run {
@@ -113,6 +115,21 @@ impl Http {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
+        self.send(target, method, path, body)
+            .await
+            .unwrap_or((0, Value::Null))
+    }
+
+    /// One request: its status and JSON body (`Null` when not JSON), or why no
+    /// answer came back. A body cut off mid-way is no answer: the client never
+    /// learnt what the service did.
+    pub async fn send(
+        &self,
+        target: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), &'static str> {
         let url = format!("{}{}", self.targets[target % self.targets.len()], path);
         let mut req = self.client.request(method, url);
         if let Some(key) = &self.api_key {
@@ -121,14 +138,32 @@ impl Http {
         if let Some(body) = body {
             req = req.json(body);
         }
-        match req.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-                (status, body)
-            }
-            Err(_) => (0, Value::Null),
-        }
+        let resp = req.send().await.map_err(|e| unanswered_reason(&e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| match unanswered_reason(&e) {
+                "timeout" => "timeout",
+                _ => "body",
+            })?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+/// Why a request got no answer, in one word.
+fn unanswered_reason(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "reset"
     }
 }
 
@@ -192,10 +227,14 @@ async fn wave(
             barrier.wait().await;
             let t0 = Instant::now();
             record.started_ms = t0.duration_since(rec.started).as_secs_f64() * 1e3;
-            let (status, body) = http
-                .call(record.target, reqwest::Method::POST, &path, body.as_ref())
+            let answer = http
+                .send(record.target, reqwest::Method::POST, &path, body.as_ref())
                 .await;
             record.latency_us = t0.elapsed().as_micros() as u64;
+            let (status, body) = answer.unwrap_or_else(|reason| {
+                record.error = Some(reason);
+                (0, Value::Null)
+            });
             record.status = status;
             record.entry_id = body["entry"]["id"].as_str().map(str::to_owned);
             record.replayed = body["replayed"].as_bool();
@@ -257,6 +296,7 @@ fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Rec
         entry_id: None,
         replayed: None,
         code: None,
+        error: None,
     }
 }
 
