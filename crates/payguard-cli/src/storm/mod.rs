@@ -80,7 +80,8 @@ pub struct StormArgs {
     /// Print the report as JSON.
     #[arg(long, env = "PAYGUARD_JSON")]
     pub json: bool,
-    /// Write a self-contained HTML report (latency histograms, throughput over time).
+    /// Write a self-contained HTML report (liveness, every target over time,
+    /// latency histograms, throughput over time).
     #[arg(long, env = "PAYGUARD_HTML")]
     pub html: Option<PathBuf>,
     /// Record every operation (invoke / ok / fail / unknown) and the final state
