@@ -149,6 +149,13 @@ pub async fn write(path: &Path, http: &Http, run: &Run, rules: Rules) -> anyhow:
             },
         })?;
     }
+    line(&read_final(http, run).await?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The `final` line: every balance and ledger entry, read through the API.
+async fn read_final(http: &Http, run: &Run) -> anyhow::Result<Line> {
     let mut balances = Vec::new();
     for a in &run.accounts {
         let (status, body) = http
@@ -188,9 +195,7 @@ pub async fn write(path: &Path, http: &Http, run: &Run, rules: Rules) -> anyhow:
             });
         }
     }
-    line(&Line::Final { balances, ledger })?;
-    out.flush()?;
-    Ok(())
+    Ok(Line::Final { balances, ledger })
 }
 
 pub fn read(path: &Path) -> anyhow::Result<Vec<Line>> {

@@ -300,39 +300,29 @@ fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Rec
     }
 }
 
-pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
-    let tag = args
-        .run_tag
-        .clone()
-        .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
-    let (accounts, orders) = plan(args, &tag);
-    let http = Arc::new(Http::new(args)?);
-    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
-    let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
-    let progress =
-        if args.json || args.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let pb = indicatif::ProgressBar::new(total);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} storm {msg:10} [{bar:40}] {pos}/{len} requests {per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            pb
-        };
-    let rec = Arc::new(Recorder {
-        records: Mutex::new(Vec::with_capacity(total as usize)),
-        started: Instant::now(),
-        progress,
-    });
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
+fn progress_bar(args: &StormArgs, total: u64) -> indicatif::ProgressBar {
+    if args.json || args.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} storm {msg:10} [{bar:40}] {pos}/{len} requests {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb
+}
 
-    // Setup: accounts, then orders, `concurrency` at a time (these do not collide).
-    rec.progress.set_message("setup");
-    let per_wave = args.concurrency.max(1);
+/// Setup: accounts, then orders, `per_wave` at a time (these do not collide).
+async fn setup(
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    accounts: &[PlannedAccount],
+    orders: &[PlannedOrder],
+    per_wave: usize,
+) {
     for chunk in accounts.chunks(per_wave) {
         let reqs = chunk
             .iter()
@@ -345,10 +335,9 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        setup_wave(&http, &rec, reqs).await;
+        setup_wave(http, rec, reqs).await;
     }
-    for chunk in orders.chunks(per_wave).enumerate() {
-        let (c, chunk) = chunk;
+    for (c, chunk) in orders.chunks(per_wave).enumerate() {
         let reqs = chunk
             .iter()
             .enumerate()
@@ -361,19 +350,24 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        setup_wave(&http, &rec, reqs).await;
+        setup_wave(http, rec, reqs).await;
     }
+}
 
-    // The storm: every deduct `dup` times at once, each copy to another target.
-    rec.progress.set_message("deduct");
-    let storm_started = Instant::now();
+/// The storm: every deduct `dup` times at once, each copy to another target.
+/// Returns the waves sent and whether the deadline cut them short.
+async fn deduct_waves(
+    args: &StormArgs,
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    orders: &[PlannedOrder],
+    deadline: Instant,
+) -> (usize, bool) {
     let wave_orders = (args.concurrency / args.dup).max(1);
-    let mut cut_short = false;
     let mut waves = 0;
     for (w, chunk) in orders.chunks(wave_orders).enumerate() {
         if Instant::now() >= deadline {
-            cut_short = true;
-            break;
+            return (waves, true);
         }
         let mut reqs = Vec::with_capacity(chunk.len() * args.dup);
         for (i, o) in chunk.iter().enumerate() {
@@ -386,14 +380,22 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 ));
             }
         }
-        wave(&http, &rec, reqs).await;
+        wave(http, rec, reqs).await;
         waves += 1;
     }
-    let deduct_secs = storm_started.elapsed().as_secs_f64();
+    (waves, false)
+}
 
-    // Refunds of some paid orders: the first duplicated, a second that fills the
-    // amount, and a third that would cross it, all in one wave.
-    rec.progress.set_message("refund");
+/// Refunds of some paid orders: the first duplicated, a second that fills the
+/// amount, and a third that would cross it, all in one wave. Returns the waves
+/// sent and whether the deadline cut them short.
+async fn refund_waves(
+    args: &StormArgs,
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    orders: &[PlannedOrder],
+    deadline: Instant,
+) -> (usize, bool) {
     let paid: Vec<usize> = {
         let records = rec.records.lock().map(|r| r.clone()).unwrap_or_default();
         let mut paid: Vec<usize> = records
@@ -411,37 +413,81 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         .filter(|_| rng.random::<f64>() < args.refund_ratio)
         .collect();
     let per_refund_wave = (args.concurrency / (args.dup + 2)).max(1);
+    let mut waves = 0;
     for chunk in chosen.chunks(per_refund_wave) {
         if Instant::now() >= deadline {
-            cut_short = true;
-            break;
+            return (waves, true);
         }
         let mut reqs = Vec::new();
         for &idx in chunk {
-            let o = &orders[idx];
-            let first = (o.amount / 2).max(1);
-            let second = o.amount - first;
-            let mut parts = vec![("a", first, args.dup)];
-            if second > 0 {
-                parts.push(("b", second, 1));
-            }
-            parts.push(("c", 1, 1));
-            for (suffix, amount, copies) in parts {
-                let refund_id = format!("{}-rf{suffix}", o.id);
-                for d in 0..copies {
-                    let mut r = record(OpKind::Refund, Some(idx), amount, idx + d);
-                    r.refund_id = Some(refund_id.clone());
-                    reqs.push((
-                        r,
-                        format!("/v1/orders/{}/refunds", o.id),
-                        Some(json!({"id": refund_id, "amount": amount})),
-                    ));
-                }
-            }
+            reqs.extend(refund_requests(&orders[idx], idx, args.dup));
         }
-        wave(&http, &rec, reqs).await;
+        wave(http, rec, reqs).await;
         waves += 1;
     }
+    (waves, false)
+}
+
+/// One paid order's refunds: half its amount `dup` times, the rest once, then 1
+/// more (which must be refused).
+fn refund_requests(
+    o: &PlannedOrder,
+    idx: usize,
+    dup: usize,
+) -> Vec<(Record, String, Option<Value>)> {
+    let first = (o.amount / 2).max(1);
+    let second = o.amount - first;
+    let mut parts = vec![("a", first, dup)];
+    if second > 0 {
+        parts.push(("b", second, 1));
+    }
+    parts.push(("c", 1, 1));
+    let mut reqs = Vec::new();
+    for (suffix, amount, copies) in parts {
+        let refund_id = format!("{}-rf{suffix}", o.id);
+        for d in 0..copies {
+            let mut r = record(OpKind::Refund, Some(idx), amount, idx + d);
+            r.refund_id = Some(refund_id.clone());
+            reqs.push((
+                r,
+                format!("/v1/orders/{}/refunds", o.id),
+                Some(json!({"id": refund_id, "amount": amount})),
+            ));
+        }
+    }
+    reqs
+}
+
+pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
+    let tag = args
+        .run_tag
+        .clone()
+        .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
+    let (accounts, orders) = plan(args, &tag);
+    let http = Arc::new(Http::new(args)?);
+    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
+    let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
+    let rec = Arc::new(Recorder {
+        records: Mutex::new(Vec::with_capacity(total as usize)),
+        started: Instant::now(),
+        progress: progress_bar(args, total),
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+
+    rec.progress.set_message("setup");
+    setup(&http, &rec, &accounts, &orders, args.concurrency.max(1)).await;
+
+    rec.progress.set_message("deduct");
+    let storm_started = Instant::now();
+    let (deduct_waves, deducts_cut) = deduct_waves(args, &http, &rec, &orders, deadline).await;
+    let deduct_secs = storm_started.elapsed().as_secs_f64();
+
+    rec.progress.set_message("refund");
+    let (refund_waves, refunds_cut) = if deducts_cut {
+        (0, true)
+    } else {
+        refund_waves(args, &http, &rec, &orders, deadline).await
+    };
     let storm_secs = storm_started.elapsed().as_secs_f64();
     rec.progress.finish_and_clear();
     let records = std::mem::take(
@@ -457,7 +503,7 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         records,
         storm_secs,
         deduct_secs,
-        cut_short,
-        waves,
+        cut_short: deducts_cut || refunds_cut,
+        waves: deduct_waves + refund_waves,
     })
 }
