@@ -114,6 +114,8 @@ async fn side(
         html: None,
         no_progress: true,
         history: None,
+        faults: false,
+        slow_ms: storm::liveness::SLOW_MS_DEFAULT,
     };
     let report = storm::storm(&storm_args).await;
     server.stop().await?;
@@ -184,8 +186,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         row(
             "violations",
-            naive.violations.len().to_string(),
-            full.violations.len().to_string(),
+            naive.violation_count().to_string(),
+            full.violation_count().to_string(),
         );
         row(
             "database audit",

@@ -25,6 +25,9 @@ fn args(url: &str, db: &Path, orders: usize, dup: usize, seed: u64) -> StormArgs
         html: None,
         no_progress: true,
         history: None,
+        // No fault injected: every request answered, quickly.
+        faults: false,
+        slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
     }
 }
 

@@ -46,7 +46,7 @@ fn side(guard: &'static str, r: &Report) -> Side {
         p50_ms: l.p50_ms,
         p99_ms: l.p99_ms,
         max_ms: l.max_ms,
-        violations: r.violations.len(),
+        violations: r.violation_count(),
         replays: r.replays,
     }
 }
@@ -78,6 +78,8 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
                 html: None,
                 no_progress: true,
                 history: None,
+                faults: false,
+                slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
             })
             .await;
             server.stop().await?;

@@ -6,16 +6,24 @@
 //! refunds (duplicated, and one that would cross the amount), and finally checks
 //! through the API, and with `--db` in the database itself: orders charged more
 //! than once, money lost, balance drift, refunds over the amount, 200 responses
-//! whose entry ids disagree, acknowledged charges missing from the ledger, 500s.
-//! A 503 is counted and reported but is not a violation: it promises nothing moved.
-//! Exit status 1 when any violation is found.
+//! whose entry ids disagree, acknowledged charges missing from the ledger.
+//!
+//! Liveness is checked too (`liveness.rs`): a 500 is always a violation; in a run
+//! without injected faults, so is a 503, a request without an answer, or one
+//! slower than `--slow-ms`. A run that injects faults says so with `--faults`:
+//! then those are counted, not violations (a 503 still promises nothing moved,
+//! and the money checks hold it to that). The report shows every target on its
+//! own, over time (`targets.rs`). Exit status 1 when any violation is found.
 
 mod check;
 pub mod history;
 mod html;
+pub mod liveness;
 mod load;
+mod report;
+pub mod targets;
 
-pub use check::{yuan, Report, Violation};
+pub use report::{yuan, Latency, Report, Violation};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,13 +80,21 @@ pub struct StormArgs {
     /// Print the report as JSON.
     #[arg(long, env = "PAYGUARD_JSON")]
     pub json: bool,
-    /// Write a self-contained HTML report (latency histograms, throughput over time).
+    /// Write a self-contained HTML report (liveness, every target over time,
+    /// latency histograms, throughput over time).
     #[arg(long, env = "PAYGUARD_HTML")]
     pub html: Option<PathBuf>,
     /// Record every operation (invoke / ok / fail / unknown) and the final state
     /// as JSON lines, for `payguard check-history`.
     #[arg(long, env = "PAYGUARD_HISTORY")]
     pub history: Option<PathBuf>,
+    /// This run injects faults (kills, partitions, failpoints): a 503, an unanswered
+    /// or a slow request is counted, not a violation. A 500 always is one.
+    #[arg(long, env = "PAYGUARD_FAULTS")]
+    pub faults: bool,
+    /// Without `--faults`, an answer slower than this (ms) is a violation (`slow_request`).
+    #[arg(long, env = "PAYGUARD_SLOW_MS", default_value_t = liveness::SLOW_MS_DEFAULT)]
+    pub slow_ms: u64,
     /// No progress bar (it is also hidden with --json or when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -103,6 +119,7 @@ impl StormArgs {
         );
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(self.duration >= 1, "--duration must be at least 1 second");
+        anyhow::ensure!(self.slow_ms >= 1, "--slow-ms must be at least 1");
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.refund_ratio) && (0.0..=1.0).contains(&self.poor_ratio),
             "--refund-ratio and --poor-ratio are fractions in 0..=1"
@@ -116,7 +133,11 @@ pub async fn storm(args: &StormArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let run = load::run(args).await?;
     if let Some(path) = &args.history {
-        history::write(path, &load::Http::new(args)?, &run).await?;
+        let rules = liveness::Rules {
+            faults: args.faults,
+            slow_ms: args.slow_ms,
+        };
+        history::write(path, &load::Http::new(args)?, &run, rules).await?;
     }
     check::check(args, run).await
 }
@@ -150,26 +171,42 @@ pub struct CheckHistoryArgs {
     /// Print the violations as JSON.
     #[arg(long, env = "PAYGUARD_JSON")]
     pub json: bool,
+    /// Judge the history as a run that injected faults, whatever it recorded
+    /// (503, unanswered and slow requests counted, not violations).
+    #[arg(long, env = "PAYGUARD_FAULTS")]
+    pub faults: bool,
+    /// The slow-request threshold (ms) [default: the one the run recorded, else 1000].
+    #[arg(long, env = "PAYGUARD_SLOW_MS")]
+    pub slow_ms: Option<u64>,
 }
 
-/// `payguard check-history FILE`: exit 1 when the history breaks an invariant.
+/// `payguard check-history FILE`: exit 1 when the history breaks an invariant
+/// (money or liveness).
 pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
     let lines = history::read(&args.file)?;
-    let violations = history::check(&lines)?;
+    let mut rules = history::recorded_rules(&lines);
+    rules.faults |= args.faults;
+    if let Some(ms) = args.slow_ms {
+        anyhow::ensure!(ms >= 1, "--slow-ms must be at least 1");
+        rules.slow_ms = ms;
+    }
+    let violations = history::check_with(&lines, rules)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&violations)?);
     } else if violations.is_empty() {
         println!(
-            "history {}: {} lines, every invariant holds",
+            "history {}: {} lines, every invariant holds ({})",
             args.file.display(),
-            lines.len()
+            lines.len(),
+            if rules.faults {
+                "faults injected"
+            } else {
+                "no faults: every request answered, quickly"
+            }
         );
     } else {
-        println!(
-            "history {}: {} VIOLATIONS",
-            args.file.display(),
-            violations.len()
-        );
+        let total: usize = violations.iter().map(Violation::weight).sum();
+        println!("history {}: {total} VIOLATIONS", args.file.display());
         for v in violations.iter().take(50) {
             println!(
                 "  {} {}{}: {}",
@@ -178,6 +215,9 @@ pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
                 v.account_id.as_deref().unwrap_or(""),
                 v.detail
             );
+            for e in &v.examples {
+                println!("    e.g. {}", e.describe());
+            }
         }
     }
     Ok(if violations.is_empty() {
