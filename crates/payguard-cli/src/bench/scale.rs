@@ -248,6 +248,9 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         html: None,
         no_progress: true,
         history: None,
+        // No fault is injected: a 503, an unanswered or a slow request fails the run.
+        faults: false,
+        slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
     })
     .await;
     for i in instances {
