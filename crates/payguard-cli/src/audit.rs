@@ -224,6 +224,12 @@ fn print_text(r: &AuditReport, plan: Option<&[Reversal]>, applied: Option<&[Reve
             b.account_id, b.actual, b.expected
         );
     }
+    for n in &r.negative_balances {
+        println!(
+            "  negative balance: account {} is {} (below zero)",
+            n.account_id, n.balance
+        );
+    }
     for p in &r.paid_without_entry {
         println!(
             "  paid without a debit: order {} ({})",

@@ -108,7 +108,12 @@ async fn three_instances_answer_a_spread_duplicate_storm_without_503() {
         args.concurrency = 64;
         let report = storm(&args).await.unwrap();
         assert!(report.ok, "--dup {dup}: {}", report.to_text());
-        assert_eq!(report.unavailable_503, 0, "--dup {dup}: {}", report.to_text());
+        assert_eq!(
+            report.unavailable_503,
+            0,
+            "--dup {dup}: {}",
+            report.to_text()
+        );
         assert_eq!(report.no_answer, 0, "--dup {dup}: {}", report.to_text());
         assert!(!report.cut_short, "--dup {dup}: {}", report.to_text());
         assert_eq!(report.double_charged_orders, 0);
@@ -124,7 +129,10 @@ async fn three_instances_answer_a_spread_duplicate_storm_without_503() {
     for s in servers {
         s.stop();
     }
-    assert!(logs.contains("\"lock_acquired\""), "no instance took a Redis lock");
+    assert!(
+        logs.contains("\"lock_acquired\""),
+        "no instance took a Redis lock"
+    );
     assert!(
         !logs.contains("\"lock_busy\""),
         "an order gave up waiting for a lock"

@@ -116,7 +116,12 @@ struct Instance {
 }
 
 impl Instance {
-    fn start(log: &Path, name: &str, db: &str, redis: Option<(&str, &str)>) -> anyhow::Result<Self> {
+    fn start(
+        log: &Path,
+        name: &str,
+        db: &str,
+        redis: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating this binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -266,7 +271,10 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         })
         .sum();
     let pg = pg_work(&scratch).await;
-    scratch.drop_db().await.context("dropping the scratch database")?;
+    scratch
+        .drop_db()
+        .await
+        .context("dropping the scratch database")?;
     Ok(Measured {
         report: report?,
         pg: pg.context("reading pg_stat_database")?,

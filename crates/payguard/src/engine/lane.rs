@@ -439,17 +439,24 @@ mod tests {
         core.submit(refund.clone(), req("r3"), 3);
         assert!(core.submit(deduct("b"), req("r4"), 4).joined);
         // b's lock was held elsewhere: it did not run.
-        let (done, parked) = core.complete_partial(vec![Some(Ok(Err(Rejection::OrderNotFound))), None]);
+        let (done, parked) =
+            core.complete_partial(vec![Some(Ok(Err(Rejection::OrderNotFound))), None]);
         assert_eq!(done.len(), 1);
         assert_eq!(parked, vec![OrderId::parse("b").unwrap()]);
         assert_eq!(core.pending_len(), 0, "b's refund waits behind b's deduct");
         assert_eq!(core.parked_len(), 1);
-        assert!(core.take_batch(10).is_none(), "nothing of a parked order is batched");
+        assert!(
+            core.take_batch(10).is_none(),
+            "nothing of a parked order is batched"
+        );
         // A duplicate arriving while parked joins the parked op.
         assert!(core.submit(deduct("b"), req("r5"), 5).joined);
         assert!(core.unpark(&OrderId::parse("b").unwrap()));
         assert_eq!(core.take_batch(10).unwrap(), vec![deduct("b"), refund]);
-        let d = core.complete(Ok(vec![Err(Rejection::OrderNotFound), Err(Rejection::OrderNotFound)]));
+        let d = core.complete(Ok(vec![
+            Err(Rejection::OrderNotFound),
+            Err(Rejection::OrderNotFound),
+        ]));
         let got: Vec<Vec<u32>> = d
             .iter()
             .map(|d| d.waiters.iter().map(|w| w.reply).collect())

@@ -958,7 +958,10 @@ async fn apply_held(
     let mut to_apply = Vec::with_capacity(total);
     for (i, op) in ops.into_iter().enumerate() {
         let order = op.order_id().cloned();
-        if order.as_ref().is_some_and(|o| busy.iter().any(|(b, _)| b == o)) {
+        if order
+            .as_ref()
+            .is_some_and(|o| busy.iter().any(|(b, _)| b == o))
+        {
             continue;
         }
         positions.push(i);

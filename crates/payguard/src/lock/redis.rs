@@ -133,7 +133,9 @@ pub enum RedisLockError {
 pub enum Grant {
     Held(Lease),
     /// Held elsewhere; its lease ends within `left` at the latest.
-    Busy { left: Duration },
+    Busy {
+        left: Duration,
+    },
 }
 
 pub struct RedisLocks {

@@ -147,14 +147,12 @@ pub fn spawn_subscriber(
     let weak = board.downgrade();
     tokio::spawn(async move {
         loop {
-            let subscribed = tokio::time::timeout(
-                Duration::from_millis(SUBSCRIBE_TIMEOUT_MS),
-                async {
+            let subscribed =
+                tokio::time::timeout(Duration::from_millis(SUBSCRIBE_TIMEOUT_MS), async {
                     let mut ps = client.get_async_pubsub().await?;
                     ps.subscribe(&channel).await?;
                     Ok::<_, redis::RedisError>(ps)
-                },
-            );
+                });
             let ps = tokio::select! {
                 _ = &mut stop => return,
                 got = subscribed => got,
@@ -216,7 +214,8 @@ mod tests {
         let b = board.clone();
         let x = tokio::spawn(async move { b.released("x", since, Duration::from_secs(60)).await });
         let b = board.clone();
-        let y = tokio::spawn(async move { b.released("y", since, Duration::from_millis(50)).await });
+        let y =
+            tokio::spawn(async move { b.released("y", since, Duration::from_millis(50)).await });
         tokio::task::yield_now().await;
         assert_eq!(board.waiting(), 2);
         board.notify("x");
@@ -235,11 +234,7 @@ mod tests {
         // A release older than the acquire says nothing about this holder.
         let later = Instant::now() + Duration::from_millis(1);
         tokio::time::sleep(Duration::from_millis(2)).await;
-        assert!(
-            !board
-                .released("x", later, Duration::from_millis(5))
-                .await
-        );
+        assert!(!board.released("x", later, Duration::from_millis(5)).await);
     }
 
     #[tokio::test]
