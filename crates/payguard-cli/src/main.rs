@@ -54,6 +54,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`payguard audit --fix-plan | head -5`): it has
+        // what it wanted; end quietly, as ripgrep does.
+        Err(e) if payguard_cli::out::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("payguard: {e:#}");
             ExitCode::from(2)

@@ -369,7 +369,7 @@ fn median_run(mut runs: Vec<Row>) -> Row {
 
 fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> anyhow::Result<()> {
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "orders": orders, "dup": args.dup, "concurrency": args.concurrency,
@@ -378,15 +378,15 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
         );
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "scale bench: {orders} orders × {} duplicates (each copy to another instance), {} in flight, one PostgreSQL; median of {rounds} interleaved runs (503, unanswered, violations: the worst run)",
         args.dup, args.concurrency
     );
-    println!();
-    println!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | PG commits | PG rollbacks | PG deadlocks | lock waits | × no Redis |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    crate::outln!();
+    crate::outln!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | PG commits | PG rollbacks | PG deadlocks | lock waits | × no Redis |");
+    crate::outln!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        println!(
+        crate::outln!(
             "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.instances,
             if r.redis { "yes" } else { "no" },
@@ -405,7 +405,7 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
                 .map_or_else(|| "1.00 (baseline)".to_owned(), |x| format!("{x:.2}")),
         );
     }
-    println!();
-    println!("targets: with Redis ≥ 0.8× without, deduct p99 < 100 ms, 0 × 503");
+    crate::outln!();
+    crate::outln!("targets: with Redis ≥ 0.8× without, deduct p99 < 100 ms, 0 × 503");
     Ok(())
 }

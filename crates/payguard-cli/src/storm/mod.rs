@@ -153,9 +153,9 @@ pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.to_text());
+        crate::out!("{}", report.to_text());
     }
     Ok(if report.violations.is_empty() {
         ExitCode::SUCCESS
@@ -192,9 +192,9 @@ pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
     }
     let violations = history::check_with(&lines, rules)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&violations)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&violations)?);
     } else if violations.is_empty() {
-        println!(
+        crate::outln!(
             "history {}: {} lines, every invariant holds ({})",
             args.file.display(),
             lines.len(),
@@ -206,9 +206,9 @@ pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         let total: usize = violations.iter().map(Violation::weight).sum();
-        println!("history {}: {total} VIOLATIONS", args.file.display());
+        crate::outln!("history {}: {total} VIOLATIONS", args.file.display());
         for v in violations.iter().take(50) {
-            println!(
+            crate::outln!(
                 "  {} {}{}: {}",
                 v.kind,
                 v.order_id.as_deref().unwrap_or(""),
@@ -216,7 +216,7 @@ pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
                 v.detail
             );
             for e in &v.examples {
-                println!("    e.g. {}", e.describe());
+                crate::outln!("    e.g. {}", e.describe());
             }
         }
     }
