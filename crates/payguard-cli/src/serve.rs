@@ -57,10 +57,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PAYGUARD_REQUEST_TIMEOUT_MS", default_value_t = payguard_server::limits::REQUEST_TIMEOUT_MS)]
     pub request_timeout_ms: u64,
     /// Open connections at most. At the limit a new connection makes room: the
-    /// connection idle longest is closed, else the one whose request has been
-    /// unfinished longest, else one stuck writing its answer; never one whose request
-    /// is being handled. Only when all are being handled do new ones wait in the
-    /// listen backlog.
+    /// connection that has waited longest without a complete request (idle, or its
+    /// request unfinished) is closed, else one stuck writing its answer; never one
+    /// whose request is being handled. Only when all are being handled do new ones
+    /// wait in the listen backlog.
     #[arg(long, env = "PAYGUARD_CONNECTIONS_MAX", default_value_t = payguard_server::limits::CONNECTIONS_MAX)]
     pub connections_max: usize,
     /// Deadline for a request's headers (ms), from accept or from a kept-alive

@@ -64,13 +64,15 @@ fn body_error(e: &BytesRejection) -> Option<&BodyError> {
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         match body_error(&e) {
-            Some(BodyError::Timeout { timeout_ms }) => return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!(
+            Some(BodyError::Timeout { timeout_ms }) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
                     "the request body did not arrive within {timeout_ms} ms; nothing was changed"
                 ),
-            ),
+                )
+            }
             Some(BodyError::Closing) => {
                 return ApiError::unavailable(
                     "the server is closing this connection; nothing was changed",

@@ -123,7 +123,11 @@ async fn start(test: &str, backend: Backend, keyed: bool, limits: Limits) -> Opt
         Backend::Postgres => {
             let db = pg_common::scratch(test).await?;
             let inst = pg_common::spawn_full(&db, "pg-slow", Guard::Full, None, keys, limits).await;
-            (inst.addr, inst.base.clone(), Running::Postgres(inst, Box::new(db)))
+            (
+                inst.addr,
+                inst.base.clone(),
+                Running::Postgres(inst, Box::new(db)),
+            )
         }
     };
     Some(Server {
@@ -366,7 +370,7 @@ async fn timed(req: reqwest::RequestBuilder) -> Result<(u16, Duration), String> 
             r.bytes().await.map_err(|e| format!("body: {e}"))?;
             Ok((status, started.elapsed()))
         }
-        Err(e) => Err(format!("after {:?}: {e}", started.elapsed())),
+        Err(e) => Err(format!("after {:?}: {e:?}", started.elapsed())),
     }
 }
 
@@ -735,4 +739,110 @@ async fn a_client_that_never_reads_is_closed_at_the_write_deadline() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;
+}
+
+/// The measurement behind the eviction order (BENCHMARKS.md): for 4 s, twice
+/// `--connections-max` attacker connections (slow headers, then idle keep-alives)
+/// reopened as the server closes them, against a busy pooled client of ours (8
+/// workers on one keep-alive pool, a deduct every 20 ms each) and a new-connection
+/// `/healthz` every 100 ms. Prints failures in the attack's opening burst (its first
+/// [`BURST`], when 64 connections arrive at once) apart from the rest. Run with
+/// `cargo test -p payguard-server --test slow_clients eviction_order -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints numbers, asserts nothing about them"]
+async fn eviction_order_under_an_attack_and_a_pooled_client() {
+    for kind in [Slow::Headers, Slow::Idle] {
+        measure_eviction(kind).await;
+    }
+}
+
+/// The attack's opening burst, reported apart.
+const BURST: Duration = Duration::from_millis(100);
+
+/// Requests made, failed in the opening burst, failed after it, slowest success.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: usize,
+    failed_in_burst: usize,
+    failed_after: usize,
+    slowest: Duration,
+}
+
+impl Tally {
+    fn add(&mut self, at: Duration, r: &Result<(u16, Duration), String>) {
+        self.sent += 1;
+        match r {
+            Ok((200, took)) => self.slowest = self.slowest.max(*took),
+            _ if at < BURST => self.failed_in_burst += 1,
+            _ => self.failed_after += 1,
+        }
+    }
+
+    fn merge(mut self, other: Tally) -> Tally {
+        self.sent += other.sent;
+        self.failed_in_burst += other.failed_in_burst;
+        self.failed_after += other.failed_after;
+        self.slowest = self.slowest.max(other.slowest);
+        self
+    }
+}
+
+async fn measure_eviction(kind: Slow) {
+    const RUN: Duration = Duration::from_secs(4);
+    const WORKERS: usize = 8;
+    let Some(server) = start("eviction_order", Backend::Sqlite, false, attack_limits()).await
+    else {
+        return;
+    };
+    setup(&server, 1).await;
+    let start = Instant::now();
+    let until = start + RUN;
+    let lanes: Vec<_> = (0..SLOW_CONNECTIONS)
+        .map(|lane| tokio::spawn(attacker_lane(server.addr, kind, lane, false, until)))
+        .collect();
+    let pooled = reqwest::Client::builder()
+        .timeout(PROBE_GIVE_UP)
+        .build()
+        .unwrap();
+    let workers = (0..WORKERS).map(|_| {
+        let req = server.request(&pooled, reqwest::Method::POST, "/v1/orders/p0/deduct");
+        async move {
+            let mut tally = Tally::default();
+            while Instant::now() < until {
+                let at = start.elapsed();
+                tally.add(at, &timed(req.try_clone().unwrap()).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tally
+        }
+    });
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(PROBE_GIVE_UP)
+        .build()
+        .unwrap();
+    let probes = async {
+        let mut tally = Tally::default();
+        while Instant::now() < until {
+            let at = start.elapsed();
+            tally.add(
+                at,
+                &timed(fresh.get(format!("{}/healthz", server.base))).await,
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tally
+    };
+    let (pooled, probes) = tokio::join!(futures::future::join_all(workers), probes);
+    let pooled = pooled.into_iter().fold(Tally::default(), Tally::merge);
+    let mut slow_seen = 0;
+    for lane in lanes {
+        slow_seen += lane.await.unwrap().len();
+    }
+    let text = server.metrics().await;
+    eprintln!(
+        "{kind:?}: pooled {pooled:?}; new-connection {probes:?}; {slow_seen} slow connections, evicted {}",
+        metric(&text, r#"payguard_connections_closed_total{reason="evicted"}"#),
+    );
+    server.stop().await;
 }

@@ -14,10 +14,11 @@
 //!   closed. A request whose body was cut off never reaches the engine, so it moved
 //!   nothing;
 //! * at the limit, a new connection makes room instead of waiting: the server closes
-//!   the connection idle longest, else the one whose request has been unfinished
-//!   longest, else one stuck writing an answer; never one whose request is with the
-//!   engine ([`registry`]). Only when every connection is handling a request do new
-//!   ones wait in the listen backlog;
+//!   the connection that has waited longest without a complete request (idle since
+//!   its last answer, or with its request unfinished since it began), else one stuck
+//!   writing an answer; never one whose request is with the engine ([`registry`],
+//!   [`slot::Tier`]; the order is measured in BENCHMARKS.md). Only when every
+//!   connection is handling a request do new ones wait in the listen backlog;
 //! * shutdown drains for at most `drain_timeout_ms`: connections without a complete
 //!   request are closed at once, requests already handed to the engine get their
 //!   answer, and whatever is left at the deadline is closed;
@@ -129,6 +130,10 @@ async fn accept_until(
             serve_connection(stream, slot, service).await;
             drop(guard);
         });
+        // Let the new connection read what it was sent before more are accepted: in a
+        // burst of connections it would otherwise still look unfinished, and the
+        // oldest at that, when the next ones make room.
+        tokio::task::yield_now().await;
     }
 }
 

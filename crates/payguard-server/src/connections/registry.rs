@@ -3,9 +3,10 @@
 //!
 //! The accept loop admits a connection only while fewer than `connections_max` are
 //! live; at the limit it closes the connection first in the eviction order
-//! ([`State::eviction_rank`]: idle longest, then unfinished longest, then a stuck
-//! answer; never one being handled), and only when every connection is being
-//! handled does it wait, leaving new clients in the listen backlog as before.
+//! ([`State::eviction_rank`]: the one waiting longest without a complete request,
+//! idle or unfinished, then a stuck answer; never one being handled), and only when
+//! every connection is being handled does it wait, leaving new clients in the
+//! listen backlog as before.
 //! A sweeper visits every connection each tick and closes the ones past their
 //! deadline; it also updates the connection gauges and writes the rate-limited WARN.
 

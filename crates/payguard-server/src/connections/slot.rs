@@ -123,14 +123,16 @@ pub struct Deadlines {
 /// only catches a handler that stopped reading its body without answering.
 pub const BODY_BACKSTOP_MS: u64 = 1_000;
 
-/// Eviction tiers, cheapest to close first.
+/// Eviction tiers, closed in this order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tier {
-    /// Between requests: HTTP lets a server close it at any time, nothing is lost.
-    Idle,
-    /// A request not yet complete (headers or body): nothing reached the engine, so
-    /// nothing moved; the client gets an error, as from a network failure.
-    Unfinished,
+    /// No complete request: idle between requests (HTTP lets a server close it at
+    /// any time) or a request still arriving (nothing reached the engine, so nothing
+    /// moved). Within the tier, the one waiting longest goes first: an attacker's
+    /// connection has waited since it went slow, a busy client's pooled connection
+    /// only since its last answer. Measured against idle-first and unfinished-first
+    /// in BENCHMARKS.md.
+    Waiting,
     /// An answer being written: its effect is stored (a retry replays it), but
     /// this delivery is lost, so last.
     Answering,
@@ -205,8 +207,8 @@ impl State {
             return None;
         }
         match self.phase {
-            Phase::Idle => Some((Tier::Idle, self.since)),
-            Phase::Headers | Phase::Body => Some((Tier::Unfinished, self.request_started)),
+            Phase::Idle => Some((Tier::Waiting, self.since)),
+            Phase::Headers | Phase::Body => Some((Tier::Waiting, self.request_started)),
             Phase::Writing => Some((Tier::Answering, self.since)),
             Phase::Handling => None,
         }
@@ -407,15 +409,19 @@ mod tests {
     }
 
     #[test]
-    fn eviction_takes_idle_then_unfinished_then_answering_oldest_first_never_handling() {
+    fn eviction_takes_whatever_waited_longest_then_answers_never_handling() {
         let t0 = Instant::now();
         let mut idle = State::accepted(t0);
         idle.on_headers(t0, false);
         idle.on_response(t0);
         idle.on_response_sent(t0 + s(9), 1);
         let old_headers = State::accepted(t0);
-        let mut new_body = State::accepted(t0 + s(5));
-        new_body.on_headers(t0 + s(6), true);
+        let mut newer_body = State::accepted(t0 + s(5));
+        newer_body.on_headers(t0 + s(6), true);
+        let mut long_idle = State::accepted(t0);
+        long_idle.on_headers(t0, false);
+        long_idle.on_response(t0);
+        long_idle.on_response_sent(t0 + s(1), 1);
         let mut answering = State::accepted(t0);
         answering.on_headers(t0, false);
         answering.on_response(t0);
@@ -424,15 +430,23 @@ mod tests {
         let mut ranks = [
             ("handling", handling.eviction_rank()),
             ("answering", answering.eviction_rank()),
-            ("new_body", new_body.eviction_rank()),
-            ("old_headers", old_headers.eviction_rank()),
             ("idle", idle.eviction_rank()),
+            ("newer_body", newer_body.eviction_rank()),
+            ("old_headers", old_headers.eviction_rank()),
+            ("long_idle", long_idle.eviction_rank()),
         ];
         ranks.sort_by_key(|(_, r)| r.map_or((1, None), |r| (0, Some(r))));
         let order: Vec<_> = ranks.iter().map(|(n, _)| *n).collect();
         assert_eq!(
             order,
-            ["idle", "old_headers", "new_body", "answering", "handling"]
+            [
+                "old_headers",
+                "long_idle",
+                "newer_body",
+                "idle",
+                "answering",
+                "handling"
+            ]
         );
         assert_eq!(handling.eviction_rank(), None);
     }
