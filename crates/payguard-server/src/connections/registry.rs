@@ -13,7 +13,7 @@
 use super::slot::{CloseReason, Closing, Deadlines, Phase, Slot, State};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -39,6 +39,9 @@ pub struct Registry {
     /// Rung when a connection ends, starts closing, or leaves `Handling`: the
     /// accept loop may find room, the drain may find the registry empty.
     changed: Notify,
+    /// True while the accept loop waits for a connection to leave `Handling`, so
+    /// the common case (nobody waiting) costs each answer no lock on `changed`.
+    admission_waiting: AtomicBool,
     closes: Closes,
 }
 
@@ -60,6 +63,7 @@ impl Registry {
             live: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             changed: Notify::new(),
+            admission_waiting: AtomicBool::new(false),
             closes: Closes {
                 metrics,
                 unlogged: Default::default(),
@@ -87,7 +91,10 @@ impl Registry {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            // Set before looking, so a connection leaving `Handling` after the look rings.
+            self.admission_waiting.store(true, Ordering::SeqCst);
             if self.live.load(Ordering::Acquire) < self.connections_max || self.evict_one() {
+                self.admission_waiting.store(false, Ordering::SeqCst);
                 self.live.fetch_add(1, Ordering::AcqRel);
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let slot = Arc::new(Slot::new(id, Instant::now()));
@@ -158,7 +165,9 @@ impl Registry {
 
     /// A connection left `Handling`: it may now be evicted.
     pub fn left_handling(&self) {
-        self.changed.notify_waiters();
+        if self.admission_waiting.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
     }
 
     /// One sweep: closes what passed its deadline, updates the gauges, logs.
