@@ -53,7 +53,8 @@ pub struct ServeArgs {
     /// Largest total of request header names and values (bytes); larger gets 431.
     #[arg(long, env = "PAYGUARD_HEADER_BYTES_MAX", default_value_t = payguard_server::limits::HEADER_BYTES_MAX)]
     pub header_bytes_max: usize,
-    /// Request timeout (ms): reads are cut off, writes only before reaching the store (503).
+    /// Request timeout (ms), from a complete request (reading it is under the header
+    /// and body deadlines): reads are cut off, writes only before reaching the store (503).
     #[arg(long, env = "PAYGUARD_REQUEST_TIMEOUT_MS", default_value_t = payguard_server::limits::REQUEST_TIMEOUT_MS)]
     pub request_timeout_ms: u64,
     /// Open connections at most. At the limit a new connection makes room: the

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `body_bytes_max` | 64 KiB | 413 `body_too_large` |
 //! | `header_bytes_max` | 16 KiB (names + values) | 431 `headers_too_large` |
-//! | `request_timeout_ms` | 10 s | 503 `unavailable`, only before a change reaches the store (reads: any time; bodies: while being read) |
+//! | `request_timeout_ms` | 10 s | 503 `unavailable`, only before a change reaches the store (reads: any time); counted from a complete request, reading it is under the header and body deadlines |
 //! | `connections_max` | 1024 | the connection waiting longest without a complete request (idle or unfinished) is closed to make room, else one stuck writing; only when all are handling a request do new ones wait in the listen backlog |
 //! | `header_read_timeout_ms` | 5 s | connection closed (from accept, or from a kept-alive connection's next first byte) |
 //! | `body_read_timeout_ms` | 10 s | 408 `request_timeout`, connection closed, nothing moved |
