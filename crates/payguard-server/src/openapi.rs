@@ -73,6 +73,10 @@ pub enum PostErrors {
     /// `*_not_found`
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// `request_timeout`: the body did not arrive within the body deadline; nothing
+    /// moved, and the connection is closed
+    #[response(status = 408)]
+    BodyTimeout(ErrorBody),
     /// `body_too_large`: over 64 KiB
     #[response(status = 413)]
     TooLarge(ErrorBody),

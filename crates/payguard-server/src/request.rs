@@ -1,5 +1,6 @@
 //! Request plumbing: request ids, JSON bodies with API.md's error statuses.
 
+use crate::connections::BodyError;
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -46,9 +47,39 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.to_ascii_lowercase().ends_with("+json"))
 }
 
-/// The body as bytes, or 413 when it is over `Limits::body_bytes_max`.
+/// The connection layer's reason a body could not be read, if that is why.
+fn body_error(e: &BytesRejection) -> Option<&BodyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(found) = err.downcast_ref::<BodyError>() {
+            return Some(found);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The body as bytes; 413 when it is over `Limits::body_bytes_max`, 408 when it
+/// did not arrive within `Limits::body_read_timeout_ms`.
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
+        match body_error(&e) {
+            Some(BodyError::Timeout { timeout_ms }) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                    "the request body did not arrive within {timeout_ms} ms; nothing was changed"
+                ),
+                )
+            }
+            Some(BodyError::Closing) => {
+                return ApiError::unavailable(
+                    "the server is closing this connection; nothing was changed",
+                )
+            }
+            Some(BodyError::Read(_)) | None => {}
+        }
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
