@@ -175,10 +175,16 @@ impl EngineStats {
     }
 }
 
+/// What a lane answers a command: the batch's reply for its op, or an engine
+/// refusal decided before the op reached the store (its deadline passed while
+/// it queued).
+type Answer = Result<LaneReply, EngineError>;
+type Reply = oneshot::Sender<Answer>;
+
 struct Cmd {
     op: Op,
     req: RequestId,
-    reply: oneshot::Sender<LaneReply>,
+    reply: Reply,
     /// Past this, the lane answers `TimedOut` instead of admitting the command:
     /// a timeout may only fire before a change reaches the store.
     deadline: Option<Instant>,
@@ -444,13 +450,15 @@ impl Engine {
                 })?;
         }
         // Once queued, the request waits for its outcome: the lane answers every
-        // command it accepted, even while shutting down.
-        let reply = rx.await.map_err(|_| {
-            EngineError::Store(StoreError::Unavailable(
-                "lane stopped without answering".into(),
+        // command it accepted, even while shutting down. A lane that stopped
+        // without answering (it panicked) may have had the op's batch committed:
+        // the outcome is unknown (500), never "nothing moved" (503).
+        let answer = rx.await.map_err(|_| {
+            EngineError::Store(StoreError::Unknown(
+                "the lane stopped without answering; the op may have been committed".into(),
             ))
         })?;
-        Ok(reply??)
+        Ok(answer???)
     }
 
     /// `--guard seed`: per-order lock, then one transaction for this request alone.
@@ -508,6 +516,7 @@ impl Engine {
                     None => op.clone(),
                 };
                 let result = self.shared.store.apply_isolated(fenced).await;
+                self.seed_cache(&op, &result);
                 if let Some(l) = &lease {
                     let _ = redis.release(l).await;
                     tracing::info!(
@@ -537,6 +546,7 @@ impl Engine {
                     inst
                 );
                 let result = self.shared.store.apply_isolated(op.clone()).await;
+                self.seed_cache(&op, &result);
                 self.locks.release(&lease);
                 tracing::info!(
                     event = "lock_released",
@@ -548,14 +558,20 @@ impl Engine {
                 result
             }
         };
-        if let Ok(Ok(out)) = &result {
+        Ok(result??)
+    }
+
+    /// `seed`'s cache write, done while the order's lock is still held: written
+    /// after the release, a later request's newer state could be overwritten by
+    /// this older one.
+    fn seed_cache(&self, op: &Op, result: &Result<crate::store::OpResult, StoreError>) {
+        if let Ok(Ok(out)) = result {
             if let Some(order) = out.order() {
                 self.shared.cache.committed(order);
             }
         } else if let Some(order_id) = op.order_id() {
             self.shared.cache.forget(order_id);
         }
-        Ok(result??)
     }
 
     /// `--guard naive`: no lane, no lock, no condition; see [`Store::apply_naive`].
@@ -689,7 +705,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
     use futures::StreamExt;
     let cfg = &shared.cfg;
     let batch_wait = Duration::from_micros(cfg.batch_wait_us);
-    let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
+    let mut core: LaneCore<Reply> = LaneCore::new();
     let mut inflight: Option<BatchFuture> = None;
     // Parked orders: woken by their holder's release (or its lease's end), and
     // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
@@ -782,7 +798,7 @@ fn start_batch(shared: &Arc<Shared>, ops: Vec<Op>, reqs: Vec<RequestId>) -> Batc
 /// once it has waited `LOCK_WAIT_MS_MAX` in all (nothing of it moved).
 fn park(
     shared: &Arc<Shared>,
-    core: &mut LaneCore<oneshot::Sender<LaneReply>>,
+    core: &mut LaneCore<Reply>,
     wakes: &mut futures::stream::FuturesUnordered<WakeFuture>,
     first_busy: &mut std::collections::HashMap<OrderId, Instant>,
     order: OrderId,
@@ -1013,12 +1029,11 @@ async fn apply_held(
     out
 }
 
-fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: Cmd) {
+fn admit(shared: &Shared, core: &mut LaneCore<Reply>, cmd: Cmd) {
     if cmd.deadline.is_some_and(|d| Instant::now() >= d) {
-        // Nothing of it reached the store: the caller may retry safely.
-        let _ = cmd.reply.send(Err(StoreError::Unavailable(
-            "timed out in the lane queue".into(),
-        )));
+        // Nothing of it reached the store: the caller may retry safely. A
+        // timeout, not a store failure (the store was never asked).
+        let _ = cmd.reply.send(Err(EngineError::TimedOut));
         return;
     }
     let oid = cmd.op.order_id().cloned();
@@ -1039,7 +1054,7 @@ fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, cmd: 
     }
 }
 
-fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>) {
+fn deliver(shared: &Shared, delivery: lane::Delivery<Reply>) {
     match (&delivery.reply, delivery.waiters.first()) {
         (Ok(Ok(out)), Some(first)) if out.order().is_some() => {
             let order = out.order().expect("checked by the guard");
@@ -1061,13 +1076,13 @@ fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>
     let mut waiters = delivery.waiters.into_iter();
     if let Some(first) = waiters.next() {
         // The receiver may have gone (client disconnected); the result stands anyway.
-        let _ = first.reply.send(delivery.reply.clone());
+        let _ = first.reply.send(Ok(delivery.reply.clone()));
     }
     for w in waiters {
         let replay = match &delivery.reply {
             Ok(Ok(out)) => Ok(Ok(out.as_replay())),
             other => other.clone(),
         };
-        let _ = w.reply.send(replay);
+        let _ = w.reply.send(Ok(replay));
     }
 }
