@@ -23,7 +23,7 @@ mod routes;
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use limits::Limits;
-pub use request::REQUEST_ID_HEADER;
+pub use request::{REQUEST_ID_HEADER, REQUEST_SPAN};
 
 use axum::Router;
 use payguard::Engine;

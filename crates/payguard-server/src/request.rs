@@ -12,6 +12,9 @@ use payguard::domain::RequestId;
 use serde::de::DeserializeOwned;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The span every request is served in; its `req` field is the request id, and
+/// the log format puts it on every line logged inside it.
+pub const REQUEST_SPAN: &str = "request";
 
 /// Takes the caller's `X-Request-Id` when it is a valid id, else makes one, and
 /// puts it on the request (for handlers and logs) and on the response.
@@ -26,7 +29,8 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
                 .expect("a simple uuid is a valid id")
         });
     req.extensions_mut().insert(id.clone());
-    let mut resp = next.run(req).await;
+    let span = tracing::info_span!(REQUEST_SPAN, req = %id);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     if let Ok(v) = HeaderValue::from_str(id.as_str()) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
