@@ -177,6 +177,7 @@ fn a_seed_replays_exactly() {
                 db_unique_debit: false,
                 reset_counter_on_new_epoch: true,
                 raise_epoch_checks_incarnation: false,
+                ..Protocol::JOIN_ALL
             },
             Protocol {
                 raise_epoch_checks_incarnation: true,
