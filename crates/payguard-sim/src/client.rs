@@ -4,7 +4,10 @@
 //! Why: the incident was duplicates racing; a client that retries after a timeout
 //! is the other source of duplicates, and the one that makes "unknown" outcomes.
 //! What each client was told is recorded in the oracle, to be held against the
-//! database at the end: a 200 must be in the ledger exactly once, a 402 must not.
+//! database at the end: a 200 must be in the ledger exactly once, a 402 must not;
+//! and when, so that a seed with no fault can be held to answering every request
+//! in time. Orders are sent in bursts (see `run`), so each instance's lanes batch
+//! several of them while the same orders' copies batch on the other instances.
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
 use crate::oracle::{Attempt, Oracle};

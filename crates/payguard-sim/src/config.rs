@@ -140,7 +140,7 @@ pub const DB_CALL_TIMEOUT_MS: u64 = 30;
 pub const STALL_PERCENT: u32 = 20;
 /// A stall lasts between these (always longer than [`LOCK_TTL_MS`]).
 pub const STALL_MS_MIN: u64 = LOCK_TTL_MS + 10;
-pub const STALL_MS_MAX: u64 = LOCK_TTL_MS * 3;
+pub const STALL_MS_MAX: u64 = LOCK_TTL_MS * 2;
 /// One seed in this many is calm: no fault, no message loss, no stall, so the
 /// liveness check applies (other seeds that happen to draw none count too).
 pub const CALM_SEED_ONE_IN: u32 = 3;
@@ -170,10 +170,15 @@ pub const FAULT_WINDOW_MS: u64 = 180;
 pub const FAULTS_MAX: usize = 5;
 /// A crashed host, or a partition, lasts up to this long.
 pub const FAULT_DURATION_MS_MAX: u64 = 80;
-/// The highest per-seed network latency.
-pub const LATENCY_MS_MAX: u64 = 8;
+/// The highest per-seed network latency (one way). Kept under a fortieth of the
+/// TTL: a healthy request's worst case is about 40 one-way trips (a batch in
+/// flight before it, two rounds parked behind the other two duplicates' holders,
+/// each holder's write and release, its own batch), and the liveness check
+/// holds every request of a seed with no fault to one TTL. Longer delays are
+/// faults (slow links).
+pub const LATENCY_MS_MAX: u64 = 3;
 /// Network latency per seed: the maximum is drawn from these.
-pub const LATENCY_MS_MAX_CHOICES: [u64; 3] = [1, 3, LATENCY_MS_MAX];
+pub const LATENCY_MS_MAX_CHOICES: [u64; 3] = [1, 2, LATENCY_MS_MAX];
 /// A slow-link fault delays every message on it by up to this (longer than a
 /// Redis command's timeout, so some calls time out while they are applied).
 pub const SLOW_LINK_MS_MAX: u64 = 40;

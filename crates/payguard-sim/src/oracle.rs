@@ -4,8 +4,11 @@
 //! holder was still the live holder when its token was made, or whether a write
 //! with a lower token than one already applied got through, is only visible at
 //! the moment it happens; the simulated hosts report those moments here (the
-//! oracle is test instrumentation: no protocol decision reads it). All hosts of a
-//! seed run on one thread, so it is shared as `Rc<RefCell<_>>`.
+//! oracle is test instrumentation: no protocol decision reads it). It also keeps
+//! every client request's send and answer times, for the liveness check of a
+//! seed with no fault, and counts what a seed exercised (batches, parked orders,
+//! release notifications). All hosts of a seed run on one thread, so it is
+//! shared as `Rc<RefCell<_>>`.
 
 use payguard::lock::token;
 use std::collections::BTreeMap;

@@ -274,4 +274,107 @@ mod tests {
             RedisResp::Acquired(Some((1, None, _)))
         ));
     }
+
+    fn acquire_many(r: &mut RedisState, orders: &[&str], owner: &str, now: u64) -> Vec<Slot> {
+        match r.exec(
+            &RedisReq::AcquireMany {
+                orders: orders.iter().map(|o| o.to_string()).collect(),
+                owner: owner.into(),
+                ttl_ms: 10,
+            },
+            now,
+        ) {
+            RedisResp::AcquiredMany { slots, .. } => slots,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn release_many(r: &mut RedisState, orders: &[&str], owner: &str, now: u64) -> Vec<bool> {
+        match r.exec(
+            &RedisReq::ReleaseMany {
+                orders: orders.iter().map(|o| o.to_string()).collect(),
+                owner: owner.into(),
+            },
+            now,
+        ) {
+            RedisResp::ReleasedMany(released) => released,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The cross-wise batches of issue #12: A holds x, B holds y, and each next
+    /// batch wants the other's. Nothing waits: each is told busy (with the PTTL),
+    /// and each release is published because someone is waiting for it.
+    #[test]
+    fn acquire_many_never_waits_and_a_release_someone_waits_for_is_published() {
+        let mut r = RedisState::default();
+        assert_eq!(acquire_many(&mut r, &["x"], "A", 0), [Slot::Granted(1)]);
+        assert_eq!(acquire_many(&mut r, &["y"], "B", 0), [Slot::Granted(2)]);
+        assert_eq!(
+            acquire_many(&mut r, &["y", "z"], "A2", 4),
+            [Slot::Busy { pttl_ms: 6 }, Slot::Granted(3)]
+        );
+        assert_eq!(
+            acquire_many(&mut r, &["x"], "B2", 5),
+            [Slot::Busy { pttl_ms: 5 }]
+        );
+        // A releases x (and has no right to y): x's waiter hears of it.
+        assert_eq!(release_many(&mut r, &["x", "y"], "A", 6), [true, false]);
+        assert_eq!(r.take_published(), ["x"]);
+        // B releases y; z was nobody's wait: only y is published.
+        assert_eq!(release_many(&mut r, &["y"], "B", 7), [true]);
+        assert_eq!(release_many(&mut r, &["z"], "A2", 7), [true]);
+        assert_eq!(r.take_published(), ["y"]);
+        // The marker went with the announcement: the next release is silent.
+        assert_eq!(acquire_many(&mut r, &["x"], "C", 8), [Slot::Granted(4)]);
+        assert_eq!(release_many(&mut r, &["x"], "C", 8), [true]);
+        assert!(r.take_published().is_empty());
+    }
+
+    #[test]
+    fn a_marker_outlives_no_lease_and_an_expired_holder_publishes_nothing() {
+        let mut r = RedisState::default();
+        acquire_many(&mut r, &["x"], "A", 0);
+        acquire_many(&mut r, &["x"], "B", 3);
+        // A's lease ended at 10: its release is refused and announces nothing.
+        assert_eq!(release_many(&mut r, &["x"], "A", 10), [false]);
+        assert!(r.take_published().is_empty());
+        // B takes the expired lock; the marker expired with A's lease.
+        assert_eq!(acquire_many(&mut r, &["x"], "B", 10), [Slot::Granted(2)]);
+        assert_eq!(release_many(&mut r, &["x"], "B", 11), [true]);
+        assert!(r.take_published().is_empty());
+    }
+
+    #[test]
+    fn one_epoch_per_batch_and_a_flush_keeps_subscribers_but_a_restart_does_not() {
+        let mut r = RedisState::default();
+        let addr: SocketAddr = "10.0.0.1:8081".parse().expect("an address");
+        assert!(matches!(
+            r.subscribe(addr),
+            RedisResp::Subscribed { run: 0 }
+        ));
+        r.exec(&RedisReq::RaiseEpoch { fresh: 7 }, 0);
+        let got = r.exec(
+            &RedisReq::AcquireMany {
+                orders: vec!["x".into(), "y".into()],
+                owner: "A".into(),
+                ttl_ms: 10,
+            },
+            0,
+        );
+        assert!(matches!(
+            got,
+            RedisResp::AcquiredMany { ref slots, epoch: Some(7), .. }
+                if *slots == [Slot::Granted(1), Slot::Granted(2)]
+        ));
+        r.flush();
+        assert_eq!(r.subscribers.len(), 1);
+        assert_eq!(acquire_many(&mut r, &["x"], "B", 1), [Slot::Granted(1)]);
+        r.restart();
+        assert!(r.subscribers.is_empty());
+        assert!(matches!(
+            r.subscribe(addr),
+            RedisResp::Subscribed { run: 1 }
+        ));
+    }
 }

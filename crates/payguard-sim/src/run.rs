@@ -237,6 +237,41 @@ pub fn run_seed(seed: u64, protocol: Protocol) -> Outcome {
     run_seed_traced(seed, protocol, false)
 }
 
+/// The network and faults a seed drew.
+struct Weather {
+    latency_ms: u64,
+    fail_rate: f64,
+    faults: VecDeque<(u64, Action)>,
+    stall_percent: u32,
+}
+
+impl Weather {
+    /// A calm seed has no fault, no message loss and no stall.
+    fn draw(rng: &mut SmallRng) -> Weather {
+        let calm = rng.random_ratio(1, CALM_SEED_ONE_IN);
+        let latency_ms = LATENCY_MS_MAX_CHOICES[rng.random_range(0..LATENCY_MS_MAX_CHOICES.len())];
+        if calm {
+            return Weather {
+                latency_ms,
+                fail_rate: 0.0,
+                faults: VecDeque::new(),
+                stall_percent: 0,
+            };
+        }
+        Weather {
+            latency_ms,
+            fail_rate: FAIL_RATE_CHOICES[rng.random_range(0..FAIL_RATE_CHOICES.len())],
+            faults: draw_faults(rng).into(),
+            stall_percent: STALL_PERCENT,
+        }
+    }
+
+    /// Nothing but latency: no fault scheduled, no message lost.
+    fn is_fair(&self) -> bool {
+        self.faults.is_empty() && self.fail_rate == 0.0
+    }
+}
+
 /// [`run_seed`], keeping a line per event (grants, database answers, faults,
 /// client answers) when `trace` is set: what a replay prints.
 pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
@@ -246,33 +281,25 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let redis_state = Rc::new(RefCell::new(RedisState::default()));
     let db_state = Rc::new(RefCell::new(DbState::new(protocol, oracle.clone())));
     let plan = draw_scenario(&mut rng, &mut db_state.borrow_mut());
-    let calm = rng.random_ratio(1, CALM_SEED_ONE_IN);
-    let latency_ms = LATENCY_MS_MAX_CHOICES[rng.random_range(0..LATENCY_MS_MAX_CHOICES.len())];
-    let fail_rate = if calm {
-        0.0
-    } else {
-        FAIL_RATE_CHOICES[rng.random_range(0..FAIL_RATE_CHOICES.len())]
-    };
-    let mut faults: VecDeque<(u64, Action)> = if calm {
-        VecDeque::new()
-    } else {
-        draw_faults(&mut rng).into()
-    };
-    let no_faults = faults.is_empty() && fail_rate == 0.0;
-    let stall_percent = if calm { 0 } else { STALL_PERCENT };
+    let weather = Weather::draw(&mut rng);
+    let fair = weather.is_fair();
     oracle.borrow_mut().note(0, || {
-        format!("seed {seed}: {protocol:?}, latency up to {latency_ms} ms, loss {fail_rate}, stalls {stall_percent}%, {} fault actions", faults.len())
+        format!(
+            "seed {seed}: {protocol:?}, latency up to {} ms, loss {}, stalls {}%, {} fault actions",
+            weather.latency_ms,
+            weather.fail_rate,
+            weather.stall_percent,
+            weather.faults.len()
+        )
     });
-    let last_fault_ms = faults.back().map_or(0, |(at, _)| *at);
-
     let mut sim = turmoil::Builder::new()
         .rng_seed(rng.random())
         .enable_random_order()
         .tick_duration(Duration::from_millis(1))
         .simulation_duration(Duration::from_millis(SIM_DURATION_MS_MAX))
         .min_message_latency(Duration::ZERO)
-        .max_message_latency(Duration::from_millis(latency_ms))
-        .fail_rate(fail_rate)
+        .max_message_latency(Duration::from_millis(weather.latency_ms))
+        .fail_rate(weather.fail_rate)
         .build();
     {
         let state = redis_state.clone();
@@ -286,7 +313,7 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
         let inst = Rc::new(Instance::new(
             i,
             protocol,
-            stall_percent,
+            weather.stall_percent,
             SmallRng::seed_from_u64(rng.random()),
             redis_state.clone(),
             oracle.clone(),
@@ -294,39 +321,44 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
         sim.host(instance_host(i), move || instance::serve(inst.clone()));
     }
     sim.client(CLIENT_HOST, client::run(plan, oracle.clone()));
+    drive(&mut sim, weather, &oracle, &redis_state);
+    let sim_ms = sim.elapsed().as_millis() as u64;
+    drop(sim);
+    let db = db_state.borrow();
+    let mut oracle = oracle.borrow_mut();
+    verdict(seed, sim_ms, fair, &db, &mut oracle)
+}
 
+/// Steps the simulation, injecting the faults on time, until the clients are
+/// done, every fault healed and nothing was in flight for a while.
+fn drive(
+    sim: &mut turmoil::Sim<'_>,
+    mut weather: Weather,
+    oracle: &Rc<RefCell<Oracle>>,
+    redis_state: &Rc<RefCell<RedisState>>,
+) {
+    let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
     let mut busy_ms = 0;
     loop {
         let now = sim.elapsed().as_millis() as u64;
-        while faults.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, action) = faults.pop_front().expect("checked");
+        while weather.faults.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, action) = weather.faults.pop_front().expect("checked");
             let mut o = oracle.borrow_mut();
             o.stats.faults += 1;
             o.note(now, || format!("fault: {action:?}"));
             drop(o);
-            match action {
-                Action::Flush => redis_state.borrow_mut().flush(),
-                Action::Crash(h) => sim.crash(h),
-                Action::Bounce(h) => sim.bounce(h),
-                Action::Partition(a, b) => sim.partition(a, b),
-                Action::Repair(a, b) => sim.repair(a, b),
-                Action::Slow(a, b, ms) => sim.set_link_latency(a, b, Duration::from_millis(ms)),
-                Action::Fast(a, b) => {
-                    sim.set_link_latency(a.clone(), b.clone(), Duration::ZERO);
-                    sim.set_link_max_message_latency(a, b, Duration::from_millis(latency_ms));
-                }
-            }
+            inject(sim, action, redis_state, weather.latency_ms);
         }
         if let Some(done) = clients_done_ms {
             // Settled: every fault healed, nothing in flight for a while (a stalled
             // holder that outlived its client still writes before the check).
-            let quiet = oracle.borrow().in_flight == 0;
-            if !quiet {
+            if oracle.borrow().in_flight > 0 {
                 busy_ms = now;
             }
-            if faults.is_empty() && now >= done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS {
-                break;
+            let settled = done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS;
+            if weather.faults.is_empty() && now >= settled {
+                return;
             }
         }
         match sim.step() {
@@ -338,17 +370,37 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
                 oracle
                     .borrow_mut()
                     .check(ViolationKind::SimulationError, false, || e.to_string());
-                break;
+                return;
             }
         }
     }
-    let sim_ms = sim.elapsed().as_millis() as u64;
-    drop(sim);
+}
 
-    let db = db_state.borrow();
-    let mut oracle = oracle.borrow_mut();
-    check_final(&db, &mut oracle);
-    let fault_free = no_faults && oracle.stats.stalls == 0;
+fn inject(
+    sim: &mut turmoil::Sim<'_>,
+    action: Action,
+    redis_state: &Rc<RefCell<RedisState>>,
+    latency_ms: u64,
+) {
+    match action {
+        Action::Flush => redis_state.borrow_mut().flush(),
+        Action::Crash(h) => sim.crash(h),
+        Action::Bounce(h) => sim.bounce(h),
+        Action::Partition(a, b) => sim.partition(a, b),
+        Action::Repair(a, b) => sim.repair(a, b),
+        Action::Slow(a, b, ms) => sim.set_link_latency(a, b, Duration::from_millis(ms)),
+        Action::Fast(a, b) => {
+            sim.set_link_latency(a.clone(), b.clone(), Duration::ZERO);
+            sim.set_link_max_message_latency(a, b, Duration::from_millis(latency_ms));
+        }
+    }
+}
+
+/// The checks at the end: safety always, liveness when nothing went wrong (no
+/// fault, no loss, no stall).
+fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
+    check_final(db, oracle);
+    let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LOCK_TTL_MS);
     }

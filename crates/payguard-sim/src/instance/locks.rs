@@ -154,6 +154,11 @@ impl Instance {
             if now_ms() - started >= LOCK_WAIT_MS_MAX {
                 return Err(LockError::Busy);
             }
+            if backoff_us == LOCK_RETRY_US_MIN {
+                self.note(|| {
+                    format!("{order}: held elsewhere, polling up to {LOCK_WAIT_MS_MAX} ms")
+                });
+            }
             tokio::time::sleep(Duration::from_micros(backoff_us)).await;
             backoff_us = (backoff_us * 2).min(LOCK_RETRY_US_MAX);
         }

@@ -130,6 +130,9 @@ pub(crate) struct Node {
     /// [`RELEASE_NOTICE_KEEP_MS`] are dropped, and never more than
     /// [`RELEASE_NOTICES_MAX`] are kept.
     notices: RefCell<BTreeMap<String, u64>>,
+    /// When the subscription was last (re)made: any notification before it may
+    /// have been lost.
+    subscribed_ms: Cell<u64>,
 }
 
 impl Node {
@@ -152,16 +155,23 @@ impl Node {
         self.wakes[lane_for(order, LANES)].wake(order);
     }
 
-    /// Whether a release notification for `order` arrived at or after `since_ms`.
+    /// Whether a release notification for `order` may have come at or after
+    /// `since_ms`: one arrived, or the subscription was (re)made since (and one
+    /// may have been lost before it).
     fn heard_since(&self, order: &str, since_ms: u64) -> bool {
-        self.notices
-            .borrow()
-            .get(order)
-            .is_some_and(|&at| at >= since_ms)
+        self.subscribed_ms.get() >= since_ms
+            || self
+                .notices
+                .borrow()
+                .get(order)
+                .is_some_and(|&at| at >= since_ms)
     }
 
-    /// The subscription was (re)made: notifications may have been lost meanwhile.
-    fn wake_all(&self) {
+    /// The subscription was (re)made: notifications may have been lost before
+    /// it, so every parked order is woken, and so is every order a batch in
+    /// flight will park.
+    fn subscribed(&self) {
+        self.subscribed_ms.set(now_ms());
         for w in &self.wakes {
             w.wake_all();
         }
@@ -223,6 +233,7 @@ pub async fn serve(inst: Rc<Instance>) -> turmoil::Result {
         lanes: senders,
         wakes: (0..LANES).map(|_| lane::Wakes::default()).collect(),
         notices: RefCell::new(BTreeMap::new()),
+        subscribed_ms: Cell::new(0),
     });
     for (index, rx) in receivers.into_iter().enumerate() {
         tokio::task::spawn_local(lane::run(node.clone(), index, rx));

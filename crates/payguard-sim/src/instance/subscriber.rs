@@ -4,12 +4,13 @@
 //! it; the [`Node`] remembers it and wakes the order's lane. Messages are lost
 //! while the instance is down or cut off from Redis, and a Redis restart drops
 //! the subscription. A real client learns that its connection dropped; here the
-//! subscriber re-sends `SUBSCRIBE` every [`SUBSCRIPTION_CHECK_MS`] and takes an
-//! unanswered one, or an answer from another Redis process, as a lapse. After a
+//! subscriber re-sends `SUBSCRIBE` every [`SUBSCRIPTION_CHECK_MS`] (every Redis
+//! timeout while it is not subscribed) and takes an unanswered one, or an answer
+//! from another Redis process, as a lapse. After a
 //! lapse it cannot know what it missed, so it wakes every parked order.
 
 use super::Node;
-use crate::config::SUBSCRIPTION_CHECK_MS;
+use crate::config::{REDIS_COMMAND_TIMEOUT_MS, SUBSCRIPTION_CHECK_MS};
 use crate::wire::{now_ms, RedisResp, Subscription, SUBSCRIBER_PORT};
 use std::rc::Rc;
 use std::time::Duration;
@@ -24,7 +25,12 @@ pub(super) async fn run(node: Rc<Node>) {
     let mut run: Option<u64> = None;
     loop {
         let asked = sub.subscribe().await.ok();
-        let until = now_ms() + SUBSCRIPTION_CHECK_MS;
+        // Not subscribed: try again as soon as this one could have been answered.
+        let window = match run {
+            Some(_) => SUBSCRIPTION_CHECK_MS,
+            None => REDIS_COMMAND_TIMEOUT_MS,
+        };
+        let until = now_ms() + window;
         let mut answered = false;
         while now_ms() < until {
             let left = Duration::from_millis(until - now_ms());
@@ -39,7 +45,7 @@ pub(super) async fn run(node: Rc<Node>) {
                         // Also the first time: an order may have parked before.
                         run = Some(r);
                         node.inst.note(|| format!("subscribed (Redis run {r})"));
-                        node.wake_all();
+                        node.subscribed();
                     }
                 }
                 Ok(_) => {}
