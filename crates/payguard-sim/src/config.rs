@@ -135,8 +135,8 @@ pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 2 * LATENCY_MS_MAX + 4;
 /// How long one database call may take before the instance answers "unknown".
 pub const DB_CALL_TIMEOUT_MS: u64 = 30;
 
-/// Percent of batches holding locks after which the holder stalls (GC pause,
-/// SIGSTOP), in seeds that are not calm.
+/// Percent of batch writes before which the writer stalls (GC pause, SIGSTOP:
+/// after taking its locks, before writing), in seeds that are not calm.
 pub const STALL_PERCENT: u32 = 20;
 /// A stall lasts between these (always longer than [`LOCK_TTL_MS`]).
 pub const STALL_MS_MIN: u64 = LOCK_TTL_MS + 10;
@@ -192,6 +192,20 @@ pub const DRAIN_QUIET_MS: u64 = SLOW_LINK_MS_MAX + 4 * LATENCY_MS_MAX + 10;
 pub const SIM_DURATION_MS_MAX: u64 = 20_000;
 /// Largest datagram the simulated wire protocol sends.
 pub const DATAGRAM_BYTES_MAX: usize = 4_096;
+
+// The orderings the comments above rely on, checked when the crate compiles.
+const _: () = {
+    assert!(LOCK_WAIT_MS_MAX < LOCK_TTL_MS);
+    assert!(40 * LATENCY_MS_MAX <= LOCK_TTL_MS);
+    assert!(REDIS_COMMAND_TIMEOUT_MS > 2 * LATENCY_MS_MAX);
+    assert!(DB_CALL_TIMEOUT_MS > 2 * LATENCY_MS_MAX);
+    assert!(SLOW_LINK_MS_MAX > REDIS_COMMAND_TIMEOUT_MS);
+    assert!(STALL_MS_MIN > LOCK_TTL_MS);
+    assert!(RELEASE_WAIT_MS_MAX < LOCK_WAIT_MS_MAX);
+    assert!(RELEASE_NOTICE_KEEP_MS > REDIS_COMMAND_TIMEOUT_MS);
+    assert!(SUBSCRIPTION_CHECK_MS >= REDIS_COMMAND_TIMEOUT_MS);
+    assert!(CLIENT_TIMEOUT_MS < LOCK_WAIT_MS_MAX + STALL_MS_MIN);
+};
 
 /// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.
 pub const CI_SEEDS: u64 = 300;
