@@ -239,7 +239,7 @@ impl RedisLocks {
             .arg(self.ttl.as_millis() as u64)
             .arg(WAITER_MARK_GRACE_MS);
         let mut conn = self.conn.clone();
-        let (epoch, incarnation, answers): (Option<i64>, Option<String>, Vec<i64>) = {
+        let (epoch, incarnation, answers): AcquireAnswer = {
             let v: Vec<redis::Value> = invocation
                 .invoke_async(&mut conn)
                 .await
@@ -424,10 +424,12 @@ impl RedisLocks {
     }
 }
 
-/// Splits ACQUIRE_MANY's answer: epoch, incarnation, one number per lock.
-fn parse_acquire(
-    v: Vec<redis::Value>,
-) -> Result<(Option<i64>, Option<String>, Vec<i64>), redis::ParsingError> {
+/// ACQUIRE_MANY's answer: the epoch in force (none after a flush), the fence
+/// hash's incarnation, one number per lock.
+type AcquireAnswer = (Option<i64>, Option<String>, Vec<i64>);
+
+/// Splits ACQUIRE_MANY's answer.
+fn parse_acquire(v: Vec<redis::Value>) -> Result<AcquireAnswer, redis::ParsingError> {
     let mut it = v.into_iter();
     let epoch: Option<i64> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
     let inc: Option<String> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
