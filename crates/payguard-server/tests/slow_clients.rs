@@ -343,7 +343,7 @@ async fn attacker_lane(
 ) -> Vec<SlowOutcome> {
     // With keys on, half the slow deducts carry a valid key (a broken client of
     // ours) and half none (an outsider, refused 401 before its body is read).
-    let with_key = keyed && lane % 2 == 0;
+    let with_key = keyed && lane.is_multiple_of(2);
     let mut seen = Vec::new();
     loop {
         seen.push(one_slow_connection(addr, kind, lane, with_key).await);

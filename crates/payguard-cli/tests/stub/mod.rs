@@ -153,7 +153,7 @@ fn error(status: StatusCode, code: &str) -> Response {
 }
 
 fn hits(every: Option<usize>, n: usize) -> bool {
-    every.is_some_and(|e| n % e == 0)
+    every.is_some_and(|e| n.is_multiple_of(e))
 }
 
 async fn deduct(State(app): State<App>, Path(id): Path<String>) -> Response {

@@ -239,12 +239,31 @@ impl RedisLocks {
             .arg(self.ttl.as_millis() as u64)
             .arg(WAITER_MARK_GRACE_MS);
         let mut conn = self.conn.clone();
-        let (epoch, incarnation, answers): AcquireAnswer = {
-            let v: Vec<redis::Value> = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            parse_acquire(v).map_err(unavailable)?
+        let answer = invocation
+            .invoke_async::<Vec<redis::Value>>(&mut conn)
+            .await;
+        let (epoch, incarnation, answers): AcquireAnswer = match answer {
+            Ok(v) => parse_acquire(v).map_err(unavailable)?,
+            Err(e) => {
+                // The script may have run and its answer been lost: whatever it
+                // granted would stay held until the TTL. Give it back in the
+                // background (best effort; this owner is unique to this call),
+                // so the batch, which now writes without tokens, does not wait.
+                let leases: Vec<Lease> = keys
+                    .iter()
+                    .map(|key| Lease {
+                        key: format!("{key}\u{0}{owner}"),
+                        token: 0,
+                    })
+                    .collect();
+                tokio::spawn(release_leases(
+                    self.conn.clone(),
+                    self.release_many.clone(),
+                    self.prefix.clone(),
+                    leases,
+                ));
+                return Err(unavailable(e));
+            }
         };
         if answers.len() != orders.len() {
             return Err(RedisLockError::Unavailable(format!(
@@ -388,40 +407,56 @@ impl RedisLocks {
     /// instances waiting for them. One answer per lease: false when it had
     /// expired (another holder may have it now).
     pub async fn release_many(&self, leases: &[Lease]) -> Result<Vec<bool>, RedisLockError> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lock_prefix = self.key("lock:order:");
-        let mut invocation = self.release_many.prepare_invoke();
-        let mut orders = Vec::with_capacity(leases.len());
-        let mut owner = None;
-        for lease in leases {
-            let (key, held_by) = lease
-                .key
-                .split_once('\u{0}')
-                .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
-            if owner.is_some_and(|o| o != held_by) {
-                return Err(RedisLockError::Unavailable(
-                    "release_many takes the leases of one acquire".into(),
-                ));
-            }
-            owner = Some(held_by);
-            invocation.key(key).key(format!("{key}:w"));
-            orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
-        }
-        invocation
-            .arg(owner.unwrap_or_default())
-            .arg(self.key("released"));
-        for order in orders {
-            invocation.arg(order);
-        }
-        let mut conn = self.conn.clone();
-        let freed: Vec<i64> = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(freed.into_iter().map(|n| n == 1).collect())
+        release_leases(
+            self.conn.clone(),
+            self.release_many.clone(),
+            self.prefix.clone(),
+            leases.to_vec(),
+        )
+        .await
     }
+}
+
+/// RELEASE_MANY of `leases` (all of one acquire), owning everything it needs so
+/// it can also run in the background.
+async fn release_leases(
+    mut conn: ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    leases: Vec<Lease>,
+) -> Result<Vec<bool>, RedisLockError> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lock_prefix = format!("{prefix}:lock:order:");
+    let mut invocation = script.prepare_invoke();
+    let mut orders = Vec::with_capacity(leases.len());
+    let mut owner = None;
+    for lease in &leases {
+        let (key, held_by) = lease
+            .key
+            .split_once('\u{0}')
+            .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
+        if owner.is_some_and(|o| o != held_by) {
+            return Err(RedisLockError::Unavailable(
+                "release_many takes the leases of one acquire".into(),
+            ));
+        }
+        owner = Some(held_by);
+        invocation.key(key).key(format!("{key}:w"));
+        orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
+    }
+    invocation
+        .arg(owner.unwrap_or_default())
+        .arg(format!("{prefix}:released"));
+    for order in orders {
+        invocation.arg(order);
+    }
+    let freed: Vec<i64> = invocation
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(freed.into_iter().map(|n| n == 1).collect())
 }
 
 /// ACQUIRE_MANY's answer: the epoch in force (none after a flush), the fence
