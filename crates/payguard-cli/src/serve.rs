@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on. Without API keys (not built yet) only loopback is allowed.
+    /// Address to listen on. Without API keys (`--api-keys-file` or `PAYGUARD_API_KEYS`) only loopback is allowed.
     #[arg(long, env = "PAYGUARD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Database URL: `sqlite://PATH` (a plain path works too) or
