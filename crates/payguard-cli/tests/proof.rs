@@ -75,7 +75,7 @@ async fn naive_double_charges_and_audit_apply_pays_back_once() {
     assert!(!report.ok);
     let kinds: Vec<&str> = report.violations.iter().map(|v| v.kind).collect();
     assert!(kinds.contains(&"charged_more_than_once"), "{kinds:?}");
-    assert!(kinds.contains(&"entry_id_disagrees"), "{kinds:?}");
+    assert!(kinds.contains(&"replays_disagree"), "{kinds:?}");
     assert_eq!(report.db_audit_ok, Some(false));
     assert_eq!(report.api_audit_ok, Some(false));
 

@@ -50,6 +50,18 @@ impl OpKind {
             OpKind::Refund => "refund",
         }
     }
+
+    /// The kind a history names (`None`: not one the storm sends).
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            OpKind::CreateAccount,
+            OpKind::CreateOrder,
+            OpKind::Deduct,
+            OpKind::Refund,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
 }
 
 /// One request and what came back. `status` 0: no answer (`error` says why).

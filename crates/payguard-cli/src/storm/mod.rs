@@ -3,10 +3,15 @@
 //! It creates accounts (some too poor for their orders) and orders, then fires
 //! every deduct `--dup` times at once from different connections (a barrier per
 //! wave, each copy to a different `--target` when there are several), mixes in
-//! refunds (duplicated, and one that would cross the amount), and finally checks
-//! through the API, and with `--db` in the database itself: orders charged more
-//! than once, money lost, balance drift, refunds over the amount, 200 responses
-//! whose entry ids disagree, acknowledged charges missing from the ledger.
+//! refunds (duplicated, and one that would cross the amount), then reads what it
+//! left behind through the API (`observe.rs`), and with `--db` audits the database
+//! itself. Every run becomes a history (`history/`): the one checker
+//! (`history/check.rs`) decides every invariant on it, the same code that
+//! `check-history` runs on a file: orders charged more than once, 200 answers
+//! whose entries disagree, acknowledged charges or refunds missing from the
+//! ledger, refunds over the amount, balances off their ledger or outside what the
+//! answers allow, failed audits, answers no operation may give (`status.rs`).
+//! The numbers (throughput, latency, timeline, money lost) are `stats.rs`'s.
 //!
 //! Liveness is checked too (`liveness.rs`): a 500 is always a violation; in a run
 //! without injected faults, so is a 503, a request without an answer, or one
@@ -15,12 +20,14 @@
 //! and the money checks hold it to that). The report shows every target on its
 //! own, over time (`targets.rs`). Exit status 1 when any violation is found.
 
-mod check;
 pub mod history;
 mod html;
 pub mod liveness;
 mod load;
+mod observe;
 mod report;
+mod stats;
+pub mod status;
 pub mod targets;
 
 pub use report::{yuan, Latency, Report, Violation};
@@ -129,17 +136,33 @@ impl StormArgs {
 }
 
 /// Runs a storm and returns its report (used by `payguard demo` and the tests).
+///
+/// The run becomes a history in memory (`history/mod.rs`), written out with
+/// `--history`; the one checker judges it (`history/check.rs`), and the report
+/// is the run's statistics (`stats.rs`) plus that verdict.
 pub async fn storm(args: &StormArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let run = load::run(args).await?;
+    let http = load::Http::new(args)?;
+    let rules = liveness::Rules {
+        faults: args.faults,
+        slow_ms: args.slow_ms,
+    };
+    let fin = observe::final_state(&http, &run, args.concurrency, args.db.as_deref()).await?;
+    let lines = history::lines_of(&run, &http.targets, rules, fin);
     if let Some(path) = &args.history {
-        let rules = liveness::Rules {
-            faults: args.faults,
-            slow_ms: args.slow_ms,
-        };
-        history::write(path, &load::Http::new(args)?, &run, rules).await?;
+        history::write(path, &lines)?;
     }
-    check::check(args, run).await
+    let verdict = history::judge(&lines, rules)?;
+    let fin = history::final_state(&lines)
+        .ok_or_else(|| anyhow::anyhow!("the history has no final line"))?;
+    Ok(stats::report(
+        args,
+        &run,
+        http.targets.clone(),
+        fin,
+        verdict,
+    ))
 }
 
 pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {

@@ -2,9 +2,7 @@
 //! as a struct (`--json`) and as text. The HTML page is `html.rs`.
 
 use super::liveness::{Example, Liveness};
-use super::load::Record;
 use super::targets::TargetStats;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -18,9 +16,11 @@ const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Violation {
-    /// `charged_more_than_once`, `entry_id_disagrees`, `acknowledged_charge_missing`,
-    /// `refund_over_amount`, `acknowledged_refund_missing`, `balance_drift`,
-    /// `unexpected_status`, `api_audit_failed`, `db_audit_failed`; liveness:
+    /// Decided by the one checker (`history/check.rs`): `unexpected_status`,
+    /// `charged_more_than_once`, `replays_disagree`, `ok_not_charged_once`,
+    /// `failed_but_charged`, `refund_over_amount`, `ok_refund_missing`,
+    /// `balance_drift`, `balance_outside_history`, `negative_balance`,
+    /// `account_missing`, `api_audit_failed`, `db_audit_failed`; liveness:
     /// `server_error`, `unavailable`, `unanswered`, `slow_request`.
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,36 +117,6 @@ pub struct Report {
     pub violations: Vec<Violation>,
     /// Completed requests per 100 ms since the storm began.
     pub timeline: Vec<u64>,
-}
-
-pub fn latency(records: &[&Record]) -> Latency {
-    let mut h = Histogram::<u64>::new(3).expect("histogram bounds");
-    for r in records {
-        let _ = h.record(r.latency_us.max(1));
-    }
-    if h.is_empty() {
-        return Latency::default();
-    }
-    let mut buckets = Vec::new();
-    let mut upper = 0.125_f64;
-    let mut below = 0;
-    while upper < 120_000.0 {
-        let n = h.count_between(0, (upper * 1000.0) as u64);
-        buckets.push((upper, n - below));
-        below = n;
-        if n == h.len() {
-            break;
-        }
-        upper *= 2.0;
-    }
-    Latency {
-        count: h.len(),
-        p50_ms: h.value_at_quantile(0.50) as f64 / 1e3,
-        p90_ms: h.value_at_quantile(0.90) as f64 / 1e3,
-        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
-        max_ms: h.max() as f64 / 1e3,
-        buckets,
-    }
 }
 
 /// `1185000` → `¥11,850.00` (integer arithmetic only).

@@ -1,218 +1,36 @@
-//! `storm --history FILE` and `payguard check-history FILE`: a Jepsen-style record
-//! of every operation and an offline checker of what the history allows.
+//! The one storm checker: what a history (`mod.rs`) allows, decided in pure
+//! code, whether the lines came from the storm's memory or from a file.
 //!
-//! The file is JSON lines: one `plan` (accounts with opening balances, orders with
-//! their account and amount), an `invoke` and a completion per request (`ok` for a
-//! 2xx, `fail` for an answer that promises nothing moved: 402/404/409/503, `unknown`
-//! for no answer or a 500), then one `final` with every balance and ledger entry as
-//! read after the storm. The checker verifies, per order and account:
-//! * each order is charged at most once;
-//! * an `ok` deduct means charged exactly once, with the entry every `ok` named;
-//!   only `fail`s mean not charged; `unknown`s allow zero or one;
-//! * every final balance equals opening − debits + refunds + reversals, and lies in
-//!   the bounds the history allows (acknowledged movements certain, unknown ones maybe);
-//! * no entry ever left a balance negative; refunds never exceed the amount;
+//! Per order and account:
+//! * every answer is one its operation may give (`status.rs`, `unexpected_status`);
+//! * each order is charged at most once (`charged_more_than_once`);
+//! * an `ok` deduct means charged exactly once, with the entry every `ok` named
+//!   (`ok_not_charged_once`); every `ok` names the same entry (`replays_disagree`);
+//!   only `fail`s mean not charged (`failed_but_charged`); `unknown`s allow zero or one;
+//! * refunds never exceed the amount (`refund_over_amount`) and an `ok` refund is in
+//!   the ledger (`ok_refund_missing`);
+//! * every final balance equals opening − debits + refunds + reversals
+//!   (`balance_drift`), and lies in the bounds the history allows, acknowledged
+//!   movements certain and unknown ones maybe (`balance_outside_history`); no entry
+//!   ever left a balance negative (`negative_balance`);
+//! * every audit recorded in the `final` line passed (`api_audit_failed`,
+//!   `db_audit_failed`);
 //! * liveness (`liveness.rs`), under the rules the run recorded in its plan line
 //!   (`faults`, `slow_ms`; a history without them is judged strictly): no 500,
 //!   and without faults no 503, no request left without an answer, none slower
 //!   than `slow_ms` (its invoke to its completion).
 
-use super::liveness::{self, Example, Rules};
-use super::load::{Http, Run};
-use super::Violation;
-use serde::{Deserialize, Serialize};
+use super::{AuditLine, FinalState, LedgerLine, Line};
+use crate::storm::liveness::{self, Example, Liveness, Rules};
+use crate::storm::load::OpKind;
+use crate::storm::status;
+use crate::storm::Violation;
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, Write};
-use std::path::Path;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LedgerLine {
-    pub order: String,
-    pub kind: String,
-    pub entry: String,
-    pub amount: i64,
-    pub balance_after: i64,
-    #[serde(default)]
-    pub refund: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Line {
-    Plan {
-        accounts: Vec<(String, i64)>,
-        /// (order id, account id, amount)
-        orders: Vec<(String, String, i64)>,
-        /// The base URLs an invoke's `target` indexes (wrapping around).
-        #[serde(default)]
-        targets: Vec<String>,
-        /// The run injected faults (`storm --faults`).
-        #[serde(default)]
-        faults: bool,
-        /// `storm --slow-ms`; absent: the default.
-        #[serde(default)]
-        slow_ms: Option<u64>,
-    },
-    Invoke {
-        id: usize,
-        op: String,
-        order: Option<String>,
-        refund: Option<String>,
-        amount: i64,
-        t_ms: f64,
-        target: usize,
-    },
-    Ok {
-        id: usize,
-        t_ms: f64,
-        status: u16,
-        entry: Option<String>,
-        replayed: Option<bool>,
-    },
-    Fail {
-        id: usize,
-        t_ms: f64,
-        status: u16,
-        code: Option<String>,
-    },
-    Unknown {
-        id: usize,
-        t_ms: f64,
-        status: u16,
-        /// Why no answer came (`timeout`, `connect`, `reset`, `body`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-    },
-    Final {
-        balances: Vec<(String, i64)>,
-        ledger: Vec<LedgerLine>,
-    },
-}
-
-/// Writes the history of `run` under `rules`, reading the final state through the API.
-pub async fn write(path: &Path, http: &Http, run: &Run, rules: Rules) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut line = |l: &Line| -> anyhow::Result<()> {
-        serde_json::to_writer(&mut out, l)?;
-        out.write_all(b"\n")?;
-        Ok(())
-    };
-    line(&Line::Plan {
-        accounts: run
-            .accounts
-            .iter()
-            .map(|a| (a.id.clone(), a.opening))
-            .collect(),
-        orders: run
-            .orders
-            .iter()
-            .map(|o| (o.id.clone(), run.accounts[o.account].id.clone(), o.amount))
-            .collect(),
-        targets: http.targets.clone(),
-        faults: rules.faults,
-        slow_ms: Some(rules.slow_ms),
-    })?;
-    let mut records: Vec<_> = run.records.iter().enumerate().collect();
-    records.sort_by(|a, b| a.1.started_ms.total_cmp(&b.1.started_ms));
-    for (id, r) in &records {
-        line(&Line::Invoke {
-            id: *id,
-            op: r.kind.name().to_owned(),
-            order: r.order.map(|i| run.orders[i].id.clone()),
-            refund: r.refund_id.clone(),
-            amount: r.amount,
-            t_ms: r.started_ms,
-            target: r.target,
-        })?;
-    }
-    for (id, r) in &records {
-        let t_ms = r.started_ms + r.latency_us as f64 / 1e3;
-        line(&match r.status {
-            200..=299 => Line::Ok {
-                id: *id,
-                t_ms,
-                status: r.status,
-                entry: r.entry_id.clone(),
-                replayed: r.replayed,
-            },
-            402 | 404 | 409 | 503 => Line::Fail {
-                id: *id,
-                t_ms,
-                status: r.status,
-                code: r.code.clone(),
-            },
-            _ => Line::Unknown {
-                id: *id,
-                t_ms,
-                status: r.status,
-                error: r.error.map(str::to_owned),
-            },
-        })?;
-    }
-    line(&read_final(http, run).await?)?;
-    out.flush()?;
-    Ok(())
-}
-
-/// The `final` line: every balance and ledger entry, read through the API.
-async fn read_final(http: &Http, run: &Run) -> anyhow::Result<Line> {
-    let mut balances = Vec::new();
-    for a in &run.accounts {
-        let (status, body) = http
-            .call(
-                0,
-                reqwest::Method::GET,
-                &format!("/v1/accounts/{}", a.id),
-                None,
-            )
-            .await;
-        anyhow::ensure!(status == 200, "reading account {} answered {status}", a.id);
-        balances.push((a.id.clone(), body["balance"].as_i64().unwrap_or(i64::MIN)));
-    }
-    let mut ledger = Vec::new();
-    for o in &run.orders {
-        let (status, body) = http
-            .call(
-                0,
-                reqwest::Method::GET,
-                &format!("/v1/orders/{}/entries", o.id),
-                None,
-            )
-            .await;
-        anyhow::ensure!(
-            status == 200,
-            "reading entries of {} answered {status}",
-            o.id
-        );
-        for e in body["entries"].as_array().into_iter().flatten() {
-            ledger.push(LedgerLine {
-                order: o.id.clone(),
-                kind: e["kind"].as_str().unwrap_or_default().to_owned(),
-                entry: e["id"].as_str().unwrap_or_default().to_owned(),
-                amount: e["amount"].as_i64().unwrap_or(0),
-                balance_after: e["balance_after"].as_i64().unwrap_or(0),
-                refund: e["refund_id"].as_str().map(str::to_owned),
-            });
-        }
-    }
-    Ok(Line::Final { balances, ledger })
-}
-
-pub fn read(path: &Path) -> anyhow::Result<Vec<Line>> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    let mut lines = Vec::new();
-    for (n, l) in std::io::BufReader::new(file).lines().enumerate() {
-        let l = l?;
-        if l.trim().is_empty() {
-            continue;
-        }
-        lines.push(
-            serde_json::from_str(&l)
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
-        );
-    }
-    Ok(lines)
+/// What the checker found: liveness's counts (for the report) and every violation.
+pub struct Verdict {
+    pub liveness: Liveness,
+    pub violations: Vec<Violation>,
 }
 
 fn v(kind: &'static str, order: Option<&str>, account: Option<&str>, detail: String) -> Violation {
@@ -255,8 +73,7 @@ struct History<'a> {
     accounts: &'a [(String, i64)],
     orders: &'a [(String, String, i64)],
     targets: &'a [String],
-    balances: &'a [(String, i64)],
-    ledger: &'a [LedgerLine],
+    fin: &'a FinalState,
     invokes: HashMap<usize, &'a Line>,
     done: HashMap<usize, &'a Line>,
 }
@@ -275,7 +92,7 @@ impl<'a> History<'a> {
                     targets,
                     ..
                 } => plan = Some((accounts, orders, targets)),
-                Line::Final { balances, ledger } => fin = Some((balances, ledger)),
+                Line::Final(f) => fin = Some(f),
                 Line::Invoke { id, .. } => {
                     invokes.insert(*id, l);
                 }
@@ -286,14 +103,12 @@ impl<'a> History<'a> {
         }
         let (accounts, orders, targets) =
             plan.ok_or_else(|| anyhow::anyhow!("the history has no plan line"))?;
-        let (balances, ledger) =
-            fin.ok_or_else(|| anyhow::anyhow!("the history has no final line"))?;
+        let fin = fin.ok_or_else(|| anyhow::anyhow!("the history has no final line"))?;
         Ok(History {
             accounts,
             orders,
             targets,
-            balances,
-            ledger,
+            fin,
             invokes,
             done,
         })
@@ -338,13 +153,41 @@ impl<'a> History<'a> {
         })
     }
 
-    fn liveness_violations(&self, rules: Rules) -> Vec<Violation> {
+    /// Liveness over every request (setup included).
+    fn liveness(&self, rules: Rules) -> Liveness {
         let examples = self
             .invokes
             .iter()
             .filter_map(|(id, inv)| self.example(*id, inv))
             .filter(|e| !liveness::kinds_of(rules, e.status, e.latency_ms).is_empty());
-        liveness::assess(rules, examples).violations()
+        liveness::assess(rules, examples)
+    }
+
+    /// Answers no operation may give, by the one status table (`status.rs`).
+    fn status_violations(&self) -> Vec<Violation> {
+        let mut ids: Vec<&usize> = self.done.keys().collect();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for id in ids {
+            let (status, code) = match self.done[id] {
+                Line::Ok { status, .. } | Line::Unknown { status, .. } => (*status, None),
+                Line::Fail { status, code, .. } => (*status, code.as_deref()),
+                _ => continue,
+            };
+            let Some(Line::Invoke { op, order, .. }) = self.invokes.get(id) else {
+                continue;
+            };
+            if OpKind::parse(op).is_some_and(|k| status::expected(k, status)) {
+                continue;
+            }
+            out.push(v(
+                "unexpected_status",
+                order.as_deref(),
+                None,
+                format!("{op} answered {status} {}", code.unwrap_or("")),
+            ));
+        }
+        out
     }
 }
 
@@ -416,7 +259,7 @@ fn ledger_moves<'a>(
     out: &mut Vec<Violation>,
 ) -> Moves<'a> {
     let mut m = Moves::default();
-    for e in h.ledger {
+    for e in h.fin.ledger.iter() {
         let acct = account_of.get(e.order.as_str()).copied().unwrap_or("");
         if e.balance_after < 0 {
             out.push(v(
@@ -534,7 +377,12 @@ fn check_accounts(
     bounds: &HashMap<&str, (i64, i64)>,
     out: &mut Vec<Violation>,
 ) {
-    let finals: HashMap<&str, i64> = h.balances.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+    let finals: HashMap<&str, i64> = h
+        .fin
+        .balances
+        .iter()
+        .map(|(a, b)| (a.as_str(), *b))
+        .collect();
     for (acct, opening) in h.accounts {
         let acct = acct.as_str();
         let Some(&actual) = finals.get(acct) else {
@@ -579,11 +427,35 @@ fn check_accounts(
     }
 }
 
+/// Every audit the `final` line recorded must have passed.
+fn audit_violations(audits: &[AuditLine]) -> Vec<Violation> {
+    audits
+        .iter()
+        .filter(|a| !a.ok)
+        .map(|a| {
+            let kind = if a.source == "db" {
+                "db_audit_failed"
+            } else {
+                "api_audit_failed"
+            };
+            v(kind, None, None, format!("{}: {}", a.at, a.detail))
+        })
+        .collect()
+}
+
 /// Every invariant the history allows to be checked, liveness judged under
 /// `rules`; empty means it holds.
 pub fn check_with(lines: &[Line], rules: Rules) -> anyhow::Result<Vec<Violation>> {
+    Ok(judge(lines, rules)?.violations)
+}
+
+/// The verdict on a history, liveness judged under `rules`: liveness first,
+/// then statuses, then the money, then the audits.
+pub fn judge(lines: &[Line], rules: Rules) -> anyhow::Result<Verdict> {
     let h = History::of(lines)?;
-    let mut out = h.liveness_violations(rules);
+    let liveness = h.liveness(rules);
+    let mut out = liveness.violations();
+    out.extend(h.status_violations());
     let account_of: HashMap<&str, &str> = h
         .orders
         .iter()
@@ -595,7 +467,7 @@ pub fn check_with(lines: &[Line], rules: Rules) -> anyhow::Result<Vec<Violation>
     for (order, _, amount) in h.orders {
         let order = order.as_str();
         let t = told.remove(order).unwrap_or_default();
-        check_order((order, *amount), &t, &moves, h.ledger, &mut out);
+        check_order((order, *amount), &t, &moves, &h.fin.ledger, &mut out);
         widen_bounds(
             bounds.entry(account_of[order]).or_insert((0, 0)),
             *amount,
@@ -603,5 +475,9 @@ pub fn check_with(lines: &[Line], rules: Rules) -> anyhow::Result<Vec<Violation>
         );
     }
     check_accounts(&h, &moves, &bounds, &mut out);
-    Ok(out)
+    out.extend(audit_violations(&h.fin.audits));
+    Ok(Verdict {
+        liveness,
+        violations: out,
+    })
 }
