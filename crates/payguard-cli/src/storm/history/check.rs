@@ -481,3 +481,139 @@ pub fn judge(lines: &[Line], rules: Rules) -> anyhow::Result<Verdict> {
         violations: out,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            faults: false,
+            slow_ms: 1_000,
+        }
+    }
+
+    fn debit(entry: &str, balance_after: i64) -> LedgerLine {
+        LedgerLine {
+            order: "o".into(),
+            kind: "debit".into(),
+            entry: entry.into(),
+            amount: 100,
+            balance_after,
+            refund: None,
+        }
+    }
+
+    /// Two deducts of one order (100 from an account of 1000), each answered
+    /// `status` naming `entries`, then `fin`.
+    fn history(answers: [(u16, &str); 2], fin: FinalState) -> Vec<Line> {
+        let mut lines = vec![Line::Plan {
+            accounts: vec![("a".into(), 1_000)],
+            orders: vec![("o".into(), "a".into(), 100)],
+            targets: vec!["http://t".into()],
+            faults: false,
+            slow_ms: None,
+        }];
+        for (id, (status, entry)) in answers.into_iter().enumerate() {
+            lines.push(Line::Invoke {
+                id,
+                op: "deduct".into(),
+                order: Some("o".into()),
+                refund: None,
+                amount: 100,
+                t_ms: 1.0,
+                target: id,
+            });
+            lines.push(match status {
+                200 => Line::Ok {
+                    id,
+                    t_ms: 2.0,
+                    status,
+                    entry: Some(entry.into()),
+                    replayed: Some(id > 0),
+                },
+                _ => Line::Fail {
+                    id,
+                    t_ms: 2.0,
+                    status,
+                    code: None,
+                },
+            });
+        }
+        lines.push(Line::Final(fin));
+        lines
+    }
+
+    fn api_audit(ok: bool) -> Vec<AuditLine> {
+        vec![AuditLine {
+            source: "api".into(),
+            at: "http://t".into(),
+            ok,
+            detail: String::new(),
+        }]
+    }
+
+    fn kinds(lines: &[Line]) -> Vec<&'static str> {
+        let mut k: Vec<_> = judge(lines, rules())
+            .unwrap()
+            .violations
+            .iter()
+            .map(|v| v.kind)
+            .collect();
+        k.sort_unstable();
+        k
+    }
+
+    #[test]
+    fn one_charge_named_by_every_ok_holds() {
+        let fin = FinalState {
+            balances: vec![("a".into(), 900)],
+            ledger: vec![debit("e1", 900)],
+            audits: api_audit(true),
+        };
+        assert!(kinds(&history([(200, "e1"), (200, "e1")], fin)).is_empty());
+    }
+
+    #[test]
+    fn a_double_charge_fails_every_money_check_it_touches() {
+        let fin = FinalState {
+            balances: vec![("a".into(), 800)],
+            ledger: vec![debit("e1", 900), debit("e2", 800)],
+            audits: api_audit(false),
+        };
+        assert_eq!(
+            kinds(&history([(200, "e1"), (200, "e2")], fin)),
+            [
+                "api_audit_failed",
+                "balance_outside_history",
+                "charged_more_than_once",
+                "ok_not_charged_once",
+                "replays_disagree",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_status_its_operation_may_not_answer_is_a_violation() {
+        let fin = FinalState {
+            balances: vec![("a".into(), 1_000)],
+            ledger: vec![],
+            audits: vec![],
+        };
+        assert_eq!(
+            kinds(&history([(404, ""), (402, "")], fin)),
+            ["unexpected_status"]
+        );
+    }
+
+    #[test]
+    fn a_final_line_without_audits_still_reads() {
+        let l: Line =
+            serde_json::from_str(r#"{"type":"final","balances":[["a",5]],"ledger":[]}"#).unwrap();
+        let Line::Final(f) = l else {
+            panic!("not a final line")
+        };
+        assert_eq!(f.balances, [("a".to_owned(), 5)]);
+        assert!(f.audits.is_empty());
+    }
+}
