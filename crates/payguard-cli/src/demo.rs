@@ -6,6 +6,7 @@
 
 use crate::storm::{self, Report, StormArgs};
 use payguard::engine::Guard;
+use payguard::store::sqlite::naive::NaiveSqlite;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig};
 use payguard_server::{AppState, ServiceInfo};
@@ -53,14 +54,15 @@ impl LocalServer {
             Guard::Full | Guard::Seed => SchemaKind::Guarded,
         };
         let store = SqliteStore::open(cfg)?;
-        let engine = Arc::new(Engine::start(
-            Arc::new(store),
-            EngineConfig {
-                guard,
-                instance_id: instance.to_owned(),
-                ..EngineConfig::default()
-            },
-        ));
+        let engine_cfg = EngineConfig {
+            guard,
+            instance_id: instance.to_owned(),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(match guard {
+            Guard::Naive { .. } => Engine::start_naive(NaiveSqlite::new(store)?, engine_cfg, None),
+            Guard::Full | Guard::Seed => Engine::start(Arc::new(store), engine_cfg),
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

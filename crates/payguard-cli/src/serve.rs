@@ -5,6 +5,7 @@ use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
 use payguard::engine::Guard;
 use payguard::store::postgres::{PgConfig, PgStore};
+use payguard::store::sqlite::naive::NaiveSqlite;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig, Store};
 use payguard_server::{ApiKeys, AppState, ServiceInfo};
@@ -383,7 +384,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let store: Arc<dyn Store> = match &db {
+        // The naive path (`--guard naive`) exists only beside a naive SQLite file;
+        // PostgreSQL was refused above.
+        let (store, naive): (Arc<dyn Store>, Option<NaiveSqlite>) = match &db {
             DbUrl::Sqlite(path) => {
                 let mut cfg = SqliteConfig::new(path);
                 cfg.writer_batch_ops_max = args.engine.writer_batch_max;
@@ -391,19 +394,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     Guard::Naive { .. } => SchemaKind::Naive,
                     Guard::Full | Guard::Seed => SchemaKind::Guarded,
                 };
-                Arc::new(
-                    SqliteStore::open(cfg)
-                        .with_context(|| format!("opening SQLite database {}", path.display()))?,
-                )
+                let sqlite = SqliteStore::open(cfg)
+                    .with_context(|| format!("opening SQLite database {}", path.display()))?;
+                let naive = match guard {
+                    Guard::Naive { .. } => Some(NaiveSqlite::new(sqlite.clone())?),
+                    Guard::Full | Guard::Seed => None,
+                };
+                (Arc::new(sqlite), naive)
             }
-            DbUrl::Postgres(url) => Arc::new(
-                PgStore::connect(PgConfig {
-                    batch_deadline_ms: args.pg_batch_deadline_ms,
-                    pool_connections_max: args.pg_pool_max,
-                    ..PgConfig::from_url(url)?
-                })
-                .await
-                .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
+            DbUrl::Postgres(url) => (
+                Arc::new(
+                    PgStore::connect(PgConfig {
+                        batch_deadline_ms: args.pg_batch_deadline_ms,
+                        pool_connections_max: args.pg_pool_max,
+                        ..PgConfig::from_url(url)?
+                    })
+                    .await
+                    .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
+                ),
+                None,
             ),
         };
         let store_kind = store.kind();
@@ -432,7 +441,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             )),
         };
         let lock_kind = if redis.is_some() { "redis" } else { "local" };
-        let engine = Arc::new(Engine::start_with_locks(store, engine_cfg, redis));
+        let engine = Arc::new(match naive {
+            Some(naive) => Engine::start_naive(naive, engine_cfg, redis),
+            None => Engine::start_with_locks(store, engine_cfg, redis),
+        });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

@@ -249,7 +249,6 @@ fn accepted(input: &Input<'_>, ct_is_json: bool, op: &Op, ctx: &dyn Fn() -> Stri
             assert!(money_in(*amount, 1), "amount {amount:?}: {}", ctx());
             assert_eq!(field("amount").as_i64(), Some(amount.minor()), "{}", ctx());
         }
-        other => panic!("a body parser returned {other:?}: {}", ctx()),
     }
 }
 

@@ -4,8 +4,8 @@
 //! A key is scoped to the caller's API key (by its SHA-256, never the key). The
 //! request's fingerprint is method + path + the body as canonical JSON (sorted
 //! keys, no whitespace). The first request with a key reserves it in the database
-//! (an in-flight record with a 30 s lease); its op then runs as
-//! [`Op::Idempotent`], so the store writes the full response in the same
+//! (an in-flight record with a 30 s lease); its op then runs as a [`Command`]
+//! carrying the key's record, so the store writes the full response in the same
 //! transaction as the money movement. Later requests with the key:
 //! * same fingerprint, first done: the stored status and body, byte for byte,
 //!   with `Idempotent-Replayed: true`;
@@ -22,7 +22,7 @@ use crate::AppState;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use payguard::domain::RequestId;
-use payguard::store::{ClaimOutcome, IdemClaim, IdemWrite, Op};
+use payguard::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -149,17 +149,14 @@ pub async fn run(
             }
         }
     }
-    let wrapped = Op::Idempotent {
-        inner: Box::new(op),
-        idem: IdemWrite {
-            scope: keyed.scope.to_owned(),
-            key: keyed.key.clone(),
-            fingerprint: keyed.fingerprint.clone(),
-            ttl_ms,
-            render: Arc::new(storable),
-        },
-    };
-    let result = state.engine.submit_by(wrapped, req, deadline).await;
+    let keyed_cmd = Command::new(op).with_idempotency(IdemWrite {
+        scope: keyed.scope.to_owned(),
+        key: keyed.key.clone(),
+        fingerprint: keyed.fingerprint.clone(),
+        ttl_ms,
+        render: Arc::new(storable),
+    });
+    let result = state.engine.submit_by(keyed_cmd, req, deadline).await;
     let released = match &result {
         // A definite answer was stored in the op's own transaction.
         Ok(_) => true,

@@ -11,13 +11,13 @@ use payguard::domain::{
     AccountId, Entry, EntryKind, Money, Order, OrderId, OrderStatus, RequestId,
 };
 use payguard::engine::lane::{LaneCore, LaneReply};
-use payguard::store::{Op, OpResult, Output, Rejection};
+use payguard::store::{Command, Op, OpResult, Output, Rejection};
 use shuttle::sync::mpsc::{channel, Sender};
 use shuttle::thread;
 use std::collections::{HashMap, HashSet};
 
 enum Event {
-    Submit(Op, RequestId, Sender<LaneReply>),
+    Submit(Command, RequestId, Sender<LaneReply>),
     Done(Vec<OpResult>),
 }
 
@@ -30,15 +30,15 @@ struct ModelStore {
 }
 
 impl ModelStore {
-    fn apply(&mut self, ops: &[Op]) -> Vec<OpResult> {
-        let distinct: HashSet<&Op> = ops.iter().collect();
+    fn apply(&mut self, ops: &[Command]) -> Vec<OpResult> {
+        let distinct: HashSet<&Command> = ops.iter().collect();
         assert_eq!(
             distinct.len(),
             ops.len(),
             "a batch carried the same op twice"
         );
         ops.iter()
-            .map(|op| match op {
+            .map(|cmd| match &cmd.op {
                 Op::Deduct { order_id } => {
                     let (entry, replayed) = match self.paid.get(order_id) {
                         Some(e) => (*e, true),
@@ -89,7 +89,7 @@ fn movement(order_id: &OrderId, entry: i64, replayed: bool) -> Output {
 
 fn scenario(producers: usize, orders: &'static [&'static str], batch_max: usize) {
     let (events_tx, events_rx) = channel::<Event>();
-    let (store_tx, store_rx) = channel::<Vec<Op>>();
+    let (store_tx, store_rx) = channel::<Vec<Command>>();
 
     // The store: one thread applying batches in order, answering on the event queue.
     let store_events = events_tx.clone();
@@ -148,9 +148,9 @@ fn scenario(producers: usize, orders: &'static [&'static str], batch_max: usize)
             thread::spawn(move || {
                 let order = orders[i % orders.len()];
                 let (tx, rx) = channel();
-                let op = Op::Deduct {
+                let op = Command::new(Op::Deduct {
                     order_id: OrderId::parse(order).unwrap(),
-                };
+                });
                 events
                     .send(Event::Submit(
                         op,

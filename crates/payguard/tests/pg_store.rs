@@ -8,7 +8,7 @@
 
 use payguard::domain::{AccountId, Currency, Money, OrderId, OrderStatus, RefundId};
 use payguard::store::postgres::{tokio_postgres, PgConfig, PgStore, ScratchDb};
-use payguard::store::{Op, OpResult, Output, Rejection, Store, StoreError};
+use payguard::store::{Command, Op, OpResult, Output, Rejection, Store, StoreError};
 use std::sync::Arc;
 
 const URL_ENV: &str = "PAYGUARD_TEST_POSTGRES_URL";
@@ -38,34 +38,38 @@ async fn store(db: &ScratchDb) -> PgStore {
     .expect("connect and migrate")
 }
 
-fn acct(id: &str, balance: i64) -> Op {
+fn acct(id: &str, balance: i64) -> Command {
     Op::CreateAccount {
         id: AccountId::parse(id).unwrap(),
         balance: Money::balance(balance).unwrap(),
         currency: Currency::CNY,
     }
+    .into()
 }
 
-fn order(id: &str, account: &str, amount: i64) -> Op {
+fn order(id: &str, account: &str, amount: i64) -> Command {
     Op::CreateOrder {
         id: OrderId::parse(id).unwrap(),
         account_id: AccountId::parse(account).unwrap(),
         amount: Money::amount(amount).unwrap(),
     }
+    .into()
 }
 
-fn deduct(o: &str) -> Op {
+fn deduct(o: &str) -> Command {
     Op::Deduct {
         order_id: OrderId::parse(o).unwrap(),
     }
+    .into()
 }
 
-fn refund(o: &str, rid: &str, amount: i64) -> Op {
+fn refund(o: &str, rid: &str, amount: i64) -> Command {
     Op::Refund {
         order_id: OrderId::parse(o).unwrap(),
         refund_id: RefundId::parse(rid).unwrap(),
         amount: Money::amount(amount).unwrap(),
     }
+    .into()
 }
 
 /// The SQLite tests' starting point: `acct` with 10 000, o1 1 185, o2 20 000, o3 5.
@@ -392,21 +396,27 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     assert_eq!(count(&c, "SELECT COUNT(*) FROM idempotency").await, 0);
     assert_eq!(count(&c, "SELECT MAX(fence) FROM orders").await, 0);
     assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
-    assert_eq!(
-        s.apply_naive(
-            deduct("o1"),
-            payguard::store::NaiveCtx {
-                gap: std::time::Duration::ZERO,
-                req: payguard::domain::RequestId::parse("r").unwrap(),
-                inst: Arc::from("t"),
-            }
-        )
-        .await,
-        Err(StoreError::Schema(
-            "--guard naive runs on SQLite only".into()
-        ))
+    // The naive path exists only beside the SQLite store: an engine told to run
+    // it over PostgreSQL refuses every request, and nothing moves.
+    let engine = payguard::Engine::start(
+        Arc::new(s.clone()),
+        payguard::EngineConfig {
+            guard: payguard::engine::Guard::Naive { gap_ms: 0 },
+            ..payguard::EngineConfig::default()
+        },
     );
-    s.close().await.unwrap();
+    let req = payguard::domain::RequestId::parse("r").unwrap();
+    match engine.submit(deduct("o3"), req).await {
+        Err(payguard::EngineError::Store(StoreError::Schema(msg))) => {
+            assert!(msg.contains("SQLite only"), "{msg}")
+        }
+        other => panic!("the naive guard ran on PostgreSQL: {other:?}"),
+    }
+    assert_eq!(
+        count(&c, "SELECT COUNT(*) FROM entries WHERE order_id = 'o3'").await,
+        0
+    );
+    engine.shutdown().await.unwrap();
     db.drop_db().await.unwrap();
 }
 
@@ -738,7 +748,7 @@ async fn batches_racing_on_one_account_never_overdraw() {
     for r in a.apply(setup).await.unwrap() {
         r.unwrap();
     }
-    let batches: Vec<Vec<Op>> = (0..ORDERS)
+    let batches: Vec<Vec<Command>> = (0..ORDERS)
         .collect::<Vec<_>>()
         .chunks(BATCH)
         .map(|c| c.iter().map(|i| deduct(&format!("h{i}"))).collect())

@@ -4,7 +4,7 @@
 
 use payguard::domain::{AccountId, Currency, Money, OrderId, RefundId};
 use payguard::store::sqlite::{apply_ops, migrate, open_connection, SqliteConfig, SqliteStore};
-use payguard::store::{Op, Output, Rejection, StoreError};
+use payguard::store::{Command, Op, Output, Rejection, StoreError};
 use rusqlite::Connection;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -13,7 +13,7 @@ fn fresh(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("store.db");
     let mut conn = open_connection(&path).unwrap();
     migrate(&mut conn).unwrap();
-    let ops = vec![
+    let ops: Vec<Command> = [
         Op::CreateAccount {
             id: AccountId::parse("acct").unwrap(),
             balance: Money::balance(10_000).unwrap(),
@@ -34,17 +34,21 @@ fn fresh(dir: &Path) -> std::path::PathBuf {
             account_id: AccountId::parse("acct").unwrap(),
             amount: Money::amount(5).unwrap(),
         },
-    ];
+    ]
+    .into_iter()
+    .map(Command::from)
+    .collect();
     for r in apply_ops(&mut conn, &ops, 1).unwrap() {
         r.unwrap();
     }
     path
 }
 
-fn deduct(o: &str) -> Op {
+fn deduct(o: &str) -> Command {
     Op::Deduct {
         order_id: OrderId::parse(o).unwrap(),
     }
+    .into()
 }
 
 fn count(conn: &Connection, sql: &str) -> i64 {
@@ -67,7 +71,8 @@ fn racing_connections_without_lanes_charge_once() {
                     id: OrderId::parse(&oid).unwrap(),
                     account_id: AccountId::parse("acct").unwrap(),
                     amount: Money::amount(1).unwrap(),
-                }],
+                }
+                .into()],
                 1,
             )
             .unwrap()
@@ -195,7 +200,8 @@ fn one_bad_op_never_aborts_its_batch() {
             order_id: OrderId::parse("o1").unwrap(),
             refund_id: RefundId::parse("rf-1").unwrap(),
             amount: Money::amount(185).unwrap(),
-        },
+        }
+        .into(),
     ];
     let results = apply_ops(&mut conn, &ops, 5).unwrap();
     assert!(
@@ -363,9 +369,9 @@ fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
     {
         let conn = open_connection(&path).unwrap();
         for sql in [
-            include_str!("../src/store/sqlite_schema.sql"),
-            include_str!("../src/store/sqlite_v2_idempotency.sql"),
-            include_str!("../src/store/sqlite_v3_fencing.sql"),
+            include_str!("../src/store/sqlite/schema.sql"),
+            include_str!("../src/store/sqlite/v2_idempotency.sql"),
+            include_str!("../src/store/sqlite/v3_fencing.sql"),
         ] {
             conn.execute_batch(sql).unwrap();
         }
@@ -414,4 +420,18 @@ fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
     // A store opened on it again finds v4 and changes nothing.
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     drop(store);
+}
+
+/// The incident's path is only ever built over a naive file: a guarded store
+/// (real money) is refused when the naive path is made, not per request.
+#[test]
+fn the_naive_path_refuses_a_guarded_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    match payguard::store::sqlite::naive::NaiveSqlite::new(store) {
+        Err(StoreError::Schema(msg)) => assert!(msg.contains("guarded"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("the naive path accepted a guarded database"),
+    }
 }

@@ -19,7 +19,7 @@ mod pg;
 use hdrhistogram::Histogram;
 use payguard::domain::{OrderId, RequestId};
 use payguard::store::sqlite::{migrate, open_connection, SqliteConfig, SqliteStore};
-use payguard::store::{Op, Output};
+use payguard::store::{Command, Op, Output};
 use payguard::{Engine, EngineConfig};
 use rusqlite::params;
 use serde::Serialize;
@@ -208,7 +208,7 @@ fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult>
 /// gap between raw SQL and the engine into "the money path's SQL" and "the engine".
 fn store_direct(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
     let mut conn = open_connection(path)?;
-    let ops: Vec<Op> = (0..orders).map(deduct_op).collect();
+    let ops: Vec<Command> = (0..orders).map(deduct_op).collect();
     let started = Instant::now();
     for chunk in ops.chunks(RAW_TXN_ROWS) {
         let now = chrono::Utc::now().timestamp_millis();
@@ -281,10 +281,10 @@ fn start_engine(path: &Path, args: &EngineBenchArgs, batch_max: usize) -> anyhow
     ))
 }
 
-fn deduct_op(i: usize) -> Op {
-    Op::Deduct {
+fn deduct_op(i: usize) -> Command {
+    Command::new(Op::Deduct {
         order_id: OrderId::parse(&order_id(i)).expect("valid id"),
-    }
+    })
 }
 
 fn check(out: Result<Output, payguard::EngineError>) -> anyhow::Result<()> {
@@ -302,7 +302,7 @@ async fn closed_loop(
     concurrency: usize,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     // The ops are built before the clock starts, as the raw baseline's are.
-    let ops: Arc<Vec<Op>> = Arc::new((0..orders).map(deduct_op).collect());
+    let ops: Arc<Vec<Command>> = Arc::new((0..orders).map(deduct_op).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);

@@ -60,7 +60,13 @@ pub async fn spawn_app_on(
     }
     let store = SqliteStore::open(store_cfg).expect("open store");
     cfg.instance_id = "test-1".into();
-    let engine = Arc::new(Engine::start(Arc::new(store), cfg));
+    let engine = Arc::new(match cfg.guard {
+        payguard::engine::Guard::Naive { .. } => {
+            let naive = payguard::store::sqlite::naive::NaiveSqlite::new(store).expect("naive");
+            Engine::start_naive(naive, cfg, None)
+        }
+        _ => Engine::start(Arc::new(store), cfg),
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind port 0");

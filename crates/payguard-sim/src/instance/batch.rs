@@ -15,7 +15,7 @@ use crate::config::{LockProtocol, STALL_MS_MAX, STALL_MS_MIN};
 use crate::oracle::Oracle;
 use crate::wire::{DbReq, DbResp};
 use payguard::domain::{AccountId, Entry, EntryKind, Money, Order, OrderId, OrderStatus};
-use payguard::store::{Op, OpResult, Output, Rejection, StoreError};
+use payguard::store::{Command, OpResult, Output, Rejection, StoreError};
 use rand::Rng;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -52,7 +52,7 @@ impl Drop for InBatch {
 }
 
 /// Runs one batch of deducts (each of a different order: single flight).
-pub(super) async fn run(node: Rc<Node>, ops: Vec<Op>) -> BatchOutcome {
+pub(super) async fn run(node: Rc<Node>, ops: Vec<Command>) -> BatchOutcome {
     let inst = &node.inst;
     let orders: Vec<String> = ops
         .iter()

@@ -15,7 +15,7 @@ use crate::config::{BATCH_ORDERS_MAX, BATCH_WAIT_MS, LOCK_WAIT_MS_MAX, RELEASE_W
 use crate::wire::{now_ms, ApiResp};
 use payguard::domain::{OrderId, RequestId};
 use payguard::engine::lane::{Delivery, LaneCore, LaneReply, Waiter};
-use payguard::store::{Op, Output, Rejection};
+use payguard::store::{Command, Op, Output, Rejection};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -57,7 +57,7 @@ impl Wakes {
 
 /// An order waiting for a lock held elsewhere, with every request for it.
 struct Parked {
-    op: Op,
+    cmd: Command,
     waiters: Vec<Waiter<Reply>>,
     /// When it first parked: its requests get `LockBusy` [`LOCK_WAIT_MS_MAX`] later.
     since_ms: u64,
@@ -132,8 +132,11 @@ impl Lane {
             return;
         }
         let order = OrderId::parse(&r.order).expect("order ids are well formed");
-        self.core
-            .submit(Op::Deduct { order_id: order }, r.req, r.reply);
+        self.core.submit(
+            Command::from(Op::Deduct { order_id: order }),
+            r.req,
+            r.reply,
+        );
     }
 
     fn take_wakes(&mut self) {
@@ -171,7 +174,7 @@ impl Lane {
                 .inst
                 .note(|| format!("{order}: parked {} ms, LockBusy", now - p.since_ms));
             deliver(Delivery {
-                op: p.op,
+                cmd: p.cmd,
                 reply: Ok(Err(Rejection::LockBusy)),
                 waiters: p.waiters,
             });
@@ -195,7 +198,7 @@ impl Lane {
             }
             self.unparked.insert(order, p.since_ms);
             for w in p.waiters {
-                self.core.submit(p.op.clone(), w.req, w.reply);
+                self.core.submit(p.cmd.clone(), w.req, w.reply);
             }
         }
     }
@@ -233,11 +236,12 @@ impl Lane {
             .map(|p| (p.order.clone(), p))
             .collect();
         for d in self.core.complete(outcome.results) {
-            let order =
-                d.op.order_id()
-                    .expect("the simulation only deducts")
-                    .as_str()
-                    .to_owned();
+            let order = d
+                .cmd
+                .order_id()
+                .expect("the simulation only deducts")
+                .as_str()
+                .to_owned();
             let since = self.unparked.remove(&order);
             match parks.remove(&order) {
                 Some(park) => self.park(d, park, since),
@@ -261,7 +265,7 @@ impl Lane {
         self.parked.insert(
             park.order,
             Parked {
-                op: d.op,
+                cmd: d.cmd,
                 waiters: d.waiters,
                 since_ms: since.unwrap_or(now),
                 retry_ms,

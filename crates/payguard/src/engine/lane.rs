@@ -22,7 +22,7 @@
 //! drive it under many thread schedules with shuttle.
 
 use crate::domain::{OrderId, RequestId};
-use crate::store::{Op, OpResult, StoreError};
+use crate::store::{Command, OpResult, StoreError};
 use std::collections::HashMap;
 
 /// What a waiter receives: the op's result, or the batch's failure.
@@ -35,7 +35,7 @@ pub struct Waiter<W> {
 }
 
 struct Slot<W> {
-    op: Op,
+    cmd: Command,
     /// The first waiter executed the op; the others share its result as replays.
     waiters: Vec<Waiter<W>>,
 }
@@ -52,7 +52,7 @@ pub struct Admission {
 
 /// One answer to hand out after a batch finished.
 pub struct Delivery<W> {
-    pub op: Op,
+    pub cmd: Command,
     pub reply: LaneReply,
     /// `waiters[0]` executed the op; the rest get `reply` as a replay.
     pub waiters: Vec<Waiter<W>>,
@@ -61,10 +61,10 @@ pub struct Delivery<W> {
 pub struct LaneCore<W> {
     /// Ops sent to the store and not yet answered, in send order.
     inflight: Vec<Slot<W>>,
-    inflight_index: HashMap<Op, usize>,
+    inflight_index: HashMap<Command, usize>,
     /// Ops waiting for the next batch, in arrival order.
     pending: Vec<Slot<W>>,
-    pending_index: HashMap<Op, usize>,
+    pending_index: HashMap<Command, usize>,
     /// Race sentinel: per order, the first request still in this lane and how many
     /// requests for that order are in the lane. Invariant: the count equals the
     /// number of waiters (pending or in flight) whose op names that order.
@@ -93,9 +93,9 @@ impl<W> LaneCore<W> {
         }
     }
 
-    /// Admits a request for `op`.
-    pub fn submit(&mut self, op: Op, req: RequestId, reply: W) -> Admission {
-        let other_req = op
+    /// Admits a request for `cmd`.
+    pub fn submit(&mut self, cmd: Command, req: RequestId, reply: W) -> Admission {
+        let other_req = cmd
             .order_id()
             .and_then(|order| match self.busy_orders.get_mut(order) {
                 Some((first, count)) => {
@@ -109,8 +109,8 @@ impl<W> LaneCore<W> {
             });
         let waiter = Waiter { req, reply };
         // A parked order's ops wait behind it, joining an equal one.
-        if let Some(slots) = op.order_id().and_then(|o| self.parked.get_mut(o)) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.op == op) {
+        if let Some(slots) = cmd.order_id().and_then(|o| self.parked.get_mut(o)) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.cmd == cmd) {
                 slot.waiters.push(waiter);
                 return Admission {
                     joined: true,
@@ -118,7 +118,7 @@ impl<W> LaneCore<W> {
                 };
             }
             slots.push(Slot {
-                op,
+                cmd,
                 waiters: vec![waiter],
             });
             return Admission {
@@ -127,23 +127,23 @@ impl<W> LaneCore<W> {
             };
         }
         // Join an equal op in flight first: its result is the one that stands.
-        if let Some(&i) = self.inflight_index.get(&op) {
+        if let Some(&i) = self.inflight_index.get(&cmd) {
             self.inflight[i].waiters.push(waiter);
             return Admission {
                 joined: true,
                 other_req,
             };
         }
-        if let Some(&i) = self.pending_index.get(&op) {
+        if let Some(&i) = self.pending_index.get(&cmd) {
             self.pending[i].waiters.push(waiter);
             return Admission {
                 joined: true,
                 other_req,
             };
         }
-        self.pending_index.insert(op.clone(), self.pending.len());
+        self.pending_index.insert(cmd.clone(), self.pending.len());
         self.pending.push(Slot {
-            op,
+            cmd,
             waiters: vec![waiter],
         });
         Admission {
@@ -178,7 +178,7 @@ impl<W> LaneCore<W> {
 
     /// Moves up to `batch_max` waiting ops in flight and returns them, or `None`
     /// when a batch is already in flight or nothing waits.
-    pub fn take_batch(&mut self, batch_max: usize) -> Option<Vec<Op>> {
+    pub fn take_batch(&mut self, batch_max: usize) -> Option<Vec<Command>> {
         if self.has_inflight() || self.pending.is_empty() {
             return None;
         }
@@ -188,9 +188,9 @@ impl<W> LaneCore<W> {
         self.reindex_pending();
         self.inflight_index.clear();
         for (i, slot) in self.inflight.iter().enumerate() {
-            self.inflight_index.insert(slot.op.clone(), i);
+            self.inflight_index.insert(slot.cmd.clone(), i);
         }
-        Some(self.inflight.iter().map(|s| s.op.clone()).collect())
+        Some(self.inflight.iter().map(|s| s.cmd.clone()).collect())
     }
 
     /// The request that executes each op of the batch in flight (its first waiter).
@@ -222,11 +222,11 @@ impl<W> LaneCore<W> {
         };
         let mut out = Vec::with_capacity(slots.len());
         for (slot, reply) in slots.into_iter().zip(results) {
-            if let Some(order) = slot.op.order_id() {
+            if let Some(order) = slot.cmd.order_id() {
                 self.release_order(order, slot.waiters.len());
             }
             out.push(Delivery {
-                op: slot.op,
+                cmd: slot.cmd,
                 reply,
                 waiters: slot.waiters,
             });
@@ -256,7 +256,7 @@ impl<W> LaneCore<W> {
         let mut out = Vec::with_capacity(slots.len());
         let mut newly_parked: Vec<OrderId> = Vec::new();
         for (slot, result) in slots.into_iter().zip(results) {
-            match (result, slot.op.order_id().cloned()) {
+            match (result, slot.cmd.order_id().cloned()) {
                 (None, Some(order)) => {
                     if !self.parked.contains_key(&order) {
                         newly_parked.push(order.clone());
@@ -265,11 +265,11 @@ impl<W> LaneCore<W> {
                 }
                 (result, _) => {
                     let reply = result.unwrap_or(Ok(Err(crate::store::Rejection::LockBusy)));
-                    if let Some(order) = slot.op.order_id() {
+                    if let Some(order) = slot.cmd.order_id() {
                         self.release_order(order, slot.waiters.len());
                     }
                     out.push(Delivery {
-                        op: slot.op,
+                        cmd: slot.cmd,
                         reply,
                         waiters: slot.waiters,
                     });
@@ -280,7 +280,7 @@ impl<W> LaneCore<W> {
             // Ops of a parked order that queued meanwhile go behind it.
             let pending = std::mem::take(&mut self.pending);
             for slot in pending {
-                match slot.op.order_id().and_then(|o| self.parked.get_mut(o)) {
+                match slot.cmd.order_id().and_then(|o| self.parked.get_mut(o)) {
                     Some(parked) => parked.push(slot),
                     None => self.pending.push(slot),
                 }
@@ -298,7 +298,7 @@ impl<W> LaneCore<W> {
         };
         for slot in slots {
             self.pending_index
-                .insert(slot.op.clone(), self.pending.len());
+                .insert(slot.cmd.clone(), self.pending.len());
             self.pending.push(slot);
         }
         true
@@ -312,7 +312,7 @@ impl<W> LaneCore<W> {
         for slot in slots {
             self.release_order(order, slot.waiters.len());
             out.push(Delivery {
-                op: slot.op,
+                cmd: slot.cmd,
                 reply: reply.clone(),
                 waiters: slot.waiters,
             });
@@ -323,7 +323,7 @@ impl<W> LaneCore<W> {
     fn reindex_pending(&mut self) {
         self.pending_index.clear();
         for (i, slot) in self.pending.iter().enumerate() {
-            self.pending_index.insert(slot.op.clone(), i);
+            self.pending_index.insert(slot.cmd.clone(), i);
         }
     }
 
@@ -341,12 +341,13 @@ impl<W> LaneCore<W> {
 mod tests {
     use super::*;
     use crate::domain::Money;
-    use crate::store::{Output, Rejection};
+    use crate::store::{Op, Output, Rejection};
 
-    fn deduct(o: &str) -> Op {
+    fn deduct(o: &str) -> Command {
         Op::Deduct {
             order_id: OrderId::parse(o).unwrap(),
         }
+        .into()
     }
 
     fn req(r: &str) -> RequestId {
@@ -370,11 +371,12 @@ mod tests {
                 other_req: Some(req("r1"))
             }
         );
-        let refund = Op::Refund {
+        let refund: Command = Op::Refund {
             order_id: OrderId::parse("o1").unwrap(),
             refund_id: crate::domain::RefundId::parse("f1").unwrap(),
             amount: Money::amount(5).unwrap(),
-        };
+        }
+        .into();
         assert_eq!(
             core.submit(refund, req("r3"), 3),
             Admission {
@@ -431,11 +433,12 @@ mod tests {
         core.submit(deduct("b"), req("r2"), 2);
         assert_eq!(core.take_batch(10).unwrap().len(), 2);
         // While the batch is out: a refund of b, and a duplicate of b's deduct.
-        let refund = Op::Refund {
+        let refund: Command = Op::Refund {
             order_id: OrderId::parse("b").unwrap(),
             refund_id: crate::domain::RefundId::parse("f1").unwrap(),
             amount: Money::amount(5).unwrap(),
-        };
+        }
+        .into();
         core.submit(refund.clone(), req("r3"), 3);
         assert!(core.submit(deduct("b"), req("r4"), 4).joined);
         // b's lock was held elsewhere: it did not run.

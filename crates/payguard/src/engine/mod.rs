@@ -27,7 +27,8 @@ use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
 use crate::lock::redis::{Grant, RedisLockError, RedisLocks};
 use crate::lock::LocalLocks;
-use crate::store::{Op, Output, Rejection, Store, StoreError, StoreFuture};
+use crate::store::sqlite::naive::{NaiveCtx, NaiveSqlite};
+use crate::store::{Command, Op, Output, Rejection, Store, StoreError, StoreFuture};
 use lane::{LaneCore, LaneReply};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -181,8 +182,9 @@ impl EngineStats {
 type Answer = Result<LaneReply, EngineError>;
 type Reply = oneshot::Sender<Answer>;
 
-struct Cmd {
-    op: Op,
+/// A request waiting in a lane's queue.
+struct Queued {
+    cmd: Command,
     req: RequestId,
     reply: Reply,
     /// Past this, the lane answers `TimedOut` instead of admitting the command:
@@ -194,6 +196,9 @@ struct Shared {
     store: Arc<dyn Store>,
     /// Cross-instance per-order locks with fencing tokens (`--redis`).
     redis: Option<Arc<RedisLocks>>,
+    /// The incident's code path (`--guard naive`): only on a naive SQLite file,
+    /// only when started with [`Engine::start_naive`].
+    naive: Option<NaiveSqlite>,
     cache: OrderCache,
     stats: EngineStats,
     cfg: EngineConfig,
@@ -203,7 +208,7 @@ struct Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     /// One bounded queue per lane (`full` only); emptied by `shutdown`, which closes the lanes.
-    lanes: RwLock<Vec<mpsc::Sender<Cmd>>>,
+    lanes: RwLock<Vec<mpsc::Sender<Queued>>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// False once `shutdown` began: new requests get 503.
     open: std::sync::atomic::AtomicBool,
@@ -226,6 +231,32 @@ impl Engine {
         cfg: EngineConfig,
         redis: Option<Arc<RedisLocks>>,
     ) -> Self {
+        Self::build(store, cfg, redis, None)
+    }
+
+    /// `--guard naive` (`cfg.guard` must say so): the incident reproduced on a
+    /// naive SQLite database, for the demo. Every other way to start the engine
+    /// answers a naive guard's requests with a schema error: the naive path exists
+    /// only beside the SQLite store.
+    pub fn start_naive(
+        naive: NaiveSqlite,
+        cfg: EngineConfig,
+        redis: Option<Arc<RedisLocks>>,
+    ) -> Self {
+        assert!(
+            matches!(cfg.guard, Guard::Naive { .. }),
+            "Engine::start_naive needs cfg.guard = Guard::Naive"
+        );
+        let store: Arc<dyn Store> = Arc::new(naive.store().clone());
+        Self::build(store, cfg, redis, Some(naive))
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        cfg: EngineConfig,
+        redis: Option<Arc<RedisLocks>>,
+        naive: Option<NaiveSqlite>,
+    ) -> Self {
         assert!(cfg.lanes > 0, "lanes must be > 0");
         assert!(cfg.batch_max > 0, "batch_max must be > 0");
         assert!(
@@ -235,6 +266,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             store,
             redis,
+            naive,
             cache: OrderCache::new(cfg.order_cache_entries_max),
             stats: EngineStats::default(),
             cfg: cfg.clone(),
@@ -287,10 +319,15 @@ impl Engine {
         &self.shared.store
     }
 
-    /// Runs `op` exactly once per distinct request, logging the events of LOGS.md
-    /// for money movements.
-    pub async fn submit(&self, op: Op, req: RequestId) -> Result<Output, EngineError> {
-        self.submit_by(op, req, None).await
+    /// Runs `cmd` (an [`Op`], or a [`Command`] with an Idempotency-Key record)
+    /// exactly once per distinct request, logging the events of LOGS.md for money
+    /// movements.
+    pub async fn submit(
+        &self,
+        cmd: impl Into<Command>,
+        req: RequestId,
+    ) -> Result<Output, EngineError> {
+        self.submit_by(cmd, req, None).await
     }
 
     /// Like [`Engine::submit`], but gives up with [`EngineError::TimedOut`] if the
@@ -299,14 +336,15 @@ impl Engine {
     /// honest one.
     pub async fn submit_by(
         &self,
-        op: Op,
+        cmd: impl Into<Command>,
         req: RequestId,
         deadline: Option<Instant>,
     ) -> Result<Output, EngineError> {
+        let cmd: Command = cmd.into();
         let started = Instant::now();
-        let family = op.family();
+        let family = cmd.family();
         let inst = self.shared.cfg.instance_id.as_str();
-        let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
+        let oid = cmd.order_id().map(OrderId::as_str).unwrap_or("");
         let moves_money = family != "create";
         if moves_money {
             tracing::info!(
@@ -320,9 +358,9 @@ impl Engine {
             Err(EngineError::ShuttingDown)
         } else {
             match self.shared.cfg.guard {
-                Guard::Full => self.dispatch(op.clone(), req.clone(), deadline).await,
-                Guard::Seed => self.seed(op.clone(), req.clone(), deadline).await,
-                Guard::Naive { gap_ms } => self.naive(op.clone(), req.clone(), gap_ms).await,
+                Guard::Full => self.dispatch(cmd.clone(), req.clone(), deadline).await,
+                Guard::Seed => self.seed(cmd.clone(), req.clone(), deadline).await,
+                Guard::Naive { gap_ms } => self.naive(cmd.clone(), req.clone(), gap_ms).await,
             }
         };
         let stats = &self.shared.stats;
@@ -426,7 +464,7 @@ impl Engine {
 
     async fn dispatch(
         &self,
-        op: Op,
+        cmd: Command,
         req: RequestId,
         deadline: Option<Instant>,
     ) -> Result<Output, EngineError> {
@@ -436,10 +474,10 @@ impl Engine {
             if lanes.is_empty() {
                 return Err(EngineError::ShuttingDown);
             }
-            let lane = lane_for(op.route_key(), lanes.len());
+            let lane = lane_for(cmd.route_key(), lanes.len());
             lanes[lane]
-                .try_send(Cmd {
-                    op,
+                .try_send(Queued {
+                    cmd,
                     req,
                     reply,
                     deadline,
@@ -464,17 +502,17 @@ impl Engine {
     /// `--guard seed`: per-order lock, then one transaction for this request alone.
     async fn seed(
         &self,
-        op: Op,
+        cmd: Command,
         req: RequestId,
         deadline: Option<Instant>,
     ) -> Result<Output, EngineError> {
         let inst = &*self.shared.inst;
-        let oid = op.order_id().map(OrderId::as_str).unwrap_or("");
-        let key = match &op {
+        let oid = cmd.order_id().map(OrderId::as_str).unwrap_or("");
+        let key = match &cmd.op {
             Op::CreateAccount { id, .. } => format!("lock:account:{id}"),
             other => format!("lock:order:{}", other.route_key()),
         };
-        let _sentinel = self.enter(&op, &req);
+        let _sentinel = self.enter(&cmd, &req);
         let lock_wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
         let wait = deadline.map_or(lock_wait, |d| {
             d.saturating_duration_since(Instant::now()).min(lock_wait)
@@ -483,7 +521,7 @@ impl Engine {
         // The write-up's per-order lock: Redis (fenced) when configured, else local.
         let result = match &self.shared.redis {
             Some(redis) => {
-                let lease = match redis.acquire(op.route_key(), wait).await {
+                let lease = match redis.acquire(cmd.route_key(), wait).await {
                     Ok(lease) => Some(lease),
                     Err(RedisLockError::Busy { .. }) => {
                         tracing::warn!(event = "lock_busy", oid, req = req.as_str(), inst);
@@ -508,15 +546,12 @@ impl Engine {
                             req = req.as_str(),
                             inst
                         );
-                        Op::Fenced {
-                            inner: Box::new(op.clone()),
-                            token: l.token,
-                        }
+                        cmd.clone().fenced(l.token)
                     }
-                    None => op.clone(),
+                    None => cmd.clone(),
                 };
                 let result = self.shared.store.apply_isolated(fenced).await;
-                self.seed_cache(&op, &result);
+                self.seed_cache(&cmd, &result);
                 if let Some(l) = &lease {
                     let _ = redis.release(l).await;
                     tracing::info!(
@@ -545,8 +580,8 @@ impl Engine {
                     req = req.as_str(),
                     inst
                 );
-                let result = self.shared.store.apply_isolated(op.clone()).await;
-                self.seed_cache(&op, &result);
+                let result = self.shared.store.apply_isolated(cmd.clone()).await;
+                self.seed_cache(&cmd, &result);
                 self.locks.release(&lease);
                 tracing::info!(
                     event = "lock_released",
@@ -564,31 +599,42 @@ impl Engine {
     /// `seed`'s cache write, done while the order's lock is still held: written
     /// after the release, a later request's newer state could be overwritten by
     /// this older one.
-    fn seed_cache(&self, op: &Op, result: &Result<crate::store::OpResult, StoreError>) {
+    fn seed_cache(&self, cmd: &Command, result: &Result<crate::store::OpResult, StoreError>) {
         if let Ok(Ok(out)) = result {
             if let Some(order) = out.order() {
                 self.shared.cache.committed(order);
             }
-        } else if let Some(order_id) = op.order_id() {
+        } else if let Some(order_id) = cmd.order_id() {
             self.shared.cache.forget(order_id);
         }
     }
 
-    /// `--guard naive`: no lane, no lock, no condition; see [`Store::apply_naive`].
-    async fn naive(&self, op: Op, req: RequestId, gap_ms: u64) -> Result<Output, EngineError> {
-        let _sentinel = self.enter(&op, &req);
-        let ctx = crate::store::NaiveCtx {
+    /// `--guard naive`: no lane, no lock, no condition; see [`NaiveSqlite`].
+    async fn naive(
+        &self,
+        cmd: Command,
+        req: RequestId,
+        gap_ms: u64,
+    ) -> Result<Output, EngineError> {
+        let _sentinel = self.enter(&cmd, &req);
+        let Some(naive) = &self.shared.naive else {
+            return Err(EngineError::Store(StoreError::Schema(
+                "--guard naive runs on SQLite only, on a database it created (Engine::start_naive)"
+                    .into(),
+            )));
+        };
+        let ctx = NaiveCtx {
             gap: Duration::from_millis(gap_ms),
             req,
             inst: self.shared.inst.clone(),
         };
-        Ok(self.shared.store.apply_naive(op, ctx).await??)
+        Ok(naive.apply(cmd, ctx).await??)
     }
 
     /// The race sentinel outside lanes: records `req` as in flight for its order
     /// and logs `concurrent_inflight` if another request already is.
-    fn enter(&self, op: &Op, req: &RequestId) -> Option<SentinelGuard<'_>> {
-        let order = op.order_id()?.clone();
+    fn enter(&self, cmd: &Command, req: &RequestId) -> Option<SentinelGuard<'_>> {
+        let order = cmd.order_id()?.clone();
         let mut other = None;
         self.inflight
             .entry_sync(order.clone())
@@ -701,7 +747,7 @@ type BatchFuture = futures::future::BoxFuture<'static, BatchDone>;
 type WakeFuture = futures::future::BoxFuture<'static, OrderId>;
 
 /// The lane owner: the only code that touches this lane's [`LaneCore`].
-async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
+async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>) {
     use futures::StreamExt;
     let cfg = &shared.cfg;
     let batch_wait = Duration::from_micros(cfg.batch_wait_us);
@@ -743,7 +789,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
                 shared.stats.commit_seconds.observe(inflight_since.elapsed().as_secs_f64());
                 let (deliveries, parked) = core.complete_partial(done.results);
                 for delivery in deliveries {
-                    if let Some(order) = delivery.op.order_id() {
+                    if let Some(order) = delivery.cmd.order_id() {
                         first_busy.remove(order);
                     }
                     deliver(&shared, delivery);
@@ -755,13 +801,13 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             Some(order) = wakes.next(), if !wakes.is_empty() => {
                 core.unpark(&order);
             }
-            cmd = rx.recv(), if can_take => match cmd {
-                Some(cmd) => {
-                    admit(&shared, &mut core, cmd);
+            queued = rx.recv(), if can_take => match queued {
+                Some(queued) => {
+                    admit(&shared, &mut core, queued);
                     // Take whatever else is already queued without another wake-up.
                     while core.pending_len() < cfg.batch_max {
                         match rx.try_recv() {
-                            Ok(cmd) => admit(&shared, &mut core, cmd),
+                            Ok(queued) => admit(&shared, &mut core, queued),
                             Err(_) => break,
                         }
                     }
@@ -774,7 +820,7 @@ async fn run_lane(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
 }
 
 /// Hands a batch to the store: straight, or under the Redis locks of its orders.
-fn start_batch(shared: &Arc<Shared>, ops: Vec<Op>, reqs: Vec<RequestId>) -> BatchFuture {
+fn start_batch(shared: &Arc<Shared>, ops: Vec<Command>, reqs: Vec<RequestId>) -> BatchFuture {
     match &shared.redis {
         None => {
             let n = ops.len();
@@ -845,7 +891,7 @@ fn park(
 async fn fenced_apply(
     shared: Arc<Shared>,
     locks: Arc<RedisLocks>,
-    ops: Vec<Op>,
+    ops: Vec<Command>,
     reqs: Vec<RequestId>,
 ) -> BatchDone {
     let inst = &*shared.inst;
@@ -952,7 +998,7 @@ fn release_in_background(
 async fn apply_held(
     shared: &Shared,
     locks: &Arc<RedisLocks>,
-    ops: Vec<Op>,
+    ops: Vec<Command>,
     tokens: &std::collections::HashMap<OrderId, i64>,
     leases: &[(OrderId, RequestId, crate::lock::Lease)],
     busy: &[(OrderId, Duration)],
@@ -982,10 +1028,7 @@ async fn apply_held(
         }
         positions.push(i);
         to_apply.push(match order.and_then(|o| tokens.get(&o).copied()) {
-            Some(token) => Op::Fenced {
-                inner: Box::new(op),
-                token,
-            },
+            Some(token) => op.fenced(token),
             None => op,
         });
     }
@@ -1029,16 +1072,16 @@ async fn apply_held(
     out
 }
 
-fn admit(shared: &Shared, core: &mut LaneCore<Reply>, cmd: Cmd) {
-    if cmd.deadline.is_some_and(|d| Instant::now() >= d) {
+fn admit(shared: &Shared, core: &mut LaneCore<Reply>, queued: Queued) {
+    if queued.deadline.is_some_and(|d| Instant::now() >= d) {
         // Nothing of it reached the store: the caller may retry safely. A
         // timeout, not a store failure (the store was never asked).
-        let _ = cmd.reply.send(Err(EngineError::TimedOut));
+        let _ = queued.reply.send(Err(EngineError::TimedOut));
         return;
     }
-    let oid = cmd.op.order_id().cloned();
-    let req = cmd.req.clone();
-    let admission = core.submit(cmd.op, cmd.req, cmd.reply);
+    let oid = queued.cmd.order_id().cloned();
+    let req = queued.req.clone();
+    let admission = core.submit(queued.cmd, queued.req, queued.reply);
     if admission.joined {
         shared.stats.joined.inc();
     }
@@ -1068,7 +1111,7 @@ fn deliver(shared: &Shared, delivery: lane::Delivery<Reply>) {
             );
         }
         _ => {
-            if let Some(oid) = delivery.op.order_id() {
+            if let Some(oid) = delivery.cmd.order_id() {
                 shared.cache.forget(oid);
             }
         }

@@ -1,13 +1,14 @@
 //! The store: the one place money moves, and the real guarantee of exactly once.
 //!
-//! The engine hands the store batches of [`Op`]s; the store applies a batch in one
-//! transaction and answers one [`OpResult`] per op, in order. A rejected op (not
+//! The engine hands the store batches of [`Command`]s (an [`Op`], maybe with an
+//! Idempotency-Key record and a fencing token); the store applies a batch in one
+//! transaction and answers one [`OpResult`] per command, in order. A rejected op (not
 //! enough money, a refund over the amount) is an answer, not a failure: it never
 //! aborts the rest of its batch. A [`StoreError`] means the whole batch did not
 //! commit and nothing it described moved, so the caller may retry.
 //!
-//! The schema enforces the promise by itself (see `sqlite_schema.sql` and
-//! `postgres_schema.sql`, which hold the same rules): a unique
+//! The schema enforces the promise by itself (see `sqlite/schema.sql` and
+//! `postgres/schema.sql`, which hold the same rules): a unique
 //! debit per order, a unique refund id, refunds never above the amount, balances
 //! never negative, status changes only along the allowed transitions, an
 //! append-only ledger. A double charge is refused by the database even if every
@@ -47,19 +48,73 @@ pub enum Op {
         refund_id: RefundId,
         amount: Money,
     },
-    /// `inner`, with its HTTP response stored under an Idempotency-Key in the same
+}
+
+/// What the store is asked to run: one [`Op`], with at most one Idempotency-Key
+/// record to complete and at most one fencing token, each in the op's own
+/// transaction. One flat value rather than wrappers around wrappers, so a
+/// meaningless nesting (two keys, a key inside a token inside a key) cannot be
+/// built and no consumer has to recurse to find the op.
+///
+/// Equal commands are the same request (single flight), as for [`Op`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Command {
+    pub op: Op,
+    /// The op's HTTP response is stored under this Idempotency-Key in the same
     /// transaction, so a crash can never leave a charge without its stored
     /// response or the reverse.
-    Idempotent {
-        inner: Box<Op>,
-        idem: IdemWrite,
-    },
-    /// `inner`, written under a lock whose fencing token is `token`: the store
-    /// refuses it if the order was already written with a higher token.
-    Fenced {
-        inner: Box<Op>,
-        token: i64,
-    },
+    pub idempotency: Option<IdemWrite>,
+    /// The op is written under a lock whose fencing token is this: the store
+    /// refuses it if its order was already written with a higher token.
+    pub fence: Option<i64>,
+}
+
+impl Command {
+    /// The op alone: no Idempotency-Key, no fencing token.
+    pub fn new(op: Op) -> Self {
+        Command {
+            op,
+            idempotency: None,
+            fence: None,
+        }
+    }
+
+    /// The same command, its response stored under `idem`.
+    pub fn with_idempotency(self, idem: IdemWrite) -> Self {
+        Command {
+            idempotency: Some(idem),
+            ..self
+        }
+    }
+
+    /// The same command, written under fencing token `token`.
+    pub fn fenced(self, token: i64) -> Self {
+        Command {
+            fence: Some(token),
+            ..self
+        }
+    }
+
+    /// See [`Op::route_key`].
+    pub fn route_key(&self) -> &str {
+        self.op.route_key()
+    }
+
+    /// See [`Op::order_id`].
+    pub fn order_id(&self) -> Option<&OrderId> {
+        self.op.order_id()
+    }
+
+    /// See [`Op::family`].
+    pub fn family(&self) -> &'static str {
+        self.op.family()
+    }
+}
+
+impl From<Op> for Command {
+    fn from(op: Op) -> Self {
+        Command::new(op)
+    }
 }
 
 /// Renders an op's result as the exact HTTP response (status, body bytes) to
@@ -120,7 +175,7 @@ pub struct IdemClaim {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClaimOutcome {
-    /// The key is ours: run the op (with [`Op::Idempotent`]).
+    /// The key is ours: run the op (with [`Command::idempotency`] set).
     Claimed,
     /// The first request finished: replay its response (when `same_request`).
     Done {
@@ -136,7 +191,6 @@ impl Op {
     /// The key that routes this op to a lane: all work on one order lands in one lane.
     pub fn route_key(&self) -> &str {
         match self {
-            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.route_key(),
             Op::CreateAccount { id, .. } => id.as_str(),
             Op::CreateOrder { id, .. } => id.as_str(),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => order_id.as_str(),
@@ -146,7 +200,6 @@ impl Op {
     /// The order this op concerns, if any (for the race sentinel and the cache).
     pub fn order_id(&self) -> Option<&OrderId> {
         match self {
-            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.order_id(),
             Op::CreateAccount { .. } => None,
             Op::CreateOrder { id, .. } => Some(id),
             Op::Deduct { order_id } | Op::Refund { order_id, .. } => Some(order_id),
@@ -156,7 +209,6 @@ impl Op {
     /// `deduct` or `refund` for money movements (the log event prefix), else `create`.
     pub fn family(&self) -> &'static str {
         match self {
-            Op::Idempotent { inner, .. } | Op::Fenced { inner, .. } => inner.family(),
             Op::Deduct { .. } => "deduct",
             Op::Refund { .. } => "refund",
             Op::CreateAccount { .. } | Op::CreateOrder { .. } => "create",
@@ -316,32 +368,17 @@ pub enum StoreError {
     Unknown(String),
 }
 
-/// What the naive path needs to log like the incident's service did.
-#[derive(Clone, Debug)]
-pub struct NaiveCtx {
-    /// The pause between check and act, standing for the incident's slow calls.
-    pub gap: std::time::Duration,
-    pub req: crate::domain::RequestId,
-    pub inst: std::sync::Arc<str>,
-}
-
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// What the engine and the HTTP layer need from a database.
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, as `/healthz` reports it.
     fn kind(&self) -> &'static str;
-    /// Applies `ops` in one transaction; one result per op, in order.
-    fn apply(&self, ops: Vec<Op>) -> StoreFuture<Vec<OpResult>>;
-    /// Applies one op in its own transaction that takes the database's write or
-    /// row lock before re-reading the order (`--guard seed`: the write-up's fix).
-    fn apply_isolated(&self, op: Op) -> StoreFuture<OpResult>;
-    /// The incident's code path (`--guard naive`): for a deduct, load the order
-    /// into a shared cache, check its status in memory, pause `ctx.gap`, then
-    /// debit, write the entry and set the status as separate statements with no
-    /// condition. Other ops take the ordinary transactional path. Only a database
-    /// created naive accepts it. It double charges; that is its purpose.
-    fn apply_naive(&self, op: Op, ctx: NaiveCtx) -> StoreFuture<OpResult>;
+    /// Applies `cmds` in one transaction; one result per command, in order.
+    fn apply(&self, cmds: Vec<Command>) -> StoreFuture<Vec<OpResult>>;
+    /// Applies one command in its own transaction that takes the database's write
+    /// or row lock before re-reading the order (`--guard seed`: the write-up's fix).
+    fn apply_isolated(&self, cmd: Command) -> StoreFuture<OpResult>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
     /// The order's entries in commit order; `None` when the order does not exist.

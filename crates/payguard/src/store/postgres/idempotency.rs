@@ -1,0 +1,153 @@
+//! Idempotency-Key records on PostgreSQL: the claim before a request runs, and
+//! the stored responses of a batch, written set-based in the batch's own
+//! transaction.
+
+use super::error::{corrupt, Fault};
+use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, OpResult};
+
+/// Completes (or drops) the Idempotency-Key reservations of the batch's
+/// idempotent ops, in the batch's own transaction, with two set-based statements:
+/// the stored response is exactly the committed result (real entry ids included).
+pub(super) async fn write_idempotency(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ops: &[Command],
+    results: &[OpResult],
+    now: i64,
+) -> Result<(), Fault> {
+    let mut done: Vec<(&IdemWrite, i32, Vec<u8>)> = Vec::new();
+    let mut dropped: Vec<&IdemWrite> = Vec::new();
+    for (op, result) in ops.iter().zip(results) {
+        if let Some(idem) = &op.idempotency {
+            match (idem.render)(result) {
+                Some((status, body)) => done.push((idem, i32::from(status), body)),
+                None => dropped.push(idem),
+            }
+        }
+    }
+    if !done.is_empty() {
+        let scopes: Vec<&str> = done.iter().map(|d| d.0.scope.as_str()).collect();
+        let keys: Vec<&str> = done.iter().map(|d| d.0.key.as_str()).collect();
+        let prints: Vec<&str> = done.iter().map(|d| d.0.fingerprint.as_str()).collect();
+        let statuses: Vec<i32> = done.iter().map(|d| d.1).collect();
+        let bodies: Vec<&[u8]> = done.iter().map(|d| d.2.as_slice()).collect();
+        let expires: Vec<i64> = done
+            .iter()
+            .map(|d| now.saturating_add(d.0.ttl_ms))
+            .collect();
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE idempotency AS i SET state = 'done', status = t.st, body = t.b,
+                        lease_until = NULL, expires_at = t.exp
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::bytea[], $6::int8[])
+                      AS t (sc, k, f, st, b, exp)
+                 WHERE i.scope = t.sc AND i.key = t.k AND i.fingerprint = t.f AND i.state = 'in_flight'
+                 RETURNING i.key",
+            )
+            .await?;
+        let stored = tx
+            .query(
+                &stmt,
+                &[&scopes, &keys, &prints, &statuses, &bodies, &expires],
+            )
+            .await?;
+        if stored.len() != done.len() {
+            // A lease lapsed and another request took its key over; the op itself
+            // is exactly once regardless, and that request stores its own answer.
+            let stored: std::collections::HashSet<&str> =
+                stored.iter().filter_map(|r| r.try_get(0).ok()).collect();
+            for key in keys.iter().filter(|k| !stored.contains(*k)) {
+                tracing::warn!(event = "idempotency_lease_lost", key = %key);
+            }
+        }
+    }
+    if !dropped.is_empty() {
+        let scopes: Vec<&str> = dropped.iter().map(|d| d.scope.as_str()).collect();
+        let keys: Vec<&str> = dropped.iter().map(|d| d.key.as_str()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "DELETE FROM idempotency AS i USING unnest($1::text[], $2::text[]) AS t (sc, k)
+                 WHERE i.scope = t.sc AND i.key = t.k AND i.state = 'in_flight'",
+            )
+            .await?;
+        tx.execute(&stmt, &[&scopes, &keys]).await?;
+    }
+    Ok(())
+}
+
+/// Reserves an Idempotency-Key (see [`Store::idem_claim`]). A new key is inserted
+/// with `ON CONFLICT DO NOTHING`, which waits for a racing claimer's commit, so of
+/// two instances claiming one key at once exactly one gets `Claimed`; an existing
+/// key is read `FOR UPDATE` and taken over only when expired or its lease lapsed.
+pub(super) async fn claim(
+    client: &mut deadpool_postgres::ClientWrapper,
+    c: &IdemClaim,
+) -> Result<ClaimOutcome, Fault> {
+    let tx = client.transaction().await?;
+    let lease_until = c.now_ms.saturating_add(c.lease_ms);
+    let expires_at = c.now_ms.saturating_add(c.ttl_ms);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO idempotency
+                 (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
+             VALUES ($1, $2, $3, 'in_flight', $4, NULL, NULL, $5, $6)
+             ON CONFLICT (scope, key) DO NOTHING",
+        )
+        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        &c.scope,
+        &c.key,
+        &c.fingerprint,
+        &lease_until,
+        &c.now_ms,
+        &expires_at,
+    ];
+    if tx.execute(&insert, &params).await? == 1 {
+        tx.commit().await?;
+        return Ok(ClaimOutcome::Claimed);
+    }
+    let select = tx
+        .prepare_cached(
+            "SELECT fingerprint, state, lease_until, status, body, expires_at
+             FROM idempotency WHERE scope = $1 AND key = $2 FOR UPDATE",
+        )
+        .await?;
+    let row = tx
+        .query_opt(&select, &[&c.scope, &c.key])
+        .await?
+        .ok_or_else(|| Fault::Retry("idempotency key vanished during its claim".into()))?;
+    let fingerprint: &str = row.try_get(0)?;
+    let state: &str = row.try_get(1)?;
+    let lease: Option<i64> = row.try_get(2)?;
+    let status: Option<i32> = row.try_get(3)?;
+    let body: Option<Vec<u8>> = row.try_get(4)?;
+    let expires: i64 = row.try_get(5)?;
+    let same_request = fingerprint == c.fingerprint;
+    if expires >= c.now_ms {
+        match (state, status, body) {
+            ("done", Some(status), Some(body)) => {
+                let status = u16::try_from(status)
+                    .map_err(|_| corrupt(format!("stored status {status}")))?;
+                return Ok(ClaimOutcome::Done {
+                    same_request,
+                    status,
+                    body,
+                });
+            }
+            _ if lease.is_some_and(|l| l >= c.now_ms) => {
+                return Ok(ClaimOutcome::InFlight { same_request });
+            }
+            // An in-flight claim whose lease lapsed: its instance died.
+            _ => {}
+        }
+    }
+    let take_over = tx
+        .prepare_cached(
+            "UPDATE idempotency SET fingerprint = $3, state = 'in_flight', lease_until = $4,
+                    status = NULL, body = NULL, created_at = $5, expires_at = $6
+             WHERE scope = $1 AND key = $2",
+        )
+        .await?;
+    tx.execute(&take_over, &params).await?;
+    tx.commit().await?;
+    Ok(ClaimOutcome::Claimed)
+}

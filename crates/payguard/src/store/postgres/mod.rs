@@ -1,0 +1,316 @@
+//! The PostgreSQL store: several payguard instances, one database.
+//!
+//! Why it exists: SQLite is one machine's file. With PostgreSQL, many instances can
+//! serve the same orders, and the schema (`postgres_schema.sql`) still refuses a
+//! second debit, a refund over the amount, a negative balance or an illegal status
+//! change by itself, whatever the instances above it do.
+//!
+//! How a batch runs (group commit, set-based): one READ COMMITTED transaction that
+//!
+//! 1. locks every order the batch names (`SELECT … WHERE id = ANY($1) ORDER BY id
+//!    FOR UPDATE`), then every account it touches the same way, then reads the
+//!    refund and debit entries it needs to answer replays. Every transaction takes
+//!    order locks before account locks, each in id order, so lanes of one
+//!    instance and other instances never wait on each other in a cycle;
+//! 2. decides every op in Rust, in batch order, with exactly the SQLite store's
+//!    semantics (replays, rejections, insufficient funds → FAILED), on an
+//!    in-memory copy of those rows, so several orders on one account are charged
+//!    in batch order and an overdraft fails only the order that would cause it;
+//! 3. writes all effects with a handful of set-based statements over `unnest`
+//!    arrays: new accounts, new orders, all ledger entries, one balance per
+//!    account (PostgreSQL updates a row once per statement, so balances are
+//!    aggregated first), and the orders' status changes (one statement per
+//!    "round", see [`segments`]), each conditional on the state that was read;
+//! 4. writes the Idempotency-Key records of the batch's idempotent ops (the
+//!    rendered response of each committed result, or the release of its claim),
+//!    again set-based, so a stored response never exists without its movement;
+//! 5. commits.
+//!
+//! Round trips per batch, whatever its size: BEGIN, 2–3 reads, then one statement
+//! per kind of write present (new accounts, new orders, entries, balances, order
+//! status rounds, idempotency records), COMMIT: 7 for a batch of fresh deducts.
+//!
+//! A rejection is an answer and never aborts the batch. If a constraint fires
+//! anyway (only possible when something above the database is wrong, or another
+//! instance created the same id at the same moment), the batch is re-run with one
+//! savepoint per op, so only that op is [`Rejection::Refused`]. Deadlocks and
+//! serialisation failures (SQLSTATE 40P01, 40001) are retried
+//! [`BATCH_ATTEMPTS_MAX`] times, then the batch fails with
+//! [`StoreError::Unavailable`] (HTTP 503): nothing in it moved.
+//!
+//! Limits: a bounded connection pool ([`POOL_CONNECTIONS_MAX`]) with a wait
+//! timeout, a server-side `statement_timeout` on every connection, and a
+//! client-side deadline on every batch ([`PgConfig::batch_deadline_ms`]): a
+//! connection the network has swallowed (blackhole, half-open) never answers, and
+//! no server-side timeout can tell the client so.
+//!
+//! Ambiguous commits. A batch whose COMMIT was sent but not answered (the
+//! connection broke, or the deadline passed) may or may not have committed, and
+//! a 503 promises that nothing moved. So the store never guesses: every batch
+//! learns its transaction id (`txid_current()`, pipelined with its first read),
+//! and after an unanswered COMMIT a fresh connection asks `txid_status`, ending
+//! the old backend (`pg_terminate_backend`) if it is still in progress so that
+//! the answer cannot change later (a late COMMIT from a healed partition cannot
+//! land after the store answered). Committed or aborted, the batch then simply
+//! runs again: its ops are idempotent (a committed deduct reads back as its
+//! replay, with its entry). Only if the fate cannot be learned does the caller
+//! get [`StoreError::Unknown`] (HTTP 500), never a 503.
+//! [`PgStore::stats`] counts savepoint replays and retries.
+//!
+//! Migrations are a list (`MIGRATIONS`); `payguard_meta` holds `schema_kind`
+//! ('guarded') and `schema_version`. A database marked otherwise, holding foreign
+//! tables, or newer than this build is refused, like the SQLite store does.
+
+mod audit;
+mod batch;
+mod commit;
+mod connection;
+mod error;
+mod idempotency;
+mod plan;
+mod reads;
+mod rows;
+mod schema;
+#[cfg(any(test, feature = "test-support"))]
+mod scratch;
+mod writes;
+
+pub use audit::audit_client;
+pub use batch::apply_ops;
+pub use connection::connect_raw;
+pub use schema::migrate;
+#[cfg(any(test, feature = "test-support"))]
+pub use scratch::ScratchDb;
+
+use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId};
+use crate::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
+use connection::Inner;
+use error::{pg_unavailable, Fault};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Re-exported so that tests and tools can build a [`PgConfig`] and run raw SQL
+/// with exactly the client version the store uses.
+pub use tokio_postgres;
+
+/// Connections the pool keeps open at most (lanes' batches, seed requests, reads).
+pub const POOL_CONNECTIONS_MAX: usize = 16;
+/// How long a caller waits for a free connection before the store is unavailable.
+pub const POOL_WAIT_MS: u64 = 5_000;
+/// How long opening one connection may take.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Server-side limit on every statement, lock waits included.
+pub const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// Client-side deadline of one batch, default: twice the statement timeout.
+pub const BATCH_DEADLINE_MS: u64 = 2 * STATEMENT_TIMEOUT_MS;
+/// How long learning an unanswered COMMIT's fate may take.
+pub const RESOLVE_DEADLINE_MS: u64 = 5_000;
+/// Times one batch is run again after unanswered COMMITs before giving up.
+pub const AMBIGUOUS_RERUNS_MAX: u32 = 3;
+/// Attempts of one batch when PostgreSQL reports a deadlock or serialisation failure.
+pub const BATCH_ATTEMPTS_MAX: u32 = 5;
+/// Base of the (linear, jittered) pause between those attempts.
+pub const RETRY_BACKOFF_MS: u64 = 2;
+
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    /// Where to connect; `statement_timeout` is added to its options.
+    pub pg: tokio_postgres::Config,
+    pub pool_connections_max: usize,
+    pub pool_wait_ms: u64,
+    pub statement_timeout_ms: u64,
+    /// Client-side deadline of one batch ([`BATCH_DEADLINE_MS`]).
+    pub batch_deadline_ms: u64,
+}
+
+impl PgConfig {
+    /// From a `postgres://` or `postgresql://` URL (or a key=value string).
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let pg = url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        Ok(Self::new(pg))
+    }
+
+    pub fn new(pg: tokio_postgres::Config) -> Self {
+        PgConfig {
+            pg,
+            pool_connections_max: POOL_CONNECTIONS_MAX,
+            pool_wait_ms: POOL_WAIT_MS,
+            statement_timeout_ms: STATEMENT_TIMEOUT_MS,
+            batch_deadline_ms: BATCH_DEADLINE_MS,
+        }
+    }
+}
+
+/// Cheap to clone; all clones share one pool.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+/// What the store had to do beyond the fast path, since start (for tests and
+/// metrics: on a healthy system both stay at or near zero).
+#[derive(Debug, Default)]
+pub struct PgStats {
+    /// Batches re-run with a savepoint per op because a constraint fired.
+    pub careful_batches: AtomicU64,
+    /// Batch attempts repeated after a deadlock or serialisation failure.
+    pub retries: AtomicU64,
+    /// COMMITs sent and not answered, whose fate was then looked up.
+    pub ambiguous_commits: AtomicU64,
+    /// Of those, how many had committed.
+    pub ambiguous_committed: AtomicU64,
+}
+
+impl PgStore {
+    /// Connects, creates or upgrades the guarded schema (refusing a naive or
+    /// foreign database) and returns the store.
+    pub async fn connect(cfg: PgConfig) -> Result<Self, StoreError> {
+        assert!(
+            cfg.pool_connections_max > 0,
+            "pool_connections_max must be > 0"
+        );
+        let pool = connection::pool(&cfg)?;
+        let mut client = pool.get().await.map_err(error::pool_unavailable)?;
+        schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(PgStore {
+            inner: Arc::new(Inner::new(pool, &cfg)),
+        })
+    }
+
+    pub fn stats(&self) -> &PgStats {
+        &self.inner.stats
+    }
+
+    /// Convenience for `--db postgres://…`.
+    pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
+        Self::connect(PgConfig::from_url(url)?).await
+    }
+}
+
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn apply(&self, ops: Vec<Command>) -> StoreFuture<Vec<OpResult>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { commit::apply_pooled(&inner, &ops, false).await })
+    }
+
+    fn apply_isolated(&self, op: Command) -> StoreFuture<OpResult> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            // One transaction whose first statement locks the order row
+            // (`SELECT … FOR UPDATE`), then re-checks its status before writing.
+            let mut results = commit::apply_pooled(&inner, std::slice::from_ref(&op), true).await?;
+            results
+                .pop()
+                .ok_or_else(|| StoreError::Unavailable("no result for the op".into()))
+        })
+    }
+
+    fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            rows::load_account(&client, &id)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn order(&self, id: OrderId) -> StoreFuture<Option<Order>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            rows::load_order(&client, &id)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            rows::order_entries(&client, &order_id)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn audit(&self) -> StoreFuture<AuditReport> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            audit_client(&mut client).await
+        })
+    }
+
+    fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            let mut attempt = 1;
+            loop {
+                match idempotency::claim(&mut client, &claim).await {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(Fault::Retry(_)) if attempt < BATCH_ATTEMPTS_MAX => attempt += 1,
+                    Err(f) => return Err(f.into_store_error()),
+                }
+            }
+        })
+    }
+
+    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            client
+                .execute(
+                    "DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
+                    &[&scope, &key],
+                )
+                .await
+                .map_err(pg_unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            client
+                .execute("DELETE FROM idempotency WHERE expires_at < $1", &[&now_ms])
+                .await
+                .map_err(pg_unavailable)
+        })
+    }
+
+    fn next_fence_epoch(&self) -> StoreFuture<i64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            let row = client
+                .query_one("SELECT nextval('fence_epochs')", &[])
+                .await
+                .map_err(pg_unavailable)?;
+            row.try_get::<_, i64>(0).map_err(pg_unavailable)
+        })
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            // Waits for every call in flight to finish with its connection.
+            let mut closed = inner.closed.write().await;
+            *closed = true;
+            inner.pool.close();
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,195 @@
+//! What a batch reads before it decides: every row it touches, locked.
+
+use super::error::{corrupt, Fault};
+use super::plan::{AccountSlot, OrderSlot, Plan};
+use super::rows::{
+    account_from_row, entry_from_row, order_from_row, ACCOUNT_COLS, ENTRY_COLS, ORDER_COLS,
+};
+use crate::domain::{AccountId, Entry, EntryKind, OrderId, RefundId};
+use crate::store::{Command, Op};
+use std::collections::{BTreeSet, HashMap};
+
+/// The ids one batch reads, each set sorted (the global lock order is id order).
+#[derive(Default)]
+struct Wanted<'a> {
+    orders: BTreeSet<&'a str>,
+    accounts: BTreeSet<&'a str>,
+    refunds: BTreeSet<&'a str>,
+    /// Orders the batch deducts: their debit entries answer replays.
+    deducts: BTreeSet<&'a str>,
+}
+
+impl<'a> Wanted<'a> {
+    fn of(cmds: &'a [Command]) -> Self {
+        let mut w = Wanted::default();
+        for cmd in cmds {
+            match &cmd.op {
+                Op::CreateAccount { id, .. } => {
+                    w.accounts.insert(id.as_str());
+                }
+                Op::CreateOrder { id, account_id, .. } => {
+                    w.orders.insert(id.as_str());
+                    w.accounts.insert(account_id.as_str());
+                }
+                Op::Deduct { order_id } => {
+                    w.orders.insert(order_id.as_str());
+                    w.deducts.insert(order_id.as_str());
+                }
+                Op::Refund {
+                    order_id,
+                    refund_id,
+                    ..
+                } => {
+                    w.orders.insert(order_id.as_str());
+                    w.refunds.insert(refund_id.as_str());
+                }
+            }
+        }
+        w
+    }
+}
+
+/// Reads and locks every row the batch touches: orders, then accounts, each in id
+/// order (the global lock order), then the entries that replays return.
+pub(super) async fn read_batch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    cmds: &[Command],
+    plan: &mut Plan,
+) -> Result<(), Fault> {
+    let mut wanted = Wanted::of(cmds);
+    let debit_ids = if wanted.orders.is_empty() {
+        Vec::new()
+    } else {
+        lock_orders(tx, &wanted, plan).await?
+    };
+    if cmds.iter().any(|c| c.fence.is_some()) && !plan.orders.is_empty() {
+        read_fences(tx, plan).await?;
+    }
+    for slot in plan.orders.values() {
+        wanted.accounts.insert(slot.base.account_id.as_str());
+    }
+    if !wanted.accounts.is_empty() {
+        lock_accounts(tx, &wanted.accounts, &mut plan.accounts).await?;
+    }
+    if !wanted.refunds.is_empty() || !debit_ids.is_empty() {
+        read_entries(
+            tx,
+            &wanted.refunds,
+            &debit_ids,
+            &mut plan.refunds,
+            &mut plan.debits,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Locks and reads the batch's orders (`FOR UPDATE`, in id order); returns the
+/// debit entry ids of the deducted ones that are paid.
+async fn lock_orders(
+    tx: &deadpool_postgres::Transaction<'_>,
+    wanted: &Wanted<'_>,
+    plan: &mut Plan,
+) -> Result<Vec<i64>, Fault> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ORDER_COLS} FROM orders WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+        ))
+        .await?;
+    let ids: Vec<&str> = wanted.orders.iter().copied().collect();
+    let mut debit_ids = Vec::new();
+    for row in tx.query(&stmt, &[&ids]).await? {
+        let order = order_from_row(&row)?;
+        if let (true, Some(debit)) = (
+            wanted.deducts.contains(order.id.as_str()),
+            order.debit_entry_id,
+        ) {
+            debit_ids.push(debit);
+        }
+        plan.orders.insert(
+            order.id.clone(),
+            OrderSlot {
+                base: order,
+                created: false,
+                states: Vec::new(),
+            },
+        );
+    }
+    Ok(debit_ids)
+}
+
+/// The fence each of the (already locked) orders keeps.
+async fn read_fences(
+    tx: &deadpool_postgres::Transaction<'_>,
+    plan: &mut Plan,
+) -> Result<(), Fault> {
+    let stmt = tx
+        .prepare_cached("SELECT id, fence FROM orders WHERE id = ANY($1::text[])")
+        .await?;
+    let ids: Vec<&str> = plan.orders.keys().map(OrderId::as_str).collect();
+    for row in tx.query(&stmt, &[&ids]).await? {
+        let id: String = row.try_get(0)?;
+        let fence: i64 = row.try_get(1)?;
+        let id = OrderId::parse(&id).map_err(corrupt)?;
+        plan.fences.insert(id, fence);
+    }
+    Ok(())
+}
+
+/// Locks and reads the batch's accounts (`FOR UPDATE`, in id order), after its
+/// orders.
+async fn lock_accounts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account_ids: &BTreeSet<&str>,
+    accounts: &mut HashMap<AccountId, AccountSlot>,
+) -> Result<(), Fault> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+        ))
+        .await?;
+    let ids: Vec<&str> = account_ids.iter().copied().collect();
+    for row in tx.query(&stmt, &[&ids]).await? {
+        let account = account_from_row(&row)?;
+        accounts.insert(
+            account.id.clone(),
+            AccountSlot {
+                base_balance: account.balance,
+                current: account,
+                created: false,
+                changed: false,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The entries replays answer with: refunds by refund id, debits by id.
+async fn read_entries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    refund_ids: &BTreeSet<&str>,
+    debit_ids: &[i64],
+    refunds: &mut HashMap<RefundId, Entry>,
+    debits: &mut HashMap<i64, Entry>,
+) -> Result<(), Fault> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLS} FROM entries
+             WHERE refund_id = ANY($1::text[]) OR id = ANY($2::int8[])"
+        ))
+        .await?;
+    let ids: Vec<&str> = refund_ids.iter().copied().collect();
+    for row in tx.query(&stmt, &[&ids, &debit_ids]).await? {
+        let entry = entry_from_row(&row)?;
+        match (&entry.kind, &entry.refund_id) {
+            (EntryKind::Refund, Some(rid)) => {
+                refunds.insert(rid.clone(), entry);
+            }
+            (EntryKind::Debit, _) => {
+                debits.insert(entry.id, entry);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
