@@ -11,7 +11,11 @@
 //! * connections (`crate::connections`): `payguard_connections{phase}` open by phase,
 //!   `payguard_connections_write_blocked`, and
 //!   `payguard_connections_closed_total{reason}` (each deadline, eviction, shutdown),
-//!   so an operator sees a slow-client attack.
+//!   so an operator sees a slow-client attack;
+//! * the store's own counters (`Store::counters`), read at each scrape: on
+//!   PostgreSQL `payguard_store_pg_batch_retries_total`,
+//!   `payguard_store_pg_careful_batches_total`, `payguard_store_pg_ambiguous_commits_total`
+//!   and `payguard_store_pg_ambiguous_commits_committed_total`.
 //!
 //! One registry per server (no globals), so tests can run many in one process.
 
@@ -174,6 +178,7 @@ impl Metrics {
             "Time from handing a batch to the store to its commit",
             s.commit_seconds.clone(),
         );
+        registry.register_collector(Box::new(StoreCounters(engine.store().clone())));
         Arc::new(Metrics {
             registry,
             requests,
@@ -264,4 +269,33 @@ pub async fn render(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     resp
+}
+
+/// Exports the store's own counters ([`payguard::Store::counters`]) at each scrape.
+struct StoreCounters(Arc<dyn payguard::Store>);
+
+impl std::fmt::Debug for StoreCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreCounters({})", self.0.kind())
+    }
+}
+
+impl prometheus_client::collector::Collector for StoreCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        for c in self.0.counters() {
+            let name = format!("store_{}", c.name);
+            let metric = encoder.encode_descriptor(
+                &name,
+                c.help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            prometheus_client::metrics::counter::ConstCounter::new(c.value).encode(metric)?;
+        }
+        Ok(())
+    }
 }
