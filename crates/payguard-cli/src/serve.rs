@@ -434,7 +434,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     &args.redis_prefix,
                     &instance,
                     std::time::Duration::from_millis(args.lock_ttl_ms),
-                    store.clone(),
+                    payguard::engine::fence_epochs(store.clone()),
                 )
                 .await
                 .with_context(|| format!("connecting to Redis at {url}"))?,

@@ -49,7 +49,7 @@ async fn instance(
         prefix,
         name,
         Duration::from_millis(ttl_ms),
-        store.clone(),
+        payguard::engine::fence_epochs(store.clone()),
     )
     .await
     .unwrap();

@@ -84,7 +84,7 @@ pub async fn spawn_full(
                 &format!("leaks-{}-{}", db.name, name),
                 name,
                 std::time::Duration::from_millis(payguard::lock::LOCK_TTL_MS),
-                store.clone(),
+                payguard::engine::fence_epochs(store.clone()),
             )
             .await
             .expect("connect to redis"),

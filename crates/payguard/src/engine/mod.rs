@@ -207,6 +207,15 @@ pub struct Engine {
     inflight: scc::HashMap<OrderId, (RequestId, usize)>,
 }
 
+/// The fencing epochs the Redis lock draws after a flush: the store's sequence,
+/// which only grows. The engine composes the two layers; neither knows the other.
+pub fn fence_epochs(store: Arc<dyn Store>) -> crate::lock::redis::EpochSource {
+    Arc::new(move || {
+        let next = store.next_fence_epoch();
+        Box::pin(async move { next.await.map_err(|e| e.to_string()) })
+    })
+}
+
 impl Engine {
     /// Starts the lane owner tasks on the current tokio runtime.
     pub fn start(store: Arc<dyn Store>, cfg: EngineConfig) -> Self {

@@ -36,7 +36,6 @@
 use super::release::{spawn_subscriber, ReleaseBoard};
 use super::token;
 use super::Lease;
-use crate::store::Store;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,13 +117,19 @@ end
 return out
 "#;
 
+/// Where new fencing epochs come from: a sequence that only grows and outlives
+/// Redis (payguard: the store's, handed over by the engine's composition,
+/// [`crate::engine::fence_epochs`]). The lock needs this one call, not the store.
+pub type EpochSource =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<i64, String>> + Send + Sync>;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RedisLockError {
     #[error("redis unavailable: {0}")]
     Unavailable(String),
     #[error("lock {key} is held elsewhere (waited {waited_ms} ms)")]
     Busy { key: String, waited_ms: u64 },
-    #[error("could not take a new fencing epoch from the store: {0}")]
+    #[error("could not take a new fencing epoch: {0}")]
     Epoch(String),
 }
 
@@ -144,7 +149,7 @@ pub struct RedisLocks {
     prefix: String,
     owner: String,
     ttl: Duration,
-    store: Arc<dyn Store>,
+    epochs: EpochSource,
     acquire_many: redis::Script,
     raise_epoch: redis::Script,
     release_many: redis::Script,
@@ -163,7 +168,7 @@ impl RedisLocks {
         prefix: &str,
         owner: &str,
         ttl: Duration,
-        store: Arc<dyn Store>,
+        epochs: EpochSource,
     ) -> Result<Self, RedisLockError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -185,7 +190,7 @@ impl RedisLocks {
             prefix: prefix.to_owned(),
             owner: owner.to_owned(),
             ttl,
-            store,
+            epochs,
             acquire_many: redis::Script::new(ACQUIRE_MANY),
             raise_epoch: redis::Script::new(RAISE_EPOCH),
             release_many: redis::Script::new(RELEASE_MANY),
@@ -330,11 +335,7 @@ impl RedisLocks {
     /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
     /// has been re-created since (the raise would regress the new incarnation).
     async fn new_epoch(&self, incarnation: &str) -> Result<Option<i64>, RedisLockError> {
-        let fresh = self
-            .store
-            .next_fence_epoch()
-            .await
-            .map_err(|e| RedisLockError::Epoch(e.to_string()))?;
+        let fresh = (self.epochs)().await.map_err(RedisLockError::Epoch)?;
         let mut conn = self.conn.clone();
         let epoch: Option<i64> = self
             .raise_epoch
