@@ -262,10 +262,17 @@ pub fn emit(doc: &Document, data: &impl Serialize, out: &OutputArgs) -> anyhow::
             .with_context(|| format!("writing JSON to {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    if json {
-        println!("{text}");
-    } else {
-        print!("{}", doc.to_markdown());
+    // A write error (a closed pipe included) goes back to the caller, which
+    // decides how to end: `payguard` ends quietly when its reader went away.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if json {
+            writeln!(stdout, "{text}")?;
+        } else {
+            write!(stdout, "{}", doc.to_markdown())?;
+        }
+        stdout.flush()?;
     }
     if let Some(path) = html {
         std::fs::write(path, doc.to_html())

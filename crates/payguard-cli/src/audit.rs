@@ -170,7 +170,7 @@ fn report_and_exit(
     applied: Option<&[Reversal]>,
 ) -> anyhow::Result<ExitCode> {
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&Output {
                 audit: report,
@@ -192,14 +192,14 @@ fn print_text(r: &AuditReport, plan: Option<&[Reversal]>, applied: Option<&[Reve
     let yuan = crate::storm::yuan;
     if let Some(applied) = applied {
         let total: i64 = applied.iter().map(|r| r.amount).sum();
-        println!(
+        crate::outln!(
             "applied {} reversal(s), {} paid back ({} fen)",
             applied.len(),
             yuan(total),
             total
         );
     }
-    println!(
+    crate::outln!(
         "audit: {} ({} accounts, {} orders, {} entries)",
         if r.ok { "ok" } else { "VIOLATIONS" },
         r.accounts_checked,
@@ -207,53 +207,71 @@ fn print_text(r: &AuditReport, plan: Option<&[Reversal]>, applied: Option<&[Reve
         r.entries_checked
     );
     for d in &r.duplicate_debits {
-        println!(
+        crate::outln!(
             "  duplicate debit: order {} charged {} times",
-            d.order_id, d.count
+            d.order_id,
+            d.count
         );
     }
     for o in &r.over_refunded {
-        println!(
+        crate::outln!(
             "  over-refunded: order {} refunded {} of {}",
-            o.order_id, o.refunded, o.amount
+            o.order_id,
+            o.refunded,
+            o.amount
         );
     }
     for b in &r.balance_mismatches {
-        println!(
+        crate::outln!(
             "  balance mismatch: account {} is {}, the ledger says {}",
-            b.account_id, b.actual, b.expected
+            b.account_id,
+            b.actual,
+            b.expected
+        );
+    }
+    for n in &r.negative_balances {
+        crate::outln!(
+            "  negative balance: account {} is {} (below zero)",
+            n.account_id,
+            n.balance
         );
     }
     for p in &r.paid_without_entry {
-        println!(
+        crate::outln!(
             "  paid without a debit: order {} ({})",
-            p.order_id, p.status
+            p.order_id,
+            p.status
         );
     }
     for p in &r.entry_without_paid {
-        println!(
+        crate::outln!(
             "  debit without paid status: order {} ({}, {} debits)",
-            p.order_id, p.status, p.debits
+            p.order_id,
+            p.status,
+            p.debits
         );
     }
     if !r.resolved.is_empty() {
-        println!(
+        crate::outln!(
             "  resolved: {} order(s) whose duplicates were paid back",
             r.resolved.len()
         );
     }
     if let Some(plan) = plan {
         let total: i64 = plan.iter().map(|r| r.amount).sum();
-        println!(
+        crate::outln!(
             "fix plan: {} reversal(s), {} to pay back ({} fen); run with --apply to write them",
             plan.len(),
             yuan(total),
             total
         );
         for r in plan {
-            println!(
+            crate::outln!(
                 "  reversal: order {} account {} reverses entry {} amount {}",
-                r.order_id, r.account_id, r.reverses, r.amount
+                r.order_id,
+                r.account_id,
+                r.reverses,
+                r.amount
             );
         }
     }

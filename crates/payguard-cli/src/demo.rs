@@ -116,6 +116,8 @@ async fn side(
         html: None,
         no_progress: true,
         history: None,
+        faults: false,
+        slow_ms: storm::liveness::SLOW_MS_DEFAULT,
     };
     let report = storm::storm(&storm_args).await;
     server.stop().await?;
@@ -128,16 +130,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let dir = tempfile::tempdir()?;
     if !args.json {
-        println!(
+        crate::outln!(
             "payguard demo: the same storm ({} orders, each deduct sent {} times at once, seed {}) against",
             args.orders, args.dup, args.seed
         );
-        println!(
+        crate::outln!(
             "  naive — the incident's code: check a cache, pause {} ms, debit with no condition",
             args.naive_gap_ms
         );
-        println!("  full  — payguard: lanes, single flight, group commit, database constraints");
-        println!();
+        crate::outln!(
+            "  full  — payguard: lanes, single flight, group commit, database constraints"
+        );
+        crate::outln!();
     }
     let (naive, naive_db) = rt.block_on(side(
         &args,
@@ -149,13 +153,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ))?;
     let (full, full_db) = rt.block_on(side(&args, dir.path(), "full", Guard::Full))?;
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({"naive": naive, "full": full}))?
         );
     } else {
         let yuan = storm::yuan;
-        let row = |label: &str, a: String, b: String| println!("  {label:<28} {a:>22} {b:>22}");
+        let row =
+            |label: &str, a: String, b: String| crate::outln!("  {label:<28} {a:>22} {b:>22}");
         row("", "naive (the incident)".into(), "full (payguard)".into());
         row(
             "double-charged orders",
@@ -186,8 +191,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         row(
             "violations",
-            naive.violations.len().to_string(),
-            full.violations.len().to_string(),
+            naive.violation_count().to_string(),
+            full.violation_count().to_string(),
         );
         row(
             "database audit",
@@ -204,18 +209,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             .into(),
         );
-        println!();
+        crate::outln!();
         if args.keep {
             let kept = dir.keep();
-            println!("databases kept in {}", kept.display());
-            println!(
+            crate::outln!("databases kept in {}", kept.display());
+            crate::outln!(
                 "  pay the naive side's victims back once: payguard audit --db sqlite://{} --apply",
                 kept.join(naive_db.file_name().unwrap_or_default())
                     .display()
             );
             let _ = full_db;
         } else {
-            println!("(run with --keep to keep both databases and repair the naive one with `payguard audit --apply`)");
+            crate::outln!("(run with --keep to keep both databases and repair the naive one with `payguard audit --apply`)");
         }
     }
     // The demo succeeds when it shows both: the incident, and its fix holding.

@@ -6,5 +6,6 @@ pub mod audit;
 pub mod bench;
 pub mod demo;
 pub mod logging;
+pub mod out;
 pub mod serve;
 pub mod storm;

@@ -43,6 +43,8 @@ pub fn init(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        // Span fields are read back as plain `key=value` text (`request_span_req`).
+        .with_ansi(false)
         .event_format(PayguardFormat { format })
         .init();
     guard
@@ -98,12 +100,20 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let mut f = Fields::default();
         event.record(&mut f);
+        // A line logged while serving a request carries that request's id, even
+        // when the code that logged it did not know it (error mapping, store
+        // failures): the client was given this id, so support can find the line.
+        if !f.rest.iter().any(|(k, _)| *k == "req") {
+            if let Some(req) = request_span_req(ctx) {
+                f.rest.push(("req", req.into()));
+            }
+        }
         let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let level = event.metadata().level().as_str();
         let name = f.event.take().unwrap_or_else(|| "log".to_owned());
@@ -141,6 +151,30 @@ where
         }
         writeln!(writer, "{line}")
     }
+}
+
+/// The `req` of the request span (payguard-server's `request` middleware) this
+/// event was logged in, if any.
+fn request_span_req<S, N>(ctx: &FmtContext<'_, S, N>) -> Option<String>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    let scope = ctx.event_scope()?;
+    for span in scope {
+        if span.name() != payguard_server::REQUEST_SPAN {
+            continue;
+        }
+        let ext = span.extensions();
+        let fields = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>()?;
+        return fields
+            .fields
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("req="))
+            // `req = %id` formats bare, `req = "…"` quoted: ids never hold quotes.
+            .map(|v| v.trim_matches('"').to_owned());
+    }
+    None
 }
 
 #[cfg(test)]
@@ -203,6 +237,35 @@ mod tests {
             Some(i) if line.starts_with("20") => line[i + 1..].to_owned(),
             _ => line.to_owned(),
         }
+    }
+
+    #[test]
+    fn a_line_logged_inside_a_request_carries_its_req() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .event_format(PayguardFormat {
+                format: LogFormat::Json,
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(payguard_server::REQUEST_SPAN, req = "4cba02ec");
+            let _in = span.enter();
+            tracing::error!(event = "internal_error", detail = "boom");
+            // An explicit req wins over the span's.
+            tracing::info!(event = "deduct_start", req = "other");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["event"], "internal_error");
+        assert_eq!(lines[0]["req"], "4cba02ec");
+        assert_eq!(lines[1]["req"], "other");
+        assert_eq!(out.lines().nth(1).unwrap().matches("\"req\"").count(), 1);
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! `payguard`: the one binary. `serve` runs the HTTP API; `bench` measures.
-//! Flags follow `shared/spec/CLI.md`; every flag also reads `PAYGUARD_<FLAG>`.
+//! `payguard`: the one binary. `serve` runs the HTTP API; `demo` shows the
+//! incident beside the fix; `storm` and `check-history` prove exactly-once under
+//! duplicate storms; `audit` checks (and repairs) a database; `forensics`
+//! rebuilds races from logs; `bench` measures. Flags follow
+//! `shared/spec/CLI.md`; every flag also reads `PAYGUARD_<FLAG>`.
 #![forbid(unsafe_code)]
 
 use payguard_cli::{audit, bench, demo, serve, storm};
@@ -54,6 +57,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`payguard audit --fix-plan | head -5`): it has
+        // what it wanted; end quietly, as ripgrep does.
+        Err(e) if payguard_cli::out::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("payguard: {e:#}");
             ExitCode::from(2)

@@ -1,5 +1,5 @@
 //! `payguard serve`: opens the store, starts the engine, serves until SIGINT or
-//! SIGTERM, then drains (see `payguard_server::serve`).
+//! SIGTERM, then drains for at most `--drain-timeout-ms` (see `payguard_server::serve`).
 
 use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on. Without API keys (not built yet) only loopback is allowed.
+    /// Address to listen on. Without API keys (`--api-keys-file` or `PAYGUARD_API_KEYS`) only loopback is allowed.
     #[arg(long, env = "PAYGUARD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Database URL: `sqlite://PATH` (a plain path works too) or
@@ -54,12 +54,38 @@ pub struct ServeArgs {
     /// Largest total of request header names and values (bytes); larger gets 431.
     #[arg(long, env = "PAYGUARD_HEADER_BYTES_MAX", default_value_t = payguard_server::limits::HEADER_BYTES_MAX)]
     pub header_bytes_max: usize,
-    /// Request timeout (ms): reads are cut off, writes only before reaching the store (503).
+    /// Request timeout (ms), from a complete request (reading it is under the header
+    /// and body deadlines): reads are cut off, writes only before reaching the store (503).
     #[arg(long, env = "PAYGUARD_REQUEST_TIMEOUT_MS", default_value_t = payguard_server::limits::REQUEST_TIMEOUT_MS)]
     pub request_timeout_ms: u64,
-    /// Open connections at most; more wait in the listen backlog.
+    /// Open connections at most. At the limit a new connection makes room: the
+    /// connection that has waited longest without a complete request (idle, or its
+    /// request unfinished) is closed, else one stuck writing its answer; never one
+    /// whose request is being handled. Only when all are being handled do new ones
+    /// wait in the listen backlog.
     #[arg(long, env = "PAYGUARD_CONNECTIONS_MAX", default_value_t = payguard_server::limits::CONNECTIONS_MAX)]
     pub connections_max: usize,
+    /// Deadline for a request's headers (ms), from accept or from a kept-alive
+    /// connection's next first byte; past it the connection is closed.
+    #[arg(long, env = "PAYGUARD_HEADER_READ_TIMEOUT_MS", default_value_t = payguard_server::limits::HEADER_READ_TIMEOUT_MS)]
+    pub header_read_timeout_ms: u64,
+    /// Deadline for a request's body (ms), from the end of its headers; past it the
+    /// request gets 408 `request_timeout`, moves nothing, and the connection is closed.
+    #[arg(long, env = "PAYGUARD_BODY_READ_TIMEOUT_MS", default_value_t = payguard_server::limits::BODY_READ_TIMEOUT_MS)]
+    pub body_read_timeout_ms: u64,
+    /// How long a keep-alive connection may wait idle for its next request (ms);
+    /// longer than client pools' and load balancers' own idle timeouts.
+    #[arg(long, env = "PAYGUARD_IDLE_TIMEOUT_MS", default_value_t = payguard_server::limits::IDLE_TIMEOUT_MS)]
+    pub idle_timeout_ms: u64,
+    /// Deadline for writing an answer (ms), from ready to handed to the socket; also
+    /// the longest a client may leave its answer unread. Past it the connection is closed.
+    #[arg(long, env = "PAYGUARD_WRITE_TIMEOUT_MS", default_value_t = payguard_server::limits::WRITE_TIMEOUT_MS)]
+    pub write_timeout_ms: u64,
+    /// On SIGTERM/SIGINT: connections without a complete request are closed at once;
+    /// requests already with the engine get this long (ms) to be answered, then
+    /// whatever is left is closed.
+    #[arg(long, env = "PAYGUARD_DRAIN_TIMEOUT_MS", default_value_t = payguard_server::limits::DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
     /// Redis for cross-instance per-order locks with fencing tokens
     /// (`redis://host:port`); without it the lock is local to this process.
     #[arg(long, env = "PAYGUARD_REDIS")]
@@ -307,6 +333,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.connections_max >= 1,
         "--connections-max must be at least 1"
     );
+    for (name, ms) in [
+        ("--header-read-timeout-ms", args.header_read_timeout_ms),
+        ("--body-read-timeout-ms", args.body_read_timeout_ms),
+        ("--idle-timeout-ms", args.idle_timeout_ms),
+        ("--write-timeout-ms", args.write_timeout_ms),
+        ("--drain-timeout-ms", args.drain_timeout_ms),
+    ] {
+        anyhow::ensure!(ms >= 1, "{name} must be at least 1");
+    }
     anyhow::ensure!(args.pg_pool_max >= 1, "--pg-pool-max must be at least 1");
     let limits = payguard_server::Limits {
         body_bytes_max: args.body_bytes_max,
@@ -314,6 +349,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         request_timeout_ms: args.request_timeout_ms,
         connections_max: args.connections_max,
         idempotency_ttl_ms: args.idempotency_ttl,
+        header_read_timeout_ms: args.header_read_timeout_ms,
+        body_read_timeout_ms: args.body_read_timeout_ms,
+        idle_timeout_ms: args.idle_timeout_ms,
+        write_timeout_ms: args.write_timeout_ms,
+        drain_timeout_ms: args.drain_timeout_ms,
     };
     let db = DbUrl::parse(&args.db)?;
     if args.guard == GuardArg::Naive {
@@ -394,7 +434,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     &args.redis_prefix,
                     &instance,
                     std::time::Duration::from_millis(args.lock_ttl_ms),
-                    store.clone(),
+                    payguard::engine::fence_epochs(store.clone()),
                 )
                 .await
                 .with_context(|| format!("connecting to Redis at {url}"))?,
@@ -458,7 +498,10 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!(event = "shutdown_requested", "draining in-flight requests");
+    tracing::info!(
+        event = "shutdown_requested",
+        "closing unfinished connections, draining in-flight requests"
+    );
 }
 
 #[cfg(test)]

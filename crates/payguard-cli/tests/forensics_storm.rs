@@ -27,6 +27,9 @@ fn storm_args(url: &str, db: &Path) -> StormArgs {
         html: None,
         no_progress: true,
         history: None,
+        // No fault injected: every request answered, quickly.
+        faults: false,
+        slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
     }
 }
 

@@ -59,6 +59,9 @@ fn storm_args(
         html: None,
         no_progress: true,
         history,
+        // Every storm here injects a network fault between payguard and PostgreSQL.
+        faults: true,
+        slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
     }
 }
 

@@ -14,6 +14,7 @@ use payguard_cli::storm::{history, storm, StormArgs};
 use serde_json::json;
 use std::time::Duration;
 
+/// A storm on `targets`; strict (no faults) unless the caller sets `faults`.
 fn storm_args(targets: Vec<String>, db: &str, orders: usize, seed: u64) -> StormArgs {
     StormArgs {
         target: targets,
@@ -31,6 +32,8 @@ fn storm_args(targets: Vec<String>, db: &str, orders: usize, seed: u64) -> Storm
         html: None,
         no_progress: true,
         history: None,
+        faults: false,
+        slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
     }
 }
 
@@ -212,7 +215,8 @@ async fn redis_flushed_and_restarted_mid_storm_changes_nothing() {
         })
         .collect();
     let targets = servers.iter().map(|s| s.url.clone()).collect();
-    let args = storm_args(targets, &db, 150, 8);
+    let mut args = storm_args(targets, &db, 150, 8);
+    args.faults = true; // Redis flushed and killed mid-storm
     let storming = tokio::spawn(async move { storm(&args).await });
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -495,6 +499,7 @@ async fn redis_blackholed_and_reset_mid_storm_changes_nothing() {
     let file = dir.path().join("history.jsonl");
     let mut args = storm_args(targets, &db, 150, 9);
     args.history = Some(file.clone());
+    args.faults = true; // Redis blackholed, then every connection cut
     let storming = tokio::spawn(async move { storm(&args).await });
     tokio::time::sleep(Duration::from_millis(400)).await;
     proxy.set(Mode::Blackhole);

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod connections;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -22,7 +23,7 @@ mod routes;
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use limits::Limits;
-pub use request::REQUEST_ID_HEADER;
+pub use request::{REQUEST_ID_HEADER, REQUEST_SPAN};
 
 use axum::Router;
 use payguard::Engine;
@@ -70,26 +71,25 @@ pub fn router(state: AppState) -> Router {
     routes::router(state)
 }
 
-/// Serves until `shutdown` resolves, then drains: axum stops accepting, waits for
-/// every request in flight (each waits for its lane's commit), and only then the
-/// engine finishes whatever its lanes still hold and closes the store. Nothing
-/// acknowledged is lost and nothing accepted is left without an answer.
+/// Serves until `shutdown` resolves, then drains ([`connections`]): stops accepting,
+/// closes at once every connection without a complete request, waits at most
+/// `drain_timeout_ms` for the requests in flight (each waits for its lane's commit),
+/// and only then the engine finishes whatever its lanes still hold and closes the
+/// store. Nothing acknowledged is lost, and a request cut off by the drain deadline
+/// was already with the engine, which still finishes it (a retry replays it).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let engine = state.engine.clone();
-    let listener = limits::LimitedListener::new(listener, state.limits.connections_max);
+    let limits = state.limits.clone();
+    let metrics = state.metrics.clone();
     let pruner = tokio::spawn(prune_idempotency(engine.clone()));
     let app = router(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    connections::serve(listener, app, &limits, metrics, shutdown).await;
     pruner.abort();
-    let closed = engine.shutdown().await;
-    served?;
-    closed?;
+    engine.shutdown().await?;
     Ok(())
 }
 

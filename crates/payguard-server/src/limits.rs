@@ -5,34 +5,46 @@
 //! |---|---|---|
 //! | `body_bytes_max` | 64 KiB | 413 `body_too_large` |
 //! | `header_bytes_max` | 16 KiB (names + values) | 431 `headers_too_large` |
-//! | `request_timeout_ms` | 10 s | 503 `unavailable`, only before a change reaches the store (reads: any time; bodies: while being read) |
-//! | `connections_max` | 1024 | further connections wait in the listen backlog |
+//! | `request_timeout_ms` | 10 s | 503 `unavailable`, only before a change reaches the store (reads: any time); counted from a complete request, reading it is under the header and body deadlines |
+//! | `connections_max` | 1024 | the connection waiting longest without a complete request (idle or unfinished) is closed to make room, else one stuck writing; only when all are handling a request do new ones wait in the listen backlog |
+//! | `header_read_timeout_ms` | 5 s | connection closed (from accept, or from a kept-alive connection's next first byte) |
+//! | `body_read_timeout_ms` | 10 s | 408 `request_timeout`, connection closed, nothing moved |
+//! | `idle_timeout_ms` | 120 s | idle keep-alive connection closed |
+//! | `write_timeout_ms` | 10 s | connection closed (answer not taken by the client in time) |
+//! | `drain_timeout_ms` | 30 s | at shutdown, connections still open are closed |
 //! | lane queue depth (engine) | 4096 | 503 `unavailable` at once |
 //!
 //! A write's timeout is enforced by the engine as a deadline for reaching the
 //! store: once its change is handed over, the request waits for the outcome, so a
-//! 503 always means nothing moved.
+//! 503 always means nothing moved. The connection deadlines are enforced by
+//! [`crate::connections`].
 
 use crate::error::ApiError;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub const HEADER_BYTES_MAX: usize = 16 * 1024;
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const CONNECTIONS_MAX: usize = 1024;
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Headers are under 16 KiB, one or two packets from any working client: 5 s is
+/// generous, and no longer than a slow client may keep a place it never uses.
+pub const HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Bodies are under 64 KiB: 10 s is an average of 6.5 KB/s, far below any
+/// working link.
+pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+/// Longer than the idle timeouts of client pools (Go and reqwest: 90 s) and load
+/// balancers (60 s), so payguard is not the side that closes a pooled connection
+/// just as a request is sent on it; at the limit idle connections go first anyway.
+pub const IDLE_TIMEOUT_MS: u64 = 120_000;
+/// Answers are small (the largest, `/openapi.json` and `/metrics`, tens of KiB).
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Like a Kubernetes pod's default termination grace period.
+pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -42,6 +54,17 @@ pub struct Limits {
     pub connections_max: usize,
     /// How long a stored Idempotency-Key response is kept.
     pub idempotency_ttl_ms: i64,
+    /// From accept (or a kept-alive connection's next first byte) to the end of the headers.
+    pub header_read_timeout_ms: u64,
+    /// From the end of the headers to the end of the body.
+    pub body_read_timeout_ms: u64,
+    /// Between keep-alive requests: from an answer sent to the next request's first byte.
+    pub idle_timeout_ms: u64,
+    /// From an answer ready to it handed to the socket, and the longest a write may
+    /// find the socket full.
+    pub write_timeout_ms: u64,
+    /// At shutdown, how long requests already handed to the engine may take to be answered.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +75,11 @@ impl Default for Limits {
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             idempotency_ttl_ms: IDEMPOTENCY_TTL_MS,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            write_timeout_ms: WRITE_TIMEOUT_MS,
+            drain_timeout_ms: DRAIN_TIMEOUT_MS,
         }
     }
 }
@@ -85,107 +113,4 @@ pub async fn enforce(State(limits): State<Limits>, req: Request, next: Next) -> 
         };
     }
     next.run(req).await
-}
-
-/// A listener that holds one permit per open connection: at `connections_max`
-/// it stops accepting, and new connections wait in the kernel's backlog.
-pub struct LimitedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
-}
-
-impl LimitedListener {
-    pub fn new(inner: TcpListener, connections_max: usize) -> Self {
-        LimitedListener {
-            inner,
-            permits: Arc::new(Semaphore::new(connections_max.max(1))),
-        }
-    }
-}
-
-/// Delay after a failed accept (e.g. out of file descriptors) before retrying.
-const ACCEPT_RETRY_MS: u64 = 50;
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = match self.permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            // The semaphore is never closed; if it were, accept without a limit.
-            Err(_) => Arc::new(Semaphore::new(1))
-                .acquire_owned()
-                .await
-                .expect("a fresh semaphore has a permit"),
-        };
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (
-                        LimitedStream {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(event = "accept_failed", detail = %e);
-                    tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection and the permit it holds until it closes.
-pub struct LimitedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
 }

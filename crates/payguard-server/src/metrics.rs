@@ -7,7 +7,15 @@
 //! * the engine's counters: ops committed / replayed / rejected / unavailable,
 //!   in-flight collisions (the race sentinel) and single-flight joins;
 //! * `payguard_lane_queue_depth{lane}`, `payguard_lane_batch_size` and
-//!   `payguard_store_commit_seconds` histograms.
+//!   `payguard_store_commit_seconds` histograms;
+//! * connections (`crate::connections`): `payguard_connections{phase}` open by phase,
+//!   `payguard_connections_write_blocked`, and
+//!   `payguard_connections_closed_total{reason}` (each deadline, eviction, shutdown),
+//!   so an operator sees a slow-client attack;
+//! * the store's own counters (`Store::counters`), read at each scrape: on
+//!   PostgreSQL `payguard_store_pg_batch_retries_total`,
+//!   `payguard_store_pg_careful_batches_total`, `payguard_store_pg_ambiguous_commits_total`
+//!   and `payguard_store_pg_ambiguous_commits_committed_total`.
 //!
 //! One registry per server (no globals), so tests can run many in one process.
 
@@ -48,11 +56,24 @@ struct LaneLabels {
     lane: u32,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
     lane_depth: Family<LaneLabels, Gauge>,
+    connections_closed: Family<CloseLabels, Counter>,
+    connections: Family<PhaseLabels, Gauge>,
+    connections_write_blocked: Gauge,
 }
 
 impl Metrics {
@@ -86,6 +107,30 @@ impl Metrics {
                 ("guard", engine.config().guard.name().to_owned()),
                 ("store", engine.store().kind().to_owned()),
             ]),
+        );
+        let connections_closed = Family::<CloseLabels, Counter>::default();
+        for reason in crate::connections::slot::CloseReason::ALL {
+            // Every reason shows, at 0 until it happens.
+            let _ = connections_closed.get_or_create(&CloseLabels {
+                reason: reason.label(),
+            });
+        }
+        registry.register(
+            "connections_closed",
+            "Connections the server closed, by reason: a deadline (header_timeout, body_timeout, idle_timeout, write_timeout), evicted at the connection limit, shutdown, drain_deadline",
+            connections_closed.clone(),
+        );
+        let connections = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open connections by phase (headers, body, handling, writing, idle)",
+            connections.clone(),
+        );
+        let connections_write_blocked = Gauge::default();
+        registry.register(
+            "connections_write_blocked",
+            "Open connections whose client is not reading its answer",
+            connections_write_blocked.clone(),
         );
         let s = engine.stats();
         registry.register(
@@ -133,12 +178,32 @@ impl Metrics {
             "Time from handing a batch to the store to its commit",
             s.commit_seconds.clone(),
         );
+        registry.register_collector(Box::new(StoreCounters(engine.store().clone())));
         Arc::new(Metrics {
             registry,
             requests,
             latency,
             lane_depth,
+            connections_closed,
+            connections,
+            connections_write_blocked,
         })
+    }
+
+    pub(crate) fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&CloseLabels { reason })
+            .inc();
+    }
+
+    pub(crate) fn set_connections(&self, phase: &'static str, n: i64) {
+        self.connections
+            .get_or_create(&PhaseLabels { phase })
+            .set(n);
+    }
+
+    pub(crate) fn set_connections_write_blocked(&self, n: i64) {
+        self.connections_write_blocked.set(n);
     }
 }
 
@@ -204,4 +269,33 @@ pub async fn render(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     resp
+}
+
+/// Exports the store's own counters ([`payguard::Store::counters`]) at each scrape.
+struct StoreCounters(Arc<dyn payguard::Store>);
+
+impl std::fmt::Debug for StoreCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreCounters({})", self.0.kind())
+    }
+}
+
+impl prometheus_client::collector::Collector for StoreCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        for c in self.0.counters() {
+            let name = format!("store_{}", c.name);
+            let metric = encoder.encode_descriptor(
+                &name,
+                c.help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            prometheus_client::metrics::counter::ConstCounter::new(c.value).encode(metric)?;
+        }
+        Ok(())
+    }
 }

@@ -4,8 +4,8 @@
 use crate::routes::{CreateAccountBody, CreateOrderBody, DeductBody, RefundBody};
 use axum::response::{IntoResponse, Response};
 use payguard::domain::{
-    Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind, Order, OrderStatus,
-    OverRefund, PaidMismatch, Resolved,
+    Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind, NegativeBalance,
+    Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
@@ -73,6 +73,10 @@ pub enum PostErrors {
     /// `*_not_found`
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// `request_timeout`: the body did not arrive within the body deadline; nothing
+    /// moved, and the connection is closed
+    #[response(status = 408)]
+    BodyTimeout(ErrorBody),
     /// `body_too_large`: over 64 KiB
     #[response(status = 413)]
     TooLarge(ErrorBody),
@@ -152,7 +156,7 @@ impl Modify for BearerAuth {
     components(schemas(
         CreateAccountBody, CreateOrderBody, DeductBody, RefundBody, ErrorBody, ErrorDetail,
         MovementDoc, EntriesDoc, HealthDoc, Account, Order, Entry, OrderStatus, EntryKind,
-        AuditReport, DuplicateDebit, OverRefund, BalanceMismatch, PaidMismatch, Resolved,
+        AuditReport, DuplicateDebit, OverRefund, BalanceMismatch, NegativeBalance, PaidMismatch, Resolved,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

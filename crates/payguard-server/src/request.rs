@@ -1,5 +1,6 @@
 //! Request plumbing: request ids, JSON bodies with API.md's error statuses.
 
+use crate::connections::BodyError;
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -11,6 +12,9 @@ use payguard::domain::RequestId;
 use serde::de::DeserializeOwned;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The span every request is served in; its `req` field is the request id, and
+/// the log format puts it on every line logged inside it.
+pub const REQUEST_SPAN: &str = "request";
 
 /// Takes the caller's `X-Request-Id` when it is a valid id, else makes one, and
 /// puts it on the request (for handlers and logs) and on the response.
@@ -25,7 +29,8 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
                 .expect("a simple uuid is a valid id")
         });
     req.extensions_mut().insert(id.clone());
-    let mut resp = next.run(req).await;
+    let span = tracing::info_span!(REQUEST_SPAN, req = %id);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     if let Ok(v) = HeaderValue::from_str(id.as_str()) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -46,9 +51,39 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.to_ascii_lowercase().ends_with("+json"))
 }
 
-/// The body as bytes, or 413 when it is over `Limits::body_bytes_max`.
+/// The connection layer's reason a body could not be read, if that is why.
+fn body_error(e: &BytesRejection) -> Option<&BodyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(found) = err.downcast_ref::<BodyError>() {
+            return Some(found);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The body as bytes; 413 when it is over `Limits::body_bytes_max`, 408 when it
+/// did not arrive within `Limits::body_read_timeout_ms`.
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
+        match body_error(&e) {
+            Some(BodyError::Timeout { timeout_ms }) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                    "the request body did not arrive within {timeout_ms} ms; nothing was changed"
+                ),
+                )
+            }
+            Some(BodyError::Closing) => {
+                return ApiError::unavailable(
+                    "the server is closing this connection; nothing was changed",
+                )
+            }
+            Some(BodyError::Read(_)) | None => {}
+        }
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -232,3 +232,26 @@ async fn one_idempotency_key_on_two_instances_executes_once() {
     b.stop().await;
     db.drop_db().await.unwrap();
 }
+
+/// The PostgreSQL store's own counters (retried batches, ambiguous COMMITs)
+/// reach `/metrics`, so an operator sees them without reading logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_counters_are_in_metrics() {
+    let Some(db) = scratch("postgres_store_counters_are_in_metrics").await else {
+        return;
+    };
+    let a = spawn(&db, "pg-metrics", Guard::Full).await;
+    let (status, body) = a.get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("metrics are text").to_owned();
+    for name in [
+        "payguard_store_pg_batch_retries_total 0",
+        "payguard_store_pg_careful_batches_total 0",
+        "payguard_store_pg_ambiguous_commits_total 0",
+        "payguard_store_pg_ambiguous_commits_committed_total 0",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    a.stop().await;
+    db.drop_db().await.unwrap();
+}

@@ -4,10 +4,13 @@
 //! Why: the incident was duplicates racing; a client that retries after a timeout
 //! is the other source of duplicates, and the one that makes "unknown" outcomes.
 //! What each client was told is recorded in the oracle, to be held against the
-//! database at the end: a 200 must be in the ledger exactly once, a 402 must not.
+//! database at the end: a 200 must be in the ledger exactly once, a 402 must not;
+//! and when, so that a seed with no fault can be held to answering every request
+//! in time. Orders are sent in bursts (see `run`), so each instance's lanes batch
+//! several of them while the same orders' copies batch on the other instances.
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
-use crate::oracle::Oracle;
+use crate::oracle::{Attempt, Oracle};
 use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallIds, INSTANCE_PORT};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -31,13 +34,23 @@ async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
         let req = ApiReq {
             order: s.order.clone(),
         };
+        let sent_ms = now_ms();
         let answer = call(&ids, &host, INSTANCE_PORT, req, timeout).await;
-        oracle.borrow_mut().note(now_ms(), || {
-            format!(
-                "client: {} via {host} (attempt {attempt}): {answer:?}",
-                s.order
-            )
-        });
+        {
+            let mut o = oracle.borrow_mut();
+            o.note(now_ms(), || {
+                format!(
+                    "client: {} via {host} (attempt {attempt}, sent at {sent_ms} ms): {answer:?}",
+                    s.order
+                )
+            });
+            o.attempt(Attempt {
+                order: s.order.clone(),
+                host: host.clone(),
+                sent_ms,
+                answer: answer.as_ref().ok().map(|a| (now_ms(), *a)),
+            });
+        }
         match answer {
             Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
                 let mut o = oracle.borrow_mut();
@@ -52,7 +65,13 @@ async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
                 return;
             }
             Ok(ApiResp::NoSuchOrder) => panic!("order {} was created before any deduct", s.order),
-            Ok(ApiResp::LockBusy | ApiResp::StaleFencingToken | ApiResp::Unknown) | Err(_) => {
+            Ok(
+                ApiResp::LockBusy
+                | ApiResp::StaleFencingToken
+                | ApiResp::Unknown
+                | ApiResp::Overloaded,
+            )
+            | Err(_) => {
                 tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_MS)).await;
             }
         }

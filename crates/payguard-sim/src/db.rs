@@ -119,18 +119,30 @@ impl DbState {
         DbResp::Charged { entry }
     }
 
-    /// One transaction.
+    /// One transaction: one op, or a batch whose ops are each answered on their
+    /// own (as payguard's stores run a batch: a refused op rolls back to its
+    /// savepoint, the others commit).
     pub fn exec(&mut self, req: &DbReq, now: u64) -> DbResp {
+        match req {
+            DbReq::Batch(ops) => {
+                DbResp::Batch(ops.iter().map(|op| self.exec_op(op, now)).collect())
+            }
+            op => self.exec_op(op, now),
+        }
+    }
+
+    fn exec_op(&mut self, req: &DbReq, now: u64) -> DbResp {
         let run = |db: &mut DbState| -> Result<DbResp, DbResp> {
             match req {
                 DbReq::NextFenceEpoch => {
                     db.fence_epoch_seq += 1;
                     Ok(DbResp::Epoch(db.fence_epoch_seq))
                 }
-                DbReq::Deduct { order, token } => {
+                DbReq::Deduct { order, token } | DbReq::Debit { order, token } => {
                     db.fence(order, *token, now)?;
                     let paid = db.orders[order.as_str()].paid_entry;
                     match paid {
+                        // The unique index refuses a second debit; payguard answers a replay.
                         Some(entry) if db.protocol.db_unique_debit => {
                             Ok(DbResp::Replayed { entry })
                         }
@@ -144,17 +156,7 @@ impl DbState {
                         None => DbResp::Prepare,
                     })
                 }
-                DbReq::Debit { order, token } => {
-                    db.fence(order, *token, now)?;
-                    let paid = db.orders[order.as_str()].paid_entry;
-                    match paid {
-                        // The unique index refuses a second debit; payguard answers a replay.
-                        Some(entry) if db.protocol.db_unique_debit => {
-                            Ok(DbResp::Replayed { entry })
-                        }
-                        _ => Ok(db.debit(order)),
-                    }
-                }
+                DbReq::Batch(_) => panic!("a batch inside a batch"),
             }
         };
         let resp = run(self).unwrap_or_else(|refused| refused);

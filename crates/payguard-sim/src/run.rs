@@ -5,8 +5,13 @@
 //! the faults and when they strike (Redis `FLUSHALL`, Redis restart, instance
 //! crash + restart, database restart, partitions between any instance and Redis,
 //! the database or the clients, slow links to Redis or the database), and it
-//! seeds turmoil and every host's RNG. A
-//! failing seed is therefore a complete, replayable bug report.
+//! seeds turmoil and every host's RNG. A failing seed is therefore a complete,
+//! replayable bug report.
+//!
+//! One seed in [`CALM_SEED_ONE_IN`] is calm: no fault, no message loss, no
+//! stall. On such a seed (and on any other that happens to draw none) the
+//! liveness check applies: every request answered, none `LockBusy`, each within
+//! one lock TTL. The safety checks apply to every seed.
 
 use crate::client::{self, Send};
 use crate::config::*;
@@ -37,6 +42,10 @@ pub struct Outcome {
     pub fingerprint: String,
     /// What happened, when asked for ([`run_seed_traced`]).
     pub trace: Vec<String>,
+    /// Events in the schedule (kept in `trace` or not): how long it is.
+    pub events: u64,
+    /// No fault, message loss or stall happened: liveness was checked.
+    pub fault_free: bool,
 }
 
 impl Outcome {
@@ -137,6 +146,11 @@ fn draw_scenario(rng: &mut SmallRng, db: &mut DbState) -> Vec<Send> {
             },
         );
     }
+    // Orders come in bursts, so lanes on every instance batch several at once,
+    // each order's copies on different instances: the old deadlock's setting.
+    let bursts: Vec<u64> = (0..rng.random_range(1..=SEND_BURSTS_MAX))
+        .map(|_| rng.random_range(SEND_START_MS..SEND_WINDOW_MS))
+        .collect();
     let mut plan = Vec::new();
     for (k, amount) in amounts.into_iter().enumerate() {
         let order = format!("order{k}");
@@ -149,7 +163,7 @@ fn draw_scenario(rng: &mut SmallRng, db: &mut DbState) -> Vec<Send> {
                 paid_entry: None,
             },
         );
-        let base = rng.random_range(0..SEND_WINDOW_MS);
+        let base = bursts[rng.random_range(0..bursts.len())];
         for d in 0..DUPLICATES {
             plan.push(Send {
                 order: order.clone(),
@@ -223,6 +237,41 @@ pub fn run_seed(seed: u64, protocol: Protocol) -> Outcome {
     run_seed_traced(seed, protocol, false)
 }
 
+/// The network and faults a seed drew.
+struct Weather {
+    latency_ms: u64,
+    fail_rate: f64,
+    faults: VecDeque<(u64, Action)>,
+    stall_percent: u32,
+}
+
+impl Weather {
+    /// A calm seed has no fault, no message loss and no stall.
+    fn draw(rng: &mut SmallRng) -> Weather {
+        let calm = rng.random_ratio(1, CALM_SEED_ONE_IN);
+        let latency_ms = LATENCY_MS_MAX_CHOICES[rng.random_range(0..LATENCY_MS_MAX_CHOICES.len())];
+        if calm {
+            return Weather {
+                latency_ms,
+                fail_rate: 0.0,
+                faults: VecDeque::new(),
+                stall_percent: 0,
+            };
+        }
+        Weather {
+            latency_ms,
+            fail_rate: FAIL_RATE_CHOICES[rng.random_range(0..FAIL_RATE_CHOICES.len())],
+            faults: draw_faults(rng).into(),
+            stall_percent: STALL_PERCENT,
+        }
+    }
+
+    /// Nothing but latency: no fault scheduled, no message lost.
+    fn is_fair(&self) -> bool {
+        self.faults.is_empty() && self.fail_rate == 0.0
+    }
+}
+
 /// [`run_seed`], keeping a line per event (grants, database answers, faults,
 /// client answers) when `trace` is set: what a replay prints.
 pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
@@ -232,19 +281,25 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let redis_state = Rc::new(RefCell::new(RedisState::default()));
     let db_state = Rc::new(RefCell::new(DbState::new(protocol, oracle.clone())));
     let plan = draw_scenario(&mut rng, &mut db_state.borrow_mut());
-    let latency_ms = LATENCY_MS_MAX_CHOICES[rng.random_range(0..LATENCY_MS_MAX_CHOICES.len())];
-    let fail_rate = FAIL_RATE_CHOICES[rng.random_range(0..FAIL_RATE_CHOICES.len())];
-    let mut faults: VecDeque<(u64, Action)> = draw_faults(&mut rng).into();
-    let last_fault_ms = faults.back().map_or(0, |(at, _)| *at);
-
+    let weather = Weather::draw(&mut rng);
+    let fair = weather.is_fair();
+    oracle.borrow_mut().note(0, || {
+        format!(
+            "seed {seed}: {protocol:?}, latency up to {} ms, loss {}, stalls {}%, {} fault actions",
+            weather.latency_ms,
+            weather.fail_rate,
+            weather.stall_percent,
+            weather.faults.len()
+        )
+    });
     let mut sim = turmoil::Builder::new()
         .rng_seed(rng.random())
         .enable_random_order()
         .tick_duration(Duration::from_millis(1))
         .simulation_duration(Duration::from_millis(SIM_DURATION_MS_MAX))
         .min_message_latency(Duration::ZERO)
-        .max_message_latency(Duration::from_millis(latency_ms))
-        .fail_rate(fail_rate)
+        .max_message_latency(Duration::from_millis(weather.latency_ms))
+        .fail_rate(weather.fail_rate)
         .build();
     {
         let state = redis_state.clone();
@@ -258,6 +313,7 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
         let inst = Rc::new(Instance::new(
             i,
             protocol,
+            weather.stall_percent,
             SmallRng::seed_from_u64(rng.random()),
             redis_state.clone(),
             oracle.clone(),
@@ -265,39 +321,44 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
         sim.host(instance_host(i), move || instance::serve(inst.clone()));
     }
     sim.client(CLIENT_HOST, client::run(plan, oracle.clone()));
+    drive(&mut sim, weather, &oracle, &redis_state);
+    let sim_ms = sim.elapsed().as_millis() as u64;
+    drop(sim);
+    let db = db_state.borrow();
+    let mut oracle = oracle.borrow_mut();
+    verdict(seed, sim_ms, fair, &db, &mut oracle)
+}
 
+/// Steps the simulation, injecting the faults on time, until the clients are
+/// done, every fault healed and nothing was in flight for a while.
+fn drive(
+    sim: &mut turmoil::Sim<'_>,
+    mut weather: Weather,
+    oracle: &Rc<RefCell<Oracle>>,
+    redis_state: &Rc<RefCell<RedisState>>,
+) {
+    let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
     let mut busy_ms = 0;
     loop {
         let now = sim.elapsed().as_millis() as u64;
-        while faults.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, action) = faults.pop_front().expect("checked");
+        while weather.faults.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, action) = weather.faults.pop_front().expect("checked");
             let mut o = oracle.borrow_mut();
             o.stats.faults += 1;
             o.note(now, || format!("fault: {action:?}"));
             drop(o);
-            match action {
-                Action::Flush => redis_state.borrow_mut().flush(),
-                Action::Crash(h) => sim.crash(h),
-                Action::Bounce(h) => sim.bounce(h),
-                Action::Partition(a, b) => sim.partition(a, b),
-                Action::Repair(a, b) => sim.repair(a, b),
-                Action::Slow(a, b, ms) => sim.set_link_latency(a, b, Duration::from_millis(ms)),
-                Action::Fast(a, b) => {
-                    sim.set_link_latency(a.clone(), b.clone(), Duration::ZERO);
-                    sim.set_link_max_message_latency(a, b, Duration::from_millis(latency_ms));
-                }
-            }
+            inject(sim, action, redis_state, weather.latency_ms);
         }
         if let Some(done) = clients_done_ms {
             // Settled: every fault healed, nothing in flight for a while (a stalled
             // holder that outlived its client still writes before the check).
-            let quiet = oracle.borrow().in_flight == 0;
-            if !quiet {
+            if oracle.borrow().in_flight > 0 {
                 busy_ms = now;
             }
-            if faults.is_empty() && now >= done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS {
-                break;
+            let settled = done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS;
+            if weather.faults.is_empty() && now >= settled {
+                return;
             }
         }
         match sim.step() {
@@ -309,16 +370,40 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
                 oracle
                     .borrow_mut()
                     .check(ViolationKind::SimulationError, false, || e.to_string());
-                break;
+                return;
             }
         }
     }
-    let sim_ms = sim.elapsed().as_millis() as u64;
-    drop(sim);
+}
 
-    let db = db_state.borrow();
-    let mut oracle = oracle.borrow_mut();
-    check_final(&db, &mut oracle);
+fn inject(
+    sim: &mut turmoil::Sim<'_>,
+    action: Action,
+    redis_state: &Rc<RefCell<RedisState>>,
+    latency_ms: u64,
+) {
+    match action {
+        Action::Flush => redis_state.borrow_mut().flush(),
+        Action::Crash(h) => sim.crash(h),
+        Action::Bounce(h) => sim.bounce(h),
+        Action::Partition(a, b) => sim.partition(a, b),
+        Action::Repair(a, b) => sim.repair(a, b),
+        Action::Slow(a, b, ms) => sim.set_link_latency(a, b, Duration::from_millis(ms)),
+        Action::Fast(a, b) => {
+            sim.set_link_latency(a.clone(), b.clone(), Duration::ZERO);
+            sim.set_link_max_message_latency(a, b, Duration::from_millis(latency_ms));
+        }
+    }
+}
+
+/// The checks at the end: safety always, liveness when nothing went wrong (no
+/// fault, no loss, no stall).
+fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
+    check_final(db, oracle);
+    let fault_free = fair && oracle.stats.stalls == 0;
+    if fault_free {
+        oracle.check_liveness(LOCK_TTL_MS);
+    }
     let balances: Vec<i64> = db.accounts.values().map(|a| a.balance).collect();
     let debits: Vec<(u64, &str)> = db
         .debits
@@ -336,6 +421,8 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
         sim_ms,
         fingerprint,
         trace: oracle.trace.take().unwrap_or_default(),
+        events: oracle.events,
+        fault_free,
     }
 }
 
@@ -351,6 +438,8 @@ pub struct SeedsReport {
     pub sim_ms: u64,
     /// Sums over all seeds run.
     pub totals: Stats,
+    /// Seeds with no fault (liveness checked).
+    pub fault_free: u64,
 }
 
 /// Runs seeds `first..first + count` on up to [`SEED_THREADS_MAX`] threads. With
@@ -392,6 +481,8 @@ pub fn run_seeds(
                             sim_ms: 0,
                             fingerprint: String::new(),
                             trace: Vec::new(),
+                            events: 0,
+                            fault_free: false,
                         }
                     });
                 if stop_at.is_some_and(|k| outcome.has(k)) {
@@ -400,6 +491,7 @@ pub fn run_seeds(
                 let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
                 r.runs += 1;
                 r.sim_ms += outcome.sim_ms;
+                r.fault_free += u64::from(outcome.fault_free);
                 add_stats(&mut r.totals, &outcome.stats);
                 if !outcome.violations.is_empty() {
                     r.failures.push(outcome);
@@ -430,4 +522,15 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.declined += s.declined;
     t.unanswered += s.unanswered;
     t.faults += s.faults;
+    t.batches += s.batches;
+    t.batched_orders += s.batched_orders;
+    t.multi_order_batches += s.multi_order_batches;
+    t.overlapping_multi_batches += s.overlapping_multi_batches;
+    t.parked += s.parked;
+    t.notices += s.notices;
+    t.woken += s.woken;
+    t.fallback_retries += s.fallback_retries;
+    t.resubscriptions += s.resubscriptions;
+    t.lock_busy += s.lock_busy;
+    t.answer_ms_max = t.answer_ms_max.max(s.answer_ms_max);
 }

@@ -19,9 +19,22 @@ pub const CLIENT_HOST: &str = "clients";
 pub const REDIS_PORT: u16 = 6379;
 pub const DB_PORT: u16 = 5432;
 pub const INSTANCE_PORT: u16 = 8080;
+/// Where an instance's `released` subscription listens (Redis pushes to it).
+pub const SUBSCRIBER_PORT: u16 = 8081;
 
 pub fn instance_host(i: usize) -> String {
     format!("inst{i}")
+}
+
+/// `lock:order:{id}`, the order's lock key.
+pub fn lock_key(order: &str) -> String {
+    format!("lock:order:{order}")
+}
+
+/// `lock:order:{id}:w`, set while an instance waits for the order's lock:
+/// its release is then published.
+pub fn waiter_key(order: &str) -> String {
+    format!("lock:order:{order}:w")
 }
 
 /// The simulated clock, in milliseconds since the simulation started.
@@ -49,6 +62,30 @@ pub enum RedisReq {
     ResetCounter,
     /// `RELEASE`: compare-and-delete.
     Release { key: String, owner: String },
+    /// `ACQUIRE_MANY` (issue #12): for each order's lock key `SET NX PX ttl`; a
+    /// granted key gets its own `HINCRBY fence n 1`; a held key is reported with
+    /// its PTTL and gets a waiter marker (`SET lock:order:{id}:w 1 PX pttl`).
+    /// The epoch and the incarnation are read once, after every grant.
+    AcquireMany {
+        orders: Vec<String>,
+        owner: String,
+        ttl_ms: u64,
+    },
+    /// `RELEASE_MANY`: compare-and-delete each lock; where the delete succeeded
+    /// and a waiter marker existed, delete the marker and `PUBLISH released {id}`.
+    ReleaseMany { orders: Vec<String>, owner: String },
+    /// `SUBSCRIBE released` from the sender's socket (not a script; re-sent
+    /// periodically, as a client would notice a dropped connection).
+    Subscribe,
+}
+
+/// One order's fate in `ACQUIRE_MANY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Slot {
+    /// Granted, with its counter value `n`.
+    Granted(i64),
+    /// Held by another owner for this much longer.
+    Busy { pttl_ms: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +98,24 @@ pub enum RedisResp {
     Refused,
     Done,
     Released(bool),
+    /// `ACQUIRE_MANY`'s answer: one slot per order, in order; the epoch and the
+    /// incarnation of the fence hash after the grants.
+    AcquiredMany {
+        slots: Vec<Slot>,
+        epoch: Option<i64>,
+        incarnation: Option<String>,
+    },
+    /// `RELEASE_MANY`: whether each lock was still this owner's.
+    ReleasedMany(Vec<bool>),
+    /// `SUBSCRIBE` took: `run` names the Redis process (a restart drops every
+    /// subscription and changes it).
+    Subscribed {
+        run: u64,
+    },
+    /// A message on the `released` channel, pushed to every subscriber.
+    Message {
+        order: String,
+    },
 }
 
 /// What an instance asks the database; each is one transaction.
@@ -74,17 +129,26 @@ pub enum DbReq {
     Read { order: String, token: Option<i64> },
     /// Without the unique debit: the act half, an unconditional debit.
     Debit { order: String, token: Option<i64> },
+    /// A lane's batch: its ops in one transaction, each answered on its own (one
+    /// refused op does not abort the others).
+    Batch(Vec<DbReq>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DbResp {
     Epoch(i64),
-    Charged { entry: u64 },
-    Replayed { entry: u64 },
+    Charged {
+        entry: u64,
+    },
+    Replayed {
+        entry: u64,
+    },
     Prepare,
     InsufficientFunds,
     StaleFencingToken,
     NoSuchOrder,
+    /// One answer per op of a [`DbReq::Batch`], in order.
+    Batch(Vec<DbResp>),
 }
 
 /// A client's request to an instance.
@@ -110,6 +174,8 @@ pub enum ApiResp {
     Unknown,
     /// 404.
     NoSuchOrder,
+    /// 503: the lane's queue was full.
+    Overloaded,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,6 +255,13 @@ pub struct Incoming<Q> {
     from: SocketAddr,
 }
 
+impl<Q> Incoming<Q> {
+    /// The sender's socket.
+    pub fn from(&self) -> SocketAddr {
+        self.from
+    }
+}
+
 impl Server {
     pub async fn bind(port: u16) -> std::io::Result<Server> {
         Ok(Server {
@@ -211,10 +284,57 @@ impl Server {
         }
     }
 
+    /// Sends `body` to `to` unasked (a pub/sub push); lost is lost.
+    pub async fn push<R: Serialize>(&self, to: SocketAddr, body: R) {
+        let bytes = serde_json::to_vec(&Envelope { id: 0, body }).expect("messages serialise");
+        assert!(bytes.len() <= DATAGRAM_BYTES_MAX, "push too large");
+        let _ = self.sock.send_to(&bytes, to).await;
+    }
+
     /// Answers `req`. A lost answer is the network's business, not an error.
     pub async fn reply<Q, R: Serialize>(&self, req: &Incoming<Q>, body: R) {
         let bytes = serde_json::to_vec(&Envelope { id: req.id, body }).expect("messages serialise");
         assert!(bytes.len() <= DATAGRAM_BYTES_MAX, "answer too large");
         let _ = self.sock.send_to(&bytes, req.from).await;
+    }
+}
+
+/// A subscriber's socket: sends `SUBSCRIBE` to Redis and receives both its
+/// answers and the pushed messages.
+pub struct Subscription {
+    sock: UdpSocket,
+    ids: CallIds,
+}
+
+impl Subscription {
+    pub async fn bind(port: u16) -> std::io::Result<Subscription> {
+        Ok(Subscription {
+            sock: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?,
+            ids: CallIds::default(),
+        })
+    }
+
+    /// Sends `SUBSCRIBE`; its answer comes back through [`Subscription::recv`]
+    /// with the returned id.
+    pub async fn subscribe(&self) -> std::io::Result<u64> {
+        let id = self.ids.next();
+        let bytes = serde_json::to_vec(&Envelope {
+            id,
+            body: RedisReq::Subscribe,
+        })
+        .expect("messages serialise");
+        self.sock.send_to(&bytes, (REDIS_HOST, REDIS_PORT)).await?;
+        Ok(id)
+    }
+
+    /// The next message from Redis: `(id, body)`, id 0 for a push.
+    pub async fn recv(&self) -> std::io::Result<(u64, RedisResp)> {
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+        loop {
+            let (n, _) = self.sock.recv_from(&mut buf).await?;
+            if let Ok(env) = serde_json::from_slice::<Envelope<RedisResp>>(&buf[..n]) {
+                return Ok((env.id, env.body));
+            }
+        }
     }
 }

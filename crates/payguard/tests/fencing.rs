@@ -49,7 +49,7 @@ async fn instance(
         prefix,
         name,
         Duration::from_millis(ttl_ms),
-        store.clone(),
+        payguard::engine::fence_epochs(store.clone()),
     )
     .await
     .unwrap();
@@ -124,7 +124,11 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out() {
 
     let a2 = a.clone();
     let stalled = tokio::spawn(async move { a2.submit(deduct(), req("req-a")).await });
-    tokio::time::sleep(Duration::from_millis(450)).await; // A holds a lapsed lock
+    // A holds the lock, stalls, and its lease lapses: seen in Redis rather than
+    // guessed from a sleep (on a loaded machine A's grant can take a while).
+    let lock = format!("{p}:lock:order:o1");
+    wait_for_key(&url, &lock, true).await;
+    wait_for_key(&url, &lock, false).await;
     let charged = b.submit(deduct(), req("req-b")).await.unwrap();
     assert!(
         matches!(
@@ -149,6 +153,29 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out() {
     assert!(matches!(again, Output::Movement { replayed: true, .. }));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// Waits (up to 10 s) until `key` exists in Redis, or is gone.
+async fn wait_for_key(url: &str, key: &str, present: bool) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if exists == present {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{key} never became {}",
+            if present { "held" } else { "free" }
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 struct PrivateRedis {

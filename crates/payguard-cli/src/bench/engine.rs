@@ -518,7 +518,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         half_load: Some(half),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
     }
@@ -539,15 +539,17 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 fn print_table(r: &Report) {
-    println!(
+    crate::outln!(
         "engine bench: {} deductions per run, {} lanes, {} cores, SQLite WAL synchronous=FULL",
-        r.orders, r.lanes, r.cores
+        r.orders,
+        r.lanes,
+        r.cores
     );
-    println!();
-    println!("| run | ops/s | × raw | p50 ms | p99 ms | max ms | mean batch | audit |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    crate::outln!();
+    crate::outln!("| run | ops/s | × raw | p50 ms | p99 ms | max ms | mean batch | audit |");
+    crate::outln!("|---|---:|---:|---:|---:|---:|---:|---|");
     for run in r.runs.iter().chain(r.half_load.iter()) {
-        println!(
+        crate::outln!(
             "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
             run.name,
             run.ops_per_sec,
@@ -559,8 +561,8 @@ fn print_table(r: &Report) {
             if run.audit_ok { "ok" } else { "FAILED" }
         );
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "best engine run: {:.2} × raw rusqlite (target ≥ 0.80)",
         r.best_engine_ratio
     );

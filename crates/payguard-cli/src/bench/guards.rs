@@ -46,7 +46,7 @@ fn side(guard: &'static str, r: &Report) -> Side {
         p50_ms: l.p50_ms,
         p99_ms: l.p99_ms,
         max_ms: l.max_ms,
-        violations: r.violations.len(),
+        violations: r.violation_count(),
         replays: r.replays,
     }
 }
@@ -78,6 +78,8 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
                 html: None,
                 no_progress: true,
                 history: None,
+                faults: false,
+                slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
             })
             .await;
             server.stop().await?;
@@ -88,7 +90,7 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let ratio = sides[1].deducts_per_sec / sides[0].deducts_per_sec.max(1e-9);
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "orders": orders, "dup": args.dup, "concurrency": args.concurrency,
@@ -96,21 +98,28 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        println!(
+        crate::outln!(
             "guards bench: storm of {orders} orders × {} duplicates, {} in flight, SQLite, one run",
-            args.dup, args.concurrency
+            args.dup,
+            args.concurrency
         );
-        println!();
-        println!("| guard | deducts/s | p50 ms | p99 ms | max ms | replays | violations |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        crate::outln!();
+        crate::outln!("| guard | deducts/s | p50 ms | p99 ms | max ms | replays | violations |");
+        crate::outln!("|---|---:|---:|---:|---:|---:|---:|");
         for s in &sides {
-            println!(
+            crate::outln!(
                 "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
-                s.guard, s.deducts_per_sec, s.p50_ms, s.p99_ms, s.max_ms, s.replays, s.violations
+                s.guard,
+                s.deducts_per_sec,
+                s.p50_ms,
+                s.p99_ms,
+                s.max_ms,
+                s.replays,
+                s.violations
             );
         }
-        println!();
-        println!("full / seed throughput: {ratio:.1}× (target ≥ 5×)");
+        crate::outln!();
+        crate::outln!("full / seed throughput: {ratio:.1}× (target ≥ 5×)");
     }
     Ok(if sides.iter().all(|s| s.violations == 0) {
         ExitCode::SUCCESS

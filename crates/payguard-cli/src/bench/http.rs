@@ -165,28 +165,33 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
     })?;
     let ratio = sides[1].rps / sides[0].rps.max(1e-9);
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio})
             )?
         );
     } else {
-        println!(
+        crate::outln!(
             "http bench: {n} POSTs per target, {} keep-alive clients, one run",
             args.concurrency
         );
-        println!();
-        println!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        crate::outln!();
+        crate::outln!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
+        crate::outln!("|---|---:|---:|---:|---:|---:|");
         for s in &sides {
-            println!(
+            crate::outln!(
                 "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
-                s.target, s.rps, s.p50_ms, s.p99_ms, s.max_ms, s.errors
+                s.target,
+                s.rps,
+                s.p50_ms,
+                s.p99_ms,
+                s.max_ms,
+                s.errors
             );
         }
-        println!();
-        println!("payguard / plain handler: {ratio:.2}×");
+        crate::outln!();
+        crate::outln!("payguard / plain handler: {ratio:.2}×");
     }
     if let Some(path) = &args.html {
         std::fs::write(path, html(&sides, ratio))?;

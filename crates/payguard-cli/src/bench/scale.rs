@@ -72,8 +72,22 @@ struct Row {
     no_answer: usize,
     replays: usize,
     violations: usize,
+    /// What reached PostgreSQL: transactions committed and rolled back (a
+    /// rollback is a batch retried after a deadlock or serialisation failure, or a
+    /// failed one), and deadlocks detected, from `pg_stat_database`.
+    pg: PgWork,
+    /// Orders left out of a batch because another instance held their lock
+    /// (`lock_wait` log events), each later run again.
+    lock_waits: usize,
     /// Throughput over the same instance count without Redis.
     over_no_redis: Option<f64>,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+struct PgWork {
+    xact_commit: i64,
+    xact_rollback: i64,
+    deadlocks: i64,
 }
 
 fn row(instances: usize, redis: bool, r: &Report) -> Row {
@@ -89,6 +103,8 @@ fn row(instances: usize, redis: bool, r: &Report) -> Row {
         no_answer: r.no_answer,
         replays: r.replays,
         violations: r.violations.len(),
+        pg: PgWork::default(),
+        lock_waits: 0,
         over_no_redis: None,
     }
 }
@@ -179,8 +195,33 @@ struct Plan<'a> {
     dir: PathBuf,
 }
 
+/// What one configuration measured.
+struct Measured {
+    report: Report,
+    pg: PgWork,
+    lock_waits: usize,
+}
+
+/// The scratch database's work as PostgreSQL counted it (read after every
+/// instance exited, which flushes their statistics).
+async fn pg_work(scratch: &ScratchDb) -> anyhow::Result<PgWork> {
+    let client = scratch.connect().await?;
+    let row = client
+        .query_one(
+            "SELECT xact_commit, xact_rollback, deadlocks FROM pg_stat_database WHERE datname = $1",
+            &[&scratch.name],
+        )
+        .await?;
+    drop(client);
+    Ok(PgWork {
+        xact_commit: row.get(0),
+        xact_rollback: row.get(1),
+        deadlocks: row.get(2),
+    })
+}
+
 /// One configuration: a fresh database, `n` instances, the storm, teardown.
-async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<Report> {
+async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<Measured> {
     let tag = format!("scale{n}{}", if with_redis { "r" } else { "" });
     let scratch = ScratchDb::create(plan.base, &format!("pg_bench_{tag}"))
         .await
@@ -188,11 +229,13 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
     let db = scratch_url(plan.base, &scratch.name);
     let prefix = format!("pgbench-{}-{tag}", std::process::id());
     let mut instances = Vec::with_capacity(n);
+    let mut logs = Vec::with_capacity(n);
     for i in 1..=n {
         let name = format!("{tag}-{i}");
         let log = plan.dir.join(format!("{name}.log"));
         let redis = with_redis.then_some((plan.redis, prefix.as_str()));
         instances.push(Instance::start(&log, &name, &db, redis)?);
+        logs.push(log);
     }
     let report = storm(&StormArgs {
         target: instances.iter().map(|i| i.url.clone()).collect(),
@@ -210,16 +253,33 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         html: None,
         no_progress: true,
         history: None,
+        // No fault is injected: a 503, an unanswered or a slow request fails the run.
+        faults: false,
+        slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
     })
     .await;
     for i in instances {
         i.stop();
     }
+    let lock_waits = logs
+        .iter()
+        .map(|l| {
+            std::fs::read_to_string(l)
+                .unwrap_or_default()
+                .matches("\"lock_wait\"")
+                .count()
+        })
+        .sum();
+    let pg = pg_work(&scratch).await;
     scratch
         .drop_db()
         .await
         .context("dropping the scratch database")?;
-    report
+    Ok(Measured {
+        report: report?,
+        pg: pg.context("reading pg_stat_database")?,
+        lock_waits,
+    })
 }
 
 /// `base` with its database name replaced by `name`.
@@ -258,14 +318,17 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<ExitCode> {
     let mut runs: Vec<Vec<Row>> = configs.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, &(n, with_redis)) in configs.iter().enumerate() {
-            let report = rt.block_on(measure(&plan, n, with_redis))?;
+            let m = rt.block_on(measure(&plan, n, with_redis))?;
             eprintln!(
                 "  round {round}: {n} instance(s){}: {:.0} deducts/s, {} × 503",
                 if with_redis { " + Redis" } else { "" },
-                report.deducts_per_sec,
-                report.unavailable_503
+                m.report.deducts_per_sec,
+                m.report.unavailable_503
             );
-            runs[i].push(row(n, with_redis, &report));
+            let mut r = row(n, with_redis, &m.report);
+            r.pg = m.pg;
+            r.lock_waits = m.lock_waits;
+            runs[i].push(r);
         }
     }
     let mut rows: Vec<Row> = runs.into_iter().map(median_run).collect();
@@ -306,7 +369,7 @@ fn median_run(mut runs: Vec<Row>) -> Row {
 
 fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> anyhow::Result<()> {
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "orders": orders, "dup": args.dup, "concurrency": args.concurrency,
@@ -315,16 +378,16 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
         );
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "scale bench: {orders} orders × {} duplicates (each copy to another instance), {} in flight, one PostgreSQL; median of {rounds} interleaved runs (503, unanswered, violations: the worst run)",
         args.dup, args.concurrency
     );
-    println!();
-    println!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | × no Redis |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    crate::outln!();
+    crate::outln!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | PG commits | PG rollbacks | PG deadlocks | lock waits | × no Redis |");
+    crate::outln!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+        crate::outln!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.instances,
             if r.redis { "yes" } else { "no" },
             r.deducts_per_sec,
@@ -334,11 +397,15 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
             r.unavailable_503,
             r.no_answer,
             r.violations,
+            r.pg.xact_commit,
+            r.pg.xact_rollback,
+            r.pg.deadlocks,
+            r.lock_waits,
             r.over_no_redis
                 .map_or_else(|| "1.00 (baseline)".to_owned(), |x| format!("{x:.2}")),
         );
     }
-    println!();
-    println!("targets: with Redis ≥ 0.8× without, deduct p99 < 100 ms, 0 × 503");
+    crate::outln!();
+    crate::outln!("targets: with Redis ≥ 0.8× without, deduct p99 < 100 ms, 0 × 503");
     Ok(())
 }

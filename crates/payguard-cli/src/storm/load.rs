@@ -50,9 +50,21 @@ impl OpKind {
             OpKind::Refund => "refund",
         }
     }
+
+    /// The kind a history names (`None`: not one the storm sends).
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            OpKind::CreateAccount,
+            OpKind::CreateOrder,
+            OpKind::Deduct,
+            OpKind::Refund,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
 }
 
-/// One request and what came back. `status` 0: no answer (timeout, reset).
+/// One request and what came back. `status` 0: no answer (`error` says why).
 #[derive(Debug, Clone)]
 pub struct Record {
     pub kind: OpKind,
@@ -66,6 +78,8 @@ pub struct Record {
     pub entry_id: Option<String>,
     pub replayed: Option<bool>,
     pub code: Option<String>,
+    /// Why no answer came back: `timeout`, `connect`, `reset` or `body`.
+    pub error: Option<&'static str>,
 }
 
 pub struct Run {
@@ -113,6 +127,21 @@ impl Http {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
+        self.send(target, method, path, body)
+            .await
+            .unwrap_or((0, Value::Null))
+    }
+
+    /// One request: its status and JSON body (`Null` when not JSON), or why no
+    /// answer came back. A body cut off mid-way is no answer: the client never
+    /// learnt what the service did.
+    pub async fn send(
+        &self,
+        target: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), &'static str> {
         let url = format!("{}{}", self.targets[target % self.targets.len()], path);
         let mut req = self.client.request(method, url);
         if let Some(key) = &self.api_key {
@@ -121,14 +150,32 @@ impl Http {
         if let Some(body) = body {
             req = req.json(body);
         }
-        match req.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-                (status, body)
-            }
-            Err(_) => (0, Value::Null),
-        }
+        let resp = req.send().await.map_err(|e| unanswered_reason(&e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| match unanswered_reason(&e) {
+                "timeout" => "timeout",
+                _ => "body",
+            })?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+/// Why a request got no answer, in one word.
+fn unanswered_reason(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "reset"
     }
 }
 
@@ -192,10 +239,14 @@ async fn wave(
             barrier.wait().await;
             let t0 = Instant::now();
             record.started_ms = t0.duration_since(rec.started).as_secs_f64() * 1e3;
-            let (status, body) = http
-                .call(record.target, reqwest::Method::POST, &path, body.as_ref())
+            let answer = http
+                .send(record.target, reqwest::Method::POST, &path, body.as_ref())
                 .await;
             record.latency_us = t0.elapsed().as_micros() as u64;
+            let (status, body) = answer.unwrap_or_else(|reason| {
+                record.error = Some(reason);
+                (0, Value::Null)
+            });
             record.status = status;
             record.entry_id = body["entry"]["id"].as_str().map(str::to_owned);
             record.replayed = body["replayed"].as_bool();
@@ -257,42 +308,33 @@ fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Rec
         entry_id: None,
         replayed: None,
         code: None,
+        error: None,
     }
 }
 
-pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
-    let tag = args
-        .run_tag
-        .clone()
-        .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
-    let (accounts, orders) = plan(args, &tag);
-    let http = Arc::new(Http::new(args)?);
-    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
-    let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
-    let progress =
-        if args.json || args.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let pb = indicatif::ProgressBar::new(total);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} storm {msg:10} [{bar:40}] {pos}/{len} requests {per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            pb
-        };
-    let rec = Arc::new(Recorder {
-        records: Mutex::new(Vec::with_capacity(total as usize)),
-        started: Instant::now(),
-        progress,
-    });
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
+fn progress_bar(args: &StormArgs, total: u64) -> indicatif::ProgressBar {
+    if args.json || args.no_progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} storm {msg:10} [{bar:40}] {pos}/{len} requests {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb
+}
 
-    // Setup: accounts, then orders, `concurrency` at a time (these do not collide).
-    rec.progress.set_message("setup");
-    let per_wave = args.concurrency.max(1);
+/// Setup: accounts, then orders, `per_wave` at a time (these do not collide).
+async fn setup(
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    accounts: &[PlannedAccount],
+    orders: &[PlannedOrder],
+    per_wave: usize,
+) {
     for chunk in accounts.chunks(per_wave) {
         let reqs = chunk
             .iter()
@@ -305,10 +347,9 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        setup_wave(&http, &rec, reqs).await;
+        setup_wave(http, rec, reqs).await;
     }
-    for chunk in orders.chunks(per_wave).enumerate() {
-        let (c, chunk) = chunk;
+    for (c, chunk) in orders.chunks(per_wave).enumerate() {
         let reqs = chunk
             .iter()
             .enumerate()
@@ -321,19 +362,24 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 )
             })
             .collect();
-        setup_wave(&http, &rec, reqs).await;
+        setup_wave(http, rec, reqs).await;
     }
+}
 
-    // The storm: every deduct `dup` times at once, each copy to another target.
-    rec.progress.set_message("deduct");
-    let storm_started = Instant::now();
+/// The storm: every deduct `dup` times at once, each copy to another target.
+/// Returns the waves sent and whether the deadline cut them short.
+async fn deduct_waves(
+    args: &StormArgs,
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    orders: &[PlannedOrder],
+    deadline: Instant,
+) -> (usize, bool) {
     let wave_orders = (args.concurrency / args.dup).max(1);
-    let mut cut_short = false;
     let mut waves = 0;
     for (w, chunk) in orders.chunks(wave_orders).enumerate() {
         if Instant::now() >= deadline {
-            cut_short = true;
-            break;
+            return (waves, true);
         }
         let mut reqs = Vec::with_capacity(chunk.len() * args.dup);
         for (i, o) in chunk.iter().enumerate() {
@@ -346,14 +392,22 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
                 ));
             }
         }
-        wave(&http, &rec, reqs).await;
+        wave(http, rec, reqs).await;
         waves += 1;
     }
-    let deduct_secs = storm_started.elapsed().as_secs_f64();
+    (waves, false)
+}
 
-    // Refunds of some paid orders: the first duplicated, a second that fills the
-    // amount, and a third that would cross it, all in one wave.
-    rec.progress.set_message("refund");
+/// Refunds of some paid orders: the first duplicated, a second that fills the
+/// amount, and a third that would cross it, all in one wave. Returns the waves
+/// sent and whether the deadline cut them short.
+async fn refund_waves(
+    args: &StormArgs,
+    http: &Arc<Http>,
+    rec: &Arc<Recorder>,
+    orders: &[PlannedOrder],
+    deadline: Instant,
+) -> (usize, bool) {
     let paid: Vec<usize> = {
         let records = rec.records.lock().map(|r| r.clone()).unwrap_or_default();
         let mut paid: Vec<usize> = records
@@ -371,37 +425,81 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         .filter(|_| rng.random::<f64>() < args.refund_ratio)
         .collect();
     let per_refund_wave = (args.concurrency / (args.dup + 2)).max(1);
+    let mut waves = 0;
     for chunk in chosen.chunks(per_refund_wave) {
         if Instant::now() >= deadline {
-            cut_short = true;
-            break;
+            return (waves, true);
         }
         let mut reqs = Vec::new();
         for &idx in chunk {
-            let o = &orders[idx];
-            let first = (o.amount / 2).max(1);
-            let second = o.amount - first;
-            let mut parts = vec![("a", first, args.dup)];
-            if second > 0 {
-                parts.push(("b", second, 1));
-            }
-            parts.push(("c", 1, 1));
-            for (suffix, amount, copies) in parts {
-                let refund_id = format!("{}-rf{suffix}", o.id);
-                for d in 0..copies {
-                    let mut r = record(OpKind::Refund, Some(idx), amount, idx + d);
-                    r.refund_id = Some(refund_id.clone());
-                    reqs.push((
-                        r,
-                        format!("/v1/orders/{}/refunds", o.id),
-                        Some(json!({"id": refund_id, "amount": amount})),
-                    ));
-                }
-            }
+            reqs.extend(refund_requests(&orders[idx], idx, args.dup));
         }
-        wave(&http, &rec, reqs).await;
+        wave(http, rec, reqs).await;
         waves += 1;
     }
+    (waves, false)
+}
+
+/// One paid order's refunds: half its amount `dup` times, the rest once, then 1
+/// more (which must be refused).
+fn refund_requests(
+    o: &PlannedOrder,
+    idx: usize,
+    dup: usize,
+) -> Vec<(Record, String, Option<Value>)> {
+    let first = (o.amount / 2).max(1);
+    let second = o.amount - first;
+    let mut parts = vec![("a", first, dup)];
+    if second > 0 {
+        parts.push(("b", second, 1));
+    }
+    parts.push(("c", 1, 1));
+    let mut reqs = Vec::new();
+    for (suffix, amount, copies) in parts {
+        let refund_id = format!("{}-rf{suffix}", o.id);
+        for d in 0..copies {
+            let mut r = record(OpKind::Refund, Some(idx), amount, idx + d);
+            r.refund_id = Some(refund_id.clone());
+            reqs.push((
+                r,
+                format!("/v1/orders/{}/refunds", o.id),
+                Some(json!({"id": refund_id, "amount": amount})),
+            ));
+        }
+    }
+    reqs
+}
+
+pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
+    let tag = args
+        .run_tag
+        .clone()
+        .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
+    let (accounts, orders) = plan(args, &tag);
+    let http = Arc::new(Http::new(args)?);
+    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
+    let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
+    let rec = Arc::new(Recorder {
+        records: Mutex::new(Vec::with_capacity(total as usize)),
+        started: Instant::now(),
+        progress: progress_bar(args, total),
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+
+    rec.progress.set_message("setup");
+    setup(&http, &rec, &accounts, &orders, args.concurrency.max(1)).await;
+
+    rec.progress.set_message("deduct");
+    let storm_started = Instant::now();
+    let (deduct_waves, deducts_cut) = deduct_waves(args, &http, &rec, &orders, deadline).await;
+    let deduct_secs = storm_started.elapsed().as_secs_f64();
+
+    rec.progress.set_message("refund");
+    let (refund_waves, refunds_cut) = if deducts_cut {
+        (0, true)
+    } else {
+        refund_waves(args, &http, &rec, &orders, deadline).await
+    };
     let storm_secs = storm_started.elapsed().as_secs_f64();
     rec.progress.finish_and_clear();
     let records = std::mem::take(
@@ -417,7 +515,7 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         records,
         storm_secs,
         deduct_secs,
-        cut_short,
-        waves,
+        cut_short: deducts_cut || refunds_cut,
+        waves: deduct_waves + refund_waves,
     })
 }

@@ -3,19 +3,34 @@
 //! It creates accounts (some too poor for their orders) and orders, then fires
 //! every deduct `--dup` times at once from different connections (a barrier per
 //! wave, each copy to a different `--target` when there are several), mixes in
-//! refunds (duplicated, and one that would cross the amount), and finally checks
-//! through the API, and with `--db` in the database itself: orders charged more
-//! than once, money lost, balance drift, refunds over the amount, 200 responses
-//! whose entry ids disagree, acknowledged charges missing from the ledger, 500s.
-//! A 503 is counted and reported but is not a violation: it promises nothing moved.
-//! Exit status 1 when any violation is found.
+//! refunds (duplicated, and one that would cross the amount), then reads what it
+//! left behind through the API (`observe.rs`), and with `--db` audits the database
+//! itself. Every run becomes a history (`history/`): the one checker
+//! (`history/check.rs`) decides every invariant on it, the same code that
+//! `check-history` runs on a file: orders charged more than once, 200 answers
+//! whose entries disagree, acknowledged charges or refunds missing from the
+//! ledger, refunds over the amount, balances off their ledger or outside what the
+//! answers allow, failed audits, answers no operation may give (`status.rs`).
+//! The numbers (throughput, latency, timeline, money lost) are `stats.rs`'s.
+//!
+//! Liveness is checked too (`liveness.rs`): a 500 is always a violation; in a run
+//! without injected faults, so is a 503, a request without an answer, or one
+//! slower than `--slow-ms`. A run that injects faults says so with `--faults`:
+//! then those are counted, not violations (a 503 still promises nothing moved,
+//! and the money checks hold it to that). The report shows every target on its
+//! own, over time (`targets.rs`). Exit status 1 when any violation is found.
 
-mod check;
 pub mod history;
 mod html;
+pub mod liveness;
 mod load;
+mod observe;
+mod report;
+mod stats;
+pub mod status;
+pub mod targets;
 
-pub use check::{yuan, Report, Violation};
+pub use report::{yuan, Latency, Report, Violation};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,13 +87,21 @@ pub struct StormArgs {
     /// Print the report as JSON.
     #[arg(long, env = "PAYGUARD_JSON")]
     pub json: bool,
-    /// Write a self-contained HTML report (latency histograms, throughput over time).
+    /// Write a self-contained HTML report (liveness, every target over time,
+    /// latency histograms, throughput over time).
     #[arg(long, env = "PAYGUARD_HTML")]
     pub html: Option<PathBuf>,
     /// Record every operation (invoke / ok / fail / unknown) and the final state
     /// as JSON lines, for `payguard check-history`.
     #[arg(long, env = "PAYGUARD_HISTORY")]
     pub history: Option<PathBuf>,
+    /// This run injects faults (kills, partitions, failpoints): a 503, an unanswered
+    /// or a slow request is counted, not a violation. A 500 always is one.
+    #[arg(long, env = "PAYGUARD_FAULTS")]
+    pub faults: bool,
+    /// Without `--faults`, an answer slower than this (ms) is a violation (`slow_request`).
+    #[arg(long, env = "PAYGUARD_SLOW_MS", default_value_t = liveness::SLOW_MS_DEFAULT)]
+    pub slow_ms: u64,
     /// No progress bar (it is also hidden with --json or when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -103,6 +126,7 @@ impl StormArgs {
         );
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(self.duration >= 1, "--duration must be at least 1 second");
+        anyhow::ensure!(self.slow_ms >= 1, "--slow-ms must be at least 1");
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.refund_ratio) && (0.0..=1.0).contains(&self.poor_ratio),
             "--refund-ratio and --poor-ratio are fractions in 0..=1"
@@ -112,13 +136,33 @@ impl StormArgs {
 }
 
 /// Runs a storm and returns its report (used by `payguard demo` and the tests).
+///
+/// The run becomes a history in memory (`history/mod.rs`), written out with
+/// `--history`; the one checker judges it (`history/check.rs`), and the report
+/// is the run's statistics (`stats.rs`) plus that verdict.
 pub async fn storm(args: &StormArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let run = load::run(args).await?;
+    let http = load::Http::new(args)?;
+    let rules = liveness::Rules {
+        faults: args.faults,
+        slow_ms: args.slow_ms,
+    };
+    let fin = observe::final_state(&http, &run, args.concurrency, args.db.as_deref()).await?;
+    let lines = history::lines_of(&run, &http.targets, rules, fin);
     if let Some(path) = &args.history {
-        history::write(path, &load::Http::new(args)?, &run).await?;
+        history::write(path, &lines)?;
     }
-    check::check(args, run).await
+    let verdict = history::judge(&lines, rules)?;
+    let fin = history::final_state(&lines)
+        .ok_or_else(|| anyhow::anyhow!("the history has no final line"))?;
+    Ok(stats::report(
+        args,
+        &run,
+        http.targets.clone(),
+        fin,
+        verdict,
+    ))
 }
 
 pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
@@ -132,9 +176,9 @@ pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.to_text());
+        crate::out!("{}", report.to_text());
     }
     Ok(if report.violations.is_empty() {
         ExitCode::SUCCESS
@@ -150,34 +194,53 @@ pub struct CheckHistoryArgs {
     /// Print the violations as JSON.
     #[arg(long, env = "PAYGUARD_JSON")]
     pub json: bool,
+    /// Judge the history as a run that injected faults, whatever it recorded
+    /// (503, unanswered and slow requests counted, not violations).
+    #[arg(long, env = "PAYGUARD_FAULTS")]
+    pub faults: bool,
+    /// The slow-request threshold (ms) [default: the one the run recorded, else 1000].
+    #[arg(long, env = "PAYGUARD_SLOW_MS")]
+    pub slow_ms: Option<u64>,
 }
 
-/// `payguard check-history FILE`: exit 1 when the history breaks an invariant.
+/// `payguard check-history FILE`: exit 1 when the history breaks an invariant
+/// (money or liveness).
 pub fn check_history(args: CheckHistoryArgs) -> anyhow::Result<ExitCode> {
     let lines = history::read(&args.file)?;
-    let violations = history::check(&lines)?;
+    let mut rules = history::recorded_rules(&lines);
+    rules.faults |= args.faults;
+    if let Some(ms) = args.slow_ms {
+        anyhow::ensure!(ms >= 1, "--slow-ms must be at least 1");
+        rules.slow_ms = ms;
+    }
+    let violations = history::check_with(&lines, rules)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&violations)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&violations)?);
     } else if violations.is_empty() {
-        println!(
-            "history {}: {} lines, every invariant holds",
+        crate::outln!(
+            "history {}: {} lines, every invariant holds ({})",
             args.file.display(),
-            lines.len()
+            lines.len(),
+            if rules.faults {
+                "faults injected"
+            } else {
+                "no faults: every request answered, quickly"
+            }
         );
     } else {
-        println!(
-            "history {}: {} VIOLATIONS",
-            args.file.display(),
-            violations.len()
-        );
+        let total: usize = violations.iter().map(Violation::weight).sum();
+        crate::outln!("history {}: {total} VIOLATIONS", args.file.display());
         for v in violations.iter().take(50) {
-            println!(
+            crate::outln!(
                 "  {} {}{}: {}",
                 v.kind,
                 v.order_id.as_deref().unwrap_or(""),
                 v.account_id.as_deref().unwrap_or(""),
                 v.detail
             );
+            for e in &v.examples {
+                crate::outln!("    e.g. {}", e.describe());
+            }
         }
     }
     Ok(if violations.is_empty() {

@@ -161,6 +161,17 @@ impl TestApp {
         assert_eq!(r.status, 201, "{:?}", r.body);
     }
 
+    /// A GET's body as text, whatever its status (`/metrics`).
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent");
+        r.text().await.expect("body")
+    }
+
     pub async fn balance(&self, account: &str) -> i64 {
         let r = self.get(&format!("/v1/accounts/{account}")).await;
         assert_eq!(r.status, 200, "{:?}", r.body);

@@ -29,6 +29,7 @@ pub async fn scratch(test: &str) -> Option<ScratchDb> {
 /// One real server on port 0 over its own PgStore (its own pool), like `payguard
 /// serve --db postgres://…`.
 pub struct Instance {
+    pub addr: std::net::SocketAddr,
     pub base: String,
     pub client: reqwest::Client,
     pub engine: Arc<Engine>,
@@ -47,6 +48,26 @@ pub async fn spawn_locked(
     guard: Guard,
     redis: Option<&str>,
 ) -> Instance {
+    spawn_full(
+        db,
+        name,
+        guard,
+        redis,
+        payguard_server::ApiKeys::default(),
+        payguard_server::Limits::default(),
+    )
+    .await
+}
+
+/// Like [`spawn_locked`], with API keys and limits of the test's choosing.
+pub async fn spawn_full(
+    db: &ScratchDb,
+    name: &str,
+    guard: Guard,
+    redis: Option<&str>,
+    keys: payguard_server::ApiKeys,
+    limits: payguard_server::Limits,
+) -> Instance {
     let store: Arc<dyn payguard::Store> = Arc::new(
         PgStore::connect(PgConfig {
             // Many tests run at once on one server: small pools fit its max_connections.
@@ -63,7 +84,7 @@ pub async fn spawn_locked(
                 &format!("leaks-{}-{}", db.name, name),
                 name,
                 std::time::Duration::from_millis(payguard::lock::LOCK_TTL_MS),
-                store.clone(),
+                payguard::engine::fence_epochs(store.clone()),
             )
             .await
             .expect("connect to redis"),
@@ -82,7 +103,7 @@ pub async fn spawn_locked(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let state = AppState::new(
+    let mut state = AppState::new(
         engine.clone(),
         ServiceInfo {
             instance: name.into(),
@@ -90,10 +111,13 @@ pub async fn spawn_locked(
             lock: "local",
         },
     );
+    state.keys = keys;
+    state.limits = limits;
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {
         let _ = rx.await;
     }));
     Instance {
+        addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
             .pool_max_idle_per_host(256)

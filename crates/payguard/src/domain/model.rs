@@ -193,6 +193,14 @@ pub struct BalanceMismatch {
     pub actual: i64,
 }
 
+/// An account below zero: never allowed, whatever its ledger says (a balance can
+/// agree with its ledger and still be negative, when the ledger itself overdrew it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct NegativeBalance {
+    pub account_id: String,
+    pub balance: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PaidMismatch {
     pub order_id: String,
@@ -219,7 +227,10 @@ pub struct AuditReport {
     pub entries_checked: i64,
     pub duplicate_debits: Vec<DuplicateDebit>,
     pub over_refunded: Vec<OverRefund>,
+    /// Accounts whose balance is not what their ledger says.
     pub balance_mismatches: Vec<BalanceMismatch>,
+    /// Accounts below zero (agreeing with their ledger or not).
+    pub negative_balances: Vec<NegativeBalance>,
     pub paid_without_entry: Vec<PaidMismatch>,
     pub entry_without_paid: Vec<PaidMismatch>,
     pub resolved: Vec<Resolved>,
@@ -227,10 +238,31 @@ pub struct AuditReport {
 
 impl AuditReport {
     /// Recomputes `ok` from the findings; `resolved` duplicates are not violations.
+    ///
+    /// The stores report every account whose balance is off its ledger *or*
+    /// below zero as one row; here a negative balance becomes its own finding, and
+    /// only a balance the ledger does not explain stays a mismatch (a negative
+    /// balance that agrees with its ledger is not "a mismatch of two equal numbers").
     pub fn finish(mut self) -> Self {
+        let mut negative = Vec::new();
+        self.balance_mismatches.retain(|b| {
+            if b.actual < 0 {
+                negative.push(NegativeBalance {
+                    account_id: b.account_id.clone(),
+                    balance: b.actual,
+                });
+            }
+            b.actual != b.expected
+        });
+        for n in negative {
+            if !self.negative_balances.contains(&n) {
+                self.negative_balances.push(n);
+            }
+        }
         self.ok = self.duplicate_debits.is_empty()
             && self.over_refunded.is_empty()
             && self.balance_mismatches.is_empty()
+            && self.negative_balances.is_empty()
             && self.paid_without_entry.is_empty()
             && self.entry_without_paid.is_empty();
         self
@@ -240,6 +272,47 @@ impl AuditReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(account: &str, expected: i64, actual: i64) -> BalanceMismatch {
+        BalanceMismatch {
+            account_id: account.into(),
+            expected,
+            actual,
+        }
+    }
+
+    #[test]
+    fn a_negative_balance_is_its_own_finding_not_a_mismatch_of_equal_numbers() {
+        let r = AuditReport {
+            balance_mismatches: vec![
+                row("overdrawn", -41_983, -41_983),
+                row("edited", 700, 705),
+                row("both", 100, -5),
+            ],
+            ..AuditReport::default()
+        }
+        .finish();
+        assert!(!r.ok);
+        assert_eq!(
+            r.balance_mismatches,
+            vec![row("edited", 700, 705), row("both", 100, -5)]
+        );
+        assert_eq!(
+            r.negative_balances,
+            vec![
+                NegativeBalance {
+                    account_id: "overdrawn".into(),
+                    balance: -41_983
+                },
+                NegativeBalance {
+                    account_id: "both".into(),
+                    balance: -5
+                },
+            ]
+        );
+        let twice = r.clone().finish();
+        assert_eq!(twice, r, "finish is idempotent");
+    }
 
     #[test]
     fn transitions_follow_the_api() {

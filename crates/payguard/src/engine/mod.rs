@@ -20,21 +20,26 @@
 //! but it keeps duplicates from ever reaching the store at the same time, and it
 //! turns many small transactions into few large ones.
 
+mod fenced;
+mod full;
 pub mod lane;
+mod naive;
+mod outcome;
 pub mod router;
+mod seed;
 
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
-use crate::lock::redis::{Grant, RedisLockError, RedisLocks};
+use crate::lock::redis::RedisLocks;
 use crate::lock::LocalLocks;
-use crate::store::sqlite::naive::{NaiveCtx, NaiveSqlite};
-use crate::store::{Command, Op, Output, Rejection, Store, StoreError, StoreFuture};
-use lane::{LaneCore, LaneReply};
+use crate::store::sqlite::naive::NaiveSqlite;
+use crate::store::{Command, Output, Rejection, Store, StoreError, StoreFuture};
+use full::{run_lane, Queued};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -176,16 +181,6 @@ impl EngineStats {
     }
 }
 
-/// A request waiting in a lane's queue.
-struct Queued {
-    cmd: Command,
-    req: RequestId,
-    reply: oneshot::Sender<LaneReply>,
-    /// Past this, the lane answers `TimedOut` instead of admitting the command:
-    /// a timeout may only fire before a change reaches the store.
-    deadline: Option<Instant>,
-}
-
 struct Shared {
     store: Arc<dyn Store>,
     /// Cross-instance per-order locks with fencing tokens (`--redis`).
@@ -210,6 +205,15 @@ pub struct Engine {
     locks: LocalLocks,
     /// Race sentinel outside lanes (`seed`, `naive`): order → (first request, count).
     inflight: scc::HashMap<OrderId, (RequestId, usize)>,
+}
+
+/// The fencing epochs the Redis lock draws after a flush: the store's sequence,
+/// which only grows. The engine composes the two layers; neither knows the other.
+pub fn fence_epochs(store: Arc<dyn Store>) -> crate::lock::redis::EpochSource {
+    Arc::new(move || {
+        let next = store.next_fence_epoch();
+        Box::pin(async move { next.await.map_err(|e| e.to_string()) })
+    })
 }
 
 impl Engine {
@@ -357,101 +361,9 @@ impl Engine {
                 Guard::Naive { gap_ms } => self.naive(cmd.clone(), req.clone(), gap_ms).await,
             }
         };
-        let stats = &self.shared.stats;
-        match &result {
-            Ok(out) if out.is_replay() => {
-                stats.replayed.inc();
-            }
-            Ok(_) => {
-                stats.committed.inc();
-            }
-            Err(EngineError::Rejected(_)) => {
-                stats.rejected.inc();
-            }
-            Err(EngineError::Overloaded) => {
-                stats.overloaded.inc();
-            }
-            Err(EngineError::ShuttingDown | EngineError::Store(_) | EngineError::TimedOut) => {
-                stats.store_failures.inc();
-            }
-        }
+        outcome::count(&self.shared.stats, &result);
         if moves_money {
-            let req = req.as_str();
-            let outcome = match &result {
-                Ok(Output::Movement {
-                    entry,
-                    replayed: false,
-                    ..
-                }) => {
-                    tracing::info!(
-                        event = event_name(family, "commit"),
-                        oid,
-                        entry = entry.id,
-                        amount = entry.amount.minor(),
-                        balance_after = entry.balance_after.minor(),
-                        req,
-                        inst
-                    );
-                    "committed"
-                }
-                Ok(Output::Movement {
-                    entry,
-                    replayed: true,
-                    ..
-                }) => {
-                    tracing::info!(
-                        event = event_name(family, "replay"),
-                        oid,
-                        entry = entry.id,
-                        req,
-                        inst
-                    );
-                    "replayed"
-                }
-                Ok(_) => "committed",
-                Err(EngineError::Rejected(r)) => {
-                    tracing::info!(
-                        event = event_name(family, "rejected"),
-                        oid,
-                        reason = r.reason(),
-                        req,
-                        inst
-                    );
-                    r.reason()
-                }
-                Err(
-                    e @ (EngineError::Overloaded
-                    | EngineError::ShuttingDown
-                    | EngineError::TimedOut),
-                ) => {
-                    let reason = match e {
-                        EngineError::Overloaded => "overloaded",
-                        EngineError::TimedOut => "timed_out",
-                        _ => "shutting_down",
-                    };
-                    tracing::warn!(
-                        event = event_name(family, "rejected"),
-                        oid,
-                        reason,
-                        req,
-                        inst
-                    );
-                    "unavailable"
-                }
-                Err(EngineError::Store(e)) => {
-                    tracing::error!(event = event_name(family, "rejected"), oid, reason = "store_unavailable", detail = %e, req, inst);
-                    "unavailable"
-                }
-            };
-            let dur_ms = started.elapsed().as_secs_f64() * 1e3;
-            tracing::info!(
-                event = event_name(family, "end"),
-                oid,
-                outcome,
-                dur_ms,
-                req,
-                inst
-            );
+            outcome::log(family, oid, req.as_str(), inst, &result, started);
         }
         result
     }
@@ -482,165 +394,15 @@ impl Engine {
                 })?;
         }
         // Once queued, the request waits for its outcome: the lane answers every
-        // command it accepted, even while shutting down.
-        let reply = rx.await.map_err(|_| {
-            EngineError::Store(StoreError::Unavailable(
-                "lane stopped without answering".into(),
+        // command it accepted, even while shutting down. A lane that stopped
+        // without answering (it panicked) may have had the op's batch committed:
+        // the outcome is unknown (500), never "nothing moved" (503).
+        let answer = rx.await.map_err(|_| {
+            EngineError::Store(StoreError::Unknown(
+                "the lane stopped without answering; the op may have been committed".into(),
             ))
         })?;
-        Ok(reply??)
-    }
-
-    /// `--guard seed`: per-order lock, then one transaction for this request alone.
-    async fn seed(
-        &self,
-        cmd: Command,
-        req: RequestId,
-        deadline: Option<Instant>,
-    ) -> Result<Output, EngineError> {
-        let inst = &*self.shared.inst;
-        let oid = cmd.order_id().map(OrderId::as_str).unwrap_or("");
-        let key = match &cmd.op {
-            Op::CreateAccount { id, .. } => format!("lock:account:{id}"),
-            other => format!("lock:order:{}", other.route_key()),
-        };
-        let _sentinel = self.enter(&cmd, &req);
-        let lock_wait = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
-        let wait = deadline.map_or(lock_wait, |d| {
-            d.saturating_duration_since(Instant::now()).min(lock_wait)
-        });
-        let timed_out = || deadline.is_some_and(|d| Instant::now() >= d);
-        // The write-up's per-order lock: Redis (fenced) when configured, else local.
-        let result = match &self.shared.redis {
-            Some(redis) => {
-                let lease = match redis.acquire(cmd.route_key(), wait).await {
-                    Ok(lease) => Some(lease),
-                    Err(RedisLockError::Busy { .. }) => {
-                        tracing::warn!(event = "lock_busy", oid, req = req.as_str(), inst);
-                        return Err(if timed_out() {
-                            EngineError::TimedOut
-                        } else {
-                            EngineError::Overloaded
-                        });
-                    }
-                    Err(e) => {
-                        // The lock is an optimisation; the database still decides.
-                        tracing::warn!(event = "lock_unavailable", oid, detail = %e, req = req.as_str(), inst);
-                        None
-                    }
-                };
-                let fenced = match &lease {
-                    Some(l) => {
-                        tracing::info!(
-                            event = "lock_acquired",
-                            oid,
-                            token = l.token,
-                            req = req.as_str(),
-                            inst
-                        );
-                        cmd.clone().fenced(l.token)
-                    }
-                    None => cmd.clone(),
-                };
-                let result = self.shared.store.apply_isolated(fenced).await;
-                if let Some(l) = &lease {
-                    let _ = redis.release(l).await;
-                    tracing::info!(
-                        event = "lock_released",
-                        oid,
-                        token = l.token,
-                        req = req.as_str(),
-                        inst
-                    );
-                }
-                result
-            }
-            None => {
-                let lease = self.locks.acquire(&key, wait).await.map_err(|e| {
-                    tracing::warn!(event = "lock_busy", oid, detail = %e, req = req.as_str(), inst);
-                    if timed_out() {
-                        EngineError::TimedOut
-                    } else {
-                        EngineError::Overloaded
-                    }
-                })?;
-                tracing::info!(
-                    event = "lock_acquired",
-                    oid,
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                );
-                let result = self.shared.store.apply_isolated(cmd.clone()).await;
-                self.locks.release(&lease);
-                tracing::info!(
-                    event = "lock_released",
-                    oid,
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                );
-                result
-            }
-        };
-        if let Ok(Ok(out)) = &result {
-            if let Some(order) = out.order() {
-                self.shared.cache.committed(order);
-            }
-        } else if let Some(order_id) = cmd.order_id() {
-            self.shared.cache.forget(order_id);
-        }
-        Ok(result??)
-    }
-
-    /// `--guard naive`: no lane, no lock, no condition; see [`NaiveSqlite`].
-    async fn naive(
-        &self,
-        cmd: Command,
-        req: RequestId,
-        gap_ms: u64,
-    ) -> Result<Output, EngineError> {
-        let _sentinel = self.enter(&cmd, &req);
-        let Some(naive) = &self.shared.naive else {
-            return Err(EngineError::Store(StoreError::Schema(
-                "--guard naive runs on SQLite only, on a database it created (Engine::start_naive)"
-                    .into(),
-            )));
-        };
-        let ctx = NaiveCtx {
-            gap: Duration::from_millis(gap_ms),
-            req,
-            inst: self.shared.inst.clone(),
-        };
-        Ok(naive.apply(cmd, ctx).await??)
-    }
-
-    /// The race sentinel outside lanes: records `req` as in flight for its order
-    /// and logs `concurrent_inflight` if another request already is.
-    fn enter(&self, cmd: &Command, req: &RequestId) -> Option<SentinelGuard<'_>> {
-        let order = cmd.order_id()?.clone();
-        let mut other = None;
-        self.inflight
-            .entry_sync(order.clone())
-            .and_modify(|(first, n)| {
-                other = Some(first.clone());
-                *n += 1;
-            })
-            .or_insert_with(|| (req.clone(), 1));
-        if let Some(other) = other {
-            self.shared.stats.collisions.inc();
-            tracing::warn!(
-                event = "concurrent_inflight",
-                oid = order.as_str(),
-                req = req.as_str(),
-                other_req = other.as_str(),
-                inst = &*self.shared.inst
-            );
-        }
-        Some(SentinelGuard {
-            map: &self.inflight,
-            order,
-        })
+        Ok(answer???)
     }
 
     /// The order as last committed: from the cache if this instance wrote it since
@@ -685,21 +447,6 @@ impl Engine {
     }
 }
 
-/// Leaves the sentinel's record when the request ends, however it ends.
-struct SentinelGuard<'a> {
-    map: &'a scc::HashMap<OrderId, (RequestId, usize)>,
-    order: OrderId,
-}
-
-impl Drop for SentinelGuard<'_> {
-    fn drop(&mut self) {
-        self.map.remove_if_sync(&self.order, |(_, n)| {
-            *n -= 1;
-            *n == 0
-        });
-    }
-}
-
 fn event_name(family: &'static str, step: &'static str) -> &'static str {
     match (family, step) {
         ("deduct", "start") => "deduct_start",
@@ -713,404 +460,5 @@ fn event_name(family: &'static str, step: &'static str) -> &'static str {
         ("refund", "rejected") => "refund_rejected",
         ("refund", "end") => "refund_end",
         _ => "engine",
-    }
-}
-
-/// A batch's answer as the lane sees it: `None` for an op that did not run
-/// because another instance holds its order's lock (`busy` says which orders and
-/// how long their holders' leases still run; `sent` is when the acquire that
-/// found them busy was sent).
-struct BatchDone {
-    results: Vec<Option<LaneReply>>,
-    busy: Vec<(OrderId, Duration)>,
-    sent: Instant,
-}
-
-type BatchFuture = futures::future::BoxFuture<'static, BatchDone>;
-/// Resolves to a parked order once its lock may be free.
-type WakeFuture = futures::future::BoxFuture<'static, OrderId>;
-
-/// The lane owner: the only code that touches this lane's [`LaneCore`].
-async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>) {
-    use futures::StreamExt;
-    let cfg = &shared.cfg;
-    let batch_wait = Duration::from_micros(cfg.batch_wait_us);
-    let mut core: LaneCore<oneshot::Sender<LaneReply>> = LaneCore::new();
-    let mut inflight: Option<BatchFuture> = None;
-    // Parked orders: woken by their holder's release (or its lease's end), and
-    // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
-    let mut wakes: futures::stream::FuturesUnordered<WakeFuture> = Default::default();
-    let mut first_busy: std::collections::HashMap<OrderId, Instant> = Default::default();
-    let mut open = true;
-    let mut inflight_since = Instant::now();
-    // When a non-full batch may go out at the latest.
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        if inflight.is_none() && core.pending_len() > 0 {
-            let now = tokio::time::Instant::now();
-            let due = *deadline.get_or_insert(now + batch_wait);
-            if !open || core.pending_len() >= cfg.batch_max || now >= due {
-                if let Some(ops) = core.take_batch(cfg.batch_max) {
-                    shared.stats.batches.inc();
-                    shared.stats.batched_ops.inc_by(ops.len() as u64);
-                    shared.stats.batch_sizes.observe(ops.len() as f64);
-                    inflight_since = Instant::now();
-                    inflight = Some(start_batch(&shared, ops, core.inflight_reqs()));
-                }
-                deadline = None;
-            }
-        }
-        if !open && inflight.is_none() && core.pending_len() == 0 && core.parked_len() == 0 {
-            debug_assert!(core.is_idle(), "a closed lane must end idle");
-            return;
-        }
-        let can_take = open && core.pending_len() < cfg.batch_max;
-        let wait_for = deadline.filter(|_| inflight.is_none());
-        tokio::select! {
-            biased;
-            done = async { inflight.as_mut().expect("guarded by if").await }, if inflight.is_some() => {
-                inflight = None;
-                shared.stats.commit_seconds.observe(inflight_since.elapsed().as_secs_f64());
-                let (deliveries, parked) = core.complete_partial(done.results);
-                for delivery in deliveries {
-                    if let Some(order) = delivery.cmd.order_id() {
-                        first_busy.remove(order);
-                    }
-                    deliver(&shared, delivery);
-                }
-                for order in parked {
-                    park(&shared, &mut core, &mut wakes, &mut first_busy, order, &done.busy, done.sent);
-                }
-            }
-            Some(order) = wakes.next(), if !wakes.is_empty() => {
-                core.unpark(&order);
-            }
-            queued = rx.recv(), if can_take => match queued {
-                Some(queued) => {
-                    admit(&shared, &mut core, queued);
-                    // Take whatever else is already queued without another wake-up.
-                    while core.pending_len() < cfg.batch_max {
-                        match rx.try_recv() {
-                            Ok(queued) => admit(&shared, &mut core, queued),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                None => open = false,
-            },
-            _ = tokio::time::sleep_until(wait_for.unwrap_or_else(tokio::time::Instant::now)), if wait_for.is_some() => {}
-        }
-    }
-}
-
-/// Hands a batch to the store: straight, or under the Redis locks of its orders.
-fn start_batch(shared: &Arc<Shared>, ops: Vec<Command>, reqs: Vec<RequestId>) -> BatchFuture {
-    match &shared.redis {
-        None => {
-            let n = ops.len();
-            let applying = shared.store.apply(ops);
-            Box::pin(async move {
-                BatchDone {
-                    results: match applying.await {
-                        Ok(r) => r.into_iter().map(|r| Some(Ok(r))).collect(),
-                        Err(e) => (0..n).map(|_| Some(Err(e.clone()))).collect(),
-                    },
-                    busy: Vec::new(),
-                    sent: Instant::now(),
-                }
-            })
-        }
-        Some(locks) => Box::pin(fenced_apply(shared.clone(), locks.clone(), ops, reqs)),
-    }
-}
-
-/// An order another instance holds waits for its release, or is answered 503
-/// once it has waited `LOCK_WAIT_MS_MAX` in all (nothing of it moved).
-fn park(
-    shared: &Arc<Shared>,
-    core: &mut LaneCore<oneshot::Sender<LaneReply>>,
-    wakes: &mut futures::stream::FuturesUnordered<WakeFuture>,
-    first_busy: &mut std::collections::HashMap<OrderId, Instant>,
-    order: OrderId,
-    busy: &[(OrderId, Duration)],
-    sent: Instant,
-) {
-    let since = *first_busy.entry(order.clone()).or_insert(sent);
-    let waited = since.elapsed();
-    let wait_max = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
-    let locks = match &shared.redis {
-        Some(locks) if waited < wait_max => locks.clone(),
-        _ => {
-            tracing::warn!(
-                event = "lock_busy",
-                oid = order.as_str(),
-                waited_ms = waited.as_millis() as u64,
-                inst = &*shared.inst
-            );
-            first_busy.remove(&order);
-            for delivery in core.give_up(&order, Ok(Err(Rejection::LockBusy))) {
-                deliver(shared, delivery);
-            }
-            return;
-        }
-    };
-    let left = busy
-        .iter()
-        .find(|(o, _)| *o == order)
-        .map_or(Duration::ZERO, |(_, left)| *left)
-        .min(wait_max - waited);
-    wakes.push(Box::pin(async move {
-        locks.released(order.as_str(), sent, left).await;
-        order
-    }));
-}
-
-/// Applies a batch under the Redis locks of its orders, each op carrying its
-/// order's fencing token. The locks are taken in one round trip that waits for
-/// none of them: an order held by another instance is left out of this batch
-/// (`None`) and the lane parks it until that holder releases it. Nothing here
-/// holds a lock while waiting for another, so instances cannot deadlock. If
-/// Redis cannot be reached, the batch is written without tokens: the database's
-/// constraints still charge once.
-async fn fenced_apply(
-    shared: Arc<Shared>,
-    locks: Arc<RedisLocks>,
-    ops: Vec<Command>,
-    reqs: Vec<RequestId>,
-) -> BatchDone {
-    let inst = &*shared.inst;
-    let mut orders: Vec<(OrderId, RequestId)> = Vec::new();
-    for (op, req) in ops.iter().zip(&reqs) {
-        if let Some(o) = op.order_id() {
-            if !orders.iter().any(|(seen, _)| seen == o) {
-                orders.push((o.clone(), req.clone()));
-            }
-        }
-    }
-    let sent = Instant::now();
-    let names: Vec<&str> = orders.iter().map(|(o, _)| o.as_str()).collect();
-    let grants = if names.is_empty() {
-        Ok(Vec::new())
-    } else {
-        locks.try_acquire_many(&names).await
-    };
-    let mut tokens = std::collections::HashMap::new();
-    let mut leases = Vec::new();
-    let mut busy = Vec::new();
-    match grants {
-        Ok(grants) => {
-            for ((order, req), grant) in orders.iter().zip(grants) {
-                match grant {
-                    Grant::Held(lease) => {
-                        tracing::info!(
-                            event = "lock_acquired",
-                            oid = order.as_str(),
-                            token = lease.token,
-                            req = req.as_str(),
-                            inst
-                        );
-                        tokens.insert(order.clone(), lease.token);
-                        leases.push((order.clone(), req.clone(), lease));
-                    }
-                    Grant::Busy { left } => {
-                        tracing::info!(
-                            event = "lock_wait",
-                            oid = order.as_str(),
-                            holder_left_ms = left.as_millis() as u64,
-                            req = req.as_str(),
-                            inst
-                        );
-                        busy.push((order.clone(), left));
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            for (order, req) in &orders {
-                tracing::warn!(event = "lock_unavailable", oid = order.as_str(), detail = %e, req = req.as_str(), inst);
-            }
-        }
-    }
-    let results = apply_held(&shared, &locks, ops, &tokens, &leases, &busy).await;
-    BatchDone {
-        results,
-        busy,
-        sent,
-    }
-}
-
-/// Gives every lease of a batch back in one round trip, logging each.
-fn release_in_background(
-    inst: Arc<str>,
-    locks: Arc<RedisLocks>,
-    leases: Vec<(OrderId, RequestId, crate::lock::Lease)>,
-) {
-    if leases.is_empty() {
-        return;
-    }
-    tokio::spawn(async move {
-        let inst = &*inst;
-        let held: Vec<crate::lock::Lease> = leases.iter().map(|(_, _, l)| l.clone()).collect();
-        let released = locks.release_many(&held).await;
-        for (i, (order, req, lease)) in leases.iter().enumerate() {
-            match &released {
-                Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                ),
-                Ok(_) => tracing::warn!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    lost = true,
-                    req = req.as_str(),
-                    inst
-                ),
-                Err(e) => {
-                    tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
-                }
-            }
-        }
-    });
-}
-
-/// Writes the ops whose orders are not busy (fenced where a token was granted),
-/// then gives every lease back.
-async fn apply_held(
-    shared: &Shared,
-    locks: &Arc<RedisLocks>,
-    ops: Vec<Command>,
-    tokens: &std::collections::HashMap<OrderId, i64>,
-    leases: &[(OrderId, RequestId, crate::lock::Lease)],
-    busy: &[(OrderId, Duration)],
-) -> Vec<Option<LaneReply>> {
-    if shared.cfg.failpoint_pause_after_lock_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(
-            shared.cfg.failpoint_pause_after_lock_ms,
-        ))
-        .await;
-    }
-    // Locks held, nothing written (`exit` here strands the orders until the TTL).
-    let injected = if leases.is_empty() {
-        None
-    } else {
-        crate::failpoint::hit(crate::failpoint::AFTER_LOCK).await
-    };
-    let total = ops.len();
-    let mut positions = Vec::with_capacity(total);
-    let mut to_apply = Vec::with_capacity(total);
-    for (i, op) in ops.into_iter().enumerate() {
-        let order = op.order_id().cloned();
-        if order
-            .as_ref()
-            .is_some_and(|o| busy.iter().any(|(b, _)| b == o))
-        {
-            continue;
-        }
-        positions.push(i);
-        to_apply.push(match order.and_then(|o| tokens.get(&o).copied()) {
-            Some(token) => op.fenced(token),
-            None => op,
-        });
-    }
-    let applied = if injected == Some(crate::failpoint::Action::Error) {
-        Err(StoreError::Unavailable(
-            "failpoint engine.after_lock".into(),
-        ))
-    } else if to_apply.is_empty() {
-        Ok(Vec::new())
-    } else {
-        shared.store.apply(to_apply).await
-    };
-    // The answers go out without waiting for the release: it is one more round
-    // trip, and a later request for one of these orders that finds its lock still
-    // held waits for this very release's notification.
-    release_in_background(shared.inst.clone(), locks.clone(), leases.to_vec());
-    // Ops of busy orders stay `None` (they did not run, whatever the store said).
-    let mut out: Vec<Option<LaneReply>> = (0..total).map(|_| None).collect();
-    match applied {
-        Ok(results) if results.len() == positions.len() => {
-            for (pos, result) in positions.into_iter().zip(results) {
-                out[pos] = Some(Ok(result));
-            }
-        }
-        Ok(results) => {
-            let e = StoreError::Unavailable(format!(
-                "store answered {} results for {} ops",
-                results.len(),
-                positions.len()
-            ));
-            for pos in positions {
-                out[pos] = Some(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            for pos in positions {
-                out[pos] = Some(Err(e.clone()));
-            }
-        }
-    }
-    out
-}
-
-fn admit(shared: &Shared, core: &mut LaneCore<oneshot::Sender<LaneReply>>, queued: Queued) {
-    if queued.deadline.is_some_and(|d| Instant::now() >= d) {
-        // Nothing of it reached the store: the caller may retry safely.
-        let _ = queued.reply.send(Err(StoreError::Unavailable(
-            "timed out in the lane queue".into(),
-        )));
-        return;
-    }
-    let oid = queued.cmd.order_id().cloned();
-    let req = queued.req.clone();
-    let admission = core.submit(queued.cmd, queued.req, queued.reply);
-    if admission.joined {
-        shared.stats.joined.inc();
-    }
-    if let (Some(other), Some(oid)) = (admission.other_req, oid) {
-        shared.stats.collisions.inc();
-        tracing::warn!(
-            event = "concurrent_inflight",
-            oid = oid.as_str(),
-            req = req.as_str(),
-            other_req = other.as_str(),
-            inst = shared.cfg.instance_id.as_str()
-        );
-    }
-}
-
-fn deliver(shared: &Shared, delivery: lane::Delivery<oneshot::Sender<LaneReply>>) {
-    match (&delivery.reply, delivery.waiters.first()) {
-        (Ok(Ok(out)), Some(first)) if out.order().is_some() => {
-            let order = out.order().expect("checked by the guard");
-            shared.cache.committed(order);
-            tracing::info!(
-                event = "order_cache_set",
-                oid = order.id.as_str(),
-                status = order.status.as_str(),
-                req = first.req.as_str(),
-                inst = shared.cfg.instance_id.as_str()
-            );
-        }
-        _ => {
-            if let Some(oid) = delivery.cmd.order_id() {
-                shared.cache.forget(oid);
-            }
-        }
-    }
-    let mut waiters = delivery.waiters.into_iter();
-    if let Some(first) = waiters.next() {
-        // The receiver may have gone (client disconnected); the result stands anyway.
-        let _ = first.reply.send(delivery.reply.clone());
-    }
-    for w in waiters {
-        let replay = match &delivery.reply {
-            Ok(Ok(out)) => Ok(Ok(out.as_replay())),
-            other => other.clone(),
-        };
-        let _ = w.reply.send(replay);
     }
 }

@@ -36,7 +36,6 @@
 use super::release::{spawn_subscriber, ReleaseBoard};
 use super::token;
 use super::Lease;
-use crate::store::Store;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,13 +117,19 @@ end
 return out
 "#;
 
+/// Where new fencing epochs come from: a sequence that only grows and outlives
+/// Redis (payguard: the store's, handed over by the engine's composition,
+/// [`crate::engine::fence_epochs`]). The lock needs this one call, not the store.
+pub type EpochSource =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<i64, String>> + Send + Sync>;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RedisLockError {
     #[error("redis unavailable: {0}")]
     Unavailable(String),
     #[error("lock {key} is held elsewhere (waited {waited_ms} ms)")]
     Busy { key: String, waited_ms: u64 },
-    #[error("could not take a new fencing epoch from the store: {0}")]
+    #[error("could not take a new fencing epoch: {0}")]
     Epoch(String),
 }
 
@@ -144,7 +149,7 @@ pub struct RedisLocks {
     prefix: String,
     owner: String,
     ttl: Duration,
-    store: Arc<dyn Store>,
+    epochs: EpochSource,
     acquire_many: redis::Script,
     raise_epoch: redis::Script,
     release_many: redis::Script,
@@ -163,7 +168,7 @@ impl RedisLocks {
         prefix: &str,
         owner: &str,
         ttl: Duration,
-        store: Arc<dyn Store>,
+        epochs: EpochSource,
     ) -> Result<Self, RedisLockError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -185,7 +190,7 @@ impl RedisLocks {
             prefix: prefix.to_owned(),
             owner: owner.to_owned(),
             ttl,
-            store,
+            epochs,
             acquire_many: redis::Script::new(ACQUIRE_MANY),
             raise_epoch: redis::Script::new(RAISE_EPOCH),
             release_many: redis::Script::new(RELEASE_MANY),
@@ -239,12 +244,31 @@ impl RedisLocks {
             .arg(self.ttl.as_millis() as u64)
             .arg(WAITER_MARK_GRACE_MS);
         let mut conn = self.conn.clone();
-        let (epoch, incarnation, answers): (Option<i64>, Option<String>, Vec<i64>) = {
-            let v: Vec<redis::Value> = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            parse_acquire(v).map_err(unavailable)?
+        let answer = invocation
+            .invoke_async::<Vec<redis::Value>>(&mut conn)
+            .await;
+        let (epoch, incarnation, answers): AcquireAnswer = match answer {
+            Ok(v) => parse_acquire(v).map_err(unavailable)?,
+            Err(e) => {
+                // The script may have run and its answer been lost: whatever it
+                // granted would stay held until the TTL. Give it back in the
+                // background (best effort; this owner is unique to this call),
+                // so the batch, which now writes without tokens, does not wait.
+                let leases: Vec<Lease> = keys
+                    .iter()
+                    .map(|key| Lease {
+                        key: format!("{key}\u{0}{owner}"),
+                        token: 0,
+                    })
+                    .collect();
+                tokio::spawn(release_leases(
+                    self.conn.clone(),
+                    self.release_many.clone(),
+                    self.prefix.clone(),
+                    leases,
+                ));
+                return Err(unavailable(e));
+            }
         };
         if answers.len() != orders.len() {
             return Err(RedisLockError::Unavailable(format!(
@@ -311,11 +335,7 @@ impl RedisLocks {
     /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
     /// has been re-created since (the raise would regress the new incarnation).
     async fn new_epoch(&self, incarnation: &str) -> Result<Option<i64>, RedisLockError> {
-        let fresh = self
-            .store
-            .next_fence_epoch()
-            .await
-            .map_err(|e| RedisLockError::Epoch(e.to_string()))?;
+        let fresh = (self.epochs)().await.map_err(RedisLockError::Epoch)?;
         let mut conn = self.conn.clone();
         let epoch: Option<i64> = self
             .raise_epoch
@@ -388,47 +408,63 @@ impl RedisLocks {
     /// instances waiting for them. One answer per lease: false when it had
     /// expired (another holder may have it now).
     pub async fn release_many(&self, leases: &[Lease]) -> Result<Vec<bool>, RedisLockError> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lock_prefix = self.key("lock:order:");
-        let mut invocation = self.release_many.prepare_invoke();
-        let mut orders = Vec::with_capacity(leases.len());
-        let mut owner = None;
-        for lease in leases {
-            let (key, held_by) = lease
-                .key
-                .split_once('\u{0}')
-                .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
-            if owner.is_some_and(|o| o != held_by) {
-                return Err(RedisLockError::Unavailable(
-                    "release_many takes the leases of one acquire".into(),
-                ));
-            }
-            owner = Some(held_by);
-            invocation.key(key).key(format!("{key}:w"));
-            orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
-        }
-        invocation
-            .arg(owner.unwrap_or_default())
-            .arg(self.key("released"));
-        for order in orders {
-            invocation.arg(order);
-        }
-        let mut conn = self.conn.clone();
-        let freed: Vec<i64> = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(freed.into_iter().map(|n| n == 1).collect())
+        release_leases(
+            self.conn.clone(),
+            self.release_many.clone(),
+            self.prefix.clone(),
+            leases.to_vec(),
+        )
+        .await
     }
 }
 
-/// ACQUIRE_MANY's answer: the epoch in force, the fence hash's incarnation, one
-/// number per lock (a grant `>= 1`, else busy).
+/// RELEASE_MANY of `leases` (all of one acquire), owning everything it needs so
+/// it can also run in the background.
+async fn release_leases(
+    mut conn: ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    leases: Vec<Lease>,
+) -> Result<Vec<bool>, RedisLockError> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lock_prefix = format!("{prefix}:lock:order:");
+    let mut invocation = script.prepare_invoke();
+    let mut orders = Vec::with_capacity(leases.len());
+    let mut owner = None;
+    for lease in &leases {
+        let (key, held_by) = lease
+            .key
+            .split_once('\u{0}')
+            .ok_or_else(|| RedisLockError::Unavailable("malformed lease".into()))?;
+        if owner.is_some_and(|o| o != held_by) {
+            return Err(RedisLockError::Unavailable(
+                "release_many takes the leases of one acquire".into(),
+            ));
+        }
+        owner = Some(held_by);
+        invocation.key(key).key(format!("{key}:w"));
+        orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
+    }
+    invocation
+        .arg(owner.unwrap_or_default())
+        .arg(format!("{prefix}:released"));
+    for order in orders {
+        invocation.arg(order);
+    }
+    let freed: Vec<i64> = invocation
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(freed.into_iter().map(|n| n == 1).collect())
+}
+
+/// ACQUIRE_MANY's answer: the epoch in force (none after a flush), the fence
+/// hash's incarnation, one number per lock.
 type AcquireAnswer = (Option<i64>, Option<String>, Vec<i64>);
 
-/// Splits ACQUIRE_MANY's answer: epoch, incarnation, one number per lock.
+/// Splits ACQUIRE_MANY's answer.
 fn parse_acquire(v: Vec<redis::Value>) -> Result<AcquireAnswer, redis::ParsingError> {
     let mut it = v.into_iter();
     let epoch: Option<i64> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;

@@ -378,9 +378,23 @@ pub enum StoreError {
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// What the engine and the HTTP layer need from a database.
+/// One of a store's own counters, as `/metrics` exports it
+/// (`payguard_store_<name>_total`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreCounter {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`, as `/healthz` reports it.
     fn kind(&self) -> &'static str;
+    /// The store's own counters since start (PostgreSQL: retried batches,
+    /// ambiguous COMMITs), read at each scrape of `/metrics`. None by default.
+    fn counters(&self) -> Vec<StoreCounter> {
+        Vec::new()
+    }
     /// Applies `cmds` in one transaction; one result per command, in order.
     fn apply(&self, cmds: Vec<Command>) -> StoreFuture<Vec<OpResult>>;
     /// Applies one command in its own transaction that takes the database's write

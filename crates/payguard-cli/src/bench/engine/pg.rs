@@ -96,7 +96,7 @@ pub(super) fn run(args: &super::EngineBenchArgs, url: &str) -> anyhow::Result<Ex
         })
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
     }
@@ -275,15 +275,15 @@ async fn engine_run(
 }
 
 fn print_table(r: &PgReport) {
-    println!(
+    crate::outln!(
         "engine bench on PostgreSQL: {} deductions per run on {} accounts, {} lanes, {} callers, {} cores",
         r.orders, r.accounts, r.lanes, r.concurrency, r.cores
     );
-    println!();
-    println!("| run | ops/s | × pgbench | p50 ms | p99 ms | max ms | mean batch | audit |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    crate::outln!();
+    crate::outln!("| run | ops/s | × pgbench | p50 ms | p99 ms | max ms | mean batch | audit |");
+    crate::outln!("|---|---:|---:|---:|---:|---:|---:|---|");
     for run in &r.runs {
-        println!(
+        crate::outln!(
             "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
             run.name,
             run.ops_per_sec,
@@ -295,8 +295,8 @@ fn print_table(r: &PgReport) {
             if run.audit_ok { "ok" } else { "FAILED" }
         );
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "best engine run: {:.2} × pgbench -N (a pgbench transaction is one un-batched debit)",
         r.best_engine_ratio
     );

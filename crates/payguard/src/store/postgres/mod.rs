@@ -202,6 +202,33 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn counters(&self) -> Vec<super::StoreCounter> {
+        let s = self.stats();
+        let get = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        vec![
+            super::StoreCounter {
+                name: "pg_careful_batches",
+                help: "Batches re-run with a savepoint per op because a constraint fired",
+                value: get(&s.careful_batches),
+            },
+            super::StoreCounter {
+                name: "pg_batch_retries",
+                help: "Batch attempts repeated after a deadlock or serialisation failure",
+                value: get(&s.retries),
+            },
+            super::StoreCounter {
+                name: "pg_ambiguous_commits",
+                help: "COMMITs sent and not answered, whose fate was then looked up",
+                value: get(&s.ambiguous_commits),
+            },
+            super::StoreCounter {
+                name: "pg_ambiguous_commits_committed",
+                help: "Of the unanswered COMMITs looked up, those that had committed",
+                value: get(&s.ambiguous_committed),
+            },
+        ]
+    }
+
     fn apply(&self, ops: Vec<Command>) -> StoreFuture<Vec<OpResult>> {
         let inner = self.inner.clone();
         Box::pin(async move { commit::apply_pooled(&inner, &ops, false).await })

@@ -1,0 +1,114 @@
+//! What the engine counts and logs about each request's outcome: the LOGS.md
+//! events `*_commit`, `*_replay`, `*_rejected` and `*_end` that forensics reads.
+
+use super::{event_name, EngineError, EngineStats};
+use crate::store::{Output, StoreError};
+use std::time::Instant;
+
+/// Counts `result` in the engine's stats.
+pub(super) fn count(stats: &EngineStats, result: &Result<Output, EngineError>) {
+    match &result {
+        Ok(out) if out.is_replay() => {
+            stats.replayed.inc();
+        }
+        Ok(_) => {
+            stats.committed.inc();
+        }
+        Err(EngineError::Rejected(_)) => {
+            stats.rejected.inc();
+        }
+        Err(EngineError::Overloaded) => {
+            stats.overloaded.inc();
+        }
+        Err(EngineError::ShuttingDown | EngineError::Store(_) | EngineError::TimedOut) => {
+            stats.store_failures.inc();
+        }
+    }
+}
+
+/// Logs the outcome of a money movement (`family` deduct or refund).
+pub(super) fn log(
+    family: &'static str,
+    oid: &str,
+    req: &str,
+    inst: &str,
+    result: &Result<Output, EngineError>,
+    started: Instant,
+) {
+    let outcome = match &result {
+        Ok(Output::Movement {
+            entry,
+            replayed: false,
+            ..
+        }) => {
+            tracing::info!(
+                event = event_name(family, "commit"),
+                oid,
+                entry = entry.id,
+                amount = entry.amount.minor(),
+                balance_after = entry.balance_after.minor(),
+                req,
+                inst
+            );
+            "committed"
+        }
+        Ok(Output::Movement {
+            entry,
+            replayed: true,
+            ..
+        }) => {
+            tracing::info!(
+                event = event_name(family, "replay"),
+                oid,
+                entry = entry.id,
+                req,
+                inst
+            );
+            "replayed"
+        }
+        Ok(_) => "committed",
+        Err(EngineError::Rejected(r)) => {
+            tracing::info!(
+                event = event_name(family, "rejected"),
+                oid,
+                reason = r.reason(),
+                req,
+                inst
+            );
+            r.reason()
+        }
+        Err(e @ (EngineError::Overloaded | EngineError::ShuttingDown | EngineError::TimedOut)) => {
+            let reason = match e {
+                EngineError::Overloaded => "overloaded",
+                EngineError::TimedOut => "timed_out",
+                _ => "shutting_down",
+            };
+            tracing::warn!(
+                event = event_name(family, "rejected"),
+                oid,
+                reason,
+                req,
+                inst
+            );
+            "unavailable"
+        }
+        Err(EngineError::Store(e @ StoreError::Unknown(_))) => {
+            // It may have moved: never logged as "unavailable" (nothing moved).
+            tracing::error!(event = event_name(family, "rejected"), oid, reason = "outcome_unknown", detail = %e, req, inst);
+            "unknown"
+        }
+        Err(EngineError::Store(e)) => {
+            tracing::error!(event = event_name(family, "rejected"), oid, reason = "store_unavailable", detail = %e, req, inst);
+            "unavailable"
+        }
+    };
+    let dur_ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        event = event_name(family, "end"),
+        oid,
+        outcome,
+        dur_ms,
+        req,
+        inst
+    );
+}
