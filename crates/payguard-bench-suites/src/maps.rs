@@ -444,7 +444,11 @@ mod tests {
             self.inner.get(key)
         }
         fn upsert(&self, key: &str, value: CachedOrder) {
-            if self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+            if self
+                .n
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(2)
+            {
                 self.inner.upsert(key, value);
             }
         }
