@@ -121,6 +121,24 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out() {
     let a = Arc::new(instance(&db, &url, &p, "inst-a", 300, 900).await);
     let b = instance(&db, &url, &p, "inst-b", 300, 0).await;
     setup(&b).await;
+    // A first grant through B (no pause) makes the fence hash, its epoch (from
+    // the store) and loads the scripts into Redis, so A's grant below is one
+    // quick round trip: a slow first grant under load could time out, and a
+    // holder without a token is not what this test is about.
+    b.submit(
+        Op::CreateOrder {
+            id: OrderId::parse("o-warm").unwrap(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(1).unwrap(),
+        },
+        req("setup-warm"),
+    )
+    .await
+    .unwrap();
+    let warm = Op::Deduct {
+        order_id: OrderId::parse("o-warm").unwrap(),
+    };
+    b.submit(warm, req("req-warm")).await.unwrap();
 
     let a2 = a.clone();
     let stalled = tokio::spawn(async move { a2.submit(deduct(), req("req-a")).await });
