@@ -9,7 +9,7 @@ use payguard::engine::Guard;
 use payguard::store::sqlite::naive::NaiveSqlite;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig};
-use payguard_server::{AppState, ServiceInfo};
+use payguard_server::AppState;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -66,14 +66,7 @@ impl LocalServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState::new(
-            engine,
-            ServiceInfo {
-                instance: instance.to_owned(),
-                guard: guard.name(),
-                lock: "local",
-            },
-        );
+        let state = AppState::new(engine);
         let task = tokio::spawn(payguard_server::serve(listener, state, async move {
             let _ = rx.await;
         }));

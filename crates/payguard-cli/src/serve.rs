@@ -8,7 +8,7 @@ use payguard::store::postgres::{PgConfig, PgStore};
 use payguard::store::sqlite::naive::NaiveSqlite;
 use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig, Store};
-use payguard_server::{ApiKeys, AppState, ServiceInfo};
+use payguard_server::{ApiKeys, AppState};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -416,16 +416,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             ),
         };
         let store_kind = store.kind();
-        let mut engine_cfg = args.engine.engine_config(guard, instance.clone());
-        if matches!(db, DbUrl::Postgres(_)) && engine_cfg.order_cache_entries_max > 0 {
-            // Other instances write the same orders: a per-instance read cache would
-            // serve their changes late. Reads go to PostgreSQL instead.
-            engine_cfg.order_cache_entries_max = 0;
-            tracing::info!(
-                event = "order_cache_disabled",
-                reason = "shared PostgreSQL store"
-            );
-        }
+        // On PostgreSQL the engine turns its order cache off itself (Engine::build).
+        let engine_cfg = args.engine.engine_config(guard, instance.clone());
         let redis = match &args.redis {
             None => None,
             Some(url) => Some(Arc::new(
@@ -440,7 +432,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("connecting to Redis at {url}"))?,
             )),
         };
-        let lock_kind = if redis.is_some() { "redis" } else { "local" };
         let engine = Arc::new(match naive {
             Some(naive) => Engine::start_naive(naive, engine_cfg, redis),
             None => Engine::start_with_locks(store, engine_cfg, redis),
@@ -461,16 +452,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             db = %db.display(),
             store = store_kind,
             guard = guard.name(),
+            lock = engine.lock_kind(),
             inst = instance.as_str()
         );
-        let mut state = AppState::new(
-            engine,
-            ServiceInfo {
-                instance: instance.clone(),
-                guard: guard.name(),
-                lock: lock_kind,
-            },
-        );
+        let mut state = AppState::new(engine);
         state.keys = keys;
         state.limits = limits;
         payguard_server::serve(listener, state, shutdown_signal()).await?;

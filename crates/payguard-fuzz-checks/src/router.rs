@@ -26,7 +26,7 @@ use axum::body::{to_bytes, Body};
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use payguard::store::sqlite::{open_connection, SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig};
-use payguard_server::{AppState, ServiceInfo};
+use payguard_server::AppState;
 use serde_json::Value;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -190,14 +190,7 @@ impl Db {
             };
             Arc::new(Engine::start(Arc::new(store), cfg))
         };
-        let state = AppState::new(
-            engine.clone(),
-            ServiceInfo {
-                instance: "fuzz".into(),
-                guard: "full",
-                lock: "local",
-            },
-        );
+        let state = AppState::new(engine.clone());
         let app = payguard_server::router(state);
         let reader = open_connection(&db_path).expect("a read connection");
         let h = Db {

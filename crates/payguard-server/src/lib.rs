@@ -50,13 +50,26 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
 }
 
+impl ServiceInfo {
+    /// What the engine is: its instance id, guard and lock, read from the engine
+    /// itself so no assembly of the app can report something else.
+    pub fn of(engine: &Engine) -> Self {
+        ServiceInfo {
+            instance: engine.config().instance_id.clone(),
+            guard: engine.config().guard.name(),
+            lock: engine.lock_kind(),
+        }
+    }
+}
+
 impl AppState {
-    /// The zero-setup state: no keys, default limits.
-    pub fn new(engine: Arc<Engine>, info: ServiceInfo) -> Self {
+    /// The zero-setup state: no keys, default limits; `/healthz` reports what
+    /// the engine is ([`ServiceInfo::of`]).
+    pub fn new(engine: Arc<Engine>) -> Self {
         AppState {
             metrics: metrics::Metrics::new(&engine),
+            info: Arc::new(ServiceInfo::of(&engine)),
             engine,
-            info: Arc::new(info),
             keys: ApiKeys::default(),
             limits: Limits::default(),
         }

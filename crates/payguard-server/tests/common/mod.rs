@@ -4,7 +4,7 @@
 
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::{Engine, EngineConfig};
-use payguard_server::{AppState, ServiceInfo};
+use payguard_server::AppState;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,14 +72,7 @@ pub async fn spawn_app_on(
         .expect("bind port 0");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let mut state = AppState::new(
-        engine.clone(),
-        ServiceInfo {
-            instance: "test-1".into(),
-            guard: "full",
-            lock: "local",
-        },
-    );
+    let mut state = AppState::new(engine.clone());
     state.keys = keys;
     state.limits = limits;
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {

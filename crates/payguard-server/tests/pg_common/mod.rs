@@ -5,7 +5,7 @@
 use payguard::engine::Guard;
 use payguard::store::postgres::{PgConfig, PgStore, ScratchDb};
 use payguard::{Engine, EngineConfig};
-use payguard_server::{AppState, ServiceInfo};
+use payguard_server::AppState;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -103,14 +103,7 @@ pub async fn spawn_full(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let mut state = AppState::new(
-        engine.clone(),
-        ServiceInfo {
-            instance: name.into(),
-            guard: guard.name(),
-            lock: "local",
-        },
-    );
+    let mut state = AppState::new(engine.clone());
     state.keys = keys;
     state.limits = limits;
     let server = tokio::spawn(payguard_server::serve(listener, state, async move {

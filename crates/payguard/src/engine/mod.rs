@@ -251,10 +251,21 @@ impl Engine {
 
     fn build(
         store: Arc<dyn Store>,
-        cfg: EngineConfig,
+        mut cfg: EngineConfig,
         redis: Option<Arc<RedisLocks>>,
         naive: Option<NaiveSqlite>,
     ) -> Self {
+        if store.kind() == "postgres" && cfg.order_cache_entries_max > 0 {
+            // Other instances write the same orders: a per-instance read cache
+            // would serve their changes late. Reads go to PostgreSQL instead. Here,
+            // so that every assembly of an engine (serve, tests, benches) obeys it.
+            cfg.order_cache_entries_max = 0;
+            tracing::info!(
+                event = "order_cache_disabled",
+                reason = "shared PostgreSQL store",
+                inst = cfg.instance_id.as_str()
+            );
+        }
         assert!(cfg.lanes > 0, "lanes must be > 0");
         assert!(cfg.batch_max > 0, "batch_max must be > 0");
         assert!(
@@ -294,6 +305,15 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.shared.cfg
+    }
+
+    /// `redis` when batches take cross-instance locks, else `local`.
+    pub fn lock_kind(&self) -> &'static str {
+        if self.shared.redis.is_some() {
+            "redis"
+        } else {
+            "local"
+        }
     }
 
     pub fn stats(&self) -> &EngineStats {
