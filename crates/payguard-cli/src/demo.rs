@@ -94,23 +94,16 @@ async fn side(
     let path = dir.join(format!("{name}.db"));
     let server = LocalServer::start(&path, guard, &format!("demo-{name}")).await?;
     let storm_args = StormArgs {
-        target: vec![server.url.clone()],
-        api_key: None,
         orders: args.orders,
         dup: args.dup,
         concurrency: args.concurrency,
         duration: 120,
-        refund_ratio: 0.2,
-        poor_ratio: 0.1,
         seed: args.seed,
         run_tag: Some(format!("demo{}", args.seed)),
-        db: Some(format!("sqlite://{}", path.display())),
-        json: true,
-        html: None,
-        no_progress: true,
-        history: None,
-        faults: false,
-        slow_ms: storm::liveness::SLOW_MS_DEFAULT,
+        ..StormArgs::in_process(
+            vec![server.url.clone()],
+            format!("sqlite://{}", path.display()),
+        )
     };
     let report = storm::storm(&storm_args).await;
     server.stop().await?;

@@ -63,23 +63,16 @@ pub fn run(args: GuardsBenchArgs) -> anyhow::Result<ExitCode> {
         let report = rt.block_on(async {
             let server = LocalServer::start(&db, guard, &format!("bench-{name}")).await?;
             let report = storm(&StormArgs {
-                target: vec![server.url.clone()],
-                api_key: None,
                 orders,
                 dup: args.dup,
                 concurrency: args.concurrency,
-                duration: 600,
                 refund_ratio: 0.0,
-                poor_ratio: 0.1,
                 seed: args.seed,
                 run_tag: Some(format!("bench{}", args.seed)),
-                db: Some(format!("sqlite://{}", db.display())),
-                json: true,
-                html: None,
-                no_progress: true,
-                history: None,
-                faults: false,
-                slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
+                ..StormArgs::in_process(
+                    vec![server.url.clone()],
+                    format!("sqlite://{}", db.display()),
+                )
             })
             .await;
             server.stop().await?;

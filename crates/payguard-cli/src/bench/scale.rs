@@ -238,24 +238,16 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         logs.push(log);
     }
     let report = storm(&StormArgs {
-        target: instances.iter().map(|i| i.url.clone()).collect(),
-        api_key: None,
         orders: plan.orders,
         dup: plan.args.dup,
         concurrency: plan.args.concurrency,
-        duration: 600,
         refund_ratio: 0.0,
-        poor_ratio: 0.1,
         seed: plan.args.seed,
         run_tag: Some(tag.clone()),
-        db: Some(db.clone()),
-        json: true,
-        html: None,
-        no_progress: true,
-        history: None,
-        // No fault is injected: a 503, an unanswered or a slow request fails the run.
-        faults: false,
-        slow_ms: crate::storm::liveness::SLOW_MS_DEFAULT,
+        ..StormArgs::in_process(
+            instances.iter().map(|i| i.url.clone()).collect(),
+            db.clone(),
+        )
     })
     .await;
     for i in instances {

@@ -108,6 +108,31 @@ pub struct StormArgs {
 }
 
 impl StormArgs {
+    /// A storm started from code (`demo`, the benches): the command line's
+    /// defaults, no output of its own, strict (no fault injected), against
+    /// `target` and audited in `db`. Callers override what they measure.
+    pub fn in_process(target: Vec<String>, db: String) -> Self {
+        StormArgs {
+            target,
+            api_key: None,
+            orders: 1_000,
+            dup: 4,
+            concurrency: 64,
+            duration: 600,
+            refund_ratio: 0.2,
+            poor_ratio: 0.1,
+            seed: 7,
+            run_tag: None,
+            db: Some(db),
+            json: true,
+            html: None,
+            history: None,
+            faults: false,
+            slow_ms: liveness::SLOW_MS_DEFAULT,
+            no_progress: true,
+        }
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.target.is_empty(), "--target needs at least one URL");
         for t in &self.target {
