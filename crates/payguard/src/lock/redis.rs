@@ -207,14 +207,6 @@ impl RedisLocks {
         self.key(&format!("lock:order:{order}"))
     }
 
-    /// One attempt at `lock:order:{order}`; `None` when another holder has it.
-    pub async fn try_acquire(&self, order: &str) -> Result<Option<Lease>, RedisLockError> {
-        Ok(match self.try_acquire_many(&[order]).await?.pop() {
-            Some(Grant::Held(lease)) => Some(lease),
-            _ => None,
-        })
-    }
-
     /// One attempt at the lock of every order in `orders` (distinct ids), in one
     /// round trip: the free ones are granted, the busy ones reported, none waited
     /// for. The answer has one [`Grant`] per order, in order.
