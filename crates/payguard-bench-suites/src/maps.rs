@@ -346,7 +346,8 @@ pub const CHECK_HIT_RATE_MIN: f64 = 0.9;
 /// own `keys_per_thread` keys (as a lane owns its orders) and write `rounds`
 /// versions of each. After each write the owner must read back exactly that value;
 /// a read of another owner's key must be a consistent value for that key, written
-/// by its owner; at the end every key must hold its last version.
+/// by its owner; at the end every key must hold its last version (or, in a
+/// bounded map, may have been evicted).
 pub fn check_map(
     map: &dyn OrderMap,
     threads: u32,
@@ -401,10 +402,15 @@ pub fn check_map(
     if (hits as f64) < CHECK_HIT_RATE_MIN * reads as f64 {
         return Err(format!("only {hits} of {reads} read-backs hit"));
     }
-    let mut final_hits = 0;
+    // At the end every key present must hold its last version. An unbounded map
+    // must hold them all; a bounded one may have evicted any number (scc's
+    // HashCache with a zero minimum capacity keeps anywhere from ~55% to 100% of
+    // 1,000 keys, depending on its random hash seed), so presence is not a
+    // correctness property there: the read-back rate above already guards
+    // against a map that answers nothing.
     for i in 0..total {
         match map.get(&keys[i as usize]) {
-            Some(got) if got == CachedOrder::new(i, i / keys_per_thread, rounds) => final_hits += 1,
+            Some(got) if got == CachedOrder::new(i, i / keys_per_thread, rounds) => {}
             None if allow_miss => {}
             other => {
                 return Err(format!(
@@ -412,11 +418,6 @@ pub fn check_map(
                 ))
             }
         }
-    }
-    if (final_hits as f64) < CHECK_HIT_RATE_MIN * total as f64 {
-        return Err(format!(
-            "only {final_hits} of {total} keys present at the end"
-        ));
     }
     Ok(())
 }
