@@ -96,7 +96,7 @@ async fn crash_after_commit_before_reply_then_the_retry_replays() {
 /// How a round's server dies.
 #[derive(Clone, Copy, Debug)]
 enum Crash {
-    /// `kill -9` 1 ms to this many ms into the round's load.
+    /// `kill -9` up to this many ms after the round's first answer.
     Kill9 { within_ms: u64 },
     /// The server is armed with `FAILPOINTS=<this>` and ends itself (exit 86)
     /// where it says; killed after the round if it never got there.
@@ -178,12 +178,17 @@ async fn crash_rounds_on(
             Crash::Failpoint(fp) => start_with_env(dir, &name, db, extra, &[("FAILPOINTS", fp)]),
         };
         let mut calls = Vec::new();
+        // Answers seen so far this round: a kill waits for the first, so that it
+        // lands mid-load however slow the machine is (CI once saw 12 rounds of
+        // kills that all landed before the server answered anything).
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for i in 0..ORDERS_PER_ROUND {
             for _dup in 0..2 {
-                let (http, url, oid) = (
+                let (http, url, oid, answered) = (
                     http.clone(),
                     format!("{}/v1/orders/k{round}-{i}/deduct", s.url),
                     format!("k{round}-{i}"),
+                    answered.clone(),
                 );
                 calls.push(tokio::spawn(async move {
                     let r = tokio::time::timeout(ROUND_WAIT, http.post(url).send()).await;
@@ -195,13 +200,22 @@ async fn crash_rounds_on(
                             .and_then(|b| b["entry"]["id"].as_str().map(str::to_owned)),
                         _ => None,
                     };
+                    if entry.is_some() {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     (oid, entry)
                 }));
             }
         }
         match crash {
             Crash::Kill9 { within_ms } => {
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1..within_ms))).await;
+                let first_answer_by = tokio::time::Instant::now() + ROUND_WAIT;
+                while answered.load(std::sync::atomic::Ordering::Relaxed) == 0
+                    && tokio::time::Instant::now() < first_answer_by
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..within_ms))).await;
                 s.kill9();
             }
             Crash::Failpoint(_) => {
