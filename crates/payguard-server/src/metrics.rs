@@ -169,6 +169,11 @@ impl Metrics {
             s.joined.clone(),
         );
         registry.register(
+            "settled_after_wait",
+            "Ops of an order another instance had just released, answered from committed state without its lock",
+            s.settled_after_wait.clone(),
+        );
+        registry.register(
             "lane_batch_size",
             "Operations per lane batch (group commit)",
             s.batch_sizes.clone(),

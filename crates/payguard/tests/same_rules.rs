@@ -112,7 +112,51 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
                 "batch {b} at {now}: {:?}",
                 batch.iter().map(describe).collect::<Vec<_>>()
             ));
+            // What the committed state settles before the batch, read without a
+            // write: the same on both stores, and for the batch's first command
+            // (nothing before it in the batch changes its state) the very answer
+            // the write path then gives it.
+            let bare: Vec<Command> = batch.iter().map(|c| Command::new(c.op.clone())).collect();
+            let settled = sqlite_store.settled(bare.clone()).await.unwrap();
+            if let Some(pg) = &pg {
+                assert_eq!(
+                    pg.store.settled(bare).await.unwrap(),
+                    settled,
+                    "seed {seed} case {case} batch {b}: settled answers differ\n{}",
+                    history.join("\n")
+                );
+            }
+            totals.settled += settled.iter().flatten().count();
             let from_sqlite = sqlite::apply_ops(&mut conn, &batch, now).unwrap();
+            if let (Some(answer), None, None) =
+                (&settled[0], &batch[0].fence, &batch[0].idempotency)
+            {
+                assert_eq!(
+                    answer,
+                    &from_sqlite[0],
+                    "seed {seed} case {case} batch {b}: settled without a write, then answered otherwise\n{}",
+                    history.join("\n")
+                );
+                totals.settled_checked += 1;
+            }
+            if let (None, None, None) = (&settled[0], &batch[0].fence, &batch[0].idempotency) {
+                // Not settled: the write path must then write (a first execution,
+                // or the decline of an order that cannot pay) or refuse in a way
+                // a retry may change; never answer a replay or a definite refusal.
+                let wrote = match &from_sqlite[0] {
+                    Ok(out) => !out.is_replay(),
+                    Err(r) => {
+                        *r == payguard::store::Rejection::InsufficientFunds || !r.is_definite()
+                    }
+                };
+                assert!(
+                    wrote,
+                    "seed {seed} case {case} batch {b}: not settled, yet answered {:?} without a write\n{}",
+                    from_sqlite[0],
+                    history.join("\n")
+                );
+                totals.settled_checked += 1;
+            }
             let expected: Vec<Shape> = batch.iter().map(|c| model.apply(c)).collect();
             let got: Vec<Shape> = from_sqlite.iter().map(Shape::of).collect();
             assert_eq!(
@@ -159,6 +203,10 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
     }
     if cases >= CASES_DEFAULT {
         assert!(
+            totals.settled > 0 && totals.settled_checked > 0,
+            "seed {seed}: nothing was settled without a write"
+        );
+        assert!(
             totals.missing().is_empty(),
             "seed {seed}: {case} sequences never answered {:?}: {:?}",
             totals.missing(),
@@ -166,10 +214,12 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
         );
     }
     eprintln!(
-        "same_rules: {} commands in {} batches, {} claims; answers: {:?}; PostgreSQL {}; {:.1}s",
+        "same_rules: {} commands in {} batches, {} claims, {} settled without a write ({} first commands checked against the write path); answers: {:?}; PostgreSQL {}; {:.1}s",
         totals.commands,
         totals.batches,
         totals.claims,
+        totals.settled,
+        totals.settled_checked,
         totals.kinds,
         if pg.is_some() { "compared" } else { "skipped" },
         started.elapsed().as_secs_f64()
@@ -185,6 +235,10 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
 #[derive(Default)]
 struct Totals {
     commands: usize,
+    /// Commands the committed state settled before their batch ran.
+    settled: usize,
+    /// Of those, first commands whose answer was compared with the write path's.
+    settled_checked: usize,
     batches: usize,
     claims: usize,
     kinds: std::collections::BTreeMap<&'static str, usize>,

@@ -3,16 +3,104 @@
 //! the orders it got (each with its fencing token), leaves the busy ones to be
 //! parked by the lane, and gives its leases back without delaying the answers.
 //! Nothing here holds a lock while waiting for another, so instances cannot
-//! deadlock (issue #12).
+//! deadlock (issue #12). An order woken by its holder's release is first read:
+//! what the holder committed usually answers it, with no lock at all.
 
 use super::full::BatchDone;
 use super::lane::LaneReply;
 use super::Shared;
 use crate::domain::{OrderId, RequestId};
 use crate::lock::redis::{Grant, RedisLocks};
-use crate::store::{Command, StoreError};
+use crate::store::{Command, OpResult, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Applies a batch under the Redis locks of its orders, each op carrying its
+/// order's fencing token. The ops of orders another instance just released
+/// (`settle_first`) are first asked of the committed state
+/// ([`Store::settled`](crate::store::Store::settled)): a duplicate that waited
+/// for the instance that charged its order is answered with the replay without
+/// a lock, a write or a release. The rest run as [`locked_apply`] says.
+pub(super) async fn fenced_apply(
+    shared: Arc<Shared>,
+    locks: Arc<RedisLocks>,
+    ops: Vec<Command>,
+    reqs: Vec<RequestId>,
+    settle_first: Vec<bool>,
+) -> BatchDone {
+    if !settle_first.contains(&true) {
+        return locked_apply(shared, locks, ops, reqs).await;
+    }
+    let answers = settle_released(&shared, &ops, &reqs, &settle_first).await;
+    let (mut rest_pos, mut rest_ops, mut rest_reqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (op, req)) in ops.into_iter().zip(reqs).enumerate() {
+        if answers[i].is_none() {
+            rest_pos.push(i);
+            rest_ops.push(op);
+            rest_reqs.push(req);
+        }
+    }
+    let mut results: Vec<Option<LaneReply>> = answers.into_iter().map(|a| a.map(Ok)).collect();
+    if rest_ops.is_empty() {
+        return BatchDone {
+            results,
+            busy: Vec::new(),
+            sent: Instant::now(),
+        };
+    }
+    let done = locked_apply(shared, locks, rest_ops, rest_reqs).await;
+    for (pos, result) in rest_pos.into_iter().zip(done.results) {
+        results[pos] = result;
+    }
+    BatchDone {
+        results,
+        busy: done.busy,
+        sent: done.sent,
+    }
+}
+
+/// The committed state's answers for the marked ops (see [`fenced_apply`]);
+/// `None` for every op it does not settle. A failed read settles nothing: those
+/// ops go on under their locks, where a store that is down fails them properly.
+async fn settle_released(
+    shared: &Shared,
+    ops: &[Command],
+    reqs: &[RequestId],
+    settle_first: &[bool],
+) -> Vec<Option<OpResult>> {
+    let inst = &*shared.inst;
+    let mut out: Vec<Option<OpResult>> = vec![None; ops.len()];
+    let asked: Vec<usize> = (0..ops.len())
+        .filter(|&i| settle_first[i] && ops[i].fence.is_none() && ops[i].idempotency.is_none())
+        .collect();
+    if asked.is_empty() {
+        return out;
+    }
+    let cmds = asked.iter().map(|&i| ops[i].clone()).collect();
+    match shared.store.settled(cmds).await {
+        Ok(answers) if answers.len() == asked.len() => {
+            for (i, answer) in asked.into_iter().zip(answers) {
+                if let Some(answer) = answer {
+                    shared.stats.settled_after_wait.inc();
+                    tracing::info!(
+                        event = "settled_after_wait",
+                        oid = ops[i].order_id().map(OrderId::as_str).unwrap_or(""),
+                        req = reqs[i].as_str(),
+                        inst
+                    );
+                    out[i] = Some(answer);
+                }
+            }
+        }
+        Ok(answers) => tracing::warn!(
+            event = "settled_read_failed",
+            detail = %format!("store answered {} of {} ops", answers.len(), asked.len()),
+            inst
+        ),
+        Err(e) => tracing::warn!(event = "settled_read_failed", detail = %e, inst),
+    }
+    out
+}
 
 /// Applies a batch under the Redis locks of its orders, each op carrying its
 /// order's fencing token. The locks are taken in one round trip that waits for
@@ -21,7 +109,7 @@ use std::time::{Duration, Instant};
 /// holds a lock while waiting for another, so instances cannot deadlock. If
 /// Redis cannot be reached, the batch is written without tokens: the database's
 /// constraints still charge once.
-pub(super) async fn fenced_apply(
+async fn locked_apply(
     shared: Arc<Shared>,
     locks: Arc<RedisLocks>,
     ops: Vec<Command>,

@@ -54,6 +54,9 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
     // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
     let mut wakes: futures::stream::FuturesUnordered<WakeFuture> = Default::default();
     let mut first_busy: std::collections::HashMap<OrderId, Instant> = Default::default();
+    // Unparked orders whose ops have not gone out in a batch since: their holder
+    // just released them, so their ops are first asked of the committed state.
+    let mut woken: std::collections::HashSet<OrderId> = Default::default();
     let mut open = true;
     let mut inflight_since = Instant::now();
     // When a non-full batch may go out at the latest.
@@ -68,7 +71,23 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
                     shared.stats.batched_ops.inc_by(ops.len() as u64);
                     shared.stats.batch_sizes.observe(ops.len() as f64);
                     inflight_since = Instant::now();
-                    inflight = Some(start_batch(&shared, ops, core.inflight_reqs()));
+                    let settle_first: Vec<bool> = ops
+                        .iter()
+                        .map(|op| op.order_id().is_some_and(|o| woken.contains(o)))
+                        .collect();
+                    if settle_first.contains(&true) {
+                        for op in &ops {
+                            if let Some(o) = op.order_id() {
+                                woken.remove(o);
+                            }
+                        }
+                    }
+                    inflight = Some(start_batch(
+                        &shared,
+                        ops,
+                        core.inflight_reqs(),
+                        settle_first,
+                    ));
                 }
                 deadline = None;
             }
@@ -96,7 +115,9 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
                 }
             }
             Some(order) = wakes.next(), if !wakes.is_empty() => {
-                core.unpark(&order);
+                if core.unpark(&order) {
+                    woken.insert(order);
+                }
             }
             queued = rx.recv(), if can_take => match queued {
                 Some(queued) => {
@@ -116,8 +137,14 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
     }
 }
 
-/// Hands a batch to the store: straight, or under the Redis locks of its orders.
-fn start_batch(shared: &Arc<Shared>, ops: Vec<Command>, reqs: Vec<RequestId>) -> BatchFuture {
+/// Hands a batch to the store: straight, or under the Redis locks of its orders
+/// (`settle_first` marks the ops of orders just released by another instance).
+fn start_batch(
+    shared: &Arc<Shared>,
+    ops: Vec<Command>,
+    reqs: Vec<RequestId>,
+    settle_first: Vec<bool>,
+) -> BatchFuture {
     match &shared.redis {
         None => {
             let n = ops.len();
@@ -133,7 +160,13 @@ fn start_batch(shared: &Arc<Shared>, ops: Vec<Command>, reqs: Vec<RequestId>) ->
                 }
             })
         }
-        Some(locks) => Box::pin(fenced_apply(shared.clone(), locks.clone(), ops, reqs)),
+        Some(locks) => Box::pin(fenced_apply(
+            shared.clone(),
+            locks.clone(),
+            ops,
+            reqs,
+            settle_first,
+        )),
     }
 }
 

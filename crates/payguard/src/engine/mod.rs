@@ -149,6 +149,9 @@ pub struct EngineStats {
     pub collisions: Counter,
     /// Single flight: a duplicate that shared an in-flight op's result.
     pub joined: Counter,
+    /// Ops of an order another instance had just released, answered from the
+    /// committed state without taking its lock (`--redis`; `Store::settled`).
+    pub settled_after_wait: Counter,
     pub batches: Counter,
     pub batched_ops: Counter,
     /// Ops per lane batch.
@@ -167,6 +170,7 @@ impl Default for EngineStats {
             store_failures: Counter::default(),
             collisions: Counter::default(),
             joined: Counter::default(),
+            settled_after_wait: Counter::default(),
             batches: Counter::default(),
             batched_ops: Counter::default(),
             batch_sizes: Histogram::new(BATCH_SIZE_BUCKETS),

@@ -400,6 +400,12 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one command in its own transaction that takes the database's write
     /// or row lock before re-reading the order (`--guard seed`: the write-up's fix).
     fn apply_isolated(&self, cmd: Command) -> StoreFuture<OpResult>;
+    /// Answers, from the committed state and without writing or locking
+    /// anything, the commands that state already settles ([`rules::settled`]: a
+    /// replay, a definite refusal); `None` for each command that must run as a
+    /// write. One snapshot for the whole call. With cross-instance locks, the
+    /// engine asks this first for an order another instance just released.
+    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
     /// The order's entries in commit order; `None` when the order does not exist.

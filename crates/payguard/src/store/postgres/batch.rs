@@ -5,7 +5,7 @@
 use super::error::{pg_message, Fault};
 use super::idempotency::write_idempotency;
 use super::plan::Plan;
-use super::reads::read_batch;
+use super::reads::{read_batch, RowLocks};
 use super::writes::{patch_ids, write_batch};
 use super::{PgStats, BATCH_ATTEMPTS_MAX, RETRY_BACKOFF_MS};
 use crate::failpoint::{self, Action};
@@ -159,7 +159,7 @@ pub(super) async fn run_pass(
     now: i64,
 ) -> Result<Vec<OpResult>, Fault> {
     let mut plan = Plan::default();
-    read_batch(tx, ops, &mut plan).await?;
+    read_batch(tx, ops, &mut plan, RowLocks::ForUpdate).await?;
     let mut results: Vec<OpResult> = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(plan.decide(op, now)?);

@@ -246,6 +246,30 @@ impl Store for PgStore {
         })
     }
 
+    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            let now = batch::now_ms();
+            match tokio::time::timeout(
+                inner.batch_deadline,
+                reads::settled(&mut client, &cmds, now),
+            )
+            .await
+            {
+                Ok(answers) => answers.map_err(Fault::into_store_error),
+                Err(_) => {
+                    // Mid-transaction: never hand this connection back to the pool.
+                    drop(deadpool_postgres::Object::take(client));
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within the {:?} batch deadline",
+                        inner.batch_deadline
+                    )))
+                }
+            }
+        })
+    }
+
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
         let inner = self.inner.clone();
         Box::pin(async move {

@@ -83,6 +83,14 @@ impl Plan {
         }
     }
 
+    /// What the committed state answers `cmd` without a write
+    /// ([`rules::settled`]), for a plan that was read and will not be written.
+    /// State the rules find inconsistent is no answer here: the command goes on
+    /// to the write path, which fails its batch and says why.
+    pub(super) fn settled(&self, cmd: &Command, now: i64) -> Option<OpResult> {
+        rules::settled(cmd, &self.seen(cmd), now).unwrap_or(None)
+    }
+
     /// What the rules need for `cmd`, from the batch's state (see [`Seen`]).
     fn seen(&self, cmd: &Command) -> Seen<'_> {
         let order = cmd

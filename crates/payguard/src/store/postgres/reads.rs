@@ -1,4 +1,6 @@
-//! What a batch reads before it decides: every row it touches, locked.
+//! What a batch reads before it decides: every row it touches, locked; and the
+//! same reads unlocked, in one read-only snapshot, for the commands the committed
+//! state already settles ([`settled`]).
 
 use super::error::{corrupt, Fault};
 use super::plan::{AccountSlot, OrderSlot, Plan};
@@ -49,18 +51,38 @@ impl<'a> Wanted<'a> {
     }
 }
 
-/// Reads and locks every row the batch touches: orders, then accounts, each in id
-/// order (the global lock order), then the entries that replays return.
+/// Whether a batch's reads lock the rows they read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RowLocks {
+    /// `FOR UPDATE`: the batch will write what it decides from them.
+    ForUpdate,
+    /// Plain reads: nothing will be written ([`settled`]).
+    None,
+}
+
+impl RowLocks {
+    fn clause(self) -> &'static str {
+        match self {
+            RowLocks::ForUpdate => " FOR UPDATE",
+            RowLocks::None => "",
+        }
+    }
+}
+
+/// Reads (and with [`RowLocks::ForUpdate`] locks) every row the batch touches:
+/// orders, then accounts, each in id order (the global lock order), then the
+/// entries that replays return.
 pub(super) async fn read_batch(
     tx: &deadpool_postgres::Transaction<'_>,
     cmds: &[Command],
     plan: &mut Plan,
+    locks: RowLocks,
 ) -> Result<(), Fault> {
     let mut wanted = Wanted::of(cmds);
     let debit_ids = if wanted.orders.is_empty() {
         Vec::new()
     } else {
-        lock_orders(tx, &wanted, plan).await?
+        lock_orders(tx, &wanted, plan, locks).await?
     };
     if cmds.iter().any(|c| c.fence.is_some()) && !plan.orders.is_empty() {
         read_fences(tx, plan).await?;
@@ -69,7 +91,7 @@ pub(super) async fn read_batch(
         wanted.accounts.insert(slot.base.account_id.as_str());
     }
     if !wanted.accounts.is_empty() {
-        lock_accounts(tx, &wanted.accounts, &mut plan.accounts).await?;
+        lock_accounts(tx, &wanted.accounts, &mut plan.accounts, locks).await?;
     }
     if !wanted.refunds.is_empty() || !debit_ids.is_empty() {
         read_entries(
@@ -84,16 +106,18 @@ pub(super) async fn read_batch(
     Ok(())
 }
 
-/// Locks and reads the batch's orders (`FOR UPDATE`, in id order); returns the
-/// debit entry ids of the deducted ones that are paid.
+/// Reads (and locks, in id order) the batch's orders; returns the debit entry
+/// ids of the deducted ones that are paid.
 async fn lock_orders(
     tx: &deadpool_postgres::Transaction<'_>,
     wanted: &Wanted<'_>,
     plan: &mut Plan,
+    locks: RowLocks,
 ) -> Result<Vec<i64>, Fault> {
     let stmt = tx
         .prepare_cached(&format!(
-            "SELECT {ORDER_COLS} FROM orders WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+            "SELECT {ORDER_COLS} FROM orders WHERE id = ANY($1::text[]) ORDER BY id{}",
+            locks.clause()
         ))
         .await?;
     let ids: Vec<&str> = wanted.orders.iter().copied().collect();
@@ -136,16 +160,17 @@ async fn read_fences(
     Ok(())
 }
 
-/// Locks and reads the batch's accounts (`FOR UPDATE`, in id order), after its
-/// orders.
+/// Reads (and locks, in id order) the batch's accounts, after its orders.
 async fn lock_accounts(
     tx: &deadpool_postgres::Transaction<'_>,
     account_ids: &BTreeSet<&str>,
     accounts: &mut HashMap<AccountId, AccountSlot>,
+    locks: RowLocks,
 ) -> Result<(), Fault> {
     let stmt = tx
         .prepare_cached(&format!(
-            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::text[]) ORDER BY id{}",
+            locks.clause()
         ))
         .await?;
     let ids: Vec<&str> = account_ids.iter().copied().collect();
@@ -192,4 +217,27 @@ async fn read_entries(
         }
     }
     Ok(())
+}
+
+/// The commands the committed state settles, answered from one read-only
+/// REPEATABLE READ snapshot without locking a row ([`rules::settled`]); `None`
+/// for each command that must run as a write.
+///
+/// [`rules::settled`]: crate::store::rules::settled
+pub(super) async fn settled(
+    client: &mut deadpool_postgres::ClientWrapper,
+    cmds: &[Command],
+    now: i64,
+) -> Result<Vec<Option<crate::store::OpResult>>, Fault> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut plan = Plan::default();
+    read_batch(&tx, cmds, &mut plan, RowLocks::None).await?;
+    let answers = cmds.iter().map(|cmd| plan.settled(cmd, now)).collect();
+    tx.commit().await?;
+    Ok(answers)
 }

@@ -33,7 +33,10 @@
 //!   is refused and moves nothing;
 //! * fencing: a command under a lock token lower than one that already wrote its
 //!   order is stale and moves nothing; otherwise the order keeps the token;
-//! * Idempotency-Key: see [`idempotency`].
+//! * Idempotency-Key: see [`idempotency`];
+//! * settled: a command without a fence or an Idempotency-Key whose decision is
+//!   a replay or a definite refusal writes nothing, so the committed state alone
+//!   answers it ([`settled`]): no lock is needed to read what already happened.
 
 pub mod idempotency;
 mod ledger;
@@ -245,4 +248,27 @@ pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Incon
         } => ledger::refund(order_id, refund_id, *amount, seen, now)?,
     };
     Ok(Verdict { fence, decision })
+}
+
+/// What `cmd` answers from the committed state alone, without writing anything or
+/// holding its order's lock: a replay, or a definite refusal. `None` when the
+/// command must run as a write: its decision is an effect (a charge, a decline,
+/// a refund, a new row), its refusal may change on a retry (a lock or database
+/// refusal), or it carries what only a write may do (a fencing token to keep, an
+/// Idempotency-Key record to complete).
+///
+/// Why: with cross-instance locks, a duplicate that waited for another
+/// instance's release almost always finds its order already settled; answering
+/// it from a read spares a lock round trip, a write transaction and a release
+/// (issue #12). It is safe because nothing is written: the answer is the one the
+/// write path would give against the same state ([`decide`] decides both).
+pub fn settled(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Option<OpResult>, Inconsistent> {
+    if cmd.fence.is_some() || cmd.idempotency.is_some() {
+        return Ok(None);
+    }
+    Ok(match decide(cmd, seen, now)?.decision {
+        Decision::Replay(out) => Some(Ok(out)),
+        Decision::Reject(r) if r.is_definite() => Some(Err(r)),
+        Decision::Reject(_) | Decision::Apply(_) => None,
+    })
 }

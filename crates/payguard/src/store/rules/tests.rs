@@ -526,3 +526,89 @@ fn an_answer_is_stored_when_definite_and_the_claim_released_otherwise() {
         }
     ));
 }
+
+#[test]
+fn only_replays_and_definite_refusals_are_settled_without_a_write() {
+    let debit = entry(7, EntryKind::Debit, 300, None);
+    let paid = order(OrderStatus::Paid, 300, 0, Some(7));
+    let prepare = order(OrderStatus::Prepare, 300, 0, None);
+    let failed = order(OrderStatus::Failed, 300, 0, None);
+    let on = |o: &Order| -> Result<Option<OpResult>, Inconsistent> {
+        let seen = Seen {
+            order: Some(o),
+            debit: Some(&debit),
+            balance: Some(m(1_000)),
+            ..Seen::default()
+        };
+        settled(&deduct(), &seen, NOW)
+    };
+    // A paid order: the replay the write path would answer.
+    assert_eq!(
+        on(&paid).unwrap(),
+        Some(Ok(Output::Movement {
+            order: paid.clone(),
+            entry: debit.clone(),
+            replayed: true
+        }))
+    );
+    // A failed order: insufficient_funds for good.
+    assert_eq!(
+        on(&failed).unwrap(),
+        Some(Err(Rejection::InsufficientFunds))
+    );
+    // A PREPARE order would be charged: only the write path may.
+    assert_eq!(on(&prepare).unwrap(), None);
+    // A PREPARE order that cannot pay would be declined: a write too.
+    let poor = Seen {
+        order: Some(&prepare),
+        balance: Some(m(1)),
+        ..Seen::default()
+    };
+    assert_eq!(settled(&deduct(), &poor, NOW).unwrap(), None);
+    // Unknown order: a definite refusal.
+    assert_eq!(
+        settled(&deduct(), &Seen::default(), NOW).unwrap(),
+        Some(Err(Rejection::OrderNotFound))
+    );
+    // A fenced command, or one with a key to complete, always writes.
+    let seen = Seen {
+        order: Some(&paid),
+        debit: Some(&debit),
+        ..Seen::default()
+    };
+    assert_eq!(settled(&deduct().fenced(3), &seen, NOW).unwrap(), None);
+    let keyed = deduct().with_idempotency(IdemWrite {
+        scope: "s".into(),
+        key: "k".into(),
+        fingerprint: "f".into(),
+        ttl_ms: 50,
+        render: std::sync::Arc::new(|_: &OpResult| None),
+    });
+    assert_eq!(settled(&keyed, &seen, NOW).unwrap(), None);
+    // A refund that would move money is a write; its replay is not.
+    let refund_entry = entry(9, EntryKind::Refund, 100, Some("r1"));
+    let part = order(OrderStatus::PartiallyRefunded, 300, 100, Some(7));
+    let replay = Seen {
+        order: Some(&part),
+        refund: Some(&refund_entry),
+        balance: Some(m(1_000)),
+        ..Seen::default()
+    };
+    assert!(matches!(
+        settled(&refund("r1", 100), &replay, NOW).unwrap(),
+        Some(Ok(Output::Movement { replayed: true, .. }))
+    ));
+    let fresh = Seen {
+        order: Some(&part),
+        balance: Some(m(1_000)),
+        ..Seen::default()
+    };
+    assert_eq!(settled(&refund("r2", 100), &fresh, NOW).unwrap(), None);
+    // Inconsistent state is never an answer.
+    let no_link = order(OrderStatus::Paid, 300, 0, None);
+    let broken = Seen {
+        order: Some(&no_link),
+        ..Seen::default()
+    };
+    assert!(settled(&deduct(), &broken, NOW).is_err());
+}

@@ -73,6 +73,32 @@ pub(super) fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result
     Ok(answer)
 }
 
+/// The commands the committed state settles, answered from one read
+/// transaction (one WAL snapshot) without writing ([`rules::settled`]); `None`
+/// for each command that must run as a write. State the rules find inconsistent
+/// is no answer here: the write path fails that command's batch and says why.
+pub(super) fn settled(
+    conn: &mut Connection,
+    cmds: &[Command],
+    now: i64,
+) -> rusqlite::Result<Vec<Option<OpResult>>> {
+    let tx = conn.transaction()?;
+    let mut answers = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        if cmd.fence.is_some() || cmd.idempotency.is_some() {
+            answers.push(None);
+            continue;
+        }
+        let read = read_for(&tx, &cmd.op).map_err(|f| match f {
+            Fault::Store(e) => e,
+            Fault::Constraint(msg) => bad_column(0, msg),
+        })?;
+        answers.push(rules::settled(cmd, &read.seen(), now).unwrap_or(None));
+    }
+    tx.commit()?;
+    Ok(answers)
+}
+
 /// The order an op names with its fence and its account's balance, in one join;
 /// the order's columns in [`ORDER_COLS`]' order, as [`order_from_row`] reads them.
 const ORDER_STATE_SQL: &str = "SELECT o.id, o.account_id, o.amount, o.status, o.refunded,

@@ -185,6 +185,18 @@ impl Store for SqliteStore {
         self.write(move |conn| writer::run_one(conn, &cmd))
     }
 
+    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>> {
+        if self.inner.schema != SchemaKind::Guarded {
+            return Box::pin(async {
+                Err(StoreError::Schema(
+                    "a naive database only runs --guard naive".into(),
+                ))
+            });
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        self.read(move |c| commands::settled(c, &cmds, now))
+    }
+
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
         self.read(move |c| rows::load_account(c, id.as_str()))
     }
