@@ -85,5 +85,9 @@ PY
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
+  # What the lock did, from the instances' logs: grants, waits for another
+  # instance's holder, and ops answered from committed state without the lock.
+  echo " lock events: $(cat "$work/$redis"-*.log | grep -o '"event":"\(lock_acquired\|lock_wait\|lock_busy\|settled_without_lock\)"\(,"why":"[a-z]*"\)\?' \
+    | sed 's/"event"://; s/,"why":/ why=/; s/"//g' | sort | uniq -c | awk '{printf "%s %s%s; ", $2, $3 ? $3 " " : "", $1}')"
   psql -q "$server/postgres" -c "DROP DATABASE $db" >/dev/null
 done

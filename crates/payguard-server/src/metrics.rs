@@ -169,9 +169,9 @@ impl Metrics {
             s.joined.clone(),
         );
         registry.register(
-            "settled_after_wait",
-            "Ops of an order another instance had just released, answered from committed state without its lock",
-            s.settled_after_wait.clone(),
+            "settled_without_lock",
+            "Ops answered from committed state without taking their order's lock (just released, or settled hint)",
+            s.settled_without_lock.clone(),
         );
         registry.register(
             "lane_batch_size",

@@ -333,3 +333,78 @@ async fn with_redis_down_requests_still_charge_exactly_once() {
     assert_eq!(debits(&db), 1);
     e.shutdown().await.unwrap();
 }
+
+/// A charge's release leaves the order's settled hint: a duplicate on another
+/// instance is then answered by a read of the committed state, without taking
+/// the lock (no new grant in Redis), and an op that read does not settle (a new
+/// refund) still takes the lock and moves money. The hint is never the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settled_hint_answers_a_duplicate_by_a_read_and_never_blocks_a_new_op() {
+    let Some(url) = redis_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let p = prefix();
+    let a = instance(&db, &url, &p, "inst-a", 30_000, 0).await;
+    let b = instance(&db, &url, &p, "inst-b", 30_000, 0).await;
+    setup(&a).await;
+    let charged = a.submit(deduct(), req("req-a")).await.unwrap();
+    assert!(matches!(
+        charged,
+        Output::Movement {
+            replayed: false,
+            ..
+        }
+    ));
+    // The release (in the background, after the answer) leaves the hint.
+    let hint = format!("{p}:lock:order:o1:s");
+    wait_for_key(&url, &hint, true).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let grants = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let fence = format!("{p}:fence");
+        async move {
+            redis::cmd("HGET")
+                .arg(fence)
+                .arg("n")
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = grants(&mut conn).await;
+    let dup = b.submit(deduct(), req("req-b")).await.unwrap();
+    assert_eq!(dup, charged.as_replay(), "the duplicate replays the charge");
+    assert_eq!(
+        grants(&mut conn).await,
+        before,
+        "the duplicate took no lock"
+    );
+    assert_eq!(
+        payguard::engine::EngineStats::get(&b.stats().settled_without_lock),
+        1
+    );
+    // A new refund is not settled by the committed state: it takes the lock.
+    let refund = b
+        .submit(
+            Op::Refund {
+                order_id: OrderId::parse("o1").unwrap(),
+                refund_id: RefundId::parse("rf1").unwrap(),
+                amount: Money::amount(100).unwrap(),
+            },
+            req("req-refund"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        refund,
+        Output::Movement {
+            replayed: false,
+            ..
+        }
+    ));
+    assert!(grants(&mut conn).await > before, "the refund took the lock");
+    assert_eq!(debits(&db), 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -79,9 +79,9 @@ struct Row {
     /// Orders left out of a batch because another instance held their lock
     /// (`lock_wait` log events), each later run again.
     lock_waits: usize,
-    /// Of the ops run again after a wait, those the committed state answered
-    /// without taking the lock (`settled_after_wait` log events).
-    settled_after_wait: usize,
+    /// Ops the committed state answered without taking their lock, after a
+    /// wait or on a settled hint (`settled_without_lock` log events).
+    settled_without_lock: usize,
     /// Throughput over the same instance count without Redis.
     over_no_redis: Option<f64>,
 }
@@ -108,7 +108,7 @@ fn row(instances: usize, redis: bool, r: &Report) -> Row {
         violations: r.violations.len(),
         pg: PgWork::default(),
         lock_waits: 0,
-        settled_after_wait: 0,
+        settled_without_lock: 0,
         over_no_redis: None,
     }
 }
@@ -204,7 +204,7 @@ struct Measured {
     report: Report,
     pg: PgWork,
     lock_waits: usize,
-    settled_after_wait: usize,
+    settled_without_lock: usize,
 }
 
 /// The scratch database's work as PostgreSQL counted it (read after every
@@ -266,7 +266,7 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         let quoted = format!("\"{event}\"");
         texts.iter().map(|t| t.matches(&quoted).count()).sum()
     };
-    let (lock_waits, settled_after_wait) = (count("lock_wait"), count("settled_after_wait"));
+    let (lock_waits, settled_without_lock) = (count("lock_wait"), count("settled_without_lock"));
     let pg = pg_work(&scratch).await;
     scratch
         .drop_db()
@@ -276,7 +276,7 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         report: report?,
         pg: pg.context("reading pg_stat_database")?,
         lock_waits,
-        settled_after_wait,
+        settled_without_lock,
     })
 }
 
@@ -326,7 +326,7 @@ pub fn run(args: ScaleBenchArgs) -> anyhow::Result<ExitCode> {
             let mut r = row(n, with_redis, &m.report);
             r.pg = m.pg;
             r.lock_waits = m.lock_waits;
-            r.settled_after_wait = m.settled_after_wait;
+            r.settled_without_lock = m.settled_without_lock;
             runs[i].push(r);
         }
     }
@@ -382,7 +382,7 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
         args.dup, args.concurrency
     );
     crate::outln!();
-    crate::outln!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | PG commits | PG rollbacks | PG deadlocks | lock waits | settled after wait | × no Redis |");
+    crate::outln!("| instances | Redis lock | deducts/s | p50 ms | p99 ms | max ms | 503 | unanswered | violations | PG commits | PG rollbacks | PG deadlocks | lock waits | settled without lock | × no Redis |");
     crate::outln!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         crate::outln!(
@@ -400,7 +400,7 @@ fn print(args: &ScaleBenchArgs, orders: usize, rounds: usize, rows: &[Row]) -> a
             r.pg.xact_rollback,
             r.pg.deadlocks,
             r.lock_waits,
-            r.settled_after_wait,
+            r.settled_without_lock,
             r.over_no_redis
                 .map_or_else(|| "1.00 (baseline)".to_owned(), |x| format!("{x:.2}")),
         );

@@ -149,9 +149,10 @@ pub struct EngineStats {
     pub collisions: Counter,
     /// Single flight: a duplicate that shared an in-flight op's result.
     pub joined: Counter,
-    /// Ops of an order another instance had just released, answered from the
-    /// committed state without taking its lock (`--redis`; `Store::settled`).
-    pub settled_after_wait: Counter,
+    /// Ops answered from the committed state without taking their order's lock
+    /// (`--redis`: the order was just released, or a recent holder left its
+    /// settled hint; `Store::settled`).
+    pub settled_without_lock: Counter,
     pub batches: Counter,
     pub batched_ops: Counter,
     /// Ops per lane batch.
@@ -170,7 +171,7 @@ impl Default for EngineStats {
             store_failures: Counter::default(),
             collisions: Counter::default(),
             joined: Counter::default(),
-            settled_after_wait: Counter::default(),
+            settled_without_lock: Counter::default(),
             batches: Counter::default(),
             batched_ops: Counter::default(),
             batch_sizes: Histogram::new(BATCH_SIZE_BUCKETS),

@@ -29,6 +29,16 @@
 //! wait for the holder's release, which publishes their id ([`super::release`]),
 //! then try again. Releases are one round trip too ([`RedisLocks::release_many`]).
 //!
+//! A release may also leave a *settled hint* (`lock:order:{id}:s`, for
+//! [`SETTLED_HINT_MS`]): the holder's batch charged the order (or found it
+//! charged or declined). An acquire that asks for hints
+//! ([`RedisLocks::try_acquire_or_settled`]) answers [`Grant::Settled`] for such an
+//! order instead of granting its lock, and the engine reads the committed state
+//! first: a duplicate that arrives after the charge is answered by a read, with
+//! no lock, no write and no release. The hint is never the truth: only the
+//! database's answer is, and an op the committed state does not settle (a new
+//! refund) takes the lock after all, in a second acquire that ignores hints.
+//!
 //! The lock is an optimisation. If Redis cannot be reached, the engine writes
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
@@ -50,21 +60,28 @@ pub const RELEASE_WAIT_MS_MAX: u64 = 250;
 /// A waiter marker outlives the lock it waits on by this much, so the holder's
 /// release still finds it.
 const WAITER_MARK_GRACE_MS: u64 = 1_000;
+/// How long a settled hint outlives the release that left it: duplicates and
+/// client retries of a charge come within seconds.
+pub const SETTLED_HINT_MS: u64 = 30_000;
 /// Acquires redone in a row when a Redis flush re-creates the fence hash between
 /// a grant and its epoch raise; past this the batch writes without tokens.
 pub const EPOCH_RACE_RETRIES_MAX: usize = 3;
 
-/// Takes every free lock of `KEYS` (after the fence hash, pairs of an order's
-/// lock key and its waiter marker) in one step. The counter and the epoch live in
-/// one hash (`fence`), so a flush, a restart or an eviction loses both together:
-/// a counter can never restart under an epoch that already handed out higher
-/// numbers. Answers `{epoch, incarnation, r1, r2, ...}`: `ri >= 1` is the grant
-/// counter of lock i; `ri <= 0` means it is held elsewhere for `-ri` more ms (its
-/// waiter marker is then set, so the holder's release publishes).
+/// Takes every free lock of `KEYS` (after the fence hash, triples of an order's
+/// lock key, its waiter marker and its settled hint) in one step. The counter and
+/// the epoch live in one hash (`fence`), so a flush, a restart or an eviction
+/// loses both together: a counter can never restart under an epoch that already
+/// handed out higher numbers. Answers `{epoch, incarnation, r1, r2, ...}`:
+/// `ri >= 1` is the grant counter of lock i; `ri = 0` means its settled hint is
+/// set and `ARGV[4]` asked for hints (nothing was taken); `ri < 0` means it is
+/// held elsewhere for `-ri - 1` more ms (its waiter marker is then set, so the
+/// holder's release publishes).
 const ACQUIRE_MANY: &str = r#"
 local out = {false, false}
-for i = 2, #KEYS, 2 do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+for i = 2, #KEYS, 3 do
+  if ARGV[4] == '1' and redis.call('EXISTS', KEYS[i + 2]) == 1 then
+    out[#out + 1] = 0
+  elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
     if n == 1 then
       redis.call('HSET', KEYS[1], 'inc', ARGV[1])
@@ -74,7 +91,7 @@ for i = 2, #KEYS, 2 do
     local left = redis.call('PTTL', KEYS[i])
     if left < 0 then left = 0 end
     redis.call('SET', KEYS[i + 1], '1', 'PX', left + tonumber(ARGV[3]))
-    out[#out + 1] = -left
+    out[#out + 1] = -left - 1
   end
 end
 out[1] = redis.call('HGET', KEYS[1], 'epoch') or false
@@ -97,17 +114,26 @@ end
 return cur
 "#;
 
-/// Compare-and-delete of every `(lock, waiter marker)` pair of `KEYS` held by
-/// `ARGV[1]`; a freed lock that somebody waits for publishes its order id
-/// (`ARGV[2 + i]`) on channel `ARGV[2]`. Answers 1 per lock freed, 0 per lock
-/// no longer ours (its lease expired).
+/// Compare-and-delete of every `(lock, waiter marker, settled hint)` triple of
+/// `KEYS` held by `ARGV[1]`. Lease j's order id is `ARGV[4 + 2j]` and its
+/// settled flag `ARGV[5 + 2j]`: a flagged lock leaves its settled hint for
+/// `ARGV[3]` ms, set before the lock goes; a freed lock that somebody waits for
+/// publishes its order id on channel `ARGV[2]`. Answers 1 per lock freed, 0 per
+/// lock no longer ours (its lease expired; no hint is left then).
 const RELEASE_MANY: &str = r#"
 local out = {}
-for i = 1, #KEYS, 2 do
+local j = 0
+for i = 1, #KEYS, 3 do
+  local order = ARGV[4 + 2 * j]
+  local settled = ARGV[5 + 2 * j]
+  j = j + 1
   if redis.call('GET', KEYS[i]) == ARGV[1] then
+    if settled == '1' then
+      redis.call('SET', KEYS[i + 2], '1', 'PX', ARGV[3])
+    end
     redis.call('DEL', KEYS[i])
     if redis.call('DEL', KEYS[i + 1]) == 1 then
-      redis.call('PUBLISH', ARGV[2], ARGV[2 + (i + 1) / 2])
+      redis.call('PUBLISH', ARGV[2], order)
     end
     out[#out + 1] = 1
   else
@@ -141,6 +167,10 @@ pub enum Grant {
     Busy {
         left: Duration,
     },
+    /// Not taken: a recent holder left the order's settled hint, so the
+    /// committed state probably answers its ops without the lock (only from
+    /// [`RedisLocks::try_acquire_or_settled`]).
+    Settled,
 }
 
 pub struct RedisLocks {
@@ -209,10 +239,27 @@ impl RedisLocks {
 
     /// One attempt at the lock of every order in `orders` (distinct ids), in one
     /// round trip: the free ones are granted, the busy ones reported, none waited
-    /// for. The answer has one [`Grant`] per order, in order.
+    /// for. The answer has one [`Grant`] per order, in order (never `Settled`).
     pub async fn try_acquire_many(&self, orders: &[&str]) -> Result<Vec<Grant>, RedisLockError> {
+        self.try_acquire(orders, false).await
+    }
+
+    /// Like [`RedisLocks::try_acquire_many`], but an order with a settled hint is
+    /// answered [`Grant::Settled`] and its lock is not taken (see the module docs).
+    pub async fn try_acquire_or_settled(
+        &self,
+        orders: &[&str],
+    ) -> Result<Vec<Grant>, RedisLockError> {
+        self.try_acquire(orders, true).await
+    }
+
+    async fn try_acquire(
+        &self,
+        orders: &[&str],
+        hints: bool,
+    ) -> Result<Vec<Grant>, RedisLockError> {
         for _ in 0..=EPOCH_RACE_RETRIES_MAX {
-            if let Some(grants) = self.acquire_round(orders).await? {
+            if let Some(grants) = self.acquire_round(orders, hints).await? {
                 return Ok(grants);
             }
         }
@@ -224,17 +271,25 @@ impl RedisLocks {
 
     /// One ACQUIRE_MANY; `None` when the fence hash was re-created between the
     /// grants and their epoch raise (everything granted is given back).
-    async fn acquire_round(&self, orders: &[&str]) -> Result<Option<Vec<Grant>>, RedisLockError> {
+    async fn acquire_round(
+        &self,
+        orders: &[&str],
+        hints: bool,
+    ) -> Result<Option<Vec<Grant>>, RedisLockError> {
         let owner = format!("{}:{}", self.owner, uuid_like());
         let mut invocation = self.acquire_many.key(self.key("fence"));
         let keys: Vec<String> = orders.iter().map(|o| self.lock_key(o)).collect();
         for key in &keys {
-            invocation.key(key).key(format!("{key}:w"));
+            invocation
+                .key(key)
+                .key(format!("{key}:w"))
+                .key(format!("{key}:s"));
         }
         invocation
             .arg(&owner)
             .arg(self.ttl.as_millis() as u64)
-            .arg(WAITER_MARK_GRACE_MS);
+            .arg(WAITER_MARK_GRACE_MS)
+            .arg(if hints { "1" } else { "0" });
         let mut conn = self.conn.clone();
         let answer = invocation
             .invoke_async::<Vec<redis::Value>>(&mut conn)
@@ -253,11 +308,13 @@ impl RedisLocks {
                         token: 0,
                     })
                     .collect();
+                let unsettled = vec![false; leases.len()];
                 tokio::spawn(release_leases(
                     self.conn.clone(),
                     self.release_many.clone(),
                     self.prefix.clone(),
                     leases,
+                    unsettled,
                 ));
                 return Err(unavailable(e));
             }
@@ -316,8 +373,9 @@ impl RedisLocks {
                 .iter()
                 .map(|n| match *n {
                     n if n >= 1 => Grant::Held(granted.next().expect("one lease per grant")),
-                    left => Grant::Busy {
-                        left: Duration::from_millis(left.unsigned_abs()),
+                    0 => Grant::Settled,
+                    busy => Grant::Busy {
+                        left: Duration::from_millis(busy.unsigned_abs() - 1),
                     },
                 })
                 .collect(),
@@ -373,7 +431,7 @@ impl RedisLocks {
             let left = match self.try_acquire_many(&[order]).await?.pop() {
                 Some(Grant::Held(lease)) => return Ok(lease),
                 Some(Grant::Busy { left }) => left,
-                None => return Err(unavailable("acquire answered no lock")),
+                Some(Grant::Settled) | None => return Err(unavailable("acquire answered no lock")),
             };
             let remaining = wait.saturating_sub(started.elapsed());
             if remaining.is_zero() {
@@ -400,11 +458,23 @@ impl RedisLocks {
     /// instances waiting for them. One answer per lease: false when it had
     /// expired (another holder may have it now).
     pub async fn release_many(&self, leases: &[Lease]) -> Result<Vec<bool>, RedisLockError> {
+        self.release_settled(leases, &vec![false; leases.len()])
+            .await
+    }
+
+    /// [`RedisLocks::release_many`], leaving the settled hint of each lease
+    /// whose `settled` flag is set (its batch settled the order's charge).
+    pub async fn release_settled(
+        &self,
+        leases: &[Lease],
+        settled: &[bool],
+    ) -> Result<Vec<bool>, RedisLockError> {
         release_leases(
             self.conn.clone(),
             self.release_many.clone(),
             self.prefix.clone(),
             leases.to_vec(),
+            settled.to_vec(),
         )
         .await
     }
@@ -417,9 +487,17 @@ async fn release_leases(
     script: redis::Script,
     prefix: String,
     leases: Vec<Lease>,
+    settled: Vec<bool>,
 ) -> Result<Vec<bool>, RedisLockError> {
     if leases.is_empty() {
         return Ok(Vec::new());
+    }
+    if settled.len() != leases.len() {
+        return Err(RedisLockError::Unavailable(format!(
+            "{} settled flags for {} leases",
+            settled.len(),
+            leases.len()
+        )));
     }
     let lock_prefix = format!("{prefix}:lock:order:");
     let mut invocation = script.prepare_invoke();
@@ -436,14 +514,18 @@ async fn release_leases(
             ));
         }
         owner = Some(held_by);
-        invocation.key(key).key(format!("{key}:w"));
+        invocation
+            .key(key)
+            .key(format!("{key}:w"))
+            .key(format!("{key}:s"));
         orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
     }
     invocation
         .arg(owner.unwrap_or_default())
-        .arg(format!("{prefix}:released"));
-    for order in orders {
-        invocation.arg(order);
+        .arg(format!("{prefix}:released"))
+        .arg(SETTLED_HINT_MS);
+    for (order, settled) in orders.into_iter().zip(settled) {
+        invocation.arg(order).arg(if settled { "1" } else { "0" });
     }
     let freed: Vec<i64> = invocation
         .invoke_async(&mut conn)
