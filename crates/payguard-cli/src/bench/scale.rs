@@ -225,6 +225,9 @@ async fn pg_work(scratch: &ScratchDb) -> anyhow::Result<PgWork> {
     })
 }
 
+/// Numbers each configuration's Redis key prefix.
+static PREFIX_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One configuration: a fresh database, `n` instances, the storm, teardown.
 async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<Measured> {
     let tag = format!("scale{n}{}", if with_redis { "r" } else { "" });
@@ -232,7 +235,13 @@ async fn measure(plan: &Plan<'_>, n: usize, with_redis: bool) -> anyhow::Result<
         .await
         .context("creating a scratch database")?;
     let db = scratch_url(plan.base, &scratch.name);
-    let prefix = format!("pgbench-{}-{tag}", std::process::id());
+    // Unique per configuration and round: a settled hint left by one round
+    // must not meet the same order ids in the next round's fresh database.
+    let prefix = format!(
+        "pgbench-{}-{tag}-{}",
+        std::process::id(),
+        PREFIX_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut instances = Vec::with_capacity(n);
     let mut logs = Vec::with_capacity(n);
     for i in 1..=n {

@@ -135,7 +135,17 @@ pub(super) async fn fenced_apply(
     let wanted = unanswered_orders(&ops, &reqs, &answers, |_| true);
     if !wanted.is_empty() {
         let names: Vec<&str> = wanted.iter().map(|(o, _)| o.as_str()).collect();
-        let grants = locks.try_acquire_or_settled(&names).await;
+        // Only a deduct can be settled by a charge: creating the order (the
+        // step before it) never asks for the hint.
+        let hints: Vec<bool> = wanted
+            .iter()
+            .map(|(o, _)| {
+                ops.iter().zip(&answers).any(|(op, a)| {
+                    a.is_none() && matches!(&op.op, Op::Deduct { order_id } if order_id == o)
+                })
+            })
+            .collect();
+        let grants = locks.try_acquire_or_settled(&names, &hints).await;
         let hinted = held.take(inst, &wanted, grants);
         if !hinted.is_empty() {
             let marked: Vec<bool> = ops

@@ -73,13 +73,15 @@ pub const EPOCH_RACE_RETRIES_MAX: usize = 3;
 /// loses both together: a counter can never restart under an epoch that already
 /// handed out higher numbers. Answers `{epoch, incarnation, r1, r2, ...}`:
 /// `ri >= 1` is the grant counter of lock i; `ri = 0` means its settled hint is
-/// set and `ARGV[4]` asked for hints (nothing was taken); `ri < 0` means it is
+/// set and `ARGV[3 + i]` asked for it (nothing was taken); `ri < 0` means it is
 /// held elsewhere for `-ri - 1` more ms (its waiter marker is then set, so the
 /// holder's release publishes).
 const ACQUIRE_MANY: &str = r#"
 local out = {false, false}
+local k = 0
 for i = 2, #KEYS, 3 do
-  if ARGV[4] == '1' and redis.call('EXISTS', KEYS[i + 2]) == 1 then
+  k = k + 1
+  if ARGV[3 + k] == '1' and redis.call('EXISTS', KEYS[i + 2]) == 1 then
     out[#out + 1] = 0
   elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
@@ -241,23 +243,25 @@ impl RedisLocks {
     /// round trip: the free ones are granted, the busy ones reported, none waited
     /// for. The answer has one [`Grant`] per order, in order (never `Settled`).
     pub async fn try_acquire_many(&self, orders: &[&str]) -> Result<Vec<Grant>, RedisLockError> {
-        self.try_acquire(orders, false).await
+        self.try_acquire_or_settled(orders, &vec![false; orders.len()])
+            .await
     }
 
-    /// Like [`RedisLocks::try_acquire_many`], but an order with a settled hint is
-    /// answered [`Grant::Settled`] and its lock is not taken (see the module docs).
+    /// Like [`RedisLocks::try_acquire_many`], but an order whose `hints` flag is
+    /// set and whose settled hint is present is answered [`Grant::Settled`], and
+    /// its lock is not taken (see the module docs).
     pub async fn try_acquire_or_settled(
         &self,
         orders: &[&str],
+        hints: &[bool],
     ) -> Result<Vec<Grant>, RedisLockError> {
-        self.try_acquire(orders, true).await
-    }
-
-    async fn try_acquire(
-        &self,
-        orders: &[&str],
-        hints: bool,
-    ) -> Result<Vec<Grant>, RedisLockError> {
+        if hints.len() != orders.len() {
+            return Err(RedisLockError::Unavailable(format!(
+                "{} hint flags for {} orders",
+                hints.len(),
+                orders.len()
+            )));
+        }
         for _ in 0..=EPOCH_RACE_RETRIES_MAX {
             if let Some(grants) = self.acquire_round(orders, hints).await? {
                 return Ok(grants);
@@ -274,7 +278,7 @@ impl RedisLocks {
     async fn acquire_round(
         &self,
         orders: &[&str],
-        hints: bool,
+        hints: &[bool],
     ) -> Result<Option<Vec<Grant>>, RedisLockError> {
         let owner = format!("{}:{}", self.owner, uuid_like());
         let mut invocation = self.acquire_many.key(self.key("fence"));
@@ -288,8 +292,10 @@ impl RedisLocks {
         invocation
             .arg(&owner)
             .arg(self.ttl.as_millis() as u64)
-            .arg(WAITER_MARK_GRACE_MS)
-            .arg(if hints { "1" } else { "0" });
+            .arg(WAITER_MARK_GRACE_MS);
+        for &hint in hints {
+            invocation.arg(if hint { "1" } else { "0" });
+        }
         let mut conn = self.conn.clone();
         let answer = invocation
             .invoke_async::<Vec<redis::Value>>(&mut conn)
