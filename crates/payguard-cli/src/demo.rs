@@ -6,13 +6,11 @@
 
 use crate::storm::{self, Report, StormArgs};
 use payguard::engine::Guard;
-use payguard::store::sqlite::naive::NaiveSqlite;
-use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
-use payguard::{Engine, EngineConfig};
-use payguard_server::AppState;
+use payguard::store::sqlite::SqliteConfig;
+use payguard::EngineConfig;
+use payguard_server::app::{self, AppSpec, Database, Running};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -39,49 +37,33 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-/// A payguard server running inside this process on port 0.
+/// A payguard server running inside this process on port 0, on its own SQLite
+/// file, assembled by the composition root ([`payguard_server::app`]).
 pub struct LocalServer {
     pub url: String,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: Running,
 }
 
 impl LocalServer {
     pub async fn start(path: &Path, guard: Guard, instance: &str) -> anyhow::Result<Self> {
-        let mut cfg = SqliteConfig::new(path);
-        cfg.schema = match guard {
-            Guard::Naive { .. } => SchemaKind::Naive,
-            Guard::Full | Guard::Seed => SchemaKind::Guarded,
-        };
-        let store = SqliteStore::open(cfg)?;
-        let engine_cfg = EngineConfig {
-            guard,
-            instance_id: instance.to_owned(),
-            ..EngineConfig::default()
-        };
-        let engine = Arc::new(match guard {
-            Guard::Naive { .. } => Engine::start_naive(NaiveSqlite::new(store)?, engine_cfg, None),
-            Guard::Full | Guard::Seed => Engine::start(Arc::new(store), engine_cfg),
-        });
+        let spec = AppSpec::new(
+            Database::Sqlite(SqliteConfig::new(path)),
+            EngineConfig {
+                guard,
+                instance_id: instance.to_owned(),
+                ..EngineConfig::default()
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState::new(engine);
-        let task = tokio::spawn(payguard_server::serve(listener, state, async move {
-            let _ = rx.await;
-        }));
+        let running = app::build(spec).await?.spawn(listener)?;
         Ok(LocalServer {
-            url,
-            shutdown: Some(tx),
-            task,
+            url: running.url.clone(),
+            running,
         })
     }
 
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.task.await?
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.running.stop().await
     }
 }
 

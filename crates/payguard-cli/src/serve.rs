@@ -4,15 +4,14 @@
 use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
 use payguard::engine::Guard;
-use payguard::store::postgres::{PgConfig, PgStore};
-use payguard::store::sqlite::naive::NaiveSqlite;
-use payguard::store::sqlite::{SchemaKind, SqliteConfig, SqliteStore};
-use payguard::{Engine, EngineConfig, Store};
-use payguard_server::{ApiKeys, AppState};
+use payguard::store::postgres::PgConfig;
+use payguard::store::sqlite::SqliteConfig;
+use payguard::EngineConfig;
+use payguard_server::app::{self, AppSpec, Database, RedisSpec};
+use payguard_server::ApiKeys;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -384,58 +383,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        // The naive path (`--guard naive`) exists only beside a naive SQLite file;
-        // PostgreSQL was refused above.
-        let (store, naive): (Arc<dyn Store>, Option<NaiveSqlite>) = match &db {
+        let database = match &db {
             DbUrl::Sqlite(path) => {
                 let mut cfg = SqliteConfig::new(path);
                 cfg.writer_batch_ops_max = args.engine.writer_batch_max;
-                cfg.schema = match guard {
-                    Guard::Naive { .. } => SchemaKind::Naive,
-                    Guard::Full | Guard::Seed => SchemaKind::Guarded,
-                };
-                let sqlite = SqliteStore::open(cfg)
-                    .with_context(|| format!("opening SQLite database {}", path.display()))?;
-                let naive = match guard {
-                    Guard::Naive { .. } => Some(NaiveSqlite::new(sqlite.clone())?),
-                    Guard::Full | Guard::Seed => None,
-                };
-                (Arc::new(sqlite), naive)
+                Database::Sqlite(cfg)
             }
-            DbUrl::Postgres(url) => (
-                Arc::new(
-                    PgStore::connect(PgConfig {
-                        batch_deadline_ms: args.pg_batch_deadline_ms,
-                        pool_connections_max: args.pg_pool_max,
-                        ..PgConfig::from_url(url)?
-                    })
-                    .await
-                    .with_context(|| format!("opening PostgreSQL database {}", db.display()))?,
-                ),
-                None,
-            ),
+            DbUrl::Postgres(url) => Database::Postgres(PgConfig {
+                batch_deadline_ms: args.pg_batch_deadline_ms,
+                pool_connections_max: args.pg_pool_max,
+                ..PgConfig::from_url(url)?
+            }),
         };
-        let store_kind = store.kind();
-        // On PostgreSQL the engine turns its order cache off itself (Engine::build).
-        let engine_cfg = args.engine.engine_config(guard, instance.clone());
-        let redis = match &args.redis {
-            None => None,
-            Some(url) => Some(Arc::new(
-                payguard::lock::redis::RedisLocks::connect(
-                    url,
-                    &args.redis_prefix,
-                    &instance,
-                    std::time::Duration::from_millis(args.lock_ttl_ms),
-                    payguard::engine::fence_epochs(store.clone()),
-                )
-                .await
-                .with_context(|| format!("connecting to Redis at {url}"))?,
-            )),
+        let spec = AppSpec {
+            redis: args.redis.as_ref().map(|url| RedisSpec {
+                url: url.clone(),
+                prefix: args.redis_prefix.clone(),
+                ttl: std::time::Duration::from_millis(args.lock_ttl_ms),
+            }),
+            keys: keys.clone(),
+            limits,
+            ..AppSpec::new(database, args.engine.engine_config(guard, instance.clone()))
         };
-        let engine = Arc::new(match naive {
-            Some(naive) => Engine::start_naive(naive, engine_cfg, redis),
-            None => Engine::start_with_locks(store, engine_cfg, redis),
-        });
+        let app = app::build(spec)
+            .await
+            .with_context(|| format!("starting on {}", db.display()))?;
+        let engine = app.engine().clone();
+        let store_kind = engine.store().kind();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -455,10 +429,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             lock = engine.lock_kind(),
             inst = instance.as_str()
         );
-        let mut state = AppState::new(engine);
-        state.keys = keys;
-        state.limits = limits;
-        payguard_server::serve(listener, state, shutdown_signal()).await?;
+        payguard_server::serve(listener, app.state, shutdown_signal()).await?;
         tracing::info!(event = "server_stopped", inst = instance.as_str());
         Ok::<_, anyhow::Error>(())
     })?;

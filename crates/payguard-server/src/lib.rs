@@ -7,6 +7,7 @@
 //! API.md; internal details go to the log with the request id, never to the client.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod auth;
 pub mod connections;
 mod error;
