@@ -1,180 +1,188 @@
-//! The engine issue's promises, shown over real HTTP against a real database.
+//! The engine issue's promises, shown over real HTTP against a real database:
+//! the money promises on every backend (`on_each_backend!`: SQLite, and
+//! PostgreSQL when `PAYGUARD_TEST_POSTGRES_URL` is set), the rest on SQLite,
+//! whose file some of them read directly.
 
 mod common;
 
 use common::{spawn_app, spawn_app_with};
 use futures::future::join_all;
 use payguard::EngineConfig;
+use payguard_testkit::on_each_backend;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_deducts_charge_once() {
-    let app = spawn_app().await;
-    app.account("acct-1", 1_000_000).await;
-    app.order("OD20240517A1122", "acct-1", 1185).await;
+    on_each_backend!("two_hundred_concurrent_deducts_charge_once", app => {
+        app.account("acct-1", 1_000_000).await;
+        app.order("OD20240517A1122", "acct-1", 1185).await;
 
-    let calls = (0..200).map(|i| {
-        let req = app
-            .client
-            .post(app.url("/v1/orders/OD20240517A1122/deduct"))
-            .header("x-request-id", format!("dup-{i}"));
-        app.send(req)
-    });
-    let responses = join_all(calls).await;
+        let calls = (0..200).map(|i| {
+            let req = app
+                .client
+                .post(app.url("/v1/orders/OD20240517A1122/deduct"))
+                .header("x-request-id", format!("dup-{i}"));
+            app.send(req)
+        });
+        let responses = join_all(calls).await;
 
-    let mut entry_ids = HashSet::new();
-    let mut fresh = 0;
-    for r in &responses {
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        entry_ids.insert(r.body["entry"]["id"].as_str().unwrap().to_owned());
-        if r.body["replayed"] == json!(false) {
-            fresh += 1;
-        } else {
-            assert_eq!(r.body["replayed"], json!(true));
+        let mut entry_ids = HashSet::new();
+        let mut fresh = 0;
+        for r in &responses {
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            entry_ids.insert(r.body["entry"]["id"].as_str().unwrap().to_owned());
+            if r.body["replayed"] == json!(false) {
+                fresh += 1;
+            } else {
+                assert_eq!(r.body["replayed"], json!(true));
+            }
+            assert_eq!(r.body["order"]["status"], "PAID");
         }
-        assert_eq!(r.body["order"]["status"], "PAID");
-    }
-    assert_eq!(entry_ids.len(), 1, "every response names the same entry");
-    assert_eq!(
-        fresh, 1,
-        "exactly one response is the original, 199 are replays"
-    );
+        assert_eq!(entry_ids.len(), 1, "every response names the same entry");
+        assert_eq!(
+            fresh, 1,
+            "exactly one response is the original, 199 are replays"
+        );
 
-    let entries = app.get("/v1/orders/OD20240517A1122/entries").await;
-    let entries = entries.body["entries"].as_array().unwrap().clone();
-    assert_eq!(entries.len(), 1, "one debit entry: {entries:?}");
-    assert_eq!(entries[0]["kind"], "debit");
-    assert_eq!(entries[0]["amount"], 1185);
-    assert_eq!(app.balance("acct-1").await, 1_000_000 - 1185);
+        let entries = app.get("/v1/orders/OD20240517A1122/entries").await;
+        let entries = entries.body["entries"].as_array().unwrap().clone();
+        assert_eq!(entries.len(), 1, "one debit entry: {entries:?}");
+        assert_eq!(entries[0]["kind"], "debit");
+        assert_eq!(entries[0]["amount"], 1185);
+        assert_eq!(app.balance("acct-1").await, 1_000_000 - 1185);
 
-    // The duplicates really collided: they shared the first one's result in the lane.
-    let stats = app.engine.stats();
-    let joined = payguard::engine::EngineStats::get(&stats.joined);
-    let collisions = payguard::engine::EngineStats::get(&stats.collisions);
-    assert!(
-        collisions > 0,
-        "the race sentinel saw no concurrent request"
-    );
-    assert!(joined > 0, "no duplicate joined an in-flight deduct");
+        // The duplicates really collided: they shared the first one's result in the lane.
+        let stats = app.engine.stats();
+        let joined = payguard::engine::EngineStats::get(&stats.joined);
+        let collisions = payguard::engine::EngineStats::get(&stats.collisions);
+        assert!(
+            collisions > 0,
+            "the race sentinel saw no concurrent request"
+        );
+        assert!(joined > 0, "no duplicate joined an in-flight deduct");
 
-    let audit = app.get("/v1/audit").await;
-    assert_eq!(audit.body["ok"], json!(true), "{:?}", audit.body);
-    app.stop().await;
+        let audit = app.get("/v1/audit").await;
+        assert_eq!(audit.body["ok"], json!(true), "{:?}", audit.body);
+        app.stop().await;
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_racing_refunds_never_exceed_the_amount() {
-    let app = spawn_app().await;
-    app.account("acct-r", 10_000).await;
-    app.order("order-r", "acct-r", 1_000).await;
-    assert_eq!(
-        app.post_empty("/v1/orders/order-r/deduct").await.status,
-        200
-    );
-    assert_eq!(app.balance("acct-r").await, 9_000);
+    on_each_backend!("fifty_racing_refunds_never_exceed_the_amount", app => {
+        app.account("acct-r", 10_000).await;
+        app.order("order-r", "acct-r", 1_000).await;
+        assert_eq!(
+            app.post_empty("/v1/orders/order-r/deduct").await.status,
+            200
+        );
+        assert_eq!(app.balance("acct-r").await, 9_000);
 
-    let calls = (0..50).map(|i| {
-        app.post(
-            "/v1/orders/order-r/refunds",
-            json!({"id": format!("refund-{i}"), "amount": 70}),
-        )
-    });
-    let responses = join_all(calls).await;
-    let ok = responses.iter().filter(|r| r.status == 200).count();
-    for r in &responses {
-        match r.status {
-            200 => assert_eq!(r.body["entry"]["kind"], "refund"),
-            409 => assert_eq!(r.body["error"]["code"], "refund_exceeds_paid"),
-            s => panic!("unexpected status {s}: {:?}", r.body),
+        let calls = (0..50).map(|i| {
+            app.post(
+                "/v1/orders/order-r/refunds",
+                json!({"id": format!("refund-{i}"), "amount": 70}),
+            )
+        });
+        let responses = join_all(calls).await;
+        let ok = responses.iter().filter(|r| r.status == 200).count();
+        for r in &responses {
+            match r.status {
+                200 => assert_eq!(r.body["entry"]["kind"], "refund"),
+                409 => assert_eq!(r.body["error"]["code"], "refund_exceeds_paid"),
+                s => panic!("unexpected status {s}: {:?}", r.body),
+            }
         }
-    }
-    assert_eq!(ok, 14, "14 × 70 = 980 fits in 1000, a 15th would not");
-    let order = app.get("/v1/orders/order-r").await.body;
-    assert_eq!(order["refunded"], 980);
-    assert_eq!(order["status"], "PARTIALLY_REFUNDED");
-    assert_eq!(app.balance("acct-r").await, 9_980);
+        assert_eq!(ok, 14, "14 × 70 = 980 fits in 1000, a 15th would not");
+        let order = app.get("/v1/orders/order-r").await.body;
+        assert_eq!(order["refunded"], 980);
+        assert_eq!(order["status"], "PARTIALLY_REFUNDED");
+        assert_eq!(app.balance("acct-r").await, 9_980);
 
-    // The last 20 fit exactly; one more id then crosses it.
-    let r = app
-        .post(
-            "/v1/orders/order-r/refunds",
-            json!({"id": "last", "amount": 20}),
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body["order"]["status"], "REFUNDED");
-    let r = app
-        .post(
-            "/v1/orders/order-r/refunds",
-            json!({"id": "one-more", "amount": 1}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (409, json!("refund_exceeds_paid"))
-    );
-    // A deduct after refunds is a replay and moves nothing.
-    let r = app.post_empty("/v1/orders/order-r/deduct").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body["replayed"], json!(true));
-    assert_eq!(r.body["order"]["status"], "REFUNDED");
-    assert_eq!(app.balance("acct-r").await, 10_000);
-    assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
-    app.stop().await;
+        // The last 20 fit exactly; one more id then crosses it.
+        let r = app
+            .post(
+                "/v1/orders/order-r/refunds",
+                json!({"id": "last", "amount": 20}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["order"]["status"], "REFUNDED");
+        let r = app
+            .post(
+                "/v1/orders/order-r/refunds",
+                json!({"id": "one-more", "amount": 1}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (409, json!("refund_exceeds_paid"))
+        );
+        // A deduct after refunds is a replay and moves nothing.
+        let r = app.post_empty("/v1/orders/order-r/deduct").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["replayed"], json!(true));
+        assert_eq!(r.body["order"]["status"], "REFUNDED");
+        assert_eq!(app.balance("acct-r").await, 10_000);
+        assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
+        app.stop().await;
+    });
 }
 
 #[tokio::test]
 async fn insufficient_funds_is_402_and_stays_402() {
-    let app = spawn_app().await;
-    app.account("poor", 50).await;
-    app.order("too-big", "poor", 100).await;
-    for _ in 0..3 {
-        let r = app.post_empty("/v1/orders/too-big/deduct").await;
-        assert_eq!(r.status, 402, "{:?}", r.body);
-        assert_eq!(r.body["error"]["code"], "insufficient_funds");
-    }
-    let order = app.get("/v1/orders/too-big").await.body;
-    assert_eq!(order["status"], "FAILED");
-    assert_eq!(order["failure_reason"], "insufficient_funds");
-    assert_eq!(app.balance("poor").await, 50);
-    // Even once money arrives elsewhere, FAILED is terminal: still 402.
-    app.order("small", "poor", 50).await;
-    assert_eq!(app.post_empty("/v1/orders/small/deduct").await.status, 200);
-    assert_eq!(
-        app.post_empty("/v1/orders/too-big/deduct").await.status,
-        402
-    );
-    assert_eq!(app.balance("poor").await, 0);
-    // A refund of a FAILED order is refused.
-    let r = app
-        .post(
-            "/v1/orders/too-big/refunds",
-            json!({"id": "rf", "amount": 1}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (409, json!("order_not_paid"))
-    );
-    app.stop().await;
+    on_each_backend!("insufficient_funds_is_402_and_stays_402", app => {
+        app.account("poor", 50).await;
+        app.order("too-big", "poor", 100).await;
+        for _ in 0..3 {
+            let r = app.post_empty("/v1/orders/too-big/deduct").await;
+            assert_eq!(r.status, 402, "{:?}", r.body);
+            assert_eq!(r.body["error"]["code"], "insufficient_funds");
+        }
+        let order = app.get("/v1/orders/too-big").await.body;
+        assert_eq!(order["status"], "FAILED");
+        assert_eq!(order["failure_reason"], "insufficient_funds");
+        assert_eq!(app.balance("poor").await, 50);
+        // Even once money arrives elsewhere, FAILED is terminal: still 402.
+        app.order("small", "poor", 50).await;
+        assert_eq!(app.post_empty("/v1/orders/small/deduct").await.status, 200);
+        assert_eq!(
+            app.post_empty("/v1/orders/too-big/deduct").await.status,
+            402
+        );
+        assert_eq!(app.balance("poor").await, 0);
+        // A refund of a FAILED order is refused.
+        let r = app
+            .post(
+                "/v1/orders/too-big/refunds",
+                json!({"id": "rf", "amount": 1}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (409, json!("order_not_paid"))
+        );
+        app.stop().await;
+    });
 }
 
 #[tokio::test]
 async fn overdraft_race_on_one_account_never_goes_negative() {
-    let app = spawn_app().await;
-    app.account("shared", 1_000).await;
-    for i in 0..30 {
-        app.order(&format!("od-{i}"), "shared", 100).await;
-    }
-    let calls = (0..30).map(|i| app.post_empty_owned(format!("/v1/orders/od-{i}/deduct")));
-    let responses = join_all(calls).await;
-    let paid = responses.iter().filter(|r| r.status == 200).count();
-    let refused = responses.iter().filter(|r| r.status == 402).count();
-    assert_eq!((paid, refused), (10, 20));
-    assert_eq!(app.balance("shared").await, 0);
-    assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
-    app.stop().await;
+    on_each_backend!("overdraft_race_on_one_account_never_goes_negative", app => {
+        app.account("shared", 1_000).await;
+        for i in 0..30 {
+            app.order(&format!("od-{i}"), "shared", 100).await;
+        }
+        let calls = (0..30).map(|i| app.post_empty_owned(format!("/v1/orders/od-{i}/deduct")));
+        let responses = join_all(calls).await;
+        let paid = responses.iter().filter(|r| r.status == 200).count();
+        let refused = responses.iter().filter(|r| r.status == 402).count();
+        assert_eq!((paid, refused), (10, 20));
+        assert_eq!(app.balance("shared").await, 0);
+        assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
+        app.stop().await;
+    });
 }
 
 /// The same overdraft race on the incident's design (`Guard::Naive` on the naive
@@ -210,7 +218,7 @@ trait PostOwned {
     fn post_empty_owned(&self, path: String) -> impl std::future::Future<Output = common::Resp>;
 }
 
-impl PostOwned for common::TestApp {
+impl PostOwned for payguard_testkit::TestApp {
     async fn post_empty_owned(&self, path: String) -> common::Resp {
         self.post_empty(&path).await
     }
@@ -218,115 +226,116 @@ impl PostOwned for common::TestApp {
 
 #[tokio::test]
 async fn creates_and_refunds_replay_or_conflict_as_documented() {
-    let app = spawn_app().await;
-    let body = json!({"id": "a1", "balance": 500, "currency": "USD"});
-    assert_eq!(app.post("/v1/accounts", body.clone()).await.status, 201);
-    let again = app.post("/v1/accounts", body.clone()).await;
-    assert_eq!(again.status, 200);
-    assert_eq!(again.body["currency"], "USD");
-    let other = app
-        .post(
-            "/v1/accounts",
-            json!({"id": "a1", "balance": 501, "currency": "USD"}),
-        )
-        .await;
-    assert_eq!(
-        (other.status, other.body["error"]["code"].clone()),
-        (409, json!("account_exists"))
-    );
+    on_each_backend!("creates_and_refunds_replay_or_conflict_as_documented", app => {
+        let body = json!({"id": "a1", "balance": 500, "currency": "USD"});
+        assert_eq!(app.post("/v1/accounts", body.clone()).await.status, 201);
+        let again = app.post("/v1/accounts", body.clone()).await;
+        assert_eq!(again.status, 200);
+        assert_eq!(again.body["currency"], "USD");
+        let other = app
+            .post(
+                "/v1/accounts",
+                json!({"id": "a1", "balance": 501, "currency": "USD"}),
+            )
+            .await;
+        assert_eq!(
+            (other.status, other.body["error"]["code"].clone()),
+            (409, json!("account_exists"))
+        );
 
-    let order = json!({"id": "o1", "account_id": "a1", "amount": 200});
-    let created = app.post("/v1/orders", order.clone()).await;
-    assert_eq!(created.status, 201);
-    assert_eq!(created.body["status"], "PREPARE");
-    assert_eq!(created.body["debit_entry_id"], Value::Null);
-    assert_eq!(app.post("/v1/orders", order).await.status, 200);
-    let r = app
-        .post(
-            "/v1/orders",
-            json!({"id": "o1", "account_id": "a1", "amount": 201}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (409, json!("order_exists"))
-    );
-    let r = app
-        .post(
-            "/v1/orders",
-            json!({"id": "o2", "account_id": "nobody", "amount": 1}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (404, json!("account_not_found"))
-    );
+        let order = json!({"id": "o1", "account_id": "a1", "amount": 200});
+        let created = app.post("/v1/orders", order.clone()).await;
+        assert_eq!(created.status, 201);
+        assert_eq!(created.body["status"], "PREPARE");
+        assert_eq!(created.body["debit_entry_id"], Value::Null);
+        assert_eq!(app.post("/v1/orders", order).await.status, 200);
+        let r = app
+            .post(
+                "/v1/orders",
+                json!({"id": "o1", "account_id": "a1", "amount": 201}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (409, json!("order_exists"))
+        );
+        let r = app
+            .post(
+                "/v1/orders",
+                json!({"id": "o2", "account_id": "nobody", "amount": 1}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (404, json!("account_not_found"))
+        );
 
-    // The same account body after money moved is still a 200 replay.
-    let paid = app.post("/v1/orders/o1/deduct", json!({})).await;
-    assert_eq!(paid.status, 200, "{:?}", paid.body);
-    assert_eq!(paid.body["entry"]["balance_after"], 300);
-    let again = app.post("/v1/accounts", body).await;
-    assert_eq!(
-        (again.status, again.body["balance"].clone()),
-        (200, json!(300))
-    );
+        // The same account body after money moved is still a 200 replay.
+        let paid = app.post("/v1/orders/o1/deduct", json!({})).await;
+        assert_eq!(paid.status, 200, "{:?}", paid.body);
+        assert_eq!(paid.body["entry"]["balance_after"], 300);
+        let again = app.post("/v1/accounts", body).await;
+        assert_eq!(
+            (again.status, again.body["balance"].clone()),
+            (200, json!(300))
+        );
 
-    let refund = json!({"id": "rf-1", "amount": 50});
-    let first = app.post("/v1/orders/o1/refunds", refund.clone()).await;
-    assert_eq!(first.status, 200);
-    assert_eq!(first.body["replayed"], json!(false));
-    assert_eq!(first.body["order"]["status"], "PARTIALLY_REFUNDED");
-    let second = app.post("/v1/orders/o1/refunds", refund).await;
-    assert_eq!(second.status, 200);
-    assert_eq!(second.body["replayed"], json!(true));
-    assert_eq!(second.body["entry"]["id"], first.body["entry"]["id"]);
-    let r = app
-        .post("/v1/orders/o1/refunds", json!({"id": "rf-1", "amount": 51}))
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (409, json!("refund_exists"))
-    );
-    app.order("o3", "a1", 10).await;
-    assert_eq!(app.post_empty("/v1/orders/o3/deduct").await.status, 200);
-    let r = app
-        .post("/v1/orders/o3/refunds", json!({"id": "rf-1", "amount": 50}))
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].clone()),
-        (409, json!("refund_exists"))
-    );
-    // A rejected refund stores nothing: the id is still free later.
-    let r = app
-        .post(
-            "/v1/orders/o3/refunds",
-            json!({"id": "rf-big", "amount": 11}),
-        )
-        .await;
-    assert_eq!(r.status, 409);
-    let r = app
-        .post(
-            "/v1/orders/o3/refunds",
-            json!({"id": "rf-big", "amount": 10}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["order"]["status"].clone()),
-        (200, json!("REFUNDED"))
-    );
+        let refund = json!({"id": "rf-1", "amount": 50});
+        let first = app.post("/v1/orders/o1/refunds", refund.clone()).await;
+        assert_eq!(first.status, 200);
+        assert_eq!(first.body["replayed"], json!(false));
+        assert_eq!(first.body["order"]["status"], "PARTIALLY_REFUNDED");
+        let second = app.post("/v1/orders/o1/refunds", refund).await;
+        assert_eq!(second.status, 200);
+        assert_eq!(second.body["replayed"], json!(true));
+        assert_eq!(second.body["entry"]["id"], first.body["entry"]["id"]);
+        let r = app
+            .post("/v1/orders/o1/refunds", json!({"id": "rf-1", "amount": 51}))
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (409, json!("refund_exists"))
+        );
+        app.order("o3", "a1", 10).await;
+        assert_eq!(app.post_empty("/v1/orders/o3/deduct").await.status, 200);
+        let r = app
+            .post("/v1/orders/o3/refunds", json!({"id": "rf-1", "amount": 50}))
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].clone()),
+            (409, json!("refund_exists"))
+        );
+        // A rejected refund stores nothing: the id is still free later.
+        let r = app
+            .post(
+                "/v1/orders/o3/refunds",
+                json!({"id": "rf-big", "amount": 11}),
+            )
+            .await;
+        assert_eq!(r.status, 409);
+        let r = app
+            .post(
+                "/v1/orders/o3/refunds",
+                json!({"id": "rf-big", "amount": 10}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body["order"]["status"].clone()),
+            (200, json!("REFUNDED"))
+        );
 
-    let entries = app.get("/v1/orders/o1/entries").await.body["entries"].clone();
-    let kinds: Vec<_> = entries
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(kinds, vec!["debit", "refund"]);
-    assert_eq!(app.balance("a1").await, 500 - 200 + 50 - 10 + 10);
-    assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
-    app.stop().await;
+        let entries = app.get("/v1/orders/o1/entries").await.body["entries"].clone();
+        let kinds: Vec<_> = entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(kinds, vec!["debit", "refund"]);
+        assert_eq!(app.balance("a1").await, 500 - 200 + 50 - 10 + 10);
+        assert_eq!(app.get("/v1/audit").await.body["ok"], json!(true));
+        app.stop().await;
+    });
 }
 
 #[tokio::test]

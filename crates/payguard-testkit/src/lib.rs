@@ -327,3 +327,27 @@ impl TestApp {
         }
     }
 }
+
+/// Runs a test body once per available backend ([`Backend::available`]), each
+/// time on a fresh database with a fresh app bound to `$app` (instance
+/// `test-1`, the engine's defaults); the body stops the app, and the database is
+/// dropped after it. One test, written once, for SQLite and PostgreSQL.
+///
+/// ```ignore
+/// on_each_backend!("deducts_charge_once", app => {
+///     app.account("a", 100).await;
+///     app.stop().await;
+/// });
+/// ```
+#[macro_export]
+macro_rules! on_each_backend {
+    ($test:expr, $app:ident => $body:block) => {
+        for backend in $crate::Backend::available($test) {
+            let db = $crate::TestDb::create(backend).await;
+            let $app = $crate::TestApp::spawn(&db, $crate::AppOptions::instance("test-1")).await;
+            eprintln!("{} on {}", $test, backend.name());
+            $body
+            db.drop_db().await;
+        }
+    };
+}
