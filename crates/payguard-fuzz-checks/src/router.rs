@@ -24,9 +24,9 @@
 use crate::show;
 use axum::body::{to_bytes, Body};
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use payguard::store::sqlite::{open_connection, SqliteConfig, SqliteStore};
+use payguard::store::sqlite::{open_connection, SqliteConfig};
 use payguard::{Engine, EngineConfig};
-use payguard_server::AppState;
+use payguard_server::app::{self, AppSpec, Database};
 use serde_json::Value;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -181,16 +181,19 @@ impl Db {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let store = SqliteStore::open(SqliteConfig::new(&db_path)).expect("open the store");
-        let engine = {
-            let _in_rt = rt.enter();
-            let cfg = EngineConfig {
+        // Assembled by the composition root, as `payguard serve` is.
+        let spec = AppSpec::new(
+            Database::Sqlite(SqliteConfig::new(&db_path)),
+            EngineConfig {
                 instance_id: "fuzz".into(),
                 ..EngineConfig::default()
-            };
-            Arc::new(Engine::start(Arc::new(store), cfg))
-        };
-        let state = AppState::new(engine.clone());
+            },
+        );
+        let state = rt
+            .block_on(app::build(spec))
+            .expect("assemble the app")
+            .state;
+        let engine = state.engine.clone();
         let app = payguard_server::router(state);
         let reader = open_connection(&db_path).expect("a read connection");
         let h = Db {
