@@ -92,6 +92,80 @@ async fn side(
     Ok((report?, path))
 }
 
+/// The two sides' reports side by side, and where the databases are (`--keep`).
+fn print_table(
+    args: &DemoArgs,
+    naive: &Report,
+    full: &Report,
+    naive_db: &Path,
+    full_db: PathBuf,
+    dir: tempfile::TempDir,
+) {
+    let yuan = storm::yuan;
+    let row = |label: &str, a: String, b: String| crate::outln!("  {label:<28} {a:>22} {b:>22}");
+    row("", "naive (the incident)".into(), "full (payguard)".into());
+    row(
+        "double-charged orders",
+        naive.double_charged_orders.to_string(),
+        full.double_charged_orders.to_string(),
+    );
+    row("money lost", yuan(naive.money_lost), yuan(full.money_lost));
+    row(
+        "deducts/s",
+        format!("{:.0}", naive.deducts_per_sec),
+        format!("{:.0}", full.deducts_per_sec),
+    );
+    row(
+        "deduct p99 (ms)",
+        format!(
+            "{:.1}",
+            naive.latency.get("deduct").map_or(0.0, |l| l.p99_ms)
+        ),
+        format!(
+            "{:.1}",
+            full.latency.get("deduct").map_or(0.0, |l| l.p99_ms)
+        ),
+    );
+    row(
+        "replays answered",
+        naive.replays.to_string(),
+        full.replays.to_string(),
+    );
+    row(
+        "violations",
+        naive.violation_count().to_string(),
+        full.violation_count().to_string(),
+    );
+    row(
+        "database audit",
+        if naive.db_audit_ok == Some(true) {
+            "ok"
+        } else {
+            "FAILED"
+        }
+        .into(),
+        if full.db_audit_ok == Some(true) {
+            "ok"
+        } else {
+            "FAILED"
+        }
+        .into(),
+    );
+    crate::outln!();
+    if args.keep {
+        let kept = dir.keep();
+        crate::outln!("databases kept in {}", kept.display());
+        crate::outln!(
+            "  pay the naive side's victims back once: payguard audit --db sqlite://{} --apply",
+            kept.join(naive_db.file_name().unwrap_or_default())
+                .display()
+        );
+        let _ = full_db;
+    } else {
+        crate::outln!("(run with --keep to keep both databases and repair the naive one with `payguard audit --apply`)");
+    }
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -126,70 +200,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             serde_json::to_string_pretty(&serde_json::json!({"naive": naive, "full": full}))?
         );
     } else {
-        let yuan = storm::yuan;
-        let row =
-            |label: &str, a: String, b: String| crate::outln!("  {label:<28} {a:>22} {b:>22}");
-        row("", "naive (the incident)".into(), "full (payguard)".into());
-        row(
-            "double-charged orders",
-            naive.double_charged_orders.to_string(),
-            full.double_charged_orders.to_string(),
-        );
-        row("money lost", yuan(naive.money_lost), yuan(full.money_lost));
-        row(
-            "deducts/s",
-            format!("{:.0}", naive.deducts_per_sec),
-            format!("{:.0}", full.deducts_per_sec),
-        );
-        row(
-            "deduct p99 (ms)",
-            format!(
-                "{:.1}",
-                naive.latency.get("deduct").map_or(0.0, |l| l.p99_ms)
-            ),
-            format!(
-                "{:.1}",
-                full.latency.get("deduct").map_or(0.0, |l| l.p99_ms)
-            ),
-        );
-        row(
-            "replays answered",
-            naive.replays.to_string(),
-            full.replays.to_string(),
-        );
-        row(
-            "violations",
-            naive.violation_count().to_string(),
-            full.violation_count().to_string(),
-        );
-        row(
-            "database audit",
-            if naive.db_audit_ok == Some(true) {
-                "ok"
-            } else {
-                "FAILED"
-            }
-            .into(),
-            if full.db_audit_ok == Some(true) {
-                "ok"
-            } else {
-                "FAILED"
-            }
-            .into(),
-        );
-        crate::outln!();
-        if args.keep {
-            let kept = dir.keep();
-            crate::outln!("databases kept in {}", kept.display());
-            crate::outln!(
-                "  pay the naive side's victims back once: payguard audit --db sqlite://{} --apply",
-                kept.join(naive_db.file_name().unwrap_or_default())
-                    .display()
-            );
-            let _ = full_db;
-        } else {
-            crate::outln!("(run with --keep to keep both databases and repair the naive one with `payguard audit --apply`)");
-        }
+        print_table(&args, &naive, &full, &naive_db, full_db, dir);
     }
     // The demo succeeds when it shows both: the incident, and its fix holding.
     Ok(

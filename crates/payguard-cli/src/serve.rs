@@ -308,6 +308,28 @@ pub fn default_instance_id() -> String {
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     args.engine.validate()?;
     let keys = load_keys(&args)?;
+    validate(&args, &keys)?;
+    let db = DbUrl::parse(&args.db)?;
+    check_naive(&args, &db)?;
+    let guard = args.guard.guard(args.naive_gap_ms);
+    let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
+    let _log_guard = logging::init(
+        args.log_format
+            .unwrap_or_else(LogFormat::default_for_stdout),
+    );
+    // Reliability tests arm failpoints with FAILPOINTS (test builds only).
+    let _failpoints = payguard::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
+    let spec = app_spec(&args, &db, guard, &instance, keys)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve_app(&args, &db, spec, guard, &instance))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The flags' own limits, and the refusal to serve without keys beyond loopback.
+fn validate(args: &ServeArgs, keys: &ApiKeys) -> anyhow::Result<()> {
     if keys.is_empty() && !args.listen.ip().is_loopback() {
         bail!(
             "refusing to listen on {} without API keys: with none configured payguard serves \
@@ -342,7 +364,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(ms >= 1, "{name} must be at least 1");
     }
     anyhow::ensure!(args.pg_pool_max >= 1, "--pg-pool-max must be at least 1");
-    let limits = payguard_server::Limits {
+    Ok(())
+}
+
+/// The server's limits, as the flags set them.
+fn limits(args: &ServeArgs) -> payguard_server::Limits {
+    payguard_server::Limits {
         body_bytes_max: args.body_bytes_max,
         header_bytes_max: args.header_bytes_max,
         request_timeout_ms: args.request_timeout_ms,
@@ -353,8 +380,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         idle_timeout_ms: args.idle_timeout_ms,
         write_timeout_ms: args.write_timeout_ms,
         drain_timeout_ms: args.drain_timeout_ms,
-    };
-    let db = DbUrl::parse(&args.db)?;
+    }
+}
+
+/// `--guard naive` only on SQLite, only with its warning and its flag.
+fn check_naive(args: &ServeArgs, db: &DbUrl) -> anyhow::Result<()> {
     if args.guard == GuardArg::Naive {
         if let DbUrl::Postgres(_) = db {
             // The naive schema exists only for SQLite: the naive mode is the
@@ -369,71 +399,81 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             bail!("--naive-gap-ms is capped at {NAIVE_GAP_MS_MAX}");
         }
     }
-    let guard = args.guard.guard(args.naive_gap_ms);
-    let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
-    let _log_guard = logging::init(
-        args.log_format
-            .unwrap_or_else(LogFormat::default_for_stdout),
-    );
-    // Reliability tests arm failpoints with FAILPOINTS (test builds only).
-    let _failpoints = payguard::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
+    Ok(())
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let database = match &db {
-            DbUrl::Sqlite(path) => {
-                let mut cfg = SqliteConfig::new(path);
-                cfg.writer_batch_ops_max = args.engine.writer_batch_max;
-                Database::Sqlite(cfg)
-            }
-            DbUrl::Postgres(url) => Database::Postgres(PgConfig {
-                batch_deadline_ms: args.pg_batch_deadline_ms,
-                pool_connections_max: args.pg_pool_max,
-                ..PgConfig::from_url(url)?
-            }),
-        };
-        let spec = AppSpec {
-            redis: args.redis.as_ref().map(|url| RedisSpec {
-                url: url.clone(),
-                prefix: args.redis_prefix.clone(),
-                ttl: std::time::Duration::from_millis(args.lock_ttl_ms),
-            }),
-            keys: keys.clone(),
-            limits,
-            ..AppSpec::new(database, args.engine.engine_config(guard, instance.clone()))
-        };
-        let app = app::build(spec)
-            .await
-            .with_context(|| format!("starting on {}", db.display()))?;
-        let engine = app.engine().clone();
-        let store_kind = engine.store().kind();
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let local = listener.local_addr()?;
-        if keys.is_empty() {
-            tracing::warn!(
-                event = "auth_disabled",
-                "no API keys configured: serving without authentication on loopback only"
-            );
+/// What the composition root assembles for these flags.
+fn app_spec(
+    args: &ServeArgs,
+    db: &DbUrl,
+    guard: Guard,
+    instance: &str,
+    keys: ApiKeys,
+) -> anyhow::Result<AppSpec> {
+    let database = match db {
+        DbUrl::Sqlite(path) => {
+            let mut cfg = SqliteConfig::new(path);
+            cfg.writer_batch_ops_max = args.engine.writer_batch_max;
+            Database::Sqlite(cfg)
         }
-        tracing::info!(
-            event = "server_started",
-            listen = %local,
-            db = %db.display(),
-            store = store_kind,
-            guard = guard.name(),
-            lock = engine.lock_kind(),
-            inst = instance.as_str()
+        DbUrl::Postgres(url) => Database::Postgres(Box::new(PgConfig {
+            batch_deadline_ms: args.pg_batch_deadline_ms,
+            pool_connections_max: args.pg_pool_max,
+            ..PgConfig::from_url(url)?
+        })),
+    };
+    let spec = AppSpec {
+        redis: args.redis.as_ref().map(|url| RedisSpec {
+            url: url.clone(),
+            prefix: args.redis_prefix.clone(),
+            ttl: std::time::Duration::from_millis(args.lock_ttl_ms),
+        }),
+        keys,
+        limits: limits(args),
+        ..AppSpec::new(
+            database,
+            args.engine.engine_config(guard, instance.to_owned()),
+        )
+    };
+    Ok(spec)
+}
+
+/// Assembles the app, binds, serves until SIGTERM or Ctrl-C, drains.
+async fn serve_app(
+    args: &ServeArgs,
+    db: &DbUrl,
+    spec: AppSpec,
+    guard: Guard,
+    instance: &str,
+) -> anyhow::Result<()> {
+    let no_keys = spec.keys.is_empty();
+    let app = app::build(spec)
+        .await
+        .with_context(|| format!("starting on {}", db.display()))?;
+    let engine = app.engine().clone();
+    let store_kind = engine.store().kind();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    if no_keys {
+        tracing::warn!(
+            event = "auth_disabled",
+            "no API keys configured: serving without authentication on loopback only"
         );
-        payguard_server::serve(listener, app.state, shutdown_signal()).await?;
-        tracing::info!(event = "server_stopped", inst = instance.as_str());
-        Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(ExitCode::SUCCESS)
+    }
+    tracing::info!(
+        event = "server_started",
+        listen = %local,
+        db = %db.display(),
+        store = store_kind,
+        guard = guard.name(),
+        lock = engine.lock_kind(),
+        inst = instance
+    );
+    payguard_server::serve(listener, app.state, shutdown_signal()).await?;
+    tracing::info!(event = "server_stopped", inst = instance);
+    Ok(())
 }
 
 async fn shutdown_signal() {

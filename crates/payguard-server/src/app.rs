@@ -36,7 +36,7 @@ pub enum Database {
     /// An embedded SQLite file. Its schema follows the guard (naive or guarded).
     Sqlite(SqliteConfig),
     /// A PostgreSQL database shared by any number of instances.
-    Postgres(PgConfig),
+    Postgres(Box<PgConfig>),
 }
 
 /// The cross-instance order lock (`--redis`).
@@ -151,7 +151,7 @@ pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
             // The naive schema exists only for SQLite: the naive mode is the
             // one-command local demo, never something to point at a shared database.
             anyhow::ensure!(!naive, "--guard naive runs on SQLite only");
-            let pg = PgStore::connect(cfg)
+            let pg = PgStore::connect(*cfg)
                 .await
                 .context("opening the PostgreSQL database")?;
             (Arc::new(pg), None)

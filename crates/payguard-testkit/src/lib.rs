@@ -83,10 +83,10 @@ pub async fn pg_scratch(test: &str) -> Option<ScratchDb> {
 /// What the composition root opens for a scratch PostgreSQL database: its
 /// own pool of [`TEST_PG_POOL_MAX`] connections, as one `payguard serve` would.
 pub fn pg_database(db: &ScratchDb) -> Database {
-    Database::Postgres(PgConfig {
+    Database::Postgres(Box::new(PgConfig {
         pool_connections_max: TEST_PG_POOL_MAX,
         ..PgConfig::new(db.config.clone())
-    })
+    }))
 }
 
 /// A test's own database: a SQLite file in a temporary directory, or a scratch
@@ -97,7 +97,7 @@ pub enum TestDb {
         dir: tempfile::TempDir,
         path: PathBuf,
     },
-    Postgres(ScratchDb),
+    Postgres(Box<ScratchDb>),
 }
 
 impl TestDb {
@@ -110,11 +110,11 @@ impl TestDb {
                 let path = dir.path().join("payguard.db");
                 TestDb::Sqlite { dir, path }
             }
-            Backend::Postgres => TestDb::Postgres(
+            Backend::Postgres => TestDb::Postgres(Box::new(
                 pg_scratch("TestDb::create")
                     .await
                     .expect("PostgreSQL asked for but not configured"),
-            ),
+            )),
         }
     }
 
@@ -152,7 +152,7 @@ impl TestDb {
     /// Drops a scratch PostgreSQL database (SQLite's directory goes with the value).
     pub async fn drop_db(self) {
         if let TestDb::Postgres(db) = self {
-            db.drop_db().await.expect("drop the scratch database");
+            (*db).drop_db().await.expect("drop the scratch database");
         }
     }
 }
