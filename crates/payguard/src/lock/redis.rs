@@ -303,25 +303,7 @@ impl RedisLocks {
         let (epoch, incarnation, answers): AcquireAnswer = match answer {
             Ok(v) => parse_acquire(v).map_err(unavailable)?,
             Err(e) => {
-                // The script may have run and its answer been lost: whatever it
-                // granted would stay held until the TTL. Give it back in the
-                // background (best effort; this owner is unique to this call),
-                // so the batch, which now writes without tokens, does not wait.
-                let leases: Vec<Lease> = keys
-                    .iter()
-                    .map(|key| Lease {
-                        key: format!("{key}\u{0}{owner}"),
-                        token: 0,
-                    })
-                    .collect();
-                let unsettled = vec![false; leases.len()];
-                tokio::spawn(release_leases(
-                    self.conn.clone(),
-                    self.release_many.clone(),
-                    self.prefix.clone(),
-                    leases,
-                    unsettled,
-                ));
+                self.give_back_lost_grants(&keys, &owner);
                 return Err(unavailable(e));
             }
         };
@@ -386,6 +368,28 @@ impl RedisLocks {
                 })
                 .collect(),
         ))
+    }
+
+    /// After an ACQUIRE_MANY whose answer was lost: the script may have run, and
+    /// whatever it granted would stay held until the TTL. Gives it back in the
+    /// background (best effort; `owner` is unique to that call), so the batch,
+    /// which now writes without tokens, does not wait.
+    fn give_back_lost_grants(&self, keys: &[String], owner: &str) {
+        let leases: Vec<Lease> = keys
+            .iter()
+            .map(|key| Lease {
+                key: format!("{key}\u{0}{owner}"),
+                token: 0,
+            })
+            .collect();
+        let unsettled = vec![false; leases.len()];
+        tokio::spawn(release_leases(
+            self.conn.clone(),
+            self.release_many.clone(),
+            self.prefix.clone(),
+            leases,
+            unsettled,
+        ));
     }
 
     /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
