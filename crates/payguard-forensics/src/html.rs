@@ -122,116 +122,182 @@ pub fn render(e: &Engine, r: &Report, tz: TzOffset) -> String {
 }
 
 fn svg(h: &mut String, e: &Engine, t: &Timeline, tz: TzOffset) {
-    let host_name = |x: u16| e.hosts.get(x as usize).map_or("?", String::as_str);
-    // One row per request, grouped by host, so requests of one host never hide each other.
-    let mut rows: Vec<usize> = (0..t.reqs.len()).collect();
-    rows.sort_by(|&a, &b| {
-        host_name(t.reqs[a].host)
-            .cmp(host_name(t.reqs[b].host))
-            .then(t.reqs[a].entry.cmp(&t.reqs[b].entry))
-    });
-    let row_of_req = |i: usize| rows.iter().position(|&r| r == i).unwrap_or(0);
-    // Marks of no known request get a row of their own host, or a row at the bottom.
-    let lo = t
-        .reqs
-        .iter()
-        .map(|r| r.entry)
-        .chain(t.marks.iter().map(|m| m.ts))
-        .min()
-        .unwrap_or(0);
-    let hi = t
-        .reqs
-        .iter()
-        .map(|r| r.end)
-        .chain(t.marks.iter().map(|m| m.ts))
-        .max()
-        .unwrap_or(lo)
-        .max(lo + 1000);
-    let span = (hi - lo) as f64;
-    let plot = SVG_WIDTH_PX - LABEL_WIDTH_PX - 20.0;
-    let x = |ts: i64| LABEL_WIDTH_PX + (ts - lo) as f64 / span * plot;
-    let nrows = rows.len().max(1);
-    let height = 40.0 + nrows as f64 * ROW_HEIGHT_PX + 20.0;
+    let p = Plot::new(e, t, tz);
+    let height = p.height;
     let _ = writeln!(
         h,
         "<svg width=\"{SVG_WIDTH_PX}\" height=\"{height}\" viewBox=\"0 0 {SVG_WIDTH_PX} {height}\" xmlns=\"http://www.w3.org/2000/svg\">"
     );
-    let row_y = |row: usize| 30.0 + row as f64 * ROW_HEIGHT_PX;
-    if let Some((a, b)) = t.window {
-        let (xa, xb) = (x(a), x(b));
-        let _ = writeln!(
-            h,
-            "<rect class=\"win\" x=\"{xa:.1}\" y=\"22\" width=\"{:.1}\" height=\"{:.1}\"/><text class=\"lbl\" x=\"{xa:.1}\" y=\"16\">race window {:.1} ms</text>",
-            (xb - xa).max(2.0),
-            nrows as f64 * ROW_HEIGHT_PX + 4.0,
-            (b - a) as f64 / 1000.0
-        );
-    }
-    for (row, &i) in rows.iter().enumerate() {
-        let r = &t.reqs[i];
-        let y = row_y(row);
-        let first_of_host = row == 0 || t.reqs[rows[row - 1]].host != r.host;
-        if first_of_host {
-            let _ = writeln!(
-                h,
-                "<text class=\"lbl\" x=\"6\" y=\"{:.1}\">{}</text>",
-                y + 12.0,
-                esc(host_name(r.host))
-            );
-        }
-        let _ = writeln!(
-            h,
-            "<text class=\"lbl muted\" x=\"6\" y=\"{:.1}\" font-size=\"10\">{}</text><line x1=\"{LABEL_WIDTH_PX}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
-            y + 25.0,
-            esc(&r.label.chars().take(14).collect::<String>()),
-            SVG_WIDTH_PX - 10.0,
-            y + 30.0,
-            y + 30.0
-        );
-        let (xa, xb) = (x(r.entry), x(r.end));
-        let _ = writeln!(
-            h,
-            "<rect class=\"req\" x=\"{xa:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"16\" rx=\"3\"><title>{} on {}: {} → {}</title></rect>",
-            y + 6.0,
-            (xb - xa).max(3.0),
-            esc(&r.label),
-            esc(host_name(r.host)),
-            esc(&format_rfc3339(r.entry, tz)),
-            esc(&format_rfc3339(r.end, tz))
-        );
-    }
-    for m in &t.marks {
-        let row = match m.req {
-            Some(i) => row_of_req(i),
-            None => rows
-                .iter()
-                .position(|&i| t.reqs[i].host == m.host)
-                .unwrap_or(0),
-        };
-        let (cx, cy) = (x(m.ts), row_y(row) + 14.0);
-        let color = match m.kind.step {
-            Step::Commit => "#b00020",
-            Step::Duplicate => "#ff6d00",
-            Step::Replay => "#2e7d32",
-            _ => "#555",
-        };
-        let _ = writeln!(
-            h,
-            "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"6\" fill=\"{color}\" stroke=\"#fff\"><title>{} on {} at {} {}</title></circle>",
-            m.kind.name(),
-            esc(host_name(m.host)),
-            esc(&format_rfc3339(m.ts, tz)),
-            m.amount.map(yuan).unwrap_or_default()
-        );
-    }
+    p.window(h);
+    p.requests(h);
+    p.marks(h);
     let _ = writeln!(
         h,
         "<text class=\"lbl\" x=\"{LABEL_WIDTH_PX}\" y=\"{:.1}\">{}</text><text class=\"lbl\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">+{:.1} ms</text></svg>",
         height - 6.0,
-        esc(&format_rfc3339(lo, tz)),
+        esc(&format_rfc3339(p.lo, tz)),
         SVG_WIDTH_PX - 10.0,
         height - 6.0,
-        span / 1000.0
+        p.span / 1000.0
     );
     h.push_str("<p class=\"muted\">bars: requests in flight (one row each, grouped by host); red: debit committed; orange: duplicate_deduct; green: replay; yellow band: race window</p>\n");
+}
+
+/// The geometry of one timeline's SVG: its rows and its time axis.
+struct Plot<'a> {
+    e: &'a Engine,
+    t: &'a Timeline,
+    tz: TzOffset,
+    /// Request indices, one row each, grouped by host, so requests of one host never hide each other.
+    rows: Vec<usize>,
+    /// The earliest time drawn.
+    lo: i64,
+    /// Microseconds from `lo` to the latest time drawn (at least 1 ms).
+    span: f64,
+    /// Width of the plotting area.
+    plot: f64,
+    nrows: usize,
+    height: f64,
+}
+
+impl<'a> Plot<'a> {
+    fn new(e: &'a Engine, t: &'a Timeline, tz: TzOffset) -> Self {
+        let host_name = |x: u16| e.hosts.get(x as usize).map_or("?", String::as_str);
+        // One row per request, grouped by host, so requests of one host never hide each other.
+        let mut rows: Vec<usize> = (0..t.reqs.len()).collect();
+        rows.sort_by(|&a, &b| {
+            host_name(t.reqs[a].host)
+                .cmp(host_name(t.reqs[b].host))
+                .then(t.reqs[a].entry.cmp(&t.reqs[b].entry))
+        });
+        // Marks of no known request get a row of their own host, or a row at the bottom.
+        let lo = t
+            .reqs
+            .iter()
+            .map(|r| r.entry)
+            .chain(t.marks.iter().map(|m| m.ts))
+            .min()
+            .unwrap_or(0);
+        let hi = t
+            .reqs
+            .iter()
+            .map(|r| r.end)
+            .chain(t.marks.iter().map(|m| m.ts))
+            .max()
+            .unwrap_or(lo)
+            .max(lo + 1000);
+        let span = (hi - lo) as f64;
+        let plot = SVG_WIDTH_PX - LABEL_WIDTH_PX - 20.0;
+        let nrows = rows.len().max(1);
+        let height = 40.0 + nrows as f64 * ROW_HEIGHT_PX + 20.0;
+        Plot {
+            e,
+            t,
+            tz,
+            rows,
+            lo,
+            span,
+            plot,
+            nrows,
+            height,
+        }
+    }
+
+    fn host_name(&self, x: u16) -> &'a str {
+        self.e.hosts.get(x as usize).map_or("?", String::as_str)
+    }
+
+    fn x(&self, ts: i64) -> f64 {
+        LABEL_WIDTH_PX + (ts - self.lo) as f64 / self.span * self.plot
+    }
+
+    fn row_y(&self, row: usize) -> f64 {
+        30.0 + row as f64 * ROW_HEIGHT_PX
+    }
+
+    fn row_of_req(&self, i: usize) -> usize {
+        self.rows.iter().position(|&r| r == i).unwrap_or(0)
+    }
+
+    /// The race window as a band across every row, labelled with its width.
+    fn window(&self, h: &mut String) {
+        if let Some((a, b)) = self.t.window {
+            let (xa, xb) = (self.x(a), self.x(b));
+            let _ = writeln!(
+                h,
+                "<rect class=\"win\" x=\"{xa:.1}\" y=\"22\" width=\"{:.1}\" height=\"{:.1}\"/><text class=\"lbl\" x=\"{xa:.1}\" y=\"16\">race window {:.1} ms</text>",
+                (xb - xa).max(2.0),
+                self.nrows as f64 * ROW_HEIGHT_PX + 4.0,
+                (b - a) as f64 / 1000.0
+            );
+        }
+    }
+
+    /// One row per request: the host's name on its first row, the request's label, its bar.
+    fn requests(&self, h: &mut String) {
+        let (t, tz, rows) = (self.t, self.tz, &self.rows);
+        for (row, &i) in rows.iter().enumerate() {
+            let r = &t.reqs[i];
+            let y = self.row_y(row);
+            let first_of_host = row == 0 || t.reqs[rows[row - 1]].host != r.host;
+            if first_of_host {
+                let _ = writeln!(
+                    h,
+                    "<text class=\"lbl\" x=\"6\" y=\"{:.1}\">{}</text>",
+                    y + 12.0,
+                    esc(self.host_name(r.host))
+                );
+            }
+            let _ = writeln!(
+                h,
+                "<text class=\"lbl muted\" x=\"6\" y=\"{:.1}\" font-size=\"10\">{}</text><line x1=\"{LABEL_WIDTH_PX}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
+                y + 25.0,
+                esc(&r.label.chars().take(14).collect::<String>()),
+                SVG_WIDTH_PX - 10.0,
+                y + 30.0,
+                y + 30.0
+            );
+            let (xa, xb) = (self.x(r.entry), self.x(r.end));
+            let _ = writeln!(
+                h,
+                "<rect class=\"req\" x=\"{xa:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"16\" rx=\"3\"><title>{} on {}: {} → {}</title></rect>",
+                y + 6.0,
+                (xb - xa).max(3.0),
+                esc(&r.label),
+                esc(self.host_name(r.host)),
+                esc(&format_rfc3339(r.entry, tz)),
+                esc(&format_rfc3339(r.end, tz))
+            );
+        }
+    }
+
+    /// Money effects, duplicates, replays and rejections as dots on their request's row.
+    fn marks(&self, h: &mut String) {
+        let (t, tz) = (self.t, self.tz);
+        for m in &t.marks {
+            let row = match m.req {
+                Some(i) => self.row_of_req(i),
+                None => self
+                    .rows
+                    .iter()
+                    .position(|&i| t.reqs[i].host == m.host)
+                    .unwrap_or(0),
+            };
+            let (cx, cy) = (self.x(m.ts), self.row_y(row) + 14.0);
+            let color = match m.kind.step {
+                Step::Commit => "#b00020",
+                Step::Duplicate => "#ff6d00",
+                Step::Replay => "#2e7d32",
+                _ => "#555",
+            };
+            let _ = writeln!(
+                h,
+                "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"6\" fill=\"{color}\" stroke=\"#fff\"><title>{} on {} at {} {}</title></circle>",
+                m.kind.name(),
+                esc(self.host_name(m.host)),
+                esc(&format_rfc3339(m.ts, tz)),
+                m.amount.map(yuan).unwrap_or_default()
+            );
+        }
+    }
 }

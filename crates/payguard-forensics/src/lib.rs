@@ -86,8 +86,38 @@ fn bound(
 }
 
 fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
+    let cfg = config(args)?;
+    let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
+    check_inputs(&files)?;
+    let mut sources: Vec<Source> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Source::new(i as u16, f))
+        .collect();
+    let parser = LineParser::new(args.order.as_deref());
+    let mut engine = Engine::new(cfg, files);
+    merge_all(&mut sources, &parser, &mut engine);
+
+    let input_errors: Vec<(String, String)> = sources
+        .iter()
+        .filter_map(|s| {
+            s.error
+                .as_ref()
+                .map(|e| (engine.files[s.file as usize].name.clone(), e.clone()))
+        })
+        .collect();
+    for (f, e) in &input_errors {
+        eprintln!("payguard forensics: {f}: {e} (lines read before the damage were analysed)");
+    }
+    let rep = report::build(&engine, args.tz, input_errors);
+    write_outputs(args, &engine, &rep, out)?;
+    Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
+}
+
+/// The engine's settings from the flags.
+fn config(args: &ForensicsArgs) -> Result<Config, Fail> {
     use chrono::Datelike;
-    let cfg = Config {
+    Ok(Config {
         tz: args.tz,
         date_day: args
             .date
@@ -97,8 +127,11 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
         order: args.order.clone(),
         skew_ms: args.skew.iter().map(|s| (s.host.clone(), s.ms)).collect(),
         timelines: args.trace_out.is_some() || args.html.is_some(),
-    };
-    let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
+    })
+}
+
+/// At most `files_max` inputs, and standard input at most once.
+fn check_inputs(files: &[input::FileInfo]) -> Result<(), Fail> {
     if files.len() > limits::FILES_MAX {
         return Err(ForensicsError::TooMany {
             what: "input files",
@@ -119,20 +152,16 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
         }
         .into());
     }
-    let mut sources: Vec<Source> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| Source::new(i as u16, f))
-        .collect();
-    let parser = LineParser::new(args.order.as_deref());
-    let mut engine = Engine::new(cfg, files);
+    Ok(())
+}
 
+/// Reads, parses and merges every input, then finishes the engine.
+fn merge_all(sources: &mut [Source], parser: &LineParser, engine: &mut Engine) {
     let (mut t_ingest, mut t_read, mut rounds) =
         (std::time::Duration::ZERO, std::time::Duration::ZERO, 0u64);
     // Two stages overlap: while one thread merges round k (the engine has one owner), the pool
     // reads and parses round k+1, choosing files by the watermarks of round k-1.
-    let (mut pieces, mut overlong, mut more) =
-        read_round(&mut sources, &parser, &engine.watermarks());
+    let (mut pieces, mut overlong, mut more) = read_round(sources, parser, &engine.watermarks());
     while more {
         let marks = engine.watermarks();
         let cur = std::mem::take(&mut pieces);
@@ -145,7 +174,7 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
             },
             || {
                 let t = std::time::Instant::now();
-                let r = read_round(&mut sources, &parser, &marks);
+                let r = read_round(sources, parser, &marks);
                 (t.elapsed(), r)
             },
         );
@@ -159,31 +188,27 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     if std::env::var_os("PAYGUARD_FORENSICS_TIMING").is_some() {
         eprintln!("timing: rounds {rounds}, ingest {t_ingest:?}, read+parse {t_read:?}");
     }
+}
 
-    let input_errors: Vec<(String, String)> = sources
-        .iter()
-        .filter_map(|s| {
-            s.error
-                .as_ref()
-                .map(|e| (engine.files[s.file as usize].name.clone(), e.clone()))
-        })
-        .collect();
-    for (f, e) in &input_errors {
-        eprintln!("payguard forensics: {f}: {e} (lines read before the damage were analysed)");
-    }
-    let rep = report::build(&engine, args.tz, input_errors);
+/// The report (text or JSON) to `out`, and the trace and page when asked for.
+fn write_outputs(
+    args: &ForensicsArgs,
+    engine: &Engine,
+    rep: &report::Report,
+    out: &mut dyn Write,
+) -> Result<(), Fail> {
     if args.json {
-        serde_json::to_writer_pretty(&mut *out, &rep).map_err(|e| Fail::Other(e.into()))?;
+        serde_json::to_writer_pretty(&mut *out, rep).map_err(|e| Fail::Other(e.into()))?;
         writeln!(out)?;
     } else {
-        report::write_text(&rep, out)?;
+        report::write_text(rep, out)?;
     }
     if let Some(p) = &args.trace_out {
-        trace::write(p, &engine, args.tz)?;
+        trace::write(p, engine, args.tz)?;
     }
     if let Some(p) = &args.html {
-        html::write(p, &engine, &rep, args.tz)?;
+        html::write(p, engine, rep, args.tz)?;
     }
     out.flush()?;
-    Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
+    Ok(())
 }

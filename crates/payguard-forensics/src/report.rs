@@ -270,6 +270,15 @@ pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         r.files, r.lines_read, r.lines_parsed, r.lines_skipped, r.events, r.orders_seen
     )?;
     writeln!(out)?;
+    write_incidents(r, out)?;
+    writeln!(out)?;
+    write_race_windows(r, out)?;
+    writeln!(out)?;
+    write_totals(r, out)
+}
+
+/// The incidents, worst first, and the evidence lines of the worst.
+fn write_incidents(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     if r.incidents.is_empty() {
         writeln!(out, "INCIDENTS: none (no order was debited more than once)")?;
     } else {
@@ -305,7 +314,11 @@ pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             }
         }
     }
-    writeln!(out)?;
+    Ok(())
+}
+
+/// The count of healthy race windows, their widths, and the widest.
+fn write_race_windows(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
         "RACE WINDOWS (requests in flight at once that moved money at most once): {}",
@@ -347,7 +360,11 @@ pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             r.totals.race_windows_in_incidents
         )?;
     }
-    writeln!(out)?;
+    Ok(())
+}
+
+/// Totals, skipped lines, filtered events, damaged inputs and notes.
+fn write_totals(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
         "TOTALS: orders affected {}, duplicate effects {}, amount lost {} ({} fen), race windows {}",
