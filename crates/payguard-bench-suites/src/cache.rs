@@ -469,8 +469,18 @@ pub fn cache_document(r: &CacheResults) -> Document {
         title: "payguard bench cache".into(),
         sections: Vec::new(),
     };
+    doc.sections.push(setup_section(r));
+    for &pct in &r.plan.read_pct {
+        doc.sections.push(mix_section(r, pct));
+    }
+    doc.sections.push(findings_section(r));
+    doc
+}
+
+/// The plan in words, and why thread counts above the CPUs measure preemption.
+fn setup_section(r: &CacheResults) -> Section {
     let p = &r.plan;
-    doc.sections.push(Section {
+    Section {
         heading: "Setup".into(),
         notes: vec![
             format!("Machine: {}.", r.machine.summary()),
@@ -498,92 +508,113 @@ pub fn cache_document(r: &CacheResults) -> Document {
             ),
         ],
         ..Default::default()
-    });
-    for &pct in &p.read_pct {
-        let mut sec = Section {
-            heading: format!("{pct}% reads / {}% writes", 100 - pct),
-            ..Default::default()
-        };
-        let mut hdr: Vec<String> = vec!["map".into()];
-        hdr.extend(
-            p.threads
-                .iter()
-                .map(|t| format!("{t} thr Mops/s (× mutex)")),
-        );
-        let hdr_refs: Vec<&str> = hdr.iter().map(|s| s.as_str()).collect();
-        let mut tt = Table::new("Throughput", &hdr_refs);
-        let mut lhdr: Vec<String> = vec!["map".into()];
-        lhdr.extend(
-            p.threads
-                .iter()
-                .map(|t| format!("{t} thr p50/p99/p99.9 ns")),
-        );
-        lhdr.push("min hit rate".into());
-        let lhdr_refs: Vec<&str> = lhdr.iter().map(|s| s.as_str()).collect();
-        let mut lt = Table::new("Sampled latency per op", &lhdr_refs);
-        for &m in &p.maps {
-            let mut row = vec![m.name().to_string()];
-            let mut lrow = vec![m.name().to_string()];
-            let mut min_hit: f64 = 1.0;
-            for &t in &p.threads {
-                match find(r, pct, t, m) {
-                    Some(c) => {
-                        row.push(format!(
-                            "{:.2} ({:.2}×)",
-                            c.ops_per_sec / 1e6,
-                            c.ratio_to_mutex
-                        ));
-                        lrow.push(format!("{} / {} / {}", c.p50_ns, c.p99_ns, c.p999_ns));
-                        min_hit = min_hit.min(c.hit_rate);
-                    }
-                    None => {
-                        row.push("-".into());
-                        lrow.push("-".into());
-                    }
+    }
+}
+
+/// One read/write mix: throughput and latency tables, throughput and p99 charts.
+fn mix_section(r: &CacheResults, pct: u64) -> Section {
+    let mut sec = Section {
+        heading: format!("{pct}% reads / {}% writes", 100 - pct),
+        ..Default::default()
+    };
+    let (tt, lt) = mix_tables(r, pct);
+    sec.tables.push(tt);
+    sec.tables.push(lt);
+    sec.charts.push(mix_chart(
+        r,
+        pct,
+        format!("{pct}% reads: throughput"),
+        "M ops/s",
+        |c| c.ops_per_sec / 1e6,
+    ));
+    sec.charts.push(mix_chart(
+        r,
+        pct,
+        format!("{pct}% reads: p99 latency"),
+        "ns, lower is better",
+        |c| c.p99_ns as f64,
+    ));
+    sec
+}
+
+/// Throughput (× mutex) and sampled latency, one row a map, one column a thread count.
+fn mix_tables(r: &CacheResults, pct: u64) -> (Table, Table) {
+    let p = &r.plan;
+    let mut hdr: Vec<String> = vec!["map".into()];
+    hdr.extend(
+        p.threads
+            .iter()
+            .map(|t| format!("{t} thr Mops/s (× mutex)")),
+    );
+    let hdr_refs: Vec<&str> = hdr.iter().map(|s| s.as_str()).collect();
+    let mut tt = Table::new("Throughput", &hdr_refs);
+    let mut lhdr: Vec<String> = vec!["map".into()];
+    lhdr.extend(
+        p.threads
+            .iter()
+            .map(|t| format!("{t} thr p50/p99/p99.9 ns")),
+    );
+    lhdr.push("min hit rate".into());
+    let lhdr_refs: Vec<&str> = lhdr.iter().map(|s| s.as_str()).collect();
+    let mut lt = Table::new("Sampled latency per op", &lhdr_refs);
+    for &m in &p.maps {
+        let mut row = vec![m.name().to_string()];
+        let mut lrow = vec![m.name().to_string()];
+        let mut min_hit: f64 = 1.0;
+        for &t in &p.threads {
+            match find(r, pct, t, m) {
+                Some(c) => {
+                    row.push(format!(
+                        "{:.2} ({:.2}×)",
+                        c.ops_per_sec / 1e6,
+                        c.ratio_to_mutex
+                    ));
+                    lrow.push(format!("{} / {} / {}", c.p50_ns, c.p99_ns, c.p999_ns));
+                    min_hit = min_hit.min(c.hit_rate);
+                }
+                None => {
+                    row.push("-".into());
+                    lrow.push("-".into());
                 }
             }
-            lrow.push(format!("{min_hit:.3}"));
-            tt.push(row);
-            lt.push(lrow);
         }
-        sec.tables.push(tt);
-        sec.tables.push(lt);
-        sec.charts.push(Chart {
-            title: format!("{pct}% reads: throughput"),
-            unit: "M ops/s".into(),
-            categories: p.maps.iter().map(|m| m.name().to_string()).collect(),
-            series: p
-                .threads
-                .iter()
-                .map(|&t| Series {
-                    name: format!("{t} threads"),
-                    values: p
-                        .maps
-                        .iter()
-                        .map(|&m| find(r, pct, t, m).map_or(f64::NAN, |c| c.ops_per_sec / 1e6))
-                        .collect(),
-                })
-                .collect(),
-        });
-        sec.charts.push(Chart {
-            title: format!("{pct}% reads: p99 latency"),
-            unit: "ns, lower is better".into(),
-            categories: p.maps.iter().map(|m| m.name().to_string()).collect(),
-            series: p
-                .threads
-                .iter()
-                .map(|&t| Series {
-                    name: format!("{t} threads"),
-                    values: p
-                        .maps
-                        .iter()
-                        .map(|&m| find(r, pct, t, m).map_or(f64::NAN, |c| c.p99_ns as f64))
-                        .collect(),
-                })
-                .collect(),
-        });
-        doc.sections.push(sec);
+        lrow.push(format!("{min_hit:.3}"));
+        tt.push(row);
+        lt.push(lrow);
     }
+    (tt, lt)
+}
+
+/// One series a thread count, one bar a map; `value` picks what is drawn.
+fn mix_chart(
+    r: &CacheResults,
+    pct: u64,
+    title: String,
+    unit: &str,
+    value: impl Fn(&CacheRow) -> f64,
+) -> Chart {
+    let p = &r.plan;
+    Chart {
+        title,
+        unit: unit.into(),
+        categories: p.maps.iter().map(|m| m.name().to_string()).collect(),
+        series: p
+            .threads
+            .iter()
+            .map(|&t| Series {
+                name: format!("{t} threads"),
+                values: p
+                    .maps
+                    .iter()
+                    .map(|&m| find(r, pct, t, m).map_or(f64::NAN, &value))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The computed findings, and how noisy the reps were.
+fn findings_section(r: &CacheResults) -> Section {
     let spread = r
         .rows
         .iter()
@@ -594,12 +625,11 @@ pub fn cache_document(r: &CacheResults) -> Document {
         "Noise: the widest rep-to-rep spread of any cell was {:.0}% of its median.",
         spread * 100.0
     ));
-    doc.sections.push(Section {
+    Section {
         heading: "Findings (computed)".into(),
         notes,
         ..Default::default()
-    });
-    doc
+    }
 }
 
 /// `payguard bench cache`.

@@ -221,106 +221,14 @@ pub fn deliver(
     workers: usize,
 ) -> anyhow::Result<Outcome> {
     let cap = capacity as usize;
-    let np = producers as usize;
     match kind {
         ChannelKind::TokioSend | ChannelKind::TokioTrySend => {
             let rt = runtime(workers)?;
-            rt.block_on(async move {
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(cap);
-                let start = Instant::now();
-                let consumer = tokio::spawn(async move {
-                    let mut t = Tally::new(np);
-                    while let Some(m) = rx.recv().await {
-                        t.take(m);
-                    }
-                    t
-                });
-                let mut handles = Vec::new();
-                for p in 0..producers {
-                    let tx = tx.clone();
-                    let k = share(n, producers, p);
-                    handles.push(tokio::spawn(async move {
-                        let mut full = 0_u64;
-                        for seq in 1..=k {
-                            let mut m = Msg {
-                                producer: p as u32,
-                                seq,
-                            };
-                            if kind == ChannelKind::TokioSend {
-                                tx.send(m)
-                                    .await
-                                    .map_err(|_| anyhow::anyhow!("consumer gone"))?;
-                                continue;
-                            }
-                            loop {
-                                match tx.try_send(m) {
-                                    Ok(()) => break,
-                                    Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => {
-                                        full += 1;
-                                        m = back;
-                                        tokio::task::yield_now().await;
-                                    }
-                                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                                        anyhow::bail!("consumer gone")
-                                    }
-                                }
-                            }
-                        }
-                        Ok::<u64, anyhow::Error>(full)
-                    }));
-                }
-                drop(tx);
-                let mut full_events = 0;
-                for h in handles {
-                    full_events += h.await.context("producer task")??;
-                }
-                let tally = consumer.await.context("consumer task")?;
-                Ok(Outcome {
-                    elapsed: start.elapsed(),
-                    tally,
-                    full_events,
-                })
-            })
+            rt.block_on(tokio_deliver(kind, n, producers, cap))
         }
         ChannelKind::KanalAsync => {
             let rt = runtime(workers)?;
-            rt.block_on(async move {
-                let (tx, rx) = kanal::bounded_async::<Msg>(cap);
-                let start = Instant::now();
-                let consumer = tokio::spawn(async move {
-                    let mut t = Tally::new(np);
-                    while let Ok(m) = rx.recv().await {
-                        t.take(m);
-                    }
-                    t
-                });
-                let mut handles = Vec::new();
-                for p in 0..producers {
-                    let tx = tx.clone();
-                    let k = share(n, producers, p);
-                    handles.push(tokio::spawn(async move {
-                        for seq in 1..=k {
-                            tx.send(Msg {
-                                producer: p as u32,
-                                seq,
-                            })
-                            .await
-                            .map_err(|_| anyhow::anyhow!("consumer gone"))?;
-                        }
-                        Ok::<(), anyhow::Error>(())
-                    }));
-                }
-                drop(tx);
-                for h in handles {
-                    h.await.context("producer task")??;
-                }
-                let tally = consumer.await.context("consumer task")?;
-                Ok(Outcome {
-                    elapsed: start.elapsed(),
-                    tally,
-                    full_events: 0,
-                })
-            })
+            rt.block_on(kanal_async_deliver(n, producers, cap))
         }
         ChannelKind::Crossbeam => {
             let (tx, rx) = crossbeam_channel::bounded::<Msg>(cap);
@@ -349,6 +257,119 @@ pub fn deliver(
             )
         }
     }
+}
+
+/// Task-based delivery through tokio mpsc (`kind` is one of the two tokio kinds).
+async fn tokio_deliver(
+    kind: ChannelKind,
+    n: u64,
+    producers: u64,
+    cap: usize,
+) -> anyhow::Result<Outcome> {
+    let np = producers as usize;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(cap);
+    let start = Instant::now();
+    let consumer = tokio::spawn(async move {
+        let mut t = Tally::new(np);
+        while let Some(m) = rx.recv().await {
+            t.take(m);
+        }
+        t
+    });
+    let mut handles = Vec::new();
+    for p in 0..producers {
+        let tx = tx.clone();
+        let k = share(n, producers, p);
+        handles.push(tokio::spawn(tokio_produce(kind, tx, p, k)));
+    }
+    drop(tx);
+    let mut full_events = 0;
+    for h in handles {
+        full_events += h.await.context("producer task")??;
+    }
+    let tally = consumer.await.context("consumer task")?;
+    Ok(Outcome {
+        elapsed: start.elapsed(),
+        tally,
+        full_events,
+    })
+}
+
+/// Producer `p` sends seq 1..=k: with `send().await`, or with `try_send` retried
+/// after a yield when the queue is full. Returns how often it found it full.
+async fn tokio_produce(
+    kind: ChannelKind,
+    tx: tokio::sync::mpsc::Sender<Msg>,
+    p: u64,
+    k: u64,
+) -> anyhow::Result<u64> {
+    let mut full = 0_u64;
+    for seq in 1..=k {
+        let mut m = Msg {
+            producer: p as u32,
+            seq,
+        };
+        if kind == ChannelKind::TokioSend {
+            tx.send(m)
+                .await
+                .map_err(|_| anyhow::anyhow!("consumer gone"))?;
+            continue;
+        }
+        loop {
+            match tx.try_send(m) {
+                Ok(()) => break,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => {
+                    full += 1;
+                    m = back;
+                    tokio::task::yield_now().await;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    anyhow::bail!("consumer gone")
+                }
+            }
+        }
+    }
+    Ok(full)
+}
+
+/// Task-based delivery through kanal's async side.
+async fn kanal_async_deliver(n: u64, producers: u64, cap: usize) -> anyhow::Result<Outcome> {
+    let np = producers as usize;
+    let (tx, rx) = kanal::bounded_async::<Msg>(cap);
+    let start = Instant::now();
+    let consumer = tokio::spawn(async move {
+        let mut t = Tally::new(np);
+        while let Ok(m) = rx.recv().await {
+            t.take(m);
+        }
+        t
+    });
+    let mut handles = Vec::new();
+    for p in 0..producers {
+        let tx = tx.clone();
+        let k = share(n, producers, p);
+        handles.push(tokio::spawn(async move {
+            for seq in 1..=k {
+                tx.send(Msg {
+                    producer: p as u32,
+                    seq,
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("consumer gone"))?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    drop(tx);
+    for h in handles {
+        h.await.context("producer task")??;
+    }
+    let tally = consumer.await.context("consumer task")?;
+    Ok(Outcome {
+        elapsed: start.elapsed(),
+        tally,
+        full_events: 0,
+    })
 }
 
 /// Thread-based delivery: `send` is cloned into each producer thread and dropped
@@ -513,6 +534,23 @@ pub fn queue_document(r: &QueueResults) -> Document {
         ],
         ..Default::default()
     };
+    sec.tables.push(delivery_table(r));
+    sec.charts.push(delivery_chart(r));
+    Document {
+        title: "payguard bench queue".into(),
+        sections: vec![
+            sec,
+            Section {
+                heading: "Findings (computed)".into(),
+                notes: findings(r),
+                ..Default::default()
+            },
+        ],
+    }
+}
+
+/// One row a (channel, producers) cell.
+fn delivery_table(r: &QueueResults) -> Table {
     let mut t = Table::new(
         "",
         &[
@@ -544,8 +582,13 @@ pub fn queue_document(r: &QueueResults) -> Document {
             if x.delivered_exactly { "yes" } else { "NO" }.into(),
         ]);
     }
-    sec.tables.push(t);
-    sec.charts.push(Chart {
+    t
+}
+
+/// Messages per second, one series a producer count.
+fn delivery_chart(r: &QueueResults) -> Chart {
+    let p = &r.plan;
+    Chart {
         title: "messages per second into one consumer".into(),
         unit: "M msgs/s".into(),
         categories: p.channels.iter().map(|c| c.name().to_string()).collect(),
@@ -566,7 +609,12 @@ pub fn queue_document(r: &QueueResults) -> Document {
                     .collect(),
             })
             .collect(),
-    });
+    }
+}
+
+/// tokio mpsc against kanal async per producer count, beside the write-up's figure.
+fn findings(r: &QueueResults) -> Vec<String> {
+    let p = &r.plan;
     let mut notes = Vec::new();
     for &np in &p.producers {
         let base = r
@@ -596,17 +644,7 @@ pub fn queue_document(r: &QueueResults) -> Document {
             ));
         }
     }
-    Document {
-        title: "payguard bench queue".into(),
-        sections: vec![
-            sec,
-            Section {
-                heading: "Findings (computed)".into(),
-                notes,
-                ..Default::default()
-            },
-        ],
-    }
+    notes
 }
 
 /// `payguard bench queue`.

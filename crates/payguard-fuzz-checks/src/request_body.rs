@@ -20,7 +20,9 @@
 use crate::show;
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use payguard::domain::{Money, OrderId, ID_BYTES_MAX, MONEY_MINOR_MAX};
+use payguard::domain::{
+    AccountId, Currency, Money, OrderId, RefundId, ID_BYTES_MAX, MONEY_MINOR_MAX,
+};
 use payguard::store::Op;
 use payguard_server::fuzzing::{create_account_op, create_order_op, deduct_op, refund_op};
 use payguard_server::ApiError;
@@ -160,95 +162,142 @@ fn accepted(input: &Input<'_>, ct_is_json: bool, op: &Op, ctx: &dyn Fn() -> Stri
     );
     let v: Value = serde_json::from_slice(input.body)
         .unwrap_or_else(|e| panic!("accepted a body serde_json cannot read ({e}): {}", ctx()));
-    let field = |k: &str| v.get(k).unwrap_or(&Value::Null);
-    let only_keys = |keys: &[&str]| {
-        let obj = v
-            .as_object()
-            .unwrap_or_else(|| panic!("accepted a body that is not an object: {}", ctx()));
-        for k in obj.keys() {
-            assert!(
-                keys.contains(&k.as_str()),
-                "accepted unknown field {k:?}: {}",
-                ctx()
-            );
-        }
-    };
+    let json = AcceptedJson { input, v, ctx };
     match op {
-        Op::Deduct { order_id } => {
-            assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
-            assert!(
-                v.is_null() || v.as_object().is_some_and(|o| o.is_empty()),
-                "deduct accepted a body that is neither {{}} nor null: {}",
-                ctx()
-            );
-        }
+        Op::Deduct { order_id } => json.deduct(order_id),
         Op::CreateAccount {
             id,
             balance,
             currency,
-        } => {
-            assert_eq!(input.kind, Kind::CreateAccount, "{}", ctx());
-            only_keys(&["id", "balance", "currency"]);
-            assert!(
-                valid_id(id.as_str()),
-                "invalid account id {id:?}: {}",
-                ctx()
-            );
-            assert_eq!(field("id").as_str(), Some(id.as_str()), "{}", ctx());
-            assert!(money_in(*balance, 0), "balance {balance:?}: {}", ctx());
-            assert_eq!(
-                field("balance").as_i64(),
-                Some(balance.minor()),
-                "{}",
-                ctx()
-            );
-            let c = currency.as_str();
-            assert!(
-                c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()),
-                "currency {c:?}: {}",
-                ctx()
-            );
-            match field("currency") {
-                Value::Null => assert_eq!(c, "CNY", "{}", ctx()),
-                other => assert_eq!(other.as_str(), Some(c), "{}", ctx()),
-            }
-        }
+        } => json.create_account(id, *balance, currency),
         Op::CreateOrder {
             id,
             account_id,
             amount,
-        } => {
-            assert_eq!(input.kind, Kind::CreateOrder, "{}", ctx());
-            only_keys(&["id", "account_id", "amount"]);
-            assert!(valid_id(id.as_str()), "invalid order id {id:?}: {}", ctx());
-            assert!(
-                valid_id(account_id.as_str()),
-                "invalid account id: {}",
-                ctx()
-            );
-            assert_eq!(field("id").as_str(), Some(id.as_str()), "{}", ctx());
-            assert_eq!(
-                field("account_id").as_str(),
-                Some(account_id.as_str()),
-                "{}",
-                ctx()
-            );
-            assert!(money_in(*amount, 1), "amount {amount:?}: {}", ctx());
-            assert_eq!(field("amount").as_i64(), Some(amount.minor()), "{}", ctx());
-        }
+        } => json.create_order(id, account_id, *amount),
         Op::Refund {
             order_id,
             refund_id,
             amount,
-        } => {
-            assert_eq!(input.kind, Kind::Refund, "{}", ctx());
-            only_keys(&["id", "amount"]);
-            assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
-            assert!(valid_id(refund_id.as_str()), "invalid refund id: {}", ctx());
-            assert_eq!(field("id").as_str(), Some(refund_id.as_str()), "{}", ctx());
-            assert!(money_in(*amount, 1), "amount {amount:?}: {}", ctx());
-            assert_eq!(field("amount").as_i64(), Some(amount.minor()), "{}", ctx());
+        } => json.refund(order_id, refund_id, *amount),
+    }
+}
+
+/// An accepted body's JSON beside the op the parser made of it: one method an op, each
+/// checking that op's fields against the JSON and the domain's rules.
+struct AcceptedJson<'a> {
+    input: &'a Input<'a>,
+    v: Value,
+    ctx: &'a dyn Fn() -> String,
+}
+
+impl AcceptedJson<'_> {
+    fn ctx(&self) -> String {
+        (self.ctx)()
+    }
+
+    fn field(&self, k: &str) -> &Value {
+        self.v.get(k).unwrap_or(&Value::Null)
+    }
+
+    fn only_keys(&self, keys: &[&str]) {
+        let obj = self
+            .v
+            .as_object()
+            .unwrap_or_else(|| panic!("accepted a body that is not an object: {}", self.ctx()));
+        for k in obj.keys() {
+            assert!(
+                keys.contains(&k.as_str()),
+                "accepted unknown field {k:?}: {}",
+                self.ctx()
+            );
         }
+    }
+
+    fn deduct(&self, order_id: &OrderId) {
+        let v = &self.v;
+        assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", self.ctx());
+        assert!(
+            v.is_null() || v.as_object().is_some_and(|o| o.is_empty()),
+            "deduct accepted a body that is neither {{}} nor null: {}",
+            self.ctx()
+        );
+    }
+
+    fn create_account(&self, id: &AccountId, balance: Money, currency: &Currency) {
+        let ctx = || self.ctx();
+        assert_eq!(self.input.kind, Kind::CreateAccount, "{}", ctx());
+        self.only_keys(&["id", "balance", "currency"]);
+        assert!(
+            valid_id(id.as_str()),
+            "invalid account id {id:?}: {}",
+            ctx()
+        );
+        assert_eq!(self.field("id").as_str(), Some(id.as_str()), "{}", ctx());
+        assert!(money_in(balance, 0), "balance {balance:?}: {}", ctx());
+        assert_eq!(
+            self.field("balance").as_i64(),
+            Some(balance.minor()),
+            "{}",
+            ctx()
+        );
+        let c = currency.as_str();
+        assert!(
+            c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()),
+            "currency {c:?}: {}",
+            ctx()
+        );
+        match self.field("currency") {
+            Value::Null => assert_eq!(c, "CNY", "{}", ctx()),
+            other => assert_eq!(other.as_str(), Some(c), "{}", ctx()),
+        }
+    }
+
+    fn create_order(&self, id: &OrderId, account_id: &AccountId, amount: Money) {
+        let ctx = || self.ctx();
+        assert_eq!(self.input.kind, Kind::CreateOrder, "{}", ctx());
+        self.only_keys(&["id", "account_id", "amount"]);
+        assert!(valid_id(id.as_str()), "invalid order id {id:?}: {}", ctx());
+        assert!(
+            valid_id(account_id.as_str()),
+            "invalid account id: {}",
+            ctx()
+        );
+        assert_eq!(self.field("id").as_str(), Some(id.as_str()), "{}", ctx());
+        assert_eq!(
+            self.field("account_id").as_str(),
+            Some(account_id.as_str()),
+            "{}",
+            ctx()
+        );
+        assert!(money_in(amount, 1), "amount {amount:?}: {}", ctx());
+        assert_eq!(
+            self.field("amount").as_i64(),
+            Some(amount.minor()),
+            "{}",
+            ctx()
+        );
+    }
+
+    fn refund(&self, order_id: &OrderId, refund_id: &RefundId, amount: Money) {
+        let ctx = || self.ctx();
+        assert_eq!(self.input.kind, Kind::Refund, "{}", ctx());
+        self.only_keys(&["id", "amount"]);
+        assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
+        assert!(valid_id(refund_id.as_str()), "invalid refund id: {}", ctx());
+        assert_eq!(
+            self.field("id").as_str(),
+            Some(refund_id.as_str()),
+            "{}",
+            ctx()
+        );
+        assert!(money_in(amount, 1), "amount {amount:?}: {}", ctx());
+        assert_eq!(
+            self.field("amount").as_i64(),
+            Some(amount.minor()),
+            "{}",
+            ctx()
+        );
     }
 }
 

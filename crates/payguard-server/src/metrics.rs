@@ -79,110 +79,17 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(engine: &payguard::Engine) -> Arc<Self> {
         let mut registry = Registry::with_prefix("payguard");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(HTTP_SECONDS_BUCKETS)
-        });
+        let (requests, latency) = register_http(&mut registry);
         let lane_depth = Family::<LaneLabels, Gauge>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route template, method and status",
-            requests.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency",
-            latency.clone(),
-        );
         registry.register(
             "lane_queue_depth",
             "Requests waiting in each lane's queue",
             lane_depth.clone(),
         );
-        registry.register(
-            "instance",
-            "This instance's id, guard and store",
-            prometheus_client::metrics::info::Info::new(vec![
-                ("instance", engine.config().instance_id.clone()),
-                ("guard", engine.config().guard.name().to_owned()),
-                ("store", engine.store().kind().to_owned()),
-            ]),
-        );
-        let connections_closed = Family::<CloseLabels, Counter>::default();
-        for reason in crate::connections::slot::CloseReason::ALL {
-            // Every reason shows, at 0 until it happens.
-            let _ = connections_closed.get_or_create(&CloseLabels {
-                reason: reason.label(),
-            });
-        }
-        registry.register(
-            "connections_closed",
-            "Connections the server closed, by reason: a deadline (header_timeout, body_timeout, idle_timeout, write_timeout), evicted at the connection limit, shutdown, drain_deadline",
-            connections_closed.clone(),
-        );
-        let connections = Family::<PhaseLabels, Gauge>::default();
-        registry.register(
-            "connections",
-            "Open connections by phase (headers, body, handling, writing, idle)",
-            connections.clone(),
-        );
-        let connections_write_blocked = Gauge::default();
-        registry.register(
-            "connections_write_blocked",
-            "Open connections whose client is not reading its answer",
-            connections_write_blocked.clone(),
-        );
-        let s = engine.stats();
-        registry.register(
-            "ops_committed",
-            "Operations that changed something (first executions)",
-            s.committed.clone(),
-        );
-        registry.register(
-            "ops_replayed",
-            "Operations answered with an earlier result (duplicates)",
-            s.replayed.clone(),
-        );
-        registry.register(
-            "ops_rejected",
-            "Operations refused with a definite answer (402/404/409)",
-            s.rejected.clone(),
-        );
-        registry.register(
-            "ops_overloaded",
-            "Requests refused because a lane queue was full (503)",
-            s.overloaded.clone(),
-        );
-        registry.register(
-            "ops_unavailable",
-            "Requests that failed with nothing moved: store down, timeout, shutdown (503)",
-            s.store_failures.clone(),
-        );
-        registry.register(
-            "inflight_collisions",
-            "Race sentinel: a request for an order already in flight",
-            s.collisions.clone(),
-        );
-        registry.register(
-            "single_flight_joined",
-            "Duplicates that shared an in-flight operation's result",
-            s.joined.clone(),
-        );
-        registry.register(
-            "settled_without_lock",
-            "Ops answered from committed state without taking their order's lock (just released, or settled hint)",
-            s.settled_without_lock.clone(),
-        );
-        registry.register(
-            "lane_batch_size",
-            "Operations per lane batch (group commit)",
-            s.batch_sizes.clone(),
-        );
-        registry.register(
-            "store_commit_seconds",
-            "Time from handing a batch to the store to its commit",
-            s.commit_seconds.clone(),
-        );
+        register_instance(&mut registry, engine);
+        let (connections_closed, connections, connections_write_blocked) =
+            register_connections(&mut registry);
+        register_engine_stats(&mut registry, engine);
         registry.register_collector(Box::new(StoreCounters(engine.store().clone())));
         Arc::new(Metrics {
             registry,
@@ -210,6 +117,135 @@ impl Metrics {
     pub(crate) fn set_connections_write_blocked(&self, n: i64) {
         self.connections_write_blocked.set(n);
     }
+}
+
+/// Every request, counted by route template, method and status, and timed.
+fn register_http(
+    registry: &mut Registry,
+) -> (
+    Family<RequestLabels, Counter>,
+    Family<RouteLabels, Histogram>,
+) {
+    let requests = Family::<RequestLabels, Counter>::default();
+    let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+        Histogram::new(HTTP_SECONDS_BUCKETS)
+    });
+    registry.register(
+        "http_requests",
+        "HTTP requests by route template, method and status",
+        requests.clone(),
+    );
+    registry.register(
+        "http_request_duration_seconds",
+        "HTTP request latency",
+        latency.clone(),
+    );
+    (requests, latency)
+}
+
+/// Which instance this is: its id, guard and store, as an info metric.
+fn register_instance(registry: &mut Registry, engine: &payguard::Engine) {
+    registry.register(
+        "instance",
+        "This instance's id, guard and store",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("instance", engine.config().instance_id.clone()),
+            ("guard", engine.config().guard.name().to_owned()),
+            ("store", engine.store().kind().to_owned()),
+        ]),
+    );
+}
+
+/// Connections (`crate::connections`): closes by reason, open ones by phase, and the
+/// ones whose client is not reading.
+fn register_connections(
+    registry: &mut Registry,
+) -> (
+    Family<CloseLabels, Counter>,
+    Family<PhaseLabels, Gauge>,
+    Gauge,
+) {
+    let connections_closed = Family::<CloseLabels, Counter>::default();
+    for reason in crate::connections::slot::CloseReason::ALL {
+        // Every reason shows, at 0 until it happens.
+        let _ = connections_closed.get_or_create(&CloseLabels {
+            reason: reason.label(),
+        });
+    }
+    registry.register(
+        "connections_closed",
+        "Connections the server closed, by reason: a deadline (header_timeout, body_timeout, idle_timeout, write_timeout), evicted at the connection limit, shutdown, drain_deadline",
+        connections_closed.clone(),
+    );
+    let connections = Family::<PhaseLabels, Gauge>::default();
+    registry.register(
+        "connections",
+        "Open connections by phase (headers, body, handling, writing, idle)",
+        connections.clone(),
+    );
+    let connections_write_blocked = Gauge::default();
+    registry.register(
+        "connections_write_blocked",
+        "Open connections whose client is not reading its answer",
+        connections_write_blocked.clone(),
+    );
+    (connections_closed, connections, connections_write_blocked)
+}
+
+/// The engine's counters and histograms (`EngineStats`): the clones registered share
+/// their values with the engine's.
+fn register_engine_stats(registry: &mut Registry, engine: &payguard::Engine) {
+    let s = engine.stats();
+    registry.register(
+        "ops_committed",
+        "Operations that changed something (first executions)",
+        s.committed.clone(),
+    );
+    registry.register(
+        "ops_replayed",
+        "Operations answered with an earlier result (duplicates)",
+        s.replayed.clone(),
+    );
+    registry.register(
+        "ops_rejected",
+        "Operations refused with a definite answer (402/404/409)",
+        s.rejected.clone(),
+    );
+    registry.register(
+        "ops_overloaded",
+        "Requests refused because a lane queue was full (503)",
+        s.overloaded.clone(),
+    );
+    registry.register(
+        "ops_unavailable",
+        "Requests that failed with nothing moved: store down, timeout, shutdown (503)",
+        s.store_failures.clone(),
+    );
+    registry.register(
+        "inflight_collisions",
+        "Race sentinel: a request for an order already in flight",
+        s.collisions.clone(),
+    );
+    registry.register(
+        "single_flight_joined",
+        "Duplicates that shared an in-flight operation's result",
+        s.joined.clone(),
+    );
+    registry.register(
+        "settled_without_lock",
+        "Ops answered from committed state without taking their order's lock (just released, or settled hint)",
+        s.settled_without_lock.clone(),
+    );
+    registry.register(
+        "lane_batch_size",
+        "Operations per lane batch (group commit)",
+        s.batch_sizes.clone(),
+    );
+    registry.register(
+        "store_commit_seconds",
+        "Time from handing a batch to the store to its commit",
+        s.commit_seconds.clone(),
+    );
 }
 
 /// A method as a label: RFC 9110's methods by name, any other token a client invents as

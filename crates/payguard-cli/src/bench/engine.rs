@@ -15,6 +15,7 @@
 //! on the same server in the same run (see [`pg`]).
 
 mod pg;
+mod sqlite;
 
 use hdrhistogram::Histogram;
 use payguard::domain::{OrderId, RequestId};
@@ -23,6 +24,7 @@ use payguard::store::{Command, Op, Output};
 use payguard::{Engine, EngineConfig};
 use rusqlite::params;
 use serde::Serialize;
+use sqlite::SqliteRuns;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -403,127 +405,43 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         base.path().display()
     );
 
-    let raw_path = base.path().join("raw.db");
-    setup(&raw_path, orders, accounts)?;
-    let raw = raw(&raw_path, orders, accounts)?;
-    eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
-
-    let direct_path = base.path().join("direct.db");
-    setup(&direct_path, orders, accounts)?;
-    let mut direct = store_direct(&direct_path, orders)?;
-    direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
-    eprintln!("  store only: {:.0} ops/s", direct.ops_per_sec);
-
-    let mut runs = vec![raw.clone(), direct];
-    let mut best: Option<RunResult> = None;
-    for &bm in &args.batch_max {
-        let path = base.path().join(format!("engine-{bm}.db"));
-        setup(&path, orders, accounts)?;
-        let engine = Arc::new(start_engine(&path, &args, bm)?);
-        let (secs, h) = rt.block_on(closed_loop(engine.clone(), orders, args.concurrency))?;
-        let stats = engine.stats();
-        let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
-        let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
-        let audit_ok = rt.block_on(engine.audit())?.ok;
-        rt.block_on(engine.shutdown())?;
-        let r = RunResult {
-            name: format!("engine, batch_max={bm}, {} callers", args.concurrency),
-            ops: orders,
-            secs,
-            ops_per_sec: orders as f64 / secs,
-            ratio_to_raw: (orders as f64 / secs) / raw.ops_per_sec,
-            p50_ms: Some(ms(&h, 0.5)),
-            p99_ms: Some(ms(&h, 0.99)),
-            max_ms: Some(h.max() as f64 / 1000.0),
-            mean_batch: Some(batched as f64 / batches as f64),
-            audit_ok,
-        };
-        eprintln!("  {}: {:.0} ops/s", r.name, r.ops_per_sec);
-        if best.as_ref().is_none_or(|b| r.ops_per_sec > b.ops_per_sec) {
-            best = Some(r.clone());
-        }
-        runs.push(r);
-    }
-    let best = best.expect("at least one engine run");
-    let best_bm = args.batch_max[runs[2..]
-        .iter()
-        .position(|r| r.name == best.name)
-        .unwrap_or(0)];
-
-    // The write-up's fix as written, in the same run: a lock and a locked
-    // transaction per request, no batching.
-    let seed_orders = args
-        .seed_orders
-        .unwrap_or(orders.min(5_000))
-        .clamp(1, orders);
-    let path = base.path().join("engine-seed.db");
-    setup(&path, seed_orders, accounts)?;
-    let seed_engine = {
-        let mut cfg = SqliteConfig::new(&path);
-        cfg.writer_batch_ops_max = args.writer_batch_max;
-        let mut ecfg = bench_engine_config(&args, 1);
-        ecfg.guard = payguard::engine::Guard::Seed;
-        Arc::new(Engine::start(Arc::new(SqliteStore::open(cfg)?), ecfg))
+    let sqlite = SqliteRuns {
+        args: &args,
+        rt: &rt,
+        dir: base.path(),
+        orders,
+        accounts,
     };
-    let (secs, h) = rt.block_on(closed_loop(
-        seed_engine.clone(),
-        seed_orders,
-        args.seed_concurrency,
-    ))?;
-    let audit_ok = rt.block_on(seed_engine.audit())?.ok;
-    rt.block_on(seed_engine.shutdown())?;
-    let mut seed = RunResult::throughput(
-        format!(
-            "seed guard (lock + BEGIN IMMEDIATE per request), {} callers",
-            args.seed_concurrency
-        ),
-        seed_orders,
-        secs,
-        audit_ok,
-    );
-    seed.ratio_to_raw = seed.ops_per_sec / raw.ops_per_sec;
-    seed.p50_ms = Some(ms(&h, 0.5));
-    seed.p99_ms = Some(ms(&h, 0.99));
-    seed.max_ms = Some(h.max() as f64 / 1000.0);
-    eprintln!("  seed: {:.0} ops/s", seed.ops_per_sec);
+    let raw = sqlite.raw()?;
+    let direct = sqlite.store_only(&raw)?;
+    let sweep = sqlite.sweep(&raw)?;
+    let seed = sqlite.seed(&raw)?;
+    let half = sqlite.half_load(&raw, &sweep)?;
+    let mut runs = vec![raw, direct];
+    runs.extend(sweep.runs);
     runs.push(seed);
-
-    let rate = best.ops_per_sec / 2.0;
-    let half_orders = orders.min((rate * HALF_LOAD_SECS_MAX) as usize).max(1);
-    let path = base.path().join("engine-half.db");
-    setup(&path, half_orders, accounts)?;
-    let engine = Arc::new(start_engine(&path, &args, best_bm)?);
-    let (secs, h) = rt.block_on(open_loop(engine.clone(), half_orders, rate))?;
-    let audit_ok = rt.block_on(engine.audit())?.ok;
-    rt.block_on(engine.shutdown())?;
-    let half = RunResult {
-        name: format!("engine at half peak ({rate:.0} ops/s offered), batch_max={best_bm}"),
-        ops: half_orders,
-        secs,
-        ops_per_sec: half_orders as f64 / secs,
-        ratio_to_raw: (half_orders as f64 / secs) / raw.ops_per_sec,
-        p50_ms: Some(ms(&h, 0.5)),
-        p99_ms: Some(ms(&h, 0.99)),
-        max_ms: Some(h.max() as f64 / 1000.0),
-        mean_batch: None,
-        audit_ok,
-    };
     let report = Report {
         orders,
         concurrency: args.concurrency,
         lanes: args.lanes,
         cores,
-        best_engine_ratio: best.ratio_to_raw,
+        best_engine_ratio: sweep.best.ratio_to_raw,
         runs,
         half_load: Some(half),
     };
+    finish(&args, &report)
+}
+
+/// Prints the report (JSON or a table), writes the HTML page if asked, and fails
+/// the command (exit 1) when any run's audit failed.
+fn finish(args: &EngineBenchArgs, report: &Report) -> anyhow::Result<ExitCode> {
     if args.json {
-        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print_table(&report);
+        print_table(report);
     }
     if let Some(path) = &args.html {
-        std::fs::write(path, html(&report))?;
+        std::fs::write(path, html(report))?;
     }
     let all_ok = report.runs.iter().all(|r| r.audit_ok)
         && report.half_load.as_ref().is_none_or(|r| r.audit_ok);

@@ -10,6 +10,7 @@ use crate::demo::LocalServer;
 use hdrhistogram::Histogram;
 use payguard::engine::Guard;
 use serde::Serialize;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -116,51 +117,8 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
-        // (1) The floor: a plain axum handler returning a constant.
-        let app = axum::Router::new().route(
-            "/constant",
-            axum::routing::post(|| async { axum::Json(serde_json::json!({"ok": true})) }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let plain = format!("http://{}/constant", listener.local_addr()?);
-        let plain_server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let urls = Arc::new(vec![plain; n]);
-        let (secs, h, errors) = drive(&client, urls, args.concurrency).await?;
-        let floor = side("plain axum handler (constant)", n, secs, &h, errors);
-        plain_server.abort();
-
-        // (2) payguard: one fresh order per request, each a durable charge.
-        let server =
-            LocalServer::start(&dir.path().join("http.db"), Guard::Full, "bench-http").await?;
-        let setup = client
-            .post(format!("{}/v1/accounts", server.url))
-            .json(&serde_json::json!({"id": "bench", "balance": 9_000_000_000_000_i64}))
-            .send()
-            .await?;
-        anyhow::ensure!(setup.status().is_success(), "account setup failed");
-        let create: Vec<String> = (0..n).map(|i| format!("h{i}")).collect();
-        let create_url = format!("{}/v1/orders", server.url);
-        // Orders are created through the API too (not timed).
-        for chunk in create.chunks(256) {
-            let futs = chunk.iter().map(|id| {
-                client
-                    .post(&create_url)
-                    .json(&serde_json::json!({"id": id, "account_id": "bench", "amount": 100}))
-                    .send()
-            });
-            for r in futures::future::join_all(futs).await {
-                anyhow::ensure!(r?.status().is_success(), "order setup failed");
-            }
-        }
-        let urls = Arc::new(
-            create
-                .iter()
-                .map(|id| format!("{}/v1/orders/{id}/deduct", server.url))
-                .collect::<Vec<_>>(),
-        );
-        let (secs, h, errors) = drive(&client, urls, args.concurrency).await?;
-        let pay = side("payguard deduct (durable, SQLite)", n, secs, &h, errors);
-        server.stop().await?;
+        let floor = plain_side(&client, n, args.concurrency).await?;
+        let pay = payguard_side(&client, dir.path(), n, args.concurrency).await?;
         Ok::<_, anyhow::Error>(vec![floor, pay])
     })?;
     let ratio = sides[1].rps / sides[0].rps.max(1e-9);
@@ -172,26 +130,7 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
             )?
         );
     } else {
-        crate::outln!(
-            "http bench: {n} POSTs per target, {} keep-alive clients, one run",
-            args.concurrency
-        );
-        crate::outln!();
-        crate::outln!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
-        crate::outln!("|---|---:|---:|---:|---:|---:|");
-        for s in &sides {
-            crate::outln!(
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
-                s.target,
-                s.rps,
-                s.p50_ms,
-                s.p99_ms,
-                s.max_ms,
-                s.errors
-            );
-        }
-        crate::outln!();
-        crate::outln!("payguard / plain handler: {ratio:.2}×");
+        print_table(n, args.concurrency, &sides, ratio);
     }
     if let Some(path) = &args.html {
         std::fs::write(path, html(&sides, ratio))?;
@@ -201,6 +140,86 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// (1) The floor: a plain axum handler returning a constant.
+async fn plain_side(
+    client: &reqwest::Client,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Side> {
+    let app = axum::Router::new().route(
+        "/constant",
+        axum::routing::post(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let plain = format!("http://{}/constant", listener.local_addr()?);
+    let plain_server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let urls = Arc::new(vec![plain; n]);
+    let (secs, h, errors) = drive(client, urls, concurrency).await?;
+    let floor = side("plain axum handler (constant)", n, secs, &h, errors);
+    plain_server.abort();
+    Ok(floor)
+}
+
+/// (2) payguard: one fresh order per request, each a durable charge.
+async fn payguard_side(
+    client: &reqwest::Client,
+    dir: &Path,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Side> {
+    let server = LocalServer::start(&dir.join("http.db"), Guard::Full, "bench-http").await?;
+    let setup = client
+        .post(format!("{}/v1/accounts", server.url))
+        .json(&serde_json::json!({"id": "bench", "balance": 9_000_000_000_000_i64}))
+        .send()
+        .await?;
+    anyhow::ensure!(setup.status().is_success(), "account setup failed");
+    let create: Vec<String> = (0..n).map(|i| format!("h{i}")).collect();
+    let create_url = format!("{}/v1/orders", server.url);
+    // Orders are created through the API too (not timed).
+    for chunk in create.chunks(256) {
+        let futs = chunk.iter().map(|id| {
+            client
+                .post(&create_url)
+                .json(&serde_json::json!({"id": id, "account_id": "bench", "amount": 100}))
+                .send()
+        });
+        for r in futures::future::join_all(futs).await {
+            anyhow::ensure!(r?.status().is_success(), "order setup failed");
+        }
+    }
+    let urls = Arc::new(
+        create
+            .iter()
+            .map(|id| format!("{}/v1/orders/{id}/deduct", server.url))
+            .collect::<Vec<_>>(),
+    );
+    let (secs, h, errors) = drive(client, urls, concurrency).await?;
+    let pay = side("payguard deduct (durable, SQLite)", n, secs, &h, errors);
+    server.stop().await?;
+    Ok(pay)
+}
+
+fn print_table(n: usize, concurrency: usize, sides: &[Side], ratio: f64) {
+    crate::outln!("http bench: {n} POSTs per target, {concurrency} keep-alive clients, one run");
+    crate::outln!();
+    crate::outln!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
+    crate::outln!("|---|---:|---:|---:|---:|---:|");
+    for s in sides {
+        crate::outln!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            s.target,
+            s.rps,
+            s.p50_ms,
+            s.p99_ms,
+            s.max_ms,
+            s.errors
+        );
+    }
+    crate::outln!();
+    crate::outln!("payguard / plain handler: {ratio:.2}×");
 }
 
 /// A self-contained page: one bar chart (inline SVG) of requests/s.

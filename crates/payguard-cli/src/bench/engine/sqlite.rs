@@ -1,0 +1,168 @@
+//! `payguard bench engine` on SQLite, run by run: the raw rusqlite ceiling, the
+//! store alone, the engine at each `--batch-max`, the write-up's `seed` guard and
+//! the engine at half its measured peak. Each run is one method of [`SqliteRuns`]
+//! (every run gets a fresh database in the same folder and is audited after), so
+//! the order of the runs reads in `super::run` and each run's steps read here.
+
+use super::{
+    bench_engine_config, closed_loop, ms, open_loop, raw, setup, start_engine, store_direct,
+    EngineBenchArgs, RunResult, HALF_LOAD_SECS_MAX,
+};
+use payguard::store::sqlite::{SqliteConfig, SqliteStore};
+use payguard::Engine;
+use std::path::Path;
+use std::sync::Arc;
+
+/// What every SQLite run shares: the flags, the runtime, the databases' folder and
+/// the sizes.
+pub(super) struct SqliteRuns<'a> {
+    pub args: &'a EngineBenchArgs,
+    pub rt: &'a tokio::runtime::Runtime,
+    pub dir: &'a Path,
+    pub orders: usize,
+    pub accounts: usize,
+}
+
+/// The engine runs over every `--batch-max`, the fastest of them and its batch_max.
+pub(super) struct Sweep {
+    pub runs: Vec<RunResult>,
+    pub best: RunResult,
+    pub best_batch_max: usize,
+}
+
+impl SqliteRuns<'_> {
+    /// The ceiling: raw rusqlite doing the money path's writes.
+    pub fn raw(&self) -> anyhow::Result<RunResult> {
+        let raw_path = self.dir.join("raw.db");
+        setup(&raw_path, self.orders, self.accounts)?;
+        let raw = raw(&raw_path, self.orders, self.accounts)?;
+        eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
+        Ok(raw)
+    }
+
+    /// The store's own deduct SQL without lanes, as a ratio to `raw`.
+    pub fn store_only(&self, raw: &RunResult) -> anyhow::Result<RunResult> {
+        let direct_path = self.dir.join("direct.db");
+        setup(&direct_path, self.orders, self.accounts)?;
+        let mut direct = store_direct(&direct_path, self.orders)?;
+        direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
+        eprintln!("  store only: {:.0} ops/s", direct.ops_per_sec);
+        Ok(direct)
+    }
+
+    /// The engine, closed loop, at each `--batch-max`.
+    pub fn sweep(&self, raw: &RunResult) -> anyhow::Result<Sweep> {
+        let mut runs = Vec::new();
+        let mut best: Option<RunResult> = None;
+        for &bm in &self.args.batch_max {
+            let r = self.engine_run(bm, raw)?;
+            eprintln!("  {}: {:.0} ops/s", r.name, r.ops_per_sec);
+            if best.as_ref().is_none_or(|b| r.ops_per_sec > b.ops_per_sec) {
+                best = Some(r.clone());
+            }
+            runs.push(r);
+        }
+        let best = best.expect("at least one engine run");
+        let best_batch_max =
+            self.args.batch_max[runs.iter().position(|r| r.name == best.name).unwrap_or(0)];
+        Ok(Sweep {
+            runs,
+            best,
+            best_batch_max,
+        })
+    }
+
+    fn engine_run(&self, bm: usize, raw: &RunResult) -> anyhow::Result<RunResult> {
+        let (args, rt, orders) = (self.args, self.rt, self.orders);
+        let path = self.dir.join(format!("engine-{bm}.db"));
+        setup(&path, orders, self.accounts)?;
+        let engine = Arc::new(start_engine(&path, args, bm)?);
+        let (secs, h) = rt.block_on(closed_loop(engine.clone(), orders, args.concurrency))?;
+        let stats = engine.stats();
+        let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
+        let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
+        let audit_ok = rt.block_on(engine.audit())?.ok;
+        rt.block_on(engine.shutdown())?;
+        Ok(RunResult {
+            name: format!("engine, batch_max={bm}, {} callers", args.concurrency),
+            ops: orders,
+            secs,
+            ops_per_sec: orders as f64 / secs,
+            ratio_to_raw: (orders as f64 / secs) / raw.ops_per_sec,
+            p50_ms: Some(ms(&h, 0.5)),
+            p99_ms: Some(ms(&h, 0.99)),
+            max_ms: Some(h.max() as f64 / 1000.0),
+            mean_batch: Some(batched as f64 / batches as f64),
+            audit_ok,
+        })
+    }
+
+    /// The write-up's fix as written, in the same run: a lock and a locked
+    /// transaction per request, no batching.
+    pub fn seed(&self, raw: &RunResult) -> anyhow::Result<RunResult> {
+        let (args, rt) = (self.args, self.rt);
+        let seed_orders = args
+            .seed_orders
+            .unwrap_or(self.orders.min(5_000))
+            .clamp(1, self.orders);
+        let path = self.dir.join("engine-seed.db");
+        setup(&path, seed_orders, self.accounts)?;
+        let seed_engine = {
+            let mut cfg = SqliteConfig::new(&path);
+            cfg.writer_batch_ops_max = args.writer_batch_max;
+            let mut ecfg = bench_engine_config(args, 1);
+            ecfg.guard = payguard::engine::Guard::Seed;
+            Arc::new(Engine::start(Arc::new(SqliteStore::open(cfg)?), ecfg))
+        };
+        let (secs, h) = rt.block_on(closed_loop(
+            seed_engine.clone(),
+            seed_orders,
+            args.seed_concurrency,
+        ))?;
+        let audit_ok = rt.block_on(seed_engine.audit())?.ok;
+        rt.block_on(seed_engine.shutdown())?;
+        let mut seed = RunResult::throughput(
+            format!(
+                "seed guard (lock + BEGIN IMMEDIATE per request), {} callers",
+                args.seed_concurrency
+            ),
+            seed_orders,
+            secs,
+            audit_ok,
+        );
+        seed.ratio_to_raw = seed.ops_per_sec / raw.ops_per_sec;
+        seed.p50_ms = Some(ms(&h, 0.5));
+        seed.p99_ms = Some(ms(&h, 0.99));
+        seed.max_ms = Some(h.max() as f64 / 1000.0);
+        eprintln!("  seed: {:.0} ops/s", seed.ops_per_sec);
+        Ok(seed)
+    }
+
+    /// The best engine configuration offered half its measured peak, open loop:
+    /// latency from each request's scheduled start.
+    pub fn half_load(&self, raw: &RunResult, sweep: &Sweep) -> anyhow::Result<RunResult> {
+        let best_bm = sweep.best_batch_max;
+        let rate = sweep.best.ops_per_sec / 2.0;
+        let half_orders = self.orders.min((rate * HALF_LOAD_SECS_MAX) as usize).max(1);
+        let path = self.dir.join("engine-half.db");
+        setup(&path, half_orders, self.accounts)?;
+        let engine = Arc::new(start_engine(&path, self.args, best_bm)?);
+        let (secs, h) = self
+            .rt
+            .block_on(open_loop(engine.clone(), half_orders, rate))?;
+        let audit_ok = self.rt.block_on(engine.audit())?.ok;
+        self.rt.block_on(engine.shutdown())?;
+        Ok(RunResult {
+            name: format!("engine at half peak ({rate:.0} ops/s offered), batch_max={best_bm}"),
+            ops: half_orders,
+            secs,
+            ops_per_sec: half_orders as f64 / secs,
+            ratio_to_raw: (half_orders as f64 / secs) / raw.ops_per_sec,
+            p50_ms: Some(ms(&h, 0.5)),
+            p99_ms: Some(ms(&h, 0.99)),
+            max_ms: Some(h.max() as f64 / 1000.0),
+            mean_batch: None,
+            audit_ok,
+        })
+    }
+}
