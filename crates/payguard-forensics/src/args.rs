@@ -76,9 +76,10 @@ pub struct ForensicsArgs {
     )]
     pub skew: Vec<Skew>,
 
-    /// Zone of times written without one: UTC or a fixed offset like +08:00.
-    #[arg(long, value_name = "ZONE", default_value = "UTC", env = "PAYGUARD_TZ")]
-    pub tz: TzOffset,
+    /// Zone of times written without one: UTC or a fixed offset like +08:00 [default: UTC,
+    /// or the zone inferred per host unless --no-align].
+    #[arg(long, value_name = "ZONE", env = "PAYGUARD_TZ")]
+    pub tz: Option<TzOffset>,
 
     /// Date of times written without one when no dated line is in the same file.
     #[arg(long, value_name = "YYYY-MM-DD", env = "PAYGUARD_DATE", value_parser = parse_date)]
@@ -92,9 +93,21 @@ pub struct ForensicsArgs {
     #[arg(long, value_name = "TIME", env = "PAYGUARD_UNTIL")]
     pub until: Option<String>,
 
+    /// Do not infer host clock offsets (zones of zone-less times, skews) from the logs.
+    #[arg(long, env = "PAYGUARD_NO_ALIGN", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_align: bool,
+
     /// Look at this order only.
     #[arg(long, value_name = "ID", env = "PAYGUARD_ORDER")]
     pub order: Option<String>,
+}
+
+impl ForensicsArgs {
+    /// The zone of times written without one, as given (UTC when not).
+    pub fn tz(&self) -> TzOffset {
+        self.tz.unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -135,7 +148,8 @@ mod tests {
                 ms: -5
             }
         );
-        assert_eq!(c.a.tz.secs, 8 * 3600);
+        assert_eq!(c.a.tz().secs, 8 * 3600);
+        assert!(!c.a.no_align);
         assert!(c.a.json);
         assert!(Cli::try_parse_from(["x", "a.log", "--tz", "Mars/Base"]).is_err());
         assert!(Cli::try_parse_from(["x", "a.log", "--skew", "nohost"]).is_err());

@@ -10,6 +10,7 @@
 //! [`analyze`] reconstructs each order → [`report`], [`trace`] and [`html`] write the findings.
 #![forbid(unsafe_code)]
 
+pub mod align;
 pub mod analyze;
 pub mod args;
 pub mod clock;
@@ -27,7 +28,7 @@ use std::io::Write;
 pub use args::{ForensicsArgs, Skew};
 pub use error::ForensicsError;
 
-use crate::clock::{days_from_civil, parse_bound};
+use crate::clock::{days_from_civil, parse_bound, MS_US};
 use crate::engine::{read_round, Config, Engine};
 use crate::input::{list_inputs, Source};
 use crate::parse::LineParser;
@@ -75,7 +76,7 @@ fn bound(
 ) -> Result<Option<i64>, ForensicsError> {
     match v {
         None => Ok(None),
-        Some(s) => parse_bound(s, args.tz)
+        Some(s) => parse_bound(s, args.tz())
             .map(Some)
             .ok_or_else(|| ForensicsError::BadFlag {
                 flag,
@@ -86,16 +87,20 @@ fn bound(
 }
 
 fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
-    let cfg = config(args)?;
+    let mut cfg = config(args)?;
     let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
     check_inputs(&files)?;
+    let parser = LineParser::new(args.order.as_deref());
+    let alignment = (!args.no_align).then(|| align_clocks(args, &files, &mut cfg));
     let mut sources: Vec<Source> = files
         .iter()
         .enumerate()
         .map(|(i, f)| Source::new(i as u16, f))
         .collect();
-    let parser = LineParser::new(args.order.as_deref());
     let mut engine = Engine::new(cfg, files);
+    if let Some(a) = &alignment {
+        engine.notes.extend(a.notes.iter().cloned());
+    }
     merge_all(&mut sources, &parser, &mut engine);
 
     let input_errors: Vec<(String, String)> = sources
@@ -109,7 +114,8 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     for (f, e) in &input_errors {
         eprintln!("payguard forensics: {f}: {e} (lines read before the damage were analysed)");
     }
-    let rep = report::build(&engine, args.tz, input_errors);
+    let mut rep = report::build(&engine, args.tz(), input_errors);
+    rep.clock = alignment.as_ref().map(report::clock_section);
     write_outputs(args, &engine, &rep, out)?;
     Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
 }
@@ -118,16 +124,53 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
 fn config(args: &ForensicsArgs) -> Result<Config, Fail> {
     use chrono::Datelike;
     Ok(Config {
-        tz: args.tz,
+        tz: args.tz(),
         date_day: args
             .date
             .map(|d| days_from_civil(d.year() as i64, d.month() as i64, d.day() as i64)),
         since_us: bound("--since", &args.since, args)?,
         until_us: bound("--until", &args.until, args)?,
         order: args.order.clone(),
-        skew_ms: args.skew.iter().map(|s| (s.host.clone(), s.ms)).collect(),
+        skew_us: args
+            .skew
+            .iter()
+            .map(|s| (s.host.clone(), s.ms.saturating_mul(MS_US)))
+            .collect(),
+        file_zone: Vec::new(),
         timelines: args.trace_out.is_some() || args.html.is_some(),
     })
+}
+
+/// Infers the hosts' clocks from a bounded sample of the inputs (see [`align`]) and puts the
+/// applied zones and skews into the merge's settings; the user's `--skew` stay (they win).
+fn align_clocks(
+    args: &ForensicsArgs,
+    files: &[input::FileInfo],
+    cfg: &mut Config,
+) -> align::Alignment {
+    let user = align::UserClock {
+        tz: args.tz,
+        skew_us: cfg.skew_us.clone(),
+    };
+    // `--order` narrows the parse to one order: alignment needs every order's evidence.
+    let ev = align::sample(files, &LineParser::new(None), &user);
+    let mut a = align::solve(&ev, &user);
+    for f in &ev.unsampled {
+        a.notes.push(format!(
+            "{f}: standard input is read once, so it was not sampled for clock alignment"
+        ));
+    }
+    let inferred: Vec<(String, i64)> = a
+        .applied_skews()
+        .filter(|(h, _)| user.skew_us.iter().all(|(u, _)| u != h))
+        .map(|(h, s)| (h.to_string(), s))
+        .collect();
+    // User skews last: the last entry of a host wins.
+    let mut skews = inferred;
+    skews.append(&mut cfg.skew_us);
+    cfg.skew_us = skews;
+    cfg.file_zone = a.file_zone.clone();
+    a
 }
 
 /// At most `files_max` inputs, and standard input at most once.
@@ -204,10 +247,10 @@ fn write_outputs(
         report::write_text(rep, out)?;
     }
     if let Some(p) = &args.trace_out {
-        trace::write(p, engine, args.tz)?;
+        trace::write(p, engine, args.tz())?;
     }
     if let Some(p) = &args.html {
-        html::write(p, engine, rep, args.tz)?;
+        html::write(p, engine, rep, args.tz())?;
     }
     out.flush()?;
     Ok(())

@@ -70,3 +70,30 @@ pub const REQUESTS_PER_ORDER_MAX: usize = 60_000;
 
 /// Events kept for one order; past this further events of that order are counted and dropped.
 pub const EVENTS_PER_ORDER_MAX: usize = 100_000;
+
+/// Decompressed bytes of each file that clock alignment samples before the merge (from the
+/// start of the file); memory and the extra read are bounded by this, not by input size.
+pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 16 * 1024 * 1024;
+
+/// An order's evidence is judged once it has not been seen for this many sampling rounds (one
+/// chunk of every file a round); orders whose lines are farther apart in the files are not used.
+pub const CLOCK_EVIDENCE_ROUNDS: u32 = 3;
+
+/// Commit and replay events kept per order while sampling; past this an order's evidence is
+/// not extended (a storm of thousands of replays adds nothing a dozen do not).
+pub const CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX: usize = 32;
+
+/// Orders whose evidence is held at once while sampling; past this new orders are not followed.
+pub const CLOCK_EVIDENCE_ORDERS_MAX: usize = 500_000;
+
+/// Cross-host orderings between two hosts needed before their offset is trusted, in all.
+pub const CLOCK_CONSTRAINTS_MIN: u64 = 8;
+
+/// ... and in each direction (a bound from below and one from above), so the offset is bracketed.
+pub const CLOCK_CONSTRAINTS_PER_SIDE_MIN: u64 = 3;
+
+/// An offset is applied only when the interval that brackets it is at most this wide.
+pub const CLOCK_INTERVAL_MS_MAX: i64 = 50;
+
+/// Orderings broken under the applied offsets that are listed one by one (all are counted).
+pub const IMPOSSIBLE_ORDERINGS_LISTED_MAX: usize = 1_000;

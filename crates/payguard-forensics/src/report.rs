@@ -94,6 +94,56 @@ pub struct Report {
     pub peak_open_orders: u64,
     /// Orders retired with one debit whose id came back later (joined, not counted twice).
     pub orders_rejoined: u64,
+    /// What clock alignment applied per host (absent with `--no-align`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockSection>,
+}
+
+/// The JSON `clock` section of LOGS.md.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClockSection {
+    pub hosts: BTreeMap<String, HostClockJson>,
+}
+
+/// One host's clock as LOGS.md writes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostClockJson {
+    /// The zone its zone-less times were read in (`None` when its times carry a zone).
+    pub zone: Option<String>,
+    pub skew_ms: Option<f64>,
+    pub interval_ms: Option<[f64; 2]>,
+    pub constraints: u64,
+    pub applied: bool,
+    /// The host the others were aligned to.
+    pub reference: bool,
+}
+
+/// `+08:00`, `-05:00`, `+05:30`.
+fn zone_name(tz: TzOffset) -> String {
+    let sign = if tz.secs < 0 { '-' } else { '+' };
+    let m = tz.secs.unsigned_abs() / 60;
+    format!("{sign}{:02}:{:02}", m / 60, m % 60)
+}
+
+/// The `clock` section from what alignment decided.
+pub fn clock_section(a: &crate::align::Alignment) -> ClockSection {
+    ClockSection {
+        hosts: a
+            .hosts
+            .iter()
+            .map(|h| {
+                let j = HostClockJson {
+                    zone: h.zone.map(zone_name),
+                    skew_ms: h.skew_us.map(ms),
+                    interval_ms: h.interval_us.map(|(lo, hi)| [ms(lo), ms(hi)]),
+                    constraints: h.constraints,
+                    applied: h.applied,
+                    reference: h.reference,
+                };
+                (h.host.clone(), j)
+            })
+            .collect(),
+    }
 }
 
 fn ms(us: i64) -> f64 {
@@ -229,6 +279,7 @@ pub fn build(e: &Engine, tz: TzOffset, input_errors: Vec<(String, String)>) -> R
         notes,
         peak_open_orders: e.counts.peak_open_orders,
         orders_rejoined: e.counts.orders_rejoined,
+        clock: None,
     }
 }
 
@@ -269,12 +320,40 @@ pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         "payguard forensics: {} files, {} lines read, {} parsed, {} skipped, {} order events, {} orders seen",
         r.files, r.lines_read, r.lines_parsed, r.lines_skipped, r.events, r.orders_seen
     )?;
+    write_clock(r, out)?;
     writeln!(out)?;
     write_incidents(r, out)?;
     writeln!(out)?;
     write_race_windows(r, out)?;
     writeln!(out)?;
     write_totals(r, out)
+}
+
+/// One line per host whose clock alignment applied something or could not.
+fn write_clock(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    let Some(c) = &r.clock else { return Ok(()) };
+    if c.hosts.len() < 2 {
+        return Ok(());
+    }
+    for (host, h) in &c.hosts {
+        let zone = h
+            .zone
+            .as_deref()
+            .map_or(String::new(), |z| format!("zone {z}, "));
+        let line = match (h.applied, h.reference, h.skew_ms, h.interval_ms) {
+            (true, true, _, _) => format!("{zone}reference clock"),
+            (true, false, Some(s), Some([lo, hi])) => format!(
+                "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host orderings (applied)",
+                h.constraints
+            ),
+            _ => format!(
+                "{zone}left alone: too little evidence ({} cross-host orderings)",
+                h.constraints
+            ),
+        };
+        writeln!(out, "clock {host}: {line}")?;
+    }
+    Ok(())
 }
 
 /// The incidents, worst first, and the evidence lines of the worst.

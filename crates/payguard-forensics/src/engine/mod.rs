@@ -40,7 +40,7 @@ use order_key::OrderKey;
 use pending::Pending;
 use retired::Retired;
 
-pub use piece::{parse_piece, ParsedPiece, Rec, Span};
+pub use piece::{parse_piece, ParsedPiece, Rec, RecView, Span};
 pub use round::read_round;
 
 /// Events most orders have (start, cache, lock, commit, unlock, end): one allocation per order.
@@ -93,8 +93,11 @@ pub struct Config {
     pub since_us: Option<i64>,
     pub until_us: Option<i64>,
     pub order: Option<String>,
-    /// `--skew`: host → milliseconds.
-    pub skew_ms: Vec<(String, i64)>,
+    /// `--skew` and the inferred skews: host → microseconds (the last entry of a host wins).
+    pub skew_us: Vec<(String, i64)>,
+    /// Per file, the zone its zone-less times are read in when alignment inferred one
+    /// (`None` or missing: `tz`).
+    pub file_zone: Vec<Option<TzOffset>>,
     /// Keep timelines for `--trace-out`/`--html`.
     pub timelines: bool,
 }
@@ -189,14 +192,24 @@ impl Engine {
         self.host_ix.insert(name.as_bytes().to_vec(), id);
         let skew = self
             .cfg
-            .skew_ms
+            .skew_us
             .iter()
             .rev()
             .find(|(h, _)| *h == name)
-            .map_or(0, |(_, ms)| ms * MS_US);
+            .map_or(0, |(_, us)| *us);
         self.skew_us.push(skew);
         self.hosts.push(name);
         id
+    }
+
+    /// The zone file `f`'s zone-less times are read in: the inferred one, else `--tz`.
+    fn zone(&self, f: usize) -> TzOffset {
+        self.cfg
+            .file_zone
+            .get(f)
+            .copied()
+            .flatten()
+            .unwrap_or(self.cfg.tz)
     }
 
     /// Per-file watermarks for choosing what to read next (`None`: unknown yet or finished).
@@ -266,7 +279,7 @@ impl Engine {
             };
             match local {
                 Some(l) => {
-                    if let Some(ts) = self.admit(f, l - self.cfg.tz.us(), host) {
+                    if let Some(ts) = self.admit(f, l - self.zone(f).us(), host) {
                         when[i] = (ts, host);
                     }
                 }
@@ -287,9 +300,10 @@ impl Engine {
     fn local_time(&mut self, f: usize, time: RawTime) -> Option<i64> {
         match time {
             RawTime::Utc(us) => {
-                self.file_state[f].date.see_local(us + self.cfg.tz.us());
+                let tz = self.zone(f).us();
+                self.file_state[f].date.see_local(us + tz);
                 self.flush_pending(f);
-                Some(us + self.cfg.tz.us())
+                Some(us + tz)
             }
             RawTime::Local(naive) => {
                 self.file_state[f].date.see_local(naive);

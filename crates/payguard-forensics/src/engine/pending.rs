@@ -87,7 +87,7 @@ impl Engine {
     }
 
     fn add_pending(&mut self, f: usize, local: i64, p: Pending) {
-        let ts = local - self.cfg.tz.us();
+        let ts = local - self.zone(f).us();
         self.add_event(
             f,
             ts,

@@ -66,6 +66,34 @@ impl ParsedPiece {
     }
 }
 
+/// One record as clock alignment reads it (it needs no spans of its own).
+pub struct RecView<'a> {
+    pub time: RawTime,
+    pub kind: EventKind,
+    pub oid: &'a [u8],
+    pub host: Option<&'a [u8]>,
+    /// A dated line that only anchors dateless lines (not an event).
+    pub hint: bool,
+}
+
+impl ParsedPiece {
+    /// The file this piece was cut from.
+    pub fn file(&self) -> u16 {
+        self.file
+    }
+
+    /// The records in line order, borrowed.
+    pub fn views(&self) -> impl Iterator<Item = RecView<'_>> + '_ {
+        self.recs.iter().map(|r| RecView {
+            time: r.time,
+            kind: r.kind,
+            oid: self.bytes(r.oid).unwrap_or_default(),
+            host: self.bytes(r.host),
+            hint: r.hint,
+        })
+    }
+}
+
 fn span_of(piece_data: &[u8], side: &mut Vec<u8>, s: &str) -> Span {
     let len = s.len().min(u32::MAX as usize / 2) as u32;
     // Borrowed text points into the chunk: keep its offset. Unescaped text lives in `side`.

@@ -1,0 +1,327 @@
+//! The sampling pass: reads the first `clock_sample_bytes_per_file` of every file, in lock-step
+//! by bytes (not by time: times are what is in doubt), and turns each order's commits and
+//! replays seen on different hosts into bounds on the difference of the hosts' clock offsets.
+//!
+//! Why apart: it is I/O and bookkeeping; [`super::solve`] is a pure function of its output.
+//! Times here are raw: a zoned time as UTC, a zone-less one as if it were written in `--tz`
+//! (UTC when not given), plus the user's `--skew`. Each host has two clock domains (its zoned
+//! and its zone-less times), since one file may mix both and only the zone-less ones shift.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::clock::{DateRef, RawTime};
+use crate::engine::{parse_piece, ParsedPiece};
+use crate::input::{Chunk, FileInfo, Origin, Source};
+use crate::limits::{
+    CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_ORDERS_MAX, CLOCK_EVIDENCE_ROUNDS,
+    CLOCK_SAMPLE_BYTES_PER_FILE, HOSTS_MAX,
+};
+use crate::parse::{LineParser, Side, Step};
+
+use super::UserClock;
+
+/// Bounds on `d[b] - d[a]` (microseconds) for a pair of clock domains `a < b`, where `d` is what
+/// must be added to a domain's raw times to put them on the common clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairBounds {
+    /// The largest lower bound, and how many orderings gave a lower bound.
+    pub lo: i64,
+    pub n_lo: u64,
+    /// The smallest upper bound, and how many orderings gave an upper bound.
+    pub hi: i64,
+    pub n_hi: u64,
+}
+
+impl Default for PairBounds {
+    fn default() -> Self {
+        PairBounds {
+            lo: i64::MIN,
+            n_lo: 0,
+            hi: i64::MAX,
+            n_hi: 0,
+        }
+    }
+}
+
+/// Everything sampling found. A domain id is `host * 2 + zone_less`.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    /// Host names by host id.
+    pub hosts: Vec<String>,
+    /// Events per domain.
+    pub events: Vec<u64>,
+    /// Bounds per domain pair `(a, b)`, `a < b`.
+    pub pairs: HashMap<(u32, u32), PairBounds>,
+    /// Per file: zone-less events per host id (to pick the zone its zone-less times are read in).
+    pub file_zoneless: Vec<HashMap<u16, u64>>,
+    /// Files that could not be sampled (standard input is read once, by the merge).
+    pub unsampled: Vec<String>,
+}
+
+impl Evidence {
+    /// Records `d[y] - d[x] >= bound`.
+    pub fn bound(&mut self, x: u32, y: u32, bound: i64) {
+        if x == y {
+            return;
+        }
+        if x < y {
+            let p = self.pairs.entry((x, y)).or_default();
+            p.lo = p.lo.max(bound);
+            p.n_lo += 1;
+        } else {
+            let p = self.pairs.entry((y, x)).or_default();
+            p.hi = p.hi.min(-bound);
+            p.n_hi += 1;
+        }
+    }
+}
+
+/// A commit or replay of one order, on one clock domain, at a raw time.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    dom: u32,
+    side: Side,
+    replay: bool,
+    raw_us: i64,
+}
+
+struct OrderMarks {
+    last_round: u32,
+    marks: Vec<Mark>,
+}
+
+/// The sampling state: host interning, per-file date rules, and the orders being followed.
+struct Sampler<'u> {
+    user: &'u UserClock,
+    ev: Evidence,
+    host_ix: HashMap<Vec<u8>, u16>,
+    /// The user's skew per host id (microseconds).
+    host_skew: Vec<i64>,
+    file_host: Vec<u16>,
+    dates: Vec<DateRef>,
+    orders: HashMap<Vec<u8>, OrderMarks>,
+    round: u32,
+}
+
+/// Reads a bounded prefix of every file and collects the evidence (see the module docs).
+pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evidence {
+    let mut s = Sampler {
+        user,
+        ev: Evidence {
+            file_zoneless: vec![HashMap::new(); files.len()],
+            ..Evidence::default()
+        },
+        host_ix: HashMap::new(),
+        host_skew: Vec::new(),
+        file_host: Vec::new(),
+        dates: vec![DateRef::default(); files.len()],
+        orders: HashMap::new(),
+        round: 0,
+    };
+    for f in files {
+        let h = s.host_id(f.default_host.as_bytes());
+        s.file_host.push(h);
+    }
+    let mut sources: Vec<Source> = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        match f.origin {
+            Origin::Stdin => s.ev.unsampled.push(f.name.clone()),
+            Origin::Path(_) => sources.push(Source::new(i as u16, f)),
+        }
+    }
+    let mut read = vec![0u64; files.len()];
+    loop {
+        let mut active: Vec<&mut Source> = sources
+            .iter_mut()
+            .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let chunks: Vec<Chunk> = active
+            .par_iter_mut()
+            .with_max_len(1)
+            .filter_map(|src| src.read_chunk())
+            .collect();
+        let jobs: Vec<(u16, Arc<Vec<u8>>, (usize, usize))> = chunks
+            .iter()
+            .flat_map(|c| c.pieces.iter().map(|r| (c.file, Arc::clone(&c.data), *r)))
+            .collect();
+        for (f, _, (a, b)) in &jobs {
+            read[*f as usize] += (*b - *a) as u64;
+        }
+        let parsed: Vec<ParsedPiece> = jobs
+            .par_iter()
+            .with_max_len(1)
+            .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
+            .collect();
+        for p in &parsed {
+            s.take(p);
+        }
+        s.round += 1;
+        s.judge_idle();
+    }
+    let rest: Vec<OrderMarks> = s.orders.drain().map(|(_, o)| o).collect();
+    for o in rest {
+        judge(&mut s.ev, &o.marks);
+    }
+    s.ev
+}
+
+impl Sampler<'_> {
+    fn host_id(&mut self, name: &[u8]) -> u16 {
+        if let Some(&h) = self.host_ix.get(name) {
+            return h;
+        }
+        if self.ev.hosts.len() >= HOSTS_MAX {
+            return u16::MAX;
+        }
+        let id = self.ev.hosts.len() as u16;
+        let name = String::from_utf8_lossy(name).into_owned();
+        self.host_skew.push(self.user.skew_of(&name).unwrap_or(0));
+        self.host_ix.insert(name.as_bytes().to_vec(), id);
+        self.ev.hosts.push(name);
+        self.ev.events.extend([0, 0]);
+        id
+    }
+
+    /// One parsed piece, in line order (the date rules need it).
+    fn take(&mut self, p: &ParsedPiece) {
+        let f = p.file() as usize;
+        let user_tz = self.user.tz.map_or(0, |t| t.us());
+        for r in p.views() {
+            let (raw, zone_less) = match r.time {
+                RawTime::Utc(us) => {
+                    self.dates[f].see_local(us);
+                    (us, false)
+                }
+                RawTime::Local(naive) => {
+                    self.dates[f].see_local(naive);
+                    (naive - user_tz, true)
+                }
+                RawTime::TimeOfDay(tod) => match self.dates[f].place(tod) {
+                    Some(naive) => (naive - user_tz, true),
+                    None => continue,
+                },
+            };
+            if r.hint {
+                continue;
+            }
+            let host = match r.host {
+                Some(h) => self.host_id(h),
+                None => self.file_host[f],
+            };
+            if host == u16::MAX {
+                continue;
+            }
+            let dom = host as u32 * 2 + zone_less as u32;
+            self.ev.events[dom as usize] += 1;
+            if zone_less {
+                *self.ev.file_zoneless[f].entry(host).or_default() += 1;
+            }
+            let (replay, side) = match (r.kind.step, r.kind.side) {
+                (Step::Commit, Some(side)) => (false, side),
+                (Step::Replay, Some(side)) => (true, side),
+                _ => continue,
+            };
+            let mark = Mark {
+                dom,
+                side,
+                replay,
+                raw_us: raw + self.host_skew[host as usize],
+            };
+            self.follow(r.oid, mark);
+        }
+    }
+
+    fn follow(&mut self, oid: &[u8], mark: Mark) {
+        let round = self.round;
+        if let Some(o) = self.orders.get_mut(oid) {
+            o.last_round = round;
+            if o.marks.len() < CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX {
+                o.marks.push(mark);
+            }
+            return;
+        }
+        if self.orders.len() >= CLOCK_EVIDENCE_ORDERS_MAX {
+            return;
+        }
+        self.orders.insert(
+            oid.to_vec(),
+            OrderMarks {
+                last_round: round,
+                marks: vec![mark],
+            },
+        );
+    }
+
+    /// Judges and forgets the orders not seen for `clock_evidence_rounds` rounds.
+    fn judge_idle(&mut self) {
+        let round = self.round;
+        let ev = &mut self.ev;
+        self.orders.retain(|_, o| {
+            if o.last_round + CLOCK_EVIDENCE_ROUNDS > round {
+                return true;
+            }
+            judge(ev, &o.marks);
+            false
+        });
+    }
+}
+
+/// One order's evidence: with exactly one commit on a side, every replay of that side on another
+/// host finished after it, so `raw(replay) + d[replay] >= raw(commit) + d[commit]`.
+fn judge(ev: &mut Evidence, marks: &[Mark]) {
+    for side in [Side::Deduct, Side::Refund] {
+        let mut commits = marks.iter().filter(|m| m.side == side && !m.replay);
+        let (Some(c), None) = (commits.next(), commits.next()) else {
+            continue;
+        };
+        for r in marks.iter().filter(|m| m.side == side && m.replay) {
+            if r.dom / 2 != c.dom / 2 {
+                ev.bound(c.dom, r.dom, c.raw_us - r.raw_us);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_bracket_from_both_sides() {
+        let mut ev = Evidence::default();
+        // Domain 4 replays domain 0's commit: d4 - d0 >= -1000.
+        ev.bound(0, 4, -1000);
+        ev.bound(0, 4, -800);
+        // Domain 0 replays domain 4's commit 1 ms after: d0 - d4 >= -1200, so d4 - d0 <= 1200.
+        ev.bound(4, 0, -1200);
+        let p = ev.pairs[&(0, 4)];
+        assert_eq!((p.lo, p.n_lo, p.hi, p.n_hi), (-800, 2, 1200, 1));
+    }
+
+    #[test]
+    fn only_orders_with_one_commit_are_evidence() {
+        let m = |dom, replay, raw_us| Mark {
+            dom,
+            side: Side::Deduct,
+            replay,
+            raw_us,
+        };
+        let mut ev = Evidence::default();
+        judge(&mut ev, &[m(0, false, 100), m(2, true, 50), m(1, true, 10)]);
+        // Same host (domain 1 is host 0 zone-less) gives nothing; domain 2 gives d2 - d0 >= 50.
+        assert_eq!(ev.pairs.len(), 1);
+        assert_eq!(ev.pairs[&(0, 2)].lo, 50);
+        let mut ev = Evidence::default();
+        judge(
+            &mut ev,
+            &[m(0, false, 100), m(2, false, 50), m(4, true, 10)],
+        );
+        assert!(ev.pairs.is_empty());
+    }
+}

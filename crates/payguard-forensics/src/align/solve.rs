@@ -1,0 +1,337 @@
+//! From bounds on pairs of hosts to one offset per host: a pure function, tested on its own.
+//!
+//! Why this way: each pair of hosts with enough orderings both ways has an interval for the
+//! difference of their offsets. Offsets are relative, so one host is the reference (a host the
+//! user gave `--skew` for, else the zoned host with the most evidence) and the others are
+//! reached through the tightest chain of intervals (Dijkstra on the summed widths). The midpoint
+//! is the estimate; a zone-less host's offset is split into the nearest quarter-hour zone and
+//! the remainder, its skew. A host not reached is left alone.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use crate::clock::{TzOffset, MS_US};
+use crate::limits::{CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX};
+
+use super::{Alignment, Evidence, HostClock, UserClock};
+
+/// Zones are whole quarter hours (whole hours, :30 and :45 all are).
+const ZONE_STEP_US: i64 = 15 * 60 * 1_000_000;
+/// The widest zone in use (UTC+14).
+const ZONE_US_MAX: i64 = 14 * 3600 * 1_000_000;
+
+/// One usable edge: `d[to] - d[from]` lies in `[lo, hi]`.
+struct Edge {
+    to: usize,
+    lo: i64,
+    hi: i64,
+}
+
+/// Decides every host's clock from the evidence (see the module docs).
+pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
+    let nh = ev.hosts.len();
+    let major: Vec<Option<u32>> = (0..nh)
+        .map(|h| {
+            let (z, zl) = (ev.events[2 * h], ev.events[2 * h + 1]);
+            (z + zl > 0).then_some(2 * h as u32 + u32::from(zl > z))
+        })
+        .collect();
+    let mut notes = Vec::new();
+    let (adj, constraints) = edges(ev, &major, &mut notes);
+    let fixed: Vec<bool> = ev.hosts.iter().map(|h| user.skew_of(h).is_some()).collect();
+    let anchors = anchors(&major, &adj, &constraints, &fixed);
+    let dist = widest_first(&adj, &anchors, &fixed);
+    let active = major.iter().filter(|m| m.is_some()).count();
+    let mut hosts = Vec::new();
+    for h in 0..nh {
+        let Some(dom) = major[h] else { continue };
+        let zone_less = dom % 2 == 1;
+        let mut hc = HostClock {
+            host: ev.hosts[h].clone(),
+            zone: zone_less.then(|| user.tz.unwrap_or_default()),
+            skew_us: None,
+            interval_us: None,
+            constraints: constraints[h],
+            applied: false,
+            reference: anchors.contains(&h),
+        };
+        match dist[h] {
+            Some((lo, hi)) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
+            None if active > 1 => notes.push(format!(
+                "{}: too little evidence to align its clock ({} cross-host orderings; needs {} in all and {} each way within {} ms); its times are read as written",
+                hc.host, hc.constraints, CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX
+            )),
+            None => {}
+        }
+        if let Some(s) = user.skew_of(&hc.host) {
+            hc.skew_us = Some(s);
+            hc.interval_us = Some((s, s));
+        }
+        hosts.push(hc);
+    }
+    let file_zone = file_zones(ev, &hosts, user);
+    Alignment {
+        hosts,
+        file_zone,
+        notes,
+    }
+}
+
+/// Sets a reached host's zone and skew from its offset's bounds.
+fn place(hc: &mut HostClock, lo: i64, hi: i64, infer_zone: bool) {
+    let d = lo + (hi - lo) / 2;
+    let zone_us = if infer_zone {
+        (-d + ZONE_STEP_US / 2).div_euclid(ZONE_STEP_US) * ZONE_STEP_US
+    } else {
+        0
+    };
+    if zone_us.abs() > ZONE_US_MAX {
+        return;
+    }
+    if infer_zone {
+        hc.zone = Some(TzOffset {
+            secs: (zone_us / 1_000_000) as i32,
+        });
+    }
+    hc.skew_us = Some(d + zone_us);
+    hc.interval_us = Some((lo + zone_us, hi + zone_us));
+    hc.applied = true;
+}
+
+/// The usable edges between hosts' main domains, and the orderings counted per host.
+fn edges(
+    ev: &Evidence,
+    major: &[Option<u32>],
+    notes: &mut Vec<String>,
+) -> (Vec<Vec<Edge>>, Vec<u64>) {
+    let nh = major.len();
+    let mut adj: Vec<Vec<Edge>> = (0..nh).map(|_| Vec::new()).collect();
+    let mut constraints = vec![0u64; nh];
+    let mut pairs: Vec<_> = ev.pairs.iter().collect();
+    pairs.sort_by_key(|(k, _)| **k);
+    for (&(a, b), p) in pairs {
+        let (ha, hb) = ((a / 2) as usize, (b / 2) as usize);
+        if major[ha] != Some(a) || major[hb] != Some(b) {
+            continue;
+        }
+        let n = p.n_lo + p.n_hi;
+        constraints[ha] += n;
+        constraints[hb] += n;
+        let enough = p.n_lo >= CLOCK_CONSTRAINTS_PER_SIDE_MIN
+            && p.n_hi >= CLOCK_CONSTRAINTS_PER_SIDE_MIN
+            && n >= CLOCK_CONSTRAINTS_MIN;
+        if !enough {
+            continue;
+        }
+        if p.lo > p.hi {
+            notes.push(format!(
+                "{} / {}: their orderings contradict each other by {:.1} ms (a clock step, or logs that are not what they claim); not used to align",
+                ev.hosts[ha],
+                ev.hosts[hb],
+                (p.lo - p.hi) as f64 / MS_US as f64
+            ));
+            continue;
+        }
+        if p.hi - p.lo > CLOCK_INTERVAL_MS_MAX * MS_US {
+            continue;
+        }
+        adj[ha].push(Edge {
+            to: hb,
+            lo: p.lo,
+            hi: p.hi,
+        });
+        adj[hb].push(Edge {
+            to: ha,
+            lo: -p.hi,
+            hi: -p.lo,
+        });
+    }
+    (adj, constraints)
+}
+
+/// The reference hosts: those the user gave `--skew` for, else the one connected host with the
+/// most evidence, zoned hosts first (a zone in the log is the best clue to true time).
+fn anchors(
+    major: &[Option<u32>],
+    adj: &[Vec<Edge>],
+    constraints: &[u64],
+    fixed: &[bool],
+) -> Vec<usize> {
+    let user: Vec<usize> = (0..major.len())
+        .filter(|&h| fixed[h] && major[h].is_some())
+        .collect();
+    if !user.is_empty() {
+        return user;
+    }
+    (0..major.len())
+        .filter(|&h| !adj[h].is_empty())
+        .max_by_key(|&h| {
+            let zoned = major[h].is_some_and(|d| d % 2 == 0);
+            (zoned, constraints[h], Reverse(h))
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Bounds of each host's offset, reached from the anchors through the narrowest chains.
+fn widest_first(adj: &[Vec<Edge>], anchors: &[usize], fixed: &[bool]) -> Vec<Option<(i64, i64)>> {
+    let mut dist: Vec<Option<(i64, i64)>> = vec![None; adj.len()];
+    let mut heap = BinaryHeap::new();
+    for &a in anchors {
+        dist[a] = Some((0, 0));
+        heap.push(Reverse((0i64, a)));
+    }
+    while let Some(Reverse((w, h))) = heap.pop() {
+        let Some((lo, hi)) = dist[h] else { continue };
+        if hi - lo < w {
+            continue;
+        }
+        for e in &adj[h] {
+            if fixed[e.to] {
+                continue;
+            }
+            let cand = (lo.saturating_add(e.lo), hi.saturating_add(e.hi));
+            let better = dist[e.to].is_none_or(|(l, u)| cand.1 - cand.0 < u - l);
+            if better {
+                dist[e.to] = Some(cand);
+                heap.push(Reverse((cand.1 - cand.0, e.to)));
+            }
+        }
+    }
+    dist
+}
+
+/// Per file, the zone for its zone-less times: that of the host most of them belong to, when
+/// its zone was inferred and applied.
+fn file_zones(
+    ev: &Evidence,
+    hosts: &[HostClock],
+    user: &UserClock,
+) -> Vec<Option<crate::clock::TzOffset>> {
+    if user.tz.is_some() {
+        return vec![None; ev.file_zoneless.len()];
+    }
+    let by_name: HashMap<&str, &HostClock> = hosts.iter().map(|h| (h.host.as_str(), h)).collect();
+    ev.file_zoneless
+        .iter()
+        .map(|counts| {
+            let (&h, _) = counts.iter().max_by_key(|(h, n)| (**n, Reverse(**h)))?;
+            let hc = by_name.get(ev.hosts.get(h as usize)?.as_str())?;
+            if hc.applied {
+                hc.zone
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::align::PairBounds;
+
+    fn ev(hosts: &[&str], events: &[u64], pairs: &[((u32, u32), PairBounds)]) -> Evidence {
+        Evidence {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            events: events.to_vec(),
+            pairs: pairs.iter().copied().collect(),
+            file_zoneless: vec![[(0u16, 10u64)].into_iter().collect()],
+            unsampled: vec![],
+        }
+    }
+
+    fn pb(lo: i64, hi: i64, n: u64) -> PairBounds {
+        PairBounds {
+            lo,
+            n_lo: n,
+            hi,
+            n_hi: n,
+        }
+    }
+
+    #[test]
+    fn a_zone_less_host_gets_a_zone_and_a_skew() {
+        // Host 0 zone-less (domain 1), host 1 zoned (domain 2): d1 - d2 = -8 h - 287 ms ± 1 ms.
+        let d = -8 * 3_600_000_000 - 287_000;
+        let e = ev(
+            &["pay-1", "pay-2"],
+            &[0, 10, 10, 0],
+            &[((1, 2), pb(-d - 1000, -d + 1000, 5))],
+        );
+        let a = solve(&e, &UserClock::default());
+        let h0 = &a.hosts[0];
+        assert!(h0.applied && !h0.reference);
+        assert_eq!(h0.zone, Some(TzOffset { secs: 8 * 3600 }));
+        assert_eq!(h0.skew_us, Some(-287_000));
+        assert_eq!(h0.interval_us, Some((-288_000, -286_000)));
+        assert!(a.hosts[1].reference);
+        assert_eq!(a.file_zone, vec![Some(TzOffset { secs: 8 * 3600 })]);
+        // With --tz given, the zone is the user's and the whole offset is skew.
+        let u = UserClock {
+            tz: Some(TzOffset { secs: 8 * 3600 }),
+            skew_us: vec![],
+        };
+        let e = ev(
+            &["pay-1", "pay-2"],
+            &[0, 10, 10, 0],
+            &[((1, 2), pb(286_000, 288_000, 5))],
+        );
+        let a = solve(&e, &u);
+        assert_eq!(a.hosts[0].skew_us, Some(-287_000));
+        assert_eq!(a.file_zone, vec![None]);
+    }
+
+    #[test]
+    fn thin_or_one_sided_or_contradicting_evidence_is_not_applied() {
+        let one_sided = PairBounds {
+            lo: 0,
+            n_lo: 50,
+            hi: i64::MAX,
+            n_hi: 0,
+        };
+        let e = ev(&["a", "b"], &[10, 0, 10, 0], &[((0, 2), one_sided)]);
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts.iter().all(|h| !h.applied));
+        assert!(a
+            .notes
+            .iter()
+            .any(|n| n.starts_with("a: too little evidence")));
+        let e = ev(
+            &["a", "b"],
+            &[10, 0, 10, 0],
+            &[((0, 2), pb(5_000, 1_000, 5))],
+        );
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts.iter().all(|h| !h.applied));
+        assert!(a.notes.iter().any(|n| n.contains("contradict")));
+    }
+
+    #[test]
+    fn offsets_chain_through_the_narrowest_path() {
+        // a-b [10, 12] ms, b-c [20, 22] ms, a-c [0, 100] ms (too wide to use directly).
+        let e = ev(
+            &["a", "b", "c"],
+            &[30, 0, 10, 0, 10, 0],
+            &[
+                ((0, 2), pb(10_000, 12_000, 5)),
+                ((2, 4), pb(20_000, 22_000, 5)),
+                ((0, 4), pb(0, 100_000, 5)),
+            ],
+        );
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts[0].reference);
+        assert_eq!(a.hosts[1].skew_us, Some(11_000));
+        assert_eq!(a.hosts[2].skew_us, Some(32_000));
+        assert_eq!(a.hosts[2].interval_us, Some((30_000, 34_000)));
+        // A user skew on c makes c the reference and fixes its skew.
+        let u = UserClock {
+            tz: None,
+            skew_us: vec![("c".into(), 5_000)],
+        };
+        let a = solve(&e, &u);
+        assert!(a.hosts[2].reference);
+        assert_eq!(a.hosts[2].skew_us, Some(5_000));
+        assert_eq!(a.hosts[1].skew_us, Some(-21_000));
+    }
+}
