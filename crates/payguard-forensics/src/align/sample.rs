@@ -133,31 +133,7 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
         }
     }
     let mut read = vec![0u64; files.len()];
-    loop {
-        let mut active: Vec<&mut Source> = sources
-            .iter_mut()
-            .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
-            .collect();
-        if active.is_empty() {
-            break;
-        }
-        let chunks: Vec<Chunk> = active
-            .par_iter_mut()
-            .with_max_len(1)
-            .filter_map(|src| src.read_chunk())
-            .collect();
-        let jobs: Vec<(u16, Arc<Vec<u8>>, (usize, usize))> = chunks
-            .iter()
-            .flat_map(|c| c.pieces.iter().map(|r| (c.file, Arc::clone(&c.data), *r)))
-            .collect();
-        for (f, _, (a, b)) in &jobs {
-            read[*f as usize] += (*b - *a) as u64;
-        }
-        let parsed: Vec<ParsedPiece> = jobs
-            .par_iter()
-            .with_max_len(1)
-            .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
-            .collect();
+    while let Some(parsed) = read_round(&mut sources, &mut read, parser) {
         for p in &parsed {
             s.take(p);
         }
@@ -169,6 +145,43 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
         judge(&mut s.ev, &o.marks);
     }
     s.ev
+}
+
+/// A piece to parse: its file, its chunk and its byte range.
+type Job = (u16, Arc<Vec<u8>>, (usize, usize));
+
+/// One chunk of every file still under its sample budget, parsed in parallel; `None` when all
+/// are done.
+fn read_round(
+    sources: &mut [Source],
+    read: &mut [u64],
+    parser: &LineParser,
+) -> Option<Vec<ParsedPiece>> {
+    let mut active: Vec<&mut Source> = sources
+        .iter_mut()
+        .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
+        .collect();
+    if active.is_empty() {
+        return None;
+    }
+    let chunks: Vec<Chunk> = active
+        .par_iter_mut()
+        .with_max_len(1)
+        .filter_map(|src| src.read_chunk())
+        .collect();
+    let jobs: Vec<Job> = chunks
+        .iter()
+        .flat_map(|c| c.pieces.iter().map(|r| (c.file, Arc::clone(&c.data), *r)))
+        .collect();
+    for (f, _, (a, b)) in &jobs {
+        read[*f as usize] += (*b - *a) as u64;
+    }
+    Some(
+        jobs.par_iter()
+            .with_max_len(1)
+            .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
+            .collect(),
+    )
 }
 
 impl Sampler<'_> {

@@ -1,14 +1,16 @@
 //! From bounds on pairs of hosts to one offset per host: a pure function, tested on its own.
 //!
 //! Why this way: each pair of hosts with enough orderings both ways has an interval for the
-//! difference of their offsets. Offsets are relative, so one host is the reference (a host the
-//! user gave `--skew` for, else the zoned host with the most evidence) and the others are
-//! reached through the tightest chain of intervals (Dijkstra on the summed widths). The midpoint
+//! difference of their offsets from one side; together they are a system of difference
+//! constraints. Offsets are relative, so one host is the reference (a host the user gave
+//! `--skew` for, else the zoned host with the most evidence); each other host's offset is
+//! bracketed by shortest paths to and from it (Bellman-Ford), so one-sided evidence around a
+//! cycle of hosts brackets too, and a negative cycle means contradicting evidence. The midpoint
 //! is the estimate; a zone-less host's offset is split into the nearest quarter-hour zone and
 //! the remainder, its skew. A host not reached is left alone.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 
 use crate::clock::{TzOffset, MS_US};
 use crate::limits::{CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX};
@@ -20,11 +22,10 @@ const ZONE_STEP_US: i64 = 15 * 60 * 1_000_000;
 /// The widest zone in use (UTC+14).
 const ZONE_US_MAX: i64 = 14 * 3600 * 1_000_000;
 
-/// One usable edge: `d[to] - d[from]` lies in `[lo, hi]`.
+/// One usable bound: `d[to] - d[from] <= w` (a difference constraint).
 struct Edge {
     to: usize,
-    lo: i64,
-    hi: i64,
+    w: i64,
 }
 
 /// Decides every host's clock from the evidence (see the module docs).
@@ -40,7 +41,11 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
     let (adj, constraints) = edges(ev, &major, &mut notes);
     let fixed: Vec<bool> = ev.hosts.iter().map(|h| user.skew_of(h).is_some()).collect();
     let anchors = anchors(&major, &adj, &constraints, &fixed);
-    let dist = widest_first(&adj, &anchors, &fixed);
+    let mut dist = bracket(&adj, &anchors, &fixed, &mut notes);
+    // A reference with no host aligned to it is no reference.
+    if (0..nh).all(|h| anchors.contains(&h) || dist[h].is_none()) {
+        dist = vec![None; nh];
+    }
     let active = major.iter().filter(|m| m.is_some()).count();
     let mut hosts = Vec::new();
     for h in 0..nh {
@@ -56,12 +61,12 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
             reference: anchors.contains(&h),
         };
         match dist[h] {
-            Some((lo, hi)) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
-            None if active > 1 => notes.push(format!(
+            Some((lo, hi)) if constraints[h] >= CLOCK_CONSTRAINTS_MIN || anchors.contains(&h) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
+            _ if active > 1 => notes.push(format!(
                 "{}: too little evidence to align its clock ({} cross-host orderings; needs {} in all and {} each way within {} ms); its times are read as written",
                 hc.host, hc.constraints, CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX
             )),
-            None => {}
+            _ => {}
         }
         if let Some(s) = user.skew_of(&hc.host) {
             hc.skew_us = Some(s);
@@ -98,7 +103,9 @@ fn place(hc: &mut HostClock, lo: i64, hi: i64, infer_zone: bool) {
     hc.applied = true;
 }
 
-/// The usable edges between hosts' main domains, and the orderings counted per host.
+/// The usable bounds between hosts' main domains as a graph of difference constraints (one
+/// edge per direction backed by `clock_constraints_per_side_min` orderings), and the orderings
+/// counted per host.
 fn edges(
     ev: &Evidence,
     major: &[Option<u32>],
@@ -117,13 +124,7 @@ fn edges(
         let n = p.n_lo + p.n_hi;
         constraints[ha] += n;
         constraints[hb] += n;
-        let enough = p.n_lo >= CLOCK_CONSTRAINTS_PER_SIDE_MIN
-            && p.n_hi >= CLOCK_CONSTRAINTS_PER_SIDE_MIN
-            && n >= CLOCK_CONSTRAINTS_MIN;
-        if !enough {
-            continue;
-        }
-        if p.lo > p.hi {
+        if p.n_lo > 0 && p.n_hi > 0 && p.lo > p.hi {
             notes.push(format!(
                 "{} / {}: their orderings contradict each other by {:.1} ms (a clock step, or logs that are not what they claim); not used to align",
                 ev.hosts[ha],
@@ -132,19 +133,12 @@ fn edges(
             ));
             continue;
         }
-        if p.hi - p.lo > CLOCK_INTERVAL_MS_MAX * MS_US {
-            continue;
+        if p.n_hi >= CLOCK_CONSTRAINTS_PER_SIDE_MIN {
+            adj[ha].push(Edge { to: hb, w: p.hi });
         }
-        adj[ha].push(Edge {
-            to: hb,
-            lo: p.lo,
-            hi: p.hi,
-        });
-        adj[hb].push(Edge {
-            to: ha,
-            lo: -p.hi,
-            hi: -p.lo,
-        });
+        if p.n_lo >= CLOCK_CONSTRAINTS_PER_SIDE_MIN {
+            adj[hb].push(Edge { to: ha, w: -p.lo });
+        }
     }
     (adj, constraints)
 }
@@ -173,32 +167,67 @@ fn anchors(
         .collect()
 }
 
-/// Bounds of each host's offset, reached from the anchors through the narrowest chains.
-fn widest_first(adj: &[Vec<Edge>], anchors: &[usize], fixed: &[bool]) -> Vec<Option<(i64, i64)>> {
-    let mut dist: Vec<Option<(i64, i64)>> = vec![None; adj.len()];
-    let mut heap = BinaryHeap::new();
+/// Bounds of each host's offset relative to the anchors: the upper bound is the shortest path
+/// from an anchor in the constraint graph, the lower bound minus the shortest path back (the
+/// tightest bounds all the orderings together allow, through any chain of hosts). `None` where
+/// either is missing, too wide, or the constraints contradict each other (a negative cycle).
+fn bracket(
+    adj: &[Vec<Edge>],
+    anchors: &[usize],
+    fixed: &[bool],
+    notes: &mut Vec<String>,
+) -> Vec<Option<(i64, i64)>> {
+    let n = adj.len();
+    let mut rev: Vec<Vec<Edge>> = (0..n).map(|_| Vec::new()).collect();
+    for (from, es) in adj.iter().enumerate() {
+        for e in es {
+            rev[e.to].push(Edge { to: from, w: e.w });
+        }
+    }
+    let (up, up_ok) = shortest(adj, anchors, fixed);
+    let (down, down_ok) = shortest(&rev, anchors, fixed);
+    if !(up_ok && down_ok) {
+        notes.push(
+            "the cross-host orderings contradict each other around a cycle of hosts (a clock step, or logs that are not what they claim); no clock was aligned".into(),
+        );
+        return vec![None; n];
+    }
+    (0..n)
+        .map(|h| {
+            let (hi, lo) = (up[h]?, -down[h]?);
+            (lo <= hi && hi - lo <= CLOCK_INTERVAL_MS_MAX * MS_US).then_some((lo, hi))
+        })
+        .collect()
+}
+
+/// Bellman-Ford from the anchors (hosts the user fixed are not moved through); `false` when a
+/// negative cycle remains after `n` rounds.
+fn shortest(adj: &[Vec<Edge>], anchors: &[usize], fixed: &[bool]) -> (Vec<Option<i64>>, bool) {
+    let n = adj.len();
+    let mut dist: Vec<Option<i64>> = vec![None; n];
     for &a in anchors {
-        dist[a] = Some((0, 0));
-        heap.push(Reverse((0i64, a)));
+        dist[a] = Some(0);
     }
-    while let Some(Reverse((w, h))) = heap.pop() {
-        let Some((lo, hi)) = dist[h] else { continue };
-        if hi - lo < w {
-            continue;
-        }
-        for e in &adj[h] {
-            if fixed[e.to] {
-                continue;
-            }
-            let cand = (lo.saturating_add(e.lo), hi.saturating_add(e.hi));
-            let better = dist[e.to].is_none_or(|(l, u)| cand.1 - cand.0 < u - l);
-            if better {
-                dist[e.to] = Some(cand);
-                heap.push(Reverse((cand.1 - cand.0, e.to)));
+    for _ in 0..=n {
+        let mut changed = false;
+        for h in 0..n {
+            let Some(dh) = dist[h] else { continue };
+            for e in &adj[h] {
+                if fixed[e.to] {
+                    continue;
+                }
+                let c = dh.saturating_add(e.w);
+                if dist[e.to].is_none_or(|d| c < d) {
+                    dist[e.to] = Some(c);
+                    changed = true;
+                }
             }
         }
+        if !changed {
+            return (dist, true);
+        }
     }
-    dist
+    (dist, false)
 }
 
 /// Per file, the zone for its zone-less times: that of the host most of them belong to, when

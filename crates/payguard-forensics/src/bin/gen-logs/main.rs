@@ -29,6 +29,10 @@ struct Cli {
     /// Total size to write, e.g. 1G, 200M, 64K.
     #[arg(long, default_value = "100M")]
     bytes: String,
+    /// Write exactly this many orders instead of stopping at `--bytes` (so corpora that differ
+    /// only in how times are written hold the same orders).
+    #[arg(long)]
+    orders: Option<u64>,
     /// Output folder (created): logs go to DIR/logs/, the right answer to DIR/expected.json.
     #[arg(long)]
     out: PathBuf,
@@ -49,6 +53,52 @@ struct Cli {
     order_gap_ms: u64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// The last N hosts take no part in races across hosts (a duplicate storm of theirs stays on
+    /// one host): their clocks have no cross-host evidence.
+    #[arg(long, default_value_t = 0)]
+    solo_hosts: u32,
+    /// HOST=ZONE: HOST writes local time in ZONE (e.g. +08:00, -05:00, +05:30) without a zone;
+    /// repeatable. The truth (`expected.json`) stays in UTC.
+    #[arg(long, value_name = "HOST=ZONE", allow_hyphen_values = true)]
+    local: Vec<String>,
+    /// HOST=MS: HOST's clock is MS milliseconds off (may be negative); repeatable.
+    #[arg(long, value_name = "HOST=MS", allow_hyphen_values = true)]
+    skew: Vec<String>,
+}
+
+/// The per-host clocks from `--local` and `--skew`.
+fn host_clocks(cli: &Cli) -> Vec<render::HostClock> {
+    let mut v: Vec<render::HostClock> = Vec::new();
+    let mut get = |h: &str| -> usize {
+        if let Some(i) = v.iter().position(|c| c.host == h) {
+            return i;
+        }
+        v.push(render::HostClock {
+            host: h.to_string(),
+            shift_us: 0,
+            zone_less: false,
+        });
+        v.len() - 1
+    };
+    let mut shifts: Vec<(usize, i64, bool)> = Vec::new();
+    for l in &cli.local {
+        let (h, z) = l.split_once('=').expect("--local HOST=ZONE");
+        let (sign, hm) = z.split_at(1);
+        let (hh, mm) = hm.split_once(':').unwrap_or((hm, "0"));
+        let secs = hh.parse::<i64>().expect("zone hours") * 3600
+            + mm.parse::<i64>().expect("zone minutes") * 60;
+        let secs = if sign == "-" { -secs } else { secs };
+        shifts.push((get(h), secs * 1_000_000, true));
+    }
+    for k in &cli.skew {
+        let (h, ms) = k.split_once('=').expect("--skew HOST=MS");
+        shifts.push((get(h), ms.parse::<i64>().expect("skew ms") * 1000, false));
+    }
+    for (i, us, zone_less) in shifts {
+        v[i].shift_us += us;
+        v[i].zone_less |= zone_less;
+    }
+    v
 }
 
 /// Extra `key=value` fields of one line.
@@ -155,10 +205,13 @@ struct Gen {
     rng: Rng,
     hosts: Vec<String>,
     counts: Counts,
+    /// Hosts that races may span (the first ones; see `--solo-hosts`).
+    shared_hosts: usize,
 }
 
 fn main() {
     let cli = Cli::parse();
+    let _ = render::CLOCKS.set(host_clocks(&cli));
     let target = parse_size(&cli.bytes);
     let logs = cli.out.join("logs");
     std::fs::create_dir_all(&logs).expect("create out dir");
@@ -174,11 +227,12 @@ fn main() {
             delayed: BinaryHeap::new(),
         },
         rng: Rng(cli.seed),
+        shared_hosts: nh.saturating_sub(cli.solo_hosts as usize).max(1),
         hosts,
         counts: Counts::default(),
     };
     let mut seq: u64 = 0;
-    while g.out.written < target {
+    while cli.orders.map_or(g.out.written < target, |n| seq < n) {
         seq += 1;
         g.order(&cli, seq);
     }
@@ -492,14 +546,15 @@ impl Gen {
             ..
         } = *o;
         let oid: &str = &o.oid;
-        let nh = self.hosts.len();
+        let nh = self.shared_hosts;
+        let solo = h0 >= nh;
         let (out, rng, hosts, fmts) = (&mut self.out, &mut self.rng, &self.hosts, &FMTS);
         // A duplicate storm against a healthy payguard: 2-3 requests in flight, one debit.
         self.counts.races += 1;
         let n = 2 + rng.below(2) as usize;
         let mut d = 0i64;
         for k in 0..n {
-            let h = (h0 + k) % nh;
+            let h = if solo { h0 } else { (h0 + k) % nh };
             let f = fmts[rng.below(fmts.len() as u64) as usize];
             let r = format!("r{seq}{k}");
             let mut emit = |dt: i64, level: &str, ev: &str, extra: &[(&str, String)]| {

@@ -61,8 +61,32 @@ pub(crate) struct Line<'a> {
     pub(crate) extra: &'a [(&'a str, String)],
 }
 
+/// How one host's clock writes times: `shift_us` added to the true time (zone and skew), and
+/// whether the zone is left out (local time without a zone).
+pub(crate) struct HostClock {
+    pub(crate) host: String,
+    pub(crate) shift_us: i64,
+    pub(crate) zone_less: bool,
+}
+
+/// Set once by `main` from `--local` and `--skew`; hosts not listed write true UTC with `Z`.
+pub(crate) static CLOCKS: std::sync::OnceLock<Vec<HostClock>> = std::sync::OnceLock::new();
+
+/// A line's time as its host writes it: the written instant and whether to drop the zone.
+fn host_time(host: &str, ts: i64) -> (i64, bool) {
+    match CLOCKS.get().and_then(|v| v.iter().find(|c| c.host == host)) {
+        Some(c) => (ts + c.shift_us, c.zone_less),
+        None => (ts, false),
+    }
+}
+
 pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
     let mut s = String::with_capacity(200);
+    let (ts, zone_less) = host_time(l.host, l.ts);
+    let mut stamp = rfc3339(ts);
+    if zone_less {
+        stamp.pop();
+    }
     let is_num = |k: &str| {
         matches!(
             k,
@@ -73,7 +97,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
         Fmt::Plain => {
             s.push_str(&format!(
                 "{} [{}] {}: oid={}",
-                tod(l.ts),
+                tod(ts),
                 l.level,
                 l.event,
                 l.oid
@@ -85,10 +109,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
         Fmt::Text => {
             s.push_str(&format!(
                 "{} [{}] {}: oid={}",
-                rfc3339(l.ts),
-                l.level,
-                l.event,
-                l.oid
+                stamp, l.level, l.event, l.oid
             ));
             for (k, v) in l.extra {
                 s.push_str(&format!(", {k}={v}"));
@@ -114,14 +135,12 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
             if f == Fmt::Json {
                 s.push_str(&format!(
                     "{{\"ts\":\"{}\",\"level\":\"{}\",\"event\":\"{}\",{fields}}}",
-                    rfc3339(l.ts),
-                    l.level,
-                    l.event
+                    stamp, l.level, l.event
                 ));
             } else {
                 s.push_str(&format!(
                     "{{\"timestamp\":\"{}\",\"level\":\"{}\",\"fields\":{{\"message\":\"{}\",{fields}}},\"target\":\"payguard::engine\"}}",
-                    rfc3339(l.ts),
+                    stamp,
                     l.level,
                     l.event
                 ));
@@ -130,7 +149,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
         Fmt::Logfmt => {
             s.push_str(&format!(
                 "ts={} level={} event={} oid={}",
-                rfc3339(l.ts),
+                stamp,
                 l.level.to_ascii_lowercase(),
                 l.event,
                 l.oid

@@ -1,0 +1,288 @@
+//! Clock alignment against known truth: `gen-logs` writes the same corpus twice, once on true
+//! UTC clocks and once with hosts in local time without a zone and with skewed clocks; forensics
+//! on the second must find the first's race windows and incidents, at the same moments within
+//! 1 ms. Each test also runs with `--no-align` and checks that the comparison then fails, so the
+//! tests prove alignment is what makes them pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Microseconds since the epoch of an RFC 3339 time in a report.
+fn us(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("{s}: {e}"))
+        .timestamp_micros()
+}
+
+/// Writes a corpus with `gen-logs` into a fresh folder under `dir`; returns its `logs` folder.
+fn corpus(dir: &Path, name: &str, hosts: u32, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new(env!("CARGO_BIN_EXE_gen-logs"))
+        .args([
+            "--orders",
+            "4000",
+            "--incident-every",
+            "300",
+            "--race-every",
+            "20",
+        ])
+        .args(["--hosts", &hosts.to_string(), "--out"])
+        .arg(&out)
+        .args(extra)
+        .output()
+        .expect("gen-logs runs");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    out.join("logs")
+}
+
+fn forensics(logs: &Path, extra: &[&str]) -> Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_payguard-forensics"))
+        .arg(logs)
+        .arg("--json")
+        .args(extra)
+        .output()
+        .expect("forensics runs");
+    assert!(
+        o.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON")
+}
+
+/// Per order: (first entry, second entry, window width in ms) of every race window and
+/// every incident with a window.
+fn moments(v: &Value) -> BTreeMap<String, (i64, i64, f64)> {
+    let mut m = BTreeMap::new();
+    for r in v["race_windows"].as_array().unwrap() {
+        let w = r["width_ms"].as_f64().unwrap();
+        let (a, b) = (
+            us(r["first_entry"].as_str().unwrap()),
+            us(r["second_entry"].as_str().unwrap()),
+        );
+        m.insert(r["order_id"].as_str().unwrap().to_string(), (a, b, w));
+    }
+    for i in v["incidents"].as_array().unwrap() {
+        let w = i["race_window_ms"].as_f64().unwrap_or(-1.0);
+        let (a, b) = (
+            us(i["first_entry"].as_str().unwrap()),
+            us(i["second_entry"].as_str().unwrap()),
+        );
+        m.insert(
+            format!("incident {}", i["order_id"].as_str().unwrap()),
+            (a, b, w),
+        );
+    }
+    m
+}
+
+/// `None` when `got` has the same windows as `truth` within 1 ms, else what differs first.
+fn mismatch(truth: &Value, got: &Value) -> Option<String> {
+    mismatch_by(truth, got, 0)
+}
+
+/// Like [`mismatch`] with `got`'s clock `shift_us` ahead of the truth: offsets are relative,
+/// so aligned times are on the reference host's clock, whatever its error.
+fn mismatch_by(truth: &Value, got: &Value, shift_us: i64) -> Option<String> {
+    let (t, g) = (moments(truth), moments(got));
+    if t.len() != g.len() || t.keys().ne(g.keys()) {
+        let only: Vec<&String> = t.keys().filter(|k| !g.contains_key(*k)).collect();
+        let extra: Vec<&String> = g.keys().filter(|k| !t.contains_key(*k)).collect();
+        return Some(format!("only in truth {only:?}, only found {extra:?}"));
+    }
+    for (k, (ta, tb, tw)) in &t {
+        let (ga, gb, gw) = g[k];
+        let (ga, gb) = (ga - shift_us, gb - shift_us);
+        if (ta - ga).abs() > 1000 || (tb - gb).abs() > 1000 || (tw - gw).abs() > 1.0 {
+            return Some(format!(
+                "{k}: truth {ta}/{tb} {tw} ms, found {ga}/{gb} {gw} ms"
+            ));
+        }
+    }
+    None
+}
+
+/// Asserts host `h`'s clock: applied, its zone, and an interval holding `skew_ms` that is narrow.
+fn assert_clock(v: &Value, h: &str, zone: Option<&str>, skew_ms: f64) {
+    let c = &v["clock"]["hosts"][h];
+    assert_eq!(c["applied"], true, "{h}: {c}");
+    assert_eq!(c["zone"].as_str(), zone, "{h}: {c}");
+    let (lo, hi) = (
+        c["interval_ms"][0].as_f64().unwrap(),
+        c["interval_ms"][1].as_f64().unwrap(),
+    );
+    assert!(
+        lo <= skew_ms && skew_ms <= hi && hi - lo <= 4.0,
+        "{h}: {c}, truth {skew_ms}"
+    );
+    assert!(
+        (c["skew_ms"].as_f64().unwrap() - skew_ms).abs() <= 1.0,
+        "{h}: {c}"
+    );
+    assert!(c["constraints"].as_u64().unwrap() >= 8, "{h}: {c}");
+}
+
+/// The truth of one host: its zone-less zone (if any) and its clock error in ms (gen-logs' skew).
+type Truth<'a> = (&'a str, Option<&'a str>, f64);
+
+/// Checks every host's clock against the truth, relative to the reported reference host, and
+/// gives the reference's clock error in microseconds (what aligned times are off by).
+fn assert_clocks(v: &Value, truth: &[Truth<'_>]) -> i64 {
+    let hosts = v["clock"]["hosts"].as_object().unwrap();
+    let reference: Vec<&String> = hosts
+        .iter()
+        .filter(|(_, c)| c["reference"] == true)
+        .map(|(h, _)| h)
+        .collect();
+    assert_eq!(reference.len(), 1, "{hosts:?}");
+    let err = |h: &str| truth.iter().find(|t| t.0 == h).map_or(0.0, |t| t.2);
+    let ref_err = err(reference[0]);
+    for h in hosts.keys() {
+        let zone = truth.iter().find(|t| t.0 == h).and_then(|t| t.1);
+        let zone = zone.or((hosts[h]["zone"].as_str() == Some("+00:00")).then_some("+00:00"));
+        assert_clock(v, h, zone, ref_err - err(h));
+    }
+    (ref_err * 1000.0) as i64
+}
+
+#[test]
+fn a_zone_less_host_at_plus_eight_and_skewed_hosts_are_aligned() {
+    let d = tempfile::tempdir().unwrap();
+    let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &["--no-align"]);
+    assert!(!moments(&truth).is_empty());
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &[
+            "--local",
+            "pay-1=+08:00",
+            "--skew",
+            "pay-1=-287",
+            "--skew",
+            "pay-2=430",
+        ],
+    );
+    let got = forensics(&logs, &[]);
+    // gen-logs' skew is the clock's error; forensics' skew is what corrects it.
+    assert_clock(&got, "pay-1", Some("+08:00"), 287.0);
+    assert_clock(&got, "pay-2", None, -430.0);
+    assert_eq!(got["clock"]["hosts"]["pay-3"]["reference"], true);
+    assert_eq!(mismatch(&truth, &got), None);
+    assert_eq!(truth["totals"]["incidents"], got["totals"]["incidents"]);
+    let off = forensics(&logs, &["--no-align"]);
+    assert!(off.get("clock").is_none());
+    assert!(
+        mismatch(&truth, &off).is_some(),
+        "without alignment the windows must be wrong"
+    );
+}
+
+#[test]
+fn zones_minus_five_and_plus_five_thirty_with_small_and_large_skews() {
+    let d = tempfile::tempdir().unwrap();
+    let truth = forensics(&corpus(d.path(), "truth", 4, &[]), &["--no-align"]);
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        4,
+        &[
+            "--local",
+            "pay-2=-05:00",
+            "--skew",
+            "pay-2=20",
+            "--local",
+            "pay-3=+05:30",
+            "--skew",
+            "pay-3=-800",
+            "--skew",
+            "pay-4=-20",
+        ],
+    );
+    let got = forensics(&logs, &[]);
+    let shift = assert_clocks(
+        &got,
+        &[
+            ("pay-2", Some("-05:00"), 20.0),
+            ("pay-3", Some("+05:30"), -800.0),
+            ("pay-4", None, -20.0),
+        ],
+    );
+    assert_eq!(mismatch_by(&truth, &got, shift), None);
+    assert!(mismatch(&truth, &forensics(&logs, &["--no-align"])).is_some());
+}
+
+#[test]
+fn user_tz_and_skew_win_over_inference() {
+    let d = tempfile::tempdir().unwrap();
+    let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &["--no-align"]);
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &["--skew", "pay-2=430", "--skew", "pay-3=-60"],
+    );
+    // The user fixes pay-2 (rightly): it becomes the reference; pay-3 is still inferred.
+    let got = forensics(&logs, &["--skew", "pay-2=-430"]);
+    let c = &got["clock"]["hosts"];
+    assert_eq!(c["pay-2"]["skew_ms"], -430.0);
+    assert_eq!(c["pay-2"]["reference"], true);
+    assert_clock(&got, "pay-3", None, 60.0);
+    assert_eq!(mismatch(&truth, &got), None);
+    // A wrong user skew is not overridden: the windows are then off, as the user asked.
+    let wrong = forensics(&logs, &["--skew", "pay-2=0"]);
+    assert_eq!(wrong["clock"]["hosts"]["pay-2"]["skew_ms"], 0.0);
+    assert!(mismatch(&truth, &wrong).is_some());
+}
+
+#[test]
+fn a_host_with_too_little_evidence_is_left_alone_and_said_so() {
+    let d = tempfile::tempdir().unwrap();
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &[
+            "--solo-hosts",
+            "1",
+            "--skew",
+            "pay-3=300",
+            "--skew",
+            "pay-2=-150",
+        ],
+    );
+    let got = forensics(&logs, &[]);
+    let c = &got["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], false, "{c}");
+    assert!(c["skew_ms"].is_null(), "{c}");
+    let notes: Vec<&str> = got["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("pay-3: too little evidence")),
+        "{notes:?}"
+    );
+    assert_clock(&got, "pay-2", None, 150.0);
+    let text = Command::new(env!("CARGO_BIN_EXE_payguard-forensics"))
+        .arg(&logs)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("clock pay-3: left alone: too little evidence"),
+        "{text}"
+    );
+    assert!(text.contains("clock pay-2: skew +150.0 ms"), "{text}");
+}
