@@ -97,3 +97,7 @@ pub const CLOCK_INTERVAL_MS_MAX: i64 = 50;
 
 /// Orderings broken under the applied offsets that are listed one by one (all are counted).
 pub const IMPOSSIBLE_ORDERINGS_LISTED_MAX: usize = 1_000;
+
+/// An ordering is reported impossible only when it is broken by more than this: the applied
+/// offsets are estimates (see `clock_interval_ms_max`) and log times are rounded to the ms.
+pub const IMPOSSIBLE_ORDERING_SLACK_MS: i64 = 2;

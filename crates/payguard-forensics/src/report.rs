@@ -52,6 +52,20 @@ pub struct RaceWindow {
     pub second_entry: String,
 }
 
+/// An ordering that cannot happen under the applied clocks (a host's clock jumped, or the logs
+/// are not what they claim).
+#[derive(Debug, Clone, Serialize)]
+pub struct ImpossibleOrdering {
+    pub order_id: String,
+    /// `replay_before_commit` or `two_lock_holders`.
+    pub kind: String,
+    /// By how much the ordering is broken.
+    pub by_ms: f64,
+    pub at: String,
+    /// The host that should have come first, then the other.
+    pub hosts: [String; 2],
+}
+
 /// Sums over the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Totals {
@@ -65,6 +79,8 @@ pub struct Totals {
     pub race_windows: u64,
     /// Race windows inside incident orders (not in `race_windows`).
     pub race_windows_in_incidents: u64,
+    /// Every impossible ordering (the `impossible_orderings` list, including any past its limit).
+    pub impossible_orderings: u64,
 }
 
 /// A file that could only be read in part.
@@ -84,6 +100,7 @@ pub struct Report {
     pub orders_seen: u64,
     pub incidents: Vec<Incident>,
     pub race_windows: Vec<RaceWindow>,
+    pub impossible_orderings: Vec<ImpossibleOrdering>,
     pub skipped: BTreeMap<&'static str, u64>,
     pub totals: Totals,
     pub events: u64,
@@ -260,6 +277,18 @@ pub fn build(e: &Engine, tz: TzOffset, input_errors: Vec<(String, String)>) -> R
         orders_seen: e.counts.orders_seen,
         incidents: inc.iter().map(|i| incident(e, i, tz)).collect(),
         race_windows: races.iter().map(|r| race(e, r, tz)).collect(),
+        impossible_orderings: e
+            .results
+            .impossible
+            .iter()
+            .map(|i| ImpossibleOrdering {
+                order_id: i.order_id.clone(),
+                kind: i.kind.key().into(),
+                by_ms: ms(i.by_us),
+                at: format_rfc3339(i.at_us, tz),
+                hosts: i.hosts.map(|h| hosts(e, &[h]).pop().unwrap_or_default()),
+            })
+            .collect(),
         skipped,
         totals: Totals {
             orders_affected: t.orders_affected,
@@ -268,6 +297,7 @@ pub fn build(e: &Engine, tz: TzOffset, input_errors: Vec<(String, String)>) -> R
             amount_lost: t.amount_lost,
             race_windows: e.results.races_total,
             race_windows_in_incidents: e.results.races_in_incidents,
+            impossible_orderings: e.results.impossible_total,
         },
         events: e.counts.events,
         events_filtered: e.counts.events_filtered,
@@ -326,6 +356,7 @@ pub fn write_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out)?;
     write_race_windows(r, out)?;
     writeln!(out)?;
+    write_impossible(r, out)?;
     write_totals(r, out)
 }
 
@@ -347,7 +378,7 @@ fn write_clock(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
                 h.constraints
             ),
             _ => format!(
-                "{zone}left alone: too little evidence ({} cross-host orderings)",
+                "{zone}left alone: evidence too thin or contradicting ({} cross-host orderings; see notes)",
                 h.constraints
             ),
         };
@@ -394,6 +425,35 @@ fn write_incidents(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Impossible orderings printed one by one.
+const TEXT_IMPOSSIBLE_MAX: usize = 10;
+
+/// Broken orderings under the applied clocks, when there are any.
+fn write_impossible(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    if r.totals.impossible_orderings == 0 {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "IMPOSSIBLE ORDERINGS (under the applied clocks: a host's clock jumped, or the logs are not what they claim): {}",
+        r.totals.impossible_orderings
+    )?;
+    for i in r.impossible_orderings.iter().take(TEXT_IMPOSSIBLE_MAX) {
+        let what = match i.kind.as_str() {
+            "replay_before_commit" => format!(
+                "replay on {} {:.1} ms before the commit on {}",
+                i.hosts[1], i.by_ms, i.hosts[0]
+            ),
+            _ => format!(
+                "lock held on {} and {} at once for {:.1} ms",
+                i.hosts[0], i.hosts[1], i.by_ms
+            ),
+        };
+        writeln!(out, "  {}  {}  at {}", i.order_id, what, i.at)?;
+    }
+    writeln!(out)
 }
 
 /// The count of healthy race windows, their widths, and the widest.

@@ -38,7 +38,7 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         })
         .collect();
     let mut notes = Vec::new();
-    let (adj, constraints) = edges(ev, &major, &mut notes);
+    let (adj, constraints, contradicted) = edges(ev, &major, &mut notes);
     let fixed: Vec<bool> = ev.hosts.iter().map(|h| user.skew_of(h).is_some()).collect();
     let anchors = anchors(&major, &adj, &constraints, &fixed);
     let mut dist = bracket(&adj, &anchors, &fixed, &mut notes);
@@ -62,6 +62,10 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         };
         match dist[h] {
             Some((lo, hi)) if constraints[h] >= CLOCK_CONSTRAINTS_MIN || anchors.contains(&h) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
+            _ if active > 1 && contradicted[h] => notes.push(format!(
+                "{}: its clock was left alone: its orderings with other hosts contradict each other",
+                hc.host
+            )),
             _ if active > 1 => notes.push(format!(
                 "{}: too little evidence to align its clock ({} cross-host orderings; needs {} in all and {} each way within {} ms); its times are read as written",
                 hc.host, hc.constraints, CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX
@@ -110,8 +114,9 @@ fn edges(
     ev: &Evidence,
     major: &[Option<u32>],
     notes: &mut Vec<String>,
-) -> (Vec<Vec<Edge>>, Vec<u64>) {
+) -> (Vec<Vec<Edge>>, Vec<u64>, Vec<bool>) {
     let nh = major.len();
+    let mut contradicted = vec![false; nh];
     let mut adj: Vec<Vec<Edge>> = (0..nh).map(|_| Vec::new()).collect();
     let mut constraints = vec![0u64; nh];
     let mut pairs: Vec<_> = ev.pairs.iter().collect();
@@ -131,6 +136,8 @@ fn edges(
                 ev.hosts[hb],
                 (p.lo - p.hi) as f64 / MS_US as f64
             ));
+            contradicted[ha] = true;
+            contradicted[hb] = true;
             continue;
         }
         if p.n_hi >= CLOCK_CONSTRAINTS_PER_SIDE_MIN {
@@ -140,7 +147,7 @@ fn edges(
             adj[hb].push(Edge { to: ha, w: -p.lo });
         }
     }
-    (adj, constraints)
+    (adj, constraints, contradicted)
 }
 
 /// The reference hosts: those the user gave `--skew` for, else the one connected host with the

@@ -20,12 +20,14 @@
 
 mod debits;
 mod order;
+mod ordering;
 mod rejoin;
 mod req_names;
 mod requests;
 mod results;
 
 pub use order::analyze_order;
+pub use ordering::{ImpossibleRec, OrderingKind};
 pub use rejoin::{rejoin, single_debit};
 pub use req_names::ReqNames;
 pub use results::{worse, IncidentTotals, Results};

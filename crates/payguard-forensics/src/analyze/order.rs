@@ -28,6 +28,7 @@ pub fn analyze_order(oid: &[u8], st: &mut OrderState, ctx: &OrderCtx, out: &mut 
     let oid = String::from_utf8_lossy(oid);
     st.evs.sort_unstable_by_key(|e| (e.ts, e.file, e.line));
     let reqs = build_requests(&st.evs, st.reqs.len());
+    super::ordering::check_orderings(&oid, &st.evs, out);
     let mut a = Analysis {
         oid: &oid,
         evs: &st.evs,

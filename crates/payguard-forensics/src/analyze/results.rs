@@ -24,6 +24,10 @@ pub struct Results {
     /// Timelines of orders without an incident in `timelines`.
     pub timelines_races: usize,
     pub timelines_dropped: u64,
+    /// Broken orderings under the applied clocks (the first `impossible_orderings_listed_max`).
+    pub impossible: Vec<super::ImpossibleRec>,
+    /// Every broken ordering, listed or not.
+    pub impossible_total: u64,
 }
 
 /// Sums over every incident, kept apart from the (bounded) list.

@@ -64,6 +64,9 @@ struct Cli {
     /// HOST=MS: HOST's clock is MS milliseconds off (may be negative); repeatable.
     #[arg(long, value_name = "HOST=MS", allow_hyphen_values = true)]
     skew: Vec<String>,
+    /// HOST=MS@SECS: HOST's clock steps by MS milliseconds SECS seconds into the run (mid-file).
+    #[arg(long, value_name = "HOST=MS@SECS", allow_hyphen_values = true)]
+    step: Vec<String>,
 }
 
 /// The per-host clocks from `--local` and `--skew`.
@@ -77,6 +80,8 @@ fn host_clocks(cli: &Cli) -> Vec<render::HostClock> {
             host: h.to_string(),
             shift_us: 0,
             zone_less: false,
+            step_from_us: i64::MAX,
+            step_us: 0,
         });
         v.len() - 1
     };
@@ -93,6 +98,17 @@ fn host_clocks(cli: &Cli) -> Vec<render::HostClock> {
     for k in &cli.skew {
         let (h, ms) = k.split_once('=').expect("--skew HOST=MS");
         shifts.push((get(h), ms.parse::<i64>().expect("skew ms") * 1000, false));
+    }
+    let mut steps: Vec<(usize, i64, i64)> = Vec::new();
+    for k in &cli.step {
+        let (h, rest) = k.split_once('=').expect("--step HOST=MS@SECS");
+        let (ms, secs) = rest.split_once('@').expect("--step HOST=MS@SECS");
+        let from = T_START_US + secs.parse::<i64>().expect("step secs") * 1_000_000;
+        steps.push((get(h), ms.parse::<i64>().expect("step ms") * 1000, from));
+    }
+    for (i, us, from) in steps {
+        v[i].step_us = us;
+        v[i].step_from_us = from;
     }
     for (i, us, zone_less) in shifts {
         v[i].shift_us += us;

@@ -67,6 +67,9 @@ pub(crate) struct HostClock {
     pub(crate) host: String,
     pub(crate) shift_us: i64,
     pub(crate) zone_less: bool,
+    /// A clock step: from this true time on, the clock is `step_us` further off.
+    pub(crate) step_from_us: i64,
+    pub(crate) step_us: i64,
 }
 
 /// Set once by `main` from `--local` and `--skew`; hosts not listed write true UTC with `Z`.
@@ -75,7 +78,10 @@ pub(crate) static CLOCKS: std::sync::OnceLock<Vec<HostClock>> = std::sync::OnceL
 /// A line's time as its host writes it: the written instant and whether to drop the zone.
 fn host_time(host: &str, ts: i64) -> (i64, bool) {
     match CLOCKS.get().and_then(|v| v.iter().find(|c| c.host == host)) {
-        Some(c) => (ts + c.shift_us, c.zone_less),
+        Some(c) => {
+            let step = if ts >= c.step_from_us { c.step_us } else { 0 };
+            (ts + c.shift_us + step, c.zone_less)
+        }
         None => (ts, false),
     }
 }
