@@ -314,3 +314,64 @@ fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed(
         );
     }
 }
+
+/// The trace's slices and instants as (host pid, name, absolute start in us), sorted.
+fn trace_events(path: &Path) -> Vec<(u64, String, i64)> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let t0 = us(v["otherData"]["time_zero"].as_str().unwrap());
+    let mut out: Vec<(u64, String, i64)> = v["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] != "M")
+        .map(|e| {
+            let ts = e["ts"].as_f64().unwrap() as i64 + t0;
+            (
+                e["pid"].as_u64().unwrap(),
+                e["name"].as_str().unwrap().to_string(),
+                ts,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn since_until_and_the_trace_use_the_aligned_times() {
+    let d = tempfile::tempdir().unwrap();
+    let window = [
+        "--since",
+        "2026-11-25T21:00:20Z",
+        "--until",
+        "2026-11-25T21:00:50Z",
+    ];
+    let (tt, tg) = (d.path().join("truth.json"), d.path().join("got.json"));
+    let mut a: Vec<&str> = window.to_vec();
+    a.extend(["--no-align", "--trace-out", tt.to_str().unwrap()]);
+    let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &a);
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &["--local", "pay-1=+08:00", "--skew", "pay-1=-287"],
+    );
+    let mut a: Vec<&str> = window.to_vec();
+    a.extend(["--trace-out", tg.to_str().unwrap()]);
+    let got = forensics(&logs, &a);
+    assert_eq!(got["clock"]["hosts"]["pay-3"]["reference"], true);
+    assert_eq!(truth["events_filtered"], got["events_filtered"]);
+    assert_eq!(mismatch(&truth, &got), None);
+    let (t, g) = (trace_events(&tt), trace_events(&tg));
+    assert!(!t.is_empty());
+    assert_eq!(t.len(), g.len());
+    for (a, b) in t.iter().zip(&g) {
+        assert!(
+            a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() <= 1000,
+            "{a:?} / {b:?}"
+        );
+    }
+    // Without alignment pay-1's events are eight hours away: the window filters them out.
+    let off = forensics(&logs, &[&window[..], &["--no-align"]].concat());
+    assert_ne!(truth["events_filtered"], off["events_filtered"]);
+}
