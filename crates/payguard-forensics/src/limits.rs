@@ -73,7 +73,8 @@ pub const EVENTS_PER_ORDER_MAX: usize = 100_000;
 
 /// Decompressed bytes of each file that clock alignment samples before the merge (from the
 /// start of the file); memory and the extra read are bounded by this, not by input size.
-pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 16 * 1024 * 1024;
+/// (8 MiB of the benchmark's logs hold ~1,700 cross-host orderings per host; see BENCHMARKS.md.)
+pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 8 * 1024 * 1024;
 
 /// An order's evidence is judged once it has not been seen for this many sampling rounds (one
 /// chunk of every file a round); orders whose lines are farther apart in the files are not used.

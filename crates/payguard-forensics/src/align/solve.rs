@@ -86,13 +86,20 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
     }
 }
 
-/// Sets a reached host's zone and skew from its offset's bounds.
+/// Sets a reached host's zone and skew from its offset's bounds: the midpoint, unless the
+/// host's own clock (skew 0 after its zone) already fits every ordering, when it is not moved.
 fn place(hc: &mut HostClock, lo: i64, hi: i64, infer_zone: bool) {
-    let d = lo + (hi - lo) / 2;
+    let mid = lo + (hi - lo) / 2;
     let zone_us = if infer_zone {
-        (-d + ZONE_STEP_US / 2).div_euclid(ZONE_STEP_US) * ZONE_STEP_US
+        (-mid + ZONE_STEP_US / 2).div_euclid(ZONE_STEP_US) * ZONE_STEP_US
     } else {
         0
+    };
+    let unmoved = -zone_us;
+    let d = if (lo..=hi).contains(&unmoved) {
+        unmoved
+    } else {
+        mid
     };
     if zone_us.abs() > ZONE_US_MAX {
         return;
@@ -316,6 +323,28 @@ mod tests {
         let a = solve(&e, &u);
         assert_eq!(a.hosts[0].skew_us, Some(-287_000));
         assert_eq!(a.file_zone, vec![None]);
+    }
+
+    #[test]
+    fn a_clock_that_fits_every_ordering_is_not_moved() {
+        let e = ev(
+            &["a", "b"],
+            &[10, 0, 10, 0],
+            &[((0, 2), pb(-1_000, 2_000, 5))],
+        );
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts[1].applied);
+        assert_eq!(a.hosts[1].skew_us, Some(0));
+        assert_eq!(a.hosts[1].interval_us, Some((-1_000, 2_000)));
+        let e = ev(
+            &["a", "b"],
+            &[10, 0, 10, 0],
+            &[((0, 2), pb(1_000, 4_000, 5))],
+        );
+        assert_eq!(
+            solve(&e, &UserClock::default()).hosts[1].skew_us,
+            Some(2_500)
+        );
     }
 
     #[test]
