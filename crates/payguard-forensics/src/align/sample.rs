@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::clock::{DateRef, RawTime};
 use crate::engine::{parse_piece, ParsedPiece};
-use crate::input::{Chunk, FileInfo, Origin, Source};
+use crate::input::{give_back, Chunk, FileInfo, Origin, Source};
 use crate::limits::{
     CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_ORDERS_MAX, CLOCK_EVIDENCE_ROUNDS,
     CLOCK_SAMPLE_BYTES_PER_FILE, HOSTS_MAX,
@@ -133,9 +133,16 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
         }
     }
     let mut read = vec![0u64; files.len()];
-    while let Some(parsed) = read_round(&mut sources, &mut read, parser) {
+    while let Some((parsed, buffers)) = read_round(&mut sources, &mut read, parser) {
         for p in &parsed {
             s.take(p);
+        }
+        // The merge reads with the same pool of chunk buffers: hand them back for it.
+        drop(parsed);
+        for b in buffers {
+            if let Ok(buf) = Arc::try_unwrap(b) {
+                give_back(buf);
+            }
         }
         s.round += 1;
         s.judge_idle();
@@ -150,13 +157,13 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
 /// A piece to parse: its file, its chunk and its byte range.
 type Job = (u16, Arc<Vec<u8>>, (usize, usize));
 
-/// One chunk of every file still under its sample budget, parsed in parallel; `None` when all
-/// are done.
+/// One chunk of every file still under its sample budget, parsed in parallel, and the chunks'
+/// buffers; `None` when all are done.
 fn read_round(
     sources: &mut [Source],
     read: &mut [u64],
     parser: &LineParser,
-) -> Option<Vec<ParsedPiece>> {
+) -> Option<(Vec<ParsedPiece>, Vec<Arc<Vec<u8>>>)> {
     let mut active: Vec<&mut Source> = sources
         .iter_mut()
         .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
@@ -176,12 +183,13 @@ fn read_round(
     for (f, _, (a, b)) in &jobs {
         read[*f as usize] += (*b - *a) as u64;
     }
-    Some(
-        jobs.par_iter()
-            .with_max_len(1)
-            .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
-            .collect(),
-    )
+    let parsed = jobs
+        .par_iter()
+        .with_max_len(1)
+        .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
+        .collect();
+    drop(jobs);
+    Some((parsed, chunks.into_iter().map(|c| c.data).collect()))
 }
 
 impl Sampler<'_> {
