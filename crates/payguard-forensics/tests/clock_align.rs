@@ -375,3 +375,43 @@ fn since_until_and_the_trace_use_the_aligned_times() {
     let off = forensics(&logs, &[&window[..], &["--no-align"]].concat());
     assert_ne!(truth["events_filtered"], off["events_filtered"]);
 }
+
+#[test]
+fn lock_hand_overs_bracket_tighter_and_a_small_step_shows_two_lock_holders() {
+    let d = tempfile::tempdir().unwrap();
+    let width = |v: &Value, h: &str| {
+        let i = &v["clock"]["hosts"][h]["interval_ms"];
+        i[1].as_f64().unwrap() - i[0].as_f64().unwrap()
+    };
+    // Replays alone bracket each offset within about ±1 ms (the replay is 1 ms after the commit).
+    let plain = forensics(&corpus(d.path(), "plain", 3, &["--skew", "pay-2=45"]), &[]);
+    assert!(width(&plain, "pay-2") >= 1.5, "{}", plain["clock"]);
+    // Replayers that log taking the lock 250 us after the committer released it pin it closer.
+    let locks = forensics(
+        &corpus(
+            d.path(),
+            "locks",
+            3,
+            &["--replay-locks", "--skew", "pay-2=45"],
+        ),
+        &[],
+    );
+    assert_clock(&locks, "pay-2", None, -45.0);
+    assert!(width(&locks, "pay-2") <= 1.0, "{}", locks["clock"]);
+    assert_eq!(locks["totals"]["impossible_orderings"], 0);
+    // pay-2's clock steps 3 ms back mid-run: its lock holdings now overlap the committers'.
+    let logs = corpus(
+        d.path(),
+        "step",
+        3,
+        &["--replay-locks", "--step", "pay-2=-3@40"],
+    );
+    let got = forensics(&logs, &[]);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], false);
+    let imp = got["impossible_orderings"].as_array().unwrap();
+    assert!(!imp.is_empty());
+    for i in imp {
+        assert_eq!(i["kind"], "two_lock_holders", "{i}");
+        assert!(i["hosts"][0] == "pay-2" || i["hosts"][1] == "pay-2", "{i}");
+    }
+}

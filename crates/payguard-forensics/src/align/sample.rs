@@ -79,13 +79,27 @@ impl Evidence {
     }
 }
 
-/// A commit or replay of one order, on one clock domain, at a raw time.
+/// A commit, replay or lock step of one order, on one clock domain, at a raw time.
 #[derive(Debug, Clone, Copy)]
 struct Mark {
     dom: u32,
-    side: Side,
-    replay: bool,
+    step: Step,
+    side: Option<Side>,
+    /// A hash of the request id ([`REQ_NONE`] without one).
+    req: u64,
     raw_us: i64,
+}
+
+/// No request id on the line.
+const REQ_NONE: u64 = 0;
+
+/// FNV-1a of a request id: marks of one order only need to tell its few requests apart.
+fn req_hash(req: Option<&[u8]>) -> u64 {
+    let Some(b) = req else { return REQ_NONE };
+    let h = b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    h.max(1)
 }
 
 struct OrderMarks {
@@ -243,15 +257,20 @@ impl Sampler<'_> {
             if zone_less {
                 *self.ev.file_zoneless[f].entry(host).or_default() += 1;
             }
-            let (replay, side) = match (r.kind.step, r.kind.side) {
-                (Step::Commit, Some(side)) => (false, side),
-                (Step::Replay, Some(side)) => (true, side),
-                _ => continue,
+            let step = r.kind.step;
+            let wanted = match step {
+                Step::Commit | Step::Replay => r.kind.side.is_some(),
+                Step::LockAcquired | Step::LockReleased => r.req.is_some(),
+                _ => false,
             };
+            if !wanted {
+                continue;
+            }
             let mark = Mark {
                 dom,
-                side,
-                replay,
+                step,
+                side: r.kind.side,
+                req: req_hash(r.req),
                 raw_us: raw + self.host_skew[host as usize],
             };
             self.follow(r.oid, mark);
@@ -293,17 +312,36 @@ impl Sampler<'_> {
     }
 }
 
-/// One order's evidence: with exactly one commit on a side, every replay of that side on another
-/// host finished after it, so `raw(replay) + d[replay] >= raw(commit) + d[commit]`.
+/// One order's evidence. With exactly one commit on a side, every replay of that side on
+/// another host finished after it: `raw(replay) + d[replay] >= raw(commit) + d[commit]`. And a
+/// replayer that logs taking the order's lock took it after the committer released it (the lock
+/// is what made it see the commit), a tighter bound of the same direction.
 fn judge(ev: &mut Evidence, marks: &[Mark]) {
+    let host = |m: &Mark| m.dom / 2;
     for side in [Side::Deduct, Side::Refund] {
-        let mut commits = marks.iter().filter(|m| m.side == side && !m.replay);
+        let is = |m: &Mark, step| m.step == step && m.side == Some(side);
+        let mut commits = marks.iter().filter(|m| is(m, Step::Commit));
         let (Some(c), None) = (commits.next(), commits.next()) else {
             continue;
         };
-        for r in marks.iter().filter(|m| m.side == side && m.replay) {
-            if r.dom / 2 != c.dom / 2 {
-                ev.bound(c.dom, r.dom, c.raw_us - r.raw_us);
+        let released = marks
+            .iter()
+            .filter(|m| m.step == Step::LockReleased && c.req != REQ_NONE && m.req == c.req)
+            .filter(|m| host(m) == host(c) && m.raw_us >= c.raw_us)
+            .min_by_key(|m| m.raw_us);
+        for r in marks
+            .iter()
+            .filter(|m| is(m, Step::Replay) && host(m) != host(c))
+        {
+            ev.bound(c.dom, r.dom, c.raw_us - r.raw_us);
+            // Its last acquisition before the replay (an earlier one may have been given up).
+            let acquired = marks
+                .iter()
+                .filter(|m| m.step == Step::LockAcquired && r.req != REQ_NONE && m.req == r.req)
+                .filter(|m| host(m) == host(r) && m.raw_us <= r.raw_us)
+                .max_by_key(|m| m.raw_us);
+            if let (Some(rel), Some(acq)) = (released, acquired) {
+                ev.bound(rel.dom, acq.dom, rel.raw_us - acq.raw_us);
             }
         }
     }
@@ -329,8 +367,9 @@ mod tests {
     fn only_orders_with_one_commit_are_evidence() {
         let m = |dom, replay, raw_us| Mark {
             dom,
-            side: Side::Deduct,
-            replay,
+            step: if replay { Step::Replay } else { Step::Commit },
+            side: Some(Side::Deduct),
+            req: REQ_NONE,
             raw_us,
         };
         let mut ev = Evidence::default();
@@ -344,5 +383,30 @@ mod tests {
             &[m(0, false, 100), m(2, false, 50), m(4, true, 10)],
         );
         assert!(ev.pairs.is_empty());
+    }
+
+    #[test]
+    fn a_replayer_took_the_lock_after_the_committer_released_it() {
+        let m = |dom, step, side, req: &[u8], raw_us| Mark {
+            dom,
+            step,
+            side,
+            req: req_hash(Some(req)),
+            raw_us,
+        };
+        let d = Some(Side::Deduct);
+        let mut ev = Evidence::default();
+        judge(
+            &mut ev,
+            &[
+                m(0, Step::Commit, d, b"a", 100),
+                m(0, Step::LockReleased, None, b"a", 120),
+                m(2, Step::LockAcquired, None, b"b", 30),
+                m(2, Step::Replay, d, b"b", 80),
+            ],
+        );
+        // Replay: d2 - d0 >= 100 - 80 = 20; lock: d2 - d0 >= 120 - 30 = 90 (the tighter).
+        let p = ev.pairs[&(0, 2)];
+        assert_eq!((p.lo, p.n_lo), (90, 2));
     }
 }

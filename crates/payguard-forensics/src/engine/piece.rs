@@ -71,6 +71,7 @@ pub struct RecView<'a> {
     pub time: RawTime,
     pub kind: EventKind,
     pub oid: &'a [u8],
+    pub req: Option<&'a [u8]>,
     pub host: Option<&'a [u8]>,
     /// A dated line that only anchors dateless lines (not an event).
     pub hint: bool,
@@ -88,6 +89,7 @@ impl ParsedPiece {
             time: r.time,
             kind: r.kind,
             oid: self.bytes(r.oid).unwrap_or_default(),
+            req: self.bytes(r.req),
             host: self.bytes(r.host),
             hint: r.hint,
         })

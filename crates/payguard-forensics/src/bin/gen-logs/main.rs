@@ -64,6 +64,10 @@ struct Cli {
     /// HOST=MS: HOST's clock is MS milliseconds off (may be negative); repeatable.
     #[arg(long, value_name = "HOST=MS", allow_hyphen_values = true)]
     skew: Vec<String>,
+    /// Replaying requests of a duplicate storm log taking and releasing the order's lock (one
+    /// after the other, after the committer released it), as payguard's lock path does.
+    #[arg(long)]
+    replay_locks: bool,
     /// HOST=MS@SECS: HOST's clock steps by MS milliseconds SECS seconds into the run (mid-file).
     #[arg(long, value_name = "HOST=MS@SECS", allow_hyphen_values = true)]
     step: Vec<String>,
@@ -223,6 +227,8 @@ struct Gen {
     counts: Counts,
     /// Hosts that races may span (the first ones; see `--solo-hosts`).
     shared_hosts: usize,
+    /// See `--replay-locks`.
+    replay_locks: bool,
 }
 
 fn main() {
@@ -244,6 +250,7 @@ fn main() {
         },
         rng: Rng(cli.seed),
         shared_hosts: nh.saturating_sub(cli.solo_hosts as usize).max(1),
+        replay_locks: cli.replay_locks,
         hosts,
         counts: Counts::default(),
     };
@@ -564,6 +571,7 @@ impl Gen {
         let oid: &str = &o.oid;
         let nh = self.shared_hosts;
         let solo = h0 >= nh;
+        let replay_locks = self.replay_locks;
         let (out, rng, hosts, fmts) = (&mut self.out, &mut self.rng, &self.hosts, &FMTS);
         // A duplicate storm against a healthy payguard: 2-3 requests in flight, one debit.
         self.counts.races += 1;
@@ -619,6 +627,13 @@ impl Gen {
                     "concurrent_inflight",
                     &[("other_req", format!("r{seq}0"))],
                 );
+                if replay_locks {
+                    // Holder k after holder k-1, 250 us apart, all after the committer (6100).
+                    let at = 6100 + 250 * k as i64 - d;
+                    let token = [("token", (11 + k).to_string())];
+                    emit(at, "INFO", "lock_acquired", &token);
+                    emit(at + 200, "INFO", "lock_released", &token);
+                }
                 emit(
                     7000 - d,
                     "INFO",
