@@ -168,8 +168,11 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
     s.ev
 }
 
+/// A chunk's buffer, shared by the pieces cut from it.
+type Buffer = Arc<Vec<u8>>;
+
 /// A piece to parse: its file, its chunk and its byte range.
-type Job = (u16, Arc<Vec<u8>>, (usize, usize));
+type Job = (u16, Buffer, (usize, usize));
 
 /// One chunk of every file still under its sample budget, parsed in parallel, and the chunks'
 /// buffers; `None` when all are done.
@@ -177,7 +180,7 @@ fn read_round(
     sources: &mut [Source],
     read: &mut [u64],
     parser: &LineParser,
-) -> Option<(Vec<ParsedPiece>, Vec<Arc<Vec<u8>>>)> {
+) -> Option<(Vec<ParsedPiece>, Vec<Buffer>)> {
     let mut active: Vec<&mut Source> = sources
         .iter_mut()
         .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
