@@ -5,7 +5,8 @@
 //! requests for one order in flight at once). It exists so that a double charge can be proved
 //! from logs alone, after the fact, without the engine: this crate never imports it.
 //!
-//! Pipeline: [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
+//! Pipeline: [`align`] samples a bounded prefix of every file and infers each host's zone and
+//! clock skew → [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
 //! [`engine`] resolves times and merges events per order, retiring finished orders →
 //! [`analyze`] reconstructs each order → [`report`], [`trace`] and [`html`] write the findings.
 #![forbid(unsafe_code)]
@@ -155,7 +156,8 @@ fn align_clocks(
     // `--order` narrows the parse to one order: alignment needs every order's evidence.
     let ev = align::sample(files, &LineParser::new(None), &user);
     let mut a = align::solve(&ev, &user);
-    for f in &ev.unsampled {
+    // With standard input the only input there is nothing to align it with.
+    for f in ev.unsampled.iter().filter(|_| files.len() > 1) {
         a.notes.push(format!(
             "{f}: standard input is read once, so it was not sampled for clock alignment"
         ));
