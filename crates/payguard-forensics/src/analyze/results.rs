@@ -84,7 +84,10 @@ impl Results {
         self.timelines.push(t);
     }
 
-    /// Keeps every race timeline and the worst `timeline_incident_orders_max` incident timelines.
+    /// Keeps every race timeline and the worst `timeline_incident_orders_max` incident timelines,
+    /// race-only ones first, each group in time order (then order id): the order open orders are
+    /// analysed in comes from a hash map, and `--trace-out` and `--html` must not change from one
+    /// run to the next on the same input.
     pub fn trim_incident_timelines(&mut self) {
         let mut inc: Vec<Timeline> = Vec::new();
         let mut rest: Vec<Timeline> = Vec::new();
@@ -104,14 +107,32 @@ impl Results {
             self.timelines_dropped += (inc.len() - TIMELINE_INCIDENT_ORDERS_MAX) as u64;
             inc.truncate(TIMELINE_INCIDENT_ORDERS_MAX);
         }
+        rest.sort_by(in_time_order);
+        inc.sort_by(in_time_order);
         rest.extend(inc);
         self.timelines = rest;
     }
 }
 
+/// Earliest request entry or mark first, then by order id.
+fn in_time_order(a: &Timeline, b: &Timeline) -> std::cmp::Ordering {
+    let start = |t: &Timeline| {
+        t.reqs
+            .iter()
+            .map(|r| r.entry)
+            .chain(t.marks.iter().map(|m| m.ts))
+            .min()
+            .unwrap_or(i64::MAX)
+    };
+    start(a)
+        .cmp(&start(b))
+        .then_with(|| a.order_id.cmp(&b.order_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analyze::TlReq;
     use crate::parse::Side;
 
     #[test]
@@ -140,5 +161,51 @@ mod tests {
         );
         assert_eq!(r.incident_totals.incidents, n as u64);
         assert_eq!(r.incident_totals.amount_lost, (n as i64 - 1) * n as i64 / 2);
+    }
+
+    fn timeline(order_id: &str, incident: bool, entry: i64) -> Timeline {
+        Timeline {
+            order_id: order_id.into(),
+            incident,
+            amount_lost: 0,
+            reqs: vec![TlReq {
+                host: 0,
+                side: Side::Deduct,
+                entry,
+                end: entry + 1,
+                label: String::new(),
+            }],
+            marks: Vec::new(),
+            window: None,
+        }
+    }
+
+    #[test]
+    fn timelines_come_out_in_one_order_whatever_order_they_were_analysed_in() {
+        let ids = |r: &Results| -> Vec<String> {
+            r.timelines.iter().map(|t| t.order_id.clone()).collect()
+        };
+        let all = [
+            ("c", false, 30),
+            ("a", true, 10),
+            ("b", false, 10),
+            ("d", true, 5),
+            ("e", false, 10),
+        ];
+        let mut first: Option<Vec<String>> = None;
+        for rotation in 0..all.len() {
+            let mut r = Results::default();
+            for i in 0..all.len() {
+                let (id, incident, entry) = all[(i + rotation) % all.len()];
+                r.push_timeline(timeline(id, incident, entry));
+            }
+            r.trim_incident_timelines();
+            let got = ids(&r);
+            assert_eq!(got, ["b", "e", "c", "d", "a"], "rotation {rotation}");
+            if let Some(f) = &first {
+                assert_eq!(&got, f);
+            }
+            first = Some(got);
+        }
     }
 }
