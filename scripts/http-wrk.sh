@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Where an HTTP deduct's time goes: one `payguard serve` (release, SQLite, JSON logs
+# to a file as production would), driven by wrk (a client payguard did not write),
+# in one run: GET /healthz (a constant answer, the floor), first charges of fresh
+# orders, replays of PAID orders, then first charges again paced at half their peak
+# (for the p99 target). Prints one RESULT line per row and the ratios.
+#
+#   scripts/http-wrk.sh [LOG_FILE]   (LOG_FILE default: a file in a temp dir; /dev/null works)
+# Env: SECS (default 5), CONNS (default 64), THREADS (default 2), PERF=1 records a
+# `perf record -g` profile of the server per row into $PERF_DIR (default /tmp/payguard-perf).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${SECS:-5}"; CONNS="${CONNS:-64}"; THREADS="${THREADS:-2}"
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+bin="${PAYGUARD_BIN:-${CARGO_TARGET_DIR:-target}/release/payguard}"
+[ -x "$bin" ] || cargo build --release --locked -q -p payguard-cli
+work=$(mktemp -d); log="${1:-$work/serve.log}"; pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+url="http://127.0.0.1:$port"
+"$bin" serve --listen "127.0.0.1:$port" --db "sqlite://$work/http.db" --instance-id wrk \
+  --log-format json > "$log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do curl -sf "$url/healthz" >/dev/null && break; sleep 0.1; done
+for a in $(seq 0 63); do
+  curl -sf -X POST "$url/v1/accounts" -H 'content-type: application/json' \
+    -d "{\"id\":\"a$a\",\"balance\":1000000000000}" >/dev/null
+done
+run() { # name secs script [env...]: one wrk row
+  local name=$1 secs=$2 script=$3; shift 3
+  if [ "${PERF:-}" = 1 ]; then
+    mkdir -p "${PERF_DIR:=/tmp/payguard-perf}"
+    perf record -q -g -p "$pid" -o "$PERF_DIR/$name.data" -- sleep "$secs" 2>/dev/null &
+  fi
+  local out; out=$(env PG_CONNS="$CONNS" "$@" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" \
+    -s "scripts/wrk/$script" "$url" | grep '^RESULT')
+  wait 2>/dev/null || true
+  echo "$name ${out#RESULT }"
+}
+field() { sed -n "s/.* $2=\([0-9.]*\).*/\1/p" <<<"$1"; }
+# Orders to charge (not timed as a row): enough for the peak run and the paced one.
+created=$(run create $((SECS * 3)) create.lua)
+health=$(run healthz "$SECS" healthz.lua); echo "$health"
+fresh=$(run fresh "$SECS" deduct.lua); echo "$fresh"
+charged=$(field "$fresh" per_thread_max)
+replay=$(run replay "$SECS" replay.lua PG_REPLAY_OF="$((charged < 5000 ? charged - 1 : 5000))"); echo "$replay"
+half=$(awk -v r="$(field "$fresh" rps)" 'BEGIN { printf "%d", r / 2 }')
+paced=$(run fresh_at_half "$SECS" deduct.lua PG_START="$charged" PG_RATE="$half"); echo "$paced"
+echo "orders created per thread: $(field "$created" per_thread_max); log: $(du -h "$log" | cut -f1) $(wc -l < "$log") lines"
+awk -v h="$(field "$health" rps)" -v f="$(field "$fresh" rps)" -v r="$(field "$replay" rps)" \
+  -v p="$(field "$paced" p99_ms)" -v half="$half" 'BEGIN {
+  printf "first charges / healthz: %.2fx   replays / healthz: %.2fx   p99 of first charges at %d/s: %s ms\n", f / h, r / h, half, p }'
