@@ -202,12 +202,7 @@ async fn read_first(
 ) {
     let inst = &*shared.inst;
     let asked: Vec<usize> = (0..ops.len())
-        .filter(|&i| {
-            marked[i]
-                && answers[i].is_none()
-                && ops[i].fence.is_none()
-                && ops[i].idempotency.is_none()
-        })
+        .filter(|&i| marked[i] && answers[i].is_none() && ops[i].is_plain())
         .collect();
     if asked.is_empty() {
         return;

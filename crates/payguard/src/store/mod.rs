@@ -101,6 +101,13 @@ impl Command {
         }
     }
 
+    /// Neither a fencing token to keep nor an Idempotency-Key record to complete:
+    /// the only commands the committed state may answer without a write
+    /// ([`rules::settled`]).
+    pub fn is_plain(&self) -> bool {
+        self.fence.is_none() && self.idempotency.is_none()
+    }
+
     /// See [`Op::route_key`].
     pub fn route_key(&self) -> &str {
         self.op.route_key()

@@ -263,7 +263,7 @@ pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Incon
 /// (issue #12). It is safe because nothing is written: the answer is the one the
 /// write path would give against the same state ([`decide`] decides both).
 pub fn settled(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Option<OpResult>, Inconsistent> {
-    if cmd.fence.is_some() || cmd.idempotency.is_some() {
+    if !cmd.is_plain() {
         return Ok(None);
     }
     Ok(match decide(cmd, seen, now)?.decision {

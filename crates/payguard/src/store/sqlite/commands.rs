@@ -85,7 +85,8 @@ pub(super) fn settled(
     let tx = conn.transaction()?;
     let mut answers = Vec::with_capacity(cmds.len());
     for cmd in cmds {
-        if cmd.fence.is_some() || cmd.idempotency.is_some() {
+        if !cmd.is_plain() {
+            // Not even read: the rules answer `None` for it whatever the state.
             answers.push(None);
             continue;
         }
