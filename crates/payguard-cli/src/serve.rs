@@ -47,6 +47,14 @@ pub struct ServeArgs {
     /// How long Idempotency-Key responses are kept: `24h`, `30m`, `90s` or seconds.
     #[arg(long, env = "PAYGUARD_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration_ms)]
     pub idempotency_ttl: i64,
+    /// How long a hold lasts when `POST /v1/orders/{id}/authorize` names no
+    /// `hold_ttl_s`: `7d`, `2h`, `90s`; at most 30 days.
+    #[arg(long, env = "PAYGUARD_HOLD_TTL", default_value = "7d", value_parser = parse_duration_ms)]
+    pub hold_ttl: i64,
+    /// How often this instance releases expired holds (every instance sweeps; each
+    /// hold is released once): a hold is released within this long of its expiry.
+    #[arg(long, env = "PAYGUARD_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration_ms)]
+    pub sweep_interval: i64,
     /// Largest request body (bytes); larger gets 413 `body_too_large`.
     #[arg(long, env = "PAYGUARD_BODY_BYTES_MAX", default_value_t = payguard_server::limits::BODY_BYTES_MAX)]
     pub body_bytes_max: usize,
@@ -108,11 +116,13 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
 }
 
-/// `24h`, `30m`, `90s`, `1500ms` or a plain number of seconds, in milliseconds.
+/// `7d`, `24h`, `30m`, `90s`, `1500ms` or a plain number of seconds, in milliseconds.
 pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     let s = s.trim();
     let (num, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400_000)
     } else if let Some(n) = s.strip_suffix('h') {
         (n, 3_600_000)
     } else if let Some(n) = s.strip_suffix('m') {
@@ -125,7 +135,7 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     let n: i64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m, 90s or 1500ms"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 7d, 24h, 30m, 90s or 1500ms"))?;
     n.checked_mul(unit_ms)
         .filter(|ms| *ms > 0)
         .ok_or_else(|| format!("{s:?} must be a positive duration"))
@@ -364,6 +374,10 @@ fn validate(args: &ServeArgs, keys: &ApiKeys) -> anyhow::Result<()> {
         anyhow::ensure!(ms >= 1, "{name} must be at least 1");
     }
     anyhow::ensure!(args.pg_pool_max >= 1, "--pg-pool-max must be at least 1");
+    anyhow::ensure!(
+        args.hold_ttl <= payguard_server::HOLD_TTL_S_MAX * 1000,
+        "--hold-ttl must be at most 30 days (2592000 s), the longest hold API.md allows"
+    );
     Ok(())
 }
 
@@ -430,6 +444,10 @@ fn app_spec(
         }),
         keys,
         limits: limits(args),
+        two_phase: payguard_server::TwoPhase {
+            hold_ttl_ms: args.hold_ttl,
+            sweep_interval_ms: args.sweep_interval as u64,
+        },
         ..AppSpec::new(
             database,
             args.engine.engine_config(guard, instance.to_owned()),

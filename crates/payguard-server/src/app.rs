@@ -58,6 +58,7 @@ pub struct AppSpec {
     pub redis: Option<RedisSpec>,
     pub keys: ApiKeys,
     pub limits: Limits,
+    pub two_phase: crate::TwoPhase,
 }
 
 impl AppSpec {
@@ -69,6 +70,7 @@ impl AppSpec {
             redis: None,
             keys: ApiKeys::default(),
             limits: Limits::default(),
+            two_phase: crate::TwoPhase::default(),
         }
     }
 }
@@ -178,5 +180,6 @@ pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
     let mut state = AppState::new(engine);
     state.keys = spec.keys;
     state.limits = spec.limits;
+    state.two_phase = spec.two_phase;
     Ok(App { state })
 }

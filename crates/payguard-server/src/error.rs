@@ -109,6 +109,37 @@ impl From<&Rejection> for ApiError {
                 "refund_exceeds_paid",
                 "the refunds of this order would exceed its amount",
             ),
+            Rejection::OrderNotAuthorized => ApiError::new(
+                S::CONFLICT,
+                "order_not_authorized",
+                "the order was not authorized (it is PREPARE, FAILED, or paid in one step by deduct)",
+            ),
+            Rejection::OrderAuthorized => ApiError::new(
+                S::CONFLICT,
+                "order_authorized",
+                "the order took the two-phase path (authorize); capture or void it instead",
+            ),
+            Rejection::CaptureExceedsHold => ApiError::new(
+                S::CONFLICT,
+                "capture_exceeds_hold",
+                "the capture would exceed the amount held; nothing moved",
+            ),
+            Rejection::HoldAlreadyCaptured => ApiError::new(
+                S::CONFLICT,
+                "hold_already_captured",
+                "the hold was already captured (with another amount, if this was a capture)",
+            ),
+            Rejection::HoldVoided => ApiError::new(S::CONFLICT, "hold_voided", "the hold was voided"),
+            Rejection::HoldExpired => ApiError::new(
+                S::CONFLICT,
+                "hold_expired",
+                "the hold expired at hold_expires_at; nothing moved",
+            ),
+            // Only the expiry sweeper asks for an expiry; a clock behind the one
+            // that found the hold due gets this, and nothing moved.
+            Rejection::HoldNotExpired => {
+                ApiError::unavailable("the hold has not expired yet; nothing moved, retry later")
+            }
             Rejection::Refused(detail) => ApiError::internal(detail),
             // Nothing moved and a retry gets the order's real outcome, so this is
             // a 503 (API.md: "the request did nothing and may be retried"); the

@@ -48,7 +48,36 @@ pub struct AppState {
     /// Empty: no authentication (loopback only, checked by the binary).
     pub keys: ApiKeys,
     pub limits: Limits,
+    pub two_phase: TwoPhase,
     pub metrics: Arc<metrics::Metrics>,
+}
+
+/// How long a hold lasts unless the request names its own TTL (`--hold-ttl`):
+/// 7 days, like Stripe's uncaptured card payments.
+pub const HOLD_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+/// The longest hold API.md allows (`hold_ttl_s`, `--hold-ttl`): 30 days.
+pub const HOLD_TTL_S_MAX: i64 = 2_592_000;
+/// How often each instance looks for expired holds (`--sweep-interval`): a hold
+/// is released within this long of its `hold_expires_at`.
+pub const SWEEP_INTERVAL_MS: u64 = 1000;
+
+/// Two-phase payment settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwoPhase {
+    /// The TTL of a hold whose authorize names none.
+    pub hold_ttl_ms: i64,
+    /// The expiry sweeper's period; 0 runs no sweeper (tests that drive expiry
+    /// by hand; a capture after `hold_expires_at` is refused either way).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for TwoPhase {
+    fn default() -> Self {
+        TwoPhase {
+            hold_ttl_ms: HOLD_TTL_MS,
+            sweep_interval_ms: SWEEP_INTERVAL_MS,
+        }
+    }
 }
 
 impl ServiceInfo {
@@ -73,6 +102,7 @@ impl AppState {
             engine,
             keys: ApiKeys::default(),
             limits: Limits::default(),
+            two_phase: TwoPhase::default(),
         }
     }
 }
@@ -100,9 +130,21 @@ pub async fn serve(
     let limits = state.limits.clone();
     let metrics = state.metrics.clone();
     let pruner = tokio::spawn(prune_idempotency(engine.clone()));
+    let sweeper = (state.two_phase.sweep_interval_ms > 0).then(|| {
+        tokio::spawn(payguard::engine::sweeper::run(
+            engine.clone(),
+            std::time::Duration::from_millis(state.two_phase.sweep_interval_ms),
+        ))
+    });
     let app = router(state);
     connections::serve(listener, app, &limits, metrics, shutdown).await;
     pruner.abort();
+    if let Some(sweeper) = sweeper {
+        // An expiry it had handed to a lane still commits or fails there (the
+        // engine finishes its lanes below); one not yet handed over is left for
+        // the next start or another instance.
+        sweeper.abort();
+    }
     engine.shutdown().await?;
     Ok(())
 }

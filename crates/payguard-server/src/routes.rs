@@ -29,6 +29,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/orders/{id}/deduct", post(deduct))
         .route("/v1/orders/{id}/refunds", post(refund))
+        .route("/v1/orders/{id}/authorize", post(authorize))
+        .route("/v1/orders/{id}/capture", post(capture))
+        .route("/v1/orders/{id}/void", post(void))
         .route("/v1/orders/{id}/entries", get(entries))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
@@ -310,6 +313,123 @@ pub fn deduct_op(order_id: OrderId, headers: &HeaderMap, body: &Bytes) -> Result
     Ok(Op::Deduct { order_id })
 }
 
+/// Holds an order's amount: no body, `{}` or `{"hold_ttl_s": n}`.
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthorizeBody {
+    /// Seconds until the hold expires (default: the server's `--hold-ttl`, 7 days).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000, example = 3600)]
+    hold_ttl_s: Option<i64>,
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/authorize", tag = "two-phase", request_body(content = Option<AuthorizeBody>, description = "No body, `{}` or `{\"hold_ttl_s\": n}`"),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "Held exactly once; duplicates get `replayed: true` and the same hold entry", body = crate::openapi::MovementDoc,
+            links(
+                ("Capture" = (operation_id = "capture", parameters(("id" = "$response.body#/order/id")))),
+                ("Void" = (operation_id = "void", parameters(("id" = "$response.body#/order/id")))),
+                ("AuthorizeAgain" = (operation_id = "authorize", parameters(("id" = "$response.body#/order/id")))),
+                ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/order/id")))))),
+        (status = 402, description = "`insufficient_funds`: not enough available; the order is FAILED", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`order_not_authorized` (paid in one step), `idempotency_key_in_use`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
+pub(crate) async fn authorize(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    post: Post,
+) -> Result<Response, ApiError> {
+    let order_id = path_id(path, OrderId::parse)?;
+    let op = authorize_op(order_id, &post.headers, &post.body, state.two_phase.hold_ttl_ms)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/orders/{id}/authorize` body; `default_ttl_ms` when it
+/// names no TTL.
+pub fn authorize_op(
+    order_id: OrderId,
+    headers: &HeaderMap,
+    body: &Bytes,
+    default_ttl_ms: i64,
+) -> Result<Op, ApiError> {
+    let parsed: Option<AuthorizeBody> = optional_json_body(headers, body)?;
+    let hold_ttl_ms = match parsed.and_then(|b| b.hold_ttl_s) {
+        None => default_ttl_ms,
+        Some(s) if (1..=crate::HOLD_TTL_S_MAX).contains(&s) => s * 1000,
+        Some(s) => {
+            return Err(ApiError::invalid(format!(
+                "hold_ttl_s: {s} is not within 1..={}",
+                crate::HOLD_TTL_S_MAX
+            )))
+        }
+    };
+    Ok(Op::Authorize {
+        order_id,
+        hold_ttl_ms,
+    })
+}
+
+/// Captures all or part of a hold: no body, `{}` or `{"amount": n}`.
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CaptureBody {
+    /// Minor units, 1..=the held amount (default: all of it).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64, example = 500)]
+    amount: Option<i64>,
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/capture", tag = "two-phase", request_body(content = Option<CaptureBody>, description = "No body, `{}` or `{\"amount\": n}`"),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "Captured exactly once (the rest of the hold released); the same capture again replays", body = crate::openapi::MovementDoc,
+            links(
+                ("Refund" = (operation_id = "refund", parameters(("id" = "$response.body#/order/id")))),
+                ("Entries" = (operation_id = "entries", parameters(("id" = "$response.body#/order/id")))),
+                ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/order/id")))))),
+        (status = 409, description = "`capture_exceeds_hold`, `hold_already_captured`, `hold_voided`, `hold_expired`, `order_not_authorized`, `idempotency_key_in_use`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
+pub(crate) async fn capture(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    post: Post,
+) -> Result<Response, ApiError> {
+    let order_id = path_id(path, OrderId::parse)?;
+    let op = capture_op(order_id, &post.headers, &post.body)?;
+    Ok(post.run(&state, op).await)
+}
+
+/// The op of a `POST /v1/orders/{id}/capture` body (an amount of 0 or less, or
+/// not an integer: 422).
+pub fn capture_op(order_id: OrderId, headers: &HeaderMap, body: &Bytes) -> Result<Op, ApiError> {
+    let parsed: Option<CaptureBody> = optional_json_body(headers, body)?;
+    let amount = parsed
+        .and_then(|b| b.amount)
+        .map(|n| Money::amount(n).map_err(|e| money_err("amount", e)))
+        .transpose()?;
+    Ok(Op::Capture { order_id, amount })
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/void", tag = "two-phase", request_body(content = Option<DeductBody>, description = "No body, or `{}`"),
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,64}$"), crate::openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The hold released exactly once; again: a replay", body = crate::openapi::MovementDoc,
+            links(
+                ("Entries" = (operation_id = "entries", parameters(("id" = "$response.body#/order/id")))),
+                ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/order/id")))))),
+        (status = 409, description = "`hold_already_captured`, `hold_expired`, `order_not_authorized`, `idempotency_key_in_use`", body = crate::openapi::ErrorBody),
+        crate::openapi::PostErrors))]
+pub(crate) async fn void(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    post: Post,
+) -> Result<Response, ApiError> {
+    let order_id = path_id(path, OrderId::parse)?;
+    let _: Option<DeductBody> = optional_json_body(&post.headers, &post.body)?;
+    Ok(post.run(&state, Op::Void { order_id }).await)
+}
+
 /// Gives back part or all of a paid order's amount.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -423,6 +543,8 @@ mod fuzz {
                 json_body::<CreateOrderBody>(&h, &b).err(),
                 json_body::<RefundBody>(&h, &b).err(),
                 optional_json_body::<Option<DeductBody>>(&h, &b).err(),
+                optional_json_body::<Option<AuthorizeBody>>(&h, &b).err(),
+                optional_json_body::<Option<CaptureBody>>(&h, &b).err(),
             ].into_iter().flatten() {
                 prop_assert!(matches!(status(&r), 400 | 415 | 422), "{}", status(&r));
             }

@@ -165,6 +165,7 @@ pub struct AppOptions {
     pub redis: Option<String>,
     pub keys: ApiKeys,
     pub limits: Limits,
+    pub two_phase: payguard_server::TwoPhase,
 }
 
 impl AppOptions {
@@ -178,6 +179,7 @@ impl AppOptions {
             redis: None,
             keys: ApiKeys::default(),
             limits: Limits::default(),
+            two_phase: payguard_server::TwoPhase::default(),
         }
     }
 }
@@ -216,6 +218,7 @@ impl TestApp {
             }),
             keys: opts.keys,
             limits: opts.limits,
+            two_phase: opts.two_phase,
             ..AppSpec::new(database, opts.engine)
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

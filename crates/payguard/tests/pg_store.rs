@@ -380,8 +380,8 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
     assert_eq!(
         count(&c, version).await,
-        3,
-        "v1 schema + v2 idempotency + v3 fencing"
+        4,
+        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase"
     );
     // A v1 database (as the first PostgreSQL build left it) is upgraded in place.
     s.close().await.unwrap();

@@ -478,6 +478,7 @@ fn describe(cmd: &Command) -> String {
             refund_id,
             amount,
         } => format!("refund {order_id} {refund_id} {}", amount.minor()),
+        other => format!("{other:?}"),
     };
     let fence = cmd.fence.map(|t| format!(" fence {t}")).unwrap_or_default();
     let key = cmd
@@ -727,6 +728,9 @@ impl Model {
                 refund_id,
                 amount,
             } => self.refund(order_id.as_str(), refund_id.as_str(), amount.minor()),
+            Op::Authorize { .. } | Op::Capture { .. } | Op::Void { .. } | Op::Expire { .. } => {
+                unreachable!("this generator makes no two-phase ops (two_phase.rs covers them)")
+            }
         }
     }
 

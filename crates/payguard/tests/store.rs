@@ -341,8 +341,8 @@ fn the_money_path_writes_build_no_ephemeral_tables_and_checks_still_refuse() {
     for sql in [
         "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, updated_at = ?2 WHERE id = ?3 AND status = 'PREPARE'",
         "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES (?1, ?2, 'debit', ?3, ?4, ?5)",
-        "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
-        "SELECT o.id, o.account_id, o.amount, o.status, o.refunded, o.debit_entry_id, o.failure_reason, o.created_at, o.updated_at, o.fence, a.balance FROM orders o LEFT JOIN accounts a ON a.id = o.account_id WHERE o.id = ?1",
+        "UPDATE accounts SET balance = ?1, held = ?2, updated_at = ?3 WHERE id = ?4 AND balance = ?5 AND held = ?6",
+        "SELECT o.id, o.account_id, o.amount, o.status, o.refunded, o.debit_entry_id, o.failure_reason, o.created_at, o.updated_at, o.captured, o.held, o.hold_expires_at, o.fence, a.balance, a.held FROM orders o LEFT JOIN accounts a ON a.id = o.account_id WHERE o.id = ?1",
         "UPDATE orders SET refunded = ?1, status = ?2, updated_at = ?3 WHERE id = ?4 AND status = ?5 AND refunded = ?6",
         "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, refund_id, created_at) VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6)",
     ] {
@@ -363,9 +363,10 @@ fn the_money_path_writes_build_no_ephemeral_tables_and_checks_still_refuse() {
 }
 
 /// A database written by payguard at schema v3 (before the CHECK rewrite) opens,
-/// upgrades to v4 in place, keeps every row, and passes the audit.
+/// upgrades in place through v4 (the rewrite) and v5 (two-phase payments), keeps
+/// every row, and passes the audit.
 #[test]
-fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
+fn a_v3_database_upgrades_to_the_latest_keeping_its_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v3.db");
     {
@@ -392,7 +393,16 @@ fn a_v3_database_upgrades_to_v4_keeping_its_rows() {
     }
     let mut conn = open_connection(&path).unwrap();
     migrate(&mut conn).unwrap();
-    assert_eq!(count(&conn, "PRAGMA user_version"), 4);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 5);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM orders WHERE captured IS NULL AND held = 0 AND hold_expires_at IS NULL"
+        ),
+        1,
+        "the paid order took no two-phase path"
+    );
+    assert_eq!(count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"), 0);
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM entries"), 1);
     assert_eq!(
         count(&conn, "SELECT balance FROM accounts WHERE id = 'acct'"),

@@ -63,6 +63,7 @@ pub async fn spawn_full(
         redis: redis.map(str::to_owned),
         keys,
         limits,
+        two_phase: payguard_server::TwoPhase::default(),
     };
     Instance(TestApp::spawn_on(pg_database(db), &db.name, opts).await)
 }

@@ -10,6 +10,6 @@ mod money;
 pub use ids::{AccountId, Currency, IdError, OrderId, RefundId, RequestId, ID_BYTES_MAX};
 pub use model::{
     format_ts_ms, Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind,
-    NegativeBalance, Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
+    HeldMismatch, NegativeBalance, Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
 };
 pub use money::{Money, MoneyError, MONEY_MINOR_MAX};

@@ -19,6 +19,13 @@ fn ser_ts<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_ts_ms(*ms))
 }
 
+fn ser_opt_ts<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_ts_ms(*ms)),
+        None => s.serialize_none(),
+    }
+}
+
 fn ser_entry_id<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(id)
 }
@@ -31,7 +38,9 @@ fn ser_opt_entry_id<S: Serializer>(id: &Option<i64>, s: S) -> Result<S::Ok, S::E
 }
 
 /// Where an order is in its life. Transitions (enforced by the database too):
-/// `PREPARE → PAID | FAILED`; `PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED`.
+/// `PREPARE → PAID | FAILED | AUTHORIZED`; `AUTHORIZED → PAID | VOIDED | EXPIRED`
+/// (two-phase: a capture pays it, a void or the expiry releases the hold);
+/// `PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OrderStatus {
@@ -40,9 +49,27 @@ pub enum OrderStatus {
     Failed,
     PartiallyRefunded,
     Refunded,
+    /// Its amount is held on the account, waiting for a capture or a void.
+    Authorized,
+    /// The hold was released by a void (terminal).
+    Voided,
+    /// The hold was released at `hold_expires_at` (terminal).
+    Expired,
 }
 
 impl OrderStatus {
+    /// Every status, in API.md's order.
+    pub const ALL: [OrderStatus; 8] = [
+        OrderStatus::Prepare,
+        OrderStatus::Paid,
+        OrderStatus::Failed,
+        OrderStatus::PartiallyRefunded,
+        OrderStatus::Refunded,
+        OrderStatus::Authorized,
+        OrderStatus::Voided,
+        OrderStatus::Expired,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             OrderStatus::Prepare => "PREPARE",
@@ -50,6 +77,9 @@ impl OrderStatus {
             OrderStatus::Failed => "FAILED",
             OrderStatus::PartiallyRefunded => "PARTIALLY_REFUNDED",
             OrderStatus::Refunded => "REFUNDED",
+            OrderStatus::Authorized => "AUTHORIZED",
+            OrderStatus::Voided => "VOIDED",
+            OrderStatus::Expired => "EXPIRED",
         }
     }
 
@@ -60,6 +90,9 @@ impl OrderStatus {
             "FAILED" => OrderStatus::Failed,
             "PARTIALLY_REFUNDED" => OrderStatus::PartiallyRefunded,
             "REFUNDED" => OrderStatus::Refunded,
+            "AUTHORIZED" => OrderStatus::Authorized,
+            "VOIDED" => OrderStatus::Voided,
+            "EXPIRED" => OrderStatus::Expired,
             _ => return None,
         })
     }
@@ -79,6 +112,10 @@ impl OrderStatus {
             (self, next),
             (Prepare, Paid)
                 | (Prepare, Failed)
+                | (Prepare, Authorized)
+                | (Authorized, Paid)
+                | (Authorized, Voided)
+                | (Authorized, Expired)
                 | (Paid, PartiallyRefunded)
                 | (Paid, Refunded)
                 | (PartiallyRefunded, PartiallyRefunded)
@@ -93,6 +130,13 @@ pub enum EntryKind {
     Debit,
     Refund,
     Reversal,
+    /// Two-phase: the order's amount held on the account (the balance does not move).
+    Hold,
+    /// Two-phase: money taken out of the balance from a hold; the order's debit.
+    Capture,
+    /// Two-phase: a hold, or what a partial capture left of it, given back to
+    /// `available` (the balance does not move).
+    Release,
 }
 
 impl EntryKind {
@@ -101,6 +145,9 @@ impl EntryKind {
             EntryKind::Debit => "debit",
             EntryKind::Refund => "refund",
             EntryKind::Reversal => "reversal",
+            EntryKind::Hold => "hold",
+            EntryKind::Capture => "capture",
+            EntryKind::Release => "release",
         }
     }
 
@@ -109,25 +156,83 @@ impl EntryKind {
             "debit" => EntryKind::Debit,
             "refund" => EntryKind::Refund,
             "reversal" => EntryKind::Reversal,
+            "hold" => EntryKind::Hold,
+            "capture" => EntryKind::Capture,
+            "release" => EntryKind::Release,
             _ => return None,
         })
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+/// An account. Its JSON adds `available` (`balance - held`), derived here so no
+/// store or rule can keep a copy that disagrees.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Account {
     pub id: AccountId,
     pub balance: Money,
+    /// The sum of the account's open holds (two-phase payments); part of the
+    /// balance no deduct or hold may spend.
+    pub held: Money,
     pub currency: Currency,
-    /// The balance the account was opened with; compared when a create is repeated.
-    #[serde(skip)]
+    /// The balance the account was opened with; compared when a create is
+    /// repeated (not rendered).
     pub opening_balance: Money,
-    #[serde(serialize_with = "ser_ts")]
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Account {
+    /// What a deduct or a hold may spend: `balance - held` (never negative: the
+    /// store refuses a row where it would be).
+    pub fn available(&self) -> Money {
+        Money::from_stored(self.balance.minor() - self.held.minor())
+    }
+}
+
+/// `Account` as API.md renders it.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Account)]
+struct AccountJson<'a> {
+    id: &'a AccountId,
+    balance: Money,
+    /// The sum of open holds.
+    held: Money,
+    /// `balance - held`: what a deduct or a hold may spend.
+    available: Money,
+    currency: &'a Currency,
     #[serde(serialize_with = "ser_ts")]
     #[schema(value_type = String, format = DateTime)]
-    pub updated_at: i64,
+    created_at: &'a i64,
+    #[serde(serialize_with = "ser_ts")]
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: &'a i64,
+}
+
+impl Serialize for Account {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AccountJson {
+            id: &self.id,
+            balance: self.balance,
+            held: self.held,
+            available: self.available(),
+            currency: &self.currency,
+            created_at: &self.created_at,
+            updated_at: &self.updated_at,
+        }
+        .serialize(s)
+    }
+}
+
+impl utoipa::PartialSchema for Account {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <AccountJson<'static> as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl utoipa::ToSchema for Account {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Account".into()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -141,12 +246,35 @@ pub struct Order {
     #[schema(value_type = Option<String>)]
     pub debit_entry_id: Option<i64>,
     pub failure_reason: Option<String>,
+    /// Two-phase: what the capture took (refunds are bounded by it); null until
+    /// captured, and for orders paid by deduct.
+    pub captured: Option<Money>,
+    /// Two-phase: the open hold (the amount while `AUTHORIZED`, else 0).
+    pub held: Money,
+    /// Two-phase: when the hold expires; null unless the order was authorized.
+    /// Set once: it also marks an order that took the two-phase path.
+    #[serde(serialize_with = "ser_opt_ts")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub hold_expires_at: Option<i64>,
     #[serde(serialize_with = "ser_ts")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "ser_ts")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: i64,
+}
+
+impl Order {
+    /// Whether the order took the two-phase path (it was authorized once).
+    pub fn is_two_phase(&self) -> bool {
+        self.hold_expires_at.is_some()
+    }
+
+    /// What refunds may give back in total: the captured sum of a two-phase
+    /// order, else the amount.
+    pub fn refundable(&self) -> Money {
+        self.captured.unwrap_or(self.amount)
+    }
 }
 
 /// One line of the ledger. Entries are never updated or deleted.
@@ -193,6 +321,14 @@ pub struct BalanceMismatch {
     pub actual: i64,
 }
 
+/// An account whose `held` is not the sum of its orders' open holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct HeldMismatch {
+    pub account_id: String,
+    pub expected: i64,
+    pub actual: i64,
+}
+
 /// An account below zero: never allowed, whatever its ledger says (a balance can
 /// agree with its ledger and still be negative, when the ledger itself overdrew it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -233,6 +369,8 @@ pub struct AuditReport {
     pub negative_balances: Vec<NegativeBalance>,
     pub paid_without_entry: Vec<PaidMismatch>,
     pub entry_without_paid: Vec<PaidMismatch>,
+    /// Accounts whose `held` is not the sum of their orders' open holds.
+    pub held_mismatches: Vec<HeldMismatch>,
     pub resolved: Vec<Resolved>,
 }
 
@@ -264,7 +402,8 @@ impl AuditReport {
             && self.balance_mismatches.is_empty()
             && self.negative_balances.is_empty()
             && self.paid_without_entry.is_empty()
-            && self.entry_without_paid.is_empty();
+            && self.entry_without_paid.is_empty()
+            && self.held_mismatches.is_empty();
         self
     }
 }

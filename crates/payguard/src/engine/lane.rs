@@ -414,6 +414,7 @@ mod tests {
             account: crate::domain::Account {
                 id: crate::domain::AccountId::parse("x").unwrap(),
                 balance: Money::ZERO,
+                held: Money::ZERO,
                 currency: crate::domain::Currency::CNY,
                 opening_balance: Money::ZERO,
                 created_at: 0,

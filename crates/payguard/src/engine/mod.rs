@@ -27,6 +27,7 @@ mod naive;
 mod outcome;
 pub mod router;
 mod seed;
+pub mod sweeper;
 
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
@@ -472,6 +473,8 @@ impl Engine {
     }
 }
 
+/// The LOGS.md event of `family`'s `step` (`<family>_<step>`; an expiry's commit
+/// is `hold_expired`).
 fn event_name(family: &'static str, step: &'static str) -> &'static str {
     match (family, step) {
         ("deduct", "start") => "deduct_start",
@@ -484,6 +487,45 @@ fn event_name(family: &'static str, step: &'static str) -> &'static str {
         ("refund", "replay") => "refund_replay",
         ("refund", "rejected") => "refund_rejected",
         ("refund", "end") => "refund_end",
+        ("authorize", "start") => "authorize_start",
+        ("authorize", "commit") => "authorize_commit",
+        ("authorize", "replay") => "authorize_replay",
+        ("authorize", "rejected") => "authorize_rejected",
+        ("authorize", "end") => "authorize_end",
+        ("capture", "start") => "capture_start",
+        ("capture", "commit") => "capture_commit",
+        ("capture", "replay") => "capture_replay",
+        ("capture", "rejected") => "capture_rejected",
+        ("capture", "end") => "capture_end",
+        ("void", "start") => "void_start",
+        ("void", "commit") => "void_commit",
+        ("void", "replay") => "void_replay",
+        ("void", "rejected") => "void_rejected",
+        ("void", "end") => "void_end",
+        ("expire", "start") => "expire_start",
+        ("expire", "commit") => "hold_expired",
+        ("expire", "replay") => "expire_replay",
+        ("expire", "rejected") => "expire_rejected",
+        ("expire", "end") => "expire_end",
         _ => "engine",
+    }
+}
+
+#[cfg(test)]
+mod event_name_tests {
+    use super::event_name;
+
+    #[test]
+    fn every_movement_family_has_every_step_named() {
+        for family in ["deduct", "refund", "authorize", "capture", "void", "expire"] {
+            for step in ["start", "commit", "replay", "rejected", "end"] {
+                let name = event_name(family, step);
+                assert_ne!(name, "engine", "{family} {step}");
+                if (family, step) != ("expire", "commit") {
+                    assert_eq!(name, format!("{family}_{step}"));
+                }
+            }
+        }
+        assert_eq!(event_name("expire", "commit"), "hold_expired");
     }
 }

@@ -54,6 +54,21 @@ pub enum Op {
         refund_id: RefundId,
         amount: Money,
     },
+    /// Two-phase, step one: hold the order's amount on its account until
+    /// `now + hold_ttl_ms` (the first hold stands; a duplicate replays it).
+    Authorize {
+        order_id: OrderId,
+        hold_ttl_ms: i64,
+    },
+    /// Take `amount` (default: the whole hold) from the hold and release the rest.
+    Capture {
+        order_id: OrderId,
+        amount: Option<Money>,
+    },
+    /// Release the hold at the caller's request.
+    Void { order_id: OrderId },
+    /// Release the hold at `hold_expires_at` (the expiry sweeper's op).
+    Expire { order_id: OrderId },
 }
 
 /// What the store is asked to run: one [`Op`], with at most one Idempotency-Key
@@ -206,7 +221,12 @@ impl Op {
         match self {
             Op::CreateAccount { id, .. } => id.as_str(),
             Op::CreateOrder { id, .. } => id.as_str(),
-            Op::Deduct { order_id } | Op::Refund { order_id, .. } => order_id.as_str(),
+            Op::Deduct { order_id }
+            | Op::Refund { order_id, .. }
+            | Op::Authorize { order_id, .. }
+            | Op::Capture { order_id, .. }
+            | Op::Void { order_id }
+            | Op::Expire { order_id } => order_id.as_str(),
         }
     }
 
@@ -215,17 +235,32 @@ impl Op {
         match self {
             Op::CreateAccount { .. } => None,
             Op::CreateOrder { id, .. } => Some(id),
-            Op::Deduct { order_id } | Op::Refund { order_id, .. } => Some(order_id),
+            Op::Deduct { order_id }
+            | Op::Refund { order_id, .. }
+            | Op::Authorize { order_id, .. }
+            | Op::Capture { order_id, .. }
+            | Op::Void { order_id }
+            | Op::Expire { order_id } => Some(order_id),
         }
     }
 
-    /// `deduct` or `refund` for money movements (the log event prefix), else `create`.
+    /// The log event prefix of money movements (`deduct`, `refund`, `authorize`,
+    /// `capture`, `void`, `expire`; LOGS.md), else `create`.
     pub fn family(&self) -> &'static str {
         match self {
             Op::Deduct { .. } => "deduct",
             Op::Refund { .. } => "refund",
+            Op::Authorize { .. } => "authorize",
+            Op::Capture { .. } => "capture",
+            Op::Void { .. } => "void",
+            Op::Expire { .. } => "expire",
             Op::CreateAccount { .. } | Op::CreateOrder { .. } => "create",
         }
+    }
+
+    /// Whether the op moves money or holds on an order (everything but creates).
+    pub fn is_movement(&self) -> bool {
+        !matches!(self, Op::CreateAccount { .. } | Op::CreateOrder { .. })
     }
 }
 
@@ -303,6 +338,24 @@ pub enum Rejection {
     RefundExists,
     #[error("refund would exceed the amount paid")]
     RefundExceedsPaid,
+    /// Capture or void of an order that was never authorized (or paid by deduct).
+    #[error("order was not authorized")]
+    OrderNotAuthorized,
+    /// Deduct of an order that took the two-phase path.
+    #[error("order was authorized; capture or void it")]
+    OrderAuthorized,
+    #[error("capture would exceed the hold")]
+    CaptureExceedsHold,
+    #[error("the hold was already captured")]
+    HoldAlreadyCaptured,
+    #[error("the hold was voided")]
+    HoldVoided,
+    #[error("the hold expired")]
+    HoldExpired,
+    /// The sweeper's expiry of a hold whose time has not come (its clock is
+    /// behind the one that read the order): nothing moved, try later.
+    #[error("the hold has not expired yet")]
+    HoldNotExpired,
     /// A database constraint refused the change, or the money rules found the
     /// stored state could not take it (a refund that would overflow a balance).
     /// Only reachable if a layer above the database was wrong or the database was
@@ -330,6 +383,13 @@ impl Rejection {
             Rejection::OrderNotPaid => "order_not_paid",
             Rejection::RefundExists => "refund_exists",
             Rejection::RefundExceedsPaid => "refund_exceeds_paid",
+            Rejection::OrderNotAuthorized => "order_not_authorized",
+            Rejection::OrderAuthorized => "order_authorized",
+            Rejection::CaptureExceedsHold => "capture_exceeds_hold",
+            Rejection::HoldAlreadyCaptured => "hold_already_captured",
+            Rejection::HoldVoided => "hold_voided",
+            Rejection::HoldExpired => "hold_expired",
+            Rejection::HoldNotExpired => "hold_not_expired",
             Rejection::Refused(_) => "refused_by_database",
             Rejection::StaleFencingToken => "stale_fencing_token",
             Rejection::LockBusy => "lock_busy",
@@ -342,7 +402,10 @@ impl Rejection {
     pub fn is_definite(&self) -> bool {
         !matches!(
             self,
-            Rejection::Refused(_) | Rejection::StaleFencingToken | Rejection::LockBusy
+            Rejection::Refused(_)
+                | Rejection::StaleFencingToken
+                | Rejection::LockBusy
+                | Rejection::HoldNotExpired
         )
     }
 }
@@ -418,6 +481,10 @@ pub trait Store: Send + Sync + 'static {
     /// The order's entries in commit order; `None` when the order does not exist.
     fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>>;
     fn audit(&self) -> StoreFuture<AuditReport>;
+    /// Up to `limit` AUTHORIZED orders whose hold expired at or before `now_ms`,
+    /// oldest expiry first: the expiry sweeper's work (it expires each through
+    /// the engine, where the money rules decide again).
+    fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>>;
     /// Reserves an Idempotency-Key, or reports what holds it.
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome>;
     /// Frees an in-flight reservation whose op did nothing (503, 500).

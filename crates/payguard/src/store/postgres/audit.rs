@@ -2,7 +2,7 @@
 
 use super::error::Fault;
 use crate::domain::{
-    AuditReport, BalanceMismatch, DuplicateDebit, OverRefund, PaidMismatch, Resolved,
+    AuditReport, BalanceMismatch, HeldMismatch, DuplicateDebit, OverRefund, PaidMismatch, Resolved,
 };
 use crate::store::StoreError;
 use tokio_postgres::IsolationLevel;
@@ -38,11 +38,39 @@ async fn audit_inner(client: &mut tokio_postgres::Client) -> Result<AuditReport,
     over_refunded(&tx, &mut report).await?;
     balance_mismatches(&tx, &mut report).await?;
     paid_mismatches(&tx, &mut report).await?;
+    held_mismatches(&tx, &mut report).await?;
     tx.commit().await?;
     Ok(report.finish())
 }
 
-/// Orders with more than one debit not reversed: duplicates, or resolved by `payguard audit --apply`.
+/// Accounts whose `held` is not the sum of their orders' open holds (the
+/// amounts of their AUTHORIZED orders).
+async fn held_mismatches(
+    tx: &tokio_postgres::Transaction<'_>,
+    report: &mut AuditReport,
+) -> Result<(), Fault> {
+    for row in tx
+        .query(
+            "SELECT id, expected, held FROM (
+                 SELECT a.id, COALESCE(SUM(o.amount), 0)::bigint AS expected, a.held
+                 FROM accounts a LEFT JOIN orders o ON o.account_id = a.id AND o.status = 'AUTHORIZED'
+                 GROUP BY a.id) t
+             WHERE expected <> held
+             ORDER BY id COLLATE \"C\"",
+            &[],
+        )
+        .await?
+    {
+        report.held_mismatches.push(HeldMismatch {
+            account_id: row.try_get(0)?,
+            expected: row.try_get(1)?,
+            actual: row.try_get(2)?,
+        });
+    }
+    Ok(())
+}
+
+/// Orders with more than one debit (a capture counts as one) not reversed: duplicates, or resolved by `payguard audit --apply`.
 async fn duplicate_debits(
     tx: &tokio_postgres::Transaction<'_>,
     report: &mut AuditReport,
@@ -51,7 +79,7 @@ async fn duplicate_debits(
         .query(
             "SELECT d.order_id, d.debits,
                     (SELECT COUNT(*) FROM entries r WHERE r.kind = 'reversal' AND r.order_id = d.order_id)
-             FROM (SELECT order_id, COUNT(*) AS debits FROM entries WHERE kind = 'debit'
+             FROM (SELECT order_id, COUNT(*) AS debits FROM entries WHERE kind IN ('debit', 'capture')
                    GROUP BY order_id HAVING COUNT(*) > 1) d
              ORDER BY d.order_id COLLATE \"C\"",
             &[],
@@ -73,7 +101,8 @@ async fn duplicate_debits(
     Ok(())
 }
 
-/// Orders whose refunds (recorded or summed) exceed their amount.
+/// Orders whose refunds (recorded or summed) exceed what was taken (the amount,
+/// or the captured sum of a two-phase order; `amount` reports that bound).
 async fn over_refunded(
     tx: &tokio_postgres::Transaction<'_>,
     report: &mut AuditReport,
@@ -81,7 +110,7 @@ async fn over_refunded(
     for row in tx
         .query(
             "SELECT id, amount, refunded FROM (
-                 SELECT o.id, o.amount,
+                 SELECT o.id, COALESCE(o.captured, o.amount) AS amount,
                         GREATEST(o.refunded, COALESCE(SUM(e.amount), 0))::bigint AS refunded
                  FROM orders o LEFT JOIN entries e ON e.order_id = o.id AND e.kind = 'refund'
                  GROUP BY o.id) t
@@ -110,7 +139,7 @@ async fn balance_mismatches(
             "SELECT id, expected, balance FROM (
                  SELECT a.id,
                         (a.opening_balance
-                          - COALESCE(SUM(CASE WHEN e.kind = 'debit' THEN e.amount END), 0)
+                          - COALESCE(SUM(CASE WHEN e.kind IN ('debit', 'capture') THEN e.amount END), 0)
                           + COALESCE(SUM(CASE WHEN e.kind IN ('refund', 'reversal') THEN e.amount END), 0)
                         )::bigint AS expected,
                         a.balance
@@ -140,7 +169,7 @@ async fn paid_mismatches(
         .query(
             "SELECT id, status, debits FROM (
                  SELECT o.id, o.status,
-                        (SELECT COUNT(*) FROM entries e WHERE e.order_id = o.id AND e.kind = 'debit') AS debits
+                        (SELECT COUNT(*) FROM entries e WHERE e.order_id = o.id AND e.kind IN ('debit', 'capture')) AS debits
                  FROM orders o) t
              WHERE (status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')) <> (debits > 0)
              ORDER BY id COLLATE \"C\"",

@@ -290,6 +290,16 @@ impl Store for PgStore {
         })
     }
 
+    fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            rows::due_holds(&client, now_ms, limit)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
     fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>> {
         let inner = self.inner.clone();
         Box::pin(async move {

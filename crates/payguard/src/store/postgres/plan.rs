@@ -30,6 +30,8 @@ impl OrderSlot {
 pub(super) struct AccountSlot {
     /// The balance of the row before the batch's update (opening balance if new).
     pub(super) base_balance: Money,
+    /// The held sum of the row before the batch's update (0 if new).
+    pub(super) base_held: Money,
     pub(super) current: Account,
     pub(super) created: bool,
     pub(super) changed: bool,
@@ -42,8 +44,12 @@ pub(super) struct Plan {
     pub(super) accounts: HashMap<AccountId, AccountSlot>,
     /// Refund entries by refund id, read or written by this batch.
     pub(super) refunds: HashMap<RefundId, Entry>,
-    /// Debit entries by id, read or written by this batch.
+    /// Debit (and capture) entries by id, read or written by this batch.
     pub(super) debits: HashMap<i64, Entry>,
+    /// Hold entries by order, read or written by this batch.
+    pub(super) holds: HashMap<OrderId, Entry>,
+    /// Release entries by order, read or written by this batch.
+    pub(super) releases: HashMap<OrderId, Entry>,
     /// Entries this batch writes, in batch order; entry `i` carries the
     /// placeholder id `-(i + 1)` until the insert assigns the real one.
     pub(super) new_entries: Vec<Entry>,
@@ -97,9 +103,9 @@ impl Plan {
             .order_id()
             .and_then(|id| self.orders.get(id))
             .map(OrderSlot::current);
-        let balance = order
-            .and_then(|o| self.accounts.get(&o.account_id))
-            .map(|a| a.current.balance);
+        let account = order.and_then(|o| self.accounts.get(&o.account_id));
+        let balance = account.map(|a| a.current.balance);
+        let held = account.map(|a| a.current.held);
         let mut seen = Seen {
             order,
             fence: cmd
@@ -116,15 +122,23 @@ impl Plan {
             Op::CreateOrder { account_id, .. } => {
                 seen.account_exists = self.accounts.contains_key(account_id)
             }
-            Op::Deduct { .. } => {
+            Op::Deduct { .. } | Op::Capture { .. } => {
                 seen.balance = balance;
+                seen.held = held;
                 seen.debit = order
                     .and_then(|o| o.debit_entry_id)
                     .and_then(|id| self.debits.get(&id));
             }
             Op::Refund { refund_id, .. } => {
                 seen.balance = balance;
+                seen.held = held;
                 seen.refund = self.refunds.get(refund_id);
+            }
+            Op::Authorize { order_id, .. } | Op::Void { order_id } | Op::Expire { order_id } => {
+                seen.balance = balance;
+                seen.held = held;
+                seen.hold = self.holds.get(order_id);
+                seen.release = self.releases.get(order_id);
             }
         }
         seen
@@ -141,6 +155,7 @@ impl Plan {
                     account.id.clone(),
                     AccountSlot {
                         base_balance: account.balance,
+                        base_held: account.held,
                         current: account.clone(),
                         created: true,
                         changed: false,
@@ -160,7 +175,11 @@ impl Plan {
                 self.new_orders.push(order.id.clone());
             }
             Effect::Decline(failed) => self.slot(&failed.id)?.states.push(failed.clone()),
-            Effect::Charge(m) | Effect::Refund(m) => self.record_movement(m, entry_id, now)?,
+            Effect::Charge(m)
+            | Effect::Refund(m)
+            | Effect::Hold(m)
+            | Effect::Capture(m)
+            | Effect::Release(m) => self.record_movement(m, entry_id, now)?,
         }
         Ok(effect.answer(entry_id))
     }
@@ -171,25 +190,39 @@ impl Plan {
             .accounts
             .get_mut(&entry.account_id)
             .ok_or_else(|| Fault::Store(format!("account of order {} not found", order.id)))?;
-        // Pair assertion: the movement was decided from this very balance.
-        if account.current.balance != m.balance_before {
+        // Pair assertion: the movement was decided from this very balance and
+        // held sum.
+        if account.current.balance != m.balance_before || account.current.held != m.held_before {
             return Err(Fault::Store(format!(
                 "balance of {} moved under the plan",
                 entry.account_id
             )));
         }
         account.current.balance = entry.balance_after;
+        account.current.held = m.held_after;
         account.current.updated_at = now;
         account.changed = true;
         match (&entry.kind, &entry.refund_id) {
             (EntryKind::Refund, Some(rid)) => {
                 self.refunds.insert(rid.clone(), entry.clone());
             }
+            (EntryKind::Hold, _) => {
+                self.holds.insert(order.id.clone(), entry.clone());
+            }
+            (EntryKind::Release, _) => {
+                self.releases.insert(order.id.clone(), entry.clone());
+            }
             _ => {
                 self.debits.insert(entry_id, entry.clone());
             }
         }
         self.new_entries.push(entry);
+        if let Some(rest) = &m.rest {
+            // A partial capture's release of the rest: the next placeholder.
+            let rest = rest.with_id(placeholder(self.new_entries.len()));
+            self.releases.insert(order.id.clone(), rest.clone());
+            self.new_entries.push(rest);
+        }
         self.slot(&order.id)?.states.push(order);
         Ok(())
     }

@@ -17,8 +17,12 @@ struct Wanted<'a> {
     orders: BTreeSet<&'a str>,
     accounts: BTreeSet<&'a str>,
     refunds: BTreeSet<&'a str>,
-    /// Orders the batch deducts: their debit entries answer replays.
+    /// Orders the batch deducts or captures: their debit (capture) entries
+    /// answer replays.
     deducts: BTreeSet<&'a str>,
+    /// Orders the batch authorizes, voids or expires: their hold and release
+    /// entries answer replays.
+    holds: BTreeSet<&'a str>,
 }
 
 impl<'a> Wanted<'a> {
@@ -33,9 +37,15 @@ impl<'a> Wanted<'a> {
                     w.orders.insert(id.as_str());
                     w.accounts.insert(account_id.as_str());
                 }
-                Op::Deduct { order_id } => {
+                Op::Deduct { order_id } | Op::Capture { order_id, .. } => {
                     w.orders.insert(order_id.as_str());
                     w.deducts.insert(order_id.as_str());
+                }
+                Op::Authorize { order_id, .. }
+                | Op::Void { order_id }
+                | Op::Expire { order_id } => {
+                    w.orders.insert(order_id.as_str());
+                    w.holds.insert(order_id.as_str());
                 }
                 Op::Refund {
                     order_id,
@@ -79,6 +89,7 @@ pub(super) async fn read_batch(
     locks: RowLocks,
 ) -> Result<(), Fault> {
     let mut wanted = Wanted::of(cmds);
+    let holds = std::mem::take(&mut wanted.holds);
     let debit_ids = if wanted.orders.is_empty() {
         Vec::new()
     } else {
@@ -102,6 +113,43 @@ pub(super) async fn read_batch(
             &mut plan.debits,
         )
         .await?;
+    }
+    let two_phase: Vec<String> = holds
+        .iter()
+        .filter(|id| {
+            OrderId::parse(id)
+                .ok()
+                .and_then(|id| plan.orders.get(&id))
+                .is_some_and(|slot| slot.base.is_two_phase())
+        })
+        .map(|id| id.to_string())
+        .collect();
+    if !two_phase.is_empty() {
+        read_hold_entries(tx, &two_phase, plan).await?;
+    }
+    Ok(())
+}
+
+/// The hold and release entries of two-phase orders (replays of authorize,
+/// void and expiry answer with them).
+async fn read_hold_entries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    order_ids: &[String],
+    plan: &mut Plan,
+) -> Result<(), Fault> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLS} FROM entries
+             WHERE order_id = ANY($1::text[]) AND kind IN ('hold', 'release')"
+        ))
+        .await?;
+    for row in tx.query(&stmt, &[&order_ids]).await? {
+        let entry = entry_from_row(&row)?;
+        let map = match entry.kind {
+            EntryKind::Hold => &mut plan.holds,
+            _ => &mut plan.releases,
+        };
+        map.insert(entry.order_id.clone(), entry);
     }
     Ok(())
 }
@@ -180,6 +228,7 @@ async fn lock_accounts(
             account.id.clone(),
             AccountSlot {
                 base_balance: account.balance,
+                base_held: account.held,
                 current: account,
                 created: false,
                 changed: false,
@@ -210,7 +259,7 @@ async fn read_entries(
             (EntryKind::Refund, Some(rid)) => {
                 refunds.insert(rid.clone(), entry);
             }
-            (EntryKind::Debit, _) => {
+            (EntryKind::Debit | EntryKind::Capture, _) => {
                 debits.insert(entry.id, entry);
             }
             _ => {}

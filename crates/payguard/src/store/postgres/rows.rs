@@ -10,11 +10,11 @@ use crate::domain::{
 };
 use tokio_postgres::Row;
 
-pub(super) const ORDER_COLS: &str = "id, account_id, amount, status, refunded, debit_entry_id, failure_reason, created_at, updated_at";
+pub(super) const ORDER_COLS: &str = "id, account_id, amount, status, refunded, debit_entry_id, failure_reason, created_at, updated_at, captured, held, hold_expires_at";
 pub(super) const ENTRY_COLS: &str =
     "id, order_id, account_id, kind, amount, balance_after, refund_id, reverses, created_at";
 pub(super) const ACCOUNT_COLS: &str =
-    "id, balance, currency, opening_balance, created_at, updated_at";
+    "id, balance, currency, opening_balance, created_at, updated_at, held";
 
 pub(super) fn account_from_row(row: &Row) -> Result<Account, Fault> {
     let currency: &str = row.try_get(2)?;
@@ -25,6 +25,7 @@ pub(super) fn account_from_row(row: &Row) -> Result<Account, Fault> {
         opening_balance: Money::from_stored(row.try_get(3)?),
         created_at: row.try_get(4)?,
         updated_at: row.try_get(5)?,
+        held: Money::from_stored(row.try_get(6)?),
     })
 }
 
@@ -41,6 +42,9 @@ pub(super) fn order_from_row(row: &Row) -> Result<Order, Fault> {
         failure_reason: row.try_get(6)?,
         created_at: row.try_get(7)?,
         updated_at: row.try_get(8)?,
+        captured: row.try_get::<_, Option<i64>>(9)?.map(Money::from_stored),
+        held: Money::from_stored(row.try_get(10)?),
+        hold_expires_at: row.try_get(11)?,
     })
 }
 
@@ -85,6 +89,27 @@ pub(super) async fn load_order(
         .await?;
     let row = client.query_opt(&stmt, &[&id.as_str()]).await?;
     row.as_ref().map(order_from_row).transpose()
+}
+
+/// Up to `limit` AUTHORIZED orders whose hold expired at or before `now_ms`,
+/// oldest first (the partial index `orders_open_holds` answers it).
+pub(super) async fn due_holds(
+    client: &deadpool_postgres::ClientWrapper,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<OrderId>, Fault> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT id FROM orders WHERE status = 'AUTHORIZED' AND hold_expires_at <= $1
+             ORDER BY hold_expires_at, id LIMIT $2",
+        )
+        .await?;
+    client
+        .query(&stmt, &[&now_ms, &(limit as i64)])
+        .await?
+        .iter()
+        .map(|r| OrderId::parse(r.try_get(0)?).map_err(corrupt))
+        .collect()
 }
 
 /// The order's entries in commit order, or `None` when the order does not exist.

@@ -13,6 +13,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("v2_idempotency.sql"),
     include_str!("v3_fencing.sql"),
+    include_str!("v4_two_phase.sql"),
 ];
 
 /// Creates or upgrades the guarded schema; refuses a database marked naive (or

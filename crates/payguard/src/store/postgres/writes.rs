@@ -167,14 +167,15 @@ async fn insert_entries(
         )
         .await?;
     expect_rows(rows.len(), len, "ledger entries")?;
-    // Each new entry is unique by (debit, order) or (refund, refund id).
+    // Each new entry is unique by (kind, order) or (refund, refund id): one
+    // debit, hold, capture or release per order.
     let mut by_key: HashMap<(&str, &str), i64> = HashMap::with_capacity(len);
     for row in &rows {
         let kind: &str = row.try_get(1)?;
-        let key: &str = if kind == "debit" {
-            row.try_get(2)?
-        } else {
+        let key: &str = if kind == "refund" {
             row.try_get::<_, Option<&str>>(3)?.unwrap_or("")
+        } else {
+            row.try_get(2)?
         };
         by_key.insert((kind, key), row.try_get(0)?);
     }
@@ -206,17 +207,24 @@ async fn update_balances(
     let ids: Vec<&str> = changed.iter().map(|a| a.current.id.as_str()).collect();
     let balances: Vec<i64> = changed.iter().map(|a| a.current.balance.minor()).collect();
     let expected: Vec<i64> = changed.iter().map(|a| a.base_balance.minor()).collect();
-    // Pair assertion: each account is written once, from the balance that was read.
+    let held: Vec<i64> = changed.iter().map(|a| a.current.held.minor()).collect();
+    let expected_held: Vec<i64> = changed.iter().map(|a| a.base_held.minor()).collect();
+    // Pair assertion: each account is written once, from the balance and held
+    // sum that were read.
     let stmt = tx
         .prepare_cached(
-            "UPDATE accounts AS a SET balance = t.b, updated_at = $4
-             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS t (i, b, old)
-             WHERE a.id = t.i AND a.balance = t.old
+            "UPDATE accounts AS a SET balance = t.b, held = t.h, updated_at = $4
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $5::int8[], $6::int8[])
+                  AS t (i, b, old, h, old_h)
+             WHERE a.id = t.i AND a.balance = t.old AND a.held = t.old_h
              RETURNING a.id",
         )
         .await?;
     let n = tx
-        .query(&stmt, &[&ids, &balances, &expected, &now])
+        .query(
+            &stmt,
+            &[&ids, &balances, &expected, &now, &held, &expected_held],
+        )
         .await?
         .len();
     expect_rows(n, ids.len(), "balance updates")
@@ -254,6 +262,9 @@ async fn update_orders(
     let mut refunded = Vec::with_capacity(len);
     let mut debit = Vec::with_capacity(len);
     let mut reason = Vec::with_capacity(len);
+    let mut captured = Vec::with_capacity(len);
+    let mut held = Vec::with_capacity(len);
+    let mut expires = Vec::with_capacity(len);
     for (from, to) in round {
         ids.push(to.id.as_str());
         old_status.push(from.status.as_str());
@@ -265,13 +276,18 @@ async fn update_orders(
                 .map(|id| real_ids.get(&id).copied().unwrap_or(id)),
         );
         reason.push(to.failure_reason.as_deref());
+        captured.push(to.captured.map(|m| m.minor()));
+        held.push(to.held.minor());
+        expires.push(to.hold_expires_at);
     }
     let stmt = tx
         .prepare_cached(
             "UPDATE orders AS o SET status = t.s, refunded = t.r,
-                    debit_entry_id = t.d, failure_reason = t.f, updated_at = $8
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::int8[], $7::text[])
-                  AS t (i, old_s, old_r, s, r, d, f)
+                    debit_entry_id = t.d, failure_reason = t.f, updated_at = $8,
+                    captured = t.c, held = t.h, hold_expires_at = t.x
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::int8[],
+                         $7::text[], $9::int8[], $10::int8[], $11::int8[])
+                  AS t (i, old_s, old_r, s, r, d, f, c, h, x)
              WHERE o.id = t.i AND o.status = t.old_s AND o.refunded = t.old_r
              RETURNING o.id",
         )
@@ -288,6 +304,9 @@ async fn update_orders(
                 &debit,
                 &reason,
                 &now,
+                &captured,
+                &held,
+                &expires,
             ],
         )
         .await?
@@ -352,6 +371,9 @@ mod tests {
             refunded: Money::from_stored(refunded),
             debit_entry_id: None,
             failure_reason: None,
+            captured: None,
+            held: Money::ZERO,
+            hold_expires_at: None,
             created_at: 0,
             updated_at: 0,
         }

@@ -31,6 +31,12 @@
 //!   orders (`order_not_paid`), never above the amount (`refund_exceeds_paid`);
 //!   a refund that would overflow the balance (only possible after a hand edit)
 //!   is refused and moves nothing;
+//! * two-phase (authorize, capture, void, expire): see [`ledger`]'s
+//!   `authorize`, `capture` and `release`; the clock decides expiry (a capture or
+//!   void at or after `hold_expires_at` is `hold_expired` whether or not the
+//!   sweeper has written the release yet), and once one of capture, void or
+//!   expiry took effect its own repeats replay while the others are told who won;
+//!   a deduct and a hold spend only `available` (`balance - held`);
 //! * fencing: a command under a lock token lower than one that already wrote its
 //!   order is stale and moves nothing; otherwise the order keeps the token;
 //! * Idempotency-Key: see [`idempotency`];
@@ -63,12 +69,19 @@ pub struct Seen<'a> {
     pub account: Option<&'a Account>,
     /// Create order: whether the account it names exists.
     pub account_exists: bool,
-    /// Deduct, refund: the balance of the order's account.
+    /// Deduct, refund, two-phase: the balance of the order's account.
     pub balance: Option<Money>,
-    /// Deduct: the debit entry a paid order links (`order.debit_entry_id`).
+    /// Deduct, two-phase: the held sum of the order's account.
+    pub held: Option<Money>,
+    /// Deduct, capture: the debit (or capture) entry a paid order links
+    /// (`order.debit_entry_id`).
     pub debit: Option<&'a Entry>,
     /// Refund: the entry already written under the refund id, if any.
     pub refund: Option<&'a Entry>,
+    /// Authorize: the order's hold entry, if any.
+    pub hold: Option<&'a Entry>,
+    /// Void, expire: the order's release entry, if any.
+    pub release: Option<&'a Entry>,
 }
 
 /// The decision on one command: the fence to keep, and what to do.
@@ -107,6 +120,16 @@ pub enum Effect {
     /// Insert the refund entry, move the balance back up, and raise the order's
     /// refunded sum (PAID | PARTIALLY_REFUNDED → PARTIALLY_REFUNDED | REFUNDED).
     Refund(Movement),
+    /// Insert the hold entry, raise the account's held sum, PREPARE → AUTHORIZED
+    /// (with `held` and `hold_expires_at`).
+    Hold(Movement),
+    /// Insert the capture entry (the order's debit) and, for a partial capture,
+    /// a release of the rest; take the captured sum from the balance and the
+    /// whole hold from `held`; AUTHORIZED → PAID with `captured`.
+    Capture(Movement),
+    /// Insert the release entry, lower `held` by the hold; AUTHORIZED → VOIDED
+    /// or EXPIRED.
+    Release(Movement),
 }
 
 /// One movement of money: a new ledger entry, a balance change, an order change.
@@ -118,11 +141,19 @@ pub struct Movement {
     /// The order as the movement leaves it. A charge's `debit_entry_id` is the new
     /// entry's, unknown until the ledger gives it: see [`Movement::settle`].
     pub after: Order,
-    /// The ledger line to insert; the ledger gives it its id.
+    /// The ledger line to insert; the ledger gives it its id. The command
+    /// answers with it.
     pub entry: NewEntry,
+    /// A second line, inserted after `entry`: the release of what a partial
+    /// capture left of its hold.
+    pub rest: Option<NewEntry>,
     /// The balance as read: the balance's write is conditional on it, and
     /// `entry.balance_after` is the new one.
     pub balance_before: Money,
+    /// The account's held sum as read (the write is conditional on it too), and
+    /// as the movement leaves it.
+    pub held_before: Money,
+    pub held_after: Money,
 }
 
 /// A ledger entry before the ledger has given it an id.
@@ -159,7 +190,7 @@ impl Movement {
     /// charge links it as the order's debit).
     pub fn settle(&self, entry_id: i64) -> (Order, Entry) {
         let mut order = self.after.clone();
-        if self.entry.kind == EntryKind::Debit {
+        if matches!(self.entry.kind, EntryKind::Debit | EntryKind::Capture) {
             order.debit_entry_id = Some(entry_id);
         }
         (order, self.entry.with_id(entry_id))
@@ -167,12 +198,21 @@ impl Movement {
 }
 
 impl Effect {
-    /// The ledger line this effect inserts, if any.
-    pub fn entry(&self) -> Option<&NewEntry> {
+    /// The movement this effect makes, if it moves money or a hold.
+    pub fn movement(&self) -> Option<&Movement> {
         match self {
-            Effect::Charge(m) | Effect::Refund(m) => Some(&m.entry),
+            Effect::Charge(m)
+            | Effect::Refund(m)
+            | Effect::Hold(m)
+            | Effect::Capture(m)
+            | Effect::Release(m) => Some(m),
             Effect::OpenAccount(_) | Effect::PlaceOrder(_) | Effect::Decline(_) => None,
         }
+    }
+
+    /// The ledger line this effect answers with, if any.
+    pub fn entry(&self) -> Option<&NewEntry> {
+        self.movement().map(|m| &m.entry)
     }
 
     /// What the command answers once the effect is written; `entry_id` is the id
@@ -187,7 +227,11 @@ impl Effect {
                 order: order.clone(),
                 created: true,
             }),
-            Effect::Charge(m) | Effect::Refund(m) => {
+            Effect::Charge(m)
+            | Effect::Refund(m)
+            | Effect::Hold(m)
+            | Effect::Capture(m)
+            | Effect::Release(m) => {
                 let (order, entry) = m.settle(entry_id);
                 Ok(Output::Movement {
                     order,
@@ -246,6 +290,15 @@ pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Incon
             refund_id,
             amount,
         } => ledger::refund(order_id, refund_id, *amount, seen, now)?,
+        Op::Authorize {
+            order_id,
+            hold_ttl_ms,
+        } => ledger::authorize(order_id, *hold_ttl_ms, seen, now)?,
+        Op::Capture { order_id, amount } => ledger::capture(order_id, *amount, seen, now)?,
+        Op::Void { order_id } => ledger::release(order_id, ledger::Release::Void, seen, now)?,
+        Op::Expire { order_id } => {
+            ledger::release(order_id, ledger::Release::Expiry, seen, now)?
+        }
     };
     Ok(Verdict { fence, decision })
 }

@@ -27,6 +27,9 @@ fn order(status: OrderStatus, amount: i64, refunded: i64, debit: Option<i64>) ->
         refunded: m(refunded),
         debit_entry_id: debit,
         failure_reason: None,
+        captured: None,
+        held: m(0),
+        hold_expires_at: None,
         created_at: 1,
         updated_at: 1,
     }
@@ -153,6 +156,7 @@ fn a_deduct_charges_a_prepare_order_once() {
     let seen = Seen {
         order: Some(&prepare),
         balance: Some(m(1_000)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     let Decision::Apply(effect @ Effect::Charge(_)) = decision(&deduct(), seen) else {
@@ -180,6 +184,7 @@ fn a_deduct_charges_a_prepare_order_once() {
     // Exactly the balance is enough (one unit less: the overdraft test below).
     let exact = Seen {
         balance: Some(m(300)),
+        held: Some(m(0)),
         ..seen
     };
     assert!(matches!(
@@ -194,6 +199,7 @@ fn an_overdraft_fails_the_order_for_good() {
     let seen = Seen {
         order: Some(&prepare),
         balance: Some(m(299)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     match decision(&deduct(), seen) {
@@ -211,6 +217,7 @@ fn an_overdraft_fails_the_order_for_good() {
     let later = Seen {
         order: Some(&failed),
         balance: Some(m(1_000_000)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert_eq!(rejected(&deduct(), later), Rejection::InsufficientFunds);
@@ -285,6 +292,7 @@ fn refunds_need_a_paid_order_and_stay_within_its_amount() {
         let seen = Seen {
             order: Some(&o),
             balance: Some(m(0)),
+            held: Some(m(0)),
             ..Seen::default()
         };
         assert_eq!(rejected(&refund("r", 1), seen), Rejection::OrderNotPaid);
@@ -293,6 +301,7 @@ fn refunds_need_a_paid_order_and_stay_within_its_amount() {
     let seen = Seen {
         order: Some(&refunded),
         balance: Some(m(0)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert_eq!(
@@ -303,6 +312,7 @@ fn refunds_need_a_paid_order_and_stay_within_its_amount() {
     let seen = Seen {
         order: Some(&partly),
         balance: Some(m(50)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert_eq!(
@@ -336,6 +346,7 @@ fn a_refund_id_moves_money_once_and_belongs_to_one_order_and_amount() {
     let seen = Seen {
         order: Some(&paid),
         balance: Some(m(0)),
+        held: Some(m(0)),
         refund: Some(&first),
         ..Seen::default()
     };
@@ -378,6 +389,7 @@ fn a_refund_that_would_overflow_the_balance_is_refused() {
     let seen = Seen {
         order: Some(&paid),
         balance: Some(m(i64::MAX - 99)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert!(matches!(
@@ -386,6 +398,7 @@ fn a_refund_that_would_overflow_the_balance_is_refused() {
     ));
     let fits = Seen {
         balance: Some(m(i64::MAX - 100)),
+        held: Some(m(0)),
         ..seen
     };
     assert!(matches!(
@@ -401,6 +414,7 @@ fn a_lower_fencing_token_is_stale_and_an_equal_or_higher_one_is_kept() {
         order: Some(&prepare),
         fence: 10,
         balance: Some(m(1_000)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     let stale = decide(&deduct().fenced(9), &seen, NOW).unwrap();
@@ -538,6 +552,7 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
             order: Some(o),
             debit: Some(&debit),
             balance: Some(m(1_000)),
+            held: Some(m(0)),
             ..Seen::default()
         };
         settled(&deduct(), &seen, NOW)
@@ -562,6 +577,7 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
     let poor = Seen {
         order: Some(&prepare),
         balance: Some(m(1)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert_eq!(settled(&deduct(), &poor, NOW).unwrap(), None);
@@ -592,6 +608,7 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
         order: Some(&part),
         refund: Some(&refund_entry),
         balance: Some(m(1_000)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert!(matches!(
@@ -601,6 +618,7 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
     let fresh = Seen {
         order: Some(&part),
         balance: Some(m(1_000)),
+        held: Some(m(0)),
         ..Seen::default()
     };
     assert_eq!(settled(&refund("r2", 100), &fresh, NOW).unwrap(), None);

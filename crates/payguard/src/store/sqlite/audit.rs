@@ -1,7 +1,8 @@
 //! The audit of API.md's `GET /v1/audit` on a SQLite file.
 
 use crate::domain::{
-    AuditReport, BalanceMismatch, DuplicateDebit, OverRefund, PaidMismatch, Resolved,
+    AuditReport, BalanceMismatch, DuplicateDebit, HeldMismatch, OverRefund, PaidMismatch,
+    Resolved,
 };
 use rusqlite::Connection;
 
@@ -20,11 +21,37 @@ pub fn audit_connection(conn: &mut Connection) -> rusqlite::Result<AuditReport> 
     over_refunded(&tx, &mut report)?;
     balance_mismatches(&tx, &mut report)?;
     paid_mismatches(&tx, &mut report)?;
+    held_mismatches(&tx, &mut report)?;
     tx.commit()?;
     Ok(report.finish())
 }
 
-/// Orders with more than one debit not reversed: duplicates, or resolved by `payguard audit --apply`.
+/// Accounts whose `held` is not the sum of their orders' open holds (the
+/// amounts of their AUTHORIZED orders).
+fn held_mismatches(
+    tx: &rusqlite::Transaction<'_>,
+    report: &mut AuditReport,
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare(
+        "SELECT a.id, COALESCE(SUM(o.amount), 0) AS expected, a.held
+         FROM accounts a LEFT JOIN orders o ON o.account_id = a.id AND o.status = 'AUTHORIZED'
+         GROUP BY a.id HAVING expected <> a.held
+         ORDER BY a.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(HeldMismatch {
+            account_id: r.get(0)?,
+            expected: r.get(1)?,
+            actual: r.get(2)?,
+        })
+    })?;
+    for row in rows {
+        report.held_mismatches.push(row?);
+    }
+    Ok(())
+}
+
+/// Orders with more than one debit (a capture counts as one) not reversed: duplicates, or resolved by `payguard audit --apply`.
 fn duplicate_debits(
     tx: &rusqlite::Transaction<'_>,
     report: &mut AuditReport,
@@ -32,7 +59,8 @@ fn duplicate_debits(
     let mut stmt = tx.prepare(
         "SELECT d.order_id, d.debits,
                 (SELECT COUNT(*) FROM entries r WHERE r.kind = 'reversal' AND r.order_id = d.order_id)
-         FROM (SELECT order_id, COUNT(*) AS debits FROM entries WHERE kind = 'debit'
+         FROM (SELECT order_id, COUNT(*) AS debits FROM entries
+               WHERE kind = 'debit' OR kind = 'capture'
                GROUP BY order_id HAVING COUNT(*) > 1) d
          ORDER BY d.order_id",
     )?;
@@ -57,12 +85,13 @@ fn duplicate_debits(
     Ok(())
 }
 
-/// Orders whose refunds (recorded or summed) exceed their amount.
+/// Orders whose refunds (recorded or summed) exceed what was taken (the amount,
+/// or the captured sum of a two-phase order; `amount` reports that bound).
 fn over_refunded(tx: &rusqlite::Transaction<'_>, report: &mut AuditReport) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare(
-        "SELECT o.id, o.amount, MAX(o.refunded, COALESCE(SUM(e.amount), 0)) AS refunded
+        "SELECT o.id, COALESCE(o.captured, o.amount), MAX(o.refunded, COALESCE(SUM(e.amount), 0)) AS refunded
          FROM orders o LEFT JOIN entries e ON e.order_id = o.id AND e.kind = 'refund'
-         GROUP BY o.id HAVING MAX(o.refunded, COALESCE(SUM(e.amount), 0)) > o.amount
+         GROUP BY o.id HAVING MAX(o.refunded, COALESCE(SUM(e.amount), 0)) > COALESCE(o.captured, o.amount)
          ORDER BY o.id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -78,7 +107,8 @@ fn over_refunded(tx: &rusqlite::Transaction<'_>, report: &mut AuditReport) -> ru
     Ok(())
 }
 
-/// Accounts whose balance is not opening − debits + refunds + reversals, or negative.
+/// Accounts whose balance is not opening − debits − captures + refunds +
+/// reversals, or negative.
 fn balance_mismatches(
     tx: &rusqlite::Transaction<'_>,
     report: &mut AuditReport,
@@ -86,7 +116,7 @@ fn balance_mismatches(
     let mut stmt = tx.prepare(
         "SELECT a.id,
                 a.opening_balance
-                  - COALESCE(SUM(CASE WHEN e.kind = 'debit' THEN e.amount END), 0)
+                  - COALESCE(SUM(CASE WHEN e.kind IN ('debit', 'capture') THEN e.amount END), 0)
                   + COALESCE(SUM(CASE WHEN e.kind IN ('refund', 'reversal') THEN e.amount END), 0)
                   AS expected,
                 a.balance
@@ -107,14 +137,15 @@ fn balance_mismatches(
     Ok(())
 }
 
-/// Orders paid without a debit, or with a debit and not paid.
+/// Orders paid without a debit (or capture), or with one and not paid.
 fn paid_mismatches(
     tx: &rusqlite::Transaction<'_>,
     report: &mut AuditReport,
 ) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare(
         "SELECT o.id, o.status,
-                (SELECT COUNT(*) FROM entries e WHERE e.order_id = o.id AND e.kind = 'debit') AS debits
+                (SELECT COUNT(*) FROM entries e
+                 WHERE e.order_id = o.id AND (e.kind = 'debit' OR e.kind = 'capture')) AS debits
          FROM orders o
          WHERE (o.status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')) <> (debits > 0)
          ORDER BY o.id",

@@ -15,8 +15,8 @@ use super::error::{bad_column, expect_one, Fault};
 use super::idempotency::write_idem;
 #[cfg(doc)]
 use super::rows::ORDER_COLS;
-use super::rows::{load_account, load_entry, load_refund, order_from_row};
-use crate::domain::{Account, Entry, Money, Order, OrderId};
+use super::rows::{load_account, load_entry, load_order_entry, load_refund, order_from_row};
+use crate::domain::{Account, Entry, EntryKind, Money, Order, OrderId};
 use crate::store::rules::{self, Decision, Effect, Movement, Seen};
 use crate::store::{Command, Op, OpResult, Rejection};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -29,8 +29,11 @@ struct Read {
     account: Option<Account>,
     account_exists: bool,
     balance: Option<Money>,
+    held: Option<Money>,
     debit: Option<Entry>,
     refund: Option<Entry>,
+    hold: Option<Entry>,
+    release: Option<Entry>,
 }
 
 impl Read {
@@ -41,8 +44,11 @@ impl Read {
             account: self.account.as_ref(),
             account_exists: self.account_exists,
             balance: self.balance,
+            held: self.held,
             debit: self.debit.as_ref(),
             refund: self.refund.as_ref(),
+            hold: self.hold.as_ref(),
+            release: self.release.as_ref(),
         }
     }
 }
@@ -103,22 +109,26 @@ pub(super) fn settled(
 /// The order an op names with its fence and its account's balance, in one join;
 /// the order's columns in [`ORDER_COLS`]' order, as [`order_from_row`] reads them.
 const ORDER_STATE_SQL: &str = "SELECT o.id, o.account_id, o.amount, o.status, o.refunded,
-        o.debit_entry_id, o.failure_reason, o.created_at, o.updated_at, o.fence, a.balance
+        o.debit_entry_id, o.failure_reason, o.created_at, o.updated_at,
+        o.captured, o.held, o.hold_expires_at, o.fence, a.balance, a.held
      FROM orders o LEFT JOIN accounts a ON a.id = o.account_id
      WHERE o.id = ?1";
 
-fn load_order_state(
-    conn: &Connection,
-    id: &OrderId,
-) -> Result<Option<(Order, i64, Option<Money>)>, Fault> {
+/// An order as read with its fence and its account's balance and held sum.
+type OrderState = (Order, i64, Option<(Money, Money)>);
+
+fn load_order_state(conn: &Connection, id: &OrderId) -> Result<Option<OrderState>, Fault> {
     Ok(conn
         .prepare_cached(ORDER_STATE_SQL)?
         .query_row([id.as_str()], |r| {
-            let balance: Option<i64> = r.get(10)?;
+            let balance: Option<i64> = r.get(13)?;
+            let held: Option<i64> = r.get(14)?;
             Ok((
                 order_from_row(r)?,
-                r.get(9)?,
-                balance.map(Money::from_stored),
+                r.get(12)?,
+                balance
+                    .zip(held)
+                    .map(|(b, h)| (Money::from_stored(b), Money::from_stored(h))),
             ))
         })
         .optional()?)
@@ -153,16 +163,37 @@ fn read_for(conn: &Connection, op: &Op) -> Result<Read, Fault> {
                 read.refund = load_refund(conn, refund_id.as_str())?;
             }
         }
+        Op::Authorize { order_id, .. } => {
+            read.set_order(load_order_state(conn, order_id)?);
+            if read.order.as_ref().is_some_and(Order::is_two_phase) {
+                read.hold = load_order_entry(conn, order_id.as_str(), EntryKind::Hold)?;
+            }
+        }
+        Op::Capture { order_id, .. } => {
+            read.set_order(load_order_state(conn, order_id)?);
+            if let Some(id) = read.order.as_ref().and_then(|o| o.debit_entry_id) {
+                read.debit = load_entry(conn, id)?;
+            }
+        }
+        Op::Void { order_id } | Op::Expire { order_id } => {
+            read.set_order(load_order_state(conn, order_id)?);
+            if read.order.as_ref().is_some_and(|o| {
+                o.is_two_phase() && o.status != crate::domain::OrderStatus::Authorized
+            }) {
+                read.release = load_order_entry(conn, order_id.as_str(), EntryKind::Release)?;
+            }
+        }
     }
     Ok(read)
 }
 
 impl Read {
-    fn set_order(&mut self, found: Option<(Order, i64, Option<Money>)>) {
-        if let Some((order, fence, balance)) = found {
+    fn set_order(&mut self, found: Option<OrderState>) {
+        if let Some((order, fence, funds)) = found {
             self.order = Some(order);
             self.fence = fence;
-            self.balance = balance;
+            self.balance = funds.map(|f| f.0);
+            self.held = funds.map(|f| f.1);
         }
     }
 }
@@ -224,24 +255,81 @@ fn write_effect(conn: &Connection, effect: &Effect, now: i64) -> Result<OpResult
             0
         }
         Effect::Refund(m) => write_refund(conn, m, now)?,
+        Effect::Hold(m) | Effect::Capture(m) | Effect::Release(m) => {
+            write_two_phase(conn, m, now)?
+        }
     };
     Ok(effect.answer(entry_id))
 }
 
-/// The balance from `m.balance_before` to the new entry's `balance_after`: a
-/// compare-and-set on the balance that was read.
+/// The balance from `m.balance_before` to the new entry's `balance_after`, and
+/// the held sum from `m.held_before` to `m.held_after`: a compare-and-set on
+/// both as they were read.
 fn write_balance(conn: &Connection, m: &Movement, now: i64) -> Result<(), Fault> {
     let changed = conn
         .prepare_cached(
-            "UPDATE accounts SET balance = ?1, updated_at = ?2 WHERE id = ?3 AND balance = ?4",
+            "UPDATE accounts SET balance = ?1, held = ?2, updated_at = ?3
+             WHERE id = ?4 AND balance = ?5 AND held = ?6",
         )?
         .execute(params![
             m.entry.balance_after.minor(),
+            m.held_after.minor(),
             now,
             m.entry.account_id.as_str(),
-            m.balance_before.minor()
+            m.balance_before.minor(),
+            m.held_before.minor()
         ])?;
     expect_one(changed, "balance")
+}
+
+/// A ledger line without a refund id (hold, capture, release); returns its id.
+fn insert_line(conn: &Connection, e: &rules::NewEntry) -> Result<i64, Fault> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            e.order_id.as_str(),
+            e.account_id.as_str(),
+            e.kind.as_str(),
+            e.amount.minor(),
+            e.balance_after.minor(),
+            e.created_at
+        ])?;
+    expect_one(inserted, e.kind.as_str())?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// A two-phase step (hold, capture, release): its entries, the balance and held
+/// sum, and the order's move from the state that was read. Returns the id of the
+/// entry the command answers with.
+fn write_two_phase(conn: &Connection, m: &Movement, now: i64) -> Result<i64, Fault> {
+    let entry_id = insert_line(conn, &m.entry)?;
+    if let Some(rest) = &m.rest {
+        insert_line(conn, rest)?;
+    }
+    write_balance(conn, m, now)?;
+    let (order, _) = m.settle(entry_id);
+    let changed = conn
+        .prepare_cached(
+            "UPDATE orders SET status = ?1, debit_entry_id = ?2, captured = ?3, held = ?4,
+                    hold_expires_at = ?5, updated_at = ?6
+             WHERE id = ?7 AND status = ?8 AND held = ?9",
+        )?
+        .execute(params![
+            order.status.as_str(),
+            order.debit_entry_id,
+            order.captured.map(Money::minor),
+            order.held.minor(),
+            order.hold_expires_at,
+            now,
+            order.id.as_str(),
+            m.before.status.as_str(),
+            m.before.held.minor()
+        ])?;
+    expect_one(changed, "two-phase status change")?;
+    Ok(entry_id)
 }
 
 /// A charge: the debit entry, the balance, PREPARE → PAID. Returns the entry id.

@@ -213,6 +213,10 @@ impl Store for SqliteStore {
         self.read(audit_connection)
     }
 
+    fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
+        self.read(move |c| rows::due_holds(c, now_ms, limit))
+    }
+
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
         self.write(move |conn| idempotency::claim(conn, &claim).map_err(unavailable))
     }

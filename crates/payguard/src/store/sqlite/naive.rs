@@ -117,6 +117,9 @@ fn naive_deduct(
     match order.status {
         OrderStatus::Prepare => {}
         OrderStatus::Failed => return Ok(Err(Rejection::InsufficientFunds)),
+        OrderStatus::Authorized | OrderStatus::Voided | OrderStatus::Expired => {
+            return Ok(Err(Rejection::OrderAuthorized))
+        }
         OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
             let entry = order
                 .debit_entry_id

@@ -11,11 +11,11 @@ use crate::domain::{
 };
 use rusqlite::{Connection, OptionalExtension, Row};
 
-pub(super) const ORDER_COLS: &str = "id, account_id, amount, status, refunded, debit_entry_id, failure_reason, created_at, updated_at";
+pub(super) const ORDER_COLS: &str = "id, account_id, amount, status, refunded, debit_entry_id, failure_reason, created_at, updated_at, captured, held, hold_expires_at";
 pub(super) const ENTRY_COLS: &str =
     "id, order_id, account_id, kind, amount, balance_after, refund_id, reverses, created_at";
 pub(super) const ACCOUNT_COLS: &str =
-    "id, balance, currency, opening_balance, created_at, updated_at";
+    "id, balance, currency, opening_balance, created_at, updated_at, held";
 
 pub(super) fn col_id<T>(
     row: &Row<'_>,
@@ -39,6 +39,7 @@ pub(super) fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
         opening_balance: money(row, 3)?,
         created_at: row.get(4)?,
         updated_at: row.get(5)?,
+        held: money(row, 6)?,
     })
 }
 
@@ -55,6 +56,9 @@ pub(super) fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
         failure_reason: row.get(6)?,
         created_at: row.get(7)?,
         updated_at: row.get(8)?,
+        captured: row.get::<_, Option<i64>>(9)?.map(Money::from_stored),
+        held: money(row, 10)?,
+        hold_expires_at: row.get(11)?,
     })
 }
 
@@ -97,6 +101,19 @@ pub(super) fn load_entry(conn: &Connection, id: i64) -> rusqlite::Result<Option<
         .optional()
 }
 
+/// The order's one entry of `kind` (hold, capture, release), if written.
+pub(super) fn load_order_entry(
+    conn: &Connection,
+    order_id: &str,
+    kind: EntryKind,
+) -> rusqlite::Result<Option<Entry>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE order_id = ?1 AND kind = ?2"
+    ))?
+    .query_row([order_id, kind.as_str()], entry_from_row)
+    .optional()
+}
+
 pub(super) fn load_refund(conn: &Connection, refund_id: &str) -> rusqlite::Result<Option<Entry>> {
     conn.prepare_cached(&format!(
         "SELECT {ENTRY_COLS} FROM entries WHERE refund_id = ?1"
@@ -125,4 +142,21 @@ pub(super) fn order_entries(
         .query_map([order_id.as_str()], entry_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Some(entries))
+}
+
+/// Up to `limit` AUTHORIZED orders whose hold expired at or before `now_ms`,
+/// oldest first (the partial index `orders_open_holds` answers it).
+pub(super) fn due_holds(
+    conn: &mut Connection,
+    now_ms: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<OrderId>> {
+    conn.prepare_cached(
+        "SELECT id FROM orders WHERE status = 'AUTHORIZED' AND hold_expires_at <= ?1
+         ORDER BY hold_expires_at, id LIMIT ?2",
+    )?
+    .query_map(rusqlite::params![now_ms, limit as i64], |r| {
+        col_id(r, 0, OrderId::parse)
+    })?
+    .collect()
 }

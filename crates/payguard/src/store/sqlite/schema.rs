@@ -22,11 +22,13 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("v2_idempotency.sql")),
     Migration::Sql(include_str!("v3_fencing.sql")),
     Migration::Code(v4_checks_without_in_lists),
+    Migration::Code(v5_two_phase),
 ];
 const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("naive_schema.sql")),
     Migration::Sql(include_str!("v2_idempotency.sql")),
     Migration::Sql(include_str!("v3_fencing.sql")),
+    Migration::Sql(include_str!("naive_v4_two_phase.sql")),
 ];
 
 /// The CHECK constraints' `IN (…)` lists of three or more values, and what says
@@ -65,7 +67,58 @@ const V4_CHECK_REWRITES: &[(&str, &str, &str)] = &[
 /// Each text must be found exactly once, and the tables must parse afterwards,
 /// or the whole migration rolls back.
 fn v4_checks_without_in_lists(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
-    let schema = |e: rusqlite::Error| StoreError::Schema(format!("migration v4: {e}"));
+    rewrite_checks(tx, "v4", V4_CHECK_REWRITES)
+}
+
+/// v5 widens these CHECKs for two-phase payments: the new statuses and entry
+/// kinds, and refunds bounded by the captured sum of a two-phase order
+/// (`COALESCE(captured, amount)`, the amount for every row older than v5). Every
+/// existing row passes the new texts (none has a new status or kind, and
+/// `captured` is null on all of them).
+const V5_CHECK_REWRITES: &[(&str, &str, &str)] = &[
+    (
+        "orders",
+        "CHECK (status = 'PREPARE' OR status = 'PAID' OR status = 'FAILED' OR status = 'PARTIALLY_REFUNDED' OR status = 'REFUNDED')",
+        "CHECK (status = 'PREPARE' OR status = 'PAID' OR status = 'FAILED' OR status = 'PARTIALLY_REFUNDED' OR status = 'REFUNDED' OR status = 'AUTHORIZED' OR status = 'VOIDED' OR status = 'EXPIRED')",
+    ),
+    (
+        "orders",
+        "CHECK (status <> 'REFUNDED' OR refunded = amount)",
+        "CHECK (status <> 'REFUNDED' OR refunded = COALESCE(captured, amount))",
+    ),
+    (
+        "orders",
+        "CHECK (status <> 'PARTIALLY_REFUNDED' OR (refunded > 0 AND refunded < amount))",
+        "CHECK (status <> 'PARTIALLY_REFUNDED' OR (refunded > 0 AND refunded < COALESCE(captured, amount)))",
+    ),
+    (
+        "orders",
+        "CHECK (NOT (status = 'PREPARE' OR status = 'FAILED' OR status = 'PAID') OR refunded = 0)",
+        "CHECK (NOT (status = 'PREPARE' OR status = 'FAILED' OR status = 'PAID' OR status = 'AUTHORIZED' OR status = 'VOIDED' OR status = 'EXPIRED') OR refunded = 0)",
+    ),
+    (
+        "entries",
+        "CHECK (kind = 'debit' OR kind = 'refund' OR kind = 'reversal')",
+        "CHECK (kind = 'debit' OR kind = 'refund' OR kind = 'reversal' OR kind = 'hold' OR kind = 'capture' OR kind = 'release')",
+    ),
+];
+
+/// v5: two-phase payments: the new columns, indexes and triggers
+/// (`v5_two_phase.sql`), then the CHECKs of [`V5_CHECK_REWRITES`] widened in place.
+fn v5_two_phase(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(include_str!("v5_two_phase.sql"))
+        .map_err(|e| StoreError::Schema(format!("migration v5: {e}")))?;
+    rewrite_checks(tx, "v5", V5_CHECK_REWRITES)
+}
+
+/// Rewrites CHECK texts of `orders` and `entries` in place (see
+/// [`v4_checks_without_in_lists`] for why this is SQLite's documented way).
+fn rewrite_checks(
+    tx: &rusqlite::Transaction<'_>,
+    step: &str,
+    rewrites: &[(&str, &str, &str)],
+) -> Result<(), StoreError> {
+    let schema = |e: rusqlite::Error| StoreError::Schema(format!("migration {step}: {e}"));
     let version: i64 = tx
         .query_row("PRAGMA schema_version", [], |r| r.get(0))
         .map_err(schema)?;
@@ -77,10 +130,10 @@ fn v4_checks_without_in_lists(tx: &rusqlite::Transaction<'_>) -> Result<(), Stor
                 |r| r.get(0),
             )
             .map_err(schema)?;
-        for (_, from, to) in V4_CHECK_REWRITES.iter().filter(|(t, _, _)| *t == table) {
+        for (_, from, to) in rewrites.iter().filter(|(t, _, _)| *t == table) {
             if sql.matches(from).count() != 1 {
                 return Err(StoreError::Schema(format!(
-                    "migration v4: {table} does not hold `{from}` exactly once; not a payguard v3 schema"
+                    "migration {step}: {table} does not hold `{from}` exactly once; not the payguard schema it upgrades"
                 )));
             }
             sql = sql.replacen(from, to, 1);
@@ -97,7 +150,7 @@ fn v4_checks_without_in_lists(tx: &rusqlite::Transaction<'_>) -> Result<(), Stor
             .map_err(schema)?;
         if changed != 1 {
             return Err(StoreError::Schema(format!(
-                "migration v4: {table}'s schema row changed {changed} times"
+                "migration {step}: {table}'s schema row changed {changed} times"
             )));
         }
     }
@@ -114,7 +167,7 @@ fn v4_checks_without_in_lists(tx: &rusqlite::Transaction<'_>) -> Result<(), Stor
         .map_err(schema)?;
     if bad != 0 {
         return Err(StoreError::Schema(format!(
-            "migration v4: integrity_check found {bad} problems"
+            "migration {step}: integrity_check found {bad} problems"
         )));
     }
     Ok(())
