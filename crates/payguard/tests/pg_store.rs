@@ -225,6 +225,60 @@ async fn the_schema_refuses_the_incidents_second_debit() {
     db.drop_db().await.unwrap();
 }
 
+#[path = "shared/two_phase_sql.rs"]
+mod two_phase_sql;
+
+#[tokio::test]
+async fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
+    let Some(db) = scratch("the_schema_refuses_spending_held_money_and_every_broken_hold").await
+    else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    let o1 = OrderId::parse("o1").unwrap();
+    let held = s
+        .apply(vec![Command::from(Op::Authorize {
+            order_id: o1.clone(),
+            hold_ttl_ms: 60_000,
+        })])
+        .await
+        .unwrap();
+    assert!(fresh_charge(&held[0]), "{held:?}");
+    let c = db.connect().await.unwrap();
+    let refused = |sqls: &'static [&'static str]| {
+        let c = &c;
+        async move {
+            for sql in sqls {
+                let err = c.batch_execute(sql).await.expect_err(sql);
+                let db_err = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+                assert!(
+                    db_err.code().code().starts_with("23"),
+                    "{sql}: not an integrity error: {db_err}"
+                );
+            }
+        }
+    };
+    refused(two_phase_sql::TWO_PHASE_REFUSED).await;
+    assert_eq!(count(&c, "SELECT held FROM accounts WHERE id = 'acct'").await, 1_185);
+    let captured = s
+        .apply(vec![Command::from(Op::Capture {
+            order_id: o1,
+            amount: Some(Money::amount(600).unwrap()),
+        })])
+        .await
+        .unwrap();
+    assert!(fresh_charge(&captured[0]), "{captured:?}");
+    refused(two_phase_sql::CAPTURED_REFUSED).await;
+    assert_eq!(
+        count(&c, "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'").await,
+        9_400 * 100_000
+    );
+    assert!(s.audit().await.unwrap().ok);
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
 /// A rejected op never aborts its batch, and an op the database refuses is undone
 /// alone (savepoint) while the rest of the batch commits.
 #[tokio::test]

@@ -9,6 +9,9 @@ use rusqlite::Connection;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
+#[path = "shared/two_phase_sql.rs"]
+mod two_phase_sql;
+
 fn fresh(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("store.db");
     let mut conn = open_connection(&path).unwrap();
@@ -174,6 +177,46 @@ fn the_schema_refuses_the_incidents_second_debit() {
         count(&conn, "SELECT COUNT(*) FROM entries WHERE order_id = 'o1'"),
         1
     );
+}
+
+#[test]
+fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(dir.path());
+    let mut conn = open_connection(&path).unwrap();
+    let o1 = OrderId::parse("o1").unwrap();
+    let authorize = Command::from(Op::Authorize {
+        order_id: o1.clone(),
+        hold_ttl_ms: 60_000,
+    });
+    apply_ops(&mut conn, &[authorize], 2).unwrap().remove(0).unwrap();
+    for sql in two_phase_sql::TWO_PHASE_REFUSED {
+        let err = conn.execute_batch(sql).expect_err(sql);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("payguard") || msg.contains("constraint") || msg.contains("UNIQUE"),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"), 1_185);
+    let capture = Command::from(Op::Capture {
+        order_id: o1,
+        amount: Some(Money::amount(600).unwrap()),
+    });
+    apply_ops(&mut conn, &[capture], 3).unwrap().remove(0).unwrap();
+    for sql in two_phase_sql::CAPTURED_REFUSED {
+        let err = conn.execute_batch(sql).expect_err(sql);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("payguard") || msg.contains("constraint") || msg.contains("UNIQUE"),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(
+        count(&conn, "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'"),
+        9_400 * 100_000
+    );
+    assert!(payguard::store::sqlite::audit_connection(&mut conn).unwrap().ok);
 }
 
 /// A rejected op never aborts its batch, and an op the database refuses is undone
