@@ -6,6 +6,9 @@
 //!   method or `other`, so neither ids nor invented methods can blow up the label set;
 //! * the engine's counters: ops committed / replayed / rejected / unavailable,
 //!   in-flight collisions (the race sentinel) and single-flight joins;
+//! * two-phase payments: `payguard_holds_open` (AUTHORIZED orders in the whole
+//!   database, read at each scrape) and this instance's
+//!   `payguard_holds_{authorized,captured,voided,expired}_total`;
 //! * `payguard_lane_queue_depth{lane}`, `payguard_lane_batch_size` and
 //!   `payguard_store_commit_seconds` histograms;
 //! * connections (`crate::connections`): `payguard_connections{phase}` open by phase,
@@ -74,6 +77,7 @@ pub struct Metrics {
     connections_closed: Family<CloseLabels, Counter>,
     connections: Family<PhaseLabels, Gauge>,
     connections_write_blocked: Gauge,
+    holds_open: Gauge,
 }
 
 impl Metrics {
@@ -90,12 +94,19 @@ impl Metrics {
         let (connections_closed, connections, connections_write_blocked) =
             register_connections(&mut registry);
         register_engine_stats(&mut registry, engine);
+        let holds_open = Gauge::default();
+        registry.register(
+            "holds_open",
+            "Open holds (AUTHORIZED orders) in the whole database, read at each scrape",
+            holds_open.clone(),
+        );
         registry.register_collector(Box::new(StoreCounters(engine.store().clone())));
         Arc::new(Metrics {
             registry,
             requests,
             latency,
             lane_depth,
+            holds_open,
             connections_closed,
             connections,
             connections_write_blocked,
@@ -236,6 +247,30 @@ fn register_engine_stats(registry: &mut Registry, engine: &payguard::Engine) {
         "Ops answered from committed state without taking their order's lock (just released, or settled hint)",
         s.settled_without_lock.clone(),
     );
+    for (name, help, counter) in [
+        (
+            "holds_authorized",
+            "Holds this instance made (authorize, first executions)",
+            &s.holds_authorized,
+        ),
+        (
+            "holds_captured",
+            "Holds this instance captured",
+            &s.holds_captured,
+        ),
+        (
+            "holds_voided",
+            "Holds this instance voided",
+            &s.holds_voided,
+        ),
+        (
+            "holds_expired",
+            "Holds this instance's sweeper released at their expiry",
+            &s.holds_expired,
+        ),
+    ] {
+        registry.register(name, help, counter.clone());
+    }
     registry.register(
         "lane_batch_size",
         "Operations per lane batch (group commit)",
@@ -299,6 +334,13 @@ pub async fn render(State(state): State<AppState>) -> Response {
             .lane_depth
             .get_or_create(&LaneLabels { lane: lane as u32 })
             .set(depth as i64);
+    }
+    match state.engine.store().open_holds().await {
+        Ok(n) => {
+            metrics.holds_open.set(n as i64);
+        }
+        // The last value stays; the store's own failure shows on every route.
+        Err(e) => tracing::warn!(event = "metrics_open_holds_failed", detail = %e),
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &metrics.registry) {

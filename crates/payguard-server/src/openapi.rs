@@ -1,11 +1,13 @@
 //! `/openapi.json`: the OpenAPI 3 document of API.md, generated from the handlers
 //! (utoipa), complete enough for schemathesis to drive every route.
 
-use crate::routes::{CreateAccountBody, CreateOrderBody, DeductBody, RefundBody};
+use crate::routes::{
+    AuthorizeBody, CaptureBody, CreateAccountBody, CreateOrderBody, DeductBody, RefundBody,
+};
 use axum::response::{IntoResponse, Response};
 use payguard::domain::{
-    Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind, NegativeBalance,
-    Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
+    Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind, HeldMismatch,
+    NegativeBalance, Order, OrderStatus, OverRefund, PaidMismatch, Resolved,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
@@ -139,7 +141,7 @@ impl Modify for BearerAuth {
     info(
         title = "payguard",
         version = "1",
-        description = "Deduct and refund money exactly once per order. Money is integer minor units; \
+        description = "Deduct and refund money exactly once per order, in one step (deduct) or two (authorize a hold, then capture, void or let it expire). Money is integer minor units; \
                        every error is {\"error\": {\"code\", \"message\"}}; every response carries X-Request-Id."
     ),
     paths(
@@ -149,14 +151,18 @@ impl Modify for BearerAuth {
         crate::routes::get_order,
         crate::routes::deduct,
         crate::routes::refund,
+        crate::routes::authorize,
+        crate::routes::capture,
+        crate::routes::void,
         crate::routes::entries,
         crate::routes::audit,
         crate::routes::healthz,
     ),
     components(schemas(
-        CreateAccountBody, CreateOrderBody, DeductBody, RefundBody, ErrorBody, ErrorDetail,
-        MovementDoc, EntriesDoc, HealthDoc, Account, Order, Entry, OrderStatus, EntryKind,
-        AuditReport, DuplicateDebit, OverRefund, BalanceMismatch, NegativeBalance, PaidMismatch, Resolved,
+        CreateAccountBody, CreateOrderBody, DeductBody, RefundBody, AuthorizeBody, CaptureBody,
+        ErrorBody, ErrorDetail, MovementDoc, EntriesDoc, HealthDoc, Account, Order, Entry,
+        OrderStatus, EntryKind, AuditReport, DuplicateDebit, OverRefund, BalanceMismatch,
+        NegativeBalance, PaidMismatch, HeldMismatch, Resolved,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -341,7 +341,12 @@ pub(crate) async fn authorize(
     post: Post,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(path, OrderId::parse)?;
-    let op = authorize_op(order_id, &post.headers, &post.body, state.two_phase.hold_ttl_ms)?;
+    let op = authorize_op(
+        order_id,
+        &post.headers,
+        &post.body,
+        state.two_phase.hold_ttl_ms,
+    )?;
     Ok(post.run(&state, op).await)
 }
 

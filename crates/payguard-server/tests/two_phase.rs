@@ -63,12 +63,9 @@ async fn each_step_is_exactly_once_and_refunds_stop_at_the_captured_sum() {
         app.order("o1", "acct", 1_000).await;
 
         // 50 duplicate authorizes, whatever their TTL: one hold.
-        let holds = join_all((0..50).map(|i| {
-            app.post(
-                "/v1/orders/o1/authorize",
-                json!({"hold_ttl_s": 3600 + i}),
-            )
-        }))
+        let holds = join_all(
+            (0..50).map(|i| app.post("/v1/orders/o1/authorize", json!({"hold_ttl_s": 3600 + i}))),
+        )
         .await;
         let mut entries = HashSet::new();
         let fresh = holds
@@ -96,18 +93,23 @@ async fn each_step_is_exactly_once_and_refunds_stop_at_the_captured_sum() {
         let r = app.post_empty("/v1/orders/o1/deduct").await;
         assert_eq!((r.status, code(&r)), (409, "order_authorized"));
         // Above the hold: refused, nothing moves.
-        let r = app.post("/v1/orders/o1/capture", json!({"amount": 1_001})).await;
+        let r = app
+            .post("/v1/orders/o1/capture", json!({"amount": 1_001}))
+            .await;
         assert_eq!((r.status, code(&r)), (409, "capture_exceeds_hold"));
-        for bad in [json!({"amount": 0}), json!({"amount": -5}), json!({"amount": 1.5})] {
+        for bad in [
+            json!({"amount": 0}),
+            json!({"amount": -5}),
+            json!({"amount": 1.5}),
+        ] {
             let r = app.post("/v1/orders/o1/capture", bad.clone()).await;
             assert_eq!((r.status, code(&r)), (422, "invalid_request"), "{bad}");
         }
 
         // 20 duplicate partial captures: one capture, the rest of the hold released.
-        let captures = join_all(
-            (0..20).map(|_| app.post("/v1/orders/o1/capture", json!({"amount": 600}))),
-        )
-        .await;
+        let captures =
+            join_all((0..20).map(|_| app.post("/v1/orders/o1/capture", json!({"amount": 600}))))
+                .await;
         let mut entries = HashSet::new();
         let fresh = captures
             .iter()
@@ -125,7 +127,9 @@ async fn each_step_is_exactly_once_and_refunds_stop_at_the_captured_sum() {
         assert_eq!((r.status, code(&r)), (409, "hold_already_captured"));
         let r = app.post_empty("/v1/orders/o1/void").await;
         assert_eq!((r.status, code(&r)), (409, "hold_already_captured"));
-        let r = app.post("/v1/orders/o1/capture", json!({"amount": 600})).await;
+        let r = app
+            .post("/v1/orders/o1/capture", json!({"amount": 600}))
+            .await;
         assert_eq!((r.status, &r.body["replayed"]), (200, &json!(true)));
         let r = app.post_empty("/v1/orders/o1/authorize").await;
         assert_eq!((r.status, &r.body["entry"]["kind"]), (200, &json!("hold")));
@@ -144,11 +148,20 @@ async fn each_step_is_exactly_once_and_refunds_stop_at_the_captured_sum() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["kind"].as_str().unwrap().to_owned(), e["amount"].as_i64().unwrap()))
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_owned(),
+                    e["amount"].as_i64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             kinds,
-            vec![("hold".into(), 1_000), ("capture".into(), 600), ("release".into(), 400)]
+            vec![
+                ("hold".into(), 1_000),
+                ("capture".into(), 600),
+                ("release".into(), 400)
+            ]
         );
 
         // 20 racing refunds of 100 each: 6 fit in the 600 captured, not in 1,000.
@@ -169,9 +182,21 @@ async fn each_step_is_exactly_once_and_refunds_stop_at_the_captured_sum() {
         }
         assert_eq!(ok, 6, "refunds stop at the captured 600");
         let order = app.get("/v1/orders/o1").await.body;
-        assert_eq!((&order["status"], &order["refunded"]), (&json!("REFUNDED"), &json!(600)));
+        assert_eq!(
+            (&order["status"], &order["refunded"]),
+            (&json!("REFUNDED"), &json!(600))
+        );
         assert_eq!(app.balance("acct").await, 10_000);
         audit_ok(&app).await;
+        let metrics = app.get_text("/metrics").await;
+        for line in [
+            "payguard_holds_authorized_total 1",
+            "payguard_holds_captured_total 1",
+            "payguard_holds_voided_total 0",
+            "payguard_holds_open 0",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics");
+        }
         app.stop().await;
         db.drop_db().await;
     }
@@ -197,12 +222,18 @@ async fn holds_and_deducts_spend_only_what_is_available() {
         assert_eq!((r.status, code(&r)), (402, "insufficient_funds"));
         assert_eq!(app.post_empty("/v1/orders/c/authorize").await.status, 200);
         let acct = account_json(&app, "acct").await;
-        assert_eq!((&acct["held"], &acct["available"]), (&json!(1_000), &json!(0)));
+        assert_eq!(
+            (&acct["held"], &acct["available"]),
+            (&json!(1_000), &json!(0))
+        );
         let r = app.post_empty("/v1/orders/d/authorize").await;
         assert_eq!((r.status, code(&r)), (402, "insufficient_funds"));
         // A void gives it back.
         let r = app.post_empty("/v1/orders/c/void").await;
-        assert_eq!((r.status, &r.body["entry"]["kind"]), (200, &json!("release")));
+        assert_eq!(
+            (r.status, &r.body["entry"]["kind"]),
+            (200, &json!("release"))
+        );
         let r = app.post_empty("/v1/orders/c/void").await;
         assert_eq!((r.status, &r.body["replayed"]), (200, &json!(true)));
         let r = app.post_empty("/v1/orders/c/capture").await;
@@ -212,9 +243,17 @@ async fn holds_and_deducts_spend_only_what_is_available() {
         // Capture or void of an order never authorized.
         app.order("e", "acct", 5).await;
         assert_eq!(app.post_empty("/v1/orders/e/deduct").await.status, 200);
-        for path in ["/v1/orders/e/capture", "/v1/orders/e/void", "/v1/orders/b/capture"] {
+        for path in [
+            "/v1/orders/e/capture",
+            "/v1/orders/e/void",
+            "/v1/orders/b/capture",
+        ] {
             let r = app.post_empty(path).await;
-            assert_eq!((r.status, code(&r)), (409, "order_not_authorized"), "{path}");
+            assert_eq!(
+                (r.status, code(&r)),
+                (409, "order_not_authorized"),
+                "{path}"
+            );
         }
         let r = app.post_empty("/v1/orders/e/authorize").await;
         assert_eq!((r.status, code(&r)), (409, "order_not_authorized"));
@@ -258,19 +297,23 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
-        let sweeps = join_all(
-            (0..3).map(|_| payguard::engine::sweeper::sweep_once(&app.engine, now)),
-        )
-        .await;
+        let sweeps =
+            join_all((0..3).map(|_| payguard::engine::sweeper::sweep_once(&app.engine, now))).await;
         let expired: u64 = sweeps.iter().map(|s| s.expired).sum();
         let failed: u64 = sweeps.iter().map(|s| s.failed).sum();
         assert_eq!((expired, failed), (1, 0), "{sweeps:?}");
         let again = payguard::engine::sweeper::sweep_once(&app.engine, now).await;
         assert_eq!(again, Default::default(), "nothing is due any more");
         let order = app.get("/v1/orders/x").await.body;
-        assert_eq!((&order["status"], &order["held"]), (&json!("EXPIRED"), &json!(0)));
+        assert_eq!(
+            (&order["status"], &order["held"]),
+            (&json!("EXPIRED"), &json!(0))
+        );
         let acct = account_json(&app, "acct").await;
-        assert_eq!((&acct["balance"], &acct["held"]), (&json!(1_000), &json!(0)));
+        assert_eq!(
+            (&acct["balance"], &acct["held"]),
+            (&json!(1_000), &json!(0))
+        );
         let kinds: Vec<Value> = app.get("/v1/orders/x/entries").await.body["entries"]
             .as_array()
             .unwrap()
@@ -310,7 +353,10 @@ async fn race(apps: &[TestApp]) {
     for i in 0..ORDERS {
         app.order(&format!("r{i}"), "racer", AMOUNT).await;
         let r = app
-            .post(&format!("/v1/orders/r{i}/authorize"), json!({"hold_ttl_s": 1}))
+            .post(
+                &format!("/v1/orders/r{i}/authorize"),
+                json!({"hold_ttl_s": 1}),
+            )
             .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
@@ -319,10 +365,18 @@ async fn race(apps: &[TestApp]) {
     let calls = (0..ORDERS * 6).map(|k| {
         let i = k % ORDERS;
         let app = &apps[k % apps.len()];
-        let path = if (k / ORDERS) % 2 == 0 { "capture" } else { "void" };
+        let path = if (k / ORDERS) % 2 == 0 {
+            "capture"
+        } else {
+            "void"
+        };
         async move {
             tokio::time::sleep(std::time::Duration::from_millis((k as u64 * 37) % 700)).await;
-            (i, path, app.post_empty(&format!("/v1/orders/r{i}/{path}")).await)
+            (
+                i,
+                path,
+                app.post_empty(&format!("/v1/orders/r{i}/{path}")).await,
+            )
         }
     });
     let answers = join_all(calls).await;
@@ -351,13 +405,16 @@ async fn race(apps: &[TestApp]) {
                 ("expiry", _, 409) => code(r) == "hold_expired",
                 _ => false,
             };
-            assert!(ok, "order r{i} won by {w}: {path} answered {} {:?}", r.status, r.body);
+            assert!(
+                ok,
+                "order r{i} won by {w}: {path} answered {} {:?}",
+                r.status, r.body
+            );
         }
         if w != "expiry" {
             assert_eq!(fresh, 1, "order r{i} won by {w} without a fresh answer");
         }
-        let kinds: Vec<Value> = app.get(&format!("/v1/orders/r{i}/entries")).await.body
-            ["entries"]
+        let kinds: Vec<Value> = app.get(&format!("/v1/orders/r{i}/entries")).await.body["entries"]
             .as_array()
             .unwrap()
             .iter()

@@ -260,7 +260,10 @@ async fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
         }
     };
     refused(two_phase_sql::TWO_PHASE_REFUSED).await;
-    assert_eq!(count(&c, "SELECT held FROM accounts WHERE id = 'acct'").await, 1_185);
+    assert_eq!(
+        count(&c, "SELECT held FROM accounts WHERE id = 'acct'").await,
+        1_185
+    );
     let captured = s
         .apply(vec![Command::from(Op::Capture {
             order_id: o1,
@@ -271,7 +274,11 @@ async fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
     assert!(fresh_charge(&captured[0]), "{captured:?}");
     refused(two_phase_sql::CAPTURED_REFUSED).await;
     assert_eq!(
-        count(&c, "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'").await,
+        count(
+            &c,
+            "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'"
+        )
+        .await,
         9_400 * 100_000
     );
     assert!(s.audit().await.unwrap().ok);
@@ -636,6 +643,144 @@ async fn the_same_ops_give_the_same_answers_as_sqlite() {
     assert_eq!(pg.audit().await.unwrap(), sqlite_audit);
     pg.close().await.unwrap();
     db.drop_db().await.unwrap();
+}
+
+fn two_phase(op: &str, o: &str, arg: i64) -> Command {
+    let order_id = OrderId::parse(o).unwrap();
+    Command::from(match op {
+        "authorize" => Op::Authorize {
+            order_id,
+            hold_ttl_ms: arg,
+        },
+        "capture" => Op::Capture {
+            order_id,
+            amount: (arg > 0).then(|| Money::amount(arg).unwrap()),
+        },
+        "void" => Op::Void { order_id },
+        "expire" => Op::Expire { order_id },
+        other => panic!("{other}"),
+    })
+}
+
+/// Two-phase batches with every step of one order in the same batch (hold,
+/// capture, refunds; hold, void; a decline; a hold that expires next batch):
+/// PostgreSQL's set-based plan answers exactly what SQLite's command-by-command
+/// writer answers, and does it on the fast path (no constraint fired, so no
+/// savepoint replay: a capture's trigger sees the hold inserted earlier in the
+/// same statement).
+#[tokio::test]
+async fn two_phase_batches_give_the_same_answers_as_sqlite_on_the_fast_path() {
+    let test = "two_phase_batches_give_the_same_answers_as_sqlite_on_the_fast_path";
+    let Some(db) = scratch(test).await else {
+        return;
+    };
+    let Some(fast) = scratch(test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let mut conn = payguard::store::sqlite::open_connection(&path).unwrap();
+    payguard::store::sqlite::migrate(&mut conn).unwrap();
+    let pg = store(&db).await;
+    let batches = vec![
+        vec![
+            acct("x", 10_000),
+            acct("y", 100),
+            order("a", "x", 1_000),
+            order("b", "x", 500),
+            order("c", "x", 300),
+            order("d", "y", 200),
+            order("e", "x", 50),
+        ],
+        vec![
+            two_phase("authorize", "a", 10_000),
+            two_phase("capture", "a", 600),
+            refund("a", "rf-a1", 100),
+            refund("a", "rf-a2", 600),
+            two_phase("authorize", "b", 10_000),
+            two_phase("void", "b", 0),
+            two_phase("void", "b", 0),
+            two_phase("capture", "b", 0),
+            two_phase("authorize", "d", 10_000),
+            two_phase("authorize", "c", 5),
+            deduct("e"),
+            two_phase("capture", "e", 0),
+            two_phase("authorize", "a", 1),
+            two_phase("capture", "a", 0),
+            deduct("a"),
+        ],
+        vec![
+            two_phase("expire", "c", 0),
+            two_phase("capture", "c", 0),
+            two_phase("void", "c", 0),
+            two_phase("authorize", "c", 1),
+            refund("a", "rf-a3", 500),
+            two_phase("expire", "a", 0),
+        ],
+    ];
+    let rejections = |rs: &[OpResult]| -> Vec<String> {
+        rs.iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.reason().to_owned()))
+            .collect()
+    };
+    for (i, ops) in batches.iter().enumerate() {
+        let now = 1_000 + 10 * i as i64;
+        let from_sqlite = payguard::store::sqlite::apply_ops(&mut conn, ops, now).unwrap();
+        let mut client = pg_client(&db).await;
+        let from_pg = payguard::store::postgres::apply_ops(&mut client, ops, now, false)
+            .await
+            .unwrap();
+        assert_eq!(from_pg, from_sqlite, "batch {i}: {ops:?}");
+        if i == 1 {
+            assert_eq!(
+                rejections(&from_pg),
+                vec![
+                    "refund_exceeds_paid",
+                    "hold_voided",
+                    "insufficient_funds",
+                    "order_not_authorized",
+                    "hold_already_captured",
+                    "order_authorized"
+                ]
+            );
+        }
+        if i == 2 {
+            assert_eq!(
+                rejections(&from_pg),
+                vec!["hold_expired", "hold_expired", "hold_already_captured"]
+            );
+        }
+    }
+    let sqlite_audit = payguard::store::sqlite::audit_connection(&mut conn).unwrap();
+    let pg_audit = pg.audit().await.unwrap();
+    assert!(pg_audit.ok, "{pg_audit:?}");
+    assert_eq!(pg_audit, sqlite_audit);
+    let x = pg
+        .account(AccountId::parse("x").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    // 10,000 − 600 captured + 600 refunded − 50 deducted; nothing held.
+    assert_eq!((x.balance.minor(), x.held.minor()), (9_950, 0));
+
+    // The same batches through the store itself: all on the fast path.
+    let s = store(&fast).await;
+    for ops in &batches[..2] {
+        s.apply(ops.clone()).await.unwrap();
+    }
+    let fallbacks = s
+        .stats()
+        .careful_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        fallbacks, 0,
+        "a two-phase batch fell back to one savepoint per op"
+    );
+    assert!(s.audit().await.unwrap().ok);
+    s.close().await.unwrap();
+    pg.close().await.unwrap();
+    db.drop_db().await.unwrap();
+    fast.drop_db().await.unwrap();
 }
 
 /// A connection to the scratch database wrapped like the pool's, for calling

@@ -189,7 +189,10 @@ fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
         order_id: o1.clone(),
         hold_ttl_ms: 60_000,
     });
-    apply_ops(&mut conn, &[authorize], 2).unwrap().remove(0).unwrap();
+    apply_ops(&mut conn, &[authorize], 2)
+        .unwrap()
+        .remove(0)
+        .unwrap();
     for sql in two_phase_sql::TWO_PHASE_REFUSED {
         let err = conn.execute_batch(sql).expect_err(sql);
         let msg = err.to_string();
@@ -198,12 +201,18 @@ fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
             "{sql}: {err}"
         );
     }
-    assert_eq!(count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"), 1_185);
+    assert_eq!(
+        count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"),
+        1_185
+    );
     let capture = Command::from(Op::Capture {
         order_id: o1,
         amount: Some(Money::amount(600).unwrap()),
     });
-    apply_ops(&mut conn, &[capture], 3).unwrap().remove(0).unwrap();
+    apply_ops(&mut conn, &[capture], 3)
+        .unwrap()
+        .remove(0)
+        .unwrap();
     for sql in two_phase_sql::CAPTURED_REFUSED {
         let err = conn.execute_batch(sql).expect_err(sql);
         let msg = err.to_string();
@@ -213,10 +222,17 @@ fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
         );
     }
     assert_eq!(
-        count(&conn, "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'"),
+        count(
+            &conn,
+            "SELECT balance * 100000 + held FROM accounts WHERE id = 'acct'"
+        ),
         9_400 * 100_000
     );
-    assert!(payguard::store::sqlite::audit_connection(&mut conn).unwrap().ok);
+    assert!(
+        payguard::store::sqlite::audit_connection(&mut conn)
+            .unwrap()
+            .ok
+    );
 }
 
 /// A rejected op never aborts its batch, and an op the database refuses is undone
@@ -445,7 +461,10 @@ fn a_v3_database_upgrades_to_the_latest_keeping_its_rows() {
         1,
         "the paid order took no two-phase path"
     );
-    assert_eq!(count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"), 0);
+    assert_eq!(
+        count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"),
+        0
+    );
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM entries"), 1);
     assert_eq!(
         count(&conn, "SELECT balance FROM accounts WHERE id = 'acct'"),

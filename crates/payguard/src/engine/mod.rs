@@ -154,6 +154,12 @@ pub struct EngineStats {
     /// (`--redis`: the order was just released, or a recent holder left its
     /// settled hint; `Store::settled`).
     pub settled_without_lock: Counter,
+    /// Two-phase steps this instance committed (first executions): holds made,
+    /// captured, voided, expired by its sweeper.
+    pub holds_authorized: Counter,
+    pub holds_captured: Counter,
+    pub holds_voided: Counter,
+    pub holds_expired: Counter,
     pub batches: Counter,
     pub batched_ops: Counter,
     /// Ops per lane batch.
@@ -173,6 +179,10 @@ impl Default for EngineStats {
             collisions: Counter::default(),
             joined: Counter::default(),
             settled_without_lock: Counter::default(),
+            holds_authorized: Counter::default(),
+            holds_captured: Counter::default(),
+            holds_voided: Counter::default(),
+            holds_expired: Counter::default(),
             batches: Counter::default(),
             batched_ops: Counter::default(),
             batch_sizes: Histogram::new(BATCH_SIZE_BUCKETS),
@@ -387,7 +397,7 @@ impl Engine {
                 Guard::Naive { gap_ms } => self.naive(cmd.clone(), req.clone(), gap_ms).await,
             }
         };
-        outcome::count(&self.shared.stats, &result);
+        outcome::count(&self.shared.stats, family, &result);
         if moves_money {
             outcome::log(family, oid, req.as_str(), inst, &result, started);
         }

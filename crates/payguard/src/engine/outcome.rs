@@ -5,14 +5,24 @@ use super::{event_name, EngineError, EngineStats};
 use crate::store::{Output, StoreError};
 use std::time::Instant;
 
-/// Counts `result` in the engine's stats.
-pub(super) fn count(stats: &EngineStats, result: &Result<Output, EngineError>) {
+/// Counts `result` of an op of `family` in the engine's stats.
+pub(super) fn count(stats: &EngineStats, family: &str, result: &Result<Output, EngineError>) {
     match &result {
         Ok(out) if out.is_replay() => {
             stats.replayed.inc();
         }
         Ok(_) => {
             stats.committed.inc();
+            let step = match family {
+                "authorize" => Some(&stats.holds_authorized),
+                "capture" => Some(&stats.holds_captured),
+                "void" => Some(&stats.holds_voided),
+                "expire" => Some(&stats.holds_expired),
+                _ => None,
+            };
+            if let Some(counter) = step {
+                counter.inc();
+            }
         }
         Err(EngineError::Rejected(_)) => {
             stats.rejected.inc();

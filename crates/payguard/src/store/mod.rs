@@ -66,9 +66,13 @@ pub enum Op {
         amount: Option<Money>,
     },
     /// Release the hold at the caller's request.
-    Void { order_id: OrderId },
+    Void {
+        order_id: OrderId,
+    },
     /// Release the hold at `hold_expires_at` (the expiry sweeper's op).
-    Expire { order_id: OrderId },
+    Expire {
+        order_id: OrderId,
+    },
 }
 
 /// What the store is asked to run: one [`Op`], with at most one Idempotency-Key
@@ -485,6 +489,8 @@ pub trait Store: Send + Sync + 'static {
     /// oldest expiry first: the expiry sweeper's work (it expires each through
     /// the engine, where the money rules decide again).
     fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>>;
+    /// How many holds are open (AUTHORIZED orders), for `/metrics`.
+    fn open_holds(&self) -> StoreFuture<u64>;
     /// Reserves an Idempotency-Key, or reports what holds it.
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome>;
     /// Frees an in-flight reservation whose op did nothing (503, 500).

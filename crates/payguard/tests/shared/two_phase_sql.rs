@@ -38,4 +38,3 @@ pub const CAPTURED_REFUSED: &[&str] = &[
     "UPDATE orders SET captured = 700 WHERE id = 'o1'",
     "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES ('o1', 'acct', 'capture', 1, 9399, 4)",
 ];
-

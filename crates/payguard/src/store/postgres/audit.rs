@@ -2,7 +2,7 @@
 
 use super::error::Fault;
 use crate::domain::{
-    AuditReport, BalanceMismatch, HeldMismatch, DuplicateDebit, OverRefund, PaidMismatch, Resolved,
+    AuditReport, BalanceMismatch, DuplicateDebit, HeldMismatch, OverRefund, PaidMismatch, Resolved,
 };
 use crate::store::StoreError;
 use tokio_postgres::IsolationLevel;

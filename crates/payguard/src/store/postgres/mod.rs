@@ -290,6 +290,21 @@ impl Store for PgStore {
         })
     }
 
+    fn open_holds(&self) -> StoreFuture<u64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            let count = async {
+                let stmt = client
+                    .prepare_cached("SELECT COUNT(*) FROM orders WHERE status = 'AUTHORIZED'")
+                    .await?;
+                let n: i64 = client.query_one(&stmt, &[]).await?.try_get(0)?;
+                Ok::<u64, Fault>(n as u64)
+            };
+            count.await.map_err(Fault::into_store_error)
+        })
+    }
+
     fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
         let inner = self.inner.clone();
         Box::pin(async move {

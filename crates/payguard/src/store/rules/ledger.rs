@@ -101,11 +101,7 @@ fn available(order: &Order, balance: Money, held: Money) -> Result<Money, Incons
 }
 
 /// The entry a replay answers with, which the state says must exist.
-fn replayed(
-    order: &Order,
-    entry: Option<&Entry>,
-    what: &str,
-) -> Result<Decision, Inconsistent> {
+fn replayed(order: &Order, entry: Option<&Entry>, what: &str) -> Result<Decision, Inconsistent> {
     let entry =
         entry.ok_or_else(|| Inconsistent(format!("{what} entry of {} not found", order.id)))?;
     Ok(Decision::Replay(Output::Movement {
@@ -137,9 +133,9 @@ pub(super) fn deduct(
         OrderStatus::Failed => Ok(Decision::Reject(Rejection::InsufficientFunds)),
         // The two paths never mix: a held or captured order is not deducted.
         _ if order.is_two_phase() => Ok(Decision::Reject(Rejection::OrderAuthorized)),
-        OrderStatus::Authorized | OrderStatus::Voided | OrderStatus::Expired => Err(
-            Inconsistent(format!("two-phase order {order_id} has no hold_expires_at")),
-        ),
+        OrderStatus::Authorized | OrderStatus::Voided | OrderStatus::Expired => Err(Inconsistent(
+            format!("two-phase order {order_id} has no hold_expires_at"),
+        )),
         OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
             // A replay: the original entry, and the order as it is now.
             let entry_id = order
@@ -310,17 +306,17 @@ pub(super) fn authorize(
         OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
             Ok(Decision::Reject(Rejection::OrderNotAuthorized))
         }
-        OrderStatus::Authorized | OrderStatus::Voided | OrderStatus::Expired => Err(
-            Inconsistent(format!("two-phase order {order_id} has no hold_expires_at")),
-        ),
+        OrderStatus::Authorized | OrderStatus::Voided | OrderStatus::Expired => Err(Inconsistent(
+            format!("two-phase order {order_id} has no hold_expires_at"),
+        )),
         OrderStatus::Prepare => {
             let (balance, held) = funds(order, seen)?;
             if available(order, balance, held)? < order.amount {
                 return Ok(decline(order, now));
             }
-            let held_after = held
-                .checked_add(order.amount)
-                .ok_or_else(|| Inconsistent(format!("held sum of {} overflows", order.account_id)))?;
+            let held_after = held.checked_add(order.amount).ok_or_else(|| {
+                Inconsistent(format!("held sum of {} overflows", order.account_id))
+            })?;
             Ok(Decision::Apply(Effect::Hold(Movement {
                 before: order.clone(),
                 after: Order {
@@ -412,8 +408,7 @@ pub(super) fn capture(
             ..order.clone()
         },
         entry: line(order, EntryKind::Capture, n, balance_after, now),
-        rest: (left.minor() > 0)
-            .then(|| line(order, EntryKind::Release, left, balance_after, now)),
+        rest: (left.minor() > 0).then(|| line(order, EntryKind::Release, left, balance_after, now)),
         balance_before: balance,
         held_before: held,
         held_after,

@@ -296,9 +296,7 @@ pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Incon
         } => ledger::authorize(order_id, *hold_ttl_ms, seen, now)?,
         Op::Capture { order_id, amount } => ledger::capture(order_id, *amount, seen, now)?,
         Op::Void { order_id } => ledger::release(order_id, ledger::Release::Void, seen, now)?,
-        Op::Expire { order_id } => {
-            ledger::release(order_id, ledger::Release::Expiry, seen, now)?
-        }
+        Op::Expire { order_id } => ledger::release(order_id, ledger::Release::Expiry, seen, now)?,
     };
     Ok(Verdict { fence, decision })
 }

@@ -1,8 +1,7 @@
 //! The audit of API.md's `GET /v1/audit` on a SQLite file.
 
 use crate::domain::{
-    AuditReport, BalanceMismatch, DuplicateDebit, HeldMismatch, OverRefund, PaidMismatch,
-    Resolved,
+    AuditReport, BalanceMismatch, DuplicateDebit, HeldMismatch, OverRefund, PaidMismatch, Resolved,
 };
 use rusqlite::Connection;
 

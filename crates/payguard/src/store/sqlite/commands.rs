@@ -255,9 +255,7 @@ fn write_effect(conn: &Connection, effect: &Effect, now: i64) -> Result<OpResult
             0
         }
         Effect::Refund(m) => write_refund(conn, m, now)?,
-        Effect::Hold(m) | Effect::Capture(m) | Effect::Release(m) => {
-            write_two_phase(conn, m, now)?
-        }
+        Effect::Hold(m) | Effect::Capture(m) | Effect::Release(m) => write_two_phase(conn, m, now)?,
     };
     Ok(effect.answer(entry_id))
 }

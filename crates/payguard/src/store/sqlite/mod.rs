@@ -213,6 +213,14 @@ impl Store for SqliteStore {
         self.read(audit_connection)
     }
 
+    fn open_holds(&self) -> StoreFuture<u64> {
+        self.read(|c| {
+            c.prepare_cached("SELECT COUNT(*) FROM orders WHERE status = 'AUTHORIZED'")?
+                .query_row([], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+        })
+    }
+
     fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
         self.read(move |c| rows::due_holds(c, now_ms, limit))
     }
