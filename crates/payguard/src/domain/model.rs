@@ -199,6 +199,7 @@ struct AccountJson<'a> {
     held: Money,
     /// `balance - held`: what a deduct or a hold may spend.
     available: Money,
+    #[schema(value_type = String, pattern = "^[A-Z]{3}$", example = "CNY")]
     currency: &'a Currency,
     #[serde(serialize_with = "ser_ts")]
     #[schema(value_type = String, format = DateTime)]
