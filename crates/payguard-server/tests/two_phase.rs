@@ -6,6 +6,8 @@
 //! over three instances with their duplicates spread across them (with Redis
 //! locks when `PAYGUARD_TEST_REDIS_URL` is set).
 
+mod common;
+
 use futures::future::join_all;
 use payguard::EngineConfig;
 use payguard_server::TwoPhase;
@@ -470,4 +472,55 @@ async fn three_instances_race_capture_void_and_expiry_with_one_winner() {
         app.stop().await;
     }
     db.drop_db().await;
+}
+
+/// The same race on the incident's design (`--guard naive`: check the cached
+/// order, pause, act): duplicate captures both take the money and a void racing a
+/// capture both happen, and the audit is seen catching it, or it would prove
+/// nothing on payguard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checks_catch_double_captures_on_the_naive_design() {
+    let app = common::spawn_app_with(EngineConfig {
+        guard: payguard::engine::Guard::Naive { gap_ms: 5 },
+        ..EngineConfig::default()
+    })
+    .await;
+    app.account("naive", 100_000).await;
+    const ORDERS: usize = 10;
+    for i in 0..ORDERS {
+        app.order(&format!("n{i}"), "naive", 100).await;
+        let r = app.post_empty(&format!("/v1/orders/n{i}/authorize")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let calls = (0..ORDERS * 3).map(|k| {
+        let i = k % ORDERS;
+        let step = if k < ORDERS * 2 { "capture" } else { "void" };
+        let path = format!("/v1/orders/n{i}/{step}");
+        let app = &app;
+        async move { app.post_empty(&path).await }
+    });
+    let answers = join_all(calls).await;
+    let fresh = answers
+        .iter()
+        .filter(|r| r.status == 200 && r.body["replayed"] == json!(false))
+        .count();
+    let audit = app.get("/v1/audit").await.body;
+    eprintln!(
+        "naive: {fresh} fresh answers for {ORDERS} holds; audit ok {}, duplicate_debits {}, held_mismatches {}, entry_without_paid {}",
+        audit["ok"],
+        audit["duplicate_debits"].as_array().map_or(0, Vec::len),
+        audit["held_mismatches"].as_array().map_or(0, Vec::len),
+        audit["entry_without_paid"].as_array().map_or(0, Vec::len),
+    );
+    assert!(
+        fresh > ORDERS,
+        "the naive design took only one step per hold"
+    );
+    assert_eq!(audit["ok"], json!(false), "the audit missed it: {audit}");
+    assert!(
+        !audit["duplicate_debits"].as_array().unwrap().is_empty()
+            || !audit["held_mismatches"].as_array().unwrap().is_empty(),
+        "{audit}"
+    );
+    app.stop().await;
 }

@@ -10,9 +10,17 @@
 //! It is not part of the [`Store`](crate::store::Store) trait: only a
 //! [`NaiveSqlite`] can run it, and one is made only from a SQLite store whose
 //! file was created naive (no money constraints), never from a guarded one, and
-//! never on PostgreSQL. Creates and refunds take the ordinary transactional path,
-//! so what an audit of a naive database finds is the incident's damage alone, and
-//! `payguard audit --apply` can repair all of it.
+//! never on PostgreSQL. Creates, refunds and expiries take the ordinary
+//! transactional path, so what an audit of a naive database finds is the
+//! incident's damage alone.
+//!
+//! Two-phase steps (authorize, capture, void) get the same check-then-act: the
+//! cached order is checked (PREPARE to hold, AUTHORIZED to capture or void), then
+//! after the pause each step writes its entry, the account and the order as
+//! separate unconditional statements. Two captures of one hold both take the
+//! money; a capture racing a void both happen; the audit (duplicate debits, held
+//! mismatches, entries without their status) and forensics (two `capture_commit`)
+//! are seen catching it.
 
 use super::error::unavailable;
 use super::idempotency::write_idem;
@@ -69,10 +77,18 @@ impl NaiveSqlite {
     pub fn apply(&self, cmd: Command, ctx: NaiveCtx) -> StoreFuture<OpResult> {
         let cache = self.cache.clone();
         self.store.write(move |conn| {
-            let Op::Deduct { order_id } = &cmd.op else {
-                return writer::run_one(conn, &cmd);
-            };
-            let result = naive_deduct(conn, &cache, order_id, &ctx).map_err(unavailable)?;
+            let result = match &cmd.op {
+                Op::Deduct { order_id } => naive_deduct(conn, &cache, order_id, &ctx),
+                Op::Authorize { .. } | Op::Capture { .. } | Op::Void { .. } => {
+                    match naive_hold_step(conn, &cache, &cmd.op, &ctx).map_err(unavailable)? {
+                        Some(result) => Ok(result),
+                        // Not a state the naive check acts on: the ordinary path answers.
+                        None => return writer::run_one(conn, &cmd),
+                    }
+                }
+                _ => return writer::run_one(conn, &cmd),
+            }
+            .map_err(unavailable)?;
             if let Some(idem) = &cmd.idempotency {
                 let now = chrono::Utc::now().timestamp_millis();
                 write_idem(conn, idem, &result, now).map_err(|f| f.into_store_error())?;
@@ -228,4 +244,144 @@ fn naive_act(
         order,
         replayed: false,
     }))
+}
+
+/// The incident's two-phase step: check the cached order's status, pause, act.
+/// `None` when the cached status is not the one this step acts on (a replay or a
+/// refusal, which the ordinary path answers).
+fn naive_hold_step(
+    conn: &Connection,
+    cache: &scc::HashMap<OrderId, Order>,
+    op: &Op,
+    ctx: &NaiveCtx,
+) -> rusqlite::Result<Option<OpResult>> {
+    let Some(order_id) = op.order_id() else {
+        return Ok(None);
+    };
+    let Some(order) = naive_load(conn, cache, order_id, ctx)? else {
+        return Ok(Some(Err(Rejection::OrderNotFound)));
+    };
+    let acts_on = match op {
+        Op::Authorize { .. } => OrderStatus::Prepare,
+        _ => OrderStatus::Authorized,
+    };
+    if order.status != acts_on {
+        return Ok(None);
+    }
+    // The slow calls between check and act.
+    std::thread::sleep(ctx.gap);
+    let now = chrono::Utc::now().timestamp_millis();
+    let account = order.account_id.as_str();
+    // Each step its own statement, none conditional on the state the check saw.
+    let (kind, amount, status, balance_delta, held_delta) = match op {
+        Op::Authorize { hold_ttl_ms, .. } => {
+            conn.prepare_cached(
+                "UPDATE orders SET status = 'AUTHORIZED', held = amount, hold_expires_at = ?1,
+                        updated_at = ?2 WHERE id = ?3",
+            )?
+            .execute(params![now + hold_ttl_ms, now, order_id.as_str()])?;
+            (
+                EntryKind::Hold,
+                order.amount,
+                OrderStatus::Authorized,
+                0,
+                order.amount.minor(),
+            )
+        }
+        Op::Capture { amount, .. } => {
+            let n = amount.unwrap_or(order.amount);
+            (
+                EntryKind::Capture,
+                n,
+                OrderStatus::Paid,
+                -n.minor(),
+                -order.held.minor(),
+            )
+        }
+        _ => (
+            EntryKind::Release,
+            order.held,
+            OrderStatus::Voided,
+            0,
+            -order.held.minor(),
+        ),
+    };
+    let balance_after: i64 = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance = balance + ?1, held = held + ?2, updated_at = ?3
+             WHERE id = ?4 RETURNING balance",
+        )?
+        .query_row(params![balance_delta, held_delta, now, account], |r| {
+            r.get(0)
+        })?;
+    let entry_id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        )?
+        .query_row(
+            params![
+                order_id.as_str(),
+                account,
+                kind.as_str(),
+                amount.minor(),
+                balance_after,
+                now
+            ],
+            |r| r.get(0),
+        )?;
+    let mut after = Order {
+        status,
+        updated_at: now,
+        ..order.clone()
+    };
+    match op {
+        Op::Capture { .. } => {
+            let rest = order.held.minor() - amount.minor();
+            if rest > 0 {
+                conn.prepare_cached(
+                    "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+                     VALUES (?1, ?2, 'release', ?3, ?4, ?5)",
+                )?
+                .execute(params![order_id.as_str(), account, rest, balance_after, now])?;
+            }
+            conn.prepare_cached(
+                "UPDATE orders SET status = 'PAID', captured = ?1, held = 0, debit_entry_id = ?2,
+                        updated_at = ?3 WHERE id = ?4",
+            )?
+            .execute(params![amount.minor(), entry_id, now, order_id.as_str()])?;
+            after.captured = Some(amount);
+            after.held = Money::ZERO;
+            after.debit_entry_id = Some(entry_id);
+        }
+        Op::Void { .. } => {
+            conn.prepare_cached(
+                "UPDATE orders SET status = 'VOIDED', held = 0, updated_at = ?1 WHERE id = ?2",
+            )?
+            .execute(params![now, order_id.as_str()])?;
+            after.held = Money::ZERO;
+        }
+        _ => {
+            if let Op::Authorize { hold_ttl_ms, .. } = op {
+                after.held = order.amount;
+                after.hold_expires_at = Some(now + hold_ttl_ms);
+            }
+        }
+    }
+    cache.upsert_sync(order_id.clone(), after.clone());
+    Ok(Some(Ok(Output::Movement {
+        entry: Entry {
+            id: entry_id,
+            order_id: order_id.clone(),
+            account_id: order.account_id.clone(),
+            kind,
+            amount,
+            balance_after: Money::from_stored(balance_after),
+            refund_id: None,
+            reverses: None,
+            created_at: now,
+        },
+        order: after,
+        replayed: false,
+    })))
 }
