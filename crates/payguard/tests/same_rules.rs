@@ -7,7 +7,9 @@
 //! (inside a batch and across batches), overdrafts, refund races (many refund ids
 //! on one order in one batch), over-refunds, unknown orders and accounts, reused
 //! account and order ids with other bodies, refund ids on other orders, fencing
-//! tokens (stale ones too), Idempotency-Keys (claimed, reused, abandoned by a
+//! tokens (stale ones too), two-phase holds (authorize with TTLs that run out between
+//! batches, full and partial captures, voids, the sweeper's expiry, each repeated),
+//! Idempotency-Keys (claimed, reused, abandoned by a
 //! "dead" instance, expired), and balances edited by hand next to overflow.
 //! Every rejection kind of the stores' rules is reached.
 //!
@@ -117,10 +119,10 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
             // (nothing before it in the batch changes its state) the very answer
             // the write path then gives it.
             let bare: Vec<Command> = batch.iter().map(|c| Command::new(c.op.clone())).collect();
-            let settled = sqlite_store.settled(bare.clone()).await.unwrap();
+            let settled = sqlite_store.settled(bare.clone(), now).await.unwrap();
             if let Some(pg) = &pg {
                 assert_eq!(
-                    pg.store.settled(bare).await.unwrap(),
+                    pg.store.settled(bare, now).await.unwrap(),
                     settled,
                     "seed {seed} case {case} batch {b}: settled answers differ\n{}",
                     history.join("\n")
@@ -157,7 +159,7 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
                 );
                 totals.settled_checked += 1;
             }
-            let expected: Vec<Shape> = batch.iter().map(|c| model.apply(c)).collect();
+            let expected: Vec<Shape> = batch.iter().map(|c| model.apply(c, now)).collect();
             let got: Vec<Shape> = from_sqlite.iter().map(Shape::of).collect();
             assert_eq!(
                 got,
@@ -259,6 +261,9 @@ impl Totals {
                     ..
                 }) => match entry.kind {
                     payguard::EntryKind::Debit => "charged",
+                    payguard::EntryKind::Hold => "held",
+                    payguard::EntryKind::Capture => "captured",
+                    payguard::EntryKind::Release => "released",
                     _ => "refunded",
                 },
                 Ok(Output::Movement { replayed: true, .. }) => "movement_replayed",
@@ -288,6 +293,16 @@ impl Totals {
             "refund_exceeds_paid",
             "stale_fencing_token",
             "refused_by_database",
+            "held",
+            "captured",
+            "released",
+            "order_not_authorized",
+            "order_authorized",
+            "capture_exceeds_hold",
+            "hold_already_captured",
+            "hold_voided",
+            "hold_expired",
+            "hold_not_expired",
         ]
         .into_iter()
         .filter(|k| !self.kinds.contains_key(k))
@@ -337,6 +352,8 @@ struct Gen {
     /// Commands already sent, to send again (duplicates across batches).
     sent: Vec<Command>,
     next_key: usize,
+    /// Orders an authorize was sent for: two-phase steps mostly aim at them.
+    authorized: Vec<OrderId>,
 }
 
 /// Ids per sequence: few, so that they collide; an order or a refund is often
@@ -353,7 +370,22 @@ impl Gen {
             batches: 0,
             sent: Vec::new(),
             next_key: 0,
+            authorized: Vec::new(),
         }
+    }
+
+    /// An order for a capture, void or expiry: mostly one that was authorized.
+    fn held_order(&self, rng: &mut StdRng) -> OrderId {
+        if !self.authorized.is_empty() && rng.random_bool(0.8) {
+            pick(rng, &self.authorized).clone()
+        } else {
+            self.order(rng)
+        }
+    }
+
+    fn capture_amount(rng: &mut StdRng) -> Option<Money> {
+        rng.random_bool(0.6)
+            .then(|| Money::amount(*pick(rng, &[25, 50, 100, 200, 300])).unwrap())
     }
 
     fn account(&self, rng: &mut StdRng) -> AccountId {
@@ -373,11 +405,11 @@ impl Gen {
 
     /// A fresh op. Early in a sequence mostly creates (so that later money
     /// moves find something), later mostly deducts and refunds.
-    fn op(&self, rng: &mut StdRng) -> Op {
+    fn op(&mut self, rng: &mut StdRng) -> Op {
         let roll = if self.batches < 3 {
             rng.random_range(0..8)
         } else {
-            rng.random_range(0..20)
+            rng.random_range(0..21)
         };
         match roll {
             0..=2 => Op::CreateAccount {
@@ -394,13 +426,32 @@ impl Gen {
                 account_id: self.account(rng),
                 amount: Money::amount(*pick(rng, &[50, 100, 200, 300])).unwrap(),
             },
-            7..=12 => Op::Deduct {
+            7..=10 => Op::Deduct {
                 order_id: self.order(rng),
             },
-            _ => Op::Refund {
+            11..=14 => Op::Refund {
                 order_id: self.order(rng),
                 refund_id: self.refund_id(rng),
                 amount: Money::amount(*pick(rng, &[1, 25, 50, 100, 150])).unwrap(),
+            },
+            // Holds of 0.5 to 8 batches, so some expire between batches.
+            15..=16 => {
+                let order_id = self.order(rng);
+                self.authorized.push(order_id.clone());
+                Op::Authorize {
+                    order_id,
+                    hold_ttl_ms: *pick(rng, &[500, 2_500, 8_000]),
+                }
+            }
+            17..=18 => Op::Capture {
+                order_id: self.held_order(rng),
+                amount: Self::capture_amount(rng),
+            },
+            19 => Op::Void {
+                order_id: self.held_order(rng),
+            },
+            _ => Op::Expire {
+                order_id: self.held_order(rng),
             },
         }
     }
@@ -413,6 +464,27 @@ impl Gen {
         self.batches += 1;
         let n = rng.random_range(1..=BATCH_COMMANDS_MAX);
         let mut out: Vec<(Command, Option<(String, i64, bool)>)> = Vec::with_capacity(n);
+        if rng.random_bool(0.08) {
+            // A two-phase race: captures of several amounts, voids and the
+            // sweeper's expiry of one held order, at once.
+            let order_id = self.held_order(rng);
+            for _ in 0..n {
+                let op = match rng.random_range(0..4) {
+                    0 | 1 => Op::Capture {
+                        order_id: order_id.clone(),
+                        amount: Self::capture_amount(rng),
+                    },
+                    2 => Op::Void {
+                        order_id: order_id.clone(),
+                    },
+                    _ => Op::Expire {
+                        order_id: order_id.clone(),
+                    },
+                };
+                out.push((Command::new(op), None));
+            }
+            return out;
+        }
         if rng.random_bool(0.1) {
             let order_id = self.order(rng);
             for _ in 0..n {
@@ -540,14 +612,15 @@ type Ledger = std::collections::BTreeMap<&'static str, Vec<String>>;
 const SQLITE_LEDGER: [(&str, &str); 4] = [
     (
         "accounts",
-        "SELECT id || '|' || currency || '|' || opening_balance || '|' || balance || '|' || created_at || '|' || updated_at
+        "SELECT id || '|' || currency || '|' || opening_balance || '|' || balance || '|' || held || '|' || created_at || '|' || updated_at
          FROM accounts ORDER BY id",
     ),
     (
         "orders",
         "SELECT id || '|' || account_id || '|' || amount || '|' || status || '|' || refunded || '|'
                 || COALESCE(debit_entry_id, 'null') || '|' || COALESCE(failure_reason, 'null') || '|'
-                || created_at || '|' || updated_at || '|' || fence
+                || created_at || '|' || updated_at || '|' || fence || '|' || COALESCE(captured, 'null') || '|'
+                || held || '|' || COALESCE(hold_expires_at, 'null')
          FROM orders ORDER BY id",
     ),
     (
@@ -569,14 +642,15 @@ const SQLITE_LEDGER: [(&str, &str); 4] = [
 const PG_LEDGER: [(&str, &str); 4] = [
     (
         "accounts",
-        "SELECT id || '|' || currency || '|' || opening_balance || '|' || balance || '|' || created_at || '|' || updated_at
+        "SELECT id || '|' || currency || '|' || opening_balance || '|' || balance || '|' || held || '|' || created_at || '|' || updated_at
          FROM accounts ORDER BY id COLLATE \"C\"",
     ),
     (
         "orders",
         "SELECT id || '|' || account_id || '|' || amount || '|' || status || '|' || refunded || '|'
                 || COALESCE(debit_entry_id::text, 'null') || '|' || COALESCE(failure_reason, 'null') || '|'
-                || created_at || '|' || updated_at || '|' || fence
+                || created_at || '|' || updated_at || '|' || fence || '|' || COALESCE(captured::text, 'null') || '|'
+                || held || '|' || COALESCE(hold_expires_at::text, 'null')
          FROM orders ORDER BY id COLLATE \"C\"",
     ),
     (
@@ -674,6 +748,8 @@ impl Shape {
 /// API.md's rules, written out plainly for this test (not `store::rules`).
 #[derive(Default)]
 struct Model {
+    /// account id → the sum of its open holds
+    held: HashMap<String, i64>,
     /// id → (opening balance, currency, balance)
     accounts: HashMap<String, (i64, Currency, i64)>,
     orders: HashMap<String, ModelOrder>,
@@ -689,8 +765,15 @@ struct ModelOrder {
     amount: i64,
     status: OrderStatus,
     refunded: i64,
-    /// (entry id, balance after) of its debit
+    /// (entry id, balance after) of its debit, or of its capture
     debit: Option<(i64, i64)>,
+    /// Two-phase: when its hold expires (set once: the order took that path).
+    expires: Option<i64>,
+    /// Two-phase: (entry id, balance after) of its hold and of its release.
+    hold: Option<(i64, i64)>,
+    release: Option<(i64, i64)>,
+    /// Two-phase: what the capture took.
+    captured: Option<i64>,
 }
 
 impl Model {
@@ -701,7 +784,7 @@ impl Model {
         }
     }
 
-    fn apply(&mut self, cmd: &Command) -> Shape {
+    fn apply(&mut self, cmd: &Command, now: i64) -> Shape {
         if let (Some(token), Some(order)) = (cmd.fence, cmd.order_id()) {
             if self.orders.contains_key(order.as_str()) {
                 let kept = self.fences.entry(order.as_str().to_owned()).or_insert(0);
@@ -728,9 +811,15 @@ impl Model {
                 refund_id,
                 amount,
             } => self.refund(order_id.as_str(), refund_id.as_str(), amount.minor()),
-            Op::Authorize { .. } | Op::Capture { .. } | Op::Void { .. } | Op::Expire { .. } => {
-                unreachable!("this generator makes no two-phase ops (two_phase.rs covers them)")
+            Op::Authorize {
+                order_id,
+                hold_ttl_ms,
+            } => self.authorize(order_id.as_str(), now + hold_ttl_ms),
+            Op::Capture { order_id, amount } => {
+                self.capture(order_id.as_str(), amount.map(Money::minor), now)
             }
+            Op::Void { order_id } => self.release(order_id.as_str(), OrderStatus::Voided, now),
+            Op::Expire { order_id } => self.release(order_id.as_str(), OrderStatus::Expired, now),
         }
     }
 
@@ -775,6 +864,10 @@ impl Model {
                 status: OrderStatus::Prepare,
                 refunded: 0,
                 debit: None,
+                expires: None,
+                hold: None,
+                release: None,
+                captured: None,
             },
         );
         Shape::Order {
@@ -790,9 +883,11 @@ impl Model {
         };
         match (o.status, o.debit) {
             (OrderStatus::Failed, _) => Shape::Rejected("insufficient_funds"),
+            _ if o.expires.is_some() => Shape::Rejected("order_authorized"),
             (OrderStatus::Prepare, _) => {
+                let held = self.held.get(&o.account).copied().unwrap_or(0);
                 let balance = &mut self.accounts.get_mut(&o.account).unwrap().2;
-                if *balance < o.amount {
+                if *balance - held < o.amount {
                     o.status = OrderStatus::Failed;
                     return Shape::Rejected("insufficient_funds");
                 }
@@ -840,11 +935,12 @@ impl Model {
             };
         }
         match o.status {
-            OrderStatus::Prepare | OrderStatus::Failed => return Shape::Rejected("order_not_paid"),
+            OrderStatus::Paid | OrderStatus::PartiallyRefunded => {}
             OrderStatus::Refunded => return Shape::Rejected("refund_exceeds_paid"),
-            _ => {}
+            _ => return Shape::Rejected("order_not_paid"),
         }
-        if o.refunded + amount > o.amount {
+        let taken = o.captured.unwrap_or(o.amount);
+        if o.refunded + amount > taken {
             return Shape::Rejected("refund_exceeds_paid");
         }
         let balance = &mut self.accounts.get_mut(&o.account).unwrap().2;
@@ -853,7 +949,7 @@ impl Model {
         };
         *balance = after;
         o.refunded += amount;
-        o.status = if o.refunded == o.amount {
+        o.status = if o.refunded == taken {
             OrderStatus::Refunded
         } else {
             OrderStatus::PartiallyRefunded
@@ -869,5 +965,121 @@ impl Model {
             status: o.status,
             refunded: o.refunded,
         }
+    }
+}
+
+/// Two-phase payments, as API.md states them.
+impl Model {
+    fn movement(&self, id: &str, entry: (i64, i64), amount: i64, replayed: bool) -> Shape {
+        let o = &self.orders[id];
+        Shape::Moved {
+            replayed,
+            entry: entry.0,
+            amount,
+            balance_after: entry.1,
+            status: o.status,
+            refunded: o.refunded,
+        }
+    }
+
+    fn authorize(&mut self, id: &str, expires: i64) -> Shape {
+        let Some(o) = self.orders.get_mut(id) else {
+            return Shape::Rejected("order_not_found");
+        };
+        match o.status {
+            OrderStatus::Failed => return Shape::Rejected("insufficient_funds"),
+            _ if o.expires.is_some() => {
+                let hold = o.hold.expect("model: a two-phase order without its hold");
+                let amount = o.amount;
+                return self.movement(id, hold, amount, true);
+            }
+            OrderStatus::Prepare => {}
+            _ => return Shape::Rejected("order_not_authorized"),
+        }
+        let held = self.held.entry(o.account.clone()).or_default();
+        let balance = self.accounts[&o.account].2;
+        if balance - *held < o.amount {
+            o.status = OrderStatus::Failed;
+            return Shape::Rejected("insufficient_funds");
+        }
+        *held += o.amount;
+        self.entries += 1;
+        o.status = OrderStatus::Authorized;
+        o.expires = Some(expires);
+        o.hold = Some((self.entries, balance));
+        let (hold, amount) = (self.entries, o.amount);
+        self.movement(id, (hold, balance), amount, false)
+    }
+
+    fn capture(&mut self, id: &str, amount: Option<i64>, now: i64) -> Shape {
+        let Some(o) = self.orders.get_mut(id) else {
+            return Shape::Rejected("order_not_found");
+        };
+        let Some(expires) = o.expires else {
+            return Shape::Rejected("order_not_authorized");
+        };
+        let n = amount.unwrap_or(o.amount);
+        match o.status {
+            OrderStatus::Authorized => {}
+            OrderStatus::Voided => return Shape::Rejected("hold_voided"),
+            OrderStatus::Expired => return Shape::Rejected("hold_expired"),
+            _ if o.captured == Some(n) => {
+                let debit = o.debit.expect("model: a capture without its entry");
+                return self.movement(id, debit, n, true);
+            }
+            _ => return Shape::Rejected("hold_already_captured"),
+        }
+        if now >= expires {
+            return Shape::Rejected("hold_expired");
+        }
+        if n > o.amount {
+            return Shape::Rejected("capture_exceeds_hold");
+        }
+        let balance = &mut self.accounts.get_mut(&o.account).unwrap().2;
+        *balance -= n;
+        *self.held.get_mut(&o.account).unwrap() -= o.amount;
+        self.entries += 1;
+        let capture = (self.entries, *balance);
+        if n < o.amount {
+            self.entries += 1;
+            o.release = Some((self.entries, *balance));
+        }
+        o.status = OrderStatus::Paid;
+        o.captured = Some(n);
+        o.debit = Some(capture);
+        self.movement(id, capture, n, false)
+    }
+
+    /// A void (`target` VOIDED) or the sweeper's expiry (EXPIRED).
+    fn release(&mut self, id: &str, target: OrderStatus, now: i64) -> Shape {
+        let Some(o) = self.orders.get_mut(id) else {
+            return Shape::Rejected("order_not_found");
+        };
+        let Some(expires) = o.expires else {
+            return Shape::Rejected("order_not_authorized");
+        };
+        match o.status {
+            OrderStatus::Authorized => {}
+            s if s == target => {
+                let release = o.release.expect("model: a release without its entry");
+                let amount = o.amount;
+                return self.movement(id, release, amount, true);
+            }
+            OrderStatus::Voided => return Shape::Rejected("hold_voided"),
+            OrderStatus::Expired => return Shape::Rejected("hold_expired"),
+            _ => return Shape::Rejected("hold_already_captured"),
+        }
+        match (target, now >= expires) {
+            (OrderStatus::Voided, true) => return Shape::Rejected("hold_expired"),
+            (OrderStatus::Expired, false) => return Shape::Rejected("hold_not_expired"),
+            _ => {}
+        }
+        let balance = self.accounts[&o.account].2;
+        *self.held.get_mut(&o.account).unwrap() -= o.amount;
+        self.entries += 1;
+        o.status = target;
+        o.release = Some((self.entries, balance));
+        let (release, amount) = (self.entries, o.amount);
+        self.movement(id, (release, balance), amount, false)
     }
 }

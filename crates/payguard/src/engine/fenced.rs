@@ -208,7 +208,11 @@ async fn read_first(
         return;
     }
     let cmds = asked.iter().map(|&i| ops[i].clone()).collect();
-    match shared.store.settled(cmds).await {
+    match shared
+        .store
+        .settled(cmds, chrono::Utc::now().timestamp_millis())
+        .await
+    {
         Ok(settled) if settled.len() == asked.len() => {
             for (i, answer) in asked.into_iter().zip(settled) {
                 if let Some(answer) = answer {

@@ -479,7 +479,8 @@ pub trait Store: Send + Sync + 'static {
     /// replay, a definite refusal); `None` for each command that must run as a
     /// write. One snapshot for the whole call. With cross-instance locks, the
     /// engine asks this first for an order another instance just released.
-    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>>;
+    /// `now_ms` is the time the rules decide at (a hold's expiry), as for a write.
+    fn settled(&self, cmds: Vec<Command>, now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>>;
     fn account(&self, id: AccountId) -> StoreFuture<Option<Account>>;
     fn order(&self, id: OrderId) -> StoreFuture<Option<Order>>;
     /// The order's entries in commit order; `None` when the order does not exist.

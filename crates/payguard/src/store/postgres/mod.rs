@@ -246,11 +246,10 @@ impl Store for PgStore {
         })
     }
 
-    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>> {
+    fn settled(&self, cmds: Vec<Command>, now: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, mut client) = inner.enter().await?;
-            let now = batch::now_ms();
             match tokio::time::timeout(
                 inner.batch_deadline,
                 reads::settled(&mut client, &cmds, now),

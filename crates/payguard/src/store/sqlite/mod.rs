@@ -185,7 +185,7 @@ impl Store for SqliteStore {
         self.write(move |conn| writer::run_one(conn, &cmd))
     }
 
-    fn settled(&self, cmds: Vec<Command>) -> StoreFuture<Vec<Option<OpResult>>> {
+    fn settled(&self, cmds: Vec<Command>, now: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         if self.inner.schema != SchemaKind::Guarded {
             return Box::pin(async {
                 Err(StoreError::Schema(
@@ -193,7 +193,6 @@ impl Store for SqliteStore {
                 ))
             });
         }
-        let now = chrono::Utc::now().timestamp_millis();
         self.read(move |c| commands::settled(c, &cmds, now))
     }
 
