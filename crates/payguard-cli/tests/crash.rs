@@ -529,3 +529,115 @@ async fn the_crash_checker_catches_the_naive_design() {
     );
     eprintln!("naive design caught: {message}");
 }
+
+/// Holds that expired while no instance ran, released by a sweeper that dies
+/// mid-sweep: first an exit inside the sweeper's expiry batch (the failpoint
+/// `store.mid_batch`), then `kill -9` the moment a sweep begins, on the same
+/// database; a last instance sweeps what is left. Every hold is released exactly
+/// once (one release entry each, EXPIRED), `held` is back to zero and the audit is
+/// clean. SQLite, and PostgreSQL when configured.
+async fn sweeper_dies_mid_sweep(db: &str, dir: &Path) {
+    const HOLDS: usize = 24;
+    let http = reqwest::Client::new();
+    // A sweeper that never comes round while the holds are made.
+    let s = start(dir, "hold-maker", db, &["--sweep-interval", "1h"]);
+    let r = post(
+        &http,
+        format!("{}/v1/accounts", s.url),
+        Some(json!({"id": "holder", "balance": 1_000_000})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    for i in 0..HOLDS {
+        let r = post(
+            &http,
+            format!("{}/v1/orders", s.url),
+            Some(json!({"id": format!("h{i}"), "account_id": "holder", "amount": 100})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = post(
+            &http,
+            format!("{}/v1/orders/h{i}/authorize", s.url),
+            Some(json!({"hold_ttl_s": 1})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    s.stop();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // An exit inside the expiry batch.
+    let s = start_with_env(
+        dir,
+        "sweeper-exit",
+        db,
+        &["--sweep-interval", "20ms"],
+        &[("FAILPOINTS", "store.mid_batch=return(exit)")],
+    );
+    assert_eq!(s.wait_exit(), Some(86), "the sweep ended the process mid-batch");
+    // kill -9 as a sweep begins.
+    let s = start(dir, "sweeper-killed", db, &["--sweep-interval", "20ms"]);
+    s.wait_for_log(&["\"expire_start\""], Duration::from_secs(10));
+    s.kill9();
+    let open: serde_json::Value = {
+        let s = start(dir, "reader", db, &["--sweep-interval", "1h"]);
+        let a = get_json(&http, format!("{}/v1/accounts/holder", s.url)).await;
+        s.stop();
+        a
+    };
+    eprintln!(
+        "{db}: after an exit mid-sweep and a kill -9 mid-sweep, {} of {HOLDS} holds still held",
+        open["held"].as_i64().unwrap_or(-1) / 100
+    );
+
+    // The last sweeper releases the rest.
+    let s = start(dir, "sweeper", db, &["--sweep-interval", "20ms"]);
+    let mut held = i64::MAX;
+    for _ in 0..200 {
+        held = get_json(&http, format!("{}/v1/accounts/holder", s.url)).await["held"]
+            .as_i64()
+            .unwrap();
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held, 0, "every hold released");
+    for i in 0..HOLDS {
+        let order = get_json(&http, format!("{}/v1/orders/h{i}", s.url)).await;
+        assert_eq!(order["status"], "EXPIRED", "h{i}: {order}");
+        let entries = get_json(&http, format!("{}/v1/orders/h{i}/entries", s.url)).await;
+        let kinds: Vec<&str> = entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["hold", "release"], "h{i}: released exactly once");
+    }
+    let account = get_json(&http, format!("{}/v1/accounts/holder", s.url)).await;
+    assert_eq!(account["balance"], 1_000_000);
+    let audit = get_json(&http, format!("{}/v1/audit", s.url)).await;
+    assert_eq!(audit["ok"], json!(true), "{audit}");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeper_dying_mid_sweep_releases_each_hold_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sweep.db");
+    sweeper_dies_mid_sweep(db.to_str().unwrap(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeper_dying_mid_sweep_releases_each_hold_once_on_postgres() {
+    let Some(base) = pg_base() else { return };
+    let scratch = ScratchDb::create(&base, "pg_test_sweep").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    sweeper_dies_mid_sweep(&pg_url(&base, &scratch.name), dir.path()).await;
+    scratch.drop_db().await.unwrap();
+}
