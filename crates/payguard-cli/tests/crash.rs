@@ -578,7 +578,11 @@ async fn sweeper_dies_mid_sweep(db: &str, dir: &Path) {
         &["--sweep-interval", "20ms"],
         &[("FAILPOINTS", "store.mid_batch=return(exit)")],
     );
-    assert_eq!(s.wait_exit(), Some(86), "the sweep ended the process mid-batch");
+    assert_eq!(
+        s.wait_exit(),
+        Some(86),
+        "the sweep ended the process mid-batch"
+    );
     // kill -9 as a sweep begins.
     let s = start(dir, "sweeper-killed", db, &["--sweep-interval", "20ms"]);
     s.wait_for_log(&["\"expire_start\""], Duration::from_secs(10));

@@ -121,7 +121,22 @@ struct Report {
     runs: Vec<RunResult>,
     half_load: Option<RunResult>,
     best_engine_ratio: f64,
+    /// What a two-phase payment (authorize, then capture) costs next to a deduct:
+    /// the best deduct run's payments/s over the two-phase run's, same batch_max.
+    two_phase_cost: Option<f64>,
 }
+
+/// How a bench order is paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Payment {
+    /// One step: `deduct`.
+    Deduct,
+    /// Two steps, one after the other: `authorize`, then `capture` of the whole hold.
+    TwoPhase,
+}
+
+/// How long a bench hold lasts: far longer than any run.
+const BENCH_HOLD_TTL_MS: i64 = 3_600_000;
 
 fn setup(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<()> {
     let mut conn = open_connection(path)?;
@@ -289,22 +304,45 @@ fn deduct_op(i: usize) -> Command {
     })
 }
 
+/// The commands that pay order `i`, in order.
+fn payment_ops(i: usize, payment: Payment) -> Vec<Command> {
+    let order_id = OrderId::parse(&order_id(i)).expect("valid id");
+    match payment {
+        Payment::Deduct => vec![Command::new(Op::Deduct { order_id })],
+        Payment::TwoPhase => vec![
+            Command::new(Op::Authorize {
+                order_id: order_id.clone(),
+                hold_ttl_ms: BENCH_HOLD_TTL_MS,
+            }),
+            Command::new(Op::Capture {
+                order_id,
+                amount: None,
+            }),
+        ],
+    }
+}
+
 fn check(out: Result<Output, payguard::EngineError>) -> anyhow::Result<()> {
     match out {
         Ok(Output::Movement {
             replayed: false, ..
         }) => Ok(()),
-        other => anyhow::bail!("bench deduct did not commit: {other:?}"),
+        other => anyhow::bail!("bench payment did not commit: {other:?}"),
     }
 }
 
+/// `orders` payments by `concurrency` callers, each paying one order at a time
+/// (both steps of a two-phase payment, one after the other); latency is the
+/// whole payment's.
 async fn closed_loop(
     engine: Arc<Engine>,
     orders: usize,
     concurrency: usize,
+    payment: Payment,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     // The ops are built before the clock starts, as the raw baseline's are.
-    let ops: Arc<Vec<Command>> = Arc::new((0..orders).map(deduct_op).collect());
+    let ops: Arc<Vec<Vec<Command>>> =
+        Arc::new((0..orders).map(|i| payment_ops(i, payment)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
@@ -324,7 +362,9 @@ async fn closed_loop(
                     break;
                 }
                 let t0 = Instant::now();
-                check(engine.submit(ops[i].clone(), req.clone()).await)?;
+                for op in &ops[i] {
+                    check(engine.submit(op.clone(), req.clone()).await)?;
+                }
                 samples.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
             }
             Ok::<_, anyhow::Error>(samples)
@@ -417,8 +457,11 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let sweep = sqlite.sweep(&raw)?;
     let seed = sqlite.seed(&raw)?;
     let half = sqlite.half_load(&raw, &sweep)?;
+    let two_phase = sqlite.two_phase(&raw, &sweep)?;
+    let two_phase_cost = two_phase_cost(&sweep.best, &two_phase);
     let mut runs = vec![raw, direct];
     runs.extend(sweep.runs);
+    runs.push(two_phase);
     runs.push(seed);
     let report = Report {
         orders,
@@ -428,6 +471,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         best_engine_ratio: sweep.best.ratio_to_raw,
         runs,
         half_load: Some(half),
+        two_phase_cost: Some(two_phase_cost),
     };
     finish(&args, &report)
 }
@@ -450,6 +494,11 @@ fn finish(args: &EngineBenchArgs, report: &Report) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A two-phase payment's cost as a multiple of a deduct's (payments/s ratio).
+fn two_phase_cost(deduct: &RunResult, two_phase: &RunResult) -> f64 {
+    deduct.ops_per_sec / two_phase.ops_per_sec.max(f64::MIN_POSITIVE)
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -484,6 +533,11 @@ fn print_table(r: &Report) {
         "best engine run: {:.2} × raw rusqlite (target ≥ 0.80)",
         r.best_engine_ratio
     );
+    if let Some(cost) = r.two_phase_cost {
+        crate::outln!(
+            "a two-phase payment (authorize + capture) costs {cost:.2} × a deduct (target ≤ 2.2)"
+        );
+    }
 }
 
 fn esc(s: &str) -> String {

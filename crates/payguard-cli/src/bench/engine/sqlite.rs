@@ -6,7 +6,7 @@
 
 use super::{
     bench_engine_config, closed_loop, ms, open_loop, raw, setup, start_engine, store_direct,
-    EngineBenchArgs, RunResult, HALF_LOAD_SECS_MAX,
+    EngineBenchArgs, Payment, RunResult, HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::Engine;
@@ -72,19 +72,47 @@ impl SqliteRuns<'_> {
         })
     }
 
+    /// Two-phase payments (authorize, then capture) at the best deduct run's
+    /// batch_max, in the same run.
+    pub fn two_phase(&self, raw: &RunResult, sweep: &Sweep) -> anyhow::Result<RunResult> {
+        let r = self.payment_run(sweep.best_batch_max, raw, Payment::TwoPhase)?;
+        eprintln!("  {}: {:.0} payments/s", r.name, r.ops_per_sec);
+        Ok(r)
+    }
+
     fn engine_run(&self, bm: usize, raw: &RunResult) -> anyhow::Result<RunResult> {
+        self.payment_run(bm, raw, Payment::Deduct)
+    }
+
+    fn payment_run(
+        &self,
+        bm: usize,
+        raw: &RunResult,
+        payment: Payment,
+    ) -> anyhow::Result<RunResult> {
         let (args, rt, orders) = (self.args, self.rt, self.orders);
-        let path = self.dir.join(format!("engine-{bm}.db"));
+        let path = self.dir.join(format!("engine-{bm}-{payment:?}.db"));
         setup(&path, orders, self.accounts)?;
         let engine = Arc::new(start_engine(&path, args, bm)?);
-        let (secs, h) = rt.block_on(closed_loop(engine.clone(), orders, args.concurrency))?;
+        let (secs, h) = rt.block_on(closed_loop(
+            engine.clone(),
+            orders,
+            args.concurrency,
+            payment,
+        ))?;
         let stats = engine.stats();
         let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
         let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
         let audit_ok = rt.block_on(engine.audit())?.ok;
         rt.block_on(engine.shutdown())?;
         Ok(RunResult {
-            name: format!("engine, batch_max={bm}, {} callers", args.concurrency),
+            name: match payment {
+                Payment::Deduct => format!("engine, batch_max={bm}, {} callers", args.concurrency),
+                Payment::TwoPhase => format!(
+                    "two-phase (authorize + capture), batch_max={bm}, {} callers",
+                    args.concurrency
+                ),
+            },
             ops: orders,
             secs,
             ops_per_sec: orders as f64 / secs,
@@ -118,6 +146,7 @@ impl SqliteRuns<'_> {
             seed_engine.clone(),
             seed_orders,
             args.seed_concurrency,
+            Payment::Deduct,
         ))?;
         let audit_ok = rt.block_on(seed_engine.audit())?.ok;
         rt.block_on(seed_engine.shutdown())?;
