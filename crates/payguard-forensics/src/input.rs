@@ -147,6 +147,8 @@ pub struct Source {
     carry: Vec<u8>,
     /// Nothing more will come from this source.
     pub done: bool,
+    /// Decompressed bytes handed out in chunks so far.
+    pub bytes_read: u64,
     /// A read or decompression error; the bytes before it were analysed.
     pub error: Option<String>,
     /// Inside a line longer than a chunk: drop bytes until the next newline.
@@ -161,6 +163,7 @@ impl Source {
             reader: None,
             carry: Vec::new(),
             done: false,
+            bytes_read: 0,
             error: None,
             skipping_long: false,
         }
@@ -251,6 +254,7 @@ impl Source {
             buf.truncate(keep);
         }
         let pieces = split_pieces(&buf);
+        self.bytes_read += buf.len() as u64;
         Some(Chunk {
             file: self.file,
             data: Arc::new(buf),

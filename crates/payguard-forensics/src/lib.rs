@@ -92,17 +92,29 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
     check_inputs(&files)?;
     let parser = LineParser::new(args.order.as_deref());
-    let alignment = (!args.no_align).then(|| align_clocks(args, &files, &mut cfg));
-    let mut sources: Vec<Source> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| Source::new(i as u16, f))
-        .collect();
+    let (alignment, sampled) = match args.no_align {
+        true => (None, None),
+        false => {
+            let (a, s) = align_clocks(args, &files, &mut cfg);
+            (Some(a), s)
+        }
+    };
+    let (mut sources, rounds) = match sampled {
+        Some(s) => (s.sources, s.rounds),
+        None => (
+            files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Source::new(i as u16, f))
+                .collect(),
+            Vec::new(),
+        ),
+    };
     let mut engine = Engine::new(cfg, files);
     if let Some(a) = &alignment {
         engine.notes.extend(a.notes.iter().cloned());
     }
-    merge_all(&mut sources, &parser, &mut engine);
+    merge_all(&mut sources, rounds, &parser, &mut engine);
 
     let input_errors: Vec<(String, String)> = sources
         .iter()
@@ -144,17 +156,28 @@ fn config(args: &ForensicsArgs) -> Result<Config, Fail> {
 
 /// Infers the hosts' clocks from a bounded sample of the inputs (see [`align`]) and puts the
 /// applied zones and skews into the merge's settings; the user's `--skew` stay (they win).
+/// Gives back what was sampled when the merge can take it as it is.
 fn align_clocks(
     args: &ForensicsArgs,
     files: &[input::FileInfo],
     cfg: &mut Config,
-) -> align::Alignment {
+) -> (align::Alignment, Option<align::Sampled>) {
     let user = align::UserClock {
         tz: args.tz,
         skew_us: cfg.skew_us.clone(),
     };
-    // `--order` narrows the parse to one order: alignment needs every order's evidence.
-    let ev = align::sample(files, &LineParser::new(None), &user);
+    let bytes_per_file = args
+        .align_sample_bytes
+        .unwrap_or(limits::CLOCK_SAMPLE_BYTES_PER_FILE);
+    let limits = align::SampleLimits {
+        bytes_per_file,
+        // `--order` narrows the merge's parse to one order, so its pieces are not the sample's.
+        keep: args.order.is_none()
+            && (files.len() as u64).saturating_mul(bytes_per_file)
+                <= limits::CLOCK_SAMPLE_KEPT_BYTES_MAX,
+    };
+    // Alignment needs every order's evidence, whatever `--order` says.
+    let (ev, sampled) = align::sample(files, &LineParser::new(None), &user, limits);
     let mut a = align::solve(&ev, &user);
     // With standard input the only input there is nothing to align it with.
     for f in ev.unsampled.iter().filter(|_| files.len() > 1) {
@@ -172,7 +195,7 @@ fn align_clocks(
     skews.append(&mut cfg.skew_us);
     cfg.skew_us = skews;
     cfg.file_zone = a.file_zone.clone();
-    a
+    (a, sampled)
 }
 
 /// At most `files_max` inputs, and standard input at most once.
@@ -200,13 +223,24 @@ fn check_inputs(files: &[input::FileInfo]) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Reads, parses and merges every input, then finishes the engine.
-fn merge_all(sources: &mut [Source], parser: &LineParser, engine: &mut Engine) {
+/// Reads, parses and merges every input, then finishes the engine. `sampled` are rounds the
+/// clock alignment already read and parsed (the sources go on after them): merged first.
+fn merge_all(
+    sources: &mut [Source],
+    sampled: Vec<align::Round>,
+    parser: &LineParser,
+    engine: &mut Engine,
+) {
     let (mut t_ingest, mut t_read, mut rounds) =
         (std::time::Duration::ZERO, std::time::Duration::ZERO, 0u64);
+    let mut sampled = sampled.into_iter();
+    let mut read_round = |sources: &mut [Source], marks: &[Option<i64>]| match sampled.next() {
+        Some((p, o)) => (p, o, true),
+        None => read_round(sources, parser, marks),
+    };
     // Two stages overlap: while one thread merges round k (the engine has one owner), the pool
     // reads and parses round k+1, choosing files by the watermarks of round k-1.
-    let (mut pieces, mut overlong, mut more) = read_round(sources, parser, &engine.watermarks());
+    let (mut pieces, mut overlong, mut more) = read_round(sources, &engine.watermarks());
     while more {
         let marks = engine.watermarks();
         let cur = std::mem::take(&mut pieces);
@@ -219,7 +253,7 @@ fn merge_all(sources: &mut [Source], parser: &LineParser, engine: &mut Engine) {
             },
             || {
                 let t = std::time::Instant::now();
-                let r = read_round(sources, parser, &marks);
+                let r = read_round(sources, &marks);
                 (t.elapsed(), r)
             },
         );

@@ -76,6 +76,10 @@ pub const EVENTS_PER_ORDER_MAX: usize = 100_000;
 /// (8 MiB of the benchmark's logs hold ~1,700 cross-host orderings per host; see BENCHMARKS.md.)
 pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 8 * 1024 * 1024;
 
+/// The sampled chunks are kept, parsed, for the merge (so nothing is read or parsed twice) when
+/// all the files' samples together fit in this many bytes; past it they are read again.
+pub const CLOCK_SAMPLE_KEPT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
 /// An order's evidence is judged once it has not been seen for this many sampling rounds (one
 /// chunk of every file a round); orders whose lines are farther apart in the files are not used.
 pub const CLOCK_EVIDENCE_ROUNDS: u32 = 3;

@@ -17,7 +17,7 @@
 mod sample;
 mod solve;
 
-pub use sample::{sample, Evidence, PairBounds};
+pub use sample::{sample, Evidence, PairBounds, Round, SampleLimits, Sampled};
 pub use solve::solve;
 
 use crate::clock::TzOffset;

@@ -10,14 +10,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::clock::{DateRef, RawTime};
-use crate::engine::{parse_piece, ParsedPiece};
-use crate::input::{give_back, Chunk, FileInfo, Origin, Source};
+use crate::engine::{read_parse, ParsedPiece};
+use crate::input::{give_back, FileInfo, Origin, Source};
 use crate::limits::{
     CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_ORDERS_MAX, CLOCK_EVIDENCE_ROUNDS,
-    CLOCK_SAMPLE_BYTES_PER_FILE, HOSTS_MAX,
+    HOSTS_MAX,
 };
 use crate::parse::{LineParser, Side, Step};
 
@@ -120,8 +118,37 @@ struct Sampler<'u> {
     round: u32,
 }
 
-/// Reads a bounded prefix of every file and collects the evidence (see the module docs).
-pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evidence {
+/// How much the sampling pass reads, and whether it keeps what it read for the merge.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleLimits {
+    /// Decompressed bytes read from the start of each file (`clock_sample_bytes_per_file`).
+    pub bytes_per_file: u64,
+    /// Keep the sampled chunks, parsed, for the merge (see [`Sampled`]); the caller decides, so
+    /// that the memory this takes stays under `clock_sample_kept_bytes_max`.
+    pub keep: bool,
+}
+
+/// What the sampling pass read, kept so the merge neither reads nor parses it a second time:
+/// the pieces hold raw times, which the merge resolves with the zones and skews alignment chose.
+pub struct Sampled {
+    /// Every input's source, positioned just after its sample (standard input: not read yet).
+    pub sources: Vec<Source>,
+    /// The sampled rounds in order, as [`crate::engine::read_round`] gives them: pieces (in file
+    /// order) and lines dropped as too long, per file.
+    pub rounds: Vec<Round>,
+}
+
+/// One reading round: its parsed pieces and its overlong-line counts per file.
+pub type Round = (Vec<ParsedPiece>, Vec<(u16, u64)>);
+
+/// Reads a bounded prefix of every file and collects the evidence (see the module docs); with
+/// `limits.keep`, also gives back what it read for the merge.
+pub fn sample(
+    files: &[FileInfo],
+    parser: &LineParser,
+    user: &UserClock,
+    limits: SampleLimits,
+) -> (Evidence, Option<Sampled>) {
     let mut s = Sampler {
         user,
         ev: Evidence {
@@ -140,73 +167,52 @@ pub fn sample(files: &[FileInfo], parser: &LineParser, user: &UserClock) -> Evid
         s.file_host.push(h);
     }
     let mut sources: Vec<Source> = Vec::new();
+    let mut sampled = vec![false; files.len()];
     for (i, f) in files.iter().enumerate() {
         match f.origin {
             Origin::Stdin => s.ev.unsampled.push(f.name.clone()),
-            Origin::Path(_) => sources.push(Source::new(i as u16, f)),
+            Origin::Path(_) => sampled[i] = true,
         }
+        sources.push(Source::new(i as u16, f));
     }
-    let mut read = vec![0u64; files.len()];
-    while let Some((parsed, buffers)) = read_round(&mut sources, &mut read, parser) {
+    let mut rounds: Vec<Round> = Vec::new();
+    loop {
+        let chosen: Vec<&mut Source> = sources
+            .iter_mut()
+            .filter(|src| sampled[src.file as usize] && !src.done)
+            .filter(|src| src.bytes_read < limits.bytes_per_file)
+            .collect();
+        if chosen.is_empty() {
+            break;
+        }
+        let (parsed, overlong) = read_parse(chosen, parser);
         for p in &parsed {
             s.take(p);
         }
-        // The merge reads with the same pool of chunk buffers: hand them back for it.
-        drop(parsed);
-        for b in buffers {
-            if let Ok(buf) = Arc::try_unwrap(b) {
-                give_back(buf);
-            }
-        }
         s.round += 1;
         s.judge_idle();
+        if limits.keep {
+            rounds.push((parsed, overlong));
+        } else {
+            give_back_all(parsed);
+        }
     }
     let rest: Vec<OrderMarks> = s.orders.drain().map(|(_, o)| o).collect();
     for o in rest {
         judge(&mut s.ev, &o.marks);
     }
-    s.ev
+    let kept = limits.keep.then_some(Sampled { sources, rounds });
+    (s.ev, kept)
 }
 
-/// A chunk's buffer, shared by the pieces cut from it.
-type Buffer = Arc<Vec<u8>>;
-
-/// A piece to parse: its file, its chunk and its byte range.
-type Job = (u16, Buffer, (usize, usize));
-
-/// One chunk of every file still under its sample budget, parsed in parallel, and the chunks'
-/// buffers; `None` when all are done.
-fn read_round(
-    sources: &mut [Source],
-    read: &mut [u64],
-    parser: &LineParser,
-) -> Option<(Vec<ParsedPiece>, Vec<Buffer>)> {
-    let mut active: Vec<&mut Source> = sources
-        .iter_mut()
-        .filter(|src| !src.done && read[src.file as usize] < CLOCK_SAMPLE_BYTES_PER_FILE)
-        .collect();
-    if active.is_empty() {
-        return None;
+/// The merge reads with the same pool of chunk buffers: hand them back for it.
+fn give_back_all(parsed: Vec<ParsedPiece>) {
+    let buffers: Vec<Arc<Vec<u8>>> = parsed.into_iter().map(ParsedPiece::into_data).collect();
+    for b in buffers {
+        if let Ok(buf) = Arc::try_unwrap(b) {
+            give_back(buf);
+        }
     }
-    let chunks: Vec<Chunk> = active
-        .par_iter_mut()
-        .with_max_len(1)
-        .filter_map(|src| src.read_chunk())
-        .collect();
-    let jobs: Vec<Job> = chunks
-        .iter()
-        .flat_map(|c| c.pieces.iter().map(|r| (c.file, Arc::clone(&c.data), *r)))
-        .collect();
-    for (f, _, (a, b)) in &jobs {
-        read[*f as usize] += (*b - *a) as u64;
-    }
-    let parsed = jobs
-        .par_iter()
-        .with_max_len(1)
-        .map(|(f, d, r)| parse_piece(parser, *f, d, *r, false))
-        .collect();
-    drop(jobs);
-    Some((parsed, chunks.into_iter().map(|c| c.data).collect()))
 }
 
 impl Sampler<'_> {

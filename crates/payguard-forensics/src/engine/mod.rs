@@ -41,7 +41,7 @@ use pending::Pending;
 use retired::Retired;
 
 pub use piece::{parse_piece, ParsedPiece, Rec, RecView, Span};
-pub use round::read_round;
+pub use round::{read_parse, read_round};
 
 /// Events most orders have (start, cache, lock, commit, unlock, end): one allocation per order.
 const ORDER_EVENTS_INITIAL: usize = 8;

@@ -83,6 +83,11 @@ impl ParsedPiece {
         self.file
     }
 
+    /// The chunk this piece was cut from (shared with the chunk's other pieces).
+    pub fn into_data(self) -> Arc<Vec<u8>> {
+        self.data
+    }
+
     /// The records in line order, borrowed.
     pub fn views(&self) -> impl Iterator<Item = RecView<'_>> + '_ {
         self.recs.iter().map(|r| RecView {
