@@ -76,6 +76,14 @@ pub const EVENTS_PER_ORDER_MAX: usize = 100_000;
 /// (8 MiB of the benchmark's logs hold ~1,700 cross-host orderings per host; see BENCHMARKS.md.)
 pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 8 * 1024 * 1024;
 
+/// Commits' ledger ids clock alignment collects from the samples (24 bytes each).
+pub const CLOCK_EVIDENCE_IDS_MAX: usize = 400_000;
+
+/// A ledger id is taken inside its transaction, before the commit is logged: two commits may
+/// be logged in the other order than their ids by about this much, so id order bounds clocks
+/// this much more loosely than an order's own requests do.
+pub const CLOCK_ID_SLACK_MS: i64 = 2;
+
 /// The sampled chunks are kept, parsed, for the merge (so nothing is read or parsed twice) when
 /// all the files' samples together fit in this many bytes; past it they are read again.
 pub const CLOCK_SAMPLE_KEPT_BYTES_MAX: u64 = 256 * 1024 * 1024;

@@ -133,6 +133,8 @@ pub struct HostClockJson {
     pub applied: bool,
     /// The host the others were aligned to.
     pub reference: bool,
+    /// What placed it (`orderings`, `ledger_ids`, `event_rate`); null when not applied.
+    pub evidence: Option<&'static str>,
 }
 
 /// `+08:00`, `-05:00`, `+05:30`.
@@ -156,6 +158,7 @@ pub fn clock_section(a: &crate::align::Alignment) -> ClockSection {
                     constraints: h.constraints,
                     applied: h.applied,
                     reference: h.reference,
+                    evidence: h.evidence.map(|e| e.key()),
                 };
                 (h.host.clone(), j)
             })
@@ -374,8 +377,13 @@ fn write_clock(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         let line = match (h.applied, h.reference, h.skew_ms, h.interval_ms) {
             (true, true, _, _) => format!("{zone}reference clock"),
             (true, false, Some(s), Some([lo, hi])) => format!(
-                "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host orderings (applied)",
-                h.constraints
+                "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host {} (applied)",
+                h.constraints,
+                match h.evidence {
+                    Some("ledger_ids") => "orderings, ledger ids among them",
+                    Some("event_rate") => "orderings: none; the zone from the event rate",
+                    _ => "orderings",
+                }
             ),
             _ => format!(
                 "{zone}left alone: evidence too thin or contradicting ({} cross-host orderings; see notes)",

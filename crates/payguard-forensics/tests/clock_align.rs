@@ -415,3 +415,35 @@ fn lock_hand_overs_bracket_tighter_and_a_small_step_shows_two_lock_holders() {
         assert!(i["hosts"][0] == "pay-2" || i["hosts"][1] == "pay-2", "{i}");
     }
 }
+
+#[test]
+fn a_host_with_only_ledger_ids_is_aligned_by_them() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = ["--solo-hosts", "1", "--ledger-ids"];
+    let truth = forensics(&corpus(d.path(), "truth", 3, &ids), &["--no-align"]);
+    let skewed = [&ids[..], &["--skew", "pay-3=300", "--skew", "pay-2=-150"]].concat();
+    let logs = corpus(d.path(), "shifted", 3, &skewed);
+    let got = forensics(&logs, &[]);
+    // pay-3 takes part in no cross-host race: only the shared ledger sequence places it.
+    let c = &got["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], true, "{c}");
+    assert_eq!(c["evidence"], "ledger_ids", "{c}");
+    let (lo, hi) = (
+        c["interval_ms"][0].as_f64().unwrap(),
+        c["interval_ms"][1].as_f64().unwrap(),
+    );
+    assert!(lo <= -300.0 && -300.0 <= hi && hi - lo <= 10.0, "{c}");
+    // pay-2 is still placed by its orderings, as tightly as without ids.
+    assert_clock(&got, "pay-2", None, 150.0);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["evidence"], "orderings");
+    assert_eq!(mismatch(&truth, &got), None);
+    // Without the shared sequence (ids per order) pay-3 has no evidence and is left alone.
+    let no_ids: Vec<&str> = skewed
+        .iter()
+        .copied()
+        .filter(|a| *a != "--ledger-ids")
+        .collect();
+    let logs = corpus(d.path(), "no-ids", 3, &no_ids);
+    let c = &forensics(&logs, &[])["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], false, "{c}");
+}

@@ -38,6 +38,30 @@ pub struct HostClock {
     pub applied: bool,
     /// The host others are aligned to (its offset is zero by definition).
     pub reference: bool,
+    /// What placed it, when applied.
+    pub evidence: Option<ClockEvidence>,
+}
+
+/// The kinds of evidence alignment uses, strongest first (see [`solve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockEvidence {
+    /// A replay after its commit, a lock taken after its release, across hosts.
+    Orderings,
+    /// Commits' ledger ids from one sequence, interleaved across hosts.
+    LedgerIds,
+    /// How the events per second rise and fall together across hosts (a zone only).
+    EventRate,
+}
+
+impl ClockEvidence {
+    /// The name in reports.
+    pub fn key(self) -> &'static str {
+        match self {
+            ClockEvidence::Orderings => "orderings",
+            ClockEvidence::LedgerIds => "ledger_ids",
+            ClockEvidence::EventRate => "event_rate",
+        }
+    }
 }
 
 /// The result of alignment: per host, and per file the zone its zone-less times are read in.

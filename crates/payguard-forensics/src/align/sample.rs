@@ -10,14 +10,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::clock::{DateRef, RawTime};
+use crate::clock::{DateRef, RawTime, MS_US};
 use crate::engine::{read_parse, ParsedPiece};
 use crate::input::{give_back, FileInfo, Origin, Source};
 use crate::limits::{
-    CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_ORDERS_MAX, CLOCK_EVIDENCE_ROUNDS,
-    HOSTS_MAX,
+    CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_IDS_MAX, CLOCK_EVIDENCE_ORDERS_MAX,
+    CLOCK_EVIDENCE_ROUNDS, CLOCK_ID_SLACK_MS, HOSTS_MAX,
 };
-use crate::parse::{LineParser, Side, Step};
+use crate::parse::{EntryId, LineParser, Side, Step};
 
 use super::UserClock;
 
@@ -51,8 +51,10 @@ pub struct Evidence {
     pub hosts: Vec<String>,
     /// Events per domain.
     pub events: Vec<u64>,
-    /// Bounds per domain pair `(a, b)`, `a < b`.
+    /// Bounds per domain pair `(a, b)`, `a < b`, from orderings of one order's requests.
     pub pairs: HashMap<(u32, u32), PairBounds>,
+    /// Bounds per domain pair from ledger entry ids of one sequence (weaker: see [`judge_ids`]).
+    pub id_pairs: HashMap<(u32, u32), PairBounds>,
     /// Per file: zone-less events per host id (to pick the zone its zone-less times are read in).
     pub file_zoneless: Vec<HashMap<u16, u64>>,
     /// Files that could not be sampled (standard input is read once, by the merge).
@@ -60,20 +62,60 @@ pub struct Evidence {
 }
 
 impl Evidence {
-    /// Records `d[y] - d[x] >= bound`.
+    /// Records `d[y] - d[x] >= bound` from an ordering.
     pub fn bound(&mut self, x: u32, y: u32, bound: i64) {
-        if x == y {
-            return;
+        add_bound(&mut self.pairs, x, y, bound);
+    }
+}
+
+/// Records `d[y] - d[x] >= bound` in `pairs`.
+fn add_bound(pairs: &mut HashMap<(u32, u32), PairBounds>, x: u32, y: u32, bound: i64) {
+    if x == y {
+        return;
+    }
+    if x < y {
+        let p = pairs.entry((x, y)).or_default();
+        p.lo = p.lo.max(bound);
+        p.n_lo += 1;
+    } else {
+        let p = pairs.entry((y, x)).or_default();
+        p.hi = p.hi.min(-bound);
+        p.n_hi += 1;
+    }
+}
+
+/// A commit's ledger entry id, on one clock domain, at a raw time.
+#[derive(Debug, Clone, Copy)]
+struct IdMark {
+    id: EntryId,
+    dom: u32,
+    raw_us: i64,
+}
+
+/// Ledger ids of one sequence, handed out by one database to every host: a higher id was
+/// taken later, so its commit was logged after the lower id's commit, give or take the time
+/// between taking an id and logging the commit (`clock_id_slack_ms`). Each step in id order
+/// from one host to another is one ordering: `raw(next) + d[next] >= raw(prev) + d[prev] - slack`,
+/// with `raw(prev)` the latest time its host logged any lower id (the tightest such bound).
+fn judge_ids(pairs: &mut HashMap<(u32, u32), PairBounds>, marks: &mut [IdMark], ndom: usize) {
+    let slack = CLOCK_ID_SLACK_MS * MS_US;
+    marks.sort_unstable_by_key(|m| (m.id, m.raw_us));
+    // The latest raw time of each domain among the lower ids of the current sequence.
+    let mut latest: Vec<Option<i64>> = vec![None; ndom];
+    let mut prev: Option<IdMark> = None;
+    for &m in marks.iter() {
+        if let Some(p) = prev {
+            if p.id.seq != m.id.seq {
+                latest.iter_mut().for_each(|l| *l = None);
+            } else if p.id.n < m.id.n && p.dom / 2 != m.dom / 2 {
+                if let Some(t) = latest[p.dom as usize] {
+                    add_bound(pairs, p.dom, m.dom, t - m.raw_us - slack);
+                }
+            }
         }
-        if x < y {
-            let p = self.pairs.entry((x, y)).or_default();
-            p.lo = p.lo.max(bound);
-            p.n_lo += 1;
-        } else {
-            let p = self.pairs.entry((y, x)).or_default();
-            p.hi = p.hi.min(-bound);
-            p.n_hi += 1;
-        }
+        let l = &mut latest[m.dom as usize];
+        *l = Some(l.map_or(m.raw_us, |t| t.max(m.raw_us)));
+        prev = Some(m);
     }
 }
 
@@ -115,6 +157,8 @@ struct Sampler<'u> {
     file_host: Vec<u16>,
     dates: Vec<DateRef>,
     orders: HashMap<Vec<u8>, OrderMarks>,
+    /// Commits' ledger ids (at most `clock_evidence_ids_max`), judged at the end.
+    ids: Vec<IdMark>,
     round: u32,
 }
 
@@ -160,6 +204,7 @@ pub fn sample(
         file_host: Vec::new(),
         dates: vec![DateRef::default(); files.len()],
         orders: HashMap::new(),
+        ids: Vec::new(),
         round: 0,
     };
     for f in files {
@@ -201,6 +246,7 @@ pub fn sample(
     for o in rest {
         judge(&mut s.ev, &o.marks);
     }
+    judge_ids(&mut s.ev.id_pairs, &mut s.ids, s.ev.events.len());
     let kept = limits.keep.then_some(Sampled { sources, rounds });
     (s.ev, kept)
 }
@@ -267,6 +313,12 @@ impl Sampler<'_> {
                 *self.ev.file_zoneless[f].entry(host).or_default() += 1;
             }
             let step = r.kind.step;
+            if let (Step::Commit, Some(id)) = (step, r.entry) {
+                if self.ids.len() < CLOCK_EVIDENCE_IDS_MAX {
+                    let raw_us = raw + self.host_skew[host as usize];
+                    self.ids.push(IdMark { id, dom, raw_us });
+                }
+            }
             let wanted = match step {
                 Step::Commit | Step::Replay => r.kind.side.is_some(),
                 Step::LockAcquired | Step::LockReleased => r.req.is_some(),
@@ -417,5 +469,46 @@ mod tests {
         // Replay: d2 - d0 >= 100 - 80 = 20; lock: d2 - d0 >= 120 - 30 = 90 (the tighter).
         let p = ev.pairs[&(0, 2)];
         assert_eq!((p.lo, p.n_lo), (90, 2));
+    }
+
+    #[test]
+    fn a_higher_ledger_id_on_another_host_was_committed_later() {
+        let m = |n, dom, raw_us| IdMark {
+            id: EntryId {
+                seq: b'E' as u32,
+                n,
+            },
+            dom,
+            raw_us,
+        };
+        let slack = CLOCK_ID_SLACK_MS * MS_US;
+        let mut pairs = HashMap::new();
+        // Host 0 (domain 0) logs ids 1 and 2 at 100 and 300; host 1 (domain 2) id 3 at 250.
+        // Another sequence (`F`) says nothing about `E`; neither does a step within one host.
+        let mut marks = vec![
+            m(3, 2, 250),
+            m(1, 0, 100),
+            m(2, 0, 300),
+            m(4, 2, 260),
+            IdMark {
+                id: EntryId {
+                    seq: b'F' as u32,
+                    n: 9,
+                },
+                dom: 0,
+                raw_us: 0,
+            },
+        ];
+        judge_ids(&mut pairs, &mut marks, 4);
+        // d2 - d0 >= 300 - 250 - slack, from one ordering.
+        assert_eq!(pairs.len(), 1);
+        let p = pairs[&(0, 2)];
+        assert_eq!((p.lo, p.n_lo, p.n_hi), (50 - slack, 1, 0));
+        // Back from host 1 to host 0: id 5 at 240 on host 0 bounds from the other side.
+        let mut marks = vec![m(3, 2, 250), m(4, 2, 270), m(5, 0, 240)];
+        let mut pairs = HashMap::new();
+        judge_ids(&mut pairs, &mut marks, 4);
+        let p = pairs[&(0, 2)];
+        assert_eq!((p.hi, p.n_hi), (240 - 270 + slack, 1));
     }
 }

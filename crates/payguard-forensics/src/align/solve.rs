@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use crate::clock::{TzOffset, MS_US};
 use crate::limits::{CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX};
 
-use super::{Alignment, Evidence, HostClock, UserClock};
+use super::{Alignment, ClockEvidence, Evidence, HostClock, PairBounds, UserClock};
 
 /// Zones are whole quarter hours (whole hours, :30 and :45 all are).
 const ZONE_STEP_US: i64 = 15 * 60 * 1_000_000;
@@ -28,7 +28,77 @@ struct Edge {
     w: i64,
 }
 
-/// Decides every host's clock from the evidence (see the module docs).
+/// What one kind of evidence made of the hosts' offsets.
+struct Tier {
+    /// Bounds of each host's offset relative to the anchors.
+    dist: Vec<Option<(i64, i64)>>,
+    constraints: Vec<u64>,
+    contradicted: Vec<bool>,
+    anchors: Vec<usize>,
+}
+
+impl Tier {
+    /// Whether host `h` is placed: reached within bounds by enough orderings, or an anchor.
+    fn placed(&self, h: usize) -> Option<(i64, i64)> {
+        let (lo, hi) = self.dist[h]?;
+        (self.constraints[h] >= CLOCK_CONSTRAINTS_MIN || self.anchors.contains(&h))
+            .then_some((lo, hi))
+    }
+}
+
+/// Solves the difference constraints of `pairs` (see the module docs); `anchors`, when given,
+/// are the reference hosts (so two tiers' offsets are relative to the same host).
+fn tier(
+    ev: &Evidence,
+    pairs: &HashMap<(u32, u32), PairBounds>,
+    major: &[Option<u32>],
+    fixed: &[bool],
+    anchors: Option<&[usize]>,
+    notes: &mut Vec<String>,
+) -> Tier {
+    let nh = major.len();
+    let (adj, constraints, contradicted) = edges(ev, pairs, major, notes);
+    let anchors = match anchors {
+        Some(a) if !a.is_empty() => a.to_vec(),
+        _ => pick_anchors(major, &adj, &constraints, fixed),
+    };
+    let mut dist = bracket(&adj, &anchors, fixed, notes);
+    // A reference with no host aligned to it is no reference.
+    if (0..nh).all(|h| anchors.contains(&h) || dist[h].is_none()) {
+        dist = vec![None; nh];
+    }
+    Tier {
+        dist,
+        constraints,
+        contradicted,
+        anchors,
+    }
+}
+
+/// The bounds the ledger-id tier solves: per pair and direction, the orderings' bound when
+/// there are `clock_constraints_per_side_min` of them, else theirs and the ids' together. So
+/// ids never replace a direction orderings already bound, and a host placed by orderings keeps
+/// that placement (see [`solve`]).
+fn with_ids(ev: &Evidence) -> HashMap<(u32, u32), PairBounds> {
+    let mut out = ev.pairs.clone();
+    for (k, i) in &ev.id_pairs {
+        let m = out.entry(*k).or_default();
+        if m.n_lo < CLOCK_CONSTRAINTS_PER_SIDE_MIN && i.n_lo > 0 {
+            m.lo = m.lo.max(i.lo);
+            m.n_lo += i.n_lo;
+        }
+        if m.n_hi < CLOCK_CONSTRAINTS_PER_SIDE_MIN && i.n_hi > 0 {
+            m.hi = m.hi.min(i.hi);
+            m.n_hi += i.n_hi;
+        }
+    }
+    out
+}
+
+/// Decides every host's clock from the evidence (see the module docs). Evidence comes in
+/// tiers, strongest first: orderings of one order's requests, then ledger ids, then the event
+/// rate (a zone only). A host is placed by the strongest tier that places it; a weaker tier
+/// only places hosts the stronger ones left alone, relative to the same reference.
 pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
     let nh = ev.hosts.len();
     let major: Vec<Option<u32>> = (0..nh)
@@ -38,39 +108,63 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         })
         .collect();
     let mut notes = Vec::new();
-    let (adj, constraints, contradicted) = edges(ev, &major, &mut notes);
     let fixed: Vec<bool> = ev.hosts.iter().map(|h| user.skew_of(h).is_some()).collect();
-    let anchors = anchors(&major, &adj, &constraints, &fixed);
-    let mut dist = bracket(&adj, &anchors, &fixed, &mut notes);
-    // A reference with no host aligned to it is no reference.
-    if (0..nh).all(|h| anchors.contains(&h) || dist[h].is_none()) {
-        dist = vec![None; nh];
-    }
+    let strong = tier(ev, &ev.pairs, &major, &fixed, None, &mut notes);
+    let ids = (!ev.id_pairs.is_empty()).then(|| {
+        let mut id_notes = Vec::new();
+        let t = tier(
+            ev,
+            &with_ids(ev),
+            &major,
+            &fixed,
+            Some(&strong.anchors),
+            &mut id_notes,
+        );
+        for n in id_notes {
+            if !notes.contains(&n) {
+                notes.push(format!("with ledger ids: {n}"));
+            }
+        }
+        t
+    });
     let active = major.iter().filter(|m| m.is_some()).count();
     let mut hosts = Vec::new();
-    for h in 0..nh {
-        let Some(dom) = major[h] else { continue };
+    for (h, m) in major.iter().enumerate() {
+        let Some(dom) = *m else { continue };
         let zone_less = dom % 2 == 1;
         let mut hc = HostClock {
             host: ev.hosts[h].clone(),
             zone: zone_less.then(|| user.tz.unwrap_or_default()),
             skew_us: None,
             interval_us: None,
-            constraints: constraints[h],
+            constraints: strong.constraints[h],
             applied: false,
-            reference: anchors.contains(&h),
+            reference: strong.anchors.contains(&h),
+            evidence: None,
         };
-        match dist[h] {
-            Some((lo, hi)) if constraints[h] >= CLOCK_CONSTRAINTS_MIN || anchors.contains(&h) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
-            _ if active > 1 && contradicted[h] => notes.push(format!(
+        let infer_zone = zone_less && user.tz.is_none();
+        let by_ids = ids.as_ref().and_then(|t| t.placed(h).map(|b| (t, b)));
+        if let Some((lo, hi)) = strong.placed(h) {
+            hc.evidence = Some(ClockEvidence::Orderings);
+            place(&mut hc, lo, hi, infer_zone);
+        } else if let Some((t, (lo, hi))) = by_ids {
+            hc.constraints = t.constraints[h];
+            hc.reference = t.anchors.contains(&h);
+            hc.evidence = Some(ClockEvidence::LedgerIds);
+            place(&mut hc, lo, hi, infer_zone);
+        } else if active > 1 && strong.contradicted[h] {
+            notes.push(format!(
                 "{}: its clock was left alone: its orderings with other hosts contradict each other",
                 hc.host
-            )),
-            _ if active > 1 => notes.push(format!(
+            ));
+        } else if active > 1 {
+            notes.push(format!(
                 "{}: too little evidence to align its clock ({} cross-host orderings; needs {} in all and {} each way within {} ms); its times are read as written",
                 hc.host, hc.constraints, CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX
-            )),
-            _ => {}
+            ));
+        }
+        if !hc.applied {
+            hc.evidence = None;
         }
         if let Some(s) = user.skew_of(&hc.host) {
             hc.skew_us = Some(s);
@@ -119,6 +213,7 @@ fn place(hc: &mut HostClock, lo: i64, hi: i64, infer_zone: bool) {
 /// counted per host.
 fn edges(
     ev: &Evidence,
+    pairs: &HashMap<(u32, u32), PairBounds>,
     major: &[Option<u32>],
     notes: &mut Vec<String>,
 ) -> (Vec<Vec<Edge>>, Vec<u64>, Vec<bool>) {
@@ -126,7 +221,7 @@ fn edges(
     let mut contradicted = vec![false; nh];
     let mut adj: Vec<Vec<Edge>> = (0..nh).map(|_| Vec::new()).collect();
     let mut constraints = vec![0u64; nh];
-    let mut pairs: Vec<_> = ev.pairs.iter().collect();
+    let mut pairs: Vec<_> = pairs.iter().collect();
     pairs.sort_by_key(|(k, _)| **k);
     for (&(a, b), p) in pairs {
         let (ha, hb) = ((a / 2) as usize, (b / 2) as usize);
@@ -159,7 +254,7 @@ fn edges(
 
 /// The reference hosts: those the user gave `--skew` for, else the one connected host with the
 /// most evidence, zoned hosts first (a zone in the log is the best clue to true time).
-fn anchors(
+fn pick_anchors(
     major: &[Option<u32>],
     adj: &[Vec<Edge>],
     constraints: &[u64],
@@ -279,6 +374,7 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             events: events.to_vec(),
             pairs: pairs.iter().copied().collect(),
+            id_pairs: HashMap::new(),
             file_zoneless: vec![[(0u16, 10u64)].into_iter().collect()],
             unsampled: vec![],
         }
@@ -398,5 +494,29 @@ mod tests {
         assert!(a.hosts[2].reference);
         assert_eq!(a.hosts[2].skew_us, Some(5_000));
         assert_eq!(a.hosts[1].skew_us, Some(-21_000));
+    }
+
+    #[test]
+    fn ledger_ids_place_only_hosts_the_orderings_leave_alone() {
+        // Orderings: b - a in [10, 12] ms. Ids: b - a in [40, 60] ms (contradicting them) and
+        // c - a in [-22, -18] ms (c has no orderings at all).
+        let mut e = ev(
+            &["a", "b", "c"],
+            &[30, 0, 10, 0, 10, 0],
+            &[((0, 2), pb(10_000, 12_000, 5))],
+        );
+        e.id_pairs = [
+            ((0, 2), pb(40_000, 60_000, 50)),
+            ((0, 4), pb(-22_000, -18_000, 50)),
+        ]
+        .into_iter()
+        .collect();
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts[0].reference);
+        assert_eq!(a.hosts[1].skew_us, Some(11_000));
+        assert_eq!(a.hosts[1].evidence, Some(ClockEvidence::Orderings));
+        assert_eq!(a.hosts[2].skew_us, Some(-20_000));
+        assert_eq!(a.hosts[2].evidence, Some(ClockEvidence::LedgerIds));
+        assert_eq!(a.hosts[2].constraints, 100);
     }
 }

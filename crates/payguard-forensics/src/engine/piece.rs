@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::clock::RawTime;
-use crate::parse::{EventKind, LineParser, Parsed, SkipReason};
+use crate::parse::{EntryId, EventKind, LineParser, Parsed, SkipReason};
 
 /// A string found by the parser: a range of the chunk, or of the piece's side buffer when it
 /// had to be unescaped.
@@ -34,6 +34,7 @@ pub struct Rec {
     pub(super) host: Span,
     pub(super) amount: Option<i64>,
     pub(super) entries: Option<u32>,
+    pub(super) entry: Option<EntryId>,
     /// Not an event: a dated line that only anchors dateless lines of its file.
     pub(super) hint: bool,
 }
@@ -73,6 +74,8 @@ pub struct RecView<'a> {
     pub oid: &'a [u8],
     pub req: Option<&'a [u8]>,
     pub host: Option<&'a [u8]>,
+    /// The ledger entry id a commit wrote.
+    pub entry: Option<EntryId>,
     /// A dated line that only anchors dateless lines (not an event).
     pub hint: bool,
 }
@@ -96,6 +99,7 @@ impl ParsedPiece {
             oid: self.bytes(r.oid).unwrap_or_default(),
             req: self.bytes(r.req),
             host: self.bytes(r.host),
+            entry: r.entry,
             hint: r.hint,
         })
     }
@@ -159,6 +163,7 @@ pub fn parse_piece(
                 host,
                 amount: e.amount,
                 entries: e.entries,
+                entry: e.entry,
                 hint: false,
             });
         }
@@ -176,6 +181,7 @@ pub fn parse_piece(
                 host: SPAN_NONE,
                 amount: None,
                 entries: None,
+                entry: None,
                 hint: true,
             });
         }
