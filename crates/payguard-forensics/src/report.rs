@@ -376,12 +376,14 @@ fn write_clock(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             .map_or(String::new(), |z| format!("zone {z}, "));
         let line = match (h.applied, h.reference, h.skew_ms, h.interval_ms) {
             (true, true, _, _) => format!("{zone}reference clock"),
+            (true, false, _, Some([lo, hi])) if h.evidence == Some("event_rate") => format!(
+                "{zone}from the event rate alone (weak: its skew is only known within [{lo:+.0}, {hi:+.0}] ms) (applied)"
+            ),
             (true, false, Some(s), Some([lo, hi])) => format!(
                 "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host {} (applied)",
                 h.constraints,
                 match h.evidence {
-                    Some("ledger_ids") => "orderings, ledger ids among them",
-                    Some("event_rate") => "orderings: none; the zone from the event rate",
+                    Some("ledger_ids") => "orderings and ledger-id steps (ledger ids: no ordering of its own)",
                     _ => "orderings",
                 }
             ),

@@ -447,3 +447,38 @@ fn a_host_with_only_ledger_ids_is_aligned_by_them() {
     let c = &forensics(&logs, &[])["clock"]["hosts"]["pay-3"];
     assert_eq!(c["applied"], false, "{c}");
 }
+
+#[test]
+fn a_zone_less_host_with_no_other_evidence_gets_its_zone_from_the_event_rate() {
+    let d = tempfile::tempdir().unwrap();
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &[
+            "--solo-hosts",
+            "1",
+            "--local",
+            "pay-3=+05:30",
+            "--skew",
+            "pay-3=300",
+            "--skew",
+            "pay-2=-150",
+        ],
+    );
+    let got = forensics(&logs, &[]);
+    // pay-3 shares no order and no ledger sequence with the others: only its events per
+    // second, rising and falling with theirs 5 h 30 min later, say where its zone is.
+    let c = &got["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], true, "{c}");
+    assert_eq!(c["evidence"], "event_rate", "{c}");
+    assert_eq!(c["zone"], "+05:30", "{c}");
+    assert_eq!(c["constraints"], 0, "{c}");
+    // Weak evidence names the zone, never a millisecond skew; strong evidence is not touched.
+    assert_eq!(c["skew_ms"], 0.0, "{c}");
+    assert_clock(&got, "pay-2", None, 150.0);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["evidence"], "orderings");
+    // With the zone given, there is nothing left for the event rate to say.
+    let given = forensics(&logs, &["--tz", "+05:30"]);
+    assert_eq!(given["clock"]["hosts"]["pay-3"]["applied"], false);
+}

@@ -15,7 +15,7 @@ use crate::engine::{read_parse, ParsedPiece};
 use crate::input::{give_back, FileInfo, Origin, Source};
 use crate::limits::{
     CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX, CLOCK_EVIDENCE_IDS_MAX, CLOCK_EVIDENCE_ORDERS_MAX,
-    CLOCK_EVIDENCE_ROUNDS, CLOCK_ID_SLACK_MS, HOSTS_MAX,
+    CLOCK_EVIDENCE_ROUNDS, CLOCK_ID_SLACK_MS, CLOCK_RATE_SECONDS_MAX, HOSTS_MAX,
 };
 use crate::parse::{EntryId, LineParser, Side, Step};
 
@@ -55,6 +55,8 @@ pub struct Evidence {
     pub pairs: HashMap<(u32, u32), PairBounds>,
     /// Bounds per domain pair from ledger entry ids of one sequence (weaker: see [`judge_ids`]).
     pub id_pairs: HashMap<(u32, u32), PairBounds>,
+    /// Per domain: events per second of raw time (at most `clock_rate_seconds_max` seconds).
+    pub rate: Vec<HashMap<i64, u32>>,
     /// Per file: zone-less events per host id (to pick the zone its zone-less times are read in).
     pub file_zoneless: Vec<HashMap<u16, u64>>,
     /// Files that could not be sampled (standard input is read once, by the merge).
@@ -129,6 +131,9 @@ struct Mark {
     req: u64,
     raw_us: i64,
 }
+
+/// A second in microseconds.
+const SEC_US: i64 = 1_000_000;
 
 /// No request id on the line.
 const REQ_NONE: u64 = 0;
@@ -275,6 +280,7 @@ impl Sampler<'_> {
         self.host_ix.insert(name.as_bytes().to_vec(), id);
         self.ev.hosts.push(name);
         self.ev.events.extend([0, 0]);
+        self.ev.rate.extend([HashMap::new(), HashMap::new()]);
         id
     }
 
@@ -309,6 +315,11 @@ impl Sampler<'_> {
             }
             let dom = host as u32 * 2 + zone_less as u32;
             self.ev.events[dom as usize] += 1;
+            let sec = (raw + self.host_skew[host as usize]).div_euclid(SEC_US);
+            let rate = &mut self.ev.rate[dom as usize];
+            if rate.len() < CLOCK_RATE_SECONDS_MAX || rate.contains_key(&sec) {
+                *rate.entry(sec).or_default() += 1;
+            }
             if zone_less {
                 *self.ev.file_zoneless[f].entry(host).or_default() += 1;
             }

@@ -13,12 +13,21 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 
 use crate::clock::{TzOffset, MS_US};
-use crate::limits::{CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX};
+use crate::limits::{
+    CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX,
+    CLOCK_RATE_DISTINCT_S, CLOCK_RATE_EVENTS_MIN, CLOCK_RATE_PEAK_RATIO_MIN, CLOCK_RATE_ZONE_FIT_S,
+};
 
 use super::{Alignment, ClockEvidence, Evidence, HostClock, PairBounds, UserClock};
 
 /// Zones are whole quarter hours (whole hours, :30 and :45 all are).
 const ZONE_STEP_US: i64 = 15 * 60 * 1_000_000;
+/// A second in microseconds.
+const SEC_US: i64 = 1_000_000;
+
+/// The event rate places a lag to the second: its bounds are this wide each way.
+const CLOCK_RATE_LAG_SLACK_S: i64 = 2;
+
 /// The widest zone in use (UTC+14).
 const ZONE_US_MAX: i64 = 14 * 3600 * 1_000_000;
 
@@ -128,6 +137,14 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         t
     });
     let active = major.iter().filter(|m| m.is_some()).count();
+    // The event rate is compared with the reference host's, whichever tier chose it.
+    let by_rate = [
+        &strong.anchors[..],
+        ids.as_ref().map_or(&[][..], |t| &t.anchors[..]),
+    ]
+    .concat()
+    .first()
+    .and_then(|&a| major[a]);
     let mut hosts = Vec::new();
     for (h, m) in major.iter().enumerate() {
         let Some(dom) = *m else { continue };
@@ -152,6 +169,13 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
             hc.reference = t.anchors.contains(&h);
             hc.evidence = Some(ClockEvidence::LedgerIds);
             place(&mut hc, lo, hi, infer_zone);
+        } else if let Some(lag) = by_rate
+            .filter(|_| infer_zone)
+            .and_then(|r| rate_lag(ev, dom, r))
+        {
+            hc.evidence = Some(ClockEvidence::EventRate);
+            let slack = CLOCK_RATE_LAG_SLACK_S * SEC_US;
+            place(&mut hc, -lag - slack, -lag + slack, true);
         } else if active > 1 && strong.contradicted[h] {
             notes.push(format!(
                 "{}: its clock was left alone: its orderings with other hosts contradict each other",
@@ -178,6 +202,37 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         file_zone,
         notes,
     }
+}
+
+/// The lag (microseconds) by which domain `x`'s events per second best follow domain `r`'s:
+/// how far `x`'s raw clock is ahead. `None` unless both have `clock_rate_events_min` events,
+/// the best lag scores `clock_rate_peak_ratio_min` times any lag farther than
+/// `clock_rate_distinct_s` from it, and it is within `clock_rate_zone_fit_s` of a quarter-hour
+/// zone: weak evidence, so it only ever names a zone.
+fn rate_lag(ev: &Evidence, x: u32, r: u32) -> Option<i64> {
+    let (xs, rs) = (ev.rate.get(x as usize)?, ev.rate.get(r as usize)?);
+    let total = |m: &HashMap<i64, u32>| m.values().map(|&c| c as u64).sum::<u64>();
+    if x == r || total(xs) < CLOCK_RATE_EVENTS_MIN || total(rs) < CLOCK_RATE_EVENTS_MIN {
+        return None;
+    }
+    let mut score: HashMap<i64, u64> = HashMap::new();
+    for (&bx, &cx) in xs {
+        for (&br, &cr) in rs {
+            *score.entry(bx - br).or_default() += cx as u64 * cr as u64;
+        }
+    }
+    let (&best, &top) = score.iter().max_by_key(|(l, s)| (**s, Reverse(**l)))?;
+    let rival = score
+        .iter()
+        .filter(|(l, _)| (**l - best).abs() > CLOCK_RATE_DISTINCT_S)
+        .map(|(_, s)| *s)
+        .max()
+        .unwrap_or(0);
+    let zone_s = ZONE_STEP_US / SEC_US;
+    let off_zone = best - (best + zone_s / 2).div_euclid(zone_s) * zone_s;
+    (top >= rival.saturating_mul(CLOCK_RATE_PEAK_RATIO_MIN)
+        && off_zone.abs() <= CLOCK_RATE_ZONE_FIT_S)
+        .then_some(best * SEC_US)
 }
 
 /// Sets a reached host's zone and skew from its offset's bounds: the midpoint, unless the
@@ -375,6 +430,7 @@ mod tests {
             events: events.to_vec(),
             pairs: pairs.iter().copied().collect(),
             id_pairs: HashMap::new(),
+            rate: vec![HashMap::new(); events.len()],
             file_zoneless: vec![[(0u16, 10u64)].into_iter().collect()],
             unsampled: vec![],
         }
@@ -518,5 +574,31 @@ mod tests {
         assert_eq!(a.hosts[2].skew_us, Some(-20_000));
         assert_eq!(a.hosts[2].evidence, Some(ClockEvidence::LedgerIds));
         assert_eq!(a.hosts[2].constraints, 100);
+    }
+
+    #[test]
+    fn the_event_rate_names_a_zone_only_when_its_peak_is_clear() {
+        let series = |shift: i64, burst_at: &[i64]| -> HashMap<i64, u32> {
+            (0..120)
+                .map(|t| (t + shift, 40 + if burst_at.contains(&t) { 400 } else { 0 }))
+                .collect()
+        };
+        let mut e = ev(&["a", "b"], &[5_000, 0, 0, 5_000], &[]);
+        e.rate[0] = series(0, &[10, 70]);
+        // b's clock is 8 h ahead (zone +08:00, zone-less): its bursts come 28,800 s later.
+        e.rate[3] = series(8 * 3600, &[10, 70]);
+        assert_eq!(rate_lag(&e, 3, 0), Some(8 * 3600 * SEC_US));
+        // Off a quarter-hour zone by more than `clock_rate_zone_fit_s`: says nothing.
+        e.rate[3] = series(8 * 3600 + 300, &[10, 70]);
+        assert_eq!(rate_lag(&e, 3, 0), None);
+        // Two equal peaks far apart (the same load an hour later): says nothing.
+        let mut twice = series(8 * 3600, &[10, 70]);
+        twice.extend(series(9 * 3600, &[10, 70]));
+        e.rate[3] = twice;
+        assert_eq!(rate_lag(&e, 3, 0), None);
+        // Too few events: says nothing.
+        e.rate[3] = series(8 * 3600, &[10, 70]);
+        e.rate[0] = [(5, 10u32)].into_iter().collect();
+        assert_eq!(rate_lag(&e, 3, 0), None);
     }
 }
