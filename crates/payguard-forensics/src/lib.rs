@@ -129,6 +129,11 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     }
     let mut rep = report::build(&engine, args.tz(), input_errors);
     rep.clock = alignment.as_ref().map(report::clock_section);
+    let (steps, step_notes) = report::clock_steps(&engine, args.tz());
+    rep.notes.extend(step_notes);
+    if let Some(c) = &mut rep.clock {
+        c.steps = steps;
+    }
     write_outputs(args, &engine, &rep, out)?;
     Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
 }

@@ -99,6 +99,9 @@ pub const CLOCK_RATE_DISTINCT_S: i64 = 600;
 /// The event rate's best lag must be this close to a whole quarter-hour zone.
 pub const CLOCK_RATE_ZONE_FIT_S: i64 = 60;
 
+/// Clock steps between pairs of hosts listed (found anywhere in the input, see `analyze::drift`).
+pub const CLOCK_STEPS_LISTED_MAX: usize = 100;
+
 /// The sampled chunks are kept, parsed, for the merge (so nothing is read or parsed twice) when
 /// all the files' samples together fit in this many bytes; past it they are read again.
 pub const CLOCK_SAMPLE_KEPT_BYTES_MAX: u64 = 256 * 1024 * 1024;

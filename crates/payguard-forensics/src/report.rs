@@ -9,7 +9,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::analyze::{worse, EvidenceRec, IncidentRec, RaceRec};
-use crate::clock::{format_rfc3339, TzOffset};
+use crate::clock::{format_rfc3339, TzOffset, MS_US};
 use crate::engine::Engine;
 use crate::limits::INCIDENTS_LISTED_MAX;
 use crate::parse::{Side, SkipReason};
@@ -120,6 +120,87 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClockSection {
     pub hosts: BTreeMap<String, HostClockJson>,
+    /// Clock steps found anywhere in the input under the applied clocks.
+    pub steps: Vec<ClockStep>,
+}
+
+/// One pair of hosts' clocks stepping relative to each other (LOGS.md `clock.steps`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClockStep {
+    /// The host that stepped, when steps against two or more others agree (else null).
+    pub host: Option<String>,
+    /// The pair: the second host's clock moved `by_ms` relative to the first's.
+    pub hosts: [String; 2],
+    pub by_ms: f64,
+    /// The first ordering seen after the step.
+    pub at: String,
+    /// Orderings that bracket the new offset.
+    pub orderings: u64,
+}
+
+/// One host's (or pair's) step as the notes tell it: (host, the pair's other host when the
+/// host cannot be told), how far it moved, the earliest sighting, the hosts it was seen against.
+type Sighting = ((u16, Option<u16>), i64, i64, Vec<String>);
+
+/// The clock steps the merge found, and one note per host that stepped (the earliest sighting,
+/// and the hosts it was seen against), or per pair when the host cannot be told.
+pub fn clock_steps(e: &Engine, tz: TzOffset) -> (Vec<ClockStep>, Vec<String>) {
+    let steps = &e.results.drift.steps;
+    let name = |h: u16| hosts(e, &[h]).pop().unwrap_or_default();
+    let mut seen: Vec<Sighting> = Vec::new();
+    let mut out = Vec::new();
+    for s in steps {
+        let host = crate::analyze::stepped_host(steps, s);
+        let (key, by, other) = match host {
+            Some((h, by)) => {
+                let o = if s.hosts[0] == h {
+                    s.hosts[1]
+                } else {
+                    s.hosts[0]
+                };
+                ((h, None), by, name(o))
+            }
+            None => ((s.hosts[0], Some(s.hosts[1])), s.by_us, String::new()),
+        };
+        match seen
+            .iter_mut()
+            .find(|x| x.0 == key && (x.1 - by).abs() <= 2 * MS_US)
+        {
+            Some(x) => {
+                x.2 = x.2.min(s.at_us);
+                x.3.push(other);
+            }
+            None => seen.push((key, by, s.at_us, vec![other])),
+        }
+        out.push(ClockStep {
+            host: host.map(|(h, _)| name(h)),
+            hosts: s.hosts.map(name),
+            by_ms: ms(s.by_us),
+            at: format_rfc3339(s.at_us, tz),
+            orderings: s.orderings,
+        });
+    }
+    let notes = seen
+        .into_iter()
+        .map(|((a, b), by, at, others)| {
+            let at = format_rfc3339(at, tz);
+            match b {
+                None => format!(
+                    "{}: its clock stepped by {:+.1} ms at about {at} (seen against {}); its times after that are off by as much",
+                    name(a),
+                    ms(by),
+                    others.join(", ")
+                ),
+                Some(b) => format!(
+                    "{} / {}: their clocks stepped by {:+.1} ms relative to each other at about {at}; the times of one of them are off by as much after that",
+                    name(a),
+                    name(b),
+                    ms(by)
+                ),
+            }
+        })
+        .collect();
+    (out, notes)
 }
 
 /// One host's clock as LOGS.md writes it.
@@ -163,6 +244,7 @@ pub fn clock_section(a: &crate::align::Alignment) -> ClockSection {
                 (h.host.clone(), j)
             })
             .collect(),
+        steps: Vec::new(),
     }
 }
 

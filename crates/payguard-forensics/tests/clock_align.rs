@@ -482,3 +482,42 @@ fn a_zone_less_host_with_no_other_evidence_gets_its_zone_from_the_event_rate() {
     let given = forensics(&logs, &["--tz", "+05:30"]);
     assert_eq!(given["clock"]["hosts"]["pay-3"]["applied"], false);
 }
+
+#[test]
+fn a_clock_step_after_the_sample_is_found_by_the_merge() {
+    let d = tempfile::tempdir().unwrap();
+    // pay-2's clock jumps 600 ms ahead 60 s into an 80 s run: about three quarters into its file.
+    let logs = corpus(d.path(), "late-step", 3, &["--step", "pay-2=600@60"]);
+    // The sample (256 KiB of each ~1.2 MB file) ends long before the step: it sees none.
+    let got = forensics(&logs, &["--align-sample-bytes", "262144"]);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], true);
+    let steps = got["clock"]["steps"].as_array().unwrap();
+    // Seen against both other hosts, each saying pay-2 moved 600 ms ahead, from 21:01:00.
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    for s in steps {
+        assert_eq!(s["host"], "pay-2", "{s}");
+        let by = s["by_ms"].as_f64().unwrap();
+        let by = if s["hosts"][1] == "pay-2" { by } else { -by };
+        assert!((by - 600.0).abs() <= 2.0, "{s}");
+        let at = us(s["at"].as_str().unwrap());
+        assert!(
+            (us("2026-11-25T21:01:00Z")..us("2026-11-25T21:01:02Z")).contains(&at),
+            "{s}"
+        );
+    }
+    let notes: Vec<&str> = got["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("pay-2: its clock stepped by +600.0 ms")),
+        "{notes:?}"
+    );
+    // A healthy corpus shows no step.
+    let healthy = forensics(&corpus(d.path(), "healthy", 3, &[]), &[]);
+    assert!(healthy["clock"]["steps"].as_array().unwrap().is_empty());
+}

@@ -223,7 +223,10 @@ pub fn sample(
             Origin::Stdin => s.ev.unsampled.push(f.name.clone()),
             Origin::Path(_) => sampled[i] = true,
         }
-        sources.push(Source::new(i as u16, f));
+        let mut src = Source::new(i as u16, f);
+        // A short sample reads short chunks, so that it ends near `bytes_per_file`.
+        src.set_chunk_bytes(limits.bytes_per_file);
+        sources.push(src);
     }
     let mut rounds: Vec<Round> = Vec::new();
     loop {
@@ -252,6 +255,9 @@ pub fn sample(
         judge(&mut s.ev, &o.marks);
     }
     judge_ids(&mut s.ev.id_pairs, &mut s.ids, s.ev.events.len());
+    for src in &mut sources {
+        src.set_chunk_bytes(u64::MAX);
+    }
     let kept = limits.keep.then_some(Sampled { sources, rounds });
     (s.ev, kept)
 }

@@ -19,6 +19,7 @@
 //! (what the engine keeps per open order, and of an order after retirement).
 
 mod debits;
+mod drift;
 mod order;
 mod ordering;
 mod rejoin;
@@ -26,6 +27,7 @@ mod req_names;
 mod requests;
 mod results;
 
+pub use drift::{stepped_host, Drift, PairStep};
 pub use order::analyze_order;
 pub use ordering::{ImpossibleRec, OrderingKind};
 pub use rejoin::{rejoin, single_debit};

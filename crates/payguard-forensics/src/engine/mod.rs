@@ -448,6 +448,7 @@ impl Engine {
             }
         });
         self.counts.orders_retired_early += retired;
+        self.results.drift.flush();
         if self.orders.capacity() > 4 * self.orders.len().max(1024) {
             self.orders.shrink_to_fit();
         }
@@ -470,6 +471,7 @@ impl Engine {
             }
             analyze_order(oid.as_bytes(), &mut st, &ctx, results);
         }
+        results.drift.flush();
         self.spare = Vec::new();
         self.retired = Retired::default();
         results.trim_incident_timelines();
