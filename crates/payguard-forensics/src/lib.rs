@@ -183,7 +183,15 @@ fn align_clocks(
     };
     // Alignment needs every order's evidence, whatever `--order` says.
     let (ev, sampled) = align::sample(files, &LineParser::new(None), &user, limits);
+    let t = std::time::Instant::now();
     let mut a = align::solve(&ev, &user);
+    if std::env::var_os("PAYGUARD_FORENSICS_TIMING").is_some() {
+        let (read, evidence) = ev.timing;
+        eprintln!(
+            "timing: align: sample read+parse {read:?}, evidence {evidence:?}, solve {:?}",
+            t.elapsed()
+        );
+    }
     // With standard input the only input there is nothing to align it with.
     for f in ev.unsampled.iter().filter(|_| files.len() > 1) {
         a.notes.push(format!(

@@ -59,6 +59,9 @@ pub struct Evidence {
     pub rate: Vec<HashMap<i64, u32>>,
     /// Per file: zone-less events per host id (to pick the zone its zone-less times are read in).
     pub file_zoneless: Vec<HashMap<u16, u64>>,
+    /// Time spent reading and parsing the samples, and on the evidence (for
+    /// `PAYGUARD_FORENSICS_TIMING`).
+    pub timing: (std::time::Duration, std::time::Duration),
     /// Files that could not be sampled (standard input is read once, by the merge).
     pub unsampled: Vec<String>,
 }
@@ -135,6 +138,9 @@ struct Mark {
 /// A second in microseconds.
 const SEC_US: i64 = 1_000_000;
 
+/// Marks most followed orders have (a commit, its lock, a replay or two): one allocation.
+const ORDER_MARKS_INITIAL: usize = 4;
+
 /// No request id on the line.
 const REQ_NONE: u64 = 0;
 
@@ -147,6 +153,14 @@ fn req_hash(req: Option<&[u8]>) -> u64 {
     h.max(1)
 }
 
+/// Events of one clock domain in one second, counted together.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    dom: u32,
+    sec: i64,
+    n: u32,
+}
+
 struct OrderMarks {
     last_round: u32,
     marks: Vec<Mark>,
@@ -156,12 +170,16 @@ struct OrderMarks {
 struct Sampler<'u> {
     user: &'u UserClock,
     ev: Evidence,
-    host_ix: HashMap<Vec<u8>, u16>,
+    host_ix: HashMap<Vec<u8>, u16, ahash::RandomState>,
     /// The user's skew per host id (microseconds).
     host_skew: Vec<i64>,
     file_host: Vec<u16>,
     dates: Vec<DateRef>,
-    orders: HashMap<Vec<u8>, OrderMarks>,
+    /// Orders being followed, by a 64-bit hash of their id: no key to allocate or compare per
+    /// line (two ids sharing a hash, about one chance in 10^8 at `clock_evidence_orders_max`,
+    /// would only pool their marks; `judge` needs exactly one commit, so it mostly skips them).
+    orders: HashMap<u64, OrderMarks, ahash::RandomState>,
+    oid_hash: ahash::RandomState,
     /// Commits' ledger ids (at most `clock_evidence_ids_max`), judged at the end.
     ids: Vec<IdMark>,
     round: u32,
@@ -204,11 +222,12 @@ pub fn sample(
             file_zoneless: vec![HashMap::new(); files.len()],
             ..Evidence::default()
         },
-        host_ix: HashMap::new(),
+        host_ix: HashMap::default(),
         host_skew: Vec::new(),
         file_host: Vec::new(),
         dates: vec![DateRef::default(); files.len()],
-        orders: HashMap::new(),
+        orders: HashMap::default(),
+        oid_hash: ahash::RandomState::with_seeds(1, 2, 3, 4),
         ids: Vec::new(),
         round: 0,
     };
@@ -238,12 +257,16 @@ pub fn sample(
         if chosen.is_empty() {
             break;
         }
+        let t = std::time::Instant::now();
         let (parsed, overlong) = read_parse(chosen, parser);
+        let t_read = t.elapsed();
         for p in &parsed {
             s.take(p);
         }
         s.round += 1;
         s.judge_idle();
+        s.ev.timing.0 += t_read;
+        s.ev.timing.1 += t.elapsed() - t_read;
         if limits.keep {
             rounds.push((parsed, overlong));
         } else {
@@ -254,7 +277,9 @@ pub fn sample(
     for o in rest {
         judge(&mut s.ev, &o.marks);
     }
+    let t = std::time::Instant::now();
     judge_ids(&mut s.ev.id_pairs, &mut s.ids, s.ev.events.len());
+    s.ev.timing.1 += t.elapsed();
     for src in &mut sources {
         src.set_chunk_bytes(u64::MAX);
     }
@@ -294,6 +319,10 @@ impl Sampler<'_> {
     fn take(&mut self, p: &ParsedPiece) {
         let f = p.file() as usize;
         let user_tz = self.user.tz.map_or(0, |t| t.us());
+        // Most lines of a file name the same host, in the same second: look up and count once
+        // per run of equal ones, not per line (the pass costs what it does per line).
+        let mut last_host: Option<(&[u8], u16)> = None;
+        let mut run = Run::default();
         for r in p.views() {
             let (raw, zone_less) = match r.time {
                 RawTime::Utc(us) => {
@@ -312,23 +341,25 @@ impl Sampler<'_> {
             if r.hint {
                 continue;
             }
-            let host = match r.host {
-                Some(h) => self.host_id(h),
-                None => self.file_host[f],
+            let host = match (r.host, last_host) {
+                (Some(h), Some((l, id))) if h == l => id,
+                (Some(h), _) => {
+                    let id = self.host_id(h);
+                    last_host = Some((h, id));
+                    id
+                }
+                (None, _) => self.file_host[f],
             };
             if host == u16::MAX {
                 continue;
             }
             let dom = host as u32 * 2 + zone_less as u32;
-            self.ev.events[dom as usize] += 1;
             let sec = (raw + self.host_skew[host as usize]).div_euclid(SEC_US);
-            let rate = &mut self.ev.rate[dom as usize];
-            if rate.len() < CLOCK_RATE_SECONDS_MAX || rate.contains_key(&sec) {
-                *rate.entry(sec).or_default() += 1;
+            if (run.dom, run.sec) != (dom, sec) {
+                self.count(f, run);
+                run = Run { dom, sec, n: 0 };
             }
-            if zone_less {
-                *self.ev.file_zoneless[f].entry(host).or_default() += 1;
-            }
+            run.n += 1;
             let step = r.kind.step;
             if let (Step::Commit, Some(id)) = (step, r.entry) {
                 if self.ids.len() < CLOCK_EVIDENCE_IDS_MAX {
@@ -353,11 +384,29 @@ impl Sampler<'_> {
             };
             self.follow(r.oid, mark);
         }
+        self.count(f, run);
+    }
+
+    /// Counts a run of events of one domain in one second of file `f`.
+    fn count(&mut self, f: usize, run: Run) {
+        if run.n == 0 {
+            return;
+        }
+        let d = run.dom as usize;
+        self.ev.events[d] += run.n as u64;
+        let rate = &mut self.ev.rate[d];
+        if rate.len() < CLOCK_RATE_SECONDS_MAX || rate.contains_key(&run.sec) {
+            *rate.entry(run.sec).or_default() += run.n;
+        }
+        if d % 2 == 1 {
+            *self.ev.file_zoneless[f].entry((d / 2) as u16).or_default() += run.n as u64;
+        }
     }
 
     fn follow(&mut self, oid: &[u8], mark: Mark) {
         let round = self.round;
-        if let Some(o) = self.orders.get_mut(oid) {
+        let oid = self.oid_hash.hash_one(oid);
+        if let Some(o) = self.orders.get_mut(&oid) {
             o.last_round = round;
             if o.marks.len() < CLOCK_EVIDENCE_EVENTS_PER_ORDER_MAX {
                 o.marks.push(mark);
@@ -367,11 +416,13 @@ impl Sampler<'_> {
         if self.orders.len() >= CLOCK_EVIDENCE_ORDERS_MAX {
             return;
         }
+        let mut marks = Vec::with_capacity(ORDER_MARKS_INITIAL);
+        marks.push(mark);
         self.orders.insert(
-            oid.to_vec(),
+            oid,
             OrderMarks {
                 last_round: round,
-                marks: vec![mark],
+                marks,
             },
         );
     }

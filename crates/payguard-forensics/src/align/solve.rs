@@ -432,7 +432,7 @@ mod tests {
             id_pairs: HashMap::new(),
             rate: vec![HashMap::new(); events.len()],
             file_zoneless: vec![[(0u16, 10u64)].into_iter().collect()],
-            unsampled: vec![],
+            ..Evidence::default()
         }
     }
 
