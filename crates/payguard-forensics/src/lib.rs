@@ -156,6 +156,7 @@ fn config(args: &ForensicsArgs) -> Result<Config, Fail> {
             .collect(),
         file_zone: Vec::new(),
         timelines: args.trace_out.is_some() || args.html.is_some(),
+        follow_clock_steps: !args.no_align,
     })
 }
 

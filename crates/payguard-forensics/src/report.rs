@@ -136,6 +136,8 @@ pub struct ClockStep {
     pub at: String,
     /// Orderings that bracket the new offset.
     pub orderings: u64,
+    /// Whether the stepped host's later times were moved back by the step.
+    pub followed: bool,
 }
 
 /// One host's (or pair's) step as the notes tell it: (host, the pair's other host when the
@@ -150,7 +152,7 @@ pub fn clock_steps(e: &Engine, tz: TzOffset) -> (Vec<ClockStep>, Vec<String>) {
     let mut seen: Vec<Sighting> = Vec::new();
     let mut out = Vec::new();
     for s in steps {
-        let host = crate::analyze::stepped_host(steps, s);
+        let host = crate::analyze::stepped_host(steps, s).or(s.moved);
         let (key, by, other) = match host {
             Some((h, by)) => {
                 let o = if s.hosts[0] == h {
@@ -178,6 +180,7 @@ pub fn clock_steps(e: &Engine, tz: TzOffset) -> (Vec<ClockStep>, Vec<String>) {
             by_ms: ms(s.by_us),
             at: format_rfc3339(s.at_us, tz),
             orderings: s.orderings,
+            followed: s.followed,
         });
     }
     let notes = seen
@@ -186,10 +189,15 @@ pub fn clock_steps(e: &Engine, tz: TzOffset) -> (Vec<ClockStep>, Vec<String>) {
             let at = format_rfc3339(at, tz);
             match b {
                 None => format!(
-                    "{}: its clock stepped by {:+.1} ms at about {at} (seen against {}); its times after that are off by as much",
+                    "{}: its clock stepped by {:+.1} ms at about {at} (seen against {}); {}",
                     name(a),
                     ms(by),
-                    others.join(", ")
+                    others.join(", "),
+                    if steps.iter().any(|p| p.followed && p.hosts.contains(&a)) {
+                        "its times from there on were moved back by as much (orders analysed before the step was known keep theirs)"
+                    } else {
+                        "its times after that are off by as much"
+                    }
                 ),
                 Some(b) => format!(
                     "{} / {}: their clocks stepped by {:+.1} ms relative to each other at about {at}; the times of one of them are off by as much after that",

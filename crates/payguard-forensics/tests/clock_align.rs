@@ -284,15 +284,30 @@ fn a_host_with_too_little_evidence_is_left_alone_and_said_so() {
     assert!(text.contains("clock pay-2: skew +150.0 ms"), "{text}");
 }
 
+/// The `clock.steps` entries naming `host`, each checked to say it moved `by_ms` (±2 ms).
+fn assert_steps(v: &Value, host: &str, by_ms: f64, followed: bool) {
+    let steps = v["clock"]["steps"].as_array().unwrap();
+    assert!(!steps.is_empty(), "{}", v["clock"]);
+    for s in steps {
+        assert_eq!(s["host"], host, "{s}");
+        assert_eq!(s["followed"], followed, "{s}");
+        let by = s["by_ms"].as_f64().unwrap();
+        let by = if s["hosts"][1] == host { by } else { -by };
+        assert!((by - by_ms).abs() <= 2.0, "{s}");
+    }
+}
+
 #[test]
-fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed() {
+fn a_clock_step_mid_file_is_followed_and_without_alignment_its_orderings_are_impossible() {
     let d = tempfile::tempdir().unwrap();
     let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &[]);
     // The checker is silent on a healthy corpus, so what it finds below is the step.
     assert_eq!(truth["totals"]["impossible_orderings"], 0);
     assert!(truth["impossible_orderings"].as_array().unwrap().is_empty());
+    assert!(truth["clock"]["steps"].as_array().unwrap().is_empty());
     let logs = corpus(d.path(), "stepped", 3, &["--step", "pay-2=600@40"]);
     let got = forensics(&logs, &[]);
+    // In the sample pay-2's orderings contradict each other: no single offset is applied...
     assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], false);
     let notes: Vec<&str> = got["notes"]
         .as_array()
@@ -301,7 +316,13 @@ fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed(
         .filter_map(|n| n.as_str())
         .collect();
     assert!(notes.iter().any(|n| n.contains("contradict")), "{notes:?}");
-    let imp = got["impossible_orderings"].as_array().unwrap();
+    // ...but the merge finds the step, moves pay-2's later times back, and every window is right.
+    assert_steps(&got, "pay-2", 600.0, true);
+    assert_eq!(mismatch(&truth, &got), None);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
+    // Without alignment nothing is moved, and the broken orderings are listed.
+    let off = forensics(&logs, &["--no-align"]);
+    let imp = off["impossible_orderings"].as_array().unwrap();
     assert!(!imp.is_empty());
     for i in imp {
         assert_eq!(i["kind"], "replay_before_commit", "{i}");
@@ -313,6 +334,7 @@ fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed(
             "{i}"
         );
     }
+    assert!(mismatch(&truth, &off).is_some());
 }
 
 /// The trace's slices and instants as (host pid, name, absolute start in us), sorted.
@@ -406,8 +428,13 @@ fn lock_hand_overs_bracket_tighter_and_a_small_step_shows_two_lock_holders() {
         3,
         &["--replay-locks", "--step", "pay-2=-3@40"],
     );
+    // Aligned, the step is found by the pairs that bracket it and followed.
     let got = forensics(&logs, &[]);
     assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], false);
+    assert_steps(&got, "pay-2", -3.0, true);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
+    // Without alignment, its lock holdings overlap the committers'.
+    let got = forensics(&logs, &["--no-align"]);
     let imp = got["impossible_orderings"].as_array().unwrap();
     assert!(!imp.is_empty());
     for i in imp {
@@ -491,6 +518,11 @@ fn a_clock_step_after_the_sample_is_found_by_the_merge() {
     // The sample (256 KiB of each ~1.2 MB file) ends long before the step: it sees none.
     let got = forensics(&logs, &["--align-sample-bytes", "262144"]);
     assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], true);
+    assert_steps(&got, "pay-2", 600.0, true);
+    // Followed: every race window after the step is where it truly was.
+    let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &["--no-align"]);
+    assert_eq!(mismatch(&truth, &got), None);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
     let steps = got["clock"]["steps"].as_array().unwrap();
     // Seen against both other hosts, each saying pay-2 moved 600 ms ahead, from 21:01:00.
     assert_eq!(steps.len(), 2, "{steps:?}");
@@ -514,7 +546,8 @@ fn a_clock_step_after_the_sample_is_found_by_the_merge() {
     assert!(
         notes
             .iter()
-            .any(|n| n.starts_with("pay-2: its clock stepped by +600.0 ms")),
+            .any(|n| n.starts_with("pay-2: its clock stepped by +600.0 ms")
+                && n.contains("moved back")),
         "{notes:?}"
     );
     // A healthy corpus shows no step.

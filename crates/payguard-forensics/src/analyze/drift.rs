@@ -1,10 +1,13 @@
-//! Clock steps found anywhere in the input: the same cross-host orderings clock alignment reads
-//! from each file's first bytes, followed through the whole merge under the applied clocks.
+//! Clock steps found anywhere in the input, and followed: the same cross-host orderings clock
+//! alignment reads from each file's first bytes, followed through the whole merge under the
+//! applied clocks.
 //!
 //! Why: alignment samples a bounded prefix of every file and applies one offset per host. A
 //! clock that steps after the sample (NTP, a VM migration) makes every later time of that host
-//! wrong by the step; the impossible orderings show it one order at a time, this says it once:
-//! which pair of hosts, when, and by how much.
+//! wrong by the step; the impossible orderings show it one order at a time. This finds it once
+//! (which pair of hosts, when, by how much), names the host that moved, and gives the engine a
+//! [`Correction`]: it moves that host's times from the step on back by the step, in the orders
+//! still open and in every line read afterwards, before the batch that revealed it is analysed.
 //!
 //! How: each order with one commit of a side gives bounds on how much more one host's clock
 //! must be moved relative to another's (a replay after its commit, a lock taken after its
@@ -12,12 +15,15 @@
 //! correction) are folded into it; one that does not starts a candidate segment; a candidate
 //! bracketed from both sides by enough orderings (`clock_constraints_min`,
 //! `clock_constraints_per_side_min`) becomes the current segment, and the change is a step.
-//! Bounds are taken in time order within each retirement batch.
+//! Bounds are taken in time order within each retirement batch. The host that moved is the one
+//! two bracketing pairs agree on, or, when one pair brackets it, the one of its two hosts whose
+//! other pairs' recent edges (the last `DRIFT_RECENT_MAX` bounds each way) moved by the step
+//! while the other's stayed; steps within twice the slack need two pairs. Unnamed: reported only.
 //!
 //! Memory: one batch of bounds (the orders of one retirement scan: bounded by the retention
 //! windows), two segments per pair of hosts, and at most `clock_steps_listed_max` steps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::clock::MS_US;
 use crate::limits::{
@@ -91,11 +97,17 @@ impl Segment {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PairTrack {
     cur: Segment,
     cand: Option<Segment>,
+    /// The last `DRIFT_RECENT_MAX` bounds of each side (lower, upper) as (time, value): a pair
+    /// with evidence one way only never brackets a step, but its edge still moves with it.
+    recent: [VecDeque<(i64, i64)>; 2],
 }
+
+/// Bounds kept per pair and side to see an edge move (see [`PairTrack::recent`]).
+const DRIFT_RECENT_MAX: usize = 32;
 
 /// A step of one pair of hosts' clocks relative to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +120,19 @@ pub struct PairStep {
     pub at_us: i64,
     /// The orderings that bracket the new offset.
     pub orderings: u64,
+    /// Whether the merge corrected the stepped host's times from the step on.
+    pub followed: bool,
+    /// The host that moved and by how much, when this pair alone tells (see `one_moved`).
+    pub moved: Option<(u16, i64)>,
+}
+
+/// A correction of one host's clock from a time on: its times from `from_us` (aligned) are
+/// `by_us` too late (its clock moved ahead by that much), and are moved back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Correction {
+    pub host: u16,
+    pub from_us: i64,
+    pub by_us: i64,
 }
 
 /// The tracker (see the module docs).
@@ -117,6 +142,8 @@ pub struct Drift {
     pairs: HashMap<(u16, u16), PairTrack>,
     /// Steps found, in the order found (at most `clock_steps_listed_max`).
     pub steps: Vec<PairStep>,
+    /// Correct the host behind a step (see [`Drift::flush`]); off with `--no-align`.
+    pub follow: bool,
 }
 
 impl Drift {
@@ -160,8 +187,11 @@ impl Drift {
         }
     }
 
-    /// Follows the batch's bounds in time order (call after each retirement scan).
-    pub fn flush(&mut self) {
+    /// Follows the batch's bounds in time order (call before each retirement batch is
+    /// analysed). With `follow`, gives the corrections of hosts whose step is now known (named
+    /// by two or more pairs, see [`stepped_host`]), after moving the pairs' intervals to match:
+    /// the caller moves the host's times, so later bounds fit the old offsets again.
+    pub fn flush(&mut self) -> Vec<Correction> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.sort_unstable_by_key(|b| (b.at_us, b.from, b.to, b.v));
         for b in &batch {
@@ -169,6 +199,115 @@ impl Drift {
         }
         batch.clear();
         self.batch = batch;
+        if !self.follow {
+            return Vec::new();
+        }
+        let mut out: Vec<Correction> = Vec::new();
+        for i in 0..self.steps.len() {
+            let open: Vec<PairStep> = self.steps.iter().filter(|s| !s.followed).copied().collect();
+            let s = self.steps[i];
+            if s.followed {
+                continue;
+            }
+            let Some((host, by_us)) = stepped_host(&open, &s).or(s.moved) else {
+                continue;
+            };
+            let mut from_us = i64::MAX;
+            for p in self.steps.iter_mut().filter(|p| !p.followed) {
+                if moved(p, host).is_some_and(|m| (m - by_us).abs() <= agree_slack()) {
+                    p.followed = true;
+                    from_us = from_us.min(p.at_us);
+                }
+            }
+            self.shift(host, by_us, from_us);
+            out.push(Correction {
+                host,
+                from_us,
+                by_us,
+            });
+        }
+        out
+    }
+
+    /// The host behind a pair's step when only one pair brackets it: the one of the two whose
+    /// other pairs' edges moved by the step around its time while the other's did not.
+    fn one_moved(&self, s: &PairStep) -> Option<(u16, i64)> {
+        let [a, b] = s.hosts;
+        let (ma, mb) = (-s.by_us, s.by_us);
+        let (sa, sb) = (
+            self.edges_moved(a, b, ma, s.at_us),
+            self.edges_moved(b, a, mb, s.at_us),
+        );
+        // A step this small is within the edges' own spread: two bracketing pairs must agree.
+        if s.by_us.abs() <= 2 * agree_slack() {
+            return None;
+        }
+        match (sa == Some(true), sb == Some(true)) {
+            (true, false) => Some((a, ma)),
+            (false, true) => Some((b, mb)),
+            _ => None,
+        }
+    }
+
+    /// Whether host `h`'s pairs other than with `other` show their edges moved as if `h`'s
+    /// clock moved by `m` at `at_us` (`Some(true)`), stayed (`Some(false)`), or cannot tell.
+    fn edges_moved(&self, h: u16, other: u16, m: i64, at_us: i64) -> Option<bool> {
+        let slack = agree_slack();
+        let mut seen = None;
+        for ((a, b), t) in &self.pairs {
+            let change = match (*a == h, *b == h) {
+                (true, _) if *b != other => m,
+                (_, true) if *a != other => -m,
+                _ => continue,
+            };
+            for (side, r) in t.recent.iter().enumerate() {
+                let edge = |after: bool| {
+                    let vs = r.iter().filter(|e| (e.0 >= at_us) == after).map(|e| e.1);
+                    if side == 0 {
+                        vs.max()
+                    } else {
+                        vs.min()
+                    }
+                };
+                let (Some(before), Some(after)) = (edge(false), edge(true)) else {
+                    continue;
+                };
+                let shift = after - before;
+                if (shift - change).abs() <= slack {
+                    return Some(true);
+                }
+                if shift.abs() <= slack {
+                    seen = Some(false);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Host `h`'s times move back by `by_us`: every pair of `h` needs that much less (or more).
+    fn shift(&mut self, h: u16, by_us: i64, from_us: i64) {
+        for ((a, b), t) in self.pairs.iter_mut() {
+            let d = if *b == h {
+                by_us
+            } else if *a == h {
+                -by_us
+            } else {
+                continue;
+            };
+            for r in t.recent.iter_mut() {
+                for e in r.iter_mut().filter(|e| e.0 >= from_us) {
+                    e.1 = e.1.saturating_add(d);
+                }
+            }
+            for s in std::iter::once(&mut t.cur).chain(t.cand.as_mut()) {
+                if s.n_lo > 0 {
+                    s.lo = s.lo.saturating_add(d);
+                }
+                if s.n_hi > 0 {
+                    s.hi = s.hi.saturating_add(d);
+                }
+            }
+        }
     }
 
     fn follow(&mut self, b: &Bound) {
@@ -181,10 +320,16 @@ impl Drift {
         } else {
             ((b.to, b.from), false, -b.v)
         };
-        let t = self.pairs.entry(key).or_insert(PairTrack {
+        let t = self.pairs.entry(key).or_insert_with(|| PairTrack {
             cur: Segment::new(b.at_us),
             cand: None,
+            recent: [VecDeque::new(), VecDeque::new()],
         });
+        let r = &mut t.recent[usize::from(!lower)];
+        if r.len() >= DRIFT_RECENT_MAX {
+            r.pop_front();
+        }
+        r.push_back((b.at_us, v));
         let fits_cur = t.cur.fits(lower, v);
         if fits_cur {
             t.cur.add(lower, v);
@@ -207,34 +352,30 @@ impl Drift {
             return;
         };
         let before = if t.cur.bracketed() { t.cur.mid() } else { 0 };
-        if self.steps.len() < CLOCK_STEPS_LISTED_MAX {
-            self.steps.push(PairStep {
-                hosts: [key.0, key.1],
-                // The correction grew by (after - before): the clock moved back by as much.
-                by_us: before - c.mid(),
-                at_us: c.since_us,
-                orderings: c.n_lo + c.n_hi,
-            });
-        }
         t.cur = c;
         t.cand = None;
+        if self.steps.len() >= CLOCK_STEPS_LISTED_MAX {
+            return;
+        }
+        let mut step = PairStep {
+            hosts: [key.0, key.1],
+            // The correction grew by (after - before): the clock moved back by as much.
+            by_us: before - c.mid(),
+            at_us: c.since_us,
+            orderings: c.n_lo + c.n_hi,
+            followed: false,
+            moved: None,
+        };
+        // Now, while the pairs' recent bounds still reach back before the step.
+        step.moved = self.one_moved(&step);
+        self.steps.push(step);
     }
 }
 
 /// The host behind steps of several pairs: one in two or more pair steps that agree on how far
 /// it moved (within twice the ordering slack), else `None` (two hosts: either could have).
 pub fn stepped_host(steps: &[PairStep], s: &PairStep) -> Option<(u16, i64)> {
-    let slack = 2 * IMPOSSIBLE_ORDERING_SLACK_MS * MS_US;
-    // How far host `h` moved relative to the other host of step `p`.
-    let moved = |p: &PairStep, h: u16| {
-        if p.hosts[1] == h {
-            Some(p.by_us)
-        } else if p.hosts[0] == h {
-            Some(-p.by_us)
-        } else {
-            None
-        }
-    };
+    let slack = agree_slack();
     s.hosts.iter().find_map(|&h| {
         let m = moved(s, h)?;
         let agree = steps
@@ -243,6 +384,23 @@ pub fn stepped_host(steps: &[PairStep], s: &PairStep) -> Option<(u16, i64)> {
             .count();
         (agree >= 2).then_some((h, m))
     })
+}
+
+/// How far host `h` moved relative to the other host of step `p` (`None`: not its step).
+fn moved(p: &PairStep, h: u16) -> Option<i64> {
+    if p.hosts[1] == h {
+        Some(p.by_us)
+    } else if p.hosts[0] == h {
+        Some(-p.by_us)
+    } else {
+        None
+    }
+}
+
+/// Steps of one host seen against two others agree within this (each is bracketed within the
+/// ordering slack).
+fn agree_slack() -> i64 {
+    2 * IMPOSSIBLE_ORDERING_SLACK_MS * MS_US
 }
 
 #[cfg(test)]
@@ -312,10 +470,54 @@ mod tests {
             by_us,
             at_us: 0,
             orderings: 10,
+            followed: false,
+            moved: None,
         };
         // Host 1 moved +600 ms against host 0 and (seen from it) against host 2.
         let steps = [s([0, 1], 600_000), s([1, 2], -600_500)];
         assert_eq!(stepped_host(&steps, &steps[0]), Some((1, 600_000)));
         assert_eq!(stepped_host(&steps[..1], &steps[0]), None);
+    }
+
+    #[test]
+    fn one_bracketing_pair_and_a_moved_edge_name_the_host_and_follow_it() {
+        // Host 1's clock jumps 600 ms ahead at 5 s. Pair (0, 1) has orderings both ways; pair
+        // (1, 2) one way only (2 commits, 1 replays), so it never brackets a step itself.
+        let mut d = Drift {
+            follow: true,
+            ..Drift::default()
+        };
+        let mut corrections: Vec<Correction> = Vec::new();
+        for i in 0..120i64 {
+            let t = i * 100;
+            let (ch, rh) = match i % 3 {
+                0 => (0, 1),
+                1 => (1, 0),
+                _ => (2, 1),
+            };
+            // As the engine does: lines read after a correction are read corrected.
+            let back: i64 = corrections.iter().map(|c| c.by_us / 1000).sum();
+            let shift = |h: u16, ts: i64| {
+                if h == 1 && ts >= 5_000 {
+                    ts + 600 - back
+                } else {
+                    ts
+                }
+            };
+            d.observe(&[
+                ev(shift(ch, t), Step::Commit, ch),
+                ev(shift(rh, t + 1), Step::Replay, rh),
+            ]);
+            if i % 40 == 39 {
+                corrections.extend(d.flush());
+            }
+        }
+        assert_eq!(d.steps.len(), 1, "{:?}", d.steps);
+        assert_eq!(d.steps[0].moved, Some((1, 600_000)));
+        assert!(d.steps[0].followed);
+        assert_eq!(corrections.len(), 1);
+        let c = corrections[0];
+        assert_eq!((c.host, c.by_us), (1, 600_000));
+        assert!((5_000_000..5_700_000).contains(&c.from_us), "{c:?}");
     }
 }

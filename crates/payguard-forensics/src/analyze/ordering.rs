@@ -68,7 +68,6 @@ pub fn check_orderings(oid: &str, evs: &[Ev], out: &mut Results) {
     if let Some(rec) = two_holders(oid, evs, slack) {
         out.add_impossible(rec);
     }
-    out.drift.observe(evs);
 }
 
 /// The first pair of lock holdings (acquired .. released, per request) on different hosts
