@@ -6,7 +6,7 @@
 //! from logs alone, after the fact, without the engine: this crate never imports it.
 //!
 //! Pipeline: [`align`] samples a bounded prefix of every file and infers each host's zone and
-//! clock skew → [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
+//! clock skew (the merge starts from the parsed sample) → [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
 //! [`engine`] resolves times and merges events per order, retiring finished orders →
 //! [`analyze`] reconstructs each order → [`report`], [`trace`] and [`html`] write the findings.
 #![forbid(unsafe_code)]

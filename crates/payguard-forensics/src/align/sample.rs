@@ -1,6 +1,9 @@
 //! The sampling pass: reads the first `clock_sample_bytes_per_file` of every file, in lock-step
 //! by bytes (not by time: times are what is in doubt), and turns each order's commits and
-//! replays seen on different hosts into bounds on the difference of the hosts' clock offsets.
+//! replays seen on different hosts into bounds on the difference of the hosts' clock offsets;
+//! commits' ledger ids of one sequence into weaker bounds of the same kind; and counts events
+//! per second per clock domain (the weakest evidence). What it read is kept, parsed, for the
+//! merge ([`Sampled`]) so that no byte is read or parsed twice.
 //!
 //! Why apart: it is I/O and bookkeeping; [`super::solve`] is a pure function of its output.
 //! Times here are raw: a zoned time as UTC, a zone-less one as if it were written in `--tz`
@@ -53,7 +56,7 @@ pub struct Evidence {
     pub events: Vec<u64>,
     /// Bounds per domain pair `(a, b)`, `a < b`, from orderings of one order's requests.
     pub pairs: HashMap<(u32, u32), PairBounds>,
-    /// Bounds per domain pair from ledger entry ids of one sequence (weaker: see [`judge_ids`]).
+    /// Bounds per domain pair from ledger entry ids of one sequence (weaker: see `judge_ids`).
     pub id_pairs: HashMap<(u32, u32), PairBounds>,
     /// Per domain: events per second of raw time (at most `clock_rate_seconds_max` seconds).
     pub rate: Vec<HashMap<i64, u32>>,
