@@ -101,6 +101,12 @@ pub struct ForensicsArgs {
     /// Look at this order only.
     #[arg(long, value_name = "ID", env = "PAYGUARD_ORDER")]
     pub order: Option<String>,
+
+    /// Bytes clock alignment reads from the start of each file to infer the clocks (default
+    /// 8 MiB); a clock step after them is still found by the merge, which reads everything.
+    #[arg(long, value_name = "BYTES", env = "PAYGUARD_ALIGN_SAMPLE_BYTES",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub align_sample_bytes: Option<u64>,
 }
 
 impl ForensicsArgs {

@@ -147,6 +147,10 @@ pub struct Source {
     carry: Vec<u8>,
     /// Nothing more will come from this source.
     pub done: bool,
+    /// Decompressed bytes handed out in chunks so far.
+    pub bytes_read: u64,
+    /// Bytes a chunk is filled to (`read_chunk_bytes`, or less for a short clock sample).
+    chunk_bytes: usize,
     /// A read or decompression error; the bytes before it were analysed.
     pub error: Option<String>,
     /// Inside a line longer than a chunk: drop bytes until the next newline.
@@ -161,6 +165,8 @@ impl Source {
             reader: None,
             carry: Vec::new(),
             done: false,
+            bytes_read: 0,
+            chunk_bytes: READ_CHUNK_BYTES,
             error: None,
             skipping_long: false,
         }
@@ -198,13 +204,14 @@ impl Source {
                 }
             }
         }
-        let mut buf = take_buffer(READ_CHUNK_BYTES + self.carry.len() + 1);
+        let chunk_bytes = self.chunk_bytes;
+        let mut buf = take_buffer(chunk_bytes + self.carry.len() + 1);
         buf.append(&mut self.carry);
         let mut overlong = 0u64;
         let mut eof = false;
         let reader = self.reader.as_mut().expect("opened above");
-        while buf.len() < READ_CHUNK_BYTES {
-            let want = (READ_CHUNK_BYTES - buf.len()) as u64;
+        while buf.len() < chunk_bytes {
+            let want = (chunk_bytes - buf.len()) as u64;
             let before = buf.len();
             match reader.by_ref().take(want).read_to_end(&mut buf) {
                 Ok(0) => {
@@ -251,6 +258,7 @@ impl Source {
             buf.truncate(keep);
         }
         let pieces = split_pieces(&buf);
+        self.bytes_read += buf.len() as u64;
         Some(Chunk {
             file: self.file,
             data: Arc::new(buf),
@@ -258,6 +266,13 @@ impl Source {
             last: self.done,
             overlong_lines: overlong,
         })
+    }
+
+    /// Fills chunks to about `bytes` from now on (`read_chunk_bytes` at most, and never less
+    /// than twice `log_line_bytes_max`, so a line that fits the limit always fits a chunk).
+    pub fn set_chunk_bytes(&mut self, bytes: u64) {
+        let floor = 2 * LOG_LINE_BYTES_MAX as u64;
+        self.chunk_bytes = bytes.clamp(floor, READ_CHUNK_BYTES as u64) as usize;
     }
 
     fn empty_last(&self) -> Chunk {

@@ -6,7 +6,7 @@
 //! from logs alone, after the fact, without the engine: this crate never imports it.
 //!
 //! Pipeline: [`align`] samples a bounded prefix of every file and infers each host's zone and
-//! clock skew → [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
+//! clock skew (the merge starts from the parsed sample) → [`input`] reads bounded chunks → [`parse`] classifies lines in parallel →
 //! [`engine`] resolves times and merges events per order, retiring finished orders →
 //! [`analyze`] reconstructs each order → [`report`], [`trace`] and [`html`] write the findings.
 #![forbid(unsafe_code)]
@@ -92,17 +92,29 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     let files = list_inputs(&args.paths).map_err(Fail::Usage)?;
     check_inputs(&files)?;
     let parser = LineParser::new(args.order.as_deref());
-    let alignment = (!args.no_align).then(|| align_clocks(args, &files, &mut cfg));
-    let mut sources: Vec<Source> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| Source::new(i as u16, f))
-        .collect();
+    let (alignment, sampled) = match args.no_align {
+        true => (None, None),
+        false => {
+            let (a, s) = align_clocks(args, &files, &mut cfg);
+            (Some(a), s)
+        }
+    };
+    let (mut sources, rounds) = match sampled {
+        Some(s) => (s.sources, s.rounds),
+        None => (
+            files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Source::new(i as u16, f))
+                .collect(),
+            Vec::new(),
+        ),
+    };
     let mut engine = Engine::new(cfg, files);
     if let Some(a) = &alignment {
         engine.notes.extend(a.notes.iter().cloned());
     }
-    merge_all(&mut sources, &parser, &mut engine);
+    merge_all(&mut sources, rounds, &parser, &mut engine);
 
     let input_errors: Vec<(String, String)> = sources
         .iter()
@@ -117,6 +129,11 @@ fn run_inner(args: &ForensicsArgs, out: &mut dyn Write) -> Result<i32, Fail> {
     }
     let mut rep = report::build(&engine, args.tz(), input_errors);
     rep.clock = alignment.as_ref().map(report::clock_section);
+    let (steps, step_notes) = report::clock_steps(&engine, args.tz());
+    rep.notes.extend(step_notes);
+    if let Some(c) = &mut rep.clock {
+        c.steps = steps;
+    }
     write_outputs(args, &engine, &rep, out)?;
     Ok(if rep.totals.incidents == 0 { 0 } else { 1 })
 }
@@ -139,23 +156,43 @@ fn config(args: &ForensicsArgs) -> Result<Config, Fail> {
             .collect(),
         file_zone: Vec::new(),
         timelines: args.trace_out.is_some() || args.html.is_some(),
+        follow_clock_steps: !args.no_align,
     })
 }
 
 /// Infers the hosts' clocks from a bounded sample of the inputs (see [`align`]) and puts the
 /// applied zones and skews into the merge's settings; the user's `--skew` stay (they win).
+/// Gives back what was sampled when the merge can take it as it is.
 fn align_clocks(
     args: &ForensicsArgs,
     files: &[input::FileInfo],
     cfg: &mut Config,
-) -> align::Alignment {
+) -> (align::Alignment, Option<align::Sampled>) {
     let user = align::UserClock {
         tz: args.tz,
         skew_us: cfg.skew_us.clone(),
     };
-    // `--order` narrows the parse to one order: alignment needs every order's evidence.
-    let ev = align::sample(files, &LineParser::new(None), &user);
+    let bytes_per_file = args
+        .align_sample_bytes
+        .unwrap_or(limits::CLOCK_SAMPLE_BYTES_PER_FILE);
+    let limits = align::SampleLimits {
+        bytes_per_file,
+        // `--order` narrows the merge's parse to one order, so its pieces are not the sample's.
+        keep: args.order.is_none()
+            && (files.len() as u64).saturating_mul(bytes_per_file)
+                <= limits::CLOCK_SAMPLE_KEPT_BYTES_MAX,
+    };
+    // Alignment needs every order's evidence, whatever `--order` says.
+    let (ev, sampled) = align::sample(files, &LineParser::new(None), &user, limits);
+    let t = std::time::Instant::now();
     let mut a = align::solve(&ev, &user);
+    if std::env::var_os("PAYGUARD_FORENSICS_TIMING").is_some() {
+        let (read, evidence) = ev.timing;
+        eprintln!(
+            "timing: align: sample read+parse {read:?}, evidence {evidence:?}, solve {:?}",
+            t.elapsed()
+        );
+    }
     // With standard input the only input there is nothing to align it with.
     for f in ev.unsampled.iter().filter(|_| files.len() > 1) {
         a.notes.push(format!(
@@ -172,7 +209,7 @@ fn align_clocks(
     skews.append(&mut cfg.skew_us);
     cfg.skew_us = skews;
     cfg.file_zone = a.file_zone.clone();
-    a
+    (a, sampled)
 }
 
 /// At most `files_max` inputs, and standard input at most once.
@@ -200,13 +237,24 @@ fn check_inputs(files: &[input::FileInfo]) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Reads, parses and merges every input, then finishes the engine.
-fn merge_all(sources: &mut [Source], parser: &LineParser, engine: &mut Engine) {
+/// Reads, parses and merges every input, then finishes the engine. `sampled` are rounds the
+/// clock alignment already read and parsed (the sources go on after them): merged first.
+fn merge_all(
+    sources: &mut [Source],
+    sampled: Vec<align::Round>,
+    parser: &LineParser,
+    engine: &mut Engine,
+) {
     let (mut t_ingest, mut t_read, mut rounds) =
         (std::time::Duration::ZERO, std::time::Duration::ZERO, 0u64);
+    let mut sampled = sampled.into_iter();
+    let mut read_round = |sources: &mut [Source], marks: &[Option<i64>]| match sampled.next() {
+        Some((p, o)) => (p, o, true),
+        None => read_round(sources, parser, marks),
+    };
     // Two stages overlap: while one thread merges round k (the engine has one owner), the pool
     // reads and parses round k+1, choosing files by the watermarks of round k-1.
-    let (mut pieces, mut overlong, mut more) = read_round(sources, parser, &engine.watermarks());
+    let (mut pieces, mut overlong, mut more) = read_round(sources, &engine.watermarks());
     while more {
         let marks = engine.watermarks();
         let cur = std::mem::take(&mut pieces);
@@ -219,7 +267,7 @@ fn merge_all(sources: &mut [Source], parser: &LineParser, engine: &mut Engine) {
             },
             || {
                 let t = std::time::Instant::now();
-                let r = read_round(sources, parser, &marks);
+                let r = read_round(sources, &marks);
                 (t.elapsed(), r)
             },
         );

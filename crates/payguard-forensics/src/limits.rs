@@ -76,6 +76,36 @@ pub const EVENTS_PER_ORDER_MAX: usize = 100_000;
 /// (8 MiB of the benchmark's logs hold ~1,700 cross-host orderings per host; see BENCHMARKS.md.)
 pub const CLOCK_SAMPLE_BYTES_PER_FILE: u64 = 8 * 1024 * 1024;
 
+/// Commits' ledger ids clock alignment collects from the samples (24 bytes each).
+pub const CLOCK_EVIDENCE_IDS_MAX: usize = 400_000;
+
+/// A ledger id is taken inside its transaction, before the commit is logged: two commits may
+/// be logged in the other order than their ids by about this much, so id order bounds clocks
+/// this much more loosely than an order's own requests do.
+pub const CLOCK_ID_SLACK_MS: i64 = 2;
+
+/// Seconds of each clock domain whose event counts alignment keeps (the event-rate evidence).
+pub const CLOCK_RATE_SECONDS_MAX: usize = 2_048;
+
+/// Events a host and the reference must each have in their samples before the event rate may
+/// say which zone the host's zone-less times are in.
+pub const CLOCK_RATE_EVENTS_MIN: u64 = 2_000;
+
+/// The event rate's best lag must score this many times the best lag farther than
+/// `clock_rate_distinct_s` from it, or it says nothing.
+pub const CLOCK_RATE_PEAK_RATIO_MIN: u64 = 2;
+pub const CLOCK_RATE_DISTINCT_S: i64 = 600;
+
+/// The event rate's best lag must be this close to a whole quarter-hour zone.
+pub const CLOCK_RATE_ZONE_FIT_S: i64 = 60;
+
+/// Clock steps between pairs of hosts listed (found anywhere in the input, see `analyze::drift`).
+pub const CLOCK_STEPS_LISTED_MAX: usize = 100;
+
+/// The sampled chunks are kept, parsed, for the merge (so nothing is read or parsed twice) when
+/// all the files' samples together fit in this many bytes; past it they are read again.
+pub const CLOCK_SAMPLE_KEPT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
 /// An order's evidence is judged once it has not been seen for this many sampling rounds (one
 /// chunk of every file a round); orders whose lines are farther apart in the files are not used.
 pub const CLOCK_EVIDENCE_ROUNDS: u32 = 3;

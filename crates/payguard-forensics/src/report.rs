@@ -9,7 +9,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::analyze::{worse, EvidenceRec, IncidentRec, RaceRec};
-use crate::clock::{format_rfc3339, TzOffset};
+use crate::clock::{format_rfc3339, TzOffset, MS_US};
 use crate::engine::Engine;
 use crate::limits::INCIDENTS_LISTED_MAX;
 use crate::parse::{Side, SkipReason};
@@ -120,6 +120,95 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClockSection {
     pub hosts: BTreeMap<String, HostClockJson>,
+    /// Clock steps found anywhere in the input under the applied clocks.
+    pub steps: Vec<ClockStep>,
+}
+
+/// One pair of hosts' clocks stepping relative to each other (LOGS.md `clock.steps`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClockStep {
+    /// The host that stepped, when steps against two or more others agree (else null).
+    pub host: Option<String>,
+    /// The pair: the second host's clock moved `by_ms` relative to the first's.
+    pub hosts: [String; 2],
+    pub by_ms: f64,
+    /// The first ordering seen after the step.
+    pub at: String,
+    /// Orderings that bracket the new offset.
+    pub orderings: u64,
+    /// Whether the stepped host's later times were moved back by the step.
+    pub followed: bool,
+}
+
+/// One host's (or pair's) step as the notes tell it: (host, the pair's other host when the
+/// host cannot be told), how far it moved, the earliest sighting, the hosts it was seen against.
+type Sighting = ((u16, Option<u16>), i64, i64, Vec<String>);
+
+/// The clock steps the merge found, and one note per host that stepped (the earliest sighting,
+/// and the hosts it was seen against), or per pair when the host cannot be told.
+pub fn clock_steps(e: &Engine, tz: TzOffset) -> (Vec<ClockStep>, Vec<String>) {
+    let steps = &e.results.drift.steps;
+    let name = |h: u16| hosts(e, &[h]).pop().unwrap_or_default();
+    let mut seen: Vec<Sighting> = Vec::new();
+    let mut out = Vec::new();
+    for s in steps {
+        let host = crate::analyze::stepped_host(steps, s).or(s.moved);
+        let (key, by, other) = match host {
+            Some((h, by)) => {
+                let o = if s.hosts[0] == h {
+                    s.hosts[1]
+                } else {
+                    s.hosts[0]
+                };
+                ((h, None), by, name(o))
+            }
+            None => ((s.hosts[0], Some(s.hosts[1])), s.by_us, String::new()),
+        };
+        match seen
+            .iter_mut()
+            .find(|x| x.0 == key && (x.1 - by).abs() <= 2 * MS_US)
+        {
+            Some(x) => {
+                x.2 = x.2.min(s.at_us);
+                x.3.push(other);
+            }
+            None => seen.push((key, by, s.at_us, vec![other])),
+        }
+        out.push(ClockStep {
+            host: host.map(|(h, _)| name(h)),
+            hosts: s.hosts.map(name),
+            by_ms: ms(s.by_us),
+            at: format_rfc3339(s.at_us, tz),
+            orderings: s.orderings,
+            followed: s.followed,
+        });
+    }
+    let notes = seen
+        .into_iter()
+        .map(|((a, b), by, at, others)| {
+            let at = format_rfc3339(at, tz);
+            match b {
+                None => format!(
+                    "{}: its clock stepped by {:+.1} ms at about {at} (seen against {}); {}",
+                    name(a),
+                    ms(by),
+                    others.join(", "),
+                    if steps.iter().any(|p| p.followed && p.hosts.contains(&a)) {
+                        "its times from there on were moved back by as much (orders analysed before the step was known keep theirs)"
+                    } else {
+                        "its times after that are off by as much"
+                    }
+                ),
+                Some(b) => format!(
+                    "{} / {}: their clocks stepped by {:+.1} ms relative to each other at about {at}; the times of one of them are off by as much after that",
+                    name(a),
+                    name(b),
+                    ms(by)
+                ),
+            }
+        })
+        .collect();
+    (out, notes)
 }
 
 /// One host's clock as LOGS.md writes it.
@@ -133,6 +222,8 @@ pub struct HostClockJson {
     pub applied: bool,
     /// The host the others were aligned to.
     pub reference: bool,
+    /// What placed it (`orderings`, `ledger_ids`, `event_rate`); null when not applied.
+    pub evidence: Option<&'static str>,
 }
 
 /// `+08:00`, `-05:00`, `+05:30`.
@@ -156,10 +247,12 @@ pub fn clock_section(a: &crate::align::Alignment) -> ClockSection {
                     constraints: h.constraints,
                     applied: h.applied,
                     reference: h.reference,
+                    evidence: h.evidence.map(|e| e.key()),
                 };
                 (h.host.clone(), j)
             })
             .collect(),
+        steps: Vec::new(),
     }
 }
 
@@ -373,9 +466,16 @@ fn write_clock(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
             .map_or(String::new(), |z| format!("zone {z}, "));
         let line = match (h.applied, h.reference, h.skew_ms, h.interval_ms) {
             (true, true, _, _) => format!("{zone}reference clock"),
+            (true, false, _, Some([lo, hi])) if h.evidence == Some("event_rate") => format!(
+                "{zone}from the event rate alone (weak: its skew is only known within [{lo:+.0}, {hi:+.0}] ms) (applied)"
+            ),
             (true, false, Some(s), Some([lo, hi])) => format!(
-                "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host orderings (applied)",
-                h.constraints
+                "{zone}skew {s:+.1} ms [{lo:+.1}, {hi:+.1}] from {} cross-host {} (applied)",
+                h.constraints,
+                match h.evidence {
+                    Some("ledger_ids") => "orderings and ledger-id steps (ledger ids: no ordering of its own)",
+                    _ => "orderings",
+                }
             ),
             _ => format!(
                 "{zone}left alone: evidence too thin or contradicting ({} cross-host orderings; see notes)",

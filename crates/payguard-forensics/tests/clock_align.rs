@@ -284,15 +284,30 @@ fn a_host_with_too_little_evidence_is_left_alone_and_said_so() {
     assert!(text.contains("clock pay-2: skew +150.0 ms"), "{text}");
 }
 
+/// The `clock.steps` entries naming `host`, each checked to say it moved `by_ms` (±2 ms).
+fn assert_steps(v: &Value, host: &str, by_ms: f64, followed: bool) {
+    let steps = v["clock"]["steps"].as_array().unwrap();
+    assert!(!steps.is_empty(), "{}", v["clock"]);
+    for s in steps {
+        assert_eq!(s["host"], host, "{s}");
+        assert_eq!(s["followed"], followed, "{s}");
+        let by = s["by_ms"].as_f64().unwrap();
+        let by = if s["hosts"][1] == host { by } else { -by };
+        assert!((by - by_ms).abs() <= 2.0, "{s}");
+    }
+}
+
 #[test]
-fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed() {
+fn a_clock_step_mid_file_is_followed_and_without_alignment_its_orderings_are_impossible() {
     let d = tempfile::tempdir().unwrap();
     let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &[]);
     // The checker is silent on a healthy corpus, so what it finds below is the step.
     assert_eq!(truth["totals"]["impossible_orderings"], 0);
     assert!(truth["impossible_orderings"].as_array().unwrap().is_empty());
+    assert!(truth["clock"]["steps"].as_array().unwrap().is_empty());
     let logs = corpus(d.path(), "stepped", 3, &["--step", "pay-2=600@40"]);
     let got = forensics(&logs, &[]);
+    // In the sample pay-2's orderings contradict each other: no single offset is applied...
     assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], false);
     let notes: Vec<&str> = got["notes"]
         .as_array()
@@ -301,7 +316,13 @@ fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed(
         .filter_map(|n| n.as_str())
         .collect();
     assert!(notes.iter().any(|n| n.contains("contradict")), "{notes:?}");
-    let imp = got["impossible_orderings"].as_array().unwrap();
+    // ...but the merge finds the step, moves pay-2's later times back, and every window is right.
+    assert_steps(&got, "pay-2", 600.0, true);
+    assert_eq!(mismatch(&truth, &got), None);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
+    // Without alignment nothing is moved, and the broken orderings are listed.
+    let off = forensics(&logs, &["--no-align"]);
+    let imp = off["impossible_orderings"].as_array().unwrap();
     assert!(!imp.is_empty());
     for i in imp {
         assert_eq!(i["kind"], "replay_before_commit", "{i}");
@@ -313,6 +334,7 @@ fn a_clock_step_mid_file_is_not_aligned_and_its_impossible_orderings_are_listed(
             "{i}"
         );
     }
+    assert!(mismatch(&truth, &off).is_some());
 }
 
 /// The trace's slices and instants as (host pid, name, absolute start in us), sorted.
@@ -406,12 +428,129 @@ fn lock_hand_overs_bracket_tighter_and_a_small_step_shows_two_lock_holders() {
         3,
         &["--replay-locks", "--step", "pay-2=-3@40"],
     );
+    // Aligned, the step is found by the pairs that bracket it and followed.
     let got = forensics(&logs, &[]);
     assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], false);
+    assert_steps(&got, "pay-2", -3.0, true);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
+    // Without alignment, its lock holdings overlap the committers'.
+    let got = forensics(&logs, &["--no-align"]);
     let imp = got["impossible_orderings"].as_array().unwrap();
     assert!(!imp.is_empty());
     for i in imp {
         assert_eq!(i["kind"], "two_lock_holders", "{i}");
         assert!(i["hosts"][0] == "pay-2" || i["hosts"][1] == "pay-2", "{i}");
     }
+}
+
+#[test]
+fn a_host_with_only_ledger_ids_is_aligned_by_them() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = ["--solo-hosts", "1", "--ledger-ids"];
+    let truth = forensics(&corpus(d.path(), "truth", 3, &ids), &["--no-align"]);
+    let skewed = [&ids[..], &["--skew", "pay-3=300", "--skew", "pay-2=-150"]].concat();
+    let logs = corpus(d.path(), "shifted", 3, &skewed);
+    let got = forensics(&logs, &[]);
+    // pay-3 takes part in no cross-host race: only the shared ledger sequence places it.
+    let c = &got["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], true, "{c}");
+    assert_eq!(c["evidence"], "ledger_ids", "{c}");
+    let (lo, hi) = (
+        c["interval_ms"][0].as_f64().unwrap(),
+        c["interval_ms"][1].as_f64().unwrap(),
+    );
+    assert!(lo <= -300.0 && -300.0 <= hi && hi - lo <= 10.0, "{c}");
+    // pay-2 is still placed by its orderings, as tightly as without ids.
+    assert_clock(&got, "pay-2", None, 150.0);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["evidence"], "orderings");
+    assert_eq!(mismatch(&truth, &got), None);
+    // Without the shared sequence (ids per order) pay-3 has no evidence and is left alone.
+    let no_ids: Vec<&str> = skewed
+        .iter()
+        .copied()
+        .filter(|a| *a != "--ledger-ids")
+        .collect();
+    let logs = corpus(d.path(), "no-ids", 3, &no_ids);
+    let c = &forensics(&logs, &[])["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], false, "{c}");
+}
+
+#[test]
+fn a_zone_less_host_with_no_other_evidence_gets_its_zone_from_the_event_rate() {
+    let d = tempfile::tempdir().unwrap();
+    let logs = corpus(
+        d.path(),
+        "shifted",
+        3,
+        &[
+            "--solo-hosts",
+            "1",
+            "--local",
+            "pay-3=+05:30",
+            "--skew",
+            "pay-3=300",
+            "--skew",
+            "pay-2=-150",
+        ],
+    );
+    let got = forensics(&logs, &[]);
+    // pay-3 shares no order and no ledger sequence with the others: only its events per
+    // second, rising and falling with theirs 5 h 30 min later, say where its zone is.
+    let c = &got["clock"]["hosts"]["pay-3"];
+    assert_eq!(c["applied"], true, "{c}");
+    assert_eq!(c["evidence"], "event_rate", "{c}");
+    assert_eq!(c["zone"], "+05:30", "{c}");
+    assert_eq!(c["constraints"], 0, "{c}");
+    // Weak evidence names the zone, never a millisecond skew; strong evidence is not touched.
+    assert_eq!(c["skew_ms"], 0.0, "{c}");
+    assert_clock(&got, "pay-2", None, 150.0);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["evidence"], "orderings");
+    // With the zone given, there is nothing left for the event rate to say.
+    let given = forensics(&logs, &["--tz", "+05:30"]);
+    assert_eq!(given["clock"]["hosts"]["pay-3"]["applied"], false);
+}
+
+#[test]
+fn a_clock_step_after_the_sample_is_found_by_the_merge() {
+    let d = tempfile::tempdir().unwrap();
+    // pay-2's clock jumps 600 ms ahead 60 s into an 80 s run: about three quarters into its file.
+    let logs = corpus(d.path(), "late-step", 3, &["--step", "pay-2=600@60"]);
+    // The sample (256 KiB of each ~1.2 MB file) ends long before the step: it sees none.
+    let got = forensics(&logs, &["--align-sample-bytes", "262144"]);
+    assert_eq!(got["clock"]["hosts"]["pay-2"]["applied"], true);
+    assert_steps(&got, "pay-2", 600.0, true);
+    // Followed: every race window after the step is where it truly was.
+    let truth = forensics(&corpus(d.path(), "truth", 3, &[]), &["--no-align"]);
+    assert_eq!(mismatch(&truth, &got), None);
+    assert_eq!(got["totals"]["impossible_orderings"], 0);
+    let steps = got["clock"]["steps"].as_array().unwrap();
+    // Seen against both other hosts, each saying pay-2 moved 600 ms ahead, from 21:01:00.
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    for s in steps {
+        assert_eq!(s["host"], "pay-2", "{s}");
+        let by = s["by_ms"].as_f64().unwrap();
+        let by = if s["hosts"][1] == "pay-2" { by } else { -by };
+        assert!((by - 600.0).abs() <= 2.0, "{s}");
+        let at = us(s["at"].as_str().unwrap());
+        assert!(
+            (us("2026-11-25T21:01:00Z")..us("2026-11-25T21:01:02Z")).contains(&at),
+            "{s}"
+        );
+    }
+    let notes: Vec<&str> = got["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("pay-2: its clock stepped by +600.0 ms")
+                && n.contains("moved back")),
+        "{notes:?}"
+    );
+    // A healthy corpus shows no step.
+    let healthy = forensics(&corpus(d.path(), "healthy", 3, &[]), &[]);
+    assert!(healthy["clock"]["steps"].as_array().unwrap().is_empty());
 }

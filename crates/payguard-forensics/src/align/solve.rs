@@ -13,12 +13,21 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 
 use crate::clock::{TzOffset, MS_US};
-use crate::limits::{CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX};
+use crate::limits::{
+    CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX,
+    CLOCK_RATE_DISTINCT_S, CLOCK_RATE_EVENTS_MIN, CLOCK_RATE_PEAK_RATIO_MIN, CLOCK_RATE_ZONE_FIT_S,
+};
 
-use super::{Alignment, Evidence, HostClock, UserClock};
+use super::{Alignment, ClockEvidence, Evidence, HostClock, PairBounds, UserClock};
 
 /// Zones are whole quarter hours (whole hours, :30 and :45 all are).
 const ZONE_STEP_US: i64 = 15 * 60 * 1_000_000;
+/// A second in microseconds.
+const SEC_US: i64 = 1_000_000;
+
+/// The event rate places a lag to the second: its bounds are this wide each way.
+const CLOCK_RATE_LAG_SLACK_S: i64 = 2;
+
 /// The widest zone in use (UTC+14).
 const ZONE_US_MAX: i64 = 14 * 3600 * 1_000_000;
 
@@ -28,7 +37,77 @@ struct Edge {
     w: i64,
 }
 
-/// Decides every host's clock from the evidence (see the module docs).
+/// What one kind of evidence made of the hosts' offsets.
+struct Tier {
+    /// Bounds of each host's offset relative to the anchors.
+    dist: Vec<Option<(i64, i64)>>,
+    constraints: Vec<u64>,
+    contradicted: Vec<bool>,
+    anchors: Vec<usize>,
+}
+
+impl Tier {
+    /// Whether host `h` is placed: reached within bounds by enough orderings, or an anchor.
+    fn placed(&self, h: usize) -> Option<(i64, i64)> {
+        let (lo, hi) = self.dist[h]?;
+        (self.constraints[h] >= CLOCK_CONSTRAINTS_MIN || self.anchors.contains(&h))
+            .then_some((lo, hi))
+    }
+}
+
+/// Solves the difference constraints of `pairs` (see the module docs); `anchors`, when given,
+/// are the reference hosts (so two tiers' offsets are relative to the same host).
+fn tier(
+    ev: &Evidence,
+    pairs: &HashMap<(u32, u32), PairBounds>,
+    major: &[Option<u32>],
+    fixed: &[bool],
+    anchors: Option<&[usize]>,
+    notes: &mut Vec<String>,
+) -> Tier {
+    let nh = major.len();
+    let (adj, constraints, contradicted) = edges(ev, pairs, major, notes);
+    let anchors = match anchors {
+        Some(a) if !a.is_empty() => a.to_vec(),
+        _ => pick_anchors(major, &adj, &constraints, fixed),
+    };
+    let mut dist = bracket(&adj, &anchors, fixed, notes);
+    // A reference with no host aligned to it is no reference.
+    if (0..nh).all(|h| anchors.contains(&h) || dist[h].is_none()) {
+        dist = vec![None; nh];
+    }
+    Tier {
+        dist,
+        constraints,
+        contradicted,
+        anchors,
+    }
+}
+
+/// The bounds the ledger-id tier solves: per pair and direction, the orderings' bound when
+/// there are `clock_constraints_per_side_min` of them, else theirs and the ids' together. So
+/// ids never replace a direction orderings already bound, and a host placed by orderings keeps
+/// that placement (see [`solve`]).
+fn with_ids(ev: &Evidence) -> HashMap<(u32, u32), PairBounds> {
+    let mut out = ev.pairs.clone();
+    for (k, i) in &ev.id_pairs {
+        let m = out.entry(*k).or_default();
+        if m.n_lo < CLOCK_CONSTRAINTS_PER_SIDE_MIN && i.n_lo > 0 {
+            m.lo = m.lo.max(i.lo);
+            m.n_lo += i.n_lo;
+        }
+        if m.n_hi < CLOCK_CONSTRAINTS_PER_SIDE_MIN && i.n_hi > 0 {
+            m.hi = m.hi.min(i.hi);
+            m.n_hi += i.n_hi;
+        }
+    }
+    out
+}
+
+/// Decides every host's clock from the evidence (see the module docs). Evidence comes in
+/// tiers, strongest first: orderings of one order's requests, then ledger ids, then the event
+/// rate (a zone only). A host is placed by the strongest tier that places it; a weaker tier
+/// only places hosts the stronger ones left alone, relative to the same reference.
 pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
     let nh = ev.hosts.len();
     let major: Vec<Option<u32>> = (0..nh)
@@ -38,39 +117,78 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         })
         .collect();
     let mut notes = Vec::new();
-    let (adj, constraints, contradicted) = edges(ev, &major, &mut notes);
     let fixed: Vec<bool> = ev.hosts.iter().map(|h| user.skew_of(h).is_some()).collect();
-    let anchors = anchors(&major, &adj, &constraints, &fixed);
-    let mut dist = bracket(&adj, &anchors, &fixed, &mut notes);
-    // A reference with no host aligned to it is no reference.
-    if (0..nh).all(|h| anchors.contains(&h) || dist[h].is_none()) {
-        dist = vec![None; nh];
-    }
+    let strong = tier(ev, &ev.pairs, &major, &fixed, None, &mut notes);
+    let ids = (!ev.id_pairs.is_empty()).then(|| {
+        let mut id_notes = Vec::new();
+        let t = tier(
+            ev,
+            &with_ids(ev),
+            &major,
+            &fixed,
+            Some(&strong.anchors),
+            &mut id_notes,
+        );
+        for n in id_notes {
+            if !notes.contains(&n) {
+                notes.push(format!("with ledger ids: {n}"));
+            }
+        }
+        t
+    });
     let active = major.iter().filter(|m| m.is_some()).count();
+    // The event rate is compared with the reference host's, whichever tier chose it.
+    let by_rate = [
+        &strong.anchors[..],
+        ids.as_ref().map_or(&[][..], |t| &t.anchors[..]),
+    ]
+    .concat()
+    .first()
+    .and_then(|&a| major[a]);
     let mut hosts = Vec::new();
-    for h in 0..nh {
-        let Some(dom) = major[h] else { continue };
+    for (h, m) in major.iter().enumerate() {
+        let Some(dom) = *m else { continue };
         let zone_less = dom % 2 == 1;
         let mut hc = HostClock {
             host: ev.hosts[h].clone(),
             zone: zone_less.then(|| user.tz.unwrap_or_default()),
             skew_us: None,
             interval_us: None,
-            constraints: constraints[h],
+            constraints: strong.constraints[h],
             applied: false,
-            reference: anchors.contains(&h),
+            reference: strong.anchors.contains(&h),
+            evidence: None,
         };
-        match dist[h] {
-            Some((lo, hi)) if constraints[h] >= CLOCK_CONSTRAINTS_MIN || anchors.contains(&h) => place(&mut hc, lo, hi, zone_less && user.tz.is_none()),
-            _ if active > 1 && contradicted[h] => notes.push(format!(
+        let infer_zone = zone_less && user.tz.is_none();
+        let by_ids = ids.as_ref().and_then(|t| t.placed(h).map(|b| (t, b)));
+        if let Some((lo, hi)) = strong.placed(h) {
+            hc.evidence = Some(ClockEvidence::Orderings);
+            place(&mut hc, lo, hi, infer_zone);
+        } else if let Some((t, (lo, hi))) = by_ids {
+            hc.constraints = t.constraints[h];
+            hc.reference = t.anchors.contains(&h);
+            hc.evidence = Some(ClockEvidence::LedgerIds);
+            place(&mut hc, lo, hi, infer_zone);
+        } else if let Some(lag) = by_rate
+            .filter(|_| infer_zone)
+            .and_then(|r| rate_lag(ev, dom, r))
+        {
+            hc.evidence = Some(ClockEvidence::EventRate);
+            let slack = CLOCK_RATE_LAG_SLACK_S * SEC_US;
+            place(&mut hc, -lag - slack, -lag + slack, true);
+        } else if active > 1 && strong.contradicted[h] {
+            notes.push(format!(
                 "{}: its clock was left alone: its orderings with other hosts contradict each other",
                 hc.host
-            )),
-            _ if active > 1 => notes.push(format!(
+            ));
+        } else if active > 1 {
+            notes.push(format!(
                 "{}: too little evidence to align its clock ({} cross-host orderings; needs {} in all and {} each way within {} ms); its times are read as written",
                 hc.host, hc.constraints, CLOCK_CONSTRAINTS_MIN, CLOCK_CONSTRAINTS_PER_SIDE_MIN, CLOCK_INTERVAL_MS_MAX
-            )),
-            _ => {}
+            ));
+        }
+        if !hc.applied {
+            hc.evidence = None;
         }
         if let Some(s) = user.skew_of(&hc.host) {
             hc.skew_us = Some(s);
@@ -84,6 +202,37 @@ pub fn solve(ev: &Evidence, user: &UserClock) -> Alignment {
         file_zone,
         notes,
     }
+}
+
+/// The lag (microseconds) by which domain `x`'s events per second best follow domain `r`'s:
+/// how far `x`'s raw clock is ahead. `None` unless both have `clock_rate_events_min` events,
+/// the best lag scores `clock_rate_peak_ratio_min` times any lag farther than
+/// `clock_rate_distinct_s` from it, and it is within `clock_rate_zone_fit_s` of a quarter-hour
+/// zone: weak evidence, so it only ever names a zone.
+fn rate_lag(ev: &Evidence, x: u32, r: u32) -> Option<i64> {
+    let (xs, rs) = (ev.rate.get(x as usize)?, ev.rate.get(r as usize)?);
+    let total = |m: &HashMap<i64, u32>| m.values().map(|&c| c as u64).sum::<u64>();
+    if x == r || total(xs) < CLOCK_RATE_EVENTS_MIN || total(rs) < CLOCK_RATE_EVENTS_MIN {
+        return None;
+    }
+    let mut score: HashMap<i64, u64> = HashMap::new();
+    for (&bx, &cx) in xs {
+        for (&br, &cr) in rs {
+            *score.entry(bx - br).or_default() += cx as u64 * cr as u64;
+        }
+    }
+    let (&best, &top) = score.iter().max_by_key(|(l, s)| (**s, Reverse(**l)))?;
+    let rival = score
+        .iter()
+        .filter(|(l, _)| (**l - best).abs() > CLOCK_RATE_DISTINCT_S)
+        .map(|(_, s)| *s)
+        .max()
+        .unwrap_or(0);
+    let zone_s = ZONE_STEP_US / SEC_US;
+    let off_zone = best - (best + zone_s / 2).div_euclid(zone_s) * zone_s;
+    (top >= rival.saturating_mul(CLOCK_RATE_PEAK_RATIO_MIN)
+        && off_zone.abs() <= CLOCK_RATE_ZONE_FIT_S)
+        .then_some(best * SEC_US)
 }
 
 /// Sets a reached host's zone and skew from its offset's bounds: the midpoint, unless the
@@ -119,6 +268,7 @@ fn place(hc: &mut HostClock, lo: i64, hi: i64, infer_zone: bool) {
 /// counted per host.
 fn edges(
     ev: &Evidence,
+    pairs: &HashMap<(u32, u32), PairBounds>,
     major: &[Option<u32>],
     notes: &mut Vec<String>,
 ) -> (Vec<Vec<Edge>>, Vec<u64>, Vec<bool>) {
@@ -126,7 +276,7 @@ fn edges(
     let mut contradicted = vec![false; nh];
     let mut adj: Vec<Vec<Edge>> = (0..nh).map(|_| Vec::new()).collect();
     let mut constraints = vec![0u64; nh];
-    let mut pairs: Vec<_> = ev.pairs.iter().collect();
+    let mut pairs: Vec<_> = pairs.iter().collect();
     pairs.sort_by_key(|(k, _)| **k);
     for (&(a, b), p) in pairs {
         let (ha, hb) = ((a / 2) as usize, (b / 2) as usize);
@@ -159,7 +309,7 @@ fn edges(
 
 /// The reference hosts: those the user gave `--skew` for, else the one connected host with the
 /// most evidence, zoned hosts first (a zone in the log is the best clue to true time).
-fn anchors(
+fn pick_anchors(
     major: &[Option<u32>],
     adj: &[Vec<Edge>],
     constraints: &[u64],
@@ -279,8 +429,10 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             events: events.to_vec(),
             pairs: pairs.iter().copied().collect(),
+            id_pairs: HashMap::new(),
+            rate: vec![HashMap::new(); events.len()],
             file_zoneless: vec![[(0u16, 10u64)].into_iter().collect()],
-            unsampled: vec![],
+            ..Evidence::default()
         }
     }
 
@@ -398,5 +550,55 @@ mod tests {
         assert!(a.hosts[2].reference);
         assert_eq!(a.hosts[2].skew_us, Some(5_000));
         assert_eq!(a.hosts[1].skew_us, Some(-21_000));
+    }
+
+    #[test]
+    fn ledger_ids_place_only_hosts_the_orderings_leave_alone() {
+        // Orderings: b - a in [10, 12] ms. Ids: b - a in [40, 60] ms (contradicting them) and
+        // c - a in [-22, -18] ms (c has no orderings at all).
+        let mut e = ev(
+            &["a", "b", "c"],
+            &[30, 0, 10, 0, 10, 0],
+            &[((0, 2), pb(10_000, 12_000, 5))],
+        );
+        e.id_pairs = [
+            ((0, 2), pb(40_000, 60_000, 50)),
+            ((0, 4), pb(-22_000, -18_000, 50)),
+        ]
+        .into_iter()
+        .collect();
+        let a = solve(&e, &UserClock::default());
+        assert!(a.hosts[0].reference);
+        assert_eq!(a.hosts[1].skew_us, Some(11_000));
+        assert_eq!(a.hosts[1].evidence, Some(ClockEvidence::Orderings));
+        assert_eq!(a.hosts[2].skew_us, Some(-20_000));
+        assert_eq!(a.hosts[2].evidence, Some(ClockEvidence::LedgerIds));
+        assert_eq!(a.hosts[2].constraints, 100);
+    }
+
+    #[test]
+    fn the_event_rate_names_a_zone_only_when_its_peak_is_clear() {
+        let series = |shift: i64, burst_at: &[i64]| -> HashMap<i64, u32> {
+            (0..120)
+                .map(|t| (t + shift, 40 + if burst_at.contains(&t) { 400 } else { 0 }))
+                .collect()
+        };
+        let mut e = ev(&["a", "b"], &[5_000, 0, 0, 5_000], &[]);
+        e.rate[0] = series(0, &[10, 70]);
+        // b's clock is 8 h ahead (zone +08:00, zone-less): its bursts come 28,800 s later.
+        e.rate[3] = series(8 * 3600, &[10, 70]);
+        assert_eq!(rate_lag(&e, 3, 0), Some(8 * 3600 * SEC_US));
+        // Off a quarter-hour zone by more than `clock_rate_zone_fit_s`: says nothing.
+        e.rate[3] = series(8 * 3600 + 300, &[10, 70]);
+        assert_eq!(rate_lag(&e, 3, 0), None);
+        // Two equal peaks far apart (the same load an hour later): says nothing.
+        let mut twice = series(8 * 3600, &[10, 70]);
+        twice.extend(series(9 * 3600, &[10, 70]));
+        e.rate[3] = twice;
+        assert_eq!(rate_lag(&e, 3, 0), None);
+        // Too few events: says nothing.
+        e.rate[3] = series(8 * 3600, &[10, 70]);
+        e.rate[0] = [(5, 10u32)].into_iter().collect();
+        assert_eq!(rate_lag(&e, 3, 0), None);
     }
 }

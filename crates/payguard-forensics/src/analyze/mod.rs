@@ -19,6 +19,7 @@
 //! (what the engine keeps per open order, and of an order after retirement).
 
 mod debits;
+mod drift;
 mod order;
 mod ordering;
 mod rejoin;
@@ -26,7 +27,8 @@ mod req_names;
 mod requests;
 mod results;
 
-pub use order::analyze_order;
+pub use drift::{stepped_host, Correction, Drift, PairStep};
+pub use order::{analyze_order, observe_order};
 pub use ordering::{ImpossibleRec, OrderingKind};
 pub use rejoin::{rejoin, single_debit};
 pub use req_names::ReqNames;

@@ -20,6 +20,16 @@ fn push_host(hosts: &mut Vec<u16>, h: u16) {
     }
 }
 
+/// Gives one finished order's cross-host orderings to the clock-step tracker, before its batch
+/// is analysed (so a step found in the batch is corrected first).
+pub fn observe_order(st: &mut OrderState, drift: &mut super::Drift) {
+    if cannot_matter(st) {
+        return;
+    }
+    st.evs.sort_unstable_by_key(|e| (e.ts, e.file, e.line));
+    drift.observe(&st.evs);
+}
+
 /// Analyses one finished order and adds its findings to `out`.
 pub fn analyze_order(oid: &[u8], st: &mut OrderState, ctx: &OrderCtx, out: &mut Results) {
     if cannot_matter(st) {

@@ -28,6 +28,8 @@ pub struct Results {
     pub impossible: Vec<super::ImpossibleRec>,
     /// Every broken ordering, listed or not.
     pub impossible_total: u64,
+    /// Clock steps between pairs of hosts, found through the whole input.
+    pub drift: super::Drift,
 }
 
 /// Sums over every incident, kept apart from the (bounded) list.

@@ -26,7 +26,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::analyze::{
-    analyze_order, rejoin, single_debit, Ev, OrderCtx, OrderState, Results, REQ_NONE,
+    analyze_order, observe_order, rejoin, single_debit, Correction, Ev, OrderCtx, OrderState,
+    Results, REQ_NONE,
 };
 use crate::clock::{DateRef, RawTime, TzOffset, MS_US};
 use crate::input::FileInfo;
@@ -41,7 +42,7 @@ use pending::Pending;
 use retired::Retired;
 
 pub use piece::{parse_piece, ParsedPiece, Rec, RecView, Span};
-pub use round::read_round;
+pub use round::{read_parse, read_round};
 
 /// Events most orders have (start, cache, lock, commit, unlock, end): one allocation per order.
 const ORDER_EVENTS_INITIAL: usize = 8;
@@ -100,6 +101,8 @@ pub struct Config {
     pub file_zone: Vec<Option<TzOffset>>,
     /// Keep timelines for `--trace-out`/`--html`.
     pub timelines: bool,
+    /// Correct a host's times from a clock step on, once the step is known (not `--no-align`).
+    pub follow_clock_steps: bool,
 }
 
 #[derive(Default)]
@@ -172,6 +175,7 @@ impl Engine {
             notes: Vec::new(),
             cfg,
         };
+        e.results.drift.follow = e.cfg.follow_clock_steps;
         for f in &files {
             let h = e.host_id(f.default_host.as_bytes());
             e.file_host.push(h);
@@ -414,6 +418,12 @@ impl Engine {
         }
         self.last_scan_us = now;
         let cutoff = now - ORDER_RETIRE_AFTER_MS * MS_US;
+        for st in self.orders.values_mut().filter(|st| st.last_us < cutoff) {
+            observe_order(st, &mut self.results.drift);
+        }
+        for c in self.results.drift.flush() {
+            self.follow_step(c);
+        }
         let ctx = OrderCtx {
             timelines: self.cfg.timelines,
         };
@@ -453,10 +463,37 @@ impl Engine {
         }
     }
 
+    /// A host's clock stepped: its times from the step on move back by the step, in the orders
+    /// still open and in every line read from now on. (Orders already analysed keep theirs;
+    /// their broken orderings were listed.)
+    fn follow_step(&mut self, c: Correction) {
+        if let Some(s) = self.skew_us.get_mut(c.host as usize) {
+            *s = s.saturating_sub(c.by_us);
+        }
+        for st in self.orders.values_mut() {
+            let mut moved = false;
+            for e in st.evs.iter_mut() {
+                if e.host == c.host && e.ts >= c.from_us {
+                    e.ts -= c.by_us;
+                    moved = true;
+                }
+            }
+            if moved {
+                st.last_us = st.evs.iter().map(|e| e.ts).max().unwrap_or(st.last_us);
+            }
+        }
+    }
+
     /// All input read: analyse every open order and finish the notes.
     pub fn finish(&mut self) {
         for f in 0..self.file_state.len() {
             self.flush_pending_fallback(f);
+        }
+        for st in self.orders.values_mut() {
+            observe_order(st, &mut self.results.drift);
+        }
+        for c in self.results.drift.flush() {
+            self.follow_step(c);
         }
         let ctx = OrderCtx {
             timelines: self.cfg.timelines,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::clock::RawTime;
-use crate::parse::{EventKind, LineParser, Parsed, SkipReason};
+use crate::parse::{EntryId, EventKind, LineParser, Parsed, SkipReason};
 
 /// A string found by the parser: a range of the chunk, or of the piece's side buffer when it
 /// had to be unescaped.
@@ -34,6 +34,7 @@ pub struct Rec {
     pub(super) host: Span,
     pub(super) amount: Option<i64>,
     pub(super) entries: Option<u32>,
+    pub(super) entry: Option<EntryId>,
     /// Not an event: a dated line that only anchors dateless lines of its file.
     pub(super) hint: bool,
 }
@@ -73,6 +74,8 @@ pub struct RecView<'a> {
     pub oid: &'a [u8],
     pub req: Option<&'a [u8]>,
     pub host: Option<&'a [u8]>,
+    /// The ledger entry id a commit wrote.
+    pub entry: Option<EntryId>,
     /// A dated line that only anchors dateless lines (not an event).
     pub hint: bool,
 }
@@ -83,6 +86,11 @@ impl ParsedPiece {
         self.file
     }
 
+    /// The chunk this piece was cut from (shared with the chunk's other pieces).
+    pub fn into_data(self) -> Arc<Vec<u8>> {
+        self.data
+    }
+
     /// The records in line order, borrowed.
     pub fn views(&self) -> impl Iterator<Item = RecView<'_>> + '_ {
         self.recs.iter().map(|r| RecView {
@@ -91,6 +99,7 @@ impl ParsedPiece {
             oid: self.bytes(r.oid).unwrap_or_default(),
             req: self.bytes(r.req),
             host: self.bytes(r.host),
+            entry: r.entry,
             hint: r.hint,
         })
     }
@@ -154,6 +163,7 @@ pub fn parse_piece(
                 host,
                 amount: e.amount,
                 entries: e.entries,
+                entry: e.entry,
                 hint: false,
             });
         }
@@ -171,6 +181,7 @@ pub fn parse_piece(
                 host: SPAN_NONE,
                 amount: None,
                 entries: None,
+                entry: None,
                 hint: true,
             });
         }

@@ -30,7 +30,7 @@ pub fn read_round(
         .filter_map(|s| watermarks.get(s.file as usize).copied().flatten())
         .min();
     let lead = READ_LEAD_MS * MS_US;
-    let mut chosen: Vec<&mut Source> = sources
+    let chosen: Vec<&mut Source> = sources
         .iter_mut()
         .filter(|s| !s.done)
         .filter(
@@ -43,6 +43,17 @@ pub fn read_round(
     if chosen.is_empty() {
         return (Vec::new(), Vec::new(), false);
     }
+    let (parsed, overlong) = read_parse(chosen, parser);
+    (parsed, overlong, true)
+}
+
+/// One chunk of each chosen source, read and parsed in parallel: the pieces (each marked when
+/// it ends its file) and the lines dropped as longer than a chunk, per file. Clock alignment's
+/// sampling pass reads with this too, so the merge can take its pieces as they are.
+pub fn read_parse(
+    mut chosen: Vec<&mut Source>,
+    parser: &LineParser,
+) -> (Vec<ParsedPiece>, Vec<(u16, u64)>) {
     let chunks: Vec<Chunk> = chosen
         .par_iter_mut()
         .with_max_len(1)
@@ -68,5 +79,5 @@ pub fn read_round(
         .with_max_len(1)
         .map(|Job(f, d, r, last)| parse_piece(parser, *f, d, *r, *last))
         .collect();
-    (parsed, overlong, true)
+    (parsed, overlong)
 }

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use crate::clock::{parse_time, RawTime};
 
 use super::kv::scan_kv;
-use super::{event_kind, LineEvent, Parsed, SkipReason};
+use super::{event_kind, EntryId, LineEvent, Parsed, SkipReason};
 
 /// The fields forensics reads, gathered from any format before the event is built.
 #[derive(Default)]
@@ -22,6 +22,7 @@ pub(super) struct Fields<'a> {
     pub(super) host: Option<Cow<'a, [u8]>>,
     pub(super) amount: Option<i64>,
     pub(super) entries: Option<u32>,
+    pub(super) entry: Option<EntryId>,
 }
 
 impl<'a> Fields<'a> {
@@ -36,6 +37,7 @@ impl<'a> Fields<'a> {
             b"req" | b"request_id" => self.req = Some(val.into_bytes()),
             b"inst" | b"host" | b"instance" | b"instance_id" => self.host = Some(val.into_bytes()),
             b"amount" => self.amount = int(&val.bytes()),
+            b"entry" | b"entry_id" => self.entry = EntryId::parse(&val.bytes()),
             b"entries" => {
                 self.entries = match &val {
                     Val::Count(n) => Some(*n),
@@ -125,6 +127,7 @@ impl<'a> Fields<'a> {
             host,
             amount: self.amount,
             entries: self.entries,
+            entry: self.entry,
         })
     }
 
@@ -136,6 +139,7 @@ impl<'a> Fields<'a> {
             b"inst" | b"host" | b"instance" => self.host.is_some(),
             b"amount" => self.amount.is_some(),
             b"entries" => self.entries.is_some(),
+            b"entry" | b"entry_id" => self.entry.is_some(),
             _ => true,
         };
         if !taken {
@@ -150,6 +154,7 @@ impl<'a> Fields<'a> {
         self.host = self.host.take().or(o.host);
         self.amount = self.amount.or(o.amount);
         self.entries = self.entries.or(o.entries);
+        self.entry = self.entry.or(o.entry);
     }
 }
 

@@ -43,6 +43,35 @@ pub struct LineEvent<'a> {
     pub host: Option<Cow<'a, str>>,
     pub amount: Option<i64>,
     pub entries: Option<u32>,
+    /// The ledger entry id a commit wrote, when it reads as a place in a sequence.
+    pub entry: Option<EntryId>,
+}
+
+/// A ledger entry id read as a place in a sequence: a short prefix of letters naming the
+/// sequence, then a number (`E1042`, `1042`). Ids one database hands out to every instance
+/// interleave across hosts, and a higher id was taken later (clock alignment's evidence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    /// The prefix's bytes, packed (at most four).
+    pub seq: u32,
+    /// The number.
+    pub n: u64,
+}
+
+impl EntryId {
+    /// `None` unless `b` is at most four letters (or `_`, `-`) and then 1 to 18 digits.
+    pub fn parse(b: &[u8]) -> Option<EntryId> {
+        let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+        let (prefix, num) = b.split_at(b.len() - digits);
+        let name = |c: &u8| c.is_ascii_alphabetic() || *c == b'_' || *c == b'-';
+        if num.is_empty() || num.len() > 18 || prefix.len() > 4 || !prefix.iter().all(name) {
+            return None;
+        }
+        Some(EntryId {
+            seq: prefix.iter().fold(0u32, |s, &c| (s << 8) | c as u32),
+            n: num.iter().fold(0u64, |n, &c| n * 10 + (c - b'0') as u64),
+        })
+    }
 }
 
 /// What one line is.

@@ -71,6 +71,11 @@ struct Cli {
     /// HOST=MS@SECS: HOST's clock steps by MS milliseconds SECS seconds into the run (mid-file).
     #[arg(long, value_name = "HOST=MS@SECS", allow_hyphen_values = true)]
     step: Vec<String>,
+    /// Commits write ledger ids from one sequence shared by every host, as one database hands
+    /// them out (`E` then a number that grows with the true commit time), instead of
+    /// per-order ids (`E<order>-<n>`) that say nothing about time.
+    #[arg(long)]
+    ledger_ids: bool,
 }
 
 /// The per-host clocks from `--local` and `--skew`.
@@ -234,6 +239,7 @@ struct Gen {
 fn main() {
     let cli = Cli::parse();
     let _ = render::CLOCKS.set(host_clocks(&cli));
+    let _ = render::LEDGER_IDS.set(cli.ledger_ids);
     let target = parse_size(&cli.bytes);
     let logs = cli.out.join("logs");
     std::fs::create_dir_all(&logs).expect("create out dir");
@@ -437,7 +443,7 @@ impl Gen {
                 "INFO",
                 "deduct_commit",
                 &[
-                    ("entry", format!("E{seq}{d}")),
+                    ("entry", format!("E{seq}-{d}")),
                     ("amount", amount.to_string()),
                     ("balance_after", "0".into()),
                 ],
@@ -514,7 +520,7 @@ impl Gen {
                     "INFO",
                     "deduct_commit",
                     vec![
-                        ("entry", format!("E{seq}{d}")),
+                        ("entry", format!("E{seq}-{d}")),
                         ("amount", amount.to_string()),
                         ("balance_after", "0".into()),
                     ],
@@ -608,7 +614,7 @@ impl Gen {
                     "INFO",
                     "deduct_commit",
                     &[
-                        ("entry", format!("E{seq}")),
+                        ("entry", format!("E{seq}-0")),
                         ("amount", amount.to_string()),
                         ("balance_after", "0".into()),
                     ],
@@ -638,7 +644,7 @@ impl Gen {
                     7000 - d,
                     "INFO",
                     "deduct_replay",
-                    &[("entry", format!("E{seq}"))],
+                    &[("entry", format!("E{seq}-0"))],
                 );
                 emit(
                     7200 - d,
@@ -714,7 +720,7 @@ impl Gen {
                 5000,
                 "deduct_commit",
                 vec![
-                    ("entry", format!("E{seq}")),
+                    ("entry", format!("E{seq}-0")),
                     ("amount", amount.to_string()),
                     ("balance_after", (amount * 3).to_string()),
                 ],
@@ -745,7 +751,10 @@ impl Gen {
                 (
                     44_000,
                     "refund_commit",
-                    vec![("entry", format!("F{seq}")), ("amount", amount.to_string())],
+                    vec![
+                        ("entry", format!("F{seq}-0")),
+                        ("amount", amount.to_string()),
+                    ],
                 ),
                 (
                     45_000,

@@ -86,8 +86,28 @@ fn host_time(host: &str, ts: i64) -> (i64, bool) {
     }
 }
 
+/// Set once by `main` from `--ledger-ids`.
+pub(crate) static LEDGER_IDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// A commit's fields with its entry id from the shared sequence: the id's letter, then the true
+/// commit time in microseconds (so a higher id was committed later, on whatever host).
+fn with_ledger_id<'a>(l: &Line<'a>) -> Option<Vec<(&'a str, String)>> {
+    if !LEDGER_IDS.get().copied().unwrap_or(false) || !l.event.ends_with("_commit") {
+        return None;
+    }
+    let id = |v: &String| format!("{}{}", &v[..1], l.ts);
+    Some(
+        l.extra
+            .iter()
+            .map(|(k, v)| (*k, if *k == "entry" { id(v) } else { v.clone() }))
+            .collect(),
+    )
+}
+
 pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
     let mut s = String::with_capacity(200);
+    let ids = with_ledger_id(l);
+    let extra: &[(&str, String)] = ids.as_deref().unwrap_or(l.extra);
     let (ts, zone_less) = host_time(l.host, l.ts);
     let mut stamp = rfc3339(ts);
     if zone_less {
@@ -108,7 +128,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
                 l.event,
                 l.oid
             ));
-            for (k, v) in l.extra {
+            for (k, v) in extra {
                 s.push_str(&format!(", {k}={v}"));
             }
         }
@@ -117,7 +137,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
                 "{} [{}] {}: oid={}",
                 stamp, l.level, l.event, l.oid
             ));
-            for (k, v) in l.extra {
+            for (k, v) in extra {
                 s.push_str(&format!(", {k}={v}"));
             }
             if let Some(r) = l.req {
@@ -127,7 +147,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
         }
         Fmt::Json | Fmt::Tracing => {
             let mut fields = format!("\"oid\":\"{}\"", l.oid);
-            for (k, v) in l.extra {
+            for (k, v) in extra {
                 if is_num(k) {
                     fields.push_str(&format!(",\"{k}\":{v}"));
                 } else {
@@ -160,7 +180,7 @@ pub(crate) fn render(f: Fmt, l: &Line<'_>) -> String {
                 l.event,
                 l.oid
             ));
-            for (k, v) in l.extra {
+            for (k, v) in extra {
                 s.push_str(&format!(" {k}={v}"));
             }
             if let Some(r) = l.req {
