@@ -367,7 +367,7 @@ async fn race(apps: &[TestApp]) {
     let calls = (0..ORDERS * 6).map(|k| {
         let i = k % ORDERS;
         let app = &apps[k % apps.len()];
-        let path = if (k / ORDERS) % 2 == 0 {
+        let path = if (k / ORDERS).is_multiple_of(2) {
             "capture"
         } else {
             "void"

@@ -682,7 +682,7 @@ async fn two_phase_batches_give_the_same_answers_as_sqlite_on_the_fast_path() {
     let mut conn = payguard::store::sqlite::open_connection(&path).unwrap();
     payguard::store::sqlite::migrate(&mut conn).unwrap();
     let pg = store(&db).await;
-    let batches = vec![
+    let batches = [
         vec![
             acct("x", 10_000),
             acct("y", 100),

@@ -146,7 +146,7 @@ pub struct Movement {
     pub entry: NewEntry,
     /// A second line, inserted after `entry`: the release of what a partial
     /// capture left of its hold.
-    pub rest: Option<NewEntry>,
+    pub rest: Option<Box<NewEntry>>,
     /// The balance as read: the balance's write is conditional on it, and
     /// `entry.balance_after` is the new one.
     pub balance_before: Money,
