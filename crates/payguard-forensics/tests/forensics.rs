@@ -621,3 +621,62 @@ fn trace_and_html_outputs() {
     );
     assert!(!page.contains("<script") && !page.contains("<link") && !page.contains("src="));
 }
+
+/// Two-phase payments (issue #14): a `capture_commit` is the order's debit, so two of them
+/// for one order, or one beside a `deduct_commit`, are a duplicate effect, reported under
+/// the names the service wrote; one capture after a hold (with its replay) is not.
+#[test]
+fn a_second_capture_commit_is_a_duplicate_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("two-phase.log");
+    std::fs::write(
+        &log,
+        "2026-12-01T02:05:56.551Z [INFO] authorize_start: oid=OK1, req=r0, inst=pay-1
+2026-12-01T02:05:56.555Z [INFO] authorize_commit: oid=OK1, entry=1, amount=12000, balance_after=50000, req=r0, inst=pay-1
+2026-12-01T02:05:56.556Z [INFO] authorize_end: oid=OK1, outcome=committed, dur_ms=4.5, req=r0, inst=pay-1
+2026-12-01T02:05:56.599Z [INFO] capture_start: oid=OK1, req=r1, inst=pay-1
+2026-12-01T02:05:56.604Z [INFO] capture_start: oid=OK1, req=r2, inst=pay-1
+2026-12-01T02:05:56.615Z [INFO] capture_commit: oid=OK1, entry=2, amount=9000, balance_after=41000, req=r1, inst=pay-1
+2026-12-01T02:05:56.615Z [INFO] capture_end: oid=OK1, outcome=committed, dur_ms=16.0, req=r1, inst=pay-1
+2026-12-01T02:05:56.616Z [INFO] capture_replay: oid=OK1, entry=2, req=r2, inst=pay-1
+2026-12-01T02:05:56.616Z [INFO] capture_end: oid=OK1, outcome=replayed, dur_ms=11.8, req=r2, inst=pay-1
+2026-12-01T02:06:00.000Z [INFO] capture_start: oid=OD2, req=r3, inst=pay-1
+2026-12-01T02:06:00.001Z [INFO] capture_start: oid=OD2, req=r4, inst=pay-2
+2026-12-01T02:06:00.010Z [INFO] capture_commit: oid=OD2, entry=7, amount=500, balance_after=100, req=r3, inst=pay-1
+2026-12-01T02:06:00.011Z [INFO] capture_commit: oid=OD2, entry=8, amount=500, balance_after=-400, req=r4, inst=pay-2
+2026-12-01T02:06:00.012Z [INFO] capture_end: oid=OD2, outcome=committed, dur_ms=12, req=r3, inst=pay-1
+2026-12-01T02:06:00.013Z [INFO] capture_end: oid=OD2, outcome=committed, dur_ms=12, req=r4, inst=pay-2
+2026-12-01T02:07:00.000Z [INFO] deduct_start: oid=OD3, req=r5, inst=pay-1
+2026-12-01T02:07:00.002Z [INFO] capture_start: oid=OD3, req=r6, inst=pay-2
+2026-12-01T02:07:00.005Z [INFO] deduct_commit: oid=OD3, entry=9, amount=300, balance_after=0, req=r5, inst=pay-1
+2026-12-01T02:07:00.006Z [INFO] capture_commit: oid=OD3, entry=10, amount=300, balance_after=-300, req=r6, inst=pay-2
+",
+    )
+    .unwrap();
+    let (code, v) = json(&[log.to_str().unwrap(), "--no-align"]);
+    assert_eq!(code, 1, "{v:#}");
+    let inc = incidents(&v);
+    let orders: Vec<&str> = inc
+        .iter()
+        .map(|i| i["order_id"].as_str().unwrap())
+        .collect();
+    let mut sorted = orders.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["OD2", "OD3"], "{v:#}");
+    for i in inc {
+        assert_eq!(i["kind"], "duplicate_effect", "{i:#}");
+        assert_eq!(i["effects"], 2, "{i:#}");
+    }
+    let od2 = inc.iter().find(|i| i["order_id"] == "OD2").unwrap();
+    assert_eq!(od2["amount_lost"], 500);
+    let events: Vec<&str> = od2["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.iter().filter(|e| **e == "capture_commit").count() == 2,
+        "the report names the events as written: {events:?}"
+    );
+}

@@ -419,6 +419,7 @@ mod tests {
             kind: EventKind {
                 step,
                 side: Some(Side::Deduct),
+                capture: false,
             },
             entries: 0,
         }

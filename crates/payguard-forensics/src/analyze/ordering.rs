@@ -131,7 +131,11 @@ mod tests {
             file: 0,
             host,
             req,
-            kind: EventKind { step, side },
+            kind: EventKind {
+                step,
+                side,
+                capture: false,
+            },
             entries: 0,
         }
     }

@@ -11,7 +11,11 @@ fn ev(ts_ms: i64, step: Step, side: Option<Side>, req: u16, host: u16, amount: O
         file: 0,
         host,
         req,
-        kind: EventKind { step, side },
+        kind: EventKind {
+            step,
+            side,
+            capture: false,
+        },
         entries: 0,
     }
 }

@@ -175,6 +175,7 @@ pub fn parse_piece(
                 kind: EventKind {
                     step: crate::parse::Step::Start,
                     side: None,
+                    capture: false,
                 },
                 oid: SPAN_NONE,
                 req: SPAN_NONE,

@@ -27,15 +27,32 @@ pub enum Step {
 
 /// One recognised event: its step, and its side when the name says it (`None` for shared names
 /// like `order_cache_set`, `lock_acquired`, whose side is their request's).
+///
+/// A two-phase capture (`capture_*`) is the deduct side: `capture_commit` is the order's debit,
+/// so a second one, or one beside a `deduct_commit`, is a duplicate effect (LOGS.md). `capture`
+/// keeps its own names in reports. Holds and their release (`authorize_*`, `void_*`,
+/// `hold_expired`) move no money out of the balance and are not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventKind {
     pub step: Step,
     pub side: Option<Side>,
+    /// A `capture_*` event (the deduct side, named as written).
+    pub capture: bool,
 }
 
 impl EventKind {
     /// The event's name as payguard writes it.
     pub fn name(self) -> &'static str {
+        if self.capture {
+            match self.step {
+                Step::Start => return "capture_start",
+                Step::Commit => return "capture_commit",
+                Step::Replay => return "capture_replay",
+                Step::Rejected => return "capture_rejected",
+                Step::End => return "capture_end",
+                _ => {}
+            }
+        }
         let refund = self.side == Some(Side::Refund);
         match (self.step, refund) {
             (Step::Start, false) => "deduct_start",
@@ -79,9 +96,28 @@ pub fn event_kind(name: &[u8]) -> Option<EventKind> {
         b"duplicate_refund" => (Duplicate, Some(Refund)),
         b"deduct_end" => (End, Some(Deduct)),
         b"refund_end" => (End, Some(Refund)),
+        b"capture_start" | b"capture_commit" | b"capture_replay" | b"capture_rejected"
+        | b"capture_end" => {
+            let step = match name {
+                b"capture_start" => Start,
+                b"capture_commit" => Commit,
+                b"capture_replay" => Replay,
+                b"capture_rejected" => Rejected,
+                _ => End,
+            };
+            return Some(EventKind {
+                step,
+                side: Some(Deduct),
+                capture: true,
+            });
+        }
         _ => return None,
     };
-    Some(EventKind { step, side })
+    Some(EventKind {
+        step,
+        side,
+        capture: false,
+    })
 }
 
 /// Why a line was skipped. The names are the keys of `skipped` in the JSON report.

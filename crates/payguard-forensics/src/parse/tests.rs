@@ -52,7 +52,8 @@ fn tracing_and_logfmt() {
         (
             EventKind {
                 step: Step::Commit,
-                side: Some(Side::Refund)
+                side: Some(Side::Refund),
+                capture: false,
             },
             "O9",
             Some(7)

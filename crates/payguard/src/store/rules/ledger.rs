@@ -408,7 +408,8 @@ pub(super) fn capture(
             ..order.clone()
         },
         entry: line(order, EntryKind::Capture, n, balance_after, now),
-        rest: (left.minor() > 0).then(|| Box::new(line(order, EntryKind::Release, left, balance_after, now))),
+        rest: (left.minor() > 0)
+            .then(|| Box::new(line(order, EntryKind::Release, left, balance_after, now))),
         balance_before: balance,
         held_before: held,
         held_after,
