@@ -139,7 +139,22 @@ fn to_json_line(e: &LineEvent<'_>) -> Option<String> {
     if let Some(n) = e.entries {
         m.insert("entries".into(), json!(n));
     }
+    if let Some(id) = e.entry {
+        m.insert("entry".into(), json!(entry_text(id)));
+    }
     Some(Value::Object(m).to_string())
+}
+
+/// A ledger entry id as written: its prefix's letters (unpacked), then its number.
+fn entry_text(id: payguard_forensics::parse::EntryId) -> String {
+    let prefix: String = id
+        .seq
+        .to_be_bytes()
+        .iter()
+        .filter(|b| **b != 0)
+        .map(|b| *b as char)
+        .collect();
+    format!("{prefix}{}", id.n)
 }
 
 /// The event as a payguard text line, when every string in it is a plain id (what payguard
@@ -170,6 +185,9 @@ fn to_text_line(e: &LineEvent<'_>) -> Option<String> {
     }
     if let Some(n) = e.entries {
         line += &format!(", entries={n}");
+    }
+    if let Some(id) = e.entry {
+        line += &format!(", entry={}", entry_text(id));
     }
     Some(line)
 }

@@ -444,19 +444,42 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
         4,
         "v1 schema + v2 idempotency + v3 fencing + v4 two-phase"
     );
-    // A v1 database (as the first PostgreSQL build left it) is upgraded in place.
+    // A v1 database (as the first PostgreSQL build left it, with a paid order) is
+    // upgraded in place through every later version.
     s.close().await.unwrap();
-    c.batch_execute(
-        "DROP TABLE idempotency; ALTER TABLE orders DROP COLUMN fence; DROP SEQUENCE fence_epochs;
-         UPDATE payguard_meta SET value = '1' WHERE key = 'schema_version'",
+    let v1 = scratch("reconnecting_keeps_the_data_and_the_schema")
+        .await
+        .unwrap();
+    let c1 = v1.connect().await.unwrap();
+    c1.batch_execute(include_str!("../src/store/postgres/schema.sql"))
+        .await
+        .unwrap();
+    c1.batch_execute(
+        "INSERT INTO payguard_meta (key, value) VALUES ('schema_version', '1');
+         INSERT INTO accounts (id, currency, opening_balance, balance, created_at, updated_at)
+           VALUES ('acct', 'CNY', 10000, 8815, 1, 1);
+         INSERT INTO orders (id, account_id, amount, status, refunded, created_at, updated_at)
+           VALUES ('o1', 'acct', 1185, 'PREPARE', 0, 1, 1);
+         INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+           VALUES ('o1', 'acct', 'debit', 1185, 8815, 1);
+         UPDATE orders SET status = 'PAID', debit_entry_id = 1 WHERE id = 'o1';",
     )
     .await
     .unwrap();
-    let s = store(&db).await;
-    assert_eq!(count(&c, version).await, 3);
-    assert_eq!(count(&c, "SELECT COUNT(*) FROM idempotency").await, 0);
-    assert_eq!(count(&c, "SELECT MAX(fence) FROM orders").await, 0);
+    let s = store(&v1).await;
+    assert_eq!(count(&c1, version).await, 4);
+    assert_eq!(count(&c1, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert_eq!(count(&c1, "SELECT MAX(fence) FROM orders").await, 0);
+    assert_eq!(
+        count(&c1, "SELECT held FROM accounts WHERE id = 'acct'").await,
+        0
+    );
     assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
+    assert!(s.audit().await.unwrap().ok);
+    s.close().await.unwrap();
+    drop(c1);
+    v1.drop_db().await.unwrap();
+    let s = store(&db).await;
     // The naive path exists only beside the SQLite store: an engine told to run
     // it over PostgreSQL refuses every request, and nothing moves.
     let engine = payguard::Engine::start(
