@@ -558,3 +558,248 @@ pub(super) fn check(h: &History<'_>, account_of: &HashMap<&str, &str>, out: &mut
     }
     check_held(h, account_of, &led, out);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::judge;
+    use crate::storm::history::{FinalState, HeldLine, LedgerLine, Line, OrderLine};
+    use crate::storm::liveness::Rules;
+
+    const AMOUNT: i64 = 100;
+
+    fn entry(kind: &str, id: &str, amount: i64) -> LedgerLine {
+        LedgerLine {
+            order: "o".into(),
+            kind: kind.into(),
+            entry: id.into(),
+            amount,
+            balance_after: 1_000,
+            refund: None,
+        }
+    }
+
+    /// Order `o` (100 on account `a`, opening 1,000), authorized once (entry
+    /// `h`), then `steps` (op, amount, status, entry or code), ending in
+    /// `ledger` (after the hold), the order read as `status` with `captured`,
+    /// and account `a` at `balance` with `held`.
+    struct Case<'a> {
+        steps: &'a [(&'a str, i64, u16, &'a str)],
+        ledger: Vec<LedgerLine>,
+        status: &'a str,
+        captured: Option<i64>,
+        balance: i64,
+        held: i64,
+    }
+
+    fn lines(c: Case) -> Vec<Line> {
+        let mut out = vec![Line::Plan {
+            accounts: vec![("a".into(), 1_000)],
+            orders: vec![("o".into(), "a".into(), AMOUNT)],
+            targets: vec!["http://t".into()],
+            faults: false,
+            slow_ms: None,
+            hold_grace_ms: Some(1_000),
+        }];
+        let steps = [("authorize", AMOUNT, 200, "h")].iter().chain(c.steps);
+        for (id, (op, amount, status, named)) in steps.enumerate() {
+            out.push(Line::Invoke {
+                id,
+                op: (*op).into(),
+                order: Some("o".into()),
+                refund: None,
+                amount: *amount,
+                t_ms: id as f64,
+                target: 0,
+            });
+            out.push(match status {
+                200 => Line::Ok {
+                    id,
+                    t_ms: id as f64 + 1.0,
+                    status: 200,
+                    entry: Some((*named).into()),
+                    replayed: Some(false),
+                },
+                _ => Line::Fail {
+                    id,
+                    t_ms: id as f64 + 1.0,
+                    status: *status,
+                    code: Some((*named).into()),
+                },
+            });
+        }
+        let mut ledger = vec![entry("hold", "h", AMOUNT)];
+        ledger.extend(c.ledger);
+        let held: HeldLine = ("a".into(), c.held, c.balance - c.held);
+        out.push(Line::Final(FinalState {
+            balances: vec![("a".into(), c.balance)],
+            ledger,
+            orders: vec![OrderLine {
+                id: "o".into(),
+                status: c.status.into(),
+                captured: c.captured,
+                held: if c.status == "AUTHORIZED" { AMOUNT } else { 0 },
+                refunded: 0,
+                hold_expires_ms: Some(10_000),
+            }],
+            held: vec![held],
+            read_at_ms: Some(10_500),
+            ..FinalState::default()
+        }));
+        out
+    }
+
+    fn kinds(c: Case) -> Vec<&'static str> {
+        let rules = Rules {
+            faults: false,
+            slow_ms: 1_000,
+        };
+        let mut k: Vec<_> = judge(&lines(c), rules)
+            .unwrap()
+            .violations
+            .iter()
+            .map(|v| v.kind)
+            .collect();
+        k.sort_unstable();
+        k.dedup();
+        k
+    }
+
+    #[test]
+    fn a_capture_raced_by_a_void_with_every_loser_told_holds() {
+        let c = Case {
+            steps: &[
+                ("capture", 60, 200, "c"),
+                ("void", AMOUNT, 409, "hold_already_captured"),
+                ("capture", 60, 200, "c"),
+                ("capture", 60, 200, "c"),
+            ],
+            ledger: vec![entry("capture", "c", 60), entry("release", "r", 40)],
+            status: "PAID",
+            captured: Some(60),
+            balance: 940,
+            held: 0,
+        };
+        assert!(kinds(c).is_empty());
+    }
+
+    #[test]
+    fn a_hold_captured_twice_is_named() {
+        let c = Case {
+            steps: &[
+                ("capture", AMOUNT, 200, "c1"),
+                ("capture", AMOUNT, 200, "c2"),
+            ],
+            ledger: vec![
+                entry("capture", "c1", AMOUNT),
+                entry("capture", "c2", AMOUNT),
+            ],
+            status: "PAID",
+            captured: Some(AMOUNT),
+            balance: 800,
+            held: 0,
+        };
+        assert_eq!(
+            kinds(c),
+            [
+                "balance_outside_history",
+                "captured_more_than_once",
+                "ok_capture_not_captured",
+                "settle_replays_disagree",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_capture_after_a_void_is_named() {
+        let c = Case {
+            steps: &[("void", AMOUNT, 200, "r"), ("capture", AMOUNT, 200, "c")],
+            ledger: vec![entry("release", "r", AMOUNT), entry("capture", "c", AMOUNT)],
+            status: "PAID",
+            captured: Some(AMOUNT),
+            balance: 900,
+            held: 0,
+        };
+        assert_eq!(
+            kinds(c),
+            [
+                "captured_and_released",
+                "ok_void_not_voided",
+                "settle_replays_disagree",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refusal_that_names_the_wrong_winner_is_named() {
+        // A void won, yet a capture was told the hold was captured, and the
+        // void's own repeat was refused instead of replayed.
+        let c = Case {
+            steps: &[
+                ("void", AMOUNT, 200, "r"),
+                ("capture", AMOUNT, 409, "hold_already_captured"),
+                ("void", AMOUNT, 409, "hold_voided"),
+            ],
+            ledger: vec![entry("release", "r", AMOUNT)],
+            status: "VOIDED",
+            captured: None,
+            balance: 1_000,
+            held: 0,
+        };
+        assert_eq!(kinds(c), ["refusal_names_wrong_winner"]);
+    }
+
+    #[test]
+    fn a_hold_the_sweepers_left_past_its_expiry_is_named() {
+        // Read 500 ms past its expiry with a 1 s grace: still fine.
+        let ok = Case {
+            steps: &[],
+            ledger: vec![],
+            status: "AUTHORIZED",
+            captured: None,
+            balance: 1_000,
+            held: AMOUNT,
+        };
+        assert!(kinds(ok).is_empty());
+        let mut late = lines(Case {
+            steps: &[],
+            ledger: vec![],
+            status: "AUTHORIZED",
+            captured: None,
+            balance: 1_000,
+            held: 0,
+        });
+        if let Some(Line::Final(f)) = late.last_mut() {
+            f.read_at_ms = Some(12_000);
+        }
+        let rules = Rules {
+            faults: false,
+            slow_ms: 1_000,
+        };
+        let mut k: Vec<_> = judge(&late, rules)
+            .unwrap()
+            .violations
+            .iter()
+            .map(|v| v.kind)
+            .collect();
+        k.sort_unstable();
+        assert_eq!(k, ["held_mismatch", "hold_outlived_expiry"]);
+    }
+
+    #[test]
+    fn refunds_past_the_captured_sum_are_named() {
+        let mut refund = entry("refund", "f", 80);
+        refund.refund = Some("rf".into());
+        let c = Case {
+            steps: &[("capture", 60, 200, "c")],
+            ledger: vec![entry("capture", "c", 60), entry("release", "r", 40), refund],
+            status: "REFUNDED",
+            captured: Some(60),
+            balance: 1_020,
+            held: 0,
+        };
+        assert_eq!(
+            kinds(c),
+            ["balance_outside_history", "refund_over_captured"]
+        );
+    }
+}
