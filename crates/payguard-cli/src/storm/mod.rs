@@ -13,6 +13,15 @@
 //! answers allow, failed audits, answers no operation may give (`status.rs`).
 //! The numbers (throughput, latency, timeline, money lost) are `stats.rs`'s.
 //!
+//! With `--two-phase F` that share of the orders is authorized instead of
+//! deducted, then raced by duplicate captures, voids, both, captures and voids
+//! around the hold's expiry, or left to the servers' sweepers (`two_phase.rs`);
+//! the run waits for its short holds to be released (at most `--hold-grace-ms`
+//! past their expiry), reads every two-phase order and each account's `held`,
+//! and the checker's two-phase part (`history/check/two_phase.rs`) judges one
+//! hold per order, one winner of capture, void and expiry, every answer naming
+//! that winner, the sweepers' liveness and `held` adding up.
+//!
 //! Liveness is checked too (`liveness.rs`): a 500 is always a violation; in a run
 //! without injected faults, so is a 503, a request without an answer, or one
 //! slower than `--slow-ms`. A run that injects faults says so with `--faults`:
