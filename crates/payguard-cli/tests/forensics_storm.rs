@@ -30,6 +30,8 @@ fn storm_args(url: &str, db: &Path) -> StormArgs {
         // No fault injected: every request answered, quickly.
         faults: false,
         slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
+        two_phase: 0.0,
+        hold_grace_ms: payguard_cli::storm::HOLD_GRACE_MS_DEFAULT,
     }
 }
 

@@ -77,6 +77,8 @@ async fn a_healthy_service_passes_a_strict_storm_and_each_target_is_reported() {
         history: None,
         faults: false,
         slow_ms: liveness::SLOW_MS_DEFAULT,
+        two_phase: 0.0,
+        hold_grace_ms: payguard_cli::storm::HOLD_GRACE_MS_DEFAULT,
         no_progress: true,
     })
     .await

@@ -62,6 +62,8 @@ fn storm_args(
         // Every storm here injects a network fault between payguard and PostgreSQL.
         faults: true,
         slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
+        two_phase: 0.0,
+        hold_grace_ms: payguard_cli::storm::HOLD_GRACE_MS_DEFAULT,
     }
 }
 

@@ -28,6 +28,8 @@ fn args(url: &str, db: &Path, orders: usize, dup: usize, seed: u64) -> StormArgs
         // No fault injected: every request answered, quickly.
         faults: false,
         slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
+        two_phase: 0.0,
+        hold_grace_ms: payguard_cli::storm::HOLD_GRACE_MS_DEFAULT,
     }
 }
 

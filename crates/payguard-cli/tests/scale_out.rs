@@ -34,6 +34,8 @@ fn storm_args(targets: Vec<String>, db: &str, orders: usize, seed: u64) -> Storm
         history: None,
         faults: false,
         slow_ms: payguard_cli::storm::liveness::SLOW_MS_DEFAULT,
+        two_phase: 0.0,
+        hold_grace_ms: payguard_cli::storm::HOLD_GRACE_MS_DEFAULT,
     }
 }
 

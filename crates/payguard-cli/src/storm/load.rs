@@ -1,6 +1,9 @@
 //! The storm's load: the plan (accounts, orders, amounts; all from `--seed`),
-//! then the waves of colliding duplicates, each request recorded.
+//! then the waves of colliding duplicates, each request recorded. Orders paid in
+//! two phases (`--two-phase`) are authorized in the same waves as the deducts;
+//! their captures, voids and expiries are `two_phase.rs`'s.
 
+use super::two_phase::{self, TwoPhasePlan};
 use super::{StormArgs, REQUEST_TIMEOUT_MS};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -30,6 +33,8 @@ pub struct PlannedOrder {
     pub id: String,
     pub account: usize,
     pub amount: i64,
+    /// Paid by authorize + capture/void (`--two-phase`) instead of deduct.
+    pub two_phase: Option<TwoPhasePlan>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -39,28 +44,38 @@ pub enum OpKind {
     CreateOrder,
     Deduct,
     Refund,
+    Authorize,
+    Capture,
+    Void,
 }
 
 impl OpKind {
+    /// Every kind, in the order reports list them.
+    pub const ALL: [OpKind; 7] = [
+        OpKind::CreateAccount,
+        OpKind::CreateOrder,
+        OpKind::Deduct,
+        OpKind::Refund,
+        OpKind::Authorize,
+        OpKind::Capture,
+        OpKind::Void,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             OpKind::CreateAccount => "create_account",
             OpKind::CreateOrder => "create_order",
             OpKind::Deduct => "deduct",
             OpKind::Refund => "refund",
+            OpKind::Authorize => "authorize",
+            OpKind::Capture => "capture",
+            OpKind::Void => "void",
         }
     }
 
     /// The kind a history names (`None`: not one the storm sends).
     pub fn parse(name: &str) -> Option<Self> {
-        [
-            OpKind::CreateAccount,
-            OpKind::CreateOrder,
-            OpKind::Deduct,
-            OpKind::Refund,
-        ]
-        .into_iter()
-        .find(|k| k.name() == name)
+        OpKind::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
@@ -80,6 +95,8 @@ pub struct Record {
     pub code: Option<String>,
     /// Why no answer came back: `timeout`, `connect`, `reset` or `body`.
     pub error: Option<&'static str>,
+    /// The answer's `order.hold_expires_at` (Unix ms), when it named one.
+    pub expires_at_ms: Option<i64>,
 }
 
 pub struct Run {
@@ -87,9 +104,10 @@ pub struct Run {
     pub accounts: Vec<PlannedAccount>,
     pub orders: Vec<PlannedOrder>,
     pub records: Vec<Record>,
-    /// Seconds spent in the deduct and refund waves (setup excluded).
+    /// Seconds spent in the deduct, capture/void and refund waves (setup and
+    /// the wait for expiries excluded).
     pub storm_secs: f64,
-    /// Seconds spent in the deduct waves alone.
+    /// Seconds spent in the deduct (and authorize) waves alone.
     pub deduct_secs: f64,
     /// True when `--duration` stopped the run before every wave went out.
     pub cut_short: bool,
@@ -182,13 +200,17 @@ fn unanswered_reason(e: &reqwest::Error) -> &'static str {
 fn plan(args: &StormArgs, tag: &str) -> (Vec<PlannedAccount>, Vec<PlannedOrder>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let n_accounts = args.orders.div_ceil(ORDERS_PER_ACCOUNT).max(1);
-    let orders: Vec<PlannedOrder> = (0..args.orders)
+    let mut orders: Vec<PlannedOrder> = (0..args.orders)
         .map(|i| PlannedOrder {
             id: format!("{tag}-o{i}"),
             account: i % n_accounts,
             amount: rng.random_range(AMOUNT_MIN..=AMOUNT_MAX),
+            two_phase: None,
         })
         .collect();
+    // Its own generator: `--two-phase 0` draws nothing and leaves the rest of
+    // the plan as it was for every seed.
+    two_phase::assign(args, &mut orders);
     let mut need = vec![0_i64; n_accounts];
     for o in &orders {
         need[o.account] += o.amount;
@@ -208,13 +230,21 @@ fn plan(args: &StormArgs, tag: &str) -> (Vec<PlannedAccount>, Vec<PlannedOrder>)
     (accounts, orders)
 }
 
-struct Recorder {
+pub(super) struct Recorder {
     records: Mutex<Vec<Record>>,
     started: Instant,
     progress: indicatif::ProgressBar,
 }
 
+/// One request to send: what to record, the path, the body.
+pub(super) type Request = (Record, String, Option<Value>);
+
 impl Recorder {
+    /// Every request recorded so far.
+    pub(super) fn snapshot(&self) -> Vec<Record> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
     fn push(&self, r: Record) {
         self.progress.inc(1);
         if let Ok(mut v) = self.records.lock() {
@@ -224,10 +254,10 @@ impl Recorder {
 }
 
 /// Fires `reqs` all at once behind one barrier, each from its own task.
-async fn wave(
+pub(super) async fn wave(
     http: &Arc<Http>,
     rec: &Arc<Recorder>,
-    reqs: Vec<(Record, String, Option<Value>)>,
+    reqs: Vec<Request>,
 ) -> Vec<(usize, u16)> {
     let barrier = Arc::new(Barrier::new(reqs.len()));
     let mut set = tokio::task::JoinSet::new();
@@ -251,6 +281,7 @@ async fn wave(
             record.entry_id = body["entry"]["id"].as_str().map(str::to_owned);
             record.replayed = body["replayed"].as_bool();
             record.code = body["error"]["code"].as_str().map(str::to_owned);
+            record.expires_at_ms = body["order"]["hold_expires_at"].as_str().and_then(unix_ms);
             rec.push(record);
             (i, status)
         });
@@ -295,7 +326,14 @@ async fn setup_wave(
     }
 }
 
-fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Record {
+/// An RFC 3339 timestamp as Unix milliseconds.
+pub(super) fn unix_ms(at: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+pub(super) fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Record {
     Record {
         kind,
         order,
@@ -309,6 +347,7 @@ fn record(kind: OpKind, order: Option<usize>, amount: i64, target: usize) -> Rec
         replayed: None,
         code: None,
         error: None,
+        expires_at_ms: None,
     }
 }
 
@@ -384,6 +423,10 @@ async fn deduct_waves(
         let mut reqs = Vec::with_capacity(chunk.len() * args.dup);
         for (i, o) in chunk.iter().enumerate() {
             let idx = w * wave_orders + i;
+            if let Some(tp) = &o.two_phase {
+                reqs.extend(two_phase::authorize_requests(o, tp, idx, args.dup));
+                continue;
+            }
             for d in 0..args.dup {
                 reqs.push((
                     record(OpKind::Deduct, Some(idx), o.amount, idx + d),
@@ -408,19 +451,20 @@ async fn refund_waves(
     orders: &[PlannedOrder],
     deadline: Instant,
 ) -> (usize, bool) {
-    let paid: Vec<usize> = {
-        let records = rec.records.lock().map(|r| r.clone()).unwrap_or_default();
-        let mut paid: Vec<usize> = records
+    // (order, what it paid): a deduct's whole amount, a capture's own amount.
+    let paid: Vec<(usize, i64)> = {
+        let mut paid: Vec<(usize, i64)> = rec
+            .snapshot()
             .iter()
-            .filter(|r| r.kind == OpKind::Deduct && r.status == 200)
-            .filter_map(|r| r.order)
+            .filter(|r| matches!(r.kind, OpKind::Deduct | OpKind::Capture) && r.status == 200)
+            .filter_map(|r| Some((r.order?, r.amount)))
             .collect();
         paid.sort_unstable();
         paid.dedup();
         paid
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed_f00d);
-    let chosen: Vec<usize> = paid
+    let chosen: Vec<(usize, i64)> = paid
         .into_iter()
         .filter(|_| rng.random::<f64>() < args.refund_ratio)
         .collect();
@@ -431,8 +475,8 @@ async fn refund_waves(
             return (waves, true);
         }
         let mut reqs = Vec::new();
-        for &idx in chunk {
-            reqs.extend(refund_requests(&orders[idx], idx, args.dup));
+        for &(idx, paid) in chunk {
+            reqs.extend(refund_requests(&orders[idx], paid, idx, args.dup));
         }
         wave(http, rec, reqs).await;
         waves += 1;
@@ -440,15 +484,11 @@ async fn refund_waves(
     (waves, false)
 }
 
-/// One paid order's refunds: half its amount `dup` times, the rest once, then 1
-/// more (which must be refused).
-fn refund_requests(
-    o: &PlannedOrder,
-    idx: usize,
-    dup: usize,
-) -> Vec<(Record, String, Option<Value>)> {
-    let first = (o.amount / 2).max(1);
-    let second = o.amount - first;
+/// One paid order's refunds: half of what it paid (its amount, or what a
+/// capture took) `dup` times, the rest once, then 1 more (which must be refused).
+fn refund_requests(o: &PlannedOrder, paid: i64, idx: usize, dup: usize) -> Vec<Request> {
+    let first = (paid / 2).max(1);
+    let second = paid - first;
     let mut parts = vec![("a", first, dup)];
     if second > 0 {
         parts.push(("b", second, 1));
@@ -477,7 +517,8 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         .unwrap_or_else(|| format!("st{:x}", chrono::Utc::now().timestamp_millis()));
     let (accounts, orders) = plan(args, &tag);
     let http = Arc::new(Http::new(args)?);
-    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64;
+    let refunds_expected = (orders.len() as f64 * args.refund_ratio * (args.dup + 2) as f64) as u64
+        + (orders.len() as f64 * args.two_phase * args.dup.max(2) as f64) as u64;
     let total = (accounts.len() + orders.len() + orders.len() * args.dup) as u64 + refunds_expected;
     let rec = Arc::new(Recorder {
         records: Mutex::new(Vec::with_capacity(total as usize)),
@@ -494,13 +535,24 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
     let (deduct_waves, deducts_cut) = deduct_waves(args, &http, &rec, &orders, deadline).await;
     let deduct_secs = storm_started.elapsed().as_secs_f64();
 
+    rec.progress.set_message("settle");
+    let (settle, settles_cut) = if deducts_cut {
+        (two_phase::Settle::default(), true)
+    } else {
+        two_phase::settle(args, &http, &rec, &orders, deadline).await
+    };
+
     rec.progress.set_message("refund");
-    let (refund_waves, refunds_cut) = if deducts_cut {
+    let (refund_waves, refunds_cut) = if deducts_cut || settles_cut {
         (0, true)
     } else {
         refund_waves(args, &http, &rec, &orders, deadline).await
     };
+    // The captures and voids racing each short hold's expiry.
+    settle.races.join_all().await;
     let storm_secs = storm_started.elapsed().as_secs_f64();
+    rec.progress.set_message("expiries");
+    two_phase::await_expiries(args, &http, &rec.snapshot(), &orders).await;
     rec.progress.finish_and_clear();
     let records = std::mem::take(
         &mut *rec
@@ -515,7 +567,7 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<Run> {
         records,
         storm_secs,
         deduct_secs,
-        cut_short: deducts_cut || refunds_cut,
-        waves: deduct_waves + refund_waves,
+        cut_short: deducts_cut || settles_cut || refunds_cut,
+        waves: deduct_waves + settle.waves + refund_waves,
     })
 }

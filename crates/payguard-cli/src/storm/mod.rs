@@ -13,6 +13,15 @@
 //! answers allow, failed audits, answers no operation may give (`status.rs`).
 //! The numbers (throughput, latency, timeline, money lost) are `stats.rs`'s.
 //!
+//! With `--two-phase F` that share of the orders is authorized instead of
+//! deducted, then raced by duplicate captures, voids, both, captures and voids
+//! around the hold's expiry, or left to the servers' sweepers (`two_phase.rs`);
+//! the run waits for its short holds to be released (at most `--hold-grace-ms`
+//! past their expiry), reads every two-phase order and each account's `held`,
+//! and the checker's two-phase part (`history/check/two_phase.rs`) judges one
+//! hold per order, one winner of capture, void and expiry, every answer naming
+//! that winner, the sweepers' liveness and `held` adding up.
+//!
 //! Liveness is checked too (`liveness.rs`): a 500 is always a violation; in a run
 //! without injected faults, so is a 503, a request without an answer, or one
 //! slower than `--slow-ms`. A run that injects faults says so with `--faults`:
@@ -29,6 +38,7 @@ mod report;
 mod stats;
 pub mod status;
 pub mod targets;
+mod two_phase;
 
 pub use report::{yuan, Latency, Report, Violation};
 
@@ -41,6 +51,11 @@ pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const ORDERS_MAX: usize = 10_000_000;
 /// Upper bound on `--dup`.
 pub const DUP_MAX: usize = 1_000;
+/// Default `--hold-grace-ms`: the servers' default `--sweep-interval` (1 s)
+/// plus a second of slack for a sweep in progress and a busy machine.
+pub const HOLD_GRACE_MS_DEFAULT: u64 = 2_000;
+/// Upper bound on `--hold-grace-ms` (the run waits up to this long for expiries).
+pub const HOLD_GRACE_MS_MAX: u64 = 600_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StormArgs {
@@ -105,6 +120,15 @@ pub struct StormArgs {
     /// No progress bar (it is also hidden with --json or when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Share of orders paid in two phases (authorize, then duplicate captures,
+    /// voids, both racing, or nothing: left to expire) instead of by deduct.
+    #[arg(long, env = "PAYGUARD_TWO_PHASE", default_value_t = 0.0)]
+    pub two_phase: f64,
+    /// How long past its `hold_expires_at` a hold may stay AUTHORIZED before the
+    /// run calls the sweepers late (`hold_outlived_expiry`): the servers'
+    /// `--sweep-interval` plus slack.
+    #[arg(long, env = "PAYGUARD_HOLD_GRACE_MS", default_value_t = HOLD_GRACE_MS_DEFAULT)]
+    pub hold_grace_ms: u64,
 }
 
 impl StormArgs {
@@ -130,6 +154,8 @@ impl StormArgs {
             faults: false,
             slow_ms: liveness::SLOW_MS_DEFAULT,
             no_progress: true,
+            two_phase: 0.0,
+            hold_grace_ms: HOLD_GRACE_MS_DEFAULT,
         }
     }
 
@@ -156,6 +182,14 @@ impl StormArgs {
             (0.0..=1.0).contains(&self.refund_ratio) && (0.0..=1.0).contains(&self.poor_ratio),
             "--refund-ratio and --poor-ratio are fractions in 0..=1"
         );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.two_phase),
+            "--two-phase is a fraction in 0..=1"
+        );
+        anyhow::ensure!(
+            (1..=HOLD_GRACE_MS_MAX).contains(&self.hold_grace_ms),
+            "--hold-grace-ms must be 1..={HOLD_GRACE_MS_MAX}"
+        );
         Ok(())
     }
 }
@@ -174,7 +208,7 @@ pub async fn storm(args: &StormArgs) -> anyhow::Result<Report> {
         slow_ms: args.slow_ms,
     };
     let fin = observe::final_state(&http, &run, args.concurrency, args.db.as_deref()).await?;
-    let lines = history::lines_of(&run, &http.targets, rules, fin);
+    let lines = history::lines_of(&run, &http.targets, rules, args.hold_grace_ms, fin);
     if let Some(path) = &args.history {
         history::write(path, &lines)?;
     }

@@ -1,10 +1,11 @@
-//! What the storm left behind, read after it: every balance and every ledger
-//! entry through the API, each target's `/v1/audit`, and with `--db` the
+//! What the storm left behind, read after it: every balance (with `held` and
+//! `available`) and every ledger entry through the API, every order an
+//! authorize was sent for, each target's `/v1/audit`, and with `--db` the
 //! database's own audit. Only I/O: the `final` line of the history
 //! (`history/mod.rs`), which the one checker (`history/check.rs`) judges.
 
-use super::history::{AuditLine, FinalState, LedgerLine};
-use super::load::{Http, Run};
+use super::history::{AuditLine, FinalState, HeldLine, LedgerLine, OrderLine};
+use super::load::{unix_ms, Http, OpKind, Run};
 use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use std::time::Duration;
@@ -32,12 +33,13 @@ async fn get(http: &Http, path: &str) -> anyhow::Result<Value> {
     anyhow::bail!("reading {path} answered {last} (after {READ_ATTEMPTS_MAX} attempts)")
 }
 
-/// Every account's balance, in plan order.
+/// Every account's balance, in plan order, and its `held` and `available`
+/// where the answer has them.
 async fn balances(
     http: &Http,
     run: &Run,
     concurrency: usize,
-) -> anyhow::Result<Vec<(String, i64)>> {
+) -> anyhow::Result<Vec<(String, i64, Option<(i64, i64)>)>> {
     // Owned ids, not references, into each read: a future holding a closure over
     // borrowed items is not `Send` for every lifetime, and the tests spawn storms.
     stream::iter(
@@ -51,7 +53,8 @@ async fn balances(
         let balance = body["balance"]
             .as_i64()
             .ok_or_else(|| anyhow::anyhow!("account {id} has no balance: {body}"))?;
-        Ok((id, balance))
+        let held = body["held"].as_i64().zip(body["available"].as_i64());
+        Ok((id, balance, held))
     })
     .buffered(concurrency.clamp(1, READS_MAX))
     .collect::<Vec<anyhow::Result<_>>>()
@@ -88,6 +91,40 @@ async fn ledger(http: &Http, run: &Run, concurrency: usize) -> anyhow::Result<Ve
         out.extend(entries?);
     }
     Ok(out)
+}
+
+/// Every order an authorize was sent for, in plan order.
+async fn two_phase_orders(
+    http: &Http,
+    run: &Run,
+    concurrency: usize,
+) -> anyhow::Result<Vec<OrderLine>> {
+    let mut ids: Vec<usize> = run
+        .records
+        .iter()
+        .filter(|r| r.kind == OpKind::Authorize)
+        .filter_map(|r| r.order)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids: Vec<String> = ids.into_iter().map(|i| run.orders[i].id.clone()).collect();
+    stream::iter(ids)
+        .map(|id| async move {
+            let o = get(http, &format!("/v1/orders/{id}")).await?;
+            Ok(OrderLine {
+                status: o["status"].as_str().unwrap_or_default().to_owned(),
+                captured: o["captured"].as_i64(),
+                held: o["held"].as_i64().unwrap_or(0),
+                refunded: o["refunded"].as_i64().unwrap_or(0),
+                hold_expires_ms: o["hold_expires_at"].as_str().and_then(unix_ms),
+                id,
+            })
+        })
+        .buffered(concurrency.clamp(1, READS_MAX))
+        .collect::<Vec<anyhow::Result<_>>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Each target's own audit, then the database's (`--db`).
@@ -130,9 +167,19 @@ pub async fn final_state(
     concurrency: usize,
     db: Option<&str>,
 ) -> anyhow::Result<FinalState> {
+    let read_at_ms = chrono::Utc::now().timestamp_millis();
+    let orders = two_phase_orders(http, run, concurrency).await?;
+    let accounts = balances(http, run, concurrency).await?;
+    let held: Vec<HeldLine> = accounts
+        .iter()
+        .filter_map(|(id, _, h)| h.map(|(held, avail)| (id.clone(), held, avail)))
+        .collect();
     Ok(FinalState {
-        balances: balances(http, run, concurrency).await?,
+        balances: accounts.into_iter().map(|(id, b, _)| (id, b)).collect(),
         ledger: ledger(http, run, concurrency).await?,
         audits: audits(http, db).await?,
+        read_at_ms: (!orders.is_empty()).then_some(read_at_ms),
+        orders,
+        held,
     })
 }

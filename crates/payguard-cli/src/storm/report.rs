@@ -20,8 +20,15 @@ pub struct Violation {
     /// `charged_more_than_once`, `replays_disagree`, `ok_not_charged_once`,
     /// `failed_but_charged`, `refund_over_amount`, `ok_refund_missing`,
     /// `balance_drift`, `balance_outside_history`, `negative_balance`,
-    /// `account_missing`, `api_audit_failed`, `db_audit_failed`; liveness:
-    /// `server_error`, `unavailable`, `unanswered`, `slow_request`.
+    /// `account_missing`, `api_audit_failed`, `db_audit_failed`; two-phase
+    /// (`history/check/two_phase.rs`): `held_more_than_once`,
+    /// `hold_replays_disagree`, `ok_hold_missing`, `failed_but_held`,
+    /// `paths_mixed`, `captured_more_than_once`, `captured_and_released`,
+    /// `released_more_than_once`, `order_off_ledger`, `settle_replays_disagree`,
+    /// `ok_capture_not_captured`, `ok_void_not_voided`,
+    /// `refusal_names_wrong_winner`, `hold_outlived_expiry`,
+    /// `refund_over_captured`, `held_mismatch`; liveness: `server_error`,
+    /// `unavailable`, `unanswered`, `slow_request`.
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_id: Option<String>,
@@ -57,6 +64,21 @@ impl Violation {
     pub fn weight(&self) -> usize {
         self.count.unwrap_or(1)
     }
+}
+
+/// The two-phase orders of a run (`--two-phase`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TwoPhaseStats {
+    /// Orders an authorize was sent for.
+    pub orders: usize,
+    /// Of those, authorized with a short `hold_ttl_s`, to expire mid-run.
+    pub short_holds: usize,
+    /// Status of each as read after the run (`PAID`, `VOIDED`, `EXPIRED`, …).
+    pub final_status: BTreeMap<String, usize>,
+    /// Orders captured for less than their amount.
+    pub partial_captures: usize,
+    /// `"<op> <status> [<code>|replayed]"` → answers.
+    pub answers: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -117,6 +139,9 @@ pub struct Report {
     pub violations: Vec<Violation>,
     /// Completed requests per 100 ms since the storm began.
     pub timeline: Vec<u64>,
+    /// `--two-phase`: the two-phase orders and their answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub two_phase: Option<TwoPhaseStats>,
 }
 
 /// `1185000` → `¥11,850.00` (integer arithmetic only).
@@ -220,6 +245,26 @@ impl Report {
             audit(self.api_audit_ok),
             audit(self.db_audit_ok)
         );
+        self.text_two_phase(s);
+    }
+
+    fn text_two_phase(&self, s: &mut String) {
+        let Some(t) = &self.two_phase else { return };
+        let join = |m: &BTreeMap<String, usize>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "  two-phase: {} orders ({} short holds), {} partial captures; ended: {}",
+            t.orders,
+            t.short_holds,
+            t.partial_captures,
+            join(&t.final_status)
+        );
+        let _ = writeln!(s, "    answers: {}", join(&t.answers));
     }
 
     fn text_liveness(&self, s: &mut String) {

@@ -7,7 +7,7 @@
 use super::history::{FinalState, Verdict};
 use super::liveness::{self, Rules};
 use super::load::{OpKind, Record, Run};
-use super::report::{Latency, Report};
+use super::report::{Latency, Report, TwoPhaseStats};
 use super::targets;
 use super::StormArgs;
 use hdrhistogram::Histogram;
@@ -46,15 +46,17 @@ pub fn latency(records: &[&Record]) -> Latency {
     }
 }
 
-/// Completed storm requests (deducts, refunds) per 100 ms since the first deduct.
+/// A request of the storm proper (not a create).
+fn in_storm(r: &Record) -> bool {
+    !matches!(r.kind, OpKind::CreateAccount | OpKind::CreateOrder)
+}
+
+/// Completed storm requests (deducts, authorizes, captures, voids, refunds)
+/// per 100 ms since the first deduct or authorize.
 fn timeline(records: &[Record]) -> Vec<u64> {
-    let storm = || {
-        records
-            .iter()
-            .filter(|r| matches!(r.kind, OpKind::Deduct | OpKind::Refund))
-    };
+    let storm = || records.iter().filter(|r| in_storm(r));
     let start_ms = storm()
-        .filter(|r| r.kind == OpKind::Deduct)
+        .filter(|r| matches!(r.kind, OpKind::Deduct | OpKind::Authorize))
         .map(|r| r.started_ms)
         .fold(f64::INFINITY, f64::min);
     let mut timeline = Vec::new();
@@ -72,8 +74,9 @@ fn timeline(records: &[Record]) -> Vec<u64> {
     timeline
 }
 
-/// What the ledger shows: orders debited more than once, the money that cost
-/// (Σ (debits − 1) × amount, minor units), and refunds that moved.
+/// What the ledger shows: orders debited (or captured) more than once, the
+/// money that cost (Σ of every debit or capture past an order's first, minor
+/// units), and refunds that moved.
 #[derive(Default)]
 struct Ledgered {
     double_charged: usize,
@@ -82,20 +85,21 @@ struct Ledgered {
 }
 
 fn ledgered(run: &Run, fin: &FinalState) -> Ledgered {
-    let mut debits: HashMap<&str, i64> = HashMap::new();
+    let mut taken: HashMap<&str, Vec<i64>> = HashMap::new();
     let mut l = Ledgered::default();
     for e in &fin.ledger {
         match e.kind.as_str() {
-            "debit" => *debits.entry(e.order.as_str()).or_default() += 1,
+            "debit" | "capture" => taken.entry(e.order.as_str()).or_default().push(e.amount),
             "refund" => l.refunds_moved += 1,
             _ => {}
         }
     }
     for o in &run.orders {
-        let n = debits.get(o.id.as_str()).copied().unwrap_or(0);
-        if n > 1 {
-            l.double_charged += 1;
-            l.money_lost += (n - 1) * o.amount;
+        if let Some([_, extra @ ..]) = taken.get(o.id.as_str()).map(Vec::as_slice) {
+            if !extra.is_empty() {
+                l.double_charged += 1;
+                l.money_lost += extra.iter().sum::<i64>();
+            }
         }
     }
     l
@@ -119,6 +123,61 @@ fn orders_with(records: &[Record], status: u16) -> usize {
         .len()
 }
 
+/// The two-phase orders: how their authorizes were answered, what ended each
+/// hold (as read after the run), and every capture and void answer.
+fn two_phase(run: &Run, fin: &FinalState) -> Option<TwoPhaseStats> {
+    let sent: HashSet<usize> = run
+        .records
+        .iter()
+        .filter(|r| r.kind == OpKind::Authorize)
+        .filter_map(|r| r.order)
+        .collect();
+    if sent.is_empty() {
+        return None;
+    }
+    let mut t = TwoPhaseStats {
+        orders: sent.len(),
+        short_holds: sent
+            .iter()
+            .filter(|i| {
+                run.orders[**i]
+                    .two_phase
+                    .as_ref()
+                    .is_some_and(|p| p.ttl_s.is_some())
+            })
+            .count(),
+        ..TwoPhaseStats::default()
+    };
+    let amount_of: HashMap<&str, i64> = run
+        .orders
+        .iter()
+        .map(|o| (o.id.as_str(), o.amount))
+        .collect();
+    for o in &fin.orders {
+        *t.final_status.entry(o.status.clone()).or_default() += 1;
+        if o.captured
+            .is_some_and(|c| amount_of.get(o.id.as_str()) != Some(&c))
+        {
+            t.partial_captures += 1;
+        }
+    }
+    for r in &run.records {
+        let op = match r.kind {
+            OpKind::Authorize | OpKind::Capture | OpKind::Void => r.kind.name(),
+            _ => continue,
+        };
+        let answer = match (r.status, r.replayed, r.code.as_deref()) {
+            (200, Some(true), _) => "200 replayed".to_owned(),
+            (200, _, _) => "200".to_owned(),
+            (0, ..) => "no answer".to_owned(),
+            (s, _, Some(c)) => format!("{s} {c}"),
+            (s, _, None) => s.to_string(),
+        };
+        *t.answers.entry(format!("{op} {answer}")).or_default() += 1;
+    }
+    Some(t)
+}
+
 /// The report: the run's statistics, plus the checker's verdict.
 pub fn report(
     args: &StormArgs,
@@ -129,13 +188,7 @@ pub fn report(
 ) -> Report {
     let records = &run.records;
     let by_kind = |k: OpKind| -> Vec<&Record> { records.iter().filter(|r| r.kind == k).collect() };
-    let kinds = [
-        OpKind::CreateAccount,
-        OpKind::CreateOrder,
-        OpKind::Deduct,
-        OpKind::Refund,
-    ];
-    let lat = kinds
+    let lat = OpKind::ALL
         .iter()
         .map(|k| (k.name(), latency(&by_kind(*k))))
         .collect();
@@ -150,10 +203,7 @@ pub fn report(
     for r in records {
         *by_status.entry(r.status.to_string()).or_default() += 1;
     }
-    let storm_requests = records
-        .iter()
-        .filter(|r| matches!(r.kind, OpKind::Deduct | OpKind::Refund))
-        .count();
+    let storm_requests = records.iter().filter(|r| in_storm(r)).count();
     let span_ms = records.iter().map(|r| r.started_ms).fold(0.0, f64::max);
     let l = &verdict.liveness;
     let rules = Rules {
@@ -198,5 +248,6 @@ pub fn report(
         liveness: verdict.liveness,
         violations: verdict.violations,
         timeline: timeline(records),
+        two_phase: two_phase(run, fin),
     }
 }

@@ -35,6 +35,8 @@ pub fn expected(op: OpKind, status: u16) -> bool {
         OpKind::CreateAccount | OpKind::CreateOrder => matches!(status, 200 | 201),
         OpKind::Deduct => matches!(status, 200 | 402),
         OpKind::Refund => matches!(status, 200 | 409),
+        OpKind::Authorize => matches!(status, 200 | 402),
+        OpKind::Capture | OpKind::Void => matches!(status, 200 | 409),
     }
 }
 
@@ -50,6 +52,10 @@ mod tests {
         assert!(!expected(OpKind::Refund, 402));
         assert!(!expected(OpKind::Deduct, 404));
         assert!(expected(OpKind::CreateOrder, 201));
+        assert!(expected(OpKind::Authorize, 402));
+        assert!(!expected(OpKind::Authorize, 409));
+        assert!(expected(OpKind::Capture, 409));
+        assert!(!expected(OpKind::Void, 402));
         for s in [0, 500, 503] {
             assert!(expected(OpKind::Deduct, s));
         }

@@ -180,6 +180,7 @@ mod tests {
             replayed: None,
             code: None,
             error: None,
+            expires_at_ms: None,
         }
     }
 

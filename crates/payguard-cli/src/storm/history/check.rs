@@ -9,16 +9,24 @@
 //!   only `fail`s mean not charged (`failed_but_charged`); `unknown`s allow zero or one;
 //! * refunds never exceed the amount (`refund_over_amount`) and an `ok` refund is in
 //!   the ledger (`ok_refund_missing`);
-//! * every final balance equals opening − debits + refunds + reversals
-//!   (`balance_drift`), and lies in the bounds the history allows, acknowledged
-//!   movements certain and unknown ones maybe (`balance_outside_history`); no entry
-//!   ever left a balance negative (`negative_balance`);
+//! * every final balance equals opening − debits − captures + refunds +
+//!   reversals (`balance_drift`), and lies in the bounds the history allows,
+//!   acknowledged movements certain and unknown ones maybe
+//!   (`balance_outside_history`); no entry ever left a balance negative
+//!   (`negative_balance`);
+//! * two-phase payments (`two_phase.rs`): one hold per order, exactly one of
+//!   capture, void and expiry taking effect, every 200 naming the winner's entry
+//!   and every 409 the winner, acknowledged captures and voids in the ledger and
+//!   the order, no hold outliving its expiry past the grace, `held` adding up,
+//!   refunds within the captured sum;
 //! * every audit recorded in the `final` line passed (`api_audit_failed`,
 //!   `db_audit_failed`);
 //! * liveness (`liveness.rs`), under the rules the run recorded in its plan line
 //!   (`faults`, `slow_ms`; a history without them is judged strictly): no 500,
 //!   and without faults no 503, no request left without an answer, none slower
 //!   than `slow_ms` (its invoke to its completion).
+
+mod two_phase;
 
 use super::{AuditLine, FinalState, LedgerLine, Line};
 use crate::storm::liveness::{self, Example, Liveness, Rules};
@@ -73,6 +81,8 @@ struct History<'a> {
     accounts: &'a [(String, i64)],
     orders: &'a [(String, String, i64)],
     targets: &'a [String],
+    /// How long past its expiry a hold may stay AUTHORIZED (`--hold-grace-ms`).
+    hold_grace_ms: u64,
     fin: &'a FinalState,
     invokes: HashMap<usize, &'a Line>,
     done: HashMap<usize, &'a Line>,
@@ -90,8 +100,9 @@ impl<'a> History<'a> {
                     accounts,
                     orders,
                     targets,
+                    hold_grace_ms,
                     ..
-                } => plan = Some((accounts, orders, targets)),
+                } => plan = Some((accounts, orders, targets, *hold_grace_ms)),
                 Line::Final(f) => fin = Some(f),
                 Line::Invoke { id, .. } => {
                     invokes.insert(*id, l);
@@ -101,13 +112,14 @@ impl<'a> History<'a> {
                 }
             }
         }
-        let (accounts, orders, targets) =
+        let (accounts, orders, targets, hold_grace_ms) =
             plan.ok_or_else(|| anyhow::anyhow!("the history has no plan line"))?;
         let fin = fin.ok_or_else(|| anyhow::anyhow!("the history has no final line"))?;
         Ok(History {
             accounts,
             orders,
             targets,
+            hold_grace_ms: hold_grace_ms.unwrap_or(crate::storm::HOLD_GRACE_MS_DEFAULT),
             fin,
             invokes,
             done,
@@ -200,6 +212,11 @@ struct Told<'a> {
     unknown: usize,
     refunds_ok: HashMap<&'a str, i64>,
     refunds_unknown: HashMap<&'a str, i64>,
+    /// The amount an acknowledged capture took (every capture of an order asks
+    /// for the same amount).
+    capture_ok: Option<i64>,
+    /// The largest amount a capture without an answer may have taken.
+    capture_unknown: Option<i64>,
 }
 
 fn told_per_order<'a>(h: &History<'a>) -> HashMap<&'a str, Told<'a>> {
@@ -233,6 +250,9 @@ fn told_per_order<'a>(h: &History<'a>) -> HashMap<&'a str, Told<'a>> {
                     t.refunds_ok.insert(r.as_str(), *amount);
                 }
             }
+            ("capture", Some(Line::Ok { .. })) => t.capture_ok = Some(*amount),
+            ("capture", Some(Line::Fail { .. })) => {}
+            ("capture", _) => t.capture_unknown = t.capture_unknown.max(Some(*amount)),
             ("refund", Some(Line::Fail { .. })) => {}
             ("refund", _) => {
                 if let Some(r) = refund {
@@ -274,6 +294,9 @@ fn ledger_moves<'a>(
                 m.debits.entry(e.order.as_str()).or_default().push(e);
                 *m.moved.entry(acct).or_default() -= e.amount;
             }
+            // A capture is the order's debit (API.md); holds and releases move
+            // `held`, not the balance.
+            "capture" => *m.moved.entry(acct).or_default() -= e.amount,
             "refund" => {
                 *m.refunded.entry(e.order.as_str()).or_default() += e.amount;
                 *m.moved.entry(acct).or_default() += e.amount;
@@ -363,6 +386,12 @@ fn widen_bounds(b: &mut (i64, i64), amount: i64, t: &Told) {
         b.1 -= amount;
     } else if t.unknown > 0 {
         b.0 -= amount;
+    }
+    if let Some(c) = t.capture_ok {
+        b.0 -= c;
+        b.1 -= c;
+    } else if let Some(c) = t.capture_unknown {
+        b.0 -= c;
     }
     let sure: i64 = t.refunds_ok.values().sum();
     let maybe: i64 = t.refunds_unknown.values().sum();
@@ -475,6 +504,7 @@ pub fn judge(lines: &[Line], rules: Rules) -> anyhow::Result<Verdict> {
         );
     }
     check_accounts(&h, &moves, &bounds, &mut out);
+    two_phase::check(&h, &account_of, &mut out);
     out.extend(audit_violations(&h.fin.audits));
     Ok(Verdict {
         liveness,
@@ -513,6 +543,7 @@ mod tests {
             targets: vec!["http://t".into()],
             faults: false,
             slow_ms: None,
+            hold_grace_ms: None,
         }];
         for (id, (status, entry)) in answers.into_iter().enumerate() {
             lines.push(Line::Invoke {
@@ -570,6 +601,7 @@ mod tests {
             balances: vec![("a".into(), 900)],
             ledger: vec![debit("e1", 900)],
             audits: api_audit(true),
+            ..FinalState::default()
         };
         assert!(kinds(&history([(200, "e1"), (200, "e1")], fin)).is_empty());
     }
@@ -580,6 +612,7 @@ mod tests {
             balances: vec![("a".into(), 800)],
             ledger: vec![debit("e1", 900), debit("e2", 800)],
             audits: api_audit(false),
+            ..FinalState::default()
         };
         assert_eq!(
             kinds(&history([(200, "e1"), (200, "e2")], fin)),
@@ -599,6 +632,7 @@ mod tests {
             balances: vec![("a".into(), 1_000)],
             ledger: vec![],
             audits: vec![],
+            ..FinalState::default()
         };
         assert_eq!(
             kinds(&history([(404, ""), (402, "")], fin)),

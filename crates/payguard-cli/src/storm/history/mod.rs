@@ -4,7 +4,9 @@
 //! with their account and amount, the targets and the liveness rules), an `invoke`
 //! and a completion per request (`ok`, `fail` or `unknown`, by the one status
 //! table in `status.rs`), then one `final` with every balance, every ledger entry
-//! and every audit as read after the storm (`observe.rs`).
+//! and every audit as read after the storm (`observe.rs`); with `--two-phase`,
+//! also every two-phase order as read then, each account's `held` and
+//! `available`, and when those reads began.
 //!
 //! The storm builds these lines in memory from its run and judges them with
 //! [`judge`] (`check.rs`); `storm --history FILE` also writes them, and
@@ -46,14 +48,43 @@ pub struct AuditLine {
     pub detail: String,
 }
 
+/// A two-phase order as read after the storm (`GET /v1/orders/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OrderLine {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub captured: Option<i64>,
+    #[serde(default)]
+    pub held: i64,
+    #[serde(default)]
+    pub refunded: i64,
+    /// `hold_expires_at` as Unix ms.
+    #[serde(default)]
+    pub hold_expires_ms: Option<i64>,
+}
+
+/// An account's open holds as read after the storm: (account, `held`, `available`).
+pub type HeldLine = (String, i64, i64);
+
 /// The state after the storm, as read through the API (and the database).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FinalState {
     pub balances: Vec<(String, i64)>,
     pub ledger: Vec<LedgerLine>,
     /// Absent from histories written before audits were recorded.
     #[serde(default)]
     pub audits: Vec<AuditLine>,
+    /// Every order an authorize was sent for (empty without `--two-phase`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<OrderLine>,
+    /// Each account's `held` and `available`, when its answer had them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldLine>,
+    /// When the reads of `orders` began (Unix ms): a hold still AUTHORIZED
+    /// then, past its expiry plus the grace, was left by the sweepers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +103,9 @@ pub enum Line {
         /// `storm --slow-ms`; absent: the default.
         #[serde(default)]
         slow_ms: Option<u64>,
+        /// `storm --hold-grace-ms`; absent: the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hold_grace_ms: Option<u64>,
     },
     Invoke {
         id: usize,
@@ -106,8 +140,15 @@ pub enum Line {
     Final(FinalState),
 }
 
-/// The history of `run` against `targets` under `rules`, ending in `fin`.
-pub fn lines_of(run: &Run, targets: &[String], rules: Rules, fin: FinalState) -> Vec<Line> {
+/// The history of `run` against `targets` under `rules` (holds judged with
+/// `hold_grace_ms`), ending in `fin`.
+pub fn lines_of(
+    run: &Run,
+    targets: &[String],
+    rules: Rules,
+    hold_grace_ms: u64,
+    fin: FinalState,
+) -> Vec<Line> {
     let mut lines = Vec::with_capacity(2 * run.records.len() + 2);
     lines.push(Line::Plan {
         accounts: run
@@ -123,6 +164,7 @@ pub fn lines_of(run: &Run, targets: &[String], rules: Rules, fin: FinalState) ->
         targets: targets.to_vec(),
         faults: rules.faults,
         slow_ms: Some(rules.slow_ms),
+        hold_grace_ms: Some(hold_grace_ms),
     });
     let mut records: Vec<_> = run.records.iter().enumerate().collect();
     records.sort_by(|a, b| a.1.started_ms.total_cmp(&b.1.started_ms));
