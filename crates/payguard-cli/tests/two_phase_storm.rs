@@ -3,7 +3,7 @@
 //! and holds left to the sweepers, against real `payguard serve` processes. The
 //! history checker holds on a full server (SQLite; three instances on
 //! PostgreSQL + Redis when PAYGUARD_TEST_POSTGRES_URL and PAYGUARD_TEST_REDIS_URL
-//! are set), and is seen failing: on a recorded history with a hold captured
+//! are set), and is seen failing: on the naive design, on a recorded history with a hold captured
 //! twice or captured after a void, and on a server whose sweeper does not run.
 //! Bounded: a few seconds per storm (holds of 1–2 s), loopback only.
 
@@ -242,4 +242,41 @@ async fn holds_that_no_sweeper_releases_are_named_past_the_grace() {
     );
     let tp = report.two_phase.as_ref().unwrap();
     assert!(!tp.final_status.contains_key("EXPIRED"), "{tp:?}");
+}
+
+/// The incident's design (`--guard naive`: check the cached order, pause, act) under
+/// the same storm: the two-phase checks name what it did (a hold captured twice, a
+/// hold both captured and released, holds taken more than once, `held` off its open
+/// holds), beside the double charges the deduct checks already catch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_two_phase_checks_fail_on_the_naive_design() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("naive.db").display());
+    let server = start(
+        dir.path(),
+        "tp-naive",
+        &db,
+        &[
+            "--guard",
+            "naive",
+            "--i-know-this-double-charges",
+            "--sweep-interval",
+            "100ms",
+        ],
+    );
+    let mut a = args(vec![server.url.clone()], &db, 80, 3);
+    a.two_phase = 1.0;
+    a.dup = 6;
+    let report = storm(&a).await.unwrap();
+    server.stop();
+    assert!(!report.ok);
+    let found = kinds(&report);
+    eprintln!("naive two-phase storm: {found:?}");
+    for kind in [
+        "captured_more_than_once",
+        "held_more_than_once",
+        "held_mismatch",
+    ] {
+        assert!(found.contains(kind), "{kind} not found: {found:?}");
+    }
 }
