@@ -107,7 +107,7 @@ impl From<&Rejection> for ApiError {
             Rejection::RefundExceedsPaid => ApiError::new(
                 S::CONFLICT,
                 "refund_exceeds_paid",
-                "the refunds of this order would exceed its amount",
+                "the refunds of this order would exceed what was paid (its amount, or what its capture took)",
             ),
             Rejection::OrderNotAuthorized => ApiError::new(
                 S::CONFLICT,
