@@ -12,8 +12,9 @@
 //!   JSON content type, its ids are 1–64 characters of `[A-Za-z0-9_.:-]`, its amounts lie in
 //!   `1..=2^53-1` (balances in `0..=2^53-1`), and every field equals what the JSON said.
 //!
-//! The input format keeps corpus files readable: the first byte picks the request (`byte % 4`:
-//! `D`educt, `A`ccount, `R`efund, `O`rder), the rest of the first line is the content type
+//! The input format keeps corpus files readable: the first byte picks the request (`H`:
+//! authorize a hold, `C`: capture; any other `byte % 4`: `D`educt, `A`ccount, `R`efund,
+//! `O`rder), the rest of the first line is the content type
 //! (empty: `application/json`; `-`: none; otherwise sent as written), and the bytes after the
 //! first newline are the body. `Aapplication/json\n{"id":"alice","balance":5}` is one.
 
@@ -24,12 +25,17 @@ use payguard::domain::{
     AccountId, Currency, Money, OrderId, RefundId, ID_BYTES_MAX, MONEY_MINOR_MAX,
 };
 use payguard::store::Op;
-use payguard_server::fuzzing::{create_account_op, create_order_op, deduct_op, refund_op};
+use payguard_server::fuzzing::{
+    authorize_op, capture_op, create_account_op, create_order_op, deduct_op, refund_op,
+};
 use payguard_server::ApiError;
 use serde_json::Value;
 
 /// The order id in the path of deduct and refund requests (the path is the router's business).
 pub const PATH_ORDER_ID: &str = "fz-order";
+
+/// The server's hold TTL when an authorize names none (`--hold-ttl`), as the parser is given it.
+pub const DEFAULT_HOLD_TTL_MS: i64 = payguard_server::HOLD_TTL_MS;
 
 /// Which POST the body is sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +44,15 @@ pub enum Kind {
     CreateAccount,
     Refund,
     CreateOrder,
+    Authorize,
+    Capture,
+}
+
+impl Kind {
+    /// Kinds whose body may be absent (no body, `{}` or `null`).
+    fn body_optional(self) -> bool {
+        matches!(self, Kind::Deduct | Kind::Authorize | Kind::Capture)
+    }
 }
 
 /// One decoded fuzz input.
@@ -52,10 +67,12 @@ pub struct Input<'a> {
 /// Decodes a fuzz input; `None` for the empty input.
 pub fn decode(data: &[u8]) -> Option<Input<'_>> {
     let (&first, rest) = data.split_first()?;
-    let kind = match first % 4 {
-        0 => Kind::Deduct,
-        1 => Kind::CreateAccount,
-        2 => Kind::Refund,
+    let kind = match (first, first % 4) {
+        (b'H', _) => Kind::Authorize,
+        (b'C', _) => Kind::Capture,
+        (_, 0) => Kind::Deduct,
+        (_, 1) => Kind::CreateAccount,
+        (_, 2) => Kind::Refund,
         _ => Kind::CreateOrder,
     };
     let (line, body) = match rest.iter().position(|&b| b == b'\n') {
@@ -94,6 +111,8 @@ pub fn check(data: &[u8]) {
         Kind::CreateOrder => create_order_op(&headers, &body),
         Kind::Deduct => deduct_op(path_order, &headers, &body),
         Kind::Refund => refund_op(path_order, &headers, &body),
+        Kind::Authorize => authorize_op(path_order, &headers, &body, DEFAULT_HOLD_TTL_MS),
+        Kind::Capture => capture_op(path_order, &headers, &body),
     };
     let ct_is_json = sent_ct
         .as_ref()
@@ -144,15 +163,20 @@ fn money_in(m: Money, min: i64) -> bool {
 }
 
 fn accepted(input: &Input<'_>, ct_is_json: bool, op: &Op, ctx: &dyn Fn() -> String) {
-    if input.kind == Kind::Deduct && blank(input.body) {
-        assert_eq!(
-            op,
-            &Op::Deduct {
-                order_id: OrderId::parse(PATH_ORDER_ID).unwrap()
+    if input.kind.body_optional() && blank(input.body) {
+        let order_id = OrderId::parse(PATH_ORDER_ID).unwrap();
+        let default = match input.kind {
+            Kind::Authorize => Op::Authorize {
+                order_id,
+                hold_ttl_ms: DEFAULT_HOLD_TTL_MS,
             },
-            "{}",
-            ctx()
-        );
+            Kind::Capture => Op::Capture {
+                order_id,
+                amount: None,
+            },
+            _ => Op::Deduct { order_id },
+        };
+        assert_eq!(op, &default, "{}", ctx());
         return;
     }
     assert!(
@@ -180,8 +204,13 @@ fn accepted(input: &Input<'_>, ct_is_json: bool, op: &Op, ctx: &dyn Fn() -> Stri
             refund_id,
             amount,
         } => json.refund(order_id, refund_id, *amount),
-        Op::Authorize { .. } | Op::Capture { .. } | Op::Void { .. } | Op::Expire { .. } => {
-            panic!("a parser under test made a two-phase op: {}", ctx())
+        Op::Authorize {
+            order_id,
+            hold_ttl_ms,
+        } => json.authorize(order_id, *hold_ttl_ms),
+        Op::Capture { order_id, amount } => json.capture(order_id, *amount),
+        Op::Void { .. } | Op::Expire { .. } => {
+            panic!("a parser under test made a void or expiry: {}", ctx())
         }
     }
 }
@@ -225,6 +254,48 @@ impl AcceptedJson<'_> {
             "deduct accepted a body that is neither {{}} nor null: {}",
             self.ctx()
         );
+    }
+
+    /// No body fields but an optional `hold_ttl_s` of 1..=30 days (default: the server's).
+    fn authorize(&self, order_id: &OrderId, hold_ttl_ms: i64) {
+        let ctx = || self.ctx();
+        assert_eq!(self.input.kind, Kind::Authorize, "{}", ctx());
+        assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
+        if !self.v.is_null() {
+            self.only_keys(&["hold_ttl_s"]);
+        }
+        match self.field("hold_ttl_s") {
+            Value::Null => assert_eq!(hold_ttl_ms, DEFAULT_HOLD_TTL_MS, "{}", ctx()),
+            v => {
+                let s = v
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("accepted hold_ttl_s {v}: {}", ctx()));
+                assert!(
+                    (1..=payguard_server::HOLD_TTL_S_MAX).contains(&s),
+                    "hold_ttl_s {s}: {}",
+                    ctx()
+                );
+                assert_eq!(hold_ttl_ms, s * 1000, "{}", ctx());
+            }
+        }
+    }
+
+    /// No body fields but an optional `amount` of 1..=2^53-1 (default: the whole hold).
+    fn capture(&self, order_id: &OrderId, amount: Option<Money>) {
+        let ctx = || self.ctx();
+        assert_eq!(self.input.kind, Kind::Capture, "{}", ctx());
+        assert_eq!(order_id.as_str(), PATH_ORDER_ID, "{}", ctx());
+        if !self.v.is_null() {
+            self.only_keys(&["amount"]);
+        }
+        match (self.field("amount"), amount) {
+            (Value::Null, None) => {}
+            (v, Some(m)) => {
+                assert!(money_in(m, 1), "amount {m:?}: {}", ctx());
+                assert_eq!(v.as_i64(), Some(m.minor()), "{}", ctx());
+            }
+            (v, None) => panic!("amount {v} accepted as the whole hold: {}", ctx()),
+        }
     }
 
     fn create_account(&self, id: &AccountId, balance: Money, currency: &Currency) {
@@ -327,7 +398,7 @@ fn refused(input: &Input<'_>, ct_is_json: bool, e: &ApiError, ctx: &dyn Fn() -> 
         "{}",
         ctx()
     );
-    let body_needed = !(input.kind == Kind::Deduct && blank(input.body));
+    let body_needed = !(input.kind.body_optional() && blank(input.body));
     assert_eq!(
         e.status == StatusCode::UNSUPPORTED_MEDIA_TYPE,
         body_needed && !ct_is_json,
@@ -364,6 +435,8 @@ mod tests {
             (Kind::Deduct, None, &b""[..])
         );
         assert_eq!(decode(b"O").unwrap().kind, Kind::CreateOrder);
+        assert_eq!(decode(b"H\n{}").unwrap().kind, Kind::Authorize);
+        assert_eq!(decode(b"C\n{}").unwrap().kind, Kind::Capture);
         assert!(decode(b"").is_none());
     }
 
@@ -392,6 +465,16 @@ mod tests {
         );
         check(b"D-\n");
         check(b"D\nnull");
+        check(b"H-\n");
+        check(b"H\n{\"hold_ttl_s\":3600}");
+        check(b"H\n{\"hold_ttl_s\":0}");
+        check(b"H\n{\"hold_ttl_s\":2592001}");
+        check(b"H\n{\"hold_ttl_s\":1.5}");
+        check(b"C\n{\"amount\":600}");
+        check(b"C\n{\"amount\":0}");
+        check(b"C\nnull");
+        check(b"C\n{\"amount\":600,\"x\":1}");
+        check(b"Ctext/plain\n{\"amount\":1}");
         check(b"Atext/plain\n{}");
         check(b"A\n{\"id\":");
         check(

@@ -6,4 +6,6 @@
 //! request meets. Nothing here is API: it is hidden from the docs and may change
 //! with the targets. No behaviour lives here, only re-exports.
 
-pub use crate::routes::{create_account_op, create_order_op, deduct_op, refund_op};
+pub use crate::routes::{
+    authorize_op, capture_op, create_account_op, create_order_op, deduct_op, refund_op,
+};
