@@ -54,6 +54,16 @@ fn deduct(o: &str) -> Command {
     .into()
 }
 
+/// `sql` is refused by the schema (a CHECK, a UNIQUE index or a payguard trigger).
+fn assert_refused(conn: &Connection, sql: &str) {
+    let err = conn.execute_batch(sql).expect_err(sql);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("payguard") || msg.contains("constraint") || msg.contains("UNIQUE"),
+        "{sql}: {err}"
+    );
+}
+
 fn count(conn: &Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
@@ -147,15 +157,7 @@ fn the_schema_refuses_the_incidents_second_debit() {
         .remove(0)
         .unwrap();
 
-    let refused = |sql: &str| {
-        let err = conn.execute_batch(sql).expect_err(sql);
-        assert!(
-            err.to_string().contains("payguard")
-                || err.to_string().contains("constraint")
-                || err.to_string().contains("UNIQUE"),
-            "{sql}: {err}"
-        );
-    };
+    let refused = |sql: &str| assert_refused(&conn, sql);
     // A second debit row for a paid order (the unique index and the PREPARE trigger).
     refused("INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at) VALUES ('o1', 'acct', 'debit', 1185, 0, 3)");
     // Marking a paid order paid again, or back to PREPARE.
@@ -194,12 +196,7 @@ fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
         .remove(0)
         .unwrap();
     for sql in two_phase_sql::TWO_PHASE_REFUSED {
-        let err = conn.execute_batch(sql).expect_err(sql);
-        let msg = err.to_string();
-        assert!(
-            msg.contains("payguard") || msg.contains("constraint") || msg.contains("UNIQUE"),
-            "{sql}: {err}"
-        );
+        assert_refused(&conn, sql);
     }
     assert_eq!(
         count(&conn, "SELECT held FROM accounts WHERE id = 'acct'"),
@@ -214,12 +211,7 @@ fn the_schema_refuses_spending_held_money_and_every_broken_hold() {
         .remove(0)
         .unwrap();
     for sql in two_phase_sql::CAPTURED_REFUSED {
-        let err = conn.execute_batch(sql).expect_err(sql);
-        let msg = err.to_string();
-        assert!(
-            msg.contains("payguard") || msg.contains("constraint") || msg.contains("UNIQUE"),
-            "{sql}: {err}"
-        );
+        assert_refused(&conn, sql);
     }
     assert_eq!(
         count(
