@@ -14,7 +14,7 @@
 
 use crate::serve::{sqlite_path, DbUrl};
 use payguard::domain::AuditReport;
-use payguard::store::sqlite::audit_connection;
+use payguard::store::sqlite::{audit_connection, insert_reversal_event};
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
 use std::process::ExitCode;
@@ -122,6 +122,8 @@ pub fn apply(conn: &mut Connection) -> anyhow::Result<Vec<Reversal>> {
              VALUES (?1, ?2, 'reversal', ?3, ?4, ?5, ?6)",
             params![r.order_id, r.account_id, r.amount, balance, r.reverses, now],
         )?;
+        // The outbox: downstream learns of the pay-back in the same transaction.
+        insert_reversal_event(&tx, tx.last_insert_rowid(), now)?;
     }
     tx.commit()?;
     Ok(plan)

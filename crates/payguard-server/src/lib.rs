@@ -17,6 +17,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod outbox;
 mod render;
 mod request;
 mod routes;

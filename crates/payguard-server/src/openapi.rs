@@ -155,6 +155,7 @@ impl Modify for BearerAuth {
         crate::routes::capture,
         crate::routes::void,
         crate::routes::entries,
+        crate::outbox::feed::events,
         crate::routes::audit,
         crate::routes::healthz,
     ),
@@ -163,6 +164,8 @@ impl Modify for BearerAuth {
         ErrorBody, ErrorDetail, MovementDoc, EntriesDoc, HealthDoc, Account, Order, Entry,
         OrderStatus, EntryKind, AuditReport, DuplicateDebit, OverRefund, BalanceMismatch,
         NegativeBalance, PaidMismatch, HeldMismatch, Resolved,
+        crate::outbox::feed::EventsDoc, crate::outbox::feed::EventDoc,
+        crate::outbox::feed::EventDataDoc, payguard::domain::EventType,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}/capture", post(capture))
         .route("/v1/orders/{id}/void", post(void))
         .route("/v1/orders/{id}/entries", get(entries))
+        .route("/v1/events", get(crate::outbox::feed::events))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(crate::metrics::render))

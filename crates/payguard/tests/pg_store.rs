@@ -441,8 +441,8 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
     assert_eq!(
         count(&c, version).await,
-        4,
-        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase"
+        5,
+        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase + v5 events"
     );
     // A v1 database (as the first PostgreSQL build left it, with a paid order) is
     // upgraded in place through every later version.
@@ -467,7 +467,8 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     .await
     .unwrap();
     let s = store(&v1).await;
-    assert_eq!(count(&c1, version).await, 4);
+    assert_eq!(count(&c1, version).await, 5);
+    assert_eq!(count(&c1, "SELECT COUNT(*) FROM events").await, 0);
     assert_eq!(count(&c1, "SELECT COUNT(*) FROM idempotency").await, 0);
     assert_eq!(count(&c1, "SELECT MAX(fence) FROM orders").await, 0);
     assert_eq!(

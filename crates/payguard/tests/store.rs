@@ -444,7 +444,8 @@ fn a_v3_database_upgrades_to_the_latest_keeping_its_rows() {
     }
     let mut conn = open_connection(&path).unwrap();
     migrate(&mut conn).unwrap();
-    assert_eq!(count(&conn, "PRAGMA user_version"), 5);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 6);
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM events"), 0);
     assert_eq!(
         count(
             &conn,

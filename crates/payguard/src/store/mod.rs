@@ -19,12 +19,16 @@
 //! read the state the rules need and write what they decided, each in its own
 //! dialect.
 
+pub mod outbox;
 pub mod postgres;
 pub mod rules;
 pub mod sqlite;
 
 use crate::domain::{
-    Account, AccountId, AuditReport, Currency, Entry, Money, Order, OrderId, RefundId,
+    Account, AccountId, AuditReport, Currency, Entry, Event, Money, Order, OrderId, RefundId,
+};
+use outbox::{
+    AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -502,4 +506,45 @@ pub trait Store: Send + Sync + 'static {
     fn next_fence_epoch(&self) -> StoreFuture<i64>;
     /// Finishes queued work and releases the database. Later calls fail with `Closed`.
     fn close(&self) -> StoreFuture<()>;
+
+    // Events and webhooks ([`outbox`]). The events are written by `apply`, in
+    // each movement's own transaction.
+
+    /// Committed events with `seq > after`, in `seq` order, at most `limit`. A
+    /// reader that passes the last `seq` it saw misses none and sees none twice.
+    fn events(&self, after: i64, limit: usize) -> StoreFuture<Vec<Event>>;
+    /// Gives committed events their `seq` where the transaction could not
+    /// (PostgreSQL; see `postgres/v5_events.sql`); returns how many it numbered.
+    /// SQLite numbers events as it commits them: always 0.
+    fn sequence_events(&self) -> StoreFuture<u64>;
+    /// Stores a new endpoint; it receives the events committed after this.
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()>;
+    /// Every endpoint not deleted (`id`: only that one).
+    fn webhook_endpoints(&self, id: Option<String>) -> StoreFuture<Vec<Endpoint>>;
+    /// Deletes an endpoint (no more deliveries); false when there was none.
+    fn webhook_delete(&self, id: String, now_ms: i64) -> StoreFuture<bool>;
+    /// Turns newly sequenced events into deliveries for the endpoints they
+    /// match; returns how many deliveries it created.
+    fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64>;
+    /// Leases due deliveries to one claimer.
+    fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>>;
+    /// Logs an attempt and, if its claimer still holds the lease, writes what
+    /// it decided; returns whether the decision was kept.
+    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool>;
+    /// An endpoint's deliveries with their attempts, newest event first.
+    fn webhook_deliveries(
+        &self,
+        endpoint_id: String,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> StoreFuture<Vec<Delivery>>;
+    /// Sends a `failed` delivery again, now.
+    fn webhook_retry(
+        &self,
+        endpoint_id: String,
+        event_id: String,
+        now_ms: i64,
+    ) -> StoreFuture<RetryOutcome>;
+    /// Per endpoint: undelivered deliveries and the oldest one's event time.
+    fn webhook_backlog(&self) -> StoreFuture<Vec<Backlog>>;
 }

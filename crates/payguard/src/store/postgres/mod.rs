@@ -73,6 +73,7 @@ mod batch;
 mod commit;
 mod connection;
 mod error;
+mod events;
 mod idempotency;
 mod plan;
 mod reads;
@@ -85,11 +86,15 @@ mod writes;
 pub use audit::audit_client;
 pub use batch::apply_ops;
 pub use connection::connect_raw;
+pub use events::SEQUENCE_PASS_EVENTS_MAX;
 pub use schema::migrate;
 #[cfg(any(test, feature = "test-support"))]
 pub use scratch::ScratchDb;
 
-use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId};
+use crate::domain::{Account, AccountId, AuditReport, Entry, Event, Order, OrderId};
+use crate::store::outbox::{
+    AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
+};
 use crate::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
 use connection::Inner;
 use error::{pg_unavailable, Fault};
@@ -382,6 +387,126 @@ impl Store for PgStore {
                 .await
                 .map_err(pg_unavailable)?;
             row.try_get::<_, i64>(0).map_err(pg_unavailable)
+        })
+    }
+
+    fn events(&self, after: i64, limit: usize) -> StoreFuture<Vec<Event>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::events(&**client, after, limit)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn sequence_events(&self) -> StoreFuture<u64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            events::sequence(&mut client)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::create_endpoint(&**client, &endpoint)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_endpoints(&self, id: Option<String>) -> StoreFuture<Vec<Endpoint>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::endpoints(&**client, id.as_deref())
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_delete(&self, id: String, now_ms: i64) -> StoreFuture<bool> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::delete_endpoint(&**client, &id, now_ms)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            events::fan_out(&mut client, now_ms)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::claim(&**client, &req)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            events::record(&mut client, &result)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_deliveries(
+        &self,
+        endpoint_id: String,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> StoreFuture<Vec<Delivery>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::deliveries(&**client, &endpoint_id, status, None, limit)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_retry(
+        &self,
+        endpoint_id: String,
+        event_id: String,
+        now_ms: i64,
+    ) -> StoreFuture<RetryOutcome> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, mut client) = inner.enter().await?;
+            events::retry(&mut client, &endpoint_id, &event_id, now_ms)
+                .await
+                .map_err(Fault::into_store_error)
+        })
+    }
+
+    fn webhook_backlog(&self) -> StoreFuture<Vec<Backlog>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            events::backlog(&**client)
+                .await
+                .map_err(Fault::into_store_error)
         })
     }
 

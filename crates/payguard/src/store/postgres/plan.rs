@@ -7,7 +7,9 @@
 //! then writes the whole plan with a few set-based statements.
 
 use super::error::Fault;
-use crate::domain::{Account, AccountId, Entry, EntryKind, Money, Order, OrderId, RefundId};
+use crate::domain::{
+    Account, AccountId, Entry, EntryKind, EventDraft, Money, Order, OrderId, RefundId,
+};
 use crate::store::rules::{self, Decision, Effect, Movement, Seen};
 use crate::store::{Command, Op, OpResult, Rejection};
 use std::collections::HashMap;
@@ -53,6 +55,8 @@ pub(super) struct Plan {
     /// Entries this batch writes, in batch order; entry `i` carries the
     /// placeholder id `-(i + 1)` until the insert assigns the real one.
     pub(super) new_entries: Vec<Entry>,
+    /// Events this batch writes, in batch order, with placeholder entry ids.
+    pub(super) new_events: Vec<EventDraft>,
     pub(super) new_accounts: Vec<AccountId>,
     pub(super) new_orders: Vec<OrderId>,
     /// Per order: the highest fencing token seen (read from the row, then raised
@@ -180,6 +184,9 @@ impl Plan {
             | Effect::Hold(m)
             | Effect::Capture(m)
             | Effect::Release(m) => self.record_movement(m, entry_id, now)?,
+        }
+        if let Some(event) = effect.event(entry_id) {
+            self.new_events.push(event);
         }
         Ok(effect.answer(entry_id))
     }

@@ -14,6 +14,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("v2_idempotency.sql"),
     include_str!("v3_fencing.sql"),
     include_str!("v4_two_phase.sql"),
+    include_str!("v5_events.sql"),
 ];
 
 /// Creates or upgrades the guarded schema; refuses a database marked naive (or

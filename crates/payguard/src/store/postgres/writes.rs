@@ -2,7 +2,7 @@
 
 use super::error::{expect_rows, Fault};
 use super::plan::{placeholder, AccountSlot, Plan};
-use crate::domain::{Order, OrderStatus, RefundId};
+use crate::domain::{EventDraft, Order, OrderStatus, RefundId};
 use crate::store::Output;
 use std::collections::HashMap;
 
@@ -56,6 +56,13 @@ pub(super) async fn write_batch(
     }
     if !plan.fences.is_empty() {
         update_fences(tx, plan).await?;
+    }
+    if !plan.new_events.is_empty() {
+        let mut drafts = plan.new_events.clone();
+        for d in &mut drafts {
+            patch_draft(d, &real_ids)?;
+        }
+        super::events::insert_events(tx, &drafts, now).await?;
     }
     Ok(real_ids)
 }
@@ -329,16 +336,30 @@ async fn update_fences(tx: &deadpool_postgres::Transaction<'_>, plan: &Plan) -> 
     expect_rows(n, ids.len(), "fence updates")
 }
 
+/// Replaces a placeholder entry id with the id the insert assigned.
+fn fix_id(id: &mut i64, ids: &HashMap<i64, i64>) -> Result<(), Fault> {
+    if *id < 0 {
+        *id = *ids
+            .get(id)
+            .ok_or_else(|| Fault::Store(format!("placeholder entry id {id} unassigned")))?;
+    }
+    Ok(())
+}
+
+/// An event's order and entry with the ids the insert assigned.
+fn patch_draft(d: &mut EventDraft, ids: &HashMap<i64, i64>) -> Result<(), Fault> {
+    if let Some(id) = d.order.debit_entry_id.as_mut() {
+        fix_id(id, ids)?;
+    }
+    if let Some(e) = d.entry.as_mut() {
+        fix_id(&mut e.id, ids)?;
+    }
+    Ok(())
+}
+
 /// Replaces placeholder entry ids with the ids the insert assigned.
 pub(super) fn patch_ids(out: &mut Output, ids: &HashMap<i64, i64>) -> Result<(), Fault> {
-    let fix = |id: &mut i64| -> Result<(), Fault> {
-        if *id < 0 {
-            *id = *ids
-                .get(id)
-                .ok_or_else(|| Fault::Store(format!("placeholder entry id {id} unassigned")))?;
-        }
-        Ok(())
-    };
+    let fix = |id: &mut i64| fix_id(id, ids);
     match out {
         Output::Account { .. } => {}
         Output::Order { order, .. } => {

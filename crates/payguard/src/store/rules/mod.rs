@@ -51,7 +51,10 @@ mod tests;
 
 pub use idempotency::{claim, completion, ClaimDecision, IdemCompletion, IdemRecord};
 
-use crate::domain::{Account, AccountId, Entry, EntryKind, Money, Order, OrderId, RefundId};
+use crate::domain::{
+    Account, AccountId, Entry, EntryKind, EventDraft, EventType, Money, Order, OrderId,
+    OrderStatus, RefundId,
+};
 use crate::store::{Command, Op, OpResult, Output, Rejection};
 
 /// What a store read for one command, before deciding it. A store fills the
@@ -241,6 +244,34 @@ impl Effect {
             }
             Effect::Decline(_) => Err(Rejection::InsufficientFunds),
         }
+    }
+
+    /// The event this effect writes in its own transaction (API.md, "Events
+    /// and webhooks"), or `None` for effects that change no order's money or
+    /// status (a new account, a new PREPARE order). Decided here, once, for both
+    /// stores; `entry_id` as for [`Effect::answer`].
+    pub fn event(&self, entry_id: i64) -> Option<EventDraft> {
+        let kind = match self {
+            Effect::OpenAccount(_) | Effect::PlaceOrder(_) => return None,
+            Effect::Decline(failed) => {
+                return Some(EventDraft {
+                    kind: EventType::OrderPaymentFailed,
+                    order: failed.clone(),
+                    entry: None,
+                })
+            }
+            Effect::Charge(_) | Effect::Capture(_) => EventType::OrderPaid,
+            Effect::Refund(_) => EventType::OrderRefunded,
+            Effect::Hold(_) => EventType::OrderAuthorized,
+            Effect::Release(m) if m.after.status == OrderStatus::Voided => EventType::OrderVoided,
+            Effect::Release(_) => EventType::OrderHoldExpired,
+        };
+        let (order, entry) = self.movement()?.settle(entry_id);
+        Some(EventDraft {
+            kind,
+            order,
+            entry: Some(entry),
+        })
     }
 }
 

@@ -29,6 +29,7 @@ mod audit;
 mod commands;
 mod connection;
 mod error;
+mod events;
 mod idempotency;
 pub mod naive;
 mod rows;
@@ -40,10 +41,14 @@ pub use connection::{
     open_connection, BUSY_TIMEOUT_MS, READ_POOL_CONNECTIONS_MAX, READ_POOL_WAIT_MS,
     WRITE_POOL_CONNECTIONS_MAX,
 };
+pub use events::insert_reversal_event;
 pub use schema::{migrate, migrate_kind, SchemaKind};
 pub use writer::{apply_ops, WRITER_QUEUE_JOBS_MAX};
 
-use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId};
+use crate::domain::{Account, AccountId, AuditReport, Entry, Event, Order, OrderId};
+use crate::store::outbox::{
+    AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
+};
 use crate::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
 use error::unavailable;
 use r2d2_sqlite::SqliteConnectionManager;
@@ -246,6 +251,60 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)
         })
+    }
+
+    fn events(&self, after: i64, limit: usize) -> StoreFuture<Vec<Event>> {
+        self.read(move |c| events::events(c, after, limit))
+    }
+
+    fn sequence_events(&self) -> StoreFuture<u64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()> {
+        self.write(move |c| events::create_endpoint(c, &endpoint).map_err(unavailable))
+    }
+
+    fn webhook_endpoints(&self, id: Option<String>) -> StoreFuture<Vec<Endpoint>> {
+        self.read(move |c| events::endpoints(c, id.as_deref()))
+    }
+
+    fn webhook_delete(&self, id: String, now_ms: i64) -> StoreFuture<bool> {
+        self.write(move |c| events::delete_endpoint(c, &id, now_ms).map_err(unavailable))
+    }
+
+    fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64> {
+        self.write(move |c| events::fan_out(c, now_ms).map_err(unavailable))
+    }
+
+    fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
+        self.write(move |c| events::claim(c, &req).map_err(unavailable))
+    }
+
+    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool> {
+        self.write(move |c| events::record(c, &result).map_err(unavailable))
+    }
+
+    fn webhook_deliveries(
+        &self,
+        endpoint_id: String,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> StoreFuture<Vec<Delivery>> {
+        self.read(move |c| events::deliveries(c, &endpoint_id, status, None, limit))
+    }
+
+    fn webhook_retry(
+        &self,
+        endpoint_id: String,
+        event_id: String,
+        now_ms: i64,
+    ) -> StoreFuture<RetryOutcome> {
+        self.write(move |c| events::retry(c, &endpoint_id, &event_id, now_ms).map_err(unavailable))
+    }
+
+    fn webhook_backlog(&self) -> StoreFuture<Vec<Backlog>> {
+        self.read(|c| events::backlog(c))
     }
 
     fn close(&self) -> StoreFuture<()> {

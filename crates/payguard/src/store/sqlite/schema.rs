@@ -23,12 +23,14 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("v3_fencing.sql")),
     Migration::Code(v4_checks_without_in_lists),
     Migration::Code(v5_two_phase),
+    Migration::Sql(include_str!("v6_events.sql")),
 ];
 const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("naive_schema.sql")),
     Migration::Sql(include_str!("v2_idempotency.sql")),
     Migration::Sql(include_str!("v3_fencing.sql")),
     Migration::Sql(include_str!("naive_v4_two_phase.sql")),
+    Migration::Sql(include_str!("v6_events.sql")),
 ];
 
 /// The CHECK constraints' `IN (…)` lists of three or more values, and what says
