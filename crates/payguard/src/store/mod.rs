@@ -518,7 +518,8 @@ pub trait Store: Send + Sync + 'static {
     /// SQLite numbers events as it commits them: always 0.
     fn sequence_events(&self) -> StoreFuture<u64>;
     /// Stores a new endpoint; it receives the events committed after this.
-    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()>;
+    /// False when an endpoint with its id already exists (nothing written).
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool>;
     /// Every endpoint not deleted (`id`: only that one).
     fn webhook_endpoints(&self, id: Option<String>) -> StoreFuture<Vec<Endpoint>>;
     /// Deletes an endpoint (no more deliveries); false when there was none.

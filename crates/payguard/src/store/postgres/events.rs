@@ -141,15 +141,16 @@ fn endpoint_from_row(row: &Row) -> Result<Endpoint, Fault> {
 pub(super) async fn create_endpoint(
     client: &impl GenericClient,
     ep: &Endpoint,
-) -> Result<(), Fault> {
+) -> Result<bool, Fault> {
     let n = client
         .execute(
             "INSERT INTO webhook_endpoints (id, url, types, secret, status, after_seq, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, 'enabled', (SELECT COALESCE(MAX(seq), 0) FROM events), $5, $5)",
+             VALUES ($1, $2, $3, $4, 'enabled', (SELECT COALESCE(MAX(seq), 0) FROM events), $5, $5)
+             ON CONFLICT (id) DO NOTHING",
             &[&ep.id, &ep.url, &ep.types_column(), &ep.sealed_secret, &ep.created_at],
         )
-        .await? as usize;
-    expect_rows(n, 1, "new endpoint")
+        .await?;
+    Ok(n == 1)
 }
 
 pub(super) async fn endpoints(

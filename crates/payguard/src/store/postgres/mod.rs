@@ -410,7 +410,7 @@ impl Store for PgStore {
         })
     }
 
-    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()> {
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, client) = inner.enter().await?;

@@ -76,14 +76,16 @@ fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
 
 /// Inserts `ep`; it receives the events committed after this (its cursor
 /// starts at the feed's end, read in the same transaction).
-pub(super) fn create_endpoint(conn: &mut Connection, ep: &Endpoint) -> rusqlite::Result<()> {
+pub(super) fn create_endpoint(conn: &mut Connection, ep: &Endpoint) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
+    let n = tx.execute(
         "INSERT INTO webhook_endpoints (id, url, types, secret, status, after_seq, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, 'enabled', (SELECT COALESCE(MAX(seq), 0) FROM events), ?5, ?5)",
+         VALUES (?1, ?2, ?3, ?4, 'enabled', (SELECT COALESCE(MAX(seq), 0) FROM events), ?5, ?5)
+         ON CONFLICT (id) DO NOTHING",
         params![ep.id, ep.url, ep.types_column(), ep.sealed_secret, ep.created_at],
     )?;
-    tx.commit()
+    tx.commit()?;
+    Ok(n == 1)
 }
 
 /// Every endpoint not deleted, oldest first; or the one named `id`.

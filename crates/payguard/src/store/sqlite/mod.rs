@@ -261,7 +261,7 @@ impl Store for SqliteStore {
         Box::pin(async { Ok(0) })
     }
 
-    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<()> {
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
         self.write(move |c| events::create_endpoint(c, &endpoint).map_err(unavailable))
     }
 
