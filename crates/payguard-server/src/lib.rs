@@ -20,6 +20,7 @@ pub mod openapi;
 mod render;
 mod request;
 mod routes;
+pub mod webhooks;
 
 pub use auth::ApiKeys;
 pub use error::ApiError;

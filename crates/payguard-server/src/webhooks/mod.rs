@@ -1,0 +1,5 @@
+//! Webhook delivery primitives (placeholder while the pieces land).
+
+pub mod schedule;
+pub mod secret;
+pub mod sign;
