@@ -3,3 +3,4 @@
 pub mod schedule;
 pub mod secret;
 pub mod sign;
+pub mod ssrf;
