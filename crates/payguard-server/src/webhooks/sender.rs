@@ -15,9 +15,10 @@
 //! most [`RESPONSE_BODY_MAX_BYTES`] of the answer are read; the outcome rests on
 //! the status alone, so a 2xx whose body is slow or cut is still delivered.
 //!
-//! Transport: plain `http` only for now. reqwest is built without a TLS
-//! feature in this workspace, so an `https` URL fails to send (Retry, with the
-//! error saying so) until a TLS backend is enabled.
+//! Transport: `http` and `https`. TLS is rustls (reqwest's `rustls` feature:
+//! the aws-lc-rs provider, certificates checked against the platform's trust
+//! store by rustls-platform-verifier); HTTP/1.1 only, as the workspace builds
+//! reqwest without `http2`.
 
 use super::secret::WebhookSecret;
 use super::sign::headers;

@@ -262,3 +262,16 @@ fn errors_are_cut_at_a_char_boundary() {
     let cut = truncate(long);
     assert!(cut.len() <= ERROR_LEN_MAX_BYTES && cut.len() >= ERROR_LEN_MAX_BYTES - 1);
 }
+
+#[tokio::test]
+async fn https_urls_speak_tls() {
+    let secret = WebhookSecret::generate();
+    let rx = spawn_receiver(&secret.to_whsec()).await;
+    let url = Url::parse(&format!("https://{}/ok", rx.addr)).unwrap();
+    let attempt = send_to(&sender(true, DELIVERY_TIMEOUT_MS), &url, &secret).await;
+    // rustls sent a ClientHello and got plain HTTP back: the https path is
+    // wired (without a TLS backend reqwest refuses the scheme instead).
+    assert_eq!(attempt.outcome, Outcome::Retry { timed_out: false });
+    let error = attempt.error.unwrap_or_default();
+    assert!(error.contains("InvalidContentType"), "{error}");
+}
