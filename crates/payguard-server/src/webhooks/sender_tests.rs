@@ -275,3 +275,17 @@ async fn https_urls_speak_tls() {
     let error = attempt.error.unwrap_or_default();
     assert!(error.contains("InvalidContentType"), "{error}");
 }
+
+#[tokio::test]
+async fn an_event_id_that_cannot_be_a_header_is_an_error_not_a_panic() {
+    let secret = WebhookSecret::generate();
+    let rx = spawn_receiver(&secret.to_whsec()).await;
+    let s = sender(true, DELIVERY_TIMEOUT_MS);
+    let body = Bytes::from_static(BODY.as_bytes());
+    let attempt = s
+        .send(&rx.url("/ok"), "evt\n1", body, &secret, now_s())
+        .await;
+    assert_eq!(attempt.outcome, Outcome::Retry { timed_out: false });
+    assert!(attempt.error.is_some());
+    assert_eq!(rx.hits(), 0);
+}

@@ -14,8 +14,10 @@
 //!   addresses is forbidden, or if none resolves within [`DNS_TIMEOUT_MS`].
 //! - [`SsrfResolver`] applies the same rule each time the HTTP client resolves a
 //!   name, so a name that later re-points at `127.0.0.1` (DNS rebinding) is
-//!   refused at send time. It does not see IP literals, which the hyper
-//!   connector never resolves: the sender checks those itself.
+//!   refused at send time. The connector dials exactly the addresses the
+//!   resolver returned (no second lookup), so there is no gap between check and
+//!   use. It does not see IP literals, which the hyper connector never
+//!   resolves: the sender checks those itself.
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
