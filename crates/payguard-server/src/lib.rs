@@ -21,6 +21,7 @@ pub mod outbox;
 mod render;
 mod request;
 mod routes;
+pub mod webhooks;
 
 pub use auth::ApiKeys;
 pub use error::ApiError;
