@@ -55,6 +55,27 @@ pub struct ServeArgs {
     /// hold is released once): a hold is released within this long of its expiry.
     #[arg(long, env = "PAYGUARD_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration_ms)]
     pub sweep_interval: i64,
+    /// Let webhook endpoints be loopback, private or link-local addresses (also
+    /// behind a name). Off by default: an API caller could otherwise make this
+    /// server post to its own network (SSRF).
+    #[arg(long, env = "PAYGUARD_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+    /// Attempts per webhook delivery (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+    /// apart) before it is `failed`.
+    #[arg(long, env = "PAYGUARD_WEBHOOK_RETRY_MAX", default_value_t = payguard_server::webhooks::RETRY_MAX_DEFAULT)]
+    pub webhook_retry_max: u32,
+    /// A file holding a 32-byte key (64 hex characters or base64): webhook
+    /// secrets are then stored encrypted (XChaCha20-Poly1305), so a database dump
+    /// alone cannot sign deliveries. Without it they are stored in the clear.
+    #[arg(long, env = "PAYGUARD_WEBHOOK_KEY_FILE")]
+    pub webhook_key_file: Option<PathBuf>,
+    /// One webhook attempt's deadline (ms, at most 15000, API.md's limit).
+    #[arg(long, env = "PAYGUARD_WEBHOOK_TIMEOUT_MS", default_value_t = payguard_server::webhooks::DELIVERY_TIMEOUT_MS)]
+    pub webhook_timeout_ms: u64,
+    /// How long an attempt's lease lasts: a delivery whose instance died is
+    /// attempted again by another after this (ms; longer than the timeout).
+    #[arg(long, env = "PAYGUARD_WEBHOOK_LEASE_MS", default_value_t = payguard_server::outbox::DELIVERY_LEASE_MS)]
+    pub webhook_lease_ms: i64,
     /// Largest request body (bytes); larger gets 413 `body_too_large`.
     #[arg(long, env = "PAYGUARD_BODY_BYTES_MAX", default_value_t = payguard_server::limits::BODY_BYTES_MAX)]
     pub body_bytes_max: usize,
@@ -375,6 +396,20 @@ fn validate(args: &ServeArgs, keys: &ApiKeys) -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.pg_pool_max >= 1, "--pg-pool-max must be at least 1");
     anyhow::ensure!(
+        (1..=payguard_server::webhooks::RETRY_MAX_LIMIT).contains(&args.webhook_retry_max),
+        "--webhook-retry-max must be 1..={}",
+        payguard_server::webhooks::RETRY_MAX_LIMIT
+    );
+    anyhow::ensure!(
+        (1..=payguard_server::webhooks::DELIVERY_TIMEOUT_MS).contains(&args.webhook_timeout_ms),
+        "--webhook-timeout-ms must be 1..={}",
+        payguard_server::webhooks::DELIVERY_TIMEOUT_MS
+    );
+    anyhow::ensure!(
+        args.webhook_lease_ms > args.webhook_timeout_ms as i64,
+        "--webhook-lease-ms must be longer than --webhook-timeout-ms, or a slow attempt would be made twice"
+    );
+    anyhow::ensure!(
         args.hold_ttl <= payguard_server::HOLD_TTL_S_MAX * 1000,
         "--hold-ttl must be at most 30 days (2592000 s), the longest hold API.md allows"
     );
@@ -448,12 +483,33 @@ fn app_spec(
             hold_ttl_ms: args.hold_ttl,
             sweep_interval_ms: args.sweep_interval as u64,
         },
+        webhooks: webhook_settings(args)?,
         ..AppSpec::new(
             database,
             args.engine.engine_config(guard, instance.to_owned()),
         )
     };
     Ok(spec)
+}
+
+/// The `--webhook-*` flags; secrets in the clear only with a warning.
+fn webhook_settings(args: &ServeArgs) -> anyhow::Result<payguard_server::outbox::WebhookSettings> {
+    let sealer =
+        payguard_server::webhooks::SecretSealer::from_key_file(args.webhook_key_file.as_deref())?;
+    if sealer.is_plaintext() {
+        tracing::warn!(
+            event = "webhook_secrets_in_clear",
+            "no --webhook-key-file: webhook signing secrets are stored unencrypted; a database dump could forge deliveries"
+        );
+    }
+    Ok(payguard_server::outbox::WebhookSettings {
+        allow_private: args.webhook_allow_private,
+        retry_max: args.webhook_retry_max,
+        sealer: std::sync::Arc::new(sealer),
+        timeout_ms: args.webhook_timeout_ms,
+        lease_ms: args.webhook_lease_ms,
+        ..Default::default()
+    })
 }
 
 /// Assembles the app, binds, serves until SIGTERM or Ctrl-C, drains.

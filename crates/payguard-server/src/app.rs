@@ -59,6 +59,7 @@ pub struct AppSpec {
     pub keys: ApiKeys,
     pub limits: Limits,
     pub two_phase: crate::TwoPhase,
+    pub webhooks: crate::outbox::WebhookSettings,
 }
 
 impl AppSpec {
@@ -71,6 +72,7 @@ impl AppSpec {
             keys: ApiKeys::default(),
             limits: Limits::default(),
             two_phase: crate::TwoPhase::default(),
+            webhooks: crate::outbox::WebhookSettings::default(),
         }
     }
 }
@@ -181,5 +183,6 @@ pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
     state.keys = spec.keys;
     state.limits = spec.limits;
     state.two_phase = spec.two_phase;
+    state.webhooks = spec.webhooks;
     Ok(App { state })
 }

@@ -51,6 +51,7 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub limits: Limits,
     pub two_phase: TwoPhase,
+    pub webhooks: outbox::WebhookSettings,
     pub metrics: Arc<metrics::Metrics>,
 }
 
@@ -105,6 +106,7 @@ impl AppState {
             keys: ApiKeys::default(),
             limits: Limits::default(),
             two_phase: TwoPhase::default(),
+            webhooks: outbox::WebhookSettings::default(),
         }
     }
 }
@@ -138,9 +140,22 @@ pub async fn serve(
             std::time::Duration::from_millis(state.two_phase.sweep_interval_ms),
         ))
     });
+    let delivery = (state.webhooks.tick_ms > 0).then(|| {
+        tokio::spawn(outbox::delivery::run(
+            engine.store().clone(),
+            state.webhooks.clone(),
+            state.info.instance.clone(),
+            metrics.clone(),
+        ))
+    });
     let app = router(state);
     connections::serve(listener, app, &limits, metrics, shutdown).await;
     pruner.abort();
+    if let Some(delivery) = delivery {
+        // An attempt cut off here was leased: once the lease runs out, another
+        // instance (or the next start) makes it again. Nothing is lost.
+        delivery.abort();
+    }
     if let Some(sweeper) = sweeper {
         // An expiry it had handed to a lane still commits or fails there (the
         // engine finishes its lanes below); one not yet handed over is left for

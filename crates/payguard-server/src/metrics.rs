@@ -78,6 +78,23 @@ pub struct Metrics {
     connections: Family<PhaseLabels, Gauge>,
     connections_write_blocked: Gauge,
     holds_open: Gauge,
+    /// Webhook attempts by what they led to (delivered, retry, failed, gone).
+    webhook_attempts: Family<OutcomeLabels, Counter>,
+    /// Per endpoint: deliveries not yet made, and the age of the oldest one's event.
+    webhook_backlog: Family<EndpointLabels, Gauge>,
+    webhook_backlog_age: Family<EndpointLabels, Gauge>,
+    /// The feed's last sequence number: events written (and numbered) in all.
+    events_last_seq: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
 }
 
 impl Metrics {
@@ -101,7 +118,35 @@ impl Metrics {
             holds_open.clone(),
         );
         registry.register_collector(Box::new(StoreCounters(engine.store().clone())));
+        let webhook_attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook attempts by this instance, by outcome (delivered, retry, failed, gone)",
+            webhook_attempts.clone(),
+        );
+        let webhook_backlog = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "webhook_backlog",
+            "Deliveries not yet delivered nor failed, per endpoint, read at each scrape",
+            webhook_backlog.clone(),
+        );
+        let webhook_backlog_age = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "webhook_backlog_oldest_age_seconds",
+            "Age of the oldest undelivered event, per endpoint (0: none), read at each scrape",
+            webhook_backlog_age.clone(),
+        );
+        let events_last_seq = Gauge::default();
+        registry.register(
+            "events_last_seq",
+            "The event feed's last sequence number: events written, read at each scrape",
+            events_last_seq.clone(),
+        );
         Arc::new(Metrics {
+            webhook_attempts,
+            webhook_backlog,
+            webhook_backlog_age,
+            events_last_seq,
             registry,
             requests,
             latency,
@@ -342,6 +387,7 @@ pub async fn render(State(state): State<AppState>) -> Response {
         // The last value stays; the store's own failure shows on every route.
         Err(e) => tracing::warn!(event = "metrics_open_holds_failed", detail = %e),
     }
+    read_outbox(&state).await;
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &metrics.registry) {
         return crate::ApiError::internal(&e).into_response();
@@ -352,6 +398,47 @@ pub async fn render(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     resp
+}
+
+/// The outbox's gauges, read from the store at each scrape (the last values
+/// stay when the store cannot answer; its failure shows on every route).
+async fn read_outbox(state: &AppState) {
+    let (metrics, store) = (&state.metrics, state.engine.store());
+    match store.webhook_backlog().await {
+        Ok(backlog) => {
+            let now = state.webhooks.clock.now_ms();
+            for b in backlog {
+                let labels = EndpointLabels {
+                    endpoint: b.endpoint_id,
+                };
+                metrics
+                    .webhook_backlog
+                    .get_or_create(&labels)
+                    .set(b.pending as i64);
+                let age_s = b.oldest_created_at.map_or(0, |t| (now - t).max(0) / 1000);
+                metrics
+                    .webhook_backlog_age
+                    .get_or_create(&labels)
+                    .set(age_s);
+            }
+        }
+        Err(e) => tracing::warn!(event = "metrics_webhook_backlog_failed", detail = %e),
+    }
+    match store.last_event_seq().await {
+        Ok(seq) => {
+            metrics.events_last_seq.set(seq);
+        }
+        Err(e) => tracing::warn!(event = "metrics_events_failed", detail = %e),
+    }
+}
+
+impl Metrics {
+    /// One webhook attempt ended with `outcome`.
+    pub fn webhook_attempt(&self, outcome: &'static str) {
+        self.webhook_attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
 }
 
 /// Exports the store's own counters ([`payguard::Store::counters`]) at each scrape.

@@ -166,6 +166,7 @@ pub struct AppOptions {
     pub keys: ApiKeys,
     pub limits: Limits,
     pub two_phase: payguard_server::TwoPhase,
+    pub webhooks: payguard_server::outbox::WebhookSettings,
 }
 
 impl AppOptions {
@@ -180,6 +181,7 @@ impl AppOptions {
             keys: ApiKeys::default(),
             limits: Limits::default(),
             two_phase: payguard_server::TwoPhase::default(),
+            webhooks: payguard_server::outbox::WebhookSettings::default(),
         }
     }
 }
@@ -219,6 +221,7 @@ impl TestApp {
             keys: opts.keys,
             limits: opts.limits,
             two_phase: opts.two_phase,
+            webhooks: opts.webhooks,
             ..AppSpec::new(database, opts.engine)
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

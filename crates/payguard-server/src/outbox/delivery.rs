@@ -166,7 +166,9 @@ async fn attempt(
             "the lease ran out before the result was written; another attempt follows"
         ),
         // The lease runs out and the delivery is attempted again.
-        Err(e) => tracing::warn!(event = "webhook_record_failed", evt = %claim.event.id, detail = %e),
+        Err(e) => {
+            tracing::warn!(event = "webhook_record_failed", evt = %claim.event.id, detail = %e)
+        }
     }
 }
 
@@ -177,7 +179,10 @@ async fn send(
     sender: &Sender,
     claim: &Claimed,
 ) -> (Option<Outcome>, Option<u16>, Option<String>, u64) {
-    let secret = match settings.sealer.open(&claim.endpoint_id, &claim.sealed_secret) {
+    let secret = match settings
+        .sealer
+        .open(&claim.endpoint_id, &claim.sealed_secret)
+    {
         Ok(s) => s,
         Err(e) => return (None, None, Some(format!("secret: {e}")), 0),
     };

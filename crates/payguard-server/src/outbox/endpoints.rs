@@ -154,7 +154,10 @@ fn endpoint_not_found() -> ApiError {
 fn path_ids(path: Result<Path<Vec<String>>, PathRejection>) -> Result<Vec<String>, ApiError> {
     let Path(ids) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     for id in &ids {
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             return Err(ApiError::invalid(format!("{id:?} is not an id")));
         }
     }
@@ -220,7 +223,13 @@ pub(crate) async fn create(
         .webhook_endpoints(Some(id.clone()))
         .await?
         .pop()
-        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_use", "this Idempotency-Key named an endpoint that was deleted"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "this Idempotency-Key named an endpoint that was deleted",
+            )
+        })?;
     if existing.url != endpoint.url || existing.types != endpoint.types {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -244,7 +253,10 @@ pub(crate) async fn create(
     responses((status = 200, description = "Every endpoint (without secrets)", body = EndpointsDoc), crate::openapi::GetErrors))]
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let eps = state.engine.store().webhook_endpoints(None).await?;
-    Ok(Json(json!({ "endpoints": eps.iter().map(endpoint_json).collect::<Vec<_>>() })).into_response())
+    Ok(
+        Json(json!({ "endpoints": eps.iter().map(endpoint_json).collect::<Vec<_>>() }))
+            .into_response(),
+    )
 }
 
 #[utoipa::path(delete, path = "/v1/webhook_endpoints/{id}", tag = "webhooks",
@@ -285,9 +297,10 @@ pub(crate) async fn deliveries(
     let Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let status = match q.status.as_deref() {
         None => None,
-        Some(s) => Some(DeliveryStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid("status must be pending, delivered or failed")
-        })?),
+        Some(s) => Some(
+            DeliveryStatus::parse(s)
+                .ok_or_else(|| ApiError::invalid("status must be pending, delivered or failed"))?,
+        ),
     };
     let store = state.engine.store();
     if store.webhook_endpoints(Some(id.clone())).await?.is_empty() {
@@ -296,7 +309,10 @@ pub(crate) async fn deliveries(
     let list = store
         .webhook_deliveries(id, status, DELIVERIES_LIST_MAX)
         .await?;
-    Ok(Json(json!({ "deliveries": list.iter().map(delivery_json).collect::<Vec<_>>() })).into_response())
+    Ok(
+        Json(json!({ "deliveries": list.iter().map(delivery_json).collect::<Vec<_>>() }))
+            .into_response(),
+    )
 }
 
 #[utoipa::path(post, path = "/v1/webhook_endpoints/{id}/deliveries/{event_id}/retry", tag = "webhooks",
@@ -311,7 +327,12 @@ pub(crate) async fn retry(
     let mut ids = path_ids(path)?;
     let (event_id, id) = (ids.remove(1), ids.remove(0));
     let now = state.webhooks.clock.now_ms();
-    match state.engine.store().webhook_retry(id, event_id, now).await? {
+    match state
+        .engine
+        .store()
+        .webhook_retry(id, event_id, now)
+        .await?
+    {
         RetryOutcome::Scheduled(d) => Ok(Json(delivery_json(&d)).into_response()),
         RetryOutcome::NotFound => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -321,7 +342,10 @@ pub(crate) async fn retry(
         RetryOutcome::NotFailed(s) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "delivery_not_failed",
-            format!("the delivery is {}; only a failed one is sent again", s.as_str()),
+            format!(
+                "the delivery is {}; only a failed one is sent again",
+                s.as_str()
+            ),
         )),
     }
 }

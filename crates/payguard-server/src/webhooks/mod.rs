@@ -28,7 +28,7 @@ pub mod sender;
 pub mod sign;
 pub mod ssrf;
 
-pub use schedule::{next_attempt_at, RETRY_DELAYS_MS, RETRY_MAX_DEFAULT};
+pub use schedule::{next_attempt_at, RETRY_DELAYS_MS, RETRY_MAX_DEFAULT, RETRY_MAX_LIMIT};
 pub use seal::{KeyFileError, OpenError, SecretSealer};
 pub use secret::{SecretError, WebhookSecret};
 pub use sender::{Attempt, Outcome, Sender, SenderConfig, SenderError, DELIVERY_TIMEOUT_MS};

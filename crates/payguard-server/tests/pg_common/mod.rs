@@ -64,6 +64,7 @@ pub async fn spawn_full(
         keys,
         limits,
         two_phase: payguard_server::TwoPhase::default(),
+        webhooks: payguard_server::outbox::WebhookSettings::default(),
     };
     Instance(TestApp::spawn_on(pg_database(db), &db.name, opts).await)
 }

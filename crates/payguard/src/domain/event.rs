@@ -19,7 +19,9 @@ use serde::Serialize;
 pub const EVENT_ID_BYTES_MAX: usize = 36;
 
 /// What happened to the order (API.md's event types).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub enum EventType {
     /// A deduct, or a capture: the order's money was taken.
     #[serde(rename = "order.paid")]

@@ -517,6 +517,8 @@ pub trait Store: Send + Sync + 'static {
     /// (PostgreSQL; see `postgres/v5_events.sql`); returns how many it numbered.
     /// SQLite numbers events as it commits them: always 0.
     fn sequence_events(&self) -> StoreFuture<u64>;
+    /// The feed's last `seq` (0: no event yet), for `/metrics`.
+    fn last_event_seq(&self) -> StoreFuture<i64>;
     /// Stores a new endpoint; it receives the events committed after this.
     /// False when an endpoint with its id already exists (nothing written).
     fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool>;

@@ -410,6 +410,18 @@ impl Store for PgStore {
         })
     }
 
+    fn last_event_seq(&self) -> StoreFuture<i64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (_open, client) = inner.enter().await?;
+            let row = client
+                .query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[])
+                .await
+                .map_err(pg_unavailable)?;
+            row.try_get::<_, i64>(0).map_err(pg_unavailable)
+        })
+    }
+
     fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
         let inner = self.inner.clone();
         Box::pin(async move {

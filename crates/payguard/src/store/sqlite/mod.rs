@@ -261,6 +261,10 @@ impl Store for SqliteStore {
         Box::pin(async { Ok(0) })
     }
 
+    fn last_event_seq(&self) -> StoreFuture<i64> {
+        self.read(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)))
+    }
+
     fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
         self.write(move |c| events::create_endpoint(c, &endpoint).map_err(unavailable))
     }
