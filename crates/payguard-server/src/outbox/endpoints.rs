@@ -37,7 +37,7 @@ const ENDPOINT_ID_BYTES_MAX: usize = 35;
 pub(crate) struct CreateEndpointBody {
     /// `http` or `https`; not loopback, private or link-local unless the server
     /// runs with `--webhook-allow-private`.
-    #[schema(example = "https://orders.example.com/payguard-events")]
+    #[schema(max_length = 2048, example = "http://93.184.216.34/payguard-events")]
     url: String,
     /// Event types to receive; null or absent: every type.
     #[serde(default)]
@@ -168,7 +168,10 @@ fn path_ids(path: Result<Path<Vec<String>>, PathRejection>) -> Result<Vec<String
     params(crate::openapi::IdempotencyKey),
     responses(
         (status = 201, description = "Created; the secret is shown only in this answer", body = CreatedEndpointDoc,
-            links(("ListDeliveries" = (operation_id = "deliveries", parameters(("id" = "$response.body#/id")))))),
+            links(
+                ("ListDeliveries" = (operation_id = "deliveries", parameters(("id" = "$response.body#/id")))),
+                ("DeleteEndpoint" = (operation_id = "delete_endpoint", parameters(("id" = "$response.body#/id"))))
+            )),
         crate::openapi::PostErrors))]
 pub(crate) async fn create(
     State(state): State<AppState>,
@@ -259,7 +262,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiE
     )
 }
 
-#[utoipa::path(delete, path = "/v1/webhook_endpoints/{id}", tag = "webhooks",
+#[utoipa::path(delete, path = "/v1/webhook_endpoints/{id}", tag = "webhooks", operation_id = "delete_endpoint",
     params(("id" = String, Path, pattern = "^[A-Za-z0-9_]{1,64}$")),
     responses((status = 204, description = "Deleted: no more deliveries"), crate::openapi::GetErrors))]
 pub(crate) async fn delete(
