@@ -557,3 +557,155 @@ async fn private_targets_and_bad_bodies_are_refused_and_keys_replay_creation() {
     assert_eq!(del.status, 404);
     app.stop().await;
 }
+
+/// Counts requests in flight and the most seen at once.
+#[derive(Clone, Default)]
+struct Gauge {
+    now: Arc<AtomicU32>,
+    max: Arc<AtomicU32>,
+    total: Arc<AtomicU32>,
+}
+
+/// A receiver that never answers in time (it holds each request 3 s).
+async fn dead_receiver() -> (Gauge, String) {
+    let g = Gauge::default();
+    let app = axum::Router::new()
+        .route(
+            "/dead",
+            axum::routing::post(|State(g): State<Gauge>| async move {
+                let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                g.max.fetch_max(n, Ordering::SeqCst);
+                g.total.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                g.now.fetch_sub(1, Ordering::SeqCst);
+                StatusCode::OK
+            }),
+        )
+        .with_state(g.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dead", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (g, url)
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_does_not_hold_up_a_live_one() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    let app = app_with(
+        &db,
+        "wh-iso",
+        WebhookSettings {
+            per_endpoint_max: 4,
+            inflight_max: 16,
+            // Longer than the dead receiver holds a request: its attempts stay
+            // in flight, so what it sees at once is what payguard sends at once.
+            timeout_ms: 5_000,
+            lease_ms: 8_000,
+            ..settings(None, 8)
+        },
+    )
+    .await;
+    let (dead, dead_url) = dead_receiver().await;
+    let r = app
+        .post("/v1/webhook_endpoints", json!({ "url": dead_url }))
+        .await;
+    assert_eq!(r.status, 201);
+    let (live, live_url) = start_receiver(Mode::Ok).await;
+    endpoint(&app, &live, &live_url).await;
+    movements(&app, "i", 40).await;
+    let events = feed(&app).await.len();
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || taken_per_event(
+            &live.receipts.lock().unwrap()
+        )
+        .len()
+            == events)
+        .await,
+        "the live endpoint got every event while the dead one hung"
+    );
+    eprintln!(
+        "live endpoint: {events} events in {} ms; dead endpoint: at most {} attempts at once ({} in all)",
+        started.elapsed().as_millis(),
+        dead.max.load(Ordering::SeqCst),
+        dead.total.load(Ordering::SeqCst)
+    );
+    assert_eq!(dead.max.load(Ordering::SeqCst), 4, "the per-endpoint bound, reached");
+    assert_eq!(dead.total.load(Ordering::SeqCst), 4, "nothing more while those hang");
+    // The backlog and the attempts show in /metrics.
+    let metrics = app.get_text("/metrics").await;
+    assert!(metrics.contains("payguard_webhook_attempts_total{outcome=\"delivered\"}"));
+    assert!(metrics.contains("payguard_webhook_backlog{endpoint=\"we_"), "{metrics}");
+    assert!(metrics.contains(&format!("payguard_events_last_seq {events}")));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn three_instances_on_postgres_deliver_every_event_once() {
+    if payguard_testkit::pg_scratch("three_instances_deliver_every_event_once")
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let db = TestDb::create(Backend::Postgres).await;
+    let redis = std::env::var("PAYGUARD_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let mut apps = Vec::new();
+    for i in 0..3 {
+        let opts = AppOptions {
+            redis: redis.clone(),
+            webhooks: settings(None, 8),
+            ..AppOptions::instance(&format!("whp-{i}"))
+        };
+        apps.push(TestApp::spawn(&db, opts).await);
+    }
+    let (r, url) = start_receiver(Mode::Ok).await;
+    let ep = endpoint(&apps[0], &r, &url).await;
+    apps[0].account("a", 1_000_000).await;
+    const ORDERS: usize = 60;
+    for i in 0..ORDERS {
+        apps[i % 3].order(&format!("m{i}"), "a", 10).await;
+    }
+    let mut calls = Vec::new();
+    for i in 0..ORDERS {
+        for d in 0..4 {
+            let app = &apps[(i + d) % 3];
+            calls.push(async move {
+                let r = app.post_empty(&format!("/v1/orders/m{i}/deduct")).await;
+                assert_eq!(r.status, 200);
+            });
+        }
+    }
+    futures::future::join_all(calls).await;
+    assert!(
+        eventually(Duration::from_secs(15), || taken_per_event(
+            &r.receipts.lock().unwrap()
+        )
+        .len()
+            == ORDERS)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let receipts = r.receipts.lock().unwrap().clone();
+    assert_eq!(receipts.len(), ORDERS, "each event once: no duplicate in a quiet run");
+    assert!(receipts.iter().all(|x| x.verified));
+    let list = apps[2]
+        .get(&format!("/v1/webhook_endpoints/{ep}/deliveries?status=delivered"))
+        .await;
+    let list = list.body["deliveries"].as_array().unwrap().clone();
+    assert_eq!(list.len(), ORDERS);
+    let mut by_instance: HashMap<String, usize> = HashMap::new();
+    for d in &list {
+        assert_eq!(d["attempts"], 1);
+        *by_instance
+            .entry(d["attempt_log"][0]["instance"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    eprintln!("deliveries by instance: {by_instance:?}");
+    for app in apps {
+        app.stop().await;
+    }
+    db.drop_db().await;
+}
