@@ -100,6 +100,31 @@ async fn naive_double_charges_and_audit_apply_pays_back_once() {
 
     let applied = apply(&mut conn).unwrap();
     assert_eq!(applied, plan);
+    // Each pay-back is announced in its own transaction: one `order.reversed`
+    // event per reversal entry, carrying it.
+    let reversed: Vec<(i64, String)> = conn
+        .prepare(
+            "SELECT e.entry_id, x.kind FROM events e JOIN entries x ON x.id = e.entry_id
+             WHERE e.type = 'order.reversed' ORDER BY e.seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(reversed.len(), applied.len());
+    assert!(reversed.iter().all(|(_, kind)| kind == "reversal"));
+    // Downstream heard of every debit, the duplicates too: the naive design
+    // announces each charge it makes (an order.paid per debit entry).
+    let (paid_events, debits): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM events WHERE type = 'order.paid'),
+                    (SELECT COUNT(*) FROM entries WHERE kind = 'debit')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(paid_events, debits);
     let after = payguard::store::sqlite::audit_connection(&mut conn).unwrap();
     assert!(after.ok, "{after:?}");
     assert!(after.duplicate_debits.is_empty());

@@ -630,12 +630,23 @@ async fn a_dead_endpoint_does_not_hold_up_a_live_one() {
         dead.max.load(Ordering::SeqCst),
         dead.total.load(Ordering::SeqCst)
     );
-    assert_eq!(dead.max.load(Ordering::SeqCst), 4, "the per-endpoint bound, reached");
-    assert_eq!(dead.total.load(Ordering::SeqCst), 4, "nothing more while those hang");
+    assert_eq!(
+        dead.max.load(Ordering::SeqCst),
+        4,
+        "the per-endpoint bound, reached"
+    );
+    assert_eq!(
+        dead.total.load(Ordering::SeqCst),
+        4,
+        "nothing more while those hang"
+    );
     // The backlog and the attempts show in /metrics.
     let metrics = app.get_text("/metrics").await;
     assert!(metrics.contains("payguard_webhook_attempts_total{outcome=\"delivered\"}"));
-    assert!(metrics.contains("payguard_webhook_backlog{endpoint=\"we_"), "{metrics}");
+    assert!(
+        metrics.contains("payguard_webhook_backlog{endpoint=\"we_"),
+        "{metrics}"
+    );
     assert!(metrics.contains(&format!("payguard_events_last_seq {events}")));
     app.stop().await;
 }
@@ -689,10 +700,16 @@ async fn three_instances_on_postgres_deliver_every_event_once() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let receipts = r.receipts.lock().unwrap().clone();
-    assert_eq!(receipts.len(), ORDERS, "each event once: no duplicate in a quiet run");
+    assert_eq!(
+        receipts.len(),
+        ORDERS,
+        "each event once: no duplicate in a quiet run"
+    );
     assert!(receipts.iter().all(|x| x.verified));
     let list = apps[2]
-        .get(&format!("/v1/webhook_endpoints/{ep}/deliveries?status=delivered"))
+        .get(&format!(
+            "/v1/webhook_endpoints/{ep}/deliveries?status=delivered"
+        ))
         .await;
     let list = list.body["deliveries"].as_array().unwrap().clone();
     assert_eq!(list.len(), ORDERS);

@@ -26,7 +26,9 @@ use super::error::unavailable;
 use super::idempotency::write_idem;
 use super::rows::{load_entry, load_order};
 use super::{writer, SchemaKind, SqliteStore};
-use crate::domain::{Entry, EntryKind, Money, Order, OrderId, OrderStatus, RequestId};
+use crate::domain::{
+    Entry, EntryKind, EventDraft, EventType, Money, Order, OrderId, OrderStatus, RequestId,
+};
 use crate::store::{Command, Op, OpResult, Output, Rejection, StoreError, StoreFuture};
 use rusqlite::{params, Connection};
 use std::sync::Arc;
@@ -229,21 +231,43 @@ fn naive_act(
         ..order
     };
     cache.upsert_sync(order.id.clone(), order.clone());
+    let entry = Entry {
+        id: entry_id,
+        order_id: order.id.clone(),
+        account_id: order.account_id.clone(),
+        kind: EntryKind::Debit,
+        amount: order.amount,
+        balance_after: Money::from_stored(balance_after),
+        refund_id: None,
+        reverses: None,
+        created_at: now,
+    };
+    announce(conn, EventType::OrderPaid, &order, &entry, now)?;
     Ok(Ok(Output::Movement {
-        entry: Entry {
-            id: entry_id,
-            order_id: order.id.clone(),
-            account_id: order.account_id.clone(),
-            kind: EntryKind::Debit,
-            amount: order.amount,
-            balance_after: Money::from_stored(balance_after),
-            refund_id: None,
-            reverses: None,
-            created_at: now,
-        },
+        entry,
         order,
         replayed: false,
     }))
+}
+
+/// The event of a naive movement, in its own statement like every other step
+/// here: a duplicate charge is announced twice, as downstream would have seen it.
+fn announce(
+    conn: &Connection,
+    kind: EventType,
+    order: &Order,
+    entry: &Entry,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let draft = EventDraft {
+        kind,
+        order: order.clone(),
+        entry: Some(entry.clone()),
+    };
+    super::events::insert_event(conn, &draft, now).map_err(|f| match f {
+        super::error::Fault::Store(e) => e,
+        super::error::Fault::Constraint(msg) => super::error::bad_column(0, msg),
+    })
 }
 
 /// The incident's two-phase step: check the cached order's status, pause, act.
@@ -369,18 +393,25 @@ fn naive_hold_step(
         }
     }
     cache.upsert_sync(order_id.clone(), after.clone());
+    let entry = Entry {
+        id: entry_id,
+        order_id: order_id.clone(),
+        account_id: order.account_id.clone(),
+        kind,
+        amount,
+        balance_after: Money::from_stored(balance_after),
+        refund_id: None,
+        reverses: None,
+        created_at: now,
+    };
+    let event = match op {
+        Op::Capture { .. } => EventType::OrderPaid,
+        Op::Void { .. } => EventType::OrderVoided,
+        _ => EventType::OrderAuthorized,
+    };
+    announce(conn, event, &after, &entry, now)?;
     Ok(Some(Ok(Output::Movement {
-        entry: Entry {
-            id: entry_id,
-            order_id: order_id.clone(),
-            account_id: order.account_id.clone(),
-            kind,
-            amount,
-            balance_after: Money::from_stored(balance_after),
-            refund_id: None,
-            reverses: None,
-            created_at: now,
-        },
+        entry,
         order: after,
         replayed: false,
     })))
