@@ -54,6 +54,11 @@ impl LocalServer {
                 ..EngineConfig::default()
             },
         );
+        Self::start_spec(spec).await
+    }
+
+    /// A server on 127.0.0.1:0 assembled from `spec` by the composition root.
+    pub async fn start_spec(spec: AppSpec) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let running = app::build(spec).await?.spawn(listener)?;
         Ok(LocalServer {

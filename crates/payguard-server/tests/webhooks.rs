@@ -286,12 +286,13 @@ fn chrono_now_s() -> i64 {
         .as_secs() as i64
 }
 
-/// Moves the manual clock on by `step_ms` every 20 ms until stopped.
-fn run_clock(clock: Arc<AtomicI64>, step_ms: i64) -> tokio::task::JoinHandle<()> {
+/// Moves the manual clock on by `step_ms` (which the test may change) every
+/// 20 ms until stopped.
+fn run_clock(clock: Arc<AtomicI64>, step_ms: Arc<AtomicI64>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            clock.fetch_add(step_ms, Ordering::SeqCst);
+            clock.fetch_add(step_ms.load(Ordering::SeqCst), Ordering::SeqCst);
         }
     })
 }
@@ -301,15 +302,31 @@ async fn a_failing_receiver_gets_every_event_once_it_recovers_and_duplicates_onl
     for backend in Backend::available("a_failing_receiver_gets_every_event") {
         let db = TestDb::create(backend).await;
         let clock = Arc::new(AtomicI64::new(1_800_000_000_000));
-        let app = app_with(&db, "wh-chaos", settings(Some(clock.clone()), 8)).await;
+        // The lease is on the test's clock too, which runs 30,000 times fast
+        // here: a day of it still outlasts an attempt (400 ms real, 200 test
+        // minutes), as 30 s outlast 15 s in production.
+        let app = app_with(
+            &db,
+            "wh-chaos",
+            WebhookSettings {
+                lease_ms: 86_400_000,
+                ..settings(Some(clock.clone()), 8)
+            },
+        )
+        .await;
         let (r, url) = start_receiver(Mode::Chaos).await;
         endpoint(&app, &r, &url).await;
         movements(&app, "c", 20).await;
         let events = feed(&app).await;
-        // Ten test minutes pass every 20 ms: hours of the schedule in seconds.
-        let ticking = run_clock(clock.clone(), 600_000);
+        // A test minute passes every 20 ms: 3 s of chaos are 150 minutes of
+        // the schedule (attempts 1 to 4); once the receiver recovers, 30
+        // minutes every 20 ms bring the later attempts (5 h, 10 h, 10 h) in
+        // seconds.
+        let step = Arc::new(AtomicI64::new(60_000));
+        let ticking = run_clock(clock.clone(), step.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
         *r.mode.lock().unwrap() = Mode::Ok;
+        step.store(1_800_000, Ordering::SeqCst);
         let all = eventually(Duration::from_secs(20), || {
             taken_per_event(&r.receipts.lock().unwrap()).len() == events.len()
         })

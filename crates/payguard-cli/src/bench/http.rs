@@ -3,8 +3,12 @@
 //! The same closed-loop load (C concurrent keep-alive clients, N POSTs) is sent,
 //! in one run, to (1) a plain axum handler that returns a constant JSON body,
 //! the floor of any HTTP service here, and (2) payguard's deduct, each request a
-//! durable charge of a fresh order on SQLite. The ratio says how much of
-//! payguard's cost is HTTP and how much is the money path.
+//! durable charge of a fresh order on SQLite, and (3) the same deducts with one
+//! webhook endpoint (a receiver that answers 200 at once) subscribed, so every
+//! charge is also delivered; (3) reports how long after the last answer the
+//! last delivery arrived (the backlog's drain). The ratios say how much of
+//! payguard's cost is HTTP, how much is the money path, and what delivering
+//! every event costs the money path.
 
 use crate::demo::LocalServer;
 use hdrhistogram::Histogram;
@@ -43,7 +47,14 @@ struct Side {
     p99_ms: f64,
     max_ms: f64,
     errors: usize,
+    /// With a webhook endpoint: ms from the last answer to the last delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_ms: Option<f64>,
 }
+
+/// How long the webhook side waits for the last delivery before it gives up
+/// (and reports the run as failed).
+const DRAIN_WAIT_MS: u64 = 30_000;
 
 async fn drive(
     client: &reqwest::Client,
@@ -98,6 +109,7 @@ fn side(target: &'static str, n: usize, secs: f64, h: &Histogram<u64>, errors: u
         p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
         max_ms: h.max() as f64 / 1e3,
         errors,
+        drain_ms: None,
     }
 }
 
@@ -118,28 +130,32 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
         let floor = plain_side(&client, n, args.concurrency).await?;
-        let pay = payguard_side(&client, dir.path(), n, args.concurrency).await?;
-        Ok::<_, anyhow::Error>(vec![floor, pay])
+        let pay = payguard_side(&client, dir.path(), n, args.concurrency, false).await?;
+        let hooked = payguard_side(&client, dir.path(), n, args.concurrency, true).await?;
+        Ok::<_, anyhow::Error>(vec![floor, pay, hooked])
     })?;
     let ratio = sides[1].rps / sides[0].rps.max(1e-9);
+    let webhook_ratio = sides[2].rps / sides[1].rps.max(1e-9);
     if args.json {
         crate::outln!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio})
+                &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio, "with_webhook_over_without": webhook_ratio})
             )?
         );
     } else {
-        print_table(n, args.concurrency, &sides, ratio);
+        print_table(n, args.concurrency, &sides, ratio, webhook_ratio);
     }
     if let Some(path) = &args.html {
         std::fs::write(path, html(&sides, ratio))?;
     }
-    Ok(if sides.iter().all(|s| s.errors == 0) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if sides.iter().all(|s| s.errors == 0) && sides[2].drain_ms.is_some() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 /// (1) The floor: a plain axum handler returning a constant.
@@ -162,14 +178,35 @@ async fn plain_side(
     Ok(floor)
 }
 
-/// (2) payguard: one fresh order per request, each a durable charge.
+/// (2) payguard: one fresh order per request, each a durable charge; (3) the
+/// same with a webhook endpoint subscribed (`hooked`).
 async fn payguard_side(
     client: &reqwest::Client,
     dir: &Path,
     n: usize,
     concurrency: usize,
+    hooked: bool,
 ) -> anyhow::Result<Side> {
-    let server = LocalServer::start(&dir.join("http.db"), Guard::Full, "bench-http").await?;
+    let name = if hooked { "hooked" } else { "plain" };
+    let mut spec = payguard_server::app::AppSpec::new(
+        payguard_server::app::Database::Sqlite(payguard::store::sqlite::SqliteConfig::new(
+            dir.join(format!("http-{name}.db")),
+        )),
+        payguard::EngineConfig {
+            guard: Guard::Full,
+            instance_id: format!("bench-http-{name}"),
+            ..payguard::EngineConfig::default()
+        },
+    );
+    // The receiver is on loopback.
+    spec.webhooks.allow_private = true;
+    let server = LocalServer::start_spec(spec).await?;
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let receiver = if hooked {
+        Some(subscribe(client, &server.url, delivered.clone()).await?)
+    } else {
+        None
+    };
     let setup = client
         .post(format!("{}/v1/accounts", server.url))
         .json(&serde_json::json!({"id": "bench", "balance": 9_000_000_000_000_i64}))
@@ -197,29 +234,86 @@ async fn payguard_side(
             .collect::<Vec<_>>(),
     );
     let (secs, h, errors) = drive(client, urls, concurrency).await?;
-    let pay = side("payguard deduct (durable, SQLite)", n, secs, &h, errors);
+    let ended = Instant::now();
+    let target = if hooked {
+        "payguard deduct + 1 webhook endpoint"
+    } else {
+        "payguard deduct (durable, SQLite)"
+    };
+    let mut pay = side(target, n, secs, &h, errors);
+    if hooked {
+        while delivered.load(Ordering::Relaxed) < n
+            && ended.elapsed().as_millis() < u128::from(DRAIN_WAIT_MS)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if delivered.load(Ordering::Relaxed) >= n {
+            pay.drain_ms = Some(ended.elapsed().as_secs_f64() * 1e3);
+        }
+    }
     server.stop().await?;
+    if let Some(r) = receiver {
+        r.abort();
+    }
     Ok(pay)
 }
 
-fn print_table(n: usize, concurrency: usize, sides: &[Side], ratio: f64) {
+/// A receiver that answers 200 at once and counts deliveries, subscribed to
+/// every event of the server at `base`.
+async fn subscribe(
+    client: &reqwest::Client,
+    base: &str,
+    delivered: Arc<AtomicUsize>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let delivered = delivered.clone();
+            async move {
+                delivered.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let r = client
+        .post(format!("{base}/v1/webhook_endpoints"))
+        .json(&serde_json::json!({ "url": url }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "endpoint setup failed: {}",
+        r.status()
+    );
+    Ok(task)
+}
+
+fn print_table(n: usize, concurrency: usize, sides: &[Side], ratio: f64, webhook_ratio: f64) {
     crate::outln!("http bench: {n} POSTs per target, {concurrency} keep-alive clients, one run");
     crate::outln!();
-    crate::outln!("| target | requests/s | p50 ms | p99 ms | max ms | errors |");
-    crate::outln!("|---|---:|---:|---:|---:|---:|");
+    crate::outln!("| target | requests/s | p50 ms | p99 ms | max ms | errors | last delivery after the last answer |");
+    crate::outln!("|---|---:|---:|---:|---:|---:|---:|");
     for s in sides {
         crate::outln!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
             s.target,
             s.rps,
             s.p50_ms,
             s.p99_ms,
             s.max_ms,
-            s.errors
+            s.errors,
+            s.drain_ms
+                .map_or("-".to_owned(), |ms| format!("{ms:.0} ms"))
         );
     }
     crate::outln!();
     crate::outln!("payguard / plain handler: {ratio:.2}×");
+    crate::outln!("with a webhook endpoint / without: {webhook_ratio:.2}×");
 }
 
 /// A self-contained page: one bar chart (inline SVG) of requests/s.

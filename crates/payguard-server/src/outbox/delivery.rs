@@ -11,19 +11,53 @@
 //!   ([`payguard::store::outbox`]);
 //! * duplicates only after a timeout or a crash: a live claimer's lease outlasts
 //!   its attempt ([`super::DELIVERY_LEASE_MS`]);
-//! * one slow or dead endpoint cannot hold up the others: each claim takes at
-//!   most [`super::WebhookSettings::per_endpoint_max`] per endpoint, and at most
-//!   the free share of [`super::WebhookSettings::inflight_max`] in all, so
-//!   memory stays bounded whatever the backlog (the rest waits in the database).
+//! * one slow or dead endpoint cannot hold up the others: this instance keeps
+//!   at most [`super::WebhookSettings::per_endpoint_max`] attempts in flight per
+//!   endpoint and [`super::WebhookSettings::inflight_max`] in all, and claims no
+//!   more than that room, so memory stays bounded whatever the backlog (the
+//!   rest waits in the database). With `k` instances an endpoint sees at most
+//!   `k × per_endpoint_max` at once;
+//! * throughput: a pass runs at every tick and whenever an attempt ends (at
+//!   most one every [`PASS_GAP_MS`]); results are written in batches of up to
+//!   [`RECORD_BATCH_MAX`] per transaction.
 
 use super::WebhookSettings;
 use crate::metrics::Metrics;
 use crate::webhooks::{next_attempt_at, Outcome, Sender, SenderConfig};
-use payguard::store::outbox::{AttemptNext, AttemptResult, AttemptRow, ClaimRequest, Claimed};
+use payguard::store::outbox::{
+    AttemptNext, AttemptResult, AttemptRow, ClaimRequest, Claimed, EndpointStatus,
+};
 use payguard::Store;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+/// Most attempt results written in one transaction.
+pub const RECORD_BATCH_MAX: usize = 256;
+/// Shortest pause between two passes: a pass is woken by every finished
+/// attempt, and this keeps the claims (write transactions) to a few hundred
+/// a second however fast the endpoints answer.
+pub const PASS_GAP_MS: u64 = 1;
+
+/// The loop's shared state.
+struct Deliverer {
+    store: Arc<dyn Store>,
+    settings: WebhookSettings,
+    instance: String,
+    sender: Sender,
+    metrics: Arc<Metrics>,
+    /// Attempts in flight from this instance, in all ([`WebhookSettings::inflight_max`]).
+    slots: Arc<Semaphore>,
+    /// Attempts in flight from this instance per endpoint; an endpoint is
+    /// absent when it has none. Invariant: every count ≤ `per_endpoint_max`.
+    busy: Mutex<HashMap<String, usize>>,
+    /// Woken when an attempt ends: its slot is free for the next claim.
+    wake: Notify,
+    /// Finished attempts, to the recorder (bounded by the slots: an attempt
+    /// holds its slot until its result is queued).
+    results: mpsc::Sender<AttemptResult>,
+}
 
 /// Runs the loop until aborted. Store failures are logged and retried at the
 /// next tick: nothing is lost, the rows wait in the database.
@@ -44,73 +78,146 @@ pub async fn run(
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(settings.inflight_max));
-    let mut tick = tokio::time::interval(Duration::from_millis(settings.tick_ms.max(1)));
+    let (results, queued) = mpsc::channel(settings.inflight_max.max(1));
+    let recorder = tokio::spawn(record(store.clone(), queued));
+    let d = Arc::new(Deliverer {
+        slots: Arc::new(Semaphore::new(settings.inflight_max)),
+        busy: Mutex::new(HashMap::new()),
+        wake: Notify::new(),
+        store,
+        settings,
+        instance,
+        sender,
+        metrics,
+        results,
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(d.settings.tick_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Aborting this task drops `d` (the recorder ends once every attempt's
+    // sender is gone) and the recorder's handle with it.
+    let _recorder = AbortOnDrop(recorder);
     loop {
-        tick.tick().await;
-        if let Err(e) = pass(&store, &settings, &instance, &sender, &slots, &metrics).await {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = d.wake.notified() => {}
+        }
+        if let Err(e) = pass(&d).await {
             tracing::warn!(event = "webhook_pass_failed", detail = %e);
+        }
+        tokio::time::sleep(Duration::from_millis(PASS_GAP_MS)).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes finished attempts in batches. A batch that fails to commit leaves
+/// its deliveries leased: they are attempted again once the lease runs out.
+async fn record(store: Arc<dyn Store>, mut queued: mpsc::Receiver<AttemptResult>) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH_MAX);
+    while queued.recv_many(&mut batch, RECORD_BATCH_MAX).await > 0 {
+        let results = std::mem::take(&mut batch);
+        let n = results.len();
+        match store.webhook_record(results).await {
+            Ok(kept) => {
+                let lost = kept.iter().filter(|k| !**k).count();
+                if lost > 0 {
+                    tracing::warn!(
+                        event = "webhook_lease_lost",
+                        results = lost,
+                        "a lease ran out before its result was written; another attempt follows"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "webhook_record_failed", results = n, detail = %e)
+            }
         }
     }
 }
 
-/// One tick's work: number, fan out, claim, and start the attempts.
-async fn pass(
-    store: &Arc<dyn Store>,
-    settings: &WebhookSettings,
-    instance: &str,
-    sender: &Sender,
-    slots: &Arc<Semaphore>,
-    metrics: &Arc<Metrics>,
-) -> Result<(), payguard::store::StoreError> {
-    store.sequence_events().await?;
-    let now = settings.clock.now_ms();
-    store.webhook_fan_out(now).await?;
-    let free = slots.available_permits();
+/// One pass: number, fan out, claim up to the free capacity per endpoint, and
+/// start the attempts.
+async fn pass(d: &Arc<Deliverer>) -> Result<(), payguard::store::StoreError> {
+    d.store.sequence_events(false).await?;
+    let now = d.settings.clock.now_ms();
+    d.store.webhook_fan_out(now).await?;
+    let mut free = d.slots.available_permits();
     if free == 0 {
         return Ok(());
     }
-    let claimed = store
+    let endpoints = d.store.webhook_endpoints(None).await?;
+    let wants: Vec<(String, usize)> = {
+        let busy = d.busy.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints
+            .into_iter()
+            .filter(|e| e.status == EndpointStatus::Enabled)
+            .filter_map(|e| {
+                let room = d
+                    .settings
+                    .per_endpoint_max
+                    .saturating_sub(busy.get(&e.id).copied().unwrap_or(0))
+                    .min(free);
+                free -= room;
+                (room > 0).then_some((e.id, room))
+            })
+            .collect()
+    };
+    if wants.is_empty() {
+        return Ok(());
+    }
+    let claimed = d
+        .store
         .webhook_claim(ClaimRequest {
             now_ms: now,
-            lease_ms: settings.lease_ms,
-            owner: instance.to_owned(),
-            per_endpoint_max: settings.per_endpoint_max,
-            total_max: free,
+            lease_ms: d.settings.lease_ms,
+            owner: d.instance.clone(),
+            wants,
         })
         .await?;
     for claim in claimed {
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = d.slots.clone().try_acquire_owned() else {
             // Cannot happen (we claimed at most what was free); the lease
             // runs out and the delivery is attempted again.
             break;
         };
-        let (store, settings, sender, metrics) = (
-            store.clone(),
-            settings.clone(),
-            sender.clone(),
-            metrics.clone(),
-        );
-        let instance = instance.to_owned();
+        *d.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(claim.endpoint_id.clone())
+            .or_default() += 1;
+        let d = d.clone();
         tokio::spawn(async move {
-            attempt(&*store, &settings, &sender, &instance, claim, &metrics).await;
+            let endpoint = claim.endpoint_id.clone();
+            let result = attempt(&d, claim).await;
+            // Queued before the slot is given back: the queue never holds
+            // more than the slots.
+            let _ = d.results.send(result).await;
+            {
+                let mut busy = d.busy.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = busy.get_mut(&endpoint) {
+                    *n -= 1;
+                    if *n == 0 {
+                        busy.remove(&endpoint);
+                    }
+                }
+            }
             drop(permit);
+            d.wake.notify_one();
         });
     }
     Ok(())
 }
 
-/// One attempt, its log lines, and its result written under the lease.
-async fn attempt(
-    store: &dyn Store,
-    settings: &WebhookSettings,
-    sender: &Sender,
-    instance: &str,
-    claim: Claimed,
-    metrics: &Metrics,
-) {
-    let (outcome, status, error, duration_ms) = send(settings, sender, &claim).await;
+/// One attempt and its log lines; returns its result, for the recorder.
+async fn attempt(d: &Deliverer, claim: Claimed) -> AttemptResult {
+    let settings = &d.settings;
+    let (outcome, status, error, duration_ms) = send(settings, &d.sender, &claim).await;
     let at = settings.clock.now_ms();
     let next = match outcome {
         Some(Outcome::Delivered) => AttemptNext::Delivered,
@@ -141,11 +248,11 @@ async fn attempt(
             reason = if next == AttemptNext::Gone { "gone" } else { "retries_exhausted" },
         );
     }
-    metrics.webhook_attempt(next_label(next));
-    let result = AttemptResult {
-        endpoint_id: claim.endpoint_id.clone(),
-        event_id: claim.event.id.clone(),
-        owner: instance.to_owned(),
+    d.metrics.webhook_attempt(next_label(next));
+    AttemptResult {
+        endpoint_id: claim.endpoint_id,
+        event_id: claim.event.id,
+        owner: d.instance.clone(),
         attempt: claim.attempt,
         row: AttemptRow {
             attempt: claim.attempt,
@@ -153,22 +260,9 @@ async fn attempt(
             status_code: status,
             error,
             duration_ms: duration_ms as i64,
-            instance: instance.to_owned(),
+            instance: d.instance.clone(),
         },
         next,
-    };
-    match store.webhook_record(result).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            event = "webhook_lease_lost",
-            evt = %claim.event.id,
-            endpoint = %claim.endpoint_id,
-            "the lease ran out before the result was written; another attempt follows"
-        ),
-        // The lease runs out and the delivery is attempted again.
-        Err(e) => {
-            tracing::warn!(event = "webhook_record_failed", evt = %claim.event.id, detail = %e)
-        }
     }
 }
 

@@ -80,9 +80,10 @@ pub(crate) async fn events(
         )));
     }
     let store = state.engine.store();
-    // Number what has committed so far, so a reader sees its own writes without
-    // waiting for the background pass (a no-op on SQLite).
-    store.sequence_events().await?;
+    // Number everything committed before this request (waiting for a pass
+    // another instance is running), so a reader sees its own writes (a no-op
+    // on SQLite).
+    store.sequence_events(true).await?;
     let page = store.events(after, limit).await?;
     let next_after = page.last().map_or(after, |e| e.seq);
     // The stored JSON of each event, as is: the same bytes a webhook signs.

@@ -515,8 +515,11 @@ pub trait Store: Send + Sync + 'static {
     fn events(&self, after: i64, limit: usize) -> StoreFuture<Vec<Event>>;
     /// Gives committed events their `seq` where the transaction could not
     /// (PostgreSQL; see `postgres/v5_events.sql`); returns how many it numbered.
-    /// SQLite numbers events as it commits them: always 0.
-    fn sequence_events(&self) -> StoreFuture<u64>;
+    /// SQLite numbers events as it commits them: always 0. `wait`: when
+    /// another instance is numbering right now, wait for it and number what is
+    /// left (a reader that must see every event committed before it asked);
+    /// otherwise leave the work to that instance.
+    fn sequence_events(&self, wait: bool) -> StoreFuture<u64>;
     /// The feed's last `seq` (0: no event yet), for `/metrics`.
     fn last_event_seq(&self) -> StoreFuture<i64>;
     /// Stores a new endpoint; it receives the events committed after this.
@@ -531,9 +534,9 @@ pub trait Store: Send + Sync + 'static {
     fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64>;
     /// Leases due deliveries to one claimer.
     fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>>;
-    /// Logs an attempt and, if its claimer still holds the lease, writes what
-    /// it decided; returns whether the decision was kept.
-    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool>;
+    /// Logs attempts and, for each whose claimer still holds the lease, writes
+    /// what it decided, in one transaction; returns whether each was kept.
+    fn webhook_record(&self, results: Vec<AttemptResult>) -> StoreFuture<Vec<bool>>;
     /// An endpoint's deliveries with their attempts, newest event first.
     fn webhook_deliveries(
         &self,

@@ -132,16 +132,16 @@ pub struct Delivery {
     pub attempt_log: Vec<AttemptRow>,
 }
 
-/// Due deliveries to claim: at most `per_endpoint_max` leased at once per
-/// endpoint by this claim's view, and `total_max` in all.
+/// Due deliveries to claim: for each endpoint named, at most its count (the
+/// claimer's free capacity for it), oldest due first.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest {
     pub now_ms: i64,
     pub lease_ms: i64,
     /// Who holds the lease (the instance id).
     pub owner: String,
-    pub per_endpoint_max: usize,
-    pub total_max: usize,
+    /// (endpoint id, most deliveries to lease for it).
+    pub wants: Vec<(String, usize)>,
 }
 
 /// A delivery this claimer now holds: make attempt number `attempt`.

@@ -77,19 +77,28 @@ fn event_from_row(row: &Row) -> Result<Event, Fault> {
     })
 }
 
-/// Numbers committed, unnumbered events, unless another instance is doing it
-/// right now (then this pass does nothing: that one will).
-pub(super) async fn sequence(client: &mut tokio_postgres::Client) -> Result<u64, Fault> {
+/// Numbers committed, unnumbered events. When another instance is doing it
+/// right now, `wait` waits for it (then numbers what is left); otherwise this
+/// pass does nothing (that one will).
+pub(super) async fn sequence(
+    client: &mut tokio_postgres::Client,
+    wait: bool,
+) -> Result<u64, Fault> {
     let tx = client.transaction().await?;
-    let locked: bool = tx
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock($1)",
-            &[&SEQUENCER_LOCK_KEY],
-        )
-        .await?
-        .try_get(0)?;
-    if !locked {
-        return Ok(0);
+    if wait {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEQUENCER_LOCK_KEY])
+            .await?;
+    } else {
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[&SEQUENCER_LOCK_KEY],
+            )
+            .await?
+            .try_get(0)?;
+        if !locked {
+            return Ok(0);
+        }
     }
     // A new statement: its snapshot sees every pass that committed before the
     // lock was ours.
@@ -229,145 +238,145 @@ pub(super) async fn fan_out(client: &mut tokio_postgres::Client, now: i64) -> Re
     Ok(created)
 }
 
-/// Leases due deliveries (see [`ClaimRequest`]). The lease is a conditional
-/// update, so two instances picking the same row lease it once; the
-/// per-endpoint bound is per claim, so with `k` instances an endpoint sees at
-/// most `k × per_endpoint_max` attempts at once.
+/// Leases due deliveries (see [`ClaimRequest`]): per endpoint, one statement
+/// that picks its oldest due rows with `FOR UPDATE SKIP LOCKED` (so instances
+/// claiming at once take different rows) and leases them.
 pub(super) async fn claim(
     client: &impl GenericClient,
     req: &ClaimRequest,
 ) -> Result<Vec<Claimed>, Fault> {
-    let picked = client
-        .query(
-            "WITH busy AS (
-                 SELECT endpoint_id, COUNT(*) AS n FROM webhook_deliveries
-                 WHERE status = 'pending' AND lease_until > $1 GROUP BY endpoint_id),
-             due AS (
-                 SELECT d.endpoint_id, d.event_id, d.next_attempt_at, d.event_seq,
-                        row_number() OVER (PARTITION BY d.endpoint_id
-                                           ORDER BY d.next_attempt_at, d.event_seq) AS rn
-                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
-                 WHERE w.status = 'enabled' AND d.status = 'pending'
-                   AND d.next_attempt_at <= $1 AND d.lease_until <= $1)
-             SELECT due.endpoint_id, due.event_id FROM due LEFT JOIN busy USING (endpoint_id)
-             WHERE due.rn <= $2 - COALESCE(busy.n, 0)
-             ORDER BY due.next_attempt_at, due.event_seq LIMIT $3",
-            &[
-                &req.now_ms,
-                &(req.per_endpoint_max as i64),
-                &(req.total_max as i64),
-            ],
-        )
-        .await?;
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let eps: Vec<&str> = picked.iter().map(|r| r.get(0)).collect();
-    let evs: Vec<&str> = picked.iter().map(|r| r.get(1)).collect();
+    let cols = EVENT_COLS
+        .split(", ")
+        .map(|c| format!("e.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let sql = format!(
-        "WITH leased AS (
-             UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $3,
-                    lease_owner = $4, updated_at = $5
-             FROM unnest($1::text[], $2::text[]) AS t (ep, ev)
-             WHERE d.endpoint_id = t.ep AND d.event_id = t.ev AND d.status = 'pending'
-               AND d.lease_until <= $5
+        "WITH picked AS (
+             SELECT endpoint_id, event_id FROM webhook_deliveries
+             WHERE endpoint_id = $1 AND status = 'pending'
+               AND next_attempt_at <= $2 AND lease_until <= $2
+             ORDER BY next_attempt_at, event_seq LIMIT $3
+             FOR UPDATE SKIP LOCKED),
+         leased AS (
+             UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $4,
+                    lease_owner = $5, updated_at = $2
+             FROM picked p WHERE d.endpoint_id = p.endpoint_id AND d.event_id = p.event_id
              RETURNING d.endpoint_id, d.event_id, d.attempts)
-         SELECT l.endpoint_id, w.url, w.secret, l.attempts, {}
-         FROM leased l JOIN webhook_endpoints w ON w.id = l.endpoint_id
-              JOIN events e ON e.id = l.event_id",
-        EVENT_COLS
-            .split(", ")
-            .map(|c| format!("e.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+         SELECT l.endpoint_id, w.url, w.secret, l.attempts, {cols}
+         FROM leased l JOIN webhook_endpoints w ON w.id = l.endpoint_id AND w.status = 'enabled'
+              JOIN events e ON e.id = l.event_id"
     );
+    let stmt = client.prepare(&sql).await?;
     let lease_until = req.now_ms + req.lease_ms;
-    let rows = client
-        .query(&sql, &[&eps, &evs, &lease_until, &req.owner, &req.now_ms])
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let ev = Event {
-                seq: r.try_get(4)?,
-                id: r.try_get(5)?,
-                kind: {
-                    let k: &str = r.try_get(6)?;
-                    EventType::parse(k).ok_or_else(|| corrupt(format!("event type {k:?}")))?
-                },
-                order_id: {
-                    let o: &str = r.try_get(7)?;
-                    OrderId::parse(o).map_err(|e| corrupt(format!("event order id: {e}")))?
-                },
-                created_at: r.try_get(8)?,
-                data: r.try_get(9)?,
-            };
-            Ok(Claimed {
+    let mut out = Vec::new();
+    for (endpoint_id, want) in &req.wants {
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    endpoint_id,
+                    &req.now_ms,
+                    &(*want as i64),
+                    &lease_until,
+                    &req.owner,
+                ],
+            )
+            .await?;
+        for r in &rows {
+            let kind: &str = r.try_get(6)?;
+            let order: &str = r.try_get(7)?;
+            out.push(Claimed {
                 endpoint_id: r.try_get(0)?,
                 url: r.try_get(1)?,
                 sealed_secret: r.try_get(2)?,
                 attempt: r.try_get::<_, i32>(3)? as u32,
-                event: ev,
-            })
-        })
-        .collect()
+                event: Event {
+                    seq: r.try_get(4)?,
+                    id: r.try_get(5)?,
+                    kind: EventType::parse(kind)
+                        .ok_or_else(|| corrupt(format!("event type {kind:?}")))?,
+                    order_id: OrderId::parse(order)
+                        .map_err(|e| corrupt(format!("event order id: {e}")))?,
+                    created_at: r.try_get(8)?,
+                    data: r.try_get(9)?,
+                },
+            });
+        }
+    }
+    Ok(out)
 }
 
-/// As SQLite's: the attempt is logged; the decision is kept only under the lease.
+/// As SQLite's: each attempt is logged; its result is kept only under its
+/// lease; all in one transaction.
 pub(super) async fn record(
     client: &mut tokio_postgres::Client,
-    res: &AttemptResult,
-) -> Result<bool, Fault> {
+    results: &[AttemptResult],
+) -> Result<Vec<bool>, Fault> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "INSERT INTO webhook_attempts
-             (endpoint_id, event_id, attempt, at, status_code, error, duration_ms, instance)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-        &[
-            &res.endpoint_id,
-            &res.event_id,
-            &(res.attempt as i32),
-            &res.row.at,
-            &res.row.status_code.map(i32::from),
-            &res.row.error,
-            &res.row.duration_ms,
-            &res.row.instance,
-        ],
-    )
-    .await?;
-    let (status, next_at) = match res.next {
-        AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
-        AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
-        AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
-    };
-    let kept = tx
-        .execute(
+    let log = tx
+        .prepare(
+            "INSERT INTO webhook_attempts
+                 (endpoint_id, event_id, attempt, at, status_code, error, duration_ms, instance)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let settle = tx
+        .prepare(
             "UPDATE webhook_deliveries SET status = $5, next_attempt_at = $6, lease_until = 0,
                     lease_owner = NULL, updated_at = $7
              WHERE endpoint_id = $1 AND event_id = $2 AND lease_owner = $3 AND attempts = $4
                AND status = 'pending'",
+        )
+        .await?;
+    let mut kept = Vec::with_capacity(results.len());
+    for res in results {
+        tx.execute(
+            &log,
             &[
                 &res.endpoint_id,
                 &res.event_id,
-                &res.owner,
                 &(res.attempt as i32),
-                &status.as_str(),
-                &next_at,
                 &res.row.at,
-            ],
-        )
-        .await?
-        == 1;
-    if kept && res.next == AttemptNext::Gone {
-        tx.execute(
-            "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $2, updated_at = $3
-             WHERE id = $1 AND status = 'enabled'",
-            &[
-                &res.endpoint_id,
-                &"the endpoint answered 410 Gone",
-                &res.row.at,
+                &res.row.status_code.map(i32::from),
+                &res.row.error,
+                &res.row.duration_ms,
+                &res.row.instance,
             ],
         )
         .await?;
+        let (status, next_at) = match res.next {
+            AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
+            AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
+            AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
+        };
+        let ok = tx
+            .execute(
+                &settle,
+                &[
+                    &res.endpoint_id,
+                    &res.event_id,
+                    &res.owner,
+                    &(res.attempt as i32),
+                    &status.as_str(),
+                    &next_at,
+                    &res.row.at,
+                ],
+            )
+            .await?
+            == 1;
+        if ok && res.next == AttemptNext::Gone {
+            tx.execute(
+                "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $2, updated_at = $3
+                 WHERE id = $1 AND status = 'enabled'",
+                &[
+                    &res.endpoint_id,
+                    &"the endpoint answered 410 Gone",
+                    &res.row.at,
+                ],
+            )
+            .await?;
+        }
+        kept.push(ok);
     }
     tx.commit().await?;
     Ok(kept)

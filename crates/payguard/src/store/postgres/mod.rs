@@ -400,11 +400,11 @@ impl Store for PgStore {
         })
     }
 
-    fn sequence_events(&self) -> StoreFuture<u64> {
+    fn sequence_events(&self, wait: bool) -> StoreFuture<u64> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, mut client) = inner.enter().await?;
-            events::sequence(&mut client)
+            events::sequence(&mut client, wait)
                 .await
                 .map_err(Fault::into_store_error)
         })
@@ -472,11 +472,11 @@ impl Store for PgStore {
         })
     }
 
-    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool> {
+    fn webhook_record(&self, results: Vec<AttemptResult>) -> StoreFuture<Vec<bool>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, mut client) = inner.enter().await?;
-            events::record(&mut client, &result)
+            events::record(&mut client, &results)
                 .await
                 .map_err(Fault::into_store_error)
         })

@@ -65,7 +65,9 @@ CREATE TABLE webhook_deliveries (
     updated_at      bigint NOT NULL,
     PRIMARY KEY (endpoint_id, event_id)
 );
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+-- A claim reads one endpoint's due deliveries, oldest first, from this.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_attempt_at, event_seq)
+    WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (endpoint_id, status, event_seq);
 
 CREATE TABLE webhook_attempts (

@@ -154,7 +154,8 @@ pub(super) fn fan_out(conn: &mut Connection, now: i64) -> rusqlite::Result<u64> 
     Ok(created)
 }
 
-/// Leases due deliveries to `req.owner` (see [`ClaimRequest`]).
+/// Leases due deliveries to `req.owner` (see [`ClaimRequest`]), in one
+/// transaction; each endpoint's oldest due first, through its index.
 pub(super) fn claim(conn: &mut Connection, req: &ClaimRequest) -> rusqlite::Result<Vec<Claimed>> {
     let due: bool = conn
         .prepare_cached(
@@ -162,110 +163,109 @@ pub(super) fn claim(conn: &mut Connection, req: &ClaimRequest) -> rusqlite::Resu
                  WHERE status = 'pending' AND next_attempt_at <= ?1 AND lease_until <= ?1)",
         )?
         .query_row([req.now_ms], |r| r.get(0))?;
-    if !due {
+    if !due || req.wants.is_empty() {
         return Ok(Vec::new());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let picked: Vec<(String, String)> = tx
-        .prepare_cached(
-            "WITH busy AS (
-                 SELECT endpoint_id, COUNT(*) AS n FROM webhook_deliveries
-                 WHERE status = 'pending' AND lease_until > ?1 GROUP BY endpoint_id),
-             due AS (
-                 SELECT d.endpoint_id, d.event_id, d.next_attempt_at, d.event_seq,
-                        ROW_NUMBER() OVER (PARTITION BY d.endpoint_id
-                                           ORDER BY d.next_attempt_at, d.event_seq) AS rn
-                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
-                 WHERE w.status = 'enabled' AND d.status = 'pending'
-                   AND d.next_attempt_at <= ?1 AND d.lease_until <= ?1)
-             SELECT due.endpoint_id, due.event_id FROM due LEFT JOIN busy USING (endpoint_id)
-             WHERE due.rn <= ?2 - COALESCE(busy.n, 0)
-             ORDER BY due.next_attempt_at, due.event_seq LIMIT ?3",
-        )?
-        .query_map(
-            params![
-                req.now_ms,
-                req.per_endpoint_max as i64,
-                req.total_max as i64
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut claimed = Vec::with_capacity(picked.len());
-    for (endpoint_id, event_id) in picked {
-        let row = tx
+    let mut claimed = Vec::new();
+    for (endpoint_id, want) in &req.wants {
+        let picked: Vec<String> = tx
             .prepare_cached(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, lease_until = ?3,
-                        lease_owner = ?4, updated_at = ?5
-                 WHERE endpoint_id = ?1 AND event_id = ?2 AND status = 'pending' AND lease_until <= ?5
-                 RETURNING attempts",
+                "SELECT event_id FROM webhook_deliveries
+                 WHERE endpoint_id = ?1 AND status = 'pending'
+                   AND next_attempt_at <= ?2 AND lease_until <= ?2
+                 ORDER BY next_attempt_at, event_seq LIMIT ?3",
             )?
-            .query_row(
-                params![
-                    endpoint_id,
-                    event_id,
-                    req.now_ms + req.lease_ms,
-                    req.owner,
-                    req.now_ms
-                ],
-                |r| r.get::<_, i64>(0),
-            )
+            .query_map(params![endpoint_id, req.now_ms, *want as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if picked.is_empty() {
+            continue;
+        }
+        let found: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT url, secret FROM webhook_endpoints WHERE id = ?1 AND status = 'enabled'",
+            )?
+            .query_row([endpoint_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some(attempt) = row else { continue };
-        let (url, sealed_secret): (String, String) = tx
-            .prepare_cached("SELECT url, secret FROM webhook_endpoints WHERE id = ?1")?
-            .query_row([&endpoint_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let event = tx
-            .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"))?
-            .query_row([&event_id], |r| event_from_row(r, 0))?;
-        claimed.push(Claimed {
-            endpoint_id,
-            url,
-            sealed_secret,
-            event,
-            attempt: attempt as u32,
-        });
+        let Some((url, sealed_secret)) = found else {
+            continue;
+        };
+        for event_id in picked {
+            let attempt: i64 = tx
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, lease_until = ?3,
+                            lease_owner = ?4, updated_at = ?5
+                     WHERE endpoint_id = ?1 AND event_id = ?2 RETURNING attempts",
+                )?
+                .query_row(
+                    params![
+                        endpoint_id,
+                        event_id,
+                        req.now_ms + req.lease_ms,
+                        req.owner,
+                        req.now_ms
+                    ],
+                    |r| r.get(0),
+                )?;
+            let event = tx
+                .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"))?
+                .query_row([&event_id], |r| event_from_row(r, 0))?;
+            claimed.push(Claimed {
+                endpoint_id: endpoint_id.clone(),
+                url: url.clone(),
+                sealed_secret: sealed_secret.clone(),
+                event,
+                attempt: attempt as u32,
+            });
+        }
     }
     tx.commit()?;
     Ok(claimed)
 }
 
-/// Writes an attempt's result if its claimer still holds the lease; the attempt
-/// itself is logged either way. Returns whether the result was kept.
-pub(super) fn record(conn: &mut Connection, res: &AttemptResult) -> rusqlite::Result<bool> {
+/// Logs each attempt and writes its result if its claimer still holds the
+/// lease, all in one transaction. Returns, per result, whether it was kept.
+pub(super) fn record(
+    conn: &mut Connection,
+    results: &[AttemptResult],
+) -> rusqlite::Result<Vec<bool>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    insert_attempt(&tx, res)?;
-    let (status, next_at) = match res.next {
-        AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
-        AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
-        AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
-    };
-    let kept =
-        tx.prepare_cached(
-            "UPDATE webhook_deliveries SET status = ?5, next_attempt_at = ?6, lease_until = 0,
-                    lease_owner = NULL, updated_at = ?7
-             WHERE endpoint_id = ?1 AND event_id = ?2 AND lease_owner = ?3 AND attempts = ?4
-               AND status = 'pending'",
-        )?
-        .execute(params![
-            res.endpoint_id,
-            res.event_id,
-            res.owner,
-            res.attempt,
-            status.as_str(),
-            next_at,
-            res.row.at
-        ])? == 1;
-    if kept && res.next == AttemptNext::Gone {
-        tx.prepare_cached(
-            "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = ?2, updated_at = ?3
-             WHERE id = ?1 AND status = 'enabled'",
-        )?
-        .execute(params![
-            res.endpoint_id,
-            "the endpoint answered 410 Gone",
-            res.row.at
-        ])?;
+    let mut kept = Vec::with_capacity(results.len());
+    for res in results {
+        insert_attempt(&tx, res)?;
+        let (status, next_at) = match res.next {
+            AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
+            AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
+            AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
+        };
+        let ok =
+            tx.prepare_cached(
+                "UPDATE webhook_deliveries SET status = ?5, next_attempt_at = ?6, lease_until = 0,
+                        lease_owner = NULL, updated_at = ?7
+                 WHERE endpoint_id = ?1 AND event_id = ?2 AND lease_owner = ?3 AND attempts = ?4
+                   AND status = 'pending'",
+            )?
+            .execute(params![
+                res.endpoint_id,
+                res.event_id,
+                res.owner,
+                res.attempt,
+                status.as_str(),
+                next_at,
+                res.row.at
+            ])? == 1;
+        if ok && res.next == AttemptNext::Gone {
+            tx.prepare_cached(
+                "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND status = 'enabled'",
+            )?
+            .execute(params![
+                res.endpoint_id,
+                "the endpoint answered 410 Gone",
+                res.row.at
+            ])?;
+        }
+        kept.push(ok);
     }
     tx.commit()?;
     Ok(kept)

@@ -90,6 +90,9 @@ struct Inner {
     /// Per-request transactions (`seed`) and the naive path; SQLite's own lock
     /// serialises them against each other and the writer.
     writes: r2d2::Pool<SqliteConnectionManager>,
+    /// The delivery loop's bookkeeping, without fsync (see
+    /// [`connection::outbox_pool`] for why that is safe there only).
+    outbox: r2d2::Pool<SqliteConnectionManager>,
     schema: SchemaKind,
 }
 
@@ -105,6 +108,7 @@ impl SqliteStore {
 
         let reads = connection::read_pool(&cfg.path)?;
         let writes = connection::write_pool(&cfg.path)?;
+        let outbox = connection::outbox_pool(&cfg.path)?;
         let (tx, writer) = writer::spawn(conn, cfg.writer_batch_ops_max)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -112,6 +116,7 @@ impl SqliteStore {
                 writer: Mutex::new(Some(writer)),
                 reads,
                 writes,
+                outbox,
                 schema: cfg.schema,
             }),
         })
@@ -147,7 +152,23 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = self.inner.writes.clone();
+        Self::on_pool(self.inner.writes.clone(), f)
+    }
+
+    /// Runs `f` on a connection of the delivery loop's pool (no fsync).
+    fn outbox_write<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        Self::on_pool(self.inner.outbox.clone(), f)
+    }
+
+    fn on_pool<T, F>(pool: r2d2::Pool<SqliteConnectionManager>, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get().map_err(unavailable)?;
@@ -257,7 +278,7 @@ impl Store for SqliteStore {
         self.read(move |c| events::events(c, after, limit))
     }
 
-    fn sequence_events(&self) -> StoreFuture<u64> {
+    fn sequence_events(&self, _wait: bool) -> StoreFuture<u64> {
         Box::pin(async { Ok(0) })
     }
 
@@ -278,15 +299,15 @@ impl Store for SqliteStore {
     }
 
     fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64> {
-        self.write(move |c| events::fan_out(c, now_ms).map_err(unavailable))
+        self.outbox_write(move |c| events::fan_out(c, now_ms).map_err(unavailable))
     }
 
     fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
-        self.write(move |c| events::claim(c, &req).map_err(unavailable))
+        self.outbox_write(move |c| events::claim(c, &req).map_err(unavailable))
     }
 
-    fn webhook_record(&self, result: AttemptResult) -> StoreFuture<bool> {
-        self.write(move |c| events::record(c, &result).map_err(unavailable))
+    fn webhook_record(&self, results: Vec<AttemptResult>) -> StoreFuture<Vec<bool>> {
+        self.outbox_write(move |c| events::record(c, &results).map_err(unavailable))
     }
 
     fn webhook_deliveries(

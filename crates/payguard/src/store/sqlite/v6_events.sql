@@ -56,7 +56,9 @@ CREATE TABLE webhook_deliveries (
     updated_at      INTEGER NOT NULL,
     PRIMARY KEY (endpoint_id, event_id)
 ) STRICT;
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+-- A claim reads one endpoint's due deliveries, oldest first, from this.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_attempt_at, event_seq)
+    WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (endpoint_id, status, event_seq);
 
 -- Every attempt, for the deliveries list.
