@@ -50,7 +50,14 @@ fn types(events: &[Value]) -> Vec<String> {
 async fn every_money_change_writes_one_event_and_a_replay_none() {
     for backend in Backend::available("every_money_change_writes_one_event_and_a_replay_none") {
         let db = TestDb::create(backend).await;
-        let app = TestApp::spawn(&db, AppOptions::instance("ev-1")).await;
+        let opts = AppOptions {
+            two_phase: payguard_server::TwoPhase {
+                sweep_interval_ms: 50,
+                ..payguard_server::TwoPhase::default()
+            },
+            ..AppOptions::instance("ev-1")
+        };
+        let app = TestApp::spawn(&db, opts).await;
         app.account("a", 10_000).await;
         for (o, amount) in [
             ("paid", 3000),
@@ -94,6 +101,17 @@ async fn every_money_change_writes_one_event_and_a_replay_none() {
         );
         assert_eq!(app.post_empty("/v1/orders/gone/void").await.status, 200);
         assert_eq!(app.post_empty("/v1/orders/gone/void").await.status, 200);
+        // A one-second hold that nobody captures: the sweeper's expiry is an event too.
+        app.order("lapsed", "a", 500).await;
+        let r = app
+            .post("/v1/orders/lapsed/authorize", json!({"hold_ttl_s": 1}))
+            .await;
+        assert_eq!(r.status, 200);
+        let start = std::time::Instant::now();
+        while app.get("/v1/orders/lapsed").await.body["status"] != "EXPIRED" {
+            assert!(start.elapsed().as_secs() < 10, "the hold never expired");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
 
         let (events, last) = read_all(&app, 0).await;
         assert_eq!(
@@ -106,6 +124,8 @@ async fn every_money_change_writes_one_event_and_a_replay_none() {
                 "order.paid held",
                 "order.authorized gone",
                 "order.voided gone",
+                "order.authorized lapsed",
+                "order.hold_expired lapsed",
             ],
             "on {}",
             backend.name()

@@ -263,19 +263,33 @@ async fn a_quiet_run_delivers_every_event_once_signed_as_standard_webhooks_verif
         headers.insert("webhook-timestamp", old.to_string().parse().unwrap());
         headers.insert("webhook-signature", sign(old, body).parse().unwrap());
         assert!(hook.verify(body, &headers).is_err());
-        // The deliveries list: all delivered, one attempt each, with its status.
-        let list = app
-            .get(&format!(
-                "/v1/webhook_endpoints/{ep}/deliveries?status=delivered"
-            ))
-            .await;
-        let list = list.body["deliveries"].as_array().unwrap();
+        // The deliveries list: all delivered, one attempt each, with its status
+        // (results are written in batches just after the answers arrive).
+        let list = delivered(&app, &ep, events.len()).await;
         assert_eq!(list.len(), events.len());
         assert!(list
             .iter()
             .all(|d| d["attempts"] == 1 && d["attempt_log"][0]["status_code"] == 200));
         app.stop().await;
         db.drop_db().await;
+    }
+}
+
+/// The endpoint's `delivered` deliveries once there are `n` (or after 5 s):
+/// results are written in batches just after the answers arrive.
+async fn delivered(app: &TestApp, ep: &str, n: usize) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let list = app
+            .get(&format!(
+                "/v1/webhook_endpoints/{ep}/deliveries?status=delivered"
+            ))
+            .await;
+        let list = list.body["deliveries"].as_array().unwrap().clone();
+        if list.len() >= n || start.elapsed() > Duration::from_secs(5) {
+            return list;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -723,12 +737,7 @@ async fn three_instances_on_postgres_deliver_every_event_once() {
         "each event once: no duplicate in a quiet run"
     );
     assert!(receipts.iter().all(|x| x.verified));
-    let list = apps[2]
-        .get(&format!(
-            "/v1/webhook_endpoints/{ep}/deliveries?status=delivered"
-        ))
-        .await;
-    let list = list.body["deliveries"].as_array().unwrap().clone();
+    let list = delivered(&apps[2], &ep, ORDERS).await;
     assert_eq!(list.len(), ORDERS);
     let mut by_instance: HashMap<String, usize> = HashMap::new();
     for d in &list {
@@ -742,4 +751,43 @@ async fn three_instances_on_postgres_deliver_every_event_once() {
         app.stop().await;
     }
     db.drop_db().await;
+}
+
+#[tokio::test]
+async fn with_a_key_file_the_database_holds_no_usable_secret() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    let key = [7u8; 32];
+    let app = app_with(
+        &db,
+        "wh-seal",
+        WebhookSettings {
+            sealer: Arc::new(payguard_server::webhooks::SecretSealer::with_key(key)),
+            ..settings(None, 8)
+        },
+    )
+    .await;
+    let (r, url) = start_receiver(Mode::Ok).await;
+    let resp = app
+        .post("/v1/webhook_endpoints", json!({ "url": url }))
+        .await;
+    let secret = resp.body["secret"].as_str().unwrap().to_owned();
+    *r.hook.lock().unwrap() = Some(Webhook::new(&secret).unwrap());
+    movements(&app, "k", 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || r.receipts.lock().unwrap().len()
+            == 3)
+        .await
+    );
+    assert!(
+        r.receipts.lock().unwrap().iter().all(|x| x.verified),
+        "signed with the unsealed secret"
+    );
+    // What a dump of the database shows: neither the secret nor its base64.
+    let conn = rusqlite::Connection::open(db.sqlite_path().unwrap()).unwrap();
+    let stored: String = conn
+        .query_row("SELECT secret FROM webhook_endpoints", [], |row| row.get(0))
+        .unwrap();
+    assert!(stored.starts_with("xc20p1:"), "{stored}");
+    assert!(!stored.contains(secret.trim_start_matches("whsec_")));
+    app.stop().await;
 }
