@@ -232,7 +232,7 @@ async fn attempt(d: &Deliverer, claim: Claimed) -> AttemptResult {
     tracing::info!(
         event = "webhook_attempt",
         evt = %claim.event.id,
-        oid = claim.event.order_id.as_str(),
+        oid = claim.event.order.id.as_str(),
         endpoint = %claim.endpoint_id,
         attempt = claim.attempt,
         status = status.map_or(0, i64::from),
@@ -244,7 +244,7 @@ async fn attempt(d: &Deliverer, claim: Claimed) -> AttemptResult {
         tracing::warn!(
             event = "webhook_failed",
             evt = %claim.event.id,
-            oid = claim.event.order_id.as_str(),
+            oid = claim.event.order.id.as_str(),
             endpoint = %claim.endpoint_id,
             attempts = claim.attempt,
             reason = if next == AttemptNext::Gone { "gone" } else { "retries_exhausted" },

@@ -86,9 +86,10 @@ pub(crate) async fn events(
     store.sequence_events(true).await?;
     let page = store.events(after, limit).await?;
     let next_after = page.last().map_or(after, |e| e.seq);
-    // The stored JSON of each event, as is: the same bytes a webhook signs.
-    let mut body =
-        String::with_capacity(64 + page.iter().map(|e| e.data.len() + 160).sum::<usize>());
+    // Each event as `Event::to_json` renders it: the same bytes a webhook signs.
+    /// A rendered event's usual size, to size the body once.
+    const EVENT_JSON_BYTES_TYPICAL: usize = 800;
+    let mut body = String::with_capacity(64 + page.len() * EVENT_JSON_BYTES_TYPICAL);
     body.push_str("{\"events\":[");
     for (i, e) in page.iter().enumerate() {
         if i > 0 {

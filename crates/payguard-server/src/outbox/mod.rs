@@ -19,10 +19,10 @@ use std::sync::Arc;
 /// How often each instance looks for events to number, fan out and deliver.
 pub const DELIVERY_TICK_MS: u64 = 100;
 /// Attempts in flight at once from one instance, over all endpoints.
-pub const DELIVERY_INFLIGHT_MAX: usize = 128;
+pub const DELIVERY_INFLIGHT_MAX: usize = 256;
 /// Attempts in flight at once to one endpoint (per instance): one slow or dead
 /// endpoint holds at most this many of [`DELIVERY_INFLIGHT_MAX`].
-pub const DELIVERY_PER_ENDPOINT_MAX: usize = 32;
+pub const DELIVERY_PER_ENDPOINT_MAX: usize = 64;
 /// How long a claimed delivery stays with its claimer: longer than an attempt
 /// may take, so a live claimer always records its result first.
 pub const DELIVERY_LEASE_MS: i64 = DELIVERY_TIMEOUT_MS as i64 + 15_000;

@@ -7,12 +7,14 @@
 //! transactional outbox), so a crash can never leave one without the other; the
 //! feed and the webhooks only read what was committed.
 //!
-//! What it guarantees: an event's JSON is built once, from the order and the
-//! entry as that transaction left them ([`EventDraft::seal`]), and stored as
-//! text; every later reading ([`Event::to_json`]) gives the same bytes, so a
-//! webhook signature and a consumer's deduplication see one body per event.
+//! What it guarantees: an event keeps the order as its transaction left it
+//! (the order's changing columns are stored with the event; the rest of the
+//! order and the entry never change) and is rendered at each reading by
+//! [`Event::to_json`], a pure function of those immutable values: every
+//! reading gives the same bytes, so a webhook signature and a consumer's
+//! deduplication see one body per event.
 
-use super::{format_ts_ms, Entry, Order, OrderId};
+use super::{format_ts_ms, Entry, Order};
 use serde::Serialize;
 
 /// Longest event id (`evt_` + 32 hex digits).
@@ -73,7 +75,7 @@ impl EventType {
 
 /// An event decided but not yet written: the order and entry as the movement
 /// leaves them. Entry ids may still be placeholders (PostgreSQL's batch plan
-/// patches them before sealing).
+/// patches them before the insert).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventDraft {
     pub kind: EventType,
@@ -87,40 +89,18 @@ struct Data<'a> {
     entry: Option<&'a Entry>,
 }
 
-impl EventDraft {
-    /// The event to insert: a fresh id and its `data` as JSON text, fixed now.
-    pub fn seal(&self, created_at: i64) -> NewEvent {
-        let data = serde_json::to_string(&Data {
-            order: &self.order,
-            entry: self.entry.as_ref(),
-        })
-        .expect("an order and an entry always serialize");
-        NewEvent {
-            id: new_event_id(),
-            kind: self.kind,
-            order_id: self.order.id.clone(),
-            created_at,
-            data,
-        }
-    }
-}
-
-/// A fresh event id: `evt_` and 128 random bits in hex. Random rather than
-/// derived from the sequence, because PostgreSQL numbers events only after
-/// they commit, and the id must exist in the transaction.
+/// A fresh event id: `evt_`, the time in ms (48 bits) and 80 random bits, in
+/// hex. Not derived from the sequence, because PostgreSQL numbers events only
+/// after they commit and the id must exist in the transaction; time first, so
+/// ids arrive in about increasing order and their unique index grows at its end
+/// instead of splitting pages at random places.
 pub fn new_event_id() -> String {
-    format!("evt_{:032x}", rand::random::<u128>())
-}
-
-/// An event as the store inserts it, in the movement's transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewEvent {
-    pub id: String,
-    pub kind: EventType,
-    pub order_id: OrderId,
-    pub created_at: i64,
-    /// `{"order": {...}, "entry": {...} | null}`.
-    pub data: String,
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        & 0xffff_ffff_ffff;
+    let random = rand::random::<u128>() & ((1u128 << 80) - 1);
+    format!("evt_{ms:012x}{random:020x}")
 }
 
 /// A committed event with its place in the feed.
@@ -130,9 +110,11 @@ pub struct Event {
     pub seq: i64,
     pub id: String,
     pub kind: EventType,
-    pub order_id: OrderId,
     pub created_at: i64,
-    pub data: String,
+    /// The order as the event's transaction left it.
+    pub order: Order,
+    /// The entry it wrote (none for `order.payment_failed`).
+    pub entry: Option<Entry>,
 }
 
 impl Event {
@@ -140,12 +122,16 @@ impl Event {
     /// the same at every reading: `{"id","seq","type","created_at","data"}`.
     pub fn to_json(&self) -> String {
         let id = serde_json::to_string(&self.id).expect("a string serializes");
+        let data = serde_json::to_string(&Data {
+            order: &self.order,
+            entry: self.entry.as_ref(),
+        })
+        .expect("an order and an entry always serialize");
         format!(
-            r#"{{"id":{id},"seq":{},"type":"{}","created_at":"{}","data":{}}}"#,
+            r#"{{"id":{id},"seq":{},"type":"{}","created_at":"{}","data":{data}}}"#,
             self.seq,
             self.kind.as_str(),
             format_ts_ms(self.created_at),
-            self.data
         )
     }
 }
@@ -153,7 +139,7 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AccountId, Money, OrderStatus};
+    use crate::domain::{AccountId, Money, OrderId, OrderStatus};
 
     fn order() -> Order {
         Order {
@@ -174,28 +160,23 @@ mod tests {
 
     #[test]
     fn an_event_reads_back_as_one_json_object_with_its_order() {
-        let draft = EventDraft {
-            kind: EventType::OrderPaymentFailed,
-            order: order(),
-            entry: None,
-        };
-        let new = draft.seal(1_764_000_000_000);
-        assert!(new.id.starts_with("evt_") && new.id.len() == EVENT_ID_BYTES_MAX);
+        let id = new_event_id();
+        assert!(id.starts_with("evt_") && id.len() == EVENT_ID_BYTES_MAX);
         let event = Event {
             seq: 7,
-            id: new.id.clone(),
-            kind: new.kind,
-            order_id: new.order_id,
-            created_at: new.created_at,
-            data: new.data,
+            id: id.clone(),
+            kind: EventType::OrderPaymentFailed,
+            created_at: 1_764_000_000_000,
+            order: order(),
+            entry: None,
         };
         let v: serde_json::Value = serde_json::from_str(&event.to_json()).unwrap();
         assert_eq!(v["seq"], 7);
         assert_eq!(v["type"], "order.payment_failed");
-        assert_eq!(v["id"], new.id.as_str());
+        assert_eq!(v["id"], id.as_str());
         assert_eq!(v["data"]["order"]["status"], "FAILED");
         assert!(v["data"]["entry"].is_null());
-        assert_eq!(event.to_json(), event.to_json());
+        assert_eq!(event.to_json(), event.clone().to_json());
     }
 
     #[test]

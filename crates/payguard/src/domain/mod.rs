@@ -8,7 +8,7 @@ mod ids;
 mod model;
 mod money;
 
-pub use event::{new_event_id, Event, EventDraft, EventType, NewEvent, EVENT_ID_BYTES_MAX};
+pub use event::{new_event_id, Event, EventDraft, EventType, EVENT_ID_BYTES_MAX};
 pub use ids::{AccountId, Currency, IdError, OrderId, RefundId, RequestId, ID_BYTES_MAX};
 pub use model::{
     format_ts_ms, Account, AuditReport, BalanceMismatch, DuplicateDebit, Entry, EntryKind,

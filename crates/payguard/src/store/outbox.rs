@@ -16,6 +16,21 @@
 
 use crate::domain::{Event, EventType};
 
+/// How every store reads an event: the order as the event left it (in
+/// `ORDER_COLS`' order: the unchanging columns from `orders o`, the changing
+/// ones from the event `e`), its entry from `entries x` (in `ENTRY_COLS`' order,
+/// all NULL for none) at [`EVENT_ENTRY_AT`], then the event's own seq, id, type
+/// and created_at at [`EVENT_OWN_AT`]. The same text in both dialects.
+pub(crate) const EVENT_SELECT: &str = "SELECT o.id, o.account_id, o.amount, e.status, e.refunded,
+        e.debit_entry_id, e.failure_reason, o.created_at, e.updated_at, e.captured, e.held,
+        e.hold_expires_at,
+        x.id, x.order_id, x.account_id, x.kind, x.amount, x.balance_after, x.refund_id,
+        x.reverses, x.created_at,
+        e.seq, e.id, e.type, e.created_at
+     FROM events e JOIN orders o ON o.id = e.order_id LEFT JOIN entries x ON x.id = e.entry_id";
+pub(crate) const EVENT_ENTRY_AT: usize = 12;
+pub(crate) const EVENT_OWN_AT: usize = 21;
+
 /// Most events one fan-out pass turns into deliveries per endpoint.
 pub const FAN_OUT_EVENTS_MAX: usize = 1000;
 /// Most deliveries one listing returns.

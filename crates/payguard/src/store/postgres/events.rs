@@ -11,10 +11,12 @@
 //! start, so numbers appear to readers only in increasing order.
 
 use super::error::{corrupt, expect_rows, Fault};
-use crate::domain::{Event, EventDraft, EventType, OrderId};
+use super::rows::{entry_from_row_at, order_from_row_at};
+use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
     AttemptNext, AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery,
-    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, FAN_OUT_EVENTS_MAX,
+    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT,
+    EVENT_SELECT, FAN_OUT_EVENTS_MAX,
 };
 use std::collections::HashMap;
 use tokio_postgres::{GenericClient, Row};
@@ -32,48 +34,70 @@ pub(super) async fn insert_events(
     now: i64,
 ) -> Result<(), Fault> {
     let len = drafts.len();
-    let (mut ids, mut kinds, mut orders, mut entries, mut data) = (
-        Vec::with_capacity(len),
-        Vec::with_capacity(len),
-        Vec::with_capacity(len),
-        Vec::with_capacity(len),
-        Vec::with_capacity(len),
-    );
+    let mut ids = Vec::with_capacity(len);
+    let mut kinds = Vec::with_capacity(len);
+    let mut orders = Vec::with_capacity(len);
+    let mut entries = Vec::with_capacity(len);
+    let mut statuses = Vec::with_capacity(len);
+    let mut refunded = Vec::with_capacity(len);
+    let mut debits: Vec<Option<i64>> = Vec::with_capacity(len);
+    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(len);
+    let mut captured: Vec<Option<i64>> = Vec::with_capacity(len);
+    let mut held = Vec::with_capacity(len);
+    let mut expires: Vec<Option<i64>> = Vec::with_capacity(len);
+    let mut updated = Vec::with_capacity(len);
     for d in drafts {
-        let e = d.seal(now);
-        ids.push(e.id);
-        kinds.push(e.kind.as_str());
-        orders.push(d.order.id.as_str());
+        let o = &d.order;
+        ids.push(new_event_id());
+        kinds.push(d.kind.as_str());
+        orders.push(o.id.as_str());
         entries.push(d.entry.as_ref().map(|e| e.id));
-        data.push(e.data);
+        statuses.push(o.status.as_str());
+        refunded.push(o.refunded.minor());
+        debits.push(o.debit_entry_id);
+        reasons.push(o.failure_reason.as_deref());
+        captured.push(o.captured.map(Money::minor));
+        held.push(o.held.minor());
+        expires.push(o.hold_expires_at);
+        updated.push(o.updated_at);
     }
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO events (id, type, order_id, entry_id, created_at, data)
-             SELECT i, t, o, e, $6, d
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[])
-                  WITH ORDINALITY AS u (i, t, o, e, d, n)
+            "INSERT INTO events (id, type, order_id, entry_id, created_at, status, refunded,
+                 debit_entry_id, failure_reason, captured, held, hold_expires_at, updated_at)
+             SELECT i, t, o, e, $13, s, r, d, f, c, h, x, u
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[],
+                         $7::int8[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[])
+                  WITH ORDINALITY AS v (i, t, o, e, s, r, d, f, c, h, x, u, n)
              ORDER BY n",
         )
         .await?;
     let n = tx
-        .execute(&stmt, &[&ids, &kinds, &orders, &entries, &data, &now])
+        .execute(
+            &stmt,
+            &[
+                &ids, &kinds, &orders, &entries, &statuses, &refunded, &debits, &reasons,
+                &captured, &held, &expires, &updated, &now,
+            ],
+        )
         .await? as usize;
     expect_rows(n, len, "events")
 }
 
-const EVENT_COLS: &str = "seq, id, type, order_id, created_at, data";
-
+/// An event read with [`EVENT_SELECT`]'s columns.
 fn event_from_row(row: &Row) -> Result<Event, Fault> {
-    let kind: &str = row.try_get(2)?;
-    let order: &str = row.try_get(3)?;
+    let kind: &str = row.try_get(EVENT_OWN_AT + 2)?;
+    let entry = match row.try_get::<_, Option<i64>>(EVENT_ENTRY_AT)? {
+        Some(_) => Some(entry_from_row_at(row, EVENT_ENTRY_AT)?),
+        None => None,
+    };
     Ok(Event {
-        seq: row.try_get(0)?,
-        id: row.try_get(1)?,
+        seq: row.try_get(EVENT_OWN_AT)?,
+        id: row.try_get(EVENT_OWN_AT + 1)?,
         kind: EventType::parse(kind).ok_or_else(|| corrupt(format!("event type {kind:?}")))?,
-        order_id: OrderId::parse(order).map_err(|e| corrupt(format!("event order id: {e}")))?,
-        created_at: row.try_get(4)?,
-        data: row.try_get(5)?,
+        created_at: row.try_get(EVENT_OWN_AT + 3)?,
+        order: order_from_row_at(row, 0)?,
+        entry,
     })
 }
 
@@ -122,7 +146,7 @@ pub(super) async fn events(
     after: i64,
     limit: usize,
 ) -> Result<Vec<Event>, Fault> {
-    let sql = format!("SELECT {EVENT_COLS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let sql = format!("{EVENT_SELECT} WHERE e.seq > $1 ORDER BY e.seq LIMIT $2");
     let rows = client.query(&sql, &[&after, &(limit as i64)]).await?;
     rows.iter().map(event_from_row).collect()
 }
@@ -245,34 +269,32 @@ pub(super) async fn claim(
     client: &impl GenericClient,
     req: &ClaimRequest,
 ) -> Result<Vec<Claimed>, Fault> {
-    let cols = EVENT_COLS
-        .split(", ")
-        .map(|c| format!("e.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "WITH picked AS (
-             SELECT endpoint_id, event_id FROM webhook_deliveries
-             WHERE endpoint_id = $1 AND status = 'pending'
-               AND next_attempt_at <= $2 AND lease_until <= $2
-             ORDER BY next_attempt_at, event_seq LIMIT $3
-             FOR UPDATE SKIP LOCKED),
-         leased AS (
+    let lease = client
+        .prepare(
+            "WITH picked AS (
+                 SELECT endpoint_id, event_id FROM webhook_deliveries
+                 WHERE endpoint_id = $1 AND status = 'pending'
+                   AND next_attempt_at <= $2 AND lease_until <= $2
+                 ORDER BY next_attempt_at, event_seq LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
              UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $4,
                     lease_owner = $5, updated_at = $2
              FROM picked p WHERE d.endpoint_id = p.endpoint_id AND d.event_id = p.event_id
-             RETURNING d.endpoint_id, d.event_id, d.attempts)
-         SELECT l.endpoint_id, w.url, w.secret, l.attempts, {cols}
-         FROM leased l JOIN webhook_endpoints w ON w.id = l.endpoint_id AND w.status = 'enabled'
-              JOIN events e ON e.id = l.event_id"
-    );
-    let stmt = client.prepare(&sql).await?;
+             RETURNING d.event_id, d.attempts",
+        )
+        .await?;
+    let read = client
+        .prepare(&format!("{EVENT_SELECT} WHERE e.id = ANY($1)"))
+        .await?;
+    let target = client
+        .prepare("SELECT url, secret FROM webhook_endpoints WHERE id = $1 AND status = 'enabled'")
+        .await?;
     let lease_until = req.now_ms + req.lease_ms;
     let mut out = Vec::new();
     for (endpoint_id, want) in &req.wants {
-        let rows = client
+        let leased = client
             .query(
-                &stmt,
+                &lease,
                 &[
                     endpoint_id,
                     &req.now_ms,
@@ -282,24 +304,30 @@ pub(super) async fn claim(
                 ],
             )
             .await?;
-        for r in &rows {
-            let kind: &str = r.try_get(6)?;
-            let order: &str = r.try_get(7)?;
+        if leased.is_empty() {
+            continue;
+        }
+        let Some(ep) = client.query_opt(&target, &[endpoint_id]).await? else {
+            // Disabled or deleted meanwhile: the leases run out unused.
+            continue;
+        };
+        let ids: Vec<&str> = leased.iter().map(|r| r.get(0)).collect();
+        let mut events: HashMap<String, Event> = HashMap::with_capacity(ids.len());
+        for row in client.query(&read, &[&ids]).await? {
+            let e = event_from_row(&row)?;
+            events.insert(e.id.clone(), e);
+        }
+        for r in &leased {
+            let id: &str = r.try_get(0)?;
+            let event = events
+                .remove(id)
+                .ok_or_else(|| corrupt(format!("delivery of a missing event {id}")))?;
             out.push(Claimed {
-                endpoint_id: r.try_get(0)?,
-                url: r.try_get(1)?,
-                sealed_secret: r.try_get(2)?,
-                attempt: r.try_get::<_, i32>(3)? as u32,
-                event: Event {
-                    seq: r.try_get(4)?,
-                    id: r.try_get(5)?,
-                    kind: EventType::parse(kind)
-                        .ok_or_else(|| corrupt(format!("event type {kind:?}")))?,
-                    order_id: OrderId::parse(order)
-                        .map_err(|e| corrupt(format!("event order id: {e}")))?,
-                    created_at: r.try_get(8)?,
-                    data: r.try_get(9)?,
-                },
+                endpoint_id: endpoint_id.clone(),
+                url: ep.try_get(0)?,
+                sealed_secret: ep.try_get(1)?,
+                attempt: r.try_get::<_, i32>(1)? as u32,
+                event,
             });
         }
     }

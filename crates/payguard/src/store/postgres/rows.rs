@@ -30,40 +30,52 @@ pub(super) fn account_from_row(row: &Row) -> Result<Account, Fault> {
 }
 
 pub(super) fn order_from_row(row: &Row) -> Result<Order, Fault> {
-    let status: &str = row.try_get(3)?;
+    order_from_row_at(row, 0)
+}
+
+/// As [`order_from_row`], from the row's columns starting at `at`.
+pub(super) fn order_from_row_at(row: &Row, at: usize) -> Result<Order, Fault> {
+    let status: &str = row.try_get(at + 3)?;
     Ok(Order {
-        id: OrderId::parse(row.try_get(0)?).map_err(corrupt)?,
-        account_id: AccountId::parse(row.try_get(1)?).map_err(corrupt)?,
-        amount: Money::from_stored(row.try_get(2)?),
+        id: OrderId::parse(row.try_get(at)?).map_err(corrupt)?,
+        account_id: AccountId::parse(row.try_get(at + 1)?).map_err(corrupt)?,
+        amount: Money::from_stored(row.try_get(at + 2)?),
         status: OrderStatus::parse(status)
             .ok_or_else(|| corrupt(format!("unknown status {status:?}")))?,
-        refunded: Money::from_stored(row.try_get(4)?),
-        debit_entry_id: row.try_get(5)?,
-        failure_reason: row.try_get(6)?,
-        created_at: row.try_get(7)?,
-        updated_at: row.try_get(8)?,
-        captured: row.try_get::<_, Option<i64>>(9)?.map(Money::from_stored),
-        held: Money::from_stored(row.try_get(10)?),
-        hold_expires_at: row.try_get(11)?,
+        refunded: Money::from_stored(row.try_get(at + 4)?),
+        debit_entry_id: row.try_get(at + 5)?,
+        failure_reason: row.try_get(at + 6)?,
+        created_at: row.try_get(at + 7)?,
+        updated_at: row.try_get(at + 8)?,
+        captured: row
+            .try_get::<_, Option<i64>>(at + 9)?
+            .map(Money::from_stored),
+        held: Money::from_stored(row.try_get(at + 10)?),
+        hold_expires_at: row.try_get(at + 11)?,
     })
 }
 
 pub(super) fn entry_from_row(row: &Row) -> Result<Entry, Fault> {
-    let kind: &str = row.try_get(3)?;
-    let refund_id: Option<&str> = row.try_get(6)?;
+    entry_from_row_at(row, 0)
+}
+
+/// As [`entry_from_row`], from the row's columns starting at `at`.
+pub(super) fn entry_from_row_at(row: &Row, at: usize) -> Result<Entry, Fault> {
+    let kind: &str = row.try_get(at + 3)?;
+    let refund_id: Option<&str> = row.try_get(at + 6)?;
     Ok(Entry {
-        id: row.try_get(0)?,
-        order_id: OrderId::parse(row.try_get(1)?).map_err(corrupt)?,
-        account_id: AccountId::parse(row.try_get(2)?).map_err(corrupt)?,
+        id: row.try_get(at)?,
+        order_id: OrderId::parse(row.try_get(at + 1)?).map_err(corrupt)?,
+        account_id: AccountId::parse(row.try_get(at + 2)?).map_err(corrupt)?,
         kind: EntryKind::parse(kind).ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
-        amount: Money::from_stored(row.try_get(4)?),
-        balance_after: Money::from_stored(row.try_get(5)?),
+        amount: Money::from_stored(row.try_get(at + 4)?),
+        balance_after: Money::from_stored(row.try_get(at + 5)?),
         refund_id: refund_id
             .map(RefundId::parse)
             .transpose()
             .map_err(corrupt)?,
-        reverses: row.try_get(7)?,
-        created_at: row.try_get(8)?,
+        reverses: row.try_get(at + 7)?,
+        created_at: row.try_get(at + 8)?,
     })
 }
 

@@ -11,16 +11,25 @@
 -- after the other. A pass commits before the next one starts, so `seq` only ever
 -- grows in the order readers can see it: `seq > after` misses nothing.
 CREATE TABLE events (
-    pos        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    seq        bigint UNIQUE CHECK (seq > 0),
-    id         text NOT NULL UNIQUE CHECK (length(id) BETWEEN 5 AND 64),
-    type       text NOT NULL CHECK (type IN ('order.paid', 'order.payment_failed',
-                   'order.authorized', 'order.voided', 'order.hold_expired',
-                   'order.refunded', 'order.reversed')),
-    order_id   text NOT NULL REFERENCES orders (id),
-    entry_id   bigint REFERENCES entries (id),
-    created_at bigint NOT NULL,
-    data       text NOT NULL,
+    pos             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    seq             bigint UNIQUE CHECK (seq > 0),
+    id              text NOT NULL UNIQUE CHECK (length(id) BETWEEN 5 AND 64),
+    type            text NOT NULL CHECK (type IN ('order.paid', 'order.payment_failed',
+                        'order.authorized', 'order.voided', 'order.hold_expired',
+                        'order.refunded', 'order.reversed')),
+    order_id        text NOT NULL REFERENCES orders (id),
+    entry_id        bigint REFERENCES entries (id),
+    created_at      bigint NOT NULL,
+    -- The order as the event's transaction left it (see SQLite's v6 for why
+    -- columns and not JSON).
+    status          text NOT NULL,
+    refunded        bigint NOT NULL,
+    debit_entry_id  bigint,
+    failure_reason  text,
+    captured        bigint,
+    held            bigint NOT NULL,
+    hold_expires_at bigint,
+    updated_at      bigint NOT NULL,
     CHECK ((type = 'order.payment_failed') = (entry_id IS NULL))
 );
 CREATE UNIQUE INDEX events_one_per_entry ON events (entry_id) WHERE entry_id IS NOT NULL;
@@ -31,9 +40,13 @@ CREATE INDEX events_unsequenced ON events (pos) WHERE seq IS NULL;
 CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
-       AND (NEW.pos, NEW.id, NEW.type, NEW.order_id, NEW.entry_id, NEW.created_at, NEW.data)
+       AND (NEW.pos, NEW.id, NEW.type, NEW.order_id, NEW.entry_id, NEW.created_at, NEW.status,
+            NEW.refunded, NEW.debit_entry_id, NEW.failure_reason, NEW.captured, NEW.held,
+            NEW.hold_expires_at, NEW.updated_at)
            IS NOT DISTINCT FROM
-           (OLD.pos, OLD.id, OLD.type, OLD.order_id, OLD.entry_id, OLD.created_at, OLD.data) THEN
+           (OLD.pos, OLD.id, OLD.type, OLD.order_id, OLD.entry_id, OLD.created_at, OLD.status,
+            OLD.refunded, OLD.debit_entry_id, OLD.failure_reason, OLD.captured, OLD.held,
+            OLD.hold_expires_at, OLD.updated_at) THEN
         RETURN NEW;
     END IF;
     RAISE EXCEPTION 'events are append-only' USING ERRCODE = 'check_violation';

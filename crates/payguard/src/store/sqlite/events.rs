@@ -5,53 +5,65 @@
 //! transaction, is already commit order: the feed reads `seq > after` directly.
 
 use super::error::{bad_column, expect_one, Fault};
-use crate::domain::{Event, EventDraft, EventType, OrderId};
+use super::rows::{entry_from_row_at, order_from_row_at};
+use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
     AttemptNext, AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery,
-    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, FAN_OUT_EVENTS_MAX,
+    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT,
+    EVENT_SELECT, FAN_OUT_EVENTS_MAX,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 /// Inserts the event `draft` describes, in the caller's transaction.
 pub(super) fn insert_event(conn: &Connection, draft: &EventDraft, now: i64) -> Result<(), Fault> {
-    let event = draft.seal(now);
+    let o = &draft.order;
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO events (id, type, order_id, entry_id, created_at, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO events (id, type, order_id, entry_id, created_at, status, refunded,
+                 debit_entry_id, failure_reason, captured, held, hold_expires_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?
         .execute(params![
-            event.id,
-            event.kind.as_str(),
-            event.order_id.as_str(),
+            new_event_id(),
+            draft.kind.as_str(),
+            o.id.as_str(),
             draft.entry.as_ref().map(|e| e.id),
-            event.created_at,
-            event.data
+            now,
+            o.status.as_str(),
+            o.refunded.minor(),
+            o.debit_entry_id,
+            o.failure_reason,
+            o.captured.map(Money::minor),
+            o.held.minor(),
+            o.hold_expires_at,
+            o.updated_at
         ])?;
     expect_one(inserted, "event")
 }
 
-const EVENT_COLS: &str = "seq, id, type, order_id, created_at, data";
-
-fn event_from_row(row: &Row<'_>, at: usize) -> rusqlite::Result<Event> {
-    let kind: String = row.get(at + 2)?;
-    let order: String = row.get(at + 3)?;
+/// An event read with [`EVENT_SELECT`]'s columns.
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
+    let kind: String = row.get(EVENT_OWN_AT + 2)?;
+    let entry = match row.get::<_, Option<i64>>(EVENT_ENTRY_AT)? {
+        Some(_) => Some(entry_from_row_at(row, EVENT_ENTRY_AT)?),
+        None => None,
+    };
     Ok(Event {
-        seq: row.get(at)?,
-        id: row.get(at + 1)?,
+        seq: row.get(EVENT_OWN_AT)?,
+        id: row.get(EVENT_OWN_AT + 1)?,
         kind: EventType::parse(&kind)
-            .ok_or_else(|| bad_column(at + 2, format!("unknown event type {kind:?}")))?,
-        order_id: OrderId::parse(&order).map_err(|e| bad_column(at + 3, e.to_string()))?,
-        created_at: row.get(at + 4)?,
-        data: row.get(at + 5)?,
+            .ok_or_else(|| bad_column(EVENT_OWN_AT + 2, format!("unknown event type {kind:?}")))?,
+        created_at: row.get(EVENT_OWN_AT + 3)?,
+        order: order_from_row_at(row, 0)?,
+        entry,
     })
 }
 
 /// Committed events after `after`, in `seq` order.
 pub(super) fn events(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<Event>> {
-    let sql = format!("SELECT {EVENT_COLS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+    let sql = format!("{EVENT_SELECT} WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2");
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![after, limit as i64], |r| event_from_row(r, 0))?;
+    let rows = stmt.query_map(params![after, limit as i64], event_from_row)?;
     rows.collect()
 }
 
@@ -208,8 +220,8 @@ pub(super) fn claim(conn: &mut Connection, req: &ClaimRequest) -> rusqlite::Resu
                     |r| r.get(0),
                 )?;
             let event = tx
-                .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"))?
-                .query_row([&event_id], |r| event_from_row(r, 0))?;
+                .prepare_cached(&format!("{EVENT_SELECT} WHERE e.id = ?1"))?
+                .query_row([&event_id], event_from_row)?;
             claimed.push(Claimed {
                 endpoint_id: endpoint_id.clone(),
                 url: url.clone(),

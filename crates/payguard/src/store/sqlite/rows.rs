@@ -44,40 +44,50 @@ pub(super) fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
 }
 
 pub(super) fn order_from_row(row: &Row<'_>) -> rusqlite::Result<Order> {
-    let status: String = row.get(3)?;
+    order_from_row_at(row, 0)
+}
+
+/// As [`order_from_row`], from the row's columns starting at `at`.
+pub(super) fn order_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Order> {
+    let status: String = row.get(at + 3)?;
     Ok(Order {
-        id: col_id(row, 0, OrderId::parse)?,
-        account_id: col_id(row, 1, AccountId::parse)?,
-        amount: money(row, 2)?,
+        id: col_id(row, at, OrderId::parse)?,
+        account_id: col_id(row, at + 1, AccountId::parse)?,
+        amount: money(row, at + 2)?,
         status: OrderStatus::parse(&status)
-            .ok_or_else(|| bad_column(3, format!("unknown status {status:?}")))?,
-        refunded: money(row, 4)?,
-        debit_entry_id: row.get(5)?,
-        failure_reason: row.get(6)?,
-        created_at: row.get(7)?,
-        updated_at: row.get(8)?,
-        captured: row.get::<_, Option<i64>>(9)?.map(Money::from_stored),
-        held: money(row, 10)?,
-        hold_expires_at: row.get(11)?,
+            .ok_or_else(|| bad_column(at + 3, format!("unknown status {status:?}")))?,
+        refunded: money(row, at + 4)?,
+        debit_entry_id: row.get(at + 5)?,
+        failure_reason: row.get(at + 6)?,
+        created_at: row.get(at + 7)?,
+        updated_at: row.get(at + 8)?,
+        captured: row.get::<_, Option<i64>>(at + 9)?.map(Money::from_stored),
+        held: money(row, at + 10)?,
+        hold_expires_at: row.get(at + 11)?,
     })
 }
 
 pub(super) fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
-    let kind: String = row.get(3)?;
-    let refund_id: Option<String> = row.get(6)?;
+    entry_from_row_at(row, 0)
+}
+
+/// As [`entry_from_row`], from the row's columns starting at `at`.
+pub(super) fn entry_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Entry> {
+    let kind: String = row.get(at + 3)?;
+    let refund_id: Option<String> = row.get(at + 6)?;
     Ok(Entry {
-        id: row.get(0)?,
-        order_id: col_id(row, 1, OrderId::parse)?,
-        account_id: col_id(row, 2, AccountId::parse)?,
+        id: row.get(at)?,
+        order_id: col_id(row, at + 1, OrderId::parse)?,
+        account_id: col_id(row, at + 2, AccountId::parse)?,
         kind: EntryKind::parse(&kind)
-            .ok_or_else(|| bad_column(3, format!("unknown entry kind {kind:?}")))?,
-        amount: money(row, 4)?,
-        balance_after: money(row, 5)?,
+            .ok_or_else(|| bad_column(at + 3, format!("unknown entry kind {kind:?}")))?,
+        amount: money(row, at + 4)?,
+        balance_after: money(row, at + 5)?,
         refund_id: refund_id
-            .map(|s| RefundId::parse(&s).map_err(|e| bad_column(6, e.to_string())))
+            .map(|s| RefundId::parse(&s).map_err(|e| bad_column(at + 6, e.to_string())))
             .transpose()?,
-        reverses: row.get(7)?,
-        created_at: row.get(8)?,
+        reverses: row.get(at + 7)?,
+        created_at: row.get(at + 8)?,
     })
 }
 

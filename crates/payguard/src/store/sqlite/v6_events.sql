@@ -4,18 +4,33 @@
 -- One row per committed change of an order's money or status, inserted in the
 -- same transaction as the change. SQLite has one writer, so `seq` (taken in the
 -- transaction) is commit order, and the feed reads `seq > after` safely.
+-- No AUTOINCREMENT: events are never deleted (the triggers below), so the rowid
+-- only grows, and AUTOINCREMENT's extra write per insert buys nothing.
 CREATE TABLE events (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL UNIQUE CHECK (length(id) BETWEEN 5 AND 64),
-    type       TEXT NOT NULL CHECK (type = 'order.paid' OR type = 'order.payment_failed'
-                   OR type = 'order.authorized' OR type = 'order.voided'
-                   OR type = 'order.hold_expired' OR type = 'order.refunded'
-                   OR type = 'order.reversed'),
-    order_id   TEXT NOT NULL REFERENCES orders (id),
-    -- The entry the event announces (none for order.payment_failed).
-    entry_id   INTEGER REFERENCES entries (id),
-    created_at INTEGER NOT NULL,
-    data       TEXT NOT NULL,
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE CHECK (length(id) BETWEEN 5 AND 64),
+    type            TEXT NOT NULL CHECK (type = 'order.paid' OR type = 'order.payment_failed'
+                        OR type = 'order.authorized' OR type = 'order.voided'
+                        OR type = 'order.hold_expired' OR type = 'order.refunded'
+                        OR type = 'order.reversed'),
+    order_id        TEXT NOT NULL REFERENCES orders (id),
+    -- The entry the event announces (none for order.payment_failed); entries
+    -- never change, so the event shows it as it was written.
+    entry_id        INTEGER REFERENCES entries (id),
+    created_at      INTEGER NOT NULL,
+    -- The order as the event's transaction left it: the columns of `orders`
+    -- that change (id, account, amount and creation never do, and are read
+    -- from `orders`). Columns, not a JSON text: the event is built at each
+    -- reading, the same bytes every time, and the money path writes ~100
+    -- bytes instead of ~700 (measured: the JSON cost a deduct 20 %).
+    status          TEXT NOT NULL,
+    refunded        INTEGER NOT NULL,
+    debit_entry_id  INTEGER,
+    failure_reason  TEXT,
+    captured        INTEGER,
+    held            INTEGER NOT NULL,
+    hold_expires_at INTEGER,
+    updated_at      INTEGER NOT NULL,
     CHECK ((type = 'order.payment_failed') = (entry_id IS NULL))
 ) STRICT;
 -- An entry is announced once, and an order fails once.
