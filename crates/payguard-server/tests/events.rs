@@ -331,7 +331,8 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
     app.account("a", 100).await;
     app.order("early", "a", 1000).await;
     app.order("late", "a", 1000).await;
-    let insert = "INSERT INTO events (id, type, order_id, created_at, status, refunded, held, updated_at)
+    let insert =
+        "INSERT INTO events (id, type, order_id, created_at, status, refunded, held, updated_at)
                   VALUES ($1, 'order.payment_failed', $2, 0, 'FAILED', 0, 0, 0) RETURNING pos";
     let mut slow = connect_raw(&scratch.config).await.unwrap();
     let mut fast = connect_raw(&scratch.config).await.unwrap();

@@ -180,6 +180,26 @@ pub enum AttemptNext {
     Gone,
 }
 
+impl AttemptNext {
+    /// The delivery's status and next attempt time (0: none) once this is
+    /// written: the one mapping both stores write.
+    pub fn settles(self) -> (DeliveryStatus, i64) {
+        match self {
+            AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
+            AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
+            AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
+        }
+    }
+
+    /// Whether the attempt's endpoint is disabled with it (a 410).
+    pub fn disables_endpoint(self) -> bool {
+        self == AttemptNext::Gone
+    }
+}
+
+/// Why an endpoint is disabled after a 410 (`disabled_reason`).
+pub const GONE_REASON: &str = "the endpoint answered 410 Gone";
+
 /// One attempt's result, written if the claimer still holds the lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttemptResult {

@@ -14,9 +14,9 @@ use super::error::{corrupt, expect_rows, Fault};
 use super::rows::{entry_from_row_at, order_from_row_at};
 use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
-    AttemptNext, AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery,
-    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT,
-    EVENT_SELECT, FAN_OUT_EVENTS_MAX,
+    AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint,
+    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAN_OUT_EVENTS_MAX,
+    GONE_REASON,
 };
 use std::collections::HashMap;
 use tokio_postgres::{GenericClient, Row};
@@ -372,11 +372,7 @@ pub(super) async fn record(
             ],
         )
         .await?;
-        let (status, next_at) = match res.next {
-            AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
-            AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
-            AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
-        };
+        let (status, next_at) = res.next.settles();
         let ok = tx
             .execute(
                 &settle,
@@ -392,13 +388,13 @@ pub(super) async fn record(
             )
             .await?
             == 1;
-        if ok && res.next == AttemptNext::Gone {
+        if ok && res.next.disables_endpoint() {
             tx.execute(
                 "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $2, updated_at = $3
                  WHERE id = $1 AND status = 'enabled'",
                 &[
                     &res.endpoint_id,
-                    &"the endpoint answered 410 Gone",
+                    &GONE_REASON,
                     &res.row.at,
                 ],
             )

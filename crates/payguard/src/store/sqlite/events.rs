@@ -8,9 +8,9 @@ use super::error::{bad_column, expect_one, Fault};
 use super::rows::{entry_from_row_at, order_from_row_at};
 use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
-    AttemptNext, AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery,
-    DeliveryStatus, Endpoint, EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT,
-    EVENT_SELECT, FAN_OUT_EVENTS_MAX,
+    AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint,
+    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAN_OUT_EVENTS_MAX,
+    GONE_REASON,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
@@ -245,11 +245,7 @@ pub(super) fn record(
     let mut kept = Vec::with_capacity(results.len());
     for res in results {
         insert_attempt(&tx, res)?;
-        let (status, next_at) = match res.next {
-            AttemptNext::Delivered => (DeliveryStatus::Delivered, 0),
-            AttemptNext::RetryAt(at) => (DeliveryStatus::Pending, at),
-            AttemptNext::Failed | AttemptNext::Gone => (DeliveryStatus::Failed, 0),
-        };
+        let (status, next_at) = res.next.settles();
         let ok =
             tx.prepare_cached(
                 "UPDATE webhook_deliveries SET status = ?5, next_attempt_at = ?6, lease_until = 0,
@@ -266,14 +262,14 @@ pub(super) fn record(
                 next_at,
                 res.row.at
             ])? == 1;
-        if ok && res.next == AttemptNext::Gone {
+        if ok && res.next.disables_endpoint() {
             tx.prepare_cached(
                 "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = ?2, updated_at = ?3
                  WHERE id = ?1 AND status = 'enabled'",
             )?
             .execute(params![
                 res.endpoint_id,
-                "the endpoint answered 410 Gone",
+                GONE_REASON,
                 res.row.at
             ])?;
         }
