@@ -111,6 +111,10 @@ impl AppState {
     }
 }
 
+/// Beyond an attempt's timeout, how long a shutdown waits for the results of
+/// the attempts in flight to be written.
+pub const WEBHOOK_RECORD_GRACE_MS: u64 = 2_000;
+
 /// How often expired Idempotency-Key records are pruned.
 pub const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 60_000;
 
@@ -141,20 +145,22 @@ pub async fn serve(
         ))
     });
     let delivery = (state.webhooks.tick_ms > 0).then(|| {
-        tokio::spawn(outbox::delivery::run(
+        outbox::delivery::Delivery::start(
             engine.store().clone(),
             state.webhooks.clone(),
             state.info.instance.clone(),
             metrics.clone(),
-        ))
+        )
     });
+    let delivery_grace =
+        std::time::Duration::from_millis(state.webhooks.timeout_ms + WEBHOOK_RECORD_GRACE_MS);
     let app = router(state);
     connections::serve(listener, app, &limits, metrics, shutdown).await;
     pruner.abort();
     if let Some(delivery) = delivery {
-        // An attempt cut off here was leased: once the lease runs out, another
-        // instance (or the next start) makes it again. Nothing is lost.
-        delivery.abort();
+        // Attempts in flight finish and their results are written, before the
+        // store closes; one cut off by the deadline is sent again after its lease.
+        delivery.shutdown(delivery_grace).await;
     }
     if let Some(sweeper) = sweeper {
         // An expiry it had handed to a lane still commits or fails there (the

@@ -28,6 +28,8 @@ enum Mode {
     /// then hang past the sender's timeout (the response is lost).
     Chaos,
     Always(u16),
+    /// 200, after this many ms.
+    Slow(u64),
 }
 
 /// What the receiver saw of one request.
@@ -83,6 +85,13 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
     let status = match mode {
         Mode::Ok => StatusCode::OK,
         Mode::Always(code) => StatusCode::from_u16(code).unwrap(),
+        Mode::Slow(ms) => {
+            // Seen on arrival, answered later: the test can act mid-attempt.
+            receipt.taken = verified;
+            r.receipts.lock().unwrap().push(receipt);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return StatusCode::OK;
+        }
         Mode::Chaos => match roll % 4 {
             0 => StatusCode::OK,
             1 => StatusCode::INTERNAL_SERVER_ERROR,
@@ -789,5 +798,37 @@ async fn with_a_key_file_the_database_holds_no_usable_secret() {
         .unwrap();
     assert!(stored.starts_with("xc20p1:"), "{stored}");
     assert!(!stored.contains(secret.trim_start_matches("whsec_")));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_lets_the_attempt_in_flight_finish_and_keeps_its_result() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    let app = app_with(&db, "wh-stop", settings(None, 8)).await;
+    let (r, url) = start_receiver(Mode::Slow(300)).await;
+    let ep = endpoint(&app, &r, &url).await;
+    movements(&app, "st", 1).await;
+    // Stop while the receiver holds the first attempts.
+    assert!(
+        eventually(Duration::from_secs(5), || !r
+            .receipts
+            .lock()
+            .unwrap()
+            .is_empty())
+        .await
+    );
+    app.stop().await;
+    let seen = r.receipts.lock().unwrap().len();
+    // The next start finds them delivered: nothing is sent again.
+    let app = app_with(&db, "wh-stop-2", settings(None, 8)).await;
+    let list = delivered(&app, &ep, 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        r.receipts.lock().unwrap().len(),
+        3,
+        "each event once ({seen} before the stop)"
+    );
+    assert_eq!(list.len(), 3);
+    assert!(list.iter().all(|d| d["attempts"] == 1));
     app.stop().await;
 }

@@ -59,13 +59,48 @@ struct Deliverer {
     results: mpsc::Sender<AttemptResult>,
 }
 
-/// Runs the loop until aborted. Store failures are logged and retried at the
-/// next tick: nothing is lost, the rows wait in the database.
-pub async fn run(
+/// The running loop of one instance.
+pub struct Delivery {
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Delivery {
+    /// Starts the loop. Store failures are logged and retried at the next
+    /// tick: nothing is lost, the rows wait in the database.
+    pub fn start(
+        store: Arc<dyn Store>,
+        settings: WebhookSettings,
+        instance: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(run(store, settings, instance, metrics, stop.clone()));
+        Delivery { stop, task }
+    }
+
+    /// Stops claiming, lets the attempts in flight finish (each is bounded by
+    /// the attempt timeout) and writes their results, for at most `within`; what
+    /// is still unfinished then is cut off and stays leased, to be sent again
+    /// once its lease runs out (a duplicate, never a loss).
+    pub async fn shutdown(mut self, within: Duration) {
+        self.stop.notify_one();
+        if tokio::time::timeout(within, &mut self.task).await.is_err() {
+            tracing::warn!(
+                event = "webhook_shutdown_cut",
+                "webhook attempts still in flight at the deadline; they are sent again after their lease"
+            );
+            self.task.abort();
+        }
+    }
+}
+
+async fn run(
     store: Arc<dyn Store>,
     settings: WebhookSettings,
     instance: String,
     metrics: Arc<Metrics>,
+    stop: Arc<Notify>,
 ) {
     let sender = match Sender::new(SenderConfig {
         allow_private: settings.allow_private,
@@ -93,11 +128,12 @@ pub async fn run(
     });
     let mut tick = tokio::time::interval(Duration::from_millis(d.settings.tick_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Aborting this task drops `d` (the recorder ends once every attempt's
-    // sender is gone) and the recorder's handle with it.
-    let _recorder = AbortOnDrop(recorder);
+    // If this task is aborted, the recorder goes with it (the leases cover
+    // what it had not written).
+    let mut recorder = AbortOnDrop(recorder);
     loop {
         tokio::select! {
+            _ = stop.notified() => break,
             _ = tick.tick() => {}
             _ = d.wake.notified() => {}
         }
@@ -106,6 +142,12 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(PASS_GAP_MS)).await;
     }
+    // Every slot back means every attempt ended and queued its result.
+    let all = u32::try_from(d.settings.inflight_max).unwrap_or(u32::MAX);
+    let _ = d.slots.acquire_many(all).await;
+    // The last sender goes with `d`: the recorder writes what is queued and ends.
+    drop(d);
+    let _ = (&mut recorder.0).await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
