@@ -137,7 +137,9 @@ fn settings(clock: Option<Arc<AtomicI64>>, retry_max: u32) -> WebhookSettings {
         retry_max,
         clock: clock.map_or_else(Clock::system, Clock::manual),
         timeout_ms: TIMEOUT_MS,
-        lease_ms: 2_000,
+        // Far longer than an attempt (400 ms), so a slow moment on a loaded
+        // machine never looks like a dead claimer.
+        lease_ms: 10_000,
         tick_ms: 20,
         ..WebhookSettings::default()
     }
@@ -509,7 +511,60 @@ async fn a_410_disables_the_endpoint() {
             "/v1/webhook_endpoints/{ep}/deliveries?status=failed"
         ))
         .await;
-    assert!(!failed.body["deliveries"].as_array().unwrap().is_empty());
+    let failed = failed.body["deliveries"].as_array().unwrap().clone();
+    assert!(!failed.is_empty());
+    // Nothing is left pending for an endpoint that takes nothing more, and
+    // a retry says why it cannot send.
+    let pending = app
+        .get(&format!(
+            "/v1/webhook_endpoints/{ep}/deliveries?status=pending"
+        ))
+        .await;
+    assert_eq!(pending.body["deliveries"], json!([]));
+    let event = failed[0]["event_id"].as_str().unwrap();
+    let retry = app
+        .post_empty(&format!(
+            "/v1/webhook_endpoints/{ep}/deliveries/{event}/retry"
+        ))
+        .await;
+    assert_eq!(retry.status, 409);
+    assert_eq!(retry.body["error"]["code"], "endpoint_disabled");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_endpoint_is_served_however_many_there_are() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    // Room for two endpoints at a time: the other three must still be served.
+    let app = app_with(
+        &db,
+        "wh-many",
+        WebhookSettings {
+            per_endpoint_max: 2,
+            inflight_max: 4,
+            ..settings(None, 8)
+        },
+    )
+    .await;
+    let mut receivers = Vec::new();
+    for _ in 0..5 {
+        let (r, url) = start_receiver(Mode::Ok).await;
+        endpoint(&app, &r, &url).await;
+        receivers.push(r);
+    }
+    movements(&app, "n", 4).await;
+    let events = feed(&app).await.len();
+    assert!(
+        eventually(Duration::from_secs(10), || receivers.iter().all(
+            |r| taken_per_event(&r.receipts.lock().unwrap()).len() == events
+        ))
+        .await,
+        "each of 5 endpoints gets all {events} events: {:?}",
+        receivers
+            .iter()
+            .map(|r| r.receipts.lock().unwrap().len())
+            .collect::<Vec<_>>()
+    );
     app.stop().await;
 }
 
@@ -604,9 +659,11 @@ struct Gauge {
     now: Arc<AtomicU32>,
     max: Arc<AtomicU32>,
     total: Arc<AtomicU32>,
+    /// Holds every request until the test lets go.
+    release: Arc<tokio::sync::Notify>,
 }
 
-/// A receiver that never answers in time (it holds each request 3 s).
+/// A receiver that answers nothing until the test releases it.
 async fn dead_receiver() -> (Gauge, String) {
     let g = Gauge::default();
     let app = axum::Router::new()
@@ -616,7 +673,7 @@ async fn dead_receiver() -> (Gauge, String) {
                 let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
                 g.max.fetch_max(n, Ordering::SeqCst);
                 g.total.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), g.release.notified()).await;
                 g.now.fetch_sub(1, Ordering::SeqCst);
                 StatusCode::OK
             }),
@@ -637,10 +694,11 @@ async fn a_dead_endpoint_does_not_hold_up_a_live_one() {
         WebhookSettings {
             per_endpoint_max: 4,
             inflight_max: 16,
-            // Longer than the dead receiver holds a request: its attempts stay
-            // in flight, so what it sees at once is what payguard sends at once.
-            timeout_ms: 5_000,
-            lease_ms: 8_000,
+            // The dead receiver holds its requests until the test ends, within
+            // the timeout: its attempts stay in flight, so what it sees at
+            // once is what payguard sends at once.
+            timeout_ms: 15_000,
+            lease_ms: 30_000,
             ..settings(None, 8)
         },
     )
@@ -688,6 +746,7 @@ async fn a_dead_endpoint_does_not_hold_up_a_live_one() {
         "{metrics}"
     );
     assert!(metrics.contains(&format!("payguard_events_last_seq {events}")));
+    dead.release.notify_waiters();
     app.stop().await;
 }
 

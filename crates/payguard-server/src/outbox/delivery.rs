@@ -29,6 +29,7 @@ use payguard::store::outbox::{
 };
 use payguard::Store;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -54,6 +55,8 @@ struct Deliverer {
     busy: Mutex<HashMap<String, usize>>,
     /// Woken when an attempt ends: its slot is free for the next claim.
     wake: Notify,
+    /// Which endpoint a pass offers room to first (round robin).
+    turn: AtomicUsize,
     /// Finished attempts, to the recorder (bounded by the slots: an attempt
     /// holds its slot until its result is queued).
     results: mpsc::Sender<AttemptResult>,
@@ -119,6 +122,7 @@ async fn run(
         slots: Arc::new(Semaphore::new(settings.inflight_max)),
         busy: Mutex::new(HashMap::new()),
         wake: Notify::new(),
+        turn: AtomicUsize::new(0),
         store,
         settings,
         instance,
@@ -189,24 +193,35 @@ async fn pass(d: &Arc<Deliverer>) -> Result<(), payguard::store::StoreError> {
     d.store.sequence_events(false).await?;
     let now = d.settings.clock.now_ms();
     d.store.webhook_fan_out(now).await?;
-    let mut free = d.slots.available_permits();
+    let free = d.slots.available_permits();
     if free == 0 {
         return Ok(());
     }
-    let endpoints = d.store.webhook_endpoints(None).await?;
+    let mut endpoints: Vec<String> = d
+        .store
+        .webhook_endpoints(None)
+        .await?
+        .into_iter()
+        .filter(|e| e.status == EndpointStatus::Enabled)
+        .map(|e| e.id)
+        .collect();
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    // A different endpoint goes first on each pass, so when the total is the
+    // limit no endpoint is always last.
+    let turn = d.turn.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+    endpoints.rotate_left(turn);
     let wants: Vec<(String, usize)> = {
         let busy = d.busy.lock().unwrap_or_else(|p| p.into_inner());
         endpoints
             .into_iter()
-            .filter(|e| e.status == EndpointStatus::Enabled)
-            .filter_map(|e| {
+            .filter_map(|id| {
                 let room = d
                     .settings
                     .per_endpoint_max
-                    .saturating_sub(busy.get(&e.id).copied().unwrap_or(0))
-                    .min(free);
-                free -= room;
-                (room > 0).then_some((e.id, room))
+                    .saturating_sub(busy.get(&id).copied().unwrap_or(0));
+                (room > 0).then_some((id, room))
             })
             .collect()
     };
@@ -220,6 +235,7 @@ async fn pass(d: &Arc<Deliverer>) -> Result<(), payguard::store::StoreError> {
             lease_ms: d.settings.lease_ms,
             owner: d.instance.clone(),
             wants,
+            total_max: free,
         })
         .await?;
     for claim in claimed {
@@ -228,32 +244,49 @@ async fn pass(d: &Arc<Deliverer>) -> Result<(), payguard::store::StoreError> {
             // runs out and the delivery is attempted again.
             break;
         };
-        *d.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(claim.endpoint_id.clone())
-            .or_default() += 1;
+        let room = Room::take(d.clone(), claim.endpoint_id.clone());
         let d = d.clone();
         tokio::spawn(async move {
-            let endpoint = claim.endpoint_id.clone();
             let result = attempt(&d, claim).await;
             // Queued before the slot is given back: the queue never holds
             // more than the slots.
             let _ = d.results.send(result).await;
-            {
-                let mut busy = d.busy.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = busy.get_mut(&endpoint) {
-                    *n -= 1;
-                    if *n == 0 {
-                        busy.remove(&endpoint);
-                    }
-                }
-            }
+            drop(room);
             drop(permit);
             d.wake.notify_one();
         });
     }
     Ok(())
+}
+
+/// One attempt's share of its endpoint's room on this instance, given back
+/// when dropped: also when the attempt panics, so no room is lost for good.
+struct Room {
+    d: Arc<Deliverer>,
+    endpoint: String,
+}
+
+impl Room {
+    fn take(d: Arc<Deliverer>, endpoint: String) -> Self {
+        *d.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(endpoint.clone())
+            .or_default() += 1;
+        Room { d, endpoint }
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let mut busy = self.d.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(&self.endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.endpoint);
+            }
+        }
+    }
 }
 
 /// One attempt and its log lines; returns its result, for the recorder.

@@ -321,7 +321,7 @@ pub(crate) async fn deliveries(
 #[utoipa::path(post, path = "/v1/webhook_endpoints/{id}/deliveries/{event_id}/retry", tag = "webhooks",
     params(("id" = String, Path, pattern = "^[A-Za-z0-9_]{1,64}$"), ("event_id" = String, Path, pattern = "^[A-Za-z0-9_]{1,64}$")),
     responses((status = 200, description = "Scheduled again, now", body = DeliveryDoc),
-        (status = 409, description = "`delivery_not_failed`: only a failed delivery is sent again", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`delivery_not_failed`: only a failed delivery is sent again; `endpoint_disabled`: the endpoint answered 410", body = crate::openapi::ErrorBody),
         crate::openapi::GetErrors))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
@@ -341,6 +341,11 @@ pub(crate) async fn retry(
             StatusCode::NOT_FOUND,
             "delivery_not_found",
             "no such delivery for this endpoint",
+        )),
+        RetryOutcome::EndpointDisabled => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "endpoint_disabled",
+            "the endpoint answered 410 Gone and is disabled; create a new endpoint",
         )),
         RetryOutcome::NotFailed(s) => Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -147,8 +147,10 @@ pub struct Delivery {
     pub attempt_log: Vec<AttemptRow>,
 }
 
-/// Due deliveries to claim: for each endpoint named, at most its count (the
-/// claimer's free capacity for it), oldest due first.
+/// Due deliveries to claim: endpoint by endpoint in the order given, at most
+/// each one's count (the claimer's free room for it), oldest due first, and
+/// at most `total_max` in all. An endpoint with nothing due takes nothing from
+/// the total, so however many endpoints there are, each one is served.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest {
     pub now_ms: i64,
@@ -157,6 +159,7 @@ pub struct ClaimRequest {
     pub owner: String,
     /// (endpoint id, most deliveries to lease for it).
     pub wants: Vec<(String, usize)>,
+    pub total_max: usize,
 }
 
 /// A delivery this claimer now holds: make attempt number `attempt`.
@@ -197,6 +200,15 @@ impl AttemptNext {
     }
 }
 
+/// What the stores write to every delivery still pending when its endpoint
+/// stops taking them (a 410, a delete): `failed`, so nothing stays pending
+/// for an endpoint that will never be sent to again.
+/// (`$1` endpoint id, `$2` now; SQLite numbers `$n` parameters as PostgreSQL does.)
+pub(crate) const FAIL_PENDING_SQL: &str =
+    "UPDATE webhook_deliveries SET status = 'failed', lease_until = 0, lease_owner = NULL,
+            updated_at = $2
+     WHERE endpoint_id = $1 AND status = 'pending'";
+
 /// Why an endpoint is disabled after a 410 (`disabled_reason`).
 pub const GONE_REASON: &str = "the endpoint answered 410 Gone";
 
@@ -217,6 +229,8 @@ pub enum RetryOutcome {
     NotFound,
     /// Only a `failed` delivery is sent again.
     NotFailed(DeliveryStatus),
+    /// Its endpoint answered 410 and is disabled: nothing is sent to it.
+    EndpointDisabled,
     Scheduled(Delivery),
 }
 

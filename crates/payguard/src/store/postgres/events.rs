@@ -15,8 +15,8 @@ use super::rows::{entry_from_row_at, order_from_row_at};
 use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
     AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint,
-    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAN_OUT_EVENTS_MAX,
-    GONE_REASON,
+    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAIL_PENDING_SQL,
+    FAN_OUT_EVENTS_MAX, GONE_REASON,
 };
 use std::collections::HashMap;
 use tokio_postgres::{GenericClient, Row};
@@ -108,6 +108,18 @@ pub(super) async fn sequence(
     client: &mut tokio_postgres::Client,
     wait: bool,
 ) -> Result<u64, Fault> {
+    // Most calls find nothing to number: say so from the partial index,
+    // without a write transaction or the lock.
+    let pending: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !pending {
+        return Ok(0);
+    }
     let tx = client.transaction().await?;
     if wait {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEQUENCER_LOCK_KEY])
@@ -210,6 +222,9 @@ pub(super) async fn delete_endpoint(
             &[&id, &now],
         )
         .await?;
+    // After the endpoint's row: a claim racing this sees it deleted, or its
+    // lease is on a delivery this then fails (the attempt's result is dropped).
+    client.execute(FAIL_PENDING_SQL, &[&id, &now]).await?;
     Ok(n == 1)
 }
 
@@ -217,6 +232,19 @@ pub(super) async fn delete_endpoint(
 /// its cursor moves, in one transaction; an endpoint another instance is
 /// fanning out right now is skipped (its row is locked).
 pub(super) async fn fan_out(client: &mut tokio_postgres::Client, now: i64) -> Result<u64, Fault> {
+    // Most passes have nothing to fan out: find that out without locking the
+    // endpoints' rows.
+    let behind: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE status = 'enabled'
+                 AND after_seq < (SELECT COALESCE(MAX(seq), 0) FROM events))",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !behind {
+        return Ok(0);
+    }
     let tx = client.transaction().await?;
     let ends = tx
         .query(
@@ -292,13 +320,17 @@ pub(super) async fn claim(
     let lease_until = req.now_ms + req.lease_ms;
     let mut out = Vec::new();
     for (endpoint_id, want) in &req.wants {
+        let want = (*want).min(req.total_max - out.len());
+        if want == 0 {
+            break;
+        }
         let leased = client
             .query(
                 &lease,
                 &[
                     endpoint_id,
                     &req.now_ms,
-                    &(*want as i64),
+                    &(want as i64),
                     &lease_until,
                     &req.owner,
                 ],
@@ -399,6 +431,8 @@ pub(super) async fn record(
                 ],
             )
             .await?;
+            tx.execute(FAIL_PENDING_SQL, &[&res.endpoint_id, &res.row.at])
+                .await?;
         }
         kept.push(ok);
     }
@@ -485,13 +519,14 @@ pub(super) async fn retry(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT d.status FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+            "SELECT d.status, w.status FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
              WHERE d.endpoint_id = $1 AND d.event_id = $2 AND w.status <> 'deleted' FOR UPDATE OF d",
             &[&endpoint_id, &event_id],
         )
         .await?;
     let outcome = match row {
         None => RetryOutcome::NotFound,
+        Some(r) if r.try_get::<_, &str>(1)? != "enabled" => RetryOutcome::EndpointDisabled,
         Some(r) => {
             let st: &str = r.try_get(0)?;
             match DeliveryStatus::parse(st) {

@@ -425,7 +425,12 @@ impl Store for PgStore {
     fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let (_open, client) = inner.enter().await?;
+            let (_open, mut client) = inner.enter().await?;
+            // Number what has committed first: the endpoint's cursor starts
+            // after every event committed before it, numbered or not yet.
+            events::sequence(&mut client, true)
+                .await
+                .map_err(Fault::into_store_error)?;
             events::create_endpoint(&**client, &endpoint)
                 .await
                 .map_err(Fault::into_store_error)

@@ -9,8 +9,8 @@ use super::rows::{entry_from_row_at, order_from_row_at};
 use crate::domain::{new_event_id, Event, EventDraft, EventType, Money};
 use crate::store::outbox::{
     AttemptResult, AttemptRow, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint,
-    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAN_OUT_EVENTS_MAX,
-    GONE_REASON,
+    EndpointStatus, RetryOutcome, EVENT_ENTRY_AT, EVENT_OWN_AT, EVENT_SELECT, FAIL_PENDING_SQL,
+    FAN_OUT_EVENTS_MAX, GONE_REASON,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
@@ -111,12 +111,15 @@ pub(super) fn endpoints(conn: &Connection, id: Option<&str>) -> rusqlite::Result
     rows.collect()
 }
 
-pub(super) fn delete_endpoint(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<bool> {
-    let changed = conn.execute(
+pub(super) fn delete_endpoint(conn: &mut Connection, id: &str, now: i64) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let changed = tx.execute(
         "UPDATE webhook_endpoints SET status = 'deleted', updated_at = ?2
          WHERE id = ?1 AND status <> 'deleted'",
         params![id, now],
     )?;
+    tx.execute(FAIL_PENDING_SQL, params![id, now])?;
+    tx.commit()?;
     Ok(changed == 1)
 }
 
@@ -169,18 +172,31 @@ pub(super) fn fan_out(conn: &mut Connection, now: i64) -> rusqlite::Result<u64> 
 /// Leases due deliveries to `req.owner` (see [`ClaimRequest`]), in one
 /// transaction; each endpoint's oldest due first, through its index.
 pub(super) fn claim(conn: &mut Connection, req: &ClaimRequest) -> rusqlite::Result<Vec<Claimed>> {
-    let due: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM webhook_deliveries
-                 WHERE status = 'pending' AND next_attempt_at <= ?1 AND lease_until <= ?1)",
-        )?
-        .query_row([req.now_ms], |r| r.get(0))?;
-    if !due || req.wants.is_empty() {
+    // Without the write lock first: is anything due at the endpoints asked
+    // for (through the due index, one probe each)?
+    let mut due = false;
+    for (endpoint_id, _) in &req.wants {
+        due = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM webhook_deliveries
+                     WHERE endpoint_id = ?1 AND status = 'pending'
+                       AND next_attempt_at <= ?2 AND lease_until <= ?2)",
+            )?
+            .query_row(params![endpoint_id, req.now_ms], |r| r.get(0))?;
+        if due {
+            break;
+        }
+    }
+    if !due || req.total_max == 0 {
         return Ok(Vec::new());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut claimed = Vec::new();
     for (endpoint_id, want) in &req.wants {
+        let want = (*want).min(req.total_max - claimed.len());
+        if want == 0 {
+            break;
+        }
         let picked: Vec<String> = tx
             .prepare_cached(
                 "SELECT event_id FROM webhook_deliveries
@@ -188,7 +204,7 @@ pub(super) fn claim(conn: &mut Connection, req: &ClaimRequest) -> rusqlite::Resu
                    AND next_attempt_at <= ?2 AND lease_until <= ?2
                  ORDER BY next_attempt_at, event_seq LIMIT ?3",
             )?
-            .query_map(params![endpoint_id, req.now_ms, *want as i64], |r| r.get(0))?
+            .query_map(params![endpoint_id, req.now_ms, want as i64], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         if picked.is_empty() {
             continue;
@@ -272,6 +288,7 @@ pub(super) fn record(
                 GONE_REASON,
                 res.row.at
             ])?;
+            tx.execute(FAIL_PENDING_SQL, params![res.endpoint_id, res.row.at])?;
         }
         kept.push(ok);
     }
@@ -367,18 +384,24 @@ pub(super) fn retry(
     now: i64,
 ) -> rusqlite::Result<RetryOutcome> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let status: Option<String> = tx
+    let status: Option<(String, String)> = tx
         .query_row(
-            "SELECT d.status FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+            "SELECT d.status, w.status FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
              WHERE d.endpoint_id = ?1 AND d.event_id = ?2 AND w.status <> 'deleted'",
             params![endpoint_id, event_id],
-            |r| r.get(0),
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
         )
         .optional()?;
-    let outcome = match status.as_deref().map(DeliveryStatus::parse) {
+    let outcome = match status
+        .as_ref()
+        .map(|(d, w)| (DeliveryStatus::parse(d), w.as_str()))
+    {
         None => RetryOutcome::NotFound,
-        Some(None) => return Err(bad_column(0, format!("unknown delivery status {status:?}"))),
-        Some(Some(DeliveryStatus::Failed)) => {
+        Some((_, w)) if w != "enabled" => RetryOutcome::EndpointDisabled,
+        Some((None, _)) => {
+            return Err(bad_column(0, format!("unknown delivery status {status:?}")))
+        }
+        Some((Some(DeliveryStatus::Failed), _)) => {
             tx.execute(
                 "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?3,
                         lease_until = 0, lease_owner = NULL, updated_at = ?3
@@ -391,7 +414,7 @@ pub(super) fn retry(
                 None => RetryOutcome::NotFound,
             }
         }
-        Some(Some(other)) => RetryOutcome::NotFailed(other),
+        Some((Some(other), _)) => RetryOutcome::NotFailed(other),
     };
     tx.commit()?;
     Ok(outcome)
