@@ -294,11 +294,11 @@ pub(super) async fn fan_out(client: &mut tokio_postgres::Client, now: i64) -> Re
 /// that picks its oldest due rows with `FOR UPDATE SKIP LOCKED` (so instances
 /// claiming at once take different rows) and leases them.
 pub(super) async fn claim(
-    client: &impl GenericClient,
+    client: &deadpool_postgres::ClientWrapper,
     req: &ClaimRequest,
 ) -> Result<Vec<Claimed>, Fault> {
     let lease = client
-        .prepare(
+        .prepare_cached(
             "WITH picked AS (
                  SELECT endpoint_id, event_id FROM webhook_deliveries
                  WHERE endpoint_id = $1 AND status = 'pending'
@@ -312,10 +312,12 @@ pub(super) async fn claim(
         )
         .await?;
     let read = client
-        .prepare(&format!("{EVENT_SELECT} WHERE e.id = ANY($1)"))
+        .prepare_cached(&format!("{EVENT_SELECT} WHERE e.id = ANY($1)"))
         .await?;
     let target = client
-        .prepare("SELECT url, secret FROM webhook_endpoints WHERE id = $1 AND status = 'enabled'")
+        .prepare_cached(
+            "SELECT url, secret FROM webhook_endpoints WHERE id = $1 AND status = 'enabled'",
+        )
         .await?;
     let lease_until = req.now_ms + req.lease_ms;
     let mut out = Vec::new();
@@ -369,19 +371,19 @@ pub(super) async fn claim(
 /// As SQLite's: each attempt is logged; its result is kept only under its
 /// lease; all in one transaction.
 pub(super) async fn record(
-    client: &mut tokio_postgres::Client,
+    client: &mut deadpool_postgres::ClientWrapper,
     results: &[AttemptResult],
 ) -> Result<Vec<bool>, Fault> {
     let tx = client.transaction().await?;
     let log = tx
-        .prepare(
+        .prepare_cached(
             "INSERT INTO webhook_attempts
                  (endpoint_id, event_id, attempt, at, status_code, error, duration_ms, instance)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .await?;
     let settle = tx
-        .prepare(
+        .prepare_cached(
             "UPDATE webhook_deliveries SET status = $5, next_attempt_at = $6, lease_until = 0,
                     lease_owner = NULL, updated_at = $7
              WHERE endpoint_id = $1 AND event_id = $2 AND lease_owner = $3 AND attempts = $4

@@ -471,7 +471,7 @@ impl Store for PgStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, client) = inner.enter().await?;
-            events::claim(&**client, &req)
+            events::claim(&client, &req)
                 .await
                 .map_err(Fault::into_store_error)
         })
