@@ -650,6 +650,10 @@ async fn private_targets_and_bad_bodies_are_refused_and_keys_replay_creation() {
         )
         .await;
     assert_eq!(del.status, 404);
+    // The key's endpoint is gone: the key does not make it again.
+    let again = app.send(create("http://93.184.216.34/hook")).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.body["error"]["code"], "endpoint_deleted");
     app.stop().await;
 }
 

@@ -172,6 +172,7 @@ fn path_ids(path: Result<Path<Vec<String>>, PathRejection>) -> Result<Vec<String
                 ("ListDeliveries" = (operation_id = "deliveries", parameters(("id" = "$response.body#/id")))),
                 ("DeleteEndpoint" = (operation_id = "delete_endpoint", parameters(("id" = "$response.body#/id"))))
             )),
+        (status = 409, description = "`endpoint_deleted`: this Idempotency-Key created an endpoint that has been deleted since", body = crate::openapi::ErrorBody),
         crate::openapi::PostErrors))]
 pub(crate) async fn create(
     State(state): State<AppState>,
@@ -229,8 +230,8 @@ pub(crate) async fn create(
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
-                "idempotency_key_in_use",
-                "this Idempotency-Key named an endpoint that was deleted",
+                "endpoint_deleted",
+                "this Idempotency-Key created an endpoint that has been deleted since",
             )
         })?;
     if existing.url != endpoint.url || existing.types != endpoint.types {
