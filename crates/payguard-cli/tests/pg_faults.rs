@@ -236,16 +236,28 @@ async fn a_postgres_blackhole_mid_storm_moves_nothing_it_denies() {
     if pg_base().is_none() {
         return;
     }
-    let (log, unavailable) = storm_through_fault(
-        "pg_test_blackhole",
-        32,
-        &["--pg-batch-deadline-ms", "700"],
-        |proxy| async move {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            proxy.set(Mode::Blackhole);
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-        },
+    blackhole("pg_test_blackhole", &["--pg-batch-deadline-ms", "700"]).await;
+}
+
+/// The same with half the orders paid in two steps (issue #14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_phase_storm_through_a_postgres_blackhole_moves_nothing_it_denies() {
+    if pg_base().is_none() {
+        return;
+    }
+    blackhole(
+        "pg_test_two_phase_blackhole",
+        &["--pg-batch-deadline-ms", "700", "--sweep-interval", "100ms"],
     )
+    .await;
+}
+
+async fn blackhole(tag: &str, extra: &[&str]) {
+    let (log, unavailable) = storm_through_fault(tag, 32, extra, |proxy| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        proxy.set(Mode::Blackhole);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    })
     .await;
     let past_deadline = log.lines().filter(|l| l.contains("batch deadline")).count();
     eprintln!(
@@ -263,7 +275,20 @@ async fn postgres_latency_changes_nothing_but_time() {
     if pg_base().is_none() {
         return;
     }
-    storm_through_fault("pg_test_latency", 33, &[], |proxy| async move {
+    latency("pg_test_latency", &[]).await;
+}
+
+/// The same with half the orders paid in two steps (issue #14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_phase_storm_through_postgres_latency_changes_nothing_but_time() {
+    if pg_base().is_none() {
+        return;
+    }
+    latency("pg_test_two_phase_latency", &["--sweep-interval", "100ms"]).await;
+}
+
+async fn latency(tag: &str, extra: &[&str]) {
+    storm_through_fault(tag, 33, extra, |proxy| async move {
         proxy.set(Mode::Latency(Duration::from_millis(40)));
         tokio::time::sleep(Duration::from_millis(3000)).await;
     })
