@@ -407,6 +407,9 @@ async fn read_outbox(state: &AppState) {
     match store.webhook_backlog().await {
         Ok(backlog) => {
             let now = state.webhooks.clock.now_ms();
+            // Only the endpoints that exist now: a deleted one leaves no gauge.
+            metrics.webhook_backlog.clear();
+            metrics.webhook_backlog_age.clear();
             for b in backlog {
                 let labels = EndpointLabels {
                     endpoint: b.endpoint_id,
