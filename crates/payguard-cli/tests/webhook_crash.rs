@@ -9,7 +9,7 @@ mod common;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use common::{pg_base, pg_url, start, start_with_env, Server};
+use common::{get_json, pg_base, pg_url, start, start_with_env, Server};
 use payguard::store::postgres::ScratchDb;
 use serde_json::{json, Value};
 use standardwebhooks::Webhook;
@@ -196,23 +196,13 @@ async fn killed_mid_attempt(dir: &Path, db: &str) {
     assert_eq!(got[0].2, got[1].2, "the same body");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(r.got.lock().unwrap().len(), 2, "and no third attempt");
-    let eps: Value = http
-        .get(format!("{}/v1/webhook_endpoints", s2.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let eps = get_json(&http, format!("{}/v1/webhook_endpoints", s2.url)).await;
     let ep = eps["endpoints"][0]["id"].as_str().unwrap();
-    let list: Value = http
-        .get(format!("{}/v1/webhook_endpoints/{ep}/deliveries", s2.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(
+        &http,
+        format!("{}/v1/webhook_endpoints/{ep}/deliveries", s2.url),
+    )
+    .await;
     let d = &list["deliveries"][0];
     assert_eq!(d["status"], "delivered", "{d}");
     assert_eq!(d["attempts"], 2, "{d}");
