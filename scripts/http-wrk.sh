@@ -6,7 +6,9 @@
 # (for the p99 target). Prints one RESULT line per row and the ratios.
 #
 #   scripts/http-wrk.sh [LOG_FILE]   (LOG_FILE default: a file in a temp dir; /dev/null works)
-# Env: SECS (default 5), CONNS (default 64), THREADS (default 2), PERF=1 records a
+# Each row also reports the server's CPU per request (server_cpu_us_per_req, from
+# /proc/<pid>/stat), the figure to compare between builds on a shared machine.
+# Env: PAYGUARD_BIN (the binary to serve), SECS (default 5), CONNS (default 64), THREADS (default 2), PERF=1 records a
 # `perf record -g` profile of the server per row into $PERF_DIR (default /tmp/payguard-perf).
 # WEBHOOK=1 subscribes one webhook endpoint (scripts/webhook-sink.py, answering 200 at
 # once) before the rows, so every charge is also delivered; prints the deliveries.
@@ -49,11 +51,17 @@ run() { # name secs script [env...]: one wrk row
     mkdir -p "${PERF_DIR:=/tmp/payguard-perf}"
     perf record -q -g -p "$pid" -o "$PERF_DIR/$name.data" -- sleep "$secs" 2>/dev/null &
   fi
-  local out; out=$(env PG_CONNS="$CONNS" "$@" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" \
+  local out cpu0 cpu1; cpu0=$(cpu_ticks)
+  out=$(env PG_CONNS="$CONNS" "$@" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" \
     -s "scripts/wrk/$script" "$url" | grep '^RESULT')
+  cpu1=$(cpu_ticks)
   wait 2>/dev/null || true
-  echo "$name ${out#RESULT }"
+  # The server's CPU (user + system, every thread) per request of the row: steadier
+  # than requests/s on a shared machine, since other work does not inflate it.
+  local reqs; reqs=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$out")
+  echo "$name ${out#RESULT } server_cpu_us_per_req=$(( (cpu1 - cpu0) * 1000000 / $(getconf CLK_TCK) / (reqs > 0 ? reqs : 1) ))"
 }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$pid/stat"; }
 field() { sed -n "s/.* $2=\([0-9.]*\).*/\1/p" <<<"$1"; }
 # Orders to charge (not timed as a row): enough for the peak run and the paced one.
 created=$(run create $((SECS * 3)) create.lua)

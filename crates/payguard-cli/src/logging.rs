@@ -33,12 +33,18 @@ impl LogFormat {
     }
 }
 
+/// Bytes the log writer thread gathers before one `write(2)`: it writes when
+/// this fills or when no line is waiting, so a quiet server's lines still appear
+/// at once and a busy one's go out many to a syscall (issue #16: one write per
+/// line was 8–10 % of a loaded server's CPU).
+pub const LOG_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Installs the global subscriber; keep the guard alive until exit so the last
 /// lines are flushed.
 pub fn init(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stdout());
+        .finish(stdout_buffered());
     let filter = EnvFilter::try_from_env("PAYGUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -50,46 +56,251 @@ pub fn init(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+/// Standard output without its line buffering: the writer thread flushes this
+/// whenever its queue is empty (tracing-appender's worker does), and on exit.
+/// Falls back to the line-buffered handle if the descriptor cannot be shared.
+fn stdout_buffered() -> Box<dyn std::io::Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER_BYTES,
+            std::fs::File::from(fd),
+        )),
+        Err(_) => Box::new(std::io::stdout()),
+    }
+}
+
 pub struct PayguardFormat {
     pub format: LogFormat,
 }
 
-#[derive(Default)]
+/// One event's fields, formatted as they are visited into buffers reused from
+/// line to line (no value is boxed or copied per field).
 struct Fields {
-    event: Option<String>,
-    message: Option<String>,
-    rest: Vec<(&'static str, serde_json::Value)>,
+    format: LogFormat,
+    event: String,
+    has_event: bool,
+    message: String,
+    has_message: bool,
+    /// The fields other than `event` and `message`, already formatted with their
+    /// separators (`,"k":v` in JSON, `, k=v` in text), in the order visited.
+    rest: String,
+    has_req: bool,
+    count: usize,
+}
+
+impl Fields {
+    fn new(format: LogFormat) -> Self {
+        Fields {
+            format,
+            event: String::new(),
+            has_event: false,
+            message: String::new(),
+            has_message: false,
+            rest: String::with_capacity(192),
+            has_req: false,
+            count: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.event.clear();
+        self.has_event = false;
+        self.message.clear();
+        self.has_message = false;
+        self.rest.clear();
+        self.has_req = false;
+        self.count = 0;
+    }
+
+    fn key(&mut self, name: &str) {
+        if name == "req" {
+            self.has_req = true;
+        }
+        match self.format {
+            LogFormat::Json => {
+                self.rest.push(',');
+                json_str(&mut self.rest, name);
+                self.rest.push(':');
+            }
+            LogFormat::Text => {
+                self.rest.push_str(if self.count == 0 { " " } else { ", " });
+                self.rest.push_str(name);
+                self.rest.push('=');
+            }
+        }
+        self.count += 1;
+    }
+
+    fn push_str(&mut self, name: &str, value: &str) {
+        self.key(name);
+        match self.format {
+            LogFormat::Json => json_str(&mut self.rest, value),
+            LogFormat::Text => self.rest.push_str(value),
+        }
+    }
+
+    fn push_display(&mut self, name: &str, value: impl std::fmt::Display) {
+        self.key(name);
+        let _ = write!(self.rest, "{value}");
+    }
 }
 
 impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "event" => self.event = Some(value.to_owned()),
-            "message" => self.message = Some(value.to_owned()),
-            name => self.rest.push((name, value.into())),
+            "event" => {
+                self.event.push_str(value);
+                self.has_event = true;
+            }
+            "message" => {
+                self.message.push_str(value);
+                self.has_message = true;
+            }
+            name => self.push_str(name, value),
         }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.rest.push((field.name(), value.into()));
+        self.push_display(field.name(), value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.rest.push((field.name(), value.into()));
+        self.push_display(field.name(), value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.rest.push((field.name(), value.into()));
+        self.push_display(field.name(), value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         // Durations: microsecond precision is plenty and keeps lines short.
         let rounded = (value * 1000.0).round() / 1000.0;
-        self.rest.push((field.name(), rounded.into()));
+        // JSON's number form (`2.0`, `1.235`); not finite: null, as serde_json says.
+        match serde_json::Number::from_f64(rounded) {
+            Some(n) => self.push_display(field.name(), n),
+            None => self.push_display(field.name(), "null"),
+        }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let s = format!("{value:?}");
         match field.name() {
-            "event" => self.event = Some(s),
-            "message" => self.message = Some(s),
-            name => self.rest.push((name, s.into())),
+            "event" => {
+                let _ = write!(self.event, "{value:?}");
+                self.has_event = true;
+            }
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+                self.has_message = true;
+            }
+            name => {
+                let formatted = format!("{value:?}");
+                self.push_str(name, &formatted);
+            }
         }
+    }
+}
+
+/// Appends `s` as a JSON string (quotes and escapes, as serde_json writes them).
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(esc);
+        }
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
+    out.push('"');
+}
+
+/// What one thread reuses from line to line: the fields, the line, and the
+/// last timestamp formatted with its millisecond (a busy server writes many
+/// lines a millisecond).
+struct Scratch {
+    fields: Fields,
+    line: String,
+    ts_ms: i64,
+    ts: String,
+}
+
+impl Scratch {
+    fn new(format: LogFormat) -> Self {
+        Scratch {
+            fields: Fields::new(format),
+            line: String::with_capacity(256),
+            ts_ms: i64::MIN,
+            ts: String::with_capacity(24),
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+impl PayguardFormat {
+    fn format_into<S, N>(&self, sc: &mut Scratch, ctx: &FmtContext<'_, S, N>, event: &Event<'_>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        let f = &mut sc.fields;
+        f.clear();
+        f.format = self.format;
+        event.record(f);
+        // A line logged while serving a request carries that request's id, even
+        // when the code that logged it did not know it (error mapping, store
+        // failures): the client was given this id, so support can find the line.
+        if !f.has_req {
+            if let Some(req) = request_span_req(ctx) {
+                f.push_str("req", &req);
+            }
+        }
+        if f.has_message {
+            let msg = std::mem::take(&mut f.message);
+            f.push_str("msg", &msg);
+            f.message = msg;
+        }
+        let now = chrono::Utc::now();
+        let ms = now.timestamp_millis();
+        if ms != sc.ts_ms {
+            sc.ts.clear();
+            let _ = write!(sc.ts, "{}", now.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+            sc.ts_ms = ms;
+        }
+        let level = event.metadata().level().as_str();
+        let name = if f.has_event { f.event.as_str() } else { "log" };
+        let line = &mut sc.line;
+        line.clear();
+        match self.format {
+            LogFormat::Json => {
+                // Written by hand so the keys keep LOGS.md's order: ts, level, event, fields.
+                let _ = write!(
+                    line,
+                    "{{\"ts\":\"{}\",\"level\":\"{level}\",\"event\":",
+                    sc.ts
+                );
+                json_str(line, name);
+                line.push_str(&f.rest);
+                line.push('}');
+            }
+            LogFormat::Text => {
+                let _ = write!(line, "{} [{level}] {name}:", sc.ts);
+                line.push_str(&f.rest);
+            }
+        }
+        line.push('\n');
     }
 }
 
@@ -104,52 +315,19 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let mut f = Fields::default();
-        event.record(&mut f);
-        // A line logged while serving a request carries that request's id, even
-        // when the code that logged it did not know it (error mapping, store
-        // failures): the client was given this id, so support can find the line.
-        if !f.rest.iter().any(|(k, _)| *k == "req") {
-            if let Some(req) = request_span_req(ctx) {
-                f.rest.push(("req", req.into()));
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut slot) => {
+                let sc = slot.get_or_insert_with(|| Scratch::new(self.format));
+                self.format_into(sc, ctx, event);
+                writer.write_str(&sc.line)
             }
-        }
-        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let level = event.metadata().level().as_str();
-        let name = f.event.take().unwrap_or_else(|| "log".to_owned());
-        if let Some(msg) = f.message.take() {
-            f.rest.push(("msg", msg.into()));
-        }
-        let mut line = String::with_capacity(160);
-        match self.format {
-            LogFormat::Json => {
-                // Written by hand so the keys keep LOGS.md's order: ts, level, event, fields.
-                let _ = write!(
-                    line,
-                    "{{\"ts\":\"{ts}\",\"level\":\"{level}\",\"event\":{}",
-                    serde_json::Value::String(name)
-                );
-                for (k, v) in &f.rest {
-                    let _ = write!(line, ",{}:{v}", serde_json::Value::String((*k).to_owned()));
-                }
-                line.push('}');
+            // A line logged while formatting one (re-entrant): its own buffers.
+            Err(_) => {
+                let mut sc = Scratch::new(self.format);
+                self.format_into(&mut sc, ctx, event);
+                writer.write_str(&sc.line)
             }
-            LogFormat::Text => {
-                let _ = write!(line, "{ts} [{level}] {name}:");
-                for (i, (k, v)) in f.rest.iter().enumerate() {
-                    let sep = if i == 0 { " " } else { ", " };
-                    match v {
-                        serde_json::Value::String(s) => {
-                            let _ = write!(line, "{sep}{k}={s}");
-                        }
-                        other => {
-                            let _ = write!(line, "{sep}{k}={other}");
-                        }
-                    }
-                }
-            }
-        }
-        writeln!(writer, "{line}")
+        })
     }
 }
 
@@ -266,6 +444,45 @@ mod tests {
         assert_eq!(lines[0]["req"], "4cba02ec");
         assert_eq!(lines[1]["req"], "other");
         assert_eq!(out.lines().nth(1).unwrap().matches("\"req\"").count(), 1);
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for s in [
+            "plain",
+            "quote \" and backslash \\",
+            "new\nline\r\ttab",
+            "\u{1}\u{8}\u{c}\u{1f}\u{7f}",
+            "¥2.37M — 双重扣款",
+            "",
+        ] {
+            let mut out = String::new();
+            json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn messages_debug_values_and_whole_floats_keep_their_old_form() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .event_format(PayguardFormat {
+                format: LogFormat::Json,
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(dur_ms = 2.0_f64, op = ?Some("x\"y"), "lock {} lost", 7);
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let rest = &out[out.find("\"level\"").unwrap()..];
+        assert_eq!(
+            rest,
+            "\"level\":\"WARN\",\"event\":\"log\",\"dur_ms\":2.0,\"op\":\"Some(\\\"x\\\\\\\"y\\\")\",\"msg\":\"lock 7 lost\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(v["op"], "Some(\"x\\\"y\")");
     }
 
     #[test]

@@ -292,6 +292,11 @@ fn register_engine_stats(registry: &mut Registry, engine: &payguard::Engine) {
         "Ops answered from committed state without taking their order's lock (just released, or settled hint)",
         s.settled_without_lock.clone(),
     );
+    registry.register(
+        "cached_replays",
+        "Duplicate deducts of paid orders answered from the order cache (no lane, no transaction)",
+        s.cached_replays.clone(),
+    );
     for (name, help, counter) in [
         (
             "holds_authorized",

@@ -240,7 +240,7 @@ fn deliver(shared: &Shared, delivery: lane::Delivery<Reply>) {
     match (&delivery.reply, delivery.waiters.first()) {
         (Ok(Ok(out)), Some(first)) if out.order().is_some() => {
             let order = out.order().expect("checked by the guard");
-            shared.cache.committed(order);
+            shared.cache.committed(order, out.entry());
             tracing::info!(
                 event = "order_cache_set",
                 oid = order.id.as_str(),

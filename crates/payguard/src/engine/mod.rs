@@ -34,7 +34,7 @@ use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, Requ
 use crate::lock::redis::RedisLocks;
 use crate::lock::LocalLocks;
 use crate::store::sqlite::naive::NaiveSqlite;
-use crate::store::{Command, Output, Rejection, Store, StoreError, StoreFuture};
+use crate::store::{Command, Op, Output, Rejection, Store, StoreError, StoreFuture};
 use full::{run_lane, Queued};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -154,6 +154,9 @@ pub struct EngineStats {
     /// (`--redis`: the order was just released, or a recent holder left its
     /// settled hint; `Store::settled`).
     pub settled_without_lock: Counter,
+    /// Duplicate deducts of paid orders answered from the order cache by the
+    /// rules, without a lane or a transaction (see `Engine::paid_replay`).
+    pub cached_replays: Counter,
     /// Two-phase steps this instance committed (first executions): holds made,
     /// captured, voided, expired by its sweeper.
     pub holds_authorized: Counter,
@@ -179,6 +182,7 @@ impl Default for EngineStats {
             collisions: Counter::default(),
             joined: Counter::default(),
             settled_without_lock: Counter::default(),
+            cached_replays: Counter::default(),
             holds_authorized: Counter::default(),
             holds_captured: Counter::default(),
             holds_voided: Counter::default(),
@@ -392,7 +396,10 @@ impl Engine {
             Err(EngineError::ShuttingDown)
         } else {
             match self.shared.cfg.guard {
-                Guard::Full => self.dispatch(cmd.clone(), req.clone(), deadline).await,
+                Guard::Full => match self.paid_replay(&cmd) {
+                    Some(out) => Ok(out),
+                    None => self.dispatch(cmd.clone(), req.clone(), deadline).await,
+                },
                 Guard::Seed => self.seed(cmd.clone(), req.clone(), deadline).await,
                 Guard::Naive { gap_ms } => self.naive(cmd.clone(), req.clone(), gap_ms).await,
             }
@@ -402,6 +409,45 @@ impl Engine {
             outcome::log(family, oid, req.as_str(), inst, &result, started);
         }
         result
+    }
+
+    /// A duplicate deduct of an order this process saw paid, answered by the
+    /// rules from the cached order and its debit entry: no lane, transaction or
+    /// lock (issue #16: a replay cost as much as a first charge). Nothing moves
+    /// on it, and what it says cannot change: a paid order's debit link and the
+    /// entry itself are immutable in the schema, and the order's status never
+    /// leaves the paid states. The order's refund columns are this process's
+    /// last commit of them, as a GET's are. Anything the rules would not answer
+    /// as a replay from this state (a fenced or keyed command, any other op) goes
+    /// to its lane as before.
+    fn paid_replay(&self, cmd: &Command) -> Option<Output> {
+        let Op::Deduct { order_id } = &cmd.op else {
+            return None;
+        };
+        if !cmd.is_plain() {
+            return None;
+        }
+        let (order, debit) = self.shared.cache.paid(order_id)?;
+        let seen = crate::store::rules::Seen {
+            order: Some(&order),
+            fence: 0,
+            account: None,
+            account_exists: false,
+            balance: None,
+            held: None,
+            debit: Some(&debit),
+            refund: None,
+            hold: None,
+            release: None,
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        match crate::store::rules::settled(cmd, &seen, now) {
+            Ok(Some(Ok(out))) if out.is_replay() => {
+                self.shared.stats.cached_replays.inc();
+                Some(out)
+            }
+            _ => None,
+        }
     }
 
     async fn dispatch(

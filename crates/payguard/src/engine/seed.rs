@@ -112,7 +112,7 @@ impl Engine {
     fn seed_cache(&self, cmd: &Command, result: &Result<crate::store::OpResult, StoreError>) {
         if let Ok(Ok(out)) = result {
             if let Some(order) = out.order() {
-                self.shared.cache.committed(order);
+                self.shared.cache.committed(order, out.entry());
             }
         } else if let Some(order_id) = cmd.order_id() {
             self.shared.cache.forget(order_id);

@@ -300,6 +300,14 @@ impl Output {
         }
     }
 
+    /// The ledger entry a movement answered with.
+    pub fn entry(&self) -> Option<&Entry> {
+        match self {
+            Output::Movement { entry, .. } => Some(entry),
+            Output::Account { .. } | Output::Order { .. } => None,
+        }
+    }
+
     /// The same result as seen by a duplicate that did not execute it.
     pub fn as_replay(&self) -> Output {
         match self.clone() {
