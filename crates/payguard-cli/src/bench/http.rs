@@ -6,7 +6,8 @@
 //! durable charge of a fresh order on SQLite, and (3) the same deducts with one
 //! webhook endpoint (a receiver that answers 200 at once) subscribed, so every
 //! charge is also delivered; (3) reports how long after the last answer the
-//! last delivery arrived (the backlog's drain). The ratios say how much of
+//! last delivery arrived (the backlog's drain), and (4) the deducts of (2) sent
+//! again, each a replay of a paid order. The ratios say how much of
 //! payguard's cost is HTTP, how much is the money path, and what delivering
 //! every event costs the money path.
 
@@ -130,21 +131,24 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
         let floor = plain_side(&client, n, args.concurrency).await?;
-        let pay = payguard_side(&client, dir.path(), n, args.concurrency, false).await?;
-        let hooked = payguard_side(&client, dir.path(), n, args.concurrency, true).await?;
-        Ok::<_, anyhow::Error>(vec![floor, pay, hooked])
+        let (pay, replays) = payguard_side(&client, dir.path(), n, args.concurrency, false).await?;
+        let (hooked, _) = payguard_side(&client, dir.path(), n, args.concurrency, true).await?;
+        let replays = replays.expect("the plain side replays");
+        Ok::<_, anyhow::Error>(vec![floor, pay, hooked, replays])
     })?;
     let ratio = sides[1].rps / sides[0].rps.max(1e-9);
     let webhook_ratio = sides[2].rps / sides[1].rps.max(1e-9);
+    let replay_ratio = sides[3].rps / sides[0].rps.max(1e-9);
     if args.json {
         crate::outln!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio, "with_webhook_over_without": webhook_ratio})
+                &serde_json::json!({"concurrency": args.concurrency, "sides": sides, "payguard_over_plain": ratio, "with_webhook_over_without": webhook_ratio, "replays_over_plain": replay_ratio})
             )?
         );
     } else {
         print_table(n, args.concurrency, &sides, ratio, webhook_ratio);
+        crate::outln!("replays / plain handler: {replay_ratio:.2}×");
     }
     if let Some(path) = &args.html {
         std::fs::write(path, html(&sides, ratio))?;
@@ -178,15 +182,16 @@ async fn plain_side(
     Ok(floor)
 }
 
-/// (2) payguard: one fresh order per request, each a durable charge; (3) the
-/// same with a webhook endpoint subscribed (`hooked`).
+/// (2) payguard: one fresh order per request, each a durable charge, then (4)
+/// the same requests again, each a replay of a paid order; (3) the first
+/// charges with a webhook endpoint subscribed (`hooked`).
 async fn payguard_side(
     client: &reqwest::Client,
     dir: &Path,
     n: usize,
     concurrency: usize,
     hooked: bool,
-) -> anyhow::Result<Side> {
+) -> anyhow::Result<(Side, Option<Side>)> {
     let name = if hooked { "hooked" } else { "plain" };
     let mut spec = payguard_server::app::AppSpec::new(
         payguard_server::app::Database::Sqlite(payguard::store::sqlite::SqliteConfig::new(
@@ -233,7 +238,7 @@ async fn payguard_side(
             .map(|id| format!("{}/v1/orders/{id}/deduct", server.url))
             .collect::<Vec<_>>(),
     );
-    let (secs, h, errors) = drive(client, urls, concurrency).await?;
+    let (secs, h, errors) = drive(client, urls.clone(), concurrency).await?;
     let ended = Instant::now();
     let target = if hooked {
         "payguard deduct + 1 webhook endpoint"
@@ -251,11 +256,24 @@ async fn payguard_side(
             pay.drain_ms = Some(ended.elapsed().as_secs_f64() * 1e3);
         }
     }
+    // Every order is paid now: the same requests again are replays.
+    let replays = if hooked {
+        None
+    } else {
+        let (secs, h, errors) = drive(client, urls, concurrency).await?;
+        Some(side(
+            "payguard deduct replays (paid orders)",
+            n,
+            secs,
+            &h,
+            errors,
+        ))
+    };
     server.stop().await?;
     if let Some(r) = receiver {
         r.abort();
     }
-    Ok(pay)
+    Ok((pay, replays))
 }
 
 /// A receiver that answers 200 at once and counts deliveries, subscribed to
