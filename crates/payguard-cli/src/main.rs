@@ -7,6 +7,11 @@
 
 use payguard_cli::{audit, bench, demo, serve, storm};
 
+/// mimalloc instead of glibc's malloc (issue #16: malloc and free were 13–17 %
+/// of a loaded server's CPU; measured in BENCHMARKS.md, "http").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
