@@ -17,8 +17,8 @@ pub(super) struct Pending {
     oid: Vec<u8>,
     req: Option<Vec<u8>>,
     host: u16,
-    amount: Option<i64>,
-    entries: Option<u32>,
+    amount: i64,
+    entries: u16,
     line: u64,
 }
 
@@ -111,8 +111,8 @@ impl Engine {
         oid: &[u8],
         req: Option<&[u8]>,
         host: u16,
-        amount: Option<i64>,
-        entries: Option<u32>,
+        amount: i64,
+        entries: u16,
     ) {
         let Some(ts) = self.admit(f, ts_us, host) else {
             return;

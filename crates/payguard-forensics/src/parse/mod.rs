@@ -33,14 +33,16 @@ use text::parse_text;
 
 pub use kinds::{event_kind, EventKind, Side, SkipReason, Step};
 
-/// An order event read from one line, borrowing the line where it can.
+/// An order event read from one line, borrowing the line where it can. `oid`, `req` and `host`
+/// are checked to be UTF-8 (a line where they are not is skipped as binary) but stay bytes: the
+/// merge keeps them as spans of the chunk, and only a report makes text of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineEvent<'a> {
     pub time: RawTime,
     pub kind: EventKind,
-    pub oid: Cow<'a, str>,
-    pub req: Option<Cow<'a, str>>,
-    pub host: Option<Cow<'a, str>>,
+    pub oid: Cow<'a, [u8]>,
+    pub req: Option<Cow<'a, [u8]>>,
+    pub host: Option<Cow<'a, [u8]>>,
     pub amount: Option<i64>,
     pub entries: Option<u32>,
     /// The ledger entry id a commit wrote, when it reads as a place in a sequence.
