@@ -3,7 +3,7 @@
 //! Why apart: LOGS.md's date rules: such a line takes the date of the nearest dated line of its
 //! file, walking back from the next one; with none, `--date` (or 1970-01-01, with a note).
 
-use crate::clock::DateRef;
+use crate::clock::{DateRef, RefTime};
 use crate::limits::UNDATED_PENDING_LINES_MAX;
 use crate::parse::EventKind;
 
@@ -77,7 +77,10 @@ impl Engine {
             self.file_state[f].undated_assumed += pending.len() as u64;
         }
         let mut r = DateRef {
-            at: Some((day, pending[0].tod_us)),
+            at: Some(RefTime::Placed {
+                day,
+                tod: pending[0].tod_us,
+            }),
         };
         for p in pending {
             let l = r.place(p.tod_us).unwrap_or(p.tod_us);
