@@ -386,13 +386,21 @@ impl Engine {
         counts: &mut Counts,
         oid: &[u8],
     ) -> &'m mut OrderState {
-        if !orders.contains_key(oid) {
+        let mut fresh = || {
             counts.orders_seen += 1;
-            let fresh = spare.pop().unwrap_or_else(|| OrderState {
+            spare.pop().unwrap_or_else(|| OrderState {
                 evs: Vec::with_capacity(ORDER_EVENTS_INITIAL),
                 ..OrderState::default()
-            });
-            orders.insert(OrderKey::new(oid), fresh);
+            })
+        };
+        // Typical ids fit inline: one probe finds or opens the order.
+        if let Some(key) = OrderKey::inline(oid) {
+            return orders.entry(key).or_insert_with(fresh);
+        }
+        // A long id would be allocated for every lookup: look up by bytes, allocate if new.
+        if !orders.contains_key(oid) {
+            let st = fresh();
+            orders.insert(OrderKey::new(oid), st);
         }
         orders.get_mut(oid).expect("inserted above")
     }
