@@ -73,7 +73,7 @@ proptest! {
         let line = br#"{"ts":"2026-11-26T02:16:43.882Z","level":"INFO","event":"deduct_start","oid":"OD1","req":"r1","inst":"pay-1"}"#;
         let p = LineParser::new(None);
         if let Parsed::Event(e) = p.parse(&line[..cut.min(line.len())]) {
-            prop_assert_eq!(&*e.oid, b"OD1".as_slice());
+            prop_assert_eq!(&*e.oid, "OD1");
         }
     }
 }

@@ -437,14 +437,15 @@ impl Engine {
         // revealed are followed, so its own times are corrected first.
         let mut batch = std::mem::take(&mut self.batch);
         let drift = &mut self.results.drift;
-        batch.extend(
-            self.orders
-                .extract_if(|_, st| st.last_us < cutoff)
-                .map(|(oid, mut st)| {
-                    observe_order(&mut st, drift);
-                    (oid, st)
-                }),
-        );
+        // (`retain`, not `extract_if`: the CLI's rust-version is 1.87. An inline key is a copy.)
+        self.orders.retain(|oid, st| {
+            if st.last_us >= cutoff {
+                return true;
+            }
+            observe_order(st, drift);
+            batch.push((oid.clone(), std::mem::take(st)));
+            false
+        });
         for c in self.results.drift.flush() {
             self.follow_step(c, &mut batch);
         }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::clock::RawTime;
-use crate::parse::{EntryId, EventKind, LineParser, Parsed, SkipReason};
+use crate::parse::{EntryId, EventKind, LineParser, RawParsed, SkipReason};
 
 /// A string found by the parser: a range of the chunk, or of the piece's side buffer when it
 /// had to be unescaped.
@@ -160,8 +160,8 @@ pub fn parse_piece(
         last_of_file,
     };
     let mut start = 0usize;
-    let handle = |line: &[u8], idx: u32, out: &mut ParsedPiece| match parser.parse(line) {
-        Parsed::Event(e) => {
+    let handle = |line: &[u8], idx: u32, out: &mut ParsedPiece| match parser.parse_raw(line) {
+        RawParsed::Event(e) => {
             out.parsed += 1;
             let oid = span_of(data, &mut out.side, &e.oid);
             let req = e
@@ -188,7 +188,7 @@ pub fn parse_piece(
                 hint: false,
             });
         }
-        Parsed::Time(t) => {
+        RawParsed::Time(t) => {
             out.parsed += 1;
             out.recs.push(Rec {
                 line: idx,
@@ -206,8 +206,8 @@ pub fn parse_piece(
                 hint: true,
             });
         }
-        Parsed::Other => out.parsed += 1,
-        Parsed::Skip(r) => out.skipped[r.index()] += 1,
+        RawParsed::Other => out.parsed += 1,
+        RawParsed::Skip(r) => out.skipped[r.index()] += 1,
     };
     for nl in memchr::memchr_iter(b'\n', bytes) {
         let idx = out.lines;

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use crate::clock::{parse_time, RawTime};
 
 use super::kv::scan_kv;
-use super::{event_kind, EntryId, LineEvent, Parsed, SkipReason};
+use super::{event_kind, EntryId, RawEvent, RawParsed, SkipReason};
 
 /// The fields forensics reads, gathered from any format before the event is built.
 #[derive(Default)]
@@ -59,10 +59,10 @@ impl<'a> Fields<'a> {
     }
 
     /// Builds the event, or says why the line is not one.
-    pub(super) fn finish(mut self, want: Option<&[u8]>) -> Parsed<'a> {
+    pub(super) fn finish(mut self, want: Option<&[u8]>) -> RawParsed<'a> {
         let other = match self.ts {
-            Some(t @ (RawTime::Utc(_) | RawTime::Local(_))) => Parsed::Time(t),
-            _ => Parsed::Other,
+            Some(t @ (RawTime::Utc(_) | RawTime::Local(_))) => RawParsed::Time(t),
+            _ => RawParsed::Other,
         };
         if self.event.is_none() {
             // tracing-subscriber puts the name in `message`, possibly as "event: k=v, ...".
@@ -101,25 +101,25 @@ impl<'a> Fields<'a> {
             }
         }
         let Some(time) = self.ts else {
-            return Parsed::Skip(SkipReason::NoTime);
+            return RawParsed::Skip(SkipReason::NoTime);
         };
         let Some(oid) = text(oid) else {
-            return Parsed::Skip(SkipReason::Binary);
+            return RawParsed::Skip(SkipReason::Binary);
         };
         if oid.is_empty() {
             return other;
         }
         let req = match self.req.map(text) {
-            Some(None) => return Parsed::Skip(SkipReason::Binary),
+            Some(None) => return RawParsed::Skip(SkipReason::Binary),
             Some(Some(r)) if !r.is_empty() => Some(r),
             _ => None,
         };
         let host = match self.host.map(text) {
-            Some(None) => return Parsed::Skip(SkipReason::Binary),
+            Some(None) => return RawParsed::Skip(SkipReason::Binary),
             Some(Some(h)) if !h.is_empty() => Some(h),
             _ => None,
         };
-        Parsed::Event(LineEvent {
+        RawParsed::Event(RawEvent {
             time,
             kind,
             oid,

@@ -2,11 +2,6 @@
 
 use super::*;
 
-/// An id the parser gave back, as text (it checked it is UTF-8).
-fn s(b: &[u8]) -> &str {
-    std::str::from_utf8(b).expect("the parser checks ids are UTF-8")
-}
-
 fn ev(line: &str) -> LineEvent<'_> {
     match LineParser::new(None).parse(line.as_bytes()) {
         Parsed::Event(e) => e,
@@ -18,7 +13,7 @@ fn ev(line: &str) -> LineEvent<'_> {
 fn incident_plain_text() {
     let e = ev("02:16:44.109 [WARN] duplicate_deduct: oid=OD20240517A1122, amount=1185000");
     assert_eq!(e.kind.step, Step::Duplicate);
-    assert_eq!(s(&e.oid), "OD20240517A1122");
+    assert_eq!(e.oid, "OD20240517A1122");
     assert_eq!(e.amount, Some(1185000));
     assert!(matches!(e.time, RawTime::TimeOfDay(_)));
     let e = ev("02:16:43.882 [INFO] order_cache_set: oid=OD20240517A1122, status=PREPARE");
@@ -30,12 +25,7 @@ fn incident_plain_text() {
 fn payguard_text_and_json() {
     let e = ev("2026-11-26T02:16:43.882Z [INFO] deduct_commit: oid=O1, entry=E1, amount=5, balance_after=0, req=R1, inst=pay-2");
     assert_eq!(
-        (
-            e.kind.step,
-            e.req.as_deref().map(s),
-            e.host.as_deref().map(s),
-            e.amount
-        ),
+        (e.kind.step, e.req.as_deref(), e.host.as_deref(), e.amount),
         (Step::Commit, Some("R1"), Some("pay-2"), Some(5))
     );
     assert!(matches!(e.time, RawTime::Utc(_)));
@@ -43,7 +33,7 @@ fn payguard_text_and_json() {
         r#"{"level":"WARN","amount":1185000,"entries":["E1","E2"],"event":"duplicate_deduct","oid":"O\u0031","req":"R2","inst":"pay-1","ts":"2026-11-26T02:16:44.109Z"}"#,
     );
     assert_eq!(
-        (e.kind.step, s(&e.oid), e.entries, e.amount),
+        (e.kind.step, &*e.oid, e.entries, e.amount),
         (Step::Duplicate, "O1", Some(2), Some(1185000))
     );
 }
@@ -53,12 +43,12 @@ fn tracing_and_logfmt() {
     let e = ev(
         r#"{"timestamp":"2026-11-26T02:16:43.882123Z","level":"INFO","fields":{"message":"deduct_start","oid":"O1","req":"R1"},"target":"payguard::engine"}"#,
     );
-    assert_eq!((e.kind.step, s(&e.oid)), (Step::Start, "O1"));
+    assert_eq!((e.kind.step, &*e.oid), (Step::Start, "O1"));
     let e = ev(
         r#"{"timestamp":"2026-11-26T02:16:43.882Z","level":"INFO","fields":{"message":"refund_commit: oid=O9, amount=7"},"target":"x"}"#,
     );
     assert_eq!(
-        (e.kind, s(&e.oid), e.amount),
+        (e.kind, &*e.oid, e.amount),
         (
             EventKind {
                 step: Step::Commit,
@@ -73,7 +63,7 @@ fn tracing_and_logfmt() {
         r#"ts=2026-11-26T02:16:44.109Z level=warn event=duplicate_deduct oid="OD 1" amount=1185000 host=pay-3"#,
     );
     assert_eq!(
-        (e.kind.step, s(&e.oid), e.host.as_deref().map(s)),
+        (e.kind.step, &*e.oid, e.host.as_deref()),
         (Step::Duplicate, "OD 1", Some("pay-3"))
     );
 }
@@ -146,11 +136,11 @@ fn order_filter_keeps_escaped_ids() {
     let p = LineParser::new(Some("O1"));
     let json = br#"{"ts":"2026-11-26T02:16:44.109Z","event":"duplicate_deduct","oid":"O\u0031"}"#;
     match p.parse(json) {
-        Parsed::Event(e) => assert_eq!(s(&e.oid), "O1"),
+        Parsed::Event(e) => assert_eq!(e.oid, "O1"),
         other => panic!("{other:?}"),
     }
     let logfmt = br#"ts=2026-11-26T02:16:44.109Z event=deduct_start oid="O\1""#;
-    assert!(matches!(p.parse(logfmt), Parsed::Event(e) if s(&e.oid) == "O1"));
+    assert!(matches!(p.parse(logfmt), Parsed::Event(e) if e.oid == "O1"));
     // Other orders' escaped ids are still filtered out, after decoding.
     assert!(matches!(
         p.parse(br#"{"ts":"2026-11-26T02:16:44.109Z","event":"deduct_start","oid":"O\u0032"}"#),
