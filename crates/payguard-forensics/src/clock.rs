@@ -204,20 +204,32 @@ pub fn parse_time(b: &[u8]) -> Option<RawTime> {
 /// Per-file state for the "time without a date" rule: the previous line's local day and time of day.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DateRef {
-    /// Local day (days since epoch in `--tz`) and time of day (us) of the reference line.
-    pub at: Option<(i64, i64)>,
+    pub at: Option<RefTime>,
+}
+
+/// The reference line of a [`DateRef`].
+#[derive(Debug, Clone, Copy)]
+pub enum RefTime {
+    /// A dated line's local time (us since epoch in `--tz`), kept whole: every dated line moves
+    /// the reference, and only a dateless one needs its day and time of day.
+    Local(i64),
+    /// The local day (days since epoch) and time of day (us) a dateless line was placed at.
+    Placed { day: i64, tod: i64 },
 }
 
 impl DateRef {
     /// Records a line whose absolute local time (us since epoch in `--tz`) is known.
     pub fn see_local(&mut self, local_us: i64) {
-        self.at = Some((local_us.div_euclid(DAY_US), local_us.rem_euclid(DAY_US)));
+        self.at = Some(RefTime::Local(local_us));
     }
 
     /// Gives a time of day the day of the reference line, crossing midnight when the clock jumps
     /// by more than [`MIDNIGHT_ROLLOVER_JUMP_MS`]; returns local us since epoch and moves the reference.
     pub fn place(&mut self, tod_us: i64) -> Option<i64> {
-        let (day, ref_tod) = self.at?;
+        let (day, ref_tod) = match self.at? {
+            RefTime::Local(l) => (l.div_euclid(DAY_US), l.rem_euclid(DAY_US)),
+            RefTime::Placed { day, tod } => (day, tod),
+        };
         let jump = MIDNIGHT_ROLLOVER_JUMP_MS * MS_US;
         let day = if ref_tod - tod_us > jump {
             day + 1
@@ -226,7 +238,7 @@ impl DateRef {
         } else {
             day
         };
-        self.at = Some((day, tod_us));
+        self.at = Some(RefTime::Placed { day, tod: tod_us });
         Some(day * DAY_US + tod_us)
     }
 }

@@ -680,3 +680,35 @@ fn a_second_capture_commit_is_a_duplicate_effect() {
         "the report names the events as written: {events:?}"
     );
 }
+
+#[test]
+fn long_order_ids_are_told_apart_past_the_inline_key() {
+    // The open-order table keeps ids of at most 30 bytes inline and longer ones boxed, and looks
+    // them up two different ways: ids that share their first 30 bytes must stay apart.
+    let short = "OD-0123456789-0123456789-01234"; // 30 bytes: inline
+    let long = format!("{short}-A"); // boxed, same first 30 bytes
+    let long2 = format!("{short}-B");
+    assert_eq!(short.len(), 30);
+    let line = |ms: u32, ev: &str, oid: &str, req: &str, host: &str| {
+        format!("2026-11-26T02:16:43.{ms:03}Z [INFO] {ev}: oid={oid}, amount=5, req={req}, inst={host}\n")
+    };
+    let mut log = String::new();
+    for (i, oid) in [short, &long, &long2].into_iter().enumerate() {
+        let r = format!("r{i}");
+        log += &line(100 + i as u32, "deduct_start", oid, &r, "pay-1");
+        log += &line(110 + i as u32, "deduct_commit", oid, &r, "pay-1");
+    }
+    // Only `long` is debited a second time, by another request on another host.
+    log += &line(120, "deduct_start", &long, "r9", "pay-2");
+    log += &line(130, "deduct_commit", &long, "r9", "pay-2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = dir.path().join("long-ids.log");
+    std::fs::write(&p, log).expect("write log");
+    let (code, v) = json(&[p.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 1);
+    assert_eq!(v["orders_seen"], 3, "{v:#}");
+    let inc = incidents(&v);
+    assert_eq!(inc.len(), 1, "{v:#}");
+    assert_eq!(inc[0]["order_id"], long.as_str());
+    assert_eq!(inc[0]["effects"], 2);
+}

@@ -56,13 +56,17 @@ pub struct Ev {
     pub entries: u16,
 }
 
-/// The events of one open order. Invariant: `last_us` is the max `ts` of `evs`.
+/// The events of one open order. Invariants: `last_us` is the max `ts` of `evs` pushed with
+/// [`OrderState::push`]; `replays` is whether any of them is a replay.
 #[derive(Debug)]
 pub struct OrderState {
     pub evs: Vec<Ev>,
     /// Request ids seen in this order; `Ev::req` indexes it.
     pub reqs: ReqNames,
     pub last_us: i64,
+    /// Some event is a replay: only such an order gives the clock-step tracker a bound (a
+    /// replay after its commit), so [`observe_order`] reads no other order's events.
+    pub replays: bool,
 }
 
 impl OrderState {
@@ -71,6 +75,14 @@ impl OrderState {
         self.evs.clear();
         self.reqs.clear();
         self.last_us = i64::MIN;
+        self.replays = false;
+    }
+
+    /// Appends an event, keeping `last_us` and `replays` (the merge's only way in).
+    pub fn push(&mut self, e: Ev) {
+        self.last_us = self.last_us.max(e.ts);
+        self.replays |= e.kind.step == crate::parse::Step::Replay;
+        self.evs.push(e);
     }
 }
 
@@ -80,6 +92,7 @@ impl Default for OrderState {
             evs: Vec::new(),
             reqs: ReqNames::default(),
             last_us: i64::MIN,
+            replays: false,
         }
     }
 }

@@ -31,6 +31,7 @@ fn run(evs: Vec<Ev>, nreqs: usize) -> Results {
             r
         },
         last_us: 0,
+        replays: true,
     };
     let mut r = Results::default();
     analyze_order(b"O", &mut st, &OrderCtx { timelines: true }, &mut r);

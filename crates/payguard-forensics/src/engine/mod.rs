@@ -61,8 +61,8 @@ fn push_event(
     kind: EventKind,
     req: Option<&[u8]>,
     host: u16,
-    amount: Option<i64>,
-    entries: Option<u32>,
+    amount: i64,
+    entries: u16,
 ) {
     if st.evs.len() >= EVENTS_PER_ORDER_MAX {
         counts.events_dropped += 1;
@@ -72,16 +72,15 @@ fn push_event(
         None => REQ_NONE,
         Some(r) => st.reqs.find_or_push(r),
     };
-    st.last_us = st.last_us.max(ts);
-    st.evs.push(Ev {
+    st.push(Ev {
         ts,
-        amount: amount.unwrap_or(i64::MIN),
+        amount,
         line: u32::try_from(line).unwrap_or(u32::MAX),
         file: f as u16,
         host,
         req,
         kind,
-        entries: entries.map_or(0, |e| e.min(u16::MAX as u32) as u16),
+        entries,
     });
 }
 
@@ -107,6 +106,8 @@ pub struct Config {
 
 #[derive(Default)]
 struct FileState {
+    /// The zone this file's zone-less times are read in (see [`Engine::zone`]).
+    zone: TzOffset,
     date: DateRef,
     pending: Vec<Pending>,
     lines_before: u64,
@@ -151,6 +152,9 @@ pub struct Engine {
     spare: Vec<OrderState>,
     /// Retired orders with exactly one debit, by a 64-bit hash of their id; see [`Retired`].
     retired: Retired,
+    /// The orders one retirement scan takes out, between the scan and their analysis (empty
+    /// outside `retire`; its capacity is kept, bounded by the open orders).
+    batch: Vec<(OrderKey, OrderState)>,
     pub results: Results,
     pub counts: Counts,
     last_scan_us: i64,
@@ -159,8 +163,14 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: Config, files: Vec<FileInfo>) -> Self {
+        let zone = |f: usize| cfg.file_zone.get(f).copied().flatten().unwrap_or(cfg.tz);
         let mut e = Engine {
-            file_state: files.iter().map(|_| FileState::default()).collect(),
+            file_state: (0..files.len())
+                .map(|f| FileState {
+                    zone: zone(f),
+                    ..FileState::default()
+                })
+                .collect(),
             files: Vec::new(),
             hosts: Vec::new(),
             host_ix: HashMap::with_hasher(ahash::RandomState::new()),
@@ -169,6 +179,7 @@ impl Engine {
             orders: HashMap::with_hasher(ahash::RandomState::new()),
             spare: Vec::new(),
             retired: Retired::default(),
+            batch: Vec::new(),
             results: Results::default(),
             counts: Counts::default(),
             last_scan_us: i64::MIN,
@@ -208,12 +219,7 @@ impl Engine {
 
     /// The zone file `f`'s zone-less times are read in: the inferred one, else `--tz`.
     fn zone(&self, f: usize) -> TzOffset {
-        self.cfg
-            .file_zone
-            .get(f)
-            .copied()
-            .flatten()
-            .unwrap_or(self.cfg.tz)
+        self.file_state[f].zone
     }
 
     /// Per-file watermarks for choosing what to read next (`None`: unknown yet or finished).
@@ -380,13 +386,21 @@ impl Engine {
         counts: &mut Counts,
         oid: &[u8],
     ) -> &'m mut OrderState {
-        if !orders.contains_key(oid) {
+        let mut fresh = || {
             counts.orders_seen += 1;
-            let fresh = spare.pop().unwrap_or_else(|| OrderState {
+            spare.pop().unwrap_or_else(|| OrderState {
                 evs: Vec::with_capacity(ORDER_EVENTS_INITIAL),
                 ..OrderState::default()
-            });
-            orders.insert(OrderKey::new(oid), fresh);
+            })
+        };
+        // Typical ids fit inline: one probe finds or opens the order.
+        if let Some(key) = OrderKey::inline(oid) {
+            return orders.entry(key).or_insert_with(fresh);
+        }
+        // A long id would be allocated for every lookup: look up by bytes, allocate if new.
+        if !orders.contains_key(oid) {
+            let st = fresh();
+            orders.insert(OrderKey::new(oid), st);
         }
         orders.get_mut(oid).expect("inserted above")
     }
@@ -418,59 +432,61 @@ impl Engine {
         }
         self.last_scan_us = now;
         let cutoff = now - ORDER_RETIRE_AFTER_MS * MS_US;
-        for st in self.orders.values_mut().filter(|st| st.last_us < cutoff) {
-            observe_order(st, &mut self.results.drift);
-        }
+        // One pass over the open orders takes the finished ones out, and gives the step tracker
+        // those with a replay (the only ones it reads); the batch is analysed once the steps it
+        // revealed are followed, so its own times are corrected first.
+        let mut batch = std::mem::take(&mut self.batch);
+        let drift = &mut self.results.drift;
+        // (`retain`, not `extract_if`: the CLI's rust-version is 1.87. An inline key is a copy.)
+        self.orders.retain(|oid, st| {
+            if st.last_us >= cutoff {
+                return true;
+            }
+            observe_order(st, drift);
+            batch.push((oid.clone(), std::mem::take(st)));
+            false
+        });
         for c in self.results.drift.flush() {
-            self.follow_step(c);
+            self.follow_step(c, &mut batch);
         }
         let ctx = OrderCtx {
             timelines: self.cfg.timelines,
         };
-        let results = &mut self.results;
-        let spare = &mut self.spare;
-        let memory = &mut self.retired;
-        let counts = &mut self.counts;
-        memory.expire(now);
-        let mut retired = 0u64;
-        self.orders.retain(|oid, st| {
-            if st.last_us < cutoff {
-                if let Some((entry, commit)) = memory.take(oid.as_bytes()) {
-                    rejoin(st, entry, commit);
-                    counts.orders_seen -= 1;
-                    counts.orders_rejoined += 1;
-                }
-                analyze_order(oid.as_bytes(), st, &ctx, results);
-                if let Some((entry, commit)) = single_debit(st) {
-                    memory.remember(oid.as_bytes(), now, entry, commit, counts);
-                }
-                retired += 1;
-                if spare.len() < ORDER_STATES_POOLED_MAX
-                    && st.evs.capacity() <= 4 * ORDER_EVENTS_INITIAL
-                {
-                    let mut s = std::mem::take(st);
-                    s.clear();
-                    spare.push(s);
-                }
-                false
-            } else {
-                true
+        self.retired.expire(now);
+        self.counts.orders_retired_early += batch.len() as u64;
+        for (oid, mut st) in batch.drain(..) {
+            if let Some((entry, commit)) = self.retired.take(oid.as_bytes()) {
+                rejoin(&mut st, entry, commit);
+                self.counts.orders_seen -= 1;
+                self.counts.orders_rejoined += 1;
             }
-        });
-        self.counts.orders_retired_early += retired;
+            analyze_order(oid.as_bytes(), &mut st, &ctx, &mut self.results);
+            if let Some((entry, commit)) = single_debit(&st) {
+                self.retired
+                    .remember(oid.as_bytes(), now, entry, commit, &mut self.counts);
+            }
+            if self.spare.len() < ORDER_STATES_POOLED_MAX
+                && st.evs.capacity() <= 4 * ORDER_EVENTS_INITIAL
+            {
+                st.clear();
+                self.spare.push(st);
+            }
+        }
+        self.batch = batch;
         if self.orders.capacity() > 4 * self.orders.len().max(1024) {
             self.orders.shrink_to_fit();
         }
     }
 
     /// A host's clock stepped: its times from the step on move back by the step, in the orders
-    /// still open and in every line read from now on. (Orders already analysed keep theirs;
-    /// their broken orderings were listed.)
-    fn follow_step(&mut self, c: Correction) {
+    /// still open (and in `batch`, taken out to be analysed) and in every line read from now
+    /// on. (Orders already analysed keep theirs; their broken orderings were listed.)
+    fn follow_step(&mut self, c: Correction, batch: &mut [(OrderKey, OrderState)]) {
         if let Some(s) = self.skew_us.get_mut(c.host as usize) {
             *s = s.saturating_sub(c.by_us);
         }
-        for st in self.orders.values_mut() {
+        let open = self.orders.values_mut();
+        for st in open.chain(batch.iter_mut().map(|(_, st)| st)) {
             let mut moved = false;
             for e in st.evs.iter_mut() {
                 if e.host == c.host && e.ts >= c.from_us {
@@ -493,7 +509,7 @@ impl Engine {
             observe_order(st, &mut self.results.drift);
         }
         for c in self.results.drift.flush() {
-            self.follow_step(c);
+            self.follow_step(c, &mut []);
         }
         let ctx = OrderCtx {
             timelines: self.cfg.timelines,

@@ -30,6 +30,12 @@ impl OrderKey {
         }
     }
 
+    /// The key of `b` when it is stored inline: building it costs a copy, no allocation, so a
+    /// lookup may build one to find or insert in one probe.
+    pub(super) fn inline(b: &[u8]) -> Option<Self> {
+        (b.len() <= ORDER_KEY_INLINE_BYTES).then(|| Self::new(b))
+    }
+
     pub(super) fn as_bytes(&self) -> &[u8] {
         match self {
             OrderKey::Inline { len, bytes } => &bytes[..*len as usize],

@@ -3,7 +3,7 @@
 //! Why apart: LOGS.md's date rules: such a line takes the date of the nearest dated line of its
 //! file, walking back from the next one; with none, `--date` (or 1970-01-01, with a note).
 
-use crate::clock::DateRef;
+use crate::clock::{DateRef, RefTime};
 use crate::limits::UNDATED_PENDING_LINES_MAX;
 use crate::parse::EventKind;
 
@@ -17,8 +17,8 @@ pub(super) struct Pending {
     oid: Vec<u8>,
     req: Option<Vec<u8>>,
     host: u16,
-    amount: Option<i64>,
-    entries: Option<u32>,
+    amount: i64,
+    entries: u16,
     line: u64,
 }
 
@@ -77,7 +77,10 @@ impl Engine {
             self.file_state[f].undated_assumed += pending.len() as u64;
         }
         let mut r = DateRef {
-            at: Some((day, pending[0].tod_us)),
+            at: Some(RefTime::Placed {
+                day,
+                tod: pending[0].tod_us,
+            }),
         };
         for p in pending {
             let l = r.place(p.tod_us).unwrap_or(p.tod_us);
@@ -111,8 +114,8 @@ impl Engine {
         oid: &[u8],
         req: Option<&[u8]>,
         host: u16,
-        amount: Option<i64>,
-        entries: Option<u32>,
+        amount: i64,
+        entries: u16,
     ) {
         let Some(ts) = self.admit(f, ts_us, host) else {
             return;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::clock::RawTime;
-use crate::parse::{EntryId, EventKind, LineParser, Parsed, SkipReason};
+use crate::parse::{EntryId, EventKind, LineParser, RawParsed, SkipReason};
 
 /// A string found by the parser: a range of the chunk, or of the piece's side buffer when it
 /// had to be unescaped.
@@ -23,7 +23,8 @@ const SPAN_NONE: Span = Span {
     len: 0,
 };
 
-/// One parsed event, owning nothing: strings are spans.
+/// One parsed event, owning nothing: strings are spans. 64 bytes: a chunk's records are
+/// written by the parser and read by the merge once each, so their size is memory traffic.
 #[derive(Debug, Clone, Copy)]
 pub struct Rec {
     pub(super) line: u32,
@@ -32,11 +33,23 @@ pub struct Rec {
     pub(super) oid: Span,
     pub(super) req: Span,
     pub(super) host: Span,
-    pub(super) amount: Option<i64>,
-    pub(super) entries: Option<u32>,
-    pub(super) entry: Option<EntryId>,
+    /// As [`crate::analyze::Ev::amount`]: `i64::MIN` when the line had none (a parsed amount
+    /// never is: at most 18 digits).
+    pub(super) amount: i64,
+    /// As [`crate::analyze::Ev::entries`]: 0 when none, at most `u16::MAX`.
+    pub(super) entries: u16,
     /// Not an event: a dated line that only anchors dateless lines of its file.
     pub(super) hint: bool,
+}
+
+const _: () = assert!(std::mem::size_of::<Rec>() <= 64);
+
+/// `amount` and `entries` as a [`Rec`] (and the merge) keep them.
+fn compact(amount: Option<i64>, entries: Option<u32>) -> (i64, u16) {
+    (
+        amount.unwrap_or(i64::MIN),
+        entries.map_or(0, |e| e.min(u16::MAX as u32) as u16),
+    )
 }
 
 /// The parse of one piece of a chunk.
@@ -45,6 +58,9 @@ pub struct ParsedPiece {
     pub(super) data: Arc<Vec<u8>>,
     pub(super) side: Vec<u8>,
     pub(super) recs: Vec<Rec>,
+    /// The ledger entry ids of the records that carry one (index into `recs`, ascending): only
+    /// commits do, and only clock alignment reads them, so they stay out of every `Rec`.
+    pub(super) entry_ids: Vec<(u32, EntryId)>,
     pub(super) lines: u32,
     pub(super) parsed: u32,
     pub(super) skipped: [u32; SkipReason::ALL.len()],
@@ -93,19 +109,20 @@ impl ParsedPiece {
 
     /// The records in line order, borrowed.
     pub fn views(&self) -> impl Iterator<Item = RecView<'_>> + '_ {
-        self.recs.iter().map(|r| RecView {
+        let mut ids = self.entry_ids.iter().peekable();
+        self.recs.iter().enumerate().map(move |(i, r)| RecView {
             time: r.time,
             kind: r.kind,
             oid: self.bytes(r.oid).unwrap_or_default(),
             req: self.bytes(r.req),
             host: self.bytes(r.host),
-            entry: r.entry,
+            entry: ids.next_if(|(at, _)| *at as usize == i).map(|(_, id)| *id),
             hint: r.hint,
         })
     }
 }
 
-fn span_of(piece_data: &[u8], side: &mut Vec<u8>, s: &str) -> Span {
+fn span_of(piece_data: &[u8], side: &mut Vec<u8>, s: &[u8]) -> Span {
     let len = s.len().min(u32::MAX as usize / 2) as u32;
     // Borrowed text points into the chunk: keep its offset. Unescaped text lives in `side`.
     let base = piece_data.as_ptr() as usize;
@@ -117,7 +134,7 @@ fn span_of(piece_data: &[u8], side: &mut Vec<u8>, s: &str) -> Span {
         };
     }
     let off = side.len() as u32 | SIDE_BIT;
-    side.extend_from_slice(s.as_bytes());
+    side.extend_from_slice(s);
     Span { off, len }
 }
 
@@ -136,14 +153,15 @@ pub fn parse_piece(
         side: Vec::new(),
         // About one event per 150 bytes in typical logs: one allocation instead of a dozen.
         recs: Vec::with_capacity((range.1 - range.0) / 150),
+        entry_ids: Vec::new(),
         lines: 0,
         parsed: 0,
         skipped: [0; SkipReason::ALL.len()],
         last_of_file,
     };
     let mut start = 0usize;
-    let handle = |line: &[u8], idx: u32, out: &mut ParsedPiece| match parser.parse(line) {
-        Parsed::Event(e) => {
+    let handle = |line: &[u8], idx: u32, out: &mut ParsedPiece| match parser.parse_raw(line) {
+        RawParsed::Event(e) => {
             out.parsed += 1;
             let oid = span_of(data, &mut out.side, &e.oid);
             let req = e
@@ -154,6 +172,10 @@ pub fn parse_piece(
                 .host
                 .as_ref()
                 .map_or(SPAN_NONE, |h| span_of(data, &mut out.side, h));
+            if let Some(id) = e.entry {
+                out.entry_ids.push((out.recs.len() as u32, id));
+            }
+            let (amount, entries) = compact(e.amount, e.entries);
             out.recs.push(Rec {
                 line: idx,
                 time: e.time,
@@ -161,13 +183,12 @@ pub fn parse_piece(
                 oid,
                 req,
                 host,
-                amount: e.amount,
-                entries: e.entries,
-                entry: e.entry,
+                amount,
+                entries,
                 hint: false,
             });
         }
-        Parsed::Time(t) => {
+        RawParsed::Time(t) => {
             out.parsed += 1;
             out.recs.push(Rec {
                 line: idx,
@@ -180,14 +201,13 @@ pub fn parse_piece(
                 oid: SPAN_NONE,
                 req: SPAN_NONE,
                 host: SPAN_NONE,
-                amount: None,
-                entries: None,
-                entry: None,
+                amount: i64::MIN,
+                entries: 0,
                 hint: true,
             });
         }
-        Parsed::Other => out.parsed += 1,
-        Parsed::Skip(r) => out.skipped[r.index()] += 1,
+        RawParsed::Other => out.parsed += 1,
+        RawParsed::Skip(r) => out.skipped[r.index()] += 1,
     };
     for nl in memchr::memchr_iter(b'\n', bytes) {
         let idx = out.lines;

@@ -47,6 +47,53 @@ pub struct LineEvent<'a> {
     pub entry: Option<EntryId>,
 }
 
+/// A [`LineEvent`] as the merge takes it: `oid`, `req` and `host` are checked to be UTF-8 (a
+/// line where they are not is skipped as binary) but stay bytes, since the merge keeps them as
+/// ranges of the chunk and only a report makes text of them. Checking an id is ASCII is a few
+/// word compares; a full UTF-8 validation of a short id costs a call and ~90 instructions, three
+/// times per event line (a twentieth of the parse, measured; BENCHMARKS.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawEvent<'a> {
+    pub time: RawTime,
+    pub kind: EventKind,
+    pub oid: Cow<'a, [u8]>,
+    pub req: Option<Cow<'a, [u8]>>,
+    pub host: Option<Cow<'a, [u8]>>,
+    pub amount: Option<i64>,
+    pub entries: Option<u32>,
+    pub entry: Option<EntryId>,
+}
+
+impl<'a> RawEvent<'a> {
+    /// The event with its ids as text (they were checked: this never fails in practice, and
+    /// would say binary, as the check does, if it did).
+    fn into_text(self) -> Parsed<'a> {
+        fn text(b: Cow<'_, [u8]>) -> Option<Cow<'_, str>> {
+            match b {
+                Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+                Cow::Owned(v) => String::from_utf8(v).ok().map(Cow::Owned),
+            }
+        }
+        let (Some(oid), Some(req), Some(host)) = (
+            text(self.oid),
+            self.req.map(text).map_or(Some(None), |r| r.map(Some)),
+            self.host.map(text).map_or(Some(None), |h| h.map(Some)),
+        ) else {
+            return Parsed::Skip(SkipReason::Binary);
+        };
+        Parsed::Event(LineEvent {
+            time: self.time,
+            kind: self.kind,
+            oid,
+            req,
+            host,
+            amount: self.amount,
+            entries: self.entries,
+            entry: self.entry,
+        })
+    }
+}
+
 /// A ledger entry id read as a place in a sequence: a short prefix of letters naming the
 /// sequence, then a number (`E1042`, `1042`). Ids one database hands out to every instance
 /// interleave across hosts, and a higher id was taken later (clock alignment's evidence).
@@ -87,6 +134,15 @@ pub enum Parsed<'a> {
     Skip(SkipReason),
 }
 
+/// What one line is, as the merge takes it: [`Parsed`] with the event's ids as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RawParsed<'a> {
+    Event(RawEvent<'a>),
+    Other,
+    Time(RawTime),
+    Skip(SkipReason),
+}
+
 /// Parses lines; holds the byte searchers so they are built once per run.
 pub struct LineParser {
     oid: Finder<'static>,
@@ -108,13 +164,23 @@ impl LineParser {
 
     /// Classifies and parses one line (without its newline).
     pub fn parse<'a>(&self, line: &'a [u8]) -> Parsed<'a> {
+        match self.parse_raw(line) {
+            RawParsed::Event(e) => e.into_text(),
+            RawParsed::Other => Parsed::Other,
+            RawParsed::Time(t) => Parsed::Time(t),
+            RawParsed::Skip(r) => Parsed::Skip(r),
+        }
+    }
+
+    /// [`Self::parse`] with the event's ids left as bytes (the merge's way in).
+    pub(crate) fn parse_raw<'a>(&self, line: &'a [u8]) -> RawParsed<'a> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.len() > LOG_LINE_BYTES_MAX {
-            return Parsed::Skip(SkipReason::TooLong);
+            return RawParsed::Skip(SkipReason::TooLong);
         }
         let start = line.iter().position(|c| !matches!(c, b' ' | b'\t'));
         let Some(start) = start else {
-            return Parsed::Skip(SkipReason::Blank);
+            return RawParsed::Skip(SkipReason::Blank);
         };
         let line = &line[start..];
         // With `--order`, a line that does not hold the order's bytes is not its event, unless
@@ -148,7 +214,7 @@ impl LineParser {
             c if c.is_ascii_digit() => parse_text(line, relevant, want),
             c if c.is_ascii_alphabetic() && is_logfmt(line) => {
                 if !relevant {
-                    return Parsed::Other;
+                    return RawParsed::Other;
                 }
                 let mut fields = Fields::default();
                 scan_kv(line, &mut |k, v| fields.set(k, v));
@@ -166,10 +232,10 @@ impl LineParser {
 }
 
 /// A JSON line that carries no order: only its shape is checked, for the counts.
-fn json_shape(line: &[u8]) -> Parsed<'static> {
+fn json_shape(line: &[u8]) -> RawParsed<'static> {
     let last = line.iter().rposition(|c| !c.is_ascii_whitespace());
     match last.map(|i| line[i]) {
-        Some(b'}') => Parsed::Other,
+        Some(b'}') => RawParsed::Other,
         _ => bad_or_binary(line, SkipReason::CutJson),
     }
 }
@@ -190,11 +256,11 @@ fn is_binary(line: &[u8]) -> bool {
         || std::str::from_utf8(line).is_err()
 }
 
-fn bad_or_binary(line: &[u8], otherwise: SkipReason) -> Parsed<'static> {
+fn bad_or_binary(line: &[u8], otherwise: SkipReason) -> RawParsed<'static> {
     if is_binary(line) {
-        Parsed::Skip(SkipReason::Binary)
+        RawParsed::Skip(SkipReason::Binary)
     } else {
-        Parsed::Skip(otherwise)
+        RawParsed::Skip(otherwise)
     }
 }
 

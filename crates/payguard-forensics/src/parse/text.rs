@@ -10,7 +10,7 @@ use crate::clock::{parse_time, RawTime};
 
 use super::fields::{split_event, Fields};
 use super::kv::scan_kv;
-use super::{bad_or_binary, Parsed, SkipReason};
+use super::{bad_or_binary, RawParsed, SkipReason};
 
 const LEVELS: [&[u8]; 9] = [
     b"INFO",
@@ -25,7 +25,7 @@ const LEVELS: [&[u8]; 9] = [
 ];
 
 /// payguard text and the incident's plain text: `TIME [LEVEL] event: k=v, k=v`.
-pub(super) fn parse_text<'a>(line: &'a [u8], relevant: bool, want: Option<&[u8]>) -> Parsed<'a> {
+pub(super) fn parse_text<'a>(line: &'a [u8], relevant: bool, want: Option<&[u8]>) -> RawParsed<'a> {
     let sp = memchr::memchr(b' ', line).unwrap_or(line.len());
     let mut end = sp;
     // "YYYY-MM-DD HH:MM:SS" spans two words.
@@ -69,8 +69,8 @@ pub(super) fn parse_text<'a>(line: &'a [u8], relevant: bool, want: Option<&[u8]>
     skip_spaces(line, &mut i);
     if !relevant {
         return match time {
-            RawTime::TimeOfDay(_) => Parsed::Other,
-            t => Parsed::Time(t),
+            RawTime::TimeOfDay(_) => RawParsed::Other,
+            t => RawParsed::Time(t),
         };
     }
     let rest = &line[i..];
