@@ -6,7 +6,7 @@
 
 use super::{
     bench_engine_config, closed_loop, ms, open_loop, raw, setup, start_engine, store_direct,
-    EngineBenchArgs, Payment, RunResult, HALF_LOAD_SECS_MAX,
+    EngineBenchArgs, Payment, RunResult, TwoPhaseCost, HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::Engine;
@@ -72,16 +72,29 @@ impl SqliteRuns<'_> {
         })
     }
 
-    /// Two-phase payments (authorize, then capture) at the best deduct run's
-    /// batch_max, in the same run.
-    pub fn two_phase(&self, raw: &RunResult, sweep: &Sweep) -> anyhow::Result<RunResult> {
-        let r = self.payment_run(sweep.best_batch_max, raw, Payment::TwoPhase)?;
-        eprintln!("  {}: {:.0} payments/s", r.name, r.ops_per_sec);
-        Ok(r)
+    /// Two-phase payments (authorize, then capture) against deducts at the best
+    /// deduct run's batch_max: `--two-phase-rounds` pairs, back to back.
+    pub fn two_phase(&self, raw: &RunResult, sweep: &Sweep) -> anyhow::Result<TwoPhaseCost> {
+        let bm = sweep.best_batch_max;
+        let mut pairs = Vec::new();
+        for round in 0..self.args.two_phase_rounds() {
+            let d = self.payment_run(bm, raw, Payment::Deduct, &format!("r{round}"))?;
+            let t = self.payment_run(bm, raw, Payment::TwoPhase, &format!("r{round}"))?;
+            eprintln!(
+                "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×)",
+                round + 1,
+                d.ops_per_sec,
+                t.name,
+                t.ops_per_sec,
+                d.ops_per_sec / t.ops_per_sec.max(f64::MIN_POSITIVE)
+            );
+            pairs.push((d, t));
+        }
+        Ok(TwoPhaseCost::of(pairs))
     }
 
     fn engine_run(&self, bm: usize, raw: &RunResult) -> anyhow::Result<RunResult> {
-        self.payment_run(bm, raw, Payment::Deduct)
+        self.payment_run(bm, raw, Payment::Deduct, "sweep")
     }
 
     fn payment_run(
@@ -89,9 +102,10 @@ impl SqliteRuns<'_> {
         bm: usize,
         raw: &RunResult,
         payment: Payment,
+        tag: &str,
     ) -> anyhow::Result<RunResult> {
         let (args, rt, orders) = (self.args, self.rt, self.orders);
-        let path = self.dir.join(format!("engine-{bm}-{payment:?}.db"));
+        let path = self.dir.join(format!("engine-{bm}-{payment:?}-{tag}.db"));
         setup(&path, orders, self.accounts)?;
         let engine = Arc::new(start_engine(&path, args, bm)?);
         let (secs, h) = rt.block_on(closed_loop(
