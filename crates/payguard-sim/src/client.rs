@@ -1,5 +1,6 @@
 //! The clients: every order's deduct sent several times at nearly the same
-//! instant, each copy to a different instance, retried on 503 or silence.
+//! instant, a copy to each instance and one more to the first copy's instance
+//! (`config::DUPLICATES`), each retried elsewhere on anything but 200 or 402.
 //!
 //! Why: the incident was duplicates racing; a client that retries after a timeout
 //! is the other source of duplicates, and the one that makes "unknown" outcomes.
@@ -7,7 +8,8 @@
 //! database at the end: a 200 must be in the ledger exactly once, a 402 must not;
 //! and when, so that a seed with no fault can be held to answering every request
 //! in time. Orders are sent in bursts (see `run`), so each instance's lanes batch
-//! several of them while the same orders' copies batch on the other instances.
+//! several of them while the same orders' copies batch on the other instances,
+//! and two copies meet in one instance's lane (single flight).
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
 use crate::oracle::{Attempt, OracleRef};

@@ -26,6 +26,9 @@ pub struct Protocol {
     /// The engine's lanes forget the duplicates that joined an op by single
     /// flight (`payguard::engine::mutants`): they are never answered.
     pub lane_forgets_waiter: bool,
+    /// The lock client's old bug (fixed in e03f2f7): after raising the epoch,
+    /// set the counter back to 1, racing with grants already made under it.
+    pub reset_counter_on_new_epoch: bool,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -46,6 +49,7 @@ impl Protocol {
         lock: LockProtocol::AcquireMany,
         store: StoreVariant::PAYGUARD,
         lane_forgets_waiter: false,
+        reset_counter_on_new_epoch: false,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.

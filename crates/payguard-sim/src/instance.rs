@@ -15,6 +15,7 @@ use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX};
 use crate::db::DbState;
 use crate::locks::{JoinAll, SimLocks};
 use crate::oracle::OracleRef;
+use crate::redis::SharedRedis;
 use crate::store::SimStore;
 use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Incoming, Post, Server, INSTANCE_PORT};
 use crate::{LockProtocol, Protocol};
@@ -37,6 +38,8 @@ pub struct Instance {
     pub rng_seed: u64,
     pub post: Post,
     pub db: Arc<Mutex<DbState>>,
+    /// Redis as it is, for the oracle's live-holder check only.
+    pub redis_truth: SharedRedis,
     pub oracle: OracleRef,
     /// How many times the host's software started.
     pub boots: Cell<u64>,
@@ -132,6 +135,8 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         me.post.clone(),
         net,
         payguard::engine::fence_epochs(store.clone()),
+        me.protocol.reset_counter_on_new_epoch,
+        me.redis_truth.clone(),
         me.oracle.clone(),
     );
     let locks: Arc<dyn OrderLocks> = match me.protocol.lock {

@@ -26,7 +26,7 @@ use crate::config::{
     RELEASE_WAIT_MS_MAX, SETTLED_HINT_MS, SUBSCRIPTION_CHECK_MS, WAITER_MARK_GRACE_MS,
 };
 use crate::oracle::OracleRef;
-use crate::redis::{AcquireAnswer, RedisReq, RedisResp};
+use crate::redis::{AcquireAnswer, RedisReq, RedisResp, SharedRedis};
 use crate::wire::{now_ms, Caller, Post, Subscription, REDIS_HOST, REDIS_PORT, SUBSCRIBER_PORT};
 use futures::future::BoxFuture;
 use payguard::lock::redis::{EpochSource, Grant, RedisLockError, EPOCH_RACE_RETRIES_MAX};
@@ -46,6 +46,11 @@ pub struct SimLocks {
     net: Caller,
     epochs: EpochSource,
     releases: ReleaseBoard,
+    /// [`crate::config::Protocol::reset_counter_on_new_epoch`].
+    reset_counter_bug: bool,
+    /// Redis as it is: only for telling the oracle whether a new holder is
+    /// still the live one when its token is final (no decision reads it).
+    truth: SharedRedis,
     oracle: OracleRef,
 }
 
@@ -64,12 +69,15 @@ fn lease(order: &str, owner: &str, token: i64) -> Lease {
 impl SimLocks {
     /// The lock service of instance `inst`, started `boot` times; its
     /// subscriber runs on the current host.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         inst: usize,
         boot: u64,
         post: Post,
         net: Caller,
         epochs: EpochSource,
+        reset_counter_bug: bool,
+        truth: SharedRedis,
         oracle: OracleRef,
     ) -> Arc<SimLocks> {
         let locks = Arc::new(SimLocks {
@@ -79,6 +87,8 @@ impl SimLocks {
             net,
             epochs,
             releases: ReleaseBoard::default(),
+            reset_counter_bug,
+            truth,
             oracle,
         });
         tokio::task::spawn_local(subscribe(post, locks.clone()));
@@ -135,12 +145,17 @@ impl SimLocks {
             .borrow_mut()
             .lock_round_ended(self.inst, orders.len());
         if let Ok(grants) = &got {
+            let now = now_ms();
+            let truth = crate::redis::lock(&self.truth);
             let mut o = self.oracle.borrow_mut();
-            for g in grants {
+            for (order, g) in orders.iter().zip(grants) {
                 match g {
                     Grant::Busy { .. } => o.stats.parked += 1,
                     Grant::Settled => o.stats.settled_hints += 1,
-                    Grant::Held(_) => {}
+                    Grant::Held(l) => {
+                        let owner = l.key.split_once('\u{0}').map_or("", |(_, owner)| owner);
+                        o.token_made(order, l.token, truth.holds(order, owner, now), now);
+                    }
                 }
             }
         }
@@ -279,6 +294,10 @@ impl SimLocks {
             other => return Err(unavailable(format!("raise answered {other:?}"))),
         };
         self.note(|| format!("new epoch: fresh {fresh}, raised {raised:?}"));
+        if self.reset_counter_bug && raised.is_some_and(|r| r >= fresh) {
+            // The code before e03f2f7: start the counter again under the new epoch.
+            self.redis(RedisReq::ResetCounter).await?;
+        }
         Ok(raised.map(|e| token::epoch_in_force(e, fresh)))
     }
 

@@ -36,6 +36,9 @@ pub enum ViolationKind {
     /// A write carrying a token lower than one already applied to its order was
     /// applied (it should have been refused as `stale_fencing_token`).
     StaleTokenApplied,
+    /// A live lock holder got a token no higher than an earlier live holder of
+    /// the same order: its writes are refused although it holds the lock.
+    LiveHolderStaleToken,
     /// In a seed with no fault (no crash, flush, restart, partition, slow link,
     /// message loss or stall), a request was not answered, was answered
     /// anything but 200 or 402, or took longer than the bound.
@@ -118,6 +121,8 @@ pub struct Oracle {
     pub attempts: Vec<Attempt>,
     /// Deducts being worked on by an instance (a crash drops them).
     pub in_flight: u64,
+    /// order → highest token made for a holder that was live when it got it.
+    live_tokens: std::collections::BTreeMap<String, i64>,
     /// Per instance, its multi-order lock rounds in flight.
     multi_rounds_in_flight: [u64; crate::config::INSTANCES],
 }
@@ -154,6 +159,27 @@ impl Oracle {
             trace.push(format!("          VIOLATION {kind:?}: {detail}"));
         }
         self.violations.push(Violation { kind, detail });
+    }
+
+    /// A holder's token is final. `live`: its lock was still its own in Redis
+    /// then (a lease that ended first proves nothing: fencing refuses it).
+    pub fn token_made(&mut self, order: &str, tok: i64, live: bool, at_ms: u64) {
+        if !live {
+            return;
+        }
+        let prev = self.live_tokens.get(order).copied();
+        if let Some(prev) = prev.filter(|&p| tok <= p) {
+            self.violate(
+                ViolationKind::LiveHolderStaleToken,
+                format!(
+                    "order {order} at {at_ms} ms: live holder got token {:?}, an earlier live holder had {:?}",
+                    payguard::lock::token::unpack(tok),
+                    payguard::lock::token::unpack(prev)
+                ),
+            );
+        }
+        self.live_tokens
+            .insert(order.to_owned(), prev.map_or(tok, |p| p.max(tok)));
     }
 
     /// A lock round of `orders` orders starts on instance `inst`.

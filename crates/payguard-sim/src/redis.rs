@@ -17,10 +17,9 @@
 //! real scripts.
 
 use crate::wire::{now_ms, Post, Server, REDIS_PORT};
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The commands, one message each.
 #[derive(Debug, Clone)]
@@ -47,6 +46,9 @@ pub enum RedisReq {
     },
     /// `SUBSCRIBE released` from the sender's socket.
     Subscribe,
+    /// The old bug (fixed in e03f2f7), sent by the client after raising the
+    /// epoch: `HSET fence n 1`, racing with grants already made under it.
+    ResetCounter,
 }
 
 /// `ACQUIRE_MANY`'s answer, as the Lua returns it: the epoch, the incarnation,
@@ -147,7 +149,16 @@ impl RedisState {
                 }
                 RedisResp::Subscribed { run: self.run }
             }
+            RedisReq::ResetCounter => {
+                self.keys.fence.get_or_insert_with(Fence::default).n = 1;
+                RedisResp::Released(Vec::new())
+            }
         }
+    }
+
+    /// `GET lock == owner`, as Redis would answer at `now` (for the oracle).
+    pub fn holds(&self, order: &str, owner: &str, now: u64) -> bool {
+        matches!(self.keys.locks.get(order), Some((o, until)) if o == owner && *until > now)
     }
 
     fn acquire_many(
@@ -253,19 +264,27 @@ impl RedisState {
     }
 }
 
+/// The Redis state of a seed: its host runs the scripts on it; the run loop
+/// flushes it; the oracle reads whether a lock is still held.
+pub type SharedRedis = Arc<Mutex<RedisState>>;
+
+pub fn lock(state: &SharedRedis) -> MutexGuard<'_, RedisState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The Redis host's software. A (re)start begins with no keys and no subscribers.
-pub async fn serve(post: Post, state: Rc<RefCell<RedisState>>) -> turmoil::Result {
-    state.borrow_mut().restart();
+pub async fn serve(post: Post, state: SharedRedis) -> turmoil::Result {
+    lock(&state).restart();
     let server = Server::bind(post, REDIS_PORT).await?;
     loop {
         let req = server.recv().await?;
         let Ok(body) = req.body.downcast_ref::<RedisReq>().cloned().ok_or(()) else {
             continue;
         };
-        let resp = state.borrow_mut().exec(&body, Some(req.from()), now_ms());
+        let resp = lock(&state).exec(&body, Some(req.from()), now_ms());
         server.reply(&req, Box::new(resp)).await;
-        let published = state.borrow_mut().take_published();
-        let subscribers: Vec<SocketAddr> = state.borrow().subscribers.iter().copied().collect();
+        let published = lock(&state).take_published();
+        let subscribers: Vec<SocketAddr> = lock(&state).subscribers.iter().copied().collect();
         for order in published {
             for &to in &subscribers {
                 server

@@ -19,13 +19,13 @@ use crate::config::*;
 use crate::db::{self, DbState};
 use crate::instance::{self, Instance};
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
-use crate::redis::{self, RedisState};
+use crate::redis::{self, RedisState, SharedRedis};
 use crate::wire::{instance_host, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
 use crate::Protocol;
 use payguard::domain::{EntryKind, Money};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -322,7 +322,7 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let oracle = OracleRef::default();
     oracle.borrow_mut().trace = trace.then(Vec::new);
     let post = Post::default();
-    let redis_state = Rc::new(RefCell::new(RedisState::default()));
+    let redis_state: SharedRedis = Arc::new(Mutex::new(RedisState::default()));
     let db_state = Arc::new(Mutex::new(DbState::new(protocol.store)));
     let scenario = draw_scenario(&mut rng);
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
@@ -366,6 +366,7 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
             rng_seed: rng.random(),
             post: post.clone(),
             db: db_state.clone(),
+            redis_truth: redis_state.clone(),
             oracle: oracle.clone(),
             boots: Cell::new(0),
         });
@@ -380,7 +381,7 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     drop(sim);
     let db = lock(&db_state);
     let mut oracle = oracle.borrow_mut();
-    oracle.stats.grants = redis_state.borrow().grants;
+    oracle.stats.grants = redis::lock(&redis_state).grants;
     oracle.stats.stale_refused = db.stale_refused;
     verdict(seed, sim_ms, fair, &db, &mut oracle)
 }
@@ -395,7 +396,7 @@ fn drive(
     sim: &mut turmoil::Sim<'_>,
     mut weather: Weather,
     oracle: &OracleRef,
-    redis_state: &Rc<RefCell<RedisState>>,
+    redis_state: &SharedRedis,
 ) {
     let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
@@ -445,14 +446,9 @@ fn drive(
     }
 }
 
-fn inject(
-    sim: &mut turmoil::Sim<'_>,
-    action: Action,
-    redis_state: &Rc<RefCell<RedisState>>,
-    latency_ms: u64,
-) {
+fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis, latency_ms: u64) {
     match action {
-        Action::Flush => redis_state.borrow_mut().flush(),
+        Action::Flush => redis::lock(redis_state).flush(),
         Action::Crash(h) => sim.crash(h),
         Action::Bounce(h) => sim.bounce(h),
         Action::Partition(a, b) => sim.partition(a, b),

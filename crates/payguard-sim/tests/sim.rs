@@ -273,6 +273,23 @@ fn a_store_without_the_fence_check_applies_a_stale_write() {
     .check();
 }
 
+/// The lock client's older bug: a counter set back to 1 under a new epoch
+/// hands a live holder a token below one already handed out.
+#[test]
+fn the_counter_reset_bug_gives_a_live_holder_a_stale_token() {
+    SeenFailing {
+        test: "the_counter_reset_bug_gives_a_live_holder_a_stale_token",
+        protocol: Protocol {
+            reset_counter_on_new_epoch: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::LiveHolderStaleToken,
+        fault_free: false,
+        pinned: 6,
+    }
+    .check();
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [1, 77, 4242] {
