@@ -17,9 +17,10 @@
 //! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
 //! Every run ends with the money invariants checked against the database and
 //! what the clients were told ([`oracle`]), fencing checked (no write applied
-//! below a token already applied to its order), and, on a seed with no fault,
-//! liveness: every request answered 200 or 402 within one lock TTL plus the
-//! store's batch deadline.
+//! below a token already applied to its order, no live lock holder given a
+//! token at or below an earlier live holder's), no deduct hung inside an
+//! instance, and, on a seed with no fault, liveness: every request answered 200
+//! or 402 within one lock TTL plus the store's batch deadline.
 //!
 //! A seed replays exactly: every random choice comes from that seed (turmoil's
 //! RNG and ours), time is turmoil's (the engine and payguard's release board
@@ -40,8 +41,9 @@
 //! and replication, and a database that loses committed data.
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
-//! rule of the store off, or arm a bug in the engine's lanes
-//! (`payguard::engine::mutants`), to show that the checks then fail.
+//! rule of the store off, or the lock client's old counter reset on, or arm a
+//! bug in the engine's lanes (`payguard::engine::mutants`), to show that the
+//! checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 

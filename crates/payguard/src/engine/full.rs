@@ -51,7 +51,8 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
     let mut core: LaneCore<Reply> = LaneCore::new();
     let mut inflight: Option<BatchFuture> = None;
     // Parked orders: woken by their holder's release (or its lease's end), and
-    // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
+    // when each was first found busy (to give up after the lock service's
+    // `wait_max`: `LOCK_WAIT_MS_MAX` for Redis).
     let mut wakes: futures::stream::FuturesUnordered<WakeFuture> = Default::default();
     let mut first_busy: std::collections::HashMap<OrderId, tokio::time::Instant> =
         Default::default();
@@ -172,7 +173,7 @@ fn start_batch(
 }
 
 /// An order another instance holds waits for its release, or is answered 503
-/// once it has waited `LOCK_WAIT_MS_MAX` in all (nothing of it moved).
+/// once it has waited the lock service's `wait_max` in all (nothing of it moved).
 fn park(
     shared: &Arc<Shared>,
     core: &mut LaneCore<Reply>,

@@ -3,8 +3,10 @@
 //!
 //! Why in the engine: the simulation runs the engine's own code, so a broken
 //! variant of that code can only be made here. Compiled in only with the
-//! `mutants` feature (the simulation's dev-dependency turns it on); without it
-//! [`armed`] is a constant `false` and nothing of this exists. With it, a bug is
+//! `mutants` feature (only `payguard-sim`, a test crate, turns it on; a release
+//! build of the CLI never has it); without it [`armed`] is a constant `false`
+//! and nothing of this exists. With it (in a workspace test build, cargo turns
+//! it on for every crate), nothing changes until a bug is armed: it is
 //! armed per thread, for the one simulated seed running on that thread (every
 //! host of a turmoil simulation runs on the thread that steps it), so other
 //! tests in the same process never see it.
