@@ -9,7 +9,8 @@
 //! `CI_SEEDS`) and the soak (default [`SOAK_SEEDS`]) run, and
 //! `PAYGUARD_SIM_FIRST_SEED=F` where they start (default 0 and `CI_SEEDS`);
 //! `PAYGUARD_SIM_SEED=S` replays one seed of a test, printing its events.
-//! Every failure prints its seed and the command that replays it. A pinned
+//! Every failure prints its seed and the command that replays it, and the
+//! events of the shortest failing schedule (fewest events). A pinned
 //! seed that stops failing (the scenario drawing changed) names the command
 //! that finds a new one: `PAYGUARD_SIM_SEARCH=N` searches seeds `0..N`. The
 //! soak is ignored by default:
@@ -79,6 +80,13 @@ fn holds_for_every_seed(test: &str, protocol: Protocol, seeds: u64, first: u64) 
         .take(5)
         .map(|o| describe(o, test))
         .collect();
+    if let Some(shortest) = r.failures.iter().min_by_key(|o| (o.events, o.seed)) {
+        eprintln!(
+            "{test}: the shortest failing schedule, seed {}:",
+            shortest.seed
+        );
+        replay(test, shortest.seed, protocol);
+    }
     assert!(
         r.failures.is_empty(),
         "{} of {} seeds broke an invariant; the first:\n{}",
