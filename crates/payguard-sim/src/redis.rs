@@ -71,6 +71,8 @@ pub enum RedisResp {
     Message {
         order: String,
     },
+    /// `ResetCounter` done.
+    Done,
 }
 
 /// The `fence` hash.
@@ -151,7 +153,7 @@ impl RedisState {
             }
             RedisReq::ResetCounter => {
                 self.keys.fence.get_or_insert_with(Fence::default).n = 1;
-                RedisResp::Released(Vec::new())
+                RedisResp::Done
             }
         }
     }
@@ -278,7 +280,7 @@ pub async fn serve(post: Post, state: SharedRedis) -> turmoil::Result {
     let server = Server::bind(post, REDIS_PORT).await?;
     loop {
         let req = server.recv().await?;
-        let Ok(body) = req.body.downcast_ref::<RedisReq>().cloned().ok_or(()) else {
+        let Some(body) = req.body.downcast_ref::<RedisReq>().cloned() else {
             continue;
         };
         let resp = lock(&state).exec(&body, Some(req.from()), now_ms());
