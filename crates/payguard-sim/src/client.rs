@@ -1,5 +1,6 @@
 //! The clients: every order's deduct sent several times at nearly the same
-//! instant, each copy to a different instance, retried on 503 or silence.
+//! instant, a copy to each instance and one more to the first copy's instance
+//! (`config::DUPLICATES`), each retried elsewhere on anything but 200 or 402.
 //!
 //! Why: the incident was duplicates racing; a client that retries after a timeout
 //! is the other source of duplicates, and the one that makes "unknown" outcomes.
@@ -7,13 +8,12 @@
 //! database at the end: a 200 must be in the ledger exactly once, a 402 must not;
 //! and when, so that a seed with no fault can be held to answering every request
 //! in time. Orders are sent in bursts (see `run`), so each instance's lanes batch
-//! several of them while the same orders' copies batch on the other instances.
+//! several of them while the same orders' copies batch on the other instances,
+//! and two copies meet in one instance's lane (single flight).
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
-use crate::oracle::{Attempt, Oracle};
-use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallIds, INSTANCE_PORT};
-use std::cell::RefCell;
-use std::rc::Rc;
+use crate::oracle::{Attempt, OracleRef};
+use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallError, Post, INSTANCE_PORT};
 use std::time::Duration;
 
 /// One deduct to send.
@@ -26,7 +26,7 @@ pub struct Send {
     pub first_instance: usize,
 }
 
-async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
+async fn send(s: Send, post: Post, oracle: OracleRef) {
     tokio::time::sleep(Duration::from_millis(s.at_ms)).await;
     let timeout = Duration::from_millis(CLIENT_TIMEOUT_MS);
     for attempt in 0..CLIENT_ATTEMPTS_MAX {
@@ -35,7 +35,13 @@ async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
             order: s.order.clone(),
         };
         let sent_ms = now_ms();
-        let answer = call(&ids, &host, INSTANCE_PORT, req, timeout).await;
+        let answer = call(&post, &host, INSTANCE_PORT, Box::new(req), timeout)
+            .await
+            .and_then(|a| {
+                a.downcast::<ApiResp>()
+                    .map(|a| *a)
+                    .map_err(|_| CallError::Io("not an answer".into()))
+            });
         {
             let mut o = oracle.borrow_mut();
             o.note(now_ms(), || {
@@ -69,7 +75,8 @@ async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
                 ApiResp::LockBusy
                 | ApiResp::StaleFencingToken
                 | ApiResp::Unknown
-                | ApiResp::Overloaded,
+                | ApiResp::Unavailable
+                | ApiResp::Refused,
             )
             | Err(_) => {
                 tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_MS)).await;
@@ -80,11 +87,10 @@ async fn send(s: Send, ids: Rc<CallIds>, oracle: Rc<RefCell<Oracle>>) {
 }
 
 /// The client host: all sends concurrently; done when every one has settled.
-pub async fn run(plan: Vec<Send>, oracle: Rc<RefCell<Oracle>>) -> turmoil::Result {
-    let ids = Rc::new(CallIds::default());
+pub async fn run(plan: Vec<Send>, post: Post, oracle: OracleRef) -> turmoil::Result {
     let tasks: Vec<_> = plan
         .into_iter()
-        .map(|s| tokio::task::spawn_local(send(s, ids.clone(), oracle.clone())))
+        .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
         .collect();
     for t in tasks {
         t.await?;

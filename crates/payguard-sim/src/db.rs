@@ -1,178 +1,569 @@
-//! The simulated database: orders with a `fence` column, one debit per order, a
-//! fence-epoch sequence, balances that never go below zero.
+//! The simulated database: payguard's tables in memory, every command decided
+//! by payguard's own money rules (`payguard::store::rules`), one request at a
+//! time.
 //!
-//! Why a model: the checks that make payguard safe are a handful of SQL
-//! statements (`UPDATE orders SET fence = ?1 WHERE id = ?2 AND fence <= ?1`, the
-//! unique debit per order, the `CHECK (balance >= 0)`, `nextval('fence_epochs')`),
-//! and each request is one transaction; this host runs them one request at a
-//! time, which is what serialisable transactions promise. The state outlives a
-//! crash of the host (it is durable); only requests in flight are lost.
+//! Why a model: the stores are SQLite and PostgreSQL, which run on the wall
+//! clock and their own threads, so no seed could replay them. What makes a
+//! store payguard's is not its dialect but the decisions, and those are one
+//! pure function ([`rules::decide`], [`rules::settled`]) that both real stores
+//! call: this one calls it too, on the rows it keeps, and writes what it
+//! decided the way `store/sqlite/commands.rs` does (each write conditional on
+//! the state it was decided from, asserted here). A batch is one transaction:
+//! all of it or none of it. Each request runs to the end before the next (what
+//! serialisable transactions promise). The state outlives a crash or restart of
+//! the host (it is durable); requests in flight are lost, before or after their
+//! commit, which is what the store's commit-fate resolution is for
+//! ([`crate::store`]): every transaction has an id, a look-up tells whether it
+//! committed, and a transaction looked up before it arrived can no longer
+//! commit (as PostgreSQL's `pg_terminate_backend` of the one in progress).
+//!
+//! A [`StoreVariant`] can switch a rule of the store off, to show the checks
+//! failing: the one-debit rule (a deduct then sees a paid order as unpaid, as a
+//! store without the status check and the unique debit would), or the fence
+//! check (a stale token is not refused).
 
-use crate::config::Protocol;
-use crate::oracle::Oracle;
-use crate::wire::{now_ms, DbReq, DbResp, Server, DB_PORT};
-use payguard::lock::token;
-use std::cell::RefCell;
+use crate::oracle::OracleRef;
+use crate::wire::{now_ms, Post, Server, DB_PORT};
+use payguard::domain::{
+    Account, AccountId, Currency, Entry, EntryKind, Event, Money, Order, OrderId, OrderStatus,
+};
+use payguard::store::rules::{
+    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Seen,
+};
+use payguard::store::{Command, Op, OpResult, Rejection, StoreError};
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
+/// Which of the store's own rules it keeps. [`StoreVariant::PAYGUARD`] keeps all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreVariant {
+    /// A deduct of a paid order replays its debit (off: it charges again).
+    pub one_debit: bool,
+    /// A write under a token lower than the order's fence is refused.
+    pub fence_check: bool,
+}
+
+impl StoreVariant {
+    pub const PAYGUARD: StoreVariant = StoreVariant {
+        one_debit: true,
+        fence_check: true,
+    };
+}
+
+/// What an instance asks the database; each is one transaction.
 #[derive(Debug, Clone)]
-pub struct Order {
-    pub account: String,
-    /// Minor units.
-    pub amount: i64,
-    /// The highest fencing token that wrote this order (0: none yet).
-    pub fence: i64,
-    /// The entry of the order's (first) debit; `Some` means PAID.
-    pub paid_entry: Option<u64>,
+pub enum DbReq {
+    /// A lane's batch, under transaction id `xid`.
+    Apply { xid: u64, cmds: Vec<Command> },
+    /// Did transaction `xid` commit? Ends it if it has not arrived yet.
+    Fate { xid: u64 },
+    /// `Store::settled`: what the committed state answers without a write.
+    Settled { cmds: Vec<Command> },
+    /// `nextval('fence_epochs')`.
+    NextFenceEpoch,
 }
 
 #[derive(Debug, Clone)]
-pub struct Account {
-    pub opening: i64,
-    pub balance: i64,
+pub enum DbResp {
+    Applied(Result<Vec<OpResult>, StoreError>),
+    Fate(bool),
+    Settled(Vec<Option<OpResult>>),
+    Epoch(i64),
 }
 
-#[derive(Debug, Clone)]
-pub struct Debit {
-    pub entry: u64,
-    pub order: String,
-    pub account: String,
-    pub amount: i64,
+/// The tables: what a transaction changes, all or nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub accounts: BTreeMap<AccountId, Account>,
+    /// Each order with its fence (the highest token that wrote it; 0: none).
+    pub orders: BTreeMap<OrderId, (Order, i64)>,
+    /// The ledger, append only; entry `id` is at index `id - 1`.
+    pub entries: Vec<Entry>,
+    /// The events feed (written in each movement's transaction).
+    pub events: Vec<Event>,
+    /// Idempotency-Key records by (scope, key).
+    pub idem: BTreeMap<(String, String), IdemRecord>,
+    /// Per order, the highest token of a fenced write applied to it.
+    pub applied_tokens: BTreeMap<OrderId, i64>,
 }
 
 #[derive(Debug)]
 pub struct DbState {
-    pub protocol: Protocol,
-    pub orders: BTreeMap<String, Order>,
-    pub accounts: BTreeMap<String, Account>,
-    /// The append-only ledger's debits.
-    pub debits: Vec<Debit>,
+    pub variant: StoreVariant,
+    pub tables: Tables,
     /// `fence_epochs`: the last value handed out; only grows.
     pub fence_epoch_seq: i64,
-    pub oracle: Rc<RefCell<Oracle>>,
+    /// Transaction id → committed. Absent: not seen yet.
+    xids: BTreeMap<u64, bool>,
+    /// Fenced writes applied below a token already applied to their order:
+    /// what the fence check exists to refuse (checked at the end of the seed).
+    pub stale_applied: Vec<String>,
+    /// Stale writes refused by the fence check.
+    pub stale_refused: u64,
+    /// Transactions committed, and looked up after their answer was lost.
+    pub commits: u64,
+    pub fate_lookups: u64,
+}
+
+/// The rows one command's decision needs, owned (see [`Seen`]).
+#[derive(Default)]
+struct Read {
+    order: Option<Order>,
+    fence: i64,
+    account: Option<Account>,
+    account_exists: bool,
+    balance: Option<Money>,
+    held: Option<Money>,
+    debit: Option<Entry>,
+    refund: Option<Entry>,
+    hold: Option<Entry>,
+    release: Option<Entry>,
+}
+
+impl Read {
+    fn seen(&self) -> Seen<'_> {
+        Seen {
+            order: self.order.as_ref(),
+            fence: self.fence,
+            account: self.account.as_ref(),
+            account_exists: self.account_exists,
+            balance: self.balance,
+            held: self.held,
+            debit: self.debit.as_ref(),
+            refund: self.refund.as_ref(),
+            hold: self.hold.as_ref(),
+            release: self.release.as_ref(),
+        }
+    }
+}
+
+impl Tables {
+    fn entry(&self, id: i64) -> Option<Entry> {
+        usize::try_from(id - 1)
+            .ok()
+            .and_then(|i| self.entries.get(i))
+            .cloned()
+    }
+
+    fn order_entry(&self, order: &OrderId, kind: EntryKind) -> Option<Entry> {
+        self.entries
+            .iter()
+            .find(|e| &e.order_id == order && e.kind == kind)
+            .cloned()
+    }
+
+    /// Reads what the rules need to decide `op` (as `sqlite::commands::read_for`).
+    fn read_for(&self, op: &Op, variant: StoreVariant) -> Read {
+        let mut read = Read::default();
+        let set_order = |read: &mut Read, id: &OrderId| {
+            if let Some((order, fence)) = self.orders.get(id) {
+                let account = self.accounts.get(&order.account_id);
+                read.order = Some(order.clone());
+                read.fence = *fence;
+                read.balance = account.map(|a| a.balance);
+                read.held = account.map(|a| a.held);
+            }
+        };
+        match op {
+            Op::CreateAccount { id, .. } => read.account = self.accounts.get(id).cloned(),
+            Op::CreateOrder { id, account_id, .. } => {
+                set_order(&mut read, id);
+                read.account_exists = self.accounts.contains_key(account_id);
+            }
+            Op::Deduct { order_id } => {
+                set_order(&mut read, order_id);
+                if !variant.one_debit {
+                    // The broken store: it does not look at what already happened.
+                    if let Some(o) = read
+                        .order
+                        .as_mut()
+                        .filter(|o| o.status == OrderStatus::Paid)
+                    {
+                        o.status = OrderStatus::Prepare;
+                        o.debit_entry_id = None;
+                    }
+                }
+                if let Some(id) = read.order.as_ref().and_then(|o| o.debit_entry_id) {
+                    read.debit = self.entry(id);
+                }
+            }
+            Op::Refund {
+                order_id,
+                refund_id,
+                ..
+            } => {
+                set_order(&mut read, order_id);
+                read.refund = self
+                    .entries
+                    .iter()
+                    .find(|e| e.refund_id.as_ref() == Some(refund_id))
+                    .cloned();
+            }
+            Op::Authorize { order_id, .. } => {
+                set_order(&mut read, order_id);
+                read.hold = self.order_entry(order_id, EntryKind::Hold);
+            }
+            Op::Capture { order_id, .. } => {
+                set_order(&mut read, order_id);
+                if let Some(id) = read.order.as_ref().and_then(|o| o.debit_entry_id) {
+                    read.debit = self.entry(id);
+                }
+            }
+            Op::Void { order_id } | Op::Expire { order_id } => {
+                set_order(&mut read, order_id);
+                read.release = self.order_entry(order_id, EntryKind::Release);
+            }
+        }
+        read
+    }
+
+    /// One ledger line; returns its id.
+    fn insert_line(&mut self, e: &rules::NewEntry) -> i64 {
+        let id = self.entries.len() as i64 + 1;
+        self.entries.push(e.with_id(id));
+        id
+    }
+
+    /// Makes the writes of `effect` (as `sqlite::commands::write_effect`);
+    /// returns the command's answer.
+    fn write_effect(&mut self, effect: &Effect, now: i64) -> Result<OpResult, Inconsistent> {
+        let broken = |what: &str| Inconsistent(format!("{what}: not as read"));
+        let entry_id = match effect {
+            Effect::OpenAccount(a) => {
+                if self.accounts.insert(a.id.clone(), a.clone()).is_some() {
+                    return Err(broken("new account"));
+                }
+                0
+            }
+            Effect::PlaceOrder(o) => {
+                if self.orders.insert(o.id.clone(), (o.clone(), 0)).is_some() {
+                    return Err(broken("new order"));
+                }
+                0
+            }
+            Effect::Decline(failed) => {
+                let (order, _) = self
+                    .orders
+                    .get_mut(&failed.id)
+                    .ok_or_else(|| broken("order"))?;
+                if order.status != OrderStatus::Prepare {
+                    return Err(broken("PREPARE -> FAILED"));
+                }
+                *order = Order {
+                    updated_at: now,
+                    ..failed.clone()
+                };
+                0
+            }
+            Effect::Charge(m)
+            | Effect::Refund(m)
+            | Effect::Hold(m)
+            | Effect::Capture(m)
+            | Effect::Release(m) => {
+                let account = self
+                    .accounts
+                    .get(&m.entry.account_id)
+                    .ok_or_else(|| broken("account"))?;
+                // The balance's compare-and-set on the state it was decided from.
+                if account.balance != m.balance_before || account.held != m.held_before {
+                    return Err(broken("balance"));
+                }
+                let id = self.insert_line(&m.entry);
+                if let Some(rest) = &m.rest {
+                    self.insert_line(rest);
+                }
+                let account = self
+                    .accounts
+                    .get_mut(&m.entry.account_id)
+                    .expect("read above");
+                account.balance = m.entry.balance_after;
+                account.held = m.held_after;
+                account.updated_at = now;
+                let (after, _) = m.settle(id);
+                let (order, _) = self
+                    .orders
+                    .get_mut(&after.id)
+                    .ok_or_else(|| broken("order"))?;
+                *order = after;
+                id
+            }
+        };
+        if let Some(draft) = effect.event(entry_id) {
+            let seq = self.events.len() as i64 + 1;
+            self.events.push(Event {
+                seq,
+                // Not `new_event_id` (wall clock, random): a seed must replay.
+                id: format!("evt_sim_{seq:020}"),
+                kind: draft.kind,
+                created_at: now,
+                order: draft.order,
+                entry: draft.entry,
+            });
+        }
+        Ok(effect.answer(entry_id))
+    }
 }
 
 impl DbState {
-    pub fn new(protocol: Protocol, oracle: Rc<RefCell<Oracle>>) -> Self {
+    pub fn new(variant: StoreVariant) -> Self {
         DbState {
-            protocol,
-            orders: BTreeMap::new(),
-            accounts: BTreeMap::new(),
-            debits: Vec::new(),
+            variant,
+            tables: Tables::default(),
             fence_epoch_seq: 0,
-            oracle,
+            xids: BTreeMap::new(),
+            stale_applied: Vec::new(),
+            stale_refused: 0,
+            commits: 0,
+            fate_lookups: 0,
         }
     }
 
-    /// The fence step of a fenced transaction: advance the order's fence to
-    /// `token`, or refuse a token lower than one that already wrote it.
-    fn fence(&mut self, order: &str, token: Option<i64>, now: u64) -> Result<(), DbResp> {
-        let fencing = self.protocol.fencing;
-        let Some(o) = self.orders.get_mut(order) else {
-            return Err(DbResp::NoSuchOrder);
+    /// Runs `cmds` as one transaction at `now`: every answer, or nothing kept.
+    pub fn apply(&mut self, cmds: &[Command], now: i64) -> Result<Vec<OpResult>, StoreError> {
+        let mut t = self.tables.clone();
+        let mut stale_applied = Vec::new();
+        let mut stale_refused = 0;
+        let mut answers = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let answer = self
+                .exec_command(&mut t, cmd, now, &mut stale_applied)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            stale_refused += u64::from(answer == Err(Rejection::StaleFencingToken));
+            answers.push(answer);
+        }
+        self.tables = t;
+        self.stale_applied.extend(stale_applied);
+        self.stale_refused += stale_refused;
+        self.commits += 1;
+        Ok(answers)
+    }
+
+    fn exec_command(
+        &self,
+        t: &mut Tables,
+        cmd: &Command,
+        now: i64,
+        stale_applied: &mut Vec<String>,
+    ) -> Result<OpResult, Inconsistent> {
+        let read = t.read_for(&cmd.op, self.variant);
+        let decided_on = if self.variant.fence_check {
+            cmd.clone()
+        } else {
+            // The broken store: it never looks at the token.
+            Command {
+                fence: None,
+                ..cmd.clone()
+            }
         };
-        if let Some(t) = token {
-            if fencing {
-                // UPDATE orders SET fence = t WHERE id = order AND fence <= t
-                if o.fence > t {
-                    let mut oracle = self.oracle.borrow_mut();
-                    oracle.stats.stale_refused += 1;
-                    let fence = o.fence;
-                    oracle.note(now, || {
-                        format!(
-                            "db: {order} refuses token {:?}, fence {:?}: stale_fencing_token",
-                            token::unpack(t),
-                            token::unpack(fence)
-                        )
-                    });
-                    return Err(DbResp::StaleFencingToken);
+        let verdict = rules::decide(&decided_on, &read.seen(), now)?;
+        let stale = verdict.decision == Decision::Reject(Rejection::StaleFencingToken);
+        if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), stale) {
+            if read.order.is_some() {
+                let prev = t.applied_tokens.get(order_id).copied().unwrap_or(0);
+                if token < prev {
+                    stale_applied.push(format!(
+                        "order {order_id}: write with token {:?} applied after one with {:?}",
+                        payguard::lock::token::unpack(token),
+                        payguard::lock::token::unpack(prev)
+                    ));
                 }
-                o.fence = t;
+                t.applied_tokens.insert(order_id.clone(), prev.max(token));
             }
         }
-        self.oracle.borrow_mut().write_applied(order, token, now);
-        Ok(())
-    }
-
-    /// Moves the money: one debit entry, the balance down, the order PAID. The
-    /// `CHECK (balance >= 0)` refuses it when the account cannot pay.
-    fn debit(&mut self, order: &str) -> DbResp {
-        let o = self.orders.get(order).expect("fenced before").clone();
-        let account = self
-            .accounts
-            .get_mut(&o.account)
-            .expect("orders reference accounts");
-        let Some(after) = account.balance.checked_sub(o.amount).filter(|b| *b >= 0) else {
-            return DbResp::InsufficientFunds;
+        if let (Some(token), Some(order_id)) = (verdict.fence, cmd.order_id()) {
+            if let Some((_, fence)) = t.orders.get_mut(order_id) {
+                // UPDATE orders SET fence = token WHERE id = .. AND fence <= token
+                if *fence > token {
+                    return Err(Inconsistent("fence: not as read".into()));
+                }
+                *fence = token;
+            }
+        }
+        let answer = match verdict.decision {
+            Decision::Reject(r) => Err(r),
+            Decision::Replay(out) => Ok(out),
+            Decision::Apply(effect) => t.write_effect(&effect, now)?,
         };
-        account.balance = after;
-        let entry = self.debits.len() as u64 + 1;
-        self.debits.push(Debit {
-            entry,
-            order: order.to_owned(),
-            account: o.account.clone(),
-            amount: o.amount,
-        });
-        let o = self.orders.get_mut(order).expect("fenced before");
-        o.paid_entry.get_or_insert(entry);
-        DbResp::Charged { entry }
+        if let Some(idem) = &cmd.idempotency {
+            let key = (idem.scope.clone(), idem.key.clone());
+            let ours = t
+                .idem
+                .get(&key)
+                .is_some_and(|r| r.done.is_none() && r.fingerprint == idem.fingerprint);
+            match rules::completion(idem, &answer, now) {
+                IdemCompletion::Store {
+                    status,
+                    body,
+                    expires_at,
+                } if ours => {
+                    let r = t.idem.get_mut(&key).expect("checked");
+                    r.done = Some((status, body));
+                    r.lease_until = None;
+                    r.expires_at = expires_at;
+                }
+                IdemCompletion::Release if ours => {
+                    t.idem.remove(&key);
+                }
+                // Our lease lapsed and another request took the key.
+                _ => {}
+            }
+        }
+        Ok(answer)
     }
 
-    /// One transaction: one op, or a batch whose ops are each answered on their
-    /// own (as payguard's stores run a batch: a refused op rolls back to its
-    /// savepoint, the others commit).
-    pub fn exec(&mut self, req: &DbReq, now: u64) -> DbResp {
+    /// `Store::settled`: one snapshot, nothing written.
+    pub fn settled(&self, cmds: &[Command], now: i64) -> Vec<Option<OpResult>> {
+        cmds.iter()
+            .map(|cmd| {
+                if !cmd.is_plain() {
+                    return None;
+                }
+                let read = self.tables.read_for(&cmd.op, self.variant);
+                rules::settled(cmd, &read.seen(), now).unwrap_or(None)
+            })
+            .collect()
+    }
+
+    /// One request, as the host runs it.
+    pub fn exec(&mut self, req: &DbReq, now: i64) -> DbResp {
         match req {
-            DbReq::Batch(ops) => {
-                DbResp::Batch(ops.iter().map(|op| self.exec_op(op, now)).collect())
+            DbReq::Apply { xid, cmds } => {
+                if self.xids.get(xid) == Some(&false) {
+                    // Looked up (and so ended) before it arrived.
+                    return DbResp::Applied(Err(StoreError::Unavailable(format!(
+                        "transaction {xid} was ended"
+                    ))));
+                }
+                let got = self.apply(cmds, now);
+                self.xids.insert(*xid, got.is_ok());
+                DbResp::Applied(got)
             }
-            op => self.exec_op(op, now),
+            DbReq::Fate { xid } => {
+                self.fate_lookups += 1;
+                DbResp::Fate(*self.xids.entry(*xid).or_insert(false))
+            }
+            DbReq::Settled { cmds } => DbResp::Settled(self.settled(cmds, now)),
+            DbReq::NextFenceEpoch => {
+                self.fence_epoch_seq += 1;
+                DbResp::Epoch(self.fence_epoch_seq)
+            }
         }
     }
 
-    fn exec_op(&mut self, req: &DbReq, now: u64) -> DbResp {
-        let run = |db: &mut DbState| -> Result<DbResp, DbResp> {
-            match req {
-                DbReq::NextFenceEpoch => {
-                    db.fence_epoch_seq += 1;
-                    Ok(DbResp::Epoch(db.fence_epoch_seq))
+    /// Opens `accounts` (id, opening balance) and places `orders` (id, account,
+    /// amount) through the same rules, before the seed starts.
+    pub fn open(&mut self, accounts: &[(String, i64)], orders: &[(String, String, i64)]) {
+        let id = |s: &str| AccountId::parse(s).expect("well formed");
+        let money = |m: i64| Money::amount(m).expect("in range");
+        let mut cmds: Vec<Command> = accounts
+            .iter()
+            .map(|(a, balance)| {
+                Op::CreateAccount {
+                    id: id(a),
+                    balance: money(*balance),
+                    currency: Currency::parse("CNY").expect("well formed"),
                 }
-                DbReq::Deduct { order, token } | DbReq::Debit { order, token } => {
-                    db.fence(order, *token, now)?;
-                    let paid = db.orders[order.as_str()].paid_entry;
-                    match paid {
-                        // The unique index refuses a second debit; payguard answers a replay.
-                        Some(entry) if db.protocol.db_unique_debit => {
-                            Ok(DbResp::Replayed { entry })
-                        }
-                        _ => Ok(db.debit(order)),
-                    }
-                }
-                DbReq::Read { order, token } => {
-                    db.fence(order, *token, now)?;
-                    Ok(match db.orders[order.as_str()].paid_entry {
-                        Some(entry) => DbResp::Replayed { entry },
-                        None => DbResp::Prepare,
-                    })
-                }
-                DbReq::Batch(_) => panic!("a batch inside a batch"),
+                .into()
+            })
+            .collect();
+        cmds.extend(orders.iter().map(|(o, a, amount)| {
+            Command::from(Op::CreateOrder {
+                id: OrderId::parse(o).expect("well formed"),
+                account_id: id(a),
+                amount: money(*amount),
+            })
+        }));
+        let created = self
+            .apply(&cmds, 0)
+            .expect("the seed's accounts and orders");
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+    }
+
+    /// The debit entries of each order (`Debit` or `Capture`), in ledger order.
+    pub fn debits(&self) -> BTreeMap<&OrderId, Vec<&Entry>> {
+        let mut out: BTreeMap<&OrderId, Vec<&Entry>> = BTreeMap::new();
+        for e in &self.tables.entries {
+            if matches!(e.kind, EntryKind::Debit | EntryKind::Capture) {
+                out.entry(&e.order_id).or_default().push(e);
             }
-        };
-        let resp = run(self).unwrap_or_else(|refused| refused);
-        self.oracle
-            .borrow_mut()
-            .note(now, || format!("db: {req:?} -> {resp:?}"));
-        resp
+        }
+        out
+    }
+}
+
+/// A short form of a request, for the trace.
+fn describe(req: &DbReq) -> String {
+    let ops = |cmds: &[Command]| -> Vec<String> {
+        cmds.iter()
+            .map(|c| {
+                let o = c.order_id().map(OrderId::as_str).unwrap_or("-");
+                match c.fence {
+                    Some(t) => {
+                        format!("{}({o}@{:?})", c.family(), payguard::lock::token::unpack(t))
+                    }
+                    None => format!("{}({o})", c.family()),
+                }
+            })
+            .collect()
+    };
+    match req {
+        DbReq::Apply { xid, cmds } => format!("apply xid {xid} {:?}", ops(cmds)),
+        DbReq::Fate { xid } => format!("fate of xid {xid}"),
+        DbReq::Settled { cmds } => format!("settled? {:?}", ops(cmds)),
+        DbReq::NextFenceEpoch => "nextval(fence_epochs)".into(),
+    }
+}
+
+/// A short form of an answer, for the trace.
+pub fn describe_result(r: &OpResult) -> String {
+    match r {
+        Ok(payguard::store::Output::Movement {
+            entry, replayed, ..
+        }) => {
+            format!(
+                "entry {}{}",
+                entry.id,
+                if *replayed { " (replay)" } else { "" }
+            )
+        }
+        Ok(_) => "ok".into(),
+        Err(e) => e.reason().into(),
+    }
+}
+
+fn describe_resp(resp: &DbResp) -> String {
+    match resp {
+        DbResp::Applied(Ok(r)) => {
+            format!("{:?}", r.iter().map(describe_result).collect::<Vec<_>>())
+        }
+        DbResp::Applied(Err(e)) => format!("failed: {e}"),
+        DbResp::Fate(c) => format!("committed: {c}"),
+        DbResp::Settled(r) => format!(
+            "{:?}",
+            r.iter()
+                .map(|a| a.as_ref().map_or("write".into(), describe_result))
+                .collect::<Vec<_>>()
+        ),
+        DbResp::Epoch(e) => format!("epoch {e}"),
     }
 }
 
 /// The database host's software. Its state survives a crash; the socket does not.
-pub async fn serve(state: Rc<RefCell<DbState>>) -> turmoil::Result {
-    let server = Server::bind(DB_PORT).await?;
+pub async fn serve(post: Post, state: Arc<Mutex<DbState>>, oracle: OracleRef) -> turmoil::Result {
+    let server = Server::bind(post, DB_PORT).await?;
     loop {
-        let req = server.recv::<DbReq>().await?;
-        let resp = state.borrow_mut().exec(&req.body, now_ms());
-        server.reply(&req, resp).await;
+        let req = server.recv().await?;
+        let Some(body) = req.body.downcast_ref::<DbReq>().cloned() else {
+            continue;
+        };
+        let now = now_ms();
+        let resp = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .exec(&body, now as i64);
+        oracle.borrow_mut().note(now, || {
+            format!("db: {} -> {}", describe(&body), describe_resp(&resp))
+        });
+        server.reply(&req, Box::new(resp)).await;
     }
 }

@@ -1,43 +1,49 @@
-//! A deterministic simulation of payguard's multi-instance protocol.
+//! A deterministic simulation of payguard's own engine, several instances at
+//! once, over a simulated database and a simulated Redis (issue #17).
 //!
-//! Why: the lock + fencing protocol (`payguard::lock::redis`, the engine's
-//! `fenced_apply`, the stores' `fence` column) is only exercised by a handful of
-//! integration tests, each one schedule. Here the same protocol runs on
-//! [turmoil](https://docs.rs/turmoil): a simulated Redis ([`redis`]), a simulated
-//! database ([`db`]), three payguard instances ([`instance`]) and a client host
-//! sending bursts of duplicate deducts ([`client`]) talk over a simulated network
-//! on a simulated clock, while a seed decides latencies, message loss,
-//! partitions, crashes, Redis flushes and restarts, and lock holders stalled past
-//! their TTL ([`run`]). Every run ends with the money invariants checked against
-//! the database and the ground truth an [`oracle`] kept along the way, and, on a
-//! seed with no fault, with liveness checked: every request answered, none
-//! `LockBusy`, each within one lock TTL.
-//!
-//! Instances batch, as the engine does: requests go into lanes by payguard's own
-//! `lane_for`, and payguard's own `LaneCore` does single flight and group commit,
-//! so several instances commit multi-order batches at once. A batch takes its
-//! orders' locks under one of two protocols ([`config::LockProtocol`]): the
-//! engine's before issue #12 (`join_all` of waiting acquires, which deadlocks
-//! across instances until the wait limit), or issue #12's (`ACQUIRE_MANY` in one
-//! round trip, busy orders parked until `RELEASE_MANY` publishes their release on
-//! Redis pub/sub, or a fallback timer).
+//! Why: the multi-instance protocol (lanes and group commit, `fenced_apply`'s
+//! batch locks, parking until a release, fencing tokens, the store's rules and
+//! commit-fate resolution) lives in payguard's engine, and its failures are
+//! schedules: which instance's batch takes which lock while which message is
+//! lost. Here three instances each run payguard's real [`payguard::Engine`]
+//! (`Engine::start_with_order_locks`, `--guard full`) on
+//! [turmoil](https://docs.rs/turmoil): their store ([`store`]) talks to a
+//! simulated database ([`db`]) that decides every command with payguard's own
+//! money rules (`payguard::store::rules`), their lock service ([`locks`]) talks
+//! to a simulated Redis ([`redis`]) that runs the Lua scripts' semantics, and a
+//! client host ([`client`]) sends bursts of duplicate deducts to different
+//! instances, over a simulated network on a simulated clock. A seed decides
+//! latencies, message loss, partitions, slow links, crashes and restarts of any
+//! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
+//! Every run ends with the money invariants checked against the database and
+//! what the clients were told ([`oracle`]), fencing checked (no write applied
+//! below a token already applied to its order, no live lock holder given a
+//! token at or below an earlier live holder's), no deduct hung inside an
+//! instance, and, on a seed with no fault, liveness: every request answered 200
+//! or 402 within one lock TTL plus the store's batch deadline.
 //!
 //! A seed replays exactly: every random choice comes from that seed (turmoil's
-//! own RNG and ours), time is turmoil's, and nothing decides on hash order.
+//! RNG and ours), time is turmoil's (the engine and payguard's release board
+//! read tokio's clock, which turmoil drives), nothing decides on hash order,
+//! and what the engine would take from the wall clock or a random source is
+//! supplied by the simulated store (event ids, the time the rules decide at).
 //!
-//! What it guarantees is bounded by what it models. payguard's own code runs for
-//! the token arithmetic ([`payguard::lock::token`]), lane routing and the lane
-//! state machine (`engine::lane_for`, `engine::lane::LaneCore`). The Lua scripts,
-//! the SQL fence check, `run_lane`'s loop and `fenced_apply`'s sequence are
-//! re-stated here as small state machines that follow the production code (and,
-//! for issue #12, the protocol as specified while the engine is being changed):
-//! a divergence between the two is not caught. Not modelled: refunds and other
-//! ops (only deducts), Idempotency-Keys, the HTTP layer, the read cache, batch
-//! deadlines, lane queue back-pressure beyond a bound, Redis eviction and
-//! replication, and a database that loses committed data. Running the real
-//! engine under the simulation is issue #17. [`config::Protocol`] can switch
-//! each safety mechanism off, and the lock protocol back, to show that the
-//! checker then fails.
+//! What runs for real: the engine (lanes, single flight, group commit, the
+//! fenced batch path with settled hints and parking, the lane's give-up after
+//! the lock wait), payguard's `ReleaseBoard`, the money rules and the
+//! Idempotency-Key rules, the token arithmetic. What is re-stated, because it
+//! is written against a real server's calls: the Lua scripts ([`redis`]), the
+//! client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
+//! commit-fate resolution ([`store`]); a divergence between those and
+//! production is not caught here. Not simulated: the HTTP layer (so no
+//! Idempotency-Key reaches the engine), refunds and two-phase payments (only
+//! deducts are sent), the expiry sweeper and the webhook outbox, Redis eviction
+//! and replication, and a database that loses committed data.
+//!
+//! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
+//! rule of the store off, or the lock client's old counter reset on, or arm a
+//! bug in the engine's lanes (`payguard::engine::mutants`), to show that the
+//! checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 
@@ -45,11 +51,13 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod instance;
+pub mod locks;
 pub mod oracle;
 pub mod redis;
 pub mod run;
+pub mod store;
 pub mod wire;
 
-pub use config::Protocol;
+pub use config::{LockProtocol, Protocol};
 pub use oracle::{Stats, Violation, ViolationKind};
 pub use run::{run_seed, run_seed_traced, run_seeds, Outcome, SeedsReport};

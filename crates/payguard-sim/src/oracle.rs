@@ -1,17 +1,17 @@
 //! Ground truth kept beside the simulation, and the violations found in it.
 //!
-//! Why: some properties cannot be read off the final database. Whether a lock
-//! holder was still the live holder when its token was made, or whether a write
-//! with a lower token than one already applied got through, is only visible at
-//! the moment it happens; the simulated hosts report those moments here (the
-//! oracle is test instrumentation: no protocol decision reads it). It also keeps
-//! every client request's send and answer times, for the liveness check of a
-//! seed with no fault, and counts what a seed exercised (batches, parked orders,
-//! release notifications). All hosts of a seed run on one thread, so it is
-//! shared as `Rc<RefCell<_>>`.
+//! Why: some properties cannot be read off the final database. When each client
+//! request was sent and answered (for the liveness check of a seed with no
+//! fault) and what the clients were told (to hold against the ledger) is only
+//! visible to the clients; what a seed exercised (batches, parked orders,
+//! release notifications) is counted by the simulated services as it happens.
+//! The oracle is test instrumentation: no decision of the engine, the store or
+//! the lock service reads it. The engine's tasks must be `Send`, so it is shared
+//! as `Arc<Mutex<_>>` ([`OracleRef`]), though every host of a seed runs on one
+//! thread.
 
-use payguard::lock::token;
-use std::collections::BTreeMap;
+use crate::wire::ApiResp;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One broken invariant, with enough detail to start reading a replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,9 +24,10 @@ pub struct Violation {
 pub enum ViolationKind {
     /// An order has more than one debit.
     DoubleCharge,
-    /// A client was told "charged" (200) but the database lacks that one debit.
+    /// A client was told "charged" (200) but the ledger lacks that one debit.
     AcknowledgedChargeMissing,
-    /// An account's balance is not its opening balance minus its debits.
+    /// An account's balance is not its opening balance minus its debits, or
+    /// not the `balance_after` of its last entry.
     BalanceDrift,
     /// An account's balance is below zero.
     NegativeBalance,
@@ -35,13 +36,16 @@ pub enum ViolationKind {
     /// A write carrying a token lower than one already applied to its order was
     /// applied (it should have been refused as `stale_fencing_token`).
     StaleTokenApplied,
-    /// A live lock holder got a token no higher than an earlier live holder of the
-    /// same order: its writes are refused although it holds the lock.
+    /// A live lock holder got a token no higher than an earlier live holder of
+    /// the same order: its writes are refused although it holds the lock.
     LiveHolderStaleToken,
     /// In a seed with no fault (no crash, flush, restart, partition, slow link,
     /// message loss or stall), a request was not answered, was answered
-    /// `LockBusy`, or took longer than one lock TTL.
+    /// anything but 200 or 402, or took longer than the bound.
     Liveness,
+    /// A deduct never left its instance: still in flight long after the
+    /// clients finished and every fault healed.
+    Hang,
     /// The simulation did not finish (a host hung, or panicked).
     SimulationError,
 }
@@ -53,67 +57,92 @@ pub struct Attempt {
     pub host: String,
     pub sent_ms: u64,
     /// When the answer came, and what it was; `None`: none before the client's timeout.
-    pub answer: Option<(u64, crate::wire::ApiResp)>,
+    pub answer: Option<(u64, ApiResp)>,
 }
 
 /// Counts that show what a seed exercised (and make two replays comparable).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Locks granted by the simulated Redis.
     pub grants: u64,
-    pub grants_after_expiry: u64,
+    /// New fencing epochs taken (the fence hash was lost).
     pub new_epochs: u64,
+    /// Writers stalled past the lock TTL between their locks and their write.
     pub stalls: u64,
+    /// Stale writes the fence check refused.
     pub stale_refused: u64,
-    pub unfenced_writes: u64,
     pub acks: u64,
     pub declined: u64,
+    /// Deducts that got no definite answer in all their attempts.
     pub unanswered: u64,
     pub faults: u64,
-    /// Lane batches that took locks (or tried to), and the orders in them.
+    /// Lane batches that reached the store, their ops, and those of two ops or more.
     pub batches: u64,
-    pub batched_orders: u64,
-    /// Batches of two orders or more.
-    pub multi_order_batches: u64,
-    /// Multi-order batches that started while another instance had one in
-    /// flight: what the old deadlock needs.
-    pub overlapping_multi_batches: u64,
-    /// Orders an `ACQUIRE_MANY` found held elsewhere (each one parked).
+    pub batched_ops: u64,
+    pub multi_op_batches: u64,
+    /// `ACQUIRE_MANY` round trips, those for two orders or more, and those of
+    /// two orders or more made while another instance had one in flight.
+    pub lock_rounds: u64,
+    pub multi_order_lock_rounds: u64,
+    pub overlapping_lock_rounds: u64,
+    /// Orders an acquire found held elsewhere (each one parked by its lane).
     pub parked: u64,
-    /// Release notifications received, and parked orders they woke.
+    /// Orders an acquire answered from their settled hint.
+    pub settled_hints: u64,
+    /// Release notifications received; parked orders a release woke, and
+    /// those retried without one (the wait ran out).
     pub notices: u64,
     pub woken: u64,
-    /// Parked orders retried by the fallback timer, not by a notification.
     pub fallback_retries: u64,
-    /// Re-subscriptions that woke every parked order of an instance.
+    /// (Re)subscriptions that woke every parked order of an instance.
     pub resubscriptions: u64,
-    /// Requests answered 503 `LockBusy`.
+    /// Batches whose answer was lost and whose fate was looked up.
+    pub fate_lookups: u64,
+    /// Requests answered 503 `LockBusy`, and "outcome unknown".
     pub lock_busy: u64,
+    pub unknown: u64,
     /// The longest time from a client's send to its answer (a max, not a sum).
     pub answer_ms_max: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Oracle {
-    /// order → highest token made for a holder that was live when it got it.
-    live_tokens: BTreeMap<String, i64>,
-    /// order → highest token of a write the database applied.
-    applied_tokens: BTreeMap<String, i64>,
     /// (order, entry) per answer that told a client it was charged.
-    pub acks: Vec<(String, u64)>,
+    pub acks: Vec<(String, i64)>,
     /// Orders a client was told 402 for.
     pub declined: Vec<String>,
     pub violations: Vec<Violation>,
     pub stats: Stats,
-    /// Deducts an instance is working on (a crash drops them, and counts them out).
-    pub in_flight: u64,
     /// What happened, in order, when a replay asked for it (`None`: not kept).
     pub trace: Option<Vec<String>>,
     /// Events noted, kept or not: the length of the schedule.
     pub events: u64,
     /// Every client request, for the liveness check.
     pub attempts: Vec<Attempt>,
-    /// Per instance, its multi-order batches in flight.
-    multi_batches_in_flight: BTreeMap<usize, u64>,
+    /// Deducts being worked on by an instance (a crash drops them).
+    pub in_flight: u64,
+    /// order → highest token made for a holder that was live when it got it.
+    live_tokens: std::collections::BTreeMap<String, i64>,
+    /// Per instance, its multi-order lock rounds in flight.
+    multi_rounds_in_flight: [u64; crate::config::INSTANCES],
+}
+
+/// The seed's oracle, shared by every host.
+#[derive(Clone, Default)]
+pub struct OracleRef(Arc<Mutex<Oracle>>);
+
+impl OracleRef {
+    pub fn new(oracle: Oracle) -> Self {
+        OracleRef(Arc::new(Mutex::new(oracle)))
+    }
+
+    pub fn borrow_mut(&self) -> MutexGuard<'_, Oracle> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn borrow(&self) -> MutexGuard<'_, Oracle> {
+        self.borrow_mut()
+    }
 }
 
 impl Oracle {
@@ -125,20 +154,17 @@ impl Oracle {
         }
     }
 
-    fn violate(&mut self, kind: ViolationKind, detail: String) {
+    pub fn violate(&mut self, kind: ViolationKind, detail: String) {
         if let Some(trace) = &mut self.trace {
             trace.push(format!("          VIOLATION {kind:?}: {detail}"));
         }
         self.violations.push(Violation { kind, detail });
     }
 
-    /// A holder's token is final. `live`: its lock was still its own in Redis then.
+    /// A holder's token is final. `live`: its lock was still its own in Redis
+    /// then (a lease that ended first proves nothing: fencing refuses it).
     pub fn token_made(&mut self, order: &str, tok: i64, live: bool, at_ms: u64) {
-        self.stats.grants += 1;
         if !live {
-            // Its lease ended (TTL, flush) before it had a token; fencing must
-            // refuse its writes if a later holder wrote first, nothing more.
-            self.stats.grants_after_expiry += 1;
             return;
         }
         let prev = self.live_tokens.get(order).copied();
@@ -147,8 +173,8 @@ impl Oracle {
                 ViolationKind::LiveHolderStaleToken,
                 format!(
                     "order {order} at {at_ms} ms: live holder got token {:?}, an earlier live holder had {:?}",
-                    token::unpack(tok),
-                    token::unpack(prev)
+                    payguard::lock::token::unpack(tok),
+                    payguard::lock::token::unpack(prev)
                 ),
             );
         }
@@ -156,49 +182,25 @@ impl Oracle {
             .insert(order.to_owned(), prev.map_or(tok, |p| p.max(tok)));
     }
 
-    /// The database applied a write for `order` with `tok` (None: unfenced).
-    pub fn write_applied(&mut self, order: &str, tok: Option<i64>, at_ms: u64) {
-        let Some(tok) = tok else {
-            self.stats.unfenced_writes += 1;
-            return;
-        };
-        let prev = self.applied_tokens.get(order).copied();
-        if let Some(prev) = prev.filter(|&p| tok < p) {
-            self.violate(
-                ViolationKind::StaleTokenApplied,
-                format!(
-                    "order {order} at {at_ms} ms: write with token {:?} applied after one with {:?}",
-                    token::unpack(tok),
-                    token::unpack(prev)
-                ),
-            );
-        }
-        self.applied_tokens
-            .insert(order.to_owned(), prev.map_or(tok, |p| p.max(tok)));
-    }
-
-    /// A batch of `orders` orders starts taking locks on instance `inst`.
-    pub fn batch_started(&mut self, inst: usize, orders: usize) {
-        self.stats.batches += 1;
-        self.stats.batched_orders += orders as u64;
+    /// A lock round of `orders` orders starts on instance `inst`.
+    pub fn lock_round_started(&mut self, inst: usize, orders: usize) {
+        self.stats.lock_rounds += 1;
         if orders < 2 {
             return;
         }
-        self.stats.multi_order_batches += 1;
-        if self
-            .multi_batches_in_flight
-            .iter()
-            .any(|(&i, &n)| i != inst && n > 0)
-        {
-            self.stats.overlapping_multi_batches += 1;
+        self.stats.multi_order_lock_rounds += 1;
+        let others = (0..self.multi_rounds_in_flight.len())
+            .any(|i| i != inst && self.multi_rounds_in_flight[i] > 0);
+        if others {
+            self.stats.overlapping_lock_rounds += 1;
         }
-        *self.multi_batches_in_flight.entry(inst).or_default() += 1;
+        self.multi_rounds_in_flight[inst] += 1;
     }
 
-    /// The batch [`Oracle::batch_started`] announced ended (or its host crashed).
-    pub fn batch_ended(&mut self, inst: usize, orders: usize) {
+    /// The round [`Oracle::lock_round_started`] announced ended.
+    pub fn lock_round_ended(&mut self, inst: usize, orders: usize) {
         if orders >= 2 {
-            let n = self.multi_batches_in_flight.entry(inst).or_default();
+            let n = &mut self.multi_rounds_in_flight[inst];
             *n = n.saturating_sub(1);
         }
     }
@@ -207,15 +209,17 @@ impl Oracle {
     pub fn attempt(&mut self, a: Attempt) {
         if let Some((at, answer)) = &a.answer {
             self.stats.answer_ms_max = self.stats.answer_ms_max.max(at - a.sent_ms);
-            if *answer == crate::wire::ApiResp::LockBusy {
-                self.stats.lock_busy += 1;
+            match answer {
+                ApiResp::LockBusy => self.stats.lock_busy += 1,
+                ApiResp::Unknown => self.stats.unknown += 1,
+                _ => {}
             }
         }
         self.attempts.push(a);
     }
 
-    /// Liveness, for a seed with no fault: every request answered, none
-    /// `LockBusy`, each within `bound_ms`. One violation per broken request.
+    /// Liveness, for a seed with no fault: every request answered 200 or 402,
+    /// each within `bound_ms`. One violation per broken request.
     pub fn check_liveness(&mut self, bound_ms: u64) {
         for a in self.attempts.clone() {
             let (order, host, sent) = (&a.order, &a.host, a.sent_ms);
@@ -224,10 +228,10 @@ impl Oracle {
                     ViolationKind::Liveness,
                     format!("{order} sent to {host} at {sent} ms: never answered"),
                 ),
-                Some((at, crate::wire::ApiResp::LockBusy)) => self.violate(
+                Some((at, answer)) if !answer.is_definite() => self.violate(
                     ViolationKind::Liveness,
                     format!(
-                        "{order} sent to {host} at {sent} ms: LockBusy after {} ms with no fault",
+                        "{order} sent to {host} at {sent} ms: {answer:?} after {} ms with no fault",
                         at - sent
                     ),
                 ),

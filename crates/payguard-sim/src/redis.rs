@@ -1,38 +1,103 @@
-//! The simulated Redis: the Lua scripts of `payguard::lock::redis` (`ACQUIRE`,
-//! `RAISE_EPOCH`, `RELEASE`, and issue #12's `ACQUIRE_MANY` and `RELEASE_MANY`)
-//! as one state machine on the simulated clock, with the `released` pub/sub
-//! channel; it can be flushed or restarted.
+//! The simulated Redis: the Lua scripts of `payguard::lock::redis`
+//! (`ACQUIRE_MANY`, `RAISE_EPOCH`, `RELEASE_MANY`) as one state machine on the
+//! simulated clock, with the `released` pub/sub channel; it can be flushed or
+//! restarted.
 //!
 //! Why a model and not a Redis: a real server runs on the wall clock and its own
-//! scheduler, so no seed could replay it. The model keeps what the protocol
-//! relies on: a script runs atomically (one message at a time), `SET NX PX`
-//! expires on time, the counter and the epoch live in one hash (lost together),
-//! `FLUSHALL` or a restart loses every key, and a published message reaches the
-//! subscribers Redis knows of at that moment, at most once: a restart forgets
-//! every subscription (a flush does not), and a message to an instance that is
-//! down or cut off is lost.
+//! scheduler, so no seed could replay it, and the scripts are Lua, which this
+//! process does not run. The model follows each script line by line (the
+//! comments name the Redis command each step stands for) and keeps what the
+//! protocol relies on: a script runs atomically (one message at a time), `SET NX
+//! PX` expires on time, the counter, the epoch and the incarnation live in one
+//! hash (lost together), `FLUSHALL` or a restart loses every key, and a published
+//! message reaches the subscribers Redis knows of at that moment, at most once: a
+//! restart forgets every subscription (a flush does not), and a message to an
+//! instance that is down or cut off is lost. A divergence between a script and
+//! this model is not caught here: `crates/payguard/tests/fencing.rs` runs the
+//! real scripts.
 
-use crate::wire::{lock_key, now_ms, waiter_key, RedisReq, RedisResp, Server, Slot, REDIS_PORT};
-use std::cell::RefCell;
+use crate::wire::{now_ms, Post, Server, REDIS_PORT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Every key: what `FLUSHALL` empties.
+/// The commands, one message each.
+#[derive(Debug, Clone)]
+pub enum RedisReq {
+    /// `ACQUIRE_MANY`: for each order, its settled hint if asked for and
+    /// present, else `SET lock NX PX ttl` (+ `HINCRBY fence n 1`), else the
+    /// holder's PTTL and a waiter marker that outlives it by `grace_ms`.
+    AcquireMany {
+        orders: Vec<String>,
+        owner: String,
+        ttl_ms: u64,
+        grace_ms: u64,
+        hints: Vec<bool>,
+    },
+    /// `RAISE_EPOCH`: the epoch only upward, only on the incarnation `inc`.
+    RaiseEpoch { fresh: i64, inc: String },
+    /// `RELEASE_MANY`: compare-and-delete of each `(order, settled)` lock of
+    /// `owner`, leaving the settled hint for `hint_ms` where flagged, and
+    /// publishing the order where somebody waits.
+    ReleaseMany {
+        owner: String,
+        items: Vec<(String, bool)>,
+        hint_ms: u64,
+    },
+    /// `SUBSCRIBE released` from the sender's socket.
+    Subscribe,
+    /// The old bug (fixed in e03f2f7), sent by the client after raising the
+    /// epoch: `HSET fence n 1`, racing with grants already made under it.
+    ResetCounter,
+}
+
+/// `ACQUIRE_MANY`'s answer, as the Lua returns it: the epoch, the incarnation,
+/// and per order `n >= 1` (granted with counter n), `0` (settled hint), or
+/// `-left - 1` (held elsewhere for `left` more ms).
+pub type AcquireAnswer = (Option<i64>, Option<String>, Vec<i64>);
+
+#[derive(Debug, Clone)]
+pub enum RedisResp {
+    Acquired(AcquireAnswer),
+    /// `RAISE_EPOCH`: the epoch in force, or `None` (another incarnation).
+    Raised(Option<i64>),
+    /// `RELEASE_MANY`: 1 per lock freed, 0 per lock no longer the owner's.
+    Released(Vec<i64>),
+    /// `SUBSCRIBE` took: `run` names the Redis process (a restart changes it).
+    Subscribed {
+        run: u64,
+    },
+    /// A message on the `released` channel.
+    Message {
+        order: String,
+    },
+    /// `ResetCounter` done.
+    Done,
+}
+
+/// The `fence` hash.
+#[derive(Debug, Clone, Default)]
+struct Fence {
+    n: i64,
+    epoch: Option<i64>,
+    /// The owner of the grant that created the hash (`inc`).
+    inc: Option<String>,
+}
+
+/// Every key: what `FLUSHALL` empties. A key past its expiry is absent.
 #[derive(Debug, Default)]
 struct Keys {
-    /// lock key → (owner, expiry in simulated ms). A key past its expiry is absent.
+    /// order → (owner, expiry ms).
     locks: BTreeMap<String, (String, u64)>,
-    /// waiter marker key → expiry in simulated ms.
+    /// order → expiry ms of its waiter marker (`:w`).
     markers: BTreeMap<String, u64>,
-    /// The `fence` hash's `n` field (HINCRBY creates it at 0).
-    fence_n: Option<i64>,
-    /// The `fence` hash's `epoch` field.
-    fence_epoch: Option<i64>,
-    /// For the incarnation check: set by the grant whose `HINCRBY` created the
-    /// counter (to its owner, unique per grant), so each life of the hash has its
-    /// own name (payguard's `inc` field).
-    fence_incarnation: Option<String>,
+    /// order → expiry ms of its settled hint (`:s`).
+    hints: BTreeMap<String, u64>,
+    fence: Option<Fence>,
+}
+
+fn live(map: &BTreeMap<String, u64>, key: &str, now: u64) -> bool {
+    map.get(key).is_some_and(|until| *until > now)
 }
 
 #[derive(Debug, Default)]
@@ -42,9 +107,10 @@ pub struct RedisState {
     subscribers: BTreeSet<SocketAddr>,
     /// Which process this is: changes at every (re)start.
     run: u64,
-    /// Orders published by the last script, for [`serve`] to push. Drained after
-    /// each script, so it holds at most one batch's orders.
+    /// Orders published by the last script, for [`serve`] to push.
     outbox: Vec<String>,
+    /// Grants made so far (for the stats).
+    pub grants: u64,
 }
 
 impl RedisState {
@@ -61,151 +127,174 @@ impl RedisState {
         self.run += 1;
     }
 
-    /// `GET key == owner`, as Redis would answer at `now`.
-    pub fn holds(&self, key: &str, owner: &str, now: u64) -> bool {
-        matches!(self.keys.locks.get(key), Some((o, until)) if o == owner && *until > now)
+    /// Runs one script at `now`; `from` is the sender (for `SUBSCRIBE`).
+    pub fn exec(&mut self, req: &RedisReq, from: Option<SocketAddr>, now: u64) -> RedisResp {
+        match req {
+            RedisReq::AcquireMany {
+                orders,
+                owner,
+                ttl_ms,
+                grace_ms,
+                hints,
+            } => RedisResp::Acquired(
+                self.acquire_many(orders, owner, *ttl_ms, *grace_ms, hints, now),
+            ),
+            RedisReq::RaiseEpoch { fresh, inc } => RedisResp::Raised(self.raise_epoch(*fresh, inc)),
+            RedisReq::ReleaseMany {
+                owner,
+                items,
+                hint_ms,
+            } => RedisResp::Released(self.release_many(owner, items, *hint_ms, now)),
+            RedisReq::Subscribe => {
+                if let Some(from) = from {
+                    self.subscribers.insert(from);
+                }
+                RedisResp::Subscribed { run: self.run }
+            }
+            RedisReq::ResetCounter => {
+                self.keys.fence.get_or_insert_with(Fence::default).n = 1;
+                RedisResp::Done
+            }
+        }
+    }
+
+    /// `GET lock == owner`, as Redis would answer at `now` (for the oracle).
+    pub fn holds(&self, order: &str, owner: &str, now: u64) -> bool {
+        matches!(self.keys.locks.get(order), Some((o, until)) if o == owner && *until > now)
+    }
+
+    fn acquire_many(
+        &mut self,
+        orders: &[String],
+        owner: &str,
+        ttl_ms: u64,
+        grace_ms: u64,
+        hints: &[bool],
+        now: u64,
+    ) -> AcquireAnswer {
+        let mut out = Vec::with_capacity(orders.len());
+        for (k, order) in orders.iter().enumerate() {
+            // ARGV[3 + k] == '1' and EXISTS :s
+            if hints.get(k) == Some(&true) && live(&self.keys.hints, order, now) {
+                out.push(0);
+                continue;
+            }
+            let held = self.keys.locks.get(order).filter(|(_, until)| *until > now);
+            match held {
+                None => {
+                    // SET lock owner NX PX ttl; HINCRBY fence n 1
+                    self.keys
+                        .locks
+                        .insert(order.clone(), (owner.to_owned(), now + ttl_ms));
+                    let fence = self.keys.fence.get_or_insert_with(Fence::default);
+                    fence.n += 1;
+                    if fence.n == 1 {
+                        fence.inc = Some(owner.to_owned());
+                    }
+                    self.grants += 1;
+                    out.push(fence.n);
+                }
+                Some((_, until)) => {
+                    // PTTL; SET :w 1 PX left + grace
+                    let left = until - now;
+                    self.keys
+                        .markers
+                        .insert(order.clone(), now + left + grace_ms);
+                    out.push(-(left as i64) - 1);
+                }
+            }
+        }
+        let fence = self.keys.fence.as_ref();
+        (
+            fence.and_then(|f| f.epoch),
+            fence.and_then(|f| f.inc.clone()),
+            out,
+        )
+    }
+
+    fn raise_epoch(&mut self, fresh: i64, inc: &str) -> Option<i64> {
+        // (HGET fence inc or '') ~= ARGV[2]
+        let current_inc = self.keys.fence.as_ref().and_then(|f| f.inc.as_deref());
+        if current_inc.unwrap_or("") != inc {
+            return None;
+        }
+        let fence = self.keys.fence.get_or_insert_with(Fence::default);
+        let cur = fence.epoch.unwrap_or(0);
+        if fresh > cur {
+            fence.epoch = Some(fresh);
+            Some(fresh)
+        } else {
+            Some(cur)
+        }
+    }
+
+    fn release_many(
+        &mut self,
+        owner: &str,
+        items: &[(String, bool)],
+        hint_ms: u64,
+        now: u64,
+    ) -> Vec<i64> {
+        let mut out = Vec::with_capacity(items.len());
+        for (order, settled) in items {
+            let mine = matches!(self.keys.locks.get(order), Some((o, until)) if o == owner && *until > now);
+            if !mine {
+                out.push(0);
+                continue;
+            }
+            if *settled {
+                self.keys.hints.insert(order.clone(), now + hint_ms);
+            }
+            self.keys.locks.remove(order);
+            // DEL :w == 1 → PUBLISH
+            if self
+                .keys
+                .markers
+                .remove(order)
+                .is_some_and(|until| until > now)
+            {
+                self.outbox.push(order.clone());
+            }
+            out.push(1);
+        }
+        out
     }
 
     /// The orders published since the last call.
     pub fn take_published(&mut self) -> Vec<String> {
         std::mem::take(&mut self.outbox)
     }
+}
 
-    /// `SUBSCRIBE released` from `from`; answers which process took it.
-    pub fn subscribe(&mut self, from: SocketAddr) -> RedisResp {
-        self.subscribers.insert(from);
-        RedisResp::Subscribed { run: self.run }
-    }
+/// The Redis state of a seed: its host runs the scripts on it; the run loop
+/// flushes it; the oracle reads whether a lock is still held.
+pub type SharedRedis = Arc<Mutex<RedisState>>;
 
-    fn raise_epoch(&mut self, fresh: i64) -> RedisResp {
-        let cur = self.keys.fence_epoch.unwrap_or(0);
-        if fresh > cur {
-            self.keys.fence_epoch = Some(fresh);
-            RedisResp::Epoch(fresh)
-        } else {
-            RedisResp::Epoch(cur)
-        }
-    }
-
-    /// `SET key owner NX PX ttl` and, when granted, `HINCRBY fence n 1`: the
-    /// counter value, or the holder's PTTL.
-    fn set_nx(&mut self, key: &str, owner: &str, ttl_ms: u64, now: u64) -> Slot {
-        if let Some((_, until)) = self.keys.locks.get(key).filter(|(_, u)| *u > now) {
-            return Slot::Busy {
-                pttl_ms: until - now,
-            };
-        }
-        self.keys
-            .locks
-            .insert(key.to_owned(), (owner.to_owned(), now + ttl_ms));
-        let n = self.keys.fence_n.unwrap_or(0) + 1;
-        self.keys.fence_n = Some(n);
-        if n == 1 {
-            self.keys.fence_incarnation = Some(owner.to_owned());
-        }
-        Slot::Granted(n)
-    }
-
-    /// Compare-and-delete.
-    fn release(&mut self, key: &str, owner: &str, now: u64) -> bool {
-        let mine = self.holds(key, owner, now);
-        if mine {
-            self.keys.locks.remove(key);
-        }
-        mine
-    }
-
-    fn acquire_many(&mut self, orders: &[String], owner: &str, ttl_ms: u64, now: u64) -> RedisResp {
-        let mut slots = Vec::with_capacity(orders.len());
-        for order in orders {
-            let slot = self.set_nx(&lock_key(order), owner, ttl_ms, now);
-            if let Slot::Busy { pttl_ms } = slot {
-                // The marker lives as long as the holder's lease: only that
-                // holder's release could publish, and only while it holds.
-                self.keys.markers.insert(waiter_key(order), now + pttl_ms);
-            }
-            slots.push(slot);
-        }
-        RedisResp::AcquiredMany {
-            slots,
-            epoch: self.keys.fence_epoch,
-            incarnation: self.keys.fence_incarnation.clone(),
-        }
-    }
-
-    fn release_many(&mut self, orders: &[String], owner: &str, now: u64) -> RedisResp {
-        let mut released = Vec::with_capacity(orders.len());
-        for order in orders {
-            let mine = self.release(&lock_key(order), owner, now);
-            if mine {
-                let marker = self.keys.markers.remove(&waiter_key(order));
-                if marker.is_some_and(|until| until > now) {
-                    self.outbox.push(order.clone());
-                }
-            }
-            released.push(mine);
-        }
-        RedisResp::ReleasedMany(released)
-    }
-
-    /// Runs one script at `now`.
-    pub fn exec(&mut self, req: &RedisReq, now: u64) -> RedisResp {
-        match req {
-            RedisReq::Acquire { key, owner, ttl_ms } => match self.set_nx(key, owner, *ttl_ms, now)
-            {
-                Slot::Busy { .. } => RedisResp::Acquired(None),
-                Slot::Granted(n) => RedisResp::Acquired(Some((
-                    n,
-                    self.keys.fence_epoch,
-                    self.keys.fence_incarnation.clone(),
-                ))),
-            },
-            RedisReq::RaiseEpoch { fresh } => self.raise_epoch(*fresh),
-            RedisReq::RaiseEpochIfSame { fresh, incarnation } => {
-                if self.keys.fence_incarnation.as_ref() == Some(incarnation) {
-                    self.raise_epoch(*fresh)
-                } else {
-                    RedisResp::Refused
-                }
-            }
-            RedisReq::ResetCounter => {
-                self.keys.fence_n = Some(1);
-                RedisResp::Done
-            }
-            RedisReq::Release { key, owner } => RedisResp::Released(self.release(key, owner, now)),
-            RedisReq::AcquireMany {
-                orders,
-                owner,
-                ttl_ms,
-            } => self.acquire_many(orders, owner, *ttl_ms, now),
-            RedisReq::ReleaseMany { orders, owner } => self.release_many(orders, owner, now),
-            // Needs the sender's address: see `serve`.
-            RedisReq::Subscribe => RedisResp::Refused,
-        }
-    }
+pub fn lock(state: &SharedRedis) -> MutexGuard<'_, RedisState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The Redis host's software. A (re)start begins with no keys and no subscribers.
-pub async fn serve(state: Rc<RefCell<RedisState>>) -> turmoil::Result {
-    state.borrow_mut().restart();
-    let server = Server::bind(REDIS_PORT).await?;
+pub async fn serve(post: Post, state: SharedRedis) -> turmoil::Result {
+    lock(&state).restart();
+    let server = Server::bind(post, REDIS_PORT).await?;
     loop {
-        let req = server.recv::<RedisReq>().await?;
-        let resp = match req.body {
-            RedisReq::Subscribe => state.borrow_mut().subscribe(req.from()),
-            _ => state.borrow_mut().exec(&req.body, now_ms()),
+        let req = server.recv().await?;
+        let Some(body) = req.body.downcast_ref::<RedisReq>().cloned() else {
+            continue;
         };
-        server.reply(&req, resp).await;
-        let published = state.borrow_mut().take_published();
-        let subscribers: Vec<SocketAddr> = state.borrow().subscribers.iter().copied().collect();
+        let resp = lock(&state).exec(&body, Some(req.from()), now_ms());
+        server.reply(&req, Box::new(resp)).await;
+        let published = lock(&state).take_published();
+        let subscribers: Vec<SocketAddr> = lock(&state).subscribers.iter().copied().collect();
         for order in published {
             for &to in &subscribers {
                 server
                     .push(
                         to,
-                        RedisResp::Message {
+                        Box::new(RedisResp::Message {
                             order: order.clone(),
-                        },
+                        }),
                     )
                     .await;
             }
@@ -217,164 +306,119 @@ pub async fn serve(state: Rc<RefCell<RedisState>>) -> turmoil::Result {
 mod tests {
     use super::*;
 
-    fn acquire(r: &mut RedisState, key: &str, owner: &str, now: u64) -> RedisResp {
-        r.exec(
-            &RedisReq::Acquire {
-                key: key.into(),
-                owner: owner.into(),
-                ttl_ms: 10,
-            },
-            now,
-        )
-    }
-
-    #[test]
-    fn set_nx_px_counts_grants_and_expires() {
-        let mut r = RedisState::default();
-        assert!(matches!(
-            acquire(&mut r, "k", "a", 0),
-            RedisResp::Acquired(Some((1, None, _)))
-        ));
-        assert!(matches!(
-            acquire(&mut r, "k", "b", 9),
-            RedisResp::Acquired(None)
-        ));
-        assert!(matches!(
-            acquire(&mut r, "k", "b", 10),
-            RedisResp::Acquired(Some((2, None, _)))
-        ));
-        assert!(matches!(
-            r.exec(
-                &RedisReq::Release {
-                    key: "k".into(),
-                    owner: "a".into()
-                },
-                11
-            ),
-            RedisResp::Released(false)
-        ));
-        assert!(r.holds("k", "b", 11));
-    }
-
-    #[test]
-    fn the_epoch_only_rises_and_a_flush_loses_it_with_the_counter() {
-        let mut r = RedisState::default();
-        assert!(matches!(
-            r.exec(&RedisReq::RaiseEpoch { fresh: 5 }, 0),
-            RedisResp::Epoch(5)
-        ));
-        assert!(matches!(
-            r.exec(&RedisReq::RaiseEpoch { fresh: 3 }, 0),
-            RedisResp::Epoch(5)
-        ));
-        acquire(&mut r, "k", "a", 0);
-        r.flush();
-        assert!(matches!(
-            acquire(&mut r, "k", "b", 1),
-            RedisResp::Acquired(Some((1, None, _)))
-        ));
-    }
-
-    fn acquire_many(r: &mut RedisState, orders: &[&str], owner: &str, now: u64) -> Vec<Slot> {
+    fn acquire(
+        r: &mut RedisState,
+        orders: &[&str],
+        owner: &str,
+        hints: &[bool],
+        now: u64,
+    ) -> AcquireAnswer {
         match r.exec(
             &RedisReq::AcquireMany {
                 orders: orders.iter().map(|o| o.to_string()).collect(),
                 owner: owner.into(),
                 ttl_ms: 10,
+                grace_ms: 5,
+                hints: hints.to_vec(),
             },
+            None,
             now,
         ) {
-            RedisResp::AcquiredMany { slots, .. } => slots,
+            RedisResp::Acquired(a) => a,
             other => panic!("{other:?}"),
         }
     }
 
-    fn release_many(r: &mut RedisState, orders: &[&str], owner: &str, now: u64) -> Vec<bool> {
+    fn release(r: &mut RedisState, items: &[(&str, bool)], owner: &str, now: u64) -> Vec<i64> {
         match r.exec(
             &RedisReq::ReleaseMany {
-                orders: orders.iter().map(|o| o.to_string()).collect(),
                 owner: owner.into(),
+                items: items.iter().map(|(o, s)| (o.to_string(), *s)).collect(),
+                hint_ms: 100,
             },
+            None,
             now,
         ) {
-            RedisResp::ReleasedMany(released) => released,
+            RedisResp::Released(v) => v,
             other => panic!("{other:?}"),
         }
     }
 
-    /// The cross-wise batches of issue #12: A holds x, B holds y, and each next
-    /// batch wants the other's. Nothing waits: each is told busy (with the PTTL),
-    /// and each release is published because someone is waiting for it.
+    /// The cross-wise batches of issue #12: nothing waits, each is told busy
+    /// with the PTTL, and a release somebody waits for is published.
     #[test]
     fn acquire_many_never_waits_and_a_release_someone_waits_for_is_published() {
         let mut r = RedisState::default();
-        assert_eq!(acquire_many(&mut r, &["x"], "A", 0), [Slot::Granted(1)]);
-        assert_eq!(acquire_many(&mut r, &["y"], "B", 0), [Slot::Granted(2)]);
+        assert_eq!(acquire(&mut r, &["x"], "A", &[false], 0).2, [1]);
+        assert_eq!(acquire(&mut r, &["y"], "B", &[false], 0).2, [2]);
         assert_eq!(
-            acquire_many(&mut r, &["y", "z"], "A2", 4),
-            [Slot::Busy { pttl_ms: 6 }, Slot::Granted(3)]
+            acquire(&mut r, &["y", "z"], "A2", &[false, false], 4).2,
+            [-7, 3]
         );
         assert_eq!(
-            acquire_many(&mut r, &["x"], "B2", 5),
-            [Slot::Busy { pttl_ms: 5 }]
+            release(&mut r, &[("x", false), ("y", false)], "A", 6),
+            [1, 0]
         );
-        // A releases x (and has no right to y): x's waiter hears of it.
-        assert_eq!(release_many(&mut r, &["x", "y"], "A", 6), [true, false]);
-        assert_eq!(r.take_published(), ["x"]);
-        // B releases y; z was nobody's wait: only y is published.
-        assert_eq!(release_many(&mut r, &["y"], "B", 7), [true]);
-        assert_eq!(release_many(&mut r, &["z"], "A2", 7), [true]);
+        assert!(r.take_published().is_empty(), "nobody waited for x");
+        assert_eq!(release(&mut r, &[("y", true)], "B", 7), [1]);
         assert_eq!(r.take_published(), ["y"]);
-        // The marker went with the announcement: the next release is silent.
-        assert_eq!(acquire_many(&mut r, &["x"], "C", 8), [Slot::Granted(4)]);
-        assert_eq!(release_many(&mut r, &["x"], "C", 8), [true]);
-        assert!(r.take_published().is_empty());
-    }
-
-    #[test]
-    fn a_marker_outlives_no_lease_and_an_expired_holder_publishes_nothing() {
-        let mut r = RedisState::default();
-        acquire_many(&mut r, &["x"], "A", 0);
-        acquire_many(&mut r, &["x"], "B", 3);
-        // A's lease ended at 10: its release is refused and announces nothing.
-        assert_eq!(release_many(&mut r, &["x"], "A", 10), [false]);
-        assert!(r.take_published().is_empty());
-        // B takes the expired lock; the marker expired with A's lease.
-        assert_eq!(acquire_many(&mut r, &["x"], "B", 10), [Slot::Granted(2)]);
-        assert_eq!(release_many(&mut r, &["x"], "B", 11), [true]);
-        assert!(r.take_published().is_empty());
-    }
-
-    #[test]
-    fn one_epoch_per_batch_and_a_flush_keeps_subscribers_but_a_restart_does_not() {
-        let mut r = RedisState::default();
-        let addr: SocketAddr = "10.0.0.1:8081".parse().expect("an address");
-        assert!(matches!(
-            r.subscribe(addr),
-            RedisResp::Subscribed { run: 0 }
-        ));
-        r.exec(&RedisReq::RaiseEpoch { fresh: 7 }, 0);
-        let got = r.exec(
-            &RedisReq::AcquireMany {
-                orders: vec!["x".into(), "y".into()],
-                owner: "A".into(),
-                ttl_ms: 10,
-            },
-            0,
+        // y's settled hint answers an acquire that asks for it, and only that one.
+        assert_eq!(
+            acquire(&mut r, &["y", "y2"], "C", &[true, true], 8).2,
+            [0, 4]
         );
-        assert!(matches!(
-            got,
-            RedisResp::AcquiredMany { ref slots, epoch: Some(7), .. }
-                if *slots == [Slot::Granted(1), Slot::Granted(2)]
-        ));
+        assert_eq!(acquire(&mut r, &["y"], "C", &[false], 8).2, [5]);
+    }
+
+    /// A flush loses the counter, the epoch and the incarnation together; a raise
+    /// carrying the incarnation from before the flush is refused.
+    #[test]
+    fn a_raise_delayed_across_a_flush_is_refused() {
+        let mut r = RedisState::default();
+        let (epoch, inc, n) = acquire(&mut r, &["x"], "A", &[false], 0);
+        assert_eq!((epoch, n), (None, vec![1]));
+        let inc = inc.expect("the grant created the hash");
         r.flush();
-        assert_eq!(r.subscribers.len(), 1);
-        assert_eq!(acquire_many(&mut r, &["x"], "B", 1), [Slot::Granted(1)]);
-        r.restart();
-        assert!(r.subscribers.is_empty());
-        assert!(matches!(
-            r.subscribe(addr),
-            RedisResp::Subscribed { run: 1 }
-        ));
+        let (_, inc2, _) = acquire(&mut r, &["y"], "B", &[false], 1);
+        assert_eq!(
+            r.exec(&RedisReq::RaiseEpoch { fresh: 5, inc }, None, 1)
+                .clone_epoch(),
+            None
+        );
+        let inc2 = inc2.expect("re-created");
+        assert_eq!(
+            r.exec(
+                &RedisReq::RaiseEpoch {
+                    fresh: 6,
+                    inc: inc2.clone()
+                },
+                None,
+                1
+            )
+            .clone_epoch(),
+            Some(6)
+        );
+        assert_eq!(
+            r.exec(
+                &RedisReq::RaiseEpoch {
+                    fresh: 4,
+                    inc: inc2
+                },
+                None,
+                1
+            )
+            .clone_epoch(),
+            Some(6),
+            "the epoch only rises"
+        );
+    }
+
+    impl RedisResp {
+        fn clone_epoch(&self) -> Option<i64> {
+            match self {
+                RedisResp::Raised(e) => *e,
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -1,16 +1,30 @@
-//! Messages between the simulated hosts, and a request/answer call over UDP.
+//! The simulated network: a request/answer call over turmoil's UDP, and the
+//! bridge that lets payguard's engine (whose futures must be `Send`) make
+//! such calls.
 //!
 //! Why UDP: turmoil drops, delays and partitions datagrams, which is exactly the
 //! uncertainty a real client of Redis or PostgreSQL lives with: a call that times
 //! out may or may not have been applied. Each call binds a fresh ephemeral socket
 //! and matches the answer by id, so a late answer to an earlier call is ignored.
+//!
+//! Why a [`Post`]: what travels is payguard's own values (`Command`,
+//! `OpResult`, ...), not bytes. A datagram carries only a call id and a parcel
+//! number; the value waits in the seed's post office until the datagram that
+//! names it is delivered. The network decides whether and when it arrives; the
+//! bytes would add nothing. A parcel whose datagram is lost is never collected.
+//!
+//! Why an [`Agent`]: turmoil's sockets may only be used from their host's
+//! thread-local tasks (they are not `Sync`), while the engine's tasks, its
+//! `Store` and its lock service must be `Send`. Each instance runs one agent
+//! task that does the socket work; the engine's side hands it calls over a
+//! channel and waits for the answer.
 
-use crate::config::DATAGRAM_BYTES_MAX;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use std::cell::Cell;
+use std::any::Any;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use turmoil::net::UdpSocket;
 
 pub const REDIS_HOST: &str = "redis";
@@ -21,20 +35,11 @@ pub const DB_PORT: u16 = 5432;
 pub const INSTANCE_PORT: u16 = 8080;
 /// Where an instance's `released` subscription listens (Redis pushes to it).
 pub const SUBSCRIBER_PORT: u16 = 8081;
+/// A datagram: the call id and the parcel number, little-endian.
+const DATAGRAM_BYTES: usize = 16;
 
 pub fn instance_host(i: usize) -> String {
     format!("inst{i}")
-}
-
-/// `lock:order:{id}`, the order's lock key.
-pub fn lock_key(order: &str) -> String {
-    format!("lock:order:{order}")
-}
-
-/// `lock:order:{id}:w`, set while an instance waits for the order's lock:
-/// its release is then published.
-pub fn waiter_key(order: &str) -> String {
-    format!("lock:order:{order}:w")
 }
 
 /// The simulated clock, in milliseconds since the simulation started.
@@ -42,146 +47,60 @@ pub fn now_ms() -> u64 {
     turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The commands of `lock/redis.rs`'s Lua scripts, one message each (a script runs
-/// atomically in Redis, and the simulated Redis runs one message at a time).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum RedisReq {
-    /// `ACQUIRE`: `SET key owner NX PX ttl`, then `HINCRBY fence n 1`, `HGET fence epoch`.
-    Acquire {
-        key: String,
-        owner: String,
-        ttl_ms: u64,
-    },
-    /// `RAISE_EPOCH`: set `fence.epoch` only upward; answers the epoch in force.
-    RaiseEpoch { fresh: i64 },
-    /// payguard's `RAISE_EPOCH` (since the simulation found the gap): first checks the
-    /// hash is the incarnation the caller's `ACQUIRE` saw, refusing if a flush
-    /// has re-created it since.
-    RaiseEpochIfSame { fresh: i64, incarnation: String },
-    /// The old bug's `SET counter 1` after a new epoch.
-    ResetCounter,
-    /// `RELEASE`: compare-and-delete.
-    Release { key: String, owner: String },
-    /// `ACQUIRE_MANY` (issue #12): for each order's lock key `SET NX PX ttl`; a
-    /// granted key gets its own `HINCRBY fence n 1`; a held key is reported with
-    /// its PTTL and gets a waiter marker (`SET lock:order:{id}:w 1 PX pttl`).
-    /// The epoch and the incarnation are read once, after every grant.
-    AcquireMany {
-        orders: Vec<String>,
-        owner: String,
-        ttl_ms: u64,
-    },
-    /// `RELEASE_MANY`: compare-and-delete each lock; where the delete succeeded
-    /// and a waiter marker existed, delete the marker and `PUBLISH released {id}`.
-    ReleaseMany { orders: Vec<String>, owner: String },
-    /// `SUBSCRIBE released` from the sender's socket (not a script; re-sent
-    /// periodically, as a client would notice a dropped connection).
-    Subscribe,
+/// Any value a host sends.
+pub type Parcel = Box<dyn Any + Send>;
+
+/// The seed's post office: parcels waiting for their datagram. One per seed,
+/// shared by every host (all of them run on one thread, in turn).
+#[derive(Clone, Default)]
+pub struct Post {
+    inner: Arc<Mutex<PostInner>>,
 }
 
-/// One order's fate in `ACQUIRE_MANY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Slot {
-    /// Granted, with its counter value `n`.
-    Granted(i64),
-    /// Held by another owner for this much longer.
-    Busy { pttl_ms: u64 },
+#[derive(Default)]
+struct PostInner {
+    /// The last parcel number and call id handed out.
+    last: u64,
+    parcels: BTreeMap<u64, Parcel>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum RedisResp {
-    /// `(n, epoch, incarnation)` when the lock was granted, `None` when it is
-    /// held. The incarnation is read by the incarnation check.
-    Acquired(Option<(i64, Option<i64>, Option<String>)>),
-    Epoch(i64),
-    /// `RaiseEpochIfSame` found another incarnation of the hash.
-    Refused,
-    Done,
-    Released(bool),
-    /// `ACQUIRE_MANY`'s answer: one slot per order, in order; the epoch and the
-    /// incarnation of the fence hash after the grants.
-    AcquiredMany {
-        slots: Vec<Slot>,
-        epoch: Option<i64>,
-        incarnation: Option<String>,
-    },
-    /// `RELEASE_MANY`: whether each lock was still this owner's.
-    ReleasedMany(Vec<bool>),
-    /// `SUBSCRIBE` took: `run` names the Redis process (a restart drops every
-    /// subscription and changes it).
-    Subscribed {
-        run: u64,
-    },
-    /// A message on the `released` channel, pushed to every subscriber.
-    Message {
-        order: String,
-    },
-}
+impl Post {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PostInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-/// What an instance asks the database; each is one transaction.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum DbReq {
-    /// `nextval('fence_epochs')`.
-    NextFenceEpoch,
-    /// payguard's deduct: fence check, status check, the unique debit, the balance.
-    Deduct { order: String, token: Option<i64> },
-    /// Without the unique debit: the check half of check-then-act (fenced too).
-    Read { order: String, token: Option<i64> },
-    /// Without the unique debit: the act half, an unconditional debit.
-    Debit { order: String, token: Option<i64> },
-    /// A lane's batch: its ops in one transaction, each answered on its own (one
-    /// refused op does not abort the others).
-    Batch(Vec<DbReq>),
-}
+    /// A number no other parcel or call of this seed has.
+    pub fn next_id(&self) -> u64 {
+        let mut p = self.lock();
+        p.last += 1;
+        p.last
+    }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DbResp {
-    Epoch(i64),
-    Charged {
-        entry: u64,
-    },
-    Replayed {
-        entry: u64,
-    },
-    Prepare,
-    InsufficientFunds,
-    StaleFencingToken,
-    NoSuchOrder,
-    /// One answer per op of a [`DbReq::Batch`], in order.
-    Batch(Vec<DbResp>),
-}
+    fn put(&self, parcel: Parcel) -> u64 {
+        let id = self.next_id();
+        self.lock().parcels.insert(id, parcel);
+        id
+    }
 
-/// A client's request to an instance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiReq {
-    pub order: String,
-}
+    fn take(&self, id: u64) -> Option<Parcel> {
+        self.lock().parcels.remove(&id)
+    }
 
-/// An instance's answer: what payguard's HTTP API would say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApiResp {
-    /// 200, the debit entry (first time).
-    Charged { entry: u64 },
-    /// 200 with `"replayed": true`, the same entry.
-    Replayed { entry: u64 },
-    /// 402.
-    InsufficientFunds,
-    /// 503: the lock stayed held past the wait limit.
-    LockBusy,
-    /// 503 naming `stale_fencing_token`: this holder lost its lock.
-    StaleFencingToken,
-    /// 503 after the database did not answer in time: may or may not have moved.
-    Unknown,
-    /// 404.
-    NoSuchOrder,
-    /// 503: the lane's queue was full.
-    Overloaded,
-}
+    fn datagram(call: u64, parcel: u64) -> [u8; DATAGRAM_BYTES] {
+        let mut d = [0u8; DATAGRAM_BYTES];
+        d[..8].copy_from_slice(&call.to_le_bytes());
+        d[8..].copy_from_slice(&parcel.to_le_bytes());
+        d
+    }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Envelope<T> {
-    id: u64,
-    body: T,
+    fn parse(d: &[u8]) -> Option<(u64, u64)> {
+        if d.len() != DATAGRAM_BYTES {
+            return None;
+        }
+        let call = u64::from_le_bytes(d[..8].try_into().ok()?);
+        let parcel = u64::from_le_bytes(d[8..].try_into().ok()?);
+        Some((call, parcel))
+    }
 }
 
 /// Why a call got no answer.
@@ -200,40 +119,34 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// Numbers calls from one host, so an answer is matched to its own call.
-#[derive(Debug, Default)]
-pub struct CallIds(Cell<u64>);
-
-impl CallIds {
-    fn next(&self) -> u64 {
-        let id = self.0.get() + 1;
-        self.0.set(id);
-        id
-    }
-}
-
-/// Sends `req` to `host:port` and waits up to `timeout` for its answer.
-pub async fn call<Q: Serialize, R: DeserializeOwned>(
-    ids: &CallIds,
+/// Sends `req` to `host:port` and waits up to `timeout` for its answer. Must
+/// run on a host's own task (see [`Agent`] for the engine's side).
+pub async fn call(
+    post: &Post,
     host: &str,
     port: u16,
-    req: Q,
+    req: Parcel,
     timeout: Duration,
-) -> Result<R, CallError> {
+) -> Result<Parcel, CallError> {
     let io = |e: std::io::Error| CallError::Io(e.to_string());
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
         .await
         .map_err(io)?;
-    let id = ids.next();
-    let bytes = serde_json::to_vec(&Envelope { id, body: req }).expect("messages serialise");
-    assert!(bytes.len() <= DATAGRAM_BYTES_MAX, "request too large");
-    sock.send_to(&bytes, (host, port)).await.map_err(io)?;
+    let id = post.next_id();
+    let parcel = post.put(req);
+    sock.send_to(&Post::datagram(id, parcel), (host, port))
+        .await
+        .map_err(io)?;
     let wait = async {
-        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+        let mut buf = [0u8; DATAGRAM_BYTES];
         loop {
             let (n, _) = sock.recv_from(&mut buf).await.map_err(io)?;
-            match serde_json::from_slice::<Envelope<R>>(&buf[..n]) {
-                Ok(env) if env.id == id => return Ok(env.body),
+            match Post::parse(&buf[..n]) {
+                Some((call, parcel)) if call == id => {
+                    return post
+                        .take(parcel)
+                        .ok_or_else(|| CallError::Io("an answer without its parcel".into()));
+                }
                 _ => continue,
             }
         }
@@ -246,16 +159,17 @@ pub async fn call<Q: Serialize, R: DeserializeOwned>(
 /// A server's socket: receives requests, answers them.
 pub struct Server {
     sock: UdpSocket,
+    post: Post,
 }
 
 /// One received request, and where its answer goes.
-pub struct Incoming<Q> {
-    pub body: Q,
-    id: u64,
+pub struct Incoming {
+    pub body: Parcel,
+    call: u64,
     from: SocketAddr,
 }
 
-impl<Q> Incoming<Q> {
+impl Incoming {
     /// The sender's socket.
     pub fn from(&self) -> SocketAddr {
         self.from
@@ -263,78 +177,184 @@ impl<Q> Incoming<Q> {
 }
 
 impl Server {
-    pub async fn bind(port: u16) -> std::io::Result<Server> {
+    pub async fn bind(post: Post, port: u16) -> std::io::Result<Server> {
         Ok(Server {
             sock: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?,
+            post,
         })
     }
 
-    /// The next request that decodes (anything else is dropped, as garbage would be).
-    pub async fn recv<Q: DeserializeOwned>(&self) -> std::io::Result<Incoming<Q>> {
-        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    /// The next request whose parcel is there.
+    pub async fn recv(&self) -> std::io::Result<Incoming> {
+        let mut buf = [0u8; DATAGRAM_BYTES];
         loop {
             let (n, from) = self.sock.recv_from(&mut buf).await?;
-            if let Ok(env) = serde_json::from_slice::<Envelope<Q>>(&buf[..n]) {
-                return Ok(Incoming {
-                    body: env.body,
-                    id: env.id,
-                    from,
-                });
+            if let Some((call, parcel)) = Post::parse(&buf[..n]) {
+                if let Some(body) = self.post.take(parcel) {
+                    return Ok(Incoming { body, call, from });
+                }
             }
         }
-    }
-
-    /// Sends `body` to `to` unasked (a pub/sub push); lost is lost.
-    pub async fn push<R: Serialize>(&self, to: SocketAddr, body: R) {
-        let bytes = serde_json::to_vec(&Envelope { id: 0, body }).expect("messages serialise");
-        assert!(bytes.len() <= DATAGRAM_BYTES_MAX, "push too large");
-        let _ = self.sock.send_to(&bytes, to).await;
     }
 
     /// Answers `req`. A lost answer is the network's business, not an error.
-    pub async fn reply<Q, R: Serialize>(&self, req: &Incoming<Q>, body: R) {
-        let bytes = serde_json::to_vec(&Envelope { id: req.id, body }).expect("messages serialise");
-        assert!(bytes.len() <= DATAGRAM_BYTES_MAX, "answer too large");
-        let _ = self.sock.send_to(&bytes, req.from).await;
+    pub async fn reply(&self, req: &Incoming, body: Parcel) {
+        self.send(req.from, req.call, body).await;
+    }
+
+    /// Sends `body` to `to` unasked (a pub/sub push, call id 0); lost is lost.
+    pub async fn push(&self, to: SocketAddr, body: Parcel) {
+        self.send(to, 0, body).await;
+    }
+
+    async fn send(&self, to: SocketAddr, call: u64, body: Parcel) {
+        let parcel = self.post.put(body);
+        let _ = self.sock.send_to(&Post::datagram(call, parcel), to).await;
     }
 }
 
-/// A subscriber's socket: sends `SUBSCRIBE` to Redis and receives both its
-/// answers and the pushed messages.
+/// A subscriber's socket: sends requests to one server from a fixed port and
+/// receives both their answers and the pushes.
 pub struct Subscription {
     sock: UdpSocket,
-    ids: CallIds,
+    post: Post,
 }
 
 impl Subscription {
-    pub async fn bind(port: u16) -> std::io::Result<Subscription> {
+    pub async fn bind(post: Post, port: u16) -> std::io::Result<Subscription> {
         Ok(Subscription {
             sock: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?,
-            ids: CallIds::default(),
+            post,
         })
     }
 
-    /// Sends `SUBSCRIBE`; its answer comes back through [`Subscription::recv`]
-    /// with the returned id.
-    pub async fn subscribe(&self) -> std::io::Result<u64> {
-        let id = self.ids.next();
-        let bytes = serde_json::to_vec(&Envelope {
-            id,
-            body: RedisReq::Subscribe,
-        })
-        .expect("messages serialise");
-        self.sock.send_to(&bytes, (REDIS_HOST, REDIS_PORT)).await?;
+    /// Sends `body` to `host:port`; its answer comes back through
+    /// [`Subscription::recv`] with the returned call id.
+    pub async fn send(&self, host: &str, port: u16, body: Parcel) -> std::io::Result<u64> {
+        let id = self.post.next_id();
+        let parcel = self.post.put(body);
+        self.sock
+            .send_to(&Post::datagram(id, parcel), (host, port))
+            .await?;
         Ok(id)
     }
 
-    /// The next message from Redis: `(id, body)`, id 0 for a push.
-    pub async fn recv(&self) -> std::io::Result<(u64, RedisResp)> {
-        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    /// The next message: `(call id, body)`, call id 0 for a push.
+    pub async fn recv(&self) -> std::io::Result<(u64, Parcel)> {
+        let mut buf = [0u8; DATAGRAM_BYTES];
         loop {
             let (n, _) = self.sock.recv_from(&mut buf).await?;
-            if let Ok(env) = serde_json::from_slice::<Envelope<RedisResp>>(&buf[..n]) {
-                return Ok((env.id, env.body));
+            if let Some((call, parcel)) = Post::parse(&buf[..n]) {
+                if let Some(body) = self.post.take(parcel) {
+                    return Ok((call, body));
+                }
             }
         }
+    }
+}
+
+/// One call handed to an [`Agent`].
+struct Job {
+    host: &'static str,
+    port: u16,
+    req: Parcel,
+    timeout: Duration,
+    answer: oneshot::Sender<Result<Parcel, CallError>>,
+}
+
+/// The engine's side of an instance's network: `Send`, cheap to clone. Its
+/// calls fail (as a dead connection would) once the instance's agent is gone
+/// (the host crashed).
+#[derive(Clone)]
+pub struct Caller {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Caller {
+    /// Calls `host:port` with `req` through the agent; the answer downcast to `R`.
+    pub async fn call<Q: Any + Send, R: Any>(
+        &self,
+        host: &'static str,
+        port: u16,
+        req: Q,
+        timeout: Duration,
+    ) -> Result<R, CallError> {
+        let (answer, got) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                host,
+                port,
+                req: Box::new(req),
+                timeout,
+                answer,
+            })
+            .map_err(|_| CallError::Io("the instance's network is gone".into()))?;
+        let parcel = got
+            .await
+            .map_err(|_| CallError::Io("the instance's network is gone".into()))??;
+        parcel
+            .downcast::<R>()
+            .map(|r| *r)
+            .map_err(|_| CallError::Io("an answer of another type".into()))
+    }
+}
+
+/// The socket side of an instance's network: runs each call handed to it as a
+/// task of the host (see the module docs).
+pub struct Agent;
+
+impl Agent {
+    /// Starts the agent on the current host; returns the engine's handle.
+    pub fn start(post: Post) -> Caller {
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        tokio::task::spawn_local(async move {
+            while let Some(job) = rx.recv().await {
+                let post = post.clone();
+                tokio::task::spawn_local(async move {
+                    let got = call(&post, job.host, job.port, job.req, job.timeout).await;
+                    let _ = job.answer.send(got);
+                });
+            }
+        });
+        Caller { jobs }
+    }
+}
+
+/// A client's request to an instance: deduct this order.
+#[derive(Debug, Clone)]
+pub struct ApiReq {
+    pub order: String,
+}
+
+/// An instance's answer: what payguard's HTTP API would say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiResp {
+    /// 200, the debit entry (first time).
+    Charged { entry: i64 },
+    /// 200 with `"replayed": true`, the same entry.
+    Replayed { entry: i64 },
+    /// 402.
+    InsufficientFunds,
+    /// 503: the lock stayed held past the wait limit.
+    LockBusy,
+    /// 503 naming `stale_fencing_token`: this holder lost its lock.
+    StaleFencingToken,
+    /// 500 "outcome unknown": may or may not have moved.
+    Unknown,
+    /// 503: nothing moved (store unavailable, lane queue full, timed out).
+    Unavailable,
+    /// 404.
+    NoSuchOrder,
+    /// Any other refusal (a 409 or a 422: never expected here).
+    Refused,
+}
+
+impl ApiResp {
+    /// A definite answer (200 or 402): the only ones a seed with no fault may give.
+    pub fn is_definite(self) -> bool {
+        matches!(
+            self,
+            ApiResp::Charged { .. } | ApiResp::Replayed { .. } | ApiResp::InsufficientFunds
+        )
     }
 }

@@ -19,12 +19,13 @@ use super::full::BatchDone;
 use super::lane::LaneReply;
 use super::Shared;
 use crate::domain::{OrderId, RequestId};
-use crate::lock::redis::{Grant, RedisLockError, RedisLocks};
-use crate::lock::Lease;
+use crate::lock::redis::{Grant, RedisLockError};
+use crate::lock::{Lease, OrderLocks};
 use crate::store::{Command, Op, OpResult, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Why an op was asked of the committed state before its lock (the `why` of a
 /// `settled_without_lock` event).
@@ -112,7 +113,7 @@ impl Held {
 /// `settle_first` marks the ops of orders another instance just released.
 pub(super) async fn fenced_apply(
     shared: Arc<Shared>,
-    locks: Arc<RedisLocks>,
+    locks: Arc<dyn OrderLocks>,
     ops: Vec<Command>,
     reqs: Vec<RequestId>,
     settle_first: Vec<bool>,
@@ -258,7 +259,7 @@ fn settles_charge(order: &OrderId, ops: &[Command], out: &[Option<LaneReply>]) -
 /// the settled hint of the orders whose charge the batch settled.
 fn release_in_background(
     inst: Arc<str>,
-    locks: Arc<RedisLocks>,
+    locks: Arc<dyn OrderLocks>,
     leases: Vec<(OrderId, RequestId, Lease)>,
     settled: Vec<bool>,
 ) {
@@ -299,7 +300,7 @@ fn release_in_background(
 /// read's, the write's, or `None` for an op of a busy order.
 async fn apply_held(
     shared: &Shared,
-    locks: &Arc<RedisLocks>,
+    locks: &Arc<dyn OrderLocks>,
     ops: Vec<Command>,
     held: &Held,
     answers: Vec<Option<OpResult>>,

@@ -32,11 +32,11 @@ pub(super) struct Queued {
 /// A batch's answer as the lane sees it: `None` for an op that did not run
 /// because another instance holds its order's lock (`busy` says which orders and
 /// how long their holders' leases still run; `sent` is when the acquire that
-/// found them busy was sent).
+/// found them busy was sent, on tokio's clock, which the simulation drives).
 pub(super) struct BatchDone {
     pub(super) results: Vec<Option<LaneReply>>,
     pub(super) busy: Vec<(OrderId, Duration)>,
-    pub(super) sent: Instant,
+    pub(super) sent: tokio::time::Instant,
 }
 
 type BatchFuture = futures::future::BoxFuture<'static, BatchDone>;
@@ -51,9 +51,11 @@ pub(super) async fn run_lane(mut rx: mpsc::Receiver<Queued>, shared: Arc<Shared>
     let mut core: LaneCore<Reply> = LaneCore::new();
     let mut inflight: Option<BatchFuture> = None;
     // Parked orders: woken by their holder's release (or its lease's end), and
-    // when each was first found busy (to give up after `LOCK_WAIT_MS_MAX`).
+    // when each was first found busy (to give up after the lock service's
+    // `wait_max`: `LOCK_WAIT_MS_MAX` for Redis).
     let mut wakes: futures::stream::FuturesUnordered<WakeFuture> = Default::default();
-    let mut first_busy: std::collections::HashMap<OrderId, Instant> = Default::default();
+    let mut first_busy: std::collections::HashMap<OrderId, tokio::time::Instant> =
+        Default::default();
     // Unparked orders whose ops have not gone out in a batch since: their holder
     // just released them, so their ops are first asked of the committed state.
     let mut woken: std::collections::HashSet<OrderId> = Default::default();
@@ -156,7 +158,7 @@ fn start_batch(
                         Err(e) => (0..n).map(|_| Some(Err(e.clone()))).collect(),
                     },
                     busy: Vec::new(),
-                    sent: Instant::now(),
+                    sent: tokio::time::Instant::now(),
                 }
             })
         }
@@ -171,19 +173,22 @@ fn start_batch(
 }
 
 /// An order another instance holds waits for its release, or is answered 503
-/// once it has waited `LOCK_WAIT_MS_MAX` in all (nothing of it moved).
+/// once it has waited the lock service's `wait_max` in all (nothing of it moved).
 fn park(
     shared: &Arc<Shared>,
     core: &mut LaneCore<Reply>,
     wakes: &mut futures::stream::FuturesUnordered<WakeFuture>,
-    first_busy: &mut std::collections::HashMap<OrderId, Instant>,
+    first_busy: &mut std::collections::HashMap<OrderId, tokio::time::Instant>,
     order: OrderId,
     busy: &[(OrderId, Duration)],
-    sent: Instant,
+    sent: tokio::time::Instant,
 ) {
     let since = *first_busy.entry(order.clone()).or_insert(sent);
     let waited = since.elapsed();
-    let wait_max = Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX);
+    let wait_max = shared.redis.as_ref().map_or(
+        Duration::from_millis(crate::lock::LOCK_WAIT_MS_MAX),
+        |locks| locks.wait_max(),
+    );
     let locks = match &shared.redis {
         Some(locks) if waited < wait_max => locks.clone(),
         _ => {
@@ -261,6 +266,11 @@ fn deliver(shared: &Shared, delivery: lane::Delivery<Reply>) {
         let _ = first.reply.send(Ok(delivery.reply.clone()));
     }
     for w in waiters {
+        if super::mutants::armed(super::mutants::Mutant::LaneForgetsWaiter) {
+            // The deliberate bug: this duplicate is never answered.
+            std::mem::forget(w);
+            continue;
+        }
         let replay = match &delivery.reply {
             Ok(Ok(out)) => Ok(Ok(out.as_replay())),
             other => other.clone(),

@@ -23,6 +23,7 @@
 mod fenced;
 mod full;
 pub mod lane;
+pub mod mutants;
 mod naive;
 mod outcome;
 pub mod router;
@@ -32,7 +33,7 @@ pub mod sweeper;
 use crate::cache::OrderCache;
 use crate::domain::{Account, AccountId, AuditReport, Entry, Order, OrderId, RequestId};
 use crate::lock::redis::RedisLocks;
-use crate::lock::LocalLocks;
+use crate::lock::{LocalLocks, OrderLocks};
 use crate::store::sqlite::naive::NaiveSqlite;
 use crate::store::{Command, Op, Output, Rejection, Store, StoreError, StoreFuture};
 use full::{run_lane, Queued};
@@ -203,8 +204,9 @@ impl EngineStats {
 
 struct Shared {
     store: Arc<dyn Store>,
-    /// Cross-instance per-order locks with fencing tokens (`--redis`).
-    redis: Option<Arc<RedisLocks>>,
+    /// Cross-instance per-order locks with fencing tokens (`--redis`; the
+    /// simulation's lock service in `crates/payguard-sim`).
+    redis: Option<Arc<dyn OrderLocks>>,
     /// The incident's code path (`--guard naive`): only on a naive SQLite file,
     /// only when started with [`Engine::start_naive`].
     naive: Option<NaiveSqlite>,
@@ -249,7 +251,17 @@ impl Engine {
         cfg: EngineConfig,
         redis: Option<Arc<RedisLocks>>,
     ) -> Self {
-        Self::build(store, cfg, redis, None)
+        Self::start_with_order_locks(store, cfg, redis.map(|r| r as Arc<dyn OrderLocks>))
+    }
+
+    /// Like [`Engine::start_with_locks`], over any lock service: the
+    /// deterministic simulation runs the engine over its simulated one.
+    pub fn start_with_order_locks(
+        store: Arc<dyn Store>,
+        cfg: EngineConfig,
+        locks: Option<Arc<dyn OrderLocks>>,
+    ) -> Self {
+        Self::build(store, cfg, locks, None)
     }
 
     /// `--guard naive` (`cfg.guard` must say so): the incident reproduced on a
@@ -266,13 +278,14 @@ impl Engine {
             "Engine::start_naive needs cfg.guard = Guard::Naive"
         );
         let store: Arc<dyn Store> = Arc::new(naive.store().clone());
+        let redis = redis.map(|r| r as Arc<dyn OrderLocks>);
         Self::build(store, cfg, redis, Some(naive))
     }
 
     fn build(
         store: Arc<dyn Store>,
         mut cfg: EngineConfig,
-        redis: Option<Arc<RedisLocks>>,
+        redis: Option<Arc<dyn OrderLocks>>,
         naive: Option<NaiveSqlite>,
     ) -> Self {
         if store.kind() == "postgres" && cfg.order_cache_entries_max > 0 {

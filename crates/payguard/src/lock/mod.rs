@@ -13,7 +13,10 @@
 
 pub mod redis;
 pub mod release;
+pub mod service;
 pub mod token;
+
+pub use service::OrderLocks;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -44,12 +44,14 @@
 //! at most once; a request then either succeeds correctly or fails with 503.
 
 use super::release::{spawn_subscriber, ReleaseBoard};
+use super::service::OrderLocks;
 use super::token;
 use super::Lease;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// How long one Redis command may take before the lock counts as unavailable.
 pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
@@ -432,38 +434,6 @@ impl RedisLocks {
         self.releases.released(order, since, at_most).await
     }
 
-    /// Waits up to `wait` for one lock, sleeping until its holder releases it
-    /// between attempts (never polling on a timer).
-    pub async fn acquire(&self, order: &str, wait: Duration) -> Result<Lease, RedisLockError> {
-        let started = Instant::now();
-        loop {
-            let since = Instant::now();
-            let left = match self.try_acquire_many(&[order]).await?.pop() {
-                Some(Grant::Held(lease)) => return Ok(lease),
-                Some(Grant::Busy { left }) => left,
-                Some(Grant::Settled) | None => return Err(unavailable("acquire answered no lock")),
-            };
-            let remaining = wait.saturating_sub(started.elapsed());
-            if remaining.is_zero() {
-                return Err(RedisLockError::Busy {
-                    key: order.to_owned(),
-                    waited_ms: started.elapsed().as_millis() as u64,
-                });
-            }
-            self.released(order, since, left.min(remaining)).await;
-        }
-    }
-
-    /// Compare-and-delete: frees the lock only if this lease still holds it.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, RedisLockError> {
-        Ok(self
-            .release_many(std::slice::from_ref(lease))
-            .await?
-            .first()
-            .copied()
-            .unwrap_or(false))
-    }
-
     /// Compare-and-delete of every lease, in one round trip, waking the
     /// instances waiting for them. One answer per lease: false when it had
     /// expired (another holder may have it now).
@@ -487,6 +457,35 @@ impl RedisLocks {
             settled.to_vec(),
         )
         .await
+    }
+}
+
+/// The engine's lock service over Redis: each call is the inherent method of
+/// the same name (the waiting acquire and the single release are the trait's).
+impl OrderLocks for RedisLocks {
+    fn try_acquire_or_settled<'a>(
+        &'a self,
+        orders: &'a [&'a str],
+        hints: &'a [bool],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Grant>, RedisLockError>> {
+        Box::pin(RedisLocks::try_acquire_or_settled(self, orders, hints))
+    }
+
+    fn release_settled<'a>(
+        &'a self,
+        leases: &'a [Lease],
+        settled: &'a [bool],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<bool>, RedisLockError>> {
+        Box::pin(RedisLocks::release_settled(self, leases, settled))
+    }
+
+    fn released<'a>(
+        &'a self,
+        order: &'a str,
+        since: Instant,
+        left: Duration,
+    ) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(RedisLocks::released(self, order, since, left))
     }
 }
 

@@ -22,10 +22,11 @@
 //! [`super::redis::RELEASE_WAIT_MS_MAX`].
 
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// Release notifications remembered before old ones are dropped; each is only
 /// needed for the few milliseconds between an acquire's answer and its waiter's
@@ -40,8 +41,10 @@ pub const SUBSCRIBE_TIMEOUT_MS: u64 = 2_000;
 
 #[derive(Default)]
 struct Board {
-    /// Order id → the requests (lanes) waiting for its release.
-    waiting: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Order id → the requests (lanes) waiting for its release. Ordered, so a
+    /// resubscription wakes them in the same order every run (the simulation
+    /// replays a seed exactly).
+    waiting: BTreeMap<String, Vec<oneshot::Sender<()>>>,
     /// Order id → when its last release notification arrived.
     recent: HashMap<String, Instant>,
     /// When the subscription last (re)started: every waiter registered for an
@@ -90,8 +93,9 @@ impl ReleaseBoard {
         }
     }
 
-    /// A release notification for `order` arrived.
-    fn notify(&self, order: &str) {
+    /// A release notification for `order` arrived (called by the subscriber,
+    /// and by the simulation's).
+    pub fn notify(&self, order: &str) {
         let now = Instant::now();
         let mut b = self.lock();
         if b.recent.len() >= RECENT_RELEASES_MAX {
@@ -112,10 +116,10 @@ impl ReleaseBoard {
     }
 
     /// The subscription (re)started: wake everyone, they may have missed theirs.
-    fn subscribed(&self) {
+    pub fn subscribed(&self) {
         let mut b = self.lock();
         b.subscribed_at = Some(Instant::now());
-        for (_, list) in b.waiting.drain() {
+        for (_, list) in std::mem::take(&mut b.waiting) {
             for tx in list {
                 let _ = tx.send(());
             }

@@ -1,0 +1,172 @@
+//! One payguard instance: payguard's own [`Engine`] (`--guard full`, lanes,
+//! single flight, group commit, the fenced batch path) over the simulated
+//! store and lock service, behind a tiny API that answers deducts as the HTTP
+//! layer would.
+//!
+//! Why this thin: everything that decides is the engine's. This host only
+//! builds it the way `payguard-server`'s composition root does
+//! (`Engine::start_with_order_locks`, with the store's fence epochs), maps an
+//! engine result to the status a client would see, and starts the network
+//! agent and the release subscriber. A crash drops the host's runtime and with
+//! it the engine, its lanes and every request in flight; a restart builds a new
+//! one (a new boot: new lock owners and transaction ids).
+
+use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX};
+use crate::db::DbState;
+use crate::locks::{JoinAll, SimLocks};
+use crate::oracle::OracleRef;
+use crate::redis::SharedRedis;
+use crate::store::SimStore;
+use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Incoming, Post, Server, INSTANCE_PORT};
+use crate::{LockProtocol, Protocol};
+use payguard::domain::{OrderId, RequestId};
+use payguard::engine::{Engine, EngineConfig, EngineError, Guard};
+use payguard::lock::OrderLocks;
+use payguard::store::{Op, Output, Rejection, Store, StoreError};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// What an instance host is built from; survives its crashes.
+pub struct Instance {
+    pub index: usize,
+    pub protocol: Protocol,
+    pub stall_percent: u32,
+    /// Seeds the store's RNG at each boot.
+    pub rng_seed: u64,
+    pub post: Post,
+    pub db: Arc<Mutex<DbState>>,
+    /// Redis as it is, for the oracle's live-holder check only.
+    pub redis_truth: SharedRedis,
+    pub oracle: OracleRef,
+    /// How many times the host's software started.
+    pub boots: Cell<u64>,
+}
+
+/// The engine's answer as the HTTP layer would map it.
+fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
+    match result {
+        Ok(Output::Movement {
+            entry,
+            replayed: false,
+            ..
+        }) => ApiResp::Charged { entry: entry.id },
+        Ok(Output::Movement {
+            entry,
+            replayed: true,
+            ..
+        }) => ApiResp::Replayed { entry: entry.id },
+        Ok(_) => ApiResp::Refused,
+        Err(EngineError::Rejected(r)) => match r {
+            Rejection::InsufficientFunds => ApiResp::InsufficientFunds,
+            Rejection::LockBusy => ApiResp::LockBusy,
+            Rejection::StaleFencingToken => ApiResp::StaleFencingToken,
+            Rejection::OrderNotFound => ApiResp::NoSuchOrder,
+            _ => ApiResp::Refused,
+        },
+        Err(EngineError::Store(StoreError::Unknown(_))) => ApiResp::Unknown,
+        Err(
+            EngineError::Store(_)
+            | EngineError::Overloaded
+            | EngineError::TimedOut
+            | EngineError::ShuttingDown,
+        ) => ApiResp::Unavailable,
+    }
+}
+
+/// Counts a deduct as in flight until it is answered or its host crashes.
+struct InFlight(OracleRef);
+
+impl InFlight {
+    fn new(oracle: OracleRef) -> Self {
+        oracle.borrow_mut().in_flight += 1;
+        InFlight(oracle)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.borrow_mut().in_flight -= 1;
+    }
+}
+
+async fn handle(
+    inst: usize,
+    engine: Arc<Engine>,
+    server: Rc<Server>,
+    req: Incoming,
+    n: u64,
+    oracle: OracleRef,
+) {
+    let Some(ApiReq { order }) = req.body.downcast_ref::<ApiReq>().cloned() else {
+        return;
+    };
+    let _in_flight = InFlight::new(oracle.clone());
+    let order_id = OrderId::parse(&order).expect("order ids are well formed");
+    let rid = RequestId::parse(&format!("inst{inst}-{n}")).expect("well formed");
+    let result = engine.submit(Op::Deduct { order_id }, rid).await;
+    let answer = api_answer(&result);
+    oracle.borrow_mut().note(now_ms(), || {
+        format!("inst{inst}: deduct {order} -> {answer:?}")
+    });
+    server.reply(&req, Box::new(answer)).await;
+}
+
+/// The instance host's software.
+pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
+    let boot = me.boots.get();
+    me.boots.set(boot + 1);
+    let net = Agent::start(me.post.clone());
+    let rng = SmallRng::seed_from_u64(me.rng_seed ^ boot);
+    let store: Arc<dyn Store> = Arc::new(SimStore::new(
+        me.index,
+        boot,
+        net.clone(),
+        me.db.clone(),
+        me.stall_percent,
+        rng,
+        me.oracle.clone(),
+    ));
+    let real = SimLocks::start(
+        me.index,
+        boot,
+        me.post.clone(),
+        net,
+        payguard::engine::fence_epochs(store.clone()),
+        me.protocol.reset_counter_on_new_epoch,
+        me.redis_truth.clone(),
+        me.oracle.clone(),
+    );
+    let locks: Arc<dyn OrderLocks> = match me.protocol.lock {
+        LockProtocol::AcquireMany => real,
+        LockProtocol::JoinAll => Arc::new(JoinAll { inner: real }),
+    };
+    let cfg = EngineConfig {
+        guard: Guard::Full,
+        lanes: LANES,
+        batch_max: BATCH_MAX,
+        batch_wait_us: BATCH_WAIT_US,
+        lane_queue_depth_max: LANE_QUEUE_DEPTH_MAX,
+        // Several instances write the same orders (as on PostgreSQL).
+        order_cache_entries_max: 0,
+        instance_id: format!("inst{}", me.index),
+        failpoint_pause_after_lock_ms: 0,
+    };
+    let engine = Arc::new(Engine::start_with_order_locks(store, cfg, Some(locks)));
+    let server = Rc::new(Server::bind(me.post.clone(), INSTANCE_PORT).await?);
+    let mut n = 0;
+    loop {
+        let req = server.recv().await?;
+        n += 1;
+        tokio::task::spawn_local(handle(
+            me.index,
+            engine.clone(),
+            server.clone(),
+            req,
+            n,
+            me.oracle.clone(),
+        ));
+    }
+}

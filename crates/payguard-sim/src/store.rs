@@ -1,0 +1,427 @@
+//! The simulated store: payguard's `Store` trait over the simulated network to
+//! the simulated database ([`crate::db`]), as one instance's engine sees it.
+//!
+//! Why: the engine must run unchanged, so it gets a `Store` like any other. The
+//! money path (`apply`, `settled`, `next_fence_epoch`) crosses the network,
+//! where a seed decides whether a request or its answer is lost, delayed past
+//! the deadline, or caught by a crash or restart of the database. `apply` then
+//! does what the PostgreSQL store does with an unanswered COMMIT
+//! (`store/postgres/commit.rs`, re-stated here, since it is written against
+//! PostgreSQL's own calls): it never guesses, it looks the transaction's fate
+//! up (which also ends it if it has not arrived, so the answer is final) and
+//! runs the batch again, its commands being idempotent, so a batch that did
+//! commit reads back as its replay; past [`AMBIGUOUS_RERUNS_MAX`] reruns, or
+//! when the fate cannot be learned in time, the answer is "outcome unknown",
+//! never "nothing moved". A writer may also stall past its lock's TTL between
+//! taking its locks and writing (a GC pause, a SIGSTOP): the store is the
+//! first thing a batch does after its locks.
+//!
+//! Off the money path, the reads (`order`, `account`, `entries`), the
+//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) and
+//! `due_holds` read and write the database's state directly, through the same
+//! rules. The events feed is the one the database writes in each movement's
+//! transaction. Webhooks: no endpoint can be created here (`webhook_create`
+//! says so), so every other webhook call answers what an empty endpoint table
+//! answers. `audit` is not simulated: the end-of-seed checks audit the state
+//! ([`crate::run`]).
+
+use crate::config::{
+    BATCH_DEADLINE_MS, FATE_CALL_TIMEOUT_MS, FATE_POLL_MS, RERUN_BACKOFF_MS, RESOLVE_DEADLINE_MS,
+    STALL_MS_MAX, STALL_MS_MIN,
+};
+use crate::db::{DbReq, DbResp, DbState};
+use crate::oracle::OracleRef;
+use crate::wire::{now_ms, CallError, Caller, DB_HOST, DB_PORT};
+use payguard::domain::{
+    Account, AccountId, AuditReport, Entry, Event, Order, OrderId, OrderStatus,
+};
+use payguard::store::outbox::{
+    AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
+};
+use payguard::store::rules::{self, ClaimDecision, IdemRecord};
+use payguard::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
+use rand::rngs::SmallRng;
+use rand::Rng;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// payguard's PostgreSQL store's limit on reruns after unanswered COMMITs.
+pub const AMBIGUOUS_RERUNS_MAX: u32 = payguard::store::postgres::AMBIGUOUS_RERUNS_MAX;
+
+/// One instance's store.
+pub struct SimStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    inst: usize,
+    net: Caller,
+    /// The database's state, for the calls off the money path.
+    db: Arc<Mutex<DbState>>,
+    /// Transaction ids: the instance's index and boot in the high bits, so no
+    /// two transactions of a seed share one.
+    xid_base: u64,
+    next_xid: AtomicU64,
+    /// Percent of fenced batches whose writer stalls past the TTL.
+    stall_percent: u32,
+    rng: Mutex<SmallRng>,
+    oracle: OracleRef,
+}
+
+impl SimStore {
+    pub fn new(
+        inst: usize,
+        boot: u64,
+        net: Caller,
+        db: Arc<Mutex<DbState>>,
+        stall_percent: u32,
+        rng: SmallRng,
+        oracle: OracleRef,
+    ) -> Self {
+        SimStore {
+            inner: Arc::new(Inner {
+                inst,
+                net,
+                db,
+                xid_base: ((inst as u64 + 1) << 48) | (boot << 32),
+                next_xid: AtomicU64::new(0),
+                stall_percent,
+                rng: Mutex::new(rng),
+                oracle,
+            }),
+        }
+    }
+}
+
+fn ok<T: Send + 'static>(v: T) -> StoreFuture<T> {
+    Box::pin(async move { Ok(v) })
+}
+
+impl Inner {
+    fn db(&self) -> std::sync::MutexGuard<'_, DbState> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn call(&self, req: DbReq, timeout_ms: u64) -> Result<DbResp, CallError> {
+        self.net
+            .call(DB_HOST, DB_PORT, req, Duration::from_millis(timeout_ms))
+            .await
+    }
+
+    fn note(&self, line: impl FnOnce() -> String) {
+        self.oracle
+            .borrow_mut()
+            .note(now_ms(), || format!("inst{}: {}", self.inst, line()));
+    }
+
+    /// The failpoint of a paused writer, at random: after the locks (the batch
+    /// carries tokens), before the write.
+    async fn maybe_stall(&self, cmds: &[Command]) {
+        if !cmds.iter().any(|c| c.fence.is_some()) {
+            return;
+        }
+        let stall = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            rng.random_ratio(self.stall_percent, 100)
+                .then(|| rng.random_range(STALL_MS_MIN..=STALL_MS_MAX))
+        };
+        if let Some(ms) = stall {
+            self.oracle.borrow_mut().stats.stalls += 1;
+            self.note(|| format!("writer stalls {ms} ms"));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// A batch, with unanswered commits resolved (see the module docs).
+    async fn apply(&self, cmds: Vec<Command>) -> Result<Vec<OpResult>, StoreError> {
+        {
+            let mut o = self.oracle.borrow_mut();
+            o.stats.batches += 1;
+            o.stats.batched_ops += cmds.len() as u64;
+            o.stats.multi_op_batches += u64::from(cmds.len() >= 2);
+        }
+        self.maybe_stall(&cmds).await;
+        let mut reruns = 0;
+        let mut committed_before = false;
+        loop {
+            let xid = self.xid_base | self.next_xid.fetch_add(1, Ordering::Relaxed);
+            let sent = DbReq::Apply {
+                xid,
+                cmds: cmds.clone(),
+            };
+            let why = match self.call(sent, BATCH_DEADLINE_MS).await {
+                Ok(DbResp::Applied(Ok(results))) => return Ok(results),
+                Ok(DbResp::Applied(Err(e))) if !committed_before => return Err(e),
+                Ok(DbResp::Applied(Err(e))) => e.to_string(),
+                Ok(other) => return Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => {
+                    let detail = format!("transaction {xid}: {e}");
+                    self.resolve(xid, &detail, &mut committed_before).await?;
+                    detail
+                }
+            };
+            reruns += 1;
+            if reruns > AMBIGUOUS_RERUNS_MAX {
+                return Err(if committed_before {
+                    StoreError::Unknown(format!(
+                        "an earlier attempt committed, and reading its result back failed: {why}"
+                    ))
+                } else {
+                    StoreError::Unavailable(format!(
+                        "{reruns} commits in a row went unanswered, none of them committed: {why}"
+                    ))
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(RERUN_BACKOFF_MS * u64::from(reruns))).await;
+        }
+    }
+
+    /// Looks up an unanswered transaction's fate within [`RESOLVE_DEADLINE_MS`].
+    async fn resolve(
+        &self,
+        xid: u64,
+        detail: &str,
+        committed_before: &mut bool,
+    ) -> Result<(), StoreError> {
+        self.oracle.borrow_mut().stats.fate_lookups += 1;
+        self.note(|| format!("commit unanswered ({detail}); looking up its fate"));
+        let look = async {
+            loop {
+                match self.call(DbReq::Fate { xid }, FATE_CALL_TIMEOUT_MS).await {
+                    Ok(DbResp::Fate(committed)) => return committed,
+                    _ => tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await,
+                }
+            }
+        };
+        let committed = tokio::time::timeout(Duration::from_millis(RESOLVE_DEADLINE_MS), look)
+            .await
+            .map_err(|_| {
+                StoreError::Unknown(format!(
+                    "{detail}, and its fate could not be learned within {RESOLVE_DEADLINE_MS} ms"
+                ))
+            })?;
+        self.note(|| format!("transaction {xid} committed: {committed}; running the batch again"));
+        *committed_before |= committed;
+        Ok(())
+    }
+}
+
+impl Store for SimStore {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn apply(&self, cmds: Vec<Command>) -> StoreFuture<Vec<OpResult>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.apply(cmds).await })
+    }
+
+    fn apply_isolated(&self, cmd: Command) -> StoreFuture<OpResult> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut r = inner.apply(vec![cmd]).await?;
+            r.pop()
+                .ok_or_else(|| StoreError::Unavailable("no answer for the command".into()))
+        })
+    }
+
+    /// Decided at the database's (simulated) clock, not at `_now_ms`: the
+    /// engine passes the wall clock, which no seed could replay. Deducts do
+    /// not read the time; a hold's expiry would.
+    fn settled(&self, cmds: Vec<Command>, _now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.call(DbReq::Settled { cmds }, BATCH_DEADLINE_MS).await {
+                Ok(DbResp::Settled(answers)) => Ok(answers),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
+    fn account(&self, id: AccountId) -> StoreFuture<Option<Account>> {
+        ok(self.inner.db().tables.accounts.get(&id).cloned())
+    }
+
+    fn order(&self, id: OrderId) -> StoreFuture<Option<Order>> {
+        ok(self
+            .inner
+            .db()
+            .tables
+            .orders
+            .get(&id)
+            .map(|(o, _)| o.clone()))
+    }
+
+    fn entries(&self, order_id: OrderId) -> StoreFuture<Option<Vec<Entry>>> {
+        let db = self.inner.db();
+        let found = db.tables.orders.contains_key(&order_id).then(|| {
+            db.tables
+                .entries
+                .iter()
+                .filter(|e| e.order_id == order_id)
+                .cloned()
+                .collect()
+        });
+        ok(found)
+    }
+
+    fn audit(&self) -> StoreFuture<AuditReport> {
+        Box::pin(async {
+            Err(StoreError::Unavailable(
+                "audit is not simulated: the end-of-seed checks audit the state".into(),
+            ))
+        })
+    }
+
+    fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
+        let db = self.inner.db();
+        let mut due: Vec<(i64, OrderId)> = db
+            .tables
+            .orders
+            .values()
+            .filter(|(o, _)| o.status == OrderStatus::Authorized)
+            .filter_map(|(o, _)| {
+                o.hold_expires_at
+                    .filter(|at| *at <= now_ms)
+                    .map(|at| (at, o.id.clone()))
+            })
+            .collect();
+        due.sort();
+        ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+
+    fn open_holds(&self) -> StoreFuture<u64> {
+        let db = self.inner.db();
+        ok(db
+            .tables
+            .orders
+            .values()
+            .filter(|(o, _)| o.status == OrderStatus::Authorized)
+            .count() as u64)
+    }
+
+    fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
+        let mut db = self.inner.db();
+        let key = (claim.scope.clone(), claim.key.clone());
+        let outcome = match rules::claim(db.tables.idem.get(&key), &claim) {
+            ClaimDecision::Answer(outcome) => outcome,
+            ClaimDecision::Take => {
+                db.tables.idem.insert(
+                    key,
+                    IdemRecord {
+                        fingerprint: claim.fingerprint.clone(),
+                        done: None,
+                        lease_until: Some(claim.now_ms.saturating_add(claim.lease_ms)),
+                        expires_at: claim.now_ms.saturating_add(claim.ttl_ms),
+                    },
+                );
+                ClaimOutcome::Claimed
+            }
+        };
+        ok(outcome)
+    }
+
+    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
+        let mut db = self.inner.db();
+        let key = (scope, key);
+        if db.tables.idem.get(&key).is_some_and(|r| r.done.is_none()) {
+            db.tables.idem.remove(&key);
+        }
+        ok(())
+    }
+
+    fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64> {
+        let mut db = self.inner.db();
+        let before = db.tables.idem.len();
+        db.tables.idem.retain(|_, r| r.expires_at >= now_ms);
+        ok((before - db.tables.idem.len()) as u64)
+    }
+
+    fn next_fence_epoch(&self) -> StoreFuture<i64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.call(DbReq::NextFenceEpoch, BATCH_DEADLINE_MS).await {
+                Ok(DbResp::Epoch(e)) => Ok(e),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
+    fn close(&self) -> StoreFuture<()> {
+        ok(())
+    }
+
+    fn events(&self, after: i64, limit: usize) -> StoreFuture<Vec<Event>> {
+        let db = self.inner.db();
+        ok(db
+            .tables
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn sequence_events(&self, _wait: bool) -> StoreFuture<u64> {
+        // Numbered as they commit, as SQLite does.
+        ok(0)
+    }
+
+    fn last_event_seq(&self) -> StoreFuture<i64> {
+        ok(self.inner.db().tables.events.last().map_or(0, |e| e.seq))
+    }
+
+    fn webhook_create(&self, _endpoint: Endpoint) -> StoreFuture<bool> {
+        Box::pin(async {
+            Err(StoreError::Unavailable(
+                "webhooks are not simulated: no endpoint can be created".into(),
+            ))
+        })
+    }
+
+    fn webhook_endpoints(&self, _id: Option<String>) -> StoreFuture<Vec<Endpoint>> {
+        ok(Vec::new())
+    }
+
+    fn webhook_delete(&self, _id: String, _now_ms: i64) -> StoreFuture<bool> {
+        ok(false)
+    }
+
+    fn webhook_fan_out(&self, _now_ms: i64) -> StoreFuture<u64> {
+        ok(0)
+    }
+
+    fn webhook_claim(&self, _req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
+        ok(Vec::new())
+    }
+
+    fn webhook_record(&self, results: Vec<AttemptResult>) -> StoreFuture<Vec<bool>> {
+        ok(vec![false; results.len()])
+    }
+
+    fn webhook_deliveries(
+        &self,
+        _endpoint_id: String,
+        _status: Option<DeliveryStatus>,
+        _limit: usize,
+    ) -> StoreFuture<Vec<Delivery>> {
+        ok(Vec::new())
+    }
+
+    fn webhook_retry(
+        &self,
+        _endpoint_id: String,
+        _event_id: String,
+        _now_ms: i64,
+    ) -> StoreFuture<RetryOutcome> {
+        ok(RetryOutcome::NotFound)
+    }
+
+    fn webhook_backlog(&self) -> StoreFuture<Vec<Backlog>> {
+        ok(Vec::new())
+    }
+}

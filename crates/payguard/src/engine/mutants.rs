@@ -1,0 +1,45 @@
+//! Deliberate bugs, for the deterministic simulation to show that its checks
+//! fail when the engine is wrong (`crates/payguard-sim`, issue #17).
+//!
+//! Why in the engine: the simulation runs the engine's own code, so a broken
+//! variant of that code can only be made here. Compiled in only with the
+//! `mutants` feature (only `payguard-sim`, a test crate, turns it on; a release
+//! build of the CLI never has it); without it [`armed`] is a constant `false`
+//! and nothing of this exists. With it (in a workspace test build, cargo turns
+//! it on for every crate), nothing changes until a bug is armed: it is
+//! armed per thread, for the one simulated seed running on that thread (every
+//! host of a turmoil simulation runs on the thread that steps it), so other
+//! tests in the same process never see it.
+
+/// A bug the simulation can switch on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutant {
+    /// A lane answers the first waiter of an op and forgets the others (the
+    /// duplicates that joined it by single flight): they are never answered.
+    LaneForgetsWaiter,
+}
+
+#[cfg(feature = "mutants")]
+thread_local! {
+    static ARMED: std::cell::Cell<Option<Mutant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether `m` is armed on this thread.
+#[inline]
+pub fn armed(m: Mutant) -> bool {
+    #[cfg(feature = "mutants")]
+    {
+        ARMED.with(|a| a.get() == Some(m))
+    }
+    #[cfg(not(feature = "mutants"))]
+    {
+        let _ = m;
+        false
+    }
+}
+
+/// Arms `m` (or disarms with `None`) on this thread.
+#[cfg(feature = "mutants")]
+pub fn arm(m: Option<Mutant>) {
+    ARMED.with(|a| a.set(m));
+}
