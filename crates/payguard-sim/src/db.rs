@@ -28,7 +28,7 @@ use payguard::domain::{
     Account, AccountId, Currency, Entry, EntryKind, Event, Money, Order, OrderId, OrderStatus,
 };
 use payguard::store::rules::{
-    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Seen,
+    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows,
 };
 use payguard::store::{Command, Op, OpResult, Rejection, StoreError};
 use std::collections::BTreeMap;
@@ -105,37 +105,8 @@ pub struct DbState {
     pub fate_lookups: u64,
 }
 
-/// The rows one command's decision needs, owned (see [`Seen`]).
-#[derive(Default)]
-struct Read {
-    order: Option<Order>,
-    fence: i64,
-    account: Option<Account>,
-    account_exists: bool,
-    balance: Option<Money>,
-    held: Option<Money>,
-    debit: Option<Entry>,
-    refund: Option<Entry>,
-    hold: Option<Entry>,
-    release: Option<Entry>,
-}
-
-impl Read {
-    fn seen(&self) -> Seen<'_> {
-        Seen {
-            order: self.order.as_ref(),
-            fence: self.fence,
-            account: self.account.as_ref(),
-            account_exists: self.account_exists,
-            balance: self.balance,
-            held: self.held,
-            debit: self.debit.as_ref(),
-            refund: self.refund.as_ref(),
-            hold: self.hold.as_ref(),
-            release: self.release.as_ref(),
-        }
-    }
-}
+/// The rows one command's decision needs (payguard's [`Rows`]).
+type Read = Rows;
 
 impl Tables {
     fn entry(&self, id: i64) -> Option<Entry> {

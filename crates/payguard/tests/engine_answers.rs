@@ -16,28 +16,7 @@ async fn a_deadline_that_passed_in_the_lane_queue_is_a_timeout_and_moves_nothing
         Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("t.db"))).unwrap());
     let engine = Engine::start(store, EngineConfig::default());
     let req = |r: &str| RequestId::parse(r).unwrap();
-    engine
-        .submit(
-            Op::CreateAccount {
-                id: AccountId::parse("acct").unwrap(),
-                balance: Money::balance(10_000).unwrap(),
-                currency: Currency::CNY,
-            },
-            req("r-acct"),
-        )
-        .await
-        .unwrap();
-    engine
-        .submit(
-            Op::CreateOrder {
-                id: OrderId::parse("o1").unwrap(),
-                account_id: AccountId::parse("acct").unwrap(),
-                amount: Money::amount(100).unwrap(),
-            },
-            req("r-order"),
-        )
-        .await
-        .unwrap();
+    account_and_order(&engine).await;
     let past = Instant::now() - Duration::from_millis(1);
     let got = engine
         .submit_by(
@@ -77,28 +56,7 @@ async fn a_replay_of_a_paid_order_is_answered_without_a_batch_and_as_the_store_w
     let engine = Engine::start(store.clone(), EngineConfig::default());
     let req = |r: &str| RequestId::parse(r).unwrap();
     let o1 = || OrderId::parse("o1").unwrap();
-    engine
-        .submit(
-            Op::CreateAccount {
-                id: AccountId::parse("acct").unwrap(),
-                balance: Money::balance(10_000).unwrap(),
-                currency: Currency::CNY,
-            },
-            req("r-acct"),
-        )
-        .await
-        .unwrap();
-    engine
-        .submit(
-            Op::CreateOrder {
-                id: o1(),
-                account_id: AccountId::parse("acct").unwrap(),
-                amount: Money::amount(100).unwrap(),
-            },
-            req("r-order"),
-        )
-        .await
-        .unwrap();
+    account_and_order(&engine).await;
     let first = engine
         .submit(Op::Deduct { order_id: o1() }, req("r-1"))
         .await
@@ -161,4 +119,31 @@ async fn a_replay_of_a_paid_order_is_answered_without_a_batch_and_as_the_store_w
     assert_eq!(uncached.stats().cached_replays.get(), 0);
     uncached.shutdown().await.unwrap();
     engine.shutdown().await.unwrap();
+}
+
+/// Account `acct` with 10,000 and its order `o1` of 100, PREPARE.
+async fn account_and_order(engine: &Engine) {
+    let req = |r: &str| RequestId::parse(r).unwrap();
+    engine
+        .submit(
+            Op::CreateAccount {
+                id: AccountId::parse("acct").unwrap(),
+                balance: Money::balance(10_000).unwrap(),
+                currency: Currency::CNY,
+            },
+            req("r-acct"),
+        )
+        .await
+        .unwrap();
+    engine
+        .submit(
+            Op::CreateOrder {
+                id: OrderId::parse("o1").unwrap(),
+                account_id: AccountId::parse("acct").unwrap(),
+                amount: Money::amount(100).unwrap(),
+            },
+            req("r-order"),
+        )
+        .await
+        .unwrap();
 }

@@ -557,6 +557,18 @@ fn finish(args: &EngineBenchArgs, report: &Report) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One round of the two-phase comparison, as it finishes.
+fn print_round(round: usize, deduct: &RunResult, two_phase: &RunResult) {
+    eprintln!(
+        "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×)",
+        round + 1,
+        deduct.ops_per_sec,
+        two_phase.name,
+        two_phase.ops_per_sec,
+        two_phase_cost(deduct, two_phase)
+    );
+}
+
 /// A two-phase payment's cost as a multiple of a deduct's (payments/s ratio).
 fn two_phase_cost(deduct: &RunResult, two_phase: &RunResult) -> f64 {
     deduct.ops_per_sec / two_phase.ops_per_sec.max(f64::MIN_POSITIVE)

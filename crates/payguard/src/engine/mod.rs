@@ -441,20 +441,13 @@ impl Engine {
             return None;
         }
         let (order, debit) = self.shared.cache.paid(order_id)?;
-        let seen = crate::store::rules::Seen {
-            order: Some(&order),
-            fence: 0,
-            account: None,
-            account_exists: false,
-            balance: None,
-            held: None,
-            debit: Some(&debit),
-            refund: None,
-            hold: None,
-            release: None,
+        let rows = crate::store::rules::Rows {
+            order: Some(order),
+            debit: Some(debit),
+            ..Default::default()
         };
         let now = chrono::Utc::now().timestamp_millis();
-        match crate::store::rules::settled(cmd, &seen, now) {
+        match crate::store::rules::settled(cmd, &rows.seen(), now) {
             Ok(Some(Ok(out))) if out.is_replay() => {
                 self.shared.stats.cached_replays.inc();
                 Some(out)

@@ -102,14 +102,7 @@ pub(super) fn run(args: &super::EngineBenchArgs, url: &str) -> anyhow::Result<Ex
                 pair.push(r);
             }
             let (d, t) = (pair.remove(0), pair.remove(0));
-            eprintln!(
-                "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×)",
-                round + 1,
-                d.ops_per_sec,
-                t.name,
-                t.ops_per_sec,
-                super::two_phase_cost(&d, &t)
-            );
+            super::print_round(round, &d, &t);
             pairs.push((d, t));
         }
         let two_phase_cost = super::TwoPhaseCost::of(pairs);

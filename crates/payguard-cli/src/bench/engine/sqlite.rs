@@ -5,8 +5,8 @@
 //! the order of the runs reads in `super::run` and each run's steps read here.
 
 use super::{
-    bench_engine_config, closed_loop, ms, open_loop, raw, setup, start_engine, store_direct,
-    EngineBenchArgs, Payment, RunResult, TwoPhaseCost, HALF_LOAD_SECS_MAX,
+    bench_engine_config, closed_loop, ms, open_loop, print_round, raw, setup, start_engine,
+    store_direct, EngineBenchArgs, Payment, RunResult, TwoPhaseCost, HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::Engine;
@@ -80,14 +80,7 @@ impl SqliteRuns<'_> {
         for round in 0..self.args.two_phase_rounds() {
             let d = self.payment_run(bm, raw, Payment::Deduct, &format!("r{round}"))?;
             let t = self.payment_run(bm, raw, Payment::TwoPhase, &format!("r{round}"))?;
-            eprintln!(
-                "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×)",
-                round + 1,
-                d.ops_per_sec,
-                t.name,
-                t.ops_per_sec,
-                d.ops_per_sec / t.ops_per_sec.max(f64::MIN_POSITIVE)
-            );
+            print_round(round, &d, &t);
             pairs.push((d, t));
         }
         Ok(TwoPhaseCost::of(pairs))

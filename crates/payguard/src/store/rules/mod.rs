@@ -87,6 +87,40 @@ pub struct Seen<'a> {
     pub release: Option<&'a Entry>,
 }
 
+/// The rows of a [`Seen`], owned: what a store fills in as it reads (SQLite's
+/// writer, the simulation's database, the engine's cache of paid orders) and
+/// lends to the rules with [`Rows::seen`].
+#[derive(Clone, Debug, Default)]
+pub struct Rows {
+    pub order: Option<Order>,
+    pub fence: i64,
+    pub account: Option<Account>,
+    pub account_exists: bool,
+    pub balance: Option<Money>,
+    pub held: Option<Money>,
+    pub debit: Option<Entry>,
+    pub refund: Option<Entry>,
+    pub hold: Option<Entry>,
+    pub release: Option<Entry>,
+}
+
+impl Rows {
+    pub fn seen(&self) -> Seen<'_> {
+        Seen {
+            order: self.order.as_ref(),
+            fence: self.fence,
+            account: self.account.as_ref(),
+            account_exists: self.account_exists,
+            balance: self.balance,
+            held: self.held,
+            debit: self.debit.as_ref(),
+            refund: self.refund.as_ref(),
+            hold: self.hold.as_ref(),
+            release: self.release.as_ref(),
+        }
+    }
+}
+
 /// The decision on one command: the fence to keep, and what to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {

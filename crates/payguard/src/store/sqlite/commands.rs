@@ -16,42 +16,13 @@ use super::idempotency::write_idem;
 #[cfg(doc)]
 use super::rows::ORDER_COLS;
 use super::rows::{load_account, load_entry, load_order_entry, load_refund, order_from_row};
-use crate::domain::{Account, Entry, EntryKind, Money, Order, OrderId};
-use crate::store::rules::{self, Decision, Effect, Movement, Seen};
+use crate::domain::{EntryKind, Money, Order, OrderId};
+use crate::store::rules::{self, Decision, Effect, Movement};
 use crate::store::{Command, Op, OpResult, Rejection};
 use rusqlite::{params, Connection, OptionalExtension};
 
-/// The rows one command's decision needs, owned (see [`Seen`]).
-#[derive(Default)]
-struct Read {
-    order: Option<Order>,
-    fence: i64,
-    account: Option<Account>,
-    account_exists: bool,
-    balance: Option<Money>,
-    held: Option<Money>,
-    debit: Option<Entry>,
-    refund: Option<Entry>,
-    hold: Option<Entry>,
-    release: Option<Entry>,
-}
-
-impl Read {
-    fn seen(&self) -> Seen<'_> {
-        Seen {
-            order: self.order.as_ref(),
-            fence: self.fence,
-            account: self.account.as_ref(),
-            account_exists: self.account_exists,
-            balance: self.balance,
-            held: self.held,
-            debit: self.debit.as_ref(),
-            refund: self.refund.as_ref(),
-            hold: self.hold.as_ref(),
-            release: self.release.as_ref(),
-        }
-    }
-}
+/// The rows one command's decision needs ([`rules::Rows`]).
+type Read = rules::Rows;
 
 pub(super) fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
     let read = read_for(conn, &cmd.op)?;
@@ -134,7 +105,7 @@ fn load_order_state(conn: &Connection, id: &OrderId) -> Result<Option<OrderState
         .optional()?)
 }
 
-/// Reads what the rules need to decide `op` (see [`Seen`] for which fields).
+/// Reads what the rules need to decide `op` (see [`rules::Seen`] for which fields).
 fn read_for(conn: &Connection, op: &Op) -> Result<Read, Fault> {
     let mut read = Read::default();
     match op {
@@ -187,7 +158,7 @@ fn read_for(conn: &Connection, op: &Op) -> Result<Read, Fault> {
     Ok(read)
 }
 
-impl Read {
+impl rules::Rows {
     fn set_order(&mut self, found: Option<OrderState>) {
         if let Some((order, fence, funds)) = found {
             self.order = Some(order);
