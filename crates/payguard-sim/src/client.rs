@@ -16,10 +16,12 @@ use crate::oracle::{Attempt, OracleRef};
 use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallError, Post, INSTANCE_PORT};
 use std::time::Duration;
 
-/// One deduct to send.
+/// One deduct (or refund) to send.
 #[derive(Debug, Clone)]
 pub struct Send {
     pub order: String,
+    /// A refund of the order (its id and amount) instead of its deduct.
+    pub refund: Option<(String, i64)>,
     /// Simulated ms after the start.
     pub at_ms: u64,
     /// The instance of the first attempt; retries go to the next ones.
@@ -33,6 +35,7 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
         let host = instance_host((s.first_instance + attempt) % INSTANCES);
         let req = ApiReq {
             order: s.order.clone(),
+            refund: s.refund.clone(),
         };
         let sent_ms = now_ms();
         let answer = call(&post, &host, INSTANCE_PORT, Box::new(req), timeout)
@@ -45,10 +48,11 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
         {
             let mut o = oracle.borrow_mut();
             o.note(now_ms(), || {
-                format!(
-                    "client: {} via {host} (attempt {attempt}, sent at {sent_ms} ms): {answer:?}",
-                    s.order
-                )
+                let what = match &s.refund {
+                    None => s.order.clone(),
+                    Some((id, _)) => format!("{} refund {id}", s.order),
+                };
+                format!("client: {what} via {host} (attempt {attempt}, sent at {sent_ms} ms): {answer:?}")
             });
             o.attempt(Attempt {
                 order: s.order.clone(),
@@ -56,6 +60,32 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
                 sent_ms,
                 answer: answer.as_ref().ok().map(|a| (now_ms(), *a)),
             });
+        }
+        if let Some((refund_id, _)) = &s.refund {
+            match answer {
+                Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
+                    let mut o = oracle.borrow_mut();
+                    o.stats.refund_acks += 1;
+                    o.refund_acks.push((s.order, refund_id.clone(), entry));
+                    return;
+                }
+                Ok(ApiResp::RefundRefused { reason }) => {
+                    let mut o = oracle.borrow_mut();
+                    o.stats.refunds_refused += 1;
+                    if reason == "refund_exceeds_paid" {
+                        o.refunds_refused.push((s.order, refund_id.clone()));
+                    }
+                    return;
+                }
+                Ok(ApiResp::NoSuchOrder) => {
+                    panic!("order {} was created before any refund", s.order)
+                }
+                // Anything else (a 402 included: never a refund's answer) is retried.
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_MS)).await;
+                    continue;
+                }
+            }
         }
         match answer {
             Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
@@ -76,6 +106,7 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
                 | ApiResp::StaleFencingToken
                 | ApiResp::Unknown
                 | ApiResp::Unavailable
+                | ApiResp::RefundRefused { .. }
                 | ApiResp::Refused,
             )
             | Err(_) => {

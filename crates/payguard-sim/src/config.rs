@@ -26,9 +26,17 @@ pub struct Protocol {
     /// The engine's lanes forget the duplicates that joined an op by single
     /// flight (`payguard::engine::mutants`): they are never answered.
     pub lane_forgets_waiter: bool,
+    /// The engine gives back the leases of all a batch's acquires in one
+    /// release (`payguard::engine::mutants`), as it did before the refunds.
+    pub release_acquires_as_one: bool,
     /// The lock client's old bug (fixed in e03f2f7): after raising the epoch,
     /// set the counter back to 1, racing with grants already made under it.
     pub reset_counter_on_new_epoch: bool,
+    /// The clients also refund (a workload switch, not a rule): some orders get
+    /// `REFUNDS_PER_ORDER` refund ids whose amounts may add up past the charge,
+    /// each sent `DUPLICATES` times around the order's deduct. Drawn from their
+    /// own random stream, so a seed's deducts and faults are the same either way.
+    pub refunds: bool,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -49,7 +57,9 @@ impl Protocol {
         lock: LockProtocol::AcquireMany,
         store: StoreVariant::PAYGUARD,
         lane_forgets_waiter: false,
+        release_acquires_as_one: false,
         reset_counter_on_new_epoch: false,
+        refunds: true,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.
@@ -64,6 +74,17 @@ impl Default for Protocol {
         Self::PAYGUARD
     }
 }
+
+/// One order in `REFUND_ORDER_ONE_IN` gets refunds (with `Protocol::refunds`).
+pub const REFUND_ORDER_ONE_IN: u32 = 2;
+/// Refund ids per refunded order; each asks for 1/4 to 3/4 of the order's
+/// amount, so two may add up past it (one is then `refund_exceeds_paid`).
+pub const REFUNDS_PER_ORDER: usize = 2;
+/// A refund is sent this many ms after its order's burst at most: some come
+/// before the charge commits (`order_not_paid`), most after.
+pub const REFUND_DELAY_MS_MAX: u64 = 20;
+/// Salt of the refunds' own random stream (see `Protocol::refunds`).
+pub const REFUND_RNG_SALT: u64 = 0x0005_eed0_f2ef_04d5;
 
 /// payguard instances in the simulation.
 pub const INSTANCES: usize = 3;

@@ -19,7 +19,7 @@ use crate::redis::SharedRedis;
 use crate::store::SimStore;
 use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Incoming, Post, Server, INSTANCE_PORT};
 use crate::{LockProtocol, Protocol};
-use payguard::domain::{OrderId, RequestId};
+use payguard::domain::{Money, OrderId, RefundId, RequestId};
 use payguard::engine::{Engine, EngineConfig, EngineError, Guard};
 use payguard::lock::OrderLocks;
 use payguard::store::{Op, Output, Rejection, Store, StoreError};
@@ -64,6 +64,9 @@ fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
             Rejection::LockBusy => ApiResp::LockBusy,
             Rejection::StaleFencingToken => ApiResp::StaleFencingToken,
             Rejection::OrderNotFound => ApiResp::NoSuchOrder,
+            Rejection::OrderNotPaid | Rejection::RefundExceedsPaid => {
+                ApiResp::RefundRefused { reason: r.reason() }
+            }
             _ => ApiResp::Refused,
         },
         Err(EngineError::Store(StoreError::Unknown(_))) => ApiResp::Unknown,
@@ -100,16 +103,27 @@ async fn handle(
     n: u64,
     oracle: OracleRef,
 ) {
-    let Some(ApiReq { order }) = req.body.downcast_ref::<ApiReq>().cloned() else {
+    let Some(ApiReq { order, refund }) = req.body.downcast_ref::<ApiReq>().cloned() else {
         return;
     };
     let _in_flight = InFlight::new(oracle.clone());
     let order_id = OrderId::parse(&order).expect("order ids are well formed");
     let rid = RequestId::parse(&format!("inst{inst}-{n}")).expect("well formed");
-    let result = engine.submit(Op::Deduct { order_id }, rid).await;
+    let op = match &refund {
+        None => Op::Deduct { order_id },
+        Some((refund_id, amount)) => Op::Refund {
+            order_id,
+            refund_id: RefundId::parse(refund_id).expect("refund ids are well formed"),
+            amount: Money::amount(*amount).expect("refund amounts are positive"),
+        },
+    };
+    let result = engine.submit(op, rid).await;
     let answer = api_answer(&result);
-    oracle.borrow_mut().note(now_ms(), || {
-        format!("inst{inst}: deduct {order} -> {answer:?}")
+    oracle.borrow_mut().note(now_ms(), || match &refund {
+        None => format!("inst{inst}: deduct {order} -> {answer:?}"),
+        Some((id, amount)) => {
+            format!("inst{inst}: refund {id} of {amount} on {order} -> {answer:?}")
+        }
     });
     server.reply(&req, Box::new(answer)).await;
 }

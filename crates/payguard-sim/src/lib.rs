@@ -12,15 +12,20 @@
 //! money rules (`payguard::store::rules`), their lock service ([`locks`]) talks
 //! to a simulated Redis ([`redis`]) that runs the Lua scripts' semantics, and a
 //! client host ([`client`]) sends bursts of duplicate deducts to different
-//! instances, over a simulated network on a simulated clock. A seed decides
+//! instances, and duplicate refunds of some orders around them (two refund ids
+//! whose amounts may add up past the charge), over a simulated network on a
+//! simulated clock. A seed decides
 //! latencies, message loss, partitions, slow links, crashes and restarts of any
 //! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
 //! Every run ends with the money invariants checked against the database and
 //! what the clients were told ([`oracle`]), fencing checked (no write applied
 //! below a token already applied to its order, no live lock holder given a
 //! token at or below an earlier live holder's), no deduct hung inside an
-//! instance, and, on a seed with no fault, liveness: every request answered 200
-//! or 402 within one lock TTL plus the store's batch deadline.
+//! instance, refunds checked (each refund id once, an order's refunds within its
+//! charge, every acknowledged refund in the ledger, none for a refund refused as
+//! exceeding what was paid), and, on a seed with no fault, liveness: every
+//! request answered 200, 402 or a refund's definite 409 within one lock TTL plus
+//! the store's batch deadline.
 //!
 //! A seed replays exactly: every random choice comes from that seed (turmoil's
 //! RNG and ours), time is turmoil's (the engine and payguard's release board
@@ -36,13 +41,20 @@
 //! client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
 //! commit-fate resolution ([`store`]); a divergence between those and
 //! production is not caught here. Not simulated: the HTTP layer (so no
-//! Idempotency-Key reaches the engine), refunds and two-phase payments (only
-//! deducts are sent), the expiry sweeper and the webhook outbox, Redis eviction
-//! and replication, and a database that loses committed data.
+//! Idempotency-Key reaches the engine), two-phase payments (deducts and refunds
+//! are sent), the expiry sweeper and the webhook outbox, Redis eviction and
+//! replication, and a database that loses committed data.
+//!
+//! What it found once refunds were sent: a batch holding a duplicate deduct
+//! answered by a settled hint and a refund of the same order takes that
+//! order's lock in a second acquire, and the engine released both acquires'
+//! leases in one call, which takes one acquire's: none was released, and the
+//! orders stayed locked until their TTL (`LockBusy` on a seed with no fault).
+//! The engine now releases per acquire (`tests/sim.rs`, seed 340).
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off, or the lock client's old counter reset on, or arm a
-//! bug in the engine's lanes (`payguard::engine::mutants`), to show that the
+//! bug in the engine (`payguard::engine::mutants`), to show that the
 //! checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]

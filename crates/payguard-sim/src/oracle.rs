@@ -43,6 +43,16 @@ pub enum ViolationKind {
     /// message loss or stall), a request was not answered, was answered
     /// anything but 200 or 402, or took longer than the bound.
     Liveness,
+    /// An order's refunds add up past its charge, or an order never charged
+    /// has a refund.
+    RefundsExceedCharge,
+    /// A refund id has more than one refund entry.
+    DoubleRefund,
+    /// A client was told a refund was made (200) but the ledger lacks that
+    /// entry under that refund id.
+    AcknowledgedRefundMissing,
+    /// A client was told `refund_exceeds_paid` for a refund id that has an entry.
+    RefusedRefundApplied,
     /// A deduct never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
@@ -73,6 +83,9 @@ pub struct Stats {
     pub stale_refused: u64,
     pub acks: u64,
     pub declined: u64,
+    /// Refund answers: made (200) and refused (409).
+    pub refund_acks: u64,
+    pub refunds_refused: u64,
     /// Deducts that got no definite answer in all their attempts.
     pub unanswered: u64,
     pub faults: u64,
@@ -111,6 +124,10 @@ pub struct Oracle {
     pub acks: Vec<(String, i64)>,
     /// Orders a client was told 402 for.
     pub declined: Vec<String>,
+    /// (order, refund id, entry) per answer that told a client it was refunded.
+    pub refund_acks: Vec<(String, String, i64)>,
+    /// (order, refund id) per answer `refund_exceeds_paid`.
+    pub refunds_refused: Vec<(String, String)>,
     pub violations: Vec<Violation>,
     pub stats: Stats,
     /// What happened, in order, when a replay asked for it (`None`: not kept).

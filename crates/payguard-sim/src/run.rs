@@ -164,6 +164,7 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         for d in 0..DUPLICATES {
             plan.push(Send {
                 order: order.clone(),
+                refund: None,
                 at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
             });
@@ -173,6 +174,110 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         accounts,
         orders,
         plan,
+    }
+}
+
+/// The refunds of `Protocol::refunds`, from their own random stream: for one
+/// order in `REFUND_ORDER_ONE_IN`, `REFUNDS_PER_ORDER` refund ids of 1/4 to 3/4
+/// of its amount each, every one sent `DUPLICATES` times, a copy to each
+/// instance, within `REFUND_DELAY_MS_MAX` of the order's first deduct.
+fn draw_refunds(seed: u64, scenario: &mut Scenario) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ REFUND_RNG_SALT);
+    let mut refunds = Vec::new();
+    for (k, (order, _, amount)) in scenario.orders.iter().enumerate() {
+        if !rng.random_ratio(1, REFUND_ORDER_ONE_IN) {
+            continue;
+        }
+        let first = scenario
+            .plan
+            .iter()
+            .filter(|s| &s.order == order)
+            .map(|s| s.at_ms)
+            .min()
+            .unwrap_or(0);
+        for r in 0..REFUNDS_PER_ORDER {
+            let id = format!("{order}-refund{r}");
+            let part = rng.random_range((amount / 4).max(1)..=(amount * 3 / 4).max(1));
+            let at = first + rng.random_range(0..=REFUND_DELAY_MS_MAX);
+            for d in 0..DUPLICATES {
+                refunds.push(Send {
+                    order: order.clone(),
+                    refund: Some((id.clone(), part)),
+                    at_ms: at + rng.random_range(0..=DUPLICATE_SPREAD_MS),
+                    first_instance: (k + r + d) % INSTANCES,
+                });
+            }
+        }
+    }
+    scenario.plan.extend(refunds);
+}
+
+/// Refunds against the ledger: each refund id once, an order's refunds within
+/// its charge, every acknowledged refund in the ledger, no entry for a refund a
+/// client was told exceeds what was paid.
+fn check_refunds(db: &DbState, oracle: &mut Oracle) {
+    let entries = &db.tables.entries;
+    let refunds_of = |refund_id: &str| -> Vec<i64> {
+        entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Refund)
+            .filter(|e| {
+                e.refund_id
+                    .as_ref()
+                    .is_some_and(|r| r.as_str() == refund_id)
+            })
+            .map(|e| e.id)
+            .collect()
+    };
+    let mut ids: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Refund)
+        .filter_map(|e| e.refund_id.as_ref().map(|r| r.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let found = refunds_of(id);
+        oracle.check(ViolationKind::DoubleRefund, found.len() <= 1, || {
+            format!("refund {id} has {} entries: {found:?}", found.len())
+        });
+    }
+    for (order_id, (order, _)) in &db.tables.orders {
+        let charged: i64 = entries
+            .iter()
+            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Debit)
+            .map(|e| e.amount.minor())
+            .sum::<i64>()
+            .min(order.amount.minor());
+        let refunded: i64 = entries
+            .iter()
+            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Refund)
+            .map(|e| e.amount.minor())
+            .sum();
+        oracle.check(
+            ViolationKind::RefundsExceedCharge,
+            refunded <= charged,
+            || {
+                format!(
+                    "order {}: refunds of {refunded} against a charge of {charged}",
+                    order_id.as_str()
+                )
+            },
+        );
+    }
+    for (order, refund_id, entry) in oracle.refund_acks.clone() {
+        let found = refunds_of(&refund_id);
+        oracle.check(
+            ViolationKind::AcknowledgedRefundMissing,
+            found == [entry],
+            || format!("order {order}: a client was told refund {refund_id} is entry {entry}, the ledger has {found:?}"),
+        );
+    }
+    for (order, refund_id) in oracle.refunds_refused.clone() {
+        let found = refunds_of(&refund_id);
+        oracle.check(ViolationKind::RefusedRefundApplied, found.is_empty(), || {
+            format!("order {order}: a client was told refund {refund_id} exceeds what was paid, the ledger has {found:?}")
+        });
     }
 }
 
@@ -252,6 +357,7 @@ fn check_final(db: &DbState, oracle: &mut Oracle) {
     for detail in &db.stale_applied {
         oracle.violate(ViolationKind::StaleTokenApplied, detail.clone());
     }
+    check_refunds(db, oracle);
 }
 
 /// Runs one seed of `protocol` and checks it.
@@ -301,9 +407,13 @@ struct Armed;
 impl Armed {
     fn new(protocol: Protocol) -> Armed {
         use payguard::engine::mutants::{arm, Mutant};
-        arm(protocol
-            .lane_forgets_waiter
-            .then_some(Mutant::LaneForgetsWaiter));
+        arm(if protocol.lane_forgets_waiter {
+            Some(Mutant::LaneForgetsWaiter)
+        } else if protocol.release_acquires_as_one {
+            Some(Mutant::ReleaseAcquiresAsOne)
+        } else {
+            None
+        });
         Armed
     }
 }
@@ -324,7 +434,10 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let post = Post::default();
     let redis_state: SharedRedis = Arc::new(Mutex::new(RedisState::default()));
     let db_state = Arc::new(Mutex::new(DbState::new(protocol.store)));
-    let scenario = draw_scenario(&mut rng);
+    let mut scenario = draw_scenario(&mut rng);
+    if protocol.refunds {
+        draw_refunds(seed, &mut scenario);
+    }
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
     let weather = Weather::draw(&mut rng);
     let fair = weather.is_fair();
@@ -590,6 +703,8 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         stale_refused,
         acks,
         declined,
+        refund_acks,
+        refunds_refused,
         unanswered,
         faults,
         batches,
@@ -615,6 +730,8 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.stale_refused += stale_refused;
     t.acks += acks;
     t.declined += declined;
+    t.refund_acks += refund_acks;
+    t.refunds_refused += refunds_refused;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

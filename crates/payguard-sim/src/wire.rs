@@ -320,10 +320,12 @@ impl Agent {
     }
 }
 
-/// A client's request to an instance: deduct this order.
+/// A client's request to an instance: deduct this order, or refund it.
 #[derive(Debug, Clone)]
 pub struct ApiReq {
     pub order: String,
+    /// A refund of the order (its id and amount in minor units) instead of its deduct.
+    pub refund: Option<(String, i64)>,
 }
 
 /// An instance's answer: what payguard's HTTP API would say.
@@ -345,16 +347,23 @@ pub enum ApiResp {
     Unavailable,
     /// 404.
     NoSuchOrder,
+    /// A refund's definite refusal (409): `order_not_paid` (it came before the
+    /// charge), `refund_exceeds_paid`.
+    RefundRefused { reason: &'static str },
     /// Any other refusal (a 409 or a 422: never expected here).
     Refused,
 }
 
 impl ApiResp {
-    /// A definite answer (200 or 402): the only ones a seed with no fault may give.
+    /// A definite answer (200, 402, a refund's 409): the only ones a seed with
+    /// no fault may give.
     pub fn is_definite(self) -> bool {
         matches!(
             self,
-            ApiResp::Charged { .. } | ApiResp::Replayed { .. } | ApiResp::InsufficientFunds
+            ApiResp::Charged { .. }
+                | ApiResp::Replayed { .. }
+                | ApiResp::InsufficientFunds
+                | ApiResp::RefundRefused { .. }
         )
     }
 }

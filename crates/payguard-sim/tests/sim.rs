@@ -130,6 +130,10 @@ fn exercised(r: &SeedsReport) {
     );
     assert!(t.multi_op_batches > 0, "no multi-order batch: {t:?}");
     assert!(
+        t.refund_acks > 0 && t.refunds_refused > 0,
+        "no refund made, or none refused (before its charge, or past it): {t:?}"
+    );
+    assert!(
         t.overlapping_lock_rounds > 0,
         "no multi-order lock rounds on two instances at once: {t:?}"
     );
@@ -256,6 +260,52 @@ fn a_lane_that_forgets_a_waiter_is_seen_unanswered() {
         },
         kind: ViolationKind::Liveness,
         fault_free: true,
+        pinned: 0,
+    }
+    .check();
+}
+
+/// Found by the simulation once its clients refunded (issue #17): a batch with
+/// a deduct whose order had its settled hint and a refund of that order reads
+/// first, then takes the lock for the refund in a second acquire. Its release
+/// gave back both acquires' leases in one call, which takes one acquire's
+/// (one owner), so nothing was released: every order of the batch stayed
+/// locked until its TTL, and the other instances' requests for it ended
+/// `LockBusy`, on a seed with no fault. The engine now releases per acquire.
+#[test]
+fn a_batch_that_acquired_twice_and_released_once_strands_its_orders() {
+    let o = SeenFailing {
+        test: "a_batch_that_acquired_twice_and_released_once_strands_its_orders",
+        protocol: Protocol {
+            release_acquires_as_one: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::Liveness,
+        fault_free: true,
+        pinned: 340,
+    }
+    .check();
+    assert!(
+        o.violations.iter().any(|v| v.detail.contains("LockBusy")),
+        "the stranded lock should end in LockBusy at the wait limit"
+    );
+}
+
+/// A store that forgets which refund ids it already made refunds a duplicate
+/// again: each refund id's one entry is checked.
+#[test]
+fn a_store_that_forgets_refund_ids_refunds_twice() {
+    SeenFailing {
+        test: "a_store_that_forgets_refund_ids_refunds_twice",
+        protocol: Protocol {
+            store: StoreVariant {
+                refund_once: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::DoubleRefund,
+        fault_free: false,
         pinned: 0,
     }
     .check();

@@ -408,3 +408,121 @@ async fn a_settled_hint_answers_a_duplicate_by_a_read_and_never_blocks_a_new_op(
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Found by the simulation (issue #17) and seen here against a real Redis: one
+/// lane batch holding a duplicate deduct of an order another instance just
+/// charged (its settled hint answers it by a read), a refund of that order (the
+/// read leaves it to write, so it takes the lock in a second acquire) and a
+/// fresh order's deduct (locked by the first acquire). The release must give
+/// back both acquires' leases; given back in one call, which takes one
+/// acquire's, none was released and both orders stayed locked for the 30 s TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_read_first_then_locked_again_releases_every_lock() {
+    let Some(url) = redis_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let p = prefix();
+    let a = instance(&db, &url, &p, "inst-a", 30_000, 0).await;
+    // One lane that waits for its batch to fill: the three ops go out together.
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&db)).unwrap());
+    let locks = RedisLocks::connect(
+        &url,
+        &p,
+        "inst-b",
+        Duration::from_millis(30_000),
+        payguard::engine::fence_epochs(store.clone()),
+    )
+    .await
+    .unwrap();
+    let b = Engine::start_with_locks(
+        store,
+        EngineConfig {
+            instance_id: "inst-b".into(),
+            lanes: 1,
+            batch_wait_us: 50_000,
+            ..EngineConfig::default()
+        },
+        Some(Arc::new(locks)),
+    );
+    setup(&a).await;
+    let o2 = OrderId::parse("o2").unwrap();
+    a.submit(
+        Op::CreateOrder {
+            id: o2.clone(),
+            account_id: AccountId::parse("acct").unwrap(),
+            amount: Money::amount(100).unwrap(),
+        },
+        req("setup-o2"),
+    )
+    .await
+    .unwrap();
+    a.submit(deduct(), req("req-a")).await.unwrap();
+    wait_for_key(&url, &format!("{p}:lock:order:o1:s"), true).await;
+    wait_for_key(&url, &format!("{p}:lock:order:o1"), false).await;
+    let batches = b.stats().batches.get();
+    let refund = Op::Refund {
+        order_id: OrderId::parse("o1").unwrap(),
+        refund_id: RefundId::parse("rf1").unwrap(),
+        amount: Money::amount(100).unwrap(),
+    };
+    let (dup, refunded, fresh) = tokio::join!(
+        b.submit(deduct(), req("req-dup")),
+        b.submit(refund, req("req-refund")),
+        b.submit(Op::Deduct { order_id: o2 }, req("req-o2")),
+    );
+    assert!(
+        matches!(dup, Ok(Output::Movement { replayed: true, .. })),
+        "{dup:?}"
+    );
+    assert!(
+        matches!(
+            refunded,
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ),
+        "{refunded:?}"
+    );
+    assert!(
+        matches!(
+            fresh,
+            Ok(Output::Movement {
+                replayed: false,
+                ..
+            })
+        ),
+        "{fresh:?}"
+    );
+    assert_eq!(
+        b.stats().batches.get(),
+        batches + 1,
+        "the three went out as one batch"
+    );
+    assert_eq!(
+        b.stats().settled_without_lock.get(),
+        1,
+        "the duplicate was read first"
+    );
+    // Both acquires' locks are given back at once (not at the TTL).
+    wait_for_key(&url, &format!("{p}:lock:order:o1"), false).await;
+    wait_for_key(&url, &format!("{p}:lock:order:o2"), false).await;
+    // And another instance gets them at once: its duplicate is answered.
+    let again = tokio::time::timeout(
+        Duration::from_secs(2),
+        a.submit(
+            Op::Deduct {
+                order_id: OrderId::parse("o2").unwrap(),
+            },
+            req("req-a-o2"),
+        ),
+    )
+    .await
+    .expect("o2's lock was released");
+    assert!(
+        matches!(again, Ok(Output::Movement { replayed: true, .. })),
+        "{again:?}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

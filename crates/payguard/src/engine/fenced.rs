@@ -51,6 +51,11 @@ impl ReadFirst {
 struct Held {
     tokens: HashMap<OrderId, i64>,
     leases: Vec<(OrderId, RequestId, Lease)>,
+    /// How many of `leases`, in order, each acquire granted: a release takes
+    /// the leases of one acquire (one owner), so a batch that acquired twice
+    /// (a settled hint whose read left ops to write) releases twice. Released
+    /// as one, every lease of such a batch stayed held until its TTL.
+    acquires: Vec<usize>,
     /// Held elsewhere: parked by the lane, with the holder's remaining lease.
     busy: Vec<(OrderId, Duration)>,
 }
@@ -75,6 +80,7 @@ impl Held {
                 return hinted;
             }
         };
+        let first = self.leases.len();
         for ((order, req), grant) in orders.iter().zip(grants) {
             match grant {
                 Grant::Held(lease) => {
@@ -100,6 +106,9 @@ impl Held {
                 }
                 Grant::Settled => hinted.push(order.clone()),
             }
+        }
+        if self.leases.len() > first {
+            self.acquires.push(self.leases.len() - first);
         }
         hinted
     }
@@ -255,40 +264,53 @@ fn settles_charge(order: &OrderId, ops: &[Command], out: &[Option<LaneReply>]) -
         })
 }
 
-/// Gives every lease of a batch back in one round trip, logging each, leaving
-/// the settled hint of the orders whose charge the batch settled.
+/// Gives every lease of a batch back, one round trip per acquire (`acquires`:
+/// how many leases, in order, each acquire granted), the round trips at once,
+/// logging each lease, leaving the settled hint of the orders whose charge the
+/// batch settled.
 fn release_in_background(
     inst: Arc<str>,
     locks: Arc<dyn OrderLocks>,
     leases: Vec<(OrderId, RequestId, Lease)>,
+    acquires: Vec<usize>,
     settled: Vec<bool>,
 ) {
     if leases.is_empty() {
         return;
     }
+    debug_assert_eq!(acquires.iter().sum::<usize>(), leases.len());
     tokio::spawn(async move {
-        let inst = &*inst;
         let held: Vec<Lease> = leases.iter().map(|(_, _, l)| l.clone()).collect();
-        let released = locks.release_settled(&held, &settled).await;
-        for (i, (order, req, lease)) in leases.iter().enumerate() {
-            match &released {
-                Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    req = req.as_str(),
-                    inst
-                ),
-                Ok(_) => tracing::warn!(
-                    event = "lock_released",
-                    oid = order.as_str(),
-                    token = lease.token,
-                    lost = true,
-                    req = req.as_str(),
-                    inst
-                ),
-                Err(e) => {
-                    tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
+        let mut rounds = Vec::with_capacity(acquires.len());
+        let mut from = 0;
+        for &n in &acquires {
+            rounds.push(locks.release_settled(&held[from..from + n], &settled[from..from + n]));
+            from += n;
+        }
+        let answers = futures::future::join_all(rounds).await;
+        let mut leases = leases.iter();
+        for (answer, n) in answers.iter().zip(acquires) {
+            for (i, (order, req, lease)) in leases.by_ref().take(n).enumerate() {
+                let inst = &*inst;
+                match answer {
+                    Ok(freed) if freed.get(i).copied().unwrap_or(false) => tracing::info!(
+                        event = "lock_released",
+                        oid = order.as_str(),
+                        token = lease.token,
+                        req = req.as_str(),
+                        inst
+                    ),
+                    Ok(_) => tracing::warn!(
+                        event = "lock_released",
+                        oid = order.as_str(),
+                        token = lease.token,
+                        lost = true,
+                        req = req.as_str(),
+                        inst
+                    ),
+                    Err(e) => {
+                        tracing::warn!(event = "lock_released", oid = order.as_str(), token = lease.token, detail = %e, req = req.as_str(), inst)
+                    }
                 }
             }
         }
@@ -375,10 +397,16 @@ async fn apply_held(
         .iter()
         .map(|(order, _, _)| settles_charge(order, &ops, &out))
         .collect();
+    let acquires = if super::mutants::armed(super::mutants::Mutant::ReleaseAcquiresAsOne) {
+        vec![held.leases.len()]
+    } else {
+        held.acquires.clone()
+    };
     release_in_background(
         shared.inst.clone(),
         locks.clone(),
         held.leases.clone(),
+        acquires,
         settled,
     );
     out

@@ -17,6 +17,11 @@ pub enum Mutant {
     /// A lane answers the first waiter of an op and forgets the others (the
     /// duplicates that joined it by single flight): they are never answered.
     LaneForgetsWaiter,
+    /// A batch gives back the leases of all its acquires in one release (the
+    /// engine before the simulation's refunds found it): a release takes one
+    /// acquire's leases, so a batch that acquired twice released none and
+    /// stranded its orders until their TTL.
+    ReleaseAcquiresAsOne,
 }
 
 #[cfg(feature = "mutants")]
