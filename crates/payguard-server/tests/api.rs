@@ -14,7 +14,20 @@ use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_deducts_charge_once() {
-    on_each_backend!("two_hundred_concurrent_deducts_charge_once", app => {
+    // The first deduct waits 20 ms in its lane for its batch to fill, so the
+    // other 199 arrive while it is in flight even on a loaded machine: the race
+    // is certain, not left to the scheduler. (A duplicate that arrives after the
+    // charge committed is a replay from the order cache on SQLite, which never
+    // meets the lane.)
+    let opts = payguard_testkit::AppOptions {
+        engine: EngineConfig {
+            instance_id: "test-1".into(),
+            batch_wait_us: 20_000,
+            ..EngineConfig::default()
+        },
+        ..payguard_testkit::AppOptions::instance("test-1")
+    };
+    on_each_backend!("two_hundred_concurrent_deducts_charge_once", opts.clone(), app => {
         app.account("acct-1", 1_000_000).await;
         app.order("OD20240517A1122", "acct-1", 1185).await;
 

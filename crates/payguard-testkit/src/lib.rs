@@ -348,9 +348,12 @@ impl TestApp {
 #[macro_export]
 macro_rules! on_each_backend {
     ($test:expr, $app:ident => $body:block) => {
+        $crate::on_each_backend!($test, $crate::AppOptions::instance("test-1"), $app => $body)
+    };
+    ($test:expr, $opts:expr, $app:ident => $body:block) => {
         for backend in $crate::Backend::available($test) {
             let db = $crate::TestDb::create(backend).await;
-            let $app = $crate::TestApp::spawn(&db, $crate::AppOptions::instance("test-1")).await;
+            let $app = $crate::TestApp::spawn(&db, $opts).await;
             eprintln!("{} on {}", $test, backend.name());
             $body
             db.drop_db().await;
