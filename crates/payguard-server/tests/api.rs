@@ -14,15 +14,17 @@ use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_deducts_charge_once() {
-    // The first deduct waits 20 ms in its lane for its batch to fill, so the
-    // other 199 arrive while it is in flight even on a loaded machine: the race
-    // is certain, not left to the scheduler. (A duplicate that arrives after the
+    // The first deduct waits 300 ms in its lane for its batch to fill, and the
+    // 200 requests go over connections opened beforehand, so the other 199
+    // arrive while it is in flight even on a loaded machine: the race is made
+    // certain, not left to the scheduler. (A duplicate that arrives after the
     // charge committed is a replay from the order cache on SQLite, which never
-    // meets the lane.)
+    // meets the lane: with 20 ms and new connections, a cold CI run once saw no
+    // collision at all.)
     let opts = payguard_testkit::AppOptions {
         engine: EngineConfig {
             instance_id: "test-1".into(),
-            batch_wait_us: 20_000,
+            batch_wait_us: 300_000,
             ..EngineConfig::default()
         },
         ..payguard_testkit::AppOptions::instance("test-1")
@@ -31,6 +33,11 @@ async fn two_hundred_concurrent_deducts_charge_once() {
         app.account("acct-1", 1_000_000).await;
         app.order("OD20240517A1122", "acct-1", 1185).await;
 
+        // 200 keep-alive connections, open before the race starts.
+        let warm = (0..200).map(|_| app.send(app.client.get(app.url("/healthz"))));
+        for r in join_all(warm).await {
+            assert_eq!(r.status, 200);
+        }
         let calls = (0..200).map(|i| {
             let req = app
                 .client
