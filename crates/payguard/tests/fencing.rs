@@ -43,6 +43,23 @@ async fn instance(
     ttl_ms: u64,
     pause_ms: u64,
 ) -> Engine {
+    let cfg = EngineConfig {
+        failpoint_pause_after_lock_ms: pause_ms,
+        batch_wait_us: 0,
+        ..EngineConfig::default()
+    };
+    instance_with(db, url, prefix, name, ttl_ms, cfg).await
+}
+
+/// [`instance`] with its own engine settings (the instance id is `name`).
+async fn instance_with(
+    db: &Path,
+    url: &str,
+    prefix: &str,
+    name: &str,
+    ttl_ms: u64,
+    cfg: EngineConfig,
+) -> Engine {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(db)).unwrap());
     let locks = RedisLocks::connect(
         url,
@@ -57,9 +74,7 @@ async fn instance(
         store,
         EngineConfig {
             instance_id: name.into(),
-            failpoint_pause_after_lock_ms: pause_ms,
-            batch_wait_us: 0,
-            ..EngineConfig::default()
+            ..cfg
         },
         Some(Arc::new(locks)),
     )
@@ -424,26 +439,12 @@ async fn a_batch_that_read_first_then_locked_again_releases_every_lock() {
     let p = prefix();
     let a = instance(&db, &url, &p, "inst-a", 30_000, 0).await;
     // One lane that waits for its batch to fill: the three ops go out together.
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&db)).unwrap());
-    let locks = RedisLocks::connect(
-        &url,
-        &p,
-        "inst-b",
-        Duration::from_millis(30_000),
-        payguard::engine::fence_epochs(store.clone()),
-    )
-    .await
-    .unwrap();
-    let b = Engine::start_with_locks(
-        store,
-        EngineConfig {
-            instance_id: "inst-b".into(),
-            lanes: 1,
-            batch_wait_us: 50_000,
-            ..EngineConfig::default()
-        },
-        Some(Arc::new(locks)),
-    );
+    let b_cfg = EngineConfig {
+        lanes: 1,
+        batch_wait_us: 50_000,
+        ..EngineConfig::default()
+    };
+    let b = instance_with(&db, &url, &p, "inst-b", 30_000, b_cfg).await;
     setup(&a).await;
     let o2 = OrderId::parse("o2").unwrap();
     a.submit(
