@@ -128,6 +128,13 @@ struct TwoPhaseCost {
     rounds: Vec<f64>,
     /// The median of `rounds`: the figure the target is read against.
     median: f64,
+    /// Each round's two-phase CPU per payment over its deduct CPU per payment
+    /// (SQLite: the whole process; empty where not measured): the same cost by
+    /// a figure the machine's other load moves less.
+    cpu_rounds: Vec<f64>,
+    /// The median of `cpu_rounds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_median: Option<f64>,
     /// The two-phase run of the median round, for the table.
     #[serde(skip)]
     run: RunResult,
@@ -136,6 +143,15 @@ struct TwoPhaseCost {
 impl TwoPhaseCost {
     /// From `(deduct, two-phase)` pairs; at least one.
     fn of(pairs: Vec<(RunResult, RunResult)>) -> Self {
+        let cpu_rounds: Vec<f64> = pairs
+            .iter()
+            .filter_map(|(d, t)| Some(t.cpu_us_per_op? / d.cpu_us_per_op?))
+            .collect();
+        let cpu_median = (!cpu_rounds.is_empty()).then(|| {
+            let mut sorted = cpu_rounds.clone();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        });
         let mut rounds: Vec<(f64, RunResult)> = pairs
             .into_iter()
             .map(|(d, t)| (two_phase_cost(&d, &t), t))
@@ -146,17 +162,31 @@ impl TwoPhaseCost {
         TwoPhaseCost {
             rounds: costs,
             median,
+            cpu_rounds,
+            cpu_median,
             run,
         }
     }
 
     fn line(&self) -> String {
-        let rounds: Vec<String> = self.rounds.iter().map(|c| format!("{c:.2}")).collect();
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|c| format!("{c:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let cpu = match self.cpu_median {
+            Some(m) => format!(
+                "; in CPU per payment {m:.2} × (rounds: {})",
+                list(&self.cpu_rounds)
+            ),
+            None => String::new(),
+        };
         format!(
-            "a two-phase payment (authorize + capture) costs {:.2} × a deduct (median of {} rounds: {}; target ≤ 2.2)",
+            "a two-phase payment (authorize + capture) costs {:.2} × a deduct (median of {} rounds: {}; target ≤ 2.2){cpu}",
             self.median,
             self.rounds.len(),
-            rounds.join(", ")
+            list(&self.rounds)
         )
     }
 }
@@ -172,7 +202,29 @@ struct RunResult {
     p99_ms: Option<f64>,
     max_ms: Option<f64>,
     mean_batch: Option<f64>,
+    /// CPU time per op (per payment in the payment runs), microseconds: of this
+    /// process for the SQLite engine runs (the writer thread included), of the
+    /// measuring thread for the store-only runs. Steadier than ops/s on a shared
+    /// machine, since others' work does not inflate it; `None` where not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_op: Option<f64>,
     audit_ok: bool,
+}
+
+/// Seconds of CPU (user + system) the process (`"self"`) or the calling thread
+/// (`"thread-self"`) has used, from `/proc`; `None` where there is no `/proc`.
+/// `/proc` counts in USER_HZ, which is 100 on every Linux.
+fn cpu_secs(of: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{of}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Microseconds of CPU per op between two [`cpu_secs`] readings.
+fn cpu_us_per_op(before: Option<f64>, after: Option<f64>, ops: usize) -> Option<f64> {
+    Some((after? - before?) * 1e6 / ops.max(1) as f64)
 }
 
 #[derive(Serialize, Debug)]
@@ -285,24 +337,41 @@ fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult>
 /// The store's own deduct (order read, conditional writes, results built) driven
 /// directly in 1000-op transactions: no lanes, channels or tasks. It splits the
 /// gap between raw SQL and the engine into "the money path's SQL" and "the engine".
-fn store_direct(path: &Path, orders: usize) -> anyhow::Result<RunResult> {
+fn store_direct(path: &Path, orders: usize, payment: Payment) -> anyhow::Result<RunResult> {
     let mut conn = open_connection(path)?;
-    let ops: Vec<Command> = (0..orders).map(deduct_op).collect();
+    let payments: Vec<Vec<Command>> = (0..orders).map(|i| payment_ops(i, payment)).collect();
+    let cpu0 = cpu_secs("thread-self");
     let started = Instant::now();
-    for chunk in ops.chunks(RAW_TXN_ROWS) {
-        let now = chrono::Utc::now().timestamp_millis();
-        for r in payguard::store::sqlite::apply_ops(&mut conn, chunk, now)? {
-            check(r.map_err(payguard::EngineError::from))?;
+    for chunk in payments.chunks(RAW_TXN_ROWS) {
+        // Step by step: every payment's first step in one transaction, then every
+        // second step in the next, as the engine never batches a capture with its
+        // own hold.
+        for step in 0..chunk[0].len() {
+            let ops: Vec<Command> = chunk.iter().map(|p| p[step].clone()).collect();
+            let now = chrono::Utc::now().timestamp_millis();
+            for r in payguard::store::sqlite::apply_ops(&mut conn, &ops, now)? {
+                check(r.map_err(payguard::EngineError::from))?;
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_us_per_op(cpu0, cpu_secs("thread-self"), orders);
     let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
-    Ok(RunResult::throughput(
-        format!("store only: the engine's deduct SQL, {RAW_TXN_ROWS}-op txns, no lanes"),
+    let mut run = RunResult::throughput(
+        match payment {
+            Payment::Deduct => {
+                format!("store only: the engine's deduct SQL, {RAW_TXN_ROWS}-op txns, no lanes")
+            }
+            Payment::TwoPhase => {
+                format!("store only: authorize then capture SQL, {RAW_TXN_ROWS}-op txns, no lanes")
+            }
+        },
         orders,
         secs,
         audit_ok,
-    ))
+    );
+    run.cpu_us_per_op = cpu;
+    Ok(run)
 }
 
 impl RunResult {
@@ -318,6 +387,7 @@ impl RunResult {
             p99_ms: None,
             max_ms: None,
             mean_batch: None,
+            cpu_us_per_op: None,
             audit_ok,
         }
     }
@@ -520,7 +590,8 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let seed = sqlite.seed(&raw)?;
     let half = sqlite.half_load(&raw, &sweep)?;
     let two_phase_cost = sqlite.two_phase(&raw, &sweep)?;
-    let mut runs = vec![raw, direct];
+    let mut runs = vec![raw];
+    runs.extend(direct);
     runs.extend(sweep.runs);
     runs.push(two_phase_cost.run.clone());
     runs.push(seed);
@@ -559,8 +630,12 @@ fn finish(args: &EngineBenchArgs, report: &Report) -> anyhow::Result<ExitCode> {
 
 /// One round of the two-phase comparison, as it finishes.
 fn print_round(round: usize, deduct: &RunResult, two_phase: &RunResult) {
+    let cpu = match (deduct.cpu_us_per_op, two_phase.cpu_us_per_op) {
+        (Some(d), Some(t)) => format!("; CPU {d:.1} and {t:.1} µs per payment, {:.2}×", t / d),
+        _ => String::new(),
+    };
     eprintln!(
-        "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×)",
+        "  round {}: deduct {:.0}/s, {}: {:.0} payments/s ({:.2}×{cpu})",
         round + 1,
         deduct.ops_per_sec,
         two_phase.name,

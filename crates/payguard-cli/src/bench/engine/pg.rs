@@ -247,6 +247,7 @@ async fn pgbench(url: &str, clients: usize, secs: u64) -> anyhow::Result<RunResu
         p99_ms: None,
         max_ms: None,
         mean_batch: None,
+        cpu_us_per_op: None,
         audit_ok: true,
     })
 }
@@ -318,6 +319,8 @@ async fn engine_run(
         max_ms: Some(h.max() as f64 / 1000.0),
         // The seed guard runs no batches.
         mean_batch: (batches_run > 0).then(|| batched as f64 / batches_run as f64),
+        // This process is the client only; the database's CPU is another process's.
+        cpu_us_per_op: None,
         // One debit per deduct; a hold and a capture per two-phase payment.
         audit_ok: audit.ok
             && audit.entries_checked

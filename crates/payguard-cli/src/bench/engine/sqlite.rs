@@ -5,8 +5,9 @@
 //! the order of the runs reads in `super::run` and each run's steps read here.
 
 use super::{
-    bench_engine_config, closed_loop, ms, open_loop, print_round, raw, setup, start_engine,
-    store_direct, EngineBenchArgs, Payment, RunResult, TwoPhaseCost, HALF_LOAD_SECS_MAX,
+    bench_engine_config, closed_loop, cpu_secs, cpu_us_per_op, ms, open_loop, print_round, raw,
+    setup, start_engine, store_direct, two_phase_cost, EngineBenchArgs, Payment, RunResult,
+    TwoPhaseCost, HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::Engine;
@@ -40,14 +41,37 @@ impl SqliteRuns<'_> {
         Ok(raw)
     }
 
-    /// The store's own deduct SQL without lanes, as a ratio to `raw`.
-    pub fn store_only(&self, raw: &RunResult) -> anyhow::Result<RunResult> {
-        let direct_path = self.dir.join("direct.db");
-        setup(&direct_path, self.orders, self.accounts)?;
-        let mut direct = store_direct(&direct_path, self.orders)?;
-        direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
-        eprintln!("  store only: {:.0} ops/s", direct.ops_per_sec);
-        Ok(direct)
+    /// The store's own SQL without lanes, as a ratio to `raw`: deducts, then
+    /// two-phase payments (authorize, then capture), so the two-phase cost of the
+    /// SQL alone reads beside the engine's; then deducts of twice the orders, so
+    /// the two-phase run is also compared at an equal ledger (a two-phase payment
+    /// writes two entries and two events where a deduct writes one of each, and
+    /// every insert costs more in bigger tables).
+    pub fn store_only(&self, raw: &RunResult) -> anyhow::Result<[RunResult; 2]> {
+        let run = |payment: Payment, orders: usize| {
+            let path = self.dir.join(format!("direct-{payment:?}-{orders}.db"));
+            setup(&path, orders, self.accounts)?;
+            let mut direct = store_direct(&path, orders, payment)?;
+            direct.ratio_to_raw = direct.ops_per_sec / raw.ops_per_sec;
+            Ok::<_, anyhow::Error>(direct)
+        };
+        let deduct = run(Payment::Deduct, self.orders)?;
+        let two_phase = run(Payment::TwoPhase, self.orders)?;
+        let same_ledger = run(Payment::Deduct, self.orders * 2)?;
+        let cpu = |d: &RunResult| Some(two_phase.cpu_us_per_op? / d.cpu_us_per_op?);
+        let cpu_line = match (cpu(&deduct), cpu(&same_ledger)) {
+            (Some(a), Some(b)) => format!("; in CPU per payment {a:.2}× and {b:.2}×"),
+            _ => String::new(),
+        };
+        eprintln!(
+            "  store only: {:.0} deducts/s, {:.0} two-phase payments/s ({:.2}×; {:.2}× against {:.0} deducts/s with as many ledger lines{cpu_line})",
+            deduct.ops_per_sec,
+            two_phase.ops_per_sec,
+            two_phase_cost(&deduct, &two_phase),
+            two_phase_cost(&same_ledger, &two_phase),
+            same_ledger.ops_per_sec,
+        );
+        Ok([deduct, two_phase])
     }
 
     /// The engine, closed loop, at each `--batch-max`.
@@ -101,12 +125,14 @@ impl SqliteRuns<'_> {
         let path = self.dir.join(format!("engine-{bm}-{payment:?}-{tag}.db"));
         setup(&path, orders, self.accounts)?;
         let engine = Arc::new(start_engine(&path, args, bm)?);
+        let cpu0 = cpu_secs("self");
         let (secs, h) = rt.block_on(closed_loop(
             engine.clone(),
             orders,
             args.concurrency,
             payment,
         ))?;
+        let cpu = cpu_us_per_op(cpu0, cpu_secs("self"), orders);
         let stats = engine.stats();
         let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
         let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
@@ -128,6 +154,7 @@ impl SqliteRuns<'_> {
             p99_ms: Some(ms(&h, 0.99)),
             max_ms: Some(h.max() as f64 / 1000.0),
             mean_batch: Some(batched as f64 / batches as f64),
+            cpu_us_per_op: cpu,
             audit_ok,
         })
     }
@@ -198,6 +225,7 @@ impl SqliteRuns<'_> {
             p99_ms: Some(ms(&h, 0.99)),
             max_ms: Some(h.max() as f64 / 1000.0),
             mean_batch: None,
+            cpu_us_per_op: None,
             audit_ok,
         })
     }
