@@ -37,6 +37,8 @@ pub struct HttpBenchArgs {
     /// Small sizes for a smoke run.
     #[arg(long)]
     pub quick: bool,
+    /// One JSON object instead of the table: every row (`sides`, each with its
+    /// `client`), how wrk ran or why it did not (`outside`), and the ratios.
     #[arg(long)]
     pub json: bool,
     /// Write a self-contained HTML page with the comparison.
@@ -245,28 +247,8 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
         (1..=OUTSIDE_SECS_MAX).contains(&secs),
         "--outside-secs must be 1..={OUTSIDE_SECS_MAX}"
     );
-    let outside = Outside::resolve(args.outside)?;
     let dir = tempfile::tempdir()?;
-    let (wrk, report) = match outside {
-        Outside::Wrk(bin) => {
-            let wrk = Wrk {
-                bin,
-                threads: args.outside_threads.min(args.concurrency),
-                connections: args.concurrency,
-            };
-            let report = OutsideReport::Ran {
-                tool: WRK,
-                threads: wrk.threads,
-                connections: wrk.connections,
-                secs,
-            };
-            (Some((wrk, Scripts::write(dir.path())?)), report)
-        }
-        Outside::Skipped(why) => {
-            eprintln!("payguard bench http: wrk rows skipped: {why}");
-            (None, OutsideReport::Skipped { skipped: why })
-        }
-    };
+    let (wrk, report) = outside(&args, secs, dir.path())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -287,19 +269,7 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
     set_ratios(&mut sides);
     let summary = Summary::of(&sides);
     if args.json {
-        crate::outln!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "concurrency": args.concurrency,
-                "outside": report,
-                "sides": sides,
-                "payguard_over_plain": summary.fresh_over_plain,
-                "with_webhook_over_without": summary.hooked_over_fresh,
-                "replays_over_plain": summary.replays_over_plain,
-                "first_charges_over_healthz": summary.fresh_over_healthz,
-                "replays_over_healthz": summary.replays_over_healthz,
-            }))?
-        );
+        print_json(args.concurrency, &report, &sides, &summary)?;
     } else {
         print_table(n, args.concurrency, &report, &sides, &summary);
     }
@@ -314,6 +284,34 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// wrk and its scripts when `--outside` runs it, and what the output says about it.
+fn outside(
+    args: &HttpBenchArgs,
+    secs: u64,
+    dir: &Path,
+) -> anyhow::Result<(Option<(Wrk, Scripts)>, OutsideReport)> {
+    match Outside::resolve(args.outside)? {
+        Outside::Wrk(bin) => {
+            let wrk = Wrk {
+                bin,
+                threads: args.outside_threads.min(args.concurrency),
+                connections: args.concurrency,
+            };
+            let report = OutsideReport::Ran {
+                tool: WRK,
+                threads: wrk.threads,
+                connections: wrk.connections,
+                secs,
+            };
+            Ok((Some((wrk, Scripts::write(dir)?)), report))
+        }
+        Outside::Skipped(why) => {
+            eprintln!("payguard bench http: wrk rows skipped: {why}");
+            Ok((None, OutsideReport::Skipped { skipped: why }))
+        }
+    }
 }
 
 fn find<'a>(sides: &'a [Side], target: &str, client: &str) -> Option<&'a Side> {
@@ -573,6 +571,28 @@ async fn subscribe(
     Ok(task)
 }
 
+fn print_json(
+    concurrency: usize,
+    outside: &OutsideReport,
+    sides: &[Side],
+    summary: &Summary,
+) -> anyhow::Result<()> {
+    crate::outln!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "concurrency": concurrency,
+            "outside": outside,
+            "sides": sides,
+            "payguard_over_plain": summary.fresh_over_plain,
+            "with_webhook_over_without": summary.hooked_over_fresh,
+            "replays_over_plain": summary.replays_over_plain,
+            "first_charges_over_healthz": summary.fresh_over_healthz,
+            "replays_over_healthz": summary.replays_over_healthz,
+        }))?
+    );
+    Ok(())
+}
+
 fn print_table(
     n: usize,
     concurrency: usize,
@@ -622,6 +642,11 @@ fn print_table(
         );
     }
     crate::outln!();
+    print_summary(summary);
+}
+
+/// The notes and ratios under the table.
+fn print_summary(summary: &Summary) {
     crate::outln!(
         "CPU µs/req: this process's; under wrk the server's alone, under reqwest server + client"
     );

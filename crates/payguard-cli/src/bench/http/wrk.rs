@@ -64,7 +64,7 @@ pub enum OutsideChoice {
     Auto,
     /// wrk, and fail (exit 2) when it is not on PATH.
     Wrk,
-    /// Our own client only.
+    /// No outside client: our own client's rows only.
     None,
 }
 
@@ -179,7 +179,8 @@ impl Scripts {
     }
 }
 
-/// How wrk is run: its path, threads and connections.
+/// How wrk is run: its path, threads (at most `connections`, or wrk refuses)
+/// and connections.
 pub struct Wrk {
     pub bin: PathBuf,
     pub threads: usize,
@@ -198,7 +199,7 @@ impl Wrk {
         env: &[(&str, String)],
     ) -> anyhow::Result<WrkResult> {
         let mut cmd = tokio::process::Command::new(&self.bin);
-        cmd.arg(format!("-t{}", self.threads.min(self.connections)))
+        cmd.arg(format!("-t{}", self.threads))
             .arg(format!("-c{}", self.connections))
             .arg(format!("-d{secs}s"))
             .arg("-s")
