@@ -2,12 +2,12 @@
 //!
 //! In one run, one process: (1) a plain axum handler that returns a constant
 //! JSON body, the floor of any HTTP service here; then on one payguard server
-//! (SQLite, durable) the paired rows, each measured by our own client
+//! (SQLite, durable) (2) the paired rows, each measured by our own client
 //! (reqwest, closed loop: C keep-alive clients, N requests) and by wrk (an
 //! outside client, C connections, a few seconds, the Lua scripts of
 //! `scripts/wrk/`, see [`wrk`]): `GET /healthz` (a constant answer from the
 //! same server), the first charges of fresh orders, and replays of PAID
-//! orders; last (4) the first charges with one webhook endpoint (a receiver
+//! orders; last (3) the first charges with one webhook endpoint (a receiver
 //! that answers 200 at once) subscribed, reporting how long after the last
 //! answer the last delivery arrived.
 //!
@@ -509,7 +509,7 @@ async fn wrk_orders(client: &reqwest::Client, o: &Outsider<'_>, base: &str) -> a
     Ok(())
 }
 
-/// (4) The first charges of (2) by our client, with one webhook endpoint
+/// (3) The first charges of (2) by our client, with one webhook endpoint
 /// subscribed; reports when the last delivery arrived.
 async fn hooked_side(
     client: &reqwest::Client,
