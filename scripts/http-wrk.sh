@@ -6,6 +6,7 @@
 # (for the p99 target). Prints one RESULT line per row and the ratios.
 #
 #   scripts/http-wrk.sh [LOG_FILE]   (LOG_FILE default: a file in a temp dir; /dev/null works)
+# `payguard bench http` runs the same scripts beside its own client (no log file, no paced row).
 # Each row also reports the server's CPU per request (server_cpu_us_per_req, from
 # /proc/<pid>/stat), the figure to compare between builds on a shared machine.
 # Env: PAYGUARD_BIN (the binary to serve), SECS (default 5), CONNS (default 64), THREADS (default 2), PERF=1 records a

@@ -3,6 +3,8 @@
 -- Env: PG_RATE (requests/s over all connections; 0 or unset: as fast as possible),
 -- PG_CONNS (connections, to spread PG_RATE), PG_REPLAY_OF (replays cycle over the
 -- first N ids of each thread).
+-- These scripts are also compiled into `payguard bench http` (include_str! in
+-- crates/payguard-cli/src/bench/http/wrk.rs): after a change here, rebuild it.
 local threads = {}
 local next_thread = 0
 function setup(thread)

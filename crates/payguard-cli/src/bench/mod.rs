@@ -20,7 +20,8 @@ pub enum Suite {
     Engine(engine::EngineBenchArgs),
     /// Storm throughput and latency of `seed` vs `full` through HTTP, one run.
     Guards(guards::GuardsBenchArgs),
-    /// HTTP cost: the same load on a plain axum handler and on payguard's deduct.
+    /// HTTP cost: a plain axum handler, /healthz, first charges and replays, by our
+    /// client and by wrk in the same run; ratios to /healthz of the same client.
     Http(http::HttpBenchArgs),
     /// 1 and N instances on one PostgreSQL, with and without the Redis lock.
     Scale(scale::ScaleBenchArgs),
