@@ -17,6 +17,7 @@
 mod pg;
 mod sqlite;
 
+use super::cpu;
 use hdrhistogram::Histogram;
 use payguard::domain::{OrderId, RequestId};
 use payguard::store::sqlite::{migrate, open_connection, SqliteConfig, SqliteStore};
@@ -211,22 +212,6 @@ struct RunResult {
     audit_ok: bool,
 }
 
-/// Seconds of CPU (user + system) the process (`"self"`) or the calling thread
-/// (`"thread-self"`) has used, from `/proc`; `None` where there is no `/proc`.
-/// `/proc` counts in USER_HZ, which is 100 on every Linux.
-fn cpu_secs(of: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{of}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
-/// Microseconds of CPU per op between two [`cpu_secs`] readings.
-fn cpu_us_per_op(before: Option<f64>, after: Option<f64>, ops: usize) -> Option<f64> {
-    Some((after? - before?) * 1e6 / ops.max(1) as f64)
-}
-
 #[derive(Serialize, Debug)]
 struct Report {
     orders: usize,
@@ -340,7 +325,7 @@ fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult>
 fn store_direct(path: &Path, orders: usize, payment: Payment) -> anyhow::Result<RunResult> {
     let mut conn = open_connection(path)?;
     let payments: Vec<Vec<Command>> = (0..orders).map(|i| payment_ops(i, payment)).collect();
-    let cpu0 = cpu_secs("thread-self");
+    let cpu0 = cpu::thread_cpu_secs();
     let started = Instant::now();
     for chunk in payments.chunks(RAW_TXN_ROWS) {
         // Step by step: every payment's first step in one transaction, then every
@@ -355,7 +340,7 @@ fn store_direct(path: &Path, orders: usize, payment: Payment) -> anyhow::Result<
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_us_per_op(cpu0, cpu_secs("thread-self"), orders);
+    let cpu = cpu::us_per_request(cpu0, cpu::thread_cpu_secs(), orders as u64);
     let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
     let mut run = RunResult::throughput(
         match payment {

@@ -1,6 +1,7 @@
 //! `payguard bench SUITE`: measured comparisons, each against a baseline measured
 //! in the same run, because absolute times on shared machines drift.
 
+mod cpu;
 mod engine;
 mod guards;
 mod http;

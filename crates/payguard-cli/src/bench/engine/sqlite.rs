@@ -5,9 +5,9 @@
 //! the order of the runs reads in `super::run` and each run's steps read here.
 
 use super::{
-    bench_engine_config, closed_loop, cpu_secs, cpu_us_per_op, ms, open_loop, print_round, raw,
-    setup, start_engine, store_direct, two_phase_cost, EngineBenchArgs, Payment, RunResult,
-    TwoPhaseCost, HALF_LOAD_SECS_MAX,
+    bench_engine_config, closed_loop, ms, open_loop, print_round, raw, setup, start_engine,
+    store_direct, two_phase_cost, EngineBenchArgs, Payment, RunResult, TwoPhaseCost,
+    HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
 use payguard::Engine;
@@ -125,14 +125,18 @@ impl SqliteRuns<'_> {
         let path = self.dir.join(format!("engine-{bm}-{payment:?}-{tag}.db"));
         setup(&path, orders, self.accounts)?;
         let engine = Arc::new(start_engine(&path, args, bm)?);
-        let cpu0 = cpu_secs("self");
+        let cpu0 = crate::bench::cpu::process_cpu_secs();
         let (secs, h) = rt.block_on(closed_loop(
             engine.clone(),
             orders,
             args.concurrency,
             payment,
         ))?;
-        let cpu = cpu_us_per_op(cpu0, cpu_secs("self"), orders);
+        let cpu = crate::bench::cpu::us_per_request(
+            cpu0,
+            crate::bench::cpu::process_cpu_secs(),
+            orders as u64,
+        );
         let stats = engine.stats();
         let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
         let batched = payguard::engine::EngineStats::get(&stats.batched_ops);

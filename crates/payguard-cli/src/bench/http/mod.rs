@@ -18,7 +18,7 @@
 //! under our own. When wrk is missing its rows are skipped with a line saying
 //! why, never silently (`--outside`).
 
-mod cpu;
+use super::cpu;
 mod wrk;
 
 use crate::demo::LocalServer;

@@ -1,5 +1,6 @@
-//! This process's CPU time (user + system, every thread), from
-//! `/proc/self/stat`.
+//! CPU time (user + system) of this process or of the calling thread, from
+//! `/proc`: the benchmarks' figure that other work on a shared machine moves
+//! least.
 //!
 //! `bench http` runs the server in its own process, so while wrk (another
 //! process) drives a row, this process's CPU is the server's: CPU per request
@@ -11,9 +12,19 @@
 /// architecture Linux runs payguard on, whatever the kernel's own tick rate.
 const USER_HZ: f64 = 100.0;
 
-/// CPU seconds this process has used so far, or `None` off Linux.
+/// CPU seconds this process (every thread) has used so far, or `None` off Linux.
 pub fn process_cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    secs_of("/proc/self/stat")
+}
+
+/// CPU seconds the calling thread has used so far, or `None` off Linux
+/// (`bench engine`'s store-only runs, which run on one thread).
+pub fn thread_cpu_secs() -> Option<f64> {
+    secs_of("/proc/thread-self/stat")
+}
+
+fn secs_of(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     Some(ticks(&stat)? as f64 / USER_HZ)
 }
 
@@ -28,7 +39,7 @@ fn ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Microseconds of CPU per request between two readings.
+/// Microseconds of CPU per request (or op, or payment) between two readings.
 pub fn us_per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Option<f64> {
     Some((after? - before?) * 1e6 / requests.max(1) as f64)
 }
@@ -47,8 +58,9 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn this_process_has_a_reading() {
+    fn this_process_and_thread_have_a_reading() {
         assert!(process_cpu_secs().is_some());
+        assert!(thread_cpu_secs().is_some());
     }
 
     #[test]
