@@ -462,6 +462,9 @@ impl Gen {
     #[allow(clippy::type_complexity)]
     fn batch(&mut self, rng: &mut StdRng) -> Vec<(Command, Option<(String, i64, bool)>)> {
         self.batches += 1;
+        if self.case == 0 && self.batches == 1 {
+            return self.directed();
+        }
         let n = rng.random_range(1..=BATCH_COMMANDS_MAX);
         let mut out: Vec<(Command, Option<(String, i64, bool)>)> = Vec::with_capacity(n);
         if rng.random_bool(0.08) {
@@ -518,6 +521,49 @@ impl Gen {
             out.push((cmd, key));
         }
         out
+    }
+
+    /// The first batch of the first sequence, not drawn: a capture above its
+    /// hold, then one within it. Chance alone reaches `capture_exceeds_hold`
+    /// (a capture landing on a live hold with more than it holds) rarely:
+    /// seed 1796111911256802673 missed it in all 192 sequences it may run, and
+    /// the coverage check failed. Both stores still answer these commands and
+    /// are compared like any others.
+    fn directed(&mut self) -> Vec<(Command, Option<(String, i64, bool)>)> {
+        let account_id = AccountId::parse(&format!("c{}-a0", self.case)).unwrap();
+        let order_id = OrderId::parse(&format!("c{}-o0", self.case)).unwrap();
+        self.authorized.push(order_id.clone());
+        let ops = [
+            Op::CreateAccount {
+                id: account_id.clone(),
+                balance: Money::balance(600).unwrap(),
+                currency: Currency::CNY,
+            },
+            Op::CreateOrder {
+                id: order_id.clone(),
+                account_id,
+                amount: Money::amount(50).unwrap(),
+            },
+            Op::Authorize {
+                order_id: order_id.clone(),
+                hold_ttl_ms: 8_000,
+            },
+            Op::Capture {
+                order_id: order_id.clone(),
+                amount: Some(Money::amount(100).unwrap()),
+            },
+            Op::Capture {
+                order_id,
+                amount: Some(Money::amount(25).unwrap()),
+            },
+        ];
+        ops.into_iter()
+            .map(|op| {
+                let cmd = Command::new(op);
+                self.sent.push(cmd.clone());
+                (cmd, None)
+            })
+            .collect()
     }
 
     /// A balance set by hand, at or next to where a refund overflows it.
