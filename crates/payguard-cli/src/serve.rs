@@ -545,7 +545,13 @@ async fn serve_app(
         lock = engine.lock_kind(),
         inst = instance
     );
-    payguard_server::serve(listener, app.state, shutdown_signal()).await?;
+    // The SQLite file stays this process's until the server has drained.
+    let app::App {
+        state,
+        sqlite_owner,
+    } = app;
+    payguard_server::serve(listener, state, shutdown_signal()).await?;
+    drop(sqlite_owner);
     tracing::info!(event = "server_stopped", inst = instance);
     Ok(())
 }

@@ -12,7 +12,11 @@
 //! * the Redis lock draws its fencing epochs from the store's sequence
 //!   ([`payguard::engine::fence_epochs`]) and is owned by the engine;
 //! * `/healthz` reports what the engine is ([`crate::ServiceInfo::of`]), and the
-//!   engine turns its order cache off on a shared PostgreSQL itself.
+//!   engine turns its order cache off on a shared PostgreSQL itself;
+//! * one app per SQLite file, held by an exclusive lock on a file beside it
+//!   ([`SqliteOwner`]) for as long as the app serves: the engine answers
+//!   replays of paid orders from its cache, which is right only while no other
+//!   app writes the same file.
 //!
 //! What differs between callers is data ([`AppSpec`]): where the database is,
 //! the engine's configuration, the lock, keys and limits. Binding a socket and
@@ -80,6 +84,56 @@ impl AppSpec {
 /// An assembled app: its engine running, its HTTP state ready to serve.
 pub struct App {
     pub state: AppState,
+    /// On SQLite: this app's claim on its file, released when the app is dropped
+    /// (after [`crate::serve`] returns, or with [`Running`]'s task).
+    pub sqlite_owner: Option<SqliteOwner>,
+}
+
+/// An exclusive `flock(2)` on `<database>-payguard.lock`, held while an app
+/// serves a SQLite file. A second app on the same file (another `payguard serve`,
+/// or a second app in this process) fails to start with a message that says
+/// which file and why, instead of serving replays from a cache the other app's
+/// writes make stale. The lock is advisory and separate from SQLite's own
+/// locks (SQLite uses `fcntl` locks on the database; this is `flock` on another
+/// file), so tools that open the database directly (`sqlite3`, `payguard audit`)
+/// are not blocked. The lock file stays on disk; the kernel releases the lock
+/// when the process exits, `kill -9` included.
+#[derive(Debug)]
+pub struct SqliteOwner {
+    _file: std::fs::File,
+}
+
+/// Where [`SqliteOwner`] keeps its lock for the database at `db`.
+pub fn sqlite_lock_path(db: &std::path::Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-payguard.lock");
+    name.into()
+}
+
+impl SqliteOwner {
+    /// Takes the lock for the database at `db`, without waiting.
+    pub fn claim(db: &std::path::Path) -> anyhow::Result<Self> {
+        let path = sqlite_lock_path(db);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(SqliteOwner { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
+                "another payguard app is serving {} (it holds {}): one app per SQLite file; \
+                 stop it first, or run several instances on PostgreSQL",
+                db.display(),
+                path.display()
+            ),
+            Err(e) => {
+                Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+    }
 }
 
 impl App {
@@ -92,9 +146,16 @@ impl App {
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let engine = self.state.engine.clone();
-        let task = tokio::spawn(crate::serve(listener, self.state, async move {
-            let _ = rx.await;
-        }));
+        let owner = self.sqlite_owner;
+        let task = tokio::spawn(async move {
+            let served = crate::serve(listener, self.state, async move {
+                let _ = rx.await;
+            })
+            .await;
+            // The file is free for another app only once this one has drained.
+            drop(owner);
+            served
+        });
         Ok(Running {
             addr,
             url: format!("http://{addr}"),
@@ -134,6 +195,7 @@ impl Running {
 /// state, by the rules in the module docs.
 pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
     let naive = matches!(spec.engine.guard, Guard::Naive { .. });
+    let mut sqlite_owner = None;
     let (store, naive_path): (Arc<dyn Store>, Option<NaiveSqlite>) = match spec.db {
         Database::Sqlite(mut cfg) => {
             cfg.schema = if naive {
@@ -142,6 +204,7 @@ pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
                 SchemaKind::Guarded
             };
             let path = cfg.path.clone();
+            sqlite_owner = Some(SqliteOwner::claim(&path)?);
             let sqlite = SqliteStore::open(cfg)
                 .with_context(|| format!("opening SQLite database {}", path.display()))?;
             let naive_path = if naive {
@@ -184,5 +247,8 @@ pub async fn build(spec: AppSpec) -> anyhow::Result<App> {
     state.limits = spec.limits;
     state.two_phase = spec.two_phase;
     state.webhooks = spec.webhooks;
-    Ok(App { state })
+    Ok(App {
+        state,
+        sqlite_owner,
+    })
 }

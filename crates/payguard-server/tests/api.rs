@@ -867,3 +867,40 @@ async fn the_openapi_document_links_operations_in_spec_case() {
     assert_eq!(deduct_links["Refund"]["operationId"], "refund");
     app.stop().await;
 }
+
+/// One app per SQLite file: the engine answers replays of paid orders from its
+/// cache, which holds only while no other app writes the file. A second app on
+/// the same file (a second `payguard serve`) refuses to start and says why; once
+/// the first has stopped, the file is free again.
+#[tokio::test]
+async fn a_second_app_on_the_same_sqlite_file_refuses_to_start() {
+    use payguard::store::sqlite::SqliteConfig;
+    use payguard_server::app::{self, AppSpec, Database};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.db");
+    let spec = || {
+        AppSpec::new(
+            Database::Sqlite(SqliteConfig::new(&path)),
+            EngineConfig::default(),
+        )
+    };
+    let first = app::build(spec()).await.unwrap();
+    let refused = |r: anyhow::Result<app::App>| match r {
+        Ok(_) => panic!("a second app started on {}", path.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    let why = refused(app::build(spec()).await);
+    assert!(
+        why.contains("another payguard app is serving") && why.contains("one.db"),
+        "{why}"
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = first.spawn(listener).unwrap();
+    refused(app::build(spec()).await);
+    running.stop().await.unwrap();
+    let again = app::build(spec())
+        .await
+        .expect("the file is free once the first app has stopped");
+    again.engine().shutdown().await.unwrap();
+}

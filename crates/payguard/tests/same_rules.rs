@@ -363,6 +363,10 @@ const ORDERS: usize = 6;
 const REFUND_IDS: usize = 8;
 const KEYS: usize = 4;
 
+/// A drafted batch: each command with its Idempotency-Key, if any (key, ttl,
+/// abandoned after the claim).
+type Drafted = Vec<(Command, Option<(String, i64, bool)>)>;
+
 impl Gen {
     fn new(case: usize) -> Self {
         Gen {
@@ -459,14 +463,13 @@ impl Gen {
     /// A batch: fresh commands, duplicates, and now and then a refund race
     /// (several refund ids on one order at once). Each command may carry a
     /// fencing token and an Idempotency-Key (key, ttl, abandoned after the claim).
-    #[allow(clippy::type_complexity)]
-    fn batch(&mut self, rng: &mut StdRng) -> Vec<(Command, Option<(String, i64, bool)>)> {
+    fn batch(&mut self, rng: &mut StdRng) -> Drafted {
         self.batches += 1;
         if self.case == 0 && self.batches == 1 {
             return self.directed();
         }
         let n = rng.random_range(1..=BATCH_COMMANDS_MAX);
-        let mut out: Vec<(Command, Option<(String, i64, bool)>)> = Vec::with_capacity(n);
+        let mut out: Drafted = Vec::with_capacity(n);
         if rng.random_bool(0.08) {
             // A two-phase race: captures of several amounts, voids and the
             // sweeper's expiry of one held order, at once.
@@ -529,7 +532,7 @@ impl Gen {
     /// seed 1796111911256802673 missed it in all 192 sequences it may run, and
     /// the coverage check failed. Both stores still answer these commands and
     /// are compared like any others.
-    fn directed(&mut self) -> Vec<(Command, Option<(String, i64, bool)>)> {
+    fn directed(&mut self) -> Drafted {
         let account_id = AccountId::parse(&format!("c{}-a0", self.case)).unwrap();
         let order_id = OrderId::parse(&format!("c{}-o0", self.case)).unwrap();
         self.authorized.push(order_id.clone());
