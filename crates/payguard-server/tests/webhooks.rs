@@ -497,14 +497,28 @@ async fn a_410_disables_the_endpoint() {
         assert!(start.elapsed() < Duration::from_secs(10), "{e}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = r.receipts.lock().unwrap().len();
+    // Nothing of what happens after the disable reaches the endpoint. (An
+    // attempt leased before the disable may still arrive late on a loaded
+    // machine, and is refused its result; counting every receipt after a fixed
+    // pause failed once in a full test run for that reason, so the check is on
+    // what the new movements announce.)
     movements(&app, "h", 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        r.receipts.lock().unwrap().len(),
-        seen,
-        "a disabled endpoint gets nothing"
+    let after_disable: Vec<String> = r
+        .receipts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|x| {
+            ["\"h0\"", "\"h1\"", "\"hbig\""]
+                .iter()
+                .any(|id| x.body.contains(id))
+        })
+        .map(|x| x.body.clone())
+        .collect();
+    assert!(
+        after_disable.is_empty(),
+        "a disabled endpoint gets nothing: {after_disable:?}"
     );
     let failed = app
         .get(&format!(
