@@ -482,7 +482,13 @@ async fn retries_follow_the_schedule_then_fail_and_a_manual_retry_sends_again() 
 #[tokio::test]
 async fn a_410_disables_the_endpoint() {
     let db = TestDb::create(Backend::Sqlite).await;
-    let app = app_with(&db, "wh-410", settings(None, 8)).await;
+    // One attempt at a time, so the first 410 finds the endpoint's other
+    // deliveries pending and never claimed: the disable must fail them.
+    let one_at_a_time = WebhookSettings {
+        per_endpoint_max: 1,
+        ..settings(None, 8)
+    };
+    let app = app_with(&db, "wh-410", one_at_a_time).await;
     let (r, url) = start_receiver(Mode::Always(410)).await;
     let ep = endpoint(&app, &r, &url).await;
     movements(&app, "g", 2).await;
@@ -529,12 +535,20 @@ async fn a_410_disables_the_endpoint() {
     assert!(!failed.is_empty());
     // Nothing is left pending for an endpoint that takes nothing more, and
     // a retry says why it cannot send.
+    // (Until this was fixed, SQLite bound FAIL_PENDING_SQL's `$1` and `$2`
+    // swapped and failed nothing: a delivery never claimed before the 410 stayed
+    // pending for ever. With 8 attempts at a time that showed only now and then;
+    // with one at a time, every run.)
     let pending = app
         .get(&format!(
             "/v1/webhook_endpoints/{ep}/deliveries?status=pending"
         ))
         .await;
-    assert_eq!(pending.body["deliveries"], json!([]));
+    assert_eq!(
+        pending.body["deliveries"],
+        json!([]),
+        "pending for a disabled endpoint"
+    );
     let event = failed[0]["event_id"].as_str().unwrap();
     let retry = app
         .post_empty(&format!(

@@ -444,7 +444,7 @@ fn a_v3_database_upgrades_to_the_latest_keeping_its_rows() {
     }
     let mut conn = open_connection(&path).unwrap();
     migrate(&mut conn).unwrap();
-    assert_eq!(count(&conn, "PRAGMA user_version"), 6);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 7);
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM events"), 0);
     assert_eq!(
         count(
@@ -501,4 +501,42 @@ fn the_naive_path_refuses_a_guarded_database() {
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("the naive path accepted a guarded database"),
     }
+}
+
+/// v7 repairs what the swapped binding of `FAIL_PENDING_SQL` left: the pending
+/// deliveries of endpoints a 410 disabled or a delete removed become `failed`;
+/// an enabled endpoint's pending delivery and a delivered one are untouched.
+#[test]
+fn v7_fails_what_disabled_and_deleted_endpoints_left_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v7.db");
+    let mut conn = open_connection(&path).unwrap();
+    migrate(&mut conn).unwrap();
+    conn.execute_batch(
+        "PRAGMA foreign_keys = OFF; -- the events themselves play no part here
+         INSERT INTO webhook_endpoints (id, url, types, secret, status, after_seq, created_at, updated_at)
+           VALUES ('gone', 'http://x', NULL, 's', 'disabled', 0, 1, 1),
+                  ('removed', 'http://x', NULL, 's', 'deleted', 0, 1, 1),
+                  ('live', 'http://x', NULL, 's', 'enabled', 0, 1, 1);
+         INSERT INTO webhook_deliveries (endpoint_id, event_id, event_seq, status, next_attempt_at, updated_at)
+           VALUES ('gone', 'e1', 1, 'pending', 1, 1), ('removed', 'e1', 1, 'pending', 1, 1),
+                  ('live', 'e1', 1, 'pending', 1, 1), ('gone', 'e2', 2, 'delivered', 1, 1);
+         PRAGMA user_version = 6;
+         PRAGMA foreign_keys = ON;",
+    )
+    .unwrap();
+    migrate(&mut conn).unwrap();
+    assert_eq!(count(&conn, "PRAGMA user_version"), 7);
+    let status = |endpoint: &str, event: &str| -> String {
+        conn.query_row(
+            "SELECT status FROM webhook_deliveries WHERE endpoint_id = ?1 AND event_id = ?2",
+            [endpoint, event],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(status("gone", "e1"), "failed");
+    assert_eq!(status("removed", "e1"), "failed");
+    assert_eq!(status("live", "e1"), "pending");
+    assert_eq!(status("gone", "e2"), "delivered");
 }

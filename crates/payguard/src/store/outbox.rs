@@ -203,7 +203,11 @@ impl AttemptNext {
 /// What the stores write to every delivery still pending when its endpoint
 /// stops taking them (a 410, a delete): `failed`, so nothing stays pending
 /// for an endpoint that will never be sent to again.
-/// (`$1` endpoint id, `$2` now; SQLite numbers `$n` parameters as PostgreSQL does.)
+/// (`$1` endpoint id, `$2` now.) SQLite does **not** number `$n` as PostgreSQL
+/// does: to SQLite `$2` and `$1` are names, indexed in the order they first
+/// appear (`$2` first here), so the SQLite store binds them by name
+/// (`sqlite::events::fail_pending`); bound by position they swapped, and no
+/// pending delivery was ever failed on SQLite.
 pub(crate) const FAIL_PENDING_SQL: &str =
     "UPDATE webhook_deliveries SET status = 'failed', lease_until = 0, lease_owner = NULL,
             updated_at = $2

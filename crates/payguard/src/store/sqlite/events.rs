@@ -118,9 +118,18 @@ pub(super) fn delete_endpoint(conn: &mut Connection, id: &str, now: i64) -> rusq
          WHERE id = ?1 AND status <> 'deleted'",
         params![id, now],
     )?;
-    tx.execute(FAIL_PENDING_SQL, params![id, now])?;
+    fail_pending(&tx, id, now)?;
     tx.commit()?;
     Ok(changed == 1)
+}
+
+/// [`FAIL_PENDING_SQL`] for `endpoint_id`, its parameters bound by name (see
+/// there why not by position).
+fn fail_pending(tx: &Connection, endpoint_id: &str, now: i64) -> rusqlite::Result<usize> {
+    tx.execute(
+        FAIL_PENDING_SQL,
+        rusqlite::named_params! { "$1": endpoint_id, "$2": now },
+    )
 }
 
 /// Turns the events after each enabled endpoint's cursor into its deliveries
@@ -288,7 +297,7 @@ pub(super) fn record(
                 GONE_REASON,
                 res.row.at
             ])?;
-            tx.execute(FAIL_PENDING_SQL, params![res.endpoint_id, res.row.at])?;
+            fail_pending(&tx, &res.endpoint_id, res.row.at)?;
         }
         kept.push(ok);
     }

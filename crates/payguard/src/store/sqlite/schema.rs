@@ -24,6 +24,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Code(v4_checks_without_in_lists),
     Migration::Code(v5_two_phase),
     Migration::Sql(include_str!("v6_events.sql")),
+    Migration::Sql(include_str!("v7_orphaned_deliveries.sql")),
 ];
 const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("naive_schema.sql")),
@@ -31,6 +32,7 @@ const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("v3_fencing.sql")),
     Migration::Sql(include_str!("naive_v4_two_phase.sql")),
     Migration::Sql(include_str!("v6_events.sql")),
+    Migration::Sql(include_str!("v7_orphaned_deliveries.sql")),
 ];
 
 /// The CHECK constraints' `IN (…)` lists of three or more values, and what says
