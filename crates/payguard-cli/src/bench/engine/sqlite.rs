@@ -132,11 +132,7 @@ impl SqliteRuns<'_> {
             args.concurrency,
             payment,
         ))?;
-        let cpu = crate::bench::cpu::us_per_request(
-            cpu0,
-            crate::bench::cpu::process_cpu_secs(),
-            orders as u64,
-        );
+        let cpu = super::cpu_per_payment(cpu0, crate::bench::cpu::process_cpu_secs(), orders);
         let stats = engine.stats();
         let batches = payguard::engine::EngineStats::get(&stats.batches).max(1);
         let batched = payguard::engine::EngineStats::get(&stats.batched_ops);
