@@ -379,9 +379,10 @@ impl RunResult {
 }
 
 /// Least CPU a run must use for its CPU per payment to be reported: `/proc`
-/// counts 10 ms ticks, so below 50 of them one tick moves the figure by 2 % or
-/// more (the CI smoke's 2,000 orders once gave a two-phase CPU ratio of 4.33×).
-const CPU_FIGURE_MIN_SECS: f64 = 0.5;
+/// counts 10 ms ticks, so below 25 of them one tick moves the figure by 4 % or
+/// more (the CI smoke's 2,000 orders, a few ticks a run, once gave a two-phase
+/// CPU ratio of 4.33×; 30,000 store-only deducts use about 0.33 s).
+const CPU_FIGURE_MIN_SECS: f64 = 0.25;
 
 /// CPU microseconds per payment between two readings, or `None` when the run
 /// used less than [`CPU_FIGURE_MIN_SECS`] (or there is no `/proc`).
