@@ -37,6 +37,16 @@ pub struct Protocol {
     /// each sent `DUPLICATES` times around the order's deduct. Drawn from their
     /// own random stream, so a seed's deducts and faults are the same either way.
     pub refunds: bool,
+    /// The clients also pay in two phases (a workload switch): `TWO_PHASE_ORDERS`
+    /// more orders are authorized (a hold, some expiring mid-run), then captured
+    /// (whole or in part), voided, both at once, or left to expire, each request
+    /// sent `DUPLICATES` times; some captured orders are refunded; every instance
+    /// runs payguard's expiry sweeper. Drawn from their own random stream, so a
+    /// seed's deducts, refunds and faults are the same either way.
+    pub two_phase: bool,
+    /// The engine's sweeper releases due holds with a void instead of an expiry
+    /// (`payguard::engine::mutants::Mutant::SweepWithVoid`).
+    pub sweep_with_void: bool,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -60,6 +70,8 @@ impl Protocol {
         release_acquires_as_one: false,
         reset_counter_on_new_epoch: false,
         refunds: true,
+        two_phase: true,
+        sweep_with_void: false,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.
@@ -85,6 +97,31 @@ pub const REFUNDS_PER_ORDER: usize = 2;
 pub const REFUND_DELAY_MS_MAX: u64 = 20;
 /// Salt of the refunds' own random stream (see `Protocol::refunds`).
 pub const REFUND_RNG_SALT: u64 = 0x0005_eed0_f2ef_04d5;
+
+/// Two-phase orders per seed (with `Protocol::two_phase`), on the same accounts
+/// as the deducts, whose openings grow by what these orders need.
+pub const TWO_PHASE_ORDERS: usize = 4;
+/// Salt of the two-phase workload's own random stream.
+pub const TWO_PHASE_RNG_SALT: u64 = 0x0002_9ba5_e0f4_01d5;
+/// A short hold's TTL is drawn from this range: it expires mid-run, before,
+/// during or after the captures and voids aimed at it.
+pub const HOLD_TTL_MS_SHORT: std::ops::RangeInclusive<i64> = 20..=120;
+/// A long hold outlives the seed (it is still open at the end).
+pub const HOLD_TTL_MS_LONG: i64 = 60_000;
+/// One hold in this many is long.
+pub const LONG_HOLD_ONE_IN: u32 = 4;
+/// Captures and voids aimed "soon" leave this long after the authorize.
+pub const CAPTURE_DELAY_MS: std::ops::RangeInclusive<u64> = 5..=40;
+/// Captures and voids aimed at the expiry leave within this of it, either side.
+pub const EXPIRY_RACE_MS: i64 = 12;
+/// A captured order's refunds leave this long after its capture is sent.
+pub const TWO_PHASE_REFUND_DELAY_MS: std::ops::RangeInclusive<u64> = 5..=30;
+/// Each instance's expiry sweeper ticks this often (production: 1 000 ms).
+pub const SWEEP_INTERVAL_MS: u64 = 10;
+/// A short hold still AUTHORIZED this long after its expiry (and after the
+/// clients and the last fault ended) was never released: the sweeper failed.
+/// Long enough for a writer stalled past its TTL and a lock wait that gives up.
+pub const SWEEP_GRACE_MS: u64 = 4 * (STALL_MS_MAX + LOCK_WAIT_MS_MAX);
 
 /// payguard instances in the simulation.
 pub const INSTANCES: usize = 3;
@@ -225,6 +262,9 @@ const _: () = {
     assert!(SUBSCRIPTION_CHECK_MS >= REDIS_COMMAND_TIMEOUT_MS);
     assert!(CLIENT_TIMEOUT_MS < LOCK_WAIT_MS_MAX + STALL_MS_MIN);
     assert!(CLIENT_TIMEOUT_MS > LIVENESS_BOUND_MS);
+    assert!(SWEEP_INTERVAL_MS < LIVENESS_BOUND_MS);
+    assert!((*HOLD_TTL_MS_SHORT.end() as u64) < FAULT_WINDOW_MS);
+    assert!(HOLD_TTL_MS_LONG as u64 > SIM_DURATION_MS_MAX);
 };
 
 /// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.

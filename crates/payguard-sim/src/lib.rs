@@ -68,6 +68,7 @@ pub mod oracle;
 pub mod redis;
 pub mod run;
 pub mod store;
+pub mod two_phase;
 pub mod wire;
 
 pub use config::{LockProtocol, Protocol};

@@ -10,19 +10,22 @@
 //!
 //! One seed in [`CALM_SEED_ONE_IN`] is calm: no fault, no message loss, no
 //! stall. On such a seed (and on any other that happens to draw none) the
-//! liveness check applies: every request answered 200 or 402, each within one
-//! lock TTL plus the store's batch deadline ([`LIVENESS_BOUND_MS`]). The safety
-//! checks apply to every seed.
+//! liveness check applies: every request answered 200, 402 or a definite 409,
+//! each within one lock TTL plus the store's batch deadline
+//! ([`LIVENESS_BOUND_MS`]). The safety checks apply to every seed, and so does
+//! the sweepers' liveness: a seed runs until no short hold is left AUTHORIZED,
+//! or until [`SWEEP_GRACE_MS`] after its expiry, the clients and the faults.
 
-use crate::client::{self, Send};
+use crate::client::{self, Flow, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
 use crate::instance::{self, Instance};
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
 use crate::redis::{self, RedisState, SharedRedis};
-use crate::wire::{instance_host, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
+use crate::two_phase;
+use crate::wire::{instance_host, Ask, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
 use crate::Protocol;
-use payguard::domain::{EntryKind, Money};
+use payguard::domain::{EntryKind, Money, OrderStatus};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cell::Cell;
@@ -128,11 +131,17 @@ fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
     out
 }
 
-/// What a seed opens before the clients start, and the deducts they send.
+/// What a seed opens before the clients start, and the requests they send.
 struct Scenario {
     accounts: Vec<(String, i64)>,
+    /// Per account: it opens with half of what its deducts need.
+    tight: Vec<bool>,
     orders: Vec<(String, String, i64)>,
+    /// The instants the deducts go out at.
+    bursts: Vec<u64>,
     plan: Vec<Send>,
+    /// Two-phase payments (with `Protocol::two_phase`).
+    flows: Vec<Flow>,
 }
 
 fn draw_scenario(rng: &mut SmallRng) -> Scenario {
@@ -140,9 +149,11 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         .map(|_| rng.random_range(ORDER_AMOUNT_MIN..=ORDER_AMOUNT_MAX))
         .collect();
     let mut accounts = Vec::new();
+    let mut tight = Vec::new();
     for a in 0..ACCOUNTS {
         let owed: i64 = amounts.iter().skip(a).step_by(ACCOUNTS).sum();
-        let opening = if rng.random_ratio(1, TIGHT_ACCOUNT_ONE_IN) {
+        tight.push(rng.random_ratio(1, TIGHT_ACCOUNT_ONE_IN));
+        let opening = if tight[a] {
             owed / 2
         } else {
             // Enough for a double charge too, so only the protocol can stop one.
@@ -164,7 +175,7 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         for d in 0..DUPLICATES {
             plan.push(Send {
                 order: order.clone(),
-                refund: None,
+                ask: Ask::Deduct,
                 at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
             });
@@ -172,9 +183,29 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
     }
     Scenario {
         accounts,
+        tight,
         orders,
+        bursts,
         plan,
+        flows: Vec::new(),
     }
+}
+
+/// The two-phase payments of `Protocol::two_phase` ([`two_phase::draw`], their
+/// own random stream): their orders join the accounts, whose openings grow by
+/// what the holds need (a tight account by half of it, the others twice).
+fn draw_two_phase(seed: u64, scenario: &mut Scenario) {
+    let drawn = two_phase::draw(seed, &scenario.bursts);
+    for (order, account, amount) in drawn.orders {
+        let (id, opening) = &mut scenario.accounts[account];
+        *opening += if scenario.tight[account] {
+            amount / 2
+        } else {
+            amount * 2
+        };
+        scenario.orders.push((order, id.clone(), amount));
+    }
+    scenario.flows = drawn.flows;
 }
 
 /// The refunds of `Protocol::refunds`, from their own random stream: for one
@@ -202,7 +233,10 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
             for d in 0..DUPLICATES {
                 refunds.push(Send {
                     order: order.clone(),
-                    refund: Some((id.clone(), part)),
+                    ask: Ask::Refund {
+                        id: id.clone(),
+                        amount: part,
+                    },
                     at_ms: at + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                     first_instance: (k + r + d) % INSTANCES,
                 });
@@ -243,9 +277,11 @@ fn check_refunds(db: &DbState, oracle: &mut Oracle) {
         });
     }
     for (order_id, (order, _)) in &db.tables.orders {
+        // What was taken: a debit, or what a capture took of a hold.
         let charged: i64 = entries
             .iter()
-            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Debit)
+            .filter(|e| &e.order_id == order_id)
+            .filter(|e| matches!(e.kind, EntryKind::Debit | EntryKind::Capture))
             .map(|e| e.amount.minor())
             .sum::<i64>()
             .min(order.amount.minor());
@@ -438,6 +474,9 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     if protocol.refunds {
         draw_refunds(seed, &mut scenario);
     }
+    if protocol.two_phase {
+        draw_two_phase(seed, &mut scenario);
+    }
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
     let weather = Weather::draw(&mut rng);
     let fair = weather.is_fair();
@@ -487,9 +526,9 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     }
     sim.client(
         CLIENT_HOST,
-        client::run(scenario.plan, post.clone(), oracle.clone()),
+        client::run(scenario.plan, scenario.flows, post.clone(), oracle.clone()),
     );
-    drive(&mut sim, weather, &oracle, &redis_state);
+    drive(&mut sim, weather, &oracle, &redis_state, &db_state);
     let sim_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
     let db = lock(&db_state);
@@ -503,13 +542,30 @@ fn lock(db: &Arc<Mutex<DbState>>) -> std::sync::MutexGuard<'_, DbState> {
     db.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The latest expiry of a short hold still AUTHORIZED: the sweepers have work
+/// left (long holds outlive every seed).
+fn hold_left_to_sweep(db: &Arc<Mutex<DbState>>) -> Option<u64> {
+    lock(db)
+        .tables
+        .orders
+        .values()
+        .filter(|(o, _)| o.status == OrderStatus::Authorized)
+        .filter_map(|(o, _)| o.hold_expires_at)
+        .filter(|at| *at < HOLD_TTL_MS_LONG)
+        .max()
+        .map(|at| at as u64)
+}
+
 /// Steps the simulation, injecting the faults on time, until the clients are
-/// done, every fault healed and nothing was in flight for a while.
+/// done, every fault healed, nothing was in flight for a while, and no short
+/// hold is left for the sweepers (or [`SWEEP_GRACE_MS`] passed after its
+/// expiry, the clients and the faults: the end-of-seed check names it).
 fn drive(
     sim: &mut turmoil::Sim<'_>,
     mut weather: Weather,
     oracle: &OracleRef,
     redis_state: &SharedRedis,
+    db_state: &Arc<Mutex<DbState>>,
 ) {
     let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
@@ -532,7 +588,10 @@ fn drive(
                 busy_ms = now;
             }
             let settled = done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS;
-            if weather.faults.is_empty() && now >= settled {
+            let sweeping = hold_left_to_sweep(db_state);
+            let swept =
+                sweeping.is_none_or(|at| now >= at.max(done).max(last_fault_ms) + SWEEP_GRACE_MS);
+            if weather.faults.is_empty() && now >= settled && swept {
                 return;
             }
             let hung = done.max(last_fault_ms) + IN_FLIGHT_DRAIN_MS_MAX;
@@ -578,6 +637,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 /// fault, no loss, no stall).
 fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
     check_final(db, oracle);
+    two_phase::check(db, oracle, sim_ms);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LIVENESS_BOUND_MS);
@@ -705,6 +765,16 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         declined,
         refund_acks,
         refunds_refused,
+        hold_acks,
+        capture_acks,
+        void_acks,
+        two_phase_refused,
+        captured,
+        captured_in_part,
+        voided,
+        expired,
+        held_open,
+        feed_events,
         unanswered,
         faults,
         batches,
@@ -732,6 +802,16 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.declined += declined;
     t.refund_acks += refund_acks;
     t.refunds_refused += refunds_refused;
+    t.hold_acks += hold_acks;
+    t.capture_acks += capture_acks;
+    t.void_acks += void_acks;
+    t.two_phase_refused += two_phase_refused;
+    t.captured += captured;
+    t.captured_in_part += captured_in_part;
+    t.voided += voided;
+    t.expired += expired;
+    t.held_open += held_open;
+    t.feed_events += feed_events;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

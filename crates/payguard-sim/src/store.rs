@@ -16,10 +16,11 @@
 //! taking its locks and writing (a GC pause, a SIGSTOP): the store is the
 //! first thing a batch does after its locks.
 //!
-//! Off the money path, the reads (`order`, `account`, `entries`), the
-//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) and
-//! `due_holds` read and write the database's state directly, through the same
-//! rules. The events feed is the one the database writes in each movement's
+//! The expiry sweeper's read (`due_holds`) crosses the network too, so a
+//! sweep can fail or see a state another sweeper has already changed. Off the
+//! money path, the reads (`order`, `account`, `entries`) and the
+//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) read
+//! and write the database's state directly, through the same rules. The events feed is the one the database writes in each movement's
 //! transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
@@ -228,7 +229,8 @@ impl Store for SimStore {
 
     /// Decided at the database's (simulated) clock, not at `_now_ms`: the
     /// engine passes the wall clock, which no seed could replay. Deducts do
-    /// not read the time; a hold's expiry would.
+    /// not read the time; a capture or a void near its hold's expiry does, on
+    /// the clock the hold's expiry was set on.
     fn settled(&self, cmds: Vec<Command>, _now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -275,21 +277,18 @@ impl Store for SimStore {
         })
     }
 
+    /// Over the network, as the sweeper's read of the real stores: a partition
+    /// or a database down fails the sweep's tick (`sweep_failed`).
     fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
-        let db = self.inner.db();
-        let mut due: Vec<(i64, OrderId)> = db
-            .tables
-            .orders
-            .values()
-            .filter(|(o, _)| o.status == OrderStatus::Authorized)
-            .filter_map(|(o, _)| {
-                o.hold_expires_at
-                    .filter(|at| *at <= now_ms)
-                    .map(|at| (at, o.id.clone()))
-            })
-            .collect();
-        due.sort();
-        ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let req = DbReq::DueHolds { now_ms, limit };
+            match inner.call(req, BATCH_DEADLINE_MS).await {
+                Ok(DbResp::Due(ids)) => Ok(ids),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
     }
 
     fn open_holds(&self) -> StoreFuture<u64> {
