@@ -531,7 +531,16 @@ impl DbState {
                 let before = order
                     .and_then(|o| o.hold_expires_at)
                     .map_or(now, |at| now.min(at - 1));
-                rules::decide(cmd, &read.seen(), before)
+                let mut verdict = rules::decide(cmd, &read.seen(), before)?;
+                if let Decision::Apply(Effect::Capture(m)) = &mut verdict.decision {
+                    // Written when it commits, as every entry is.
+                    m.entry.created_at = now;
+                    m.after.updated_at = now;
+                    if let Some(rest) = m.rest.as_mut() {
+                        rest.created_at = now;
+                    }
+                }
+                Ok(verdict)
             }
             Op::Refund { .. } if !self.variant.refund_within_captured => {
                 // The broken store: the refund bound is the order's amount.

@@ -447,6 +447,8 @@ impl Armed {
             Some(Mutant::LaneForgetsWaiter)
         } else if protocol.release_acquires_as_one {
             Some(Mutant::ReleaseAcquiresAsOne)
+        } else if protocol.sweep_with_void {
+            Some(Mutant::SweepWithVoid)
         } else {
             None
         });
@@ -595,7 +597,7 @@ fn drive(
                 return;
             }
             let hung = done.max(last_fault_ms) + IN_FLIGHT_DRAIN_MS_MAX;
-            if weather.faults.is_empty() && now >= hung {
+            if weather.faults.is_empty() && in_flight > 0 && now >= hung {
                 oracle.borrow_mut().violate(
                     ViolationKind::Hang,
                     format!("{in_flight} deducts still in an instance {IN_FLIGHT_DRAIN_MS_MAX} ms after the clients and the faults ended"),
