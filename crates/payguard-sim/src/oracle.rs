@@ -74,7 +74,7 @@ pub enum ViolationKind {
     /// every fault: no sweeper released it.
     HoldOutlivedExpiry,
     /// The events feed does not have exactly one event per effect (each
-    /// movement's entry, each decline), of the effect's kind, numbered 1..n.
+    /// movement's entry, each decline), of the effect's kind.
     Events,
     /// A deduct never left its instance: still in flight long after the
     /// clients finished and every fault healed.

@@ -22,7 +22,7 @@
 //! (simulated clock); every short hold released within `SWEEP_GRACE_MS` of
 //! its expiry, the clients' end and the last fault; every definite answer
 //! (200, 402, 409) agrees with what won; and the events feed has exactly one
-//! event per effect, numbered 1..n. The accounts' `held` invariants are
+//! event per effect. The accounts' `held` invariants are
 //! checked by the database at every commit ([`crate::db`]); refunds of a
 //! captured order within the captured sum by `run::check_refunds`.
 
@@ -414,23 +414,14 @@ fn event_of(e: &Entry, prev: Option<&Entry>, order: Option<&Order>) -> Option<Ev
     })
 }
 
-/// The events feed: numbered 1..n; one event per effect (each movement's own
-/// entry, each decline), of the effect's kind, and no other.
+/// The events feed: one event per effect (each movement's own entry, each
+/// decline), of the effect's kind, and no other. (Its numbers are gap-free by
+/// construction here: the database numbers an event as it commits, as SQLite
+/// does; PostgreSQL's numbering after commit, `sequence_events`, is not
+/// simulated, so it is not checked.)
 fn check_events(db: &DbState, oracle: &mut Oracle) {
     let events = &db.tables.events;
     oracle.stats.feed_events += events.len() as u64;
-    let gaps: Vec<i64> = events
-        .iter()
-        .enumerate()
-        .filter(|(i, e)| e.seq != *i as i64 + 1)
-        .map(|(_, e)| e.seq)
-        .collect();
-    oracle.check(ViolationKind::Events, gaps.is_empty(), || {
-        format!(
-            "the feed's numbers are not 1..{}: {gaps:?} out of place",
-            events.len()
-        )
-    });
     let mut expected: Vec<(Option<i64>, EventType, String)> = Vec::new();
     let entries = &db.tables.entries;
     for (i, e) in entries.iter().enumerate() {
