@@ -215,7 +215,8 @@ pub const DUPLICATE_SPREAD_MS: u64 = 2;
 /// calls), on purpose: a client giving up while its request is still being worked
 /// on is how retries overlap the original in real life.
 pub const CLIENT_TIMEOUT_MS: u64 = LOCK_TTL_MS + 60;
-/// Attempts per deduct (anything but 200 or 402 is retried on the next instance).
+/// Attempts per request (anything but 200, 402 or a definite 409 is retried
+/// on the next instance).
 pub const CLIENT_ATTEMPTS_MAX: usize = 3;
 /// Pause between a client's attempts.
 pub const CLIENT_RETRY_MS: u64 = 15;
@@ -244,7 +245,7 @@ pub const FAIL_RATE_CHOICES: [f64; 3] = [0.0, 0.01, 0.05];
 /// instance ended, run this much longer before the final check: a call that timed
 /// out may still be on a slow link, and reach the database after its caller gave up.
 pub const DRAIN_QUIET_MS: u64 = SLOW_LINK_MS_MAX + 4 * LATENCY_MS_MAX + 10;
-/// A deduct still inside an instance this long after the clients are done
+/// A request still inside an instance this long after the clients are done
 /// and the last fault healed is a hang (every wait of the engine, the store
 /// and the lock service is bounded far below it).
 pub const IN_FLIGHT_DRAIN_MS_MAX: u64 = 1_000;

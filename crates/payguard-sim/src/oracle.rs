@@ -41,7 +41,7 @@ pub enum ViolationKind {
     LiveHolderStaleToken,
     /// In a seed with no fault (no crash, flush, restart, partition, slow link,
     /// message loss or stall), a request was not answered, was answered
-    /// anything but 200 or 402, or took longer than the bound.
+    /// anything but 200, 402 or a definite 409, or took longer than the bound.
     Liveness,
     /// An order's refunds add up past its charge, or an order never charged
     /// has a refund.
@@ -76,7 +76,7 @@ pub enum ViolationKind {
     /// The events feed does not have exactly one event per effect (each
     /// movement's entry, each decline), of the effect's kind.
     Events,
-    /// A deduct never left its instance: still in flight long after the
+    /// A request never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
     /// The simulation did not finish (a host hung, or panicked).
@@ -176,7 +176,7 @@ pub struct Oracle {
     pub events: u64,
     /// Every client request, for the liveness check.
     pub attempts: Vec<Attempt>,
-    /// Deducts being worked on by an instance (a crash drops them).
+    /// Requests being worked on by an instance (a crash drops them).
     pub in_flight: u64,
     /// order → highest token made for a holder that was live when it got it.
     live_tokens: std::collections::BTreeMap<String, i64>,

@@ -600,7 +600,7 @@ fn drive(
             if weather.faults.is_empty() && in_flight > 0 && now >= hung {
                 oracle.borrow_mut().violate(
                     ViolationKind::Hang,
-                    format!("{in_flight} deducts still in an instance {IN_FLIGHT_DRAIN_MS_MAX} ms after the clients and the faults ended"),
+                    format!("{in_flight} requests still in an instance {IN_FLIGHT_DRAIN_MS_MAX} ms after the clients and the faults ended"),
                 );
                 return;
             }
