@@ -273,8 +273,9 @@ impl Tables {
                 .sum();
             if a.held.minor() != open || a.held.is_negative() || a.held > a.balance {
                 out.push(format!(
-                    "account {id}: held {}, open holds {open}, balance {}",
-                    a.held, a.balance
+                    "account {id}: held {}, open holds {open}, balance {} (minor units)",
+                    a.held.minor(),
+                    a.balance.minor()
                 ));
             }
         }

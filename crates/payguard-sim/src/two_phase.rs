@@ -238,7 +238,7 @@ fn one_outcome(order: &Order, es: &Entries<'_>) -> Result<(), String> {
         "order {} is {} (held {}, captured {:?}) with holds {:?}, captures {:?}, releases {:?}",
         order.id,
         order.status.as_str(),
-        order.held,
+        order.held.minor(),
         order.captured.map(|c| c.minor()),
         Entries::ids(holds),
         Entries::ids(captures),
