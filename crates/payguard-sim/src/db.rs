@@ -144,9 +144,33 @@ pub struct DbState {
     /// of the open holds, never negative, never above the balance): checked at
     /// every commit, reported at the end of the seed.
     pub held_broken: Vec<String>,
+    /// Two-phase races as the database answered them (committed or read):
+    /// expiries that found the hold already released by another sweeper (a
+    /// replay); captures that came at or after the expiry. (An expiry never
+    /// finds a hold captured or voided: it is read as due only once the
+    /// expiry passed, after which neither can win, every host reading one
+    /// clock.)
+    pub races: Races,
     /// Transactions committed, and looked up after their answer was lost.
     pub commits: u64,
     pub fate_lookups: u64,
+}
+
+/// See [`DbState::races`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Races {
+    pub expiry_replays: u64,
+    pub captures_too_late: u64,
+}
+
+impl Races {
+    fn count(&mut self, cmd: &Command, answer: &OpResult) {
+        match (&cmd.op, answer) {
+            (Op::Expire { .. }, Ok(out)) if out.is_replay() => self.expiry_replays += 1,
+            (Op::Capture { .. }, Err(Rejection::HoldExpired)) => self.captures_too_late += 1,
+            _ => {}
+        }
+    }
 }
 
 /// The rows one command's decision needs (payguard's [`Rows`]).
@@ -393,6 +417,7 @@ impl DbState {
             stale_applied: Vec::new(),
             stale_refused: 0,
             held_broken: Vec::new(),
+            races: Races::default(),
             commits: 0,
             fate_lookups: 0,
         }
@@ -417,6 +442,9 @@ impl DbState {
                 .into_iter()
                 .map(|b| format!("after a commit at {now} ms: {b}"))
                 .collect();
+        }
+        for (cmd, answer) in cmds.iter().zip(&answers) {
+            self.races.count(cmd, answer);
         }
         self.tables = t;
         self.stale_applied.extend(stale_applied);
@@ -562,8 +590,9 @@ impl DbState {
     }
 
     /// `Store::settled`: one snapshot, nothing written.
-    pub fn settled(&self, cmds: &[Command], now: i64) -> Vec<Option<OpResult>> {
-        cmds.iter()
+    pub fn settled(&mut self, cmds: &[Command], now: i64) -> Vec<Option<OpResult>> {
+        let answers: Vec<Option<OpResult>> = cmds
+            .iter()
             .map(|cmd| {
                 if !cmd.is_plain() {
                     return None;
@@ -576,7 +605,13 @@ impl DbState {
                     _ => None,
                 }
             })
-            .collect()
+            .collect();
+        for (cmd, answer) in cmds.iter().zip(&answers) {
+            if let Some(answer) = answer {
+                self.races.count(cmd, answer);
+            }
+        }
+        answers
     }
 
     /// One request, as the host runs it.

@@ -124,6 +124,10 @@ pub struct Stats {
     pub held_open: u64,
     /// Events in the feed.
     pub feed_events: u64,
+    /// Expiries answered as replays (another sweeper had released the
+    /// hold); captures refused `hold_expired` (see `db::Races`).
+    pub expiry_replays: u64,
+    pub captures_too_late: u64,
     /// Requests that got no definite answer in all their attempts.
     pub unanswered: u64,
     pub faults: u64,

@@ -537,6 +537,8 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let mut oracle = oracle.borrow_mut();
     oracle.stats.grants = redis::lock(&redis_state).grants;
     oracle.stats.stale_refused = db.stale_refused;
+    oracle.stats.expiry_replays = db.races.expiry_replays;
+    oracle.stats.captures_too_late = db.races.captures_too_late;
     verdict(seed, sim_ms, fair, &db, &mut oracle)
 }
 
@@ -777,6 +779,8 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         expired,
         held_open,
         feed_events,
+        expiry_replays,
+        captures_too_late,
         unanswered,
         faults,
         batches,
@@ -814,6 +818,8 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.expired += expired;
     t.held_open += held_open;
     t.feed_events += feed_events;
+    t.expiry_replays += expiry_replays;
+    t.captures_too_late += captures_too_late;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

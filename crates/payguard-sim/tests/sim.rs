@@ -165,8 +165,12 @@ fn exercised(r: &SeedsReport) {
         "no hold still open at the end (held checked only at zero): {t:?}"
     );
     assert!(
-        t.two_phase_refused > 0,
-        "no capture or void told what won instead: {t:?}"
+        t.two_phase_refused > 0 && t.captures_too_late > 0,
+        "no capture or void told what won instead, or no capture too late: {t:?}"
+    );
+    assert!(
+        t.expiry_replays > 0,
+        "no sweeper found a hold another had released: {t:?}"
     );
 }
 
