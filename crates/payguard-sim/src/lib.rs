@@ -22,7 +22,7 @@
 //! latencies, message loss, partitions, slow links, crashes and restarts of any
 //! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
 //! Every run ends with the money invariants checked against the database and
-//! what the clients were told ([`oracle`]), fencing checked (no write applied
+//! what the clients were told ([`checks`], [`oracle`]), fencing checked (no write applied
 //! below a token already applied to its order, no live lock holder given a
 //! token at or below an earlier live holder's), no request hung inside an
 //! instance, refunds checked (each refund id once, an order's refunds within its
@@ -72,6 +72,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod checks;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -16,6 +16,7 @@
 //! the sweepers' liveness: a seed runs until no short hold is left AUTHORIZED,
 //! or until [`SWEEP_GRACE_MS`] after its expiry, the clients and the faults.
 
+use crate::checks;
 use crate::client::{self, Flow, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
@@ -25,7 +26,7 @@ use crate::redis::{self, RedisState, SharedRedis};
 use crate::two_phase;
 use crate::wire::{instance_host, Ask, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
 use crate::Protocol;
-use payguard::domain::{EntryKind, Money, OrderStatus};
+use payguard::domain::OrderStatus;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cell::Cell;
@@ -244,156 +245,6 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
         }
     }
     scenario.plan.extend(refunds);
-}
-
-/// Refunds against the ledger: each refund id once, an order's refunds within
-/// its charge, every acknowledged refund in the ledger, no entry for a refund a
-/// client was told exceeds what was paid.
-fn check_refunds(db: &DbState, oracle: &mut Oracle) {
-    let entries = &db.tables.entries;
-    let refunds_of = |refund_id: &str| -> Vec<i64> {
-        entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Refund)
-            .filter(|e| {
-                e.refund_id
-                    .as_ref()
-                    .is_some_and(|r| r.as_str() == refund_id)
-            })
-            .map(|e| e.id)
-            .collect()
-    };
-    let mut ids: Vec<&str> = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Refund)
-        .filter_map(|e| e.refund_id.as_ref().map(|r| r.as_str()))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        let found = refunds_of(id);
-        oracle.check(ViolationKind::DoubleRefund, found.len() <= 1, || {
-            format!("refund {id} has {} entries: {found:?}", found.len())
-        });
-    }
-    for (order_id, (order, _)) in &db.tables.orders {
-        // What was taken: a debit, or what a capture took of a hold.
-        let charged: i64 = entries
-            .iter()
-            .filter(|e| &e.order_id == order_id)
-            .filter(|e| matches!(e.kind, EntryKind::Debit | EntryKind::Capture))
-            .map(|e| e.amount.minor())
-            .sum::<i64>()
-            .min(order.amount.minor());
-        let refunded: i64 = entries
-            .iter()
-            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Refund)
-            .map(|e| e.amount.minor())
-            .sum();
-        oracle.check(
-            ViolationKind::RefundsExceedCharge,
-            refunded <= charged,
-            || {
-                format!(
-                    "order {}: refunds of {refunded} against a charge of {charged}",
-                    order_id.as_str()
-                )
-            },
-        );
-    }
-    for (order, refund_id, entry) in oracle.refund_acks.clone() {
-        let found = refunds_of(&refund_id);
-        oracle.check(
-            ViolationKind::AcknowledgedRefundMissing,
-            found == [entry],
-            || format!("order {order}: a client was told refund {refund_id} is entry {entry}, the ledger has {found:?}"),
-        );
-    }
-    for (order, refund_id) in oracle.refunds_refused.clone() {
-        let found = refunds_of(&refund_id);
-        oracle.check(ViolationKind::RefusedRefundApplied, found.is_empty(), || {
-            format!("order {order}: a client was told refund {refund_id} exceeds what was paid, the ledger has {found:?}")
-        });
-    }
-}
-
-/// The money invariants and fencing, held against the database at the end.
-fn check_final(db: &DbState, oracle: &mut Oracle) {
-    let debits = db.debits();
-    for (order, entries) in &debits {
-        oracle.check(ViolationKind::DoubleCharge, entries.len() <= 1, || {
-            let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-            format!(
-                "order {} has {} debits: entries {ids:?}",
-                order.as_str(),
-                ids.len()
-            )
-        });
-    }
-    let ids_of = |order: &str| -> Vec<i64> {
-        debits
-            .iter()
-            .find(|(o, _)| o.as_str() == order)
-            .map(|(_, es)| es.iter().map(|e| e.id).collect())
-            .unwrap_or_default()
-    };
-    for (order, entry) in oracle.acks.clone() {
-        let entries = ids_of(&order);
-        oracle.check(
-            ViolationKind::AcknowledgedChargeMissing,
-            entries == [entry],
-            || {
-                format!(
-                    "order {order}: a client was told entry {entry}, the ledger has {entries:?}"
-                )
-            },
-        );
-    }
-    for order in oracle.declined.clone() {
-        let entries = ids_of(&order);
-        oracle.check(
-            ViolationKind::DeclinedButCharged,
-            entries.is_empty(),
-            || format!("order {order}: a client was told 402, the ledger has {entries:?}"),
-        );
-    }
-    for (id, account) in &db.tables.accounts {
-        let mut expected = Some(account.opening_balance);
-        let mut last_after = None;
-        for e in db.tables.entries.iter().filter(|e| &e.account_id == id) {
-            expected = match e.kind {
-                EntryKind::Debit | EntryKind::Capture => {
-                    expected.and_then(|b| b.checked_sub(e.amount))
-                }
-                EntryKind::Refund | EntryKind::Reversal => {
-                    expected.and_then(|b| b.checked_add(e.amount))
-                }
-                EntryKind::Hold | EntryKind::Release => expected,
-            };
-            last_after = Some(e.balance_after);
-        }
-        oracle.check(
-            ViolationKind::BalanceDrift,
-            expected == Some(account.balance) && last_after.is_none_or(|b| b == account.balance),
-            || {
-                format!(
-                    "account {}: opening {:?} and its ledger say {expected:?} (last entry {last_after:?}), the balance is {:?}",
-                    id.as_str(),
-                    account.opening_balance,
-                    account.balance
-                )
-            },
-        );
-        oracle.check(
-            ViolationKind::NegativeBalance,
-            account.balance >= Money::ZERO,
-            || format!("account {}: balance {:?}", id.as_str(), account.balance),
-        );
-    }
-    for detail in &db.stale_applied {
-        oracle.violate(ViolationKind::StaleTokenApplied, detail.clone());
-    }
-    check_refunds(db, oracle);
 }
 
 /// Runs one seed of `protocol` and checks it.
@@ -640,7 +491,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 /// The checks at the end: safety always, liveness when nothing went wrong (no
 /// fault, no loss, no stall).
 fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
-    check_final(db, oracle);
+    checks::money(db, oracle);
     two_phase::check(db, oracle, sim_ms);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {

@@ -24,7 +24,7 @@
 //! (200, 402, 409) agrees with what won; and the events feed has exactly one
 //! event per effect. The accounts' `held` invariants are
 //! checked by the database at every commit ([`crate::db`]); refunds of a
-//! captured order within the captured sum by `run::check_refunds`.
+//! captured order within the captured sum by [`crate::checks`].
 
 use crate::client::{Flow, Send};
 use crate::config::*;
