@@ -29,7 +29,8 @@
 //! check (a stale token is not refused), the refund id's one entry, a hold's
 //! one capture and one release (an ended hold then reads as still held), the
 //! expiry check of a capture, the refund bound of a captured order, the held
-//! sum's update on a release, and one event per effect.
+//! sum's update on a release, one event per effect, and the time a batch
+//! decides at (after its row locks, or when its attempt started).
 
 use crate::oracle::OracleRef;
 use crate::wire::{now_ms, Post, Server, DB_PORT};
@@ -71,6 +72,13 @@ pub struct StoreVariant {
     /// An event is written per effect (off: also one per replayed movement,
     /// as payguard's naive path writes `order.paid` per charge).
     pub event_per_effect: bool,
+    /// A batch decides at the time it holds its orders' rows (here: when the
+    /// database runs it), as `store/postgres/batch.rs` reads its clock after
+    /// its `FOR UPDATE` reads (off: at the instance's clock when the attempt
+    /// started, as it did before the simulation found that a capture decided
+    /// before the expiry could commit after a duplicate was told
+    /// `hold_expired`).
+    pub clock_after_locks: bool,
 }
 
 impl StoreVariant {
@@ -84,18 +92,26 @@ impl StoreVariant {
         refund_within_captured: true,
         release_lowers_held: true,
         event_per_effect: true,
+        clock_after_locks: true,
     };
 }
 
 /// What an instance asks the database; each is one transaction.
 #[derive(Debug, Clone)]
 pub enum DbReq {
-    /// A lane's batch, under transaction id `xid`.
-    Apply { xid: u64, cmds: Vec<Command> },
+    /// A lane's batch, under transaction id `xid`; `now` is the instance's
+    /// clock when the attempt started.
+    Apply {
+        xid: u64,
+        cmds: Vec<Command>,
+        now: i64,
+    },
     /// Did transaction `xid` commit? Ends it if it has not arrived yet.
     Fate { xid: u64 },
-    /// `Store::settled`: what the committed state answers without a write.
-    Settled { cmds: Vec<Command> },
+    /// `Store::settled`: what the committed state answers without a write,
+    /// at the instance's clock `now` (a snapshot read takes no row lock, so
+    /// the PostgreSQL store decides it at the caller's time too).
+    Settled { cmds: Vec<Command>, now: i64 },
     /// `nextval('fence_epochs')`.
     NextFenceEpoch,
     /// `Store::due_holds`: AUTHORIZED orders whose hold expired at `now_ms`.
@@ -614,10 +630,19 @@ impl DbState {
         answers
     }
 
-    /// One request, as the host runs it.
+    /// One request, as the host runs it at `now` (the database's clock).
     pub fn exec(&mut self, req: &DbReq, now: i64) -> DbResp {
         match req {
-            DbReq::Apply { xid, cmds } => {
+            DbReq::Apply {
+                xid,
+                cmds,
+                now: started,
+            } => {
+                let now = if self.variant.clock_after_locks {
+                    now
+                } else {
+                    *started
+                };
                 if self.xids.get(xid) == Some(&false) {
                     // Looked up (and so ended) before it arrived.
                     return DbResp::Applied(Err(StoreError::Unavailable(format!(
@@ -632,7 +657,7 @@ impl DbState {
                 self.fate_lookups += 1;
                 DbResp::Fate(*self.xids.entry(*xid).or_insert(false))
             }
-            DbReq::Settled { cmds } => DbResp::Settled(self.settled(cmds, now)),
+            DbReq::Settled { cmds, now } => DbResp::Settled(self.settled(cmds, *now)),
             DbReq::NextFenceEpoch => {
                 self.fence_epoch_seq += 1;
                 DbResp::Epoch(self.fence_epoch_seq)
@@ -715,9 +740,9 @@ fn describe(req: &DbReq) -> String {
             .collect()
     };
     match req {
-        DbReq::Apply { xid, cmds } => format!("apply xid {xid} {:?}", ops(cmds)),
+        DbReq::Apply { xid, cmds, now } => format!("apply xid {xid} at {now} ms {:?}", ops(cmds)),
         DbReq::Fate { xid } => format!("fate of xid {xid}"),
-        DbReq::Settled { cmds } => format!("settled? {:?}", ops(cmds)),
+        DbReq::Settled { cmds, now } => format!("settled at {now} ms? {:?}", ops(cmds)),
         DbReq::NextFenceEpoch => "nextval(fence_epochs)".into(),
         DbReq::DueHolds { now_ms, .. } => format!("holds due at {now_ms} ms?"),
     }

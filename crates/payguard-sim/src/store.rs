@@ -147,7 +147,10 @@ impl Inner {
         let mut committed_before = false;
         loop {
             let xid = self.xid_base | self.next_xid.fetch_add(1, Ordering::Relaxed);
+            // The PostgreSQL store's clock when the attempt starts; the
+            // database decides at it or at its own (`clock_after_locks`).
             let sent = DbReq::Apply {
+                now: now_ms() as i64,
                 xid,
                 cmds: cmds.clone(),
             };
@@ -227,14 +230,19 @@ impl Store for SimStore {
         })
     }
 
-    /// Decided at the database's (simulated) clock, not at `_now_ms`: the
-    /// engine passes the wall clock, which no seed could replay. Deducts do
-    /// not read the time; a capture or a void near its hold's expiry does, on
-    /// the clock the hold's expiry was set on.
+    /// Decided at the instance's simulated clock when it asks (as the
+    /// PostgreSQL store decides a snapshot read at its caller's time), not at
+    /// `_now_ms`: the engine passes the wall clock, which no seed could
+    /// replay. Deducts do not read the time; a capture or a void near its
+    /// hold's expiry does.
     fn settled(&self, cmds: Vec<Command>, _now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            match inner.call(DbReq::Settled { cmds }, BATCH_DEADLINE_MS).await {
+            let now = now_ms() as i64;
+            match inner
+                .call(DbReq::Settled { cmds, now }, BATCH_DEADLINE_MS)
+                .await
+            {
                 Ok(DbResp::Settled(answers)) => Ok(answers),
                 Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),

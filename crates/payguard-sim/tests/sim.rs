@@ -532,6 +532,28 @@ fn a_store_that_writes_an_event_per_replay_is_seen() {
     );
 }
 
+/// Found by this simulation (issue #17), fixed in `store/postgres/batch.rs`:
+/// the PostgreSQL store read its clock when a batch attempt started, before
+/// its row locks. With Redis unreachable (batches written without tokens),
+/// two instances' duplicates of one capture reached the order around its
+/// expiry; the one that read its clock after the expiry was told
+/// `hold_expired` (a definite 409), then the one that had read it before
+/// captured the hold. `tests/pg_store.rs`,
+/// `a_capture_that_waits_for_its_orders_lock_past_the_expiry_is_refused`,
+/// shows the same against a real PostgreSQL.
+#[test]
+fn a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expired() {
+    store_without(
+        "a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expired",
+        StoreVariant {
+            clock_after_locks: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (ViolationKind::TwoPhaseAnswer, "hold_expired"),
+        1677,
+    );
+}
+
 /// payguard's sweeper with a void for an expiry (`payguard::engine::mutants`):
 /// the rules refuse a void at or after the expiry, so the holds nobody
 /// captured or voided stay AUTHORIZED, on a seed with no fault.
