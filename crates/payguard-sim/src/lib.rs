@@ -65,6 +65,14 @@
 //! The engine now releases per acquire (`tests/sim.rs`: seed 340 then, 24
 //! since the clients also pay in two phases).
 //!
+//! What it found once holds were captured around their expiry: the PostgreSQL
+//! store read its clock when a batch attempt started, before its row locks, so
+//! with Redis unreachable a capture that read the clock before the expiry
+//! committed after a duplicate, decided after it, had been told
+//! `hold_expired`. The store now reads the clock once it holds its rows
+//! (`tests/sim.rs`, seed 1677 with the old clock read; `payguard`'s
+//! `tests/pg_store.rs` against a real server).
+//!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off, or the lock client's old counter reset on, or arm a
 //! bug in the engine or its sweeper (`payguard::engine::mutants`), to show that
