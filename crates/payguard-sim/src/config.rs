@@ -47,6 +47,11 @@ pub struct Protocol {
     /// The engine's sweeper releases due holds with a void instead of an expiry
     /// (`payguard::engine::mutants::Mutant::SweepWithVoid`).
     pub sweep_with_void: bool,
+    /// Each instance's clock is off by up to this many ms either way (its own
+    /// random stream); 0: every host reads the one simulated clock. An
+    /// instance decides its batches, its snapshot reads and its sweeps at its
+    /// own clock, as payguard's PostgreSQL store and sweeper do.
+    pub clock_skew_ms: i64,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -72,6 +77,7 @@ impl Protocol {
         refunds: true,
         two_phase: true,
         sweep_with_void: false,
+        clock_skew_ms: 0,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.
@@ -122,6 +128,9 @@ pub const SWEEP_INTERVAL_MS: u64 = 10;
 /// clients and the last fault ended) was never released: the sweeper failed.
 /// Long enough for a writer stalled past its TTL and a lock wait that gives up.
 pub const SWEEP_GRACE_MS: u64 = 4 * (STALL_MS_MAX + LOCK_WAIT_MS_MAX);
+
+/// Salt of the instances' clock offsets' random stream (`Protocol::clock_skew_ms`).
+pub const CLOCK_SKEW_RNG_SALT: u64 = 0x000c_10c5_0ff5_e7d5;
 
 /// payguard instances in the simulation.
 pub const INSTANCES: usize = 3;

@@ -100,11 +100,13 @@ impl StoreVariant {
 #[derive(Debug, Clone)]
 pub enum DbReq {
     /// A lane's batch, under transaction id `xid`; `now` is the instance's
-    /// clock when the attempt started.
+    /// clock when the attempt started, `clock_offset_ms` how far that clock is
+    /// off the simulated one.
     Apply {
         xid: u64,
         cmds: Vec<Command>,
         now: i64,
+        clock_offset_ms: i64,
     },
     /// Did transaction `xid` commit? Ends it if it has not arrived yet.
     Fate { xid: u64 },
@@ -637,9 +639,11 @@ impl DbState {
                 xid,
                 cmds,
                 now: started,
+                clock_offset_ms,
             } => {
+                // The instance reads its clock once it holds the rows: now.
                 let now = if self.variant.clock_after_locks {
-                    now
+                    now + clock_offset_ms
                 } else {
                     *started
                 };
@@ -740,7 +744,9 @@ fn describe(req: &DbReq) -> String {
             .collect()
     };
     match req {
-        DbReq::Apply { xid, cmds, now } => format!("apply xid {xid} at {now} ms {:?}", ops(cmds)),
+        DbReq::Apply { xid, cmds, now, .. } => {
+            format!("apply xid {xid} (started at {now} ms) {:?}", ops(cmds))
+        }
         DbReq::Fate { xid } => format!("fate of xid {xid}"),
         DbReq::Settled { cmds, now } => format!("settled at {now} ms? {:?}", ops(cmds)),
         DbReq::NextFenceEpoch => "nextval(fence_epochs)".into(),

@@ -37,6 +37,8 @@ pub struct Instance {
     pub index: usize,
     pub protocol: Protocol,
     pub stall_percent: u32,
+    /// How far this instance's clock is off the simulated one (ms).
+    pub clock_offset_ms: i64,
     /// Seeds the store's RNG at each boot.
     pub rng_seed: u64,
     pub post: Post,
@@ -159,6 +161,7 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         net.clone(),
         me.db.clone(),
         me.stall_percent,
+        me.clock_offset_ms,
         rng,
         me.oracle.clone(),
     ));
@@ -190,11 +193,12 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
     let engine = Arc::new(Engine::start_with_order_locks(store, cfg, Some(locks)));
     if me.protocol.two_phase {
         // payguard's own sweeper loop, as `payguard-server` spawns it, on the
-        // simulated clock; dropped with the host when it crashes.
+        // instance's simulated clock; dropped with the host when it crashes.
+        let offset = me.clock_offset_ms;
         tokio::spawn(payguard::engine::sweeper::run_on_clock(
             engine.clone(),
             std::time::Duration::from_millis(SWEEP_INTERVAL_MS),
-            || now_ms() as i64,
+            move || now_ms() as i64 + offset,
         ));
     }
     let server = Rc::new(Server::bind(me.post.clone(), INSTANCE_PORT).await?);

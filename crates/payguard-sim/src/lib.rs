@@ -53,9 +53,12 @@
 //! production is not caught here. Not simulated: the HTTP layer (so no
 //! Idempotency-Key reaches the engine), webhook delivery (the events feed is
 //! written and checked, nothing is delivered), PostgreSQL's numbering of
-//! events after commit, clocks that disagree between hosts (every host reads
-//! the one simulated clock, and the database decides at it), Redis eviction
-//! and replication, and a database that loses committed data.
+//! events after commit, transactions that overlap in time (the database runs
+//! each at one instant), Redis eviction and replication, and a database that
+//! loses committed data. Every host reads the one simulated clock, unless
+//! `Protocol::clock_skew_ms` sets the instances' clocks apart: each instance
+//! then decides its batches, snapshot reads and sweeps at its own clock, as
+//! payguard does, and a test shows what that costs.
 //!
 //! What it found once refunds were sent: a batch holding a duplicate deduct
 //! answered by a settled hint and a refund of the same order takes that

@@ -363,11 +363,17 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
             db::serve(post.clone(), state.clone(), oracle.clone())
         });
     }
+    let mut skew = SmallRng::seed_from_u64(seed ^ CLOCK_SKEW_RNG_SALT);
     for i in 0..INSTANCES {
+        let clock_offset_ms = match protocol.clock_skew_ms {
+            0 => 0,
+            d => skew.random_range(-d..=d),
+        };
         let inst = Rc::new(Instance {
             index: i,
             protocol,
             stall_percent: weather.stall_percent,
+            clock_offset_ms,
             rng_seed: rng.random(),
             post: post.clone(),
             db: db_state.clone(),

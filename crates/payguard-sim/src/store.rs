@@ -66,6 +66,8 @@ struct Inner {
     next_xid: AtomicU64,
     /// Percent of fenced batches whose writer stalls past the TTL.
     stall_percent: u32,
+    /// How far this instance's clock is off the simulated one (ms).
+    clock_offset_ms: i64,
     rng: Mutex<SmallRng>,
     oracle: OracleRef,
 }
@@ -77,6 +79,7 @@ impl SimStore {
         net: Caller,
         db: Arc<Mutex<DbState>>,
         stall_percent: u32,
+        clock_offset_ms: i64,
         rng: SmallRng,
         oracle: OracleRef,
     ) -> Self {
@@ -88,6 +91,7 @@ impl SimStore {
                 xid_base: ((inst as u64 + 1) << 48) | (boot << 32),
                 next_xid: AtomicU64::new(0),
                 stall_percent,
+                clock_offset_ms,
                 rng: Mutex::new(rng),
                 oracle,
             }),
@@ -100,6 +104,11 @@ fn ok<T: Send + 'static>(v: T) -> StoreFuture<T> {
 }
 
 impl Inner {
+    /// This instance's wall clock (ms).
+    fn clock(&self) -> i64 {
+        now_ms() as i64 + self.clock_offset_ms
+    }
+
     fn db(&self) -> std::sync::MutexGuard<'_, DbState> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -150,7 +159,8 @@ impl Inner {
             // The PostgreSQL store's clock when the attempt starts; the
             // database decides at it or at its own (`clock_after_locks`).
             let sent = DbReq::Apply {
-                now: now_ms() as i64,
+                now: self.clock(),
+                clock_offset_ms: self.clock_offset_ms,
                 xid,
                 cmds: cmds.clone(),
             };
@@ -238,7 +248,7 @@ impl Store for SimStore {
     fn settled(&self, cmds: Vec<Command>, _now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let now = now_ms() as i64;
+            let now = inner.clock();
             match inner
                 .call(DbReq::Settled { cmds, now }, BATCH_DEADLINE_MS)
                 .await

@@ -554,6 +554,28 @@ fn a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expir
     );
 }
 
+/// Not fixed, shown: payguard decides a hold's expiry at each instance's own
+/// wall clock (the PostgreSQL store's `now_ms`, the sweeper's), so when the
+/// instances' clocks disagree, one instance can tell a client `hold_expired`
+/// and the next holder of the order's lock, its clock behind, capture or void
+/// the same hold, with no fault at all. payguard with clocks 5 ms apart (the
+/// same seed with one clock is clean).
+#[test]
+fn instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end() {
+    SeenFailing {
+        test: "instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end",
+        protocol: Protocol {
+            clock_skew_ms: 5,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::TwoPhaseAnswer,
+        fault_free: true,
+        detail: "hold_expired",
+        pinned: 390,
+    }
+    .check();
+}
+
 /// payguard's sweeper with a void for an expiry (`payguard::engine::mutants`):
 /// the rules refuse a void at or after the expiry, so the holds nobody
 /// captured or voided stay AUTHORIZED, on a seed with no fault.
