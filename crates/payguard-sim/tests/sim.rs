@@ -4,9 +4,11 @@
 //! before issue #12, a store without the one-debit rule, a lane that forgets a
 //! waiter, a store without the fence check, and for two-phase payments a store
 //! that captures or releases a hold twice, captures after its expiry, refunds
-//! past a captured sum, forgets the held sum or writes an event per replay, and
-//! a sweeper that voids instead of expiring) is seen failing on a pinned seed,
-//! so the checks are not no-ops.
+//! past a captured sum, forgets the held sum, writes an event per replay or
+//! decides at a clock read before its row locks, and a sweeper that voids
+//! instead of expiring) is seen failing on a pinned seed, so the checks are
+//! not no-ops. One test shows a known exposure of payguard itself: instance
+//! clocks that disagree (not in the CI seeds' setting).
 //!
 //! `PAYGUARD_SIM_SEEDS=N` sets how many seeds the main test (default
 //! `CI_SEEDS`) and the soak (default [`SOAK_SEEDS`]) run, and
