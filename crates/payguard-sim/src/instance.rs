@@ -19,7 +19,7 @@ use crate::db::DbState;
 use crate::locks::{JoinAll, SimLocks};
 use crate::oracle::OracleRef;
 use crate::redis::SharedRedis;
-use crate::store::SimStore;
+use crate::store::{Host, SimStore};
 use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Ask, Incoming, Post, Server, INSTANCE_PORT};
 use crate::{LockProtocol, Protocol};
 use payguard::domain::{Money, OrderId, RefundId, RequestId};
@@ -160,8 +160,10 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         boot,
         net.clone(),
         me.db.clone(),
-        me.stall_percent,
-        me.clock_offset_ms,
+        Host {
+            stall_percent: me.stall_percent,
+            clock_offset_ms: me.clock_offset_ms,
+        },
         rng,
         me.oracle.clone(),
     ));

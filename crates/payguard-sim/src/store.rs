@@ -64,12 +64,18 @@ struct Inner {
     /// two transactions of a seed share one.
     xid_base: u64,
     next_xid: AtomicU64,
-    /// Percent of fenced batches whose writer stalls past the TTL.
-    stall_percent: u32,
-    /// How far this instance's clock is off the simulated one (ms).
-    clock_offset_ms: i64,
+    host: Host,
     rng: Mutex<SmallRng>,
     oracle: OracleRef,
+}
+
+/// How an instance's host differs from the ideal one, as its store sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Host {
+    /// Percent of fenced batches whose writer stalls past the TTL.
+    pub stall_percent: u32,
+    /// How far this instance's clock is off the simulated one (ms).
+    pub clock_offset_ms: i64,
 }
 
 impl SimStore {
@@ -78,8 +84,7 @@ impl SimStore {
         boot: u64,
         net: Caller,
         db: Arc<Mutex<DbState>>,
-        stall_percent: u32,
-        clock_offset_ms: i64,
+        host: Host,
         rng: SmallRng,
         oracle: OracleRef,
     ) -> Self {
@@ -90,8 +95,7 @@ impl SimStore {
                 db,
                 xid_base: ((inst as u64 + 1) << 48) | (boot << 32),
                 next_xid: AtomicU64::new(0),
-                stall_percent,
-                clock_offset_ms,
+                host,
                 rng: Mutex::new(rng),
                 oracle,
             }),
@@ -106,7 +110,7 @@ fn ok<T: Send + 'static>(v: T) -> StoreFuture<T> {
 impl Inner {
     /// This instance's wall clock (ms).
     fn clock(&self) -> i64 {
-        now_ms() as i64 + self.clock_offset_ms
+        now_ms() as i64 + self.host.clock_offset_ms
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, DbState> {
@@ -133,7 +137,7 @@ impl Inner {
         }
         let stall = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            rng.random_ratio(self.stall_percent, 100)
+            rng.random_ratio(self.host.stall_percent, 100)
                 .then(|| rng.random_range(STALL_MS_MIN..=STALL_MS_MAX))
         };
         if let Some(ms) = stall {
@@ -160,7 +164,7 @@ impl Inner {
             // database decides at it or at its own (`clock_after_locks`).
             let sent = DbReq::Apply {
                 now: self.clock(),
-                clock_offset_ms: self.clock_offset_ms,
+                clock_offset_ms: self.host.clock_offset_ms,
                 xid,
                 cmds: cmds.clone(),
             };
