@@ -1,6 +1,9 @@
 //! The clients: every order's deduct sent several times at nearly the same
 //! instant, a copy to each instance and one more to the first copy's instance
-//! (`config::DUPLICATES`), each retried elsewhere on anything but 200 or 402.
+//! (`config::DUPLICATES`), each retried elsewhere on anything but 200, 402 or a
+//! 409; refunds sent the same way; and two-phase payments, each a flow: its
+//! authorize sent like a deduct, then (unless the hold was declined) its
+//! captures, voids and refunds, each sent the same way at their own instants.
 //!
 //! Why: the incident was duplicates racing; a client that retries after a timeout
 //! is the other source of duplicates, and the one that makes "unknown" outcomes.
@@ -9,33 +12,48 @@
 //! and when, so that a seed with no fault can be held to answering every request
 //! in time. Orders are sent in bursts (see `run`), so each instance's lanes batch
 //! several of them while the same orders' copies batch on the other instances,
-//! and two copies meet in one instance's lane (single flight).
+//! and two copies meet in one instance's lane (single flight). A two-phase flow
+//! waits for its authorize's answers before capturing, as a real client would,
+//! so its captures and voids race each other and the hold's expiry (the
+//! sweepers), not the hold itself.
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
 use crate::oracle::{Attempt, OracleRef};
-use crate::wire::{call, instance_host, now_ms, ApiReq, ApiResp, CallError, Post, INSTANCE_PORT};
+use crate::wire::{
+    call, instance_host, now_ms, ApiReq, ApiResp, Ask, CallError, Post, INSTANCE_PORT,
+};
 use std::time::Duration;
 
-/// One deduct (or refund) to send.
+/// One request to send (each copy of a duplicate is its own).
 #[derive(Debug, Clone)]
 pub struct Send {
     pub order: String,
-    /// A refund of the order (its id and amount) instead of its deduct.
-    pub refund: Option<(String, i64)>,
-    /// Simulated ms after the start.
+    pub ask: Ask,
+    /// Simulated ms after the start; a send planned for an instant already
+    /// past (a flow's step after a slow authorize) leaves at once.
     pub at_ms: u64,
     /// The instance of the first attempt; retries go to the next ones.
     pub first_instance: usize,
 }
 
-async fn send(s: Send, post: Post, oracle: OracleRef) {
-    tokio::time::sleep(Duration::from_millis(s.at_ms)).await;
+/// A two-phase payment: the copies of its authorize, then (unless a copy was
+/// answered 402) its later steps.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub authorize: Vec<Send>,
+    pub then: Vec<Send>,
+}
+
+/// Sends `s` until it gets a definite answer or runs out of attempts; records
+/// every attempt and the definite answer in the oracle, and returns it.
+async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
+    tokio::time::sleep(Duration::from_millis(s.at_ms.saturating_sub(now_ms()))).await;
     let timeout = Duration::from_millis(CLIENT_TIMEOUT_MS);
     for attempt in 0..CLIENT_ATTEMPTS_MAX {
         let host = instance_host((s.first_instance + attempt) % INSTANCES);
         let req = ApiReq {
             order: s.order.clone(),
-            refund: s.refund.clone(),
+            ask: s.ask.clone(),
         };
         let sent_ms = now_ms();
         let answer = call(&post, &host, INSTANCE_PORT, Box::new(req), timeout)
@@ -48,9 +66,9 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
         {
             let mut o = oracle.borrow_mut();
             o.note(now_ms(), || {
-                let what = match &s.refund {
-                    None => s.order.clone(),
-                    Some((id, _)) => format!("{} refund {id}", s.order),
+                let what = match &s.ask {
+                    Ask::Deduct => s.order.clone(),
+                    ask => format!("{} {ask}", s.order),
                 };
                 format!("client: {what} via {host} (attempt {attempt}, sent at {sent_ms} ms): {answer:?}")
             });
@@ -61,52 +79,31 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
                 answer: answer.as_ref().ok().map(|a| (now_ms(), *a)),
             });
         }
-        if let Some((refund_id, _)) = &s.refund {
-            match answer {
-                Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
-                    let mut o = oracle.borrow_mut();
-                    o.stats.refund_acks += 1;
-                    o.refund_acks.push((s.order, refund_id.clone(), entry));
-                    return;
-                }
-                Ok(ApiResp::RefundRefused { reason }) => {
-                    let mut o = oracle.borrow_mut();
-                    o.stats.refunds_refused += 1;
-                    if reason == "refund_exceeds_paid" {
-                        o.refunds_refused.push((s.order, refund_id.clone()));
-                    }
-                    return;
-                }
-                Ok(ApiResp::NoSuchOrder) => {
-                    panic!("order {} was created before any refund", s.order)
-                }
-                // Anything else (a 402 included: never a refund's answer) is retried.
-                _ => {
-                    tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_MS)).await;
-                    continue;
-                }
-            }
-        }
         match answer {
-            Ok(ApiResp::Charged { entry } | ApiResp::Replayed { entry }) => {
-                let mut o = oracle.borrow_mut();
-                o.stats.acks += 1;
-                o.acks.push((s.order, entry));
-                return;
+            Ok(ApiResp::NoSuchOrder) => {
+                panic!("order {} was created before any request", s.order)
             }
-            Ok(ApiResp::InsufficientFunds) => {
-                let mut o = oracle.borrow_mut();
-                o.stats.declined += 1;
-                o.declined.push(s.order);
-                return;
+            Ok(a @ (ApiResp::Charged { .. } | ApiResp::Replayed { .. })) => {
+                oracle.borrow_mut().answered(&s.order, &s.ask, a);
+                return Some(a);
             }
-            Ok(ApiResp::NoSuchOrder) => panic!("order {} was created before any deduct", s.order),
+            // A 402 is a deduct's or an authorize's answer; a refund is retried.
+            Ok(a @ ApiResp::InsufficientFunds) if !matches!(s.ask, Ask::Refund { .. }) => {
+                oracle.borrow_mut().answered(&s.order, &s.ask, a);
+                return Some(a);
+            }
+            // A 409 is definite for every request but a deduct (never its answer).
+            Ok(a @ ApiResp::Conflict { .. }) if s.ask != Ask::Deduct => {
+                oracle.borrow_mut().answered(&s.order, &s.ask, a);
+                return Some(a);
+            }
             Ok(
                 ApiResp::LockBusy
                 | ApiResp::StaleFencingToken
                 | ApiResp::Unknown
                 | ApiResp::Unavailable
-                | ApiResp::RefundRefused { .. }
+                | ApiResp::InsufficientFunds
+                | ApiResp::Conflict { .. }
                 | ApiResp::Refused,
             )
             | Err(_) => {
@@ -115,14 +112,56 @@ async fn send(s: Send, post: Post, oracle: OracleRef) {
         }
     }
     oracle.borrow_mut().stats.unanswered += 1;
+    None
 }
 
-/// The client host: all sends concurrently; done when every one has settled.
-pub async fn run(plan: Vec<Send>, post: Post, oracle: OracleRef) -> turmoil::Result {
-    let tasks: Vec<_> = plan
+/// One two-phase payment: the authorize's copies at once; once they are all
+/// answered (or given up on), the later steps, unless the hold was declined.
+async fn flow(f: Flow, post: Post, oracle: OracleRef) {
+    let copies: Vec<_> = f
+        .authorize
         .into_iter()
         .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
         .collect();
+    let mut declined = false;
+    for c in copies {
+        declined |= c.await.ok().flatten() == Some(ApiResp::InsufficientFunds);
+    }
+    if declined {
+        return;
+    }
+    let steps: Vec<_> = f
+        .then
+        .into_iter()
+        .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
+        .collect();
+    for s in steps {
+        let _ = s.await;
+    }
+}
+
+/// The client host: all sends and flows concurrently; done when every one has
+/// settled.
+pub async fn run(
+    plan: Vec<Send>,
+    flows: Vec<Flow>,
+    post: Post,
+    oracle: OracleRef,
+) -> turmoil::Result {
+    let mut tasks: Vec<_> = plan
+        .into_iter()
+        .map(|s| {
+            let (post, oracle) = (post.clone(), oracle.clone());
+            tokio::task::spawn_local(async move {
+                send(s, post, oracle).await;
+            })
+        })
+        .collect();
+    tasks.extend(
+        flows
+            .into_iter()
+            .map(|f| tokio::task::spawn_local(flow(f, post.clone(), oracle.clone()))),
+    );
     for t in tasks {
         t.await?;
     }

@@ -37,6 +37,21 @@ pub struct Protocol {
     /// each sent `DUPLICATES` times around the order's deduct. Drawn from their
     /// own random stream, so a seed's deducts and faults are the same either way.
     pub refunds: bool,
+    /// The clients also pay in two phases (a workload switch): `TWO_PHASE_ORDERS`
+    /// more orders are authorized (a hold, some expiring mid-run), then captured
+    /// (whole or in part), voided, both at once, or left to expire, each request
+    /// sent `DUPLICATES` times; some captured orders are refunded; every instance
+    /// runs payguard's expiry sweeper. Drawn from their own random stream, so a
+    /// seed's deducts, refunds and faults are the same either way.
+    pub two_phase: bool,
+    /// The engine's sweeper releases due holds with a void instead of an expiry
+    /// (`payguard::engine::mutants::Mutant::SweepWithVoid`).
+    pub sweep_with_void: bool,
+    /// Each instance's clock is off by up to this many ms either way (its own
+    /// random stream); 0: every host reads the one simulated clock. An
+    /// instance decides its batches, its snapshot reads and its sweeps at its
+    /// own clock, as payguard's PostgreSQL store and sweeper do.
+    pub clock_skew_ms: i64,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -60,6 +75,9 @@ impl Protocol {
         release_acquires_as_one: false,
         reset_counter_on_new_epoch: false,
         refunds: true,
+        two_phase: true,
+        sweep_with_void: false,
+        clock_skew_ms: 0,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.
@@ -85,6 +103,34 @@ pub const REFUNDS_PER_ORDER: usize = 2;
 pub const REFUND_DELAY_MS_MAX: u64 = 20;
 /// Salt of the refunds' own random stream (see `Protocol::refunds`).
 pub const REFUND_RNG_SALT: u64 = 0x0005_eed0_f2ef_04d5;
+
+/// Two-phase orders per seed (with `Protocol::two_phase`), on the same accounts
+/// as the deducts, whose openings grow by what these orders need.
+pub const TWO_PHASE_ORDERS: usize = 4;
+/// Salt of the two-phase workload's own random stream.
+pub const TWO_PHASE_RNG_SALT: u64 = 0x0002_9ba5_e0f4_01d5;
+/// A short hold's TTL is drawn from this range: it expires mid-run, before,
+/// during or after the captures and voids aimed at it.
+pub const HOLD_TTL_MS_SHORT: std::ops::RangeInclusive<i64> = 20..=120;
+/// A long hold outlives the seed (it is still open at the end).
+pub const HOLD_TTL_MS_LONG: i64 = 60_000;
+/// One hold in this many is long.
+pub const LONG_HOLD_ONE_IN: u32 = 4;
+/// Captures and voids aimed "soon" leave this long after the authorize.
+pub const CAPTURE_DELAY_MS: std::ops::RangeInclusive<u64> = 5..=40;
+/// Captures and voids aimed at the expiry leave within this of it, either side.
+pub const EXPIRY_RACE_MS: i64 = 12;
+/// A captured order's refunds leave this long after its capture is sent.
+pub const TWO_PHASE_REFUND_DELAY_MS: std::ops::RangeInclusive<u64> = 5..=30;
+/// Each instance's expiry sweeper ticks this often (production: 1 000 ms).
+pub const SWEEP_INTERVAL_MS: u64 = 10;
+/// A short hold still AUTHORIZED this long after its expiry (and after the
+/// clients and the last fault ended) was never released: the sweeper failed.
+/// Long enough for a writer stalled past its TTL and a lock wait that gives up.
+pub const SWEEP_GRACE_MS: u64 = 4 * (STALL_MS_MAX + LOCK_WAIT_MS_MAX);
+
+/// Salt of the instances' clock offsets' random stream (`Protocol::clock_skew_ms`).
+pub const CLOCK_SKEW_RNG_SALT: u64 = 0x000c_10c5_0ff5_e7d5;
 
 /// payguard instances in the simulation.
 pub const INSTANCES: usize = 3;
@@ -178,7 +224,8 @@ pub const DUPLICATE_SPREAD_MS: u64 = 2;
 /// calls), on purpose: a client giving up while its request is still being worked
 /// on is how retries overlap the original in real life.
 pub const CLIENT_TIMEOUT_MS: u64 = LOCK_TTL_MS + 60;
-/// Attempts per deduct (anything but 200 or 402 is retried on the next instance).
+/// Attempts per request (anything but 200, 402 or a definite 409 is retried
+/// on the next instance).
 pub const CLIENT_ATTEMPTS_MAX: usize = 3;
 /// Pause between a client's attempts.
 pub const CLIENT_RETRY_MS: u64 = 15;
@@ -207,7 +254,7 @@ pub const FAIL_RATE_CHOICES: [f64; 3] = [0.0, 0.01, 0.05];
 /// instance ended, run this much longer before the final check: a call that timed
 /// out may still be on a slow link, and reach the database after its caller gave up.
 pub const DRAIN_QUIET_MS: u64 = SLOW_LINK_MS_MAX + 4 * LATENCY_MS_MAX + 10;
-/// A deduct still inside an instance this long after the clients are done
+/// A request still inside an instance this long after the clients are done
 /// and the last fault healed is a hang (every wait of the engine, the store
 /// and the lock service is bounded far below it).
 pub const IN_FLIGHT_DRAIN_MS_MAX: u64 = 1_000;
@@ -225,6 +272,9 @@ const _: () = {
     assert!(SUBSCRIPTION_CHECK_MS >= REDIS_COMMAND_TIMEOUT_MS);
     assert!(CLIENT_TIMEOUT_MS < LOCK_WAIT_MS_MAX + STALL_MS_MIN);
     assert!(CLIENT_TIMEOUT_MS > LIVENESS_BOUND_MS);
+    assert!(SWEEP_INTERVAL_MS < LIVENESS_BOUND_MS);
+    assert!((*HOLD_TTL_MS_SHORT.end() as u64) < FAULT_WINDOW_MS);
+    assert!(HOLD_TTL_MS_LONG as u64 > SIM_DURATION_MS_MAX);
 };
 
 /// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.

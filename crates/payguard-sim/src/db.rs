@@ -17,20 +17,31 @@
 //! committed, and a transaction looked up before it arrived can no longer
 //! commit (as PostgreSQL's `pg_terminate_backend` of the one in progress).
 //!
+//! Every commit is followed by a check of the accounts' holds (`held` is the
+//! sum of the open holds, never negative, never above the balance), so a
+//! broken invariant is seen the moment it happens, not only at the end. The
+//! events feed is written in each movement's transaction from the rules'
+//! `Effect::event`, as the real stores write it.
+//!
 //! A [`StoreVariant`] can switch a rule of the store off, to show the checks
 //! failing: the one-debit rule (a deduct then sees a paid order as unpaid, as a
-//! store without the status check and the unique debit would), or the fence
-//! check (a stale token is not refused).
+//! store without the status check and the unique debit would), the fence
+//! check (a stale token is not refused), the refund id's one entry, a hold's
+//! one capture and one release (an ended hold then reads as still held), the
+//! expiry check of a capture, the refund bound of a captured order, the held
+//! sum's update on a release, one event per effect, and the time a batch
+//! decides at (after its row locks, or when its attempt started).
 
 use crate::oracle::OracleRef;
 use crate::wire::{now_ms, Post, Server, DB_PORT};
 use payguard::domain::{
-    Account, AccountId, Currency, Entry, EntryKind, Event, Money, Order, OrderId, OrderStatus,
+    Account, AccountId, Currency, Entry, EntryKind, Event, EventDraft, EventType, Money, Order,
+    OrderId, OrderStatus,
 };
 use payguard::store::rules::{
-    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows,
+    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows, Verdict,
 };
-use payguard::store::{Command, Op, OpResult, Rejection, StoreError};
+use payguard::store::{Command, Op, OpResult, Output, Rejection, StoreError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +55,30 @@ pub struct StoreVariant {
     /// A refund id already made replays its entry (off: it is refunded again,
     /// within what is left to refund).
     pub refund_once: bool,
+    /// A capture of a captured order replays it or is refused (off: the order
+    /// is read as still held, and captured again).
+    pub capture_once: bool,
+    /// A void or expiry of an ended hold replays it or names what ended it
+    /// (off: the order is read as still held, and released again).
+    pub release_once: bool,
+    /// A capture at or after `hold_expires_at` is refused `hold_expired` (off:
+    /// captures are decided as if the hold had not expired yet).
+    pub capture_before_expiry: bool,
+    /// Refunds of a captured order stop at the captured sum (off: at the
+    /// order's amount, as before two-phase payments).
+    pub refund_within_captured: bool,
+    /// A release lowers the account's `held` (off: the UPDATE forgets `held`).
+    pub release_lowers_held: bool,
+    /// An event is written per effect (off: also one per replayed movement,
+    /// as payguard's naive path writes `order.paid` per charge).
+    pub event_per_effect: bool,
+    /// A batch decides at the time it holds its orders' rows (here: when the
+    /// database runs it), as `store/postgres/batch.rs` reads its clock after
+    /// its `FOR UPDATE` reads (off: at the instance's clock when the attempt
+    /// started, as it did before the simulation found that a capture decided
+    /// before the expiry could commit after a duplicate was told
+    /// `hold_expired`).
+    pub clock_after_locks: bool,
 }
 
 impl StoreVariant {
@@ -51,20 +86,38 @@ impl StoreVariant {
         one_debit: true,
         fence_check: true,
         refund_once: true,
+        capture_once: true,
+        release_once: true,
+        capture_before_expiry: true,
+        refund_within_captured: true,
+        release_lowers_held: true,
+        event_per_effect: true,
+        clock_after_locks: true,
     };
 }
 
 /// What an instance asks the database; each is one transaction.
 #[derive(Debug, Clone)]
 pub enum DbReq {
-    /// A lane's batch, under transaction id `xid`.
-    Apply { xid: u64, cmds: Vec<Command> },
+    /// A lane's batch, under transaction id `xid`; `now` is the instance's
+    /// clock when the attempt started, `clock_offset_ms` how far that clock is
+    /// off the simulated one.
+    Apply {
+        xid: u64,
+        cmds: Vec<Command>,
+        now: i64,
+        clock_offset_ms: i64,
+    },
     /// Did transaction `xid` commit? Ends it if it has not arrived yet.
     Fate { xid: u64 },
-    /// `Store::settled`: what the committed state answers without a write.
-    Settled { cmds: Vec<Command> },
+    /// `Store::settled`: what the committed state answers without a write,
+    /// at the instance's clock `now` (a snapshot read takes no row lock, so
+    /// the PostgreSQL store decides it at the caller's time too).
+    Settled { cmds: Vec<Command>, now: i64 },
     /// `nextval('fence_epochs')`.
     NextFenceEpoch,
+    /// `Store::due_holds`: AUTHORIZED orders whose hold expired at `now_ms`.
+    DueHolds { now_ms: i64, limit: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +126,7 @@ pub enum DbResp {
     Fate(bool),
     Settled(Vec<Option<OpResult>>),
     Epoch(i64),
+    Due(Vec<OrderId>),
 }
 
 /// The tables: what a transaction changes, all or nothing.
@@ -104,9 +158,37 @@ pub struct DbState {
     pub stale_applied: Vec<String>,
     /// Stale writes refused by the fence check.
     pub stale_refused: u64,
+    /// What broke the accounts' hold invariants after a commit (`held` the sum
+    /// of the open holds, never negative, never above the balance): checked at
+    /// every commit, reported at the end of the seed.
+    pub held_broken: Vec<String>,
+    /// Two-phase races as the database answered them (committed or read):
+    /// expiries that found the hold already released by another sweeper (a
+    /// replay); captures that came at or after the expiry. (An expiry never
+    /// finds a hold captured or voided: it is read as due only once the
+    /// expiry passed, after which neither can win, every host reading one
+    /// clock.)
+    pub races: Races,
     /// Transactions committed, and looked up after their answer was lost.
     pub commits: u64,
     pub fate_lookups: u64,
+}
+
+/// See [`DbState::races`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Races {
+    pub expiry_replays: u64,
+    pub captures_too_late: u64,
+}
+
+impl Races {
+    fn count(&mut self, cmd: &Command, answer: &OpResult) {
+        match (&cmd.op, answer) {
+            (Op::Expire { .. }, Ok(out)) if out.is_replay() => self.expiry_replays += 1,
+            (Op::Capture { .. }, Err(Rejection::HoldExpired)) => self.captures_too_late += 1,
+            _ => {}
+        }
+    }
 }
 
 /// The rows one command's decision needs (payguard's [`Rows`]).
@@ -182,16 +264,64 @@ impl Tables {
             }
             Op::Capture { order_id, .. } => {
                 set_order(&mut read, order_id);
+                let captured = read.order.as_ref().is_some_and(|o| o.captured.is_some());
+                if !variant.capture_once && captured {
+                    // The broken store: a captured order still looks held.
+                    read.order = read.order.take().map(still_held);
+                }
                 if let Some(id) = read.order.as_ref().and_then(|o| o.debit_entry_id) {
                     read.debit = self.entry(id);
                 }
             }
             Op::Void { order_id } | Op::Expire { order_id } => {
                 set_order(&mut read, order_id);
+                if !variant.release_once {
+                    // The broken store: an ended hold still looks held.
+                    read.order = read.order.take().map(still_held);
+                }
                 read.release = self.order_entry(order_id, EntryKind::Release);
             }
         }
         read
+    }
+
+    /// AUTHORIZED orders whose hold expired at `now`, oldest expiry first (as
+    /// the stores' `due_holds`).
+    fn due_holds(&self, now: i64, limit: usize) -> Vec<OrderId> {
+        let mut due: Vec<(i64, OrderId)> = self
+            .orders
+            .values()
+            .filter(|(o, _)| o.status == OrderStatus::Authorized)
+            .filter_map(|(o, _)| {
+                o.hold_expires_at
+                    .filter(|at| *at <= now)
+                    .map(|at| (at, o.id.clone()))
+            })
+            .collect();
+        due.sort();
+        due.into_iter().take(limit).map(|(_, id)| id).collect()
+    }
+
+    /// What breaks the hold invariants of each account: `held` is the sum of
+    /// its AUTHORIZED orders' holds, at least zero and at most the balance.
+    pub fn held_broken(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (id, a) in &self.accounts {
+            let open: i64 = self
+                .orders
+                .values()
+                .filter(|(o, _)| &o.account_id == id && o.status == OrderStatus::Authorized)
+                .map(|(o, _)| o.held.minor())
+                .sum();
+            if a.held.minor() != open || a.held.is_negative() || a.held > a.balance {
+                out.push(format!(
+                    "account {id}: held {}, open holds {open}, balance {} (minor units)",
+                    a.held.minor(),
+                    a.balance.minor()
+                ));
+            }
+        }
+        out
     }
 
     /// One ledger line; returns its id.
@@ -203,7 +333,12 @@ impl Tables {
 
     /// Makes the writes of `effect` (as `sqlite::commands::write_effect`);
     /// returns the command's answer.
-    fn write_effect(&mut self, effect: &Effect, now: i64) -> Result<OpResult, Inconsistent> {
+    fn write_effect(
+        &mut self,
+        effect: &Effect,
+        now: i64,
+        variant: StoreVariant,
+    ) -> Result<OpResult, Inconsistent> {
         let broken = |what: &str| Inconsistent(format!("{what}: not as read"));
         let entry_id = match effect {
             Effect::OpenAccount(a) => {
@@ -254,7 +389,11 @@ impl Tables {
                     .get_mut(&m.entry.account_id)
                     .expect("read above");
                 account.balance = m.entry.balance_after;
-                account.held = m.held_after;
+                account.held = match effect {
+                    // The broken store's release forgets the held sum.
+                    Effect::Release(_) if !variant.release_lowers_held => m.held_before,
+                    _ => m.held_after,
+                };
                 account.updated_at = now;
                 let (after, _) = m.settle(id);
                 let (order, _) = self
@@ -266,18 +405,23 @@ impl Tables {
             }
         };
         if let Some(draft) = effect.event(entry_id) {
-            let seq = self.events.len() as i64 + 1;
-            self.events.push(Event {
-                seq,
-                // Not `new_event_id` (wall clock, random): a seed must replay.
-                id: format!("evt_sim_{seq:020}"),
-                kind: draft.kind,
-                created_at: now,
-                order: draft.order,
-                entry: draft.entry,
-            });
+            self.push_event(draft, now);
         }
         Ok(effect.answer(entry_id))
+    }
+
+    /// Appends an event to the feed, numbered in commit order.
+    fn push_event(&mut self, draft: EventDraft, now: i64) {
+        let seq = self.events.len() as i64 + 1;
+        self.events.push(Event {
+            seq,
+            // Not `new_event_id` (wall clock, random): a seed must replay.
+            id: format!("evt_sim_{seq:020}"),
+            kind: draft.kind,
+            created_at: now,
+            order: draft.order,
+            entry: draft.entry,
+        });
     }
 }
 
@@ -290,6 +434,8 @@ impl DbState {
             xids: BTreeMap::new(),
             stale_applied: Vec::new(),
             stale_refused: 0,
+            held_broken: Vec::new(),
+            races: Races::default(),
             commits: 0,
             fate_lookups: 0,
         }
@@ -307,6 +453,16 @@ impl DbState {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             stale_refused += u64::from(answer == Err(Rejection::StaleFencingToken));
             answers.push(answer);
+        }
+        if self.held_broken.is_empty() {
+            self.held_broken = t
+                .held_broken()
+                .into_iter()
+                .map(|b| format!("after a commit at {now} ms: {b}"))
+                .collect();
+        }
+        for (cmd, answer) in cmds.iter().zip(&answers) {
+            self.races.count(cmd, answer);
         }
         self.tables = t;
         self.stale_applied.extend(stale_applied);
@@ -332,7 +488,7 @@ impl DbState {
                 ..cmd.clone()
             }
         };
-        let verdict = rules::decide(&decided_on, &read.seen(), now)?;
+        let verdict = self.decide(&decided_on, &read, now)?;
         let stale = verdict.decision == Decision::Reject(Rejection::StaleFencingToken);
         if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), stale) {
             if read.order.is_some() {
@@ -359,8 +515,33 @@ impl DbState {
         let answer = match verdict.decision {
             Decision::Reject(r) => Err(r),
             Decision::Replay(out) => Ok(out),
-            Decision::Apply(effect) => t.write_effect(&effect, now)?,
+            Decision::Apply(effect) => t.write_effect(&effect, now, self.variant)?,
         };
+        if let (
+            false,
+            Ok(Output::Movement {
+                replayed: true,
+                order,
+                entry,
+            }),
+        ) = (self.variant.event_per_effect, &answer)
+        {
+            // The broken store: an event per answer, replays included.
+            let kind = match entry.kind {
+                EntryKind::Refund | EntryKind::Reversal => EventType::OrderRefunded,
+                EntryKind::Hold => EventType::OrderAuthorized,
+                EntryKind::Release => EventType::OrderVoided,
+                EntryKind::Debit | EntryKind::Capture => EventType::OrderPaid,
+            };
+            t.push_event(
+                EventDraft {
+                    kind,
+                    order: order.clone(),
+                    entry: Some(entry.clone()),
+                },
+                now,
+            );
+        }
         if let Some(idem) = &cmd.idempotency {
             let key = (idem.scope.clone(), idem.key.clone());
             let ours = t
@@ -388,23 +569,84 @@ impl DbState {
         Ok(answer)
     }
 
+    /// payguard's rules on `read`, as this variant of the store applies them.
+    fn decide(&self, cmd: &Command, read: &Read, now: i64) -> Result<Verdict, Inconsistent> {
+        let order = read.order.as_ref();
+        match &cmd.op {
+            Op::Capture { .. } if !self.variant.capture_before_expiry => {
+                // The broken store: a capture is decided before the hold's expiry.
+                let before = order
+                    .and_then(|o| o.hold_expires_at)
+                    .map_or(now, |at| now.min(at - 1));
+                let mut verdict = rules::decide(cmd, &read.seen(), before)?;
+                if let Decision::Apply(Effect::Capture(m)) = &mut verdict.decision {
+                    // Written when it commits, as every entry is.
+                    m.entry.created_at = now;
+                    m.after.updated_at = now;
+                    if let Some(rest) = m.rest.as_mut() {
+                        rest.created_at = now;
+                    }
+                }
+                Ok(verdict)
+            }
+            Op::Refund { .. } if !self.variant.refund_within_captured => {
+                // The broken store: the refund bound is the order's amount.
+                let captured = order.and_then(|o| o.captured);
+                let mut as_if = read.clone();
+                if let Some(o) = as_if.order.as_mut() {
+                    o.captured = None;
+                }
+                let mut verdict = rules::decide(cmd, &as_if.seen(), now)?;
+                if let Decision::Apply(Effect::Refund(m)) = &mut verdict.decision {
+                    m.before.captured = captured;
+                    m.after.captured = captured;
+                }
+                Ok(verdict)
+            }
+            _ => rules::decide(cmd, &read.seen(), now),
+        }
+    }
+
     /// `Store::settled`: one snapshot, nothing written.
-    pub fn settled(&self, cmds: &[Command], now: i64) -> Vec<Option<OpResult>> {
-        cmds.iter()
+    pub fn settled(&mut self, cmds: &[Command], now: i64) -> Vec<Option<OpResult>> {
+        let answers: Vec<Option<OpResult>> = cmds
+            .iter()
             .map(|cmd| {
                 if !cmd.is_plain() {
                     return None;
                 }
                 let read = self.tables.read_for(&cmd.op, self.variant);
-                rules::settled(cmd, &read.seen(), now).unwrap_or(None)
+                // `rules::settled`, over this variant's decision.
+                match self.decide(cmd, &read, now).map(|v| v.decision) {
+                    Ok(Decision::Replay(out)) => Some(Ok(out)),
+                    Ok(Decision::Reject(r)) if r.is_definite() => Some(Err(r)),
+                    _ => None,
+                }
             })
-            .collect()
+            .collect();
+        for (cmd, answer) in cmds.iter().zip(&answers) {
+            if let Some(answer) = answer {
+                self.races.count(cmd, answer);
+            }
+        }
+        answers
     }
 
-    /// One request, as the host runs it.
+    /// One request, as the host runs it at `now` (the database's clock).
     pub fn exec(&mut self, req: &DbReq, now: i64) -> DbResp {
         match req {
-            DbReq::Apply { xid, cmds } => {
+            DbReq::Apply {
+                xid,
+                cmds,
+                now: started,
+                clock_offset_ms,
+            } => {
+                // The instance reads its clock once it holds the rows: now.
+                let now = if self.variant.clock_after_locks {
+                    now + clock_offset_ms
+                } else {
+                    *started
+                };
                 if self.xids.get(xid) == Some(&false) {
                     // Looked up (and so ended) before it arrived.
                     return DbResp::Applied(Err(StoreError::Unavailable(format!(
@@ -419,10 +661,13 @@ impl DbState {
                 self.fate_lookups += 1;
                 DbResp::Fate(*self.xids.entry(*xid).or_insert(false))
             }
-            DbReq::Settled { cmds } => DbResp::Settled(self.settled(cmds, now)),
+            DbReq::Settled { cmds, now } => DbResp::Settled(self.settled(cmds, *now)),
             DbReq::NextFenceEpoch => {
                 self.fence_epoch_seq += 1;
                 DbResp::Epoch(self.fence_epoch_seq)
+            }
+            DbReq::DueHolds { now_ms, limit } => {
+                DbResp::Due(self.tables.due_holds(*now_ms, *limit))
             }
         }
     }
@@ -468,6 +713,21 @@ impl DbState {
     }
 }
 
+/// A broken store's view of an ended two-phase order: still AUTHORIZED, with
+/// its whole amount held and nothing captured.
+fn still_held(o: Order) -> Order {
+    if !o.is_two_phase() || o.status == OrderStatus::Authorized {
+        return o;
+    }
+    Order {
+        status: OrderStatus::Authorized,
+        held: o.amount,
+        captured: None,
+        debit_entry_id: None,
+        ..o
+    }
+}
+
 /// A short form of a request, for the trace.
 fn describe(req: &DbReq) -> String {
     let ops = |cmds: &[Command]| -> Vec<String> {
@@ -484,10 +744,13 @@ fn describe(req: &DbReq) -> String {
             .collect()
     };
     match req {
-        DbReq::Apply { xid, cmds } => format!("apply xid {xid} {:?}", ops(cmds)),
+        DbReq::Apply { xid, cmds, now, .. } => {
+            format!("apply xid {xid} (started at {now} ms) {:?}", ops(cmds))
+        }
         DbReq::Fate { xid } => format!("fate of xid {xid}"),
-        DbReq::Settled { cmds } => format!("settled? {:?}", ops(cmds)),
+        DbReq::Settled { cmds, now } => format!("settled at {now} ms? {:?}", ops(cmds)),
         DbReq::NextFenceEpoch => "nextval(fence_epochs)".into(),
+        DbReq::DueHolds { now_ms, .. } => format!("holds due at {now_ms} ms?"),
     }
 }
 
@@ -522,6 +785,7 @@ fn describe_resp(resp: &DbResp) -> String {
                 .collect::<Vec<_>>()
         ),
         DbResp::Epoch(e) => format!("epoch {e}"),
+        DbResp::Due(ids) => format!("{:?}", ids.iter().map(OrderId::as_str).collect::<Vec<_>>()),
     }
 }
 

@@ -9,15 +9,18 @@
 //! engine result to the status a client would see, and starts the network
 //! agent and the release subscriber. A crash drops the host's runtime and with
 //! it the engine, its lanes and every request in flight; a restart builds a new
-//! one (a new boot: new lock owners and transaction ids).
+//! one (a new boot: new lock owners and transaction ids). With two-phase
+//! payments, every instance also runs payguard's expiry sweeper
+//! (`payguard::engine::sweeper::run_on_clock`, the loop `payguard-server`
+//! spawns, on the simulated clock), so several sweep at once.
 
-use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX};
+use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX, SWEEP_INTERVAL_MS};
 use crate::db::DbState;
 use crate::locks::{JoinAll, SimLocks};
 use crate::oracle::OracleRef;
 use crate::redis::SharedRedis;
-use crate::store::SimStore;
-use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Incoming, Post, Server, INSTANCE_PORT};
+use crate::store::{Host, SimStore};
+use crate::wire::{now_ms, Agent, ApiReq, ApiResp, Ask, Incoming, Post, Server, INSTANCE_PORT};
 use crate::{LockProtocol, Protocol};
 use payguard::domain::{Money, OrderId, RefundId, RequestId};
 use payguard::engine::{Engine, EngineConfig, EngineError, Guard};
@@ -34,6 +37,8 @@ pub struct Instance {
     pub index: usize,
     pub protocol: Protocol,
     pub stall_percent: u32,
+    /// How far this instance's clock is off the simulated one (ms).
+    pub clock_offset_ms: i64,
     /// Seeds the store's RNG at each boot.
     pub rng_seed: u64,
     pub post: Post,
@@ -64,9 +69,14 @@ fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
             Rejection::LockBusy => ApiResp::LockBusy,
             Rejection::StaleFencingToken => ApiResp::StaleFencingToken,
             Rejection::OrderNotFound => ApiResp::NoSuchOrder,
-            Rejection::OrderNotPaid | Rejection::RefundExceedsPaid => {
-                ApiResp::RefundRefused { reason: r.reason() }
-            }
+            Rejection::OrderNotPaid
+            | Rejection::RefundExceedsPaid
+            | Rejection::OrderNotAuthorized
+            | Rejection::OrderAuthorized
+            | Rejection::CaptureExceedsHold
+            | Rejection::HoldAlreadyCaptured
+            | Rejection::HoldVoided
+            | Rejection::HoldExpired => ApiResp::Conflict { reason: r.reason() },
             _ => ApiResp::Refused,
         },
         Err(EngineError::Store(StoreError::Unknown(_))) => ApiResp::Unknown,
@@ -95,6 +105,29 @@ impl Drop for InFlight {
     }
 }
 
+/// The engine op a client's request becomes (as payguard's routes build it).
+fn op_of(order: &str, ask: &Ask) -> Op {
+    let order_id = OrderId::parse(order).expect("order ids are well formed");
+    let money = |m: i64| Money::amount(m).expect("amounts are positive");
+    match ask {
+        Ask::Deduct => Op::Deduct { order_id },
+        Ask::Refund { id, amount } => Op::Refund {
+            order_id,
+            refund_id: RefundId::parse(id).expect("refund ids are well formed"),
+            amount: money(*amount),
+        },
+        Ask::Authorize { hold_ttl_ms } => Op::Authorize {
+            order_id,
+            hold_ttl_ms: *hold_ttl_ms,
+        },
+        Ask::Capture { amount } => Op::Capture {
+            order_id,
+            amount: amount.map(money),
+        },
+        Ask::Void => Op::Void { order_id },
+    }
+}
+
 async fn handle(
     inst: usize,
     engine: Arc<Engine>,
@@ -103,27 +136,15 @@ async fn handle(
     n: u64,
     oracle: OracleRef,
 ) {
-    let Some(ApiReq { order, refund }) = req.body.downcast_ref::<ApiReq>().cloned() else {
+    let Some(ApiReq { order, ask }) = req.body.downcast_ref::<ApiReq>().cloned() else {
         return;
     };
     let _in_flight = InFlight::new(oracle.clone());
-    let order_id = OrderId::parse(&order).expect("order ids are well formed");
     let rid = RequestId::parse(&format!("inst{inst}-{n}")).expect("well formed");
-    let op = match &refund {
-        None => Op::Deduct { order_id },
-        Some((refund_id, amount)) => Op::Refund {
-            order_id,
-            refund_id: RefundId::parse(refund_id).expect("refund ids are well formed"),
-            amount: Money::amount(*amount).expect("refund amounts are positive"),
-        },
-    };
-    let result = engine.submit(op, rid).await;
+    let result = engine.submit(op_of(&order, &ask), rid).await;
     let answer = api_answer(&result);
-    oracle.borrow_mut().note(now_ms(), || match &refund {
-        None => format!("inst{inst}: deduct {order} -> {answer:?}"),
-        Some((id, amount)) => {
-            format!("inst{inst}: refund {id} of {amount} on {order} -> {answer:?}")
-        }
+    oracle.borrow_mut().note(now_ms(), || {
+        format!("inst{inst}: {ask} {order} -> {answer:?}")
     });
     server.reply(&req, Box::new(answer)).await;
 }
@@ -139,7 +160,10 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         boot,
         net.clone(),
         me.db.clone(),
-        me.stall_percent,
+        Host {
+            stall_percent: me.stall_percent,
+            clock_offset_ms: me.clock_offset_ms,
+        },
         rng,
         me.oracle.clone(),
     ));
@@ -169,6 +193,16 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         failpoint_pause_after_lock_ms: 0,
     };
     let engine = Arc::new(Engine::start_with_order_locks(store, cfg, Some(locks)));
+    if me.protocol.two_phase {
+        // payguard's own sweeper loop, as `payguard-server` spawns it, on the
+        // instance's simulated clock; dropped with the host when it crashes.
+        let offset = me.clock_offset_ms;
+        tokio::spawn(payguard::engine::sweeper::run_on_clock(
+            engine.clone(),
+            std::time::Duration::from_millis(SWEEP_INTERVAL_MS),
+            move || now_ms() as i64 + offset,
+        ));
+    }
     let server = Rc::new(Server::bind(me.post.clone(), INSTANCE_PORT).await?);
     let mut n = 0;
     loop {

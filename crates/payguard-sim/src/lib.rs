@@ -13,19 +13,27 @@
 //! to a simulated Redis ([`redis`]) that runs the Lua scripts' semantics, and a
 //! client host ([`client`]) sends bursts of duplicate deducts to different
 //! instances, and duplicate refunds of some orders around them (two refund ids
-//! whose amounts may add up past the charge), over a simulated network on a
-//! simulated clock. A seed decides
+//! whose amounts may add up past the charge), and pays other orders in two
+//! phases ([`two_phase`]): an authorize (a hold, some expiring mid-run), then
+//! captures (whole or in part), voids, both at once, or nothing, each
+//! duplicated across the instances, racing each other and the expiry that
+//! payguard's own sweeper, running on every instance, writes. All of it over
+//! a simulated network on a simulated clock. A seed decides
 //! latencies, message loss, partitions, slow links, crashes and restarts of any
 //! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
 //! Every run ends with the money invariants checked against the database and
-//! what the clients were told ([`oracle`]), fencing checked (no write applied
+//! what the clients were told ([`checks`], [`oracle`]), fencing checked (no write applied
 //! below a token already applied to its order, no live lock holder given a
-//! token at or below an earlier live holder's), no deduct hung inside an
+//! token at or below an earlier live holder's), no request hung inside an
 //! instance, refunds checked (each refund id once, an order's refunds within its
-//! charge, every acknowledged refund in the ledger, none for a refund refused as
-//! exceeding what was paid), and, on a seed with no fault, liveness: every
-//! request answered 200, 402 or a refund's definite 409 within one lock TTL plus
-//! the store's batch deadline.
+//! charge or capture, every acknowledged refund in the ledger, none for a
+//! refund refused as exceeding what was paid), holds checked (one hold, one
+//! capture, one release per order; exactly one of capture, void and expiry;
+//! every definite answer agreeing with it; no capture at or after the expiry;
+//! every short hold released by a sweeper; `held` the sum of the open holds and
+//! within the balance after every commit), one event per effect in the events
+//! feed, and, on a seed with no fault, liveness: every request answered 200,
+//! 402 or a definite 409 within one lock TTL plus the store's batch deadline.
 //!
 //! A seed replays exactly: every random choice comes from that seed (turmoil's
 //! RNG and ours), time is turmoil's (the engine and payguard's release board
@@ -35,30 +43,47 @@
 //!
 //! What runs for real: the engine (lanes, single flight, group commit, the
 //! fenced batch path with settled hints and parking, the lane's give-up after
-//! the lock wait), payguard's `ReleaseBoard`, the money rules and the
-//! Idempotency-Key rules, the token arithmetic. What is re-stated, because it
-//! is written against a real server's calls: the Lua scripts ([`redis`]), the
-//! client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
+//! the lock wait), the expiry sweeper (`payguard::engine::sweeper::run_on_clock`,
+//! the loop `payguard-server` runs, on the simulated clock), payguard's
+//! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
+//! the Idempotency-Key rules, the token arithmetic. What is re-stated, because
+//! it is written against a real server's calls: the Lua scripts ([`redis`]),
+//! the client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
 //! commit-fate resolution ([`store`]); a divergence between those and
 //! production is not caught here. Not simulated: the HTTP layer (so no
-//! Idempotency-Key reaches the engine), two-phase payments (deducts and refunds
-//! are sent), the expiry sweeper and the webhook outbox, Redis eviction and
-//! replication, and a database that loses committed data.
+//! Idempotency-Key reaches the engine), webhook delivery (the events feed is
+//! written and checked, nothing is delivered), PostgreSQL's numbering of
+//! events after commit, transactions that overlap in time (the database runs
+//! each at one instant), Redis eviction and replication, and a database that
+//! loses committed data. Every host reads the one simulated clock, unless
+//! `Protocol::clock_skew_ms` sets the instances' clocks apart: each instance
+//! then decides its batches, snapshot reads and sweeps at its own clock, as
+//! payguard does, and a test shows what that costs.
 //!
 //! What it found once refunds were sent: a batch holding a duplicate deduct
 //! answered by a settled hint and a refund of the same order takes that
 //! order's lock in a second acquire, and the engine released both acquires'
 //! leases in one call, which takes one acquire's: none was released, and the
 //! orders stayed locked until their TTL (`LockBusy` on a seed with no fault).
-//! The engine now releases per acquire (`tests/sim.rs`, seed 340).
+//! The engine now releases per acquire (`tests/sim.rs`: seed 340 then, 24
+//! since the clients also pay in two phases).
+//!
+//! What it found once holds were captured around their expiry: the PostgreSQL
+//! store read its clock when a batch attempt started, before its row locks, so
+//! with Redis unreachable a capture that read the clock before the expiry
+//! committed after a duplicate, decided after it, had been told
+//! `hold_expired`. The store now reads the clock once it holds its rows
+//! (`tests/sim.rs`, seed 1677 with the old clock read; `payguard`'s
+//! `tests/pg_store.rs` against a real server).
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off, or the lock client's old counter reset on, or arm a
-//! bug in the engine (`payguard::engine::mutants`), to show that the
-//! checks then fail (`tests/sim.rs` pins a seed for each).
+//! bug in the engine or its sweeper (`payguard::engine::mutants`), to show that
+//! the checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 
+pub mod checks;
 pub mod client;
 pub mod config;
 pub mod db;
@@ -68,6 +93,7 @@ pub mod oracle;
 pub mod redis;
 pub mod run;
 pub mod store;
+pub mod two_phase;
 pub mod wire;
 
 pub use config::{LockProtocol, Protocol};

@@ -10,7 +10,7 @@
 //! as `Arc<Mutex<_>>` ([`OracleRef`]), though every host of a seed runs on one
 //! thread.
 
-use crate::wire::ApiResp;
+use crate::wire::{ApiResp, Ask};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One broken invariant, with enough detail to start reading a replay.
@@ -41,7 +41,7 @@ pub enum ViolationKind {
     LiveHolderStaleToken,
     /// In a seed with no fault (no crash, flush, restart, partition, slow link,
     /// message loss or stall), a request was not answered, was answered
-    /// anything but 200 or 402, or took longer than the bound.
+    /// anything but 200, 402 or a definite 409, or took longer than the bound.
     Liveness,
     /// An order's refunds add up past its charge, or an order never charged
     /// has a refund.
@@ -53,7 +53,30 @@ pub enum ViolationKind {
     AcknowledgedRefundMissing,
     /// A client was told `refund_exceeds_paid` for a refund id that has an entry.
     RefusedRefundApplied,
-    /// A deduct never left its instance: still in flight long after the
+    /// An order has more than one hold, capture or release entry, or its
+    /// capture and release add up past its hold.
+    HoldEntries,
+    /// A two-phase order's state is not what exactly one of capture, void or
+    /// expiry leaves (its status, its entries and its sums disagree), or an
+    /// ended hold was ended twice (a capture and a release, or two releases).
+    HoldOutcome,
+    /// A client's definite answer about a two-phase step disagrees with what
+    /// won: a 200 capture not the order's capture, a void acknowledged on an
+    /// order captured, a 409 naming what did not end the hold, an acknowledged
+    /// hold not the order's hold, a 402 on an order held.
+    TwoPhaseAnswer,
+    /// An account's `held` is not the sum of its open holds, or is negative, or
+    /// exceeds its balance (available below zero), after some commit.
+    HeldMismatch,
+    /// A capture committed at or after its hold's `hold_expires_at`.
+    CaptureAfterExpiry,
+    /// A short hold still AUTHORIZED long after its expiry, the clients and
+    /// every fault: no sweeper released it.
+    HoldOutlivedExpiry,
+    /// The events feed does not have exactly one event per effect (each
+    /// movement's entry, each decline), of the effect's kind.
+    Events,
+    /// A request never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
     /// The simulation did not finish (a host hung, or panicked).
@@ -86,7 +109,26 @@ pub struct Stats {
     /// Refund answers: made (200) and refused (409).
     pub refund_acks: u64,
     pub refunds_refused: u64,
-    /// Deducts that got no definite answer in all their attempts.
+    /// Two-phase answers: holds acknowledged (200), captures and voids
+    /// acknowledged, and their definite refusals (402, 409).
+    pub hold_acks: u64,
+    pub capture_acks: u64,
+    pub void_acks: u64,
+    pub two_phase_refused: u64,
+    /// Two-phase orders at the end: captured (in part), voided, expired by a
+    /// sweeper, still held (long holds).
+    pub captured: u64,
+    pub captured_in_part: u64,
+    pub voided: u64,
+    pub expired: u64,
+    pub held_open: u64,
+    /// Events in the feed.
+    pub feed_events: u64,
+    /// Expiries answered as replays (another sweeper had released the
+    /// hold); captures refused `hold_expired` (see `db::Races`).
+    pub expiry_replays: u64,
+    pub captures_too_late: u64,
+    /// Requests that got no definite answer in all their attempts.
     pub unanswered: u64,
     pub faults: u64,
     /// Lane batches that reached the store, their ops, and those of two ops or more.
@@ -128,6 +170,8 @@ pub struct Oracle {
     pub refund_acks: Vec<(String, String, i64)>,
     /// (order, refund id) per answer `refund_exceeds_paid`.
     pub refunds_refused: Vec<(String, String)>,
+    /// (order, step, definite answer) per two-phase answer a client got.
+    pub two_phase: Vec<(String, Ask, ApiResp)>,
     pub violations: Vec<Violation>,
     pub stats: Stats,
     /// What happened, in order, when a replay asked for it (`None`: not kept).
@@ -136,7 +180,7 @@ pub struct Oracle {
     pub events: u64,
     /// Every client request, for the liveness check.
     pub attempts: Vec<Attempt>,
-    /// Deducts being worked on by an instance (a crash drops them).
+    /// Requests being worked on by an instance (a crash drops them).
     pub in_flight: u64,
     /// order → highest token made for a holder that was live when it got it.
     live_tokens: std::collections::BTreeMap<String, i64>,
@@ -219,6 +263,50 @@ impl Oracle {
         if orders >= 2 {
             let n = &mut self.multi_rounds_in_flight[inst];
             *n = n.saturating_sub(1);
+        }
+    }
+
+    /// A client got a definite answer (200, 402, 409) to `ask` on `order`.
+    pub fn answered(&mut self, order: &str, ask: &Ask, answer: ApiResp) {
+        let order = order.to_owned();
+        let acked = |a: ApiResp| match a {
+            ApiResp::Charged { entry } | ApiResp::Replayed { entry } => Some(entry),
+            _ => None,
+        };
+        match ask {
+            Ask::Deduct => match acked(answer) {
+                Some(entry) => {
+                    self.stats.acks += 1;
+                    self.acks.push((order, entry));
+                }
+                None => {
+                    self.stats.declined += 1;
+                    self.declined.push(order);
+                }
+            },
+            Ask::Refund { id, .. } => match (acked(answer), answer) {
+                (Some(entry), _) => {
+                    self.stats.refund_acks += 1;
+                    self.refund_acks.push((order, id.clone(), entry));
+                }
+                (None, ApiResp::Conflict { reason }) => {
+                    self.stats.refunds_refused += 1;
+                    if reason == "refund_exceeds_paid" {
+                        self.refunds_refused.push((order, id.clone()));
+                    }
+                }
+                (None, _) => {}
+            },
+            Ask::Authorize { .. } | Ask::Capture { .. } | Ask::Void => {
+                let counter = match (ask, acked(answer)) {
+                    (_, None) => &mut self.stats.two_phase_refused,
+                    (Ask::Authorize { .. }, Some(_)) => &mut self.stats.hold_acks,
+                    (Ask::Capture { .. }, Some(_)) => &mut self.stats.capture_acks,
+                    (_, Some(_)) => &mut self.stats.void_acks,
+                };
+                *counter += 1;
+                self.two_phase.push((order, ask.clone(), answer));
+            }
         }
     }
 

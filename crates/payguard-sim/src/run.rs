@@ -10,19 +10,23 @@
 //!
 //! One seed in [`CALM_SEED_ONE_IN`] is calm: no fault, no message loss, no
 //! stall. On such a seed (and on any other that happens to draw none) the
-//! liveness check applies: every request answered 200 or 402, each within one
-//! lock TTL plus the store's batch deadline ([`LIVENESS_BOUND_MS`]). The safety
-//! checks apply to every seed.
+//! liveness check applies: every request answered 200, 402 or a definite 409,
+//! each within one lock TTL plus the store's batch deadline
+//! ([`LIVENESS_BOUND_MS`]). The safety checks apply to every seed, and so does
+//! the sweepers' liveness: a seed runs until no short hold is left AUTHORIZED,
+//! or until [`SWEEP_GRACE_MS`] after its expiry, the clients and the faults.
 
-use crate::client::{self, Send};
+use crate::checks;
+use crate::client::{self, Flow, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
 use crate::instance::{self, Instance};
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
 use crate::redis::{self, RedisState, SharedRedis};
-use crate::wire::{instance_host, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
+use crate::two_phase;
+use crate::wire::{instance_host, Ask, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
 use crate::Protocol;
-use payguard::domain::{EntryKind, Money};
+use payguard::domain::OrderStatus;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cell::Cell;
@@ -128,11 +132,17 @@ fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
     out
 }
 
-/// What a seed opens before the clients start, and the deducts they send.
+/// What a seed opens before the clients start, and the requests they send.
 struct Scenario {
     accounts: Vec<(String, i64)>,
+    /// Per account: it opens with half of what its deducts need.
+    tight: Vec<bool>,
     orders: Vec<(String, String, i64)>,
+    /// The instants the deducts go out at.
+    bursts: Vec<u64>,
     plan: Vec<Send>,
+    /// Two-phase payments (with `Protocol::two_phase`).
+    flows: Vec<Flow>,
 }
 
 fn draw_scenario(rng: &mut SmallRng) -> Scenario {
@@ -140,9 +150,11 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         .map(|_| rng.random_range(ORDER_AMOUNT_MIN..=ORDER_AMOUNT_MAX))
         .collect();
     let mut accounts = Vec::new();
+    let mut tight = Vec::new();
     for a in 0..ACCOUNTS {
         let owed: i64 = amounts.iter().skip(a).step_by(ACCOUNTS).sum();
-        let opening = if rng.random_ratio(1, TIGHT_ACCOUNT_ONE_IN) {
+        tight.push(rng.random_ratio(1, TIGHT_ACCOUNT_ONE_IN));
+        let opening = if tight[a] {
             owed / 2
         } else {
             // Enough for a double charge too, so only the protocol can stop one.
@@ -164,7 +176,7 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         for d in 0..DUPLICATES {
             plan.push(Send {
                 order: order.clone(),
-                refund: None,
+                ask: Ask::Deduct,
                 at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
             });
@@ -172,9 +184,29 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
     }
     Scenario {
         accounts,
+        tight,
         orders,
+        bursts,
         plan,
+        flows: Vec::new(),
     }
+}
+
+/// The two-phase payments of `Protocol::two_phase` ([`two_phase::draw`], their
+/// own random stream): their orders join the accounts, whose openings grow by
+/// what the holds need (a tight account by half of it, the others twice).
+fn draw_two_phase(seed: u64, scenario: &mut Scenario) {
+    let drawn = two_phase::draw(seed, &scenario.bursts);
+    for (order, account, amount) in drawn.orders {
+        let (id, opening) = &mut scenario.accounts[account];
+        *opening += if scenario.tight[account] {
+            amount / 2
+        } else {
+            amount * 2
+        };
+        scenario.orders.push((order, id.clone(), amount));
+    }
+    scenario.flows = drawn.flows;
 }
 
 /// The refunds of `Protocol::refunds`, from their own random stream: for one
@@ -202,7 +234,10 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
             for d in 0..DUPLICATES {
                 refunds.push(Send {
                     order: order.clone(),
-                    refund: Some((id.clone(), part)),
+                    ask: Ask::Refund {
+                        id: id.clone(),
+                        amount: part,
+                    },
                     at_ms: at + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                     first_instance: (k + r + d) % INSTANCES,
                 });
@@ -210,154 +245,6 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
         }
     }
     scenario.plan.extend(refunds);
-}
-
-/// Refunds against the ledger: each refund id once, an order's refunds within
-/// its charge, every acknowledged refund in the ledger, no entry for a refund a
-/// client was told exceeds what was paid.
-fn check_refunds(db: &DbState, oracle: &mut Oracle) {
-    let entries = &db.tables.entries;
-    let refunds_of = |refund_id: &str| -> Vec<i64> {
-        entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Refund)
-            .filter(|e| {
-                e.refund_id
-                    .as_ref()
-                    .is_some_and(|r| r.as_str() == refund_id)
-            })
-            .map(|e| e.id)
-            .collect()
-    };
-    let mut ids: Vec<&str> = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Refund)
-        .filter_map(|e| e.refund_id.as_ref().map(|r| r.as_str()))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        let found = refunds_of(id);
-        oracle.check(ViolationKind::DoubleRefund, found.len() <= 1, || {
-            format!("refund {id} has {} entries: {found:?}", found.len())
-        });
-    }
-    for (order_id, (order, _)) in &db.tables.orders {
-        let charged: i64 = entries
-            .iter()
-            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Debit)
-            .map(|e| e.amount.minor())
-            .sum::<i64>()
-            .min(order.amount.minor());
-        let refunded: i64 = entries
-            .iter()
-            .filter(|e| &e.order_id == order_id && e.kind == EntryKind::Refund)
-            .map(|e| e.amount.minor())
-            .sum();
-        oracle.check(
-            ViolationKind::RefundsExceedCharge,
-            refunded <= charged,
-            || {
-                format!(
-                    "order {}: refunds of {refunded} against a charge of {charged}",
-                    order_id.as_str()
-                )
-            },
-        );
-    }
-    for (order, refund_id, entry) in oracle.refund_acks.clone() {
-        let found = refunds_of(&refund_id);
-        oracle.check(
-            ViolationKind::AcknowledgedRefundMissing,
-            found == [entry],
-            || format!("order {order}: a client was told refund {refund_id} is entry {entry}, the ledger has {found:?}"),
-        );
-    }
-    for (order, refund_id) in oracle.refunds_refused.clone() {
-        let found = refunds_of(&refund_id);
-        oracle.check(ViolationKind::RefusedRefundApplied, found.is_empty(), || {
-            format!("order {order}: a client was told refund {refund_id} exceeds what was paid, the ledger has {found:?}")
-        });
-    }
-}
-
-/// The money invariants and fencing, held against the database at the end.
-fn check_final(db: &DbState, oracle: &mut Oracle) {
-    let debits = db.debits();
-    for (order, entries) in &debits {
-        oracle.check(ViolationKind::DoubleCharge, entries.len() <= 1, || {
-            let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-            format!(
-                "order {} has {} debits: entries {ids:?}",
-                order.as_str(),
-                ids.len()
-            )
-        });
-    }
-    let ids_of = |order: &str| -> Vec<i64> {
-        debits
-            .iter()
-            .find(|(o, _)| o.as_str() == order)
-            .map(|(_, es)| es.iter().map(|e| e.id).collect())
-            .unwrap_or_default()
-    };
-    for (order, entry) in oracle.acks.clone() {
-        let entries = ids_of(&order);
-        oracle.check(
-            ViolationKind::AcknowledgedChargeMissing,
-            entries == [entry],
-            || {
-                format!(
-                    "order {order}: a client was told entry {entry}, the ledger has {entries:?}"
-                )
-            },
-        );
-    }
-    for order in oracle.declined.clone() {
-        let entries = ids_of(&order);
-        oracle.check(
-            ViolationKind::DeclinedButCharged,
-            entries.is_empty(),
-            || format!("order {order}: a client was told 402, the ledger has {entries:?}"),
-        );
-    }
-    for (id, account) in &db.tables.accounts {
-        let mut expected = Some(account.opening_balance);
-        let mut last_after = None;
-        for e in db.tables.entries.iter().filter(|e| &e.account_id == id) {
-            expected = match e.kind {
-                EntryKind::Debit | EntryKind::Capture => {
-                    expected.and_then(|b| b.checked_sub(e.amount))
-                }
-                EntryKind::Refund | EntryKind::Reversal => {
-                    expected.and_then(|b| b.checked_add(e.amount))
-                }
-                EntryKind::Hold | EntryKind::Release => expected,
-            };
-            last_after = Some(e.balance_after);
-        }
-        oracle.check(
-            ViolationKind::BalanceDrift,
-            expected == Some(account.balance) && last_after.is_none_or(|b| b == account.balance),
-            || {
-                format!(
-                    "account {}: opening {:?} and its ledger say {expected:?} (last entry {last_after:?}), the balance is {:?}",
-                    id.as_str(),
-                    account.opening_balance,
-                    account.balance
-                )
-            },
-        );
-        oracle.check(
-            ViolationKind::NegativeBalance,
-            account.balance >= Money::ZERO,
-            || format!("account {}: balance {:?}", id.as_str(), account.balance),
-        );
-    }
-    for detail in &db.stale_applied {
-        oracle.violate(ViolationKind::StaleTokenApplied, detail.clone());
-    }
-    check_refunds(db, oracle);
 }
 
 /// Runs one seed of `protocol` and checks it.
@@ -411,6 +298,8 @@ impl Armed {
             Some(Mutant::LaneForgetsWaiter)
         } else if protocol.release_acquires_as_one {
             Some(Mutant::ReleaseAcquiresAsOne)
+        } else if protocol.sweep_with_void {
+            Some(Mutant::SweepWithVoid)
         } else {
             None
         });
@@ -437,6 +326,9 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     let mut scenario = draw_scenario(&mut rng);
     if protocol.refunds {
         draw_refunds(seed, &mut scenario);
+    }
+    if protocol.two_phase {
+        draw_two_phase(seed, &mut scenario);
     }
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
     let weather = Weather::draw(&mut rng);
@@ -471,11 +363,17 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
             db::serve(post.clone(), state.clone(), oracle.clone())
         });
     }
+    let mut skew = SmallRng::seed_from_u64(seed ^ CLOCK_SKEW_RNG_SALT);
     for i in 0..INSTANCES {
+        let clock_offset_ms = match protocol.clock_skew_ms {
+            0 => 0,
+            d => skew.random_range(-d..=d),
+        };
         let inst = Rc::new(Instance {
             index: i,
             protocol,
             stall_percent: weather.stall_percent,
+            clock_offset_ms,
             rng_seed: rng.random(),
             post: post.clone(),
             db: db_state.clone(),
@@ -487,15 +385,17 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     }
     sim.client(
         CLIENT_HOST,
-        client::run(scenario.plan, post.clone(), oracle.clone()),
+        client::run(scenario.plan, scenario.flows, post.clone(), oracle.clone()),
     );
-    drive(&mut sim, weather, &oracle, &redis_state);
+    drive(&mut sim, weather, &oracle, &redis_state, &db_state);
     let sim_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
     let db = lock(&db_state);
     let mut oracle = oracle.borrow_mut();
     oracle.stats.grants = redis::lock(&redis_state).grants;
     oracle.stats.stale_refused = db.stale_refused;
+    oracle.stats.expiry_replays = db.races.expiry_replays;
+    oracle.stats.captures_too_late = db.races.captures_too_late;
     verdict(seed, sim_ms, fair, &db, &mut oracle)
 }
 
@@ -503,13 +403,30 @@ fn lock(db: &Arc<Mutex<DbState>>) -> std::sync::MutexGuard<'_, DbState> {
     db.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The latest expiry of a short hold still AUTHORIZED: the sweepers have work
+/// left (long holds outlive every seed).
+fn hold_left_to_sweep(db: &Arc<Mutex<DbState>>) -> Option<u64> {
+    lock(db)
+        .tables
+        .orders
+        .values()
+        .filter(|(o, _)| o.status == OrderStatus::Authorized)
+        .filter_map(|(o, _)| o.hold_expires_at)
+        .filter(|at| *at < HOLD_TTL_MS_LONG)
+        .max()
+        .map(|at| at as u64)
+}
+
 /// Steps the simulation, injecting the faults on time, until the clients are
-/// done, every fault healed and nothing was in flight for a while.
+/// done, every fault healed, nothing was in flight for a while, and no short
+/// hold is left for the sweepers (or [`SWEEP_GRACE_MS`] passed after its
+/// expiry, the clients and the faults: the end-of-seed check names it).
 fn drive(
     sim: &mut turmoil::Sim<'_>,
     mut weather: Weather,
     oracle: &OracleRef,
     redis_state: &SharedRedis,
+    db_state: &Arc<Mutex<DbState>>,
 ) {
     let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
@@ -532,14 +449,17 @@ fn drive(
                 busy_ms = now;
             }
             let settled = done.max(last_fault_ms).max(busy_ms) + DRAIN_QUIET_MS;
-            if weather.faults.is_empty() && now >= settled {
+            let sweeping = hold_left_to_sweep(db_state);
+            let swept =
+                sweeping.is_none_or(|at| now >= at.max(done).max(last_fault_ms) + SWEEP_GRACE_MS);
+            if weather.faults.is_empty() && now >= settled && swept {
                 return;
             }
             let hung = done.max(last_fault_ms) + IN_FLIGHT_DRAIN_MS_MAX;
-            if weather.faults.is_empty() && now >= hung {
+            if weather.faults.is_empty() && in_flight > 0 && now >= hung {
                 oracle.borrow_mut().violate(
                     ViolationKind::Hang,
-                    format!("{in_flight} deducts still in an instance {IN_FLIGHT_DRAIN_MS_MAX} ms after the clients and the faults ended"),
+                    format!("{in_flight} requests still in an instance {IN_FLIGHT_DRAIN_MS_MAX} ms after the clients and the faults ended"),
                 );
                 return;
             }
@@ -577,7 +497,8 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 /// The checks at the end: safety always, liveness when nothing went wrong (no
 /// fault, no loss, no stall).
 fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
-    check_final(db, oracle);
+    checks::money(db, oracle);
+    two_phase::check(db, oracle, sim_ms);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LIVENESS_BOUND_MS);
@@ -705,6 +626,18 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         declined,
         refund_acks,
         refunds_refused,
+        hold_acks,
+        capture_acks,
+        void_acks,
+        two_phase_refused,
+        captured,
+        captured_in_part,
+        voided,
+        expired,
+        held_open,
+        feed_events,
+        expiry_replays,
+        captures_too_late,
         unanswered,
         faults,
         batches,
@@ -732,6 +665,18 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.declined += declined;
     t.refund_acks += refund_acks;
     t.refunds_refused += refunds_refused;
+    t.hold_acks += hold_acks;
+    t.capture_acks += capture_acks;
+    t.void_acks += void_acks;
+    t.two_phase_refused += two_phase_refused;
+    t.captured += captured;
+    t.captured_in_part += captured_in_part;
+    t.voided += voided;
+    t.expired += expired;
+    t.held_open += held_open;
+    t.feed_events += feed_events;
+    t.expiry_replays += expiry_replays;
+    t.captures_too_late += captures_too_late;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

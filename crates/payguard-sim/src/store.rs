@@ -16,10 +16,11 @@
 //! taking its locks and writing (a GC pause, a SIGSTOP): the store is the
 //! first thing a batch does after its locks.
 //!
-//! Off the money path, the reads (`order`, `account`, `entries`), the
-//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) and
-//! `due_holds` read and write the database's state directly, through the same
-//! rules. The events feed is the one the database writes in each movement's
+//! The expiry sweeper's read (`due_holds`) crosses the network too, so a
+//! sweep can fail or see a state another sweeper has already changed. Off the
+//! money path, the reads (`order`, `account`, `entries`) and the
+//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) read
+//! and write the database's state directly, through the same rules. The events feed is the one the database writes in each movement's
 //! transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
@@ -63,10 +64,18 @@ struct Inner {
     /// two transactions of a seed share one.
     xid_base: u64,
     next_xid: AtomicU64,
-    /// Percent of fenced batches whose writer stalls past the TTL.
-    stall_percent: u32,
+    host: Host,
     rng: Mutex<SmallRng>,
     oracle: OracleRef,
+}
+
+/// How an instance's host differs from the ideal one, as its store sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Host {
+    /// Percent of fenced batches whose writer stalls past the TTL.
+    pub stall_percent: u32,
+    /// How far this instance's clock is off the simulated one (ms).
+    pub clock_offset_ms: i64,
 }
 
 impl SimStore {
@@ -75,7 +84,7 @@ impl SimStore {
         boot: u64,
         net: Caller,
         db: Arc<Mutex<DbState>>,
-        stall_percent: u32,
+        host: Host,
         rng: SmallRng,
         oracle: OracleRef,
     ) -> Self {
@@ -86,7 +95,7 @@ impl SimStore {
                 db,
                 xid_base: ((inst as u64 + 1) << 48) | (boot << 32),
                 next_xid: AtomicU64::new(0),
-                stall_percent,
+                host,
                 rng: Mutex::new(rng),
                 oracle,
             }),
@@ -99,6 +108,11 @@ fn ok<T: Send + 'static>(v: T) -> StoreFuture<T> {
 }
 
 impl Inner {
+    /// This instance's wall clock (ms).
+    fn clock(&self) -> i64 {
+        now_ms() as i64 + self.host.clock_offset_ms
+    }
+
     fn db(&self) -> std::sync::MutexGuard<'_, DbState> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -123,7 +137,7 @@ impl Inner {
         }
         let stall = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            rng.random_ratio(self.stall_percent, 100)
+            rng.random_ratio(self.host.stall_percent, 100)
                 .then(|| rng.random_range(STALL_MS_MIN..=STALL_MS_MAX))
         };
         if let Some(ms) = stall {
@@ -146,7 +160,11 @@ impl Inner {
         let mut committed_before = false;
         loop {
             let xid = self.xid_base | self.next_xid.fetch_add(1, Ordering::Relaxed);
+            // The PostgreSQL store's clock when the attempt starts; the
+            // database decides at it or at its own (`clock_after_locks`).
             let sent = DbReq::Apply {
+                now: self.clock(),
+                clock_offset_ms: self.host.clock_offset_ms,
                 xid,
                 cmds: cmds.clone(),
             };
@@ -226,13 +244,19 @@ impl Store for SimStore {
         })
     }
 
-    /// Decided at the database's (simulated) clock, not at `_now_ms`: the
-    /// engine passes the wall clock, which no seed could replay. Deducts do
-    /// not read the time; a hold's expiry would.
+    /// Decided at the instance's simulated clock when it asks (as the
+    /// PostgreSQL store decides a snapshot read at its caller's time), not at
+    /// `_now_ms`: the engine passes the wall clock, which no seed could
+    /// replay. Deducts do not read the time; a capture or a void near its
+    /// hold's expiry does.
     fn settled(&self, cmds: Vec<Command>, _now_ms: i64) -> StoreFuture<Vec<Option<OpResult>>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            match inner.call(DbReq::Settled { cmds }, BATCH_DEADLINE_MS).await {
+            let now = inner.clock();
+            match inner
+                .call(DbReq::Settled { cmds, now }, BATCH_DEADLINE_MS)
+                .await
+            {
                 Ok(DbResp::Settled(answers)) => Ok(answers),
                 Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),
@@ -275,21 +299,18 @@ impl Store for SimStore {
         })
     }
 
+    /// Over the network, as the sweeper's read of the real stores: a partition
+    /// or a database down fails the sweep's tick (`sweep_failed`).
     fn due_holds(&self, now_ms: i64, limit: usize) -> StoreFuture<Vec<OrderId>> {
-        let db = self.inner.db();
-        let mut due: Vec<(i64, OrderId)> = db
-            .tables
-            .orders
-            .values()
-            .filter(|(o, _)| o.status == OrderStatus::Authorized)
-            .filter_map(|(o, _)| {
-                o.hold_expires_at
-                    .filter(|at| *at <= now_ms)
-                    .map(|at| (at, o.id.clone()))
-            })
-            .collect();
-        due.sort();
-        ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let req = DbReq::DueHolds { now_ms, limit };
+            match inner.call(req, BATCH_DEADLINE_MS).await {
+                Ok(DbResp::Due(ids)) => Ok(ids),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
     }
 
     fn open_holds(&self) -> StoreFuture<u64> {

@@ -320,18 +320,52 @@ impl Agent {
     }
 }
 
-/// A client's request to an instance: deduct this order, or refund it.
+/// A client's request to an instance: what to do to which order.
 #[derive(Debug, Clone)]
 pub struct ApiReq {
     pub order: String,
-    /// A refund of the order (its id and amount in minor units) instead of its deduct.
-    pub refund: Option<(String, i64)>,
+    pub ask: Ask,
+}
+
+/// What a client asks of an order (amounts in minor units), as payguard's
+/// HTTP routes would turn them into engine ops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    Deduct,
+    /// A refund under this refund id.
+    Refund {
+        id: String,
+        amount: i64,
+    },
+    /// Two-phase: hold the order's amount for this long.
+    Authorize {
+        hold_ttl_ms: i64,
+    },
+    /// Take this much of the hold (`None`: all of it).
+    Capture {
+        amount: Option<i64>,
+    },
+    Void,
+}
+
+impl std::fmt::Display for Ask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ask::Deduct => write!(f, "deduct"),
+            Ask::Refund { id, amount } => write!(f, "refund {id} of {amount}"),
+            Ask::Authorize { hold_ttl_ms } => write!(f, "authorize for {hold_ttl_ms} ms"),
+            Ask::Capture { amount: None } => write!(f, "capture"),
+            Ask::Capture { amount: Some(n) } => write!(f, "capture of {n}"),
+            Ask::Void => write!(f, "void"),
+        }
+    }
 }
 
 /// An instance's answer: what payguard's HTTP API would say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiResp {
-    /// 200, the debit entry (first time).
+    /// 200, the entry the op wrote (first time): a debit, a refund, a hold, a
+    /// capture, a void's release.
     Charged { entry: i64 },
     /// 200 with `"replayed": true`, the same entry.
     Replayed { entry: i64 },
@@ -347,23 +381,26 @@ pub enum ApiResp {
     Unavailable,
     /// 404.
     NoSuchOrder,
-    /// A refund's definite refusal (409): `order_not_paid` (it came before the
-    /// charge), `refund_exceeds_paid`.
-    RefundRefused { reason: &'static str },
+    /// A definite refusal (409): a refund's `order_not_paid` (it came before
+    /// the charge) or `refund_exceeds_paid`; a two-phase step's
+    /// `order_not_authorized` (it came before the hold, or the hold was
+    /// declined), `capture_exceeds_hold`, or the name of what already ended
+    /// the hold (`hold_already_captured`, `hold_voided`, `hold_expired`).
+    Conflict { reason: &'static str },
     /// Any other refusal (a 409 or a 422: never expected here).
     Refused,
 }
 
 impl ApiResp {
-    /// A definite answer (200, 402, a refund's 409): the only ones a seed with
-    /// no fault may give.
+    /// A definite answer (200, 402, a 409): the only ones a seed with no fault
+    /// may give.
     pub fn is_definite(self) -> bool {
         matches!(
             self,
             ApiResp::Charged { .. }
                 | ApiResp::Replayed { .. }
                 | ApiResp::InsufficientFunds
-                | ApiResp::RefundRefused { .. }
+                | ApiResp::Conflict { .. }
         )
     }
 }

@@ -1013,3 +1013,76 @@ async fn batches_racing_on_one_account_never_overdraw() {
     drop((a, b));
     db.drop_db().await.unwrap();
 }
+
+/// A batch decides a hold's expiry at the time it holds its orders' row locks,
+/// not at the time it started: a capture that started before the expiry but
+/// waited for another writer of its order until after it is `hold_expired`.
+/// Found by the deterministic simulation (issue #17, `payguard-sim`, seed 1677
+/// of a store that read its clock before its locks): with Redis unreachable,
+/// two instances' duplicates of one capture reached the order 1 ms apart
+/// around the expiry; the one that read its clock after the expiry was told
+/// `hold_expired` (a definite 409), then the one that had read it before
+/// captured the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_that_waits_for_its_orders_lock_past_the_expiry_is_refused() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let test = "a_capture_that_waits_for_its_orders_lock_past_the_expiry_is_refused";
+    let Some(db) = scratch(test).await else {
+        return;
+    };
+    let s = store(&db).await;
+    seed(&s).await;
+    // Held at 1 000 for 1 000 ms: it expires at 2 000.
+    let mut first = pg_client(&db).await;
+    let held = payguard::store::postgres::apply_ops(
+        &mut first,
+        &[two_phase("authorize", "o1", 1_000)],
+        1_000,
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(fresh_charge(&held[0]), "{held:?}");
+    // Another writer holds o1's row.
+    let blocker = db.connect().await.unwrap();
+    blocker
+        .batch_execute("BEGIN; SELECT 1 FROM orders WHERE id = 'o1' FOR UPDATE")
+        .await
+        .unwrap();
+    // The capture starts 1 ms before the expiry and waits for the row.
+    let clock = Arc::new(AtomicI64::new(1_999));
+    let mut second = pg_client(&db).await;
+    let capture = tokio::spawn({
+        let clock = clock.clone();
+        async move {
+            let read = move || clock.load(Ordering::SeqCst);
+            payguard::store::postgres::apply_ops_on_clock(
+                &mut second,
+                &[two_phase("capture", "o1", 0)],
+                &read,
+                false,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !capture.is_finished(),
+        "the capture did not wait for the row"
+    );
+    clock.store(2_000, Ordering::SeqCst);
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let got = capture.await.unwrap().unwrap();
+    assert_eq!(
+        got[0],
+        Err(Rejection::HoldExpired),
+        "a capture decided at the time its batch started, before the expiry"
+    );
+    let c = db.connect().await.unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM entries WHERE kind = 'capture'").await,
+        0
+    );
+    s.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}

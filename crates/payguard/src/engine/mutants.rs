@@ -22,6 +22,10 @@ pub enum Mutant {
     /// acquire's leases, so a batch that acquired twice released none and
     /// stranded its orders until their TTL.
     ReleaseAcquiresAsOne,
+    /// The expiry sweeper releases a due hold with a void instead of an expiry
+    /// (`sweeper.rs`): a void at or after `hold_expires_at` is refused
+    /// `hold_expired`, so no hold is ever released by the sweeper.
+    SweepWithVoid,
 }
 
 #[cfg(feature = "mutants")]

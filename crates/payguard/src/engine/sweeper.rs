@@ -12,7 +12,7 @@
 //! or after `hold_expires_at` is refused even if no sweeper ever ran.
 
 use super::{Engine, EngineError};
-use crate::domain::RequestId;
+use crate::domain::{OrderId, RequestId};
 use crate::store::{Op, Rejection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +55,7 @@ pub async fn sweep_once(engine: &Engine, now_ms: i64) -> Sweep {
             .unwrap_or_else(|_| RequestId::parse("sweep").expect("a valid request id"));
         let answers = futures::future::join_all(
             due.into_iter()
-                .map(|order_id| engine.submit(Op::Expire { order_id }, req.clone())),
+                .map(|order_id| engine.submit(expiry_of(order_id), req.clone())),
         )
         .await;
         let before = sweep;
@@ -79,14 +79,36 @@ pub async fn sweep_once(engine: &Engine, now_ms: i64) -> Sweep {
     sweep
 }
 
+/// The op that releases a due hold: [`Op::Expire`] (with the simulation's
+/// `SweepWithVoid` mutant armed, a void, which the rules refuse at or after the
+/// expiry: the hold is never released).
+fn expiry_of(order_id: OrderId) -> Op {
+    if super::mutants::armed(super::mutants::Mutant::SweepWithVoid) {
+        Op::Void { order_id }
+    } else {
+        Op::Expire { order_id }
+    }
+}
+
 /// Sweeps every `interval` until the task is dropped. The first sweep runs at
 /// once, so holds that expired while no instance ran are released at start.
 pub async fn run(engine: Arc<Engine>, interval: Duration) {
+    run_on_clock(engine, interval, || chrono::Utc::now().timestamp_millis()).await
+}
+
+/// [`run`], reading "now" (ms since the epoch, the clock `hold_expires_at` is
+/// on) from `clock`: the deterministic simulation sweeps on its simulated clock
+/// (`crates/payguard-sim`), so what it runs is this loop, not a copy of it.
+pub async fn run_on_clock(
+    engine: Arc<Engine>,
+    interval: Duration,
+    clock: impl Fn() -> i64 + Send + 'static,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = clock();
         let sweep = sweep_once(&engine, now).await;
         if sweep != Sweep::default() {
             tracing::info!(

@@ -1,6 +1,12 @@
 //! One batch as one READ COMMITTED transaction: read and lock, decide, write,
 //! commit; the savepoint-per-command replay when a constraint fires; the retry
 //! of a deadlock or serialisation failure.
+//!
+//! The time a batch decides at (a hold's expiry) is read from its clock only
+//! once the batch holds its orders' row locks: a batch that read the clock
+//! before waiting for another writer of the same order would decide at a time
+//! earlier than that writer's, and could capture a hold the other had just
+//! been told had expired (found by the deterministic simulation, issue #17).
 
 use super::error::{pg_message, Fault};
 use super::idempotency::write_idempotency;
@@ -21,6 +27,9 @@ pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Where a batch reads the time it decides at (ms since the epoch).
+pub type Clock = dyn Fn() -> i64 + Send + Sync;
+
 /// Applies `ops` in one transaction, one result per op (see the module docs).
 /// `isolated` runs every op in its own savepoint from the start (`--guard seed`).
 ///
@@ -32,7 +41,18 @@ pub async fn apply_ops(
     now: i64,
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
-    apply_counted(client, ops, now, isolated, &PgStats::default(), &mut None)
+    apply_ops_on_clock(client, ops, &move || now, isolated).await
+}
+
+/// [`apply_ops`], reading the time from `clock` once the batch holds its
+/// orders' row locks (each pass reads it again).
+pub async fn apply_ops_on_clock(
+    client: &mut deadpool_postgres::ClientWrapper,
+    ops: &[Command],
+    clock: &Clock,
+    isolated: bool,
+) -> Result<Vec<OpResult>, StoreError> {
+    apply_counted(client, ops, clock, isolated, &PgStats::default(), &mut None)
         .await
         .map_err(Fault::into_store_error)
 }
@@ -40,7 +60,7 @@ pub async fn apply_ops(
 pub(super) async fn apply_counted(
     client: &mut deadpool_postgres::ClientWrapper,
     ops: &[Command],
-    now: i64,
+    clock: &Clock,
     isolated: bool,
     stats: &PgStats,
     sent: &mut Option<i64>,
@@ -48,7 +68,7 @@ pub(super) async fn apply_counted(
     let mut careful = isolated;
     let mut attempt = 1;
     loop {
-        match run_batch(client, ops, now, careful, sent).await {
+        match run_batch(client, ops, clock, careful, sent).await {
             Ok(results) => {
                 debug_assert_eq!(results.len(), ops.len());
                 return Ok(results);
@@ -85,7 +105,7 @@ pub(super) async fn txid(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64,
 pub(super) async fn run_batch(
     client: &mut deadpool_postgres::ClientWrapper,
     ops: &[Command],
-    now: i64,
+    clock: &Clock,
     careful: bool,
     sent: &mut Option<i64>,
 ) -> Result<Vec<OpResult>, Fault> {
@@ -98,7 +118,7 @@ pub(super) async fn run_batch(
             loop {
                 tries += 1;
                 let sp = tx.savepoint("op").await?;
-                match run_pass(&sp, std::slice::from_ref(op), now).await {
+                match run_pass(&sp, std::slice::from_ref(op), clock).await {
                     Ok(mut r) => {
                         sp.commit().await?;
                         out.push(r.remove(0));
@@ -120,7 +140,7 @@ pub(super) async fn run_batch(
         (xid, out)
     } else {
         // Pipelined: both go out before either answer is awaited.
-        futures::try_join!(txid(&tx), run_pass(&tx, ops, now))?
+        futures::try_join!(txid(&tx), run_pass(&tx, ops, clock))?
     };
     // A batch of two or more has done its writes and not committed: a crash here
     // must leave none of it, and none of it was acknowledged.
@@ -152,14 +172,16 @@ pub(super) async fn run_batch(
     Ok(results)
 }
 
-/// Runs one pass: read and lock, decide in Rust, write set-based.
+/// Runs one pass: read and lock, decide in Rust (at the time read once the
+/// rows are locked), write set-based.
 pub(super) async fn run_pass(
     tx: &deadpool_postgres::Transaction<'_>,
     ops: &[Command],
-    now: i64,
+    clock: &Clock,
 ) -> Result<Vec<OpResult>, Fault> {
     let mut plan = Plan::default();
     read_batch(tx, ops, &mut plan, RowLocks::ForUpdate).await?;
+    let now = clock();
     let mut results: Vec<OpResult> = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(plan.decide(op, now)?);

@@ -30,14 +30,7 @@ pub(super) async fn apply_pooled(
         let mut sent = None;
         let attempt = tokio::time::timeout(
             inner.batch_deadline,
-            apply_counted(
-                &mut client,
-                ops,
-                now_ms(),
-                isolated,
-                &inner.stats,
-                &mut sent,
-            ),
+            apply_counted(&mut client, ops, &now_ms, isolated, &inner.stats, &mut sent),
         )
         .await;
         // Why the batch runs again, for the error if it gives up.

@@ -84,7 +84,7 @@ mod scratch;
 mod writes;
 
 pub use audit::audit_client;
-pub use batch::apply_ops;
+pub use batch::{apply_ops, apply_ops_on_clock, Clock};
 pub use connection::connect_raw;
 pub use events::SEQUENCE_PASS_EVENTS_MAX;
 pub use schema::migrate;
