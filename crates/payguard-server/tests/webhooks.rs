@@ -481,83 +481,88 @@ async fn retries_follow_the_schedule_then_fail_and_a_manual_retry_sends_again() 
 
 #[tokio::test]
 async fn a_410_disables_the_endpoint() {
-    let db = TestDb::create(Backend::Sqlite).await;
-    // One attempt at a time, so the first 410 finds the endpoint's other
-    // deliveries pending and never claimed: the disable must fail them.
-    let one_at_a_time = WebhookSettings {
-        per_endpoint_max: 1,
-        ..settings(None, 8)
-    };
-    let app = app_with(&db, "wh-410", one_at_a_time).await;
-    let (r, url) = start_receiver(Mode::Always(410)).await;
-    let ep = endpoint(&app, &r, &url).await;
-    movements(&app, "g", 2).await;
-    let start = Instant::now();
-    loop {
-        let list = app.get("/v1/webhook_endpoints").await;
-        let e = &list.body["endpoints"][0];
-        if e["status"] == "disabled" {
-            assert!(e["disabled_reason"].as_str().unwrap().contains("410"));
-            break;
+    // On both stores: each fails the endpoint's pending deliveries in its own
+    // SQL dialect (SQLite's binding of it was wrong until this test caught it).
+    for backend in Backend::available("a_410_disables_the_endpoint") {
+        let db = TestDb::create(backend).await;
+        // One attempt at a time, so the first 410 finds the endpoint's other
+        // deliveries pending and never claimed: the disable must fail them.
+        let one_at_a_time = WebhookSettings {
+            per_endpoint_max: 1,
+            ..settings(None, 8)
+        };
+        let app = app_with(&db, "wh-410", one_at_a_time).await;
+        let (r, url) = start_receiver(Mode::Always(410)).await;
+        let ep = endpoint(&app, &r, &url).await;
+        movements(&app, "g", 2).await;
+        let start = Instant::now();
+        loop {
+            let list = app.get("/v1/webhook_endpoints").await;
+            let e = &list.body["endpoints"][0];
+            if e["status"] == "disabled" {
+                assert!(e["disabled_reason"].as_str().unwrap().contains("410"));
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{e}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{e}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Nothing of what happens after the disable reaches the endpoint. (An
+        // attempt leased before the disable may still arrive late on a loaded
+        // machine, and is refused its result; counting every receipt after a fixed
+        // pause failed once in a full test run for that reason, so the check is on
+        // what the new movements announce.)
+        movements(&app, "h", 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after_disable: Vec<String> = r
+            .receipts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|x| {
+                ["\"h0\"", "\"h1\"", "\"hbig\""]
+                    .iter()
+                    .any(|id| x.body.contains(id))
+            })
+            .map(|x| x.body.clone())
+            .collect();
+        assert!(
+            after_disable.is_empty(),
+            "a disabled endpoint gets nothing: {after_disable:?}"
+        );
+        let failed = app
+            .get(&format!(
+                "/v1/webhook_endpoints/{ep}/deliveries?status=failed"
+            ))
+            .await;
+        let failed = failed.body["deliveries"].as_array().unwrap().clone();
+        assert!(!failed.is_empty());
+        // Nothing is left pending for an endpoint that takes nothing more, and
+        // a retry says why it cannot send.
+        // (Until this was fixed, SQLite bound FAIL_PENDING_SQL's `$1` and `$2`
+        // swapped and failed nothing: a delivery never claimed before the 410 stayed
+        // pending for ever. With 8 attempts at a time that showed only now and then;
+        // with one at a time, every run.)
+        let pending = app
+            .get(&format!(
+                "/v1/webhook_endpoints/{ep}/deliveries?status=pending"
+            ))
+            .await;
+        assert_eq!(
+            pending.body["deliveries"],
+            json!([]),
+            "pending for a disabled endpoint"
+        );
+        let event = failed[0]["event_id"].as_str().unwrap();
+        let retry = app
+            .post_empty(&format!(
+                "/v1/webhook_endpoints/{ep}/deliveries/{event}/retry"
+            ))
+            .await;
+        assert_eq!(retry.status, 409);
+        assert_eq!(retry.body["error"]["code"], "endpoint_disabled");
+        app.stop().await;
+        db.drop_db().await;
     }
-    // Nothing of what happens after the disable reaches the endpoint. (An
-    // attempt leased before the disable may still arrive late on a loaded
-    // machine, and is refused its result; counting every receipt after a fixed
-    // pause failed once in a full test run for that reason, so the check is on
-    // what the new movements announce.)
-    movements(&app, "h", 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after_disable: Vec<String> = r
-        .receipts
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|x| {
-            ["\"h0\"", "\"h1\"", "\"hbig\""]
-                .iter()
-                .any(|id| x.body.contains(id))
-        })
-        .map(|x| x.body.clone())
-        .collect();
-    assert!(
-        after_disable.is_empty(),
-        "a disabled endpoint gets nothing: {after_disable:?}"
-    );
-    let failed = app
-        .get(&format!(
-            "/v1/webhook_endpoints/{ep}/deliveries?status=failed"
-        ))
-        .await;
-    let failed = failed.body["deliveries"].as_array().unwrap().clone();
-    assert!(!failed.is_empty());
-    // Nothing is left pending for an endpoint that takes nothing more, and
-    // a retry says why it cannot send.
-    // (Until this was fixed, SQLite bound FAIL_PENDING_SQL's `$1` and `$2`
-    // swapped and failed nothing: a delivery never claimed before the 410 stayed
-    // pending for ever. With 8 attempts at a time that showed only now and then;
-    // with one at a time, every run.)
-    let pending = app
-        .get(&format!(
-            "/v1/webhook_endpoints/{ep}/deliveries?status=pending"
-        ))
-        .await;
-    assert_eq!(
-        pending.body["deliveries"],
-        json!([]),
-        "pending for a disabled endpoint"
-    );
-    let event = failed[0]["event_id"].as_str().unwrap();
-    let retry = app
-        .post_empty(&format!(
-            "/v1/webhook_endpoints/{ep}/deliveries/{event}/retry"
-        ))
-        .await;
-    assert_eq!(retry.status, 409);
-    assert_eq!(retry.body["error"]["code"], "endpoint_disabled");
-    app.stop().await;
 }
 
 #[tokio::test]
