@@ -135,6 +135,13 @@ impl From<&Rejection> for ApiError {
                 "hold_expired",
                 "the hold expired at hold_expires_at; nothing moved",
             ),
+            // This request wrote the expiry (the hold's release) as it refused:
+            // the same answer as above, and no money left the balance.
+            Rejection::HoldLapsed => ApiError::new(
+                S::CONFLICT,
+                "hold_expired",
+                "the hold expired at hold_expires_at and is released; nothing was captured",
+            ),
             // Only the expiry sweeper asks for an expiry; a clock behind the one
             // that found the hold due gets this, and nothing moved.
             Rejection::HoldNotExpired => {

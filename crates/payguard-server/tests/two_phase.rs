@@ -285,14 +285,48 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
             .post("/v1/orders/x/authorize", json!({"hold_ttl_s": 1}))
             .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
+        // A second hold nobody touches: the sweeper's.
+        app.order("y", "acct", 100).await;
+        let r = app
+            .post("/v1/orders/y/authorize", json!({"hold_ttl_s": 1}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
         tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+        // Time decides: a capture after the expiry is refused with no sweeper
+        // running, and it writes the expiry it found, so whatever any other
+        // instance's clock says later, the hold stays expired.
+        let r = app.post_empty("/v1/orders/x/capture").await;
+        assert_eq!((r.status, code(&r)), (409, "hold_expired"));
+        let order = app.get("/v1/orders/x").await.body;
+        assert_eq!(
+            (&order["status"], &order["held"]),
+            (&json!("EXPIRED"), &json!(0)),
+            "the refused capture released the hold: {order}"
+        );
         for path in ["/v1/orders/x/capture", "/v1/orders/x/void"] {
             let r = app.post_empty(path).await;
             assert_eq!((r.status, code(&r)), (409, "hold_expired"), "{path}");
         }
-        let order = app.get("/v1/orders/x").await.body;
+        let kinds: Vec<Value> = app.get("/v1/orders/x/entries").await.body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].clone())
+            .collect();
+        assert_eq!(kinds, vec![json!("hold"), json!("release")], "one release");
+        let events = app.get("/v1/events?limit=1000").await.body;
+        let expiries: Vec<&Value> = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "order.hold_expired")
+            .collect();
+        assert_eq!(expiries.len(), 1, "one expiry event: {events}");
+        assert_eq!(expiries[0]["data"]["order"]["id"], "x");
+        assert_eq!(expiries[0]["data"]["entry"]["kind"], "release");
+        let order = app.get("/v1/orders/y").await.body;
         assert_eq!(order["status"], "AUTHORIZED", "no sweeper ran: {order}");
-        assert_eq!(account_json(&app, "acct").await["held"], 400);
+        assert_eq!(account_json(&app, "acct").await["held"], 100);
 
         // Three sweeps at once (three instances' ticks): one release.
         let now = std::time::SystemTime::now()
@@ -306,7 +340,7 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
         assert_eq!((expired, failed), (1, 0), "{sweeps:?}");
         let again = payguard::engine::sweeper::sweep_once(&app.engine, now).await;
         assert_eq!(again, Default::default(), "nothing is due any more");
-        let order = app.get("/v1/orders/x").await.body;
+        let order = app.get("/v1/orders/y").await.body;
         assert_eq!(
             (&order["status"], &order["held"]),
             (&json!("EXPIRED"), &json!(0))
@@ -316,16 +350,16 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
             (&acct["balance"], &acct["held"]),
             (&json!(1_000), &json!(0))
         );
-        let kinds: Vec<Value> = app.get("/v1/orders/x/entries").await.body["entries"]
+        let kinds: Vec<Value> = app.get("/v1/orders/y/entries").await.body["entries"]
             .as_array()
             .unwrap()
             .iter()
             .map(|e| e["kind"].clone())
             .collect();
         assert_eq!(kinds, vec![json!("hold"), json!("release")]);
-        let r = app.post_empty("/v1/orders/x/capture").await;
+        let r = app.post_empty("/v1/orders/y/capture").await;
         assert_eq!((r.status, code(&r)), (409, "hold_expired"));
-        let r = app.post_empty("/v1/orders/x/authorize").await;
+        let r = app.post_empty("/v1/orders/y/authorize").await;
         assert_eq!((r.status, &r.body["replayed"]), (200, &json!(true)));
         audit_ok(&app).await;
         app.stop().await;

@@ -44,9 +44,9 @@ pub struct Protocol {
     /// runs payguard's expiry sweeper. Drawn from their own random stream, so a
     /// seed's deducts, refunds and faults are the same either way.
     pub two_phase: bool,
-    /// The engine's sweeper releases due holds with a void instead of an expiry
-    /// (`payguard::engine::mutants::Mutant::SweepWithVoid`).
-    pub sweep_with_void: bool,
+    /// The engine's sweeper loop ends at its first failed sweep
+    /// (`payguard::engine::mutants::Mutant::SweeperDiesOnFailure`).
+    pub sweeper_dies_on_failure: bool,
     /// Each instance's clock is off by up to this many ms either way (its own
     /// random stream); 0: every host reads the one simulated clock. An
     /// instance decides its batches, its snapshot reads and its sweeps at its
@@ -76,7 +76,7 @@ impl Protocol {
         reset_counter_on_new_epoch: false,
         refunds: true,
         two_phase: true,
-        sweep_with_void: false,
+        sweeper_dies_on_failure: false,
         clock_skew_ms: 0,
     };
 

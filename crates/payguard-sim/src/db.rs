@@ -79,6 +79,11 @@ pub struct StoreVariant {
     /// before the expiry could commit after a duplicate was told
     /// `hold_expired`).
     pub clock_after_locks: bool,
+    /// A capture or void that finds its hold past the expiry writes that
+    /// expiry as it refuses (`Effect::Lapse`; off: it only refuses, and the
+    /// hold stays open for the sweeper, as payguard did before: an instance
+    /// whose clock is behind could then still end it).
+    pub lapse_writes: bool,
 }
 
 impl StoreVariant {
@@ -93,6 +98,7 @@ impl StoreVariant {
         release_lowers_held: true,
         event_per_effect: true,
         clock_after_locks: true,
+        lapse_writes: true,
     };
 }
 
@@ -185,7 +191,9 @@ impl Races {
     fn count(&mut self, cmd: &Command, answer: &OpResult) {
         match (&cmd.op, answer) {
             (Op::Expire { .. }, Ok(out)) if out.is_replay() => self.expiry_replays += 1,
-            (Op::Capture { .. }, Err(Rejection::HoldExpired)) => self.captures_too_late += 1,
+            (Op::Capture { .. }, Err(Rejection::HoldExpired | Rejection::HoldLapsed)) => {
+                self.captures_too_late += 1
+            }
             _ => {}
         }
     }
@@ -371,7 +379,8 @@ impl Tables {
             | Effect::Refund(m)
             | Effect::Hold(m)
             | Effect::Capture(m)
-            | Effect::Release(m) => {
+            | Effect::Release(m)
+            | Effect::Lapse(m) => {
                 let account = self
                     .accounts
                     .get(&m.entry.account_id)
@@ -391,7 +400,9 @@ impl Tables {
                 account.balance = m.entry.balance_after;
                 account.held = match effect {
                     // The broken store's release forgets the held sum.
-                    Effect::Release(_) if !variant.release_lowers_held => m.held_before,
+                    Effect::Release(_) | Effect::Lapse(_) if !variant.release_lowers_held => {
+                        m.held_before
+                    }
                     _ => m.held_after,
                 };
                 account.updated_at = now;
@@ -603,7 +614,16 @@ impl DbState {
                 }
                 Ok(verdict)
             }
-            _ => rules::decide(cmd, &read.seen(), now),
+            _ => {
+                let mut verdict = rules::decide(cmd, &read.seen(), now)?;
+                if let (false, Decision::Apply(Effect::Lapse(_))) =
+                    (self.variant.lapse_writes, &verdict.decision)
+                {
+                    // The old store: the refusal alone, nothing written.
+                    verdict.decision = Decision::Reject(Rejection::HoldExpired);
+                }
+                Ok(verdict)
+            }
         }
     }
 

@@ -76,7 +76,8 @@ fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
             | Rejection::CaptureExceedsHold
             | Rejection::HoldAlreadyCaptured
             | Rejection::HoldVoided
-            | Rejection::HoldExpired => ApiResp::Conflict { reason: r.reason() },
+            | Rejection::HoldExpired
+            | Rejection::HoldLapsed => ApiResp::Conflict { reason: r.reason() },
             _ => ApiResp::Refused,
         },
         Err(EngineError::Store(StoreError::Unknown(_))) => ApiResp::Unknown,

@@ -58,7 +58,8 @@
 //! loses committed data. Every host reads the one simulated clock, unless
 //! `Protocol::clock_skew_ms` sets the instances' clocks apart: each instance
 //! then decides its batches, snapshot reads and sweeps at its own clock, as
-//! payguard does, and a test shows what that costs.
+//! payguard does (`payguard_holds_with_clocks_apart` runs 250 seeds so per CI
+//! run).
 //!
 //! What it found once refunds were sent: a batch holding a duplicate deduct
 //! answered by a settled hint and a refund of the same order takes that
@@ -75,6 +76,13 @@
 //! `hold_expired`. The store now reads the clock once it holds its rows
 //! (`tests/sim.rs`, seed 1677 with the old clock read; `payguard`'s
 //! `tests/pg_store.rs` against a real server).
+//!
+//! What it found with clocks apart: a capture or void past the expiry only
+//! refused, so with instance clocks 5 ms apart one instance told a client
+//! `hold_expired` and another, its clock behind, then captured the same hold,
+//! with no fault (seed 390). A refusal for expiry now writes the expiry itself
+//! (`store::rules::Effect::Lapse`): what a client is told is what the database
+//! says from then on, whatever the next instance's clock reads.
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off, or the lock client's old counter reset on, or arm a

@@ -298,8 +298,8 @@ impl Armed {
             Some(Mutant::LaneForgetsWaiter)
         } else if protocol.release_acquires_as_one {
             Some(Mutant::ReleaseAcquiresAsOne)
-        } else if protocol.sweep_with_void {
-            Some(Mutant::SweepWithVoid)
+        } else if protocol.sweeper_dies_on_failure {
+            Some(Mutant::SweeperDiesOnFailure)
         } else {
             None
         });

@@ -112,6 +112,25 @@ fn payguard_holds_for_every_seed() {
     }
 }
 
+/// Seeds run per CI run with the instances' clocks apart.
+const SKEWED_SEEDS: u64 = 250;
+
+/// Row 6 with each instance's clock up to 5 ms off the simulated one
+/// (`Protocol::clock_skew_ms`): each decides its batches, snapshot reads and
+/// sweeps at its own clock, as payguard's instances do at their wall clocks.
+/// Every check holds: the capture or void that finds a hold past its expiry
+/// writes the expiry, so no other instance's clock can end the hold after a
+/// client was told `hold_expired` (seeds from 1 000 000, apart from the others).
+#[test]
+fn payguard_holds_with_clocks_apart() {
+    let seeds = env_u64("PAYGUARD_SIM_SEEDS").unwrap_or(SKEWED_SEEDS);
+    let skewed = Protocol {
+        clock_skew_ms: 5,
+        ..Protocol::PAYGUARD
+    };
+    holds_for_every_seed("payguard_holds_with_clocks_apart", skewed, seeds, 1_000_000);
+}
+
 /// Seeds of the on-demand soak.
 const SOAK_SEEDS: u64 = 100_000;
 
@@ -549,6 +568,11 @@ fn a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expir
         "a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expired",
         StoreVariant {
             clock_after_locks: false,
+            // Before `Effect::Lapse` too: since a late capture writes the
+            // expiry, a batch decided at a stale clock commits in order behind
+            // it and reads EXPIRED, so the stale clock alone no longer ends a
+            // hold a client was told had expired.
+            lapse_writes: false,
             ..StoreVariant::PAYGUARD
         },
         (ViolationKind::TwoPhaseAnswer, "hold_expired"),
@@ -556,19 +580,29 @@ fn a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expir
     );
 }
 
-/// Not fixed, shown: payguard decides a hold's expiry at each instance's own
-/// wall clock (the PostgreSQL store's `now_ms`, the sweeper's), so when the
-/// instances' clocks disagree, one instance can tell a client `hold_expired`
-/// and the next holder of the order's lock, its clock behind, capture or void
-/// the same hold, with no fault at all. payguard with clocks 5 ms apart (the
-/// same seed with one clock is clean).
+/// Fixed, kept as its broken variant: payguard decides a hold's expiry at each
+/// instance's own clock (the PostgreSQL store's `now_ms`, the sweeper's), and a
+/// capture or void past the expiry used to refuse without writing anything.
+/// With clocks 5 ms apart, one instance told a client `hold_expired` and the
+/// next holder of the order's lock, its clock behind, captured the same hold,
+/// with no fault at all. A store whose late capture only refuses
+/// (`lapse_writes` off) with clocks 5 ms apart; payguard, where the refusal
+/// writes the expiry (`Effect::Lapse`), is clean on the same seed with the same
+/// clocks (and `payguard_holds_with_clocks_apart` runs more seeds so).
 #[test]
-fn instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end() {
+fn a_store_whose_late_capture_only_refuses_ends_a_hold_it_called_expired_when_clocks_disagree() {
+    let skewed = Protocol {
+        clock_skew_ms: 5,
+        ..Protocol::PAYGUARD
+    };
     SeenFailing {
-        test: "instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end",
+        test: "a_store_whose_late_capture_only_refuses_ends_a_hold_it_called_expired_when_clocks_disagree",
         protocol: Protocol {
-            clock_skew_ms: 5,
-            ..Protocol::PAYGUARD
+            store: StoreVariant {
+                lapse_writes: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..skewed
         },
         kind: ViolationKind::TwoPhaseAnswer,
         fault_free: true,
@@ -576,23 +610,32 @@ fn instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end(
         pinned: 390,
     }
     .check();
+    let fixed = run_seed(390, skewed);
+    assert!(
+        fixed.violations.is_empty(),
+        "payguard with clocks apart fails the seed:\n{}",
+        describe(&fixed, "payguard_holds_with_clocks_apart")
+    );
 }
 
-/// payguard's sweeper with a void for an expiry (`payguard::engine::mutants`):
-/// the rules refuse a void at or after the expiry, so the holds nobody
-/// captured or voided stay AUTHORIZED, on a seed with no fault.
+/// payguard's sweeper loop ending at its first failed sweep
+/// (`payguard::engine::mutants`), as a task written with `?` on the store's
+/// error would: after a database outage every instance's sweeper is gone, and
+/// the holds nobody captured or voided stay AUTHORIZED. (Its predecessor, a
+/// sweeper voiding instead of expiring, no longer breaks anything: a void past
+/// the expiry writes the expiry.)
 #[test]
-fn a_sweeper_that_voids_instead_of_expiring_leaves_holds_unreleased() {
+fn a_sweeper_that_dies_on_a_failed_sweep_leaves_holds_unreleased() {
     SeenFailing {
-        test: "a_sweeper_that_voids_instead_of_expiring_leaves_holds_unreleased",
+        test: "a_sweeper_that_dies_on_a_failed_sweep_leaves_holds_unreleased",
         protocol: Protocol {
-            sweep_with_void: true,
+            sweeper_dies_on_failure: true,
             ..Protocol::PAYGUARD
         },
         kind: ViolationKind::HoldOutlivedExpiry,
-        fault_free: true,
+        fault_free: false,
         detail: "",
-        pinned: 7,
+        pinned: 49,
     }
     .check();
 }

@@ -1075,13 +1075,26 @@ async fn a_capture_that_waits_for_its_orders_lock_past_the_expiry_is_refused() {
     let got = capture.await.unwrap().unwrap();
     assert_eq!(
         got[0],
-        Err(Rejection::HoldExpired),
+        Err(Rejection::HoldLapsed),
         "a capture decided at the time its batch started, before the expiry"
     );
     let c = db.connect().await.unwrap();
     assert_eq!(
         count(&c, "SELECT count(*) FROM entries WHERE kind = 'capture'").await,
         0
+    );
+    // The capture that found the hold expired wrote the expiry itself.
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM entries WHERE kind = 'release'").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM orders WHERE status = 'EXPIRED' AND held = 0"
+        )
+        .await,
+        1
     );
     s.close().await.unwrap();
     db.drop_db().await.unwrap();

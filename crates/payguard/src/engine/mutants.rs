@@ -22,10 +22,11 @@ pub enum Mutant {
     /// acquire's leases, so a batch that acquired twice released none and
     /// stranded its orders until their TTL.
     ReleaseAcquiresAsOne,
-    /// The expiry sweeper releases a due hold with a void instead of an expiry
-    /// (`sweeper.rs`): a void at or after `hold_expires_at` is refused
-    /// `hold_expired`, so no hold is ever released by the sweeper.
-    SweepWithVoid,
+    /// The expiry sweeper's loop ends at its first sweep that failed (a store
+    /// error, a full lane), as a task written with `?` would (`sweeper.rs`):
+    /// once every instance's sweeper met a database outage, holds nobody
+    /// captured or voided are never released.
+    SweeperDiesOnFailure,
 }
 
 #[cfg(feature = "mutants")]

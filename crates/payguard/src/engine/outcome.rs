@@ -2,7 +2,7 @@
 //! events `*_commit`, `*_replay`, `*_rejected` and `*_end` that forensics reads.
 
 use super::{event_name, EngineError, EngineStats};
-use crate::store::{Output, StoreError};
+use crate::store::{Output, Rejection, StoreError};
 use std::time::Instant;
 
 /// Counts `result` of an op of `family` in the engine's stats.
@@ -24,8 +24,12 @@ pub(super) fn count(stats: &EngineStats, family: &str, result: &Result<Output, E
                 counter.inc();
             }
         }
-        Err(EngineError::Rejected(_)) => {
+        Err(EngineError::Rejected(r)) => {
             stats.rejected.inc();
+            if *r == Rejection::HoldLapsed {
+                // The capture or void wrote the hold's expiry as it refused.
+                stats.holds_expired.inc();
+            }
         }
         Err(EngineError::Overloaded) => {
             stats.overloaded.inc();
@@ -78,6 +82,17 @@ pub(super) fn log(
         }
         Ok(_) => "committed",
         Err(EngineError::Rejected(r)) => {
+            if *r == Rejection::HoldLapsed {
+                // The expiry this request wrote (LOGS.md: "an expiry writes
+                // `hold_expired`"), then its own refusal.
+                tracing::info!(
+                    event = event_name("expire", "commit"),
+                    oid,
+                    by = family,
+                    req,
+                    inst
+                );
+            }
             tracing::info!(
                 event = event_name(family, "rejected"),
                 oid,

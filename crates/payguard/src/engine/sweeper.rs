@@ -9,10 +9,11 @@
 //! entry per order (a unique index). A second sweeper gets a replay, a capture
 //! that won gets `hold_already_captured`, a sweeper killed mid-sweep leaves the
 //! hold AUTHORIZED for the next tick. Time decides, not the sweeper: a capture at
-//! or after `hold_expires_at` is refused even if no sweeper ever ran.
+//! or after `hold_expires_at` is refused even if no sweeper ever ran, and writes
+//! the expiry it found (`rules::Effect::Lapse`), so the sweeper then replays it.
 
 use super::{Engine, EngineError};
-use crate::domain::{OrderId, RequestId};
+use crate::domain::RequestId;
 use crate::store::{Op, Rejection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,7 @@ pub async fn sweep_once(engine: &Engine, now_ms: i64) -> Sweep {
             .unwrap_or_else(|_| RequestId::parse("sweep").expect("a valid request id"));
         let answers = futures::future::join_all(
             due.into_iter()
-                .map(|order_id| engine.submit(expiry_of(order_id), req.clone())),
+                .map(|order_id| engine.submit(Op::Expire { order_id }, req.clone())),
         )
         .await;
         let before = sweep;
@@ -79,17 +80,6 @@ pub async fn sweep_once(engine: &Engine, now_ms: i64) -> Sweep {
     sweep
 }
 
-/// The op that releases a due hold: [`Op::Expire`] (with the simulation's
-/// `SweepWithVoid` mutant armed, a void, which the rules refuse at or after the
-/// expiry: the hold is never released).
-fn expiry_of(order_id: OrderId) -> Op {
-    if super::mutants::armed(super::mutants::Mutant::SweepWithVoid) {
-        Op::Void { order_id }
-    } else {
-        Op::Expire { order_id }
-    }
-}
-
 /// Sweeps every `interval` until the task is dropped. The first sweep runs at
 /// once, so holds that expired while no instance ran are released at start.
 pub async fn run(engine: Arc<Engine>, interval: Duration) {
@@ -110,6 +100,11 @@ pub async fn run_on_clock(
         tick.tick().await;
         let now = clock();
         let sweep = sweep_once(&engine, now).await;
+        if sweep.failed > 0 && super::mutants::armed(super::mutants::Mutant::SweeperDiesOnFailure) {
+            // The simulation's broken variant: the task ends, as one written
+            // with `?` on the store's error would; this loop never does.
+            return;
+        }
         if sweep != Sweep::default() {
             tracing::info!(
                 event = "sweep",

@@ -335,7 +335,10 @@ impl Output {
     }
 }
 
-/// Why an op was refused. Every variant moved nothing.
+/// Why an op was refused. No variant moved money out of a balance; two settle
+/// the order as they refuse: `InsufficientFunds` (PREPARE → FAILED) and
+/// `HoldLapsed` (the expiry's release, AUTHORIZED → EXPIRED). The others wrote
+/// nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("account already exists with another opening balance or currency")]
@@ -368,6 +371,13 @@ pub enum Rejection {
     HoldVoided,
     #[error("the hold expired")]
     HoldExpired,
+    /// A capture or void found its hold at or after `hold_expires_at` and still
+    /// open, and wrote the expiry itself (the release entry, AUTHORIZED →
+    /// EXPIRED, the `order.hold_expired` event) in its transaction. The client
+    /// hears `hold_expired`, exactly as [`Rejection::HoldExpired`]; the variant
+    /// exists so the engine counts and logs the expiry this request made.
+    #[error("the hold expired")]
+    HoldLapsed,
     /// The sweeper's expiry of a hold whose time has not come (its clock is
     /// behind the one that read the order): nothing moved, try later.
     #[error("the hold has not expired yet")]
@@ -404,7 +414,7 @@ impl Rejection {
             Rejection::CaptureExceedsHold => "capture_exceeds_hold",
             Rejection::HoldAlreadyCaptured => "hold_already_captured",
             Rejection::HoldVoided => "hold_voided",
-            Rejection::HoldExpired => "hold_expired",
+            Rejection::HoldExpired | Rejection::HoldLapsed => "hold_expired",
             Rejection::HoldNotExpired => "hold_not_expired",
             Rejection::Refused(_) => "refused_by_database",
             Rejection::StaleFencingToken => "stale_fencing_token",

@@ -183,7 +183,8 @@ impl Plan {
             | Effect::Refund(m)
             | Effect::Hold(m)
             | Effect::Capture(m)
-            | Effect::Release(m) => self.record_movement(m, entry_id, now)?,
+            | Effect::Release(m)
+            | Effect::Lapse(m) => self.record_movement(m, entry_id, now)?,
         }
         if let Some(event) = effect.event(entry_id) {
             self.new_events.push(event);

@@ -382,7 +382,7 @@ pub(super) fn capture(
         }
     }
     if hold_expired(order, now) {
-        return Ok(Decision::Reject(Rejection::HoldExpired));
+        return lapse(order, seen, now);
     }
     if n > order.held || n.minor() <= 0 {
         return Ok(Decision::Reject(Rejection::CaptureExceedsHold));
@@ -456,16 +456,40 @@ pub(super) fn release(
         _ => return Ok(Decision::Reject(ended_by(order))),
     }
     match (by, hold_expired(order, now)) {
-        (Release::Void, true) => return Ok(Decision::Reject(Rejection::HoldExpired)),
-        (Release::Expiry, false) => return Ok(Decision::Reject(Rejection::HoldNotExpired)),
-        _ => {}
+        (Release::Void, true) => lapse(order, seen, now),
+        (Release::Expiry, false) => Ok(Decision::Reject(Rejection::HoldNotExpired)),
+        (Release::Void, false) | (Release::Expiry, true) => Ok(Decision::Apply(Effect::Release(
+            release_all(order, target, seen, now)?,
+        ))),
     }
+}
+
+/// A capture or void that found an open hold at or after its expiry: it writes
+/// the expiry ([`Effect::Lapse`]) and is told `hold_expired`, so what it was told
+/// is what the database says from then on, whatever another instance's clock.
+fn lapse(order: &Order, seen: &Seen<'_>, now: i64) -> Result<Decision, Inconsistent> {
+    Ok(Decision::Apply(Effect::Lapse(release_all(
+        order,
+        OrderStatus::Expired,
+        seen,
+        now,
+    )?)))
+}
+
+/// The movement that releases an AUTHORIZED order's whole hold into `target`
+/// (VOIDED or EXPIRED): a release entry, `held` down by the hold.
+fn release_all(
+    order: &Order,
+    target: OrderStatus,
+    seen: &Seen<'_>,
+    now: i64,
+) -> Result<Movement, Inconsistent> {
     let (balance, held) = funds(order, seen)?;
     let held_after = held
         .checked_sub(order.held)
         .filter(|h| !h.is_negative())
         .ok_or_else(|| Inconsistent(format!("account {} lacks its hold", order.account_id)))?;
-    Ok(Decision::Apply(Effect::Release(Movement {
+    Ok(Movement {
         before: order.clone(),
         after: Order {
             status: target,
@@ -478,5 +502,5 @@ pub(super) fn release(
         balance_before: balance,
         held_before: held,
         held_after,
-    })))
+    })
 }

@@ -34,7 +34,8 @@
 //! * two-phase (authorize, capture, void, expire): see [`ledger`]'s
 //!   `authorize`, `capture` and `release`; the clock decides expiry (a capture or
 //!   void at or after `hold_expires_at` is `hold_expired` whether or not the
-//!   sweeper has written the release yet), and once one of capture, void or
+//!   sweeper has written the release yet, and writes that release itself when it
+//!   has not: [`Effect::Lapse`]), and once one of capture, void or
 //!   expiry took effect its own repeats replay while the others are told who won;
 //!   a deduct and a hold spend only `available` (`balance - held`);
 //! * fencing: a command under a lock token lower than one that already wrote its
@@ -167,6 +168,15 @@ pub enum Effect {
     /// Insert the release entry, lower `held` by the hold; AUTHORIZED → VOIDED
     /// or EXPIRED.
     Release(Movement),
+    /// The expiry, written by the capture or void that found a hold at or after
+    /// its `hold_expires_at` and still open: the same writes as an expiry's
+    /// [`Effect::Release`] (AUTHORIZED → EXPIRED), and the command answers
+    /// [`Rejection::HoldLapsed`]. Why it writes rather than only refuses: a
+    /// refusal that left the hold open let another instance whose clock was
+    /// behind (or a batch decided a moment earlier) capture or void the hold
+    /// after a client had been told `hold_expired`; once the expiry is in the
+    /// database, every later request reads who won instead of a clock.
+    Lapse(Movement),
 }
 
 /// One movement of money: a new ledger entry, a balance change, an order change.
@@ -242,7 +252,8 @@ impl Effect {
             | Effect::Refund(m)
             | Effect::Hold(m)
             | Effect::Capture(m)
-            | Effect::Release(m) => Some(m),
+            | Effect::Release(m)
+            | Effect::Lapse(m) => Some(m),
             Effect::OpenAccount(_) | Effect::PlaceOrder(_) | Effect::Decline(_) => None,
         }
     }
@@ -277,6 +288,7 @@ impl Effect {
                 })
             }
             Effect::Decline(_) => Err(Rejection::InsufficientFunds),
+            Effect::Lapse(_) => Err(Rejection::HoldLapsed),
         }
     }
 
@@ -298,7 +310,7 @@ impl Effect {
             Effect::Refund(_) => EventType::OrderRefunded,
             Effect::Hold(_) => EventType::OrderAuthorized,
             Effect::Release(m) if m.after.status == OrderStatus::Voided => EventType::OrderVoided,
-            Effect::Release(_) => EventType::OrderHoldExpired,
+            Effect::Release(_) | Effect::Lapse(_) => EventType::OrderHoldExpired,
         };
         let (order, entry) = self.movement()?.settle(entry_id);
         Some(EventDraft {

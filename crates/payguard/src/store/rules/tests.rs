@@ -630,3 +630,65 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
     };
     assert!(settled(&deduct(), &broken, NOW).is_err());
 }
+
+#[test]
+fn a_capture_or_void_past_the_expiry_writes_the_expiry_it_answers() {
+    let held = Order {
+        held: m(300),
+        hold_expires_at: Some(NOW),
+        ..order(OrderStatus::Authorized, 300, 0, None)
+    };
+    let seen = Seen {
+        order: Some(&held),
+        balance: Some(m(1_000)),
+        held: Some(m(300)),
+        ..Seen::default()
+    };
+    let capture = Command::new(Op::Capture {
+        order_id: oid("o"),
+        amount: None,
+    });
+    let void = Command::new(Op::Void { order_id: oid("o") });
+    for cmd in [&capture, &void] {
+        // At the expiry, with no sweeper's release written yet.
+        let Decision::Apply(effect @ Effect::Lapse(_)) = decision(cmd, seen) else {
+            panic!("{cmd:?} at the expiry: expected the lapse");
+        };
+        let movement = effect.movement().unwrap();
+        assert_eq!(movement.after.status, OrderStatus::Expired);
+        assert_eq!((movement.after.held, movement.held_after), (m(0), m(0)));
+        assert_eq!(movement.entry.kind, EntryKind::Release);
+        assert_eq!(movement.entry.amount, m(300));
+        assert_eq!(movement.entry.balance_after, m(1_000), "no money moves");
+        assert_eq!(effect.answer(5), Err(Rejection::HoldLapsed));
+        assert_eq!(effect.event(5).unwrap().kind, EventType::OrderHoldExpired);
+        // A write: never answered from a read.
+        assert_eq!(settled(cmd, &seen, NOW).unwrap(), None);
+        assert_eq!(Rejection::HoldLapsed.reason(), "hold_expired");
+    }
+    // Once written, every later capture or void reads who won.
+    let expired = Order {
+        status: OrderStatus::Expired,
+        held: m(0),
+        ..held.clone()
+    };
+    let after = Seen {
+        order: Some(&expired),
+        balance: Some(m(1_000)),
+        held: Some(m(0)),
+        ..Seen::default()
+    };
+    for cmd in [&capture, &void] {
+        assert_eq!(rejected(cmd, after), Rejection::HoldExpired);
+        assert_eq!(
+            settled(cmd, &after, NOW).unwrap(),
+            Some(Err(Rejection::HoldExpired))
+        );
+    }
+    // A millisecond before the expiry the capture still takes the hold.
+    let early = decide(&capture, &seen, NOW - 1).unwrap().decision;
+    assert!(
+        matches!(early, Decision::Apply(Effect::Capture(_))),
+        "{early:?}"
+    );
+}

@@ -226,7 +226,9 @@ fn write_effect(conn: &Connection, effect: &Effect, now: i64) -> Result<OpResult
             0
         }
         Effect::Refund(m) => write_refund(conn, m, now)?,
-        Effect::Hold(m) | Effect::Capture(m) | Effect::Release(m) => write_two_phase(conn, m, now)?,
+        Effect::Hold(m) | Effect::Capture(m) | Effect::Release(m) | Effect::Lapse(m) => {
+            write_two_phase(conn, m, now)?
+        }
     };
     // The outbox: the event is part of the movement's transaction.
     if let Some(draft) = effect.event(entry_id) {
