@@ -88,6 +88,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod instance;
+pub mod keys;
 pub mod locks;
 pub mod oracle;
 pub mod redis;

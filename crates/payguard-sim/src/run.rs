@@ -17,10 +17,11 @@
 //! or until [`SWEEP_GRACE_MS`] after its expiry, the clients and the faults.
 
 use crate::checks;
-use crate::client::{self, Flow, Send};
+use crate::client::{self, Flow, FollowUps, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
 use crate::instance::{self, Instance};
+use crate::keys;
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
 use crate::redis::{self, RedisState, SharedRedis};
 use crate::two_phase;
@@ -143,6 +144,9 @@ struct Scenario {
     plan: Vec<Send>,
     /// Two-phase payments (with `Protocol::two_phase`).
     flows: Vec<Flow>,
+    /// What the plan's keyed requests send once answered (with
+    /// `Protocol::idempotency_keys`).
+    follow_ups: FollowUps,
 }
 
 fn draw_scenario(rng: &mut SmallRng) -> Scenario {
@@ -179,6 +183,8 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
                 ask: Ask::Deduct,
                 at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
+                key: None,
+                reuses_key: false,
             });
         }
     }
@@ -189,6 +195,7 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         bursts,
         plan,
         flows: Vec::new(),
+        follow_ups: FollowUps::new(),
     }
 }
 
@@ -240,6 +247,8 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
                     },
                     at_ms: at + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                     first_instance: (k + r + d) % INSTANCES,
+                    key: None,
+                    reuses_key: false,
                 });
             }
         }
@@ -330,6 +339,9 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     if protocol.two_phase {
         draw_two_phase(seed, &mut scenario);
     }
+    if protocol.idempotency_keys {
+        scenario.follow_ups = keys::draw(seed, &mut scenario.plan, &mut scenario.flows);
+    }
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
     let weather = Weather::draw(&mut rng);
     let fair = weather.is_fair();
@@ -385,7 +397,13 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     }
     sim.client(
         CLIENT_HOST,
-        client::run(scenario.plan, scenario.flows, post.clone(), oracle.clone()),
+        client::run(
+            scenario.plan,
+            scenario.follow_ups,
+            scenario.flows,
+            post.clone(),
+            oracle.clone(),
+        ),
     );
     drive(&mut sim, weather, &oracle, &redis_state, &db_state);
     let sim_ms = sim.elapsed().as_millis() as u64;
@@ -499,6 +517,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
     checks::money(db, oracle);
     two_phase::check(db, oracle, sim_ms);
+    keys::check(db, oracle);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LIVENESS_BOUND_MS);
@@ -638,6 +657,10 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         feed_events,
         expiry_replays,
         captures_too_late,
+        keyed_answers,
+        key_replays,
+        key_reuses_refused,
+        key_in_use,
         unanswered,
         faults,
         batches,
@@ -677,6 +700,10 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.feed_events += feed_events;
     t.expiry_replays += expiry_replays;
     t.captures_too_late += captures_too_late;
+    t.keyed_answers += keyed_answers;
+    t.key_replays += key_replays;
+    t.key_reuses_refused += key_reuses_refused;
+    t.key_in_use += key_in_use;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

@@ -326,7 +326,22 @@ impl Store for SimStore {
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
         let mut db = self.inner.db();
         let key = (claim.scope.clone(), claim.key.clone());
-        let outcome = match rules::claim(db.tables.idem.get(&key), &claim) {
+        let existing = db.tables.idem.get(&key);
+        let variant = db.variant;
+        let decision = match existing {
+            // The broken stores: any claim takes the key, or any request
+            // under it is the one it was first used for.
+            Some(_) if !variant.key_claimed_once => ClaimDecision::Take,
+            Some(r) if !variant.key_checks_fingerprint => rules::claim(
+                existing,
+                &IdemClaim {
+                    fingerprint: r.fingerprint.clone(),
+                    ..claim.clone()
+                },
+            ),
+            _ => rules::claim(existing, &claim),
+        };
+        let outcome = match decision {
             ClaimDecision::Answer(outcome) => outcome,
             ClaimDecision::Take => {
                 db.tables.idem.insert(

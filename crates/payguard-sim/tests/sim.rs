@@ -597,6 +597,72 @@ fn a_sweeper_that_voids_instead_of_expiring_leaves_holds_unreleased() {
     .check();
 }
 
+/// A store that frees a key instead of storing its command's definite answer
+/// (as if every answer might be retried): the same request sent again under
+/// the key runs again, and is answered from what the order is by then (a
+/// refund first refused `order_not_paid`, made once the charge committed).
+#[test]
+fn a_store_that_does_not_keep_a_keys_answer_answers_a_repeat_afresh() {
+    store_without(
+        "a_store_that_does_not_keep_a_keys_answer_answers_a_repeat_afresh",
+        StoreVariant {
+            key_keeps_answer: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (
+            ViolationKind::KeyAnswerChanged,
+            "answered Charged { entry: ",
+        ),
+        71,
+    );
+}
+
+/// A claim that does not compare fingerprints takes another request under a
+/// key for the one it was first used for: the reuse is answered with the
+/// first request's stored answer instead of 422.
+#[test]
+fn a_claim_that_ignores_the_fingerprint_answers_a_reused_key_with_anothers_answer() {
+    store_without(
+        "a_claim_that_ignores_the_fingerprint_answers_a_reused_key_with_anothers_answer",
+        StoreVariant {
+            key_checks_fingerprint: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (ViolationKind::KeyReuseAnswered, ""),
+        0,
+    );
+}
+
+/// A claim that takes a key already answered runs the request that reused
+/// it: its refund moves money.
+#[test]
+fn a_claim_that_takes_an_answered_key_lets_a_reused_key_move_money() {
+    store_without(
+        "a_claim_that_takes_an_answered_key_lets_a_reused_key_move_money",
+        StoreVariant {
+            key_claimed_once: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (ViolationKind::KeyReuseMoved, ""),
+        0,
+    );
+}
+
+/// The same store: the answers under one key name two entries, the first
+/// request's and the reuse's refund (two effects under one key).
+#[test]
+fn a_claim_that_takes_an_answered_key_gives_one_key_two_effects() {
+    store_without(
+        "a_claim_that_takes_an_answered_key_gives_one_key_two_effects",
+        StoreVariant {
+            key_claimed_once: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (ViolationKind::KeyTwoEffects, ""),
+        0,
+    );
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [1, 77, 4242] {
