@@ -40,6 +40,9 @@ pub struct Send {
     pub key: Option<String>,
     /// Another request under a key already answered (expected: 422).
     pub reuses_key: bool,
+    /// Its number in the seed's schedule, for a [`crate::shrink::Mask`]
+    /// (given once the whole schedule is drawn).
+    pub id: usize,
 }
 
 /// A two-phase payment: the copies of its authorize, then (unless a copy was

@@ -81,6 +81,7 @@ fn key_requests(rng: &mut SmallRng, n: &mut usize, sends: &mut [Send], follow_up
             first_instance: rng.random_range(0..INSTANCES),
             key: Some(key.clone()),
             reuses_key: false,
+            id: 0,
         }];
         if rng.random_ratio(1, KEY_REUSE_ONE_IN) {
             follow.push(Send {
@@ -93,6 +94,7 @@ fn key_requests(rng: &mut SmallRng, n: &mut usize, sends: &mut [Send], follow_up
                 first_instance: rng.random_range(0..INSTANCES),
                 key: Some(key.clone()),
                 reuses_key: true,
+                id: 0,
             });
         }
         follow_ups.insert(key, follow);

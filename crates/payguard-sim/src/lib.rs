@@ -93,10 +93,14 @@ pub mod locks;
 pub mod oracle;
 pub mod redis;
 pub mod run;
+pub mod shrink;
 pub mod store;
 pub mod two_phase;
 pub mod wire;
 
 pub use config::{LockProtocol, Protocol};
 pub use oracle::{Stats, Violation, ViolationKind};
-pub use run::{run_seed, run_seed_traced, run_seeds, Outcome, SeedsReport};
+pub use run::{
+    run_seed, run_seed_masked, run_seed_traced, run_seeds, schedule, Outcome, Schedule, SeedsReport,
+};
+pub use shrink::{shrink, Mask, Shrunk};

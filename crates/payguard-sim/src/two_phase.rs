@@ -75,6 +75,7 @@ fn copies(rng: &mut SmallRng, order: &str, ask: Ask, at_ms: u64, first: usize) -
             first_instance: (first + d) % INSTANCES,
             key: None,
             reuses_key: false,
+            id: 0,
         })
         .collect()
 }

@@ -13,9 +13,13 @@
 //! `PAYGUARD_SIM_SEEDS=N` sets how many seeds the main test (default
 //! `CI_SEEDS`) and the soak (default [`SOAK_SEEDS`]) run, and
 //! `PAYGUARD_SIM_FIRST_SEED=F` where they start (default 0 and `CI_SEEDS`);
-//! `PAYGUARD_SIM_SEED=S` replays one seed of a test, printing its events.
-//! Every failure prints its seed and the command that replays it, and the
-//! events of the shortest failing schedule (fewest events). A pinned
+//! `PAYGUARD_SIM_SEED=S` replays one seed of a test, printing its events,
+//! and `PAYGUARD_SIM_MASK=M` removes part of its schedule (`payguard_sim::Mask`).
+//! Every failure prints its seed and the command that replays it; the main
+//! test and the soak then shrink the shortest failing schedule (fewest
+//! events) to the fewest requests and faults that still fail with the same
+//! kind of violation (`payguard_sim::shrink`), and print its events, what is
+//! left, what was removed and the command that replays it. A pinned
 //! seed that stops failing (the scenario drawing changed) names the command
 //! that finds a new one: `PAYGUARD_SIM_SEARCH=N` searches seeds `0..N`. The
 //! soak is ignored by default:
@@ -26,7 +30,8 @@
 use payguard_sim::config::{CI_SEEDS, LIVENESS_BOUND_MS};
 use payguard_sim::db::StoreVariant;
 use payguard_sim::{
-    run_seed, run_seed_traced, run_seeds, Outcome, Protocol, SeedsReport, Stats, ViolationKind,
+    run_seed, run_seed_masked, run_seeds, schedule, shrink, Mask, Outcome, Protocol, SeedsReport,
+    Shrunk, Stats, ViolationKind,
 };
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -38,11 +43,33 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-fn replay_command(seed: u64, test: &str) -> String {
-    format!("PAYGUARD_SIM_SEED={seed} cargo test -p payguard-sim --test sim {test} -- --exact --nocapture")
+/// `PAYGUARD_SIM_MASK`: what to remove from a replayed seed (a shrunk
+/// schedule's mask, as a failure prints it).
+fn env_mask() -> Mask {
+    std::env::var("PAYGUARD_SIM_MASK").map_or_else(
+        |_| Mask::default(),
+        |v| {
+            v.parse()
+                .unwrap_or_else(|e| panic!("PAYGUARD_SIM_MASK={v}: {e}"))
+        },
+    )
+}
+
+fn replay_command(seed: u64, mask: &Mask, test: &str) -> String {
+    let mask = if mask.is_empty() {
+        String::new()
+    } else {
+        format!("PAYGUARD_SIM_MASK='{mask}' ")
+    };
+    format!("PAYGUARD_SIM_SEED={seed} {mask}cargo test -p payguard-sim --test sim {test} -- --exact --nocapture")
 }
 
 fn describe(o: &Outcome, test: &str) -> String {
+    describe_masked(o, &Mask::default(), test)
+}
+
+/// [`describe`] of a run with `mask` removed.
+fn describe_masked(o: &Outcome, mask: &Mask, test: &str) -> String {
     let mut s = format!(
         "seed {} ({} simulated ms, {} events, {:?}):\n",
         o.seed, o.sim_ms, o.events, o.stats
@@ -50,15 +77,57 @@ fn describe(o: &Outcome, test: &str) -> String {
     for v in &o.violations {
         s.push_str(&format!("  {:?}: {}\n", v.kind, v.detail));
     }
-    s.push_str(&format!("  replay: {}\n", replay_command(o.seed, test)));
+    s.push_str(&format!(
+        "  replay: {}\n",
+        replay_command(o.seed, mask, test)
+    ));
     s
 }
 
-/// Replays `seed` of `protocol`, printing its events.
+/// Replays `seed` of `protocol` (less `PAYGUARD_SIM_MASK`), printing its events.
 fn replay(test: &str, seed: u64, protocol: Protocol) -> Outcome {
-    let o = run_seed_traced(seed, protocol, true);
-    eprintln!("{}\n{}", o.trace.join("\n"), describe(&o, test));
+    let mask = env_mask();
+    let o = run_seed_masked(seed, protocol, &mask, true);
+    eprintln!(
+        "{}\n{}",
+        o.trace.join("\n"),
+        describe_masked(&o, &mask, test)
+    );
     o
+}
+
+/// Shrinks a failing seed, keeping what fails with its first violation's
+/// kind, and prints the smallest failing schedule: its events, what it still
+/// plans, what was removed and how to replay it.
+fn shrink_and_print(test: &str, failed: &Outcome, protocol: Protocol) -> Shrunk {
+    let kind = failed.violations[0].kind;
+    let shrunk = shrink(failed.seed, protocol, |o| o.has(kind));
+    let o = &shrunk.outcome;
+    let plan: Vec<String> = shrunk
+        .schedule
+        .sends
+        .iter()
+        .map(|(id, s)| format!("    request #{id}: {s}"))
+        .chain(
+            shrunk
+                .schedule
+                .faults
+                .iter()
+                .map(|(f, s)| format!("    fault #{f}: {s}")),
+        )
+        .collect();
+    eprintln!(
+        "{test}: seed {} shrunk ({} runs) from {} requests and faults to {}, still {kind:?}; removed {}\n{}\n  what is left:\n{}\n{}",
+        shrunk.seed,
+        shrunk.runs,
+        shrunk.full_size,
+        shrunk.schedule.size(),
+        shrunk.mask,
+        o.trace.join("\n"),
+        plan.join("\n"),
+        describe_masked(o, &shrunk.mask, test),
+    );
+    shrunk
 }
 
 fn holds_for_every_seed(test: &str, protocol: Protocol, seeds: u64, first: u64) -> SeedsReport {
@@ -87,10 +156,10 @@ fn holds_for_every_seed(test: &str, protocol: Protocol, seeds: u64, first: u64) 
         .collect();
     if let Some(shortest) = r.failures.iter().min_by_key(|o| (o.events, o.seed)) {
         eprintln!(
-            "{test}: the shortest failing schedule, seed {}:",
+            "{test}: the shortest failing schedule, seed {}, shrunk:",
             shortest.seed
         );
-        replay(test, shortest.seed, protocol);
+        shrink_and_print(test, shortest, protocol);
     }
     assert!(
         r.failures.is_empty(),
@@ -318,8 +387,9 @@ fn a_batch_that_acquired_twice_and_released_once_strands_its_orders() {
         kind: ViolationKind::Liveness,
         fault_free: true,
         detail: "",
-        // 340 before the clients paid in two phases.
-        pinned: 24,
+        // 340 before the clients paid in two phases, 24 before they sent
+        // Idempotency-Keys.
+        pinned: 31,
     }
     .check();
     assert!(
@@ -455,7 +525,7 @@ fn a_store_that_releases_an_ended_hold_again_releases_twice() {
             ..StoreVariant::PAYGUARD
         },
         (ViolationKind::HoldOutcome, "is EXPIRED"),
-        26,
+        23,
     );
 }
 
@@ -485,7 +555,7 @@ fn a_store_without_the_expiry_check_captures_after_expiry() {
             ..StoreVariant::PAYGUARD
         },
         (ViolationKind::CaptureAfterExpiry, ""),
-        1,
+        14,
     );
 }
 
@@ -552,7 +622,8 @@ fn a_store_that_reads_its_clock_before_its_locks_captures_a_hold_it_called_expir
             ..StoreVariant::PAYGUARD
         },
         (ViolationKind::TwoPhaseAnswer, "hold_expired"),
-        1677,
+        // 1677 before the clients sent Idempotency-Keys.
+        1147,
     );
 }
 
@@ -573,7 +644,8 @@ fn instances_whose_clocks_disagree_answer_hold_expired_for_a_hold_they_then_end(
         kind: ViolationKind::TwoPhaseAnswer,
         fault_free: true,
         detail: "hold_expired",
-        pinned: 390,
+        // 390 before the clients sent Idempotency-Keys.
+        pinned: 339,
     }
     .check();
 }
@@ -660,6 +732,53 @@ fn a_claim_that_takes_an_answered_key_gives_one_key_two_effects() {
         },
         (ViolationKind::KeyTwoEffects, ""),
         0,
+    );
+}
+
+/// Shrinking: a seed of the store without the one-debit rule shrinks to a
+/// strictly smaller schedule that still double charges, and that schedule
+/// replays exactly from its seed and mask.
+#[test]
+fn a_failing_seed_shrinks_to_a_smaller_schedule_that_replays() {
+    let test = "a_failing_seed_shrinks_to_a_smaller_schedule_that_replays";
+    let protocol = Protocol {
+        store: StoreVariant {
+            one_debit: false,
+            ..StoreVariant::PAYGUARD
+        },
+        ..Protocol::PAYGUARD
+    };
+    let seed = env_u64("PAYGUARD_SIM_SEED").unwrap_or(0);
+    if !env_mask().is_empty() {
+        // Replaying what a run of this test printed.
+        assert!(replay(test, seed, protocol).has(ViolationKind::DoubleCharge));
+        return;
+    }
+    let failed = run_seed(seed, protocol);
+    assert!(
+        failed.has(ViolationKind::DoubleCharge),
+        "{}",
+        describe(&failed, test)
+    );
+    let shrunk = shrink_and_print(test, &failed, protocol);
+    assert!(
+        shrunk.schedule.size() < shrunk.full_size && shrunk.outcome.planned < failed.planned,
+        "nothing removed: {} of {}",
+        shrunk.schedule.size(),
+        shrunk.full_size
+    );
+    assert_eq!(shrunk.outcome.planned, shrunk.schedule.size());
+    assert!(shrunk.outcome.has(ViolationKind::DoubleCharge));
+    let mask: Mask = shrunk.mask.to_string().parse().expect("a mask reads back");
+    assert_eq!(mask, shrunk.mask);
+    let again = run_seed_masked(seed, protocol, &mask, false);
+    assert_eq!(
+        again.fingerprint, shrunk.outcome.fingerprint,
+        "the shrunk schedule replayed differently"
+    );
+    assert_eq!(
+        schedule(seed, protocol, &mask).size(),
+        shrunk.schedule.size()
     );
 }
 
