@@ -143,7 +143,7 @@ pub async fn run(
         )
         .into_response(),
         KeyedAnswer::ClaimFailed(e) => ApiError::from(e).into_response(),
-        KeyedAnswer::Ran(result) => crate::render::respond(result),
+        KeyedAnswer::Ran(result) => crate::render::respond(*result),
     }
 }
 

@@ -354,10 +354,8 @@ fn draw(seed: u64, protocol: Protocol) -> Drawn {
     if protocol.idempotency_keys {
         scenario.follow_ups = keys::draw(seed, &mut scenario.plan, &mut scenario.flows);
     }
-    let mut n = 0;
-    for s in scenario.sends_mut() {
+    for (n, s) in scenario.sends_mut().enumerate() {
         s.id = n;
-        n += 1;
     }
     let weather = Weather::draw(&mut rng);
     Drawn {

@@ -58,8 +58,8 @@ pub enum KeyedAnswer {
     InUse,
     /// The key could not be claimed: nothing ran.
     ClaimFailed(StoreError),
-    /// The op ran under the key.
-    Ran(Result<Output, EngineError>),
+    /// The op ran under the key (boxed: an [`Output`] is large).
+    Ran(Box<Result<Output, EngineError>>),
 }
 
 /// The answer stored under a key for `result`, rendered by `ok` or `err`, or
@@ -118,7 +118,7 @@ impl Engine {
         if !released {
             tracing::warn!(event = "idempotency_release_failed", key = %keyed.key, "the key frees itself when its lease lapses");
         }
-        KeyedAnswer::Ran(result)
+        KeyedAnswer::Ran(Box::new(result))
     }
 
     /// Claims the key: `None` once it is this request's, else the answer.
