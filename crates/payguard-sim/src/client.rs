@@ -15,7 +15,11 @@
 //! and two copies meet in one instance's lane (single flight). A two-phase flow
 //! waits for its authorize's answers before capturing, as a real client would,
 //! so its captures and voids race each other and the hold's expiry (the
-//! sweepers), not the hold itself.
+//! sweepers), not the hold itself. A keyed request ([`crate::keys`]) is sent
+//! the same way, every copy and retry under its key; once its copies are
+//! answered, its follow-ups go (the same request again, and maybe another
+//! one under the same key), as a client that retries later, or reuses a key
+//! by mistake, would.
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
 use crate::oracle::{Attempt, Keyed, OracleRef};

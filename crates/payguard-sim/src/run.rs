@@ -6,7 +6,10 @@
 //! crash + restart, database restart, partitions between any instance and Redis,
 //! the database or the clients, slow links to Redis or the database), and it
 //! seeds turmoil and every host's RNG. A failing seed is therefore a complete,
-//! replayable bug report.
+//! replayable bug report. The scenario and the faults are drawn whole before
+//! the run, every request and fault numbered ([`schedule`]), so a
+//! [`Mask`] can remove some of them and leave the rest as drawn
+//! ([`crate::shrink`]).
 //!
 //! One seed in [`CALM_SEED_ONE_IN`] is calm: no fault, no message loss, no
 //! stall. On such a seed (and on any other that happens to draw none) the

@@ -19,9 +19,11 @@
 //! The expiry sweeper's read (`due_holds`) crosses the network too, so a
 //! sweep can fail or see a state another sweeper has already changed. Off the
 //! money path, the reads (`order`, `account`, `entries`) and the
-//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) read
-//! and write the database's state directly, through the same rules. The events feed is the one the database writes in each movement's
-//! transaction. Webhooks: no endpoint can be created here (`webhook_create`
+//! Idempotency-Key calls (`idem_claim`, `idem_release`, made by payguard's
+//! keyed sequence, `Engine::submit_keyed`) read and write the database's
+//! state directly, through the same rules (a claim that fails or whose answer
+//! is lost is not simulated). The events feed is the one the database writes
+//! in each movement's transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
 //! ([`crate::run`]).
