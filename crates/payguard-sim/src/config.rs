@@ -53,6 +53,9 @@ pub struct Protocol {
     /// The engine's sweeper releases due holds with a void instead of an expiry
     /// (`payguard::engine::mutants::Mutant::SweepWithVoid`).
     pub sweep_with_void: bool,
+    /// The keyed sequence frees its key after a stale fencing token too
+    /// (`payguard::engine::mutants::Mutant::ReleaseKeyAfterStaleToken`).
+    pub release_key_after_stale_token: bool,
     /// Each instance's clock is off by up to this many ms either way (its own
     /// random stream); 0: every host reads the one simulated clock. An
     /// instance decides its batches, its snapshot reads and its sweeps at its
@@ -84,6 +87,7 @@ impl Protocol {
         two_phase: true,
         idempotency_keys: true,
         sweep_with_void: false,
+        release_key_after_stale_token: false,
         clock_skew_ms: 0,
     };
 

@@ -323,6 +323,8 @@ impl Armed {
             Some(Mutant::ReleaseAcquiresAsOne)
         } else if protocol.sweep_with_void {
             Some(Mutant::SweepWithVoid)
+        } else if protocol.release_key_after_stale_token {
+            Some(Mutant::ReleaseKeyAfterStaleToken)
         } else {
             None
         });

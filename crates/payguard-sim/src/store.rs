@@ -358,15 +358,40 @@ impl Store for SimStore {
                 ClaimOutcome::Claimed
             }
         };
+        drop(db);
+        if outcome == (ClaimOutcome::InFlight { same_request: true }) {
+            // A repeat waiting for the first request: polled, not noted.
+            return ok(outcome);
+        }
+        self.inner.note(|| {
+            let said = match &outcome {
+                ClaimOutcome::Claimed => "claimed".to_owned(),
+                ClaimOutcome::Done {
+                    same_request,
+                    status,
+                    ..
+                } => {
+                    format!("done ({status}), same request: {same_request}")
+                }
+                ClaimOutcome::InFlight { same_request } => {
+                    format!("in flight, same request: {same_request}")
+                }
+            };
+            format!("claim of key {}: {said}", claim.key)
+        });
         ok(outcome)
     }
 
     fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
         let mut db = self.inner.db();
         let key = (scope, key);
-        if db.tables.idem.get(&key).is_some_and(|r| r.done.is_none()) {
+        let freed = db.tables.idem.get(&key).is_some_and(|r| r.done.is_none());
+        if freed {
             db.tables.idem.remove(&key);
         }
+        drop(db);
+        self.inner
+            .note(|| format!("release of key {}: freed {freed}", key.1));
         ok(())
     }
 

@@ -735,6 +735,57 @@ fn a_claim_that_takes_an_answered_key_gives_one_key_two_effects() {
     );
 }
 
+/// Found by this simulation once its clients sent Idempotency-Keys, fixed in
+/// `payguard::engine::keyed`: a keyed command refused `stale_fencing_token`
+/// had its key freed by the store in its own transaction, then freed again
+/// by the keyed sequence, which by then freed the claim a repeat of the
+/// request had taken meanwhile; that repeat's answer went unstored, and the
+/// key's later reuse for another refund was run and moved money.
+#[test]
+fn a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money() {
+    SeenFailing {
+        test: "a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money",
+        protocol: Protocol {
+            release_key_after_stale_token: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::KeyReuseMoved,
+        fault_free: false,
+        detail: "",
+        pinned: 2897,
+    }
+    .check();
+}
+
+/// Not fixed, shown (found by this simulation once its clients sent
+/// Idempotency-Keys): when a batch's COMMIT goes unanswered, the PostgreSQL
+/// store looks up its fate and, if it committed, runs the batch again,
+/// counting on its commands to read back as replays (`store/postgres/commit.rs`,
+/// re-stated in `SimStore`). A refusal writes nothing to read back: a keyed
+/// refund refused `order_not_paid` (that answer stored under its key in the
+/// committed transaction, and replayed to the request's repeats) is decided
+/// afresh by the rerun after the order was charged meanwhile, and made. The
+/// client of the rerun is told 200, the key's other answers say 409, and the
+/// money moved. payguard on a seed with message loss (no fault scheduled).
+#[test]
+fn a_rerun_after_a_lost_commit_makes_a_keyed_refund_its_stored_answer_refused() {
+    let test = "a_rerun_after_a_lost_commit_makes_a_keyed_refund_its_stored_answer_refused";
+    let seed = env_u64("PAYGUARD_SIM_SEED").unwrap_or(4096);
+    let o = replay(test, seed, Protocol::PAYGUARD);
+    assert!(
+        o.violations.iter().any(|v| v.kind == ViolationKind::KeyAnswerChanged
+            && v.detail.contains("answered Charged")
+            && v.detail.contains("first Conflict { reason: \"order_not_paid\" }")),
+        "seed {seed} no longer shows a keyed refund refused then made: fixed, or the schedule changed (find another with PAYGUARD_SIM_SEEDS=4000 PAYGUARD_SIM_FIRST_SEED=1000 cargo test -p payguard-sim --test sim payguard_holds_for_every_seed)"
+    );
+    assert!(
+        o.trace
+            .iter()
+            .any(|l| l.contains("committed: true; running the batch again")),
+        "the refund should be made by a rerun after a lost commit"
+    );
+}
+
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a
 /// strictly smaller schedule that still double charges, and that schedule
 /// replays exactly from its seed and mask.

@@ -10,13 +10,19 @@
 //! key's record, so the store writes the answer in the op's own transaction
 //! (or frees the key if the answer may be retried). An answer that did
 //! nothing and may be retried (the store unavailable, the lane full, a lock
-//! wait given up) frees the key, so the caller can retry with it.
+//! wait given up) frees the key, so the caller can retry with it, unless the
+//! store decided it in the op's transaction (a stale fencing token), which
+//! freed the key already. That release names the key, not the claim: after an
+//! answer whose transaction may have committed and freed the key (the store
+//! unavailable, the outcome unknown), it can still free a claim another
+//! request took since (RELIABILITY.md, "Not done yet").
 //!
 //! What stays in the HTTP layer: reading and validating the header, the
 //! fingerprint (method, path, canonical body), rendering answers to bytes
 //! ([`stored_answer`] decides which are stored) and mapping a
 //! [`KeyedAnswer`] to a status.
 
+use super::mutants::{armed, Mutant};
 use super::{Engine, EngineError};
 use crate::domain::RequestId;
 use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Render};
@@ -109,6 +115,15 @@ impl Engine {
             // A definite answer was stored in the op's own transaction.
             Ok(_) => true,
             Err(EngineError::Rejected(r)) if r.is_definite() => true,
+            // Decided by the store in the op's transaction, which freed the
+            // key there (`rules::completion`): freeing it again could free
+            // another request's claim taken since (the simulation saw that
+            // request's answer go unstored, and a reuse of the key run).
+            Err(EngineError::Rejected(Rejection::StaleFencingToken))
+                if !armed(Mutant::ReleaseKeyAfterStaleToken) =>
+            {
+                true
+            }
             // Nothing moved: free the key so the caller can retry with it.
             Err(_) => store
                 .idem_release(keyed.scope.clone(), keyed.key.clone())

@@ -26,6 +26,11 @@ pub enum Mutant {
     /// (`sweeper.rs`): a void at or after `hold_expires_at` is refused
     /// `hold_expired`, so no hold is ever released by the sweeper.
     SweepWithVoid,
+    /// The keyed sequence frees its key after a stale fencing token too (as
+    /// before the simulation sent Idempotency-Keys): the store freed it in the
+    /// op's transaction already, so this frees the claim another request took
+    /// since, whose answer then goes unstored.
+    ReleaseKeyAfterStaleToken,
 }
 
 #[cfg(feature = "mutants")]
