@@ -154,9 +154,10 @@ pub const KEY_FOLLOW_UP_DELAY_MS: std::ops::RangeInclusive<u64> = 1..=40;
 pub const KEYS_RNG_SALT: u64 = 0x000b_e71d_e0ce_01d5;
 /// The clients' scope (the server: the SHA-256 of their API key).
 pub const KEY_SCOPE: &str = "sim-clients";
-/// payguard-server's `IDEMPOTENCY_LEASE_MS` (30 000 ms), scaled: a request
-/// still inside an instance this long is a hang, so a live first request never
-/// loses its claim; a crashed one's lapses within a seed.
+/// payguard-server's `IDEMPOTENCY_LEASE_MS` (30 000 ms), scaled to the hang
+/// bound (`IN_FLIGHT_DRAIN_MS_MAX`), longer than any request stays in an
+/// instance on a seed that passes: a live first request keeps its claim, a
+/// crashed one's lapses within the seed.
 pub const KEY_LEASE_MS: i64 = IN_FLIGHT_DRAIN_MS_MAX as i64;
 /// payguard-server's `IDEMPOTENCY_WAIT_MS` (5 000 ms), scaled: a repeat waits
 /// for the first request with its key as long as a healthy request may take.

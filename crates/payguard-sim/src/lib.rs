@@ -93,6 +93,16 @@
 //! (`tests/sim.rs`, seed 1677 with the old clock read, 1147 since the clients
 //! send keys; `payguard`'s `tests/pg_store.rs` against a real server).
 //!
+//! What it found once clients sent Idempotency-Keys: a keyed command refused
+//! `stale_fencing_token` had its key freed by the store in its own
+//! transaction, and then freed again by the keyed sequence, which by then
+//! freed the claim a repeat had taken: the repeat's answer went unstored and a
+//! reuse of the key for another refund moved money. `Engine::submit_keyed` no
+//! longer frees the key after that answer (`tests/sim.rs`, seed 2897 with the
+//! old release). And, not fixed: a rerun after a lost COMMIT decides a keyed
+//! refund afresh after its refusal was stored under its key, and makes it
+//! once the order was charged meanwhile (seed 4096).
+//!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off (an Idempotency-Key rule among them), or the lock
 //! client's old counter reset on, or arm a
