@@ -22,10 +22,11 @@ use crate::AppState;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use payguard::domain::RequestId;
-use payguard::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op};
+use payguard::engine::keyed::{KeyLimits, KeyedAnswer};
+use payguard::store::Op;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -94,7 +95,9 @@ pub struct Keyed<'a> {
     pub fingerprint: String,
 }
 
-/// Runs `op` under an Idempotency-Key.
+/// Runs `op` under an Idempotency-Key: payguard's keyed sequence
+/// ([`Engine::submit_keyed`](payguard::Engine::submit_keyed), which the
+/// deterministic simulation runs too), its answer as HTTP.
 pub async fn run(
     state: &AppState,
     req: RequestId,
@@ -102,75 +105,46 @@ pub async fn run(
     op: Op,
     deadline: Option<Instant>,
 ) -> Response {
-    let store = state.engine.store().clone();
-    let ttl_ms = state.limits.idempotency_ttl_ms;
-    let started = Instant::now();
-    loop {
-        let claim = IdemClaim {
-            scope: keyed.scope.to_owned(),
-            key: keyed.key.clone(),
-            fingerprint: keyed.fingerprint.clone(),
-            now_ms: chrono_now_ms(),
-            lease_ms: IDEMPOTENCY_LEASE_MS,
-            ttl_ms,
-        };
-        match store.idem_claim(claim).await {
-            Err(e) => return ApiError::from(e).into_response(),
-            Ok(ClaimOutcome::Claimed) => break,
-            Ok(ClaimOutcome::Done {
-                same_request: true,
-                status,
-                body,
-            }) => return replay(status, body),
-            Ok(ClaimOutcome::Done {
-                same_request: false,
-                ..
-            })
-            | Ok(ClaimOutcome::InFlight {
-                same_request: false,
-            }) => {
-                return ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reuse",
-                    "this Idempotency-Key was used with another method, path or body",
-                )
-                .into_response()
-            }
-            Ok(ClaimOutcome::InFlight { same_request: true }) => {
-                if started.elapsed() >= Duration::from_millis(IDEMPOTENCY_WAIT_MS) {
-                    return ApiError::new(
-                        StatusCode::CONFLICT,
-                        "idempotency_key_in_use",
-                        "the first request with this Idempotency-Key is still in flight; retry later",
-                    )
-                    .into_response();
-                }
-                tokio::time::sleep(Duration::from_millis(IDEMPOTENCY_POLL_MS)).await;
-            }
-        }
-    }
-    let keyed_cmd = Command::new(op).with_idempotency(IdemWrite {
-        scope: keyed.scope.to_owned(),
-        key: keyed.key.clone(),
-        fingerprint: keyed.fingerprint.clone(),
-        ttl_ms,
-        render: Arc::new(storable),
-    });
-    let result = state.engine.submit_by(keyed_cmd, req, deadline).await;
-    let released = match &result {
-        // A definite answer was stored in the op's own transaction.
-        Ok(_) => true,
-        Err(payguard::EngineError::Rejected(r)) if r.is_definite() => true,
-        // Nothing moved: free the key so the caller can retry with it.
-        Err(_) => store
-            .idem_release(keyed.scope.to_owned(), keyed.key.clone())
-            .await
-            .is_ok(),
+    let limits = KeyLimits {
+        lease_ms: IDEMPOTENCY_LEASE_MS,
+        ttl_ms: state.limits.idempotency_ttl_ms,
+        wait_ms: IDEMPOTENCY_WAIT_MS,
+        poll_ms: IDEMPOTENCY_POLL_MS,
     };
-    if !released {
-        tracing::warn!(event = "idempotency_release_failed", key = %keyed.key, "the key frees itself when its lease lapses");
+    let keyed = payguard::engine::keyed::Keyed {
+        scope: keyed.scope.to_owned(),
+        key: keyed.key,
+        fingerprint: keyed.fingerprint,
+    };
+    let answer = state
+        .engine
+        .submit_keyed(
+            keyed,
+            op,
+            req,
+            deadline,
+            Arc::new(storable),
+            limits,
+            chrono_now_ms,
+        )
+        .await;
+    match answer {
+        KeyedAnswer::Replay { status, body } => replay(status, body),
+        KeyedAnswer::Reused => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reuse",
+            "this Idempotency-Key was used with another method, path or body",
+        )
+        .into_response(),
+        KeyedAnswer::InUse => ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_in_use",
+            "the first request with this Idempotency-Key is still in flight; retry later",
+        )
+        .into_response(),
+        KeyedAnswer::ClaimFailed(e) => ApiError::from(e).into_response(),
+        KeyedAnswer::Ran(result) => crate::render::respond(*result),
     }
-    crate::render::respond(result)
 }
 
 fn chrono_now_ms() -> i64 {

@@ -70,19 +70,20 @@ fn output_bytes(out: &Output) -> (StatusCode, Vec<u8>) {
 }
 
 /// What to store for a result, or `None` when it must not be stored (a refusal
-/// by the database is a 500: it did nothing and may be retried).
+/// by the database is a 500: it did nothing and may be retried); which ones,
+/// payguard decides ([`payguard::engine::keyed::stored_answer`]).
 pub fn storable(result: &OpResult) -> Option<(u16, Vec<u8>)> {
-    match result {
-        Ok(out) => {
+    payguard::engine::keyed::stored_answer(
+        result,
+        |out| {
             let (s, b) = output_bytes(out);
-            Some((s.as_u16(), b))
-        }
-        Err(r) if !r.is_definite() => None,
-        Err(r) => {
+            (s.as_u16(), b)
+        },
+        |r| {
             let e = ApiError::from(r);
-            Some((e.status.as_u16(), e.body_bytes()))
-        }
-    }
+            (e.status.as_u16(), e.body_bytes())
+        },
+    )
 }
 
 /// The response to an engine result.

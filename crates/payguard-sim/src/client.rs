@@ -15,13 +15,18 @@
 //! and two copies meet in one instance's lane (single flight). A two-phase flow
 //! waits for its authorize's answers before capturing, as a real client would,
 //! so its captures and voids race each other and the hold's expiry (the
-//! sweepers), not the hold itself.
+//! sweepers), not the hold itself. A keyed request ([`crate::keys`]) is sent
+//! the same way, every copy and retry under its key; once its copies are
+//! answered, its follow-ups go (the same request again, and maybe another
+//! one under the same key), as a client that retries later, or reuses a key
+//! by mistake, would.
 
 use crate::config::{CLIENT_ATTEMPTS_MAX, CLIENT_RETRY_MS, CLIENT_TIMEOUT_MS, INSTANCES};
-use crate::oracle::{Attempt, OracleRef};
+use crate::oracle::{Attempt, Keyed, OracleRef};
 use crate::wire::{
     call, instance_host, now_ms, ApiReq, ApiResp, Ask, CallError, Post, INSTANCE_PORT,
 };
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One request to send (each copy of a duplicate is its own).
@@ -34,6 +39,14 @@ pub struct Send {
     pub at_ms: u64,
     /// The instance of the first attempt; retries go to the next ones.
     pub first_instance: usize,
+    /// The Idempotency-Key it carries: every copy of a keyed request, every
+    /// retry, and its follow-ups carry the same one ([`crate::keys`]).
+    pub key: Option<String>,
+    /// Another request under a key already answered (expected: 422).
+    pub reuses_key: bool,
+    /// Its number in the seed's schedule, for a [`crate::shrink::Mask`]
+    /// (given once the whole schedule is drawn).
+    pub id: usize,
 }
 
 /// A two-phase payment: the copies of its authorize, then (unless a copy was
@@ -42,7 +55,13 @@ pub struct Send {
 pub struct Flow {
     pub authorize: Vec<Send>,
     pub then: Vec<Send>,
+    /// The follow-ups of its keyed requests, by key.
+    pub follow_ups: FollowUps,
 }
+
+/// What is sent under a key once its request's copies are answered, by key;
+/// their `at_ms` counts from then.
+pub type FollowUps = BTreeMap<String, Vec<Send>>;
 
 /// Sends `s` until it gets a definite answer or runs out of attempts; records
 /// every attempt and the definite answer in the oracle, and returns it.
@@ -54,6 +73,7 @@ async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
         let req = ApiReq {
             order: s.order.clone(),
             ask: s.ask.clone(),
+            key: s.key.clone(),
         };
         let sent_ms = now_ms();
         let answer = call(&post, &host, INSTANCE_PORT, Box::new(req), timeout)
@@ -66,10 +86,13 @@ async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
         {
             let mut o = oracle.borrow_mut();
             o.note(now_ms(), || {
-                let what = match &s.ask {
+                let mut what = match &s.ask {
                     Ask::Deduct => s.order.clone(),
                     ask => format!("{} {ask}", s.order),
                 };
+                if let Some(key) = &s.key {
+                    what.push_str(&format!(" [key {key}]"));
+                }
                 format!("client: {what} via {host} (attempt {attempt}, sent at {sent_ms} ms): {answer:?}")
             });
             o.attempt(Attempt {
@@ -78,6 +101,17 @@ async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
                 sent_ms,
                 answer: answer.as_ref().ok().map(|a| (now_ms(), *a)),
             });
+        }
+        if let (Some(key), Ok(a)) = (&s.key, &answer) {
+            if a.is_definite() {
+                oracle.borrow_mut().keyed(Keyed {
+                    key: key.clone(),
+                    order: s.order.clone(),
+                    ask: s.ask.clone(),
+                    reuses_key: s.reuses_key,
+                    answer: *a,
+                });
+            }
         }
         match answer {
             Ok(ApiResp::NoSuchOrder) => {
@@ -97,8 +131,10 @@ async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
                 oracle.borrow_mut().answered(&s.order, &s.ask, a);
                 return Some(a);
             }
+            Ok(a @ ApiResp::KeyReused) => return Some(a),
             Ok(
                 ApiResp::LockBusy
+                | ApiResp::KeyInUse
                 | ApiResp::StaleFencingToken
                 | ApiResp::Unknown
                 | ApiResp::Unavailable
@@ -115,40 +151,125 @@ async fn send(s: Send, post: Post, oracle: OracleRef) -> Option<ApiResp> {
     None
 }
 
+/// A keyed request's copies (or one unkeyed send): each sent, and once all
+/// are answered or given up on, if any got a definite answer, the key's
+/// follow-ups. The copies' answers, in order.
+async fn unit(
+    copies: Vec<Send>,
+    follow_ups: Vec<Send>,
+    post: Post,
+    oracle: OracleRef,
+) -> Vec<Option<ApiResp>> {
+    let tasks: Vec<_> = copies
+        .into_iter()
+        .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        answers.push(t.await.ok().flatten());
+    }
+    if answers.iter().any(Option::is_some) {
+        let now = now_ms();
+        let tasks: Vec<_> = follow_ups
+            .into_iter()
+            .map(|s| {
+                let s = Send {
+                    at_ms: now + s.at_ms,
+                    ..s
+                };
+                tokio::task::spawn_local(send(s, post.clone(), oracle.clone()))
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    answers
+}
+
+/// `sends` as units: each keyed request's copies together (with its
+/// follow-ups), every unkeyed send alone, in the order of their first send.
+fn units(sends: Vec<Send>, follow_ups: &mut FollowUps) -> Vec<(Vec<Send>, Vec<Send>)> {
+    let mut out: Vec<(Vec<Send>, Vec<Send>)> = Vec::new();
+    let mut by_key: BTreeMap<String, usize> = BTreeMap::new();
+    for s in sends {
+        match s.key.clone() {
+            Some(key) if !s.reuses_key => match by_key.get(&key) {
+                Some(&i) => out[i].0.push(s),
+                None => {
+                    by_key.insert(key.clone(), out.len());
+                    out.push((vec![s], follow_ups.remove(&key).unwrap_or_default()));
+                }
+            },
+            _ => out.push((vec![s], Vec::new())),
+        }
+    }
+    out
+}
+
+/// Spawns each unit of `sends`; their copies' answers, flattened in order.
+async fn all_units(
+    sends: Vec<Send>,
+    mut follow_ups: FollowUps,
+    post: &Post,
+    oracle: &OracleRef,
+) -> Vec<Option<ApiResp>> {
+    let tasks: Vec<_> = units(sends, &mut follow_ups)
+        .into_iter()
+        .map(|(copies, follow)| {
+            tokio::task::spawn_local(unit(copies, follow, post.clone(), oracle.clone()))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.unwrap_or_default());
+    }
+    answers
+}
+
 /// One two-phase payment: the authorize's copies at once; once they are all
 /// answered (or given up on), the later steps, unless the hold was declined.
 async fn flow(f: Flow, post: Post, oracle: OracleRef) {
-    let copies: Vec<_> = f
-        .authorize
-        .into_iter()
-        .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
-        .collect();
-    let mut declined = false;
-    for c in copies {
-        declined |= c.await.ok().flatten() == Some(ApiResp::InsufficientFunds);
-    }
-    if declined {
+    let Flow {
+        authorize,
+        then,
+        mut follow_ups,
+    } = f;
+    // Its copies are keyed together or not at all ([`crate::keys`]).
+    let answers = match authorize.first().and_then(|s| s.key.clone()) {
+        Some(key) => {
+            let follow = follow_ups.remove(&key).unwrap_or_default();
+            unit(authorize, follow, post.clone(), oracle.clone()).await
+        }
+        None => {
+            let copies: Vec<_> = authorize
+                .into_iter()
+                .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
+                .collect();
+            let mut answers = Vec::new();
+            for c in copies {
+                answers.push(c.await.ok().flatten());
+            }
+            answers
+        }
+    };
+    if answers.contains(&Some(ApiResp::InsufficientFunds)) {
         return;
     }
-    let steps: Vec<_> = f
-        .then
-        .into_iter()
-        .map(|s| tokio::task::spawn_local(send(s, post.clone(), oracle.clone())))
-        .collect();
-    for s in steps {
-        let _ = s.await;
-    }
+    all_units(then, follow_ups, &post, &oracle).await;
 }
 
 /// The client host: all sends and flows concurrently; done when every one has
 /// settled.
 pub async fn run(
     plan: Vec<Send>,
+    follow_ups: FollowUps,
     flows: Vec<Flow>,
     post: Post,
     oracle: OracleRef,
 ) -> turmoil::Result {
-    let mut tasks: Vec<_> = plan
+    let (keyed, unkeyed): (Vec<Send>, Vec<Send>) = plan.into_iter().partition(|s| s.key.is_some());
+    let mut tasks: Vec<_> = unkeyed
         .into_iter()
         .map(|s| {
             let (post, oracle) = (post.clone(), oracle.clone());
@@ -162,6 +283,12 @@ pub async fn run(
             .into_iter()
             .map(|f| tokio::task::spawn_local(flow(f, post.clone(), oracle.clone()))),
     );
+    {
+        let (post, oracle) = (post.clone(), oracle.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            all_units(keyed, follow_ups, &post, &oracle).await;
+        }));
+    }
     for t in tasks {
         t.await?;
     }

@@ -44,9 +44,18 @@ pub struct Protocol {
     /// runs payguard's expiry sweeper. Drawn from their own random stream, so a
     /// seed's deducts, refunds and faults are the same either way.
     pub two_phase: bool,
+    /// The clients send Idempotency-Keys (a workload switch): some requests
+    /// carry one, are sent again under it once answered, and some keys are
+    /// reused for another request ([`crate::keys`]). Drawn from their own
+    /// random stream, so a seed's orders, refunds, holds and faults are the
+    /// same either way.
+    pub idempotency_keys: bool,
     /// The engine's sweeper loop ends at its first failed sweep
     /// (`payguard::engine::mutants::Mutant::SweeperDiesOnFailure`).
     pub sweeper_dies_on_failure: bool,
+    /// The keyed sequence frees its key after a stale fencing token too
+    /// (`payguard::engine::mutants::Mutant::ReleaseKeyAfterStaleToken`).
+    pub release_key_after_stale_token: bool,
     /// Each instance's clock is off by up to this many ms either way (its own
     /// random stream); 0: every host reads the one simulated clock. An
     /// instance decides its batches, its snapshot reads and its sweeps at its
@@ -76,7 +85,9 @@ impl Protocol {
         reset_counter_on_new_epoch: false,
         refunds: true,
         two_phase: true,
+        idempotency_keys: true,
         sweeper_dies_on_failure: false,
+        release_key_after_stale_token: false,
         clock_skew_ms: 0,
     };
 
@@ -128,6 +139,33 @@ pub const SWEEP_INTERVAL_MS: u64 = 10;
 /// clients and the last fault ended) was never released: the sweeper failed.
 /// Long enough for a writer stalled past its TTL and a lock wait that gives up.
 pub const SWEEP_GRACE_MS: u64 = 4 * (STALL_MS_MAX + LOCK_WAIT_MS_MAX);
+
+/// One request in this many (all copies of it: a deduct, a refund, an
+/// authorize, a capture or a void) carries an Idempotency-Key.
+pub const KEYED_ONE_IN: u32 = 3;
+/// One keyed request in this many is followed, once it is answered, by
+/// another request under the same key: a refund of 1 under a refund id of its
+/// own (another body, and for a deduct or a two-phase step another path).
+pub const KEY_REUSE_ONE_IN: u32 = 2;
+/// A keyed request's follow-ups (the same request again, to another
+/// instance, and the reuse) leave this long after its copies were answered.
+pub const KEY_FOLLOW_UP_DELAY_MS: std::ops::RangeInclusive<u64> = 1..=40;
+/// Salt of the Idempotency-Keys' own random stream.
+pub const KEYS_RNG_SALT: u64 = 0x000b_e71d_e0ce_01d5;
+/// The clients' scope (the server: the SHA-256 of their API key).
+pub const KEY_SCOPE: &str = "sim-clients";
+/// payguard-server's `IDEMPOTENCY_LEASE_MS` (30 000 ms), scaled to the hang
+/// bound (`IN_FLIGHT_DRAIN_MS_MAX`), longer than any request stays in an
+/// instance on a seed that passes: a live first request keeps its claim, a
+/// crashed one's lapses within the seed.
+pub const KEY_LEASE_MS: i64 = IN_FLIGHT_DRAIN_MS_MAX as i64;
+/// payguard-server's `IDEMPOTENCY_WAIT_MS` (5 000 ms), scaled: a repeat waits
+/// for the first request with its key as long as a healthy request may take.
+pub const KEY_WAIT_MS: u64 = LIVENESS_BOUND_MS;
+/// payguard-server's `IDEMPOTENCY_POLL_MS` (20 ms), scaled.
+pub const KEY_POLL_MS: u64 = 2;
+/// How long an answer is kept under its key (production: 24 h): the seed.
+pub const KEY_TTL_MS: i64 = SIM_DURATION_MS_MAX as i64;
 
 /// Salt of the instances' clock offsets' random stream (`Protocol::clock_skew_ms`).
 pub const CLOCK_SKEW_RNG_SALT: u64 = 0x000c_10c5_0ff5_e7d5;
@@ -274,6 +312,7 @@ const _: () = {
     assert!(CLIENT_TIMEOUT_MS > LIVENESS_BOUND_MS);
     assert!(SWEEP_INTERVAL_MS < LIVENESS_BOUND_MS);
     assert!((*HOLD_TTL_MS_SHORT.end() as u64) < FAULT_WINDOW_MS);
+    assert!(KEY_WAIT_MS < CLIENT_TIMEOUT_MS);
     assert!(HOLD_TTL_MS_LONG as u64 > SIM_DURATION_MS_MAX);
 };
 

@@ -29,8 +29,11 @@
 //! check (a stale token is not refused), the refund id's one entry, a hold's
 //! one capture and one release (an ended hold then reads as still held), the
 //! expiry check of a capture, the refund bound of a captured order, the held
-//! sum's update on a release, one event per effect, and the time a batch
-//! decides at (after its row locks, or when its attempt started).
+//! sum's update on a release, one event per effect, the time a batch
+//! decides at (after its row locks, or when its attempt started), and the
+//! Idempotency-Key rules (an answer stored in its command's transaction, a
+//! claim's fingerprint compared, a held key not claimed again; the claim is
+//! decided in [`crate::store`]).
 
 use crate::oracle::OracleRef;
 use crate::wire::{now_ms, Post, Server, DB_PORT};
@@ -84,6 +87,16 @@ pub struct StoreVariant {
     /// hold stays open for the sweeper, as payguard did before: an instance
     /// whose clock is behind could then still end it).
     pub lapse_writes: bool,
+    /// A keyed command's definite answer is stored under its key in its
+    /// transaction (off: the key is freed, as for an answer that may be
+    /// retried, so a repeat runs again).
+    pub key_keeps_answer: bool,
+    /// A claim compares the request's fingerprint with the key's (off: any
+    /// request under a key counts as the one it was first used for).
+    pub key_checks_fingerprint: bool,
+    /// A claim of a key held (in flight or answered) is refused (off: every
+    /// claim takes the key).
+    pub key_claimed_once: bool,
 }
 
 impl StoreVariant {
@@ -99,6 +112,9 @@ impl StoreVariant {
         event_per_effect: true,
         clock_after_locks: true,
         lapse_writes: true,
+        key_keeps_answer: true,
+        key_checks_fingerprint: true,
+        key_claimed_once: true,
     };
 }
 
@@ -564,13 +580,14 @@ impl DbState {
                     status,
                     body,
                     expires_at,
-                } if ours => {
+                } if ours && self.variant.key_keeps_answer => {
                     let r = t.idem.get_mut(&key).expect("checked");
                     r.done = Some((status, body));
                     r.lease_until = None;
                     r.expires_at = expires_at;
                 }
-                IdemCompletion::Release if ours => {
+                // The broken store frees the key of a definite answer too.
+                IdemCompletion::Store { .. } | IdemCompletion::Release if ours => {
                     t.idem.remove(&key);
                 }
                 // Our lease lapsed and another request took the key.

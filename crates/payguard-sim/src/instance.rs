@@ -16,6 +16,7 @@
 
 use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX, SWEEP_INTERVAL_MS};
 use crate::db::DbState;
+use crate::keys;
 use crate::locks::{JoinAll, SimLocks};
 use crate::oracle::OracleRef;
 use crate::redis::SharedRedis;
@@ -51,7 +52,7 @@ pub struct Instance {
 }
 
 /// The engine's answer as the HTTP layer would map it.
-fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
+pub(crate) fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
     match result {
         Ok(Output::Movement {
             entry,
@@ -131,19 +132,24 @@ fn op_of(order: &str, ask: &Ask) -> Op {
 
 async fn handle(
     inst: usize,
+    clock_offset_ms: i64,
     engine: Arc<Engine>,
     server: Rc<Server>,
     req: Incoming,
     n: u64,
     oracle: OracleRef,
 ) {
-    let Some(ApiReq { order, ask }) = req.body.downcast_ref::<ApiReq>().cloned() else {
+    let Some(ApiReq { order, ask, key }) = req.body.downcast_ref::<ApiReq>().cloned() else {
         return;
     };
     let _in_flight = InFlight::new(oracle.clone());
     let rid = RequestId::parse(&format!("inst{inst}-{n}")).expect("well formed");
-    let result = engine.submit(op_of(&order, &ask), rid).await;
-    let answer = api_answer(&result);
+    let op = op_of(&order, &ask);
+    let answer = match key {
+        // As payguard-server's routes: under the key when one is sent.
+        Some(key) => keys::submit(&engine, key, op, rid, clock_offset_ms, &oracle).await,
+        None => api_answer(&engine.submit(op, rid).await),
+    };
     oracle.borrow_mut().note(now_ms(), || {
         format!("inst{inst}: {ask} {order} -> {answer:?}")
     });
@@ -211,6 +217,7 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         n += 1;
         tokio::task::spawn_local(handle(
             me.index,
+            me.clock_offset_ms,
             engine.clone(),
             server.clone(),
             req,

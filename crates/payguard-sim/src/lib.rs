@@ -17,8 +17,13 @@
 //! phases ([`two_phase`]): an authorize (a hold, some expiring mid-run), then
 //! captures (whole or in part), voids, both at once, or nothing, each
 //! duplicated across the instances, racing each other and the expiry that
-//! payguard's own sweeper, running on every instance, writes. All of it over
-//! a simulated network on a simulated clock. A seed decides
+//! payguard's own sweeper, running on every instance, writes. One request in
+//! three carries an Idempotency-Key ([`keys`]): all its copies and retries,
+//! then the same request once more under it once answered, and for half of
+//! them another request (a refund of its own) under the same key; an instance
+//! runs a keyed request with payguard's own keyed sequence
+//! (`Engine::submit_keyed`, what `payguard-server` runs for the header). All
+//! of it over a simulated network on a simulated clock. A seed decides
 //! latencies, message loss, partitions, slow links, crashes and restarts of any
 //! host, Redis flushes, and writers stalled past their lock's TTL ([`run`]).
 //! Every run ends with the money invariants checked against the database and
@@ -32,26 +37,38 @@
 //! every definite answer agreeing with it; no capture at or after the expiry;
 //! every short hold released by a sweeper; `held` the sum of the open holds and
 //! within the balance after every commit), one event per effect in the events
-//! feed, and, on a seed with no fault, liveness: every request answered 200,
-//! 402 or a definite 409 within one lock TTL plus the store's batch deadline.
+//! feed, Idempotency-Keys checked (every definite answer under a key to its
+//! request the same as the first, one effect per key, a reused key answered
+//! 422 and moving nothing), and, on a seed with no fault, liveness: every
+//! request answered 200, 402, a definite 409 or a 422 for a reused key within
+//! one lock TTL plus the store's batch deadline.
 //!
 //! A seed replays exactly: every random choice comes from that seed (turmoil's
 //! RNG and ours), time is turmoil's (the engine and payguard's release board
 //! read tokio's clock, which turmoil drives), nothing decides on hash order,
 //! and what the engine would take from the wall clock or a random source is
 //! supplied by the simulated store (event ids, the time the rules decide at).
+//! A seed's schedule (requests and faults) is drawn whole, then a
+//! [`shrink::Mask`] may remove part of it: a failing seed is shrunk to the
+//! fewest requests and faults that still fail the same way ([`shrink`]), and
+//! replays with its seed and mask.
 //!
 //! What runs for real: the engine (lanes, single flight, group commit, the
 //! fenced batch path with settled hints and parking, the lane's give-up after
 //! the lock wait), the expiry sweeper (`payguard::engine::sweeper::run_on_clock`,
 //! the loop `payguard-server` runs, on the simulated clock), payguard's
 //! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
-//! the Idempotency-Key rules, the token arithmetic. What is re-stated, because
+//! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
+//! the answer stored in the op's transaction, the key freed after a retryable
+//! failure), the token arithmetic. What is re-stated, because
 //! it is written against a real server's calls: the Lua scripts ([`redis`]),
 //! the client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
 //! commit-fate resolution ([`store`]); a divergence between those and
-//! production is not caught here. Not simulated: the HTTP layer (so no
-//! Idempotency-Key reaches the engine), webhook delivery (the events feed is
+//! production is not caught here. Not simulated: the HTTP layer (the header's
+//! validation, the fingerprint's hash of method, path and canonical body, the
+//! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
+//! calls crossing the network (they read and write the database's state at
+//! once), webhook delivery (the events feed is
 //! written and checked, nothing is delivered), PostgreSQL's numbering of
 //! events after commit, transactions that overlap in time (the database runs
 //! each at one instant), Redis eviction and replication, and a database that
@@ -67,15 +84,25 @@
 //! leases in one call, which takes one acquire's: none was released, and the
 //! orders stayed locked until their TTL (`LockBusy` on a seed with no fault).
 //! The engine now releases per acquire (`tests/sim.rs`: seed 340 then, 24
-//! since the clients also pay in two phases).
+//! once the clients also paid in two phases, 31 since they send keys).
 //!
 //! What it found once holds were captured around their expiry: the PostgreSQL
 //! store read its clock when a batch attempt started, before its row locks, so
 //! with Redis unreachable a capture that read the clock before the expiry
 //! committed after a duplicate, decided after it, had been told
 //! `hold_expired`. The store now reads the clock once it holds its rows
-//! (`tests/sim.rs`, seed 1677 with the old clock read; `payguard`'s
-//! `tests/pg_store.rs` against a real server).
+//! (`tests/sim.rs`, seed 1677 with the old clock read, 1147 since the clients
+//! send keys; `payguard`'s `tests/pg_store.rs` against a real server).
+//!
+//! What it found once clients sent Idempotency-Keys: a keyed command refused
+//! `stale_fencing_token` had its key freed by the store in its own
+//! transaction, and then freed again by the keyed sequence, which by then
+//! freed the claim a repeat had taken: the repeat's answer went unstored and a
+//! reuse of the key for another refund moved money. `Engine::submit_keyed` no
+//! longer frees the key after that answer (`tests/sim.rs`, seed 2897 with the
+//! old release). And, not fixed: a rerun after a lost COMMIT decides a keyed
+//! refund afresh after its refusal was stored under its key, and makes it
+//! once the order was charged meanwhile (seed 4096).
 //!
 //! What it found with clocks apart: a capture or void past the expiry only
 //! refused, so with instance clocks 5 ms apart one instance told a client
@@ -85,7 +112,8 @@
 //! says from then on, whatever the next instance's clock reads.
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
-//! rule of the store off, or the lock client's old counter reset on, or arm a
+//! rule of the store off (an Idempotency-Key rule among them), or the lock
+//! client's old counter reset on, or arm a
 //! bug in the engine or its sweeper (`payguard::engine::mutants`), to show that
 //! the checks then fail (`tests/sim.rs` pins a seed for each).
 
@@ -96,14 +124,19 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod instance;
+pub mod keys;
 pub mod locks;
 pub mod oracle;
 pub mod redis;
 pub mod run;
+pub mod shrink;
 pub mod store;
 pub mod two_phase;
 pub mod wire;
 
 pub use config::{LockProtocol, Protocol};
 pub use oracle::{Stats, Violation, ViolationKind};
-pub use run::{run_seed, run_seed_traced, run_seeds, Outcome, SeedsReport};
+pub use run::{
+    run_seed, run_seed_masked, run_seed_traced, run_seeds, schedule, Outcome, Schedule, SeedsReport,
+};
+pub use shrink::{shrink, Mask, Shrunk};

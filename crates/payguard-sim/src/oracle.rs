@@ -76,6 +76,16 @@ pub enum ViolationKind {
     /// The events feed does not have exactly one event per effect (each
     /// movement's entry, each decline), of the effect's kind.
     Events,
+    /// Two definite answers under one Idempotency-Key to the same request
+    /// disagree (another entry, or another refusal).
+    KeyAnswerChanged,
+    /// The answers under one Idempotency-Key name more than one entry.
+    KeyTwoEffects,
+    /// A request reusing a key for another body was answered anything but
+    /// 422 `idempotency_key_reuse`.
+    KeyReuseAnswered,
+    /// A request reusing a key for another body moved money.
+    KeyReuseMoved,
     /// A request never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
@@ -91,6 +101,17 @@ pub struct Attempt {
     pub sent_ms: u64,
     /// When the answer came, and what it was; `None`: none before the client's timeout.
     pub answer: Option<(u64, ApiResp)>,
+}
+
+/// One definite answer to a request that carried an Idempotency-Key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    pub key: String,
+    pub order: String,
+    pub ask: Ask,
+    /// The request reused a key answered for another one.
+    pub reuses_key: bool,
+    pub answer: ApiResp,
 }
 
 /// Counts that show what a seed exercised (and make two replays comparable).
@@ -128,6 +149,13 @@ pub struct Stats {
     /// hold); captures refused `hold_expired` (see `db::Races`).
     pub expiry_replays: u64,
     pub captures_too_late: u64,
+    /// Definite answers to keyed requests; answers an instance sent from the
+    /// answer stored under the key; 422 `idempotency_key_reuse`; 409
+    /// `idempotency_key_in_use`.
+    pub keyed_answers: u64,
+    pub key_replays: u64,
+    pub key_reuses_refused: u64,
+    pub key_in_use: u64,
     /// Requests that got no definite answer in all their attempts.
     pub unanswered: u64,
     pub faults: u64,
@@ -170,6 +198,8 @@ pub struct Oracle {
     pub refund_acks: Vec<(String, String, i64)>,
     /// (order, refund id) per answer `refund_exceeds_paid`.
     pub refunds_refused: Vec<(String, String)>,
+    /// Every definite answer to a keyed request, in the order received.
+    pub keyed: Vec<Keyed>,
     /// (order, step, definite answer) per two-phase answer a client got.
     pub two_phase: Vec<(String, Ask, ApiResp)>,
     pub violations: Vec<Violation>,
@@ -310,6 +340,13 @@ impl Oracle {
         }
     }
 
+    /// A client got a definite answer to a keyed request.
+    pub fn keyed(&mut self, k: Keyed) {
+        self.stats.keyed_answers += 1;
+        self.stats.key_reuses_refused += u64::from(k.answer == ApiResp::KeyReused);
+        self.keyed.push(k);
+    }
+
     /// A client's request ended (answered, or given up on).
     pub fn attempt(&mut self, a: Attempt) {
         if let Some((at, answer)) = &a.answer {
@@ -317,6 +354,7 @@ impl Oracle {
             match answer {
                 ApiResp::LockBusy => self.stats.lock_busy += 1,
                 ApiResp::Unknown => self.stats.unknown += 1,
+                ApiResp::KeyInUse => self.stats.key_in_use += 1,
                 _ => {}
             }
         }

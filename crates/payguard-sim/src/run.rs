@@ -6,7 +6,10 @@
 //! crash + restart, database restart, partitions between any instance and Redis,
 //! the database or the clients, slow links to Redis or the database), and it
 //! seeds turmoil and every host's RNG. A failing seed is therefore a complete,
-//! replayable bug report.
+//! replayable bug report. The scenario and the faults are drawn whole before
+//! the run, every request and fault numbered ([`schedule`]), so a
+//! [`Mask`] can remove some of them and leave the rest as drawn
+//! ([`crate::shrink`]).
 //!
 //! One seed in [`CALM_SEED_ONE_IN`] is calm: no fault, no message loss, no
 //! stall. On such a seed (and on any other that happens to draw none) the
@@ -17,12 +20,14 @@
 //! or until [`SWEEP_GRACE_MS`] after its expiry, the clients and the faults.
 
 use crate::checks;
-use crate::client::{self, Flow, Send};
+use crate::client::{self, Flow, FollowUps, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
 use crate::instance::{self, Instance};
+use crate::keys;
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
 use crate::redis::{self, RedisState, SharedRedis};
+use crate::shrink::Mask;
 use crate::two_phase;
 use crate::wire::{instance_host, Ask, Post, CLIENT_HOST, DB_HOST, REDIS_HOST};
 use crate::Protocol;
@@ -50,6 +55,8 @@ pub struct Outcome {
     pub trace: Vec<String>,
     /// Events in the schedule (kept in `trace` or not): how long it is.
     pub events: u64,
+    /// Requests and faults planned (after a [`Mask`]): how big it is.
+    pub planned: usize,
     /// No fault, message loss or stall happened: liveness was checked.
     pub fault_free: bool,
 }
@@ -101,34 +108,36 @@ const FAULT_KINDS: [FaultKind; 10] = [
     FaultKind::SlowLink(DB_HOST),
 ];
 
-fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, Action)> {
+/// The seed's faults: (when, which fault, what), in time order; a fault's
+/// number is the order it was drawn in (a [`Mask`] names it).
+fn draw_faults(rng: &mut SmallRng) -> Vec<(u64, usize, Action)> {
     let mut out = Vec::new();
-    for _ in 0..rng.random_range(0..=FAULTS_MAX) {
+    for fault in 0..rng.random_range(0..=FAULTS_MAX) {
         let at = rng.random_range(0..FAULT_WINDOW_MS);
         let until = at + rng.random_range(1..=FAULT_DURATION_MS_MAX);
         let inst = instance_host(rng.random_range(0..INSTANCES));
         let mut down = |host: String| {
-            out.push((at, Action::Crash(host.clone())));
-            out.push((until, Action::Bounce(host)));
+            out.push((at, fault, Action::Crash(host.clone())));
+            out.push((until, fault, Action::Bounce(host)));
         };
         match FAULT_KINDS[rng.random_range(0..FAULT_KINDS.len())] {
-            FaultKind::RedisFlush => out.push((at, Action::Flush)),
+            FaultKind::RedisFlush => out.push((at, fault, Action::Flush)),
             FaultKind::RedisRestart => down(REDIS_HOST.to_owned()),
             FaultKind::InstanceCrash => down(inst),
             FaultKind::DbRestart => down(DB_HOST.to_owned()),
             FaultKind::Partition(other) => {
-                out.push((at, Action::Partition(inst.clone(), other.to_owned())));
-                out.push((until, Action::Repair(inst, other.to_owned())));
+                out.push((at, fault, Action::Partition(inst.clone(), other.to_owned())));
+                out.push((until, fault, Action::Repair(inst, other.to_owned())));
             }
             FaultKind::SlowLink(other) => {
                 let ms = rng.random_range(1..=SLOW_LINK_MS_MAX);
-                out.push((at, Action::Slow(inst.clone(), other.to_owned(), ms)));
-                out.push((until, Action::Fast(inst, other.to_owned())));
+                out.push((at, fault, Action::Slow(inst.clone(), other.to_owned(), ms)));
+                out.push((until, fault, Action::Fast(inst, other.to_owned())));
             }
         }
     }
     // Stable: two actions at the same ms keep the order they were drawn in.
-    out.sort_by_key(|(at, _)| *at);
+    out.sort_by_key(|(at, _, _)| *at);
     out
 }
 
@@ -143,6 +152,9 @@ struct Scenario {
     plan: Vec<Send>,
     /// Two-phase payments (with `Protocol::two_phase`).
     flows: Vec<Flow>,
+    /// What the plan's keyed requests send once answered (with
+    /// `Protocol::idempotency_keys`).
+    follow_ups: FollowUps,
 }
 
 fn draw_scenario(rng: &mut SmallRng) -> Scenario {
@@ -179,6 +191,9 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
                 ask: Ask::Deduct,
                 at_ms: base + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                 first_instance: (k + d) % INSTANCES,
+                key: None,
+                reuses_key: false,
+                id: 0,
             });
         }
     }
@@ -189,6 +204,7 @@ fn draw_scenario(rng: &mut SmallRng) -> Scenario {
         bursts,
         plan,
         flows: Vec::new(),
+        follow_ups: FollowUps::new(),
     }
 }
 
@@ -240,6 +256,9 @@ fn draw_refunds(seed: u64, scenario: &mut Scenario) {
                     },
                     at_ms: at + rng.random_range(0..=DUPLICATE_SPREAD_MS),
                     first_instance: (k + r + d) % INSTANCES,
+                    key: None,
+                    reuses_key: false,
+                    id: 0,
                 });
             }
         }
@@ -256,7 +275,7 @@ pub fn run_seed(seed: u64, protocol: Protocol) -> Outcome {
 struct Weather {
     latency_ms: u64,
     fail_rate: f64,
-    faults: VecDeque<(u64, Action)>,
+    faults: VecDeque<(u64, usize, Action)>,
     stall_percent: u32,
 }
 
@@ -281,6 +300,10 @@ impl Weather {
         }
     }
 
+    fn mask(&mut self, mask: &Mask) {
+        self.faults.retain(|(_, f, _)| !mask.faults.contains(f));
+    }
+
     /// Nothing but latency: no fault scheduled, no message lost.
     fn is_fair(&self) -> bool {
         self.faults.is_empty() && self.fail_rate == 0.0
@@ -300,6 +323,8 @@ impl Armed {
             Some(Mutant::ReleaseAcquiresAsOne)
         } else if protocol.sweeper_dies_on_failure {
             Some(Mutant::SweeperDiesOnFailure)
+        } else if protocol.release_key_after_stale_token {
+            Some(Mutant::ReleaseKeyAfterStaleToken)
         } else {
             None
         });
@@ -313,16 +338,17 @@ impl Drop for Armed {
     }
 }
 
-/// [`run_seed`], keeping a line per event (grants, database answers, faults,
-/// client answers) when `trace` is set: what a replay prints.
-pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
-    let _armed = Armed::new(protocol);
+/// Everything a seed draws before it runs: its scenario and weather, and the
+/// RNG that goes on to seed turmoil and the instances. Drawn whole, then
+/// masked, so that removing one request or fault changes nothing else drawn.
+struct Drawn {
+    scenario: Scenario,
+    weather: Weather,
+    rng: SmallRng,
+}
+
+fn draw(seed: u64, protocol: Protocol) -> Drawn {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let oracle = OracleRef::default();
-    oracle.borrow_mut().trace = trace.then(Vec::new);
-    let post = Post::default();
-    let redis_state: SharedRedis = Arc::new(Mutex::new(RedisState::default()));
-    let db_state = Arc::new(Mutex::new(DbState::new(protocol.store)));
     let mut scenario = draw_scenario(&mut rng);
     if protocol.refunds {
         draw_refunds(seed, &mut scenario);
@@ -330,8 +356,178 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     if protocol.two_phase {
         draw_two_phase(seed, &mut scenario);
     }
-    lock(&db_state).open(&scenario.accounts, &scenario.orders);
+    if protocol.idempotency_keys {
+        scenario.follow_ups = keys::draw(seed, &mut scenario.plan, &mut scenario.flows);
+    }
+    for (n, s) in scenario.sends_mut().enumerate() {
+        s.id = n;
+    }
     let weather = Weather::draw(&mut rng);
+    Drawn {
+        scenario,
+        weather,
+        rng,
+    }
+}
+
+impl Scenario {
+    /// Every request planned, numbered in this order.
+    fn sends_mut(&mut self) -> impl Iterator<Item = &mut Send> {
+        let flows = self.flows.iter_mut().flat_map(|f| {
+            f.authorize
+                .iter_mut()
+                .chain(f.then.iter_mut())
+                .chain(f.follow_ups.values_mut().flatten())
+        });
+        self.plan
+            .iter_mut()
+            .chain(self.follow_ups.values_mut().flatten())
+            .chain(flows)
+    }
+
+    fn sends(&self) -> Vec<&Send> {
+        let flows = self.flows.iter().flat_map(|f| {
+            f.authorize
+                .iter()
+                .chain(f.then.iter())
+                .chain(f.follow_ups.values().flatten())
+        });
+        self.plan
+            .iter()
+            .chain(self.follow_ups.values().flatten())
+            .chain(flows)
+            .collect()
+    }
+
+    /// Removes what `mask` names; a key's follow-ups go with its last copy.
+    fn mask(&mut self, mask: &Mask) {
+        let keep = |s: &Send| !mask.sends.contains(&s.id) && !mask.orders.contains(&s.order);
+        fn keyed(sends: &[&[Send]]) -> Vec<String> {
+            sends
+                .iter()
+                .flat_map(|l| l.iter())
+                .filter(|s| !s.reuses_key)
+                .filter_map(|s| s.key.clone())
+                .collect()
+        }
+        self.plan.retain(keep);
+        let live = keyed(&[&self.plan]);
+        self.follow_ups.retain(|k, _| live.contains(k));
+        for f in self.follow_ups.values_mut() {
+            f.retain(keep);
+        }
+        self.flows
+            .retain(|f| f.authorize.iter().chain(&f.then).any(keep));
+        for f in &mut self.flows {
+            f.authorize.retain(keep);
+            f.then.retain(keep);
+            let live = keyed(&[&f.authorize, &f.then]);
+            f.follow_ups.retain(|k, _| live.contains(k));
+            for u in f.follow_ups.values_mut() {
+                u.retain(keep);
+            }
+        }
+    }
+}
+
+/// What a seed will run once `mask` is applied: its requests and faults, one
+/// line each, by number (what a [`Mask`] names).
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    pub orders: Vec<String>,
+    pub sends: Vec<(usize, String)>,
+    pub faults: Vec<(usize, String)>,
+}
+
+impl Schedule {
+    /// Requests and faults: the schedule's size.
+    pub fn size(&self) -> usize {
+        self.sends.len() + self.faults.len()
+    }
+}
+
+/// The schedule of `seed` under `mask`.
+pub fn schedule(seed: u64, protocol: Protocol, mask: &Mask) -> Schedule {
+    let mut d = draw(seed, protocol);
+    d.scenario.mask(mask);
+    d.weather.mask(mask);
+    let mut orders: Vec<String> = Vec::new();
+    let sends = d
+        .scenario
+        .sends()
+        .into_iter()
+        .map(|s| {
+            if !orders.contains(&s.order) {
+                orders.push(s.order.clone());
+            }
+            let key = s
+                .key
+                .as_ref()
+                .map_or(String::new(), |k| format!(" [key {k}]"));
+            let when = if s.key.is_some() && d.scenario.is_follow_up(s) {
+                format!("{} ms after its key's first answers", s.at_ms)
+            } else {
+                format!("at {} ms", s.at_ms)
+            };
+            let what = format!(
+                "{} {} {when} to inst{}{key}",
+                s.order, s.ask, s.first_instance
+            );
+            (s.id, what)
+        })
+        .collect();
+    let mut faults: Vec<(usize, String)> = Vec::new();
+    for (at, f, action) in &d.weather.faults {
+        match faults.iter_mut().find(|(n, _)| n == f) {
+            Some((_, line)) => line.push_str(&format!(", {action:?} at {at} ms")),
+            None => faults.push((*f, format!("{action:?} at {at} ms"))),
+        }
+    }
+    faults.sort_by_key(|(f, _)| *f);
+    Schedule {
+        orders,
+        sends,
+        faults,
+    }
+}
+
+impl Scenario {
+    fn is_follow_up(&self, s: &Send) -> bool {
+        self.follow_ups
+            .values()
+            .chain(self.flows.iter().flat_map(|f| f.follow_ups.values()))
+            .flatten()
+            .any(|u| u.id == s.id)
+    }
+}
+
+/// [`run_seed`], keeping a line per event (grants, database answers, faults,
+/// client answers) when `trace` is set: what a replay prints.
+pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
+    run_seed_masked(seed, protocol, &Mask::default(), trace)
+}
+
+/// [`run_seed_traced`] with what `mask` names removed from the seed's schedule.
+pub fn run_seed_masked(seed: u64, protocol: Protocol, mask: &Mask, trace: bool) -> Outcome {
+    let _armed = Armed::new(protocol);
+    let Drawn {
+        mut scenario,
+        mut weather,
+        mut rng,
+    } = draw(seed, protocol);
+    scenario.mask(mask);
+    weather.mask(mask);
+    let planned = scenario.sends().len() + {
+        let faults: std::collections::BTreeSet<usize> =
+            weather.faults.iter().map(|(_, f, _)| *f).collect();
+        faults.len()
+    };
+    let oracle = OracleRef::default();
+    oracle.borrow_mut().trace = trace.then(Vec::new);
+    let post = Post::default();
+    let redis_state: SharedRedis = Arc::new(Mutex::new(RedisState::default()));
+    let db_state = Arc::new(Mutex::new(DbState::new(protocol.store)));
+    lock(&db_state).open(&scenario.accounts, &scenario.orders);
     let fair = weather.is_fair();
     oracle.borrow_mut().note(0, || {
         format!(
@@ -385,7 +581,13 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     }
     sim.client(
         CLIENT_HOST,
-        client::run(scenario.plan, scenario.flows, post.clone(), oracle.clone()),
+        client::run(
+            scenario.plan,
+            scenario.follow_ups,
+            scenario.flows,
+            post.clone(),
+            oracle.clone(),
+        ),
     );
     drive(&mut sim, weather, &oracle, &redis_state, &db_state);
     let sim_ms = sim.elapsed().as_millis() as u64;
@@ -396,7 +598,10 @@ pub fn run_seed_traced(seed: u64, protocol: Protocol, trace: bool) -> Outcome {
     oracle.stats.stale_refused = db.stale_refused;
     oracle.stats.expiry_replays = db.races.expiry_replays;
     oracle.stats.captures_too_late = db.races.captures_too_late;
-    verdict(seed, sim_ms, fair, &db, &mut oracle)
+    Outcome {
+        planned,
+        ..verdict(seed, sim_ms, fair, &db, &mut oracle)
+    }
 }
 
 fn lock(db: &Arc<Mutex<DbState>>) -> std::sync::MutexGuard<'_, DbState> {
@@ -428,13 +633,13 @@ fn drive(
     redis_state: &SharedRedis,
     db_state: &Arc<Mutex<DbState>>,
 ) {
-    let last_fault_ms = weather.faults.back().map_or(0, |(at, _)| *at);
+    let last_fault_ms = weather.faults.back().map_or(0, |(at, _, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
     let mut busy_ms = 0;
     loop {
         let now = sim.elapsed().as_millis() as u64;
-        while weather.faults.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, action) = weather.faults.pop_front().expect("checked");
+        while weather.faults.front().is_some_and(|(at, _, _)| *at <= now) {
+            let (_, _, action) = weather.faults.pop_front().expect("checked");
             let mut o = oracle.borrow_mut();
             o.stats.faults += 1;
             o.note(now, || format!("fault: {action:?}"));
@@ -499,6 +704,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
     checks::money(db, oracle);
     two_phase::check(db, oracle, sim_ms);
+    keys::check(db, oracle);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LIVENESS_BOUND_MS);
@@ -527,8 +733,30 @@ fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle
         fingerprint,
         trace: oracle.trace.take().unwrap_or_default(),
         events: oracle.events,
+        planned: 0,
         fault_free,
     }
+}
+
+/// [`run_seed_masked`], a panic (an instance's assertion, turmoil's) made a
+/// [`ViolationKind::SimulationError`].
+pub fn run_seed_caught(seed: u64, protocol: Protocol, mask: &Mask) -> Outcome {
+    std::panic::catch_unwind(|| run_seed_masked(seed, protocol, mask, false)).unwrap_or_else(
+        |panic| Outcome {
+            seed,
+            violations: vec![Violation {
+                kind: ViolationKind::SimulationError,
+                detail: format!("panicked: {panic:?}"),
+            }],
+            stats: Stats::default(),
+            sim_ms: 0,
+            fingerprint: String::new(),
+            trace: Vec::new(),
+            events: 0,
+            planned: 0,
+            fault_free: false,
+        },
+    )
 }
 
 /// What a batch of seeds found.
@@ -574,22 +802,7 @@ pub fn run_seeds(
                 if seed >= first + count {
                     return;
                 }
-                let outcome =
-                    std::panic::catch_unwind(|| run_seed(seed, protocol)).unwrap_or_else(|panic| {
-                        Outcome {
-                            seed,
-                            violations: vec![Violation {
-                                kind: ViolationKind::SimulationError,
-                                detail: format!("panicked: {panic:?}"),
-                            }],
-                            stats: Stats::default(),
-                            sim_ms: 0,
-                            fingerprint: String::new(),
-                            trace: Vec::new(),
-                            events: 0,
-                            fault_free: false,
-                        }
-                    });
+                let outcome = run_seed_caught(seed, protocol, &Mask::default());
                 if stop_at.is_some_and(|k| outcome.has(k)) {
                     stop.store(true, Ordering::SeqCst);
                 }
@@ -638,6 +851,10 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         feed_events,
         expiry_replays,
         captures_too_late,
+        keyed_answers,
+        key_replays,
+        key_reuses_refused,
+        key_in_use,
         unanswered,
         faults,
         batches,
@@ -677,6 +894,10 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.feed_events += feed_events;
     t.expiry_replays += expiry_replays;
     t.captures_too_late += captures_too_late;
+    t.keyed_answers += keyed_answers;
+    t.key_replays += key_replays;
+    t.key_reuses_refused += key_reuses_refused;
+    t.key_in_use += key_in_use;
     t.unanswered += unanswered;
     t.faults += faults;
     t.batches += batches;

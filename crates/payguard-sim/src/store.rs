@@ -19,9 +19,11 @@
 //! The expiry sweeper's read (`due_holds`) crosses the network too, so a
 //! sweep can fail or see a state another sweeper has already changed. Off the
 //! money path, the reads (`order`, `account`, `entries`) and the
-//! Idempotency-Key calls (made by the HTTP layer, which is not simulated) read
-//! and write the database's state directly, through the same rules. The events feed is the one the database writes in each movement's
-//! transaction. Webhooks: no endpoint can be created here (`webhook_create`
+//! Idempotency-Key calls (`idem_claim`, `idem_release`, made by payguard's
+//! keyed sequence, `Engine::submit_keyed`) read and write the database's
+//! state directly, through the same rules (a claim that fails or whose answer
+//! is lost is not simulated). The events feed is the one the database writes
+//! in each movement's transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
 //! ([`crate::run`]).
@@ -326,7 +328,22 @@ impl Store for SimStore {
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
         let mut db = self.inner.db();
         let key = (claim.scope.clone(), claim.key.clone());
-        let outcome = match rules::claim(db.tables.idem.get(&key), &claim) {
+        let existing = db.tables.idem.get(&key);
+        let variant = db.variant;
+        let decision = match existing {
+            // The broken stores: any claim takes the key, or any request
+            // under it is the one it was first used for.
+            Some(_) if !variant.key_claimed_once => ClaimDecision::Take,
+            Some(r) if !variant.key_checks_fingerprint => rules::claim(
+                existing,
+                &IdemClaim {
+                    fingerprint: r.fingerprint.clone(),
+                    ..claim.clone()
+                },
+            ),
+            _ => rules::claim(existing, &claim),
+        };
+        let outcome = match decision {
             ClaimDecision::Answer(outcome) => outcome,
             ClaimDecision::Take => {
                 db.tables.idem.insert(
@@ -341,15 +358,40 @@ impl Store for SimStore {
                 ClaimOutcome::Claimed
             }
         };
+        drop(db);
+        if outcome == (ClaimOutcome::InFlight { same_request: true }) {
+            // A repeat waiting for the first request: polled, not noted.
+            return ok(outcome);
+        }
+        self.inner.note(|| {
+            let said = match &outcome {
+                ClaimOutcome::Claimed => "claimed".to_owned(),
+                ClaimOutcome::Done {
+                    same_request,
+                    status,
+                    ..
+                } => {
+                    format!("done ({status}), same request: {same_request}")
+                }
+                ClaimOutcome::InFlight { same_request } => {
+                    format!("in flight, same request: {same_request}")
+                }
+            };
+            format!("claim of key {}: {said}", claim.key)
+        });
         ok(outcome)
     }
 
     fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
         let mut db = self.inner.db();
         let key = (scope, key);
-        if db.tables.idem.get(&key).is_some_and(|r| r.done.is_none()) {
+        let freed = db.tables.idem.get(&key).is_some_and(|r| r.done.is_none());
+        if freed {
             db.tables.idem.remove(&key);
         }
+        drop(db);
+        self.inner
+            .note(|| format!("release of key {}: freed {freed}", key.1));
         ok(())
     }
 

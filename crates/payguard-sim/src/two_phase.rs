@@ -73,6 +73,9 @@ fn copies(rng: &mut SmallRng, order: &str, ask: Ask, at_ms: u64, first: usize) -
             ask: ask.clone(),
             at_ms: at_ms + rng.random_range(0..=DUPLICATE_SPREAD_MS),
             first_instance: (first + d) % INSTANCES,
+            key: None,
+            reuses_key: false,
+            id: 0,
         })
         .collect()
 }
@@ -163,7 +166,11 @@ pub fn draw(seed: u64, bursts: &[u64]) -> Drawn {
                 then.extend(copies(&mut rng, &order, ask, at, k + r));
             }
         }
-        drawn.flows.push(Flow { authorize, then });
+        drawn.flows.push(Flow {
+            authorize,
+            then,
+            follow_ups: Default::default(),
+        });
     }
     drawn
 }

@@ -320,11 +320,13 @@ impl Agent {
     }
 }
 
-/// A client's request to an instance: what to do to which order.
+/// A client's request to an instance: what to do to which order, and the
+/// Idempotency-Key it carries, if any.
 #[derive(Debug, Clone)]
 pub struct ApiReq {
     pub order: String,
     pub ask: Ask,
+    pub key: Option<String>,
 }
 
 /// What a client asks of an order (amounts in minor units), as payguard's
@@ -389,6 +391,11 @@ pub enum ApiResp {
     Conflict { reason: &'static str },
     /// Any other refusal (a 409 or a 422: never expected here).
     Refused,
+    /// 422 `idempotency_key_reuse`: the key was used for another request.
+    KeyReused,
+    /// 409 `idempotency_key_in_use`: the first request with the key is still
+    /// in flight (retried, like a 503).
+    KeyInUse,
 }
 
 impl ApiResp {
@@ -401,6 +408,7 @@ impl ApiResp {
                 | ApiResp::Replayed { .. }
                 | ApiResp::InsufficientFunds
                 | ApiResp::Conflict { .. }
+                | ApiResp::KeyReused
         )
     }
 }

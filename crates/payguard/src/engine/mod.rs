@@ -22,6 +22,7 @@
 
 mod fenced;
 mod full;
+pub mod keyed;
 pub mod lane;
 pub mod mutants;
 mod naive;

@@ -27,6 +27,11 @@ pub enum Mutant {
     /// once every instance's sweeper met a database outage, holds nobody
     /// captured or voided are never released.
     SweeperDiesOnFailure,
+    /// The keyed sequence frees its key after a stale fencing token too (as
+    /// before the simulation sent Idempotency-Keys): the store freed it in the
+    /// op's transaction already, so this frees the claim another request took
+    /// since, whose answer then goes unstored.
+    ReleaseKeyAfterStaleToken,
 }
 
 #[cfg(feature = "mutants")]
