@@ -107,7 +107,7 @@
 //! What it found with clocks apart: a capture or void past the expiry only
 //! refused, so with instance clocks 5 ms apart one instance told a client
 //! `hold_expired` and another, its clock behind, then captured the same hold,
-//! with no fault (seed 390). A refusal for expiry now writes the expiry itself
+//! with no fault (seed 390; 339 since the clients send keys). A refusal for expiry now writes the expiry itself
 //! (`store::rules::Effect::Lapse`): what a client is told is what the database
 //! says from then on, whatever the next instance's clock reads.
 //!
