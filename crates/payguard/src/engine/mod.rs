@@ -80,7 +80,10 @@ pub struct EngineConfig {
     /// Most distinct ops a lane puts in one batch.
     pub batch_max: usize,
     /// How long a lane waits for more work before committing a batch that is not
-    /// full, when no batch is already in flight (then it commits at once after).
+    /// full, counted from when it could send one (no batch of its own in
+    /// flight): ops that queued behind a batch in flight wait this window again
+    /// once it ends. Sending them at once instead was measured no faster
+    /// (BENCHMARKS.md, http, "Fourth session").
     pub batch_wait_us: u64,
     /// Requests that may queue in one lane before new ones get 503.
     pub lane_queue_depth_max: usize,
