@@ -36,11 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::oneshot;
 
-/// Commits queued for the syncer beyond the one it is syncing: 0 makes the hand-off a
-/// rendezvous, so the writer runs at most one commit ahead of the fsync and its
-/// batches grow while the disk works (256 was measured: smaller commits, more CPU
-/// per charge; BENCHMARKS.md, "Fourth session").
-pub const SYNC_QUEUE_COMMITS_MAX: usize = 0;
+/// Commits the writer may run ahead of the last fsync before it waits: bounds
+/// the answers held in memory and the work a crash can lose.
+pub const SYNC_QUEUE_COMMITS_MAX: usize = 256;
 
 /// How a writer commit reaches the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
