@@ -5,7 +5,7 @@ use crate::logging::{self, LogFormat};
 use anyhow::{bail, Context};
 use payguard::engine::Guard;
 use payguard::store::postgres::PgConfig;
-use payguard::store::sqlite::{Durability, SqliteConfig};
+use payguard::store::sqlite::SqliteConfig;
 use payguard::EngineConfig;
 use payguard_server::app::{self, AppSpec, Database, RedisSpec};
 use payguard_server::ApiKeys;
@@ -215,28 +215,6 @@ pub struct EngineArgs {
     /// Orders kept in the read cache (0 disables it).
     #[arg(long, env = "PAYGUARD_ORDER_CACHE_ENTRIES_MAX", default_value_t = payguard::cache::ORDER_CACHE_ENTRIES_MAX)]
     pub order_cache_entries_max: usize,
-    /// How SQLite commits reach the disk; both answer only durable commits.
-    /// `pipelined`: the writer commits without waiting and a thread of its own
-    /// fsyncs groups of commits behind it; `full`: `synchronous=FULL`, each
-    /// commit fsyncs before the next begins.
-    #[arg(long, env = "PAYGUARD_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Pipelined)]
-    pub sqlite_sync: SqliteSync,
-}
-
-/// `--sqlite-sync`: see [`payguard::store::sqlite::Durability`].
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SqliteSync {
-    Pipelined,
-    Full,
-}
-
-impl From<SqliteSync> for Durability {
-    fn from(s: SqliteSync) -> Self {
-        match s {
-            SqliteSync::Pipelined => Durability::Pipelined,
-            SqliteSync::Full => Durability::Full,
-        }
-    }
 }
 
 impl EngineArgs {
@@ -485,7 +463,6 @@ fn app_spec(
         DbUrl::Sqlite(path) => {
             let mut cfg = SqliteConfig::new(path);
             cfg.writer_batch_ops_max = args.engine.writer_batch_max;
-            cfg.durability = args.engine.sqlite_sync.into();
             Database::Sqlite(cfg)
         }
         DbUrl::Postgres(url) => Database::Postgres(Box::new(PgConfig {

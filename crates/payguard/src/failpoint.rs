@@ -18,7 +18,6 @@
 //! | [`AFTER_LOCK`] | cross-instance lock taken, nothing written yet | a holder that dies strands its order only until the lock's TTL |
 //! | [`MID_BATCH`] | half of a group commit's ops executed, not committed | the batch is all or nothing; none of it was acknowledged |
 //! | [`AFTER_COMMIT`] | batch durable, no caller answered | retries replay the committed result |
-//! | [`BEFORE_SYNC`] | SQLite commits written, their fsync not started (pipelined) | nothing is answered or readable before its fsync |
 
 use std::time::Duration;
 
@@ -28,10 +27,6 @@ pub const AFTER_LOCK: &str = "engine.after_lock";
 pub const MID_BATCH: &str = "store.mid_batch";
 /// After a store commit that moved money, before any caller hears of it.
 pub const AFTER_COMMIT: &str = "store.after_commit";
-
-/// On the SQLite syncer thread, before the fsync of a group of commits
-/// (`Durability::Pipelined` only).
-pub const BEFORE_SYNC: &str = "store.before_sync";
 
 /// Exit code of an `exit` action without one of its own.
 pub const EXIT_CODE_DEFAULT: i32 = 86;

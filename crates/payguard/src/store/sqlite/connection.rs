@@ -2,14 +2,10 @@
 //!
 //! Every connection waits for SQLite's lock a bounded time and keeps prepared
 //! statements; write connections use WAL with `synchronous=FULL`, so an answered
-//! commit survives power loss, and enforce foreign keys; the writer thread's own
-//! connection uses `synchronous=NORMAL` under [`Durability::Pipelined`], where
-//! the syncer thread fsyncs its commits before anyone hears of them. Read
-//! connections are `query_only`. The pools share two service threads for the
-//! whole process.
+//! commit survives power loss, and enforce foreign keys. Read connections are
+//! `query_only`. The pools share two service threads for the whole process.
 
 use super::error::{bad_column, unavailable};
-use super::syncer::Durability;
 use crate::store::StoreError;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::Connection;
@@ -63,19 +59,6 @@ pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     }
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-    Ok(conn)
-}
-
-/// The writer thread's connection: [`open_connection`], with the commit's fsync
-/// left to the syncer thread under [`Durability::Pipelined`].
-pub(super) fn open_writer_connection(
-    path: &Path,
-    durability: Durability,
-) -> rusqlite::Result<Connection> {
-    let conn = open_connection(path)?;
-    if durability == Durability::Pipelined {
-        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
-    }
     Ok(conn)
 }
 

@@ -6,13 +6,9 @@
 //! whatever has queued up (up to [`SqliteConfig::writer_batch_ops_max`] ops) and
 //! commits it as one transaction: group commit, one fsync for many requests.
 //!
-//! Durability: WAL; a commit is answered only once it is fsynced, so an answered
-//! commit survives power loss. By default ([`Durability::Pipelined`]) the writer
-//! commits without waiting for the disk and the syncer thread fsyncs groups of
-//! commits behind it, answering each after its fsync; every read of the store
-//! waits for the commits it could have seen to be durable ([`syncer`]).
-//! [`Durability::Full`] is the plain `synchronous=FULL` commit. Reads use a
-//! small pool of read-only connections, which WAL lets run beside the writer.
+//! Durability: WAL with `synchronous=FULL`, so a commit that was answered survives
+//! power loss. Reads use a small pool of read-only connections, which WAL lets run
+//! beside the writer.
 //!
 //! Each op first runs without a savepoint (the fast path). If any op trips a
 //! constraint (only possible when something above the database is wrong), the
@@ -24,8 +20,7 @@
 //! they decided.
 //!
 //! Files: [`connection`] (pragmas, pools), [`schema`] (migrations), [`writer`]
-//! (the writer thread, one batch, savepoint replay), [`syncer`] (fsync, then
-//! answer; the durable watermark readers wait on), [`commands`] (one command:
+//! (the writer thread, one batch, savepoint replay), [`commands`] (one command:
 //! read, decide, write), [`rows`], [`idempotency`], [`audit`], [`error`], and
 //! [`naive`], the incident's code path for `--guard naive`, which only a naive
 //! file accepts.
@@ -39,7 +34,6 @@ mod idempotency;
 pub mod naive;
 mod rows;
 mod schema;
-mod syncer;
 mod writer;
 
 pub use audit::audit_connection;
@@ -49,7 +43,6 @@ pub use connection::{
 };
 pub use events::insert_reversal_event;
 pub use schema::{migrate, migrate_kind, SchemaKind};
-pub use syncer::{Durability, SYNC_QUEUE_COMMITS_MAX};
 pub use writer::{apply_ops, WRITER_QUEUE_JOBS_MAX};
 
 use crate::domain::{Account, AccountId, AuditReport, Entry, Event, Order, OrderId};
@@ -71,8 +64,6 @@ pub struct SqliteConfig {
     /// Most ops the writer commits in one transaction (lane batches are merged).
     pub writer_batch_ops_max: usize,
     pub schema: SchemaKind,
-    /// How the writer's commits reach the disk (both answer only durable commits).
-    pub durability: Durability,
 }
 
 impl SqliteConfig {
@@ -81,7 +72,6 @@ impl SqliteConfig {
             path: path.into(),
             writer_batch_ops_max: 1024,
             schema: SchemaKind::Guarded,
-            durability: Durability::default(),
         }
     }
 }
@@ -96,11 +86,6 @@ struct Inner {
     /// `None` once closed. Batches (`--guard full`) are written by the writer thread only.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Ends after the writer, once it has answered every commit.
-    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// `Some` under [`Durability::Pipelined`]: every read and every pool
-    /// transaction waits on it before its result leaves the store.
-    gate: Option<Arc<syncer::Watermark>>,
     reads: r2d2::Pool<SqliteConnectionManager>,
     /// Per-request transactions (`seed`) and the naive path; SQLite's own lock
     /// serialises them against each other and the writer.
@@ -118,23 +103,17 @@ impl SqliteStore {
             cfg.writer_batch_ops_max > 0,
             "writer_batch_ops_max must be > 0"
         );
-        let mut conn =
-            connection::open_writer_connection(&cfg.path, cfg.durability).map_err(unavailable)?;
+        let mut conn = open_connection(&cfg.path).map_err(unavailable)?;
         migrate_kind(&mut conn, cfg.schema)?;
 
         let reads = connection::read_pool(&cfg.path)?;
         let writes = connection::write_pool(&cfg.path)?;
         let outbox = connection::outbox_pool(&cfg.path)?;
-        let watermark = syncer::Watermark::new();
-        let (synced, syncer) = syncer::spawn(cfg.path.clone(), cfg.durability, watermark.clone())?;
-        let (tx, writer) =
-            writer::spawn(conn, cfg.writer_batch_ops_max, watermark.clone(), synced)?;
+        let (tx, writer) = writer::spawn(conn, cfg.writer_batch_ops_max)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
-                syncer: Mutex::new(Some(syncer)),
-                gate: (cfg.durability == Durability::Pipelined).then_some(watermark),
                 reads,
                 writes,
                 outbox,
@@ -155,18 +134,10 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let pool = self.inner.reads.clone();
-        let gate = self.inner.gate.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let out = {
-                    let mut conn = pool.get().map_err(unavailable)?;
-                    f(&mut conn).map_err(unavailable)
-                };
-                // Nothing read leaves the store before it is durable.
-                if let Some(gate) = gate {
-                    gate.wait_durable();
-                }
-                out
+                let mut conn = pool.get().map_err(unavailable)?;
+                f(&mut conn).map_err(unavailable)
             })
             .await
             .map_err(unavailable)?
@@ -181,7 +152,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        Self::on_pool(self.inner.writes.clone(), self.inner.gate.clone(), f)
+        Self::on_pool(self.inner.writes.clone(), f)
     }
 
     /// Runs `f` on a connection of the delivery loop's pool (no fsync).
@@ -190,30 +161,18 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        Self::on_pool(self.inner.outbox.clone(), self.inner.gate.clone(), f)
+        Self::on_pool(self.inner.outbox.clone(), f)
     }
 
-    /// Runs `f` on a connection of `pool`; what it read may include the
-    /// writer's latest commits, so its result waits at `gate` like a read's.
-    fn on_pool<T, F>(
-        pool: r2d2::Pool<SqliteConnectionManager>,
-        gate: Option<Arc<syncer::Watermark>>,
-        f: F,
-    ) -> StoreFuture<T>
+    fn on_pool<T, F>(pool: r2d2::Pool<SqliteConnectionManager>, f: F) -> StoreFuture<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let out = {
-                    let mut conn = pool.get().map_err(unavailable)?;
-                    f(&mut conn)
-                };
-                if let Some(gate) = gate {
-                    gate.wait_durable();
-                }
-                out
+                let mut conn = pool.get().map_err(unavailable)?;
+                f(&mut conn)
             })
             .await
             .map_err(unavailable)?
@@ -383,22 +342,12 @@ impl Store for SqliteStore {
             .lock()
             .map(|mut g| g.take())
             .unwrap_or(None);
-        let syncer = self
-            .inner
-            .syncer
-            .lock()
-            .map(|mut g| g.take())
-            .unwrap_or(None);
         Box::pin(async move {
-            // The writer first (its exit closes the syncer's queue), then the
-            // syncer, which answers every commit it was handed before it ends.
-            for (handle, name) in [(writer, "writer"), (syncer, "syncer")] {
-                if let Some(handle) = handle {
-                    tokio::task::spawn_blocking(move || handle.join())
-                        .await
-                        .map_err(unavailable)?
-                        .map_err(|_| unavailable(format!("the SQLite {name} panicked")))?;
-                }
+            if let Some(handle) = writer {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(unavailable)?
+                    .map_err(|_| unavailable("the SQLite writer panicked"))?;
             }
             Ok(())
         })

@@ -7,19 +7,12 @@
 //! possible when something above the database is wrong), the transaction is
 //! rolled back and the batch replayed with one savepoint per command, so the
 //! refused command is undone alone and the rest of the batch still commits.
-//!
-//! The writer answers no one itself: each commit's replies go to the syncer
-//! ([`super::syncer`]), which answers them once the commit is durable, so the
-//! writer starts the next batch while the last one's fsync runs.
 
 use super::commands::exec_command;
 use super::error::{unavailable, Fault};
-use super::syncer::{Committed, Watermark};
 use crate::failpoint::{self, Action};
-use crate::store::{Command, OpResult, Rejection, StoreError};
+use crate::store::{after_commit_failpoint_applies, Command, OpResult, Rejection, StoreError};
 use rusqlite::{Connection, TransactionBehavior};
-use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Lane batches that may wait for the writer before senders are made to wait.
@@ -32,28 +25,20 @@ pub(super) struct Job {
 }
 
 /// Starts the writer thread on `conn`; it runs until every sender is dropped,
-/// after handing every job it took to the syncer (which answers it).
+/// after answering every job it took.
 pub(super) fn spawn(
     conn: Connection,
     batch_ops_max: usize,
-    watermark: Arc<Watermark>,
-    synced: SyncSender<Committed>,
 ) -> Result<(mpsc::Sender<Job>, std::thread::JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel(WRITER_QUEUE_JOBS_MAX);
     let writer = std::thread::Builder::new()
         .name("payguard-sqlite-writer".into())
-        .spawn(move || writer_loop(conn, rx, batch_ops_max, &watermark, &synced))
+        .spawn(move || writer_loop(conn, rx, batch_ops_max))
         .map_err(unavailable)?;
     Ok((tx, writer))
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<Job>,
-    batch_ops_max: usize,
-    watermark: &Watermark,
-    synced: &SyncSender<Committed>,
-) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_ops_max: usize) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].cmds.len();
@@ -69,21 +54,33 @@ fn writer_loop(
         let lens: Vec<usize> = jobs.iter().map(|j| j.cmds.len()).collect();
         let ops: Vec<Command> = jobs.iter_mut().flat_map(|j| j.cmds.drain(..)).collect();
         let now = chrono::Utc::now().timestamp_millis();
-        // Numbered before BEGIN: a reader that sees this commit's rows loads a
-        // `begun` of at least `seq` after its read, and waits for its fsync.
-        let seq = watermark.begin();
-        let outcome = apply_ops(&mut conn, &ops, now);
-        if let Ok(results) = &outcome {
-            debug_assert_eq!(results.len(), ops.len());
+        let mut outcome = apply_ops(&mut conn, &ops, now);
+        if outcome
+            .as_ref()
+            .is_ok_and(|r| after_commit_failpoint_applies(r))
+            && failpoint::hit_blocking(failpoint::AFTER_COMMIT) == Some(Action::Error)
+        {
+            // Committed and durable, and every caller hears "unavailable": the
+            // lost-acknowledgement case a retry must resolve as a replay.
+            outcome = Err(StoreError::Unavailable(
+                "failpoint store.after_commit: committed, reply lost".into(),
+            ));
         }
-        let replies = jobs.into_iter().map(|j| j.reply).zip(lens).collect();
-        // Answered by the syncer once durable. If it is gone, dropping the
-        // replies tells every caller the store stopped.
-        let _ = synced.send(Committed {
-            seq,
-            outcome,
-            replies,
-        });
+        match outcome {
+            Ok(results) => {
+                debug_assert_eq!(results.len(), ops.len());
+                let mut results = results.into_iter();
+                for (job, len) in jobs.into_iter().zip(lens) {
+                    let mine: Vec<OpResult> = results.by_ref().take(len).collect();
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 
