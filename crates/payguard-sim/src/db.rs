@@ -531,8 +531,14 @@ impl DbState {
             }
         };
         let verdict = self.decide(&decided_on, &read, now)?;
-        let stale = verdict.decision == Decision::Reject(Rejection::StaleFencingToken);
-        if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), stale) {
+        // Neither a stale write nor a command whose key holds its answer
+        // (`KeyAnswered`, decided before the fence: it keeps no fence and
+        // writes nothing) applies anything under its token.
+        let applies_nothing = matches!(
+            verdict.decision,
+            Decision::Reject(Rejection::StaleFencingToken | Rejection::KeyAnswered)
+        );
+        if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), applies_nothing) {
             if read.order.is_some() {
                 let prev = t.applied_tokens.get(order_id).copied().unwrap_or(0);
                 if token < prev {
