@@ -158,6 +158,13 @@ impl From<&Rejection> for ApiError {
             Rejection::LockBusy => ApiError::unavailable(
                 "the order's lock is held by another instance; nothing moved, retry",
             ),
+            // Never a client's answer: the keyed sequence answers the key's
+            // stored response instead (`payguard::engine::keyed`). Should it
+            // ever get here, nothing was written and the same request, retried
+            // with its key, reads the stored answer.
+            Rejection::KeyAnswered => ApiError::unavailable(
+                "this request was already answered; retry it with the same Idempotency-Key to read its answer",
+            ),
         }
     }
 }

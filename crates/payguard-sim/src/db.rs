@@ -32,7 +32,8 @@
 //! sum's update on a release, one event per effect, the time a batch
 //! decides at (after its row locks, or when its attempt started), and the
 //! Idempotency-Key rules (an answer stored in its command's transaction, a
-//! claim's fingerprint compared, a held key not claimed again; the claim is
+//! claim's fingerprint compared, a held key not claimed again, a keyed
+//! command whose key holds its answer not decided again; the claim is
 //! decided in [`crate::store`]).
 
 use crate::oracle::OracleRef;
@@ -97,6 +98,14 @@ pub struct StoreVariant {
     /// A claim of a key held (in flight or answered) is refused (off: every
     /// claim takes the key).
     pub key_claimed_once: bool,
+    /// A keyed command reads its key's record, and one whose key already
+    /// holds a stored answer for the same request is not decided again
+    /// (`rules::answered`: `Rejection::KeyAnswered`, and the keyed sequence
+    /// answers the stored response). Off: the record is not read, and a
+    /// command run again (a batch rerun after an unanswered commit that did
+    /// commit) is decided afresh, as payguard did before seed 4096 found a
+    /// keyed refund refused, stored, then made by such a rerun.
+    pub rerun_reads_key: bool,
 }
 
 impl StoreVariant {
@@ -115,6 +124,7 @@ impl StoreVariant {
         key_keeps_answer: true,
         key_checks_fingerprint: true,
         key_claimed_once: true,
+        rerun_reads_key: true,
     };
 }
 
@@ -505,7 +515,12 @@ impl DbState {
         now: i64,
         stale_applied: &mut Vec<String>,
     ) -> Result<OpResult, Inconsistent> {
-        let read = t.read_for(&cmd.op, self.variant);
+        let mut read = t.read_for(&cmd.op, self.variant);
+        if let (Some(idem), true) = (&cmd.idempotency, self.variant.rerun_reads_key) {
+            // Only a keyed command reads its key (`read_for`'s rows, as the
+            // stores read them for keyed commands only).
+            read.key = t.idem.get(&(idem.scope.clone(), idem.key.clone())).cloned();
+        }
         let decided_on = if self.variant.fence_check {
             cmd.clone()
         } else {
@@ -516,8 +531,14 @@ impl DbState {
             }
         };
         let verdict = self.decide(&decided_on, &read, now)?;
-        let stale = verdict.decision == Decision::Reject(Rejection::StaleFencingToken);
-        if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), stale) {
+        // Neither a stale write nor a command whose key holds its answer
+        // (`KeyAnswered`, decided before the fence: it keeps no fence and
+        // writes nothing) applies anything under its token.
+        let applies_nothing = matches!(
+            verdict.decision,
+            Decision::Reject(Rejection::StaleFencingToken | Rejection::KeyAnswered)
+        );
+        if let (Some(token), Some(order_id), false) = (cmd.fence, cmd.order_id(), applies_nothing) {
             if read.order.is_some() {
                 let prev = t.applied_tokens.get(order_id).copied().unwrap_or(0);
                 if token < prev {

@@ -79,6 +79,9 @@ pub(crate) fn api_answer(result: &Result<Output, EngineError>) -> ApiResp {
             | Rejection::HoldVoided
             | Rejection::HoldExpired
             | Rejection::HoldLapsed => ApiResp::Conflict { reason: r.reason() },
+            // The keyed sequence answers the key's stored response instead:
+            // reaching a client is a bug the oracle must see.
+            Rejection::KeyAnswered => ApiResp::Refused,
             _ => ApiResp::Refused,
         },
         Err(EngineError::Store(StoreError::Unknown(_))) => ApiResp::Unknown,

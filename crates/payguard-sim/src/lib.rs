@@ -100,9 +100,13 @@
 //! freed the claim a repeat had taken: the repeat's answer went unstored and a
 //! reuse of the key for another refund moved money. `Engine::submit_keyed` no
 //! longer frees the key after that answer (`tests/sim.rs`, seed 2897 with the
-//! old release). And, not fixed: a rerun after a lost COMMIT decides a keyed
-//! refund afresh after its refusal was stored under its key, and makes it
-//! once the order was charged meanwhile (seed 4096).
+//! old release). And a rerun after a lost COMMIT decided a keyed refund
+//! afresh after its refusal was stored under its key, and made it once the
+//! order was charged meanwhile (seed 4096; 4031 too): a keyed command whose
+//! key already holds its answer is now not decided again
+//! (`store::rules::answered`, `Rejection::KeyAnswered`, in every store), and
+//! the keyed sequence answers the stored response (`tests/sim.rs`, seed 4096
+//! with `StoreVariant::rerun_reads_key` off).
 //!
 //! What it found with clocks apart: a capture or void past the expiry only
 //! refused, so with instance clocks 5 ms apart one instance told a client

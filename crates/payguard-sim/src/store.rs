@@ -10,7 +10,8 @@
 //! PostgreSQL's own calls): it never guesses, it looks the transaction's fate
 //! up (which also ends it if it has not arrived, so the answer is final) and
 //! runs the batch again, its commands being idempotent, so a batch that did
-//! commit reads back as its replay; past [`AMBIGUOUS_RERUNS_MAX`] reruns, or
+//! commit reads back as its replay (a keyed command from its key's stored
+//! answer: `Rejection::KeyAnswered`, which the keyed sequence answers with it); past [`AMBIGUOUS_RERUNS_MAX`] reruns, or
 //! when the fate cannot be learned in time, the answer is "outcome unknown",
 //! never "nothing moved". A writer may also stall past its lock's TTL between
 //! taking its locks and writing (a GC pause, a SIGSTOP): the store is the

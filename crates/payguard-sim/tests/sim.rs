@@ -800,26 +800,44 @@ fn a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money() {
     .check();
 }
 
-/// Not fixed, shown (found by this simulation once its clients sent
-/// Idempotency-Keys): when a batch's COMMIT goes unanswered, the PostgreSQL
-/// store looks up its fate and, if it committed, runs the batch again,
-/// counting on its commands to read back as replays (`store/postgres/commit.rs`,
-/// re-stated in `SimStore`). A refusal writes nothing to read back: a keyed
-/// refund refused `order_not_paid` (that answer stored under its key in the
-/// committed transaction, and replayed to the request's repeats) is decided
-/// afresh by the rerun after the order was charged meanwhile, and made. The
-/// client of the rerun is told 200, the key's other answers say 409, and the
-/// money moved. payguard on a seed with message loss (no fault scheduled).
+/// Found by this simulation once its clients sent Idempotency-Keys, fixed in
+/// the money rules (`rules::answered`, for every store) and the keyed
+/// sequence (`engine::keyed`): when a batch's COMMIT goes unanswered, the
+/// PostgreSQL store looks up its fate and, if it committed, runs the batch
+/// again, counting on its commands to read back as replays
+/// (`store/postgres/commit.rs`, re-stated in `SimStore`). A refusal writes
+/// nothing to read back: a keyed refund refused `order_not_paid` (that answer
+/// stored under its key in the committed transaction, and replayed to the
+/// request's repeats) was decided afresh by the rerun after the order was
+/// charged meanwhile, and made; its client was told 200, the key's other
+/// answers said 409, and the money moved. Now a keyed command reads its key's
+/// record, and one whose key holds its answer is `KeyAnswered` (nothing
+/// decided, nothing written): the keyed sequence answers the stored 409. The
+/// store that does not read the key shows it again on the pinned seed, and
+/// payguard is clean on it (and on 4031, which showed it too).
 #[test]
-fn a_rerun_after_a_lost_commit_makes_a_keyed_refund_its_stored_answer_refused() {
-    let test = "a_rerun_after_a_lost_commit_makes_a_keyed_refund_its_stored_answer_refused";
-    let seed = env_u64("PAYGUARD_SIM_SEED").unwrap_or(4096);
-    let o = replay(test, seed, Protocol::PAYGUARD);
+fn a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_answer_refused() {
+    let test =
+        "a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_answer_refused";
+    let o = store_without(
+        test,
+        StoreVariant {
+            rerun_reads_key: false,
+            ..StoreVariant::PAYGUARD
+        },
+        (
+            ViolationKind::KeyAnswerChanged,
+            "first Conflict { reason: \"order_not_paid\" }",
+        ),
+        4096,
+    );
     assert!(
-        o.violations.iter().any(|v| v.kind == ViolationKind::KeyAnswerChanged
-            && v.detail.contains("answered Charged")
-            && v.detail.contains("first Conflict { reason: \"order_not_paid\" }")),
-        "seed {seed} no longer shows a keyed refund refused then made: fixed, or the schedule changed (find another with PAYGUARD_SIM_SEEDS=4000 PAYGUARD_SIM_FIRST_SEED=1000 cargo test -p payguard-sim --test sim payguard_holds_for_every_seed)"
+        o.violations
+            .iter()
+            .any(|v| v.kind == ViolationKind::KeyAnswerChanged
+                && v.detail.contains("answered Charged")),
+        "the refused refund should be made: {}",
+        describe(&o, test)
     );
     assert!(
         o.trace
@@ -827,6 +845,37 @@ fn a_rerun_after_a_lost_commit_makes_a_keyed_refund_its_stored_answer_refused() 
             .any(|l| l.contains("committed: true; running the batch again")),
         "the refund should be made by a rerun after a lost commit"
     );
+}
+
+/// payguard on the seeds that showed the rerun of a keyed refusal (4096,
+/// 4031): clean, and the rerun after a lost commit that did commit happens on
+/// them and finds a keyed command's key answered (so the seeds still exercise
+/// the path the fix is for).
+#[test]
+fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
+    let test = "a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal";
+    let seeds = match env_u64("PAYGUARD_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => vec![4096, 4031],
+    };
+    for seed in seeds {
+        let o = run_seed_masked(seed, Protocol::PAYGUARD, &Mask::default(), true);
+        assert!(
+            o.violations.is_empty(),
+            "seed {seed}:\n{}",
+            describe(&o, test)
+        );
+        assert!(
+            o.trace
+                .iter()
+                .any(|l| l.contains("committed: true; running the batch again")),
+            "seed {seed}: no batch rerun after a lost commit that committed; the schedule changed"
+        );
+        assert!(
+            o.trace.iter().any(|l| l.contains("key_answered")),
+            "seed {seed}: no keyed command found its key answered; the schedule changed"
+        );
+    }
 }
 
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a

@@ -1099,3 +1099,120 @@ async fn a_capture_that_waits_for_its_orders_lock_past_the_expiry_is_refused() {
     s.close().await.unwrap();
     db.drop_db().await.unwrap();
 }
+
+/// A keyed command run again after its transaction committed (what the
+/// PostgreSQL store does when a COMMIT goes unanswered but committed: it
+/// reruns the batch, `store/postgres/commit.rs`) is not decided again: a
+/// refund refused `order_not_paid`, its 409 stored under its key, then its
+/// order charged, run again with the same key and fingerprint, is
+/// `KeyAnswered`: no refund entry, the balance as the charge left it, and the
+/// key still answers the 409 (the deterministic simulation's seed 4096, on
+/// the real stores). Both stores, through the `Store` trait; SQLite always,
+/// PostgreSQL when a server is configured.
+#[tokio::test]
+async fn a_keyed_refusal_run_again_after_it_committed_is_not_decided_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = payguard::store::sqlite::SqliteStore::open(
+        payguard::store::sqlite::SqliteConfig::new(dir.path().join("s.db")),
+    )
+    .unwrap();
+    keyed_refusal_rerun(&sqlite, "sqlite").await;
+    let Some(db) =
+        scratch("a_keyed_refusal_run_again_after_it_committed_is_not_decided_again").await
+    else {
+        return;
+    };
+    let pg = store(&db).await;
+    keyed_refusal_rerun(&pg, "postgres").await;
+    let c = pg_client(&db).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM entries WHERE kind = 'refund'").await,
+        0
+    );
+    drop(c);
+    pg.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+async fn keyed_refusal_rerun(s: &dyn Store, which: &str) {
+    use payguard::store::{ClaimOutcome, IdemClaim, IdemWrite};
+    for r in s
+        .apply(vec![acct("acct", 10_000), order("o1", "acct", 1_185)])
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    let claim = || IdemClaim {
+        scope: "scope".into(),
+        key: "k-refund".into(),
+        fingerprint: "f-refund".into(),
+        now_ms: now,
+        lease_ms: 60_000,
+        ttl_ms: 86_400_000,
+    };
+    assert_eq!(
+        s.idem_claim(claim()).await.unwrap(),
+        ClaimOutcome::Claimed,
+        "{which}"
+    );
+    let keyed = refund("o1", "r1", 100).with_idempotency(IdemWrite {
+        scope: "scope".into(),
+        key: "k-refund".into(),
+        fingerprint: "f-refund".into(),
+        ttl_ms: 86_400_000,
+        render: Arc::new(|r: &OpResult| match r {
+            Ok(_) => Some((200, b"refunded".to_vec())),
+            Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
+            Err(_) => None,
+        }),
+    });
+    // The first run: refused, and the 409 stored under the key in its transaction.
+    assert_eq!(
+        s.apply(vec![keyed.clone()]).await.unwrap(),
+        vec![Err(Rejection::OrderNotPaid)],
+        "{which}"
+    );
+    // The order is charged meanwhile.
+    assert!(
+        fresh_charge(&s.apply(vec![deduct("o1")]).await.unwrap()[0]),
+        "{which}"
+    );
+    let paid = s
+        .account(AccountId::parse("acct").unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .balance;
+    // The same command again, as a rerun after its COMMIT was lost: its key
+    // holds its answer, so it is not decided (it would now refund).
+    assert_eq!(
+        s.apply(vec![keyed.clone(), deduct("o1")]).await.unwrap()[0],
+        Err(Rejection::KeyAnswered),
+        "{which}"
+    );
+    let o1 = s
+        .order(OrderId::parse("o1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o1.status, OrderStatus::Paid, "{which}");
+    assert_eq!(o1.refunded, Money::from_stored(0), "{which}");
+    let acct = s
+        .account(AccountId::parse("acct").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acct.balance, paid, "{which}: money moved");
+    // The key still answers the stored refusal, to the same request.
+    assert_eq!(
+        s.idem_claim(claim()).await.unwrap(),
+        ClaimOutcome::Done {
+            same_request: true,
+            status: 409,
+            body: b"order_not_paid".to_vec()
+        },
+        "{which}"
+    );
+}

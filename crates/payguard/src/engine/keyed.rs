@@ -17,6 +17,12 @@
 //! unavailable, the outcome unknown), it can still free a claim another
 //! request took since (RELIABILITY.md, "Not done yet").
 //!
+//! A command the store finds already answered under its key
+//! ([`Rejection::KeyAnswered`]: a committed transaction stored its answer, and
+//! the command ran again, as a batch rerun after an unanswered COMMIT does) is
+//! not an answer: the key is claimed again, and its stored answer is this
+//! request's, exactly as a repeat of the request would be told.
+//!
 //! What stays in the HTTP layer: reading and validating the header, the
 //! fingerprint (method, path, canonical body), rendering answers to bytes
 //! ([`stored_answer`] decides which are stored) and mapping a
@@ -28,6 +34,11 @@ use crate::domain::RequestId;
 use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Render};
 use crate::store::{Rejection, StoreError};
 use std::time::{Duration, Instant};
+
+/// How many times one keyed request runs its op when the store answers
+/// [`Rejection::KeyAnswered`] (the key is claimed again after each): the
+/// second claim reads the stored answer, unless the key expired meanwhile.
+const KEY_ANSWERED_RUNS_MAX: u32 = 3;
 
 /// The limits of one keyed request.
 #[derive(Clone, Copy, Debug)]
@@ -99,9 +110,56 @@ impl Engine {
         limits: KeyLimits,
         now_ms: impl Fn() -> i64,
     ) -> KeyedAnswer {
-        if let Some(early) = self.claim_key(&keyed, limits, &now_ms).await {
-            return early;
+        let mut runs = 0;
+        loop {
+            if let Some(early) = self.claim_key(&keyed, limits, &now_ms).await {
+                return early;
+            }
+            runs += 1;
+            let result = self
+                .run_claimed(
+                    &keyed,
+                    op.clone(),
+                    req.clone(),
+                    deadline,
+                    render.clone(),
+                    limits,
+                )
+                .await;
+            match result {
+                // A committed transaction answered this request already (a
+                // batch rerun after its unanswered COMMIT had committed, or a
+                // repeat that completed the key while this one's lease
+                // lapsed): nothing was decided or written. Claim the key
+                // again: it holds the stored answer, which this request
+                // answers exactly as its repeat would.
+                Err(EngineError::Rejected(Rejection::KeyAnswered)) if runs < KEY_ANSWERED_RUNS_MAX => {
+                    tracing::info!(event = "idempotency_key_answered", key = %keyed.key, "answering the key's stored response");
+                }
+                // The key was answered each time it was run, and freed (it
+                // expired) each time it was claimed again: never told as an
+                // answer; a retry of the same request reads the outcome.
+                Err(EngineError::Rejected(Rejection::KeyAnswered)) => {
+                    return KeyedAnswer::Ran(Box::new(Err(EngineError::Store(StoreError::Unknown(
+                        "the request's answer is stored under its Idempotency-Key but could not be read back; retry the same request".into(),
+                    )))))
+                }
+                other => return KeyedAnswer::Ran(Box::new(other)),
+            }
         }
+    }
+
+    /// Runs `op` under the key this request claimed, and frees the key when
+    /// the answer did nothing and may be retried.
+    async fn run_claimed(
+        &self,
+        keyed: &Keyed,
+        op: Op,
+        req: RequestId,
+        deadline: Option<Instant>,
+        render: Render,
+        limits: KeyLimits,
+    ) -> Result<Output, EngineError> {
         let store = self.store().clone();
         let cmd = Command::new(op).with_idempotency(IdemWrite {
             scope: keyed.scope.clone(),
@@ -115,6 +173,8 @@ impl Engine {
             // A definite answer was stored in the op's own transaction.
             Ok(_) => true,
             Err(EngineError::Rejected(r)) if r.is_definite() => true,
+            // The key holds a stored answer, which must stay: nothing to free.
+            Err(EngineError::Rejected(Rejection::KeyAnswered)) => true,
             // Decided by the store in the op's transaction, which freed the
             // key there (`rules::completion`): freeing it again could free
             // another request's claim taken since (the simulation saw that
@@ -133,7 +193,7 @@ impl Engine {
         if !released {
             tracing::warn!(event = "idempotency_release_failed", key = %keyed.key, "the key frees itself when its lease lapses");
         }
-        KeyedAnswer::Ran(Box::new(result))
+        result
     }
 
     /// Claims the key: `None` once it is this request's, else the answer.

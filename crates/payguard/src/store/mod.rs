@@ -395,6 +395,15 @@ pub enum Rejection {
     /// Another instance held the order's lock for longer than the wait limit.
     #[error("the order's lock is held elsewhere; retry")]
     LockBusy,
+    /// A keyed command whose Idempotency-Key already holds a stored answer for
+    /// the same request ([`rules::answered`]): a committed transaction answered
+    /// it (a batch rerun after its unanswered COMMIT did commit, or a repeat
+    /// whose lease lapsed while another completed the key). Nothing was written
+    /// and nothing was decided: the answer is the key's stored response, which
+    /// the keyed sequence (`engine::keyed`) reads and answers instead. Never
+    /// stored under the key, and never a client's answer itself.
+    #[error("the request was already answered: its answer is stored under its Idempotency-Key")]
+    KeyAnswered,
 }
 
 impl Rejection {
@@ -419,12 +428,14 @@ impl Rejection {
             Rejection::Refused(_) => "refused_by_database",
             Rejection::StaleFencingToken => "stale_fencing_token",
             Rejection::LockBusy => "lock_busy",
+            Rejection::KeyAnswered => "key_answered",
         }
     }
 
     /// A definite answer about the order, safe to store and replay. The others
     /// (a refusal by the database, a lost or busy lock) moved nothing and a retry
-    /// may well succeed.
+    /// may well succeed; [`Rejection::KeyAnswered`] is no answer about the
+    /// order at all (the key's stored one is), so it is never stored.
     pub fn is_definite(&self) -> bool {
         !matches!(
             self,
@@ -432,6 +443,7 @@ impl Rejection {
                 | Rejection::StaleFencingToken
                 | Rejection::LockBusy
                 | Rejection::HoldNotExpired
+                | Rejection::KeyAnswered
         )
     }
 }

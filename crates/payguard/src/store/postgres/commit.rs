@@ -2,6 +2,12 @@
 //! about. Its fate is looked up (`txid_status`, ending the old backend if it is
 //! still in progress so the answer cannot change), and the batch runs again: its
 //! commands are idempotent, so a batch that did commit reads back as its replay.
+//! A refusal writes nothing to read back and would be decided afresh: a keyed
+//! command reads back from its key instead (`rules::answered`: its record holds
+//! the answer the committed transaction stored, so it is `KeyAnswered`, and
+//! the keyed sequence answers that stored response). An unkeyed refusal is
+//! decided again against the state at the rerun: the first decision wrote
+//! nothing and was told to no one.
 
 use super::batch::{apply_counted, now_ms};
 use super::connection::Inner;

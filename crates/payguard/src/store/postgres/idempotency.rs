@@ -4,7 +4,7 @@
 
 use super::error::{corrupt, Fault};
 use crate::store::rules::{self, ClaimDecision, IdemCompletion, IdemRecord};
-use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, OpResult};
+use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, OpResult, Rejection};
 
 /// Completes (or drops) the Idempotency-Key reservations of the batch's
 /// idempotent ops, in the batch's own transaction, with two set-based statements:
@@ -19,6 +19,10 @@ pub(super) async fn write_idempotency(
     let mut dropped: Vec<&IdemWrite> = Vec::new();
     for (op, result) in ops.iter().zip(results) {
         if let Some(idem) = &op.idempotency {
+            if *result == Err(Rejection::KeyAnswered) {
+                // The key holds this request's answer: it stays as it is.
+                continue;
+            }
             match rules::completion(idem, result, now) {
                 IdemCompletion::Store {
                     status,
@@ -76,6 +80,28 @@ pub(super) async fn write_idempotency(
     Ok(())
 }
 
+/// The columns [`record_from_row`] reads, in its order.
+pub(super) const RECORD_COLS: &str = "fingerprint, state, lease_until, status, body, expires_at";
+
+/// A key's record from a row of [`RECORD_COLS`] (maybe followed by others).
+pub(super) fn record_from_row(row: &tokio_postgres::Row) -> Result<IdemRecord, Fault> {
+    let state: &str = row.try_get(1)?;
+    let status: Option<i32> = row.try_get(3)?;
+    let body: Option<Vec<u8>> = row.try_get(4)?;
+    Ok(IdemRecord {
+        fingerprint: row.try_get(0)?,
+        done: match (state, status, body) {
+            ("done", Some(status), Some(body)) => Some((
+                u16::try_from(status).map_err(|_| corrupt(format!("stored status {status}")))?,
+                body,
+            )),
+            _ => None,
+        },
+        lease_until: row.try_get(2)?,
+        expires_at: row.try_get(5)?,
+    })
+}
+
 /// Reserves an Idempotency-Key (see [`Store::idem_claim`]). A new key is inserted
 /// with `ON CONFLICT DO NOTHING`, which waits for a racing claimer's commit, so of
 /// two instances claiming one key at once exactly one gets `Claimed`; an existing
@@ -118,21 +144,7 @@ pub(super) async fn claim(
         .query_opt(&select, &[&c.scope, &c.key])
         .await?
         .ok_or_else(|| Fault::Retry("idempotency key vanished during its claim".into()))?;
-    let state: &str = row.try_get(1)?;
-    let status: Option<i32> = row.try_get(3)?;
-    let body: Option<Vec<u8>> = row.try_get(4)?;
-    let record = IdemRecord {
-        fingerprint: row.try_get(0)?,
-        done: match (state, status, body) {
-            ("done", Some(status), Some(body)) => Some((
-                u16::try_from(status).map_err(|_| corrupt(format!("stored status {status}")))?,
-                body,
-            )),
-            _ => None,
-        },
-        lease_until: row.try_get(2)?,
-        expires_at: row.try_get(5)?,
-    };
+    let record = record_from_row(&row)?;
     if let ClaimDecision::Answer(outcome) = rules::claim(Some(&record), c) {
         return Ok(outcome);
     }

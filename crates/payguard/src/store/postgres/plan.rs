@@ -10,7 +10,7 @@ use super::error::Fault;
 use crate::domain::{
     Account, AccountId, Entry, EntryKind, EventDraft, Money, Order, OrderId, RefundId,
 };
-use crate::store::rules::{self, Decision, Effect, Movement, Seen};
+use crate::store::rules::{self, Decision, Effect, IdemRecord, Movement, Seen};
 use crate::store::{Command, Op, OpResult, Rejection};
 use std::collections::HashMap;
 
@@ -62,6 +62,9 @@ pub(super) struct Plan {
     /// Per order: the highest fencing token seen (read from the row, then raised
     /// by this batch's fenced ops). Written back with the batch.
     pub(super) fences: HashMap<OrderId, i64>,
+    /// The records of the batch's keyed commands, by (scope, key), as they
+    /// stood before the batch (read for keyed commands only).
+    pub(super) keys: HashMap<(String, String), IdemRecord>,
 }
 
 pub(super) fn placeholder(index: usize) -> i64 {
@@ -117,6 +120,10 @@ impl Plan {
                 .and_then(|id| self.fences.get(id))
                 .copied()
                 .unwrap_or(0),
+            key: cmd
+                .idempotency
+                .as_ref()
+                .and_then(|i| self.keys.get(&(i.scope.clone(), i.key.clone()))),
             ..Seen::default()
         };
         match &cmd.op {

@@ -3,6 +3,7 @@
 //! state already settles ([`settled`]).
 
 use super::error::{corrupt, Fault};
+use super::idempotency::{record_from_row, RECORD_COLS};
 use super::plan::{AccountSlot, OrderSlot, Plan};
 use super::rows::{
     account_from_row, entry_from_row, order_from_row, ACCOUNT_COLS, ENTRY_COLS, ORDER_COLS,
@@ -126,6 +127,49 @@ pub(super) async fn read_batch(
         .collect();
     if !two_phase.is_empty() {
         read_hold_entries(tx, &two_phase, plan).await?;
+    }
+    if locks == RowLocks::ForUpdate && cmds.iter().any(|c| c.idempotency.is_some()) {
+        // A keyed command's answer may already be stored ([`rules::answered`]);
+        // a settled read answers no keyed command, so it needs none of them.
+        //
+        // [`rules::answered`]: crate::store::rules::answered
+        lock_keys(tx, cmds, plan).await?;
+    }
+    Ok(())
+}
+
+/// Reads and locks (after the orders and accounts, in (scope, key) order) the
+/// Idempotency-Key records of the batch's keyed commands: one statement, and
+/// only when the batch has a keyed command. Locked, not only read: under READ
+/// COMMITTED another transaction could complete the record (a rerun of the
+/// same batch on another connection, or a request that took a lapsed lease)
+/// between this read and this batch's commit, and this batch would decide a
+/// command already answered. `FOR UPDATE` waits for that transaction and reads
+/// what it committed. No lock cycle: the claim transaction locks a key's
+/// record alone, and a batch takes the records last (and writes them anyway,
+/// at the end, in `write_idempotency`).
+async fn lock_keys(
+    tx: &deadpool_postgres::Transaction<'_>,
+    cmds: &[Command],
+    plan: &mut Plan,
+) -> Result<(), Fault> {
+    let wanted: BTreeSet<(&str, &str)> = cmds
+        .iter()
+        .filter_map(|c| c.idempotency.as_ref())
+        .map(|i| (i.scope.as_str(), i.key.as_str()))
+        .collect();
+    let scopes: Vec<&str> = wanted.iter().map(|w| w.0).collect();
+    let keys: Vec<&str> = wanted.iter().map(|w| w.1).collect();
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLS}, i.scope, i.key FROM idempotency AS i
+             JOIN unnest($1::text[], $2::text[]) AS t (sc, k) ON i.scope = t.sc AND i.key = t.k
+             ORDER BY i.scope, i.key FOR UPDATE OF i"
+        ))
+        .await?;
+    for row in tx.query(&stmt, &[&scopes, &keys]).await? {
+        let record = record_from_row(&row)?;
+        plan.keys.insert((row.try_get(6)?, row.try_get(7)?), record);
     }
     Ok(())
 }

@@ -86,6 +86,9 @@ pub struct Seen<'a> {
     pub hold: Option<&'a Entry>,
     /// Void, expire: the order's release entry, if any.
     pub release: Option<&'a Entry>,
+    /// A command with an Idempotency-Key: its key's record (scope and key), if
+    /// any. Read only for keyed commands (none on the unkeyed hot path).
+    pub key: Option<&'a IdemRecord>,
 }
 
 /// The rows of a [`Seen`], owned: what a store fills in as it reads (SQLite's
@@ -103,6 +106,7 @@ pub struct Rows {
     pub refund: Option<Entry>,
     pub hold: Option<Entry>,
     pub release: Option<Entry>,
+    pub key: Option<IdemRecord>,
 }
 
 impl Rows {
@@ -118,6 +122,7 @@ impl Rows {
             refund: self.refund.as_ref(),
             hold: self.hold.as_ref(),
             release: self.release.as_ref(),
+            key: self.key.as_ref(),
         }
     }
 }
@@ -329,7 +334,18 @@ impl Effect {
 pub struct Inconsistent(pub String);
 
 /// Decides one command against the state a store read for it, at `now` (ms).
+///
+/// First of all: a keyed command whose key already holds a stored answer for
+/// the same request ([`answered`]) is not decided again, whatever the state:
+/// it is [`Rejection::KeyAnswered`], nothing is written, and its caller reads
+/// the key's stored answer.
 pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Inconsistent> {
+    if answered(cmd, seen) {
+        return Ok(Verdict {
+            fence: None,
+            decision: Decision::Reject(Rejection::KeyAnswered),
+        });
+    }
     let fence = match (cmd.fence, seen.order) {
         (Some(token), Some(_)) => match ledger::fence(seen.fence, token) {
             Some(kept) => Some(kept),
@@ -376,6 +392,29 @@ pub fn decide(cmd: &Command, seen: &Seen<'_>, now: i64) -> Result<Verdict, Incon
         Op::Expire { order_id } => ledger::release(order_id, ledger::Release::Expiry, seen, now)?,
     };
     Ok(Verdict { fence, decision })
+}
+
+/// Whether `cmd` carries an Idempotency-Key whose record already holds a stored
+/// answer for the same request (the same fingerprint): a committed transaction
+/// answered it, and that answer stands.
+///
+/// Why: a command can run twice, most plainly when the PostgreSQL store reruns
+/// a batch whose COMMIT went unanswered but did commit
+/// (`store/postgres/commit.rs`). A movement reads back as its replay, but a
+/// refusal writes nothing to read back: decided afresh after the state moved
+/// (a refund refused `order_not_paid`, its order charged since), it was made,
+/// while the key kept answering the refusal (found by the deterministic
+/// simulation, seed 4096). The key's record is written in the command's own
+/// transaction, so it is the one row that says "this already committed".
+/// A record completed by another request under the same key and fingerprint
+/// (this one's lease lapsed) is the same request's answer too.
+pub fn answered(cmd: &Command, seen: &Seen<'_>) -> bool {
+    match (&cmd.idempotency, seen.key) {
+        (Some(idem), Some(record)) => {
+            record.done.is_some() && record.fingerprint == idem.fingerprint
+        }
+        _ => false,
+    }
 }
 
 /// What `cmd` answers from the committed state alone, without writing anything or

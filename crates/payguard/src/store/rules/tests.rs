@@ -692,3 +692,84 @@ fn a_capture_or_void_past_the_expiry_writes_the_expiry_it_answers() {
         "{early:?}"
     );
 }
+
+/// A keyed command whose key already holds a stored answer for the same
+/// request was answered by a committed transaction: it is not decided again
+/// (seed 4096 of the simulation: a refund refused `order_not_paid`, rerun after
+/// its unanswered COMMIT did commit, once the order was paid, was made).
+#[test]
+fn a_keyed_command_whose_key_holds_its_answer_is_not_decided_again() {
+    let keyed = |fingerprint: &str| {
+        refund("r1", 100).with_idempotency(IdemWrite {
+            scope: "s".into(),
+            key: "k".into(),
+            fingerprint: fingerprint.into(),
+            ttl_ms: 50,
+            render: std::sync::Arc::new(|_: &OpResult| None),
+        })
+    };
+    let debit = entry(7, EntryKind::Debit, 300, None);
+    // Paid since the refusal was stored: decided afresh, the refund would move money.
+    let paid = order(OrderStatus::Paid, 300, 0, Some(7));
+    let record = |done: Option<(u16, Vec<u8>)>| IdemRecord {
+        fingerprint: "f".into(),
+        done,
+        lease_until: None,
+        expires_at: NOW + 50,
+    };
+    let done = record(Some((409, b"order_not_paid".to_vec())));
+    let in_flight = IdemRecord {
+        lease_until: Some(NOW + 10),
+        ..record(None)
+    };
+    let seen = |key: Option<&'static IdemRecord>| Seen {
+        order: Some(&paid),
+        debit: Some(&debit),
+        balance: Some(m(1_000)),
+        held: Some(m(0)),
+        key,
+        ..Seen::default()
+    };
+    let done: &'static IdemRecord = Box::leak(Box::new(done));
+    let in_flight: &'static IdemRecord = Box::leak(Box::new(in_flight));
+    // The key answered this very request: read the key, decide nothing.
+    assert_eq!(
+        decide(&keyed("f"), &seen(Some(done)), NOW).unwrap(),
+        Verdict {
+            fence: None,
+            decision: Decision::Reject(Rejection::KeyAnswered)
+        }
+    );
+    // Before every other rule: a fenced one keeps no fence, even a stale one.
+    let fenced = Seen {
+        fence: 9,
+        ..seen(Some(done))
+    };
+    assert_eq!(
+        decide(&keyed("f").fenced(3), &fenced, NOW).unwrap(),
+        Verdict {
+            fence: None,
+            decision: Decision::Reject(Rejection::KeyAnswered)
+        }
+    );
+    // Its own claim (in flight), no record read, or another request's
+    // answer: decided as before.
+    for key in [Some(in_flight), None] {
+        assert!(matches!(
+            decision(&keyed("f"), seen(key)),
+            Decision::Apply(Effect::Refund(_))
+        ));
+    }
+    assert!(matches!(
+        decision(&keyed("other"), seen(Some(done))),
+        Decision::Apply(Effect::Refund(_))
+    ));
+    // Without a key the record is not looked at.
+    assert!(matches!(
+        decision(&refund("r1", 100), seen(Some(done))),
+        Decision::Apply(Effect::Refund(_))
+    ));
+    // Never stored under the key, never settled from a read.
+    assert!(!Rejection::KeyAnswered.is_definite());
+    assert_eq!(settled(&keyed("f"), &seen(Some(done)), NOW).unwrap(), None);
+}

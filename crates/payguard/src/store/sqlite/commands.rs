@@ -12,7 +12,7 @@
 //! more; a new entry's id is `last_insert_rowid()`.
 
 use super::error::{bad_column, expect_one, Fault};
-use super::idempotency::write_idem;
+use super::idempotency::{self, write_idem};
 #[cfg(doc)]
 use super::rows::ORDER_COLS;
 use super::rows::{load_account, load_entry, load_order_entry, load_refund, order_from_row};
@@ -25,7 +25,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 type Read = rules::Rows;
 
 pub(super) fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result<OpResult, Fault> {
-    let read = read_for(conn, &cmd.op)?;
+    let mut read = read_for(conn, &cmd.op)?;
+    if let Some(idem) = &cmd.idempotency {
+        // Only a keyed command reads its key: has a committed transaction
+        // answered it already ([`rules::answered`])? The writer is the only
+        // one, so the record cannot change before this transaction commits.
+        read.key = idempotency::record(conn, &idem.scope, &idem.key)?;
+    }
     let verdict = rules::decide(cmd, &read.seen(), now)
         .map_err(|e| Fault::Store(bad_column(0, e.to_string())))?;
     if let (Some(token), Some(order_id)) = (verdict.fence, cmd.order_id()) {
@@ -44,8 +50,11 @@ pub(super) fn exec_command(conn: &Connection, cmd: &Command, now: i64) -> Result
         Decision::Replay(out) => Ok(out),
         Decision::Apply(effect) => write_effect(conn, &effect, now)?,
     };
-    if let Some(idem) = &cmd.idempotency {
-        write_idem(conn, idem, &answer, now)?;
+    match &cmd.idempotency {
+        // The key holds this request's answer: it stays as it is.
+        Some(_) if answer == Err(Rejection::KeyAnswered) => {}
+        Some(idem) => write_idem(conn, idem, &answer, now)?,
+        None => {}
     }
     Ok(answer)
 }

@@ -45,30 +45,38 @@ pub(super) fn write_idem(
     Ok(())
 }
 
+/// The record stored under a key, if any.
+pub(super) fn record(
+    conn: &Connection,
+    scope: &str,
+    key: &str,
+) -> rusqlite::Result<Option<IdemRecord>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, state, lease_until, status, body, expires_at
+         FROM idempotency WHERE scope = ?1 AND key = ?2",
+    )?
+    .query_row(params![scope, key], |r| {
+        let state: String = r.get(1)?;
+        let status: Option<u16> = r.get(3)?;
+        let body: Option<Vec<u8>> = r.get(4)?;
+        Ok(IdemRecord {
+            fingerprint: r.get(0)?,
+            done: match (state.as_str(), status, body) {
+                ("done", Some(status), Some(body)) => Some((status, body)),
+                _ => None,
+            },
+            lease_until: r.get(2)?,
+            expires_at: r.get(5)?,
+        })
+    })
+    .optional()
+}
+
 /// Reserves an Idempotency-Key, or reports what holds it (see
 /// `Store::idem_claim` and [`rules::claim`]).
 pub(super) fn claim(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<ClaimOutcome> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let existing = tx
-        .prepare_cached(
-            "SELECT fingerprint, state, lease_until, status, body, expires_at
-             FROM idempotency WHERE scope = ?1 AND key = ?2",
-        )?
-        .query_row(params![c.scope, c.key], |r| {
-            let state: String = r.get(1)?;
-            let status: Option<u16> = r.get(3)?;
-            let body: Option<Vec<u8>> = r.get(4)?;
-            Ok(IdemRecord {
-                fingerprint: r.get(0)?,
-                done: match (state.as_str(), status, body) {
-                    ("done", Some(status), Some(body)) => Some((status, body)),
-                    _ => None,
-                },
-                lease_until: r.get(2)?,
-                expires_at: r.get(5)?,
-            })
-        })
-        .optional()?;
+    let existing = record(&tx, &c.scope, &c.key)?;
     if let ClaimDecision::Answer(outcome) = rules::claim(existing.as_ref(), c) {
         return Ok(outcome);
     }
