@@ -307,12 +307,7 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
             let r = app.post_empty(path).await;
             assert_eq!((r.status, code(&r)), (409, "hold_expired"), "{path}");
         }
-        let kinds: Vec<Value> = app.get("/v1/orders/x/entries").await.body["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["kind"].clone())
-            .collect();
+        let kinds = entry_kinds(&app, "x").await;
         assert_eq!(kinds, vec![json!("hold"), json!("release")], "one release");
         let events = app.get("/v1/events?limit=1000").await.body;
         let expiries: Vec<&Value> = events["events"]
@@ -350,12 +345,7 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
             (&acct["balance"], &acct["held"]),
             (&json!(1_000), &json!(0))
         );
-        let kinds: Vec<Value> = app.get("/v1/orders/y/entries").await.body["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["kind"].clone())
-            .collect();
+        let kinds = entry_kinds(&app, "y").await;
         assert_eq!(kinds, vec![json!("hold"), json!("release")]);
         let r = app.post_empty("/v1/orders/y/capture").await;
         assert_eq!((r.status, code(&r)), (409, "hold_expired"));
@@ -365,6 +355,16 @@ async fn time_decides_expiry_and_the_sweeper_releases_each_hold_once() {
         app.stop().await;
         db.drop_db().await;
     }
+}
+
+/// The kinds of an order's ledger entries, in order.
+async fn entry_kinds(app: &TestApp, order: &str) -> Vec<Value> {
+    app.get(&format!("/v1/orders/{order}/entries")).await.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].clone())
+        .collect()
 }
 
 /// What won an order's race, read from its final state.
