@@ -2,7 +2,8 @@
 //! no wrk on PATH it runs our own client's rows, says on standard error, in
 //! the table and in the JSON why wrk's are missing, and still succeeds;
 //! asked for wrk explicitly (`--outside wrk`), it fails instead. With wrk
-//! installed, both clients' rows are there.
+//! installed, both clients' rows are there, the ceiling's (the same durable
+//! writes behind the plainest server) included.
 
 use std::process::{Command, Output};
 
@@ -83,6 +84,7 @@ fn with_wrk_each_row_is_measured_by_both_clients() {
         "GET /healthz (constant, same server)",
         "payguard deduct (durable, SQLite)",
         "payguard deduct replays (paid orders)",
+        "ceiling: axum + one writer thread, payguard's SQL (durable, SQLite)",
     ] {
         for client in ["reqwest", "wrk"] {
             let row = sides
@@ -95,4 +97,5 @@ fn with_wrk_each_row_is_measured_by_both_clients() {
         }
     }
     assert!(json["replays_over_healthz"]["wrk"].is_f64(), "{json}");
+    assert!(json["first_charges_over_ceiling"]["wrk"].is_f64(), "{json}");
 }

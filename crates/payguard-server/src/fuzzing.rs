@@ -1,5 +1,7 @@
 //! The request-body parsers, reachable from outside the crate for the fuzz
-//! targets (`fuzz/`) and their corpus replay test (`payguard-fuzz-checks`).
+//! targets (`fuzz/`), their corpus replay test (`payguard-fuzz-checks`) and
+//! the ceiling row of `payguard bench http` (which parses bodies exactly as the
+//! server does, so it measures the same work).
 //!
 //! Why: the handlers turn a body into an [`Op`](payguard::store::Op) through
 //! these functions and nothing else, so fuzzing them fuzzes exactly what a

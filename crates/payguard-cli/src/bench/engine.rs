@@ -170,6 +170,21 @@ impl TwoPhaseCost {
     }
 
     fn line(&self) -> String {
+        self.line_of(
+            "a two-phase payment (authorize + capture)",
+            "; target ≤ 2.2",
+        )
+    }
+
+    /// The same figures for the raw floor ([`raw_two_phase`] over [`raw`]).
+    fn floor_line(&self) -> String {
+        self.line_of(
+            "the schema's floor: raw rusqlite's authorize + capture",
+            ", no target",
+        )
+    }
+
+    fn line_of(&self, what: &str, target: &str) -> String {
         let list = |v: &[f64]| {
             v.iter()
                 .map(|c| format!("{c:.2}"))
@@ -184,7 +199,7 @@ impl TwoPhaseCost {
             None => String::new(),
         };
         format!(
-            "a two-phase payment (authorize + capture) costs {:.2} × a deduct (median of {} rounds: {}; target ≤ 2.2){cpu}",
+            "{what} costs {:.2} × a deduct (median of {} rounds: {}{target}){cpu}",
             self.median,
             self.rounds.len(),
             list(&self.rounds)
@@ -223,6 +238,10 @@ struct Report {
     best_engine_ratio: f64,
     /// What a two-phase payment (authorize, then capture) costs next to a deduct.
     two_phase_cost: Option<TwoPhaseCost>,
+    /// The same cost for raw rusqlite making the contract's writes (SQLite):
+    /// how much of `two_phase_cost` is the schema's, whatever the code above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    two_phase_floor: Option<TwoPhaseCost>,
 }
 
 /// How a bench order is paid.
@@ -269,10 +288,10 @@ fn order_id(i: usize) -> String {
     format!("OD20261126B{i:08}")
 }
 
-fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult> {
-    let mut conn = open_connection(path)?;
-    // The order's account and amount, as the raw path needs them; read before timing.
-    let jobs: Vec<(String, String, i64)> = (0..orders)
+/// Each order's id, account and amount, as the raw paths need them: made
+/// before timing, from the same formulas as [`setup`].
+fn raw_jobs(orders: usize, accounts: usize) -> Vec<(String, String, i64)> {
+    (0..orders)
         .map(|i| {
             (
                 order_id(i),
@@ -280,7 +299,13 @@ fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult>
                 100 + (i % 900) as i64,
             )
         })
-        .collect();
+        .collect()
+}
+
+fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult> {
+    let mut conn = open_connection(path)?;
+    let jobs = raw_jobs(orders, accounts);
+    let cpu0 = cpu::thread_cpu_secs();
     let started = Instant::now();
     for chunk in jobs.chunks(RAW_TXN_ROWS) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -307,15 +332,104 @@ fn raw(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult>
         }
         tx.commit()?;
     }
-    let secs = started.elapsed().as_secs_f64();
-    let audit_ok = payguard::store::sqlite::audit_connection(&mut conn)?.ok;
-    let mut run = RunResult::throughput(
+    let mut run = raw_result(
+        &mut conn,
         format!("raw rusqlite, {RAW_TXN_ROWS}-row txns (ceiling)"),
         orders,
-        secs,
-        audit_ok,
-    );
+        started,
+        cpu0,
+    )?;
     run.ratio_to_raw = 1.0;
+    Ok(run)
+}
+
+/// The floor of a two-phase payment, as [`raw`] is a deduct's: raw rusqlite
+/// making the contract's writes for an authorize (the account's `held`, a hold
+/// entry, the order AUTHORIZED with its hold and expiry) and then for a capture
+/// of the whole hold (balance and `held`, a capture entry, the order PAID with
+/// its captured sum), in [`RAW_TXN_ROWS`]-row transactions, every payment's
+/// authorize in one and its capture in the next (as the engine never batches
+/// a capture with its own hold). Like [`raw`], no events and no reads: what is
+/// left of a two-phase payment's cost over a deduct's here is the schema's
+/// (the bigger rows, the second entry, the indexes and triggers), which no
+/// code above SQLite can remove.
+fn raw_two_phase(path: &Path, orders: usize, accounts: usize) -> anyhow::Result<RunResult> {
+    let mut conn = open_connection(path)?;
+    let jobs = raw_jobs(orders, accounts);
+    let cpu0 = cpu::thread_cpu_secs();
+    let started = Instant::now();
+    for chunk in jobs.chunks(RAW_TXN_ROWS) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (oid, acct, amount) in chunk {
+            let balance: i64 = tx
+                .prepare_cached(
+                    "UPDATE accounts SET held = held + ?1, updated_at = ?2
+                     WHERE id = ?3 AND balance - held >= ?1 RETURNING balance",
+                )?
+                .query_row(params![amount, 1, acct], |r| r.get(0))?;
+            tx.prepare_cached(
+                "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+                 VALUES (?1, ?2, 'hold', ?3, ?4, ?5)",
+            )?
+            .execute(params![oid, acct, amount, balance, 1])?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE orders SET status = 'AUTHORIZED', held = ?1, hold_expires_at = ?2,
+                            updated_at = ?3
+                     WHERE id = ?4 AND status = 'PREPARE'",
+                )?
+                .execute(params![amount, BENCH_HOLD_TTL_MS, 1, oid])?;
+            anyhow::ensure!(changed == 1, "raw two-phase: order {oid} not in PREPARE");
+        }
+        tx.commit()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (oid, acct, amount) in chunk {
+            let balance: i64 = tx
+                .prepare_cached(
+                    "UPDATE accounts SET balance = balance - ?1, held = held - ?1, updated_at = ?2
+                     WHERE id = ?3 AND held >= ?1 RETURNING balance",
+                )?
+                .query_row(params![amount, 1, acct], |r| r.get(0))?;
+            let entry: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO entries (order_id, account_id, kind, amount, balance_after, created_at)
+                     VALUES (?1, ?2, 'capture', ?3, ?4, ?5) RETURNING id",
+                )?
+                .query_row(params![oid, acct, amount, balance, 1], |r| r.get(0))?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE orders SET status = 'PAID', debit_entry_id = ?1, captured = ?2,
+                            held = 0, updated_at = ?3
+                     WHERE id = ?4 AND status = 'AUTHORIZED'",
+                )?
+                .execute(params![entry, amount, 1, oid])?;
+            anyhow::ensure!(changed == 1, "raw two-phase: order {oid} not AUTHORIZED");
+        }
+        tx.commit()?;
+    }
+    raw_result(
+        &mut conn,
+        format!("raw rusqlite, authorize then capture, {RAW_TXN_ROWS}-row txns"),
+        orders,
+        started,
+        cpu0,
+    )
+}
+
+/// A raw run's result: its rate since `started`, the measuring thread's CPU
+/// per payment since `cpu0`, and the audit of what it wrote.
+fn raw_result(
+    conn: &mut rusqlite::Connection,
+    name: String,
+    orders: usize,
+    started: Instant,
+    cpu0: Option<f64>,
+) -> anyhow::Result<RunResult> {
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_per_payment(cpu0, cpu::thread_cpu_secs(), orders);
+    let audit_ok = payguard::store::sqlite::audit_connection(conn)?.ok;
+    let mut run = RunResult::throughput(name, orders, secs, audit_ok);
+    run.cpu_us_per_op = cpu;
     Ok(run)
 }
 
@@ -595,6 +709,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
     let seed = sqlite.seed(&raw)?;
     let half = sqlite.half_load(&raw, &sweep)?;
     let two_phase_cost = sqlite.two_phase(&raw, &sweep)?;
+    let two_phase_floor = sqlite.two_phase_floor()?;
     let mut runs = vec![raw];
     runs.extend(direct);
     runs.extend(sweep.runs);
@@ -609,6 +724,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
         runs,
         half_load: Some(half),
         two_phase_cost: Some(two_phase_cost),
+        two_phase_floor: Some(two_phase_floor),
     };
     finish(&args, &report)
 }
@@ -688,6 +804,9 @@ fn print_table(r: &Report) {
     );
     if let Some(cost) = &r.two_phase_cost {
         crate::outln!("{}", cost.line());
+    }
+    if let Some(floor) = &r.two_phase_floor {
+        crate::outln!("{}", floor.floor_line());
     }
 }
 

@@ -5,8 +5,8 @@
 //! the order of the runs reads in `super::run` and each run's steps read here.
 
 use super::{
-    bench_engine_config, closed_loop, ms, open_loop, print_round, raw, setup, start_engine,
-    store_direct, two_phase_cost, EngineBenchArgs, Payment, RunResult, TwoPhaseCost,
+    bench_engine_config, closed_loop, ms, open_loop, print_round, raw, raw_two_phase, setup,
+    start_engine, store_direct, two_phase_cost, EngineBenchArgs, Payment, RunResult, TwoPhaseCost,
     HALF_LOAD_SECS_MAX,
 };
 use payguard::store::sqlite::{SqliteConfig, SqliteStore};
@@ -39,6 +39,30 @@ impl SqliteRuns<'_> {
         let raw = raw(&raw_path, self.orders, self.accounts)?;
         eprintln!("  raw: {:.0} ops/s", raw.ops_per_sec);
         Ok(raw)
+    }
+
+    /// The floor under the two-phase cost: `--two-phase-rounds` pairs of raw
+    /// rusqlite runs, a deduct's writes and then a two-phase payment's, each on
+    /// a fresh database, back to back.
+    pub fn two_phase_floor(&self) -> anyhow::Result<TwoPhaseCost> {
+        let mut pairs = Vec::new();
+        for round in 0..self.args.two_phase_rounds() {
+            let fresh = |name: &str| {
+                let path = self.dir.join(format!("floor-{name}-r{round}.db"));
+                setup(&path, self.orders, self.accounts).map(|()| path)
+            };
+            let d = raw(&fresh("deduct")?, self.orders, self.accounts)?;
+            let t = raw_two_phase(&fresh("two-phase")?, self.orders, self.accounts)?;
+            eprintln!(
+                "  floor round {}: raw deduct {:.0}/s, raw authorize + capture {:.0} payments/s ({:.2}×)",
+                round + 1,
+                d.ops_per_sec,
+                t.ops_per_sec,
+                two_phase_cost(&d, &t)
+            );
+            pairs.push((d, t));
+        }
+        Ok(TwoPhaseCost::of(pairs))
     }
 
     /// The store's own SQL without lanes, as a ratio to `raw`: deducts, then

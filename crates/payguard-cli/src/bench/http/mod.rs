@@ -9,7 +9,10 @@
 //! same server), the first charges of fresh orders, and replays of PAID
 //! orders; last (3) the first charges with one webhook endpoint (a receiver
 //! that answers 200 at once) subscribed, reporting how long after the last
-//! answer the last delivery arrived.
+//! answer the last delivery arrived. Beside payguard's first charges, by both
+//! clients, the [`ceiling`]: the same durable writes behind the plainest
+//! server that can make them, so the run says how far payguard's own layers
+//! are from what this machine and SQLite allow.
 //!
 //! Each row's ratio is against `GET /healthz` measured by the same client in
 //! the same run, because absolute rates drift on a shared machine and each
@@ -19,6 +22,7 @@
 //! why, never silently (`--outside`).
 
 use super::cpu;
+mod ceiling;
 mod wrk;
 
 use crate::demo::LocalServer;
@@ -69,6 +73,7 @@ const HEALTHZ: &str = "GET /healthz (constant, same server)";
 const FRESH: &str = "payguard deduct (durable, SQLite)";
 const REPLAYS: &str = "payguard deduct replays (paid orders)";
 const HOOKED: &str = "payguard deduct + 1 webhook endpoint";
+const CEILING: &str = "ceiling: axum + one writer thread, payguard's SQL (durable, SQLite)";
 
 /// The clients: ours (reqwest, in this process) and the outside one.
 const OURS: &str = "reqwest";
@@ -263,6 +268,9 @@ pub fn run(args: HttpBenchArgs) -> anyhow::Result<ExitCode> {
         sides.extend(
             paired_rows(&client, dir.path(), n, args.concurrency, outsider.as_ref()).await?,
         );
+        sides.extend(
+            ceiling_rows(&client, dir.path(), n, args.concurrency, outsider.as_ref()).await?,
+        );
         sides.push(hooked_side(&client, dir.path(), n, args.concurrency).await?);
         Ok::<_, anyhow::Error>(sides)
     })?;
@@ -342,6 +350,10 @@ struct Summary {
     replays_over_plain: f64,
     fresh_over_healthz: serde_json::Map<String, serde_json::Value>,
     replays_over_healthz: serde_json::Map<String, serde_json::Value>,
+    /// The [`ceiling`]'s charges over `/healthz`, per client.
+    ceiling_over_healthz: serde_json::Map<String, serde_json::Value>,
+    /// payguard's first charges over the ceiling's, per client.
+    fresh_over_ceiling: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Summary {
@@ -362,6 +374,15 @@ impl Summary {
             replays_over_plain: rps(REPLAYS, OURS) / rps(PLAIN, OURS).max(1e-9),
             fresh_over_healthz: per_client(FRESH),
             replays_over_healthz: per_client(REPLAYS),
+            ceiling_over_healthz: per_client(CEILING),
+            fresh_over_ceiling: [OURS, WRK]
+                .into_iter()
+                .filter_map(|c| {
+                    let (fresh, ceiling) = (find(sides, FRESH, c)?, find(sides, CEILING, c)?);
+                    let r = fresh.rps / ceiling.rps.max(1e-9);
+                    Some((c.to_owned(), serde_json::json!(r)))
+                })
+                .collect(),
         }
     }
 }
@@ -493,6 +514,34 @@ async fn paired_rows(
     Ok(rows)
 }
 
+/// The [`ceiling`]'s first charges, by our client and by wrk, on orders made
+/// as for payguard's rows (untimed).
+async fn ceiling_rows(
+    client: &reqwest::Client,
+    dir: &Path,
+    n: usize,
+    concurrency: usize,
+    outsider: Option<&Outsider<'_>>,
+) -> anyhow::Result<Vec<Side>> {
+    let server = ceiling::start(&dir.join("http-ceiling.db")).await?;
+    let base = server.url.clone();
+    let deducts = our_orders(client, &base, n).await?;
+    if let Some(o) = outsider {
+        wrk_orders(client, o, &base).await?;
+    }
+    let mut rows = vec![ours(CEILING, client, reqwest::Method::POST, deducts, concurrency).await?];
+    if let Some(o) = outsider {
+        rows.push(o.row(CEILING, "deduct.lua", &base, &[]).await?.0);
+    }
+    server.stop();
+    // The ceiling made real charges: every one in its ledger, balances right.
+    let audit = payguard::store::sqlite::audit_connection(
+        &mut payguard::store::sqlite::open_connection(&dir.join("http-ceiling.db"))?,
+    )?;
+    anyhow::ensure!(audit.ok, "the ceiling's database fails its audit");
+    Ok(rows)
+}
+
 /// The accounts and orders wrk's scripts charge (`create.lua`, untimed),
 /// enough for a first-charge row of the same length.
 async fn wrk_orders(client: &reqwest::Client, o: &Outsider<'_>, base: &str) -> anyhow::Result<()> {
@@ -588,6 +637,8 @@ fn print_json(
             "replays_over_plain": summary.replays_over_plain,
             "first_charges_over_healthz": summary.fresh_over_healthz,
             "replays_over_healthz": summary.replays_over_healthz,
+            "ceiling_over_healthz": summary.ceiling_over_healthz,
+            "first_charges_over_ceiling": summary.fresh_over_ceiling,
         }))?
     );
     Ok(())
@@ -662,6 +713,7 @@ fn print_summary(summary: &Summary) {
     for (what, ratios) in [
         ("first charges", &summary.fresh_over_healthz),
         ("replays", &summary.replays_over_healthz),
+        ("the ceiling's charges", &summary.ceiling_over_healthz),
     ] {
         let each: Vec<String> = ratios
             .iter()
@@ -669,6 +721,15 @@ fn print_summary(summary: &Summary) {
             .collect();
         crate::outln!("{what} / GET /healthz: {}", each.join(", "));
     }
+    let each: Vec<String> = summary
+        .fresh_over_ceiling
+        .iter()
+        .map(|(client, r)| format!("{client} {:.2}×", r.as_f64().unwrap_or(0.0)))
+        .collect();
+    crate::outln!(
+        "payguard's first charges / the ceiling's: {}",
+        each.join(", ")
+    );
 }
 
 /// A self-contained page: one bar chart (inline SVG) of requests/s.
