@@ -18,12 +18,14 @@
 //! first thing a batch does after its locks.
 //!
 //! The expiry sweeper's read (`due_holds`) crosses the network too, so a
-//! sweep can fail or see a state another sweeper has already changed. Off the
-//! money path, the reads (`order`, `account`, `entries`) and the
+//! sweep can fail or see a state another sweeper has already changed. The
 //! Idempotency-Key calls (`idem_claim`, `idem_release`, made by payguard's
-//! keyed sequence, `Engine::submit_keyed`) read and write the database's
-//! state directly, through the same rules (a claim that fails or whose answer
-//! is lost is not simulated). The events feed is the one the database writes
+//! keyed sequence, `Engine::submit_keyed`) cross the network when
+//! `Protocol::keys_over_network` says so (a claim taken whose answer is lost,
+//! a release lost or late); otherwise, like the reads off the money path
+//! (`order`, `account`, `entries`), they read and write the database's state
+//! directly, through the same rules ([`DbState::claim`],
+//! [`DbState::release`]). The events feed is the one the database writes
 //! in each movement's transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
@@ -335,7 +337,10 @@ impl Store for SimStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let outcome = if inner.host.keys_over_network {
-                match inner.call(DbReq::Claim(claim.clone()), BATCH_DEADLINE_MS).await {
+                match inner
+                    .call(DbReq::Claim(claim.clone()), BATCH_DEADLINE_MS)
+                    .await
+                {
                     Ok(DbResp::Claimed(outcome)) => outcome,
                     Ok(other) => {
                         return Err(StoreError::Unavailable(format!("answered {other:?}")))

@@ -443,8 +443,8 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
     assert_eq!(
         count(&c, version).await,
-        5,
-        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase + v5 events"
+        6,
+        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase + v5 events + v6 claim tokens"
     );
     // A v1 database (as the first PostgreSQL build left it, with a paid order) is
     // upgraded in place through every later version.
@@ -469,7 +469,7 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     .await
     .unwrap();
     let s = store(&v1).await;
-    assert_eq!(count(&c1, version).await, 5);
+    assert_eq!(count(&c1, version).await, 6);
     assert_eq!(count(&c1, "SELECT COUNT(*) FROM events").await, 0);
     assert_eq!(count(&c1, "SELECT COUNT(*) FROM idempotency").await, 0);
     assert_eq!(count(&c1, "SELECT MAX(fence) FROM orders").await, 0);
@@ -479,6 +479,27 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     );
     assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
     assert!(s.audit().await.unwrap().ok);
+    // An in-flight claim as a binary before v6 wrote it (no token): no release
+    // frees it; it lapses with its lease.
+    c1.batch_execute(
+        "INSERT INTO idempotency
+           (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
+           VALUES ('scope', 'k', 'f-old', 'in_flight', 1000, NULL, NULL, 1, 100000)",
+    )
+    .await
+    .unwrap();
+    for token in [0, 1, i64::MAX] {
+        s.idem_release("scope".into(), "k".into(), ClaimToken(token))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.idem_claim(claim_at("f-new", 999)).await.unwrap(),
+        ClaimOutcome::InFlight {
+            same_request: false
+        }
+    );
+    claimed(&s, claim_at("f-new", 1001), "postgres").await;
     s.close().await.unwrap();
     drop(c1);
     v1.drop_db().await.unwrap();
@@ -1301,8 +1322,7 @@ async fn a_keyed_command_frees_only_its_own_claim_in_its_transaction() {
     )
     .unwrap();
     stale_command_frees_its_own_claim(&sqlite, "sqlite").await;
-    let Some(db) =
-        scratch("a_keyed_command_frees_only_its_own_claim_in_its_transaction").await
+    let Some(db) = scratch("a_keyed_command_frees_only_its_own_claim_in_its_transaction").await
     else {
         return;
     };
@@ -1330,18 +1350,20 @@ async fn stale_command_frees_its_own_claim(s: &dyn Store, which: &str) {
     let b = claimed(s, claim_at("f-b", now + 101), which).await;
     // A's command, under a stale token: refused, and its key freed in its
     // transaction, if it is still A's.
-    let keyed = deduct("o1").fenced(5).with_idempotency(payguard::store::IdemWrite {
-        scope: "scope".into(),
-        key: "k".into(),
-        fingerprint: "f-a".into(),
-        ttl_ms: 86_400_000,
-        claim: a,
-        render: Arc::new(|r: &OpResult| match r {
-            Ok(_) => Some((200, b"charged".to_vec())),
-            Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
-            Err(_) => None,
-        }),
-    });
+    let keyed = deduct("o1")
+        .fenced(5)
+        .with_idempotency(payguard::store::IdemWrite {
+            scope: "scope".into(),
+            key: "k".into(),
+            fingerprint: "f-a".into(),
+            ttl_ms: 86_400_000,
+            claim: a,
+            render: Arc::new(|r: &OpResult| match r {
+                Ok(_) => Some((200, b"charged".to_vec())),
+                Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
+                Err(_) => None,
+            }),
+        });
     assert_eq!(
         s.apply(vec![keyed]).await.unwrap(),
         vec![Err(Rejection::StaleFencingToken)],

@@ -133,9 +133,14 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
                 if let ClaimOutcome::Claimed { token } = from_sqlite {
                     claims.push((key.clone(), claim.scope.clone(), token, pg_token));
                     if !abandon {
-                        batch.push(cmd.clone().with_idempotency(idem_write(&key, &claim, ttl_ms, token)));
+                        batch.push(
+                            cmd.clone()
+                                .with_idempotency(idem_write(&key, &claim, ttl_ms, token)),
+                        );
                         if let Some(pg_token) = pg_token {
-                            pg_batch.push(cmd.with_idempotency(idem_write(&key, &claim, ttl_ms, pg_token)));
+                            pg_batch.push(
+                                cmd.with_idempotency(idem_write(&key, &claim, ttl_ms, pg_token)),
+                            );
                         }
                     }
                 }
@@ -252,7 +257,8 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
             totals.kinds
         );
         assert!(
-            totals.releases.contains_key("another_claim") && totals.releases.contains_key("own_claim"),
+            totals.releases.contains_key("another_claim")
+                && totals.releases.contains_key("own_claim"),
             "seed {seed}: no late release met both its own claim and another one: {:?}",
             totals.releases
         );

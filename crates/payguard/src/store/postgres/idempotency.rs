@@ -6,9 +6,7 @@
 
 use super::error::{corrupt, Fault};
 use crate::store::rules::{self, ClaimDecision, IdemCompletion, IdemRecord};
-use crate::store::{
-    ClaimOutcome, ClaimToken, Command, IdemClaim, IdemWrite, OpResult, Rejection,
-};
+use crate::store::{ClaimOutcome, ClaimToken, Command, IdemClaim, IdemWrite, OpResult, Rejection};
 
 /// Completes (or drops) the Idempotency-Key reservations of the batch's
 /// idempotent ops, in the batch's own transaction, with two set-based statements:
@@ -62,7 +60,9 @@ pub(super) async fn write_idempotency(
         let stored = tx
             .query(
                 &stmt,
-                &[&scopes, &keys, &prints, &statuses, &bodies, &expires, &claims],
+                &[
+                    &scopes, &keys, &prints, &statuses, &bodies, &expires, &claims,
+                ],
             )
             .await?;
         if stored.len() != done.len() {

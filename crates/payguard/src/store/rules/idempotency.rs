@@ -87,7 +87,8 @@ pub fn releases(record: &IdemRecord, token: ClaimToken) -> bool {
 /// record of another fingerprint is another request's key now: untouched (the
 /// op itself is exactly once regardless; that request stores its own answer).
 pub fn stores_over(record: &IdemRecord, idem: &IdemWrite) -> bool {
-    record.done.is_none() && (record.claim == Some(idem.claim) || record.fingerprint == idem.fingerprint)
+    record.done.is_none()
+        && (record.claim == Some(idem.claim) || record.fingerprint == idem.fingerprint)
 }
 
 /// What becomes of a claimed key once its command has an answer.

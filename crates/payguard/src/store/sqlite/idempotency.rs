@@ -88,8 +88,10 @@ pub(super) fn claim(conn: &mut Connection, c: &IdemClaim) -> rusqlite::Result<Cl
         return Ok(outcome);
     }
     let token = ClaimToken(
-        tx.prepare_cached("UPDATE idempotency_claims SET last = last + 1 WHERE id = 1 RETURNING last")?
-            .query_row([], |r| r.get(0))?,
+        tx.prepare_cached(
+            "UPDATE idempotency_claims SET last = last + 1 WHERE id = 1 RETURNING last",
+        )?
+        .query_row([], |r| r.get(0))?,
     );
     tx.prepare_cached(
         "INSERT OR REPLACE INTO idempotency
