@@ -843,6 +843,36 @@ fn a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money() {
     );
 }
 
+/// RELIABILITY.md row 6g: a free of an Idempotency-Key names its claim's
+/// token. With the claims and releases over the network
+/// (`Protocol::keys_over_network`) and the stores' old release by key
+/// (`StoreVariant::release_checks_claim` off), a late release frees a claim
+/// another request took since, and a reuse of the key for another body is
+/// run and moves money; payguard, with the same calls over the network, is
+/// clean on the seed.
+#[test]
+fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
+    let over_network = Protocol {
+        keys_over_network: true,
+        ..Protocol::PAYGUARD
+    };
+    SeenFailing {
+        test: "a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money",
+        protocol: Protocol {
+            store: StoreVariant {
+                release_checks_claim: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..over_network
+        },
+        kind: ViolationKind::KeyReuseMoved,
+        fault_free: false,
+        detail: "",
+        pinned: 2214,
+    }
+    .check_clean_on(over_network);
+}
+
 /// Found by this simulation once its clients sent Idempotency-Keys, fixed in
 /// the money rules (`rules::answered`, for every store) and the keyed
 /// sequence (`engine::keyed`): when a batch's COMMIT goes unanswered, the
