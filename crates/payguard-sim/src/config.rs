@@ -61,6 +61,13 @@ pub struct Protocol {
     /// instance decides its batches, its snapshot reads and its sweeps at its
     /// own clock, as payguard's PostgreSQL store and sweeper do.
     pub clock_skew_ms: i64,
+    /// The Idempotency-Key claims and releases (`idem_claim`, `idem_release`)
+    /// cross the simulated network to the database, as the money path does: a
+    /// claim's answer can be lost (the claim taken, the request told 503) and a
+    /// release can be lost or arrive late. Off: they read and write the
+    /// database's state directly (no network draw, so the seeds pinned before
+    /// this switch keep their schedules).
+    pub keys_over_network: bool,
 }
 
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
@@ -89,6 +96,7 @@ impl Protocol {
         sweeper_dies_on_failure: false,
         release_key_after_stale_token: false,
         clock_skew_ms: 0,
+        keys_over_network: false,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.

@@ -43,9 +43,11 @@ use payguard::domain::{
     OrderId, OrderStatus,
 };
 use payguard::store::rules::{
-    self, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows, Verdict,
+    self, ClaimDecision, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows, Verdict,
 };
-use payguard::store::{Command, Op, OpResult, Output, Rejection, StoreError};
+use payguard::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, Op, OpResult, Output, Rejection, StoreError,
+};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -106,9 +108,26 @@ pub struct StoreVariant {
     /// commit) is decided afresh, as payguard did before seed 4096 found a
     /// keyed refund refused, stored, then made by such a rerun.
     pub rerun_reads_key: bool,
+    /// Freeing a key (the keyed sequence's `idem_release`, or a command's own
+    /// transaction) frees only the in-flight claim of the freeing request's
+    /// token (`rules::releases`). Off: any in-flight record under the key, as
+    /// payguard's stores did before claims had tokens, so a late release could
+    /// free a claim another request took since.
+    pub release_checks_claim: bool,
 }
 
 impl StoreVariant {
+    /// Whether this store's freeing of a key by the claim `token` frees
+    /// `record` (`rules::releases`, or, `release_checks_claim` off, any
+    /// in-flight record).
+    pub fn frees(&self, record: &IdemRecord, token: ClaimToken) -> bool {
+        if self.release_checks_claim {
+            rules::releases(record, token)
+        } else {
+            record.done.is_none()
+        }
+    }
+
     pub const PAYGUARD: StoreVariant = StoreVariant {
         one_debit: true,
         fence_check: true,
@@ -125,6 +144,7 @@ impl StoreVariant {
         key_checks_fingerprint: true,
         key_claimed_once: true,
         rerun_reads_key: true,
+        release_checks_claim: true,
     };
 }
 
@@ -150,6 +170,14 @@ pub enum DbReq {
     NextFenceEpoch,
     /// `Store::due_holds`: AUTHORIZED orders whose hold expired at `now_ms`.
     DueHolds { now_ms: i64, limit: usize },
+    /// `Store::idem_claim` (one transaction of its own).
+    Claim(IdemClaim),
+    /// `Store::idem_release`: frees the claim `token` made.
+    Release {
+        scope: String,
+        key: String,
+        token: ClaimToken,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +187,9 @@ pub enum DbResp {
     Settled(Vec<Option<OpResult>>),
     Epoch(i64),
     Due(Vec<OrderId>),
+    Claimed(ClaimOutcome),
+    /// Whether the release freed a record.
+    Released(bool),
 }
 
 /// The tables: what a transaction changes, all or nothing.
@@ -183,6 +214,8 @@ pub struct DbState {
     pub tables: Tables,
     /// `fence_epochs`: the last value handed out; only grows.
     pub fence_epoch_seq: i64,
+    /// `idempotency_claims`: the last claim token handed out; only grows.
+    pub claim_token_seq: i64,
     /// Transaction id → committed. Absent: not seen yet.
     xids: BTreeMap<u64, bool>,
     /// Fenced writes applied below a token already applied to their order:
@@ -468,6 +501,7 @@ impl DbState {
             variant,
             tables: Tables::default(),
             fence_epoch_seq: 0,
+            claim_token_seq: 0,
             xids: BTreeMap::new(),
             stale_applied: Vec::new(),
             stale_refused: 0,
@@ -592,26 +626,30 @@ impl DbState {
         }
         if let Some(idem) = &cmd.idempotency {
             let key = (idem.scope.clone(), idem.key.clone());
-            let ours = t
-                .idem
-                .get(&key)
-                .is_some_and(|r| r.done.is_none() && r.fingerprint == idem.fingerprint);
+            let record = t.idem.get(&key);
+            let stores = record.is_some_and(|r| rules::stores_over(r, idem));
+            let frees = record.is_some_and(|r| self.variant.frees(r, idem.claim));
             match rules::completion(idem, &answer, now) {
                 IdemCompletion::Store {
                     status,
                     body,
                     expires_at,
-                } if ours && self.variant.key_keeps_answer => {
+                } if stores && self.variant.key_keeps_answer => {
                     let r = t.idem.get_mut(&key).expect("checked");
                     r.done = Some((status, body));
                     r.lease_until = None;
+                    r.claim = None;
                     r.expires_at = expires_at;
                 }
                 // The broken store frees the key of a definite answer too.
-                IdemCompletion::Store { .. } | IdemCompletion::Release if ours => {
+                IdemCompletion::Store { .. } if stores => {
                     t.idem.remove(&key);
                 }
-                // Our lease lapsed and another request took the key.
+                IdemCompletion::Release if frees => {
+                    t.idem.remove(&key);
+                }
+                // Our lease lapsed and another request took the key (or our
+                // transaction freed it already and another claimed it since).
                 _ => {}
             }
         }
@@ -727,7 +765,64 @@ impl DbState {
             DbReq::DueHolds { now_ms, limit } => {
                 DbResp::Due(self.tables.due_holds(*now_ms, *limit))
             }
+            DbReq::Claim(c) => DbResp::Claimed(self.claim(c)),
+            DbReq::Release { scope, key, token } => {
+                DbResp::Released(self.release(scope, key, *token))
+            }
         }
+    }
+
+    /// `Store::idem_claim`: [`rules::claim`] as this variant decides it; a key
+    /// taken gets the next claim token.
+    pub fn claim(&mut self, claim: &IdemClaim) -> ClaimOutcome {
+        let key = (claim.scope.clone(), claim.key.clone());
+        let existing = self.tables.idem.get(&key);
+        let decision = match existing {
+            // The broken stores: any claim takes the key, or any request
+            // under it is the one it was first used for.
+            Some(_) if !self.variant.key_claimed_once => ClaimDecision::Take,
+            Some(r) if !self.variant.key_checks_fingerprint => rules::claim(
+                existing,
+                &IdemClaim {
+                    fingerprint: r.fingerprint.clone(),
+                    ..claim.clone()
+                },
+            ),
+            _ => rules::claim(existing, claim),
+        };
+        match decision {
+            ClaimDecision::Answer(outcome) => outcome,
+            ClaimDecision::Take => {
+                self.claim_token_seq += 1;
+                let token = ClaimToken(self.claim_token_seq);
+                self.tables.idem.insert(
+                    key,
+                    IdemRecord {
+                        fingerprint: claim.fingerprint.clone(),
+                        done: None,
+                        lease_until: Some(claim.now_ms.saturating_add(claim.lease_ms)),
+                        claim: Some(token),
+                        expires_at: claim.now_ms.saturating_add(claim.ttl_ms),
+                    },
+                );
+                ClaimOutcome::Claimed { token }
+            }
+        }
+    }
+
+    /// `Store::idem_release`: frees the record if this variant frees it for
+    /// `token` ([`StoreVariant::frees`]); whether it did.
+    pub fn release(&mut self, scope: &str, key: &str, token: ClaimToken) -> bool {
+        let key = (scope.to_owned(), key.to_owned());
+        let freed = self
+            .tables
+            .idem
+            .get(&key)
+            .is_some_and(|r| self.variant.frees(r, token));
+        if freed {
+            self.tables.idem.remove(&key);
+        }
+        freed
     }
 
     /// Opens `accounts` (id, opening balance) and places `orders` (id, account,
@@ -809,6 +904,8 @@ fn describe(req: &DbReq) -> String {
         DbReq::Settled { cmds, now } => format!("settled at {now} ms? {:?}", ops(cmds)),
         DbReq::NextFenceEpoch => "nextval(fence_epochs)".into(),
         DbReq::DueHolds { now_ms, .. } => format!("holds due at {now_ms} ms?"),
+        DbReq::Claim(c) => format!("claim key {} at {} ms", c.key, c.now_ms),
+        DbReq::Release { key, token, .. } => format!("release key {key} claim {}", token.0),
     }
 }
 
@@ -844,6 +941,23 @@ fn describe_resp(resp: &DbResp) -> String {
         ),
         DbResp::Epoch(e) => format!("epoch {e}"),
         DbResp::Due(ids) => format!("{:?}", ids.iter().map(OrderId::as_str).collect::<Vec<_>>()),
+        DbResp::Claimed(outcome) => describe_claim(outcome),
+        DbResp::Released(freed) => format!("freed {freed}"),
+    }
+}
+
+/// A short form of a claim's outcome, for the trace.
+pub fn describe_claim(outcome: &ClaimOutcome) -> String {
+    match outcome {
+        ClaimOutcome::Claimed { token } => format!("claimed (claim {})", token.0),
+        ClaimOutcome::Done {
+            same_request,
+            status,
+            ..
+        } => format!("done ({status}), same request: {same_request}"),
+        ClaimOutcome::InFlight { same_request } => {
+            format!("in flight, same request: {same_request}")
+        }
     }
 }
 

@@ -173,6 +173,7 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         Host {
             stall_percent: me.stall_percent,
             clock_offset_ms: me.clock_offset_ms,
+            keys_over_network: me.protocol.keys_over_network,
         },
         rng,
         me.oracle.clone(),

@@ -67,8 +67,9 @@
 //! production is not caught here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
-//! calls crossing the network (they read and write the database's state at
-//! once), webhook delivery (the events feed is
+//! calls crossing the network unless `Protocol::keys_over_network` says so
+//! (`payguard_holds_with_keys_over_the_network`, 250 seeds per CI run;
+//! otherwise they read and write the database's state at once), webhook delivery (the events feed is
 //! written and checked, nothing is delivered), PostgreSQL's numbering of
 //! events after commit, transactions that overlap in time (the database runs
 //! each at one instant), Redis eviction and replication, and a database that
@@ -100,7 +101,9 @@
 //! freed the claim a repeat had taken: the repeat's answer went unstored and a
 //! reuse of the key for another refund moved money. `Engine::submit_keyed` no
 //! longer frees the key after that answer (`tests/sim.rs`, seed 2897 with the
-//! old release). And a rerun after a lost COMMIT decided a keyed refund
+//! old release), and every free now names its claim's token, so such a
+//! release frees nothing another request holds (seed 2897 fails only with the
+//! stores' old release by key, `StoreVariant::release_checks_claim` off). And a rerun after a lost COMMIT decided a keyed refund
 //! afresh after its refusal was stored under its key, and made it once the
 //! order was charged meanwhile (seed 4096; 4031 too): a keyed command whose
 //! key already holds its answer is now not decided again

@@ -18,12 +18,14 @@
 //! first thing a batch does after its locks.
 //!
 //! The expiry sweeper's read (`due_holds`) crosses the network too, so a
-//! sweep can fail or see a state another sweeper has already changed. Off the
-//! money path, the reads (`order`, `account`, `entries`) and the
+//! sweep can fail or see a state another sweeper has already changed. The
 //! Idempotency-Key calls (`idem_claim`, `idem_release`, made by payguard's
-//! keyed sequence, `Engine::submit_keyed`) read and write the database's
-//! state directly, through the same rules (a claim that fails or whose answer
-//! is lost is not simulated). The events feed is the one the database writes
+//! keyed sequence, `Engine::submit_keyed`) cross the network when
+//! `Protocol::keys_over_network` says so (a claim taken whose answer is lost,
+//! a release lost or late); otherwise, like the reads off the money path
+//! (`order`, `account`, `entries`), they read and write the database's state
+//! directly, through the same rules ([`DbState::claim`],
+//! [`DbState::release`]). The events feed is the one the database writes
 //! in each movement's transaction. Webhooks: no endpoint can be created here (`webhook_create`
 //! says so), so every other webhook call answers what an empty endpoint table
 //! answers. `audit` is not simulated: the end-of-seed checks audit the state
@@ -33,7 +35,7 @@ use crate::config::{
     BATCH_DEADLINE_MS, FATE_CALL_TIMEOUT_MS, FATE_POLL_MS, RERUN_BACKOFF_MS, RESOLVE_DEADLINE_MS,
     STALL_MS_MAX, STALL_MS_MIN,
 };
-use crate::db::{DbReq, DbResp, DbState};
+use crate::db::{describe_claim, DbReq, DbResp, DbState};
 use crate::oracle::OracleRef;
 use crate::wire::{now_ms, CallError, Caller, DB_HOST, DB_PORT};
 use payguard::domain::{
@@ -42,8 +44,9 @@ use payguard::domain::{
 use payguard::store::outbox::{
     AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
 };
-use payguard::store::rules::{self, ClaimDecision, IdemRecord};
-use payguard::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
+use payguard::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture,
+};
 use rand::rngs::SmallRng;
 use rand::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +82,10 @@ pub struct Host {
     pub stall_percent: u32,
     /// How far this instance's clock is off the simulated one (ms).
     pub clock_offset_ms: i64,
+    /// The Idempotency-Key claims and releases cross the network (a claim's
+    /// answer can be lost, a release can arrive late or not at all); off: they
+    /// read and write the database's state directly.
+    pub keys_over_network: bool,
 }
 
 impl SimStore {
@@ -327,73 +334,52 @@ impl Store for SimStore {
     }
 
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome> {
-        let mut db = self.inner.db();
-        let key = (claim.scope.clone(), claim.key.clone());
-        let existing = db.tables.idem.get(&key);
-        let variant = db.variant;
-        let decision = match existing {
-            // The broken stores: any claim takes the key, or any request
-            // under it is the one it was first used for.
-            Some(_) if !variant.key_claimed_once => ClaimDecision::Take,
-            Some(r) if !variant.key_checks_fingerprint => rules::claim(
-                existing,
-                &IdemClaim {
-                    fingerprint: r.fingerprint.clone(),
-                    ..claim.clone()
-                },
-            ),
-            _ => rules::claim(existing, &claim),
-        };
-        let outcome = match decision {
-            ClaimDecision::Answer(outcome) => outcome,
-            ClaimDecision::Take => {
-                db.tables.idem.insert(
-                    key,
-                    IdemRecord {
-                        fingerprint: claim.fingerprint.clone(),
-                        done: None,
-                        lease_until: Some(claim.now_ms.saturating_add(claim.lease_ms)),
-                        expires_at: claim.now_ms.saturating_add(claim.ttl_ms),
-                    },
-                );
-                ClaimOutcome::Claimed
-            }
-        };
-        drop(db);
-        if outcome == (ClaimOutcome::InFlight { same_request: true }) {
-            // A repeat waiting for the first request: polled, not noted.
-            return ok(outcome);
-        }
-        self.inner.note(|| {
-            let said = match &outcome {
-                ClaimOutcome::Claimed => "claimed".to_owned(),
-                ClaimOutcome::Done {
-                    same_request,
-                    status,
-                    ..
-                } => {
-                    format!("done ({status}), same request: {same_request}")
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let outcome = if inner.host.keys_over_network {
+                match inner
+                    .call(DbReq::Claim(claim.clone()), BATCH_DEADLINE_MS)
+                    .await
+                {
+                    Ok(DbResp::Claimed(outcome)) => outcome,
+                    Ok(other) => {
+                        return Err(StoreError::Unavailable(format!("answered {other:?}")))
+                    }
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
                 }
-                ClaimOutcome::InFlight { same_request } => {
-                    format!("in flight, same request: {same_request}")
-                }
+            } else {
+                inner.db().claim(&claim)
             };
-            format!("claim of key {}: {said}", claim.key)
-        });
-        ok(outcome)
+            if outcome != (ClaimOutcome::InFlight { same_request: true }) {
+                // A repeat waiting for the first request is polled, not noted.
+                inner.note(|| format!("claim of key {}: {}", claim.key, describe_claim(&outcome)));
+            }
+            Ok(outcome)
+        })
     }
 
-    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
-        let mut db = self.inner.db();
-        let key = (scope, key);
-        let freed = db.tables.idem.get(&key).is_some_and(|r| r.done.is_none());
-        if freed {
-            db.tables.idem.remove(&key);
-        }
-        drop(db);
-        self.inner
-            .note(|| format!("release of key {}: freed {freed}", key.1));
-        ok(())
+    fn idem_release(&self, scope: String, key: String, token: ClaimToken) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let freed = if inner.host.keys_over_network {
+                let req = DbReq::Release {
+                    scope,
+                    key: key.clone(),
+                    token,
+                };
+                match inner.call(req, BATCH_DEADLINE_MS).await {
+                    Ok(DbResp::Released(freed)) => freed,
+                    Ok(other) => {
+                        return Err(StoreError::Unavailable(format!("answered {other:?}")))
+                    }
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                }
+            } else {
+                inner.db().release(&scope, &key, token)
+            };
+            inner.note(|| format!("release of key {key} (claim {}): freed {freed}", token.0));
+            Ok(())
+        })
     }
 
     fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64> {

@@ -181,6 +181,30 @@ fn payguard_holds_for_every_seed() {
     }
 }
 
+/// Seeds run per CI run with the Idempotency-Key calls over the network.
+const KEYS_OVER_NETWORK_SEEDS: u64 = 250;
+
+/// Row 6 with the Idempotency-Key claims and releases crossing the simulated
+/// network (`Protocol::keys_over_network`), as payguard's instances call
+/// their database: a claim's answer can be lost after the claim was taken
+/// (the request is told 503 and retried, and waits for its own claim's lease),
+/// and a release can be lost or come late. Every check holds (seeds from
+/// 2 000 000, apart from the others; RELIABILITY.md row 6g).
+#[test]
+fn payguard_holds_with_keys_over_the_network() {
+    let seeds = env_u64("PAYGUARD_SIM_SEEDS").unwrap_or(KEYS_OVER_NETWORK_SEEDS);
+    let over_network = Protocol {
+        keys_over_network: true,
+        ..Protocol::PAYGUARD
+    };
+    holds_for_every_seed(
+        "payguard_holds_with_keys_over_the_network",
+        over_network,
+        seeds,
+        2_000_000,
+    );
+}
+
 /// Seeds run per CI run with the instances' clocks apart.
 const SKEWED_SEEDS: u64 = 250;
 
@@ -783,14 +807,27 @@ fn a_claim_that_takes_an_answered_key_gives_one_key_two_effects() {
 /// had its key freed by the store in its own transaction, then freed again
 /// by the keyed sequence, which by then freed the claim a repeat of the
 /// request had taken meanwhile; that repeat's answer went unstored, and the
-/// key's later reuse for another refund was run and moved money.
+/// key's later reuse for another refund was run and moved money. That second
+/// release named the key only; since claims carry tokens (RELIABILITY.md row
+/// 6g) it names the claim, and frees nothing another request holds: the
+/// pinned seed fails with the old release in the store
+/// (`StoreVariant::release_checks_claim` off) and the sequence's old extra
+/// release, and is clean with that extra release over payguard's store.
 #[test]
 fn a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money() {
+    let test = "a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money";
+    let extra_release = Protocol {
+        release_key_after_stale_token: true,
+        ..Protocol::PAYGUARD
+    };
     SeenFailing {
-        test: "a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money",
+        test,
         protocol: Protocol {
-            release_key_after_stale_token: true,
-            ..Protocol::PAYGUARD
+            store: StoreVariant {
+                release_checks_claim: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..extra_release
         },
         kind: ViolationKind::KeyReuseMoved,
         fault_free: false,
@@ -798,6 +835,42 @@ fn a_key_freed_again_after_a_stale_token_lets_a_reuse_move_money() {
         pinned: 2897,
     }
     .check();
+    let tokens = run_seed(env_u64("PAYGUARD_SIM_SEED").unwrap_or(2897), extra_release);
+    assert!(
+        tokens.violations.is_empty(),
+        "the extra release, by claim token, still frees another request's claim:\n{}",
+        describe(&tokens, test)
+    );
+}
+
+/// RELIABILITY.md row 6g: a free of an Idempotency-Key names its claim's
+/// token. With the claims and releases over the network
+/// (`Protocol::keys_over_network`) and the stores' old release by key
+/// (`StoreVariant::release_checks_claim` off), a late release frees a claim
+/// another request took since, and a reuse of the key for another body is
+/// run and moves money; payguard, with the same calls over the network, is
+/// clean on the seed.
+#[test]
+fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
+    let over_network = Protocol {
+        keys_over_network: true,
+        ..Protocol::PAYGUARD
+    };
+    SeenFailing {
+        test: "a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money",
+        protocol: Protocol {
+            store: StoreVariant {
+                release_checks_claim: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..over_network
+        },
+        kind: ViolationKind::KeyReuseMoved,
+        fault_free: false,
+        detail: "",
+        pinned: 2214,
+    }
+    .check_clean_on(over_network);
 }
 
 /// Found by this simulation once its clients sent Idempotency-Keys, fixed in

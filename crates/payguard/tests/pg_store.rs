@@ -8,7 +8,9 @@
 
 use payguard::domain::{AccountId, Currency, Money, OrderId, OrderStatus, RefundId};
 use payguard::store::postgres::{tokio_postgres, PgConfig, PgStore, ScratchDb};
-use payguard::store::{Command, Op, OpResult, Output, Rejection, Store, StoreError};
+use payguard::store::{
+    ClaimOutcome, ClaimToken, Command, Op, OpResult, Output, Rejection, Store, StoreError,
+};
 use std::sync::Arc;
 
 const URL_ENV: &str = "PAYGUARD_TEST_POSTGRES_URL";
@@ -441,8 +443,8 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     let version = "SELECT value::bigint FROM payguard_meta WHERE key = 'schema_version'";
     assert_eq!(
         count(&c, version).await,
-        5,
-        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase + v5 events"
+        6,
+        "v1 schema + v2 idempotency + v3 fencing + v4 two-phase + v5 events + v6 claim tokens"
     );
     // A v1 database (as the first PostgreSQL build left it, with a paid order) is
     // upgraded in place through every later version.
@@ -467,7 +469,7 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     .await
     .unwrap();
     let s = store(&v1).await;
-    assert_eq!(count(&c1, version).await, 5);
+    assert_eq!(count(&c1, version).await, 6);
     assert_eq!(count(&c1, "SELECT COUNT(*) FROM events").await, 0);
     assert_eq!(count(&c1, "SELECT COUNT(*) FROM idempotency").await, 0);
     assert_eq!(count(&c1, "SELECT MAX(fence) FROM orders").await, 0);
@@ -477,6 +479,27 @@ async fn reconnecting_keeps_the_data_and_the_schema() {
     );
     assert!(replay(&s.apply(vec![deduct("o1")]).await.unwrap()[0]));
     assert!(s.audit().await.unwrap().ok);
+    // An in-flight claim as a binary before v6 wrote it (no token): no release
+    // frees it; it lapses with its lease.
+    c1.batch_execute(
+        "INSERT INTO idempotency
+           (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
+           VALUES ('scope', 'k', 'f-old', 'in_flight', 1000, NULL, NULL, 1, 100000)",
+    )
+    .await
+    .unwrap();
+    for token in [0, 1, i64::MAX] {
+        s.idem_release("scope".into(), "k".into(), ClaimToken(token))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.idem_claim(claim_at("f-new", 999)).await.unwrap(),
+        ClaimOutcome::InFlight {
+            same_request: false
+        }
+    );
+    claimed(&s, claim_at("f-new", 1001), "postgres").await;
     s.close().await.unwrap();
     drop(c1);
     v1.drop_db().await.unwrap();
@@ -1135,7 +1158,7 @@ async fn a_keyed_refusal_run_again_after_it_committed_is_not_decided_again() {
 }
 
 async fn keyed_refusal_rerun(s: &dyn Store, which: &str) {
-    use payguard::store::{ClaimOutcome, IdemClaim, IdemWrite};
+    use payguard::store::{IdemClaim, IdemWrite};
     for r in s
         .apply(vec![acct("acct", 10_000), order("o1", "acct", 1_185)])
         .await
@@ -1152,16 +1175,15 @@ async fn keyed_refusal_rerun(s: &dyn Store, which: &str) {
         lease_ms: 60_000,
         ttl_ms: 86_400_000,
     };
-    assert_eq!(
-        s.idem_claim(claim()).await.unwrap(),
-        ClaimOutcome::Claimed,
-        "{which}"
-    );
+    let ClaimOutcome::Claimed { token } = s.idem_claim(claim()).await.unwrap() else {
+        panic!("{which}: the key was not claimed");
+    };
     let keyed = refund("o1", "r1", 100).with_idempotency(IdemWrite {
         scope: "scope".into(),
         key: "k-refund".into(),
         fingerprint: "f-refund".into(),
         ttl_ms: 86_400_000,
+        claim: token,
         render: Arc::new(|r: &OpResult| match r {
             Ok(_) => Some((200, b"refunded".to_vec())),
             Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
@@ -1215,4 +1237,145 @@ async fn keyed_refusal_rerun(s: &dyn Store, which: &str) {
         },
         "{which}"
     );
+}
+
+/// A late release frees only the claim it names (RELIABILITY.md row 6g). Claim
+/// A's lease lapses, request B claims the key, then A's release comes (its
+/// answer was "unavailable" or "outcome unknown", or its instance was slow):
+/// B's claim must stand, so a third request under the key is told it is in
+/// flight rather than claiming it and running (a reused key's other body
+/// would move money; B's answer would go unstored). A release with B's own
+/// token then frees it, and no release frees a stored answer. Both stores,
+/// through the `Store` trait; SQLite always, PostgreSQL when configured.
+#[tokio::test]
+async fn a_late_release_frees_only_the_claim_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = payguard::store::sqlite::SqliteStore::open(
+        payguard::store::sqlite::SqliteConfig::new(dir.path().join("s.db")),
+    )
+    .unwrap();
+    late_release(&sqlite, "sqlite").await;
+    let Some(db) = scratch("a_late_release_frees_only_the_claim_it_names").await else {
+        return;
+    };
+    let pg = store(&db).await;
+    late_release(&pg, "postgres").await;
+    pg.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+/// An Idempotency-Key claim of `fingerprint` at `now_ms`, with a 100 ms lease.
+fn claim_at(fingerprint: &str, now_ms: i64) -> payguard::store::IdemClaim {
+    payguard::store::IdemClaim {
+        scope: "scope".into(),
+        key: "k".into(),
+        fingerprint: fingerprint.into(),
+        now_ms,
+        lease_ms: 100,
+        ttl_ms: 86_400_000,
+    }
+}
+
+async fn claimed(s: &dyn Store, c: payguard::store::IdemClaim, which: &str) -> ClaimToken {
+    match s.idem_claim(c).await.unwrap() {
+        ClaimOutcome::Claimed { token } => token,
+        other => panic!("{which}: not claimed: {other:?}"),
+    }
+}
+
+async fn late_release(s: &dyn Store, which: &str) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let a = claimed(s, claim_at("f-a", now), which).await;
+    // A's lease lapses; B (another body under the same key) takes the key.
+    let b = claimed(s, claim_at("f-b", now + 101), which).await;
+    assert_ne!(a, b, "{which}: two claims, one token");
+    // A's late release: B's claim stands.
+    s.idem_release("scope".into(), "k".into(), a).await.unwrap();
+    assert_eq!(
+        s.idem_claim(claim_at("f-c", now + 102)).await.unwrap(),
+        ClaimOutcome::InFlight {
+            same_request: false
+        },
+        "{which}: a late release freed another request's claim"
+    );
+    assert_eq!(
+        s.idem_claim(claim_at("f-b", now + 103)).await.unwrap(),
+        ClaimOutcome::InFlight { same_request: true },
+        "{which}"
+    );
+    // B's own release frees it.
+    s.idem_release("scope".into(), "k".into(), b).await.unwrap();
+    let c = claimed(s, claim_at("f-c", now + 104), which).await;
+    assert!(c != a && c != b, "{which}: a token handed out twice");
+}
+
+/// The in-transaction path of [`a_late_release_frees_only_the_claim_it_names`]:
+/// a keyed command whose answer did nothing (`stale_fencing_token`, decided
+/// in its own transaction, which frees its key there) frees only its own
+/// claim. Claim A's lease lapses, B claims the key, then A's command commits
+/// refused as stale: B's claim must stand.
+#[tokio::test]
+async fn a_keyed_command_frees_only_its_own_claim_in_its_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = payguard::store::sqlite::SqliteStore::open(
+        payguard::store::sqlite::SqliteConfig::new(dir.path().join("s.db")),
+    )
+    .unwrap();
+    stale_command_frees_its_own_claim(&sqlite, "sqlite").await;
+    let Some(db) = scratch("a_keyed_command_frees_only_its_own_claim_in_its_transaction").await
+    else {
+        return;
+    };
+    let pg = store(&db).await;
+    stale_command_frees_its_own_claim(&pg, "postgres").await;
+    pg.close().await.unwrap();
+    db.drop_db().await.unwrap();
+}
+
+async fn stale_command_frees_its_own_claim(s: &dyn Store, which: &str) {
+    for r in s
+        .apply(vec![acct("acct", 10_000), order("o1", "acct", 500)])
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    // The order written under fencing token 10.
+    assert!(
+        fresh_charge(&s.apply(vec![deduct("o1").fenced(10)]).await.unwrap()[0]),
+        "{which}"
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let a = claimed(s, claim_at("f-a", now), which).await;
+    let b = claimed(s, claim_at("f-b", now + 101), which).await;
+    // A's command, under a stale token: refused, and its key freed in its
+    // transaction, if it is still A's.
+    let keyed = deduct("o1")
+        .fenced(5)
+        .with_idempotency(payguard::store::IdemWrite {
+            scope: "scope".into(),
+            key: "k".into(),
+            fingerprint: "f-a".into(),
+            ttl_ms: 86_400_000,
+            claim: a,
+            render: Arc::new(|r: &OpResult| match r {
+                Ok(_) => Some((200, b"charged".to_vec())),
+                Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
+                Err(_) => None,
+            }),
+        });
+    assert_eq!(
+        s.apply(vec![keyed]).await.unwrap(),
+        vec![Err(Rejection::StaleFencingToken)],
+        "{which}"
+    );
+    assert_eq!(
+        s.idem_claim(claim_at("f-c", now + 102)).await.unwrap(),
+        ClaimOutcome::InFlight {
+            same_request: false
+        },
+        "{which}: the stale command freed another request's claim"
+    );
+    s.idem_release("scope".into(), "k".into(), b).await.unwrap();
+    claimed(s, claim_at("f-c", now + 103), which).await;
 }

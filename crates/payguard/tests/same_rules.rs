@@ -10,7 +10,9 @@
 //! tokens (stale ones too), two-phase holds (authorize with TTLs that run out between
 //! batches, full and partial captures, voids, the sweeper's expiry, each repeated),
 //! Idempotency-Keys (claimed, reused, abandoned by a
-//! "dead" instance, expired), and balances edited by hand next to overflow.
+//! "dead" instance, expired, and released late with the token of an old claim:
+//! a release frees only the in-flight claim its token names), and balances
+//! edited by hand next to overflow.
 //! Every rejection kind of the stores' rules is reached.
 //!
 //! `PAYGUARD_RULES_SEED` replays a run (its seed is printed), `PAYGUARD_RULES_CASES`
@@ -21,7 +23,9 @@
 use payguard::domain::{AccountId, Currency, Money, OrderId, OrderStatus, RefundId};
 use payguard::store::postgres::{tokio_postgres, PgConfig, PgStore, ScratchDb};
 use payguard::store::sqlite::{self, SqliteConfig, SqliteStore};
-use payguard::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Store};
+use payguard::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Store,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -65,6 +69,8 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut now = START_MS;
     let mut totals = Totals::default();
+    // Every claim taken: (key, scope, SQLite's token, PostgreSQL's token).
+    let mut claims: Vec<(String, String, ClaimToken, Option<ClaimToken>)> = Vec::new();
 
     // At least `cases` sequences; more (up to 4×) while some kind of answer has
     // not been reached yet, so that the run proves something about every rule.
@@ -82,29 +88,61 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
                 hand_edit(&conn, pg.as_ref(), &account, balance).await;
                 model.hand_edit(&account, balance);
             }
+            if !claims.is_empty() && rng.random_bool(0.3) {
+                // A release that comes late (its request's lease lapsed, or its
+                // transaction freed the key and its answer was lost): it frees
+                // the key only while the key is still in flight under its claim.
+                let (key, scope, sqlite_token, pg_token) =
+                    claims[rng.random_range(0..claims.len())].clone();
+                history.push(format!("late release of {key} (claim {})", sqlite_token.0));
+                let found =
+                    late_release(&sqlite_store, &conn, &scope, &key, sqlite_token, &history).await;
+                if let (Some(pg), Some(pg_token)) = (&pg, pg_token) {
+                    late_release_pg(pg, &scope, &key, pg_token, &history).await;
+                }
+                *totals.releases.entry(found).or_default() += 1;
+            }
             let drafted = gen.batch(&mut rng);
             let mut batch = Vec::with_capacity(drafted.len());
+            // The same batch with PostgreSQL's claim tokens (each store makes its own).
+            let mut pg_batch = Vec::with_capacity(drafted.len());
             for (cmd, key) in drafted {
                 // The HTTP layer claims a key before it runs the command; a key that
                 // is held answers from the claim and the command never runs.
                 let Some((key, ttl_ms, abandon)) = key else {
-                    batch.push(cmd);
+                    batch.push(cmd.clone());
+                    pg_batch.push(cmd);
                     continue;
                 };
                 let claim = claim_for(&cmd, &key, ttl_ms, now);
                 let from_sqlite = sqlite_store.idem_claim(claim.clone()).await.unwrap();
+                let mut pg_token = None;
                 if let Some(pg) = &pg {
                     let from_pg = pg.store.idem_claim(claim.clone()).await.unwrap();
                     assert_eq!(
-                        from_pg,
-                        from_sqlite,
+                        without_token(&from_pg),
+                        without_token(&from_sqlite),
                         "seed {seed} case {case} batch {b}: claim of {key}\n{}",
                         history.join("\n")
                     );
+                    if let ClaimOutcome::Claimed { token } = from_pg {
+                        pg_token = Some(token);
+                    }
                 }
                 totals.claims += 1;
-                if from_sqlite == ClaimOutcome::Claimed && !abandon {
-                    batch.push(cmd.with_idempotency(idem_write(&key, &claim, ttl_ms)));
+                if let ClaimOutcome::Claimed { token } = from_sqlite {
+                    claims.push((key.clone(), claim.scope.clone(), token, pg_token));
+                    if !abandon {
+                        batch.push(
+                            cmd.clone()
+                                .with_idempotency(idem_write(&key, &claim, ttl_ms, token)),
+                        );
+                        if let Some(pg_token) = pg_token {
+                            pg_batch.push(
+                                cmd.with_idempotency(idem_write(&key, &claim, ttl_ms, pg_token)),
+                            );
+                        }
+                    }
                 }
             }
             if batch.is_empty() {
@@ -174,7 +212,7 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
             let isolated = rng.random_bool(0.2);
             if let Some(pg) = &mut pg {
                 let from_pg =
-                    payguard::store::postgres::apply_ops(&mut pg.client, &batch, now, isolated)
+                    payguard::store::postgres::apply_ops(&mut pg.client, &pg_batch, now, isolated)
                         .await
                         .unwrap();
                 assert_eq!(
@@ -218,12 +256,19 @@ async fn the_same_commands_give_the_same_answers_and_ledgers_on_both_stores() {
             totals.missing(),
             totals.kinds
         );
+        assert!(
+            totals.releases.contains_key("another_claim")
+                && totals.releases.contains_key("own_claim"),
+            "seed {seed}: no late release met both its own claim and another one: {:?}",
+            totals.releases
+        );
     }
     eprintln!(
-        "same_rules: {} commands in {} batches, {} claims, {} settled without a write ({} first commands checked against the write path); answers: {:?}; PostgreSQL {}; {:.1}s",
+        "same_rules: {} commands in {} batches, {} claims, late releases {:?}, {} settled without a write ({} first commands checked against the write path); answers: {:?}; PostgreSQL {}; {:.1}s",
         totals.commands,
         totals.batches,
         totals.claims,
+        totals.releases,
         totals.settled,
         totals.settled_checked,
         totals.kinds,
@@ -248,6 +293,8 @@ struct Totals {
     batches: usize,
     claims: usize,
     kinds: std::collections::BTreeMap<&'static str, usize>,
+    /// Late releases by what they found under their key (SQLite).
+    releases: std::collections::BTreeMap<&'static str, usize>,
 }
 
 impl Totals {
@@ -627,18 +674,109 @@ fn claim_for(cmd: &Command, key: &str, ttl_ms: i64, now: i64) -> IdemClaim {
 
 /// Stores every definite answer (its Debug form, entry ids included), releases
 /// the key on the others, as the HTTP layer's renderer does.
-fn idem_write(key: &str, claim: &IdemClaim, ttl_ms: i64) -> IdemWrite {
+fn idem_write(key: &str, claim: &IdemClaim, ttl_ms: i64, token: ClaimToken) -> IdemWrite {
     IdemWrite {
         scope: claim.scope.clone(),
         key: key.into(),
         fingerprint: claim.fingerprint.clone(),
         ttl_ms,
+        claim: token,
         render: Arc::new(|r: &OpResult| match r {
             Ok(out) => Some((200, format!("{out:?}").into_bytes())),
             Err(e) if e.is_definite() => Some((409, e.reason().as_bytes().to_vec())),
             Err(_) => None,
         }),
     }
+}
+
+/// A claim's outcome with its token blanked: each store makes its own tokens.
+fn without_token(o: &ClaimOutcome) -> ClaimOutcome {
+    match o {
+        ClaimOutcome::Claimed { .. } => ClaimOutcome::Claimed {
+            token: ClaimToken(0),
+        },
+        other => other.clone(),
+    }
+}
+
+/// A late release on SQLite: the key's record is deleted when it is in flight
+/// under `token`, and left exactly as it was otherwise; what it found.
+async fn late_release(
+    store: &SqliteStore,
+    conn: &rusqlite::Connection,
+    scope: &str,
+    key: &str,
+    token: ClaimToken,
+    history: &[String],
+) -> &'static str {
+    let read = || -> Option<(String, Option<i64>, String)> {
+        conn.query_row(
+            "SELECT state, claim, fingerprint || '|' || COALESCE(lease_until, 'null') || '|'
+                    || COALESCE(status, 'null') || '|' || created_at || '|' || expires_at
+             FROM idempotency WHERE scope = ?1 AND key = ?2",
+            rusqlite::params![scope, key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok()
+    };
+    let before = read();
+    store
+        .idem_release(scope.into(), key.into(), token)
+        .await
+        .unwrap();
+    let after = read();
+    let ours = matches!(&before, Some((state, claim, _)) if state == "in_flight" && *claim == Some(token.0));
+    let expected = if ours { None } else { before.clone() };
+    assert_eq!(
+        after,
+        expected,
+        "SQLite: release of {key} by claim {} found {before:?}\n{}",
+        token.0,
+        history.join("\n")
+    );
+    match &before {
+        None => "nothing",
+        Some(_) if ours => "own_claim",
+        Some((state, _, _)) if state == "done" => "answer",
+        Some(_) => "another_claim",
+    }
+}
+
+/// [`late_release`] on PostgreSQL.
+async fn late_release_pg(pg: &Pg, scope: &str, key: &str, token: ClaimToken, history: &[String]) {
+    let read = || async {
+        pg.client
+            .query_opt(
+                "SELECT state, claim, fingerprint || '|' || COALESCE(lease_until::text, 'null') || '|'
+                        || COALESCE(status::text, 'null') || '|' || created_at || '|' || expires_at
+                 FROM idempotency WHERE scope = $1 AND key = $2",
+                &[&scope, &key],
+            )
+            .await
+            .unwrap()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, Option<i64>>(1),
+                    r.get::<_, String>(2),
+                )
+            })
+    };
+    let before = read().await;
+    pg.store
+        .idem_release(scope.into(), key.into(), token)
+        .await
+        .unwrap();
+    let after = read().await;
+    let ours = matches!(&before, Some((state, claim, _)) if state == "in_flight" && *claim == Some(token.0));
+    let expected = if ours { None } else { before.clone() };
+    assert_eq!(
+        after,
+        expected,
+        "PostgreSQL: release of {key} by claim {} found {before:?}\n{}",
+        token.0,
+        history.join("\n")
+    );
 }
 
 async fn hand_edit(conn: &rusqlite::Connection, pg: Option<&Pg>, account: &str, balance: i64) {

@@ -444,7 +444,7 @@ fn a_v3_database_upgrades_to_the_latest_keeping_its_rows() {
     }
     let mut conn = open_connection(&path).unwrap();
     migrate(&mut conn).unwrap();
-    assert_eq!(count(&conn, "PRAGMA user_version"), 7);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 8);
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM events"), 0);
     assert_eq!(
         count(
@@ -521,12 +521,15 @@ fn v7_fails_what_disabled_and_deleted_endpoints_left_pending() {
          INSERT INTO webhook_deliveries (endpoint_id, event_id, event_seq, status, next_attempt_at, updated_at)
            VALUES ('gone', 'e1', 1, 'pending', 1, 1), ('removed', 'e1', 1, 'pending', 1, 1),
                   ('live', 'e1', 1, 'pending', 1, 1), ('gone', 'e2', 2, 'delivered', 1, 1);
+         -- back to v6: v8's claim tokens undone, so that v7 and v8 run again
+         DROP TABLE idempotency_claims;
+         ALTER TABLE idempotency DROP COLUMN claim;
          PRAGMA user_version = 6;
          PRAGMA foreign_keys = ON;",
     )
     .unwrap();
     migrate(&mut conn).unwrap();
-    assert_eq!(count(&conn, "PRAGMA user_version"), 7);
+    assert_eq!(count(&conn, "PRAGMA user_version"), 8);
     let status = |endpoint: &str, event: &str| -> String {
         conn.query_row(
             "SELECT status FROM webhook_deliveries WHERE endpoint_id = ?1 AND event_id = ?2",
@@ -539,4 +542,76 @@ fn v7_fails_what_disabled_and_deleted_endpoints_left_pending() {
     assert_eq!(status("removed", "e1"), "failed");
     assert_eq!(status("live", "e1"), "pending");
     assert_eq!(status("gone", "e2"), "delivered");
+}
+
+/// v8 (claim tokens) over a v7 file holding an in-flight Idempotency-Key claim
+/// made before tokens: the file opens, the record keeps a NULL token, no
+/// release frees it (no request holds its token), and it lapses with its
+/// lease as before; a claim then gets a token, and only that token frees it.
+#[tokio::test]
+async fn v8_keeps_a_claim_from_before_tokens_until_its_lease_lapses() {
+    use payguard::store::{ClaimOutcome, ClaimToken, IdemClaim, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v7.db");
+    {
+        let mut conn = open_connection(&path).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "DROP TABLE idempotency_claims;
+             ALTER TABLE idempotency DROP COLUMN claim;
+             PRAGMA user_version = 7;
+             INSERT INTO idempotency
+               (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
+               VALUES ('s', 'k', 'f-old', 'in_flight', 1000, NULL, NULL, 1, 100000);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let conn = open_connection(&path).unwrap();
+    assert_eq!(count(&conn, "PRAGMA user_version"), 8);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM idempotency WHERE claim IS NULL"
+        ),
+        1
+    );
+    let claim = |fingerprint: &str, now_ms: i64| IdemClaim {
+        scope: "s".into(),
+        key: "k".into(),
+        fingerprint: fingerprint.into(),
+        now_ms,
+        lease_ms: 100,
+        ttl_ms: 100_000,
+    };
+    for token in [0, 1, i64::MAX] {
+        store
+            .idem_release("s".into(), "k".into(), ClaimToken(token))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.idem_claim(claim("f-new", 999)).await.unwrap(),
+        ClaimOutcome::InFlight {
+            same_request: false
+        },
+        "a claim from before tokens was freed, or lapsed early"
+    );
+    let ClaimOutcome::Claimed { token } = store.idem_claim(claim("f-new", 1001)).await.unwrap()
+    else {
+        panic!("the old claim's lease lapsed: the key is free");
+    };
+    store
+        .idem_release("s".into(), "k".into(), ClaimToken(token.0 + 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.idem_claim(claim("f-new", 1002)).await.unwrap(),
+        ClaimOutcome::InFlight { same_request: true }
+    );
+    store
+        .idem_release("s".into(), "k".into(), token)
+        .await
+        .unwrap();
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM idempotency"), 0);
 }

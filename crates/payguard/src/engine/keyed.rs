@@ -12,10 +12,12 @@
 //! nothing and may be retried (the store unavailable, the lane full, a lock
 //! wait given up) frees the key, so the caller can retry with it, unless the
 //! store decided it in the op's transaction (a stale fencing token), which
-//! freed the key already. That release names the key, not the claim: after an
-//! answer whose transaction may have committed and freed the key (the store
-//! unavailable, the outcome unknown), it can still free a claim another
-//! request took since (RELIABILITY.md, "Not done yet").
+//! freed the key already. Every free names the claim, not only the key: the
+//! claim's [`ClaimToken`], carried by the op's record too, so after an answer
+//! whose transaction may have committed and freed the key (the store
+//! unavailable, the outcome unknown), or once this request's lease lapsed, a
+//! claim another request took since is left alone (`rules::releases`;
+//! RELIABILITY.md row 6g).
 //!
 //! A command the store finds already answered under its key
 //! ([`Rejection::KeyAnswered`]: a committed transaction stored its answer, and
@@ -31,7 +33,9 @@
 use super::mutants::{armed, Mutant};
 use super::{Engine, EngineError};
 use crate::domain::RequestId;
-use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Render};
+use crate::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, IdemWrite, Op, OpResult, Output, Render,
+};
 use crate::store::{Rejection, StoreError};
 use std::time::{Duration, Instant};
 
@@ -112,13 +116,15 @@ impl Engine {
     ) -> KeyedAnswer {
         let mut runs = 0;
         loop {
-            if let Some(early) = self.claim_key(&keyed, limits, &now_ms).await {
-                return early;
-            }
+            let token = match self.claim_key(&keyed, limits, &now_ms).await {
+                Ok(token) => token,
+                Err(early) => return early,
+            };
             runs += 1;
             let result = self
                 .run_claimed(
                     &keyed,
+                    token,
                     op.clone(),
                     req.clone(),
                     deadline,
@@ -151,9 +157,11 @@ impl Engine {
 
     /// Runs `op` under the key this request claimed, and frees the key when
     /// the answer did nothing and may be retried.
+    #[allow(clippy::too_many_arguments)]
     async fn run_claimed(
         &self,
         keyed: &Keyed,
+        token: ClaimToken,
         op: Op,
         req: RequestId,
         deadline: Option<Instant>,
@@ -166,6 +174,7 @@ impl Engine {
             key: keyed.key.clone(),
             fingerprint: keyed.fingerprint.clone(),
             ttl_ms: limits.ttl_ms,
+            claim: token,
             render,
         });
         let result = self.submit_by(cmd, req, deadline).await;
@@ -176,17 +185,19 @@ impl Engine {
             // The key holds a stored answer, which must stay: nothing to free.
             Err(EngineError::Rejected(Rejection::KeyAnswered)) => true,
             // Decided by the store in the op's transaction, which freed the
-            // key there (`rules::completion`): freeing it again could free
-            // another request's claim taken since (the simulation saw that
-            // request's answer go unstored, and a reuse of the key run).
+            // key there (`rules::completion`): nothing left to free. (Before
+            // claims had tokens, freeing it again freed another request's
+            // claim taken since: the simulation saw that request's answer go
+            // unstored, and a reuse of the key run; now it would be a no-op.)
             Err(EngineError::Rejected(Rejection::StaleFencingToken))
                 if !armed(Mutant::ReleaseKeyAfterStaleToken) =>
             {
                 true
             }
-            // Nothing moved: free the key so the caller can retry with it.
+            // Nothing moved, or the answer was lost: free this claim (only
+            // this one: `rules::releases`) so the caller can retry with it.
             Err(_) => store
-                .idem_release(keyed.scope.clone(), keyed.key.clone())
+                .idem_release(keyed.scope.clone(), keyed.key.clone(), token)
                 .await
                 .is_ok(),
         };
@@ -196,13 +207,13 @@ impl Engine {
         result
     }
 
-    /// Claims the key: `None` once it is this request's, else the answer.
+    /// Claims the key: its token once it is this request's, else the answer.
     async fn claim_key(
         &self,
         keyed: &Keyed,
         limits: KeyLimits,
         now_ms: &impl Fn() -> i64,
-    ) -> Option<KeyedAnswer> {
+    ) -> Result<ClaimToken, KeyedAnswer> {
         // tokio's clock: the simulation's when it runs there, the wall's otherwise.
         let started = tokio::time::Instant::now();
         loop {
@@ -215,13 +226,13 @@ impl Engine {
                 ttl_ms: limits.ttl_ms,
             };
             match self.store().idem_claim(claim).await {
-                Err(e) => return Some(KeyedAnswer::ClaimFailed(e)),
-                Ok(ClaimOutcome::Claimed) => return None,
+                Err(e) => return Err(KeyedAnswer::ClaimFailed(e)),
+                Ok(ClaimOutcome::Claimed { token }) => return Ok(token),
                 Ok(ClaimOutcome::Done {
                     same_request: true,
                     status,
                     body,
-                }) => return Some(KeyedAnswer::Replay { status, body }),
+                }) => return Err(KeyedAnswer::Replay { status, body }),
                 Ok(
                     ClaimOutcome::Done {
                         same_request: false,
@@ -230,10 +241,10 @@ impl Engine {
                     | ClaimOutcome::InFlight {
                         same_request: false,
                     },
-                ) => return Some(KeyedAnswer::Reused),
+                ) => return Err(KeyedAnswer::Reused),
                 Ok(ClaimOutcome::InFlight { same_request: true }) => {
                     if started.elapsed() >= Duration::from_millis(limits.wait_ms) {
-                        return Some(KeyedAnswer::InUse);
+                        return Err(KeyedAnswer::InUse);
                     }
                     tokio::time::sleep(Duration::from_millis(limits.poll_ms)).await;
                 }

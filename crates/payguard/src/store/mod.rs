@@ -159,7 +159,9 @@ impl From<Op> for Command {
 pub type Render = std::sync::Arc<dyn Fn(&OpResult) -> Option<(u16, Vec<u8>)> + Send + Sync>;
 
 /// Where an idempotent op's response goes. Equal (for single flight) when scope,
-/// key and fingerprint are; the renderer is not part of the identity.
+/// key, fingerprint and claim are; the renderer is not part of the identity.
+/// (Two claims of one key are two requests: after a lapsed lease, each must
+/// complete or free only its own claim, so they are never merged.)
 #[derive(Clone)]
 pub struct IdemWrite {
     /// Hex SHA-256 of the caller's API key (or `anonymous`).
@@ -169,12 +171,18 @@ pub struct IdemWrite {
     pub fingerprint: String,
     /// How long the stored response is kept (ms).
     pub ttl_ms: i64,
+    /// The claim this request holds on the key ([`ClaimOutcome::Claimed`]): the
+    /// op's transaction frees the key only while the claim is still this one.
+    pub claim: ClaimToken,
     pub render: Render,
 }
 
 impl PartialEq for IdemWrite {
     fn eq(&self, other: &Self) -> bool {
-        self.scope == other.scope && self.key == other.key && self.fingerprint == other.fingerprint
+        self.scope == other.scope
+            && self.key == other.key
+            && self.fingerprint == other.fingerprint
+            && self.claim == other.claim
     }
 }
 
@@ -185,6 +193,7 @@ impl std::hash::Hash for IdemWrite {
         self.scope.hash(state);
         self.key.hash(state);
         self.fingerprint.hash(state);
+        self.claim.hash(state);
     }
 }
 
@@ -193,6 +202,7 @@ impl std::fmt::Debug for IdemWrite {
         f.debug_struct("IdemWrite")
             .field("scope", &self.scope)
             .field("key", &self.key)
+            .field("claim", &self.claim)
             .finish_non_exhaustive()
     }
 }
@@ -209,10 +219,20 @@ pub struct IdemClaim {
     pub ttl_ms: i64,
 }
 
+/// Names one claim of an Idempotency-Key: unique among all claims ever made in
+/// one database (SQLite: a counter row; PostgreSQL: a sequence, so across every
+/// instance that shares it), so a release or a completion that carries it
+/// touches only the in-flight record of the request that made the claim, never
+/// a claim another request took since (the first one's lease lapsed, or its
+/// transaction committed and freed the key before its answer was lost).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClaimToken(pub i64);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClaimOutcome {
-    /// The key is ours: run the op (with [`Command::idempotency`] set).
-    Claimed,
+    /// The key is ours under `token`: run the op (with [`Command::idempotency`]
+    /// set and carrying `token`), and free it, if need be, with `token`.
+    Claimed { token: ClaimToken },
     /// The first request finished: replay its response (when `same_request`).
     Done {
         same_request: bool,
@@ -528,8 +548,11 @@ pub trait Store: Send + Sync + 'static {
     fn open_holds(&self) -> StoreFuture<u64>;
     /// Reserves an Idempotency-Key, or reports what holds it.
     fn idem_claim(&self, claim: IdemClaim) -> StoreFuture<ClaimOutcome>;
-    /// Frees an in-flight reservation whose op did nothing (503, 500).
-    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()>;
+    /// Frees the in-flight reservation `token` made, whose op did nothing (503,
+    /// 500). A no-op when the key holds anything else: a stored answer, another
+    /// claim (taken after this one's lease lapsed, or after its transaction
+    /// committed and freed the key), or nothing ([`rules::releases`]).
+    fn idem_release(&self, scope: String, key: String, token: ClaimToken) -> StoreFuture<()>;
     /// Deletes stored responses that expired before `now_ms`; returns how many.
     fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64>;
     /// A new fencing epoch from a sequence that only grows (see `lock::redis`).

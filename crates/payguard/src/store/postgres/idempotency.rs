@@ -1,10 +1,12 @@
-//! Idempotency-Key records on PostgreSQL: the claim before a request runs, and
-//! the stored responses of a batch, written set-based in the batch's own
-//! transaction.
+//! Idempotency-Key records on PostgreSQL: the claim before a request runs
+//! (with its token, from the `idempotency_claims` sequence, unique across
+//! instances), and the stored responses of a batch, written set-based in the
+//! batch's own transaction. Which record a completion or a release may touch is
+//! decided in [`rules`] and said here as WHERE clauses.
 
 use super::error::{corrupt, Fault};
 use crate::store::rules::{self, ClaimDecision, IdemCompletion, IdemRecord};
-use crate::store::{ClaimOutcome, Command, IdemClaim, IdemWrite, OpResult, Rejection};
+use crate::store::{ClaimOutcome, ClaimToken, Command, IdemClaim, IdemWrite, OpResult, Rejection};
 
 /// Completes (or drops) the Idempotency-Key reservations of the batch's
 /// idempotent ops, in the batch's own transaction, with two set-based statements:
@@ -40,20 +42,27 @@ pub(super) async fn write_idempotency(
         let statuses: Vec<i32> = done.iter().map(|d| d.1).collect();
         let bodies: Vec<&[u8]> = done.iter().map(|d| d.2.as_slice()).collect();
         let expires: Vec<i64> = done.iter().map(|d| d.3).collect();
+        let claims: Vec<i64> = done.iter().map(|d| d.0.claim.0).collect();
+        // `rules::stores_over`: an in-flight record of this claim or of this
+        // request; never a stored answer.
         let stmt = tx
             .prepare_cached(
                 "UPDATE idempotency AS i SET state = 'done', status = t.st, body = t.b,
-                        lease_until = NULL, expires_at = t.exp
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::bytea[], $6::int8[])
-                      AS t (sc, k, f, st, b, exp)
-                 WHERE i.scope = t.sc AND i.key = t.k AND i.fingerprint = t.f AND i.state = 'in_flight'
+                        lease_until = NULL, claim = NULL, expires_at = t.exp
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::bytea[], $6::int8[],
+                             $7::int8[])
+                      AS t (sc, k, f, st, b, exp, cl)
+                 WHERE i.scope = t.sc AND i.key = t.k AND i.state = 'in_flight'
+                   AND (i.claim = t.cl OR i.fingerprint = t.f)
                  RETURNING i.key",
             )
             .await?;
         let stored = tx
             .query(
                 &stmt,
-                &[&scopes, &keys, &prints, &statuses, &bodies, &expires],
+                &[
+                    &scopes, &keys, &prints, &statuses, &bodies, &expires, &claims,
+                ],
             )
             .await?;
         if stored.len() != done.len() {
@@ -69,19 +78,23 @@ pub(super) async fn write_idempotency(
     if !dropped.is_empty() {
         let scopes: Vec<&str> = dropped.iter().map(|d| d.scope.as_str()).collect();
         let keys: Vec<&str> = dropped.iter().map(|d| d.key.as_str()).collect();
+        let claims: Vec<i64> = dropped.iter().map(|d| d.claim.0).collect();
+        // `rules::releases`: only the in-flight claim each command holds.
         let stmt = tx
             .prepare_cached(
-                "DELETE FROM idempotency AS i USING unnest($1::text[], $2::text[]) AS t (sc, k)
-                 WHERE i.scope = t.sc AND i.key = t.k AND i.state = 'in_flight'",
+                "DELETE FROM idempotency AS i
+                 USING unnest($1::text[], $2::text[], $3::int8[]) AS t (sc, k, cl)
+                 WHERE i.scope = t.sc AND i.key = t.k AND i.state = 'in_flight' AND i.claim = t.cl",
             )
             .await?;
-        tx.execute(&stmt, &[&scopes, &keys]).await?;
+        tx.execute(&stmt, &[&scopes, &keys, &claims]).await?;
     }
     Ok(())
 }
 
 /// The columns [`record_from_row`] reads, in its order.
-pub(super) const RECORD_COLS: &str = "fingerprint, state, lease_until, status, body, expires_at";
+pub(super) const RECORD_COLS: &str =
+    "fingerprint, state, lease_until, status, body, expires_at, claim";
 
 /// A key's record from a row of [`RECORD_COLS`] (maybe followed by others).
 pub(super) fn record_from_row(row: &tokio_postgres::Row) -> Result<IdemRecord, Fault> {
@@ -98,6 +111,7 @@ pub(super) fn record_from_row(row: &tokio_postgres::Row) -> Result<IdemRecord, F
             _ => None,
         },
         lease_until: row.try_get(2)?,
+        claim: row.try_get::<_, Option<i64>>(6)?.map(ClaimToken),
         expires_at: row.try_get(5)?,
     })
 }
@@ -117,9 +131,11 @@ pub(super) async fn claim(
     let insert = tx
         .prepare_cached(
             "INSERT INTO idempotency
-                 (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at)
-             VALUES ($1, $2, $3, 'in_flight', $4, NULL, NULL, $5, $6)
-             ON CONFLICT (scope, key) DO NOTHING",
+                 (scope, key, fingerprint, state, lease_until, status, body, created_at, expires_at,
+                  claim)
+             VALUES ($1, $2, $3, 'in_flight', $4, NULL, NULL, $5, $6, nextval('idempotency_claims'))
+             ON CONFLICT (scope, key) DO NOTHING
+             RETURNING claim",
         )
         .await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
@@ -130,15 +146,15 @@ pub(super) async fn claim(
         &c.now_ms,
         &expires_at,
     ];
-    if tx.execute(&insert, &params).await? == 1 {
+    if let Some(row) = tx.query_opt(&insert, &params).await? {
+        let token = ClaimToken(row.try_get(0)?);
         tx.commit().await?;
-        return Ok(ClaimOutcome::Claimed);
+        return Ok(ClaimOutcome::Claimed { token });
     }
     let select = tx
-        .prepare_cached(
-            "SELECT fingerprint, state, lease_until, status, body, expires_at
-             FROM idempotency WHERE scope = $1 AND key = $2 FOR UPDATE",
-        )
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLS} FROM idempotency WHERE scope = $1 AND key = $2 FOR UPDATE"
+        ))
         .await?;
     let row = tx
         .query_opt(&select, &[&c.scope, &c.key])
@@ -151,11 +167,13 @@ pub(super) async fn claim(
     let take_over = tx
         .prepare_cached(
             "UPDATE idempotency SET fingerprint = $3, state = 'in_flight', lease_until = $4,
-                    status = NULL, body = NULL, created_at = $5, expires_at = $6
-             WHERE scope = $1 AND key = $2",
+                    status = NULL, body = NULL, created_at = $5, expires_at = $6,
+                    claim = nextval('idempotency_claims')
+             WHERE scope = $1 AND key = $2
+             RETURNING claim",
         )
         .await?;
-    tx.execute(&take_over, &params).await?;
+    let token = ClaimToken(tx.query_one(&take_over, &params).await?.try_get(0)?);
     tx.commit().await?;
-    Ok(ClaimOutcome::Claimed)
+    Ok(ClaimOutcome::Claimed { token })
 }

@@ -95,7 +95,9 @@ use crate::domain::{Account, AccountId, AuditReport, Entry, Event, Order, OrderI
 use crate::store::outbox::{
     AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
 };
-use crate::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
+use crate::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture,
+};
 use connection::Inner;
 use error::{pg_unavailable, Fault};
 use std::sync::atomic::AtomicU64;
@@ -352,14 +354,16 @@ impl Store for PgStore {
         })
     }
 
-    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
+    fn idem_release(&self, scope: String, key: String, token: ClaimToken) -> StoreFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let (_open, client) = inner.enter().await?;
+            // `rules::releases`: only the in-flight claim `token` made.
             client
                 .execute(
-                    "DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
-                    &[&scope, &key],
+                    "DELETE FROM idempotency
+                     WHERE scope = $1 AND key = $2 AND state = 'in_flight' AND claim = $3",
+                    &[&scope, &key, &token.0],
                 )
                 .await
                 .map_err(pg_unavailable)?;

@@ -169,7 +169,7 @@ async fn lock_keys(
         .await?;
     for row in tx.query(&stmt, &[&scopes, &keys]).await? {
         let record = record_from_row(&row)?;
-        plan.keys.insert((row.try_get(6)?, row.try_get(7)?), record);
+        plan.keys.insert((row.try_get(7)?, row.try_get(8)?), record);
     }
     Ok(())
 }

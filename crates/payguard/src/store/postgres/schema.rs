@@ -15,6 +15,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("v3_fencing.sql"),
     include_str!("v4_two_phase.sql"),
     include_str!("v5_events.sql"),
+    include_str!("v6_idempotency_claims.sql"),
 ];
 
 /// Creates or upgrades the guarded schema; refuses a database marked naive (or

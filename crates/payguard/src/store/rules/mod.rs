@@ -50,7 +50,9 @@ mod ledger;
 #[cfg(test)]
 mod tests;
 
-pub use idempotency::{claim, completion, ClaimDecision, IdemCompletion, IdemRecord};
+pub use idempotency::{
+    claim, completion, releases, stores_over, ClaimDecision, IdemCompletion, IdemRecord,
+};
 
 use crate::domain::{
     Account, AccountId, Entry, EntryKind, EventDraft, EventType, Money, Order, OrderId,

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::domain::{Currency, OrderStatus};
-use crate::store::{ClaimOutcome, IdemClaim, IdemWrite};
+use crate::store::{ClaimOutcome, ClaimToken, IdemClaim, IdemWrite};
 
 const NOW: i64 = 1_000;
 
@@ -467,6 +467,7 @@ fn an_idempotency_key_is_taken_when_free_and_answered_while_held() {
         fingerprint: "f".into(),
         done: Some((201, b"{}".to_vec())),
         lease_until: None,
+        claim: None,
         expires_at: 100,
     };
     assert_eq!(
@@ -489,6 +490,7 @@ fn an_idempotency_key_is_taken_when_free_and_answered_while_held() {
         fingerprint: "f".into(),
         done: None,
         lease_until: Some(30),
+        claim: Some(ClaimToken(1)),
         expires_at: 100,
     };
     assert_eq!(
@@ -505,12 +507,70 @@ fn an_idempotency_key_is_taken_when_free_and_answered_while_held() {
 }
 
 #[test]
+fn a_key_is_freed_only_by_the_claim_that_holds_it() {
+    let held_by = |claim: Option<i64>| IdemRecord {
+        fingerprint: "f".into(),
+        done: None,
+        lease_until: Some(30),
+        claim: claim.map(ClaimToken),
+        expires_at: 100,
+    };
+    assert!(releases(&held_by(Some(1)), ClaimToken(1)));
+    // Claim 1's lease lapsed (or its transaction freed the key) and claim 2
+    // took the key since: claim 1's late release must leave it.
+    assert!(!releases(&held_by(Some(2)), ClaimToken(1)));
+    // Claimed before tokens: no request holds it; it lapses with its lease.
+    assert!(!releases(&held_by(None), ClaimToken(1)));
+    let done = IdemRecord {
+        done: Some((200, b"x".to_vec())),
+        lease_until: None,
+        claim: None,
+        ..held_by(None)
+    };
+    assert!(!releases(&done, ClaimToken(1)));
+}
+
+#[test]
+fn an_answer_is_stored_over_its_own_request_only_and_never_over_an_answer() {
+    let idem = IdemWrite {
+        scope: "s".into(),
+        key: "k".into(),
+        fingerprint: "f".into(),
+        ttl_ms: 50,
+        claim: ClaimToken(1),
+        render: std::sync::Arc::new(|_: &OpResult| None),
+    };
+    let record = |fingerprint: &str, claim: Option<i64>| IdemRecord {
+        fingerprint: fingerprint.into(),
+        done: None,
+        lease_until: Some(30),
+        claim: claim.map(ClaimToken),
+        expires_at: 100,
+    };
+    assert!(stores_over(&record("f", Some(1)), &idem));
+    // A repeat of this request claimed the key after this one's lease
+    // lapsed: it gets this answer (`KeyAnswered`), not a decision of its own.
+    assert!(stores_over(&record("f", Some(2)), &idem));
+    assert!(stores_over(&record("f", None), &idem));
+    // Another request's key now.
+    assert!(!stores_over(&record("g", Some(2)), &idem));
+    let done = IdemRecord {
+        done: Some((409, b"y".to_vec())),
+        lease_until: None,
+        claim: None,
+        ..record("f", None)
+    };
+    assert!(!stores_over(&done, &idem));
+}
+
+#[test]
 fn an_answer_is_stored_when_definite_and_the_claim_released_otherwise() {
     let idem = IdemWrite {
         scope: "s".into(),
         key: "k".into(),
         fingerprint: "f".into(),
         ttl_ms: 50,
+        claim: ClaimToken(1),
         render: std::sync::Arc::new(|r: &OpResult| match r {
             Err(e) if !e.is_definite() => None,
             _ => Some((200, b"x".to_vec())),
@@ -598,6 +658,7 @@ fn only_replays_and_definite_refusals_are_settled_without_a_write() {
         key: "k".into(),
         fingerprint: "f".into(),
         ttl_ms: 50,
+        claim: ClaimToken(1),
         render: std::sync::Arc::new(|_: &OpResult| None),
     });
     assert_eq!(settled(&keyed, &seen, NOW).unwrap(), None);
@@ -705,6 +766,7 @@ fn a_keyed_command_whose_key_holds_its_answer_is_not_decided_again() {
             key: "k".into(),
             fingerprint: fingerprint.into(),
             ttl_ms: 50,
+            claim: ClaimToken(1),
             render: std::sync::Arc::new(|_: &OpResult| None),
         })
     };
@@ -715,11 +777,13 @@ fn a_keyed_command_whose_key_holds_its_answer_is_not_decided_again() {
         fingerprint: "f".into(),
         done,
         lease_until: None,
+        claim: None,
         expires_at: NOW + 50,
     };
     let done = record(Some((409, b"order_not_paid".to_vec())));
     let in_flight = IdemRecord {
         lease_until: Some(NOW + 10),
+        claim: Some(ClaimToken(1)),
         ..record(None)
     };
     let seen = |key: Option<&'static IdemRecord>| Seen {

@@ -49,7 +49,9 @@ use crate::domain::{Account, AccountId, AuditReport, Entry, Event, Order, OrderI
 use crate::store::outbox::{
     AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
 };
-use crate::store::{ClaimOutcome, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture};
+use crate::store::{
+    ClaimOutcome, ClaimToken, Command, IdemClaim, OpResult, Store, StoreError, StoreFuture,
+};
 use error::unavailable;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::Connection;
@@ -254,8 +256,8 @@ impl Store for SqliteStore {
         self.write(move |conn| idempotency::claim(conn, &claim).map_err(unavailable))
     }
 
-    fn idem_release(&self, scope: String, key: String) -> StoreFuture<()> {
-        self.write(move |conn| idempotency::release(conn, &scope, &key).map_err(unavailable))
+    fn idem_release(&self, scope: String, key: String, token: ClaimToken) -> StoreFuture<()> {
+        self.write(move |conn| idempotency::release(conn, &scope, &key, token).map_err(unavailable))
     }
 
     fn idem_prune(&self, now_ms: i64) -> StoreFuture<u64> {

@@ -25,6 +25,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Code(v5_two_phase),
     Migration::Sql(include_str!("v6_events.sql")),
     Migration::Sql(include_str!("v7_orphaned_deliveries.sql")),
+    Migration::Sql(include_str!("v8_idempotency_claims.sql")),
 ];
 const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("naive_schema.sql")),
@@ -33,6 +34,7 @@ const NAIVE_MIGRATIONS: &[Migration] = &[
     Migration::Sql(include_str!("naive_v4_two_phase.sql")),
     Migration::Sql(include_str!("v6_events.sql")),
     Migration::Sql(include_str!("v7_orphaned_deliveries.sql")),
+    Migration::Sql(include_str!("v8_idempotency_claims.sql")),
 ];
 
 /// The CHECK constraints' `IN (…)` lists of three or more values, and what says
