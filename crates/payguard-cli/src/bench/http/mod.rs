@@ -484,10 +484,7 @@ async fn paired_rows(
 ) -> anyhow::Result<Vec<Side>> {
     let server = start_payguard(dir, "plain").await?;
     let base = server.url.clone();
-    let deducts = our_orders(client, &base, n).await?;
-    if let Some(o) = outsider {
-        wrk_orders(client, o, &base).await?;
-    }
+    let deducts = both_clients_orders(client, outsider, &base, n).await?;
     let mut rows = Vec::new();
     let healthz = Arc::new(vec![format!("{base}/healthz"); n]);
     rows.push(ours(HEALTHZ, client, reqwest::Method::GET, healthz, concurrency).await?);
@@ -525,10 +522,7 @@ async fn ceiling_rows(
 ) -> anyhow::Result<Vec<Side>> {
     let server = ceiling::start(&dir.join("http-ceiling.db")).await?;
     let base = server.url.clone();
-    let deducts = our_orders(client, &base, n).await?;
-    if let Some(o) = outsider {
-        wrk_orders(client, o, &base).await?;
-    }
+    let deducts = both_clients_orders(client, outsider, &base, n).await?;
     let mut rows = vec![ours(CEILING, client, reqwest::Method::POST, deducts, concurrency).await?];
     if let Some(o) = outsider {
         rows.push(o.row(CEILING, "deduct.lua", &base, &[]).await?.0);
@@ -540,6 +534,21 @@ async fn ceiling_rows(
     )?;
     anyhow::ensure!(audit.ok, "the ceiling's database fails its audit");
     Ok(rows)
+}
+
+/// The orders both clients charge on the server at `base` (untimed): ours
+/// ([`our_orders`], whose deduct URLs it returns) and wrk's ([`wrk_orders`]).
+async fn both_clients_orders(
+    client: &reqwest::Client,
+    outsider: Option<&Outsider<'_>>,
+    base: &str,
+    n: usize,
+) -> anyhow::Result<Arc<Vec<String>>> {
+    let deducts = our_orders(client, base, n).await?;
+    if let Some(o) = outsider {
+        wrk_orders(client, o, base).await?;
+    }
+    Ok(deducts)
 }
 
 /// The accounts and orders wrk's scripts charge (`create.lua`, untimed),
