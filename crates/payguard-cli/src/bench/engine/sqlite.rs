@@ -53,6 +53,11 @@ impl SqliteRuns<'_> {
             };
             let d = raw(&fresh("deduct")?, self.orders, self.accounts)?;
             let t = raw_two_phase(&fresh("two-phase")?, self.orders, self.accounts)?;
+            anyhow::ensure!(
+                d.audit_ok && t.audit_ok,
+                "floor round {}: an audit failed after a raw run; the numbers are not valid",
+                round + 1
+            );
             eprintln!(
                 "  floor round {}: raw deduct {:.0}/s, raw authorize + capture {:.0} payments/s ({:.2}×)",
                 round + 1,
@@ -128,6 +133,11 @@ impl SqliteRuns<'_> {
         for round in 0..self.args.two_phase_rounds() {
             let d = self.payment_run(bm, raw, Payment::Deduct, &format!("r{round}"))?;
             let t = self.payment_run(bm, raw, Payment::TwoPhase, &format!("r{round}"))?;
+            anyhow::ensure!(
+                d.audit_ok && t.audit_ok,
+                "two-phase round {}: an audit failed after a run; the numbers are not valid",
+                round + 1
+            );
             print_round(round, &d, &t);
             pairs.push((d, t));
         }
