@@ -316,7 +316,7 @@ struct Armed;
 
 impl Armed {
     fn new(protocol: Protocol) -> Armed {
-        use payguard::engine::mutants::{arm, Mutant};
+        use payguard::mutants::{arm, Mutant};
         arm(if protocol.lane_forgets_waiter {
             Some(Mutant::LaneForgetsWaiter)
         } else if protocol.release_acquires_as_one {
@@ -325,6 +325,10 @@ impl Armed {
             Some(Mutant::SweeperDiesOnFailure)
         } else if protocol.release_key_after_stale_token {
             Some(Mutant::ReleaseKeyAfterStaleToken)
+        } else if protocol.unanswered_commit_guessed_aborted {
+            Some(Mutant::UnansweredCommitGuessedAborted)
+        } else if protocol.committed_attempt_forgotten {
+            Some(Mutant::CommittedAttemptForgotten)
         } else {
             None
         });
@@ -334,7 +338,7 @@ impl Armed {
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        payguard::engine::mutants::arm(None);
+        payguard::mutants::arm(None);
     }
 }
 

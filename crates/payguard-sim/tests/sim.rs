@@ -951,6 +951,58 @@ fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
     }
 }
 
+/// payguard's commit-fate loop (`payguard::store::commit_fate`, the code the
+/// PostgreSQL store ships, run here over the simulated network) with the
+/// look-up switched off (`Mutant::UnansweredCommitGuessedAborted`): a batch
+/// whose answer was lost is answered `Unavailable`, "nothing moved", although
+/// its transaction committed; the store's promise behind every 503 is held
+/// against the database's transactions at the end of the seed
+/// (`ViolationKind::NothingMovedButCommitted`). payguard, which looks the fate
+/// up and runs the batch again, is clean on the seed.
+#[test]
+fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved(
+) {
+    SeenFailing {
+        test: "a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved",
+        protocol: Protocol {
+            unanswered_commit_guessed_aborted: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::NothingMovedButCommitted,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_GUESSED_ABORTED,
+    }
+    .check();
+}
+
+/// The seed of [`a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved`].
+const PINNED_GUESSED_ABORTED: u64 = 6;
+
+/// The same loop forgetting that an earlier attempt committed
+/// (`Mutant::CommittedAttemptForgotten`): a failure of the batch after its
+/// lost COMMIT was looked up and found committed is answered "nothing moved"
+/// instead of "outcome unknown". payguard is clean on the seed.
+#[test]
+fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved()
+{
+    SeenFailing {
+        test: "a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved",
+        protocol: Protocol {
+            committed_attempt_forgotten: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::NothingMovedButCommitted,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_FORGOTTEN,
+    }
+    .check();
+}
+
+/// The seed of [`a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved`].
+const PINNED_FORGOTTEN: u64 = 239;
+
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a
 /// strictly smaller schedule that still double charges, and that schedule
 /// replays exactly from its seed and mask.
