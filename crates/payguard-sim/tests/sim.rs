@@ -878,7 +878,7 @@ fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
 /// sequence (`engine::keyed`): when a batch's COMMIT goes unanswered, the
 /// PostgreSQL store looks up its fate and, if it committed, runs the batch
 /// again, counting on its commands to read back as replays
-/// (`store/postgres/commit.rs`, re-stated in `SimStore`). A refusal writes
+/// (`store::commit_fate`, which `SimStore` runs too). A refusal writes
 /// nothing to read back: a keyed refund refused `order_not_paid` (that answer
 /// stored under its key in the committed transaction, and replayed to the
 /// request's repeats) was decided afresh by the rerun after the order was
