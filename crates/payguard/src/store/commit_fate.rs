@@ -270,3 +270,246 @@ async fn commit_fate<S: FateStore>(store: &S, limits: &FateLimits, xid: S::Xid) 
         tokio::time::sleep(Duration::from_millis(limits.fate_poll_ms)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop's decisions against a scripted store: no database, real (tiny)
+    //! times.
+    use super::*;
+    use crate::store::Rejection;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// What the scripted store's next attempt does.
+    enum Step {
+        Done,
+        Unanswered,
+        Failed,
+        /// No connection can be had.
+        NoConnection,
+        /// Never answers; COMMIT on the wire or not.
+        Hang {
+            sent: bool,
+        },
+    }
+
+    #[derive(Default)]
+    struct Script {
+        steps: Mutex<VecDeque<Step>>,
+        fates: Mutex<VecDeque<Result<Fate, StoreError>>>,
+        /// What happened, in order.
+        log: Mutex<Vec<String>>,
+        next_xid: Mutex<i64>,
+    }
+
+    impl Script {
+        fn new(steps: Vec<Step>, fates: Vec<Result<Fate, StoreError>>) -> Self {
+            Script {
+                steps: Mutex::new(steps.into()),
+                fates: Mutex::new(fates.into()),
+                ..Script::default()
+            }
+        }
+
+        fn note(&self, line: String) {
+            self.log.lock().unwrap().push(line);
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    const LIMITS: FateLimits = FateLimits {
+        batch_deadline: Duration::from_millis(20),
+        resolve_deadline_ms: 50,
+        rerun_backoff_ms: 1,
+        fate_poll_ms: 1,
+        reruns_max: 3,
+    };
+
+    fn result() -> Vec<OpResult> {
+        vec![Err(Rejection::InsufficientFunds)]
+    }
+
+    impl FateStore for Script {
+        type Xid = i64;
+        type Conn = ();
+
+        async fn connect(&self) -> Result<(), StoreError> {
+            let mut steps = self.steps.lock().unwrap();
+            if matches!(steps.front(), Some(Step::NoConnection)) {
+                steps.pop_front();
+                drop(steps);
+                self.note("no connection".into());
+                return Err(StoreError::Unavailable("no connection".into()));
+            }
+            Ok(())
+        }
+
+        async fn attempt(&self, _conn: &mut (), sent: &mut Option<i64>) -> Attempt<i64> {
+            let xid = {
+                let mut x = self.next_xid.lock().unwrap();
+                *x += 1;
+                *x
+            };
+            let step = self.steps.lock().unwrap().pop_front().expect("a step");
+            match step {
+                Step::Done => {
+                    self.note(format!("{xid} done"));
+                    Attempt::Done(result())
+                }
+                Step::Unanswered => {
+                    self.note(format!("{xid} unanswered"));
+                    Attempt::Unanswered {
+                        xid,
+                        detail: "connection lost".into(),
+                    }
+                }
+                Step::Failed => {
+                    self.note(format!("{xid} failed"));
+                    Attempt::Failed(StoreError::Unavailable("refused".into()))
+                }
+                Step::NoConnection => unreachable!("taken by connect"),
+                Step::Hang { sent: on_wire } => {
+                    self.note(format!("{xid} hangs"));
+                    if on_wire {
+                        *sent = Some(xid);
+                    }
+                    std::future::pending().await
+                }
+            }
+        }
+
+        fn discard(&self, _conn: &mut ()) {
+            self.note("discard".into());
+        }
+
+        async fn fate_once(&self, xid: i64) -> Result<Fate, StoreError> {
+            let next = self.fates.lock().unwrap().pop_front();
+            match next {
+                Some(fate) => {
+                    self.note(format!("{xid} fate {fate:?}"));
+                    fate
+                }
+                // Not learnable: the look-up never answers.
+                None => std::future::pending().await,
+            }
+        }
+
+        fn unanswered(&self, xid: i64, _detail: &str) {
+            self.note(format!("{xid} looked up"));
+        }
+
+        fn resolved(&self, xid: i64, committed: bool) {
+            self.note(format!("{xid} committed {committed}"));
+        }
+    }
+
+    fn is_unknown(r: &Result<Vec<OpResult>, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Unknown(_)))
+    }
+
+    fn is_unavailable(r: &Result<Vec<OpResult>, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Unavailable(_)))
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_commit_is_looked_up_and_the_batch_runs_again() {
+        let s = Script::new(
+            vec![Step::Unanswered, Step::Done],
+            vec![Ok(Fate::InProgress), Ok(Fate::Committed)],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert_eq!(r.ok(), Some(result()));
+        assert_eq!(
+            s.log(),
+            [
+                "1 unanswered",
+                "discard",
+                "1 looked up",
+                "1 fate Ok(InProgress)",
+                "1 fate Ok(Committed)",
+                "1 committed true",
+                "2 done"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_an_attempt_that_committed_is_unknown_never_nothing_moved() {
+        // The rerun's failure is not answered: the batch runs again and
+        // reads its result back.
+        let s = Script::new(
+            vec![Step::Unanswered, Step::Failed, Step::Done],
+            vec![Ok(Fate::Committed)],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert_eq!(r.ok(), Some(result()), "{:?}", s.log());
+        // Failures until the reruns run out: unknown.
+        let s = Script::new(
+            vec![Step::Unanswered, Step::Failed, Step::Failed, Step::Failed],
+            vec![Ok(Fate::Committed)],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unknown(&r), "{r:?}: {:?}", s.log());
+        // No connection for the rerun: still unknown (the money moved).
+        let s = Script::new(
+            vec![
+                Step::Unanswered,
+                Step::NoConnection,
+                Step::Failed,
+                Step::Failed,
+            ],
+            vec![Ok(Fate::Committed)],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unknown(&r), "{r:?}: {:?}", s.log());
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_attempts_that_did_not_commit_is_nothing_moved() {
+        let s = Script::new(
+            vec![Step::Unanswered, Step::Failed],
+            vec![Ok(Fate::Aborted)],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unavailable(&r), "{r:?}: {:?}", s.log());
+        // Four unanswered COMMITs, none committed: nothing moved.
+        let s = Script::new(
+            (0..4).map(|_| Step::Unanswered).collect(),
+            (0..4).map(|_| Ok(Fate::Aborted)).collect(),
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unavailable(&r), "{r:?}: {:?}", s.log());
+        assert_eq!(
+            s.log().iter().filter(|l| l.ends_with("looked up")).count(),
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deadline_with_the_commit_on_the_wire_is_looked_up_and_without_it_is_nothing_moved() {
+        let s = Script::new(
+            vec![Step::Hang { sent: true }, Step::Done],
+            vec![
+                Err(StoreError::Unavailable("down".into())),
+                Ok(Fate::Aborted),
+            ],
+        );
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert_eq!(r.ok(), Some(result()), "{:?}", s.log());
+        assert!(s.log().contains(&"1 committed false".to_string()));
+        let s = Script::new(vec![Step::Hang { sent: false }], vec![]);
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unavailable(&r), "{r:?}: {:?}", s.log());
+        assert!(!s.log().iter().any(|l| l.ends_with("looked up")));
+    }
+
+    #[tokio::test]
+    async fn a_fate_that_cannot_be_learned_is_unknown() {
+        let s = Script::new(vec![Step::Unanswered], vec![]);
+        let r = apply_resolved(&s, &LIMITS).await;
+        assert!(is_unknown(&r), "{r:?}: {:?}", s.log());
+    }
+}
