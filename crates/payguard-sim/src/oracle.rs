@@ -186,6 +186,9 @@ pub struct Stats {
     pub resubscriptions: u64,
     /// Batches whose answer was lost and whose fate was looked up.
     pub fate_lookups: u64,
+    /// Batches the store answered with an error that says nothing moved
+    /// (each held against the database's transactions at the end).
+    pub nothing_moved: u64,
     /// Requests answered 503 `LockBusy`, and "outcome unknown".
     pub lock_busy: u64,
     pub unknown: u64,

@@ -874,6 +874,7 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         fallback_retries,
         resubscriptions,
         fate_lookups,
+        nothing_moved,
         lock_busy,
         unknown,
         answer_ms_max,
@@ -917,6 +918,7 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.fallback_retries += fallback_retries;
     t.resubscriptions += resubscriptions;
     t.fate_lookups += fate_lookups;
+    t.nothing_moved += nothing_moved;
     t.lock_busy += lock_busy;
     t.unknown += unknown;
     t.answer_ms_max = t.answer_ms_max.max(*answer_ms_max);

@@ -189,10 +189,9 @@ impl Inner {
                 // The store's promise, held against the database at the end
                 // of the seed (`checks::nothing_moved`).
                 let xids = batch.xids.into_inner().unwrap_or_else(|e| e.into_inner());
-                self.oracle
-                    .borrow_mut()
-                    .nothing_moved
-                    .push((self.inst, xids, e.to_string()));
+                let mut o = self.oracle.borrow_mut();
+                o.stats.nothing_moved += 1;
+                o.nothing_moved.push((self.inst, xids, e.to_string()));
             }
         }
         answer

@@ -269,6 +269,11 @@ fn exercised(r: &SeedsReport) {
         "no stale write refused: {t:?}"
     );
     assert!(t.fate_lookups > 0, "no unanswered commit looked up: {t:?}");
+    // Not asserted: `t.nothing_moved`, the batches the store answered
+    // "nothing moved", is 0 on these seeds (an attempt is one request, so
+    // every failure of the simulated store is a lost answer, looked up and
+    // answered or `Unknown`); its check is seen failing by the commit-fate
+    // mutants' pinned seeds.
     assert!(t.new_epochs > 0, "no fence hash lost and re-created: {t:?}");
     assert!(
         t.captured > 0 && t.captured_in_part > 0 && t.voided > 0 && t.expired > 0,
