@@ -155,8 +155,24 @@ pub fn money(db: &DbState, oracle: &mut Oracle) {
             || format!("account {}: balance {:?}", id.as_str(), account.balance),
         );
     }
+    nothing_moved(db, oracle);
     for detail in &db.stale_applied {
         oracle.violate(ViolationKind::StaleTokenApplied, detail.clone());
     }
     refunds(db, oracle);
+}
+
+/// The store's promise behind every 503: a batch answered with an error other
+/// than `Unknown` has no transaction that committed, then or since (a late
+/// COMMIT landing after the answer breaks it too; payguard's look-up ends a
+/// transaction that has not arrived).
+fn nothing_moved(db: &DbState, oracle: &mut Oracle) {
+    for (inst, xids, error) in oracle.nothing_moved.clone() {
+        let committed: Vec<u64> = xids.iter().copied().filter(|x| db.committed(*x)).collect();
+        oracle.check(
+            ViolationKind::NothingMovedButCommitted,
+            committed.is_empty(),
+            || format!("inst{inst}: a batch answered {error:?} (nothing moved), its transactions {committed:?} committed"),
+        );
+    }
 }

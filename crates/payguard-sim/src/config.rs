@@ -56,6 +56,14 @@ pub struct Protocol {
     /// The keyed sequence frees its key after a stale fencing token too
     /// (`payguard::engine::mutants::Mutant::ReleaseKeyAfterStaleToken`).
     pub release_key_after_stale_token: bool,
+    /// payguard's commit-fate loop answers an unanswered COMMIT "nothing
+    /// moved" without looking it up
+    /// (`payguard::mutants::Mutant::UnansweredCommitGuessedAborted`).
+    pub unanswered_commit_guessed_aborted: bool,
+    /// payguard's commit-fate loop answers a failure after an attempt that
+    /// committed "nothing moved"
+    /// (`payguard::mutants::Mutant::CommittedAttemptForgotten`).
+    pub committed_attempt_forgotten: bool,
     /// Each instance's clock is off by up to this many ms either way (its own
     /// random stream); 0: every host reads the one simulated clock. An
     /// instance decides its batches, its snapshot reads and its sweeps at its
@@ -95,6 +103,8 @@ impl Protocol {
         idempotency_keys: true,
         sweeper_dies_on_failure: false,
         release_key_after_stale_token: false,
+        unanswered_commit_guessed_aborted: false,
+        committed_attempt_forgotten: false,
         clock_skew_ms: 0,
         keys_over_network: false,
     };

@@ -13,7 +13,7 @@
 //! serialisable transactions promise). The state outlives a crash or restart of
 //! the host (it is durable); requests in flight are lost, before or after their
 //! commit, which is what the store's commit-fate resolution is for
-//! ([`crate::store`]): every transaction has an id, a look-up tells whether it
+//! (payguard's `store::commit_fate`, run by [`crate::store`]): every transaction has an id, a look-up tells whether it
 //! committed, and a transaction looked up before it arrived can no longer
 //! commit (as PostgreSQL's `pg_terminate_backend` of the one in progress).
 //!
@@ -701,6 +701,12 @@ impl DbState {
                 Ok(verdict)
             }
         }
+    }
+
+    /// Whether transaction `xid` committed (it arrived, was not ended by a
+    /// look-up first, and its batch applied).
+    pub fn committed(&self, xid: u64) -> bool {
+        self.xids.get(&xid) == Some(&true)
     }
 
     /// `Store::settled`: one snapshot, nothing written.

@@ -39,7 +39,9 @@
 //! within the balance after every commit), one event per effect in the events
 //! feed, Idempotency-Keys checked (every definite answer under a key to its
 //! request the same as the first, one effect per key, a reused key answered
-//! 422 and moving nothing), and, on a seed with no fault, liveness: every
+//! 422 and moving nothing), every "nothing moved" the store answered true
+//! (no transaction of such a batch committed, before the answer or after
+//! it), and, on a seed with no fault, liveness: every
 //! request answered 200, 402, a definite 409 or a 422 for a reused key within
 //! one lock TTL plus the store's batch deadline.
 //!
@@ -60,11 +62,15 @@
 //! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
 //! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
 //! the answer stored in the op's transaction, the key freed after a retryable
-//! failure), the token arithmetic. What is re-stated, because
-//! it is written against a real server's calls: the Lua scripts ([`redis`]),
-//! the client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
-//! commit-fate resolution ([`store`]); a divergence between those and
-//! production is not caught here. Not simulated: the HTTP layer (the header's
+//! failure), the token arithmetic, and the PostgreSQL store's commit-fate
+//! resolution (`payguard::store::commit_fate`, the loop `PgStore` ships: the
+//! look-up, the rerun, an earlier commit never answered as "nothing moved",
+//! `Unknown` past its limits; [`store`] supplies one attempt over the
+//! simulated network and one look at a fate, the database's side of
+//! `txid_status` and `pg_terminate_backend`). What is re-stated, because
+//! it is written against a real server's calls: the Lua scripts ([`redis`])
+//! and the client half of `RedisLocks` ([`locks`]); a divergence between
+//! those and production is not caught here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so
@@ -121,7 +127,8 @@
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
 //! rule of the store off (an Idempotency-Key rule among them), or the lock
 //! client's old counter reset on, or arm a
-//! bug in the engine or its sweeper (`payguard::engine::mutants`), to show that
+//! bug in the engine, its sweeper or the store's commit-fate loop
+//! (`payguard::mutants`), to show that
 //! the checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]

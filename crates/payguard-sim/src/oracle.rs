@@ -86,6 +86,11 @@ pub enum ViolationKind {
     KeyReuseAnswered,
     /// A request reusing a key for another body moved money.
     KeyReuseMoved,
+    /// The store answered a batch with an error other than `Unknown`, which
+    /// promises that nothing of it moved (`payguard::store`; a 503 to the
+    /// client), and one of the batch's transactions committed, before the
+    /// answer or landing after it.
+    NothingMovedButCommitted,
     /// A request never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
@@ -181,6 +186,9 @@ pub struct Stats {
     pub resubscriptions: u64,
     /// Batches whose answer was lost and whose fate was looked up.
     pub fate_lookups: u64,
+    /// Batches the store answered with an error that says nothing moved
+    /// (each held against the database's transactions at the end).
+    pub nothing_moved: u64,
     /// Requests answered 503 `LockBusy`, and "outcome unknown".
     pub lock_busy: u64,
     pub unknown: u64,
@@ -202,6 +210,9 @@ pub struct Oracle {
     pub keyed: Vec<Keyed>,
     /// (order, step, definite answer) per two-phase answer a client got.
     pub two_phase: Vec<(String, Ask, ApiResp)>,
+    /// (instance, its transaction ids, the error) per batch the store
+    /// answered with an error that says nothing moved.
+    pub nothing_moved: Vec<(usize, Vec<u64>, String)>,
     pub violations: Vec<Violation>,
     pub stats: Stats,
     /// What happened, in order, when a replay asked for it (`None`: not kept).

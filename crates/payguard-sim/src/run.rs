@@ -316,7 +316,7 @@ struct Armed;
 
 impl Armed {
     fn new(protocol: Protocol) -> Armed {
-        use payguard::engine::mutants::{arm, Mutant};
+        use payguard::mutants::{arm, Mutant};
         arm(if protocol.lane_forgets_waiter {
             Some(Mutant::LaneForgetsWaiter)
         } else if protocol.release_acquires_as_one {
@@ -325,6 +325,10 @@ impl Armed {
             Some(Mutant::SweeperDiesOnFailure)
         } else if protocol.release_key_after_stale_token {
             Some(Mutant::ReleaseKeyAfterStaleToken)
+        } else if protocol.unanswered_commit_guessed_aborted {
+            Some(Mutant::UnansweredCommitGuessedAborted)
+        } else if protocol.committed_attempt_forgotten {
+            Some(Mutant::CommittedAttemptForgotten)
         } else {
             None
         });
@@ -334,7 +338,7 @@ impl Armed {
 
 impl Drop for Armed {
     fn drop(&mut self) {
-        payguard::engine::mutants::arm(None);
+        payguard::mutants::arm(None);
     }
 }
 
@@ -870,6 +874,7 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         fallback_retries,
         resubscriptions,
         fate_lookups,
+        nothing_moved,
         lock_busy,
         unknown,
         answer_ms_max,
@@ -913,6 +918,7 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.fallback_retries += fallback_retries;
     t.resubscriptions += resubscriptions;
     t.fate_lookups += fate_lookups;
+    t.nothing_moved += nothing_moved;
     t.lock_busy += lock_busy;
     t.unknown += unknown;
     t.answer_ms_max = t.answer_ms_max.max(*answer_ms_max);

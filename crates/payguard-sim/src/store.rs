@@ -5,15 +5,24 @@
 //! money path (`apply`, `settled`, `next_fence_epoch`) crosses the network,
 //! where a seed decides whether a request or its answer is lost, delayed past
 //! the deadline, or caught by a crash or restart of the database. `apply` then
-//! does what the PostgreSQL store does with an unanswered COMMIT
-//! (`store/postgres/commit.rs`, re-stated here, since it is written against
-//! PostgreSQL's own calls): it never guesses, it looks the transaction's fate
-//! up (which also ends it if it has not arrived, so the answer is final) and
-//! runs the batch again, its commands being idempotent, so a batch that did
-//! commit reads back as its replay (a keyed command from its key's stored
-//! answer: `Rejection::KeyAnswered`, which the keyed sequence answers with it); past [`AMBIGUOUS_RERUNS_MAX`] reruns, or
+//! runs payguard's own commit-fate loop, the code the PostgreSQL store ships
+//! (`payguard::store::commit_fate::apply_resolved`, with the simulation's
+//! scaled [`FateLimits`]), over `SimBatch`: one attempt is one request
+//! carrying the whole transaction under a fresh id (its COMMIT is on the wire
+//! from the send to the answer), and one look at a fate is one request the
+//! database answers finally (its look-up ends a transaction that has not
+//! arrived, as `pg_terminate_backend` does). So the loop never guesses: it
+//! looks the fate up and runs the batch again, its commands being idempotent,
+//! so a batch that did commit reads back as its replay (a keyed command from
+//! its key's stored answer: `Rejection::KeyAnswered`, which the keyed sequence
+//! answers with it); past [`AMBIGUOUS_RERUNS_MAX`] reruns after a commit, or
 //! when the fate cannot be learned in time, the answer is "outcome unknown",
-//! never "nothing moved". A writer may also stall past its lock's TTL between
+//! never "nothing moved". Every batch answered with another error is
+//! recorded with its transaction ids, and the end of the seed checks that none
+//! of them committed (`checks`, `ViolationKind::NothingMovedButCommitted`).
+//! Why no re-statement: a loop written twice can drift, and only the shipped
+//! one matters; the PostgreSQL specifics (`txid_status`, the pool) stay behind
+//! the loop's trait. A writer may also stall past its lock's TTL between
 //! taking its locks and writing (a GC pause, a SIGSTOP): the store is the
 //! first thing a batch does after its locks.
 //!
@@ -41,6 +50,7 @@ use crate::wire::{now_ms, CallError, Caller, DB_HOST, DB_PORT};
 use payguard::domain::{
     Account, AccountId, AuditReport, Entry, Event, Order, OrderId, OrderStatus,
 };
+use payguard::store::commit_fate::{apply_resolved, Attempt, Fate, FateLimits, FateStore};
 use payguard::store::outbox::{
     AttemptResult, Backlog, ClaimRequest, Claimed, Delivery, DeliveryStatus, Endpoint, RetryOutcome,
 };
@@ -49,6 +59,7 @@ use payguard::store::{
 };
 use rand::rngs::SmallRng;
 use rand::Rng;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,7 +168,8 @@ impl Inner {
         }
     }
 
-    /// A batch, with unanswered commits resolved (see the module docs).
+    /// A batch, with unanswered commits resolved by payguard's own loop
+    /// (`payguard::store::commit_fate`, see the module docs).
     async fn apply(&self, cmds: Vec<Command>) -> Result<Vec<OpResult>, StoreError> {
         {
             let mut o = self.oracle.borrow_mut();
@@ -166,72 +178,110 @@ impl Inner {
             o.stats.multi_op_batches += u64::from(cmds.len() >= 2);
         }
         self.maybe_stall(&cmds).await;
-        let mut reruns = 0;
-        let mut committed_before = false;
-        loop {
-            let xid = self.xid_base | self.next_xid.fetch_add(1, Ordering::Relaxed);
-            // The PostgreSQL store's clock when the attempt starts; the
-            // database decides at it or at its own (`clock_after_locks`).
-            let sent = DbReq::Apply {
-                now: self.clock(),
-                clock_offset_ms: self.host.clock_offset_ms,
-                xid,
-                cmds: cmds.clone(),
-            };
-            let why = match self.call(sent, BATCH_DEADLINE_MS).await {
-                Ok(DbResp::Applied(Ok(results))) => return Ok(results),
-                Ok(DbResp::Applied(Err(e))) if !committed_before => return Err(e),
-                Ok(DbResp::Applied(Err(e))) => e.to_string(),
-                Ok(other) => return Err(StoreError::Unavailable(format!("answered {other:?}"))),
-                Err(e) => {
-                    let detail = format!("transaction {xid}: {e}");
-                    self.resolve(xid, &detail, &mut committed_before).await?;
-                    detail
-                }
-            };
-            reruns += 1;
-            if reruns > AMBIGUOUS_RERUNS_MAX {
-                return Err(if committed_before {
-                    StoreError::Unknown(format!(
-                        "an earlier attempt committed, and reading its result back failed: {why}"
-                    ))
-                } else {
-                    StoreError::Unavailable(format!(
-                        "{reruns} commits in a row went unanswered, none of them committed: {why}"
-                    ))
-                });
+        let batch = SimBatch {
+            inner: self,
+            cmds,
+            xids: Mutex::new(Vec::new()),
+        };
+        let answer = apply_resolved(&batch, &FATE_LIMITS).await;
+        if let Err(e) = &answer {
+            if !matches!(e, StoreError::Unknown(_)) {
+                // The store's promise, held against the database at the end
+                // of the seed (`checks::nothing_moved`).
+                let xids = batch.xids.into_inner().unwrap_or_else(|e| e.into_inner());
+                let mut o = self.oracle.borrow_mut();
+                o.stats.nothing_moved += 1;
+                o.nothing_moved.push((self.inst, xids, e.to_string()));
             }
-            tokio::time::sleep(Duration::from_millis(RERUN_BACKOFF_MS * u64::from(reruns))).await;
+        }
+        answer
+    }
+}
+
+/// The simulation's [`FateLimits`]: payguard's loop at the scaled times.
+const FATE_LIMITS: FateLimits = FateLimits {
+    batch_deadline: Duration::from_millis(BATCH_DEADLINE_MS),
+    resolve_deadline_ms: RESOLVE_DEADLINE_MS,
+    rerun_backoff_ms: RERUN_BACKOFF_MS,
+    fate_poll_ms: FATE_POLL_MS,
+    reruns_max: AMBIGUOUS_RERUNS_MAX,
+};
+
+/// One batch as payguard's commit-fate loop runs it over the simulated
+/// network: an attempt is one request carrying the whole transaction, COMMIT
+/// included, under a fresh transaction id.
+struct SimBatch<'a> {
+    inner: &'a Inner,
+    cmds: Vec<Command>,
+    /// Every transaction id its attempts used, for the end-of-seed check that
+    /// an answer "nothing moved" was true.
+    xids: Mutex<Vec<u64>>,
+}
+
+impl FateStore for SimBatch<'_> {
+    type Xid = u64;
+    /// Every attempt is a call of its own: no connection to keep or discard.
+    type Conn = ();
+
+    fn connect(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    async fn attempt(&self, _conn: &mut (), sent: &mut Option<u64>) -> Attempt<u64> {
+        let inner = self.inner;
+        let xid = inner.xid_base | inner.next_xid.fetch_add(1, Ordering::Relaxed);
+        self.xids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(xid);
+        // The PostgreSQL store's clock when the attempt starts; the
+        // database decides at it or at its own (`clock_after_locks`).
+        let req = DbReq::Apply {
+            now: inner.clock(),
+            clock_offset_ms: inner.host.clock_offset_ms,
+            xid,
+            cmds: self.cmds.clone(),
+        };
+        // The request is the whole transaction: its COMMIT is on the wire
+        // from now until its answer.
+        *sent = Some(xid);
+        match inner.call(req, BATCH_DEADLINE_MS).await {
+            Ok(DbResp::Applied(Ok(results))) => Attempt::Done(results),
+            Ok(DbResp::Applied(Err(e))) => Attempt::Failed(e),
+            Ok(other) => Attempt::Failed(StoreError::Unavailable(format!("answered {other:?}"))),
+            Err(e) => Attempt::Unanswered {
+                xid,
+                detail: format!("transaction {xid}: {e}"),
+            },
         }
     }
 
-    /// Looks up an unanswered transaction's fate within [`RESOLVE_DEADLINE_MS`].
-    async fn resolve(
-        &self,
-        xid: u64,
-        detail: &str,
-        committed_before: &mut bool,
-    ) -> Result<(), StoreError> {
-        self.oracle.borrow_mut().stats.fate_lookups += 1;
-        self.note(|| format!("commit unanswered ({detail}); looking up its fate"));
-        let look = async {
-            loop {
-                match self.call(DbReq::Fate { xid }, FATE_CALL_TIMEOUT_MS).await {
-                    Ok(DbResp::Fate(committed)) => return committed,
-                    _ => tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await,
-                }
-            }
-        };
-        let committed = tokio::time::timeout(Duration::from_millis(RESOLVE_DEADLINE_MS), look)
+    fn discard(&self, _conn: &mut ()) {}
+
+    async fn fate_once(&self, xid: u64) -> Result<Fate, StoreError> {
+        // The database's look-up also ends a transaction that has not
+        // arrived (`DbState::exec`), so its answer is always final.
+        match self
+            .inner
+            .call(DbReq::Fate { xid }, FATE_CALL_TIMEOUT_MS)
             .await
-            .map_err(|_| {
-                StoreError::Unknown(format!(
-                    "{detail}, and its fate could not be learned within {RESOLVE_DEADLINE_MS} ms"
-                ))
-            })?;
-        self.note(|| format!("transaction {xid} committed: {committed}; running the batch again"));
-        *committed_before |= committed;
-        Ok(())
+        {
+            Ok(DbResp::Fate(true)) => Ok(Fate::Committed),
+            Ok(DbResp::Fate(false)) => Ok(Fate::Aborted),
+            Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    fn unanswered(&self, _xid: u64, detail: &str) {
+        self.inner.oracle.borrow_mut().stats.fate_lookups += 1;
+        self.inner
+            .note(|| format!("commit unanswered ({detail}); looking up its fate"));
+    }
+
+    fn resolved(&self, xid: u64, committed: bool) {
+        self.inner
+            .note(|| format!("transaction {xid} committed: {committed}; running the batch again"));
     }
 }
 

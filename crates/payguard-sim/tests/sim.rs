@@ -269,6 +269,11 @@ fn exercised(r: &SeedsReport) {
         "no stale write refused: {t:?}"
     );
     assert!(t.fate_lookups > 0, "no unanswered commit looked up: {t:?}");
+    // Not asserted: `t.nothing_moved`, the batches the store answered
+    // "nothing moved", is 0 on these seeds (an attempt is one request, so
+    // every failure of the simulated store is a lost answer, looked up and
+    // answered or `Unknown`); its check is seen failing by the commit-fate
+    // mutants' pinned seeds.
     assert!(t.new_epochs > 0, "no fence hash lost and re-created: {t:?}");
     assert!(
         t.captured > 0 && t.captured_in_part > 0 && t.voided > 0 && t.expired > 0,
@@ -878,7 +883,7 @@ fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
 /// sequence (`engine::keyed`): when a batch's COMMIT goes unanswered, the
 /// PostgreSQL store looks up its fate and, if it committed, runs the batch
 /// again, counting on its commands to read back as replays
-/// (`store/postgres/commit.rs`, re-stated in `SimStore`). A refusal writes
+/// (`store::commit_fate`, which `SimStore` runs too). A refusal writes
 /// nothing to read back: a keyed refund refused `order_not_paid` (that answer
 /// stored under its key in the committed transaction, and replayed to the
 /// request's repeats) was decided afresh by the rerun after the order was
@@ -950,6 +955,58 @@ fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
         );
     }
 }
+
+/// payguard's commit-fate loop (`payguard::store::commit_fate`, the code the
+/// PostgreSQL store ships, run here over the simulated network) with the
+/// look-up switched off (`Mutant::UnansweredCommitGuessedAborted`): a batch
+/// whose answer was lost is answered `Unavailable`, "nothing moved", although
+/// its transaction committed; the store's promise behind every 503 is held
+/// against the database's transactions at the end of the seed
+/// (`ViolationKind::NothingMovedButCommitted`). payguard, which looks the fate
+/// up and runs the batch again, is clean on the seed.
+#[test]
+fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved(
+) {
+    SeenFailing {
+        test: "a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved",
+        protocol: Protocol {
+            unanswered_commit_guessed_aborted: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::NothingMovedButCommitted,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_GUESSED_ABORTED,
+    }
+    .check();
+}
+
+/// The seed of [`a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved`].
+const PINNED_GUESSED_ABORTED: u64 = 6;
+
+/// The same loop forgetting that an earlier attempt committed
+/// (`Mutant::CommittedAttemptForgotten`): a failure of the batch after its
+/// lost COMMIT was looked up and found committed is answered "nothing moved"
+/// instead of "outcome unknown". payguard is clean on the seed.
+#[test]
+fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved()
+{
+    SeenFailing {
+        test: "a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved",
+        protocol: Protocol {
+            committed_attempt_forgotten: true,
+            ..Protocol::PAYGUARD
+        },
+        kind: ViolationKind::NothingMovedButCommitted,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_FORGOTTEN,
+    }
+    .check();
+}
+
+/// The seed of [`a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved`].
+const PINNED_FORGOTTEN: u64 = 239;
 
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a
 /// strictly smaller schedule that still double charges, and that schedule

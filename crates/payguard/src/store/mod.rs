@@ -17,8 +17,10 @@
 //! Above the constraints, what each command does is decided once, for both
 //! stores, by the pure money rules in [`rules`]; [`sqlite`] and [`postgres`] only
 //! read the state the rules need and write what they decided, each in its own
-//! dialect.
+//! dialect. Likewise what a store over a network does with a COMMIT whose
+//! answer was lost is decided once, in [`commit_fate`].
 
+pub mod commit_fate;
 pub mod outbox;
 pub mod postgres;
 pub mod rules;

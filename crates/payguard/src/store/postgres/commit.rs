@@ -8,15 +8,27 @@
 //! the keyed sequence answers that stored response). An unkeyed refusal is
 //! decided again against the state at the rerun: the first decision wrote
 //! nothing and was told to no one.
+//!
+//! The loop that decides all this is the store's, shared with the
+//! deterministic simulation ([`crate::store::commit_fate`], issue #17); this
+//! file is PostgreSQL's side of it ([`Pooled`]): an attempt on a pooled
+//! connection, `txid_status` and `pg_terminate_backend`, the connection
+//! taken out of the pool when its COMMIT went unanswered, and the store's
+//! counters (`ambiguous_commits`, `ambiguous_committed`).
 
 use super::batch::{apply_counted, now_ms};
 use super::connection::Inner;
 use super::error::{pg_unavailable, pool_unavailable, Fault};
 use super::{AMBIGUOUS_RERUNS_MAX, RESOLVE_DEADLINE_MS};
+use crate::store::commit_fate::{apply_resolved, Attempt, Fate, FateLimits, FateStore};
 use crate::store::{Command, OpResult, StoreError};
 use deadpool_postgres::Object;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+
+/// Pause before re-running a batch after an unanswered COMMIT, times the rerun.
+pub(super) const RERUN_BACKOFF_MS: u64 = 50;
+/// Pause between looks while a terminated backend finishes, or after a failure.
+pub(super) const FATE_POLL_MS: u64 = 10;
 
 /// A batch on a pooled connection, under the batch deadline, with unanswered
 /// COMMITs resolved (see the module docs): the only way the store runs ops.
@@ -25,138 +37,95 @@ pub(super) async fn apply_pooled(
     ops: &[Command],
     isolated: bool,
 ) -> Result<Vec<OpResult>, StoreError> {
-    let mut reruns = 0;
-    // Once an earlier attempt is known to have committed, no error may be
-    // reported as "nothing moved": the batch is re-run (it replays) until it reads
-    // its result back, or the caller gets `Unknown`.
-    let mut committed_before = false;
-    loop {
-        let (_open, mut client) = inner.enter().await?;
-        // The xid whose COMMIT is on the wire, while it is.
-        let mut sent = None;
-        let attempt = tokio::time::timeout(
-            inner.batch_deadline,
-            apply_counted(&mut client, ops, &now_ms, isolated, &inner.stats, &mut sent),
-        )
-        .await;
-        // Why the batch runs again, for the error if it gives up.
-        let why: String = match attempt {
-            Ok(Ok(results)) => return Ok(results),
-            Ok(Err(Fault::Ambiguous { xid, detail })) => {
-                drop(Object::take(client));
-                resolve(inner, xid, &detail, &mut committed_before).await?;
-                detail
-            }
-            Ok(Err(f)) => {
-                let e = f.into_store_error();
-                if !committed_before {
-                    return Err(e);
-                }
-                e.to_string()
-            }
-            Err(_) => {
-                let detail = format!(
-                    "no answer within the {:?} batch deadline",
-                    inner.batch_deadline
-                );
-                // The connection is lost to us: never hand it back to the pool.
-                drop(Object::take(client));
-                match sent {
-                    Some(xid) => {
-                        resolve(inner, xid, &detail, &mut committed_before).await?;
-                        detail
-                    }
-                    // COMMIT was never sent: the server rolls back when the
-                    // connection goes, and nothing of this attempt can commit.
-                    None if !committed_before => {
-                        return Err(StoreError::Unavailable(format!(
-                            "{detail}; nothing was committed"
-                        )))
-                    }
-                    None => detail,
-                }
-            }
-        };
-        reruns += 1;
-        if reruns > AMBIGUOUS_RERUNS_MAX {
-            return Err(if committed_before {
-                StoreError::Unknown(format!(
-                    "an earlier attempt committed, and reading its result back failed: {why}"
-                ))
-            } else {
-                StoreError::Unavailable(format!(
-                    "{reruns} COMMITs in a row went unanswered, none of them committed: {why}"
-                ))
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(RERUN_BACKOFF_MS * u64::from(reruns))).await;
-    }
-}
-
-/// Pause before re-running a batch after an unanswered COMMIT, times the rerun.
-pub(super) const RERUN_BACKOFF_MS: u64 = 50;
-
-/// Looks up an unanswered COMMIT's fate (bounded by [`RESOLVE_DEADLINE_MS`]),
-/// so the batch can run again; `Unknown` when the fate cannot be learned.
-pub(super) async fn resolve(
-    inner: &Inner,
-    xid: i64,
-    detail: &str,
-    committed_before: &mut bool,
-) -> Result<(), StoreError> {
-    inner
-        .stats
-        .ambiguous_commits
-        .fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(event = "store_commit_unanswered", xid, detail = %detail, "looking up the transaction's fate");
-    let committed = tokio::time::timeout(
-        Duration::from_millis(RESOLVE_DEADLINE_MS),
-        commit_fate(inner, xid),
+    let limits = FateLimits {
+        batch_deadline: inner.batch_deadline,
+        resolve_deadline_ms: RESOLVE_DEADLINE_MS,
+        rerun_backoff_ms: RERUN_BACKOFF_MS,
+        fate_poll_ms: FATE_POLL_MS,
+        reruns_max: AMBIGUOUS_RERUNS_MAX,
+    };
+    apply_resolved(
+        &Pooled {
+            inner,
+            ops,
+            isolated,
+        },
+        &limits,
     )
     .await
-    .map_err(|_| {
-        StoreError::Unknown(format!(
-            "COMMIT of transaction {xid} was not answered ({detail}) and its fate could not be learned within {RESOLVE_DEADLINE_MS} ms"
-        ))
-    })?;
-    tracing::warn!(
-        event = "store_commit_resolved",
-        xid,
-        committed,
-        "running the batch again (it replays if it committed)"
-    );
-    if committed {
-        *committed_before = true;
-        inner
+}
+
+/// One batch of the PostgreSQL store, as the shared loop runs it.
+struct Pooled<'a> {
+    inner: &'a Inner,
+    ops: &'a [Command],
+    isolated: bool,
+}
+
+/// An attempt's connection, and the guard that keeps the store from closing
+/// while it is used. `client` is `None` once discarded.
+struct Conn {
+    _open: tokio::sync::OwnedRwLockReadGuard<bool>,
+    client: Option<Object>,
+}
+
+impl FateStore for Pooled<'_> {
+    type Xid = i64;
+    type Conn = Conn;
+
+    async fn connect(&self) -> Result<Conn, StoreError> {
+        let (open, client) = self.inner.enter().await?;
+        Ok(Conn {
+            _open: open,
+            client: Some(client),
+        })
+    }
+
+    async fn attempt(&self, conn: &mut Conn, sent: &mut Option<i64>) -> Attempt<i64> {
+        let Some(client) = conn.client.as_mut() else {
+            return Attempt::Failed(StoreError::Unavailable(
+                "the attempt's connection was discarded".into(),
+            ));
+        };
+        let ops = self.ops;
+        match apply_counted(client, ops, &now_ms, self.isolated, &self.inner.stats, sent).await {
+            Ok(results) => Attempt::Done(results),
+            Err(Fault::Ambiguous { xid, detail }) => Attempt::Unanswered { xid, detail },
+            Err(f) => Attempt::Failed(f.into_store_error()),
+        }
+    }
+
+    fn discard(&self, conn: &mut Conn) {
+        if let Some(client) = conn.client.take() {
+            drop(Object::take(client));
+        }
+    }
+
+    async fn fate_once(&self, xid: i64) -> Result<Fate, StoreError> {
+        commit_fate_once(self.inner, xid).await
+    }
+
+    fn unanswered(&self, _xid: i64, _detail: &str) {
+        self.inner
             .stats
-            .ambiguous_committed
+            .ambiguous_commits
             .fetch_add(1, Ordering::Relaxed);
     }
-    Ok(())
-}
 
-/// Whether transaction `xid` committed. A transaction still in progress (its
-/// COMMIT may yet arrive from a connection the network is holding) has its
-/// backend ended first, so the answer is final. Connection failures on the way
-/// are retried (the caller bounds the whole look-up).
-pub(super) async fn commit_fate(inner: &Inner, xid: i64) -> bool {
-    /// Pause between looks while a terminated backend finishes, or after a failure.
-    const FATE_POLL_MS: u64 = 10;
-    loop {
-        match commit_fate_once(inner, xid).await {
-            Ok(Some(committed)) => return committed,
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(event = "store_commit_lookup_failed", xid, detail = %e, "retrying");
-            }
+    fn resolved(&self, _xid: i64, committed: bool) {
+        if committed {
+            self.inner
+                .stats
+                .ambiguous_committed
+                .fetch_add(1, Ordering::Relaxed);
         }
-        tokio::time::sleep(Duration::from_millis(FATE_POLL_MS)).await;
     }
 }
 
-/// One look: `Some(committed)` when final, `None` while still in progress (its
-/// backend is then ended).
-pub(super) async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Option<bool>, StoreError> {
+/// One look at transaction `xid`: final when committed or aborted; still in
+/// progress (its COMMIT may yet arrive from a connection the network is
+/// holding), its backend is ended first, so the next look is final.
+async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Fate, StoreError> {
     let client = inner.pool.get().await.map_err(pool_unavailable)?;
     let status: Option<String> = client
         .query_one("SELECT txid_status($1)::text", &[&xid])
@@ -164,8 +133,8 @@ pub(super) async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Option<b
         .map_err(pg_unavailable)?
         .get(0);
     match status.as_deref() {
-        Some("committed") => Ok(Some(true)),
-        Some("aborted") => Ok(Some(false)),
+        Some("committed") => Ok(Fate::Committed),
+        Some("aborted") => Ok(Fate::Aborted),
         Some("in progress") => {
             client
                 .execute(
@@ -175,7 +144,7 @@ pub(super) async fn commit_fate_once(inner: &Inner, xid: i64) -> Result<Option<b
                 )
                 .await
                 .map_err(pg_unavailable)?;
-            Ok(None)
+            Ok(Fate::InProgress)
         }
         other => Err(StoreError::Unavailable(format!(
             "txid_status({xid}) is {other:?}"

@@ -63,7 +63,8 @@
 //!
 //! Files: [`connection`] (pool, close guard, raw connections), [`schema`]
 //! (migrations), [`batch`] (one batch: read, decide, write, commit; savepoint
-//! replay, retries), [`commit`] (unanswered COMMITs), [`reads`] (what a batch
+//! replay, retries), [`commit`] (unanswered COMMITs: PostgreSQL's side of the
+//! shared loop, [`crate::store::commit_fate`]), [`reads`] (what a batch
 //! locks and reads), [`plan`] (its decisions in memory), [`writes`] (set-based
 //! writes), [`idempotency`], [`rows`], [`audit`], [`error`]; `scratch` (throwaway
 //! databases) only with the `test-support` feature.

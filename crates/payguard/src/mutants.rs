@@ -1,8 +1,13 @@
 //! Deliberate bugs, for the deterministic simulation to show that its checks
-//! fail when the engine is wrong (`crates/payguard-sim`, issue #17).
+//! fail when the engine or the store's commit-fate resolution is wrong
+//! (`crates/payguard-sim`, issue #17).
 //!
-//! Why in the engine: the simulation runs the engine's own code, so a broken
-//! variant of that code can only be made here. Compiled in only with the
+//! Why in this crate: the simulation runs payguard's own code (the engine,
+//! and the loop that resolves unanswered COMMITs, `store::commit_fate`), so a
+//! broken variant of that code can only be made here. Why at the crate root,
+//! beside [`crate::failpoint`]: the engine and the store both arm bugs from
+//! it, and the store must not import the engine (it is below it);
+//! `engine::mutants` still names this module. Compiled in only with the
 //! `mutants` feature (only `payguard-sim`, a test crate, turns it on; a release
 //! build of the CLI never has it); without it [`armed`] is a constant `false`
 //! and nothing of this exists. With it (in a workspace test build, cargo turns
@@ -32,6 +37,15 @@ pub enum Mutant {
     /// op's transaction already, so this frees the claim another request took
     /// since, whose answer then goes unstored.
     ReleaseKeyAfterStaleToken,
+    /// The commit-fate loop (`store::commit_fate`) guesses that an unanswered
+    /// COMMIT did not commit: it answers `Unavailable` ("nothing moved") at
+    /// once, with no look-up (which would also have ended the transaction if
+    /// it had not arrived yet).
+    UnansweredCommitGuessedAborted,
+    /// The commit-fate loop forgets that an earlier attempt committed: a later
+    /// failure of the batch (a rerun refused, a connection lost, the reruns
+    /// exhausted) is answered `Unavailable` ("nothing moved"), not `Unknown`.
+    CommittedAttemptForgotten,
 }
 
 #[cfg(feature = "mutants")]
