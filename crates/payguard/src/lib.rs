@@ -20,6 +20,7 @@ pub mod domain;
 pub mod engine;
 pub mod failpoint;
 pub mod lock;
+pub mod mutants;
 pub mod store;
 
 pub use domain::{

@@ -1,10 +1,14 @@
 //! Deliberate bugs, for the deterministic simulation to show that its checks
-//! fail when the engine is wrong (`crates/payguard-sim`, issue #17).
+//! fail when the engine or its lock client is wrong (`crates/payguard-sim`,
+//! issue #17).
 //!
-//! Why in the engine: the simulation runs the engine's own code, so a broken
-//! variant of that code can only be made here. Compiled in only with the
-//! `mutants` feature (only `payguard-sim`, a test crate, turns it on; a release
-//! build of the CLI never has it); without it [`armed`] is a constant `false`
+//! Why in payguard itself: the simulation runs the engine's and the Redis lock
+//! client's own code, so a broken variant of that code can only be made here.
+//! (At the crate root, not in `engine`, because the lock layer has one too and
+//! a lower layer never imports a higher one; `engine::mutants` re-exports it.)
+//!
+//! Compiled in only with the `mutants` feature (only `payguard-sim`, a test
+//! crate, turns it on; a release build of the CLI never has it); without it [`armed`] is a constant `false`
 //! and nothing of this exists. With it (in a workspace test build, cargo turns
 //! it on for every crate), nothing changes until a bug is armed: it is
 //! armed per thread, for the one simulated seed running on that thread (every
@@ -32,7 +36,21 @@ pub enum Mutant {
     /// op's transaction already, so this frees the claim another request took
     /// since, whose answer then goes unstored.
     ReleaseKeyAfterStaleToken,
+    /// The Redis lock client's bug before e03f2f7: after raising the fencing
+    /// epoch (its grant found the fence hash gone), it set the grant counter
+    /// back to 1 ([`RESET_COUNTER`]), racing with the grants other instances
+    /// had made under the new epoch meanwhile: a later grant repeats a token
+    /// a live holder already has (`crate::lock::redis`).
+    ResetCounterOnNewEpoch,
 }
+
+/// [`Mutant::ResetCounterOnNewEpoch`]'s extra command, as a script over the
+/// fence hash (`KEYS[1]`), the one call the lock client's transport makes. It
+/// is the old client's `SET fence:counter 1` in today's one-hash layout.
+pub const RESET_COUNTER: &str = r#"
+redis.call('HSET', KEYS[1], 'n', 1)
+return 1
+"#;
 
 #[cfg(feature = "mutants")]
 thread_local! {
