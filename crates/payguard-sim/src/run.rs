@@ -325,6 +325,8 @@ impl Armed {
             Some(Mutant::SweeperDiesOnFailure)
         } else if protocol.release_key_after_stale_token {
             Some(Mutant::ReleaseKeyAfterStaleToken)
+        } else if protocol.reset_counter_on_new_epoch {
+            Some(Mutant::ResetCounterOnNewEpoch)
         } else {
             None
         });
