@@ -141,7 +141,7 @@ pub mod store;
 pub mod two_phase;
 pub mod wire;
 
-pub use config::{LockProtocol, Protocol};
+pub use config::{LockProtocol, Protocol, ScriptSwap};
 pub use oracle::{Stats, Violation, ViolationKind};
 pub use run::{
     run_seed, run_seed_masked, run_seed_traced, run_seeds, schedule, Outcome, Schedule, SeedsReport,
