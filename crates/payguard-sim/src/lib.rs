@@ -9,8 +9,9 @@
 //! (`Engine::start_with_order_locks`, `--guard full`) on
 //! [turmoil](https://docs.rs/turmoil): their store ([`store`]) talks to a
 //! simulated database ([`db`]) that decides every command with payguard's own
-//! money rules (`payguard::store::rules`), their lock service ([`locks`]) talks
-//! to a simulated Redis ([`redis`]) that runs the Lua scripts' semantics, and a
+//! money rules (`payguard::store::rules`), their lock service ([`locks`]) is
+//! payguard's own Redis lock client talking to a simulated Redis ([`redis`])
+//! that runs the client's Lua scripts in an embedded Lua 5.1, and a
 //! client host ([`client`]) sends bursts of duplicate deducts to different
 //! instances, and duplicate refunds of some orders around them (two refund ids
 //! whose amounts may add up past the charge), and pays other orders in two
@@ -60,11 +61,15 @@
 //! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
 //! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
 //! the answer stored in the op's transaction, the key freed after a retryable
-//! failure), the token arithmetic. What is re-stated, because
-//! it is written against a real server's calls: the Lua scripts ([`redis`]),
-//! the client half of `RedisLocks` ([`locks`]), and the PostgreSQL store's
-//! commit-fate resolution ([`store`]); a divergence between those and
-//! production is not caught here. Not simulated: the HTTP layer (the header's
+//! failure), the token arithmetic, the Redis lock client (`RedisLocks`: every
+//! step from the owner per acquire to the epoch raise, its retries and the
+//! give-backs, over a transport that crosses the simulated network) and its
+//! Lua scripts (the shipped texts, run by [`redis`]). What is re-stated,
+//! because it is written against a real server's calls: the PostgreSQL
+//! store's commit-fate resolution ([`store`]), and the release subscriber's
+//! connection handling (the simulation feeds payguard's `ReleaseBoard` from
+//! its own pub/sub, [`locks`]); a divergence between those and production is
+//! not caught here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so
@@ -119,10 +124,11 @@
 //! says from then on, whatever the next instance's clock reads.
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
-//! rule of the store off (an Idempotency-Key rule among them), or the lock
-//! client's old counter reset on, or arm a
-//! bug in the engine or its sweeper (`payguard::engine::mutants`), to show that
-//! the checks then fail (`tests/sim.rs` pins a seed for each).
+//! rule of the store off (an Idempotency-Key rule among them), or send an
+//! edited lock script ([`config::ScriptSwap`]), or arm a bug in the engine,
+//! its sweeper or its lock client (`payguard::mutants`, the lock client's old
+//! counter reset among them), to show that the checks then fail
+//! (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 

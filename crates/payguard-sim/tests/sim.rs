@@ -490,7 +490,9 @@ fn a_store_without_the_fence_check_applies_a_stale_write() {
 }
 
 /// The lock client's older bug: a counter set back to 1 under a new epoch
-/// hands a live holder a token below one already handed out.
+/// hands a live holder a token below one already handed out. Armed in
+/// payguard's real client (`payguard::mutants::Mutant::ResetCounterOnNewEpoch`),
+/// whose extra `HSET fence n 1` the simulated Redis runs as Lua.
 #[test]
 fn the_counter_reset_bug_gives_a_live_holder_a_stale_token() {
     SeenFailing {
