@@ -50,8 +50,8 @@
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
 
-mod scripts;
-mod transport;
+pub mod scripts;
+pub mod transport;
 
 pub use scripts::{ACQUIRE_MANY, LOCK_SCRIPTS, RAISE_EPOCH, RELEASE_MANY};
 pub use transport::{LockTransport, RedisConnection};
