@@ -30,8 +30,12 @@ pub struct Protocol {
     /// release (`payguard::engine::mutants`), as it did before the refunds.
     pub release_acquires_as_one: bool,
     /// The lock client's old bug (fixed in e03f2f7): after raising the epoch,
-    /// set the counter back to 1, racing with grants already made under it.
+    /// set the counter back to 1, racing with grants already made under it
+    /// (`payguard::mutants::Mutant::ResetCounterOnNewEpoch`, in the real client).
     pub reset_counter_on_new_epoch: bool,
+    /// A lock script's text the instances send instead of the shipped one (a
+    /// broken variant of a script; `None`: payguard's scripts).
+    pub script_swap: Option<ScriptSwap>,
     /// The clients also refund (a workload switch, not a rule): some orders get
     /// `REFUNDS_PER_ORDER` refund ids whose amounts may add up past the charge,
     /// each sent `DUPLICATES` times around the order's deduct. Drawn from their
@@ -78,6 +82,31 @@ pub struct Protocol {
     pub keys_over_network: bool,
 }
 
+/// A lock script sent in place of a shipped one: `runs` whenever the client
+/// evaluates `shipped` (one of `payguard::lock::redis::LOCK_SCRIPTS`). The
+/// texts are `'static` so that a [`Protocol`] stays `Copy`: a test that edits
+/// a shipped text leaks its edit once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ScriptSwap {
+    pub shipped: &'static str,
+    pub runs: &'static str,
+}
+
+impl std::fmt::Debug for ScriptSwap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use payguard::lock::redis::{ACQUIRE_MANY, RAISE_EPOCH, RELEASE_MANY};
+        let name = [
+            (ACQUIRE_MANY, "ACQUIRE_MANY"),
+            (RAISE_EPOCH, "RAISE_EPOCH"),
+            (RELEASE_MANY, "RELEASE_MANY"),
+        ]
+        .iter()
+        .find(|(text, _)| *text == self.shipped)
+        .map_or("a script", |(_, name)| name);
+        write!(f, "{name} edited ({} bytes)", self.runs.len())
+    }
+}
+
 /// How a lane's batch takes the Redis locks of its orders (issue #12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockProtocol {
@@ -98,6 +127,7 @@ impl Protocol {
         lane_forgets_waiter: false,
         release_acquires_as_one: false,
         reset_counter_on_new_epoch: false,
+        script_swap: None,
         refunds: true,
         two_phase: true,
         idempotency_keys: true,

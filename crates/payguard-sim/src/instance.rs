@@ -184,7 +184,7 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         me.post.clone(),
         net,
         payguard::engine::fence_epochs(store.clone()),
-        me.protocol.reset_counter_on_new_epoch,
+        me.protocol.script_swap,
         me.redis_truth.clone(),
         me.oracle.clone(),
     );

@@ -9,8 +9,9 @@
 //! (`Engine::start_with_order_locks`, `--guard full`) on
 //! [turmoil](https://docs.rs/turmoil): their store ([`store`]) talks to a
 //! simulated database ([`db`]) that decides every command with payguard's own
-//! money rules (`payguard::store::rules`), their lock service ([`locks`]) talks
-//! to a simulated Redis ([`redis`]) that runs the Lua scripts' semantics, and a
+//! money rules (`payguard::store::rules`), their lock service ([`locks`]) is
+//! payguard's own Redis lock client talking to a simulated Redis ([`redis`])
+//! that runs the client's Lua scripts in an embedded Lua 5.1, and a
 //! client host ([`client`]) sends bursts of duplicate deducts to different
 //! instances, and duplicate refunds of some orders around them (two refund ids
 //! whose amounts may add up past the charge), and pays other orders in two
@@ -62,15 +63,19 @@
 //! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
 //! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
 //! the answer stored in the op's transaction, the key freed after a retryable
-//! failure), the token arithmetic, and the PostgreSQL store's commit-fate
+//! failure), the token arithmetic, the PostgreSQL store's commit-fate
 //! resolution (`payguard::store::commit_fate`, the loop `PgStore` ships: the
 //! look-up, the rerun, an earlier commit never answered as "nothing moved",
 //! `Unknown` past its limits; [`store`] supplies one attempt over the
 //! simulated network and one look at a fate, the database's side of
-//! `txid_status` and `pg_terminate_backend`). What is re-stated, because
-//! it is written against a real server's calls: the Lua scripts ([`redis`])
-//! and the client half of `RedisLocks` ([`locks`]); a divergence between
-//! those and production is not caught here. Not simulated: the HTTP layer (the header's
+//! `txid_status` and `pg_terminate_backend`), the Redis lock client
+//! (`RedisLocks`: every step from the owner per acquire to the epoch raise,
+//! its retries and the give-backs, over a transport that crosses the
+//! simulated network) and its Lua scripts (the shipped texts, run by
+//! [`redis`]). What is re-stated, because it is written against a real
+//! server's calls: the release subscriber's connection handling (the
+//! simulation feeds payguard's `ReleaseBoard` from its own pub/sub,
+//! [`locks`]); a divergence there is not caught here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so
@@ -125,11 +130,11 @@
 //! says from then on, whatever the next instance's clock reads.
 //!
 //! [`config::Protocol`] can switch the old batch-locking protocol back on, or a
-//! rule of the store off (an Idempotency-Key rule among them), or the lock
-//! client's old counter reset on, or arm a
-//! bug in the engine, its sweeper or the store's commit-fate loop
-//! (`payguard::mutants`), to show that
-//! the checks then fail (`tests/sim.rs` pins a seed for each).
+//! rule of the store off (an Idempotency-Key rule among them), or send an
+//! edited lock script ([`config::ScriptSwap`]), or arm a bug in the engine,
+//! its sweeper, its lock client (the old counter reset among them) or the
+//! store's commit-fate loop (`payguard::mutants`), to show that the checks
+//! then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 
@@ -148,7 +153,7 @@ pub mod store;
 pub mod two_phase;
 pub mod wire;
 
-pub use config::{LockProtocol, Protocol};
+pub use config::{LockProtocol, Protocol, ScriptSwap};
 pub use oracle::{Stats, Violation, ViolationKind};
 pub use run::{
     run_seed, run_seed_masked, run_seed_traced, run_seeds, schedule, Outcome, Schedule, SeedsReport,

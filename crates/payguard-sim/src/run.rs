@@ -329,6 +329,8 @@ impl Armed {
             Some(Mutant::UnansweredCommitGuessedAborted)
         } else if protocol.committed_attempt_forgotten {
             Some(Mutant::CommittedAttemptForgotten)
+        } else if protocol.reset_counter_on_new_epoch {
+            Some(Mutant::ResetCounterOnNewEpoch)
         } else {
             None
         });

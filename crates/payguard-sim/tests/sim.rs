@@ -30,8 +30,8 @@
 use payguard_sim::config::{CI_SEEDS, LIVENESS_BOUND_MS};
 use payguard_sim::db::StoreVariant;
 use payguard_sim::{
-    run_seed, run_seed_masked, run_seeds, schedule, shrink, Mask, Outcome, Protocol, SeedsReport,
-    Shrunk, Stats, ViolationKind,
+    run_seed, run_seed_masked, run_seeds, schedule, shrink, Mask, Outcome, Protocol, ScriptSwap,
+    SeedsReport, Shrunk, Stats, ViolationKind,
 };
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -495,7 +495,9 @@ fn a_store_without_the_fence_check_applies_a_stale_write() {
 }
 
 /// The lock client's older bug: a counter set back to 1 under a new epoch
-/// hands a live holder a token below one already handed out.
+/// hands a live holder a token below one already handed out. Armed in
+/// payguard's real client (`payguard::mutants::Mutant::ResetCounterOnNewEpoch`),
+/// whose extra `HSET fence n 1` the simulated Redis runs as Lua.
 #[test]
 fn the_counter_reset_bug_gives_a_live_holder_a_stale_token() {
     SeenFailing {
@@ -510,6 +512,50 @@ fn the_counter_reset_bug_gives_a_live_holder_a_stale_token() {
         pinned: 6,
     }
     .check();
+}
+
+/// The simulated Redis runs the script text the client sends
+/// (`Protocol::script_swap`, how a broken script is tried): an `ACQUIRE_MANY`
+/// that calls a command the model does not serve fails every acquire loudly,
+/// and the lock being an optimisation, every batch is written without tokens
+/// and the money checks still hold.
+#[test]
+fn an_edited_lock_script_is_what_the_simulated_redis_runs() {
+    let test = "an_edited_lock_script_is_what_the_simulated_redis_runs";
+    let shipped = payguard::lock::redis::ACQUIRE_MANY;
+    let runs: &'static str = Box::leak(
+        shipped
+            .replacen("'HINCRBY', KEYS[1], 'n', 1", "'INCR', KEYS[1]", 1)
+            .into_boxed_str(),
+    );
+    assert_ne!(
+        runs, shipped,
+        "ACQUIRE_MANY no longer increments the counter this way"
+    );
+    let seed = env_u64("PAYGUARD_SIM_SEED").unwrap_or(0);
+    let swapped = Protocol {
+        script_swap: Some(ScriptSwap { shipped, runs }),
+        ..Protocol::PAYGUARD
+    };
+    let o = run_seed_masked(seed, swapped, &Mask::default(), true);
+    assert!(
+        o.trace.iter().any(|l| l.contains("does not model it")),
+        "no acquire failed on the unmodelled command:\n{}",
+        describe(&o, test)
+    );
+    assert!(
+        o.trace
+            .iter()
+            .all(|l| !(l.contains("acquire [\"") && l.contains(":("))),
+        "a lock was granted by the edited script"
+    );
+    assert!(
+        o.violations
+            .iter()
+            .all(|v| v.kind == ViolationKind::Liveness),
+        "{}",
+        describe(&o, test)
+    );
 }
 
 /// A store variant with one of its rules off, seen failing on `kind`.

@@ -1,15 +1,16 @@
 //! Deliberate bugs, for the deterministic simulation to show that its checks
-//! fail when the engine or the store's commit-fate resolution is wrong
-//! (`crates/payguard-sim`, issue #17).
+//! fail when the engine, its lock client or the store's commit-fate
+//! resolution is wrong (`crates/payguard-sim`, issue #17).
 //!
-//! Why in this crate: the simulation runs payguard's own code (the engine,
-//! and the loop that resolves unanswered COMMITs, `store::commit_fate`), so a
-//! broken variant of that code can only be made here. Why at the crate root,
-//! beside [`crate::failpoint`]: the engine and the store both arm bugs from
-//! it, and the store must not import the engine (it is below it);
-//! `engine::mutants` still names this module. Compiled in only with the
-//! `mutants` feature (only `payguard-sim`, a test crate, turns it on; a release
-//! build of the CLI never has it); without it [`armed`] is a constant `false`
+//! Why in payguard itself: the simulation runs payguard's own code (the
+//! engine, the Redis lock client and the loop that resolves unanswered
+//! COMMITs, `store::commit_fate`), so a broken variant of that code can only
+//! be made here. Why at the crate root, beside [`crate::failpoint`]: the
+//! engine, the lock layer and the store all arm bugs from it, and a lower
+//! layer never imports a higher one; `engine::mutants` re-exports it.
+//!
+//! Compiled in only with the `mutants` feature (only `payguard-sim`, a test
+//! crate, turns it on; a release build of the CLI never has it); without it [`armed`] is a constant `false`
 //! and nothing of this exists. With it (in a workspace test build, cargo turns
 //! it on for every crate), nothing changes until a bug is armed: it is
 //! armed per thread, for the one simulated seed running on that thread (every
@@ -46,7 +47,21 @@ pub enum Mutant {
     /// failure of the batch (a rerun refused, a connection lost, the reruns
     /// exhausted) is answered `Unavailable` ("nothing moved"), not `Unknown`.
     CommittedAttemptForgotten,
+    /// The Redis lock client's bug before e03f2f7: after raising the fencing
+    /// epoch (its grant found the fence hash gone), it set the grant counter
+    /// back to 1 ([`RESET_COUNTER`]), racing with the grants other instances
+    /// had made under the new epoch meanwhile: a later grant repeats a token
+    /// a live holder already has (`crate::lock::redis`).
+    ResetCounterOnNewEpoch,
 }
+
+/// [`Mutant::ResetCounterOnNewEpoch`]'s extra command, as a script over the
+/// fence hash (`KEYS[1]`), the one call the lock client's transport makes. It
+/// is the old client's `SET fence:counter 1` in today's one-hash layout.
+pub const RESET_COUNTER: &str = r#"
+redis.call('HSET', KEYS[1], 'n', 1)
+return 1
+"#;
 
 #[cfg(feature = "mutants")]
 thread_local! {

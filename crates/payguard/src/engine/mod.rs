@@ -24,8 +24,9 @@ mod fenced;
 mod full;
 pub mod keyed;
 pub mod lane;
-// The deliberate bugs moved to the crate root (the store's commit-fate loop
-// has one too); the engine's own code and older callers keep this path.
+// The deliberate bugs live at the crate root ([`crate::mutants`]): the lock
+// client and the store's commit-fate loop have some too, and a lower layer
+// never imports a higher one; this path is the one the simulation has always armed.
 pub use crate::mutants;
 mod naive;
 mod outcome;

@@ -1,11 +1,15 @@
 //! The cross-instance lock service as the engine sees it: one trait, so the
 //! engine runs the same code over Redis ([`super::redis::RedisLocks`]) in
-//! production and over a simulated lock service in the deterministic
-//! simulation (`crates/payguard-sim`, issue #17).
+//! production and, in the deterministic simulation (`crates/payguard-sim`,
+//! issue #17), over that same client watched by the simulation's oracle, or
+//! wrapped into the batch-locking protocol before issue #12.
 //!
-//! Why a trait and not the Redis type: the simulation must run the engine's own
-//! batch path (`fenced_apply`, parking, the release wake-ups) against a lock
-//! whose every answer, delay and loss a seed decides. The trait is the calls
+//! Why a trait and not the Redis type: the simulation runs the engine's own
+//! batch path (`fenced_apply`, parking, the release wake-ups) over the Redis
+//! client, whose every answer, delay and loss a seed decides at the client's
+//! transport ([`super::redis::LockTransport`]), and it wraps that client to
+//! tell its oracle what was granted, or to put the old batch-locking protocol
+//! back around it. The trait is the calls
 //! the engine makes: take many locks in one round trip, give them back, wait
 //! for a release, and how long a busy order may wait in all. The waiting
 //! acquire of `--guard seed` and the single release are built from those here,

@@ -39,15 +39,28 @@
 //! database's answer is, and an op the committed state does not settle (a new
 //! refund) takes the lock after all, in a second acquire that ignores hints.
 //!
+//! The client's steps are written once, over a [`LockTransport`] whose one call
+//! evaluates a script ([`scripts`]): production's is a Redis connection
+//! ([`RedisConnection`]), the deterministic simulation's its simulated network
+//! to a Redis model running the same Lua, so the simulation runs this code and
+//! these scripts, not a re-statement of them. Every time limit the simulation
+//! scales down is a field of [`RedisLockConfig`].
+//!
 //! The lock is an optimisation. If Redis cannot be reached, the engine writes
 //! without a token and the database's constraints still make every order charge
 //! at most once; a request then either succeeds correctly or fails with 503.
+
+pub mod scripts;
+pub mod transport;
+
+pub use scripts::{ACQUIRE_MANY, LOCK_SCRIPTS, RAISE_EPOCH, RELEASE_MANY};
+pub use transport::{LockTransport, RedisConnection};
 
 use super::release::{spawn_subscriber, ReleaseBoard};
 use super::service::OrderLocks;
 use super::token;
 use super::Lease;
-use redis::aio::ConnectionManager;
+use crate::mutants::{armed, Mutant};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -55,13 +68,15 @@ use tokio::time::Instant;
 
 /// How long one Redis command may take before the lock counts as unavailable.
 pub const REDIS_COMMAND_TIMEOUT_MS: u64 = 500;
+/// Connecting may take this many command timeouts.
+const CONNECT_TIMEOUTS: u64 = 4;
 /// Longest a busy order waits for its holder's release notification before it
 /// tries again anyway (a lost notification costs at most this). A holder that
 /// died is waited for no longer than its lock's remaining TTL either.
 pub const RELEASE_WAIT_MS_MAX: u64 = 250;
 /// A waiter marker outlives the lock it waits on by this much, so the holder's
 /// release still finds it.
-const WAITER_MARK_GRACE_MS: u64 = 1_000;
+pub const WAITER_MARK_GRACE_MS: u64 = 1_000;
 /// How long a settled hint outlives the release that left it: duplicates and
 /// client retries of a charge come within seconds.
 pub const SETTLED_HINT_MS: u64 = 30_000;
@@ -69,83 +84,52 @@ pub const SETTLED_HINT_MS: u64 = 30_000;
 /// a grant and its epoch raise; past this the batch writes without tokens.
 pub const EPOCH_RACE_RETRIES_MAX: usize = 3;
 
-/// Takes every free lock of `KEYS` (after the fence hash, triples of an order's
-/// lock key, its waiter marker and its settled hint) in one step. The counter and
-/// the epoch live in one hash (`fence`), so a flush, a restart or an eviction
-/// loses both together: a counter can never restart under an epoch that already
-/// handed out higher numbers. Answers `{epoch, incarnation, r1, r2, ...}`:
-/// `ri >= 1` is the grant counter of lock i; `ri = 0` means its settled hint is
-/// set and `ARGV[3 + i]` asked for it (nothing was taken); `ri < 0` means it is
-/// held elsewhere for `-ri - 1` more ms (its waiter marker is then set, so the
-/// holder's release publishes).
-const ACQUIRE_MANY: &str = r#"
-local out = {false, false}
-local k = 0
-for i = 2, #KEYS, 3 do
-  k = k + 1
-  if ARGV[3 + k] == '1' and redis.call('EXISTS', KEYS[i + 2]) == 1 then
-    out[#out + 1] = 0
-  elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-    if n == 1 then
-      redis.call('HSET', KEYS[1], 'inc', ARGV[1])
-    end
-    out[#out + 1] = n
-  else
-    local left = redis.call('PTTL', KEYS[i])
-    if left < 0 then left = 0 end
-    redis.call('SET', KEYS[i + 1], '1', 'PX', left + tonumber(ARGV[3]))
-    out[#out + 1] = -left - 1
-  end
-end
-out[1] = redis.call('HGET', KEYS[1], 'epoch') or false
-out[2] = redis.call('HGET', KEYS[1], 'inc') or false
-return out
-"#;
+/// What a lock client is: whose keys, which instance, and every time limit it
+/// keeps. [`RedisLockConfig::new`] has production's limits (the constants of
+/// this module); the simulation scales them down to its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLockConfig {
+    /// Prefix of every key, so several deployments (or tests) share one Redis.
+    pub prefix: String,
+    /// This instance's name: every acquire's owner starts with it.
+    pub owner: String,
+    /// A grant's lease.
+    pub ttl: Duration,
+    /// One command's timeout (production: [`REDIS_COMMAND_TIMEOUT_MS`]; the
+    /// transport applies it).
+    pub command_timeout_ms: u64,
+    /// [`RELEASE_WAIT_MS_MAX`].
+    pub release_wait_ms_max: u64,
+    /// [`WAITER_MARK_GRACE_MS`].
+    pub waiter_mark_grace_ms: u64,
+    /// [`SETTLED_HINT_MS`].
+    pub settled_hint_ms: u64,
+    /// How long a request waits in all for a lock held elsewhere
+    /// ([`super::LOCK_WAIT_MS_MAX`]; [`OrderLocks::wait_max`]).
+    pub lock_wait_ms_max: u64,
+}
 
-/// Sets the epoch only upward, never touching the counter (resetting it would
-/// race with grants already made under the new epoch); returns the epoch in force,
-/// or nothing when the hash is not the incarnation the caller's grant saw.
-const RAISE_EPOCH: &str = r#"
-if (redis.call('HGET', KEYS[1], 'inc') or '') ~= ARGV[2] then
-  return false
-end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-if tonumber(ARGV[1]) > cur then
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
-  return tonumber(ARGV[1])
-end
-return cur
-"#;
+impl RedisLockConfig {
+    /// Production's limits, with this prefix, owner and lease.
+    pub fn new(prefix: &str, owner: &str, ttl: Duration) -> Self {
+        RedisLockConfig {
+            prefix: prefix.to_owned(),
+            owner: owner.to_owned(),
+            ttl,
+            command_timeout_ms: REDIS_COMMAND_TIMEOUT_MS,
+            release_wait_ms_max: RELEASE_WAIT_MS_MAX,
+            waiter_mark_grace_ms: WAITER_MARK_GRACE_MS,
+            settled_hint_ms: SETTLED_HINT_MS,
+            lock_wait_ms_max: super::LOCK_WAIT_MS_MAX,
+        }
+    }
+}
 
-/// Compare-and-delete of every `(lock, waiter marker, settled hint)` triple of
-/// `KEYS` held by `ARGV[1]`. Lease j's order id is `ARGV[4 + 2j]` and its
-/// settled flag `ARGV[5 + 2j]`: a flagged lock leaves its settled hint for
-/// `ARGV[3]` ms, set before the lock goes; a freed lock that somebody waits for
-/// publishes its order id on channel `ARGV[2]`. Answers 1 per lock freed, 0 per
-/// lock no longer ours (its lease expired; no hint is left then).
-const RELEASE_MANY: &str = r#"
-local out = {}
-local j = 0
-for i = 1, #KEYS, 3 do
-  local order = ARGV[4 + 2 * j]
-  local settled = ARGV[5 + 2 * j]
-  j = j + 1
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    if settled == '1' then
-      redis.call('SET', KEYS[i + 2], '1', 'PX', ARGV[3])
-    end
-    redis.call('DEL', KEYS[i])
-    if redis.call('DEL', KEYS[i + 1]) == 1 then
-      redis.call('PUBLISH', ARGV[2], order)
-    end
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"#;
+/// Where each acquire's owner value comes from: unique to the acquire (with
+/// [`RedisLockConfig::owner`] before it), for compare-and-delete. Production:
+/// the process id and a counter; the simulation: a counter per instance boot,
+/// so a seed replays with the same values.
+pub type OwnerIds = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Where new fencing epochs come from: a sequence that only grows and outlives
 /// Redis (payguard: the store's, handed over by the engine's composition,
@@ -178,18 +162,14 @@ pub enum Grant {
 }
 
 pub struct RedisLocks {
-    conn: ConnectionManager,
-    /// Prefix of every key, so several deployments (or tests) share one Redis.
-    prefix: String,
-    owner: String,
-    ttl: Duration,
+    transport: Arc<dyn LockTransport>,
+    config: RedisLockConfig,
+    owner_ids: OwnerIds,
     epochs: EpochSource,
-    acquire_many: redis::Script,
-    raise_epoch: redis::Script,
-    release_many: redis::Script,
     releases: ReleaseBoard,
-    /// Dropping it stops the release subscriber.
-    _stop_subscriber: oneshot::Sender<()>,
+    /// Dropping it stops the release subscriber (production's; `None` when
+    /// the caller feeds `releases` itself).
+    _stop_subscriber: Option<oneshot::Sender<()>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RedisLockError {
@@ -197,6 +177,8 @@ fn unavailable(e: impl std::fmt::Display) -> RedisLockError {
 }
 
 impl RedisLocks {
+    /// Connects to the Redis at `url` with production's limits
+    /// ([`RedisLockConfig::new`]) and starts the release subscriber.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -204,37 +186,53 @@ impl RedisLocks {
         ttl: Duration,
         epochs: EpochSource,
     ) -> Result<Self, RedisLockError> {
+        let config = RedisLockConfig::new(prefix, owner, ttl);
         let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS)))
-            .set_response_timeout(Some(Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS)))
-            .set_number_of_retries(1);
+        let timeout = Duration::from_millis(config.command_timeout_ms);
         let conn = tokio::time::timeout(
-            Duration::from_millis(REDIS_COMMAND_TIMEOUT_MS * 4),
-            ConnectionManager::new_with_config(client.clone(), config),
+            timeout * CONNECT_TIMEOUTS as u32,
+            RedisConnection::connect(client.clone(), timeout),
         )
         .await
         .map_err(|_| RedisLockError::Unavailable(format!("connecting to {url} timed out")))?
         .map_err(unavailable)?;
         let releases = ReleaseBoard::default();
         let (stop, stopped) = oneshot::channel();
-        spawn_subscriber(client, format!("{prefix}:released"), &releases, stopped);
-        Ok(RedisLocks {
-            conn,
-            prefix: prefix.to_owned(),
-            owner: owner.to_owned(),
-            ttl,
+        spawn_subscriber(client, released_channel(&config.prefix), &releases, stopped);
+        let mut locks = RedisLocks::over(
+            Arc::new(conn),
+            config,
+            Arc::new(uuid_like),
             epochs,
-            acquire_many: redis::Script::new(ACQUIRE_MANY),
-            raise_epoch: redis::Script::new(RAISE_EPOCH),
-            release_many: redis::Script::new(RELEASE_MANY),
             releases,
-            _stop_subscriber: stop,
-        })
+        );
+        locks._stop_subscriber = Some(stop);
+        Ok(locks)
+    }
+
+    /// The client over any transport, waking its waiters from `releases`,
+    /// which the caller feeds from the `{prefix}:released` channel
+    /// ([`released_channel`]; production: [`RedisLocks::connect`]'s
+    /// subscriber, the simulation: its simulated pub/sub).
+    pub fn over(
+        transport: Arc<dyn LockTransport>,
+        config: RedisLockConfig,
+        owner_ids: OwnerIds,
+        epochs: EpochSource,
+        releases: ReleaseBoard,
+    ) -> Self {
+        RedisLocks {
+            transport,
+            config,
+            owner_ids,
+            epochs,
+            releases,
+            _stop_subscriber: None,
+        }
     }
 
     fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+        format!("{}:{name}", self.config.prefix)
     }
 
     fn lock_key(&self, order: &str) -> String {
@@ -282,26 +280,20 @@ impl RedisLocks {
         orders: &[&str],
         hints: &[bool],
     ) -> Result<Option<Vec<Grant>>, RedisLockError> {
-        let owner = format!("{}:{}", self.owner, uuid_like());
-        let mut invocation = self.acquire_many.key(self.key("fence"));
+        let owner = format!("{}:{}", self.config.owner, (self.owner_ids)());
         let keys: Vec<String> = orders.iter().map(|o| self.lock_key(o)).collect();
+        let mut script_keys = Vec::with_capacity(1 + 3 * keys.len());
+        script_keys.push(self.key("fence"));
         for key in &keys {
-            invocation
-                .key(key)
-                .key(format!("{key}:w"))
-                .key(format!("{key}:s"));
+            script_keys.extend([key.clone(), format!("{key}:w"), format!("{key}:s")]);
         }
-        invocation
-            .arg(&owner)
-            .arg(self.ttl.as_millis() as u64)
-            .arg(WAITER_MARK_GRACE_MS);
-        for &hint in hints {
-            invocation.arg(if hint { "1" } else { "0" });
-        }
-        let mut conn = self.conn.clone();
-        let answer = invocation
-            .invoke_async::<Vec<redis::Value>>(&mut conn)
-            .await;
+        let mut args = vec![
+            owner.clone(),
+            (self.config.ttl.as_millis() as u64).to_string(),
+            self.config.waiter_mark_grace_ms.to_string(),
+        ];
+        args.extend(hints.iter().map(|&h| if h { "1" } else { "0" }.to_owned()));
+        let answer = self.transport.eval(ACQUIRE_MANY, script_keys, args).await;
         let (epoch, incarnation, answers): AcquireAnswer = match answer {
             Ok(v) => parse_acquire(v).map_err(unavailable)?,
             Err(e) => {
@@ -385,28 +377,36 @@ impl RedisLocks {
             })
             .collect();
         let unsettled = vec![false; leases.len()];
-        tokio::spawn(release_leases(
-            self.conn.clone(),
-            self.release_many.clone(),
-            self.prefix.clone(),
-            leases,
-            unsettled,
-        ));
+        let transport = self.transport.clone();
+        let (prefix, hint_ms) = (self.config.prefix.clone(), self.config.settled_hint_ms);
+        tokio::spawn(async move {
+            let given_back =
+                release_leases(&*transport, &prefix, hint_ms, &leases, &unsettled).await;
+            if let Err(e) = given_back {
+                tracing::warn!(
+                    event = "lock_give_back_failed",
+                    detail = %e,
+                    "the grants of an unanswered acquire stay held until their TTL"
+                );
+            }
+        });
     }
 
     /// A new epoch for the hash incarnation `incarnation`; `None` when the hash
     /// has been re-created since (the raise would regress the new incarnation).
     async fn new_epoch(&self, incarnation: &str) -> Result<Option<i64>, RedisLockError> {
         let fresh = (self.epochs)().await.map_err(RedisLockError::Epoch)?;
-        let mut conn = self.conn.clone();
-        let epoch: Option<i64> = self
-            .raise_epoch
-            .key(self.key("fence"))
-            .arg(fresh)
-            .arg(incarnation)
-            .invoke_async(&mut conn)
+        let fence = self.key("fence");
+        let raised = self
+            .transport
+            .eval(
+                RAISE_EPOCH,
+                vec![fence.clone()],
+                vec![fresh.to_string(), incarnation.to_owned()],
+            )
             .await
             .map_err(unavailable)?;
+        let epoch: Option<i64> = redis::from_redis_value(raised).map_err(unavailable)?;
         let Some(epoch) = epoch else {
             tracing::warn!(
                 event = "fence_epoch_refused",
@@ -415,6 +415,13 @@ impl RedisLocks {
             );
             return Ok(None);
         };
+        if epoch >= fresh && armed(Mutant::ResetCounterOnNewEpoch) {
+            // The code before e03f2f7 (a deliberate bug, for the simulation).
+            self.transport
+                .eval(crate::mutants::RESET_COUNTER, vec![fence], Vec::new())
+                .await
+                .map_err(unavailable)?;
+        }
         tracing::warn!(
             event = "fence_epoch",
             epoch,
@@ -426,11 +433,12 @@ impl RedisLocks {
 
     /// Waits until `order`'s lock was released after `since` (when the acquire
     /// that found it busy was sent), or for `left` (its holder's remaining lease)
-    /// capped at [`RELEASE_WAIT_MS_MAX`]. True when a release woke it.
+    /// capped at [`RedisLockConfig::release_wait_ms_max`]. True when a release
+    /// woke it.
     pub async fn released(&self, order: &str, since: Instant, left: Duration) -> bool {
         let at_most = left
             .max(Duration::from_millis(1))
-            .min(Duration::from_millis(RELEASE_WAIT_MS_MAX));
+            .min(Duration::from_millis(self.config.release_wait_ms_max));
         self.releases.released(order, since, at_most).await
     }
 
@@ -450,11 +458,11 @@ impl RedisLocks {
         settled: &[bool],
     ) -> Result<Vec<bool>, RedisLockError> {
         release_leases(
-            self.conn.clone(),
-            self.release_many.clone(),
-            self.prefix.clone(),
-            leases.to_vec(),
-            settled.to_vec(),
+            &*self.transport,
+            &self.config.prefix,
+            self.config.settled_hint_ms,
+            leases,
+            settled,
         )
         .await
     }
@@ -487,16 +495,26 @@ impl OrderLocks for RedisLocks {
     ) -> futures::future::BoxFuture<'a, bool> {
         Box::pin(RedisLocks::released(self, order, since, left))
     }
+
+    fn wait_max(&self) -> Duration {
+        Duration::from_millis(self.config.lock_wait_ms_max)
+    }
 }
 
-/// RELEASE_MANY of `leases` (all of one acquire), owning everything it needs so
-/// it can also run in the background.
+/// The channel a release somebody waits for is published on.
+pub fn released_channel(prefix: &str) -> String {
+    format!("{prefix}:released")
+}
+
+/// RELEASE_MANY of `leases` (all of one acquire), leaving the settled hint of
+/// each flagged lease for `hint_ms`; it borrows only what a background
+/// give-back can own.
 async fn release_leases(
-    mut conn: ConnectionManager,
-    script: redis::Script,
-    prefix: String,
-    leases: Vec<Lease>,
-    settled: Vec<bool>,
+    transport: &dyn LockTransport,
+    prefix: &str,
+    hint_ms: u64,
+    leases: &[Lease],
+    settled: &[bool],
 ) -> Result<Vec<bool>, RedisLockError> {
     if leases.is_empty() {
         return Ok(Vec::new());
@@ -509,10 +527,10 @@ async fn release_leases(
         )));
     }
     let lock_prefix = format!("{prefix}:lock:order:");
-    let mut invocation = script.prepare_invoke();
+    let mut keys = Vec::with_capacity(3 * leases.len());
     let mut orders = Vec::with_capacity(leases.len());
     let mut owner = None;
-    for lease in &leases {
+    for lease in leases {
         let (key, held_by) = lease
             .key
             .split_once('\u{0}')
@@ -523,23 +541,29 @@ async fn release_leases(
             ));
         }
         owner = Some(held_by);
-        invocation
-            .key(key)
-            .key(format!("{key}:w"))
-            .key(format!("{key}:s"));
+        keys.extend([key.to_owned(), format!("{key}:w"), format!("{key}:s")]);
         orders.push(key.strip_prefix(&lock_prefix).unwrap_or(key));
     }
-    invocation
-        .arg(owner.unwrap_or_default())
-        .arg(format!("{prefix}:released"))
-        .arg(SETTLED_HINT_MS);
-    for (order, settled) in orders.into_iter().zip(settled) {
-        invocation.arg(order).arg(if settled { "1" } else { "0" });
+    let mut args = vec![
+        owner.unwrap_or_default().to_owned(),
+        released_channel(prefix),
+        hint_ms.to_string(),
+    ];
+    for (order, &settled) in orders.into_iter().zip(settled) {
+        args.extend([order.to_owned(), if settled { "1" } else { "0" }.to_owned()]);
     }
-    let freed: Vec<i64> = invocation
-        .invoke_async(&mut conn)
+    let answer = transport
+        .eval(RELEASE_MANY, keys, args)
         .await
         .map_err(unavailable)?;
+    let freed: Vec<i64> = redis::from_redis_value(answer).map_err(unavailable)?;
+    if freed.len() != leases.len() {
+        return Err(RedisLockError::Unavailable(format!(
+            "release answered {} locks for {}",
+            freed.len(),
+            leases.len()
+        )));
+    }
     Ok(freed.into_iter().map(|n| n == 1).collect())
 }
 
@@ -548,7 +572,8 @@ async fn release_leases(
 type AcquireAnswer = (Option<i64>, Option<String>, Vec<i64>);
 
 /// Splits ACQUIRE_MANY's answer.
-fn parse_acquire(v: Vec<redis::Value>) -> Result<AcquireAnswer, redis::ParsingError> {
+fn parse_acquire(v: redis::Value) -> Result<AcquireAnswer, redis::ParsingError> {
+    let v: Vec<redis::Value> = redis::from_redis_value(v)?;
     let mut it = v.into_iter();
     let epoch: Option<i64> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
     let inc: Option<String> = redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
@@ -558,7 +583,8 @@ fn parse_acquire(v: Vec<redis::Value>) -> Result<AcquireAnswer, redis::ParsingEr
     Ok((epoch, inc, answers))
 }
 
-/// A value unique to this grant (process start, pid, counter), for compare-and-delete.
+/// A value unique to this grant (process id, a counter shared by every client
+/// of the process), for compare-and-delete.
 fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
