@@ -294,14 +294,20 @@ impl RedisLocks {
         ];
         args.extend(hints.iter().map(|&h| if h { "1" } else { "0" }.to_owned()));
         let answer = self.transport.eval(ACQUIRE_MANY, script_keys, args).await;
-        let (epoch, incarnation, answers): AcquireAnswer = match answer {
-            Ok(v) => parse_acquire(v).map_err(unavailable)?,
+        // An answer that is missing, unreadable or of the wrong length may
+        // still hide grants the script made: give back whatever it took.
+        let (epoch, incarnation, answers): AcquireAnswer = match answer
+            .map_err(unavailable)
+            .and_then(|v| parse_acquire(v).map_err(unavailable))
+        {
+            Ok(parsed) => parsed,
             Err(e) => {
                 self.give_back_lost_grants(&keys, &owner);
-                return Err(unavailable(e));
+                return Err(e);
             }
         };
         if answers.len() != orders.len() {
+            self.give_back_lost_grants(&keys, &owner);
             return Err(RedisLockError::Unavailable(format!(
                 "acquire answered {} locks for {}",
                 answers.len(),

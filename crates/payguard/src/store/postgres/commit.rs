@@ -63,10 +63,12 @@ struct Pooled<'a> {
 }
 
 /// An attempt's connection, and the guard that keeps the store from closing
-/// while it is used. `client` is `None` once discarded.
+/// while it is used. `client` is `None` once discarded. Fields drop in
+/// declaration order: the connection goes back to the pool before the guard
+/// lets a closing store go on (as before the loop was shared).
 struct Conn {
-    _open: tokio::sync::OwnedRwLockReadGuard<bool>,
     client: Option<Object>,
+    _open: tokio::sync::OwnedRwLockReadGuard<bool>,
 }
 
 impl FateStore for Pooled<'_> {
@@ -76,8 +78,8 @@ impl FateStore for Pooled<'_> {
     async fn connect(&self) -> Result<Conn, StoreError> {
         let (open, client) = self.inner.enter().await?;
         Ok(Conn {
-            _open: open,
             client: Some(client),
+            _open: open,
         })
     }
 
