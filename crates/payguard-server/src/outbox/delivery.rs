@@ -65,8 +65,7 @@ pub struct HttpDeliver {
 
 impl Deliver for HttpDeliver {
     async fn send(&self, claim: &Claimed) -> Sent {
-        let (outcome, status, error, duration_ms) =
-            send(&self.settings, &self.sender, claim).await;
+        let (outcome, status, error, duration_ms) = send(&self.settings, &self.sender, claim).await;
         Sent {
             answer: outcome.map(|o| match o {
                 Outcome::Delivered => Answer::Delivered,
