@@ -1144,3 +1144,79 @@ fn a_seed_replays_exactly() {
         }
     }
 }
+
+/// payguard's delivery loop taking an attempt that timed out for a delivered
+/// one (`Mutant::TimedOutAttemptRecordedDelivered`): a delivery answered 504
+/// past the attempt's timeout is recorded `delivered` though the receiver
+/// never answered it 2xx. payguard is clean on the seed (with webhooks).
+#[test]
+fn a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery() {
+    SeenFailing {
+        test:
+            "a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery",
+        protocol: Protocol {
+            timed_out_attempt_recorded_delivered: true,
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookDeliveredWithoutAck,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_TIMEOUT_DELIVERED,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery`].
+const PINNED_TIMEOUT_DELIVERED: u64 = 0;
+
+/// A store whose webhook claim ignores an unexpired lease
+/// (`StoreVariant::claim_respects_lease` off): a delivery leased to one
+/// instance is claimed again by another while the first attempt may still be
+/// in flight (two attempts at once). payguard is clean on the seed.
+#[test]
+fn a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once() {
+    SeenFailing {
+        test: "a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once",
+        protocol: Protocol {
+            store: StoreVariant {
+                claim_respects_lease: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookOverlap,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_CLAIM_IGNORES_LEASE,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once`].
+const PINNED_CLAIM_IGNORES_LEASE: u64 = 0;
+
+/// A store that keeps a webhook result without checking its claimer still
+/// holds the lease (`StoreVariant::record_checks_lease` off): a result that
+/// comes back after its lease ran out and another instance claimed the
+/// delivery again is kept over the later claim's. payguard is clean on the seed.
+#[test]
+fn a_record_kept_without_its_lease_overrides_a_later_claim() {
+    SeenFailing {
+        test: "a_record_kept_without_its_lease_overrides_a_later_claim",
+        protocol: Protocol {
+            store: StoreVariant {
+                record_checks_lease: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookAttempts,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_RECORD_WITHOUT_LEASE,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_record_kept_without_its_lease_overrides_a_later_claim`].
+const PINNED_RECORD_WITHOUT_LEASE: u64 = 13;
