@@ -6,8 +6,9 @@
 //! that captures or releases a hold twice, captures after its expiry, refunds
 //! past a captured sum, forgets the held sum, writes an event per replay or
 //! decides at a clock read before its row locks, and a sweeper that voids
-//! instead of expiring) is seen failing on a pinned seed, so the checks are
-//! not no-ops. One test shows a known exposure of payguard itself: instance
+//! instead of expiring; for webhooks a delivery loop that takes a timeout for
+//! delivered, a claim that ignores a running lease and a result kept without
+//! its lease) is seen failing on a pinned seed, so the checks are not no-ops. One test shows a known exposure of payguard itself: instance
 //! clocks that disagree (not in the CI seeds' setting).
 //!
 //! `PAYGUARD_SIM_SEEDS=N` sets how many seeds the main test (default

@@ -17,7 +17,7 @@
 //!   mid-attempt leaves its lease to run out, and another instance attempts again;
 //! * one attempt at a time per delivery: the lease is taken by a conditional
 //!   write, and a result is kept only while its claimer still holds the lease
-//!   ([`payguard::store::outbox`]);
+//!   ([`crate::store::outbox`]);
 //! * duplicates only after a timeout or a crash: a live claimer's lease outlasts
 //!   its attempt (`payguard-server`'s `DELIVERY_LEASE_MS`; the caller's
 //!   [`DeliverySettings::lease_ms`]);
