@@ -418,15 +418,17 @@ pub const RECEIVER_RNG_SALT: u64 = 0x000e_bb00_c5e1_01d5;
 /// long after the clients and the last fault ended: the check then names
 /// what was left).
 pub const WEBHOOK_DRAIN_MS_MAX: u64 = 3_000;
+/// How long a due delivery may wait for room behind the seed's other
+/// deliveries (a seed's few dozen fit the instances' room a few times over).
+pub const WEBHOOK_ROOM_WAIT_MS: u64 = 100;
 /// On a seed with no fault, every delivery is `delivered` within this of its
-/// event's commit: a tick to be fanned out and claimed, then per failure of
-/// the receiver (at most [`RECEIVER_FAILS_PER_DELIVERY_MAX`]) a timeout, a
-/// retry delay and a tick, plus a wait for room behind the other deliveries
-/// (every seed's events fit the instances' room a few times over).
+/// event's commit: ticks to be fanned out and claimed, then per failure of
+/// the receiver (at most [`RECEIVER_FAILS_PER_DELIVERY_MAX`]) a late answer,
+/// a retry delay and a tick, plus [`WEBHOOK_ROOM_WAIT_MS`].
 pub const WEBHOOK_LIVENESS_MS: u64 = 4 * WEBHOOK_TICK_MS
     + RECEIVER_FAILS_PER_DELIVERY_MAX as u64
         * (RECEIVER_SLOW_MS + WEBHOOK_RETRY_DELAYS_MS[1] as u64 + WEBHOOK_TICK_MS)
-    + 100;
+    + WEBHOOK_ROOM_WAIT_MS;
 
 /// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.
 pub const CI_SEEDS: u64 = 1_000;
