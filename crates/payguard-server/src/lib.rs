@@ -145,7 +145,7 @@ pub async fn serve(
         ))
     });
     let delivery = (state.webhooks.tick_ms > 0).then(|| {
-        outbox::delivery::Delivery::start(
+        outbox::delivery::start(
             engine.store().clone(),
             state.webhooks.clone(),
             state.info.instance.clone(),

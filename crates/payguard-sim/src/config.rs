@@ -80,6 +80,17 @@ pub struct Protocol {
     /// database's state directly (no network draw, so the seeds pinned before
     /// this switch keep their schedules).
     pub keys_over_network: bool,
+    /// Every instance runs payguard's webhook delivery loop
+    /// (`payguard::outbox::delivery`, at the scaled `WEBHOOK_*` limits) over
+    /// the database's outbox ([`crate::outbox`]), delivering every event to
+    /// the seed's endpoints at a simulated receiver ([`crate::hooks`]) that
+    /// sometimes fails or answers late; the seed then drains its deliveries
+    /// and the webhook checks run. Off: no loop, no receiver host, no
+    /// endpoint (the seeds pinned before this switch keep their schedules).
+    pub webhooks: bool,
+    /// payguard's delivery loop records an attempt that timed out as
+    /// delivered (`payguard::mutants::Mutant::TimedOutAttemptRecordedDelivered`).
+    pub timed_out_attempt_recorded_delivered: bool,
 }
 
 /// A lock script sent in place of a shipped one: `runs` whenever the client
@@ -137,6 +148,8 @@ impl Protocol {
         committed_attempt_forgotten: false,
         clock_skew_ms: 0,
         keys_over_network: false,
+        webhooks: false,
+        timed_out_attempt_recorded_delivered: false,
     };
 
     /// payguard before issue #12: batches take their locks with `join_all`.
@@ -362,7 +375,60 @@ const _: () = {
     assert!((*HOLD_TTL_MS_SHORT.end() as u64) < FAULT_WINDOW_MS);
     assert!(KEY_WAIT_MS < CLIENT_TIMEOUT_MS);
     assert!(HOLD_TTL_MS_LONG as u64 > SIM_DURATION_MS_MAX);
+    assert!(WEBHOOK_TIMEOUT_MS > 2 * LATENCY_MS_MAX);
+    assert!(WEBHOOK_LEASE_MS > WEBHOOK_TIMEOUT_MS as i64 + 2 * LATENCY_MS_MAX as i64);
+    assert!(RECEIVER_SLOW_MS > WEBHOOK_TIMEOUT_MS);
+    assert!(RECEIVER_FAILS_PER_DELIVERY_MAX < WEBHOOK_RETRY_MAX);
+    assert!(WEBHOOK_PER_ENDPOINT_MAX < WEBHOOK_INFLIGHT_MAX);
 };
+
+/// The delivery loop's tick (production `DELIVERY_TICK_MS`: 100 ms).
+pub const WEBHOOK_TICK_MS: u64 = 10;
+/// One attempt's deadline (production `DELIVERY_TIMEOUT_MS`: 15 000 ms):
+/// longer than a healthy round trip to the receiver at the highest latency.
+pub const WEBHOOK_TIMEOUT_MS: u64 = 15;
+/// How long a claim's lease runs (production `DELIVERY_LEASE_MS`: the
+/// timeout plus 15 s): the timeout plus as much again.
+pub const WEBHOOK_LEASE_MS: i64 = 2 * WEBHOOK_TIMEOUT_MS as i64;
+/// The wait after attempt k fails (production `RETRY_DELAYS_MS`: 5 s, 5 min,
+/// 30 min, 2 h, 5 h, 10 h, 10 h), the last one repeating.
+pub const WEBHOOK_RETRY_DELAYS_MS: [i64; 4] = [5, 10, 20, 40];
+/// Attempts per delivery before it is `failed` (production default 8): room
+/// for the receiver's failures ([`RECEIVER_FAILS_PER_DELIVERY_MAX`]) and for
+/// attempts the faults cost (a claim whose answer is lost, a crashed claimer).
+pub const WEBHOOK_RETRY_MAX: u32 = 12;
+/// Attempts in flight from one instance in all, and to one endpoint
+/// (production 256 and 64): small, so the room limits are met.
+pub const WEBHOOK_INFLIGHT_MAX: usize = 6;
+pub const WEBHOOK_PER_ENDPOINT_MAX: usize = 4;
+/// The receiver's port.
+pub const RECEIVER_PORT: u16 = 8443;
+/// Per seed, the percent of attempts the receiver fails (drawn from these),
+/// half answered 500 at once, half answered 504 after
+/// [`RECEIVER_SLOW_MS`] (past the attempt's timeout).
+pub const RECEIVER_FAIL_PERCENT_CHOICES: [u32; 3] = [0, 15, 40];
+/// A slow answer comes this long after the attempt arrived.
+pub const RECEIVER_SLOW_MS: u64 = WEBHOOK_TIMEOUT_MS + 10;
+/// The receiver fails at most this many attempts of one delivery; then it
+/// answers 200.
+pub const RECEIVER_FAILS_PER_DELIVERY_MAX: u32 = 2;
+/// Salt of the receiver's own random stream.
+pub const RECEIVER_RNG_SALT: u64 = 0x000e_bb00_c5e1_01d5;
+/// With webhooks, a seed runs until no delivery is left pending (or this
+/// long after the clients and the last fault ended: the check then names
+/// what was left).
+pub const WEBHOOK_DRAIN_MS_MAX: u64 = 3_000;
+/// How long a due delivery may wait for room behind the seed's other
+/// deliveries (a seed's few dozen fit the instances' room a few times over).
+pub const WEBHOOK_ROOM_WAIT_MS: u64 = 100;
+/// On a seed with no fault, every delivery is `delivered` within this of its
+/// event's commit: ticks to be fanned out and claimed, then per failure of
+/// the receiver (at most [`RECEIVER_FAILS_PER_DELIVERY_MAX`]) a late answer,
+/// a retry delay and a tick, plus [`WEBHOOK_ROOM_WAIT_MS`].
+pub const WEBHOOK_LIVENESS_MS: u64 = 4 * WEBHOOK_TICK_MS
+    + RECEIVER_FAILS_PER_DELIVERY_MAX as u64
+        * (RECEIVER_SLOW_MS + WEBHOOK_RETRY_DELAYS_MS[1] as u64 + WEBHOOK_TICK_MS)
+    + WEBHOOK_ROOM_WAIT_MS;
 
 /// Seeds run by `cargo test` unless `PAYGUARD_SIM_SEEDS` says otherwise.
 pub const CI_SEEDS: u64 = 1_000;

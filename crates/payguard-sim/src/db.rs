@@ -34,14 +34,22 @@
 //! Idempotency-Key rules (an answer stored in its command's transaction, a
 //! claim's fingerprint compared, a held key not claimed again, a keyed
 //! command whose key holds its answer not decided again; the claim is
-//! decided in [`crate::store`]).
+//! decided in [`crate::store`]); and the webhook lease rules (a claim that
+//! ignores an unexpired lease, a result kept without its lease:
+//! [`crate::outbox`]).
+//!
+//! The outbox's tables (webhook endpoints, deliveries, attempts) are
+//! [`crate::outbox`]'s, kept beside the money's ([`DbState::outbox`]); the
+//! delivery loop's calls reach them as requests like the money path's.
 
 use crate::oracle::OracleRef;
+use crate::outbox::Outbox;
 use crate::wire::{now_ms, Post, Server, DB_PORT};
 use payguard::domain::{
     Account, AccountId, Currency, Entry, EntryKind, Event, EventDraft, EventType, Money, Order,
     OrderId, OrderStatus,
 };
+use payguard::store::outbox::{AttemptResult, ClaimRequest, Claimed, Endpoint};
 use payguard::store::rules::{
     self, ClaimDecision, Decision, Effect, IdemCompletion, IdemRecord, Inconsistent, Rows, Verdict,
 };
@@ -114,6 +122,15 @@ pub struct StoreVariant {
     /// payguard's stores did before claims had tokens, so a late release could
     /// free a claim another request took since.
     pub release_checks_claim: bool,
+    /// A webhook claim takes only deliveries whose lease has run out
+    /// (`lease_until <= now`). Off: a delivery leased to another instance is
+    /// claimed again while its attempt may still be in flight.
+    pub claim_respects_lease: bool,
+    /// A webhook attempt's result is kept only while its claimer holds the
+    /// lease (`lease_owner = owner AND attempts = attempt`). Off: any result
+    /// of a pending delivery is kept, also one that comes back after another
+    /// instance claimed it again.
+    pub record_checks_lease: bool,
 }
 
 impl StoreVariant {
@@ -145,6 +162,8 @@ impl StoreVariant {
         key_claimed_once: true,
         rerun_reads_key: true,
         release_checks_claim: true,
+        claim_respects_lease: true,
+        record_checks_lease: true,
     };
 }
 
@@ -178,6 +197,14 @@ pub enum DbReq {
         key: String,
         token: ClaimToken,
     },
+    /// `Store::webhook_endpoints`.
+    HookEndpoints { id: Option<String> },
+    /// `Store::webhook_fan_out` at the caller's `now_ms`.
+    HookFanOut { now_ms: i64 },
+    /// `Store::webhook_claim`.
+    HookClaim(ClaimRequest),
+    /// `Store::webhook_record`.
+    HookRecord(Vec<AttemptResult>),
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +217,11 @@ pub enum DbResp {
     Claimed(ClaimOutcome),
     /// Whether the release freed a record.
     Released(bool),
+    HookEndpoints(Vec<Endpoint>),
+    FannedOut(u64),
+    HookClaimed(Vec<Claimed>),
+    /// Per result, whether it was kept.
+    Recorded(Vec<bool>),
 }
 
 /// The tables: what a transaction changes, all or nothing.
@@ -237,6 +269,8 @@ pub struct DbState {
     /// Transactions committed, and looked up after their answer was lost.
     pub commits: u64,
     pub fate_lookups: u64,
+    /// The outbox's tables (webhook endpoints, deliveries, attempts).
+    pub outbox: Outbox,
 }
 
 /// See [`DbState::races`].
@@ -509,6 +543,7 @@ impl DbState {
             races: Races::default(),
             commits: 0,
             fate_lookups: 0,
+            outbox: Outbox::default(),
         }
     }
 
@@ -775,6 +810,21 @@ impl DbState {
             DbReq::Release { scope, key, token } => {
                 DbResp::Released(self.release(scope, key, *token))
             }
+            DbReq::HookEndpoints { id } => {
+                DbResp::HookEndpoints(self.outbox.endpoints(id.as_deref()))
+            }
+            DbReq::HookFanOut { now_ms } => {
+                DbResp::FannedOut(self.outbox.fan_out(&self.tables.events, *now_ms))
+            }
+            DbReq::HookClaim(c) => DbResp::HookClaimed(self.outbox.claim(
+                c,
+                &self.tables.events,
+                self.variant,
+                now as u64,
+            )),
+            DbReq::HookRecord(results) => {
+                DbResp::Recorded(self.outbox.record(results, self.variant, now as u64))
+            }
         }
     }
 
@@ -912,6 +962,21 @@ fn describe(req: &DbReq) -> String {
         DbReq::DueHolds { now_ms, .. } => format!("holds due at {now_ms} ms?"),
         DbReq::Claim(c) => format!("claim key {} at {} ms", c.key, c.now_ms),
         DbReq::Release { key, token, .. } => format!("release key {key} claim {}", token.0),
+        DbReq::HookEndpoints { .. } => "webhook endpoints?".into(),
+        DbReq::HookFanOut { now_ms } => format!("webhook fan-out at {now_ms} ms"),
+        DbReq::HookClaim(c) => format!(
+            "webhook claim by {} at {} ms {:?} (total {})",
+            c.owner, c.now_ms, c.wants, c.total_max
+        ),
+        DbReq::HookRecord(rs) => format!(
+            "webhook record {:?}",
+            rs.iter()
+                .map(|r| format!(
+                    "{}/{}#{} by {}: {:?}",
+                    r.endpoint_id, r.event_id, r.attempt, r.owner, r.next
+                ))
+                .collect::<Vec<_>>()
+        ),
     }
 }
 
@@ -949,6 +1014,15 @@ fn describe_resp(resp: &DbResp) -> String {
         DbResp::Due(ids) => format!("{:?}", ids.iter().map(OrderId::as_str).collect::<Vec<_>>()),
         DbResp::Claimed(outcome) => describe_claim(outcome),
         DbResp::Released(freed) => format!("freed {freed}"),
+        DbResp::HookEndpoints(e) => format!("{} endpoints", e.len()),
+        DbResp::FannedOut(n) => format!("{n} deliveries created"),
+        DbResp::HookClaimed(c) => format!(
+            "claimed {:?}",
+            c.iter()
+                .map(|c| format!("{}/{}#{}", c.endpoint_id, c.event.id, c.attempt))
+                .collect::<Vec<_>>()
+        ),
+        DbResp::Recorded(kept) => format!("kept {kept:?}"),
     }
 }
 

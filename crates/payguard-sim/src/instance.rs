@@ -12,10 +12,14 @@
 //! one (a new boot: new lock owners and transaction ids). With two-phase
 //! payments, every instance also runs payguard's expiry sweeper
 //! (`payguard::engine::sweeper::run_on_clock`, the loop `payguard-server`
-//! spawns, on the simulated clock), so several sweep at once.
+//! spawns, on the simulated clock), so several sweep at once. With
+//! `Protocol::webhooks`, every instance also runs payguard's webhook delivery
+//! loop (`payguard::outbox::delivery`, what `payguard-server` starts), its
+//! attempts sent to the simulated receiver ([`crate::hooks`]).
 
 use crate::config::{BATCH_MAX, BATCH_WAIT_US, LANES, LANE_QUEUE_DEPTH_MAX, SWEEP_INTERVAL_MS};
 use crate::db::DbState;
+use crate::hooks;
 use crate::keys;
 use crate::locks::{JoinAll, SimLocks};
 use crate::oracle::OracleRef;
@@ -26,6 +30,7 @@ use crate::{LockProtocol, Protocol};
 use payguard::domain::{Money, OrderId, RefundId, RequestId};
 use payguard::engine::{Engine, EngineConfig, EngineError, Guard};
 use payguard::lock::OrderLocks;
+use payguard::outbox::delivery::Delivery;
 use payguard::store::{Op, Output, Rejection, Store, StoreError};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -178,6 +183,7 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         rng,
         me.oracle.clone(),
     ));
+    let hooks_net = net.clone();
     let real = SimLocks::start(
         me.index,
         boot,
@@ -203,7 +209,27 @@ pub async fn serve(me: Rc<Instance>) -> turmoil::Result {
         instance_id: format!("inst{}", me.index),
         failpoint_pause_after_lock_ms: 0,
     };
-    let engine = Arc::new(Engine::start_with_order_locks(store, cfg, Some(locks)));
+    let engine = Arc::new(Engine::start_with_order_locks(
+        store.clone(),
+        cfg,
+        Some(locks),
+    ));
+    // payguard's webhook delivery loop, as `payguard-server` starts it, with
+    // the simulation's attempt and scaled settings; it dies with the host.
+    let _delivery = me.protocol.webhooks.then(|| {
+        let owner = format!("inst{}", me.index);
+        let deliver = hooks::SimDeliver {
+            net: hooks_net,
+            owner: owner.clone(),
+            oracle: me.oracle.clone(),
+        };
+        Delivery::start(
+            store,
+            hooks::settings(me.clock_offset_ms),
+            owner,
+            std::future::ready(Some(deliver)),
+        )
+    });
     if me.protocol.two_phase {
         // payguard's own sweeper loop, as `payguard-server` spawns it, on the
         // instance's simulated clock; dropped with the host when it crashes.

@@ -72,7 +72,24 @@
 //! (`RedisLocks`: every step from the owner per acquire to the epoch raise,
 //! its retries and the give-backs, over a transport that crosses the
 //! simulated network) and its Lua scripts (the shipped texts, run by
-//! [`redis`]). What is re-stated, because it is written against a real
+//! [`redis`]), and, with `Protocol::webhooks`, the webhook delivery loop
+//! (`payguard::outbox::delivery`, what `payguard-server` starts: fan-out,
+//! claims with leases and per-endpoint and total room, attempts, results
+//! batched and kept only under their lease, the retry schedule at scaled
+//! delays) on every instance, crashing with it, its store calls crossing the
+//! network to the database's outbox ([`outbox`], each rule the SQL stores'
+//! statement it names), its attempts going to a receiver host ([`hooks`])
+//! that stands in for a customer's endpoint behind the server's HTTP sender
+//! (signing, secrets, SSRF and HTTP are not run: an attempt is one message
+//! and its answer; the receiver answers 200, or 500, or 504 past the
+//! attempt's timeout, and records every attempt); at the end of such a seed,
+//! once its deliveries drained, every matching event has exactly one delivery
+//! per endpoint, every delivery is delivered and was received, none recorded
+//! delivered without a 2xx, no attempt arrives after its delivery's
+//! `delivered` record while its own lease ran, attempts are numbered by their
+//! claims without gaps and a result is kept only for the latest claim, no
+//! claim overlaps a running lease, and on a seed with no fault every delivery
+//! is made within a bound ([`hooks::check`]). What is re-stated, because it is written against a real
 //! server's calls: the release subscriber's connection handling (the
 //! simulation feeds payguard's `ReleaseBoard` from its own pub/sub,
 //! [`locks`]); a divergence there is not caught here. Not simulated: the HTTP layer (the header's
@@ -80,8 +97,9 @@
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so
 //! (`payguard_holds_with_keys_over_the_network`, 250 seeds per CI run;
-//! otherwise they read and write the database's state at once), webhook delivery (the events feed is
-//! written and checked, nothing is delivered), PostgreSQL's numbering of
+//! otherwise they read and write the database's state at once), webhook
+//! delivery unless `Protocol::webhooks` says so (`payguard_holds_with_webhooks`,
+//! 250 seeds per CI run), PostgreSQL's numbering of
 //! events after commit, transactions that overlap in time (the database runs
 //! each at one instant), Redis eviction and replication, and a database that
 //! loses committed data. Every host reads the one simulated clock, unless
@@ -133,8 +151,9 @@
 //! rule of the store off (an Idempotency-Key rule among them), or send an
 //! edited lock script ([`config::ScriptSwap`]), or arm a bug in the engine,
 //! its sweeper, its lock client (the old counter reset among them) or the
-//! store's commit-fate loop (`payguard::mutants`), to show that the checks
-//! then fail (`tests/sim.rs` pins a seed for each).
+//! store's commit-fate loop, or its webhook delivery loop (`payguard::mutants`),
+//! or switch a webhook lease rule of the database off, to show that the
+//! checks then fail (`tests/sim.rs` pins a seed for each).
 
 #![forbid(unsafe_code)]
 
@@ -142,10 +161,12 @@ pub mod checks;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod hooks;
 pub mod instance;
 pub mod keys;
 pub mod locks;
 pub mod oracle;
+pub mod outbox;
 pub mod redis;
 pub mod run;
 pub mod shrink;

@@ -91,6 +91,28 @@ pub enum ViolationKind {
     /// client), and one of the batch's transactions committed, before the
     /// answer or landing after it.
     NothingMovedButCommitted,
+    /// Webhooks: an endpoint lacks a delivery for a committed event it
+    /// matches, or has one for an event that did not commit (or does not match).
+    WebhookFanOut,
+    /// Webhooks: after the drain, a delivery is not `delivered` (or `failed`
+    /// only after every attempt, on a seed with faults), or was never received.
+    WebhookUndelivered,
+    /// Webhooks: a delivery recorded `delivered` by an attempt the receiver
+    /// did not answer 2xx.
+    WebhookDeliveredWithoutAck,
+    /// Webhooks: an attempt reached the receiver after its delivery's
+    /// `delivered` record committed, while its own lease still ran.
+    WebhookReceivedAfterDelivered,
+    /// Webhooks: a delivery's claims are not numbered 1..n (n its
+    /// `attempts`), an attempt received or logged that was not claimed, or a
+    /// result kept that is not the latest claim's.
+    WebhookAttempts,
+    /// Webhooks: a delivery claimed while its previous attempt's lease still
+    /// ran and that attempt's result was not kept (two attempts at once).
+    WebhookOverlap,
+    /// Webhooks, on a seed with no fault: a delivery not delivered within
+    /// `WEBHOOK_LIVENESS_MS` of its event.
+    WebhookLiveness,
     /// A request never left its instance: still in flight long after the
     /// clients finished and every fault healed.
     Hang,
@@ -194,6 +216,17 @@ pub struct Stats {
     pub unknown: u64,
     /// The longest time from a client's send to its answer (a max, not a sum).
     pub answer_ms_max: u64,
+    /// Webhooks (`Protocol::webhooks`; all 0 without): deliveries at the
+    /// end, of them delivered, and failed after every attempt; attempts the
+    /// loop made (ended, counted by the loop), of them to be retried;
+    /// attempts the receiver got; deliveries it answered 2xx more than once.
+    pub hook_deliveries: u64,
+    pub hook_delivered: u64,
+    pub hook_failed: u64,
+    pub hook_attempts: u64,
+    pub hook_retries: u64,
+    pub hook_receipts: u64,
+    pub hook_duplicates: u64,
 }
 
 #[derive(Debug, Default)]

@@ -23,6 +23,7 @@ use crate::checks;
 use crate::client::{self, Flow, FollowUps, Send};
 use crate::config::*;
 use crate::db::{self, DbState};
+use crate::hooks;
 use crate::instance::{self, Instance};
 use crate::keys;
 use crate::oracle::{Oracle, OracleRef, Stats, Violation, ViolationKind};
@@ -331,6 +332,8 @@ impl Armed {
             Some(Mutant::CommittedAttemptForgotten)
         } else if protocol.reset_counter_on_new_epoch {
             Some(Mutant::ResetCounterOnNewEpoch)
+        } else if protocol.timed_out_attempt_recorded_delivered {
+            Some(Mutant::TimedOutAttemptRecordedDelivered)
         } else {
             None
         });
@@ -534,6 +537,10 @@ pub fn run_seed_masked(seed: u64, protocol: Protocol, mask: &Mask, trace: bool) 
     let redis_state: SharedRedis = Arc::new(Mutex::new(RedisState::default()));
     let db_state = Arc::new(Mutex::new(DbState::new(protocol.store)));
     lock(&db_state).open(&scenario.accounts, &scenario.orders);
+    let receiver = protocol.webhooks.then(|| {
+        hooks::create_endpoints(&mut lock(&db_state));
+        Arc::new(Mutex::new(hooks::Receiver::new(seed)))
+    });
     let fair = weather.is_fair();
     oracle.borrow_mut().note(0, || {
         format!(
@@ -585,6 +592,12 @@ pub fn run_seed_masked(seed: u64, protocol: Protocol, mask: &Mask, trace: bool) 
         });
         sim.host(instance_host(i), move || instance::serve(inst.clone()));
     }
+    if let Some(receiver) = &receiver {
+        let (post, state, oracle) = (post.clone(), receiver.clone(), oracle.clone());
+        sim.host(hooks::RECEIVER_HOST, move || {
+            hooks::serve(post.clone(), state.clone(), oracle.clone())
+        });
+    }
     sim.client(
         CLIENT_HOST,
         client::run(
@@ -595,7 +608,14 @@ pub fn run_seed_masked(seed: u64, protocol: Protocol, mask: &Mask, trace: bool) 
             oracle.clone(),
         ),
     );
-    drive(&mut sim, weather, &oracle, &redis_state, &db_state);
+    drive(
+        &mut sim,
+        weather,
+        &oracle,
+        &redis_state,
+        &db_state,
+        protocol.webhooks,
+    );
     let sim_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
     let db = lock(&db_state);
@@ -604,9 +624,12 @@ pub fn run_seed_masked(seed: u64, protocol: Protocol, mask: &Mask, trace: bool) 
     oracle.stats.stale_refused = db.stale_refused;
     oracle.stats.expiry_replays = db.races.expiry_replays;
     oracle.stats.captures_too_late = db.races.captures_too_late;
+    let receiver = receiver
+        .as_ref()
+        .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()));
     Outcome {
         planned,
-        ..verdict(seed, sim_ms, fair, &db, &mut oracle)
+        ..verdict(seed, sim_ms, fair, &db, receiver.as_deref(), &mut oracle)
     }
 }
 
@@ -631,13 +654,16 @@ fn hold_left_to_sweep(db: &Arc<Mutex<DbState>>) -> Option<u64> {
 /// Steps the simulation, injecting the faults on time, until the clients are
 /// done, every fault healed, nothing was in flight for a while, and no short
 /// hold is left for the sweepers (or [`SWEEP_GRACE_MS`] passed after its
-/// expiry, the clients and the faults: the end-of-seed check names it).
+/// expiry, the clients and the faults: the end-of-seed check names it), and,
+/// with `webhooks`, no delivery is left pending (or [`WEBHOOK_DRAIN_MS_MAX`]
+/// passed after the clients and the faults: the webhook checks name it).
 fn drive(
     sim: &mut turmoil::Sim<'_>,
     mut weather: Weather,
     oracle: &OracleRef,
     redis_state: &SharedRedis,
     db_state: &Arc<Mutex<DbState>>,
+    webhooks: bool,
 ) {
     let last_fault_ms = weather.faults.back().map_or(0, |(at, _, _)| *at);
     let mut clients_done_ms: Option<u64> = None;
@@ -663,7 +689,12 @@ fn drive(
             let sweeping = hold_left_to_sweep(db_state);
             let swept =
                 sweeping.is_none_or(|at| now >= at.max(done).max(last_fault_ms) + SWEEP_GRACE_MS);
-            if weather.faults.is_empty() && now >= settled && swept {
+            let delivered = !webhooks || {
+                let db = lock(db_state);
+                !db.outbox.work_left(&db.tables.events)
+                    || now >= done.max(last_fault_ms) + WEBHOOK_DRAIN_MS_MAX
+            };
+            if weather.faults.is_empty() && now >= settled && swept && delivered {
                 return;
             }
             let hung = done.max(last_fault_ms) + IN_FLIGHT_DRAIN_MS_MAX;
@@ -707,13 +738,23 @@ fn inject(sim: &mut turmoil::Sim<'_>, action: Action, redis_state: &SharedRedis,
 
 /// The checks at the end: safety always, liveness when nothing went wrong (no
 /// fault, no loss, no stall).
-fn verdict(seed: u64, sim_ms: u64, fair: bool, db: &DbState, oracle: &mut Oracle) -> Outcome {
+fn verdict(
+    seed: u64,
+    sim_ms: u64,
+    fair: bool,
+    db: &DbState,
+    receiver: Option<&hooks::Receiver>,
+    oracle: &mut Oracle,
+) -> Outcome {
     checks::money(db, oracle);
     two_phase::check(db, oracle, sim_ms);
     keys::check(db, oracle);
     let fault_free = fair && oracle.stats.stalls == 0;
     if fault_free {
         oracle.check_liveness(LIVENESS_BOUND_MS);
+    }
+    if let Some(receiver) = receiver {
+        hooks::check(db, receiver, oracle, fault_free);
     }
     let balances: Vec<i64> = db
         .tables
@@ -880,6 +921,13 @@ fn add_stats(t: &mut Stats, s: &Stats) {
         lock_busy,
         unknown,
         answer_ms_max,
+        hook_deliveries,
+        hook_delivered,
+        hook_failed,
+        hook_attempts,
+        hook_retries,
+        hook_receipts,
+        hook_duplicates,
     } = s;
     t.grants += grants;
     t.new_epochs += new_epochs;
@@ -924,4 +972,11 @@ fn add_stats(t: &mut Stats, s: &Stats) {
     t.lock_busy += lock_busy;
     t.unknown += unknown;
     t.answer_ms_max = t.answer_ms_max.max(*answer_ms_max);
+    t.hook_deliveries += hook_deliveries;
+    t.hook_delivered += hook_delivered;
+    t.hook_failed += hook_failed;
+    t.hook_attempts += hook_attempts;
+    t.hook_retries += hook_retries;
+    t.hook_receipts += hook_receipts;
+    t.hook_duplicates += hook_duplicates;
 }

@@ -35,9 +35,14 @@
 //! (`order`, `account`, `entries`), they read and write the database's state
 //! directly, through the same rules ([`DbState::claim`],
 //! [`DbState::release`]). The events feed is the one the database writes
-//! in each movement's transaction. Webhooks: no endpoint can be created here (`webhook_create`
-//! says so), so every other webhook call answers what an empty endpoint table
-//! answers. `audit` is not simulated: the end-of-seed checks audit the state
+//! in each movement's transaction. Webhooks: the delivery loop's calls
+//! (`webhook_endpoints`, `webhook_fan_out`, `webhook_claim`,
+//! `webhook_record`) cross the network to the database's outbox
+//! ([`crate::outbox`]), so a claim's answer can be lost after its leases were
+//! taken and a result can arrive after its lease ran out; `webhook_create`
+//! (the seed's endpoints), the deliveries' listing and the backlog read and
+//! write the state directly; deleting an endpoint and a manual retry are not
+//! simulated (they answer `Unavailable`). `audit` is not simulated: the end-of-seed checks audit the state
 //! ([`crate::run`]).
 
 use crate::config::{
@@ -475,41 +480,113 @@ impl Store for SimStore {
         ok(self.inner.db().tables.events.last().map_or(0, |e| e.seq))
     }
 
-    fn webhook_create(&self, _endpoint: Endpoint) -> StoreFuture<bool> {
+    /// Written directly, like the other calls off the loop's path (its
+    /// cursor at the feed's end, `crate::outbox::Outbox::create`).
+    fn webhook_create(&self, endpoint: Endpoint) -> StoreFuture<bool> {
+        let mut db = self.inner.db();
+        let db = &mut *db;
+        ok(db.outbox.create(endpoint, &db.tables.events))
+    }
+
+    /// Over the network: the delivery loop reads them every pass.
+    fn webhook_endpoints(&self, id: Option<String>) -> StoreFuture<Vec<Endpoint>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner
+                .call(DbReq::HookEndpoints { id }, BATCH_DEADLINE_MS)
+                .await
+            {
+                Ok(DbResp::HookEndpoints(e)) => Ok(e),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
+    fn webhook_delete(&self, _id: String, _now_ms: i64) -> StoreFuture<bool> {
         Box::pin(async {
             Err(StoreError::Unavailable(
-                "webhooks are not simulated: no endpoint can be created".into(),
+                "deleting a webhook endpoint is not simulated".into(),
             ))
         })
     }
 
-    fn webhook_endpoints(&self, _id: Option<String>) -> StoreFuture<Vec<Endpoint>> {
-        ok(Vec::new())
+    /// Over the network: a fan-out can be lost, or land after its caller
+    /// gave up.
+    fn webhook_fan_out(&self, now_ms: i64) -> StoreFuture<u64> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner
+                .call(DbReq::HookFanOut { now_ms }, BATCH_DEADLINE_MS)
+                .await
+            {
+                Ok(DbResp::FannedOut(n)) => Ok(n),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
     }
 
-    fn webhook_delete(&self, _id: String, _now_ms: i64) -> StoreFuture<bool> {
-        ok(false)
+    /// Over the network: a claim's answer can be lost after its leases were
+    /// taken (they run out, and the attempts are made again).
+    fn webhook_claim(&self, req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.call(DbReq::HookClaim(req), BATCH_DEADLINE_MS).await {
+                Ok(DbResp::HookClaimed(c)) => Ok(c),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
     }
 
-    fn webhook_fan_out(&self, _now_ms: i64) -> StoreFuture<u64> {
-        ok(0)
-    }
-
-    fn webhook_claim(&self, _req: ClaimRequest) -> StoreFuture<Vec<Claimed>> {
-        ok(Vec::new())
-    }
-
+    /// Over the network: results can be lost, or arrive after their lease
+    /// ran out (then they are kept only if nobody claimed the delivery since).
     fn webhook_record(&self, results: Vec<AttemptResult>) -> StoreFuture<Vec<bool>> {
-        ok(vec![false; results.len()])
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner
+                .call(DbReq::HookRecord(results), BATCH_DEADLINE_MS)
+                .await
+            {
+                Ok(DbResp::Recorded(kept)) => Ok(kept),
+                Ok(other) => Err(StoreError::Unavailable(format!("answered {other:?}"))),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            }
+        })
     }
 
+    /// Read directly (the API's listing; the loop does not call it).
     fn webhook_deliveries(
         &self,
-        _endpoint_id: String,
-        _status: Option<DeliveryStatus>,
-        _limit: usize,
+        endpoint_id: String,
+        status: Option<DeliveryStatus>,
+        limit: usize,
     ) -> StoreFuture<Vec<Delivery>> {
-        ok(Vec::new())
+        let db = self.inner.db();
+        let o = &db.outbox;
+        let mut out: Vec<Delivery> = o
+            .deliveries
+            .iter()
+            .filter(|((ep, _), d)| ep == &endpoint_id && status.is_none_or(|s| s == d.status))
+            .map(|((ep, ev), d)| Delivery {
+                endpoint_id: ep.clone(),
+                event_id: ev.clone(),
+                event_seq: d.event_seq,
+                event_type: d.event_type,
+                status: d.status,
+                attempts: d.attempts,
+                next_attempt_at: (d.status == DeliveryStatus::Pending).then_some(d.next_attempt_at),
+                attempt_log: o
+                    .attempts
+                    .range((ep.clone(), ev.clone(), 0)..=(ep.clone(), ev.clone(), u32::MAX))
+                    .map(|(_, row)| row.clone())
+                    .collect(),
+            })
+            .collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.event_seq));
+        out.truncate(limit);
+        ok(out)
     }
 
     fn webhook_retry(
@@ -518,10 +595,40 @@ impl Store for SimStore {
         _event_id: String,
         _now_ms: i64,
     ) -> StoreFuture<RetryOutcome> {
-        ok(RetryOutcome::NotFound)
+        Box::pin(async {
+            Err(StoreError::Unavailable(
+                "a manual webhook retry is not simulated".into(),
+            ))
+        })
     }
 
+    /// Read directly (the metrics' scrape; the loop does not call it).
     fn webhook_backlog(&self) -> StoreFuture<Vec<Backlog>> {
-        ok(Vec::new())
+        let db = self.inner.db();
+        let o = &db.outbox;
+        let backlog = o
+            .endpoints
+            .keys()
+            .map(|id| {
+                let pending: Vec<i64> = o
+                    .deliveries
+                    .iter()
+                    .filter(|((ep, _), d)| ep == id && d.status == DeliveryStatus::Pending)
+                    .filter_map(|((_, ev), _)| {
+                        db.tables
+                            .events
+                            .iter()
+                            .find(|e| &e.id == ev)
+                            .map(|e| e.created_at)
+                    })
+                    .collect();
+                Backlog {
+                    endpoint_id: id.clone(),
+                    pending: pending.len() as u64,
+                    oldest_created_at: pending.iter().min().copied(),
+                }
+            })
+            .collect();
+        ok(backlog)
     }
 }

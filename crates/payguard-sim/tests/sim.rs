@@ -6,8 +6,9 @@
 //! that captures or releases a hold twice, captures after its expiry, refunds
 //! past a captured sum, forgets the held sum, writes an event per replay or
 //! decides at a clock read before its row locks, and a sweeper that voids
-//! instead of expiring) is seen failing on a pinned seed, so the checks are
-//! not no-ops. One test shows a known exposure of payguard itself: instance
+//! instead of expiring; for webhooks a delivery loop that takes a timeout for
+//! delivered, a claim that ignores a running lease and a result kept without
+//! its lease) is seen failing on a pinned seed, so the checks are not no-ops. One test shows a known exposure of payguard itself: instance
 //! clocks that disagree (not in the CI seeds' setting).
 //!
 //! `PAYGUARD_SIM_SEEDS=N` sets how many seeds the main test (default
@@ -203,6 +204,36 @@ fn payguard_holds_with_keys_over_the_network() {
         seeds,
         2_000_000,
     );
+}
+
+/// Seeds run per CI run with webhooks delivered.
+const WEBHOOK_SEEDS: u64 = 250;
+
+/// The protocol of [`payguard_holds_with_webhooks`].
+const WEBHOOKS: Protocol = Protocol {
+    webhooks: true,
+    ..Protocol::PAYGUARD
+};
+
+/// Row 6 with every instance running payguard's webhook delivery loop
+/// (`Protocol::webhooks`: `payguard::outbox::delivery`, its claims and
+/// results over the simulated network to the database's outbox, its attempts
+/// to a receiver that sometimes fails or answers late), crashing and
+/// restarting with its instance. Every event reaches every endpoint it
+/// matches, once recorded, at least once received, one attempt at a time,
+/// and within a bound on a seed with no fault (seeds from 3 000 000, apart
+/// from the others; RELIABILITY.md row 6h).
+#[test]
+fn payguard_holds_with_webhooks() {
+    let seeds = env_u64("PAYGUARD_SIM_SEEDS").unwrap_or(WEBHOOK_SEEDS);
+    let r = holds_for_every_seed("payguard_holds_with_webhooks", WEBHOOKS, seeds, 3_000_000);
+    if env_u64("PAYGUARD_SIM_SEED").is_none() {
+        let t = &r.totals;
+        assert!(
+            t.hook_delivered > 0 && t.hook_retries > 0 && t.hook_duplicates > 0,
+            "no delivery delivered, retried, or received twice: {t:?}"
+        );
+    }
 }
 
 /// Seeds run per CI run with the instances' clocks apart.
@@ -1114,3 +1145,79 @@ fn a_seed_replays_exactly() {
         }
     }
 }
+
+/// payguard's delivery loop taking an attempt that timed out for a delivered
+/// one (`Mutant::TimedOutAttemptRecordedDelivered`): a delivery answered 504
+/// past the attempt's timeout is recorded `delivered` though the receiver
+/// never answered it 2xx. payguard is clean on the seed (with webhooks).
+#[test]
+fn a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery() {
+    SeenFailing {
+        test:
+            "a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery",
+        protocol: Protocol {
+            timed_out_attempt_recorded_delivered: true,
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookDeliveredWithoutAck,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_TIMEOUT_DELIVERED,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_delivery_loop_that_takes_a_timeout_for_delivered_records_an_unacknowledged_delivery`].
+const PINNED_TIMEOUT_DELIVERED: u64 = 0;
+
+/// A store whose webhook claim ignores an unexpired lease
+/// (`StoreVariant::claim_respects_lease` off): a delivery leased to one
+/// instance is claimed again by another while the first attempt may still be
+/// in flight (two attempts at once). payguard is clean on the seed.
+#[test]
+fn a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once() {
+    SeenFailing {
+        test: "a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once",
+        protocol: Protocol {
+            store: StoreVariant {
+                claim_respects_lease: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookOverlap,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_CLAIM_IGNORES_LEASE,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_claim_that_ignores_a_running_lease_makes_two_attempts_at_once`].
+const PINNED_CLAIM_IGNORES_LEASE: u64 = 0;
+
+/// A store that keeps a webhook result without checking its claimer still
+/// holds the lease (`StoreVariant::record_checks_lease` off): a result that
+/// comes back after its lease ran out and another instance claimed the
+/// delivery again is kept over the later claim's. payguard is clean on the seed.
+#[test]
+fn a_record_kept_without_its_lease_overrides_a_later_claim() {
+    SeenFailing {
+        test: "a_record_kept_without_its_lease_overrides_a_later_claim",
+        protocol: Protocol {
+            store: StoreVariant {
+                record_checks_lease: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookAttempts,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_RECORD_WITHOUT_LEASE,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_record_kept_without_its_lease_overrides_a_later_claim`].
+const PINNED_RECORD_WITHOUT_LEASE: u64 = 13;

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod lock;
 pub mod mutants;
+pub mod outbox;
 pub mod store;
 
 pub use domain::{

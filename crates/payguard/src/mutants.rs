@@ -1,10 +1,11 @@
 //! Deliberate bugs, for the deterministic simulation to show that its checks
-//! fail when the engine, its lock client or the store's commit-fate
-//! resolution is wrong (`crates/payguard-sim`, issue #17).
+//! fail when the engine, its lock client, the store's commit-fate
+//! resolution or the webhook delivery loop is wrong (`crates/payguard-sim`, issue #17).
 //!
 //! Why in payguard itself: the simulation runs payguard's own code (the
 //! engine, the Redis lock client and the loop that resolves unanswered
-//! COMMITs, `store::commit_fate`), so a broken variant of that code can only
+//! COMMITs, `store::commit_fate`, and the webhook delivery loop,
+//! `outbox::delivery`), so a broken variant of that code can only
 //! be made here. Why at the crate root, beside [`crate::failpoint`]: the
 //! engine, the lock layer and the store all arm bugs from it, and a lower
 //! layer never imports a higher one; `engine::mutants` re-exports it.
@@ -53,6 +54,11 @@ pub enum Mutant {
     /// had made under the new epoch meanwhile: a later grant repeats a token
     /// a live holder already has (`crate::lock::redis`).
     ResetCounterOnNewEpoch,
+    /// The webhook delivery loop (`outbox::delivery`) takes an attempt that
+    /// timed out for a delivered one: it records the delivery `delivered`
+    /// though the endpoint never answered 2xx (a slow endpoint's answer came
+    /// after the timeout, or never).
+    TimedOutAttemptRecordedDelivered,
 }
 
 /// [`Mutant::ResetCounterOnNewEpoch`]'s extra command, as a script over the

@@ -1,345 +1,85 @@
-//! The delivery loop: every instance, every tick, numbers committed events
-//! (PostgreSQL), turns them into deliveries for the endpoints they match, leases
-//! what is due and makes the attempts, bounded in total and per endpoint.
+//! This server's part of the delivery loop: the loop itself is
+//! `payguard::outbox::delivery` (shared with the deterministic simulation, so
+//! the code simulated is the code shipped); here is what it calls for one
+//! attempt, [`HttpDeliver`]: open the endpoint's secret, sign and `POST` once
+//! with the [`Sender`] (SSRF rule, timeout), and count the attempt in the
+//! metrics.
 //!
-//! Guarantees, and what gives each:
-//! * at least once: a delivery leaves `pending` only on a 2xx (`delivered`), a
-//!   410 or the last scheduled failure (`failed`); an instance that dies
-//!   mid-attempt leaves its lease to run out, and another instance attempts again;
-//! * one attempt at a time per delivery: the lease is taken by a conditional
-//!   write, and a result is kept only while its claimer still holds the lease
-//!   ([`payguard::store::outbox`]);
-//! * duplicates only after a timeout or a crash: a live claimer's lease outlasts
-//!   its attempt ([`super::DELIVERY_LEASE_MS`]);
-//! * one slow or dead endpoint cannot hold up the others: this instance keeps
-//!   at most [`super::WebhookSettings::per_endpoint_max`] attempts in flight per
-//!   endpoint and [`super::WebhookSettings::inflight_max`] in all, and claims no
-//!   more than that room, so memory stays bounded whatever the backlog (the
-//!   rest waits in the database). With `k` instances an endpoint sees at most
-//!   `k × per_endpoint_max` at once;
-//! * throughput: a pass runs at every tick and whenever an attempt ends (at
-//!   most one every [`PASS_GAP_MS`]); results are written in batches of up to
-//!   [`RECORD_BATCH_MAX`] per transaction.
+//! Guarantees: the same as before the loop moved (the loop's limits, log lines,
+//! shutdown and results are unchanged); an attempt that could not be made (a
+//! secret that does not open, a URL that no longer parses) is retried like a
+//! failure; a sender that cannot be built is logged once and the loop does
+//! not run on this instance.
 
 use super::WebhookSettings;
 use crate::metrics::Metrics;
-use crate::webhooks::{next_attempt_at, Outcome, Sender, SenderConfig};
-use payguard::store::outbox::{
-    AttemptNext, AttemptResult, AttemptRow, ClaimRequest, Claimed, EndpointStatus,
-};
+use crate::webhooks::{Outcome, Sender, SenderConfig, RETRY_DELAYS_MS};
+use payguard::outbox::delivery::{Answer, Deliver, DeliverySettings, Sent};
+use payguard::store::outbox::Claimed;
 use payguard::Store;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use std::sync::Arc;
 
-/// Most attempt results written in one transaction.
-pub const RECORD_BATCH_MAX: usize = 256;
-/// Shortest pause between two passes: a pass is woken by every finished
-/// attempt, and this keeps the claims (write transactions) to a few hundred
-/// a second however fast the endpoints answer.
-pub const PASS_GAP_MS: u64 = 1;
+pub use payguard::outbox::delivery::{Delivery, PASS_GAP_MS, RECORD_BATCH_MAX};
 
-/// The loop's shared state.
-struct Deliverer {
+/// Starts the loop with this server's attempt ([`HttpDeliver`]).
+pub fn start(
     store: Arc<dyn Store>,
     settings: WebhookSettings,
     instance: String,
+    metrics: Arc<Metrics>,
+) -> Delivery {
+    let loop_settings = DeliverySettings {
+        clock: settings.clock.clone(),
+        retry_max: settings.retry_max,
+        retry_delays_ms: &RETRY_DELAYS_MS,
+        lease_ms: settings.lease_ms,
+        tick_ms: settings.tick_ms,
+        inflight_max: settings.inflight_max,
+        per_endpoint_max: settings.per_endpoint_max,
+    };
+    Delivery::start(store, loop_settings, instance, async move {
+        match Sender::new(SenderConfig {
+            allow_private: settings.allow_private,
+            timeout_ms: settings.timeout_ms,
+            ..SenderConfig::default()
+        }) {
+            Ok(sender) => Some(HttpDeliver {
+                settings,
+                sender,
+                metrics,
+            }),
+            Err(e) => {
+                tracing::error!(event = "webhook_sender_failed", detail = %e, "no webhook will be delivered by this instance");
+                None
+            }
+        }
+    })
+}
+
+/// One attempt over HTTP, as the loop asks for it.
+pub struct HttpDeliver {
+    settings: WebhookSettings,
     sender: Sender,
     metrics: Arc<Metrics>,
-    /// Attempts in flight from this instance, in all ([`WebhookSettings::inflight_max`]).
-    slots: Arc<Semaphore>,
-    /// Attempts in flight from this instance per endpoint; an endpoint is
-    /// absent when it has none. Invariant: every count ≤ `per_endpoint_max`.
-    busy: Mutex<HashMap<String, usize>>,
-    /// Woken when an attempt ends: its slot is free for the next claim.
-    wake: Notify,
-    /// Which endpoint a pass offers room to first (round robin).
-    turn: AtomicUsize,
-    /// Finished attempts, to the recorder (bounded by the slots: an attempt
-    /// holds its slot until its result is queued).
-    results: mpsc::Sender<AttemptResult>,
 }
 
-/// The running loop of one instance.
-pub struct Delivery {
-    stop: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Delivery {
-    /// Starts the loop. Store failures are logged and retried at the next
-    /// tick: nothing is lost, the rows wait in the database.
-    pub fn start(
-        store: Arc<dyn Store>,
-        settings: WebhookSettings,
-        instance: String,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(run(store, settings, instance, metrics, stop.clone()));
-        Delivery { stop, task }
-    }
-
-    /// Stops claiming, lets the attempts in flight finish (each is bounded by
-    /// the attempt timeout) and writes their results, for at most `within`; what
-    /// is still unfinished then is cut off and stays leased, to be sent again
-    /// once its lease runs out (a duplicate, never a loss).
-    pub async fn shutdown(mut self, within: Duration) {
-        self.stop.notify_one();
-        if tokio::time::timeout(within, &mut self.task).await.is_err() {
-            tracing::warn!(
-                event = "webhook_shutdown_cut",
-                "webhook attempts still in flight at the deadline; they are sent again after their lease"
-            );
-            self.task.abort();
-        }
-    }
-}
-
-async fn run(
-    store: Arc<dyn Store>,
-    settings: WebhookSettings,
-    instance: String,
-    metrics: Arc<Metrics>,
-    stop: Arc<Notify>,
-) {
-    let sender = match Sender::new(SenderConfig {
-        allow_private: settings.allow_private,
-        timeout_ms: settings.timeout_ms,
-        ..SenderConfig::default()
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(event = "webhook_sender_failed", detail = %e, "no webhook will be delivered by this instance");
-            return;
-        }
-    };
-    let (results, queued) = mpsc::channel(settings.inflight_max.max(1));
-    let recorder = tokio::spawn(record(store.clone(), queued));
-    let d = Arc::new(Deliverer {
-        slots: Arc::new(Semaphore::new(settings.inflight_max)),
-        busy: Mutex::new(HashMap::new()),
-        wake: Notify::new(),
-        turn: AtomicUsize::new(0),
-        store,
-        settings,
-        instance,
-        sender,
-        metrics,
-        results,
-    });
-    let mut tick = tokio::time::interval(Duration::from_millis(d.settings.tick_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // If this task is aborted, the recorder goes with it (the leases cover
-    // what it had not written).
-    let mut recorder = AbortOnDrop(recorder);
-    loop {
-        tokio::select! {
-            _ = stop.notified() => break,
-            _ = tick.tick() => {}
-            _ = d.wake.notified() => {}
-        }
-        if let Err(e) = pass(&d).await {
-            tracing::warn!(event = "webhook_pass_failed", detail = %e);
-        }
-        tokio::time::sleep(Duration::from_millis(PASS_GAP_MS)).await;
-    }
-    // Every slot back means every attempt ended and queued its result.
-    let all = u32::try_from(d.settings.inflight_max).unwrap_or(u32::MAX);
-    let _ = d.slots.acquire_many(all).await;
-    // The last sender goes with `d`: the recorder writes what is queued and ends.
-    drop(d);
-    let _ = (&mut recorder.0).await;
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Writes finished attempts in batches. A batch that fails to commit leaves
-/// its deliveries leased: they are attempted again once the lease runs out.
-async fn record(store: Arc<dyn Store>, mut queued: mpsc::Receiver<AttemptResult>) {
-    let mut batch = Vec::with_capacity(RECORD_BATCH_MAX);
-    while queued.recv_many(&mut batch, RECORD_BATCH_MAX).await > 0 {
-        let results = std::mem::take(&mut batch);
-        let n = results.len();
-        match store.webhook_record(results).await {
-            Ok(kept) => {
-                let lost = kept.iter().filter(|k| !**k).count();
-                if lost > 0 {
-                    tracing::warn!(
-                        event = "webhook_lease_lost",
-                        results = lost,
-                        "a lease ran out before its result was written; another attempt follows"
-                    );
-                }
-            }
-            Err(e) => {
-                tracing::warn!(event = "webhook_record_failed", results = n, detail = %e)
-            }
-        }
-    }
-}
-
-/// One pass: number, fan out, claim up to the free capacity per endpoint, and
-/// start the attempts.
-async fn pass(d: &Arc<Deliverer>) -> Result<(), payguard::store::StoreError> {
-    d.store.sequence_events(false).await?;
-    let now = d.settings.clock.now_ms();
-    d.store.webhook_fan_out(now).await?;
-    let free = d.slots.available_permits();
-    if free == 0 {
-        return Ok(());
-    }
-    let mut endpoints: Vec<String> = d
-        .store
-        .webhook_endpoints(None)
-        .await?
-        .into_iter()
-        .filter(|e| e.status == EndpointStatus::Enabled)
-        .map(|e| e.id)
-        .collect();
-    if endpoints.is_empty() {
-        return Ok(());
-    }
-    // A different endpoint goes first on each pass, so when the total is the
-    // limit no endpoint is always last.
-    let turn = d.turn.fetch_add(1, Ordering::Relaxed) % endpoints.len();
-    endpoints.rotate_left(turn);
-    let wants: Vec<(String, usize)> = {
-        let busy = d.busy.lock().unwrap_or_else(|p| p.into_inner());
-        endpoints
-            .into_iter()
-            .filter_map(|id| {
-                let room = d
-                    .settings
-                    .per_endpoint_max
-                    .saturating_sub(busy.get(&id).copied().unwrap_or(0));
-                (room > 0).then_some((id, room))
-            })
-            .collect()
-    };
-    if wants.is_empty() {
-        return Ok(());
-    }
-    let claimed = d
-        .store
-        .webhook_claim(ClaimRequest {
-            now_ms: now,
-            lease_ms: d.settings.lease_ms,
-            owner: d.instance.clone(),
-            wants,
-            total_max: free,
-        })
-        .await?;
-    for claim in claimed {
-        let Ok(permit) = d.slots.clone().try_acquire_owned() else {
-            // Cannot happen (we claimed at most what was free); the lease
-            // runs out and the delivery is attempted again.
-            break;
-        };
-        let room = Room::take(d.clone(), claim.endpoint_id.clone());
-        let d = d.clone();
-        tokio::spawn(async move {
-            let result = attempt(&d, claim).await;
-            // Queued before the slot is given back: the queue never holds
-            // more than the slots.
-            let _ = d.results.send(result).await;
-            drop(room);
-            drop(permit);
-            d.wake.notify_one();
-        });
-    }
-    Ok(())
-}
-
-/// One attempt's share of its endpoint's room on this instance, given back
-/// when dropped: also when the attempt panics, so no room is lost for good.
-struct Room {
-    d: Arc<Deliverer>,
-    endpoint: String,
-}
-
-impl Room {
-    fn take(d: Arc<Deliverer>, endpoint: String) -> Self {
-        *d.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(endpoint.clone())
-            .or_default() += 1;
-        Room { d, endpoint }
-    }
-}
-
-impl Drop for Room {
-    fn drop(&mut self) {
-        let mut busy = self.d.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = busy.get_mut(&self.endpoint) {
-            *n -= 1;
-            if *n == 0 {
-                busy.remove(&self.endpoint);
-            }
-        }
-    }
-}
-
-/// One attempt and its log lines; returns its result, for the recorder.
-async fn attempt(d: &Deliverer, claim: Claimed) -> AttemptResult {
-    let settings = &d.settings;
-    let (outcome, status, error, duration_ms) = send(settings, &d.sender, &claim).await;
-    let at = settings.clock.now_ms();
-    let next = match outcome {
-        Some(Outcome::Delivered) => AttemptNext::Delivered,
-        Some(Outcome::Gone) => AttemptNext::Gone,
-        Some(Outcome::Retry { .. }) | None => {
-            match next_attempt_at(claim.attempt, settings.retry_max, at) {
-                Some(when) => AttemptNext::RetryAt(when),
-                None => AttemptNext::Failed,
-            }
-        }
-    };
-    tracing::info!(
-        event = "webhook_attempt",
-        evt = %claim.event.id,
-        oid = claim.event.order.id.as_str(),
-        endpoint = %claim.endpoint_id,
-        attempt = claim.attempt,
-        status = status.map_or(0, i64::from),
-        outcome = next_label(next),
-        ms = duration_ms,
-        error = error.as_deref().unwrap_or(""),
-    );
-    if matches!(next, AttemptNext::Failed | AttemptNext::Gone) {
-        tracing::warn!(
-            event = "webhook_failed",
-            evt = %claim.event.id,
-            oid = claim.event.order.id.as_str(),
-            endpoint = %claim.endpoint_id,
-            attempts = claim.attempt,
-            reason = if next == AttemptNext::Gone { "gone" } else { "retries_exhausted" },
-        );
-    }
-    d.metrics.webhook_attempt(next_label(next));
-    AttemptResult {
-        endpoint_id: claim.endpoint_id,
-        event_id: claim.event.id,
-        owner: d.instance.clone(),
-        attempt: claim.attempt,
-        row: AttemptRow {
-            attempt: claim.attempt,
-            at,
-            status_code: status,
+impl Deliver for HttpDeliver {
+    async fn send(&self, claim: &Claimed) -> Sent {
+        let (outcome, status, error, duration_ms) = send(&self.settings, &self.sender, claim).await;
+        Sent {
+            answer: outcome.map(|o| match o {
+                Outcome::Delivered => Answer::Delivered,
+                Outcome::Gone => Answer::Gone,
+                Outcome::Retry { timed_out } => Answer::Retry { timed_out },
+            }),
+            status,
             error,
-            duration_ms: duration_ms as i64,
-            instance: d.instance.clone(),
-        },
-        next,
+            duration_ms,
+        }
+    }
+
+    fn counted(&self, outcome: &'static str) {
+        self.metrics.webhook_attempt(outcome);
     }
 }
 
@@ -371,13 +111,4 @@ async fn send(
         .send(&url, &claim.event.id, body, &secret, now_s)
         .await;
     (Some(a.outcome), a.status, a.error, a.duration_ms)
-}
-
-fn next_label(next: AttemptNext) -> &'static str {
-    match next {
-        AttemptNext::Delivered => "delivered",
-        AttemptNext::RetryAt(_) => "retry",
-        AttemptNext::Failed => "failed",
-        AttemptNext::Gone => "gone",
-    }
 }

@@ -7,14 +7,19 @@
 //! here can lose one: the loop only reads what was committed and leases each
 //! delivery before an attempt, so a dead instance's attempt is made again by
 //! another once its lease runs out.
+//!
+//! The loop itself is `payguard::outbox::delivery` (the deterministic
+//! simulation runs it too); [`delivery`] gives it this server's attempt (the
+//! signed HTTP `POST`) and metrics.
 
 pub mod delivery;
 pub(crate) mod endpoints;
 pub(crate) mod feed;
 
 use crate::webhooks::{SecretSealer, DELIVERY_TIMEOUT_MS, RETRY_MAX_DEFAULT};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+
+pub use payguard::outbox::Clock;
 
 /// How often each instance looks for events to number, fan out and deliver.
 pub const DELIVERY_TICK_MS: u64 = 100;
@@ -26,36 +31,6 @@ pub const DELIVERY_PER_ENDPOINT_MAX: usize = 64;
 /// How long a claimed delivery stays with its claimer: longer than an attempt
 /// may take, so a live claimer always records its result first.
 pub const DELIVERY_LEASE_MS: i64 = DELIVERY_TIMEOUT_MS as i64 + 15_000;
-
-/// The time the delivery loop schedules by. The system clock in production;
-/// tests drive retries through hours of schedule without sleeping.
-#[derive(Clone)]
-pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
-
-impl Clock {
-    pub fn system() -> Self {
-        Clock(Arc::new(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        }))
-    }
-
-    /// A clock that reads `now` (ms), which the test moves.
-    pub fn manual(now: Arc<AtomicI64>) -> Self {
-        Clock(Arc::new(move || now.load(Ordering::SeqCst)))
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for Clock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clock")
-    }
-}
 
 /// Webhook settings (`--webhook-*` flags).
 #[derive(Clone, Debug)]

@@ -21,13 +21,15 @@
 //! [`SenderConfig::allow_private`] and `check_url`, `--webhook-retry-max`
 //! (at most [`schedule::RETRY_MAX_LIMIT`]) to `next_attempt_at`.
 
-pub mod schedule;
 pub mod seal;
 pub mod secret;
 pub mod sender;
 pub mod sign;
 pub mod ssrf;
 
+/// The retry schedule, in `payguard` since the delivery loop moved there
+/// (`payguard::outbox`).
+pub use payguard::outbox::schedule;
 pub use schedule::{next_attempt_at, RETRY_DELAYS_MS, RETRY_MAX_DEFAULT, RETRY_MAX_LIMIT};
 pub use seal::{KeyFileError, OpenError, SecretSealer};
 pub use secret::{SecretError, WebhookSecret};

@@ -5,8 +5,9 @@
 //! Why here: the events themselves are written by the money path, in the
 //! movement's transaction ([`crate::store::rules::Effect::event`]); what follows
 //! (which endpoint gets which event, who attempts it, what an attempt's result
-//! does) is decided by the delivery loop in `payguard-server` and only written
-//! here, so the two stores write the same decisions and decide none.
+//! does) is decided by the delivery loop ([`crate::outbox::delivery`], run by
+//! `payguard-server` and by the simulation) and only written here, so the two
+//! stores write the same decisions and decide none.
 //!
 //! What it guarantees: a delivery is attempted by one claimer at a time (a lease,
 //! written conditionally), and a result is kept only while its claimer still
@@ -172,8 +173,8 @@ pub struct Claimed {
     pub attempt: u32,
 }
 
-/// What an attempt's result does to its delivery (decided by the server's
-/// retry schedule).
+/// What an attempt's result does to its delivery (decided by the delivery
+/// loop's retry schedule, [`crate::outbox::schedule`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttemptNext {
     Delivered,

@@ -9,6 +9,11 @@
 //! Guarantees: attempt 1 is due at once; after attempt k fails the next is due
 //! [`RETRY_DELAYS_MS`]`[k-1]` later (the last delay repeats past the table);
 //! no more than `retry_max` attempts are ever scheduled; times never overflow.
+//!
+//! Why in `payguard`: the delivery loop ([`super::delivery`]) runs here, in
+//! `payguard-server` with [`RETRY_DELAYS_MS`] and in the deterministic
+//! simulation with a table scaled to its simulated seconds
+//! ([`next_attempt_at_on`]); `payguard-server` re-exports this module.
 
 /// Wait after attempt 1, 2, ... fails, in milliseconds.
 pub const RETRY_DELAYS_MS: [i64; 7] = [
@@ -32,15 +37,28 @@ pub const RETRY_MAX_LIMIT: u32 = 100;
 /// have been made and failed; `None` once `retry_max` attempts have been made
 /// (the delivery is `failed`). With `retry_max` 0 nothing is ever sent.
 pub fn next_attempt_at(attempts_made: u32, retry_max: u32, now_ms: i64) -> Option<i64> {
+    next_attempt_at_on(&RETRY_DELAYS_MS, attempts_made, retry_max, now_ms)
+}
+
+/// [`next_attempt_at`] on another table of delays (`delays[k-1]` after attempt
+/// k fails, the last one repeating); an empty table retries at once.
+pub fn next_attempt_at_on(
+    delays: &[i64],
+    attempts_made: u32,
+    retry_max: u32,
+    now_ms: i64,
+) -> Option<i64> {
     if attempts_made >= retry_max {
         return None;
     }
     let Some(failed) = attempts_made.checked_sub(1) else {
         return Some(now_ms);
     };
-    let last = RETRY_DELAYS_MS.len() - 1;
+    let Some(last) = delays.len().checked_sub(1) else {
+        return Some(now_ms);
+    };
     let index = usize::try_from(failed).map_or(last, |i| i.min(last));
-    Some(now_ms.saturating_add(RETRY_DELAYS_MS[index]))
+    Some(now_ms.saturating_add(delays[index]))
 }
 
 #[cfg(test)]
@@ -102,6 +120,17 @@ mod tests {
     #[test]
     fn times_saturate_instead_of_overflowing() {
         assert_eq!(next_attempt_at(1, 8, i64::MAX - 1), Some(i64::MAX));
+    }
+
+    #[test]
+    fn another_table_is_followed_and_its_last_delay_repeats() {
+        let t = [5, 10];
+        assert_eq!(next_attempt_at_on(&t, 0, 5, NOW_MS), Some(NOW_MS));
+        assert_eq!(next_attempt_at_on(&t, 1, 5, NOW_MS), Some(NOW_MS + 5));
+        assert_eq!(next_attempt_at_on(&t, 2, 5, NOW_MS), Some(NOW_MS + 10));
+        assert_eq!(next_attempt_at_on(&t, 4, 5, NOW_MS), Some(NOW_MS + 10));
+        assert_eq!(next_attempt_at_on(&t, 5, 5, NOW_MS), None);
+        assert_eq!(next_attempt_at_on(&[], 3, 5, NOW_MS), Some(NOW_MS));
     }
 
     #[test]
