@@ -131,6 +131,9 @@ pub struct StoreVariant {
     /// of a pending delivery is kept, also one that comes back after another
     /// instance claimed it again.
     pub record_checks_lease: bool,
+    /// A webhook claim takes only `pending` deliveries. Off: a delivered or
+    /// failed one whose lease has run out is claimed and sent again.
+    pub claim_only_pending: bool,
 }
 
 impl StoreVariant {
@@ -164,6 +167,7 @@ impl StoreVariant {
         release_checks_claim: true,
         claim_respects_lease: true,
         record_checks_lease: true,
+        claim_only_pending: true,
     };
 }
 

@@ -16,7 +16,8 @@
 //! A [`StoreVariant`] can switch the lease rules off, to show the checks
 //! failing: a claim that ignores an unexpired lease
 //! ([`StoreVariant::claim_respects_lease`]), a result kept without its claimer
-//! holding the lease ([`StoreVariant::record_checks_lease`]).
+//! holding the lease ([`StoreVariant::record_checks_lease`]), a claim of a
+//! delivery already delivered ([`StoreVariant::claim_only_pending`]).
 //!
 //! Beside the tables, a history of every claim and every result kept, with
 //! the database's time ([`HookLog`]): what the end-of-seed checks hold the
@@ -215,7 +216,8 @@ impl Outbox {
                 .iter()
                 .filter(|((ep, _), d)| {
                     ep == endpoint_id
-                        && d.status == DeliveryStatus::Pending
+                        // The broken store: a delivery already settled is taken too.
+                        && (d.status == DeliveryStatus::Pending || !variant.claim_only_pending)
                         && d.next_attempt_at <= req.now_ms
                         // The broken store: a lease still running is taken too.
                         && (d.lease_until <= req.now_ms || !variant.claim_respects_lease)

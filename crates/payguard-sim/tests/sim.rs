@@ -1221,3 +1221,29 @@ fn a_record_kept_without_its_lease_overrides_a_later_claim() {
 
 /// The seed of [`a_record_kept_without_its_lease_overrides_a_later_claim`].
 const PINNED_RECORD_WITHOUT_LEASE: u64 = 13;
+
+/// A store whose webhook claim does not ask for `pending`
+/// (`StoreVariant::claim_only_pending` off): a delivery recorded `delivered`
+/// is claimed again and sent once more, its receiver getting an event it
+/// already acknowledged while no lease had run out. payguard is clean on the seed.
+#[test]
+fn a_claim_of_a_delivered_delivery_sends_it_again() {
+    SeenFailing {
+        test: "a_claim_of_a_delivered_delivery_sends_it_again",
+        protocol: Protocol {
+            store: StoreVariant {
+                claim_only_pending: false,
+                ..StoreVariant::PAYGUARD
+            },
+            ..WEBHOOKS
+        },
+        kind: ViolationKind::WebhookReceivedAfterDelivered,
+        fault_free: false,
+        detail: "",
+        pinned: PINNED_CLAIM_DELIVERED,
+    }
+    .check_clean_on(WEBHOOKS);
+}
+
+/// The seed of [`a_claim_of_a_delivered_delivery_sends_it_again`].
+const PINNED_CLAIM_DELIVERED: u64 = 0;
