@@ -379,6 +379,14 @@ const _: () = {
     assert!(WEBHOOK_LEASE_MS > WEBHOOK_TIMEOUT_MS as i64 + 2 * LATENCY_MS_MAX as i64);
     assert!(RECEIVER_SLOW_MS > WEBHOOK_TIMEOUT_MS);
     assert!(RECEIVER_FAILS_PER_DELIVERY_MAX < WEBHOOK_RETRY_MAX);
+    // A receiver down or cut off for a whole fault is retried past it: the
+    // retries' total wait outlasts the longest fault, so no delivery is
+    // `failed` by a fault alone.
+    assert!(
+        WEBHOOK_RETRY_DELAYS_MS[WEBHOOK_RETRY_DELAYS_MS.len() - 1]
+            * (WEBHOOK_RETRY_MAX as i64 - WEBHOOK_RETRY_DELAYS_MS.len() as i64)
+            > FAULT_DURATION_MS_MAX as i64 + SLOW_LINK_MS_MAX as i64
+    );
     assert!(WEBHOOK_PER_ENDPOINT_MAX < WEBHOOK_INFLIGHT_MAX);
 };
 
@@ -412,6 +420,15 @@ pub const RECEIVER_SLOW_MS: u64 = WEBHOOK_TIMEOUT_MS + 10;
 /// The receiver fails at most this many attempts of one delivery; then it
 /// answers 200.
 pub const RECEIVER_FAILS_PER_DELIVERY_MAX: u32 = 2;
+/// With webhooks, at most this many faults of the receiver per seed that has
+/// faults (its host down, cut off from an instance, or its link to an
+/// instance slow past the attempt timeout), drawn from their own stream
+/// ([`RECEIVER_FAULT_RNG_SALT`]) after the seed's other faults, so those stay
+/// as they are; timed and bounded like them ([`FAULT_WINDOW_MS`],
+/// [`FAULT_DURATION_MS_MAX`], [`SLOW_LINK_MS_MAX`]).
+pub const RECEIVER_FAULTS_MAX: usize = 2;
+/// Salt of the receiver's faults' random stream.
+pub const RECEIVER_FAULT_RNG_SALT: u64 = 0x000e_bb00_fa17_01d5;
 /// Salt of the receiver's own random stream.
 pub const RECEIVER_RNG_SALT: u64 = 0x000e_bb00_c5e1_01d5;
 /// With webhooks, a seed runs until no delivery is left pending (or this

@@ -82,7 +82,10 @@
 //! that stands in for a customer's endpoint behind the server's HTTP sender
 //! (signing, secrets, SSRF and HTTP are not run: an attempt is one message
 //! and its answer; the receiver answers 200, or 500, or 504 past the
-//! attempt's timeout, and records every attempt); at the end of such a seed,
+//! attempt's timeout, and records every attempt; on a seed with faults it
+//! may also be down, cut off from an instance, or slow past the timeout on
+//! one instance's link, up to [`config::RECEIVER_FAULTS_MAX`] times, on its
+//! own random stream); at the end of such a seed,
 //! once its deliveries drained, every matching event has exactly one delivery
 //! per endpoint, every delivery is delivered and was received, none recorded
 //! delivered without a 2xx, no attempt arrives after its delivery's

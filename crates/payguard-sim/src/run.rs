@@ -301,6 +301,38 @@ impl Weather {
         }
     }
 
+    /// The receiver's faults (with webhooks, on a seed that has faults), on
+    /// their own random stream, numbered after the seed's other faults.
+    fn add_receiver_faults(&mut self, seed: u64) {
+        let mut rng = SmallRng::seed_from_u64(seed ^ RECEIVER_FAULT_RNG_SALT);
+        let first = self.faults.iter().map(|(_, f, _)| f + 1).max().unwrap_or(0);
+        let mut all: Vec<(u64, usize, Action)> = self.faults.drain(..).collect();
+        let host = hooks::RECEIVER_HOST.to_owned();
+        for fault in first..first + rng.random_range(0..=RECEIVER_FAULTS_MAX) {
+            let at = rng.random_range(0..FAULT_WINDOW_MS);
+            let until = at + rng.random_range(1..=FAULT_DURATION_MS_MAX);
+            let inst = instance_host(rng.random_range(0..INSTANCES));
+            match rng.random_range(0..3) {
+                0 => {
+                    all.push((at, fault, Action::Crash(host.clone())));
+                    all.push((until, fault, Action::Bounce(host.clone())));
+                }
+                1 => {
+                    all.push((at, fault, Action::Partition(inst.clone(), host.clone())));
+                    all.push((until, fault, Action::Repair(inst, host.clone())));
+                }
+                _ => {
+                    let ms = rng.random_range(1..=SLOW_LINK_MS_MAX);
+                    all.push((at, fault, Action::Slow(inst.clone(), host.clone(), ms)));
+                    all.push((until, fault, Action::Fast(inst, host.clone())));
+                }
+            }
+        }
+        // Stable: the seed's own faults keep their order at the same ms.
+        all.sort_by_key(|(at, _, _)| *at);
+        self.faults = all.into();
+    }
+
     fn mask(&mut self, mask: &Mask) {
         self.faults.retain(|(_, f, _)| !mask.faults.contains(f));
     }
@@ -371,7 +403,10 @@ fn draw(seed: u64, protocol: Protocol) -> Drawn {
     for (n, s) in scenario.sends_mut().enumerate() {
         s.id = n;
     }
-    let weather = Weather::draw(&mut rng);
+    let mut weather = Weather::draw(&mut rng);
+    if protocol.webhooks && !weather.faults.is_empty() {
+        weather.add_receiver_faults(seed);
+    }
     Drawn {
         scenario,
         weather,
