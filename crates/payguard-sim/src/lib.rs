@@ -60,7 +60,10 @@
 //! fenced batch path with settled hints and parking, the lane's give-up after
 //! the lock wait), the expiry sweeper (`payguard::engine::sweeper::run_on_clock`,
 //! the loop `payguard-server` runs, on the simulated clock), payguard's
-//! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
+//! `ReleaseBoard` and its release subscriber (`lock::release::subscriber`,
+//! the loop `spawn_subscriber` runs: the subscribe timeout, a wake-up of every
+//! waiter on each (re)subscription, the pause before subscribing again), the
+//! money rules (two-phase ones included) with their events,
 //! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
 //! the answer stored in the op's transaction, the key freed after a retryable
 //! failure), the token arithmetic, the PostgreSQL store's commit-fate
@@ -73,9 +76,13 @@
 //! its retries and the give-backs, over a transport that crosses the
 //! simulated network) and its Lua scripts (the shipped texts, run by
 //! [`redis`]). What is re-stated, because it is written against a real
-//! server's calls: the release subscriber's connection handling (the
-//! simulation feeds payguard's `ReleaseBoard` from its own pub/sub,
-//! [`locks`]); a divergence there is not caught here. Not simulated: the HTTP layer (the header's
+//! server's calls: only the pub/sub connection under the release subscriber
+//! (production's `RedisFeed`: redis-rs's `get_async_pubsub`, `SUBSCRIBE` and
+//! message stream). The simulation's feed ([`locks`]) subscribes over the
+//! simulated network and ends its stream when a periodic `SUBSCRIBE` probe
+//! goes unanswered or another Redis run answers, its stand-in for a TCP
+//! connection's loss; how redis-rs reports a dropped connection is not
+//! checked here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so

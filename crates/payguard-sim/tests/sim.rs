@@ -1028,7 +1028,7 @@ fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_
 }
 
 /// The seed of [`a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved`].
-const PINNED_GUESSED_ABORTED: u64 = 6;
+const PINNED_GUESSED_ABORTED: u64 = 8;
 
 /// The same loop forgetting that an earlier attempt committed
 /// (`Mutant::CommittedAttemptForgotten`): a failure of the batch after its
@@ -1052,7 +1052,7 @@ fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for
 }
 
 /// The seed of [`a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved`].
-const PINNED_FORGOTTEN: u64 = 239;
+const PINNED_FORGOTTEN: u64 = 608;
 
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a
 /// strictly smaller schedule that still double charges, and that schedule

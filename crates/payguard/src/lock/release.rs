@@ -30,8 +30,8 @@
 
 use futures::stream::{BoxStream, Stream, StreamExt};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
 use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -418,7 +418,8 @@ mod tests {
         let board = ReleaseBoard::default();
         let since = Instant::now();
         let b = board.clone();
-        let early = tokio::spawn(async move { b.released("x", since, Duration::from_secs(60)).await });
+        let early =
+            tokio::spawn(async move { b.released("x", since, Duration::from_secs(60)).await });
         tokio::task::yield_now().await;
         assert_eq!(board.waiting(), 1);
         let (tx, rx) = futures::channel::mpsc::unbounded();
@@ -431,7 +432,8 @@ mod tests {
         let b = board.clone();
         let x = tokio::spawn(async move { b.released("x", since, Duration::from_secs(60)).await });
         let b = board.clone();
-        let y = tokio::spawn(async move { b.released("y", since, Duration::from_millis(200)).await });
+        let y =
+            tokio::spawn(async move { b.released("y", since, Duration::from_millis(200)).await });
         tokio::task::yield_now().await;
         tx.unbounded_send("x".into()).unwrap();
         assert!(x.await.unwrap(), "woken by x's message");
