@@ -919,7 +919,7 @@ fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
         kind: ViolationKind::KeyReuseMoved,
         fault_free: false,
         detail: "",
-        pinned: 2214,
+        pinned: 1551,
     }
     .check_clean_on(over_network);
 }
