@@ -127,7 +127,8 @@
 //! key already holds its answer is now not decided again
 //! (`store::rules::answered`, `Rejection::KeyAnswered`, in every store), and
 //! the keyed sequence answers the stored response (`tests/sim.rs`, seed 4096
-//! with `StoreVariant::rerun_reads_key` off).
+//! with `StoreVariant::rerun_reads_key` off; 7382 since payguard's release
+//! subscriber runs here).
 //!
 //! What it found with clocks apart: a capture or void past the expiry only
 //! refused, so with instance clocks 5 ms apart one instance told a client

@@ -937,8 +937,10 @@ fn a_late_release_by_key_frees_another_claim_and_lets_a_reuse_move_money() {
 /// answers said 409, and the money moved. Now a keyed command reads its key's
 /// record, and one whose key holds its answer is `KeyAnswered` (nothing
 /// decided, nothing written): the keyed sequence answers the stored 409. The
-/// store that does not read the key shows it again on the pinned seed, and
-/// payguard is clean on it (and on 4031, which showed it too).
+/// store that does not read the key shows it again on the pinned seed (7382;
+/// 4096, which found it, until payguard's release subscriber ran here and
+/// shifted its schedule), and payguard is clean on it (and on 4096 and 4031,
+/// which showed it too).
 #[test]
 fn a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_answer_refused() {
     let test =
@@ -953,7 +955,7 @@ fn a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_ans
             ViolationKind::KeyAnswerChanged,
             "first Conflict { reason: \"order_not_paid\" }",
         ),
-        4096,
+        7382,
     );
     assert!(
         o.violations
@@ -972,7 +974,7 @@ fn a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_ans
 }
 
 /// payguard on the seeds that showed the rerun of a keyed refusal (4096,
-/// 4031): clean, and the rerun after a lost commit that did commit happens on
+/// 4031, and 7382 since payguard's release subscriber runs here): clean, and the rerun after a lost commit that did commit happens on
 /// them and finds a keyed command's key answered (so the seeds still exercise
 /// the path the fix is for).
 #[test]
@@ -980,7 +982,7 @@ fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
     let test = "a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal";
     let seeds = match env_u64("PAYGUARD_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => vec![4096, 4031],
+        None => vec![4096, 4031, 7382],
     };
     for seed in seeds {
         let o = run_seed_masked(seed, Protocol::PAYGUARD, &Mask::default(), true);
