@@ -625,7 +625,7 @@ fn a_store_that_releases_an_ended_hold_again_releases_twice() {
             ..StoreVariant::PAYGUARD
         },
         (ViolationKind::HoldOutcome, "is EXPIRED"),
-        23,
+        53,
     );
 }
 
