@@ -974,9 +974,10 @@ fn a_store_whose_rerun_does_not_read_the_key_makes_a_keyed_refund_its_stored_ans
 }
 
 /// payguard on the seeds that showed the rerun of a keyed refusal (4096,
-/// 4031, and 7382 since payguard's release subscriber runs here): clean, and the rerun after a lost commit that did commit happens on
-/// them and finds a keyed command's key answered (so the seeds still exercise
-/// the path the fix is for).
+/// 4031, and 7382 since payguard's release subscriber runs here): clean, and
+/// the rerun after a lost commit that did commit happens on them and finds a
+/// keyed command's key answered (so the seeds still exercise the path the fix
+/// is for).
 #[test]
 fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
     let test = "a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal";
