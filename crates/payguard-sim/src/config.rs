@@ -279,9 +279,21 @@ pub const WAITER_MARK_GRACE_MS: u64 = 50;
 /// A settled hint outlives its release by this (production 30 000 ms: longer
 /// than a seed here too).
 pub const SETTLED_HINT_MS: u64 = 5_000;
-/// The subscriber re-sends `SUBSCRIBE` this often; an unanswered one means the
-/// subscription may have lapsed.
+/// The release feed re-sends `SUBSCRIBE` this often; an unanswered one means
+/// the subscription may have lapsed (the simulation's stand-in for a pub/sub
+/// connection's loss, `locks::SimReleaseFeed`).
 pub const SUBSCRIPTION_CHECK_MS: u64 = 20;
+/// payguard's release subscriber pauses this long before subscribing again
+/// (production `RESUBSCRIBE_PAUSE_MS`: 100 ms, a fifth of a Redis command's
+/// timeout, as here).
+pub const RESUBSCRIBE_PAUSE_MS: u64 = REDIS_COMMAND_TIMEOUT_MS / 5;
+/// How long subscribing may take (production `SUBSCRIBE_TIMEOUT_MS`: 2 000 ms,
+/// four command timeouts, since it opens a connection first). Here subscribing
+/// is one round trip, so it gets a command's timeout less the pause: an
+/// unanswered `SUBSCRIBE` is sent again one command timeout later, as the
+/// simulation's own subscriber did before payguard's ran, so a seed whose
+/// first `SUBSCRIBE` is lost (sent before Redis listens) keeps its schedule.
+pub const SUBSCRIBE_TIMEOUT_MS: u64 = REDIS_COMMAND_TIMEOUT_MS - RESUBSCRIBE_PAUSE_MS;
 /// How long one Redis command may take before the lock counts as unavailable
 /// (production: 500 ms). Longer than a healthy round trip at the highest
 /// latency, so only a fault (a slow link, a partition, a loss) times a call out.
@@ -369,6 +381,11 @@ const _: () = {
     assert!(STALL_MS_MIN > LOCK_TTL_MS);
     assert!(RELEASE_WAIT_MS_MAX < LOCK_WAIT_MS_MAX);
     assert!(SUBSCRIPTION_CHECK_MS >= REDIS_COMMAND_TIMEOUT_MS);
+    // A feed that fails at once never spins within one instant, and a lapse
+    // costs a waiter less than its fallback.
+    assert!(RESUBSCRIBE_PAUSE_MS > 0);
+    assert!(RESUBSCRIBE_PAUSE_MS < RELEASE_WAIT_MS_MAX);
+    assert!(SUBSCRIBE_TIMEOUT_MS > 2 * LATENCY_MS_MAX);
     assert!(CLIENT_TIMEOUT_MS < LOCK_WAIT_MS_MAX + STALL_MS_MIN);
     assert!(CLIENT_TIMEOUT_MS > LIVENESS_BOUND_MS);
     assert!(SWEEP_INTERVAL_MS < LIVENESS_BOUND_MS);

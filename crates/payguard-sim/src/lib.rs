@@ -60,7 +60,10 @@
 //! fenced batch path with settled hints and parking, the lane's give-up after
 //! the lock wait), the expiry sweeper (`payguard::engine::sweeper::run_on_clock`,
 //! the loop `payguard-server` runs, on the simulated clock), payguard's
-//! `ReleaseBoard`, the money rules (two-phase ones included) with their events,
+//! `ReleaseBoard` and its release subscriber (`lock::release::subscriber`,
+//! the loop `spawn_subscriber` runs: the subscribe timeout, a wake-up of every
+//! waiter on each (re)subscription, the pause before subscribing again), the
+//! money rules (two-phase ones included) with their events,
 //! the Idempotency-Key sequence and rules (claim, replay, wait, refuse a reuse,
 //! the answer stored in the op's transaction, the key freed after a retryable
 //! failure), the token arithmetic, the PostgreSQL store's commit-fate
@@ -93,9 +96,13 @@
 //! claims without gaps and a result is kept only for the latest claim, no
 //! claim overlaps a running lease, and on a seed with no fault every delivery
 //! is made within a bound ([`hooks::check`]). What is re-stated, because it is written against a real
-//! server's calls: the release subscriber's connection handling (the
-//! simulation feeds payguard's `ReleaseBoard` from its own pub/sub,
-//! [`locks`]); a divergence there is not caught here. Not simulated: the HTTP layer (the header's
+//! server's calls: only the pub/sub connection under the release subscriber
+//! (production's `RedisFeed`: redis-rs's `get_async_pubsub`, `SUBSCRIBE` and
+//! message stream). The simulation's feed ([`locks`]) subscribes over the
+//! simulated network and ends its stream when a periodic `SUBSCRIBE` probe
+//! goes unanswered or another Redis run answers, its stand-in for a TCP
+//! connection's loss; how redis-rs reports a dropped connection is not
+//! checked here. Not simulated: the HTTP layer (the header's
 //! validation, the fingerprint's hash of method, path and canonical body, the
 //! JSON stored under a key: [`keys`] stands in for them), the Idempotency-Key
 //! calls crossing the network unless `Protocol::keys_over_network` says so
@@ -141,7 +148,8 @@
 //! key already holds its answer is now not decided again
 //! (`store::rules::answered`, `Rejection::KeyAnswered`, in every store), and
 //! the keyed sequence answers the stored response (`tests/sim.rs`, seed 4096
-//! with `StoreVariant::rerun_reads_key` off).
+//! with `StoreVariant::rerun_reads_key` off; 7382 since payguard's release
+//! subscriber runs here).
 //!
 //! What it found with clocks apart: a capture or void past the expiry only
 //! refused, so with instance clocks 5 ms apart one instance told a client

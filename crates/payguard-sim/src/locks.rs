@@ -15,12 +15,21 @@
 //! client and tells the oracle what came back (grants, parked orders, tokens
 //! and whether their holder is still the live one in Redis).
 //!
-//! Waiting for a release uses the real client's [`ReleaseBoard`], fed by this
-//! module's subscriber task over the simulated pub/sub (payguard's own
-//! subscriber, `spawn_subscriber`, is written against a real connection's
-//! message stream, so it is not run here): it re-subscribes when it cannot
-//! tell whether its subscription lapsed (a real client sees its connection
-//! drop) and then wakes every waiter, as `spawn_subscriber` does.
+//! Waiting for a release uses the real client's [`ReleaseBoard`], fed by
+//! payguard's own release subscriber (`payguard::lock::release::subscriber`,
+//! the loop `spawn_subscriber` runs in production, with its limits scaled by
+//! [`subscriber_config`]) over a feed of this module, [`SimReleaseFeed`]: its
+//! subscribe sends `SUBSCRIBE` over the simulated network and waits for the
+//! answer, and its stream yields the releases the simulated Redis pushes and
+//! ends when the subscription is lost. A real pub/sub connection drops when
+//! Redis restarts or the link breaks; datagrams cannot tell, so the feed
+//! probes its subscription (`SUBSCRIBE` again every
+//! [`SUBSCRIPTION_CHECK_MS`]) and ends the stream when a probe goes
+//! unanswered or another Redis run answers. That probe is the transport's
+//! stand-in for TCP, not part of the subscriber: payguard's loop subscribes
+//! again after its pause and wakes every waiter, as in production. The feed
+//! counts the oracle's `notices` (releases it delivers) and `resubscriptions`
+//! (subscriptions it opens; the loop wakes every waiter on each).
 //!
 //! [`JoinAll`] is the protocol before issue #12: each order of a batch is
 //! acquired on its own, waiting (polling with back-off) while the others
@@ -29,22 +38,26 @@
 
 use crate::config::{
     ScriptSwap, LOCK_RETRY_US_MAX, LOCK_RETRY_US_MIN, LOCK_TTL_MS, LOCK_WAIT_MS_MAX,
-    REDIS_COMMAND_TIMEOUT_MS, RELEASE_WAIT_MS_MAX, SETTLED_HINT_MS, SUBSCRIPTION_CHECK_MS,
-    WAITER_MARK_GRACE_MS,
+    REDIS_COMMAND_TIMEOUT_MS, RELEASE_WAIT_MS_MAX, RESUBSCRIBE_PAUSE_MS, SETTLED_HINT_MS,
+    SUBSCRIBE_TIMEOUT_MS, SUBSCRIPTION_CHECK_MS, WAITER_MARK_GRACE_MS,
 };
 use crate::oracle::OracleRef;
 use crate::redis::{RedisReq, RedisResp, SharedRedis};
 use crate::wire::{now_ms, Caller, Post, Subscription, REDIS_HOST, REDIS_PORT, SUBSCRIBER_PORT};
 use futures::future::BoxFuture;
+use futures::stream::{LocalBoxStream, StreamExt};
 use payguard::lock::redis::{
     released_channel, EpochSource, Grant, LockTransport, OwnerIds, RedisLockConfig, RedisLockError,
     RedisLocks, RAISE_EPOCH,
 };
-use payguard::lock::release::ReleaseBoard;
+use payguard::lock::release::{subscriber, ReleaseBoard, ReleaseFeed, SubscriberConfig};
 use payguard::lock::{token, Lease, OrderLocks};
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// Prefix of every key the simulated instances use.
@@ -154,12 +167,15 @@ pub struct SimLocks {
     /// still the live one when its token is final (no decision reads it).
     truth: SharedRedis,
     oracle: OracleRef,
+    /// Dropping it stops the release subscriber.
+    _stop_subscriber: oneshot::Sender<()>,
 }
 
 impl SimLocks {
     /// The lock service of instance `inst`, started `boot` times: payguard's
     /// client over [`SimRedisCalls`], taking new epochs from `epochs` (the
-    /// store's sequence); its subscriber runs on the current host.
+    /// store's sequence); payguard's release subscriber runs on the current
+    /// host over a [`SimReleaseFeed`].
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         inst: usize,
@@ -190,12 +206,20 @@ impl SimLocks {
             counted,
             releases.clone(),
         );
-        tokio::task::spawn_local(subscribe(post, inst, releases, oracle.clone()));
+        let (stop, stopped) = oneshot::channel();
+        tokio::task::spawn_local(subscriber(
+            SimReleaseFeed::new(inst, post, oracle.clone()),
+            released_channel(KEY_PREFIX),
+            &releases,
+            subscriber_config(),
+            stopped,
+        ));
         Arc::new(SimLocks {
             inst,
             real,
             truth,
             oracle,
+            _stop_subscriber: stop,
         })
     }
 
@@ -286,71 +310,183 @@ impl OrderLocks for SimLocks {
     }
 }
 
-/// The instance's subscription to the `released` channel (see the module
-/// docs): re-sends `SUBSCRIBE` every [`SUBSCRIPTION_CHECK_MS`] (every Redis
-/// timeout while not subscribed) and takes an unanswered one, or an answer from
-/// another Redis process, as a lapse.
-async fn subscribe(post: Post, inst: usize, releases: ReleaseBoard, oracle: OracleRef) {
-    let note = |line: String| {
-        oracle
+/// The release subscriber's limits, scaled to the simulation's clock
+/// ([`crate::config`]); production passes `SubscriberConfig::default()`'s.
+pub fn subscriber_config() -> SubscriberConfig {
+    SubscriberConfig {
+        resubscribe_pause_ms: RESUBSCRIBE_PAUSE_MS,
+        subscribe_timeout_ms: SUBSCRIBE_TIMEOUT_MS,
+    }
+}
+
+/// The simulation's release feed (see the module docs): `SUBSCRIBE` over the
+/// simulated network from the instance's subscriber socket, answered once the
+/// simulated Redis has registered it; the stream then yields the releases
+/// Redis pushes to that socket and ends when the subscription is lost.
+pub struct SimReleaseFeed {
+    inst: usize,
+    post: Post,
+    /// Bound at the first subscribe on [`SUBSCRIBER_PORT`] (where Redis
+    /// pushes) and kept: Redis knows a subscriber by its address.
+    sock: Option<Rc<Subscription>>,
+    oracle: OracleRef,
+}
+
+impl SimReleaseFeed {
+    pub fn new(inst: usize, post: Post, oracle: OracleRef) -> Self {
+        SimReleaseFeed {
+            inst,
+            post,
+            sock: None,
+            oracle,
+        }
+    }
+
+    fn note(&self, line: String) {
+        let inst = self.inst;
+        self.oracle
             .borrow_mut()
-            .note(now_ms(), || format!("inst{inst}: {line}"))
-    };
-    let Ok(sub) = Subscription::bind(post, SUBSCRIBER_PORT).await else {
-        note("cannot bind the subscriber's socket".into());
-        return;
-    };
-    let channel = released_channel(KEY_PREFIX);
-    // The Redis process the subscription is known to be on; `None`: lapsed.
-    let mut run: Option<u64> = None;
-    loop {
-        let asked = sub
-            .send(
-                REDIS_HOST,
-                REDIS_PORT,
-                Box::new(RedisReq::Subscribe {
-                    channel: channel.clone(),
-                }),
-            )
-            .await
-            .ok();
-        let window = match run {
-            Some(_) => SUBSCRIPTION_CHECK_MS,
-            None => REDIS_COMMAND_TIMEOUT_MS,
+            .note(now_ms(), || format!("inst{inst}: {line}"));
+    }
+}
+
+impl ReleaseFeed for SimReleaseFeed {
+    type Messages = LocalBoxStream<'static, String>;
+    type Error = String;
+
+    /// Sends `SUBSCRIBE` and waits for its answer (the subscriber's loop
+    /// bounds the wait). Releases that arrive first are kept and yielded
+    /// first: they may be on the new subscription.
+    async fn subscribe(&mut self, channel: &str) -> Result<Self::Messages, String> {
+        let sock = match &self.sock {
+            Some(sock) => sock.clone(),
+            None => {
+                let sock = Subscription::bind(self.post.clone(), SUBSCRIBER_PORT)
+                    .await
+                    .map_err(|e| format!("cannot bind the subscriber's socket: {e}"))?;
+                self.sock.insert(Rc::new(sock)).clone()
+            }
         };
-        let until = now_ms() + window;
-        let mut answered = false;
-        while now_ms() < until {
-            let left = Duration::from_millis(until - now_ms());
-            let Ok(got) = tokio::time::timeout(left, sub.recv()).await else {
-                break;
+        let req = RedisReq::Subscribe {
+            channel: channel.to_owned(),
+        };
+        let asked = sock
+            .send(REDIS_HOST, REDIS_PORT, Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        let until = now_ms() + REDIS_COMMAND_TIMEOUT_MS;
+        let mut early = VecDeque::new();
+        let run = loop {
+            let (id, body) = sock.recv().await.map_err(|e| e.to_string())?;
+            match body.downcast_ref::<RedisResp>() {
+                Some(RedisResp::Message {
+                    channel: c,
+                    payload,
+                }) if c == channel => early.push_back(payload.clone()),
+                Some(RedisResp::Subscribed { run }) if id == asked => break *run,
+                _ => {}
+            }
+        };
+        self.oracle.borrow_mut().stats.resubscriptions += 1;
+        self.note(format!("subscribed (Redis run {run})"));
+        let watch = Watch {
+            inst: self.inst,
+            sock,
+            channel: channel.to_owned(),
+            run,
+            asked: Some(asked),
+            answered: true,
+            until,
+            early,
+            oracle: self.oracle.clone(),
+        };
+        Ok(futures::stream::unfold(watch, |mut w| async move {
+            let payload = w.next().await?;
+            Some((payload, w))
+        })
+        .boxed_local())
+    }
+}
+
+/// One subscription's stream and its liveness probe. A real pub/sub
+/// connection ends when Redis restarts or the link breaks; a datagram
+/// subscription cannot tell, so the probe stands in for the TCP connection's
+/// loss: `SUBSCRIBE` is sent again every [`SUBSCRIPTION_CHECK_MS`] (the first
+/// time one command timeout after the subscribe), and a probe unanswered by
+/// the next, or answered by another Redis run (a restart forgot every
+/// subscription; the probe's own `SUBSCRIBE` is not counted as the new one),
+/// ends the stream. Noticing the loss is this transport's job: payguard's
+/// subscriber only subscribes again once the stream ends, as it does when a
+/// connection drops.
+struct Watch {
+    inst: usize,
+    sock: Rc<Subscription>,
+    channel: String,
+    /// The Redis process the subscription was made on.
+    run: u64,
+    /// The last probe's call id (`None`: it could not be sent).
+    asked: Option<u64>,
+    answered: bool,
+    /// When the last probe's window closes (simulated ms).
+    until: u64,
+    /// Releases received before the subscription was confirmed.
+    early: VecDeque<String>,
+    oracle: OracleRef,
+}
+
+impl Watch {
+    fn lost(&self, why: String) -> Option<String> {
+        let inst = self.inst;
+        self.oracle.borrow_mut().note(now_ms(), || {
+            format!("inst{inst}: release subscription lost: {why}")
+        });
+        None
+    }
+
+    /// The next release, or `None` once the subscription is lost.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(payload) = self.early.pop_front() {
+                self.oracle.borrow_mut().stats.notices += 1;
+                return Some(payload);
+            }
+            if now_ms() >= self.until {
+                if !self.answered {
+                    return self.lost("a check went unanswered".into());
+                }
+                let req = RedisReq::Subscribe {
+                    channel: self.channel.clone(),
+                };
+                self.asked = self
+                    .sock
+                    .send(REDIS_HOST, REDIS_PORT, Box::new(req))
+                    .await
+                    .ok();
+                self.answered = false;
+                self.until = now_ms() + SUBSCRIPTION_CHECK_MS;
+                continue;
+            }
+            let left = Duration::from_millis(self.until - now_ms());
+            let Ok(got) = tokio::time::timeout(left, self.sock.recv()).await else {
+                continue;
             };
             let Ok((id, body)) = got else {
                 tokio::time::sleep(left).await;
                 continue;
             };
             match body.downcast_ref::<RedisResp>() {
-                Some(RedisResp::Message {
-                    channel: c,
-                    payload,
-                }) if *c == channel => {
-                    oracle.borrow_mut().stats.notices += 1;
-                    releases.notify(payload);
+                Some(RedisResp::Message { channel, payload }) if *channel == self.channel => {
+                    self.oracle.borrow_mut().stats.notices += 1;
+                    return Some(payload.clone());
                 }
-                Some(RedisResp::Subscribed { run: r }) if Some(id) == asked => {
-                    answered = true;
-                    if run != Some(*r) {
-                        run = Some(*r);
-                        oracle.borrow_mut().stats.resubscriptions += 1;
-                        note(format!("subscribed (Redis run {r})"));
-                        releases.subscribed();
+                Some(RedisResp::Subscribed { run }) if Some(id) == self.asked => {
+                    self.answered = true;
+                    if *run != self.run {
+                        return self.lost(format!("Redis run {run} answered (a restart)"));
                     }
                 }
                 _ => {}
             }
-        }
-        if !answered {
-            run = None;
         }
     }
 }

@@ -199,12 +199,14 @@ pub struct Stats {
     pub parked: u64,
     /// Orders an acquire answered from their settled hint.
     pub settled_hints: u64,
-    /// Release notifications received; parked orders a release woke, and
-    /// those retried without one (the wait ran out).
+    /// Release notifications the release feed handed to payguard's
+    /// subscriber; parked orders a release woke, and those retried without one
+    /// (the wait ran out).
     pub notices: u64,
     pub woken: u64,
     pub fallback_retries: u64,
-    /// (Re)subscriptions that woke every parked order of an instance.
+    /// Subscriptions the release feed opened; payguard's subscriber woke every
+    /// parked order of its instance on each.
     pub resubscriptions: u64,
     /// Batches whose answer was lost and whose fate was looked up.
     pub fate_lookups: u64,

@@ -527,3 +527,100 @@ async fn a_batch_that_read_first_then_locked_again_releases_every_lock() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// `PUBSUB NUMSUB channel` on `url`.
+async fn subscribers(url: &str, channel: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    n
+}
+
+/// Waits (up to 10 s) until `channel` has `n` subscribers.
+async fn wait_for_subscribers(url: &str, channel: &str, n: i64) {
+    let started = std::time::Instant::now();
+    while subscribers(url, channel).await != n {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{channel} never had {n} subscribers"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Production's release subscriber (`spawn_subscriber`, the loop over
+/// `RedisFeed`) against a real Redis: a published release wakes its waiter;
+/// a killed pub/sub connection ends the feed's stream, and the loop subscribes
+/// again and wakes every waiter; stopping it unsubscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_subscriber_wakes_waiters_and_survives_a_killed_connection() {
+    use payguard::lock::release::{spawn_subscriber, ReleaseBoard};
+    if redis_url().is_none() {
+        return;
+    }
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let channel = payguard::lock::redis::released_channel(&prefix());
+    let board = ReleaseBoard::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = spawn_subscriber(
+        redis::Client::open(redis.url.as_str()).unwrap(),
+        channel.clone(),
+        &board,
+        stopped,
+    );
+    wait_for_subscribers(&redis.url, &channel, 1).await;
+
+    let since = tokio::time::Instant::now();
+    let b = board.clone();
+    let x = tokio::spawn(async move { b.released("x", since, Duration::from_secs(10)).await });
+    while board.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(x.await.unwrap(), "woken by the published release");
+
+    // A waiter that registered after the subscription; then the connection dies.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let since = tokio::time::Instant::now();
+    let b = board.clone();
+    let y = tokio::spawn(async move { b.released("y", since, Duration::from_secs(10)).await });
+    while board.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), y)
+            .await
+            .expect("the resubscription never came")
+            .unwrap(),
+        "woken by the resubscription"
+    );
+    wait_for_subscribers(&redis.url, &channel, 1).await;
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stopped")
+        .unwrap();
+    wait_for_subscribers(&redis.url, &channel, 0).await;
+}
