@@ -1045,10 +1045,10 @@ fn a_rerun_after_a_lost_commit_answers_a_keyed_refund_its_stored_refusal() {
 /// (`ViolationKind::NothingMovedButCommitted`). payguard, which looks the fate
 /// up and runs the batch again, is clean on the seed.
 #[test]
-fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved(
+fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_a_transaction_that_committed(
 ) {
     SeenFailing {
-        test: "a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved",
+        test: "a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_a_transaction_that_committed",
         protocol: Protocol {
             unanswered_commit_guessed_aborted: true,
             ..Protocol::PAYGUARD
@@ -1061,7 +1061,7 @@ fn a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_
     .check();
 }
 
-/// The seed of [`a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_money_that_moved`].
+/// The seed of [`a_commit_fate_loop_that_guesses_an_unanswered_commit_aborted_answers_nothing_moved_for_a_transaction_that_committed`].
 const PINNED_GUESSED_ABORTED: u64 = 8;
 
 /// The same loop forgetting that an earlier attempt committed
@@ -1069,10 +1069,10 @@ const PINNED_GUESSED_ABORTED: u64 = 8;
 /// lost COMMIT was looked up and found committed is answered "nothing moved"
 /// instead of "outcome unknown". payguard is clean on the seed.
 #[test]
-fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved()
-{
+fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_a_transaction_that_committed(
+) {
     SeenFailing {
-        test: "a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved",
+        test: "a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_a_transaction_that_committed",
         protocol: Protocol {
             committed_attempt_forgotten: true,
             ..Protocol::PAYGUARD
@@ -1085,7 +1085,7 @@ fn a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for
     .check();
 }
 
-/// The seed of [`a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_money_that_moved`].
+/// The seed of [`a_commit_fate_loop_that_forgets_a_committed_attempt_answers_nothing_moved_for_a_transaction_that_committed`].
 const PINNED_FORGOTTEN: u64 = 608;
 
 /// Shrinking: a seed of the store without the one-debit rule shrinks to a
