@@ -109,9 +109,11 @@
 //! (`payguard_holds_with_keys_over_the_network`, 250 seeds per CI run;
 //! otherwise they read and write the database's state at once), webhook
 //! delivery unless `Protocol::webhooks` says so (`payguard_holds_with_webhooks`,
-//! 250 seeds per CI run), PostgreSQL's numbering of
-//! events after commit, transactions that overlap in time (the database runs
-//! each at one instant), Redis eviction and replication, and a database that
+//! 250 seeds per CI run), transactions that overlap in time (the database runs
+//! each at one instant) and so PostgreSQL's numbering of events after commit
+//! (`sequence_events`: it orders a transaction that took its position first
+//! but committed last, which cannot happen here; `payguard-server`'s
+//! `tests/events.rs` checks it against a real PostgreSQL), Redis eviction and replication, and a database that
 //! loses committed data. Every host reads the one simulated clock, unless
 //! `Protocol::clock_skew_ms` sets the instances' clocks apart: each instance
 //! then decides its batches, snapshot reads and sweeps at its own clock, as
